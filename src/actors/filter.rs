@@ -1,0 +1,246 @@
+//! Filter actor: one per subscriber.
+//!
+//! Parent: the supervisor. Children: none (at most one task waiting for room in the sink).
+//! In: `Live` batches from the listener, `CatchUp` from itself, `SinkReady` from its waiting
+//! task. The supervisor's stats read its shared state.
+//! Out: matching events, in order and once each, into the subscriber's [`Sink`].
+//!
+//! The filter never waits on its subscriber. When the sink is full it stops where it is,
+//! drops live batches while it waits for room, then reads the backend from its own cursor
+//! (batched, through the shared pool) until it meets the live batches again. Whatever it
+//! receives twice (live and read, or replayed after a restart) is dropped by position.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::mpsc::error::TrySendError;
+
+use super::{AbortOnDrop, FilterMode, LiveBatch, Sink, SubscriberId, SubscriberShared};
+use crate::backends::{CompletionSource, Positioned};
+use crate::backoff::Backoff;
+use crate::config::BackendRetry;
+use crate::cursor::Position;
+use crate::filter::ScannerFilter;
+
+/// Messages of the filter.
+pub enum FilterMsg {
+    /// A batch the listener read. Sent by the listener.
+    Live(Arc<LiveBatch>),
+    /// Read the next batch from the backend. Sent by the filter itself.
+    CatchUp,
+    /// The sink has room again. Sent by the filter's waiting task.
+    SinkReady,
+}
+
+/// How a filter is configured.
+pub struct FilterArguments {
+    /// The subscription it serves.
+    pub subscriber_id: SubscriberId,
+    pub(crate) source: Arc<dyn CompletionSource>,
+    /// What the subscriber wants.
+    pub filter: ScannerFilter,
+    /// Where to deliver.
+    pub sink: Sink,
+    pub(crate) shared: Arc<SubscriberShared>,
+    /// Rows per catch-up read.
+    pub batch_size: usize,
+    /// Delay policy for catch-up reads that fail transiently.
+    pub retry: BackendRetry,
+}
+
+/// A filter's running state.
+pub struct FilterState {
+    args: FilterArguments,
+    delivered: Position,
+    mode: FilterMode,
+    failed_reads: u32,
+    _sink_waiter: Option<AbortOnDrop>,
+}
+
+/// What delivering a run of events ended with.
+enum Delivery {
+    /// Every event was processed.
+    Done,
+    /// The sink is full; the rest waits for a catch-up read.
+    Full,
+    /// The subscriber is gone.
+    Closed,
+}
+
+/// The filter actor.
+pub struct Filter;
+
+impl Actor for Filter {
+    type Msg = FilterMsg;
+    type State = FilterState;
+    type Arguments = FilterArguments;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let delivered = args.shared.delivered();
+        args.shared.set_mode(FilterMode::CatchingUp);
+        myself.cast(FilterMsg::CatchUp)?;
+        Ok(FilterState { args, delivered, mode: FilterMode::CatchingUp, failed_reads: 0, _sink_waiter: None })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            FilterMsg::Live(batch) => state.on_live(&myself, &batch),
+            FilterMsg::CatchUp => state.on_catch_up(&myself).await,
+            FilterMsg::SinkReady => state.on_sink_ready(&myself),
+        }
+        Ok(())
+    }
+}
+
+impl FilterState {
+    fn on_live(&mut self, myself: &ActorRef<FilterMsg>, batch: &LiveBatch) {
+        let contiguous = batch.start <= self.delivered;
+        match self.mode {
+            FilterMode::Blocked => self.count_dropped(),
+            FilterMode::CatchingUp if !contiguous => self.count_dropped(),
+            FilterMode::Live if !contiguous => {
+                self.count_dropped();
+                self.set_mode(FilterMode::CatchingUp);
+                let _ = myself.cast(FilterMsg::CatchUp);
+            }
+            FilterMode::Live | FilterMode::CatchingUp => {
+                self.set_mode(FilterMode::Live);
+                let outcome = self.deliver(&batch.events);
+                self.after_delivery(myself, outcome, batch.end);
+            }
+        }
+    }
+
+    async fn on_catch_up(&mut self, myself: &ActorRef<FilterMsg>) {
+        if self.mode != FilterMode::CatchingUp {
+            return;
+        }
+        self.args.shared.catch_up_reads.fetch_add(1, Ordering::Relaxed);
+        match self.args.source.read_after(self.delivered, self.args.batch_size).await {
+            Ok(batch) => {
+                self.failed_reads = 0;
+                let outcome = self.deliver(&batch.events);
+                self.after_delivery(myself, outcome, batch.end);
+                if self.mode == FilterMode::CatchingUp {
+                    if batch.full {
+                        let _ = myself.cast(FilterMsg::CatchUp);
+                    } else {
+                        // At the live head: the next live batch continues from here.
+                        self.set_mode(FilterMode::Live);
+                    }
+                }
+            }
+            Err(err) if err.is_transient() => {
+                let delay = Backoff::from_retry(&self.args.retry).delay(self.failed_reads);
+                self.failed_reads = self.failed_reads.saturating_add(1);
+                tracing::warn!(subscriber = %self.args.subscriber_id, error = %err, ?delay, "catch-up read failed; retrying");
+                myself.send_after(delay, || FilterMsg::CatchUp);
+            }
+            Err(err) => {
+                tracing::error!(subscriber = %self.args.subscriber_id, error = %err, "catch-up failed; ending the subscription");
+                if let Sink::Channel(tx) = &self.args.sink {
+                    let _ = tx.try_send(Err(err));
+                }
+                myself.stop(Some("catch-up failed".into()));
+            }
+        }
+    }
+
+    fn on_sink_ready(&mut self, myself: &ActorRef<FilterMsg>) {
+        self._sink_waiter = None;
+        if self.mode == FilterMode::Blocked {
+            self.set_mode(FilterMode::CatchingUp);
+            let _ = myself.cast(FilterMsg::CatchUp);
+        }
+    }
+
+    /// Delivers events above the delivered position that match, advancing it over each one
+    /// processed. The shared cursor is written right after each send, with no await between,
+    /// so a kill can never separate the two.
+    fn deliver(&mut self, events: &[Positioned]) -> Delivery {
+        let floor = self.args.shared.lo_floor;
+        for item in events {
+            if item.pos <= self.delivered {
+                continue;
+            }
+            let wanted = floor.is_none_or(|f| item.pos.lo > f) && self.args.filter.matches_event(&item.event);
+            if wanted {
+                let sent = match &self.args.sink {
+                    Sink::Channel(tx) => match tx.try_send(Ok(item.event.clone())) {
+                        Ok(()) => Delivery::Done,
+                        Err(TrySendError::Full(_)) => Delivery::Full,
+                        Err(TrySendError::Closed(_)) => Delivery::Closed,
+                    },
+                    Sink::Actor(send) => {
+                        if send(item.event.clone()) {
+                            Delivery::Done
+                        } else {
+                            Delivery::Closed
+                        }
+                    }
+                };
+                match sent {
+                    Delivery::Done => {
+                        self.args.shared.delivered_count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    stop => return stop,
+                }
+            }
+            self.delivered = item.pos;
+            self.args.shared.set_delivered(item.pos);
+        }
+        Delivery::Done
+    }
+
+    fn after_delivery(&mut self, myself: &ActorRef<FilterMsg>, outcome: Delivery, end: Position) {
+        match outcome {
+            Delivery::Done => {
+                if end > self.delivered {
+                    self.delivered = end;
+                    self.args.shared.set_delivered(end);
+                }
+            }
+            Delivery::Full => {
+                self.set_mode(FilterMode::Blocked);
+                self.wait_for_room(myself);
+            }
+            Delivery::Closed => {
+                tracing::debug!(subscriber = %self.args.subscriber_id, "subscriber dropped its stream");
+                myself.stop(Some(super::supervisor::SUBSCRIBER_GONE.into()));
+            }
+        }
+    }
+
+    fn wait_for_room(&mut self, myself: &ActorRef<FilterMsg>) {
+        let Sink::Channel(tx) = &self.args.sink else { return };
+        let tx = tx.clone();
+        let me = myself.clone();
+        self._sink_waiter = Some(AbortOnDrop(tokio::spawn(async move {
+            if tx.reserve().await.is_ok() {
+                let _ = me.cast(FilterMsg::SinkReady);
+            }
+        })));
+    }
+
+    fn set_mode(&mut self, mode: FilterMode) {
+        if self.mode != mode {
+            tracing::debug!(subscriber = %self.args.subscriber_id, ?mode, "filter mode changed");
+        }
+        self.mode = mode;
+        self.args.shared.set_mode(mode);
+    }
+
+    fn count_dropped(&self) {
+        self.args.shared.live_batches_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,195 @@
+//! The handle engines hold: spawn the tree, subscribe, read stats, shut down. It also
+//! implements the seed's [`CompletionBackend`] so code written against it works unchanged.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{Stream, StreamExt};
+use ractor::{Actor, ActorCell, ActorRef};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::supervisor::{
+    ChildKey, CompletionSupervisor, SubscribeRequest, SupervisorConfig, SupervisorMsg, SupervisorStats,
+};
+use super::{BackendId, Sink, SubscriberId};
+use crate::backend::CompletionBackend;
+use crate::error::EngineError;
+use crate::event::{CompletionEvent, CompletionStream, CompletionSubscription};
+use crate::filter::ScannerFilter;
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A cloneable handle on a running completion tree.
+#[derive(Clone, Debug)]
+pub struct CompletionSupervisorHandle {
+    actor: ActorRef<SupervisorMsg>,
+    subscriber_buffer: usize,
+}
+
+fn actor_error(what: &str, err: impl std::fmt::Display) -> EngineError {
+    EngineError::Actor { detail: format!("{what}: {err}") }
+}
+
+impl CompletionSupervisorHandle {
+    /// Spawns a stand-alone tree. Connects to every backend (installing the schema or the
+    /// function library) before it returns.
+    ///
+    /// # Errors
+    /// A bad config or an unreachable backend at start.
+    pub async fn spawn(config: SupervisorConfig) -> Result<(Self, JoinHandle<()>), EngineError> {
+        let buffer = config.subscriber_buffer;
+        let (actor, join) = Actor::spawn(None, CompletionSupervisor, config)
+            .await
+            .map_err(|e| actor_error("completion supervisor failed to start", e))?;
+        Ok((Self::from_actor(actor, buffer), join))
+    }
+
+    /// Spawns the tree under an engine's actor, which then receives its supervision events.
+    ///
+    /// # Errors
+    /// A bad config or an unreachable backend at start.
+    pub async fn spawn_linked(
+        parent: ActorCell,
+        config: SupervisorConfig,
+    ) -> Result<(Self, JoinHandle<()>), EngineError> {
+        let buffer = config.subscriber_buffer;
+        let (actor, join) = Actor::spawn_linked(None, CompletionSupervisor, config, parent)
+            .await
+            .map_err(|e| actor_error("completion supervisor failed to start", e))?;
+        Ok((Self::from_actor(actor, buffer), join))
+    }
+
+    /// Wraps a supervisor spawned by other means.
+    pub fn from_actor(actor: ActorRef<SupervisorMsg>, subscriber_buffer: usize) -> Self {
+        Self { actor, subscriber_buffer: subscriber_buffer.max(1) }
+    }
+
+    /// The supervisor's actor.
+    pub fn actor(&self) -> &ActorRef<SupervisorMsg> {
+        &self.actor
+    }
+
+    async fn add_subscriber(&self, request: SubscribeRequest, sink: Sink) -> Result<SubscriberId, EngineError> {
+        self.actor
+            .call(|reply| SupervisorMsg::Subscribe { request, sink, reply }, Some(CALL_TIMEOUT))
+            .await
+            .map_err(|e| actor_error("subscribe", e))?
+            .success_or(actor_error("subscribe", "no reply"))
+            .and_then(|r| r)
+    }
+
+    /// Subscribes with a filter and a start position; events arrive in order, once each.
+    ///
+    /// # Errors
+    /// A malformed or foreign cursor ([`EngineError::Validation`]), an expired one
+    /// ([`EngineError::CursorExpired`]), an unknown backend name, or a dead tree.
+    pub async fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription, EngineError> {
+        let (tx, rx) = mpsc::channel(self.subscriber_buffer);
+        let id = self.add_subscriber(request, Sink::Channel(tx)).await?;
+        Ok(Subscription { id, inner: ReceiverStream::new(rx), supervisor: self.actor.clone() })
+    }
+
+    /// Subscribes an actor: each event is cast to it as `M::from(event)`. Its mailbox is
+    /// unbounded, so a slow actor holds its backlog in memory.
+    ///
+    /// # Errors
+    /// As [`Self::subscribe`].
+    pub async fn subscribe_actor<M>(
+        &self,
+        request: SubscribeRequest,
+        actor: ActorRef<M>,
+    ) -> Result<SubscriberId, EngineError>
+    where
+        M: ractor::Message + From<CompletionEvent>,
+    {
+        self.add_subscriber(request, Sink::actor(actor)).await
+    }
+
+    /// Ends a subscription.
+    pub fn unsubscribe(&self, id: SubscriberId) {
+        let _ = self.actor.cast(SupervisorMsg::Unsubscribe(id));
+    }
+
+    /// A snapshot of every listener and subscriber.
+    ///
+    /// # Errors
+    /// A dead tree.
+    pub async fn stats(&self) -> Result<SupervisorStats, EngineError> {
+        self.actor
+            .call(SupervisorMsg::Stats, Some(CALL_TIMEOUT))
+            .await
+            .map_err(|e| actor_error("stats", e))?
+            .success_or(actor_error("stats", "no reply"))
+    }
+
+    /// The listener actor of a backend, if running (for operators and fault injection).
+    pub async fn listener_cell(&self, backend: &str) -> Option<ActorCell> {
+        self.child_cell(ChildKey::Listener(BackendId::from(backend))).await
+    }
+
+    /// The filter actor of a subscriber, if running.
+    pub async fn filter_cell(&self, id: SubscriberId) -> Option<ActorCell> {
+        self.child_cell(ChildKey::Filter(id)).await
+    }
+
+    async fn child_cell(&self, key: ChildKey) -> Option<ActorCell> {
+        self.actor.call(|r| SupervisorMsg::ChildCell(key, r), Some(CALL_TIMEOUT)).await.ok()?.success_or(()).ok()?
+    }
+
+    /// Stops the tree and waits for every actor to exit. Subscriptions end.
+    pub async fn shutdown(&self) {
+        let _ = self.actor.stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(10))).await;
+    }
+}
+
+/// A live subscription: a `Stream` of events that unsubscribes when dropped.
+#[derive(Debug)]
+pub struct Subscription {
+    id: SubscriberId,
+    inner: ReceiverStream<Result<CompletionEvent, EngineError>>,
+    supervisor: ActorRef<SupervisorMsg>,
+}
+
+impl Subscription {
+    /// This subscription's id in its supervisor.
+    pub fn id(&self) -> SubscriberId {
+        self.id
+    }
+
+    /// Boxes it as the seed's [`CompletionSubscription`].
+    pub fn boxed(self) -> CompletionSubscription {
+        Box::pin(self)
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Result<CompletionEvent, EngineError>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let _ = self.supervisor.cast(SupervisorMsg::Unsubscribe(self.id));
+    }
+}
+
+#[async_trait]
+impl CompletionBackend for CompletionSupervisorHandle {
+    async fn subscribe_completions(&self) -> Result<CompletionStream, EngineError> {
+        self.subscribe_completions_filtered(&ScannerFilter::NOOP).await
+    }
+
+    async fn subscribe_completions_filtered(&self, filter: &ScannerFilter) -> Result<CompletionStream, EngineError> {
+        let sub = self.subscribe(SubscribeRequest::tail().with_filter(filter.clone())).await?;
+        let payloads = sub
+            .take_while(|item| futures::future::ready(item.is_ok()))
+            .filter_map(|item| async move { item.ok().map(|event| event.to_payload()) });
+        Ok(Box::pin(payloads))
+    }
+}

@@ -1,0 +1,232 @@
+//! Listener actor: one per backend.
+//!
+//! Parent: the supervisor. Children: none (a waker task it owns).
+//! In: [`ListenerMsg`] from its waker task (`Woken`, `Fetched`, `WakerFailed`), from its own
+//! timers (`Woken(Tick)`, `Woken(HeldBack)`). The supervisor's stats read its shared state.
+//! Out: [`FilterMsg::Live`] batches, shared as `Arc`, to every filter of its backend.
+//!
+//! On start it opens the notification connection first (registered before it returns), then
+//! reads from its cursor, then lives on wake-ups. A lost connection it cannot re-make ends the
+//! actor with an error; the supervisor restarts it with backoff, and the new one resumes from
+//! the cursor kept in [`ListenerShared`].
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use super::filter::FilterMsg;
+use super::{AbortOnDrop, BackendId, ListenerShared, LiveBatch};
+use crate::backends::{Batch, CompletionSource, Wake, Waker};
+use crate::cursor::Position;
+use crate::error::EngineError;
+
+/// Why a listener reads now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeReason {
+    /// First read after (re)start.
+    Startup,
+    /// A notification arrived.
+    Notified,
+    /// The notification connection was re-made: something may have been missed.
+    Reconnected,
+    /// The periodic safety tick.
+    Tick,
+    /// Rows were held back by an open transaction: look again.
+    HeldBack,
+    /// The previous read was full: continue.
+    Continue,
+}
+
+/// Messages of the listener.
+pub enum ListenerMsg {
+    /// Read above the cursor. Sent by the waker task, the tick timer, or the listener itself.
+    Woken(WakeReason),
+    /// A reading waker (Valkey `XREAD BLOCK`) fetched this batch. Sent by the waker task.
+    Fetched(Batch),
+    /// The waker's connection is gone. Sent by the waker task; the listener fails and is restarted.
+    WakerFailed(EngineError),
+}
+
+/// How a listener is configured.
+pub struct ListenerArguments {
+    /// The backend's name in the supervisor.
+    pub backend_id: BackendId,
+    /// The backend.
+    pub(crate) source: Arc<dyn CompletionSource>,
+    /// Cursor, filters and counters kept across restarts.
+    pub(crate) shared: Arc<ListenerShared>,
+    /// Safety tick: read even without a wake-up this often.
+    pub tick: Duration,
+    /// How soon to look again when an open transaction holds rows back.
+    pub held_back_repoll: Duration,
+    /// Rows per read.
+    pub batch_size: usize,
+}
+
+/// A listener's running state.
+pub struct ListenerState {
+    args: ListenerArguments,
+    cursor: Position,
+    repoll_scheduled: bool,
+    _waker_task: Option<AbortOnDrop>,
+    _tick_task: Option<AbortOnDrop>,
+}
+
+/// The listener actor.
+pub struct Listener;
+
+impl Actor for Listener {
+    type Msg = ListenerMsg;
+    type State = ListenerState;
+    type Arguments = ListenerArguments;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(ListenerState { args, cursor: Position::ZERO, repoll_scheduled: false, _waker_task: None, _tick_task: None })
+    }
+
+    async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        state.connect(myself).await.map_err(Into::into)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            ListenerMsg::Woken(reason) => state.on_woken(&myself, reason).await?,
+            ListenerMsg::Fetched(batch) => state.on_fetched(&myself, batch).await?,
+            ListenerMsg::WakerFailed(err) => return Err(state.on_waker_failed(err).into()),
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        state.args.shared.live.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl ListenerState {
+    /// Opens the waker (registered before it returns), then starts reading from the cursor.
+    async fn connect(&mut self, myself: ActorRef<ListenerMsg>) -> Result<(), EngineError> {
+        let shared = &self.args.shared;
+        self.cursor = match shared.cursor() {
+            Some(pos) => pos,
+            None => {
+                let tail = self.args.source.tail().await?;
+                shared.set_cursor(tail);
+                tail
+            }
+        };
+        let waker = self.args.source.open_waker(self.cursor).await?;
+        self._waker_task = Some(AbortOnDrop(tokio::spawn(run_waker(waker, myself.clone()))));
+        let ticker = myself.clone();
+        let tick = self.args.tick;
+        self._tick_task = Some(AbortOnDrop(tokio::spawn(async move {
+            let mut interval = tokio::time::interval(tick);
+            interval.tick().await;
+            loop {
+                interval.tick().await;
+                if ticker.cast(ListenerMsg::Woken(WakeReason::Tick)).is_err() {
+                    return;
+                }
+            }
+        })));
+        shared.live.store(true, Ordering::Relaxed);
+        shared.set_error(None);
+        tracing::info!(backend = %self.args.backend_id, kind = self.args.source.kind(), "listener connected");
+        myself
+            .cast(ListenerMsg::Woken(WakeReason::Startup))
+            .map_err(|_| EngineError::Actor { detail: "listener mailbox closed during start".into() })
+    }
+
+    /// Reads above the cursor, a few batches per message so the mailbox stays responsive.
+    async fn on_woken(&mut self, myself: &ActorRef<ListenerMsg>, reason: WakeReason) -> Result<(), EngineError> {
+        match reason {
+            WakeReason::HeldBack => self.repoll_scheduled = false,
+            WakeReason::Reconnected => {
+                self.args.shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(backend = %self.args.backend_id, "notification connection re-made; catching up");
+            }
+            _ => {}
+        }
+        for _ in 0..8 {
+            let batch = self.args.source.read_after(self.cursor, self.args.batch_size).await?;
+            let (full, held_back) = (batch.full, batch.held_back);
+            self.publish(batch);
+            if held_back && !self.repoll_scheduled {
+                self.repoll_scheduled = true;
+                myself.send_after(self.args.held_back_repoll, || ListenerMsg::Woken(WakeReason::HeldBack));
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+        let _ = myself.cast(ListenerMsg::Woken(WakeReason::Continue));
+        Ok(())
+    }
+
+    /// Accepts a batch a reading waker fetched, first filling any gap below it.
+    async fn on_fetched(&mut self, myself: &ActorRef<ListenerMsg>, batch: Batch) -> Result<(), EngineError> {
+        if batch.start > self.cursor {
+            self.on_woken(myself, WakeReason::Continue).await?;
+        }
+        self.publish(batch);
+        Ok(())
+    }
+
+    fn on_waker_failed(&mut self, err: EngineError) -> EngineError {
+        self.args.shared.live.store(false, Ordering::Relaxed);
+        self.args.shared.set_error(Some(err.to_string()));
+        tracing::warn!(backend = %self.args.backend_id, error = %err, "notification connection lost");
+        err
+    }
+
+    /// Advances the cursor over a batch and fans it out to every filter.
+    fn publish(&mut self, mut batch: Batch) {
+        for (pos, reason) in &batch.skipped {
+            if *pos > self.cursor {
+                tracing::error!(backend = %self.args.backend_id, position = ?pos, %reason, "skipped a malformed completion row");
+                self.args.shared.rows_skipped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        batch.events.retain(|e| e.pos > self.cursor);
+        if batch.end <= self.cursor {
+            return;
+        }
+        let live = Arc::new(LiveBatch { start: self.cursor.max(batch.start), end: batch.end, events: batch.events });
+        self.cursor = live.end;
+        let shared = &self.args.shared;
+        shared.set_cursor(live.end);
+        shared.events_read.fetch_add(live.events.len() as u64, Ordering::Relaxed);
+        for filter in shared.filters() {
+            let _ = filter.cast(FilterMsg::Live(live.clone()));
+        }
+    }
+}
+
+/// Forwards the waker's wake-ups to the listener until either side is gone.
+async fn run_waker(mut waker: Box<dyn Waker>, listener: ActorRef<ListenerMsg>) {
+    loop {
+        let msg = match waker.wait().await {
+            Ok(Wake::Notified) => ListenerMsg::Woken(WakeReason::Notified),
+            Ok(Wake::Reconnected) => ListenerMsg::Woken(WakeReason::Reconnected),
+            Ok(Wake::Fetched(batch)) => ListenerMsg::Fetched(batch),
+            Err(err) => {
+                let _ = listener.cast(ListenerMsg::WakerFailed(err));
+                return;
+            }
+        };
+        if listener.cast(msg).is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The actor tree: one [`supervisor::CompletionSupervisor`], one
+//! [`listener::Listener`] per backend, one [`filter::Filter`] per subscriber.
+//!
+//! ```text
+//! engine actor (optional parent: spawn_linked)
+//! └── CompletionSupervisor      restarts children, keeps their cursors across restarts
+//!     ├── Listener(postgres)    owns the notification connection, reads the outbox in order
+//!     ├── Listener(valkey)
+//!     ├── Filter(subscriber 1)  filters, dedupes by cursor, delivers, catches up when slow
+//!     └── Filter(subscriber n)
+//! ```
+//!
+//! This module holds what the actors share: ids, the sink a filter delivers into, the live
+//! batch a listener fans out, and the state kept outside the actors so that a restart resumes
+//! where the dead actor stopped.
+
+pub(crate) mod filter;
+pub mod handle;
+pub(crate) mod listener;
+pub mod supervisor;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use ractor::ActorRef;
+use tokio::sync::mpsc;
+
+use crate::backends::Positioned;
+use crate::cursor::Position;
+use crate::error::EngineError;
+use crate::event::CompletionEvent;
+
+/// Names a backend inside one supervisor (by default its kind: `postgres`, `valkey`, `sqlite`).
+pub type BackendId = String;
+
+/// Identifies one subscription inside one supervisor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SubscriberId(pub u64);
+
+impl fmt::Display for SubscriberId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sub-{}", self.0)
+    }
+}
+
+/// Where a filter delivers.
+#[derive(Clone)]
+pub enum Sink {
+    /// A bounded channel read through a [`crate::CompletionSubscription`].
+    Channel(mpsc::Sender<Result<CompletionEvent, EngineError>>),
+    /// An actor-native consumer: each event is converted and cast to it.
+    Actor(Arc<dyn Fn(CompletionEvent) -> bool + Send + Sync>),
+}
+
+impl Sink {
+    /// A sink that casts each event to `actor`, converted with `From<CompletionEvent>`.
+    pub fn actor<M>(actor: ActorRef<M>) -> Self
+    where
+        M: ractor::Message + From<CompletionEvent>,
+    {
+        Self::Actor(Arc::new(move |event| actor.cast(M::from(event)).is_ok()))
+    }
+}
+
+impl fmt::Debug for Sink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Channel(tx) => write!(f, "Sink::Channel(capacity {})", tx.max_capacity()),
+            Self::Actor(_) => f.write_str("Sink::Actor"),
+        }
+    }
+}
+
+/// A batch the listener read, shared by every filter of its backend without copying.
+#[derive(Debug)]
+pub(crate) struct LiveBatch {
+    /// Exclusive lower bound: the listener's cursor before the read.
+    pub start: Position,
+    /// The listener's cursor after the read.
+    pub end: Position,
+    pub events: Vec<Positioned>,
+}
+
+/// A listener's lifecycle state, as the stats report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ListenerState {
+    /// Connecting or waiting for a restart.
+    Starting,
+    /// Connected and reading.
+    Live,
+    /// Dead; a restart is scheduled.
+    Restarting,
+}
+
+/// A filter's delivery mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FilterMode {
+    /// Delivering the listener's live batches.
+    Live,
+    /// Reading the backend from its own cursor until it reaches the live head.
+    CatchingUp,
+    /// The subscriber's buffer is full; waiting for room, live batches are dropped.
+    Blocked,
+}
+
+impl FilterMode {
+    fn to_u8(self) -> u8 {
+        match self {
+            Self::Live => 0,
+            Self::CatchingUp => 1,
+            Self::Blocked => 2,
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Live,
+            2 => Self::Blocked,
+            _ => Self::CatchingUp,
+        }
+    }
+}
+
+/// What survives a listener's restart: its cursor, its filters, its counters.
+#[derive(Debug, Default)]
+pub(crate) struct ListenerShared {
+    /// The last position read; `None` until the first start resolves the tail.
+    pub cursor: Mutex<Option<Position>>,
+    /// The filters to fan batches out to.
+    pub filters: RwLock<HashMap<SubscriberId, ActorRef<filter::FilterMsg>>>,
+    pub events_read: AtomicU64,
+    pub rows_skipped: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub live: std::sync::atomic::AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl ListenerShared {
+    pub(crate) fn cursor(&self) -> Option<Position> {
+        *self.cursor.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn set_cursor(&self, pos: Position) {
+        *self.cursor.lock().unwrap_or_else(|p| p.into_inner()) = Some(pos);
+    }
+
+    pub(crate) fn set_error(&self, err: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = err;
+    }
+
+    pub(crate) fn filters(&self) -> Vec<ActorRef<filter::FilterMsg>> {
+        self.filters.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+}
+
+/// What survives a filter's restart: the subscriber's delivered position and counters.
+#[derive(Debug)]
+pub(crate) struct SubscriberShared {
+    delivered: Mutex<Position>,
+    /// Drop events whose `lo` half is at or below this (resuming an `event_id`-only cursor).
+    pub lo_floor: Option<u64>,
+    mode: AtomicU8,
+    pub delivered_count: AtomicU64,
+    pub live_batches_dropped: AtomicU64,
+    pub catch_up_reads: AtomicU64,
+}
+
+impl SubscriberShared {
+    pub(crate) fn new(start: crate::backends::StartAt) -> Self {
+        Self {
+            delivered: Mutex::new(start.after),
+            lo_floor: start.lo_floor,
+            mode: AtomicU8::new(FilterMode::CatchingUp.to_u8()),
+            delivered_count: AtomicU64::new(0),
+            live_batches_dropped: AtomicU64::new(0),
+            catch_up_reads: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn delivered(&self) -> Position {
+        *self.delivered.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn set_delivered(&self, pos: Position) {
+        *self.delivered.lock().unwrap_or_else(|p| p.into_inner()) = pos;
+    }
+
+    pub(crate) fn mode(&self) -> FilterMode {
+        FilterMode::from_u8(self.mode.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_mode(&self, mode: FilterMode) {
+        self.mode.store(mode.to_u8(), Ordering::Relaxed);
+    }
+}
+
+/// Aborts a background task when dropped, so a killed actor leaves no task behind.
+#[derive(Debug)]
+pub(crate) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,605 @@
+//! Supervisor actor: the root of the completion tree.
+//!
+//! Parent: none, or the engine's actor (`spawn_linked`). Children: one listener per backend,
+//! one filter per subscriber.
+//! In: [`SupervisorMsg`] from the handle (`Subscribe`, `Unsubscribe`, `Stats`, `ChildCell`),
+//! from its own timers (`RestartListener`), and supervision events from its children.
+//!
+//! It overrides `handle_supervisor_evt` (ractor's default stops the parent when a child
+//! exits): a listener that dies is restarted with backoff and resumes from the cursor kept
+//! in its [`ListenerShared`]; a filter that dies is restarted from its subscriber's delivered
+//! cursor. Only crashes that are not connection trouble count towards the restart
+//! intensity; beyond it the supervisor fails, which escalates to its parent.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use super::filter::{Filter, FilterArguments, FilterMsg};
+use super::listener::{Listener, ListenerArguments, ListenerMsg};
+use super::{BackendId, FilterMode, ListenerShared, ListenerState, Sink, SubscriberId, SubscriberShared};
+use crate::backends::{CompletionSource, StartAt, open_source};
+use crate::backoff::Backoff;
+use crate::config::BackendConfig;
+use crate::cursor::StreamCursor;
+use crate::error::EngineError;
+use crate::filter::ScannerFilter;
+
+/// Stop reason a filter gives when its subscriber dropped the stream.
+pub(crate) const SUBSCRIBER_GONE: &str = "subscriber gone";
+
+/// Crash loops beyond `max_restarts` within `within` escalate to the parent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestartIntensity {
+    /// Crashes tolerated in the window.
+    pub max_restarts: u32,
+    /// The window.
+    pub within: Duration,
+}
+
+/// Configuration of a completion tree. Defaults: safety tick 1 s, held-back re-poll 20 ms,
+/// 512 rows per read, 1024 events of subscriber buffer, no escalation.
+#[derive(Clone, Debug)]
+pub struct SupervisorConfig {
+    /// Backends to listen to, by name.
+    pub backends: Vec<(BackendId, BackendConfig)>,
+    /// Read even without a wake-up this often.
+    pub tick: Duration,
+    /// How soon to read again when an open transaction holds rows back.
+    pub held_back_repoll: Duration,
+    /// Rows per read.
+    pub batch_size: usize,
+    /// Events buffered per channel subscriber before its filter starts catching up.
+    pub subscriber_buffer: usize,
+    /// When crash loops escalate; `None` never escalates.
+    pub restart_intensity: Option<RestartIntensity>,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            backends: Vec::new(),
+            tick: Duration::from_secs(1),
+            held_back_repoll: Duration::from_millis(20),
+            batch_size: 512,
+            subscriber_buffer: 1024,
+            restart_intensity: None,
+        }
+    }
+}
+
+impl SupervisorConfig {
+    /// An empty configuration with the defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a backend named after its kind (`postgres`, `valkey`, `sqlite`).
+    #[must_use]
+    pub fn with_backend(self, config: BackendConfig) -> Self {
+        let name = config.kind().to_owned();
+        self.with_named_backend(name, config)
+    }
+
+    /// Adds a backend under a name of your choice.
+    #[must_use]
+    pub fn with_named_backend(mut self, name: impl Into<BackendId>, config: BackendConfig) -> Self {
+        self.backends.push((name.into(), config));
+        self
+    }
+
+    /// Sets the safety tick.
+    #[must_use]
+    pub fn with_tick(mut self, tick: Duration) -> Self {
+        self.tick = tick;
+        self
+    }
+
+    /// Sets the subscriber buffer.
+    #[must_use]
+    pub fn with_subscriber_buffer(mut self, events: usize) -> Self {
+        self.subscriber_buffer = events.max(1);
+        self
+    }
+
+    /// Sets rows per read.
+    #[must_use]
+    pub fn with_batch_size(mut self, rows: usize) -> Self {
+        self.batch_size = rows.max(1);
+        self
+    }
+
+    /// Sets the restart intensity.
+    #[must_use]
+    pub fn with_restart_intensity(mut self, max_restarts: u32, within: Duration) -> Self {
+        self.restart_intensity = Some(RestartIntensity { max_restarts, within });
+        self
+    }
+}
+
+/// Where a subscription starts and what it wants.
+#[derive(Clone, Debug, Default)]
+pub struct SubscribeRequest {
+    /// Backend name; `None` picks the first configured backend.
+    pub backend: Option<BackendId>,
+    /// The subscriber's filter.
+    pub filter: ScannerFilter,
+    /// Resume after this cursor; empty means from the tail.
+    pub from: StreamCursor,
+}
+
+impl SubscribeRequest {
+    /// New events only.
+    pub fn tail() -> Self {
+        Self::default()
+    }
+
+    /// Events after `cursor` (an empty cursor means the tail).
+    pub fn from_cursor(cursor: StreamCursor) -> Self {
+        Self { from: cursor, ..Self::default() }
+    }
+
+    /// Sets the filter.
+    #[must_use]
+    pub fn with_filter(mut self, filter: ScannerFilter) -> Self {
+        self.filter = filter;
+        self
+    }
+
+    /// Picks a backend by name.
+    #[must_use]
+    pub fn on_backend(mut self, backend: impl Into<BackendId>) -> Self {
+        self.backend = Some(backend.into());
+        self
+    }
+}
+
+/// Which child a cell request names.
+#[derive(Clone, Debug)]
+pub enum ChildKey {
+    /// The listener of a backend.
+    Listener(BackendId),
+    /// The filter of a subscriber.
+    Filter(SubscriberId),
+}
+
+/// Messages of the supervisor.
+pub enum SupervisorMsg {
+    /// Adds a subscriber. Sent by the handle.
+    Subscribe {
+        /// What and where from.
+        request: SubscribeRequest,
+        /// Where to deliver.
+        sink: Sink,
+        /// The new subscriber's id, or why it was refused.
+        reply: RpcReplyPort<Result<SubscriberId, EngineError>>,
+    },
+    /// Removes a subscriber. Sent by the handle or a dropped subscription.
+    Unsubscribe(SubscriberId),
+    /// Starts a listener again after its backoff. Sent by the supervisor itself.
+    RestartListener(BackendId),
+    /// Reports every listener and subscriber. Sent by the handle.
+    Stats(RpcReplyPort<SupervisorStats>),
+    /// The cell of a child, for operators and fault injection. Sent by the handle.
+    ChildCell(ChildKey, RpcReplyPort<Option<ActorCell>>),
+}
+
+/// One listener, as the stats report it.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ListenerStats {
+    /// Backend name.
+    pub backend: BackendId,
+    /// Backend kind.
+    pub kind: &'static str,
+    /// Lifecycle state.
+    pub state: ListenerState,
+    /// The cursor of the last event read.
+    pub cursor: Option<StreamCursor>,
+    /// Restarts by the supervisor.
+    pub restarts: u64,
+    /// Notification connections re-made without a restart.
+    pub reconnects: u64,
+    /// Events read.
+    pub events_read: u64,
+    /// Malformed rows skipped.
+    pub rows_skipped: u64,
+    /// The last error, secrets removed.
+    pub last_error: Option<String>,
+}
+
+/// One subscriber, as the stats report it.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct SubscriberStats {
+    /// Subscriber id.
+    pub id: SubscriberId,
+    /// Backend name.
+    pub backend: BackendId,
+    /// The cursor of the last event processed.
+    pub cursor: StreamCursor,
+    /// Delivery mode.
+    pub mode: FilterMode,
+    /// Events delivered.
+    pub delivered: u64,
+    /// Live batches dropped while blocked or catching up.
+    pub live_batches_dropped: u64,
+    /// Catch-up reads made.
+    pub catch_up_reads: u64,
+    /// Filter restarts.
+    pub restarts: u64,
+}
+
+/// A snapshot of the whole tree.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct SupervisorStats {
+    /// Per backend.
+    pub listeners: Vec<ListenerStats>,
+    /// Per subscriber.
+    pub subscribers: Vec<SubscriberStats>,
+}
+
+struct ListenerSlot {
+    source: Arc<dyn CompletionSource>,
+    shared: Arc<ListenerShared>,
+    backoff: Backoff,
+    actor: Option<ActorRef<ListenerMsg>>,
+    started_at: Instant,
+    attempt: u32,
+    restarts: u64,
+    crashes: VecDeque<Instant>,
+}
+
+struct SubscriberSlot {
+    backend: BackendId,
+    filter: ScannerFilter,
+    sink: Sink,
+    shared: Arc<SubscriberShared>,
+    actor: Option<ActorRef<FilterMsg>>,
+    restarts: u64,
+}
+
+enum Child {
+    Listener(BackendId),
+    Filter(SubscriberId),
+}
+
+/// The supervisor's state.
+pub struct SupervisorState {
+    config: SupervisorConfig,
+    listeners: HashMap<BackendId, ListenerSlot>,
+    order: Vec<BackendId>,
+    subscribers: HashMap<SubscriberId, SubscriberSlot>,
+    children: HashMap<ActorId, Child>,
+    next_subscriber: u64,
+}
+
+/// The supervisor actor. Spawn it through [`crate::CompletionSupervisorHandle`], or directly
+/// with `Actor::spawn_linked(name, CompletionSupervisor, config, parent)`.
+pub struct CompletionSupervisor;
+
+impl Actor for CompletionSupervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorConfig;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        config: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        if config.backends.is_empty() {
+            return Err(EngineError::validation("a completion supervisor needs at least one backend").into());
+        }
+        let mut listeners = HashMap::new();
+        let mut order = Vec::new();
+        for (id, backend) in &config.backends {
+            if listeners.contains_key(id) {
+                return Err(EngineError::validation(format!("backend name {id:?} is used twice")).into());
+            }
+            let source = open_source(backend).await?;
+            let slot = ListenerSlot {
+                source,
+                shared: Arc::new(ListenerShared::default()),
+                backoff: Backoff::from_retry(&backend.retry),
+                actor: None,
+                started_at: Instant::now(),
+                attempt: 0,
+                restarts: 0,
+                crashes: VecDeque::new(),
+            };
+            listeners.insert(id.clone(), slot);
+            order.push(id.clone());
+        }
+        Ok(SupervisorState {
+            config,
+            listeners,
+            order,
+            subscribers: HashMap::new(),
+            children: HashMap::new(),
+            next_subscriber: 1,
+        })
+    }
+
+    async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        for id in state.order.clone() {
+            state.start_listener(&myself, &id).await;
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            SupervisorMsg::Subscribe { request, sink, reply } => {
+                let result = state.subscribe(&myself, request, sink).await;
+                let _ = reply.send(result);
+            }
+            SupervisorMsg::Unsubscribe(id) => state.unsubscribe(id),
+            SupervisorMsg::RestartListener(id) => state.start_listener(&myself, &id).await,
+            SupervisorMsg::Stats(reply) => {
+                let _ = reply.send(state.stats());
+            }
+            SupervisorMsg::ChildCell(key, reply) => {
+                let _ = reply.send(state.child_cell(&key));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                state.on_child_exit(&myself, &cell, reason, None).await
+            }
+            SupervisionEvent::ActorFailed(cell, err) => {
+                let crash = err.downcast_ref::<EngineError>().is_none_or(|e| !e.is_transient());
+                let reason = Some(err.to_string());
+                state.on_child_exit(&myself, &cell, reason, Some(crash)).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn post_stop(&self, myself: ActorRef<Self::Msg>, _state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        myself.stop_children_and_wait(Some("supervisor stopping".into()), Some(Duration::from_secs(5))).await;
+        Ok(())
+    }
+}
+
+impl SupervisorState {
+    async fn start_listener(&mut self, myself: &ActorRef<SupervisorMsg>, id: &BackendId) {
+        let Some(slot) = self.listeners.get_mut(id) else { return };
+        if slot.actor.is_some() {
+            return;
+        }
+        let args = ListenerArguments {
+            backend_id: id.clone(),
+            source: slot.source.clone(),
+            shared: slot.shared.clone(),
+            tick: self.config.tick,
+            held_back_repoll: self.config.held_back_repoll,
+            batch_size: self.config.batch_size,
+        };
+        slot.started_at = Instant::now();
+        match Actor::spawn_linked(None, Listener, args, myself.get_cell()).await {
+            Ok((actor, _)) => {
+                self.children.insert(actor.get_id(), Child::Listener(id.clone()));
+                slot.actor = Some(actor);
+            }
+            Err(err) => {
+                tracing::warn!(backend = %id, error = %err, "listener failed to spawn");
+                self.schedule_listener_restart(myself, id);
+            }
+        }
+    }
+
+    fn schedule_listener_restart(&mut self, myself: &ActorRef<SupervisorMsg>, id: &BackendId) {
+        let Some(slot) = self.listeners.get_mut(id) else { return };
+        if slot.started_at.elapsed() > slot.backoff.cap() * 4 {
+            slot.attempt = 0;
+        }
+        let delay = slot.backoff.delay(slot.attempt);
+        slot.attempt = slot.attempt.saturating_add(1);
+        slot.restarts += 1;
+        tracing::info!(backend = %id, attempt = slot.attempt, ?delay, "restarting listener");
+        let id = id.clone();
+        myself.send_after(delay, move || SupervisorMsg::RestartListener(id));
+    }
+
+    async fn on_child_exit(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        cell: &ActorCell,
+        reason: Option<String>,
+        crash: Option<bool>,
+    ) -> Result<(), ActorProcessingErr> {
+        match self.children.remove(&cell.get_id()) {
+            Some(Child::Listener(id)) => {
+                if let Some(slot) = self.listeners.get_mut(&id) {
+                    slot.actor = None;
+                    slot.shared.live.store(false, Ordering::Relaxed);
+                    if let Some(r) = &reason {
+                        slot.shared.set_error(Some(r.clone()));
+                    }
+                    tracing::warn!(backend = %id, reason = reason.as_deref().unwrap_or("stopped"), "listener exited");
+                    if crash == Some(true) {
+                        self.count_crash(&id)?;
+                    }
+                }
+                self.schedule_listener_restart(myself, &id);
+            }
+            Some(Child::Filter(sub)) => {
+                let gone = reason.as_deref().is_some_and(|r| r == SUBSCRIBER_GONE || r == "catch-up failed");
+                if gone {
+                    self.unsubscribe(sub);
+                } else if self.subscribers.contains_key(&sub) {
+                    tracing::warn!(subscriber = %sub, reason = reason.as_deref().unwrap_or("stopped"), "filter exited; restarting from its cursor");
+                    self.start_filter(myself, sub).await;
+                }
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    fn count_crash(&mut self, id: &BackendId) -> Result<(), EngineError> {
+        let (Some(limit), Some(slot)) = (self.config.restart_intensity, self.listeners.get_mut(id)) else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        slot.crashes.push_back(now);
+        while slot.crashes.front().is_some_and(|t| now.duration_since(*t) > limit.within) {
+            slot.crashes.pop_front();
+        }
+        if slot.crashes.len() > limit.max_restarts as usize {
+            tracing::error!(backend = %id, crashes = slot.crashes.len(), "listener crash loop; escalating");
+            return Err(EngineError::Actor {
+                detail: format!("listener {id} crashed {} times within {:?}", slot.crashes.len(), limit.within),
+            });
+        }
+        Ok(())
+    }
+
+    async fn subscribe(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        request: SubscribeRequest,
+        sink: Sink,
+    ) -> Result<SubscriberId, EngineError> {
+        let backend = match request.backend {
+            Some(b) => b,
+            None => self.order.first().cloned().ok_or_else(|| EngineError::validation("no backend configured"))?,
+        };
+        let slot = self
+            .listeners
+            .get(&backend)
+            .ok_or_else(|| EngineError::validation(format!("no backend named {backend:?}")))?;
+        let start = if request.from.is_empty() {
+            StartAt::after(slot.source.tail().await?)
+        } else {
+            slot.source.resolve_start(&request.from).await?
+        };
+        let id = SubscriberId(self.next_subscriber);
+        self.next_subscriber += 1;
+        self.subscribers.insert(
+            id,
+            SubscriberSlot {
+                backend,
+                filter: request.filter,
+                sink,
+                shared: Arc::new(SubscriberShared::new(start)),
+                actor: None,
+                restarts: 0,
+            },
+        );
+        self.start_filter(myself, id).await;
+        Ok(id)
+    }
+
+    async fn start_filter(&mut self, myself: &ActorRef<SupervisorMsg>, id: SubscriberId) {
+        let Some(sub) = self.subscribers.get_mut(&id) else { return };
+        let Some(listener) = self.listeners.get(&sub.backend) else { return };
+        if sub.actor.is_some() {
+            sub.restarts += 1;
+        }
+        let args = FilterArguments {
+            subscriber_id: id,
+            source: listener.source.clone(),
+            filter: sub.filter.clone(),
+            sink: sub.sink.clone(),
+            shared: sub.shared.clone(),
+            batch_size: self.config.batch_size,
+            retry: Default::default(),
+        };
+        match Actor::spawn_linked(None, Filter, args, myself.get_cell()).await {
+            Ok((actor, _)) => {
+                self.children.insert(actor.get_id(), Child::Filter(id));
+                listener.shared.filters.write().unwrap_or_else(|p| p.into_inner()).insert(id, actor.clone());
+                sub.actor = Some(actor);
+            }
+            Err(err) => {
+                tracing::error!(subscriber = %id, error = %err, "filter failed to spawn; dropping the subscription");
+                self.unsubscribe(id);
+            }
+        }
+    }
+
+    fn unsubscribe(&mut self, id: SubscriberId) {
+        let Some(sub) = self.subscribers.remove(&id) else { return };
+        if let Some(listener) = self.listeners.get(&sub.backend) {
+            listener.shared.filters.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        }
+        if let Some(actor) = sub.actor {
+            self.children.remove(&actor.get_id());
+            actor.stop(Some(SUBSCRIBER_GONE.into()));
+        }
+    }
+
+    fn stats(&self) -> SupervisorStats {
+        let listeners = self
+            .order
+            .iter()
+            .filter_map(|id| self.listeners.get(id).map(|slot| (id, slot)))
+            .map(|(id, slot)| {
+                let shared = &slot.shared;
+                let state = match (&slot.actor, shared.live.load(Ordering::Relaxed)) {
+                    (Some(_), true) => ListenerState::Live,
+                    (Some(_), false) => ListenerState::Starting,
+                    (None, _) => ListenerState::Restarting,
+                };
+                ListenerStats {
+                    backend: id.clone(),
+                    kind: slot.source.kind(),
+                    state,
+                    cursor: shared.cursor().map(|p| slot.source.cursor_of(p)),
+                    restarts: slot.restarts,
+                    reconnects: shared.reconnects.load(Ordering::Relaxed),
+                    events_read: shared.events_read.load(Ordering::Relaxed),
+                    rows_skipped: shared.rows_skipped.load(Ordering::Relaxed),
+                    last_error: shared.last_error.lock().map(|e| e.clone()).unwrap_or(None),
+                }
+            })
+            .collect();
+        let mut subscribers: Vec<SubscriberStats> = self
+            .subscribers
+            .iter()
+            .filter_map(|(id, sub)| {
+                let source = &self.listeners.get(&sub.backend)?.source;
+                let shared = &sub.shared;
+                Some(SubscriberStats {
+                    id: *id,
+                    backend: sub.backend.clone(),
+                    cursor: source.cursor_of(shared.delivered()),
+                    mode: shared.mode(),
+                    delivered: shared.delivered_count.load(Ordering::Relaxed),
+                    live_batches_dropped: shared.live_batches_dropped.load(Ordering::Relaxed),
+                    catch_up_reads: shared.catch_up_reads.load(Ordering::Relaxed),
+                    restarts: sub.restarts,
+                })
+            })
+            .collect();
+        subscribers.sort_by_key(|s| s.id);
+        SupervisorStats { listeners, subscribers }
+    }
+
+    fn child_cell(&self, key: &ChildKey) -> Option<ActorCell> {
+        match key {
+            ChildKey::Listener(id) => self.listeners.get(id)?.actor.as_ref().map(|a| a.get_cell()),
+            ChildKey::Filter(id) => self.subscribers.get(id)?.actor.as_ref().map(|a| a.get_cell()),
+        }
+    }
+}

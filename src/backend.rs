@@ -1,0 +1,30 @@
+//! The seed's backend-agnostic subscription trait. There is deliberately no
+//! `publish_completion`: producers write completions atomically beside the data.
+
+use async_trait::async_trait;
+
+use crate::error::EngineError;
+use crate::event::CompletionStream;
+use crate::filter::ScannerFilter;
+
+/// Subscribe to completions. Object-safe: hold it as `Arc<dyn CompletionBackend>`.
+/// Each call returns an independent stream; the supervisor handle implements it.
+#[async_trait]
+pub trait CompletionBackend: Send + Sync {
+    /// Every completion from now on.
+    ///
+    /// # Errors
+    /// The backend or the tree is unavailable.
+    async fn subscribe_completions(&self) -> Result<CompletionStream, EngineError>;
+
+    /// Completions matching `filter` from now on.
+    ///
+    /// # Errors
+    /// The backend or the tree is unavailable.
+    async fn subscribe_completions_filtered(&self, filter: &ScannerFilter) -> Result<CompletionStream, EngineError>;
+}
+
+#[allow(dead_code)]
+fn _assert_dyn_compatible(backend: std::sync::Arc<dyn CompletionBackend>) -> std::sync::Arc<dyn CompletionBackend> {
+    backend
+}

@@ -1,0 +1,127 @@
+//! The seam between the actor tree and the backends. A listener or filter only knows
+//! [`CompletionSource`] (read a batch after a position, find the tail, open a waker) and
+//! [`Waker`] (wait for the next reason to read); it never names a database. Only
+//! [`open_source`] matches on the backend kind.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::config::{BackendConfig, BackendConnection};
+use crate::cursor::{Position, StreamCursor};
+use crate::error::EngineError;
+use crate::event::CompletionEvent;
+
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+#[cfg(feature = "valkey")]
+pub mod valkey;
+
+/// An event with its position in the backend's order.
+#[derive(Clone, Debug)]
+pub(crate) struct Positioned {
+    pub pos: Position,
+    pub event: CompletionEvent,
+}
+
+/// One read: the events after `start`, in order, up to `end`.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    /// The exclusive lower bound the read started from.
+    pub start: Position,
+    /// The position of the last row read, bad rows included; `start` when nothing was read.
+    pub end: Position,
+    /// Decoded events, ascending.
+    pub events: Vec<Positioned>,
+    /// Rows that could not be decoded, skipped: their position and why.
+    pub skipped: Vec<(Position, String)>,
+    /// The read hit its limit: more rows may be waiting.
+    pub full: bool,
+    /// Committed-or-not rows exist above `end` that cannot be read yet (an open transaction
+    /// holds back the Postgres horizon): read again soon even without a wake-up.
+    pub held_back: bool,
+}
+
+/// Where a subscription starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct StartAt {
+    /// Deliver events strictly after this position.
+    pub after: Position,
+    /// Also drop events whose `lo` half is at or below this (resuming the original
+    /// `event_id`-only Postgres cursor).
+    pub lo_floor: Option<u64>,
+}
+
+impl StartAt {
+    pub(crate) const fn after(after: Position) -> Self {
+        Self { after, lo_floor: None }
+    }
+}
+
+/// Why a listener should read.
+#[derive(Debug)]
+pub(crate) enum Wake {
+    /// A notification arrived.
+    Notified,
+    /// The notification connection was lost and re-made: anything may have been missed.
+    Reconnected,
+    /// The waker read the events itself (a blocking stream read).
+    Fetched(Batch),
+}
+
+/// The notification side of a backend: one dedicated connection per listener.
+#[async_trait]
+pub(crate) trait Waker: Send + 'static {
+    /// Waits for the next reason to read.
+    ///
+    /// # Errors
+    /// When the connection is lost and cannot be re-made here; the listener restarts.
+    async fn wait(&mut self) -> Result<Wake, EngineError>;
+}
+
+/// What the actor tree needs from a backend.
+#[async_trait]
+pub(crate) trait CompletionSource: Send + Sync + 'static {
+    /// `postgres`, `valkey` or `sqlite`.
+    fn kind(&self) -> &'static str;
+
+    /// The public cursor of a position.
+    fn cursor_of(&self, pos: Position) -> StreamCursor;
+
+    /// Decodes a cursor of this family (empty = tail) and checks it is still retained.
+    async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError>;
+
+    /// The position of the newest event readable now.
+    async fn tail(&self) -> Result<Position, EngineError>;
+
+    /// Reads up to `limit` events after `after`, in order, from the shared pool.
+    async fn read_after(&self, after: Position, limit: usize) -> Result<Batch, EngineError>;
+
+    /// Opens the dedicated notification connection, registered before it returns, so a read
+    /// made after this call misses nothing. `from` is where a reading waker starts.
+    async fn open_waker(&self, from: Position) -> Result<Box<dyn Waker>, EngineError>;
+}
+
+/// Connects to the configured backend (installing its schema or function library).
+///
+/// # Errors
+/// [`EngineError::Validation`] for a backend compiled out or a bad config; connection
+/// errors as [`EngineError::Unavailable`] or [`EngineError::Transport`].
+pub(crate) async fn open_source(config: &BackendConfig) -> Result<Arc<dyn CompletionSource>, EngineError> {
+    match &config.connection {
+        #[cfg(feature = "postgres")]
+        BackendConnection::Postgres(_) => Ok(Arc::new(postgres::PostgresSource::connect(config).await?)),
+        #[cfg(feature = "sqlite")]
+        BackendConnection::Sqlite(_) => Ok(Arc::new(sqlite::SqliteSource::connect(config).await?)),
+        #[cfg(feature = "valkey")]
+        BackendConnection::Valkey(_) => Ok(Arc::new(valkey::ValkeySource::connect(config).await?)),
+        #[allow(unreachable_patterns)]
+        _ => Err(EngineError::validation(format!(
+            "backend {} is not compiled in (enable the cargo feature {:?})",
+            config,
+            config.kind()
+        ))),
+    }
+}

@@ -1,0 +1,168 @@
+//! The Postgres engine surface: thin calls of the SQL functions in `migrations/postgres/`.
+
+use async_trait::async_trait;
+use sqlx::postgres::PgPool;
+use uuid::Uuid;
+
+use super::connect_pool;
+use crate::config::BackendConfig;
+use crate::engine::{CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome};
+use crate::error::EngineError;
+use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
+
+/// Drives executions through the Postgres producer functions.
+#[derive(Clone, Debug)]
+pub struct PostgresEngine {
+    pool: PgPool,
+}
+
+fn sql_err(op: &'static str) -> impl FnOnce(sqlx::Error) -> EngineError {
+    move |e| EngineError::from_sqlx(op, e)
+}
+
+fn exec_id(uuid: Uuid, partition: i16) -> Result<ExecutionId, EngineError> {
+    let p =
+        u16::try_from(partition).map_err(|_| EngineError::validation(format!("partition {partition} out of range")))?;
+    Ok(ExecutionId::from_parts(p, uuid))
+}
+
+impl PostgresEngine {
+    /// Connects a pool of 16 and applies the migrations.
+    ///
+    /// # Errors
+    /// Connection or migration failures.
+    pub async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
+        Ok(Self { pool: connect_pool(config, 16).await? })
+    }
+
+    /// The underlying pool, for transactions that combine engine calls with your own writes.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn call_bool(&self, sql: &'static str, op: &'static str, id: &ExecutionId) -> Result<bool, EngineError> {
+        sqlx::query_scalar(sql).bind(id.uuid()).fetch_one(&self.pool).await.map_err(sql_err(op))
+    }
+}
+
+#[async_trait]
+impl Engine for PostgresEngine {
+    async fn create_flow(&self, flow: &FlowId, namespace: Option<&Namespace>) -> Result<(), EngineError> {
+        sqlx::query("SELECT ff_create_flow($1, $2)")
+            .bind(flow.uuid())
+            .bind(namespace.map(Namespace::as_str))
+            .execute(&self.pool)
+            .await
+            .map_err(sql_err("ff_create_flow"))?;
+        Ok(())
+    }
+
+    async fn create_execution(&self, spec: &ExecutionSpec) -> Result<(), EngineError> {
+        let tags = serde_json::to_value(&spec.tags).map_err(|e| EngineError::validation(e.to_string()))?;
+        let parents: Vec<Uuid> = spec.parents.iter().map(|p| p.uuid()).collect();
+        sqlx::query("SELECT ff_create_execution($1, $2, $3, $4, $5, $6, $7)")
+            .bind(spec.id.uuid())
+            .bind(spec.id.partition() as i16)
+            .bind(spec.flow_id.map(|f| f.uuid()))
+            .bind(spec.namespace.as_ref().map(Namespace::as_str))
+            .bind(sqlx::types::Json(tags))
+            .bind(parents)
+            .bind(spec.max_attempts as i32)
+            .execute(&self.pool)
+            .await
+            .map_err(sql_err("ff_create_execution"))?;
+        Ok(())
+    }
+
+    async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, EngineError> {
+        let rows: Vec<(Uuid, i16)> =
+            sqlx::query_as("SELECT execution_id, partition_key FROM ff_claim_executions($1, $2)")
+                .bind(worker)
+                .bind(limit as i32)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(sql_err("ff_claim_executions"))?;
+        rows.into_iter().map(|(u, p)| exec_id(u, p)).collect()
+    }
+
+    async fn complete(&self, id: &ExecutionId) -> Result<bool, EngineError> {
+        self.call_bool("SELECT ff_complete_execution($1)", "ff_complete_execution", id).await
+    }
+
+    async fn fail(&self, id: &ExecutionId, retryable: bool) -> Result<FailOutcome, EngineError> {
+        let outcome: String = sqlx::query_scalar("SELECT ff_fail_execution($1, $2)")
+            .bind(id.uuid())
+            .bind(retryable)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql_err("ff_fail_execution"))?;
+        match outcome.as_str() {
+            "retry_scheduled" => Ok(FailOutcome::RetryScheduled { delay_until: TimestampMs::now() }),
+            "terminal_failed" => Ok(FailOutcome::TerminalFailed),
+            other => Err(EngineError::State { detail: format!("fail {id}: {other}") }),
+        }
+    }
+
+    async fn cancel(&self, id: &ExecutionId) -> Result<bool, EngineError> {
+        self.call_bool("SELECT ff_cancel_execution($1)", "ff_cancel_execution", id).await
+    }
+
+    async fn expire(&self, id: &ExecutionId) -> Result<bool, EngineError> {
+        self.call_bool("SELECT ff_expire_execution($1)", "ff_expire_execution", id).await
+    }
+
+    async fn cancel_flow(&self, flow: &FlowId, policy: CancelFlowPolicy) -> Result<u64, EngineError> {
+        let n: i32 = sqlx::query_scalar("SELECT ff_cancel_flow($1, $2)")
+            .bind(flow.uuid())
+            .bind(policy.as_wire())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql_err("ff_cancel_flow"))?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn resolve_dependency(
+        &self,
+        parent: &ExecutionId,
+        child: &ExecutionId,
+    ) -> Result<DependencyResolution, EngineError> {
+        let result: String = sqlx::query_scalar("SELECT ff_resolve_dependency($1, $2)")
+            .bind(parent.uuid())
+            .bind(child.uuid())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql_err("ff_resolve_dependency"))?;
+        DependencyResolution::from_wire(&result)
+    }
+
+    async fn children(&self, parent: &ExecutionId) -> Result<Vec<ExecutionId>, EngineError> {
+        let rows: Vec<(Uuid, i16)> = sqlx::query_as(
+            "SELECT d.child_id, e.partition_key FROM ff_dependency d JOIN ff_execution e ON e.execution_id = d.child_id \
+             WHERE d.parent_id = $1",
+        )
+        .bind(parent.uuid())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(sql_err("children"))?;
+        rows.into_iter().map(|(u, p)| exec_id(u, p)).collect()
+    }
+
+    async fn unresolved_dependencies(&self, limit: usize) -> Result<Vec<(ExecutionId, ExecutionId)>, EngineError> {
+        let rows: Vec<(Uuid, i16, Uuid, i16)> = sqlx::query_as("SELECT * FROM ff_unresolved_dependencies($1)")
+            .bind(limit as i32)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(sql_err("ff_unresolved_dependencies"))?;
+        rows.into_iter().map(|(p, pp, c, cp)| Ok((exec_id(p, pp)?, exec_id(c, cp)?))).collect()
+    }
+
+    async fn execution(&self, id: &ExecutionId) -> Result<Option<ExecutionInfo>, EngineError> {
+        let row: Option<(String, i32)> =
+            sqlx::query_as("SELECT state, attempt FROM ff_execution WHERE execution_id = $1")
+                .bind(id.uuid())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(sql_err("execution"))?;
+        Ok(row.map(|(state, attempt)| ExecutionInfo { state, attempt: attempt.max(0) as u32 }))
+    }
+}

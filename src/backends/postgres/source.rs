@@ -1,0 +1,216 @@
+//! The Postgres [`CompletionSource`]: gap-safe batched reads of the outbox and a LISTEN waker.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+
+use super::{COMPLETION_CHANNEL, LISTENER_APPLICATION_NAME, connect_options, connect_pool};
+use crate::backends::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
+use crate::config::BackendConfig;
+use crate::cursor::{Position, StreamCursor, decode_postgres_cursor, encode_postgres_cursor};
+use crate::error::EngineError;
+use crate::event::{CompletionEvent, CompletionOutcome};
+use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
+
+/// Rows after `($1, $2)` in `(txid, event_id)` order, each flagged with whether it is below the
+/// horizon (readable now) or held back by a transaction still in progress.
+const READ_AFTER: &str = "\
+SELECT txid::text::int8, event_id, execution_id::text, flow_id::text, outcome, namespace, instance_tag, \
+       tags::text, occurred_at_ms, partition_key::int4, txid < pg_snapshot_xmin(pg_current_snapshot()) \
+  FROM ff_completion_event \
+ WHERE (txid, event_id) > ($1::int8::text::xid8, $2::int8) \
+ ORDER BY txid, event_id \
+ LIMIT $3";
+
+/// The newest readable row.
+const TAIL: &str = "\
+SELECT txid::text::int8, event_id FROM ff_completion_event \
+ WHERE txid < pg_snapshot_xmin(pg_current_snapshot()) \
+ ORDER BY txid DESC, event_id DESC LIMIT 1";
+
+/// Where an `event_id`-only cursor resumes: below every row after it and below the horizon.
+const LEGACY_START: &str = "\
+SELECT LEAST((SELECT min(txid) FROM ff_completion_event WHERE event_id > $1), \
+             pg_snapshot_xmin(pg_current_snapshot()))::text::int8";
+
+type Row = (
+    i64,
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i32>,
+    bool,
+);
+
+/// Reads the outbox; opens LISTEN connections.
+pub(crate) struct PostgresSource {
+    pool: PgPool,
+    config: BackendConfig,
+}
+
+impl PostgresSource {
+    pub(crate) async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
+        Ok(Self { pool: connect_pool(config, 4).await?, config: config.clone() })
+    }
+}
+
+fn pos(txid: i64, event_id: i64) -> Position {
+    Position::new(txid as u64, event_id as u64)
+}
+
+/// Decodes one outbox row; the error names what is wrong with it.
+fn decode_row(row: &Row) -> Result<CompletionEvent, String> {
+    let (txid, event_id, execution_id, flow_id, outcome, namespace, instance_tag, tags, at, partition, _) = row;
+    let uuid = execution_id.as_deref().ok_or("execution_id is NULL")?;
+    let uuid = uuid::Uuid::parse_str(uuid).map_err(|e| format!("execution_id {uuid:?}: {e}"))?;
+    let partition = partition.ok_or("partition_key is NULL")?;
+    let partition = u16::try_from(partition)
+        .ok()
+        .filter(|p| *p < crate::types::PARTITION_COUNT)
+        .ok_or_else(|| format!("partition_key {partition} out of range"))?;
+    let outcome = outcome.as_deref().filter(|o| !o.is_empty()).ok_or("outcome is NULL or empty")?;
+    let at = at.ok_or("occurred_at_ms is NULL")?;
+    let flow_id = match flow_id {
+        Some(f) => Some(FlowId::from_uuid(uuid::Uuid::parse_str(f).map_err(|e| format!("flow_id {f:?}: {e}"))?)),
+        None => None,
+    };
+    let mut tag_map: BTreeMap<String, String> = match tags {
+        Some(t) => {
+            let value: serde_json::Value = serde_json::from_str(t).map_err(|e| format!("tags: {e}"))?;
+            match value {
+                serde_json::Value::Object(map) => map
+                    .into_iter()
+                    .map(|(k, v)| match v {
+                        serde_json::Value::String(s) => (k, s),
+                        other => (k, other.to_string()),
+                    })
+                    .collect(),
+                serde_json::Value::Null => BTreeMap::new(),
+                _ => return Err("tags is not a JSON object".into()),
+            }
+        }
+        None => BTreeMap::new(),
+    };
+    if let Some((k, v)) = instance_tag.as_deref().and_then(|t| t.split_once('=')) {
+        tag_map.entry(k.to_owned()).or_insert_with(|| v.to_owned());
+    }
+    Ok(CompletionEvent::new(
+        encode_postgres_cursor(*txid as u64, *event_id),
+        ExecutionId::from_parts(partition, uuid),
+        CompletionOutcome::from_wire(outcome),
+        TimestampMs(at),
+    )
+    .with_flow_id(flow_id)
+    .with_namespace(namespace.as_deref().map(Namespace::from))
+    .with_tags(tag_map))
+}
+
+#[async_trait]
+impl CompletionSource for PostgresSource {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn cursor_of(&self, pos: Position) -> StreamCursor {
+        encode_postgres_cursor(pos.hi, pos.lo as i64)
+    }
+
+    async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError> {
+        match decode_postgres_cursor(cursor)? {
+            None => Ok(StartAt::after(self.tail().await?)),
+            Some(c) => match c.txid {
+                Some(txid) => Ok(StartAt::after(Position::new(txid, c.event_id as u64))),
+                None => {
+                    let start: i64 = sqlx::query_scalar(LEGACY_START)
+                        .bind(c.event_id)
+                        .fetch_one(&self.pool)
+                        .await
+                        .map_err(|e| EngineError::from_sqlx("postgres resolve cursor", e))?;
+                    Ok(StartAt {
+                        after: Position::new((start as u64).saturating_sub(1), i64::MAX as u64),
+                        lo_floor: Some(c.event_id as u64),
+                    })
+                }
+            },
+        }
+    }
+
+    async fn tail(&self) -> Result<Position, EngineError> {
+        let row: Option<(i64, i64)> = sqlx::query_as(TAIL)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("postgres tail", e))?;
+        Ok(row.map(|(t, e)| pos(t, e)).unwrap_or(Position::ZERO))
+    }
+
+    async fn read_after(&self, after: Position, limit: usize) -> Result<Batch, EngineError> {
+        let rows: Vec<Row> = sqlx::query_as(READ_AFTER)
+            .bind(after.hi as i64)
+            .bind(after.lo as i64)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("postgres read", e))?;
+        let mut batch = Batch { start: after, end: after, ..Batch::default() };
+        let mut readable = 0;
+        for row in &rows {
+            if !row.10 {
+                batch.held_back = true;
+                break;
+            }
+            readable += 1;
+            let p = pos(row.0, row.1);
+            batch.end = p;
+            match decode_row(row) {
+                Ok(event) => batch.events.push(Positioned { pos: p, event }),
+                Err(reason) => batch.skipped.push((p, reason)),
+            }
+        }
+        batch.full = readable == limit;
+        Ok(batch)
+    }
+
+    async fn open_waker(&self, _from: Position) -> Result<Box<dyn Waker>, EngineError> {
+        let options = connect_options(&self.config)?.application_name(LISTENER_APPLICATION_NAME);
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .acquire_timeout(self.config.timeouts.connect_or_default())
+            .connect_with(options)
+            .await
+            .map_err(|e| EngineError::from_sqlx("postgres listen connect", e))?;
+        let mut listener =
+            PgListener::connect_with(&pool).await.map_err(|e| EngineError::from_sqlx("postgres listen connect", e))?;
+        listener.listen(COMPLETION_CHANNEL).await.map_err(|e| EngineError::from_sqlx("postgres LISTEN", e))?;
+        Ok(Box::new(PostgresWaker { listener, _pool: pool }))
+    }
+}
+
+/// LISTEN on a dedicated connection. `try_recv()` returns `Ok(None)` once after it re-made a
+/// lost connection (notifications sent meanwhile are gone): that is a wake to catch up.
+struct PostgresWaker {
+    listener: PgListener,
+    _pool: PgPool,
+}
+
+#[async_trait]
+impl Waker for PostgresWaker {
+    async fn wait(&mut self) -> Result<Wake, EngineError> {
+        match self.listener.try_recv().await {
+            Ok(Some(_)) => {
+                while self.listener.next_buffered().is_some() {}
+                Ok(Wake::Notified)
+            }
+            Ok(None) => Ok(Wake::Reconnected),
+            Err(e) => Err(EngineError::from_sqlx("postgres LISTEN", e)),
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! Backend configuration: connection per backend, timeouts, retry policy, and URL parsing.
+//! `Debug` and `Display` never show a password.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{EngineError, redact};
+
+/// Request and connect timeouts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BackendTimeouts {
+    /// Per-request timeout; `None` means the backend's default (Valkey: 5 s here, not ferriskey's 250 ms).
+    pub request: Option<Duration>,
+    /// Connect timeout; `None` means 5 s.
+    pub connect: Option<Duration>,
+}
+
+impl BackendTimeouts {
+    /// Sets the request timeout.
+    #[must_use]
+    pub fn with_request(mut self, d: Duration) -> Self {
+        self.request = Some(d);
+        self
+    }
+
+    /// Sets the connect timeout.
+    #[must_use]
+    pub fn with_connect(mut self, d: Duration) -> Self {
+        self.connect = Some(d);
+        self
+    }
+
+    pub(crate) fn request_or_default(&self) -> Duration {
+        self.request.unwrap_or(Duration::from_secs(5))
+    }
+
+    pub(crate) fn connect_or_default(&self) -> Duration {
+        self.connect.unwrap_or(Duration::from_secs(5))
+    }
+}
+
+/// Retry policy; also drives the listener restart backoff (see [`crate::backoff::Backoff`]).
+/// `None` fields take the defaults: base 2, factor 50 ms, 6 doublings (cap 3.2 s), jitter 20 %.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BackendRetry {
+    /// Exponent base of the backoff curve.
+    pub exponent_base: Option<u32>,
+    /// First delay, in milliseconds.
+    pub factor: Option<u32>,
+    /// Number of growth steps before the delay stops growing.
+    pub number_of_retries: Option<u32>,
+    /// Jitter as a percentage of the computed delay.
+    pub jitter_percent: Option<u32>,
+}
+
+impl BackendRetry {
+    /// A policy with every field given.
+    pub fn new(exponent_base: u32, factor_ms: u32, number_of_retries: u32, jitter_percent: u32) -> Self {
+        Self {
+            exponent_base: Some(exponent_base),
+            factor: Some(factor_ms),
+            number_of_retries: Some(number_of_retries),
+            jitter_percent: Some(jitter_percent),
+        }
+    }
+}
+
+/// Postgres connection: a `postgres://` URL.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PostgresConnection {
+    /// The URL, credentials included (never printed).
+    pub url: String,
+}
+
+impl fmt::Debug for PostgresConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConnection").field("url", &redact(&self.url)).finish()
+    }
+}
+
+/// Valkey connection parameters.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ValkeyConnection {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// ACL user name.
+    pub username: Option<String>,
+    /// Password (never printed).
+    pub password: Option<String>,
+    /// Use TLS.
+    pub tls: bool,
+    /// Cluster mode (not supported by this crate's listener yet).
+    pub cluster: bool,
+    /// Logical database number.
+    pub database: i64,
+}
+
+impl ValkeyConnection {
+    /// Plain connection to `host:port`, database 0.
+    pub fn new(host: impl Into<String>, port: u16) -> Self {
+        Self { host: host.into(), port, username: None, password: None, tls: false, cluster: false, database: 0 }
+    }
+
+    /// Sets user name and password.
+    #[must_use]
+    pub fn with_credentials(mut self, username: Option<String>, password: Option<String>) -> Self {
+        self.username = username;
+        self.password = password;
+        self
+    }
+
+    /// Enables or disables TLS.
+    #[must_use]
+    pub fn with_tls(mut self, tls: bool) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Selects a database.
+    #[must_use]
+    pub fn with_database(mut self, database: i64) -> Self {
+        self.database = database;
+        self
+    }
+}
+
+impl fmt::Debug for ValkeyConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ValkeyConnection")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
+            .field("cluster", &self.cluster)
+            .field("database", &self.database)
+            .finish()
+    }
+}
+
+impl fmt::Display for ValkeyConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "valkeys" } else { "valkey" };
+        write!(f, "{scheme}://")?;
+        match (&self.username, &self.password) {
+            (Some(u), Some(_)) => write!(f, "{u}:<redacted>@")?,
+            (None, Some(_)) => write!(f, ":<redacted>@")?,
+            (Some(u), None) => write!(f, "{u}@")?,
+            (None, None) => {}
+        }
+        write!(f, "{}:{}/{}", self.host, self.port, self.database)
+    }
+}
+
+/// SQLite database: a file, or a private in-memory database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SqliteConnection {
+    /// A database file, created when missing.
+    File(PathBuf),
+    /// An in-memory database shared by this process's connections under this name.
+    Memory(String),
+}
+
+/// Per-backend connection shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackendConnection {
+    /// Postgres over sqlx.
+    Postgres(PostgresConnection),
+    /// Valkey over ferriskey.
+    Valkey(ValkeyConnection),
+    /// Embedded SQLite over sqlx.
+    Sqlite(SqliteConnection),
+}
+
+/// A backend to listen to: its connection, timeouts and retry policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BackendConfig {
+    /// Where to connect.
+    pub connection: BackendConnection,
+    /// Timeouts.
+    pub timeouts: BackendTimeouts,
+    /// Retry and restart backoff policy.
+    pub retry: BackendRetry,
+}
+
+impl BackendConfig {
+    fn with_connection(connection: BackendConnection) -> Self {
+        Self { connection, timeouts: BackendTimeouts::default(), retry: BackendRetry::default() }
+    }
+
+    /// Postgres at `url`.
+    pub fn postgres(url: impl Into<String>) -> Self {
+        Self::with_connection(BackendConnection::Postgres(PostgresConnection { url: url.into() }))
+    }
+
+    /// Valkey at `host:port`.
+    pub fn valkey(host: impl Into<String>, port: u16) -> Self {
+        Self::with_connection(BackendConnection::Valkey(ValkeyConnection::new(host, port)))
+    }
+
+    /// Valkey with full connection parameters.
+    pub fn valkey_with(connection: ValkeyConnection) -> Self {
+        Self::with_connection(BackendConnection::Valkey(connection))
+    }
+
+    /// SQLite database file at `path` (created when missing).
+    pub fn sqlite(path: impl Into<PathBuf>) -> Self {
+        Self::with_connection(BackendConnection::Sqlite(SqliteConnection::File(path.into())))
+    }
+
+    /// A fresh in-memory SQLite database, unique to this config.
+    pub fn sqlite_in_memory() -> Self {
+        let name = format!("ff-completions-{}", uuid::Uuid::new_v4().simple());
+        Self::with_connection(BackendConnection::Sqlite(SqliteConnection::Memory(name)))
+    }
+
+    /// Sets the timeouts.
+    #[must_use]
+    pub fn with_timeouts(mut self, timeouts: BackendTimeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// Sets the retry policy.
+    #[must_use]
+    pub fn with_retry(mut self, retry: BackendRetry) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// A short name of the backend kind: `postgres`, `valkey` or `sqlite`.
+    pub fn kind(&self) -> &'static str {
+        match self.connection {
+            BackendConnection::Postgres(_) => "postgres",
+            BackendConnection::Valkey(_) => "valkey",
+            BackendConnection::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// Parses `postgres://` / `postgresql://`, `valkey://` / `redis://` (TLS: `valkeys://` /
+    /// `rediss://`, user, password, `/db`), and `sqlite://path` / `sqlite::memory:`.
+    ///
+    /// # Errors
+    /// [`EngineError::Validation`] naming what is wrong; the message never shows the password.
+    pub fn from_url(text: &str) -> Result<Self, EngineError> {
+        let text = text.trim();
+        if text == "sqlite::memory:" || text == "sqlite://:memory:" {
+            return Ok(Self::sqlite_in_memory());
+        }
+        if let Some(path) = text.strip_prefix("sqlite://").or_else(|| text.strip_prefix("sqlite:")) {
+            if path.is_empty() {
+                return Err(EngineError::validation("sqlite URL names no file"));
+            }
+            return Ok(Self::sqlite(path));
+        }
+        let url = url::Url::parse(text)
+            .map_err(|e| EngineError::validation(format!("bad backend URL {:?}: {e}", redact(text))))?;
+        match url.scheme() {
+            "postgres" | "postgresql" => {
+                if url.host_str().is_none_or(str::is_empty) && !text.contains("host=") {
+                    return Err(EngineError::validation(format!("postgres URL {:?} has no host", redact(text))));
+                }
+                Ok(Self::postgres(text))
+            }
+            scheme @ ("valkey" | "valkeys" | "redis" | "rediss") => {
+                let host = url
+                    .host_str()
+                    .filter(|h| !h.is_empty())
+                    .ok_or_else(|| EngineError::validation(format!("{scheme} URL has no host")))?;
+                let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+                let port = url.port().unwrap_or(6379);
+                let database = match url.path().trim_start_matches('/') {
+                    "" => 0,
+                    db => db.parse::<i64>().ok().filter(|d| *d >= 0).ok_or_else(|| {
+                        EngineError::validation(format!("{scheme} URL database {db:?} is not a number"))
+                    })?,
+                };
+                let decode = |s: &str| {
+                    url::form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned())
+                };
+                let username = Some(url.username()).filter(|u| !u.is_empty()).and_then(decode);
+                let password = url.password().and_then(decode);
+                let tls = matches!(scheme, "valkeys" | "rediss");
+                Ok(Self::valkey_with(
+                    ValkeyConnection::new(host, port)
+                        .with_credentials(username, password)
+                        .with_tls(tls)
+                        .with_database(database),
+                ))
+            }
+            other => Err(EngineError::validation(format!(
+                "unsupported backend URL scheme {other:?} (use postgres://, valkey://, redis:// or sqlite://)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for BackendConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.connection {
+            BackendConnection::Postgres(p) => f.write_str(&redact(&p.url)),
+            BackendConnection::Valkey(v) => v.fmt(f),
+            BackendConnection::Sqlite(SqliteConnection::File(p)) => write!(f, "sqlite://{}", p.display()),
+            BackendConnection::Sqlite(SqliteConnection::Memory(_)) => f.write_str("sqlite::memory:"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valkey_url_parses_every_part() {
+        let c = BackendConfig::from_url("rediss://bob:p%40ss@cache.local:6380/3").ok();
+        let Some(BackendConnection::Valkey(v)) = c.map(|c| c.connection) else { panic!("not valkey") };
+        assert_eq!((v.host.as_str(), v.port, v.database, v.tls), ("cache.local", 6380, 3, true));
+        assert_eq!(v.username.as_deref(), Some("bob"));
+        assert_eq!(v.password.as_deref(), Some("p@ss"));
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_or_display() {
+        for url in ["valkey://u:topsecret@h:1/0", "postgres://u:topsecret@h:5432/db", "redis://:topsecret@h"] {
+            let c = BackendConfig::from_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert!(!format!("{c:?}").contains("topsecret"), "{c:?}");
+            assert!(!format!("{c}").contains("topsecret"), "{c}");
+        }
+    }
+
+    #[test]
+    fn bad_urls_are_validation_errors_without_secrets() {
+        for url in [
+            "",
+            "http://h",
+            "valkey://",
+            "valkey://h:1/notanumber",
+            "redis://u:topsecret@h:99999",
+            "sqlite://",
+            "postgres://",
+        ] {
+            match BackendConfig::from_url(url) {
+                Err(EngineError::Validation { detail }) => assert!(!detail.contains("topsecret"), "{detail}"),
+                other => panic!("{url:?} gave {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn sqlite_urls_parse() {
+        assert_eq!(BackendConfig::from_url("sqlite:///tmp/x.db").ok().map(|c| c.kind()), Some("sqlite"));
+        assert_eq!(BackendConfig::from_url("sqlite::memory:").ok().map(|c| c.kind()), Some("sqlite"));
+    }
+}

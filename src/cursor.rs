@@ -1,0 +1,266 @@
+//! Resumable stream cursors: opaque bytes whose first byte names the backend family and
+//! version, and the per-family codecs. An empty cursor means "from the tail".
+//!
+//! | family   | prefix | body                                   | length |
+//! |----------|--------|----------------------------------------|--------|
+//! | Valkey   | `0x01` | stream id `ms`, `seq` (u64 BE each)    | 17     |
+//! | Postgres | `0x02` | `txid`, `event_id` (u64 BE each)       | 17     |
+//! | Postgres | `0x02` | `event_id` (i64 BE), the original form | 9      |
+//! | SQLite   | `0x03` | `event_id` (i64 BE)                    | 9      |
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::EngineError;
+
+/// Valkey family prefix byte.
+pub const VALKEY_CURSOR_PREFIX: u8 = 0x01;
+/// Postgres family prefix byte.
+pub const POSTGRES_CURSOR_PREFIX: u8 = 0x02;
+/// SQLite family prefix byte.
+pub const SQLITE_CURSOR_PREFIX: u8 = 0x03;
+
+/// Opaque, backend-versioned cursor. Persist its bytes; hand them back to resume.
+#[derive(Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StreamCursor(Vec<u8>);
+
+impl StreamCursor {
+    /// Wraps raw bytes (validated only when decoded).
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    /// The empty cursor: start from the tail.
+    pub fn empty() -> Self {
+        Self(Vec::new())
+    }
+
+    /// True for the empty (tail) cursor.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The raw bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Lower-case hex, convenient for logs and command lines.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses the output of [`StreamCursor::to_hex`].
+    ///
+    /// # Errors
+    /// [`EngineError::Validation`] for odd lengths or non-hex characters.
+    pub fn from_hex(text: &str) -> Result<Self, EngineError> {
+        let text = text.trim();
+        if text.len() % 2 != 0 || !text.is_ascii() {
+            return Err(EngineError::validation("cursor hex must have an even number of ASCII digits"));
+        }
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self)
+            .map_err(|_| EngineError::validation("cursor hex has a non-hex character"))
+    }
+}
+
+impl fmt::Debug for StreamCursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StreamCursor({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for StreamCursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// A position in one backend's total order: Valkey `(ms, seq)`, Postgres `(txid, event_id)`,
+/// SQLite `(0, event_id)`. Ordered lexicographically.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Position {
+    pub hi: u64,
+    pub lo: u64,
+}
+
+impl Position {
+    pub(crate) const ZERO: Position = Position { hi: 0, lo: 0 };
+
+    pub(crate) const fn new(hi: u64, lo: u64) -> Self {
+        Self { hi, lo }
+    }
+}
+
+/// A decoded Postgres cursor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PostgresCursor {
+    /// Inserting transaction id; `None` for the original 9-byte form.
+    pub txid: Option<u64>,
+    /// Outbox `event_id`.
+    pub event_id: i64,
+}
+
+fn body<const N: usize>(cursor: &StreamCursor, prefix: u8, family: &str) -> Result<Option<[u8; N]>, EngineError> {
+    let bytes = cursor.as_bytes();
+    match bytes.split_first() {
+        None => Ok(None),
+        Some((&p, rest)) if p == prefix => rest.try_into().map(Some).map_err(|_| {
+            EngineError::validation(format!("{family} cursor must be {} bytes, got {}", N + 1, bytes.len()))
+        }),
+        Some((&p, _)) => {
+            Err(EngineError::validation(format!("cursor prefix 0x{p:02x} is not the {family} family (0x{prefix:02x})")))
+        }
+    }
+}
+
+fn be_u64(bytes: &[u8]) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&bytes[..8]);
+    u64::from_be_bytes(word)
+}
+
+fn two_words(prefix: u8, hi: u64, lo: u64) -> StreamCursor {
+    let mut bytes = Vec::with_capacity(17);
+    bytes.push(prefix);
+    bytes.extend_from_slice(&hi.to_be_bytes());
+    bytes.extend_from_slice(&lo.to_be_bytes());
+    StreamCursor(bytes)
+}
+
+/// Encodes a Valkey stream id `(ms, seq)`.
+pub fn encode_valkey_cursor(ms: u64, seq: u64) -> StreamCursor {
+    two_words(VALKEY_CURSOR_PREFIX, ms, seq)
+}
+
+/// Decodes a Valkey cursor; `Ok(None)` for the empty (tail) cursor.
+///
+/// # Errors
+/// [`EngineError::Validation`] for a wrong prefix or length.
+pub fn decode_valkey_cursor(cursor: &StreamCursor) -> Result<Option<(u64, u64)>, EngineError> {
+    Ok(body::<16>(cursor, VALKEY_CURSOR_PREFIX, "Valkey")?.map(|b| (be_u64(&b[..8]), be_u64(&b[8..]))))
+}
+
+/// Encodes a Postgres position `(txid, event_id)`.
+pub fn encode_postgres_cursor(txid: u64, event_id: i64) -> StreamCursor {
+    two_words(POSTGRES_CURSOR_PREFIX, txid, event_id as u64)
+}
+
+/// Encodes the original 9-byte Postgres form (`event_id` only).
+pub fn encode_postgres_event_cursor(event_id: i64) -> StreamCursor {
+    let mut bytes = vec![POSTGRES_CURSOR_PREFIX];
+    bytes.extend_from_slice(&event_id.to_be_bytes());
+    StreamCursor(bytes)
+}
+
+/// Decodes either Postgres form; `Ok(None)` for the empty (tail) cursor.
+///
+/// # Errors
+/// [`EngineError::Validation`] for a wrong prefix, a wrong length or a negative id.
+pub fn decode_postgres_cursor(cursor: &StreamCursor) -> Result<Option<PostgresCursor>, EngineError> {
+    let decoded = match cursor.as_bytes().len() {
+        9 => body::<8>(cursor, POSTGRES_CURSOR_PREFIX, "Postgres")?
+            .map(|b| PostgresCursor { txid: None, event_id: be_u64(&b) as i64 }),
+        _ => body::<16>(cursor, POSTGRES_CURSOR_PREFIX, "Postgres")?
+            .map(|b| PostgresCursor { txid: Some(be_u64(&b[..8])), event_id: be_u64(&b[8..]) as i64 }),
+    };
+    match decoded {
+        Some(c) if c.event_id < 0 || c.txid.is_some_and(|t| t > i64::MAX as u64) => {
+            Err(EngineError::validation("Postgres cursor holds a negative position"))
+        }
+        other => Ok(other),
+    }
+}
+
+/// Encodes an SQLite `event_id`.
+pub fn encode_sqlite_cursor(event_id: i64) -> StreamCursor {
+    let mut bytes = vec![SQLITE_CURSOR_PREFIX];
+    bytes.extend_from_slice(&event_id.to_be_bytes());
+    StreamCursor(bytes)
+}
+
+/// Decodes an SQLite cursor; `Ok(None)` for the empty (tail) cursor.
+///
+/// # Errors
+/// [`EngineError::Validation`] for a wrong prefix, a wrong length or a negative id.
+pub fn decode_sqlite_cursor(cursor: &StreamCursor) -> Result<Option<i64>, EngineError> {
+    match body::<8>(cursor, SQLITE_CURSOR_PREFIX, "SQLite")?.map(|b| be_u64(&b) as i64) {
+        Some(id) if id < 0 => Err(EngineError::validation("SQLite cursor holds a negative event id")),
+        other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_round_trips() {
+        assert_eq!(
+            decode_valkey_cursor(&encode_valkey_cursor(1_700_000_000_000, 7)).ok(),
+            Some(Some((1_700_000_000_000, 7)))
+        );
+        assert_eq!(
+            decode_postgres_cursor(&encode_postgres_cursor(900, 42)).ok(),
+            Some(Some(PostgresCursor { txid: Some(900), event_id: 42 }))
+        );
+        assert_eq!(
+            decode_postgres_cursor(&encode_postgres_event_cursor(42)).ok(),
+            Some(Some(PostgresCursor { txid: None, event_id: 42 }))
+        );
+        assert_eq!(decode_sqlite_cursor(&encode_sqlite_cursor(5)).ok(), Some(Some(5)));
+    }
+
+    #[test]
+    fn empty_cursor_means_tail_for_every_family() {
+        let tail = StreamCursor::empty();
+        assert_eq!(decode_valkey_cursor(&tail).ok(), Some(None));
+        assert_eq!(decode_postgres_cursor(&tail).ok(), Some(None));
+        assert_eq!(decode_sqlite_cursor(&tail).ok(), Some(None));
+    }
+
+    #[test]
+    fn foreign_and_truncated_cursors_are_validation_errors() {
+        let valkey = encode_valkey_cursor(1, 2);
+        assert!(matches!(decode_postgres_cursor(&valkey), Err(EngineError::Validation { .. })));
+        assert!(matches!(decode_sqlite_cursor(&valkey), Err(EngineError::Validation { .. })));
+        let truncated = StreamCursor::new(valkey.as_bytes()[..10].to_vec());
+        assert!(matches!(decode_valkey_cursor(&truncated), Err(EngineError::Validation { .. })));
+        assert!(decode_postgres_cursor(&StreamCursor::new(vec![0x02, 0xff, 0, 0, 0, 0, 0, 0, 0])).is_err());
+    }
+
+    #[test]
+    fn fuzzed_bytes_never_panic() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for len in 0..64usize {
+            for _ in 0..64 {
+                let bytes: Vec<u8> = (0..len)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        (seed & 0xff) as u8
+                    })
+                    .collect();
+                let cursor = StreamCursor::new(bytes);
+                let _ = decode_valkey_cursor(&cursor);
+                let _ = decode_postgres_cursor(&cursor);
+                let _ = decode_sqlite_cursor(&cursor);
+            }
+        }
+    }
+
+    #[test]
+    fn hex_round_trips_and_rejects_garbage() {
+        let c = encode_sqlite_cursor(77);
+        assert_eq!(StreamCursor::from_hex(&c.to_hex()).ok(), Some(c));
+        assert!(StreamCursor::from_hex("0").is_err());
+        assert!(StreamCursor::from_hex("zz").is_err());
+        assert!(StreamCursor::from_hex("é1").is_err());
+    }
+}

@@ -1,0 +1,198 @@
+//! The small engine surface each backend exposes so examples, tests and benchmarks drive real
+//! flows. Every terminal operation runs beside the data (a SQL function, a Lua function) and
+//! writes its completion atomically with the state change; Rust never publishes one itself.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::config::{BackendConfig, BackendConnection};
+use crate::error::EngineError;
+use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
+
+/// What to create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ExecutionSpec {
+    /// The new execution's id (its partition must be its flow's).
+    pub id: ExecutionId,
+    /// Its flow.
+    pub flow_id: Option<FlowId>,
+    /// Its namespace.
+    pub namespace: Option<Namespace>,
+    /// Its tags.
+    pub tags: BTreeMap<String, String>,
+    /// Executions that must succeed before it becomes eligible.
+    pub parents: Vec<ExecutionId>,
+    /// Attempts before a retryable failure becomes terminal (at least 1).
+    pub max_attempts: u32,
+}
+
+impl ExecutionSpec {
+    /// An execution in `flow` with one attempt, no tags and no parents.
+    pub fn new(flow: &FlowId) -> Self {
+        Self {
+            id: ExecutionId::new_in(flow),
+            flow_id: Some(*flow),
+            namespace: None,
+            tags: BTreeMap::new(),
+            parents: Vec::new(),
+            max_attempts: 1,
+        }
+    }
+
+    /// Sets the namespace.
+    #[must_use]
+    pub fn with_namespace(mut self, ns: impl Into<String>) -> Self {
+        self.namespace = Some(Namespace::new(ns));
+        self
+    }
+
+    /// Adds a tag.
+    #[must_use]
+    pub fn with_tag(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.tags.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the parents.
+    #[must_use]
+    pub fn with_parents(mut self, parents: Vec<ExecutionId>) -> Self {
+        self.parents = parents;
+        self
+    }
+
+    /// Sets the attempts.
+    #[must_use]
+    pub fn with_max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n.max(1);
+        self
+    }
+}
+
+/// Outcome of a `fail()` call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FailOutcome {
+    /// Attempts remain: the execution is eligible again.
+    RetryScheduled {
+        /// When it may run again.
+        delay_until: TimestampMs,
+    },
+    /// No retries left: the execution is terminal failed.
+    TerminalFailed,
+}
+
+/// What `cancel_flow` does with the flow's members.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CancelFlowPolicy {
+    /// Cancel only the flow record.
+    FlowOnly,
+    /// Cancel every non-terminal member.
+    CancelAll,
+    /// Cancel blocked and eligible members; let running ones finish.
+    CancelPending,
+}
+
+impl CancelFlowPolicy {
+    /// The wire name used by the SQL and Lua producers.
+    pub fn as_wire(&self) -> &'static str {
+        match self {
+            Self::FlowOnly => "flow_only",
+            Self::CancelAll => "cancel_all",
+            Self::CancelPending => "cancel_pending",
+        }
+    }
+}
+
+/// What resolving one dependency edge did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DependencyResolution {
+    /// The child's last parent succeeded: it is eligible now.
+    Promoted,
+    /// The parent did not succeed: the child was skipped (itself a completion).
+    Skipped,
+    /// The child still waits on other parents.
+    Waiting,
+    /// The edge was resolved before (by the promoter or the reconciler).
+    AlreadyResolved,
+    /// The parent is not terminal yet.
+    ParentNotTerminal,
+}
+
+impl DependencyResolution {
+    pub(crate) fn from_wire(s: &str) -> Result<Self, EngineError> {
+        Ok(match s {
+            "promoted" => Self::Promoted,
+            "skipped" => Self::Skipped,
+            "waiting" => Self::Waiting,
+            "already_resolved" => Self::AlreadyResolved,
+            "parent_not_terminal" => Self::ParentNotTerminal,
+            other => return Err(EngineError::validation(format!("unknown dependency resolution {other:?}"))),
+        })
+    }
+}
+
+/// An execution's state as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ExecutionInfo {
+    /// `blocked`, `eligible`, `running`, or a terminal outcome.
+    pub state: String,
+    /// Attempts started.
+    pub attempt: u32,
+}
+
+/// The engine operations of one backend.
+#[async_trait]
+pub trait Engine: Send + Sync {
+    /// Creates a flow (idempotent).
+    async fn create_flow(&self, flow: &FlowId, namespace: Option<&Namespace>) -> Result<(), EngineError>;
+    /// Creates an execution, blocked on its parents or eligible.
+    async fn create_execution(&self, spec: &ExecutionSpec) -> Result<(), EngineError>;
+    /// Claims up to `limit` eligible executions for `worker`.
+    async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, EngineError>;
+    /// Completes a running execution with success; `false` if it was not running.
+    async fn complete(&self, id: &ExecutionId) -> Result<bool, EngineError>;
+    /// Fails a running execution, retrying while attempts remain and `retryable`.
+    async fn fail(&self, id: &ExecutionId, retryable: bool) -> Result<FailOutcome, EngineError>;
+    /// Cancels a non-terminal execution; `false` if it was terminal.
+    async fn cancel(&self, id: &ExecutionId) -> Result<bool, EngineError>;
+    /// Expires a non-terminal execution; `false` if it was terminal.
+    async fn expire(&self, id: &ExecutionId) -> Result<bool, EngineError>;
+    /// Cancels a flow's members by policy; returns how many were cancelled.
+    async fn cancel_flow(&self, flow: &FlowId, policy: CancelFlowPolicy) -> Result<u64, EngineError>;
+    /// Resolves the edge `parent -> child` after the parent reached a terminal state.
+    async fn resolve_dependency(
+        &self,
+        parent: &ExecutionId,
+        child: &ExecutionId,
+    ) -> Result<DependencyResolution, EngineError>;
+    /// The children of an execution.
+    async fn children(&self, parent: &ExecutionId) -> Result<Vec<ExecutionId>, EngineError>;
+    /// Edges whose parent is terminal but which were never resolved (the reconciler's list).
+    async fn unresolved_dependencies(&self, limit: usize) -> Result<Vec<(ExecutionId, ExecutionId)>, EngineError>;
+    /// An execution's stored state.
+    async fn execution(&self, id: &ExecutionId) -> Result<Option<ExecutionInfo>, EngineError>;
+}
+
+/// Connects the engine surface of the configured backend (installing its schema or library).
+///
+/// # Errors
+/// As the backend's connect.
+pub async fn connect_engine(config: &BackendConfig) -> Result<Arc<dyn Engine>, EngineError> {
+    match &config.connection {
+        #[cfg(feature = "postgres")]
+        BackendConnection::Postgres(_) => {
+            Ok(Arc::new(crate::backends::postgres::PostgresEngine::connect(config).await?))
+        }
+        #[cfg(feature = "sqlite")]
+        BackendConnection::Sqlite(_) => Ok(Arc::new(crate::backends::sqlite::SqliteEngine::connect(config).await?)),
+        #[cfg(feature = "valkey")]
+        BackendConnection::Valkey(_) => Ok(Arc::new(crate::backends::valkey::ValkeyEngine::connect(config).await?)),
+        #[allow(unreachable_patterns)]
+        _ => Err(EngineError::validation(format!("backend {config} is not compiled in"))),
+    }
+}

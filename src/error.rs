@@ -1,0 +1,144 @@
+//! The one error type of the crate. Its `Display` never prints a password.
+
+use crate::cursor::StreamCursor;
+
+/// Errors returned by subscriptions, backends and the engine surface.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The backend cannot be reached or is not set up (connection refused, schema missing).
+    #[error("backend unavailable during {op}: {detail}")]
+    Unavailable {
+        /// What was being attempted.
+        op: &'static str,
+        /// Why it failed, with secrets already removed.
+        detail: String,
+    },
+    /// A connection broke or a server answered with a transport-level error.
+    #[error("transport error during {op}: {detail}")]
+    Transport {
+        /// What was being attempted.
+        op: &'static str,
+        /// Why it failed, with secrets already removed.
+        detail: String,
+    },
+    /// Input was rejected: a malformed cursor, id, URL, config or row.
+    #[error("invalid input: {detail}")]
+    Validation {
+        /// What was wrong.
+        detail: String,
+    },
+    /// The cursor points below what the backend still retains.
+    #[error("cursor expired: the oldest retained position is {oldest:?}")]
+    CursorExpired {
+        /// The oldest cursor a subscriber can still resume from (`None` when nothing is kept).
+        oldest: Option<StreamCursor>,
+    },
+    /// An operation did not finish in time.
+    #[error("timed out during {op}")]
+    Timeout {
+        /// What was being attempted.
+        op: &'static str,
+    },
+    /// An engine operation was refused because of the execution's state.
+    #[error("state conflict: {detail}")]
+    State {
+        /// What the conflict was.
+        detail: String,
+    },
+    /// The actor tree is gone or did not answer.
+    #[error("actor tree error: {detail}")]
+    Actor {
+        /// What failed.
+        detail: String,
+    },
+}
+
+impl EngineError {
+    /// A [`EngineError::Validation`] with the given text.
+    pub fn validation(detail: impl Into<String>) -> Self {
+        Self::Validation { detail: detail.into() }
+    }
+
+    /// True for faults that go away by themselves (a lost connection, a restarting server).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable { .. } | Self::Transport { .. } | Self::Timeout { .. })
+    }
+}
+
+/// Removes the password from anything that looks like a URL with credentials.
+pub(crate) fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(scheme_end) = rest.find("://") {
+        let (head, tail) = rest.split_at(scheme_end + 3);
+        out.push_str(head);
+        let authority_end = tail.find(['/', ' ', '?', '#', '"', '\'']).unwrap_or(tail.len());
+        let authority = &tail[..authority_end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                match userinfo.split_once(':') {
+                    Some((user, _)) => {
+                        out.push_str(user);
+                        out.push_str(":<redacted>");
+                    }
+                    None => out.push_str(userinfo),
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[authority_end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+impl EngineError {
+    /// Maps an sqlx error, classifying connection problems as transient.
+    pub(crate) fn from_sqlx(op: &'static str, err: sqlx::Error) -> Self {
+        let detail = redact(&err.to_string());
+        match err {
+            sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => {
+                Self::Transport { op, detail }
+            }
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => Self::Unavailable { op, detail },
+            sqlx::Error::Configuration(_) => Self::Validation { detail },
+            sqlx::Error::Database(ref db) => {
+                let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+                // Class 08 (connection), 57 (operator intervention: shutdown, terminated), 53 (resources).
+                if code.starts_with("08") || code.starts_with("57") || code.starts_with("53") {
+                    Self::Transport { op, detail }
+                } else if code.starts_with("42") {
+                    // Undefined table or function: the schema is missing or of another version.
+                    Self::Unavailable { op, detail }
+                } else if code == "P0001" || code.starts_with("22") || code.starts_with("23") {
+                    Self::State { detail }
+                } else {
+                    Self::Transport { op, detail }
+                }
+            }
+            _ => Self::Transport { op, detail },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_hides_passwords_in_urls() {
+        let text = "failed to connect to postgres://alice:s3cret@db:5432/x and redis://:hunter2@h:6379";
+        let shown = redact(text);
+        assert!(!shown.contains("s3cret") && !shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("alice:<redacted>@db:5432"), "{shown}");
+    }
+
+    #[test]
+    fn redact_leaves_urls_without_credentials_alone() {
+        assert_eq!(redact("valkey://h:1/0"), "valkey://h:1/0");
+    }
+}

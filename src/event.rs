@@ -1,0 +1,180 @@
+//! What subscribers receive: typed completion events, the seed's `CompletionPayload`, and the
+//! stream types that carry them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::pin::Pin;
+
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+
+use crate::cursor::StreamCursor;
+use crate::error::EngineError;
+use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
+
+/// The terminal state an execution reached.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CompletionOutcome {
+    /// Finished successfully.
+    Success,
+    /// Failed with no retries left.
+    Failed,
+    /// Cancelled by an operator or a flow cancellation.
+    Cancelled,
+    /// Its deadline passed.
+    Expired,
+    /// Never ran because a parent did not succeed.
+    Skipped,
+    /// An outcome this version does not know; the raw wire string is kept.
+    Other(String),
+}
+
+impl CompletionOutcome {
+    /// Maps a wire string; `failure` decodes as [`CompletionOutcome::Failed`]; unknown strings
+    /// become [`CompletionOutcome::Other`], never an error.
+    pub fn from_wire(s: &str) -> Self {
+        match s {
+            "success" => Self::Success,
+            "failed" | "failure" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            "expired" => Self::Expired,
+            "skipped" => Self::Skipped,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+
+    /// The wire string producers write.
+    pub fn as_wire(&self) -> &str {
+        match self {
+            Self::Success => "success",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::Expired => "expired",
+            Self::Skipped => "skipped",
+            Self::Other(s) => s,
+        }
+    }
+
+    /// The five outcomes producers write.
+    pub const ALL: [CompletionOutcome; 5] =
+        [Self::Success, Self::Failed, Self::Cancelled, Self::Expired, Self::Skipped];
+}
+
+impl fmt::Display for CompletionOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_wire())
+    }
+}
+
+/// One completion, as a subscriber receives it. Built by [`CompletionEvent::new`] and the
+/// `with_*` methods; fields may be added in later versions.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompletionEvent {
+    /// Where to resume from to receive the events after this one.
+    pub cursor: StreamCursor,
+    /// The execution that reached a terminal state.
+    pub execution_id: ExecutionId,
+    /// The flow it belongs to, if any.
+    pub flow_id: Option<FlowId>,
+    /// The terminal state.
+    pub outcome: CompletionOutcome,
+    /// The execution's namespace, if any.
+    pub namespace: Option<Namespace>,
+    /// The execution's tags.
+    pub tags: BTreeMap<String, String>,
+    /// When the producer committed it (backend clock).
+    pub at: TimestampMs,
+}
+
+impl CompletionEvent {
+    /// An event with no flow, namespace or tags.
+    pub fn new(cursor: StreamCursor, execution_id: ExecutionId, outcome: CompletionOutcome, at: TimestampMs) -> Self {
+        Self { cursor, execution_id, flow_id: None, outcome, namespace: None, tags: BTreeMap::new(), at }
+    }
+
+    /// Sets the flow.
+    #[must_use]
+    pub fn with_flow_id(mut self, flow_id: Option<FlowId>) -> Self {
+        self.flow_id = flow_id;
+        self
+    }
+
+    /// Sets the namespace.
+    #[must_use]
+    pub fn with_namespace(mut self, namespace: Option<Namespace>) -> Self {
+        self.namespace = namespace;
+        self
+    }
+
+    /// Sets the tags.
+    #[must_use]
+    pub fn with_tags(mut self, tags: BTreeMap<String, String>) -> Self {
+        self.tags = tags;
+        self
+    }
+
+    /// The seed's payload shape for this event.
+    pub fn to_payload(&self) -> CompletionPayload {
+        let mut payload = CompletionPayload::new(self.execution_id, self.outcome.as_wire(), None, self.at);
+        payload.flow_id = self.flow_id;
+        payload
+    }
+}
+
+/// The seed's completion payload, yielded by [`crate::CompletionBackend`] streams.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CompletionPayload {
+    /// The execution that reached a terminal state.
+    pub execution_id: ExecutionId,
+    /// The outcome wire string.
+    pub outcome: String,
+    /// Result bytes, when a producer stores them (none of ours do yet).
+    pub payload_bytes: Option<Vec<u8>>,
+    /// When the producer committed it.
+    pub produced_at_ms: TimestampMs,
+    /// The flow, when known.
+    pub flow_id: Option<FlowId>,
+}
+
+impl CompletionPayload {
+    /// A payload without a flow.
+    pub fn new(
+        execution_id: ExecutionId,
+        outcome: impl Into<String>,
+        payload_bytes: Option<Vec<u8>>,
+        produced_at_ms: TimestampMs,
+    ) -> Self {
+        Self { execution_id, outcome: outcome.into(), payload_bytes, produced_at_ms, flow_id: None }
+    }
+
+    /// Attaches a flow.
+    #[must_use]
+    pub fn with_flow_id(mut self, flow_id: FlowId) -> Self {
+        self.flow_id = Some(flow_id);
+        self
+    }
+}
+
+/// A stream of typed completion events with cursors; ends after an error it cannot recover
+/// from (such as [`EngineError::CursorExpired`]) or when the tree shuts down.
+pub type CompletionSubscription = Pin<Box<dyn Stream<Item = Result<CompletionEvent, EngineError>> + Send>>;
+
+/// The seed's untyped stream of payloads.
+pub type CompletionStream = Pin<Box<dyn Stream<Item = CompletionPayload> + Send>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_round_trip_and_failure_decodes_as_failed() {
+        for outcome in CompletionOutcome::ALL {
+            assert_eq!(CompletionOutcome::from_wire(outcome.as_wire()), outcome);
+        }
+        assert_eq!(CompletionOutcome::from_wire("failure"), CompletionOutcome::Failed);
+        assert_eq!(CompletionOutcome::from_wire("timed_out"), CompletionOutcome::Other("timed_out".into()));
+    }
+}

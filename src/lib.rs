@@ -1,0 +1,65 @@
+//! # ff-completions
+//!
+//! Exactly-once, in-order, resumable completion streams for durable execution engines.
+//! When an execution reaches a terminal state (success, failed, cancelled, expired, skipped),
+//! its producer (a SQL function, a Lua function) writes the completion atomically with the
+//! state change; this crate turns those durable records into live, filtered streams, one per
+//! subscriber, each event with a cursor to persist and resume from.
+//!
+//! ```text
+//! engine actor (optional parent: spawn_linked)
+//! └── CompletionSupervisor      restarts children, keeps their cursors across restarts
+//!     ├── Listener(postgres)    one per backend: one notification connection, one live reader
+//!     ├── Listener(valkey)
+//!     ├── Filter(subscriber 1)  one per subscriber: filter, dedupe by cursor, deliver, catch up
+//!     └── Filter(subscriber n)
+//! ```
+//!
+//! Backends (cargo features): `postgres`, `valkey`, `sqlite` (all on by default).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), ff_completions::EngineError> {
+//! use futures::StreamExt;
+//! use ff_completions::{BackendConfig, CompletionSupervisorHandle, ScannerFilter, SubscribeRequest, SupervisorConfig};
+//!
+//! let config = SupervisorConfig::new().with_backend(BackendConfig::sqlite("completions.db"));
+//! let (tree, _join) = CompletionSupervisorHandle::spawn(config).await?;
+//! let mut events = tree.subscribe(SubscribeRequest::tail().with_filter(ScannerFilter::new())).await?;
+//! while let Some(event) = events.next().await {
+//!     let event = event?;
+//!     println!("{} {} (resume from {})", event.execution_id, event.outcome, event.cursor);
+//! }
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+pub mod actors;
+pub mod backend;
+pub mod backends;
+pub mod backoff;
+pub mod config;
+pub mod cursor;
+pub mod engine;
+pub mod error;
+pub mod event;
+pub mod filter;
+pub mod types;
+
+pub use actors::handle::{CompletionSupervisorHandle, Subscription};
+pub use actors::supervisor::{
+    CompletionSupervisor, ListenerStats, SubscribeRequest, SubscriberStats, SupervisorConfig, SupervisorMsg, SupervisorStats,
+};
+pub use actors::{BackendId, FilterMode, ListenerState, Sink, SubscriberId};
+pub use backend::CompletionBackend;
+pub use backoff::Backoff;
+pub use config::{BackendConfig, BackendConnection, BackendRetry, BackendTimeouts, PostgresConnection, SqliteConnection, ValkeyConnection};
+pub use cursor::{
+    POSTGRES_CURSOR_PREFIX, PostgresCursor, SQLITE_CURSOR_PREFIX, StreamCursor, VALKEY_CURSOR_PREFIX, decode_postgres_cursor,
+    decode_sqlite_cursor, decode_valkey_cursor, encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor,
+    encode_valkey_cursor,
+};
+pub use engine::{CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, connect_engine};
+pub use error::EngineError;
+pub use event::{CompletionEvent, CompletionOutcome, CompletionPayload, CompletionStream, CompletionSubscription};
+pub use filter::ScannerFilter;
+pub use types::{ExecutionId, FlowId, Namespace, TimestampMs};

@@ -1,0 +1,202 @@
+//! Identity types shared by every backend: executions, flows, namespaces, timestamps.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::EngineError;
+
+/// Number of hash partitions a flow's keys are spread over.
+pub const PARTITION_COUNT: u16 = 256;
+
+/// Milliseconds since the Unix epoch, as stamped by the backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TimestampMs(pub i64);
+
+impl TimestampMs {
+    /// Wraps a millisecond count.
+    pub const fn from_millis(ms: i64) -> Self {
+        Self(ms)
+    }
+
+    /// The current wall-clock time.
+    pub fn now() -> Self {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        Self(ms)
+    }
+}
+
+/// Tenant or workspace scope of an execution.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Namespace(String);
+
+impl Namespace {
+    /// Wraps a namespace name.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self(name.into())
+    }
+
+    /// The namespace as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Namespace {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+impl fmt::Display for Namespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A flow (a DAG of executions). Its partition places all its executions' keys in one slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct FlowId(Uuid);
+
+impl FlowId {
+    /// A fresh random flow id.
+    pub fn new() -> Self {
+        Self(Uuid::new_v4())
+    }
+
+    /// Wraps an existing uuid.
+    pub const fn from_uuid(uuid: Uuid) -> Self {
+        Self(uuid)
+    }
+
+    /// The flow's uuid.
+    pub const fn uuid(&self) -> Uuid {
+        self.0
+    }
+
+    /// The flow's partition: crc16 (XMODEM, as cluster slots use) of the uuid text, mod 256.
+    pub fn partition(&self) -> u16 {
+        let text = self.0.hyphenated().to_string();
+        crc16::State::<crc16::XMODEM>::calculate(text.as_bytes()) % PARTITION_COUNT
+    }
+}
+
+impl Default for FlowId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for FlowId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// An execution, written `{fp:N}:<uuid>` where N is its flow's partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ExecutionId {
+    partition: u16,
+    uuid: Uuid,
+}
+
+impl ExecutionId {
+    /// A fresh execution in `flow`'s partition.
+    pub fn new_in(flow: &FlowId) -> Self {
+        Self::from_parts(flow.partition(), Uuid::new_v4())
+    }
+
+    /// Builds an id from its partition and uuid.
+    pub const fn from_parts(partition: u16, uuid: Uuid) -> Self {
+        Self { partition, uuid }
+    }
+
+    /// Parses `{fp:N}:<uuid>`.
+    ///
+    /// # Errors
+    /// [`EngineError::Validation`] when the text is not of that shape or N is out of range.
+    pub fn parse(text: &str) -> Result<Self, EngineError> {
+        let invalid = || EngineError::validation(format!("malformed execution id {text:?}: expected {{fp:N}}:<uuid>"));
+        let rest = text.strip_prefix("{fp:").ok_or_else(invalid)?;
+        let (partition, uuid) = rest.split_once("}:").ok_or_else(invalid)?;
+        let partition: u16 = partition.parse().map_err(|_| invalid())?;
+        if partition >= PARTITION_COUNT {
+            return Err(invalid());
+        }
+        let uuid = Uuid::parse_str(uuid).map_err(|_| invalid())?;
+        Ok(Self { partition, uuid })
+    }
+
+    /// The partition index (0..256).
+    pub const fn partition(&self) -> u16 {
+        self.partition
+    }
+
+    /// The execution's uuid.
+    pub const fn uuid(&self) -> Uuid {
+        self.uuid
+    }
+
+    /// The hash tag `{fp:N}` that keeps a flow's keys in one slot.
+    pub fn hash_tag(&self) -> String {
+        format!("{{fp:{}}}", self.partition)
+    }
+}
+
+impl fmt::Display for ExecutionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{{fp:{}}}:{}", self.partition, self.uuid)
+    }
+}
+
+impl FromStr for ExecutionId {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl Serialize for ExecutionId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ExecutionId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn execution_id_round_trips_through_text() {
+        let flow = FlowId::new();
+        let id = ExecutionId::new_in(&flow);
+        assert_eq!(id.partition(), flow.partition());
+        assert_eq!(ExecutionId::parse(&id.to_string()).ok(), Some(id));
+    }
+
+    #[test]
+    fn malformed_execution_ids_are_validation_errors() {
+        for bad in ["", "fp:1:x", "{fp:999}:00000000-0000-0000-0000-000000000000", "{fp:1}:nope", "{fp:-1}:x"] {
+            assert!(matches!(ExecutionId::parse(bad), Err(EngineError::Validation { .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn flow_partition_is_stable_and_in_range() {
+        let flow = FlowId::from_uuid(Uuid::nil());
+        assert_eq!(flow.partition(), flow.partition());
+        assert!(flow.partition() < PARTITION_COUNT);
+    }
+}
