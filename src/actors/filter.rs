@@ -106,10 +106,10 @@ impl FilterState {
     fn on_live(&mut self, myself: &ActorRef<FilterMsg>, batch: &LiveBatch) {
         let contiguous = batch.start <= self.delivered;
         match self.mode {
-            FilterMode::Blocked => self.count_dropped(),
-            FilterMode::CatchingUp if !contiguous => self.count_dropped(),
+            FilterMode::Blocked => self.count_dropped(batch),
+            FilterMode::CatchingUp if !contiguous => self.count_dropped(batch),
             FilterMode::Live if !contiguous => {
-                self.count_dropped();
+                self.count_dropped(batch);
                 self.set_mode(FilterMode::CatchingUp);
                 let _ = myself.cast(FilterMsg::CatchUp);
             }
@@ -240,7 +240,10 @@ impl FilterState {
         self.args.shared.set_mode(mode);
     }
 
-    fn count_dropped(&self) {
+    fn count_dropped(&self, batch: &LiveBatch) {
+        if batch.events.is_empty() {
+            return;
+        }
         self.args.shared.live_batches_dropped.fetch_add(1, Ordering::Relaxed);
     }
 }

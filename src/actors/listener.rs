@@ -158,10 +158,14 @@ impl ListenerState {
             }
             _ => {}
         }
+        let cursor_before = self.cursor;
         for _ in 0..8 {
             let batch = self.args.source.read_after(self.cursor, self.args.batch_size).await?;
             let (full, held_back) = (batch.full, batch.held_back);
             self.publish(batch);
+            if reason == WakeReason::Tick && self.cursor == cursor_before {
+                self.heartbeat();
+            }
             if held_back && !self.repoll_scheduled {
                 self.repoll_scheduled = true;
                 myself.send_after(self.args.held_back_repoll, || ListenerMsg::Woken(WakeReason::HeldBack));
@@ -181,6 +185,15 @@ impl ListenerState {
         }
         self.publish(batch);
         Ok(())
+    }
+
+    /// An empty batch at the cursor: a filter that is behind the live head without knowing it
+    /// (it joined between two batches) sees the gap and catches up within one tick.
+    fn heartbeat(&self) {
+        let live = Arc::new(LiveBatch { start: self.cursor, end: self.cursor, events: Vec::new() });
+        for filter in self.args.shared.filters() {
+            let _ = filter.cast(FilterMsg::Live(live.clone()));
+        }
     }
 
     fn on_waker_failed(&mut self, err: EngineError) -> EngineError {

@@ -302,9 +302,13 @@ impl Actor for CompletionSupervisor {
                 return Err(EngineError::validation(format!("backend name {id:?} is used twice")).into());
             }
             let source = open_source(backend).await?;
+            // The first cursor is fixed before any subscriber resolves its own tail, so no
+            // subscriber ever starts below the listener's live head unnoticed.
+            let shared = Arc::new(ListenerShared::default());
+            shared.set_cursor(source.tail().await?);
             let slot = ListenerSlot {
                 source,
-                shared: Arc::new(ListenerShared::default()),
+                shared,
                 backoff: Backoff::from_retry(&backend.retry),
                 actor: None,
                 started_at: Instant::now(),

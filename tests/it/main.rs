@@ -1,0 +1,6 @@
+//! Integration tests against real servers the harness starts itself.
+
+mod support;
+
+#[cfg(feature = "postgres")]
+mod postgres;

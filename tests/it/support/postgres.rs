@@ -1,0 +1,136 @@
+//! A throwaway Postgres for the whole test binary: `initdb` into a temp dir (as the `postgres`
+//! OS user when running as root), started on a free loopback port, stopped and removed by a
+//! watchdog when the test process exits. Each test gets its own fresh database.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use sqlx::Connection;
+use sqlx::postgres::PgConnection;
+use tokio::sync::OnceCell;
+
+use super::free_port;
+
+/// The running server.
+pub struct PgServer {
+    /// Loopback port it listens on.
+    pub port: u16,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+}
+
+static SERVER: OnceCell<PgServer> = OnceCell::const_new();
+static NEXT_DB: AtomicU32 = AtomicU32::new(0);
+
+/// The shared server, started on first use.
+pub async fn server() -> &'static PgServer {
+    SERVER.get_or_init(|| async { tokio::task::spawn_blocking(start).await.expect("start postgres") }).await
+}
+
+/// A URL of a fresh, empty database on the shared server.
+pub async fn fresh_database() -> String {
+    server().await.fresh_database().await
+}
+
+fn bin_dir() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("Postgres is not installed: run scripts/test.sh, which installs Debian's postgresql")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("postgres").exists())
+        .collect();
+    versions.sort_by_key(|p| {
+        p.parent().and_then(|v| v.file_name()).and_then(|v| v.to_str()).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0)
+    });
+    versions.pop().expect("no /usr/lib/postgresql/<v>/bin/postgres found: run scripts/test.sh")
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
+/// Runs a command as the `postgres` OS user when we are root.
+fn as_server_user(program: &str) -> Command {
+    if is_root() {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--", program]);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+fn start() -> PgServer {
+    let bin = bin_dir();
+    let data_dir = std::env::temp_dir().join(format!("ff-completions-pg-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&data_dir).expect("create data dir");
+    if is_root() {
+        let ok = Command::new("chown").arg("postgres:postgres").arg(&data_dir).status().map(|s| s.success());
+        assert_eq!(ok.ok(), Some(true), "chown data dir to postgres (is the postgres user there?)");
+    }
+    let initdb = as_server_user(bin.join("initdb").to_str().expect("utf-8 path"))
+        .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
+        .arg(&data_dir)
+        .stdout(Stdio::null())
+        .output()
+        .expect("run initdb");
+    assert!(initdb.status.success(), "initdb failed: {}", String::from_utf8_lossy(&initdb.stderr));
+    let port = free_port();
+    // The watchdog stops the server and removes its data when this test process exits.
+    let script = format!(
+        "{postgres} -D {dir} -p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={dir} \
+         -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400 \
+         -c shared_buffers=64MB > {dir}/server.log 2>&1 &
+         pg=$!
+         while [ -d /proc/{parent} ] && kill -0 $pg 2>/dev/null; do sleep 0.5; done
+         kill -INT $pg 2>/dev/null; wait $pg; rm -rf {dir}",
+        postgres = bin.join("postgres").display(),
+        dir = data_dir.display(),
+        parent = std::process::id(),
+    );
+    let mut cmd = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", "sh", "-c", &script]);
+        c
+    } else {
+        let mut c = Command::new("sh");
+        c.args(["-c", &script]);
+        c
+    };
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn postgres");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "postgres did not start; see {}/server.log", data_dir.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    PgServer { port, data_dir }
+}
+
+impl PgServer {
+    /// URL of a database on this server.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Creates a new empty database and returns its URL.
+    pub async fn fresh_database(&self) -> String {
+        let name = format!("t{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::Relaxed));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match PgConnection::connect(&self.url("postgres")).await {
+                Ok(mut admin) => {
+                    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                        .execute(&mut admin)
+                        .await
+                        .expect("create database");
+                    return self.url(&name);
+                }
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "cannot reach test postgres: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
