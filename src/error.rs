@@ -22,6 +22,15 @@ pub enum EngineError {
         /// Why it failed, with secrets already removed.
         detail: String,
     },
+    /// The backend's schema or function library is missing or of another version: retrying
+    /// will not help until an operator acts.
+    #[error("backend schema problem during {op}: {detail}")]
+    Schema {
+        /// What was being attempted.
+        op: &'static str,
+        /// What is missing or wrong.
+        detail: String,
+    },
     /// Input was rejected: a malformed cursor, id, URL, config or row.
     #[error("invalid input: {detail}")]
     Validation {
@@ -60,7 +69,8 @@ impl EngineError {
         Self::Validation { detail: detail.into() }
     }
 
-    /// True for faults that go away by themselves (a lost connection, a restarting server).
+    /// True for faults that go away by themselves (a lost connection, a restarting server);
+    /// the supervisor counts only the others towards its restart intensity.
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Unavailable { .. } | Self::Transport { .. } | Self::Timeout { .. })
     }
@@ -112,8 +122,8 @@ impl EngineError {
                 if code.starts_with("08") || code.starts_with("57") || code.starts_with("53") {
                     Self::Transport { op, detail }
                 } else if code.starts_with("42") {
-                    // Undefined table or function: the schema is missing or of another version.
-                    Self::Unavailable { op, detail }
+                    // Undefined table, column or function: the schema is missing or of another version.
+                    Self::Schema { op, detail }
                 } else if code == "P0001" || code.starts_with("22") || code.starts_with("23") {
                     Self::State { detail }
                 } else {

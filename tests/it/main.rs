@@ -4,3 +4,6 @@ mod support;
 
 #[cfg(feature = "postgres")]
 mod postgres;
+
+#[cfg(feature = "postgres")]
+mod tree;

@@ -46,9 +46,9 @@ pub(crate) async fn connect_pool(config: &BackendConfig, max: u32) -> Result<PgP
         .connect_with(options)
         .await
         .map_err(|e| EngineError::from_sqlx("postgres connect", e))?;
-    MIGRATOR
-        .run(&pool)
-        .await
-        .map_err(|e| EngineError::Unavailable { op: "postgres migrate", detail: redact(&e.to_string()) })?;
+    MIGRATOR.run(&pool).await.map_err(|e| match e {
+        sqlx::migrate::MigrateError::Execute(e) => EngineError::from_sqlx("postgres migrate", e),
+        other => EngineError::Schema { op: "postgres migrate", detail: redact(&other.to_string()) },
+    })?;
     Ok(pool)
 }
