@@ -68,6 +68,39 @@ impl BackendRetry {
     }
 }
 
+/// How much completion history a backend keeps. A trim job removes what is older than
+/// `max_age` or beyond the newest `max_events`, every `interval`; a subscriber whose cursor falls
+/// below what is kept gets [`EngineError::CursorExpired`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Retention {
+    /// Remove completions older than this.
+    pub max_age: Option<Duration>,
+    /// Keep at most this many of the newest completions.
+    pub max_events: Option<u64>,
+    /// How often the trim job runs.
+    pub interval: Duration,
+}
+
+impl Retention {
+    /// Keep completions for `max_age`, trimming every minute.
+    pub fn max_age(max_age: Duration) -> Self {
+        Self { max_age: Some(max_age), max_events: None, interval: Duration::from_secs(60) }
+    }
+
+    /// Keep the newest `max_events` completions, trimming every minute.
+    pub fn max_events(max_events: u64) -> Self {
+        Self { max_age: None, max_events: Some(max_events), interval: Duration::from_secs(60) }
+    }
+
+    /// Sets how often the trim job runs.
+    #[must_use]
+    pub fn every(mut self, interval: Duration) -> Self {
+        self.interval = interval.max(Duration::from_millis(10));
+        self
+    }
+}
+
 /// Postgres connection: a `postgres://` URL.
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -191,11 +224,13 @@ pub struct BackendConfig {
     pub timeouts: BackendTimeouts,
     /// Retry and restart backoff policy.
     pub retry: BackendRetry,
+    /// History kept; `None` keeps everything.
+    pub retention: Option<Retention>,
 }
 
 impl BackendConfig {
     fn with_connection(connection: BackendConnection) -> Self {
-        Self { connection, timeouts: BackendTimeouts::default(), retry: BackendRetry::default() }
+        Self { connection, timeouts: BackendTimeouts::default(), retry: BackendRetry::default(), retention: None }
     }
 
     /// Postgres at `url`.
@@ -235,6 +270,13 @@ impl BackendConfig {
     #[must_use]
     pub fn with_retry(mut self, retry: BackendRetry) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// Sets the retention policy (a trim job run by the supervisor).
+    #[must_use]
+    pub fn with_retention(mut self, retention: Retention) -> Self {
+        self.retention = Some(retention);
         self
     }
 

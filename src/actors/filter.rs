@@ -21,6 +21,7 @@ use crate::backends::{CompletionSource, Positioned};
 use crate::backoff::Backoff;
 use crate::config::BackendRetry;
 use crate::cursor::Position;
+use crate::error::EngineError;
 use crate::filter::ScannerFilter;
 
 /// Messages of the filter.
@@ -127,6 +128,11 @@ impl FilterState {
         }
         self.args.shared.catch_up_reads.fetch_add(1, Ordering::Relaxed);
         match self.args.source.read_after(self.delivered, self.args.batch_size).await {
+            Ok(batch) if batch.expired.is_some_and(|b| b > self.delivered) => {
+                let oldest = batch.expired.map(|b| self.args.source.cursor_of(b));
+                tracing::warn!(subscriber = %self.args.subscriber_id, ?oldest, "subscriber cursor expired");
+                self.end_with_error(myself, EngineError::CursorExpired { oldest });
+            }
             Ok(batch) => {
                 self.failed_reads = 0;
                 let outcome = self.deliver(&batch.events);
@@ -148,12 +154,21 @@ impl FilterState {
             }
             Err(err) => {
                 tracing::error!(subscriber = %self.args.subscriber_id, error = %err, "catch-up failed; ending the subscription");
-                if let Sink::Channel(tx) = &self.args.sink {
-                    let _ = tx.try_send(Err(err));
-                }
-                myself.stop(Some("catch-up failed".into()));
+                self.end_with_error(myself, err);
             }
         }
+    }
+
+    /// Hands the subscriber an error it cannot recover from, then ends the subscription.
+    fn end_with_error(&mut self, myself: &ActorRef<FilterMsg>, err: EngineError) {
+        if let Sink::Channel(tx) = &self.args.sink {
+            let tx = tx.clone();
+            // The error must not be lost to a full buffer: wait for room off the actor.
+            tokio::spawn(async move {
+                let _ = tx.send(Err(err)).await;
+            });
+        }
+        myself.stop(Some(super::supervisor::SUBSCRIPTION_FAILED.into()));
     }
 
     fn on_sink_ready(&mut self, myself: &ActorRef<FilterMsg>) {

@@ -205,6 +205,14 @@ impl ListenerState {
 
     /// Advances the cursor over a batch and fans it out to every filter.
     fn publish(&mut self, mut batch: Batch) {
+        if let Some(boundary) = batch.expired.filter(|b| *b > self.cursor) {
+            // History after the cursor was trimmed while this listener was behind. Filters find
+            // out for their own subscribers; the listener itself moves on to what is kept.
+            tracing::warn!(backend = %self.args.backend_id, cursor = ?self.cursor, ?boundary, "listener cursor expired; resuming at the oldest retained position");
+            self.cursor = boundary;
+            self.args.shared.set_cursor(boundary);
+            return;
+        }
         for (pos, reason) in &batch.skipped {
             if *pos > self.cursor {
                 tracing::error!(backend = %self.args.backend_id, position = ?pos, %reason, "skipped a malformed completion row");

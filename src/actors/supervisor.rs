@@ -20,16 +20,18 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPo
 
 use super::filter::{Filter, FilterArguments, FilterMsg};
 use super::listener::{Listener, ListenerArguments, ListenerMsg};
-use super::{BackendId, FilterMode, ListenerShared, ListenerState, Sink, SubscriberId, SubscriberShared};
+use super::{AbortOnDrop, BackendId, FilterMode, ListenerShared, ListenerState, Sink, SubscriberId, SubscriberShared};
 use crate::backends::{CompletionSource, StartAt, open_source};
 use crate::backoff::Backoff;
-use crate::config::BackendConfig;
+use crate::config::{BackendConfig, Retention};
 use crate::cursor::StreamCursor;
 use crate::error::EngineError;
 use crate::filter::ScannerFilter;
 
 /// Stop reason a filter gives when its subscriber dropped the stream.
 pub(crate) const SUBSCRIBER_GONE: &str = "subscriber gone";
+/// Stop reason a filter gives after handing its subscriber a final error.
+pub(crate) const SUBSCRIPTION_FAILED: &str = "subscription failed";
 
 /// Crash loops beyond `max_restarts` within `within` escalate to the parent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -245,6 +247,7 @@ pub struct SupervisorStats {
 
 struct ListenerSlot {
     source: Arc<dyn CompletionSource>,
+    _trim_job: Option<AbortOnDrop>,
     shared: Arc<ListenerShared>,
     backoff: Backoff,
     actor: Option<ActorRef<ListenerMsg>>,
@@ -306,8 +309,10 @@ impl Actor for CompletionSupervisor {
             // subscriber ever starts below the listener's live head unnoticed.
             let shared = Arc::new(ListenerShared::default());
             shared.set_cursor(source.tail().await?);
+            let trim_job = backend.retention.clone().map(|r| spawn_trim_job(id.clone(), source.clone(), r));
             let slot = ListenerSlot {
                 source,
+                _trim_job: trim_job,
                 shared,
                 backoff: Backoff::from_retry(&backend.retry),
                 actor: None,
@@ -384,6 +389,21 @@ impl Actor for CompletionSupervisor {
     }
 }
 
+/// Runs a backend's trim job every `retention.interval` until the supervisor goes away.
+fn spawn_trim_job(backend: BackendId, source: Arc<dyn CompletionSource>, retention: Retention) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        let mut interval = tokio::time::interval(retention.interval);
+        loop {
+            interval.tick().await;
+            match source.trim(&retention).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(%backend, removed, "trimmed completion history"),
+                Err(err) => tracing::warn!(%backend, error = %err, "trim failed; will retry"),
+            }
+        }
+    }))
+}
+
 impl SupervisorState {
     async fn start_listener(&mut self, myself: &ActorRef<SupervisorMsg>, id: &BackendId) {
         let Some(slot) = self.listeners.get_mut(id) else { return };
@@ -447,7 +467,7 @@ impl SupervisorState {
                 self.schedule_listener_restart(myself, &id);
             }
             Some(Child::Filter(sub)) => {
-                let gone = reason.as_deref().is_some_and(|r| r == SUBSCRIBER_GONE || r == "catch-up failed");
+                let gone = reason.as_deref().is_some_and(|r| r == SUBSCRIBER_GONE || r == SUBSCRIPTION_FAILED);
                 if gone {
                     self.unsubscribe(sub);
                 } else if self.subscribers.contains_key(&sub) {

@@ -440,3 +440,42 @@ async fn unknown_outcome_strings_arrive_as_other() {
     let events = take_events(&mut sub, 1, WAIT).await;
     assert_eq!(events[0].outcome, CompletionOutcome::Other("timed_out".into()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimmed_cursors_expire_with_the_oldest_cursor_and_slow_subscribers_are_told() {
+    let retention = ff_completions::config::Retention::max_events(5).every(Duration::from_millis(50));
+    init_tracing();
+    let url = fresh_database().await;
+    let engine = Arc::new(PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("engine"));
+    let config = SupervisorConfig::new()
+        .with_backend(BackendConfig::postgres(&url).with_retention(retention))
+        .with_subscriber_buffer(4);
+    let (tree, _) = CompletionSupervisorHandle::spawn(config).await.expect("spawn");
+    let mut fast = tree.subscribe(SubscribeRequest::tail()).await.expect("fast");
+    let mut slow = tree.subscribe(SubscribeRequest::tail()).await.expect("slow");
+    let ids = complete_n(&engine, 20).await;
+    let seen = take_events(&mut fast, 20, WAIT).await;
+    wait_until(WAIT, "the trim job", || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM ff_completion_event").fetch_one(engine.pool()).await.ok()
+            == Some(5)
+    })
+    .await;
+
+    let oldest = match tree.subscribe(SubscribeRequest::from_cursor(seen[2].cursor.clone())).await {
+        Err(EngineError::CursorExpired { oldest: Some(oldest) }) => oldest,
+        other => panic!("expected CursorExpired, got {:?}", other.map(|s| s.id())),
+    };
+    let mut resumed = tree.subscribe(SubscribeRequest::from_cursor(oldest)).await.expect("resume at oldest");
+    assert_exactly_once(&take_events(&mut resumed, 5, WAIT).await, &ids[15..], true);
+
+    // The slow subscriber read nothing; its buffer holds 4 events, the rest was trimmed away.
+    assert_exactly_once(&take_events(&mut slow, 4, WAIT).await, &ids[..4], true);
+    match tokio::time::timeout(WAIT, futures::StreamExt::next(&mut slow)).await {
+        Ok(Some(Err(EngineError::CursorExpired { oldest: Some(_) }))) => {}
+        other => panic!("expected CursorExpired on the stream, got {other:?}"),
+    }
+    assert!(tokio::time::timeout(WAIT, futures::StreamExt::next(&mut slow)).await.expect("ends").is_none());
+    // The tree carries on for everyone else.
+    let more = complete_n(&engine, 3).await;
+    assert_exactly_once(&take_events(&mut fast, 3, WAIT).await, &more, true);
+}

@@ -7,21 +7,29 @@ use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 
 use super::{COMPLETION_CHANNEL, LISTENER_APPLICATION_NAME, connect_options, connect_pool};
 use crate::backends::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
-use crate::config::BackendConfig;
+use crate::config::{BackendConfig, Retention};
 use crate::cursor::{Position, StreamCursor, decode_postgres_cursor, encode_postgres_cursor};
 use crate::error::EngineError;
 use crate::event::{CompletionEvent, CompletionOutcome};
 use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
 
 /// Rows after `($1, $2)` in `(txid, event_id)` order, each flagged with whether it is below the
-/// horizon (readable now) or held back by a transaction still in progress.
+/// horizon (readable now) or held back by a transaction still in progress; plus, when history
+/// after `($1, $2)` was trimmed, one marker row (kind 1) at the trimmed boundary.
 const READ_AFTER: &str = "\
-SELECT txid::text::int8, event_id, execution_id::text, flow_id::text, outcome, namespace, instance_tag, \
-       tags::text, occurred_at_ms, partition_key::int4, txid < pg_snapshot_xmin(pg_current_snapshot()) \
-  FROM ff_completion_event \
- WHERE (txid, event_id) > ($1::int8::text::xid8, $2::int8) \
- ORDER BY txid, event_id \
- LIMIT $3";
+(SELECT 0, txid::text::int8, event_id, execution_id::text, flow_id::text, outcome, namespace, instance_tag, \
+        tags::text, occurred_at_ms, partition_key::int4, txid < pg_snapshot_xmin(pg_current_snapshot()) \
+   FROM ff_completion_event \
+  WHERE (txid, event_id) > ($1::int8::text::xid8, $2::int8) \
+  ORDER BY txid, event_id \
+  LIMIT $3) \
+UNION ALL \
+(SELECT 1, trimmed_txid::text::int8, trimmed_event_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL::int8, NULL::int4, true \
+   FROM ff_completion_retention \
+  WHERE (trimmed_txid, trimmed_event_id) > ($1::int8::text::xid8, $2::int8))";
+
+/// The trimmed boundary, if anything was ever trimmed.
+const TRIMMED: &str = "SELECT trimmed_txid::text::int8, trimmed_event_id FROM ff_completion_retention";
 
 /// The newest readable row.
 const TAIL: &str = "\
@@ -35,6 +43,7 @@ SELECT LEAST((SELECT min(txid) FROM ff_completion_event WHERE event_id > $1), \
              pg_snapshot_xmin(pg_current_snapshot()))::text::int8";
 
 type Row = (
+    i32,
     i64,
     i64,
     Option<String>,
@@ -58,6 +67,14 @@ impl PostgresSource {
     pub(crate) async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
         Ok(Self { pool: connect_pool(config, 4).await?, config: config.clone() })
     }
+
+    async fn trimmed(&self) -> Result<Option<Position>, EngineError> {
+        let row: Option<(i64, i64)> = sqlx::query_as(TRIMMED)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("postgres retention", e))?;
+        Ok(row.map(|(t, e)| pos(t, e)))
+    }
 }
 
 fn pos(txid: i64, event_id: i64) -> Position {
@@ -66,7 +83,7 @@ fn pos(txid: i64, event_id: i64) -> Position {
 
 /// Decodes one outbox row; the error names what is wrong with it.
 fn decode_row(row: &Row) -> Result<CompletionEvent, String> {
-    let (txid, event_id, execution_id, flow_id, outcome, namespace, instance_tag, tags, at, partition, _) = row;
+    let (_, txid, event_id, execution_id, flow_id, outcome, namespace, instance_tag, tags, at, partition, _) = row;
     let uuid = execution_id.as_deref().ok_or("execution_id is NULL")?;
     let uuid = uuid::Uuid::parse_str(uuid).map_err(|e| format!("execution_id {uuid:?}: {e}"))?;
     let partition = partition.ok_or("partition_key is NULL")?;
@@ -125,7 +142,15 @@ impl CompletionSource for PostgresSource {
         match decode_postgres_cursor(cursor)? {
             None => Ok(StartAt::after(self.tail().await?)),
             Some(c) => match c.txid {
-                Some(txid) => Ok(StartAt::after(Position::new(txid, c.event_id as u64))),
+                Some(txid) => {
+                    let after = Position::new(txid, c.event_id as u64);
+                    match self.trimmed().await? {
+                        Some(trimmed) if after < trimmed => {
+                            Err(EngineError::CursorExpired { oldest: Some(self.cursor_of(trimmed)) })
+                        }
+                        _ => Ok(StartAt::after(after)),
+                    }
+                }
                 None => {
                     let start: i64 = sqlx::query_scalar(LEGACY_START)
                         .bind(c.event_id)
@@ -158,14 +183,18 @@ impl CompletionSource for PostgresSource {
             .await
             .map_err(|e| EngineError::from_sqlx("postgres read", e))?;
         let mut batch = Batch { start: after, end: after, ..Batch::default() };
+        if let Some(marker) = rows.iter().find(|row| row.0 == 1) {
+            batch.expired = Some(pos(marker.1, marker.2));
+            return Ok(batch);
+        }
         let mut readable = 0;
         for row in &rows {
-            if !row.10 {
+            if !row.11 {
                 batch.held_back = true;
                 break;
             }
             readable += 1;
-            let p = pos(row.0, row.1);
+            let p = pos(row.1, row.2);
             batch.end = p;
             match decode_row(row) {
                 Ok(event) => batch.events.push(Positioned { pos: p, event }),
@@ -174,6 +203,18 @@ impl CompletionSource for PostgresSource {
         }
         batch.full = readable == limit;
         Ok(batch)
+    }
+
+    async fn trim(&self, retention: &Retention) -> Result<u64, EngineError> {
+        let before_ms = retention.max_age.map(|age| TimestampMs::now().0 - age.as_millis() as i64);
+        let keep = retention.max_events.map(|n| n.min(i64::MAX as u64) as i64);
+        let removed: i64 = sqlx::query_scalar("SELECT ff_trim_completions($1, $2)")
+            .bind(before_ms)
+            .bind(keep)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("postgres trim", e))?;
+        Ok(removed.max(0) as u64)
     }
 
     async fn open_waker(&self, _from: Position) -> Result<Box<dyn Waker>, EngineError> {
