@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::config::{BackendConfig, BackendConnection};
+use crate::config::{BackendConfig, BackendConnection, Retention};
 use crate::cursor::{Position, StreamCursor};
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
@@ -42,6 +42,9 @@ pub(crate) struct Batch {
     /// Committed-or-not rows exist above `end` that cannot be read yet (an open transaction
     /// holds back the Postgres horizon): read again soon even without a wake-up.
     pub held_back: bool,
+    /// Events after `start` were trimmed away up to this position: a reader at `start` has
+    /// lost them (the batch is otherwise empty).
+    pub expired: Option<Position>,
 }
 
 /// Where a subscription starts.
@@ -98,6 +101,9 @@ pub(crate) trait CompletionSource: Send + Sync + 'static {
 
     /// Reads up to `limit` events after `after`, in order, from the shared pool.
     async fn read_after(&self, after: Position, limit: usize) -> Result<Batch, EngineError>;
+
+    /// Removes history as `retention` says, recording the boundary; returns events removed.
+    async fn trim(&self, retention: &Retention) -> Result<u64, EngineError>;
 
     /// Opens the dedicated notification connection, registered before it returns, so a read
     /// made after this call misses nothing. `from` is where a reading waker starts.
