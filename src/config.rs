@@ -101,18 +101,47 @@ impl Retention {
     }
 }
 
-/// Postgres connection: a `postgres://` URL.
+/// Postgres connection: a `postgres://` URL, and how the listener wakes.
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PostgresConnection {
     /// The URL, credentials included (never printed).
     pub url: String,
+    /// `None`: LISTEN/NOTIFY wakes the listener (needs a session; not through PgBouncer in
+    /// transaction mode). `Some(interval)`: no LISTEN; the listener polls the outbox this often.
+    pub poll_interval: Option<Duration>,
 }
 
 impl fmt::Debug for PostgresConnection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PostgresConnection").field("url", &redact(&self.url)).finish()
+        f.debug_struct("PostgresConnection")
+            .field("url", &redact(&self.url))
+            .field("poll_interval", &self.poll_interval)
+            .finish()
     }
+}
+
+/// The URL query parameter that selects poll-only mode: `?ff_poll_ms=200`.
+pub const POLL_MS_PARAM: &str = "ff_poll_ms";
+
+/// Splits our own `ff_poll_ms` parameter off a Postgres URL (the driver would reject it).
+fn take_poll_param(text: &str) -> Result<(String, Option<Duration>), EngineError> {
+    let Some((base, query)) = text.split_once('?') else { return Ok((text.to_owned(), None)) };
+    let mut poll = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some((POLL_MS_PARAM, v)) => {
+                let ms: u64 = v.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| {
+                    EngineError::validation(format!("{POLL_MS_PARAM}={v:?} is not a positive number"))
+                })?;
+                poll = Some(Duration::from_millis(ms));
+            }
+            _ => kept.push(pair),
+        }
+    }
+    let url = if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) };
+    Ok((url, poll))
 }
 
 /// Valkey connection parameters.
@@ -235,7 +264,7 @@ impl BackendConfig {
 
     /// Postgres at `url`.
     pub fn postgres(url: impl Into<String>) -> Self {
-        Self::with_connection(BackendConnection::Postgres(PostgresConnection { url: url.into() }))
+        Self::with_connection(BackendConnection::Postgres(PostgresConnection { url: url.into(), poll_interval: None }))
     }
 
     /// Valkey at `host:port`.
@@ -270,6 +299,16 @@ impl BackendConfig {
     #[must_use]
     pub fn with_retry(mut self, retry: BackendRetry) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// Postgres only: wake by polling the outbox every `interval` instead of LISTEN/NOTIFY, for
+    /// connection poolers in transaction mode (PgBouncer) where LISTEN does not work.
+    #[must_use]
+    pub fn with_poll_only(mut self, interval: Duration) -> Self {
+        if let BackendConnection::Postgres(pg) = &mut self.connection {
+            pg.poll_interval = Some(interval.max(Duration::from_millis(1)));
+        }
         self
     }
 
@@ -312,7 +351,12 @@ impl BackendConfig {
                 if url.host_str().is_none_or(str::is_empty) && !text.contains("host=") {
                     return Err(EngineError::validation(format!("postgres URL {:?} has no host", redact(text))));
                 }
-                Ok(Self::postgres(text))
+                let (plain, poll) = take_poll_param(text)?;
+                let config = Self::postgres(plain);
+                Ok(match poll {
+                    Some(interval) => config.with_poll_only(interval),
+                    None => config,
+                })
             }
             scheme @ ("valkey" | "valkeys" | "redis" | "rediss") => {
                 let host = url
@@ -396,6 +440,15 @@ mod tests {
                 other => panic!("{url:?} gave {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn postgres_poll_only_mode_comes_from_the_url() {
+        let c = BackendConfig::from_url("postgres://u:pw@h/db?sslmode=disable&ff_poll_ms=250").ok();
+        let Some(BackendConnection::Postgres(pg)) = c.map(|c| c.connection) else { panic!("not postgres") };
+        assert_eq!(pg.url, "postgres://u:pw@h/db?sslmode=disable");
+        assert_eq!(pg.poll_interval, Some(Duration::from_millis(250)));
+        assert!(BackendConfig::from_url("postgres://h/db?ff_poll_ms=0").is_err());
     }
 
     #[test]

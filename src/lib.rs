@@ -40,6 +40,7 @@ pub mod backoff;
 pub mod config;
 pub mod cursor;
 pub mod engine;
+pub mod env_config;
 pub mod error;
 pub mod event;
 pub mod filter;
@@ -52,7 +53,7 @@ pub use actors::supervisor::{
 pub use actors::{BackendId, FilterMode, ListenerState, Sink, SubscriberId};
 pub use backend::CompletionBackend;
 pub use backoff::Backoff;
-pub use config::{BackendConfig, BackendConnection, BackendRetry, BackendTimeouts, PostgresConnection, SqliteConnection, ValkeyConnection};
+pub use config::{BackendConfig, BackendConnection, BackendRetry, BackendTimeouts, Retention, PostgresConnection, SqliteConnection, ValkeyConnection};
 pub use cursor::{
     POSTGRES_CURSOR_PREFIX, PostgresCursor, SQLITE_CURSOR_PREFIX, StreamCursor, VALKEY_CURSOR_PREFIX, decode_postgres_cursor,
     decode_sqlite_cursor, decode_valkey_cursor, encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor,

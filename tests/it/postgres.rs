@@ -479,3 +479,26 @@ async fn trimmed_cursors_expire_with_the_oldest_cursor_and_slow_subscribers_are_
     let more = complete_n(&engine, 3).await;
     assert_exactly_once(&take_events(&mut fast, 3, WAIT).await, &more, true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_only_mode_delivers_without_any_listen_connection() {
+    init_tracing();
+    let url = fresh_database().await;
+    let engine = Arc::new(PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("engine"));
+    let backend = BackendConfig::from_url(&format!("{url}?ff_poll_ms=50")).expect("poll-only url");
+    let (tree, _) =
+        CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(backend)).await.expect("spawn");
+    let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let ids = complete_n(&engine, 30).await;
+    assert_exactly_once(&take_events(&mut sub, 30, WAIT).await, &ids, true);
+    let mut conn = PgConnection::connect(&url).await.expect("connect");
+    let listening: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND (application_name = $1 OR query ILIKE 'LISTEN%')",
+    )
+    .bind(LISTENER_APPLICATION_NAME)
+    .fetch_one(&mut conn)
+    .await
+    .expect("pg_stat_activity");
+    assert_eq!(listening, 0);
+}

@@ -7,7 +7,7 @@ use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 
 use super::{COMPLETION_CHANNEL, LISTENER_APPLICATION_NAME, connect_options, connect_pool};
 use crate::backends::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
-use crate::config::{BackendConfig, Retention};
+use crate::config::{BackendConfig, BackendConnection, PostgresConnection, Retention};
 use crate::cursor::{Position, StreamCursor, decode_postgres_cursor, encode_postgres_cursor};
 use crate::error::EngineError;
 use crate::event::{CompletionEvent, CompletionOutcome};
@@ -218,6 +218,12 @@ impl CompletionSource for PostgresSource {
     }
 
     async fn open_waker(&self, _from: Position) -> Result<Box<dyn Waker>, EngineError> {
+        if let BackendConnection::Postgres(PostgresConnection { poll_interval: Some(every), .. }) =
+            &self.config.connection
+        {
+            tracing::info!(?every, "postgres listener in poll-only mode (no LISTEN)");
+            return Ok(Box::new(PollWaker { every: *every }));
+        }
         let options = connect_options(&self.config)?.application_name(LISTENER_APPLICATION_NAME);
         let pool = PgPoolOptions::new()
             .max_connections(1)
@@ -253,5 +259,18 @@ impl Waker for PostgresWaker {
             Ok(None) => Ok(Wake::Reconnected),
             Err(e) => Err(EngineError::from_sqlx("postgres LISTEN", e)),
         }
+    }
+}
+
+/// Poll-only mode: wakes the listener every `every`, with no LISTEN connection at all.
+struct PollWaker {
+    every: std::time::Duration,
+}
+
+#[async_trait]
+impl Waker for PollWaker {
+    async fn wait(&mut self) -> Result<Wake, EngineError> {
+        tokio::time::sleep(self.every).await;
+        Ok(Wake::Notified)
     }
 }

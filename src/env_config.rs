@@ -1,0 +1,184 @@
+//! Configuration from `FF_COMPLETIONS_*` environment variables, one place for every name.
+//! A bad value is a [`EngineError::Validation`] naming the variable; it never panics.
+
+use std::time::Duration;
+
+use crate::actors::supervisor::SupervisorConfig;
+use crate::config::{BackendConfig, Retention};
+use crate::error::EngineError;
+
+/// Backend URLs, comma-separated (`postgres://…`, `valkey://…`, `sqlite://…`). Required.
+pub const URL: &str = "FF_COMPLETIONS_URL";
+/// Safety tick of every listener, in milliseconds.
+pub const TICK_MS: &str = "FF_COMPLETIONS_TICK_MS";
+/// Rows per read.
+pub const BATCH_SIZE: &str = "FF_COMPLETIONS_BATCH_SIZE";
+/// Events buffered per subscriber before its filter catches up from the backend.
+pub const SUBSCRIBER_BUFFER: &str = "FF_COMPLETIONS_SUBSCRIBER_BUFFER";
+/// Per-request timeout, in milliseconds.
+pub const REQUEST_TIMEOUT_MS: &str = "FF_COMPLETIONS_REQUEST_TIMEOUT_MS";
+/// Connect timeout, in milliseconds.
+pub const CONNECT_TIMEOUT_MS: &str = "FF_COMPLETIONS_CONNECT_TIMEOUT_MS";
+/// Postgres poll-only mode (no LISTEN, e.g. behind PgBouncer): poll interval in milliseconds.
+pub const POLL_MS: &str = "FF_COMPLETIONS_POLL_MS";
+/// Retention: remove completions older than this many seconds.
+pub const RETENTION_MAX_AGE_S: &str = "FF_COMPLETIONS_RETENTION_MAX_AGE_S";
+/// Retention: keep at most this many of the newest completions.
+pub const RETENTION_MAX_EVENTS: &str = "FF_COMPLETIONS_RETENTION_MAX_EVENTS";
+/// Crash loops escalate beyond `N/SECONDS` (N non-transient crashes within SECONDS).
+pub const RESTART_INTENSITY: &str = "FF_COMPLETIONS_RESTART_INTENSITY";
+
+/// Every variable this module reads, for documentation and diagnostics.
+pub const ALL: [&str; 10] = [
+    URL,
+    TICK_MS,
+    BATCH_SIZE,
+    SUBSCRIBER_BUFFER,
+    REQUEST_TIMEOUT_MS,
+    CONNECT_TIMEOUT_MS,
+    POLL_MS,
+    RETENTION_MAX_AGE_S,
+    RETENTION_MAX_EVENTS,
+    RESTART_INTENSITY,
+];
+
+fn number(lookup: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<u64>, EngineError> {
+    match lookup(name) {
+        None => Ok(None),
+        Some(v) if v.trim().is_empty() => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .map(Some)
+            .ok_or_else(|| EngineError::validation(format!("{name}={v:?} is not a positive whole number"))),
+    }
+}
+
+fn millis(lookup: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<Duration>, EngineError> {
+    Ok(number(lookup, name)?.map(Duration::from_millis))
+}
+
+fn intensity(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Option<(u32, Duration)>, EngineError> {
+    let Some(v) = lookup(RESTART_INTENSITY).filter(|v| !v.trim().is_empty()) else { return Ok(None) };
+    let bad = || EngineError::validation(format!("{RESTART_INTENSITY}={v:?} must look like 5/60 (crashes/seconds)"));
+    let (n, secs) = v.trim().split_once('/').ok_or_else(bad)?;
+    let n: u32 = n.trim().parse().map_err(|_| bad())?;
+    let secs: u64 = secs.trim().parse().ok().filter(|s| *s > 0).ok_or_else(bad)?;
+    Ok(Some((n, Duration::from_secs(secs))))
+}
+
+/// Builds a tree configuration from `lookup` (the environment, or a map in tests).
+///
+/// # Errors
+/// [`EngineError::Validation`] naming the variable that is missing or malformed.
+pub fn supervisor_config_from(lookup: &dyn Fn(&str) -> Option<String>) -> Result<SupervisorConfig, EngineError> {
+    let urls = lookup(URL)
+        .filter(|u| !u.trim().is_empty())
+        .ok_or_else(|| EngineError::validation(format!("{URL} is not set")))?;
+    let mut config = SupervisorConfig::new();
+    let request = millis(lookup, REQUEST_TIMEOUT_MS)?;
+    let connect = millis(lookup, CONNECT_TIMEOUT_MS)?;
+    let poll = millis(lookup, POLL_MS)?;
+    let max_age = number(lookup, RETENTION_MAX_AGE_S)?.map(Duration::from_secs);
+    let max_events = number(lookup, RETENTION_MAX_EVENTS)?;
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let mut backend = BackendConfig::from_url(url)?;
+        if let Some(d) = request {
+            backend.timeouts = backend.timeouts.with_request(d);
+        }
+        if let Some(d) = connect {
+            backend.timeouts = backend.timeouts.with_connect(d);
+        }
+        if let Some(d) = poll {
+            backend = backend.with_poll_only(d);
+        }
+        if max_age.is_some() || max_events.is_some() {
+            let mut retention = Retention::max_events(max_events.unwrap_or(u64::MAX));
+            retention.max_events = max_events;
+            retention.max_age = max_age;
+            backend = backend.with_retention(retention);
+        }
+        config = config.with_backend(backend);
+    }
+    if let Some(tick) = millis(lookup, TICK_MS)? {
+        config = config.with_tick(tick);
+    }
+    if let Some(n) = number(lookup, BATCH_SIZE)? {
+        config = config.with_batch_size(n as usize);
+    }
+    if let Some(n) = number(lookup, SUBSCRIBER_BUFFER)? {
+        config = config.with_subscriber_buffer(n as usize);
+    }
+    if let Some((n, within)) = intensity(lookup)? {
+        config = config.with_restart_intensity(n, within);
+    }
+    Ok(config)
+}
+
+impl SupervisorConfig {
+    /// Builds a configuration from the `FF_COMPLETIONS_*` environment variables (see
+    /// [`crate::env_config`]).
+    ///
+    /// # Errors
+    /// [`EngineError::Validation`] naming the variable that is missing or malformed.
+    pub fn from_env() -> Result<Self, EngineError> {
+        supervisor_config_from(&|name| std::env::var(name).ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config::BackendConnection;
+
+    fn from(vars: &[(&str, &str)]) -> Result<SupervisorConfig, EngineError> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        supervisor_config_from(&|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn every_variable_is_applied() {
+        let c = from(&[
+            (URL, "postgres://u:pw@h/db, sqlite::memory:"),
+            (TICK_MS, "250"),
+            (BATCH_SIZE, "128"),
+            (SUBSCRIBER_BUFFER, "64"),
+            (REQUEST_TIMEOUT_MS, "900"),
+            (CONNECT_TIMEOUT_MS, "800"),
+            (POLL_MS, "100"),
+            (RETENTION_MAX_AGE_S, "3600"),
+            (RETENTION_MAX_EVENTS, "1000"),
+            (RESTART_INTENSITY, "5/60"),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!((c.tick, c.batch_size, c.subscriber_buffer), (Duration::from_millis(250), 128, 64));
+        let pg = &c.backends[0].1;
+        assert_eq!(pg.timeouts.request, Some(Duration::from_millis(900)));
+        assert_eq!(pg.timeouts.connect, Some(Duration::from_millis(800)));
+        let BackendConnection::Postgres(conn) = &pg.connection else { panic!("not postgres") };
+        assert_eq!(conn.poll_interval, Some(Duration::from_millis(100)));
+        let retention = pg.retention.clone().unwrap_or_else(|| panic!("no retention"));
+        assert_eq!((retention.max_age, retention.max_events), (Some(Duration::from_secs(3600)), Some(1000)));
+        assert_eq!(c.restart_intensity.map(|r| (r.max_restarts, r.within)), Some((5, Duration::from_secs(60))));
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        for (name, value) in [(TICK_MS, "soon"), (BATCH_SIZE, "0"), (RESTART_INTENSITY, "5"), (URL, "ftp://x")] {
+            let mut vars = vec![(URL, "sqlite::memory:")];
+            vars.push((name, value));
+            match from(&vars) {
+                Err(EngineError::Validation { detail }) => {
+                    assert!(detail.contains(name) || name == URL, "{detail}")
+                }
+                other => panic!("{name}={value} gave {other:?}"),
+            }
+        }
+        assert!(matches!(from(&[]), Err(EngineError::Validation { .. })));
+    }
+}
