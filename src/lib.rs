@@ -44,6 +44,7 @@ pub mod env_config;
 pub mod error;
 pub mod event;
 pub mod filter;
+pub mod metrics;
 pub mod types;
 
 pub use actors::handle::{CompletionSupervisorHandle, Subscription};

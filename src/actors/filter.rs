@@ -15,14 +15,16 @@ use std::sync::atomic::Ordering;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc::error::TrySendError;
+use tracing::Instrument;
 
-use super::{AbortOnDrop, FilterMode, LiveBatch, Sink, SubscriberId, SubscriberShared};
+use super::{AbortOnDrop, BackendId, FilterMode, ListenerShared, LiveBatch, Sink, SubscriberId, SubscriberShared};
 use crate::backends::{CompletionSource, Positioned};
 use crate::backoff::Backoff;
 use crate::config::BackendRetry;
 use crate::cursor::Position;
 use crate::error::EngineError;
 use crate::filter::ScannerFilter;
+use crate::metrics::SubscriberLabels;
 
 /// Messages of the filter.
 pub enum FilterMsg {
@@ -44,6 +46,10 @@ pub struct FilterArguments {
     /// Where to deliver.
     pub sink: Sink,
     pub(crate) shared: Arc<SubscriberShared>,
+    /// The listener's shared state (its read count gives this subscriber's lag).
+    pub(crate) listener: Arc<ListenerShared>,
+    /// The backend's name, for metrics.
+    pub backend_id: BackendId,
     /// Rows per catch-up read.
     pub batch_size: usize,
     /// Delay policy for catch-up reads that fail transiently.
@@ -53,6 +59,8 @@ pub struct FilterArguments {
 /// A filter's running state.
 pub struct FilterState {
     args: FilterArguments,
+    span: tracing::Span,
+    metrics: SubscriberLabels,
     delivered: Position,
     mode: FilterMode,
     failed_reads: u32,
@@ -85,7 +93,17 @@ impl Actor for Filter {
         let delivered = args.shared.delivered();
         args.shared.set_mode(FilterMode::CatchingUp);
         myself.cast(FilterMsg::CatchUp)?;
-        Ok(FilterState { args, delivered, mode: FilterMode::CatchingUp, failed_reads: 0, _sink_waiter: None })
+        let metrics = SubscriberLabels::new(&args.backend_id, args.subscriber_id);
+        let span = tracing::info_span!("ff_filter", backend = %args.backend_id, subscriber = %args.subscriber_id);
+        Ok(FilterState {
+            args,
+            span,
+            metrics,
+            delivered,
+            mode: FilterMode::CatchingUp,
+            failed_reads: 0,
+            _sink_waiter: None,
+        })
     }
 
     async fn handle(
@@ -94,11 +112,16 @@ impl Actor for Filter {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match message {
-            FilterMsg::Live(batch) => state.on_live(&myself, &batch),
-            FilterMsg::CatchUp => state.on_catch_up(&myself).await,
-            FilterMsg::SinkReady => state.on_sink_ready(&myself),
+        let span = state.span.clone();
+        async move {
+            match message {
+                FilterMsg::Live(batch) => state.on_live(&myself, &batch),
+                FilterMsg::CatchUp => state.on_catch_up(&myself).await,
+                FilterMsg::SinkReady => state.on_sink_ready(&myself),
+            }
         }
+        .instrument(span)
+        .await;
         Ok(())
     }
 }
@@ -127,6 +150,7 @@ impl FilterState {
             return;
         }
         self.args.shared.catch_up_reads.fetch_add(1, Ordering::Relaxed);
+        self.metrics.catch_up_read();
         match self.args.source.read_after(self.delivered, self.args.batch_size).await {
             Ok(batch) if batch.expired.is_some_and(|b| b > self.delivered) => {
                 let oldest = batch.expired.map(|b| self.args.source.cursor_of(b));
@@ -183,6 +207,25 @@ impl FilterState {
     /// processed. The shared cursor is written right after each send, with no await between,
     /// so a kill can never separate the two.
     fn deliver(&mut self, events: &[Positioned]) -> Delivery {
+        let (mut sent_count, mut processed, mut last_at) = (0u64, 0u64, None);
+        let outcome = self.deliver_each(events, &mut sent_count, &mut processed, &mut last_at);
+        let shared = &self.args.shared;
+        let total = shared.processed.fetch_add(processed, Ordering::Relaxed) + processed;
+        if let Some(at) = last_at {
+            self.metrics.delivered(sent_count, at);
+        }
+        let read = self.args.listener.events_read.load(Ordering::Relaxed);
+        self.metrics.lag_events(read.saturating_sub(shared.baseline).saturating_sub(total));
+        outcome
+    }
+
+    fn deliver_each(
+        &mut self,
+        events: &[Positioned],
+        sent_count: &mut u64,
+        processed: &mut u64,
+        last_at: &mut Option<crate::types::TimestampMs>,
+    ) -> Delivery {
         let floor = self.args.shared.lo_floor;
         for item in events {
             if item.pos <= self.delivered {
@@ -207,10 +250,13 @@ impl FilterState {
                 match sent {
                     Delivery::Done => {
                         self.args.shared.delivered_count.fetch_add(1, Ordering::Relaxed);
+                        *sent_count += 1;
+                        *last_at = Some(item.event.at);
                     }
                     stop => return stop,
                 }
             }
+            *processed += 1;
             self.delivered = item.pos;
             self.args.shared.set_delivered(item.pos);
         }
@@ -248,8 +294,13 @@ impl FilterState {
     }
 
     fn set_mode(&mut self, mode: FilterMode) {
-        if self.mode != mode {
-            tracing::debug!(subscriber = %self.args.subscriber_id, ?mode, "filter mode changed");
+        match (self.mode, mode) {
+            (from, FilterMode::CatchingUp) if from != FilterMode::CatchingUp => {
+                tracing::info!(?from, position = ?self.delivered, "catch-up started")
+            }
+            (FilterMode::CatchingUp, FilterMode::Live) => tracing::info!(position = ?self.delivered, "caught up"),
+            (from, to) if from != to => tracing::debug!(?from, ?to, "filter mode changed"),
+            _ => {}
         }
         self.mode = mode;
         self.args.shared.set_mode(mode);
@@ -260,5 +311,6 @@ impl FilterState {
             return;
         }
         self.args.shared.live_batches_dropped.fetch_add(1, Ordering::Relaxed);
+        self.metrics.batch_dropped();
     }
 }

@@ -15,12 +15,14 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tracing::Instrument;
 
 use super::filter::FilterMsg;
 use super::{AbortOnDrop, BackendId, ListenerShared, LiveBatch};
 use crate::backends::{Batch, CompletionSource, Wake, Waker};
 use crate::cursor::Position;
 use crate::error::EngineError;
+use crate::metrics;
 
 /// Why a listener reads now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,8 +70,10 @@ pub struct ListenerArguments {
 /// A listener's running state.
 pub struct ListenerState {
     args: ListenerArguments,
+    span: tracing::Span,
     cursor: Position,
     repoll_scheduled: bool,
+    held_back_since: Option<std::time::Instant>,
     _waker_task: Option<AbortOnDrop>,
     _tick_task: Option<AbortOnDrop>,
 }
@@ -87,11 +91,21 @@ impl Actor for Listener {
         _myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(ListenerState { args, cursor: Position::ZERO, repoll_scheduled: false, _waker_task: None, _tick_task: None })
+        let span = tracing::info_span!("ff_listener", backend = %args.backend_id, kind = args.source.kind());
+        Ok(ListenerState {
+            span,
+            args,
+            cursor: Position::ZERO,
+            repoll_scheduled: false,
+            held_back_since: None,
+            _waker_task: None,
+            _tick_task: None,
+        })
     }
 
     async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
-        state.connect(myself).await.map_err(Into::into)
+        let span = state.span.clone();
+        state.connect(myself).instrument(span).await.map_err(Into::into)
     }
 
     async fn handle(
@@ -100,16 +114,21 @@ impl Actor for Listener {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match message {
-            ListenerMsg::Woken(reason) => state.on_woken(&myself, reason).await?,
-            ListenerMsg::Fetched(batch) => state.on_fetched(&myself, batch).await?,
-            ListenerMsg::WakerFailed(err) => return Err(state.on_waker_failed(err).into()),
+        let span = state.span.clone();
+        async move {
+            match message {
+                ListenerMsg::Woken(reason) => state.on_woken(&myself, reason).await,
+                ListenerMsg::Fetched(batch) => state.on_fetched(&myself, batch).await,
+                ListenerMsg::WakerFailed(err) => Err(state.on_waker_failed(err)),
+            }
         }
-        Ok(())
+        .instrument(span)
+        .await
+        .map_err(Into::into)
     }
 
     async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
-        state.args.shared.live.store(false, Ordering::Relaxed);
+        state.args.shared.mark_down();
         Ok(())
     }
 }
@@ -142,7 +161,11 @@ impl ListenerState {
         })));
         shared.live.store(true, Ordering::Relaxed);
         shared.set_error(None);
-        tracing::info!(backend = %self.args.backend_id, kind = self.args.source.kind(), "listener connected");
+        let outage = shared.down_since.lock().map(|mut d| d.take()).unwrap_or(None).map(|t| t.elapsed());
+        match outage {
+            Some(outage) => tracing::info!(?outage, restarts = shared.restarts.load(Ordering::Relaxed), "reconnected"),
+            None => tracing::info!("listener connected"),
+        }
         myself
             .cast(ListenerMsg::Woken(WakeReason::Startup))
             .map_err(|_| EngineError::Actor { detail: "listener mailbox closed during start".into() })
@@ -154,6 +177,7 @@ impl ListenerState {
             WakeReason::HeldBack => self.repoll_scheduled = false,
             WakeReason::Reconnected => {
                 self.args.shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                metrics::listener_reconnected(&self.args.backend_id);
                 tracing::warn!(backend = %self.args.backend_id, "notification connection re-made; catching up");
             }
             _ => {}
@@ -163,6 +187,7 @@ impl ListenerState {
             let batch = self.args.source.read_after(self.cursor, self.args.batch_size).await?;
             let (full, held_back) = (batch.full, batch.held_back);
             self.publish(batch);
+            self.note_held_back(held_back);
             if reason == WakeReason::Tick && self.cursor == cursor_before {
                 self.heartbeat();
             }
@@ -196,8 +221,17 @@ impl ListenerState {
         }
     }
 
+    fn note_held_back(&mut self, held_back: bool) {
+        self.held_back_since = match (held_back, self.held_back_since) {
+            (true, None) => Some(std::time::Instant::now()),
+            (true, since) => since,
+            (false, _) => None,
+        };
+        metrics::held_back(&self.args.backend_id, self.held_back_since.map(|t| t.elapsed().as_secs_f64()));
+    }
+
     fn on_waker_failed(&mut self, err: EngineError) -> EngineError {
-        self.args.shared.live.store(false, Ordering::Relaxed);
+        self.args.shared.mark_down();
         self.args.shared.set_error(Some(err.to_string()));
         tracing::warn!(backend = %self.args.backend_id, error = %err, "notification connection lost");
         err
@@ -217,6 +251,7 @@ impl ListenerState {
             if *pos > self.cursor {
                 tracing::error!(backend = %self.args.backend_id, position = ?pos, %reason, "skipped a malformed completion row");
                 self.args.shared.rows_skipped.fetch_add(1, Ordering::Relaxed);
+                metrics::rows_skipped(&self.args.backend_id, 1);
             }
         }
         batch.events.retain(|e| e.pos > self.cursor);
@@ -228,6 +263,7 @@ impl ListenerState {
         let shared = &self.args.shared;
         shared.set_cursor(live.end);
         shared.events_read.fetch_add(live.events.len() as u64, Ordering::Relaxed);
+        metrics::events_read(&self.args.backend_id, live.events.len() as u64);
         for filter in shared.filters() {
             let _ = filter.cast(FilterMsg::Live(live.clone()));
         }

@@ -135,7 +135,11 @@ pub(crate) struct ListenerShared {
     pub events_read: AtomicU64,
     pub rows_skipped: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Restarts by the supervisor.
+    pub restarts: AtomicU64,
     pub live: std::sync::atomic::AtomicBool,
+    /// When the listener last lost its connection or died; cleared when it is live again.
+    pub down_since: Mutex<Option<std::time::Instant>>,
     pub last_error: Mutex<Option<String>>,
 }
 
@@ -152,6 +156,14 @@ impl ListenerShared {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = err;
     }
 
+    /// Records that the listener is down (kept from the first failure of an outage).
+    pub(crate) fn mark_down(&self) {
+        self.live.store(false, Ordering::Relaxed);
+        if let Ok(mut since) = self.down_since.lock() {
+            since.get_or_insert_with(std::time::Instant::now);
+        }
+    }
+
     pub(crate) fn filters(&self) -> Vec<ActorRef<filter::FilterMsg>> {
         self.filters.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
@@ -161,6 +173,10 @@ impl ListenerShared {
 #[derive(Debug)]
 pub(crate) struct SubscriberShared {
     delivered: Mutex<Position>,
+    /// The listener's `events_read` when this subscriber started (lag is counted from there).
+    pub baseline: u64,
+    /// Events processed (delivered or filtered out).
+    pub processed: AtomicU64,
     /// Drop events whose `lo` half is at or below this (resuming an `event_id`-only cursor).
     pub lo_floor: Option<u64>,
     mode: AtomicU8,
@@ -170,9 +186,11 @@ pub(crate) struct SubscriberShared {
 }
 
 impl SubscriberShared {
-    pub(crate) fn new(start: crate::backends::StartAt) -> Self {
+    pub(crate) fn new(start: crate::backends::StartAt, baseline: u64) -> Self {
         Self {
             delivered: Mutex::new(start.after),
+            baseline,
+            processed: AtomicU64::new(0),
             lo_floor: start.lo_floor,
             mode: AtomicU8::new(FilterMode::CatchingUp.to_u8()),
             delivered_count: AtomicU64::new(0),

@@ -43,7 +43,7 @@ pub struct RestartIntensity {
 }
 
 /// Configuration of a completion tree. Defaults: safety tick 1 s, held-back re-poll 20 ms,
-/// 512 rows per read, 1024 events of subscriber buffer, no escalation.
+/// 512 rows per read, 1024 events of subscriber buffer, no escalation, gauges every 5 s.
 #[derive(Clone, Debug)]
 pub struct SupervisorConfig {
     /// Backends to listen to, by name.
@@ -58,6 +58,8 @@ pub struct SupervisorConfig {
     pub subscriber_buffer: usize,
     /// When crash loops escalate; `None` never escalates.
     pub restart_intensity: Option<RestartIntensity>,
+    /// How often backend health gauges are recorded.
+    pub gauge_interval: Duration,
 }
 
 impl Default for SupervisorConfig {
@@ -69,6 +71,7 @@ impl Default for SupervisorConfig {
             batch_size: 512,
             subscriber_buffer: 1024,
             restart_intensity: None,
+            gauge_interval: Duration::from_secs(5),
         }
     }
 }
@@ -111,6 +114,13 @@ impl SupervisorConfig {
     #[must_use]
     pub fn with_batch_size(mut self, rows: usize) -> Self {
         self.batch_size = rows.max(1);
+        self
+    }
+
+    /// Sets how often backend health gauges are recorded.
+    #[must_use]
+    pub fn with_gauge_interval(mut self, every: Duration) -> Self {
+        self.gauge_interval = every.max(Duration::from_millis(10));
         self
     }
 
@@ -247,13 +257,12 @@ pub struct SupervisorStats {
 
 struct ListenerSlot {
     source: Arc<dyn CompletionSource>,
-    _trim_job: Option<AbortOnDrop>,
+    _jobs: [Option<AbortOnDrop>; 2],
     shared: Arc<ListenerShared>,
     backoff: Backoff,
     actor: Option<ActorRef<ListenerMsg>>,
     started_at: Instant,
     attempt: u32,
-    restarts: u64,
     crashes: VecDeque<Instant>,
 }
 
@@ -310,15 +319,15 @@ impl Actor for CompletionSupervisor {
             let shared = Arc::new(ListenerShared::default());
             shared.set_cursor(source.tail().await?);
             let trim_job = backend.retention.clone().map(|r| spawn_trim_job(id.clone(), source.clone(), r));
+            let gauge_job = spawn_gauge_job(id.clone(), source.clone(), config.gauge_interval);
             let slot = ListenerSlot {
                 source,
-                _trim_job: trim_job,
+                _jobs: [trim_job, Some(gauge_job)],
                 shared,
                 backoff: Backoff::from_retry(&backend.retry),
                 actor: None,
                 started_at: Instant::now(),
                 attempt: 0,
-                restarts: 0,
                 crashes: VecDeque::new(),
             };
             listeners.insert(id.clone(), slot);
@@ -404,6 +413,20 @@ fn spawn_trim_job(backend: BackendId, source: Arc<dyn CompletionSource>, retenti
     }))
 }
 
+/// Records a backend's health gauges every `every` until the supervisor goes away.
+fn spawn_gauge_job(backend: BackendId, source: Arc<dyn CompletionSource>, every: Duration) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        let mut interval = tokio::time::interval(every);
+        loop {
+            interval.tick().await;
+            match source.gauges().await {
+                Ok(gauges) => gauges.into_iter().for_each(|(name, v)| crate::metrics::backend_gauge(&backend, name, v)),
+                Err(err) => tracing::debug!(%backend, error = %err, "backend gauges unavailable"),
+            }
+        }
+    }))
+}
+
 impl SupervisorState {
     async fn start_listener(&mut self, myself: &ActorRef<SupervisorMsg>, id: &BackendId) {
         let Some(slot) = self.listeners.get_mut(id) else { return };
@@ -438,7 +461,8 @@ impl SupervisorState {
         }
         let delay = slot.backoff.delay(slot.attempt);
         slot.attempt = slot.attempt.saturating_add(1);
-        slot.restarts += 1;
+        slot.shared.restarts.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::listener_restarted(id);
         tracing::info!(backend = %id, attempt = slot.attempt, ?delay, "restarting listener");
         let id = id.clone();
         myself.send_after(delay, move || SupervisorMsg::RestartListener(id));
@@ -455,7 +479,7 @@ impl SupervisorState {
             Some(Child::Listener(id)) => {
                 if let Some(slot) = self.listeners.get_mut(&id) {
                     slot.actor = None;
-                    slot.shared.live.store(false, Ordering::Relaxed);
+                    slot.shared.mark_down();
                     if let Some(r) = &reason {
                         slot.shared.set_error(Some(r.clone()));
                     }
@@ -525,7 +549,7 @@ impl SupervisorState {
                 backend,
                 filter: request.filter,
                 sink,
-                shared: Arc::new(SubscriberShared::new(start)),
+                shared: Arc::new(SubscriberShared::new(start, slot.shared.events_read.load(Ordering::Relaxed))),
                 actor: None,
                 restarts: 0,
             },
@@ -546,6 +570,8 @@ impl SupervisorState {
             filter: sub.filter.clone(),
             sink: sub.sink.clone(),
             shared: sub.shared.clone(),
+            listener: listener.shared.clone(),
+            backend_id: sub.backend.clone(),
             batch_size: self.config.batch_size,
             retry: Default::default(),
         };
@@ -590,7 +616,7 @@ impl SupervisorState {
                     kind: slot.source.kind(),
                     state,
                     cursor: shared.cursor().map(|p| slot.source.cursor_of(p)),
-                    restarts: slot.restarts,
+                    restarts: shared.restarts.load(Ordering::Relaxed),
                     reconnects: shared.reconnects.load(Ordering::Relaxed),
                     events_read: shared.events_read.load(Ordering::Relaxed),
                     rows_skipped: shared.rows_skipped.load(Ordering::Relaxed),

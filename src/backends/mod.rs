@@ -105,6 +105,12 @@ pub(crate) trait CompletionSource: Send + Sync + 'static {
     /// Removes history as `retention` says, recording the boundary; returns events removed.
     async fn trim(&self, retention: &Retention) -> Result<u64, EngineError>;
 
+    /// Health numbers of the backend, recorded as `ff_completions_backend_gauge{name}`. Backends
+    /// without any report none.
+    async fn gauges(&self) -> Result<Vec<(&'static str, f64)>, EngineError> {
+        Ok(Vec::new())
+    }
+
     /// Opens the dedicated notification connection, registered before it returns, so a read
     /// made after this call misses nothing. `from` is where a reading waker starts.
     async fn open_waker(&self, from: Position) -> Result<Box<dyn Waker>, EngineError>;

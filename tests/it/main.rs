@@ -7,3 +7,6 @@ mod postgres;
 
 #[cfg(feature = "postgres")]
 mod tree;
+
+#[cfg(feature = "postgres")]
+mod metrics;

@@ -205,6 +205,17 @@ impl CompletionSource for PostgresSource {
         Ok(batch)
     }
 
+    async fn gauges(&self) -> Result<Vec<(&'static str, f64)>, EngineError> {
+        let (queue, held_back): (f64, i64) = sqlx::query_as(
+            "SELECT pg_notification_queue_usage(), \
+                    (SELECT count(*) FROM ff_completion_event WHERE txid >= pg_snapshot_xmin(pg_current_snapshot()))",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| EngineError::from_sqlx("postgres gauges", e))?;
+        Ok(vec![("notification_queue_usage", queue), ("held_back_rows", held_back as f64)])
+    }
+
     async fn trim(&self, retention: &Retention) -> Result<u64, EngineError> {
         let before_ms = retention.max_age.map(|age| TimestampMs::now().0 - age.as_millis() as i64);
         let keep = retention.max_events.map(|n| n.min(i64::MAX as u64) as i64);
