@@ -234,3 +234,38 @@ async fn the_seed_trait_works_through_the_handle_and_dropped_streams_unsubscribe
     tree.shutdown().await;
     assert!(tree.stats().await.is_err(), "a stopped tree answers no more");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_outage_keeps_the_tree_alive_with_capped_backoff_and_resumes_without_loss() {
+    init_tracing();
+    let pg = crate::support::postgres::PrivatePg::start().await;
+    let url = pg.url();
+    let engine = PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("engine");
+    let backend = BackendConfig::postgres(&url)
+        .with_retry(ff_completions::BackendRetry::new(2, 20, 4, 0))
+        .with_timeouts(ff_completions::BackendTimeouts::default().with_connect(Duration::from_millis(500)));
+    // Outages are not crash loops: even a strict intensity never escalates them.
+    let config = SupervisorConfig::new().with_backend(backend).with_restart_intensity(1, Duration::from_secs(60));
+    let (tree, _) = CompletionSupervisorHandle::spawn(config).await.expect("spawn");
+    let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let before = complete_n(&engine, 10).await;
+    assert_exactly_once(&take_events(&mut sub, 10, WAIT).await, &before, true);
+
+    pg.kill9().await;
+    wait_until(WAIT, "several restarts during the outage", || async {
+        tree.stats().await.map(|s| s.listeners[0].restarts >= 6).unwrap_or(false)
+    })
+    .await;
+    let stats = tree.stats().await.expect("the tree is alive during the outage");
+    assert!(stats.listeners[0].last_error.is_some(), "{:?}", stats.listeners[0]);
+    assert_eq!(tree.actor().get_status(), ractor::ActorStatus::Running);
+
+    pg.restart().await;
+    let after = complete_n(&engine, 10).await;
+    assert_exactly_once(&take_events(&mut sub, 10, WAIT).await, &after, true);
+    assert_no_more(&mut sub, Duration::from_millis(300)).await;
+    wait_until(WAIT, "the listener to be live again", || async {
+        tree.stats().await.map(|s| s.listeners[0].state == ff_completions::ListenerState::Live).unwrap_or(false)
+    })
+    .await;
+}

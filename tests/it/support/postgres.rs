@@ -61,8 +61,8 @@ fn as_server_user(program: &str) -> Command {
     }
 }
 
-fn start() -> PgServer {
-    let bin = bin_dir();
+/// Creates a data directory owned by the server user and runs `initdb` in it.
+fn init_data_dir(bin: &std::path::Path) -> PathBuf {
     let data_dir = std::env::temp_dir().join(format!("ff-completions-pg-{}-{}", std::process::id(), free_port()));
     std::fs::create_dir_all(&data_dir).expect("create data dir");
     if is_root() {
@@ -76,35 +76,115 @@ fn start() -> PgServer {
         .output()
         .expect("run initdb");
     assert!(initdb.status.success(), "initdb failed: {}", String::from_utf8_lossy(&initdb.stderr));
-    let port = free_port();
-    // The watchdog stops the server and removes its data when this test process exits.
+    data_dir
+}
+
+/// Starts `postgres` on `data_dir` and `port` under a watchdog that stops it when this test
+/// process exits (and then removes the data), and waits until it accepts connections.
+/// `durable_commits` keeps synchronous_commit on, so a SIGKILLed server loses no commit.
+fn launch(bin: &std::path::Path, data_dir: &std::path::Path, port: u16, durable_commits: bool) {
     let script = format!(
         "{postgres} -D {dir} -p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={dir} \
-         -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400 \
-         -c shared_buffers=64MB > {dir}/server.log 2>&1 &
+         -c fsync=off -c synchronous_commit={sync} -c full_page_writes=off -c max_connections=400 \
+         -c shared_buffers=64MB >> {dir}/server.log 2>&1 &
          pg=$!
-         while [ -d /proc/{parent} ] && kill -0 $pg 2>/dev/null; do sleep 0.5; done
-         kill -INT $pg 2>/dev/null; wait $pg; rm -rf {dir}",
+         while [ -d /proc/{parent} ] && kill -0 $pg 2>/dev/null; do sleep 0.2; done
+         kill -INT $pg 2>/dev/null; wait $pg
+         [ -d /proc/{parent} ] || rm -rf {dir}",
         postgres = bin.join("postgres").display(),
         dir = data_dir.display(),
+        sync = if durable_commits { "on" } else { "off" },
         parent = std::process::id(),
     );
-    let mut cmd = if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--", "sh", "-c", &script]);
-        c
-    } else {
-        let mut c = Command::new("sh");
-        c.args(["-c", &script]);
-        c
-    };
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn postgres");
-    let deadline = Instant::now() + Duration::from_secs(30);
+    as_server_user("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn postgres");
+    let deadline = Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "postgres did not start; see {}/server.log", data_dir.display());
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn start() -> PgServer {
+    let bin = bin_dir();
+    let data_dir = init_data_dir(&bin);
+    let port = free_port();
+    launch(&bin, &data_dir, port, false);
     PgServer { port, data_dir }
+}
+
+/// A server of one test's own, which it may SIGKILL and start again on the same data and port.
+pub struct PrivatePg {
+    /// Loopback port it listens on.
+    pub port: u16,
+    bin: PathBuf,
+    data_dir: PathBuf,
+}
+
+impl PrivatePg {
+    /// Initialises and starts a new server.
+    pub async fn start() -> Self {
+        tokio::task::spawn_blocking(|| {
+            let bin = bin_dir();
+            let data_dir = init_data_dir(&bin);
+            let port = free_port();
+            launch(&bin, &data_dir, port, true);
+            Self { port, bin, data_dir }
+        })
+        .await
+        .expect("start private postgres")
+    }
+
+    /// URL of its `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn postmaster_pid(&self) -> Option<String> {
+        let pid_file = self.data_dir.join("postmaster.pid");
+        let text = as_server_user("cat").arg(&pid_file).output().ok()?;
+        String::from_utf8(text.stdout).ok()?.lines().next().map(str::to_owned)
+    }
+
+    /// SIGKILLs the postmaster and waits until nothing of it is left.
+    pub async fn kill9(&self) {
+        let pid = self.postmaster_pid().expect("postmaster.pid");
+        let killed = Command::new("kill").args(["-9", &pid]).status().map(|s| s.success());
+        assert_eq!(killed.ok(), Some(true), "kill -9 {pid}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            || Command::new("pgrep")
+                .args(["-f", &format!("{}", self.data_dir.display())])
+                .output()
+                .map(|o| o.stdout.len() > 0)
+                .unwrap_or(false)
+        {
+            assert!(Instant::now() < deadline, "postgres did not die");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts the server again on the same data directory and port.
+    pub async fn restart(&self) {
+        let (bin, dir, port) = (self.bin.clone(), self.data_dir.clone(), self.port);
+        tokio::task::spawn_blocking(move || launch(&bin, &dir, port, true)).await.expect("restart postgres");
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        if let Some(pid) = self.postmaster_pid() {
+            let _ = Command::new("kill").args(["-INT", &pid]).status();
+            let cleanup =
+                format!("while kill -0 {pid} 2>/dev/null; do sleep 0.1; done; rm -rf {}", self.data_dir.display());
+            let _ = as_server_user("sh").args(["-c", &cleanup]).stdout(Stdio::null()).stderr(Stdio::null()).spawn();
+        }
+    }
 }
 
 impl PgServer {
