@@ -57,7 +57,7 @@ impl StreamCursor {
     /// [`EngineError::Validation`] for odd lengths or non-hex characters.
     pub fn from_hex(text: &str) -> Result<Self, EngineError> {
         let text = text.trim();
-        if text.len() % 2 != 0 || !text.is_ascii() {
+        if !text.len().is_multiple_of(2) || !text.is_ascii() {
             return Err(EngineError::validation("cursor hex must have an even number of ASCII digits"));
         }
         (0..text.len())

@@ -1,5 +1,5 @@
 //! The actor tree: one [`supervisor::CompletionSupervisor`], one
-//! [`listener::Listener`] per backend, one [`filter::Filter`] per subscriber.
+//! `Listener` per backend, one `Filter` per subscriber.
 //!
 //! ```text
 //! engine actor (optional parent: spawn_linked)

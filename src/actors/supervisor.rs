@@ -7,7 +7,7 @@
 //!
 //! It overrides `handle_supervisor_evt` (ractor's default stops the parent when a child
 //! exits): a listener that dies is restarted with backoff and resumes from the cursor kept
-//! in its [`ListenerShared`]; a filter that dies is restarted from its subscriber's delivered
+//! in its `ListenerShared`; a filter that dies is restarted from its subscriber's delivered
 //! cursor. Only crashes that are not connection trouble count towards the restart
 //! intensity; beyond it the supervisor fails, which escalates to its parent.
 

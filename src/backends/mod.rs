@@ -1,7 +1,7 @@
 //! The seam between the actor tree and the backends. A listener or filter only knows
-//! [`CompletionSource`] (read a batch after a position, find the tail, open a waker) and
-//! [`Waker`] (wait for the next reason to read); it never names a database. Only
-//! [`open_source`] matches on the backend kind.
+//! `CompletionSource` (read a batch after a position, find the tail, open a waker) and
+//! `Waker` (wait for the next reason to read); it never names a database. Only
+//! `open_source` matches on the backend kind.
 
 use std::sync::Arc;
 

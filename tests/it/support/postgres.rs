@@ -61,6 +61,13 @@ fn as_server_user(program: &str) -> Command {
     }
 }
 
+/// Waits for a background process on a thread of its own, so it never lingers as a zombie.
+fn reap(mut child: std::process::Child) {
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+}
+
 /// Creates a data directory owned by the server user and runs `initdb` in it.
 fn init_data_dir(bin: &std::path::Path) -> PathBuf {
     let data_dir = std::env::temp_dir().join(format!("ff-completions-pg-{}-{}", std::process::id(), free_port()));
@@ -96,13 +103,14 @@ fn launch(bin: &std::path::Path, data_dir: &std::path::Path, port: u16, durable_
         sync = if durable_commits { "on" } else { "off" },
         parent = std::process::id(),
     );
-    as_server_user("sh")
+    let watchdog = as_server_user("sh")
         .args(["-c", &script])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn postgres");
+    reap(watchdog);
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "postgres did not start; see {}/server.log", data_dir.display());
@@ -161,7 +169,7 @@ impl PrivatePg {
             || Command::new("pgrep")
                 .args(["-f", &format!("{}", self.data_dir.display())])
                 .output()
-                .map(|o| o.stdout.len() > 0)
+                .map(|o| !o.stdout.is_empty())
                 .unwrap_or(false)
         {
             assert!(Instant::now() < deadline, "postgres did not die");
@@ -182,7 +190,11 @@ impl Drop for PrivatePg {
             let _ = Command::new("kill").args(["-INT", &pid]).status();
             let cleanup =
                 format!("while kill -0 {pid} 2>/dev/null; do sleep 0.1; done; rm -rf {}", self.data_dir.display());
-            let _ = as_server_user("sh").args(["-c", &cleanup]).stdout(Stdio::null()).stderr(Stdio::null()).spawn();
+            if let Ok(child) =
+                as_server_user("sh").args(["-c", &cleanup]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()
+            {
+                reap(child);
+            }
         }
     }
 }
