@@ -234,6 +234,30 @@ mod tests {
         assert!(decode_postgres_cursor(&StreamCursor::new(vec![0x02, 0xff, 0, 0, 0, 0, 0, 0, 0])).is_err());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_position_round_trips(hi in 0u64.., lo in 0i64..) {
+            proptest::prop_assert_eq!(decode_valkey_cursor(&encode_valkey_cursor(hi, lo as u64)).ok(), Some(Some((hi, lo as u64))));
+            proptest::prop_assert_eq!(decode_sqlite_cursor(&encode_sqlite_cursor(lo)).ok(), Some(Some(lo)));
+            let txid = hi >> 1;
+            proptest::prop_assert_eq!(
+                decode_postgres_cursor(&encode_postgres_cursor(txid, lo)).ok(),
+                Some(Some(PostgresCursor { txid: Some(txid), event_id: lo }))
+            );
+        }
+
+        #[test]
+        fn arbitrary_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..40)) {
+            let cursor = StreamCursor::new(bytes.clone());
+            for ok in [decode_valkey_cursor(&cursor).is_ok(), decode_postgres_cursor(&cursor).is_ok(), decode_sqlite_cursor(&cursor).is_ok()] {
+                // Only the empty cursor or a well-formed one of its family decodes.
+                proptest::prop_assert!(!ok || bytes.is_empty() || bytes.len() == 9 || bytes.len() == 17);
+            }
+            let hex = cursor.to_hex();
+            proptest::prop_assert_eq!(StreamCursor::from_hex(&hex).ok(), Some(cursor));
+        }
+    }
+
     #[test]
     fn fuzzed_bytes_never_panic() {
         let mut seed = 0x2545_f491_4f6c_dd1du64;

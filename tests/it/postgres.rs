@@ -502,3 +502,73 @@ async fn poll_only_mode_delivers_without_any_listen_connection() {
     .expect("pg_stat_activity");
     assert_eq!(listening, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_of_the_original_shape_is_adopted_and_its_rows_delivered() {
+    init_tracing();
+    let url = fresh_database().await;
+    let mut conn = PgConnection::connect(&url).await.expect("connect");
+    sqlx::query(
+        "CREATE TABLE ff_completion_event (event_id bigserial PRIMARY KEY, execution_id uuid NOT NULL, flow_id uuid, \
+         outcome text NOT NULL, namespace text, instance_tag text, occurred_at_ms bigint NOT NULL, \
+         partition_key smallint NOT NULL)",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("seed-shaped table");
+    let old: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::new_v4()).collect();
+    for id in &old {
+        sqlx::query(
+            "INSERT INTO ff_completion_event (execution_id, outcome, namespace, instance_tag, occurred_at_ms, partition_key) \
+             VALUES ($1, 'failure', 'legacy', 'inst=9', 1, 3)",
+        )
+        .bind(id)
+        .execute(&mut conn)
+        .await
+        .expect("seed row");
+    }
+    // A subscriber of the original design had seen the first row: it resumes from its 9-byte cursor.
+    let first_id: i64 =
+        sqlx::query_scalar("SELECT min(event_id) FROM ff_completion_event").fetch_one(&mut conn).await.expect("id");
+    let f = {
+        let engine =
+            Arc::new(PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("migrates the old table"));
+        let (tree, _) =
+            CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(BackendConfig::postgres(&url)))
+                .await
+                .expect("spawn");
+        Fixture { url: url.clone(), tree, engine }
+    };
+    let mut sub =
+        f.tree.subscribe(SubscribeRequest::from_cursor(encode_postgres_event_cursor(first_id))).await.expect("sub");
+    let events = take_events(&mut sub, 2, WAIT).await;
+    let got: Vec<_> = events.iter().map(|e| e.execution_id.uuid()).collect();
+    assert_eq!(got, old[1..].to_vec());
+    assert!(
+        events
+            .iter()
+            .all(|e| e.outcome == CompletionOutcome::Failed && e.tags.get("inst").map(String::as_str) == Some("9"))
+    );
+    let fresh = complete_n(&f.engine, 2).await;
+    assert_exactly_once(&take_events(&mut sub, 2, WAIT).await, &fresh, true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_refuses_the_connection_is_a_prompt_typed_error() {
+    init_tracing();
+    let port = crate::support::free_port();
+    let backend = BackendConfig::postgres(format!("postgres://app:secret-pw@127.0.0.1:{port}/db"))
+        .with_timeouts(ff_completions::BackendTimeouts::default().with_connect(Duration::from_secs(2)));
+    let started = std::time::Instant::now();
+    let err = CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(backend.clone()))
+        .await
+        .expect_err("refused");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(!err.to_string().contains("secret-pw"), "{err}");
+    match ff_completions::connect_engine(&backend).await {
+        Err(e @ (EngineError::Transport { .. } | EngineError::Unavailable { .. })) => {
+            assert!(!e.to_string().contains("secret-pw"))
+        }
+        other => panic!("expected a transport error, got {:?}", other.err()),
+    }
+}

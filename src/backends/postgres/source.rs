@@ -285,3 +285,79 @@ impl Waker for PollWaker {
         Ok(Wake::Notified)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn good_row() -> Row {
+        (
+            0,
+            900,
+            7,
+            Some("6f1f4a52-9d8e-4c3f-a1b2-3c4d5e6f7a8b".into()),
+            None,
+            Some("success".into()),
+            Some("ns".into()),
+            Some("inst=1".into()),
+            Some(r#"{"k":"v","n":3}"#.into()),
+            Some(1),
+            Some(5),
+            true,
+        )
+    }
+
+    #[test]
+    fn a_good_row_decodes_with_tags_from_both_columns() {
+        let event = decode_row(&good_row()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(event.execution_id.partition(), 5);
+        assert_eq!(event.tags.get("inst").map(String::as_str), Some("1"));
+        assert_eq!(event.tags.get("n").map(String::as_str), Some("3"));
+        assert_eq!(
+            decode_postgres_cursor(&event.cursor).ok().flatten().map(|c| (c.txid, c.event_id)),
+            Some((Some(900), 7))
+        );
+    }
+
+    #[test]
+    fn each_kind_of_bad_row_names_what_is_wrong() {
+        let cases: Vec<(Box<dyn Fn(&mut Row)>, &str)> = vec![
+            (Box::new(|r| r.3 = None), "execution_id is NULL"),
+            (Box::new(|r| r.3 = Some("nope".into())), "execution_id"),
+            (Box::new(|r| r.10 = Some(256)), "out of range"),
+            (Box::new(|r| r.10 = Some(-1)), "out of range"),
+            (Box::new(|r| r.5 = Some(String::new())), "outcome"),
+            (Box::new(|r| r.9 = None), "occurred_at_ms"),
+            (Box::new(|r| r.8 = Some("[1]".into())), "not a JSON object"),
+            (Box::new(|r| r.8 = Some("{".into())), "tags"),
+            (Box::new(|r| r.4 = Some("x".into())), "flow_id"),
+        ];
+        for (spoil, says) in cases {
+            let mut row = good_row();
+            spoil(&mut row);
+            match decode_row(&row) {
+                Err(reason) => assert!(reason.contains(says), "{reason} should mention {says}"),
+                Ok(_) => panic!("a row that should mention {says} decoded"),
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_rows_decode_or_fail_cleanly(
+            id in proptest::option::of(".{0,40}"),
+            flow in proptest::option::of(".{0,40}"),
+            outcome in proptest::option::of(".{0,20}"),
+            ns in proptest::option::of(".{0,20}"),
+            tag in proptest::option::of(".{0,20}"),
+            tags in proptest::option::of(".{0,40}"),
+            at in proptest::option::of(proptest::num::i64::ANY),
+            partition in proptest::option::of(proptest::num::i32::ANY),
+        ) {
+            let row: Row = (0, 1, 1, id, flow, outcome, ns, tag, tags, at, partition, true);
+            let _ = decode_row(&row);
+        }
+    }
+}
