@@ -12,6 +12,8 @@ use crate::cursor::{Position, StreamCursor};
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
 
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod outbox;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "sqlite")]

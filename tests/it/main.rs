@@ -2,6 +2,9 @@
 
 mod support;
 
+#[allow(dead_code)]
+mod contract;
+
 #[cfg(feature = "postgres")]
 mod postgres;
 
@@ -10,3 +13,6 @@ mod tree;
 
 #[cfg(feature = "postgres")]
 mod metrics;
+
+#[cfg(feature = "sqlite")]
+mod sqlite;

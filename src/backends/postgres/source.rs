@@ -1,17 +1,16 @@
 //! The Postgres [`CompletionSource`]: gap-safe batched reads of the outbox and a LISTEN waker.
 
-use std::collections::BTreeMap;
-
 use async_trait::async_trait;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 
 use super::{COMPLETION_CHANNEL, LISTENER_APPLICATION_NAME, connect_options, connect_pool};
+use crate::backends::outbox::OutboxRow;
 use crate::backends::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, BackendConnection, PostgresConnection, Retention};
 use crate::cursor::{Position, StreamCursor, decode_postgres_cursor, encode_postgres_cursor};
 use crate::error::EngineError;
-use crate::event::{CompletionEvent, CompletionOutcome};
-use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
+use crate::event::CompletionEvent;
+use crate::types::TimestampMs;
 
 /// Rows after `($1, $2)` in `(txid, event_id)` order, each flagged with whether it is below the
 /// horizon (readable now) or held back by a transaction still in progress; plus, when history
@@ -84,48 +83,17 @@ fn pos(txid: i64, event_id: i64) -> Position {
 /// Decodes one outbox row; the error names what is wrong with it.
 fn decode_row(row: &Row) -> Result<CompletionEvent, String> {
     let (_, txid, event_id, execution_id, flow_id, outcome, namespace, instance_tag, tags, at, partition, _) = row;
-    let uuid = execution_id.as_deref().ok_or("execution_id is NULL")?;
-    let uuid = uuid::Uuid::parse_str(uuid).map_err(|e| format!("execution_id {uuid:?}: {e}"))?;
-    let partition = partition.ok_or("partition_key is NULL")?;
-    let partition = u16::try_from(partition)
-        .ok()
-        .filter(|p| *p < crate::types::PARTITION_COUNT)
-        .ok_or_else(|| format!("partition_key {partition} out of range"))?;
-    let outcome = outcome.as_deref().filter(|o| !o.is_empty()).ok_or("outcome is NULL or empty")?;
-    let at = at.ok_or("occurred_at_ms is NULL")?;
-    let flow_id = match flow_id {
-        Some(f) => Some(FlowId::from_uuid(uuid::Uuid::parse_str(f).map_err(|e| format!("flow_id {f:?}: {e}"))?)),
-        None => None,
-    };
-    let mut tag_map: BTreeMap<String, String> = match tags {
-        Some(t) => {
-            let value: serde_json::Value = serde_json::from_str(t).map_err(|e| format!("tags: {e}"))?;
-            match value {
-                serde_json::Value::Object(map) => map
-                    .into_iter()
-                    .map(|(k, v)| match v {
-                        serde_json::Value::String(s) => (k, s),
-                        other => (k, other.to_string()),
-                    })
-                    .collect(),
-                serde_json::Value::Null => BTreeMap::new(),
-                _ => return Err("tags is not a JSON object".into()),
-            }
-        }
-        None => BTreeMap::new(),
-    };
-    if let Some((k, v)) = instance_tag.as_deref().and_then(|t| t.split_once('=')) {
-        tag_map.entry(k.to_owned()).or_insert_with(|| v.to_owned());
+    OutboxRow {
+        execution_id: execution_id.clone(),
+        flow_id: flow_id.clone(),
+        outcome: outcome.clone(),
+        namespace: namespace.clone(),
+        instance_tag: instance_tag.clone(),
+        tags: tags.clone(),
+        occurred_at_ms: *at,
+        partition_key: partition.map(i64::from),
     }
-    Ok(CompletionEvent::new(
-        encode_postgres_cursor(*txid as u64, *event_id),
-        ExecutionId::from_parts(partition, uuid),
-        CompletionOutcome::from_wire(outcome),
-        TimestampMs(at),
-    )
-    .with_flow_id(flow_id)
-    .with_namespace(namespace.as_deref().map(Namespace::from))
-    .with_tags(tag_map))
+    .decode(encode_postgres_cursor(*txid as u64, *event_id))
 }
 
 #[async_trait]

@@ -1,0 +1,322 @@
+//! The SQLite engine surface: each operation is one write transaction (`BEGIN IMMEDIATE`) that
+//! changes state; the trigger in `migrations/sqlite/` writes the completion in that same
+//! transaction. After each commit the in-process signal wakes this process's listeners.
+
+use async_trait::async_trait;
+use sqlx::sqlite::SqlitePool;
+use sqlx::{Sqlite, Transaction};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::{commit_signal, connect_pool, database_key};
+use crate::config::BackendConfig;
+use crate::engine::{CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome};
+use crate::error::EngineError;
+use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
+
+const TERMINAL: &str = "('success', 'failed', 'cancelled', 'expired', 'skipped')";
+
+/// Drives executions in an SQLite database.
+#[derive(Clone, Debug)]
+pub struct SqliteEngine {
+    pool: SqlitePool,
+    signal: watch::Sender<u64>,
+}
+
+fn sql_err(op: &'static str) -> impl FnOnce(sqlx::Error) -> EngineError {
+    move |e| EngineError::from_sqlx(op, e)
+}
+
+fn exec_id(text: &str, partition: i64) -> Result<ExecutionId, EngineError> {
+    let uuid =
+        Uuid::parse_str(text).map_err(|e| EngineError::validation(format!("stored execution id {text:?}: {e}")))?;
+    let p =
+        u16::try_from(partition).map_err(|_| EngineError::validation(format!("partition {partition} out of range")))?;
+    Ok(ExecutionId::from_parts(p, uuid))
+}
+
+impl SqliteEngine {
+    /// Opens (creating when missing) the database and applies the migrations.
+    ///
+    /// # Errors
+    /// Open or migration failures.
+    pub async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
+        let key = database_key(config)?;
+        Ok(Self { pool: connect_pool(config, 4).await?, signal: commit_signal(&key) })
+    }
+
+    /// The underlying pool.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn write(&self, op: &'static str) -> Result<Transaction<'static, Sqlite>, EngineError> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(sql_err(op))
+    }
+
+    async fn commit(&self, tx: Transaction<'static, Sqlite>, op: &'static str) -> Result<(), EngineError> {
+        tx.commit().await.map_err(sql_err(op))?;
+        self.signal.send_modify(|v| *v = v.wrapping_add(1));
+        Ok(())
+    }
+
+    /// Moves one execution from one of `from` to `to`; the trigger writes the completion.
+    async fn transition(
+        &self,
+        id: &ExecutionId,
+        to: &str,
+        from: &'static str,
+        op: &'static str,
+    ) -> Result<bool, EngineError> {
+        let mut tx = self.write(op).await?;
+        let changed = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE ff_execution SET state = ?, worker = NULL, updated_at_ms = ? WHERE execution_id = ? AND state IN {from}"
+        )))
+        .bind(to)
+        .bind(TimestampMs::now().0)
+        .bind(id.uuid().to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(sql_err(op))?
+        .rows_affected();
+        self.commit(tx, op).await?;
+        Ok(changed == 1)
+    }
+}
+
+#[async_trait]
+impl Engine for SqliteEngine {
+    async fn create_flow(&self, flow: &FlowId, namespace: Option<&Namespace>) -> Result<(), EngineError> {
+        let mut tx = self.write("create flow").await?;
+        sqlx::query("INSERT OR IGNORE INTO ff_flow (flow_id, namespace, created_at_ms) VALUES (?, ?, ?)")
+            .bind(flow.uuid().to_string())
+            .bind(namespace.map(Namespace::as_str))
+            .bind(TimestampMs::now().0)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_err("create flow"))?;
+        self.commit(tx, "create flow").await
+    }
+
+    async fn create_execution(&self, spec: &ExecutionSpec) -> Result<(), EngineError> {
+        let tags = serde_json::to_string(&spec.tags).map_err(|e| EngineError::validation(e.to_string()))?;
+        let parents: std::collections::BTreeSet<Uuid> = spec.parents.iter().map(|p| p.uuid()).collect();
+        let state = if parents.is_empty() { "eligible" } else { "blocked" };
+        let now = TimestampMs::now().0;
+        let mut tx = self.write("create execution").await?;
+        sqlx::query(
+            "INSERT INTO ff_execution (execution_id, partition_key, flow_id, namespace, tags, state, max_attempts, \
+             pending_parents, created_at_ms, updated_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(spec.id.uuid().to_string())
+        .bind(spec.id.partition() as i64)
+        .bind(spec.flow_id.map(|f| f.uuid().to_string()))
+        .bind(spec.namespace.as_ref().map(Namespace::as_str))
+        .bind(tags)
+        .bind(state)
+        .bind(spec.max_attempts.max(1) as i64)
+        .bind(parents.len() as i64)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(sql_err("create execution"))?;
+        for parent in parents {
+            sqlx::query("INSERT INTO ff_dependency (parent_id, child_id) VALUES (?, ?)")
+                .bind(parent.to_string())
+                .bind(spec.id.uuid().to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(sql_err("create execution"))?;
+        }
+        self.commit(tx, "create execution").await
+    }
+
+    async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, EngineError> {
+        let mut tx = self.write("claim").await?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "UPDATE ff_execution SET state = 'running', worker = ?, attempt = attempt + 1, updated_at_ms = ? \
+             WHERE execution_id IN (SELECT execution_id FROM ff_execution WHERE state = 'eligible' \
+                                    ORDER BY created_at_ms LIMIT ?) \
+             RETURNING execution_id, partition_key",
+        )
+        .bind(worker)
+        .bind(TimestampMs::now().0)
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(sql_err("claim"))?;
+        self.commit(tx, "claim").await?;
+        rows.iter().map(|(id, p)| exec_id(id, *p)).collect()
+    }
+
+    async fn complete(&self, id: &ExecutionId) -> Result<bool, EngineError> {
+        self.transition(id, "success", "('running')", "complete").await
+    }
+
+    async fn fail(&self, id: &ExecutionId, retryable: bool) -> Result<FailOutcome, EngineError> {
+        let mut tx = self.write("fail").await?;
+        let row: Option<(String, i64, i64)> =
+            sqlx::query_as("SELECT state, attempt, max_attempts FROM ff_execution WHERE execution_id = ?")
+                .bind(id.uuid().to_string())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(sql_err("fail"))?;
+        let Some((state, attempt, max_attempts)) = row.filter(|(s, _, _)| s == "running") else {
+            return Err(EngineError::State { detail: format!("fail {id}: not_running") });
+        };
+        let retry = retryable && attempt < max_attempts;
+        let to = if retry { "eligible" } else { "failed" };
+        sqlx::query(
+            "UPDATE ff_execution SET state = ?, worker = NULL, updated_at_ms = ? WHERE execution_id = ? AND state = ?",
+        )
+        .bind(to)
+        .bind(TimestampMs::now().0)
+        .bind(id.uuid().to_string())
+        .bind(state)
+        .execute(&mut *tx)
+        .await
+        .map_err(sql_err("fail"))?;
+        self.commit(tx, "fail").await?;
+        Ok(if retry {
+            FailOutcome::RetryScheduled { delay_until: TimestampMs::now() }
+        } else {
+            FailOutcome::TerminalFailed
+        })
+    }
+
+    async fn cancel(&self, id: &ExecutionId) -> Result<bool, EngineError> {
+        self.transition(id, "cancelled", "('blocked', 'eligible', 'running')", "cancel").await
+    }
+
+    async fn expire(&self, id: &ExecutionId) -> Result<bool, EngineError> {
+        self.transition(id, "expired", "('blocked', 'eligible', 'running')", "expire").await
+    }
+
+    async fn cancel_flow(&self, flow: &FlowId, policy: CancelFlowPolicy) -> Result<u64, EngineError> {
+        let states = match policy {
+            CancelFlowPolicy::FlowOnly => "()",
+            CancelFlowPolicy::CancelAll => "('blocked', 'eligible', 'running')",
+            CancelFlowPolicy::CancelPending => "('blocked', 'eligible')",
+        };
+        let mut tx = self.write("cancel flow").await?;
+        sqlx::query("UPDATE ff_flow SET state = 'cancelled' WHERE flow_id = ?")
+            .bind(flow.uuid().to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_err("cancel flow"))?;
+        let n = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE ff_execution SET state = 'cancelled', worker = NULL, updated_at_ms = ? WHERE flow_id = ? AND state IN {states}"
+        )))
+        .bind(TimestampMs::now().0)
+        .bind(flow.uuid().to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(sql_err("cancel flow"))?
+        .rows_affected();
+        self.commit(tx, "cancel flow").await?;
+        Ok(n)
+    }
+
+    async fn resolve_dependency(
+        &self,
+        parent: &ExecutionId,
+        child: &ExecutionId,
+    ) -> Result<DependencyResolution, EngineError> {
+        let op = "resolve dependency";
+        let (parent_id, child_id) = (parent.uuid().to_string(), child.uuid().to_string());
+        let mut tx = self.write(op).await?;
+        let parent_state: Option<String> = sqlx::query_scalar("SELECT state FROM ff_execution WHERE execution_id = ?")
+            .bind(&parent_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(sql_err(op))?;
+        let Some(parent_state) = parent_state.filter(|s| TERMINAL.contains(&format!("'{s}'"))) else {
+            return Ok(DependencyResolution::ParentNotTerminal);
+        };
+        let succeeded = parent_state == "success";
+        let edge = sqlx::query(
+            "UPDATE ff_dependency SET state = ? WHERE parent_id = ? AND child_id = ? AND state = 'pending'",
+        )
+        .bind(if succeeded { "satisfied" } else { "failed" })
+        .bind(&parent_id)
+        .bind(&child_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(sql_err(op))?
+        .rows_affected();
+        let resolution = if edge == 0 {
+            DependencyResolution::AlreadyResolved
+        } else if !succeeded {
+            let skipped = sqlx::query(
+                "UPDATE ff_execution SET state = 'skipped', updated_at_ms = ? \
+                 WHERE execution_id = ? AND state IN ('blocked', 'eligible')",
+            )
+            .bind(TimestampMs::now().0)
+            .bind(&child_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_err(op))?
+            .rows_affected();
+            if skipped == 1 { DependencyResolution::Skipped } else { DependencyResolution::AlreadyResolved }
+        } else {
+            let row: Option<(i64, String)> = sqlx::query_as(
+                "UPDATE ff_execution SET pending_parents = pending_parents - 1, updated_at_ms = ? \
+                 WHERE execution_id = ? RETURNING pending_parents, state",
+            )
+            .bind(TimestampMs::now().0)
+            .bind(&child_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(sql_err(op))?;
+            match row {
+                Some((0, state)) if state == "blocked" => {
+                    sqlx::query("UPDATE ff_execution SET state = 'eligible' WHERE execution_id = ?")
+                        .bind(&child_id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(sql_err(op))?;
+                    DependencyResolution::Promoted
+                }
+                _ => DependencyResolution::Waiting,
+            }
+        };
+        self.commit(tx, op).await?;
+        Ok(resolution)
+    }
+
+    async fn children(&self, parent: &ExecutionId) -> Result<Vec<ExecutionId>, EngineError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT d.child_id, e.partition_key FROM ff_dependency d JOIN ff_execution e ON e.execution_id = d.child_id \
+             WHERE d.parent_id = ?",
+        )
+        .bind(parent.uuid().to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(sql_err("children"))?;
+        rows.iter().map(|(id, p)| exec_id(id, *p)).collect()
+    }
+
+    async fn unresolved_dependencies(&self, limit: usize) -> Result<Vec<(ExecutionId, ExecutionId)>, EngineError> {
+        let rows: Vec<(String, i64, String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT d.parent_id, p.partition_key, d.child_id, c.partition_key FROM ff_dependency d \
+             JOIN ff_execution p ON p.execution_id = d.parent_id JOIN ff_execution c ON c.execution_id = d.child_id \
+             WHERE d.state = 'pending' AND p.state IN {TERMINAL} LIMIT ?"
+        )))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(sql_err("unresolved dependencies"))?;
+        rows.iter().map(|(p, pp, c, cp)| Ok((exec_id(p, *pp)?, exec_id(c, *cp)?))).collect()
+    }
+
+    async fn execution(&self, id: &ExecutionId) -> Result<Option<ExecutionInfo>, EngineError> {
+        let row: Option<(String, i64)> =
+            sqlx::query_as("SELECT state, attempt FROM ff_execution WHERE execution_id = ?")
+                .bind(id.uuid().to_string())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(sql_err("execution"))?;
+        Ok(row.map(|(state, attempt)| ExecutionInfo { state, attempt: attempt.max(0) as u32 }))
+    }
+}

@@ -1,0 +1,233 @@
+//! The SQLite [`CompletionSource`]: batched reads of the outbox in `event_id` order, and a waker
+//! on the in-process commit signal plus `PRAGMA data_version` for other processes.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::SqlitePool;
+use sqlx::{Connection, SqliteConnection};
+use tokio::sync::watch;
+
+use super::{commit_signal, connect_pool, database_key, options};
+use crate::backends::outbox::OutboxRow;
+use crate::backends::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
+use crate::config::{BackendConfig, Retention};
+use crate::cursor::{Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
+use crate::error::EngineError;
+use crate::event::CompletionEvent;
+use crate::types::TimestampMs;
+
+/// How often the waker looks at `PRAGMA data_version` for commits from other processes.
+const DATA_VERSION_POLL: Duration = Duration::from_millis(50);
+
+/// Columns are read as loosely as SQLite stores them (any value in any column), so one row of
+/// the wrong type is skipped alone instead of failing the whole read.
+const READ_AFTER: &str = "\
+SELECT event_id, CAST(execution_id AS TEXT), CAST(flow_id AS TEXT), CAST(outcome AS TEXT), CAST(namespace AS TEXT), \
+       CAST(instance_tag AS TEXT), CAST(tags AS TEXT), \
+       CASE WHEN typeof(occurred_at_ms) = 'integer' THEN occurred_at_ms END, \
+       CASE WHEN typeof(partition_key) = 'integer' THEN partition_key END \
+  FROM ff_completion_event WHERE event_id > ? ORDER BY event_id LIMIT ?";
+
+type Row = (
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+);
+
+/// Reads the outbox of one SQLite database.
+pub(crate) struct SqliteSource {
+    pool: SqlitePool,
+    config: BackendConfig,
+    key: String,
+}
+
+impl SqliteSource {
+    pub(crate) async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
+        Ok(Self { pool: connect_pool(config, 2).await?, config: config.clone(), key: database_key(config)? })
+    }
+
+    async fn trimmed(&self) -> Result<Option<i64>, EngineError> {
+        sqlx::query_scalar("SELECT trimmed_event_id FROM ff_completion_retention WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("sqlite retention", e))
+    }
+}
+
+fn pos(event_id: i64) -> Position {
+    Position::new(0, event_id.max(0) as u64)
+}
+
+/// Decodes one outbox row; the error names what is wrong with it.
+fn decode_row(row: &Row) -> Result<CompletionEvent, String> {
+    let (event_id, execution_id, flow_id, outcome, namespace, instance_tag, tags, at, partition) = row;
+    OutboxRow {
+        execution_id: execution_id.clone(),
+        flow_id: flow_id.clone(),
+        outcome: outcome.clone(),
+        namespace: namespace.clone(),
+        instance_tag: instance_tag.clone(),
+        tags: tags.clone(),
+        occurred_at_ms: *at,
+        partition_key: *partition,
+    }
+    .decode(encode_sqlite_cursor(*event_id))
+}
+
+#[async_trait]
+impl CompletionSource for SqliteSource {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn cursor_of(&self, pos: Position) -> StreamCursor {
+        encode_sqlite_cursor(pos.lo as i64)
+    }
+
+    async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError> {
+        match decode_sqlite_cursor(cursor)? {
+            None => Ok(StartAt::after(self.tail().await?)),
+            Some(event_id) => match self.trimmed().await? {
+                Some(trimmed) if event_id < trimmed => {
+                    Err(EngineError::CursorExpired { oldest: Some(encode_sqlite_cursor(trimmed)) })
+                }
+                _ => Ok(StartAt::after(pos(event_id))),
+            },
+        }
+    }
+
+    async fn tail(&self) -> Result<Position, EngineError> {
+        let max: Option<i64> = sqlx::query_scalar("SELECT max(event_id) FROM ff_completion_event")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("sqlite tail", e))?;
+        Ok(pos(max.unwrap_or(0)))
+    }
+
+    async fn read_after(&self, after: Position, limit: usize) -> Result<Batch, EngineError> {
+        let mut batch = Batch { start: after, end: after, ..Batch::default() };
+        if let Some(trimmed) = self.trimmed().await? {
+            if pos(trimmed) > after {
+                batch.expired = Some(pos(trimmed));
+                return Ok(batch);
+            }
+        }
+        let rows: Vec<Row> = sqlx::query_as(READ_AFTER)
+            .bind(after.lo as i64)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("sqlite read", e))?;
+        batch.full = rows.len() == limit;
+        for row in &rows {
+            let p = pos(row.0);
+            batch.end = p;
+            match decode_row(row) {
+                Ok(event) => batch.events.push(Positioned { pos: p, event }),
+                Err(reason) => batch.skipped.push((p, reason)),
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn trim(&self, retention: &Retention) -> Result<u64, EngineError> {
+        let before_ms = retention.max_age.map(|age| TimestampMs::now().0 - age.as_millis() as i64);
+        let keep = retention.max_events.map(|n| n.min(i64::MAX as u64) as i64);
+        let mut tx = self.pool.begin().await.map_err(|e| EngineError::from_sqlx("sqlite trim", e))?;
+        let by_age: Option<i64> = match before_ms {
+            Some(ms) => sqlx::query_scalar("SELECT max(event_id) FROM ff_completion_event WHERE occurred_at_ms < ?")
+                .bind(ms)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| EngineError::from_sqlx("sqlite trim", e))?,
+            None => None,
+        };
+        let by_count: Option<i64> = match keep {
+            Some(n) => {
+                sqlx::query_scalar("SELECT event_id FROM ff_completion_event ORDER BY event_id DESC LIMIT 1 OFFSET ?")
+                    .bind(n)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(|e| EngineError::from_sqlx("sqlite trim", e))?
+            }
+            None => None,
+        };
+        let Some(cut) = by_age.max(by_count) else { return Ok(0) };
+        let removed = sqlx::query("DELETE FROM ff_completion_event WHERE event_id <= ?")
+            .bind(cut)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| EngineError::from_sqlx("sqlite trim", e))?
+            .rows_affected();
+        sqlx::query(
+            "INSERT INTO ff_completion_retention (id, trimmed_event_id) VALUES (1, ?) \
+             ON CONFLICT (id) DO UPDATE SET trimmed_event_id = max(trimmed_event_id, excluded.trimmed_event_id)",
+        )
+        .bind(cut)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| EngineError::from_sqlx("sqlite trim", e))?;
+        tx.commit().await.map_err(|e| EngineError::from_sqlx("sqlite trim", e))?;
+        Ok(removed)
+    }
+
+    async fn open_waker(&self, _from: Position) -> Result<Box<dyn Waker>, EngineError> {
+        let signal = commit_signal(&self.key).subscribe();
+        // Other processes only reach a file; an in-memory database is this process's alone.
+        let watcher = if self.key.starts_with("memory:") {
+            None
+        } else {
+            let mut conn = SqliteConnection::connect_with(&options(&self.config)?)
+                .await
+                .map_err(|e| EngineError::from_sqlx("sqlite watch connect", e))?;
+            let version = data_version(&mut conn).await?;
+            Some((conn, version))
+        };
+        Ok(Box::new(SqliteWaker { signal, watcher }))
+    }
+}
+
+async fn data_version(conn: &mut SqliteConnection) -> Result<i64, EngineError> {
+    sqlx::query_scalar("PRAGMA data_version")
+        .fetch_one(conn)
+        .await
+        .map_err(|e| EngineError::from_sqlx("sqlite data_version", e))
+}
+
+/// Wakes on this process's commit signal, or when another connection changed the file.
+struct SqliteWaker {
+    signal: watch::Receiver<u64>,
+    watcher: Option<(SqliteConnection, i64)>,
+}
+
+#[async_trait]
+impl Waker for SqliteWaker {
+    async fn wait(&mut self) -> Result<Wake, EngineError> {
+        loop {
+            tokio::select! {
+                changed = self.signal.changed() => {
+                    return match changed {
+                        Ok(()) => Ok(Wake::Notified),
+                        Err(_) => Err(EngineError::Actor { detail: "sqlite commit signal closed".into() }),
+                    };
+                }
+                _ = tokio::time::sleep(DATA_VERSION_POLL) => {
+                    if let Some((conn, seen)) = &mut self.watcher {
+                        let now = data_version(conn).await?;
+                        if now != *seen {
+                            *seen = now;
+                            return Ok(Wake::Notified);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The promises every backend keeps, written once and run against each real backend by its
+//! own module under the same test names.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ff_completions::{
+    BackendConfig, CompletionOutcome, CompletionSupervisorHandle, DependencyResolution, Engine, EngineError,
+    ExecutionId, ExecutionSpec, FailOutcome, FilterMode, FlowId, Namespace, Retention, ScannerFilter, StreamCursor,
+    SubscribeRequest, SupervisorConfig, TimestampMs, connect_engine,
+};
+
+use crate::support::{assert_exactly_once, assert_no_more, take_events, wait_until};
+
+pub const WAIT: Duration = Duration::from_secs(30);
+pub const QUIET: Duration = Duration::from_millis(300);
+
+/// A tree and an engine on one backend.
+pub struct Fixture {
+    pub tree: CompletionSupervisorHandle,
+    pub engine: Arc<dyn Engine>,
+}
+
+pub async fn fixture(backend: BackendConfig, tune: impl FnOnce(SupervisorConfig) -> SupervisorConfig) -> Fixture {
+    let engine = connect_engine(&backend).await.expect("engine");
+    let (tree, _) = CompletionSupervisorHandle::spawn(tune(SupervisorConfig::new().with_backend(backend)))
+        .await
+        .expect("spawn tree");
+    Fixture { tree, engine }
+}
+
+/// Creates and claims `n` executions of one flow, returning them in creation order.
+pub async fn running(engine: &dyn Engine, spec: impl Fn(&FlowId) -> ExecutionSpec, n: usize) -> Vec<ExecutionId> {
+    let flow = FlowId::new();
+    engine.create_flow(&flow, None).await.expect("flow");
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = spec(&flow);
+        engine.create_execution(&s).await.expect("create");
+        ids.push(s.id);
+    }
+    let mut claimed = 0;
+    while claimed < n {
+        claimed += engine.claim("test-worker", n).await.expect("claim").len();
+    }
+    ids
+}
+
+/// Completes `n` fresh executions one after the other; returns them in commit order.
+pub async fn complete_n(engine: &dyn Engine, n: usize) -> Vec<ExecutionId> {
+    let ids = running(engine, ExecutionSpec::new, n).await;
+    for id in &ids {
+        assert!(engine.complete(id).await.expect("complete"));
+    }
+    ids
+}
+
+pub async fn every_outcome_round_trips_with_all_fields(backend: BackendConfig) {
+    let f = fixture(backend, |c| c).await;
+    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("subscribe");
+    let flow = FlowId::new();
+    f.engine.create_flow(&flow, Some(&Namespace::new("tenant-a"))).await.expect("flow");
+    let spec = |f: &FlowId| ExecutionSpec::new(f).with_namespace("tenant-a").with_tag("inst", "i-1").with_tag("k", "v");
+    let (ok, bad, cancelled, expired) = (spec(&flow), spec(&flow), spec(&flow), spec(&flow));
+    let child = spec(&flow).with_parents(vec![bad.id]);
+    for s in [&ok, &bad, &cancelled, &expired, &child] {
+        f.engine.create_execution(s).await.expect("create");
+    }
+    let before = TimestampMs::now();
+    let claimed = f.engine.claim("w", 10).await.expect("claim");
+    assert_eq!(claimed.len(), 4, "the child is blocked on its parent");
+    assert!(f.engine.complete(&ok.id).await.expect("complete"));
+    assert_eq!(f.engine.fail(&bad.id, false).await.expect("fail"), FailOutcome::TerminalFailed);
+    assert!(f.engine.cancel(&cancelled.id).await.expect("cancel"));
+    assert!(f.engine.expire(&expired.id).await.expect("expire"));
+    let resolved = f.engine.resolve_dependency(&bad.id, &child.id).await.expect("resolve");
+    assert_eq!(resolved, DependencyResolution::Skipped);
+
+    let events = take_events(&mut sub, 5, WAIT).await;
+    let expected = [
+        (ok.id, CompletionOutcome::Success),
+        (bad.id, CompletionOutcome::Failed),
+        (cancelled.id, CompletionOutcome::Cancelled),
+        (expired.id, CompletionOutcome::Expired),
+        (child.id, CompletionOutcome::Skipped),
+    ];
+    for (event, (id, outcome)) in events.iter().zip(expected) {
+        assert_eq!(event.execution_id, id);
+        assert_eq!(event.outcome, outcome);
+        assert_eq!(event.flow_id, Some(flow));
+        assert_eq!(event.namespace, Some(Namespace::new("tenant-a")));
+        assert_eq!(event.tags.get("inst").map(String::as_str), Some("i-1"));
+        assert_eq!(event.tags.get("k").map(String::as_str), Some("v"));
+        assert!(event.at.0 >= before.0 - 5_000 && event.at.0 <= before.0 + 60_000, "{:?} vs {before:?}", event.at);
+        assert!(!event.cursor.is_empty());
+    }
+    assert_no_more(&mut sub, QUIET).await;
+}
+
+pub async fn filters_by_namespace_tag_and_both_on_one_listener(backend: BackendConfig) {
+    let f = fixture(backend, |c| c).await;
+    let ns = |n: &str| ScannerFilter::new().with_namespace(Namespace::new(n));
+    let tail = SubscribeRequest::tail;
+    let mut by_ns = f.tree.subscribe(tail().with_filter(ns("a"))).await.expect("sub");
+    let mut by_tag =
+        f.tree.subscribe(tail().with_filter(ScannerFilter::new().with_instance_tag("inst", "1"))).await.expect("sub");
+    let mut by_both = f.tree.subscribe(tail().with_filter(ns("a").with_instance_tag("inst", "1"))).await.expect("sub");
+    let mut everything = f.tree.subscribe(tail()).await.expect("sub");
+
+    let mut made = Vec::new();
+    for (n, t) in [("a", "1"), ("a", "2"), ("b", "1"), ("b", "2")] {
+        let ids = running(&*f.engine, |fl| ExecutionSpec::new(fl).with_namespace(n).with_tag("inst", t), 2).await;
+        for id in &ids {
+            f.engine.complete(id).await.expect("complete");
+        }
+        made.push((n, t, ids));
+    }
+    let pick = |keep: &dyn Fn(&str, &str) -> bool| -> Vec<ExecutionId> {
+        made.iter().filter(|(n, t, _)| keep(n, t)).flat_map(|(_, _, ids)| ids.clone()).collect()
+    };
+    let wanted =
+        [pick(&|n, _| n == "a"), pick(&|_, t| t == "1"), pick(&|n, t| n == "a" && t == "1"), pick(&|_, _| true)];
+    for (sub, want) in [&mut by_ns, &mut by_tag, &mut by_both, &mut everything].into_iter().zip(wanted) {
+        assert_exactly_once(&take_events(sub, want.len(), WAIT).await, &want, true);
+        assert_no_more(sub, QUIET).await;
+    }
+    assert_eq!(f.tree.stats().await.expect("stats").listeners.len(), 1, "four subscribers share one listener");
+}
+
+pub async fn resume_from_a_mid_stream_cursor_gets_exactly_the_rest_in_order(backend: BackendConfig) {
+    let f = fixture(backend, |c| c).await;
+    let mut first = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let ids = complete_n(&*f.engine, 40).await;
+    let seen = take_events(&mut first, 40, WAIT).await;
+    let cursor = seen[14].cursor.clone();
+    drop(first);
+
+    let mut resumed = f.tree.subscribe(SubscribeRequest::from_cursor(cursor)).await.expect("resume");
+    assert_exactly_once(&take_events(&mut resumed, 25, WAIT).await, &ids[15..], true);
+    // Live events continue after the replay with no gap and no duplicate.
+    let more = complete_n(&*f.engine, 10).await;
+    assert_exactly_once(&take_events(&mut resumed, 10, WAIT).await, &more, true);
+    assert_no_more(&mut resumed, QUIET).await;
+}
+
+pub async fn tail_gets_only_new_events(backend: BackendConfig) {
+    let f = fixture(backend, |c| c).await;
+    complete_n(&*f.engine, 10).await;
+    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let fresh = complete_n(&*f.engine, 5).await;
+    assert_exactly_once(&take_events(&mut sub, 5, WAIT).await, &fresh, true);
+    assert_no_more(&mut sub, QUIET).await;
+}
+
+/// `foreign` are well-formed cursors of other backend families.
+pub async fn malformed_and_foreign_cursors_are_validation_errors(backend: BackendConfig, foreign: Vec<StreamCursor>) {
+    let f = fixture(backend, |c| c).await;
+    let mut bad =
+        vec![StreamCursor::new(vec![0x02, 1, 2]), StreamCursor::new(vec![0x7f; 17]), StreamCursor::new(vec![0x03])];
+    bad.extend(foreign);
+    for cursor in bad {
+        match f.tree.subscribe(SubscribeRequest::from_cursor(cursor.clone())).await {
+            Err(EngineError::Validation { .. }) => {}
+            other => panic!("{cursor:?} gave {:?}", other.map(|s| s.id())),
+        }
+    }
+    match f.tree.subscribe(SubscribeRequest::tail().on_backend("nope")).await {
+        Err(EngineError::Validation { .. }) => {}
+        other => panic!("unknown backend gave {:?}", other.map(|s| s.id())),
+    }
+}
+
+pub async fn slow_subscriber_does_not_delay_a_fast_one_and_later_gets_everything(backend: BackendConfig) {
+    let f = fixture(backend, |c| c.with_subscriber_buffer(16).with_batch_size(64)).await;
+    let mut slow = f.tree.subscribe(SubscribeRequest::tail()).await.expect("slow");
+    let mut fast = f.tree.subscribe(SubscribeRequest::tail()).await.expect("fast");
+    let (slow_id, fast_id) = (slow.id(), fast.id());
+    let ids = complete_n(&*f.engine, 1500).await;
+    // The fast one gets everything while the slow one has not read a single event.
+    assert_exactly_once(&take_events(&mut fast, ids.len(), WAIT).await, &ids, true);
+    let stats = f.tree.stats().await.expect("stats");
+    let slow_stats = stats.subscribers.iter().find(|s| s.id == slow_id).expect("slow stats");
+    assert_eq!(slow_stats.delivered, 16, "only its buffer is filled");
+    assert_eq!(slow_stats.mode, FilterMode::Blocked);
+    assert!(slow_stats.live_batches_dropped > 0, "live batches are dropped, not queued: {slow_stats:?}");
+    let fast_stats = stats.subscribers.iter().find(|s| s.id == fast_id).expect("fast stats");
+    assert_eq!(fast_stats.delivered, ids.len() as u64);
+    // Now the slow one reads: everything, once, in order, caught up from the backend.
+    assert_exactly_once(&take_events(&mut slow, ids.len(), WAIT).await, &ids, true);
+    assert_no_more(&mut slow, QUIET).await;
+    let stats = f.tree.stats().await.expect("stats");
+    let slow_stats = stats.subscribers.iter().find(|s| s.id == slow_id).expect("slow stats");
+    assert!(slow_stats.catch_up_reads > 1, "{slow_stats:?}");
+}
+
+pub async fn trimmed_cursors_expire_with_the_oldest_cursor_and_slow_subscribers_are_told(backend: BackendConfig) {
+    let retention = Retention::max_events(5).every(Duration::from_millis(50));
+    let f = fixture(backend.with_retention(retention), |c| c.with_subscriber_buffer(4)).await;
+    let mut fast = f.tree.subscribe(SubscribeRequest::tail()).await.expect("fast");
+    let mut slow = f.tree.subscribe(SubscribeRequest::tail()).await.expect("slow");
+    let ids = complete_n(&*f.engine, 20).await;
+    let seen = take_events(&mut fast, 20, WAIT).await;
+    let expired =
+        |r: &Result<ff_completions::Subscription, EngineError>| matches!(r, Err(EngineError::CursorExpired { .. }));
+    wait_until(WAIT, "the trim job", || async {
+        expired(&f.tree.subscribe(SubscribeRequest::from_cursor(seen[12].cursor.clone())).await)
+    })
+    .await;
+
+    let oldest = match f.tree.subscribe(SubscribeRequest::from_cursor(seen[2].cursor.clone())).await {
+        Err(EngineError::CursorExpired { oldest: Some(oldest) }) => oldest,
+        other => panic!("expected CursorExpired, got {:?}", other.map(|s| s.id())),
+    };
+    let mut resumed = f.tree.subscribe(SubscribeRequest::from_cursor(oldest)).await.expect("resume at oldest");
+    assert_exactly_once(&take_events(&mut resumed, 5, WAIT).await, &ids[15..], true);
+
+    // The slow subscriber read nothing; its buffer holds 4 events, the rest was trimmed away.
+    assert_exactly_once(&take_events(&mut slow, 4, WAIT).await, &ids[..4], true);
+    match tokio::time::timeout(WAIT, futures::StreamExt::next(&mut slow)).await {
+        Ok(Some(Err(EngineError::CursorExpired { oldest: Some(_) }))) => {}
+        other => panic!("expected CursorExpired on the stream, got {other:?}"),
+    }
+    assert!(tokio::time::timeout(WAIT, futures::StreamExt::next(&mut slow)).await.expect("ends").is_none());
+    // The tree carries on for everyone else.
+    let more = complete_n(&*f.engine, 3).await;
+    assert_exactly_once(&take_events(&mut fast, 3, WAIT).await, &more, true);
+}

@@ -1,0 +1,105 @@
+//! Embedded SQLite end to end: engine operation -> trigger -> outbox -> listener -> filter ->
+//! subscriber, on temp-file and in-memory databases.
+
+use std::time::Duration;
+
+use ff_completions::{
+    BackendConfig, CompletionSupervisorHandle, SubscribeRequest, SupervisorConfig, backends::sqlite::SqliteEngine,
+    encode_postgres_cursor, encode_valkey_cursor,
+};
+use sqlx::Connection;
+
+use crate::contract::{self, QUIET, WAIT, complete_n, fixture};
+use crate::support::{assert_exactly_once, assert_no_more, init_tracing, take_events};
+
+/// A fresh database file in a temp dir that lives as long as the returned guard.
+fn backend_file() -> (tempfile::TempDir, BackendConfig) {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = BackendConfig::sqlite(dir.path().join("completions.db"));
+    (dir, config)
+}
+
+macro_rules! contract_tests {
+    ($($name:ident $(, $extra:expr)?;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let (_dir, backend) = backend_file();
+            contract::$name(backend $(, $extra)?).await;
+        }
+    )*};
+}
+
+contract_tests! {
+    every_outcome_round_trips_with_all_fields;
+    filters_by_namespace_tag_and_both_on_one_listener;
+    resume_from_a_mid_stream_cursor_gets_exactly_the_rest_in_order;
+    tail_gets_only_new_events;
+    malformed_and_foreign_cursors_are_validation_errors, vec![encode_valkey_cursor(1, 2), encode_postgres_cursor(3, 4)];
+    slow_subscriber_does_not_delay_a_fast_one_and_later_gets_everything;
+    trimmed_cursors_expire_with_the_oldest_cursor_and_slow_subscribers_are_told;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_memory_database_round_trips() {
+    init_tracing();
+    contract::every_outcome_round_trips_with_all_fields(BackendConfig::sqlite_in_memory()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_from_another_connection_wake_the_listener() {
+    let (_dir, backend) = backend_file();
+    let (tree, _) = CompletionSupervisorHandle::spawn(
+        SupervisorConfig::new().with_backend(backend.clone()).with_tick(Duration::from_secs(3600)),
+    )
+    .await
+    .expect("spawn");
+    let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    // A second engine stands for another process: its commit signal is not the tree's wake-up path
+    // when it writes through a plain connection, so only `PRAGMA data_version` can see it.
+    let other = SqliteEngine::connect(&backend).await.expect("other engine");
+    let ids = complete_n(&other, 3).await;
+    assert_exactly_once(&take_events(&mut sub, 3, WAIT).await, &ids, true);
+    let BackendConfig {
+        connection: ff_completions::BackendConnection::Sqlite(ff_completions::SqliteConnection::File(path)),
+        ..
+    } = &backend
+    else {
+        panic!("file backend")
+    };
+    let mut plain =
+        sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display())).await.expect("plain connection");
+    let fresh = contract::running(&other, ff_completions::ExecutionSpec::new, 1).await;
+    sqlx::query("UPDATE ff_execution SET state = 'success' WHERE execution_id = ?")
+        .bind(fresh[0].uuid().to_string())
+        .execute(&mut plain)
+        .await
+        .expect("plain write");
+    assert_exactly_once(&take_events(&mut sub, 1, WAIT).await, &fresh, true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rows_are_skipped_once_and_the_events_around_them_arrive() {
+    let (_dir, backend) = backend_file();
+    let f = fixture(backend.clone(), |c| c).await;
+    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let before = complete_n(&*f.engine, 3).await;
+    let engine = SqliteEngine::connect(&backend).await.expect("engine");
+    let bad_rows = [
+        "INSERT INTO ff_completion_event (execution_id, outcome, occurred_at_ms, partition_key) VALUES (NULL, 'success', 1, 1)",
+        "INSERT INTO ff_completion_event (execution_id, outcome, occurred_at_ms, partition_key) VALUES ('not-a-uuid', 'success', 1, 1)",
+        "INSERT INTO ff_completion_event (execution_id, outcome, occurred_at_ms, partition_key) VALUES ('6f1f4a52-9d8e-4c3f-a1b2-3c4d5e6f7a8b', 'success', 1, 999)",
+        "INSERT INTO ff_completion_event (execution_id, outcome, occurred_at_ms, partition_key) VALUES ('6f1f4a52-9d8e-4c3f-a1b2-3c4d5e6f7a8b', NULL, 1, 1)",
+        "INSERT INTO ff_completion_event (execution_id, outcome, occurred_at_ms, partition_key, tags) VALUES ('6f1f4a52-9d8e-4c3f-a1b2-3c4d5e6f7a8b', 'success', 1, 1, 'not json')",
+        "INSERT INTO ff_completion_event (execution_id, outcome, occurred_at_ms, partition_key) VALUES ('6f1f4a52-9d8e-4c3f-a1b2-3c4d5e6f7a8b', 'success', 'yesterday', 1)",
+    ];
+    for sql in bad_rows {
+        sqlx::query(sql).execute(engine.pool()).await.expect("insert bad row");
+    }
+    let after = complete_n(&*f.engine, 3).await;
+    assert_exactly_once(&take_events(&mut sub, 6, WAIT).await, &[before, after].concat(), true);
+    assert_no_more(&mut sub, QUIET).await;
+    let stats = f.tree.stats().await.expect("stats");
+    assert_eq!(stats.listeners[0].rows_skipped, 6, "each bad row is reported once");
+    assert_eq!(stats.listeners[0].restarts, 0, "the listener never died");
+}
