@@ -16,3 +16,5 @@ mod metrics;
 
 #[cfg(feature = "sqlite")]
 mod sqlite;
+
+mod dag;

@@ -1,0 +1,436 @@
+//! The DAG promotion scenario, shared by the example and its test: build flows (fan-out, fan-in,
+//! a chain, a diamond), run workers that claim and finish executions, and promote or skip
+//! children from completion events in an actor spawned beside the completion tree under one
+//! engine actor. A reconciler scans for edges the promoter missed; it should find none.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ff_completions::{
+    BackendConfig, BackendConnection, CompletionEvent, CompletionSupervisorHandle, DependencyResolution, Engine,
+    ExecutionId, ExecutionSpec, FlowId, SubscribeRequest, SupervisorConfig, TimestampMs, connect_engine,
+};
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::{Mutex, Notify};
+
+/// What a worker does with an execution, fixed up front from the seed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Succeed,
+    Fail,
+    /// Fails retryably on the first attempt, succeeds on the second.
+    RetryThenSucceed,
+    Cancel,
+}
+
+/// Size and behaviour of a run.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub backend: BackendConfig,
+    pub flows: usize,
+    pub fan_out: usize,
+    pub chain_len: usize,
+    pub workers: usize,
+    pub fail_percent: u32,
+    pub retry_percent: u32,
+    pub cancel_percent: u32,
+    pub seed: u64,
+    /// Kill the listener (and on Postgres its LISTEN connection) at random intervals.
+    pub chaos: bool,
+    pub progress: bool,
+    pub timeout: Duration,
+}
+
+/// What a run measured and whether the final states were right.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub executions: usize,
+    pub by_outcome: BTreeMap<String, u64>,
+    pub promotions: u64,
+    pub skips: u64,
+    pub hop_ms: Vec<f64>,
+    pub events: u64,
+    pub elapsed: Duration,
+    pub listener_restarts: u64,
+    pub chaos_faults: u64,
+    pub reconciler_fixed: u64,
+    pub mismatches: Vec<String>,
+}
+
+impl Report {
+    pub fn percentile(&self, p: f64) -> f64 {
+        let mut v = self.hop_ms.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        if v.is_empty() {
+            return 0.0;
+        }
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    }
+}
+
+/// One flow's executions with their parents, in an order where parents come first.
+struct Dag {
+    nodes: Vec<(ExecutionSpec, Decision)>,
+}
+
+fn decide(rng: &mut StdRng, s: &Scenario) -> Decision {
+    let roll = rng.random_range(0..100);
+    if roll < s.fail_percent {
+        Decision::Fail
+    } else if roll < s.fail_percent + s.retry_percent {
+        Decision::RetryThenSucceed
+    } else if roll < s.fail_percent + s.retry_percent + s.cancel_percent {
+        Decision::Cancel
+    } else {
+        Decision::Succeed
+    }
+}
+
+/// root -> fan-out -> fan-in -> chain -> diamond.
+fn build_flow(flow: &FlowId, s: &Scenario, rng: &mut StdRng) -> Dag {
+    let mut nodes: Vec<(ExecutionSpec, Decision)> = Vec::new();
+    let mut add = |parents: Vec<ExecutionId>, rng: &mut StdRng| {
+        let spec = ExecutionSpec::new(flow).with_namespace("dag").with_parents(parents).with_max_attempts(2);
+        let id = spec.id;
+        nodes.push((spec, decide(rng, s)));
+        id
+    };
+    let root = add(vec![], rng);
+    let fanned: Vec<_> = (0..s.fan_out.max(1)).map(|_| add(vec![root], rng)).collect();
+    let mut last = add(fanned, rng);
+    for _ in 0..s.chain_len {
+        last = add(vec![last], rng);
+    }
+    let (left, right) = (add(vec![last], rng), add(vec![last], rng));
+    add(vec![left, right], rng);
+    Dag { nodes }
+}
+
+/// The state the DAG implies: skipped under any parent that did not succeed, else the decision.
+fn expected_states(dags: &[Dag]) -> HashMap<ExecutionId, &'static str> {
+    let mut states = HashMap::new();
+    for dag in dags {
+        for (spec, decision) in &dag.nodes {
+            let blocked = spec.parents.iter().any(|p| states.get(p) != Some(&"success"));
+            let state = match (blocked, decision) {
+                (true, _) => "skipped",
+                (false, Decision::Succeed | Decision::RetryThenSucceed) => "success",
+                (false, Decision::Fail) => "failed",
+                (false, Decision::Cancel) => "cancelled",
+            };
+            states.insert(spec.id, state);
+        }
+    }
+    states
+}
+
+/// Shared counters of the run.
+#[derive(Default)]
+struct Progress {
+    terminal: AtomicU64,
+    promotions: AtomicU64,
+    skips: AtomicU64,
+    hop_ms: Mutex<Vec<f64>>,
+    by_outcome: Mutex<BTreeMap<String, u64>>,
+    done: Notify,
+    total: AtomicU64,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+/// The DAG promotion actor: on each completion, resolves the edges to its children.
+struct Promoter;
+
+pub struct Completed(CompletionEvent);
+
+impl From<CompletionEvent> for Completed {
+    fn from(event: CompletionEvent) -> Self {
+        Self(event)
+    }
+}
+
+struct PromoterState {
+    engine: Arc<dyn Engine>,
+    progress: Arc<Progress>,
+}
+
+impl Actor for Promoter {
+    type Msg = Completed;
+    type State = PromoterState;
+    type Arguments = PromoterState;
+
+    async fn pre_start(
+        &self,
+        _me: ActorRef<Completed>,
+        args: PromoterState,
+    ) -> Result<PromoterState, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<Completed>,
+        msg: Completed,
+        state: &mut PromoterState,
+    ) -> Result<(), ActorProcessingErr> {
+        let event = msg.0;
+        let children = state.engine.children(&event.execution_id).await?;
+        for child in children {
+            match state.engine.resolve_dependency(&event.execution_id, &child).await? {
+                DependencyResolution::Promoted => {
+                    state.progress.promotions.fetch_add(1, Ordering::Relaxed);
+                    let hop = (TimestampMs::now().0 - event.at.0).max(0) as f64;
+                    state.progress.hop_ms.lock().await.push(hop);
+                }
+                DependencyResolution::Skipped => {
+                    state.progress.skips.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+        let outcome = event.outcome.as_wire().to_owned();
+        *state.progress.by_outcome.lock().await.entry(outcome).or_default() += 1;
+        let p = &state.progress;
+        let n = p.terminal.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(bar) = &p.bar {
+            bar.set_position(n);
+        }
+        if n >= p.total.load(Ordering::Relaxed) {
+            p.done.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// The engine's own actor: parent of the completion tree and of the promoter.
+struct EngineActor;
+
+impl Actor for EngineActor {
+    type Msg = ();
+    type State = ();
+    type Arguments = ();
+
+    async fn pre_start(&self, _me: ActorRef<()>, _: ()) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _me: ActorRef<()>,
+        event: SupervisionEvent,
+        _: &mut (),
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(who, err) = event {
+            tracing::error!(actor = ?who.get_id(), error = %err, "child of the engine failed");
+        }
+        Ok(())
+    }
+}
+
+async fn work(
+    engine: Arc<dyn Engine>,
+    decisions: Arc<HashMap<ExecutionId, Decision>>,
+    name: String,
+    stop: Arc<AtomicBool>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let claimed = match engine.claim(&name, 16).await {
+            Ok(ids) => ids,
+            Err(err) => {
+                tracing::warn!(error = %err, "claim failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if claimed.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for id in claimed {
+            let result = match decisions.get(&id).copied().unwrap_or(Decision::Succeed) {
+                Decision::Succeed => engine.complete(&id).await.map(|_| ()),
+                Decision::Fail => engine.fail(&id, false).await.map(|_| ()),
+                Decision::Cancel => engine.cancel(&id).await.map(|_| ()),
+                Decision::RetryThenSucceed => match engine.execution(&id).await {
+                    Ok(Some(info)) if info.attempt <= 1 => engine.fail(&id, true).await.map(|_| ()),
+                    _ => engine.complete(&id).await.map(|_| ()),
+                },
+            };
+            if let Err(err) = result {
+                tracing::warn!(%id, error = %err, "worker operation failed");
+            }
+        }
+    }
+}
+
+/// Resolves edges whose parent has been terminal for two scans in a row; returns how many.
+async fn reconcile(engine: &dyn Engine, previously: &mut std::collections::HashSet<(ExecutionId, ExecutionId)>) -> u64 {
+    let Ok(now) = engine.unresolved_dependencies(10_000).await else { return 0 };
+    let now: std::collections::HashSet<_> = now.into_iter().collect();
+    let mut fixed = 0;
+    for (parent, child) in now.intersection(previously) {
+        if let Ok(DependencyResolution::Promoted | DependencyResolution::Skipped | DependencyResolution::Waiting) =
+            engine.resolve_dependency(parent, child).await
+        {
+            tracing::warn!(%parent, %child, "reconciler resolved an edge the promoter missed");
+            fixed += 1;
+        }
+    }
+    *previously = now;
+    fixed
+}
+
+async fn chaos(tree: CompletionSupervisorHandle, backend: BackendConfig, seed: u64, stop: Arc<AtomicBool>) -> u64 {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xc4a05);
+    let mut faults = 0;
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..500))).await;
+        if let Some(cell) = tree.listener_cell(backend.kind()).await {
+            cell.kill();
+            faults += 1;
+        }
+        #[cfg(feature = "postgres")]
+        if let BackendConnection::Postgres(pg) = &backend.connection {
+            if let Ok(pool) = sqlx::PgPool::connect(&pg.url).await {
+                let _ =
+                    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1")
+                        .bind(ff_completions::backends::postgres::LISTENER_APPLICATION_NAME)
+                        .execute(&pool)
+                        .await;
+                faults += 1;
+                pool.close().await;
+            }
+        }
+    }
+    faults
+}
+
+/// Runs the scenario to the end and checks every final state.
+///
+/// # Errors
+/// Setup failures (backend unreachable); wrong final states are reported in `mismatches`.
+pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
+    let engine = connect_engine(&s.backend).await?;
+    let mut rng = StdRng::seed_from_u64(s.seed);
+    let mut dags = Vec::with_capacity(s.flows);
+    for _ in 0..s.flows {
+        let flow = FlowId::new();
+        engine.create_flow(&flow, None).await?;
+        dags.push(build_flow(&flow, s, &mut rng));
+    }
+    let total: usize = dags.iter().map(|d| d.nodes.len()).sum();
+    let bar = s.progress.then(|| {
+        let bar = indicatif::ProgressBar::new(total as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} completions {per_sec} eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let progress = Arc::new(Progress { total: AtomicU64::new(total as u64), bar, ..Progress::default() });
+
+    // The engine actor parents both the completion tree and the promoter.
+    let (engine_actor, _) = Actor::spawn(None, EngineActor, ()).await.map_err(actor_err)?;
+    let config = SupervisorConfig::new().with_backend(s.backend.clone()).with_tick(Duration::from_millis(500));
+    let (tree, _) = CompletionSupervisorHandle::spawn_linked(engine_actor.get_cell(), config).await?;
+    let promoter_state = PromoterState { engine: engine.clone(), progress: progress.clone() };
+    let (promoter, _) =
+        Actor::spawn_linked(None, Promoter, promoter_state, engine_actor.get_cell()).await.map_err(actor_err)?;
+    tree.subscribe_actor(SubscribeRequest::tail(), promoter.clone()).await?;
+
+    // Create executions after subscribing, so every completion is seen.
+    let started = Instant::now();
+    let mut decisions = HashMap::with_capacity(total);
+    for dag in &dags {
+        for (spec, decision) in &dag.nodes {
+            engine.create_execution(spec).await?;
+            decisions.insert(spec.id, *decision);
+        }
+    }
+    let decisions = Arc::new(decisions);
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..s.workers.max(1))
+        .map(|i| tokio::spawn(work(engine.clone(), decisions.clone(), format!("worker-{i}"), stop.clone())))
+        .collect();
+    let chaos_task = s.chaos.then(|| tokio::spawn(chaos(tree.clone(), s.backend.clone(), s.seed, stop.clone())));
+
+    let mut reconciler_fixed = 0;
+    let mut seen = std::collections::HashSet::new();
+    let deadline = Instant::now() + s.timeout;
+    while progress.terminal.load(Ordering::Relaxed) < total as u64 && Instant::now() < deadline {
+        let _ = tokio::time::timeout(Duration::from_millis(1000), progress.done.notified()).await;
+        reconciler_fixed += reconcile(&*engine, &mut seen).await;
+    }
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    let chaos_faults = match chaos_task {
+        Some(t) => t.await.unwrap_or(0),
+        None => 0,
+    };
+    if let Some(bar) = &progress.bar {
+        bar.finish_and_clear();
+    }
+    // Once more at the end: anything still unresolved was missed.
+    reconciler_fixed += reconcile(&*engine, &mut seen).await;
+    let stats = tree.stats().await?;
+
+    let mut mismatches = Vec::new();
+    for (id, want) in expected_states(&dags) {
+        match engine.execution(&id).await? {
+            Some(info) if info.state == want => {}
+            other => mismatches.push(format!("{id}: expected {want}, found {:?}", other.map(|i| i.state))),
+        }
+    }
+    engine_actor.stop(None);
+    let report = Report {
+        executions: total,
+        by_outcome: progress.by_outcome.lock().await.clone(),
+        promotions: progress.promotions.load(Ordering::Relaxed),
+        skips: progress.skips.load(Ordering::Relaxed),
+        hop_ms: progress.hop_ms.lock().await.clone(),
+        events: progress.terminal.load(Ordering::Relaxed),
+        elapsed,
+        listener_restarts: stats.listeners.iter().map(|l| l.restarts).sum(),
+        chaos_faults,
+        reconciler_fixed,
+        mismatches,
+    };
+    Ok(report)
+}
+
+fn actor_err(e: ractor::SpawnErr) -> ff_completions::EngineError {
+    ff_completions::EngineError::Actor { detail: e.to_string() }
+}
+
+/// Prints the summary table.
+pub fn print_summary(r: &Report) {
+    println!("executions        {}", r.executions);
+    for (outcome, n) in &r.by_outcome {
+        println!("  {outcome:<15} {n}");
+    }
+    println!("promotions        {}", r.promotions);
+    println!("skips             {}", r.skips);
+    println!(
+        "hop latency       p50 {:.1} ms, p99 {:.1} ms (completion committed -> child eligible)",
+        r.percentile(0.5),
+        r.percentile(0.99)
+    );
+    println!("events/s          {:.0}", r.events as f64 / r.elapsed.as_secs_f64().max(1e-9));
+    println!("elapsed           {:.2?}", r.elapsed);
+    println!("listener restarts {}", r.listener_restarts);
+    println!("chaos faults      {}", r.chaos_faults);
+    println!("reconciler fixes  {} (0 means the promoter missed nothing)", r.reconciler_fixed);
+    if r.mismatches.is_empty() {
+        println!("verified          every execution reached the state the DAG implies");
+    } else {
+        println!("verification FAILED for {} executions, e.g.:", r.mismatches.len());
+        for m in r.mismatches.iter().take(10) {
+            println!("  {m}");
+        }
+    }
+}
