@@ -11,7 +11,9 @@ use crate::error::{EngineError, redact};
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BackendTimeouts {
-    /// Per-request timeout; `None` means the backend's default (Valkey: 5 s here, not ferriskey's 250 ms).
+    /// Per-request timeout; `None` means the backend's default (Valkey: 5 s here, not ferriskey's
+    /// 250 ms; Postgres: no `statement_timeout`). Postgres applies it as `statement_timeout`;
+    /// SQLite ignores it.
     pub request: Option<Duration>,
     /// Connect timeout; `None` means 5 s.
     pub connect: Option<Duration>,
@@ -32,6 +34,7 @@ impl BackendTimeouts {
         self
     }
 
+    #[cfg_attr(not(feature = "valkey"), allow(dead_code))]
     pub(crate) fn request_or_default(&self) -> Duration {
         self.request.unwrap_or(Duration::from_secs(5))
     }
@@ -162,12 +165,23 @@ pub struct ValkeyConnection {
     pub cluster: bool,
     /// Logical database number.
     pub database: i64,
+    /// `MAXLEN ~` the producers trim the completion stream to on every `XADD`.
+    pub stream_maxlen: u64,
 }
 
 impl ValkeyConnection {
     /// Plain connection to `host:port`, database 0.
     pub fn new(host: impl Into<String>, port: u16) -> Self {
-        Self { host: host.into(), port, username: None, password: None, tls: false, cluster: false, database: 0 }
+        Self {
+            host: host.into(),
+            port,
+            username: None,
+            password: None,
+            tls: false,
+            cluster: false,
+            database: 0,
+            stream_maxlen: 1_000_000,
+        }
     }
 
     /// Sets user name and password.
@@ -191,6 +205,13 @@ impl ValkeyConnection {
         self.database = database;
         self
     }
+
+    /// Sets the approximate length producers trim the completion stream to (default 1,000,000).
+    #[must_use]
+    pub fn with_stream_maxlen(mut self, maxlen: u64) -> Self {
+        self.stream_maxlen = maxlen.max(1);
+        self
+    }
 }
 
 impl fmt::Debug for ValkeyConnection {
@@ -203,6 +224,7 @@ impl fmt::Debug for ValkeyConnection {
             .field("tls", &self.tls)
             .field("cluster", &self.cluster)
             .field("database", &self.database)
+            .field("stream_maxlen", &self.stream_maxlen)
             .finish()
     }
 }

@@ -123,6 +123,7 @@ pub enum DependencyResolution {
 }
 
 impl DependencyResolution {
+    #[cfg_attr(not(any(feature = "postgres", feature = "valkey")), allow(dead_code))]
     pub(crate) fn from_wire(s: &str) -> Result<Self, EngineError> {
         Ok(match s {
             "promoted" => Self::Promoted,

@@ -49,18 +49,24 @@ pub mod types;
 
 pub use actors::handle::{CompletionSupervisorHandle, Subscription};
 pub use actors::supervisor::{
-    CompletionSupervisor, ListenerStats, SubscribeRequest, SubscriberStats, SupervisorConfig, SupervisorMsg, SupervisorStats,
+    CompletionSupervisor, ListenerStats, SubscribeRequest, SubscriberStats, SupervisorConfig, SupervisorMsg,
+    SupervisorStats,
 };
 pub use actors::{BackendId, FilterMode, ListenerState, Sink, SubscriberId};
 pub use backend::CompletionBackend;
 pub use backoff::Backoff;
-pub use config::{BackendConfig, BackendConnection, BackendRetry, BackendTimeouts, Retention, PostgresConnection, SqliteConnection, ValkeyConnection};
-pub use cursor::{
-    POSTGRES_CURSOR_PREFIX, PostgresCursor, SQLITE_CURSOR_PREFIX, StreamCursor, VALKEY_CURSOR_PREFIX, decode_postgres_cursor,
-    decode_sqlite_cursor, decode_valkey_cursor, encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor,
-    encode_valkey_cursor,
+pub use config::{
+    BackendConfig, BackendConnection, BackendRetry, BackendTimeouts, PostgresConnection, Retention, SqliteConnection,
+    ValkeyConnection,
 };
-pub use engine::{CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, connect_engine};
+pub use cursor::{
+    POSTGRES_CURSOR_PREFIX, PostgresCursor, SQLITE_CURSOR_PREFIX, StreamCursor, VALKEY_CURSOR_PREFIX,
+    decode_postgres_cursor, decode_sqlite_cursor, decode_valkey_cursor, encode_postgres_cursor,
+    encode_postgres_event_cursor, encode_sqlite_cursor, encode_valkey_cursor,
+};
+pub use engine::{
+    CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, connect_engine,
+};
 pub use error::EngineError;
 pub use event::{CompletionEvent, CompletionOutcome, CompletionPayload, CompletionStream, CompletionSubscription};
 pub use filter::ScannerFilter;

@@ -12,7 +12,7 @@ use crate::cursor::{Position, StreamCursor};
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
 
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "valkey"))]
 mod outbox;
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -67,6 +67,8 @@ impl StartAt {
 
 /// Why a listener should read.
 #[derive(Debug)]
+// Which variants a build constructs depends on the backends compiled in.
+#[allow(dead_code)]
 pub(crate) enum Wake {
     /// A notification arrived.
     Notified,

@@ -55,6 +55,29 @@ pub async fn complete_n(engine: &dyn Engine, n: usize) -> Vec<ExecutionId> {
     ids
 }
 
+/// For concurrent producers: creates `n` executions, then claims and completes whatever it
+/// claims (any producer's) until it has completed `n`; returns what it completed.
+pub async fn complete_claimed(engine: &dyn Engine, n: usize) -> Vec<ExecutionId> {
+    let flow = FlowId::new();
+    engine.create_flow(&flow, None).await.expect("flow");
+    for _ in 0..n {
+        engine.create_execution(&ExecutionSpec::new(&flow)).await.expect("create");
+    }
+    let mut done = Vec::with_capacity(n);
+    while done.len() < n {
+        let claimed = engine.claim("producer", n - done.len()).await.expect("claim");
+        if claimed.is_empty() {
+            break;
+        }
+        for id in claimed {
+            if engine.complete(&id).await.expect("complete") {
+                done.push(id);
+            }
+        }
+    }
+    done
+}
+
 pub async fn every_outcome_round_trips_with_all_fields(backend: BackendConfig) {
     let f = fixture(backend, |c| c).await;
     let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("subscribe");
@@ -198,8 +221,13 @@ pub async fn trimmed_cursors_expire_with_the_oldest_cursor_and_slow_subscribers_
     let f = fixture(backend.with_retention(retention), |c| c.with_subscriber_buffer(4)).await;
     let mut fast = f.tree.subscribe(SubscribeRequest::tail()).await.expect("fast");
     let mut slow = f.tree.subscribe(SubscribeRequest::tail()).await.expect("slow");
+    // The fast one reads while producers commit: left unread, it too would fall behind the trim.
+    let reader = tokio::spawn(async move {
+        let seen = take_events(&mut fast, 20, WAIT).await;
+        (fast, seen)
+    });
     let ids = complete_n(&*f.engine, 20).await;
-    let seen = take_events(&mut fast, 20, WAIT).await;
+    let (mut fast, seen) = reader.await.expect("fast reader");
     let expired =
         |r: &Result<ff_completions::Subscription, EngineError>| matches!(r, Err(EngineError::CursorExpired { .. }));
     wait_until(WAIT, "the trim job", || async {

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use ff_completions::BackendConfig;
 
+// The example's reporting helpers are not used here.
+#[allow(dead_code)]
 #[path = "../../examples/dag_promotion/scenario.rs"]
 mod scenario;
 
@@ -65,4 +67,18 @@ async fn dag_scenario_verifies_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dag_scenario_verifies_on_postgres_under_chaos() {
     check(BackendConfig::postgres(crate::support::postgres::fresh_database().await), true).await;
+}
+
+#[cfg(feature = "valkey")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dag_scenario_verifies_on_valkey() {
+    let server = crate::support::valkey::ValkeyServer::start().await;
+    check(server.config(), false).await;
+}
+
+#[cfg(feature = "valkey")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dag_scenario_verifies_on_valkey_under_chaos() {
+    let server = crate::support::valkey::ValkeyServer::start().await;
+    check(server.config(), true).await;
 }

@@ -18,3 +18,6 @@ mod metrics;
 mod sqlite;
 
 mod dag;
+
+#[cfg(feature = "valkey")]
+mod valkey;

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ff_completions::{
-    BackendConfig, CompletionOutcome, CompletionSupervisorHandle, Engine, EngineError, ExecutionId, ExecutionSpec,
-    Namespace, ScannerFilter, SubscribeRequest, SupervisorConfig,
+    BackendConfig, CompletionOutcome, CompletionSupervisorHandle, EngineError, ExecutionId, ExecutionSpec, Namespace,
+    ScannerFilter, SubscribeRequest, SupervisorConfig,
     backends::postgres::{LISTENER_APPLICATION_NAME, PostgresEngine},
     encode_postgres_event_cursor, encode_sqlite_cursor, encode_valkey_cursor,
 };
@@ -188,9 +188,7 @@ async fn killed_listener_and_terminated_connection_lose_nothing_under_concurrent
             let (engine, stop) = (f.engine.clone(), stop.clone());
             tokio::spawn(async move {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    for id in running(&*engine, ExecutionSpec::new, 10).await {
-                        engine.complete(&id).await.expect("complete");
-                    }
+                    contract::complete_claimed(&*engine, 10).await;
                 }
             })
         })

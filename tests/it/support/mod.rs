@@ -5,6 +5,8 @@
 
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "valkey")]
+pub mod valkey;
 
 use std::collections::HashSet;
 use std::future::Future;

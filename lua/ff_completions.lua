@@ -1,0 +1,381 @@
+#!lua name=ff_completions
+-- ff-completions engine surface for Valkey (7.2+ / Redis 7+): one function library, loaded by
+-- the Rust crate with FUNCTION LOAD REPLACE when `ff_version` answers something else. Bump
+-- VERSION together with `LIBRARY_VERSION` in src/backends/valkey/mod.rs.
+--
+-- Every terminal transition (success, failed, cancelled, expired, skipped), in one atomic call:
+--   1. writes the execution's state,
+--   2. XADDs the completion to the one completion stream (KEYS, `MAXLEN ~ <maxlen>` from ARGV),
+--      fields execution_id, flow_id, outcome, namespace, tags (JSON object), occurred_at_ms
+--      (server TIME), partition,
+--   3. PUBLISHes {"execution_id", "flow_id", "outcome"} on `ff:dag:completions`.
+-- Every function validates all of its arguments before it writes anything; bad arguments are
+-- an error reply starting `ff_completions invalid:`, a refused state change one starting
+-- `ff_completions conflict:`.
+--
+-- Keys. Callers pass the keys a call is about in KEYS: the execution's or flow's own keys and
+-- the shared keys it writes. Keys of related executions (parents, children, flow members) are
+-- derived here from the ids the library stores, which is why cluster mode is not supported;
+-- every execution and flow key still carries its `{fp:N}` hash tag:
+--   ff:exec:{fp:N}:<uuid>:core       hash  state attempt max_attempts pending flow ns tags
+--                                          partition worker created updated
+--   ff:exec:{fp:N}:<uuid>:children   set   ids of executions that depend on it
+--   ff:exec:{fp:N}:<uuid>:deps       hash  parent id -> pending | satisfied | failed
+--   ff:flow:{fp:N}:<uuid>:core       hash  ns state created
+--   ff:flow:{fp:N}:<uuid>:members    set   execution ids
+--   ff:eligible                      zset  eligible execution ids, scored by creation time
+--   ff:pending_edges                 set   "parent|child" edges whose parent is terminal but
+--                                          which are not resolved yet (the reconciler's list)
+--   ff:completions                   stream  the completions
+
+local VERSION = '2'
+local CHANNEL = 'ff:dag:completions'
+local TERMINAL = { success = true, failed = true, cancelled = true, expired = true, skipped = true }
+local OPEN = { blocked = true, eligible = true, running = true }
+local PENDING = { blocked = true, eligible = true }
+local RUNNING = { running = true }
+local UUID = '%x%x%x%x%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x'
+
+-- Validation ---------------------------------------------------------------------------------
+
+local function invalid(msg)
+  return redis.error_reply('ERR ff_completions invalid: ' .. msg)
+end
+
+local function conflict(msg)
+  return redis.error_reply('ERR ff_completions conflict: ' .. msg)
+end
+
+local function valid_uuid(u)
+  return type(u) == 'string' and string.match(u, '^' .. UUID .. '$') ~= nil
+end
+
+-- The partition of a `{fp:N}:<uuid>` execution id, or nil when malformed.
+local function partition_of(id)
+  if type(id) ~= 'string' then return nil end
+  local n = string.match(id, '^{fp:(%d+)}:' .. UUID .. '$')
+  local p = tonumber(n)
+  if p == nil or p > 255 or #n > 3 then return nil end
+  return p
+end
+
+local function positive_int(n)
+  local v = tonumber(n)
+  if v == nil or v < 1 or v ~= math.floor(v) or v > 2 ^ 53 then return nil end
+  return v
+end
+
+-- The error when `keys` does not hold exactly `n` keys, else nil.
+local function wrong_keys(keys, n)
+  if #keys ~= n then return invalid('expected ' .. n .. ' keys, got ' .. #keys) end
+  return nil
+end
+
+-- Keys of related executions -----------------------------------------------------------------
+
+local function exec_key(id, part) return 'ff:exec:' .. id .. ':' .. part end
+
+-- Shared writes ------------------------------------------------------------------------------
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Makes `id` eligible again (its core key is `core`).
+local function make_eligible(core, id, eligible)
+  redis.call('HSET', core, 'state', 'eligible', 'updated', now_ms())
+  redis.call('ZADD', eligible, tonumber(redis.call('HGET', core, 'created')) or 0, id)
+end
+
+-- Moves execution `id` (keys `core`, `children`) from one of the states in `from` to the
+-- terminal `outcome`, writes its completion to `shared.stream` and publishes it. Returns false
+-- (writing nothing) when its state is not in `from`.
+local function finish(id, core, children, outcome, from, shared)
+  local state = redis.call('HGET', core, 'state')
+  if not state or not from[state] then return false end
+  local e = redis.call('HMGET', core, 'flow', 'ns', 'tags', 'partition')
+  local ts = now_ms()
+  redis.call('HSET', core, 'state', outcome, 'updated', ts)
+  redis.call('HDEL', core, 'worker')
+  redis.call('ZREM', shared.eligible, id)
+  redis.call('XADD', shared.stream, 'MAXLEN', '~', shared.maxlen, '*',
+    'execution_id', id, 'flow_id', e[1] or '', 'outcome', outcome, 'namespace', e[2] or '',
+    'tags', e[3] or '{}', 'occurred_at_ms', ts, 'partition', e[4] or '0')
+  local flow = e[1]
+  if flow == nil or flow == '' then flow = cjson.null end
+  redis.call('PUBLISH', CHANNEL, cjson.encode({ execution_id = id, flow_id = flow, outcome = outcome }))
+  for _, child in ipairs(redis.call('SMEMBERS', children)) do
+    redis.call('SADD', shared.pending_edges, id .. '|' .. child)
+  end
+  return true
+end
+
+-- The shared keys and trim length of a terminal call whose stream, eligible and pending-edges
+-- keys start at `keys[first]`; or nil and the error.
+local function shared_of(keys, first, maxlen)
+  local n = positive_int(maxlen)
+  if not n then return nil, invalid('maxlen must be a positive integer') end
+  return { stream = keys[first], eligible = keys[first + 1], pending_edges = keys[first + 2], maxlen = n }
+end
+
+-- Functions ----------------------------------------------------------------------------------
+
+-- FCALL ff_version 0 -> the library version.
+local function ff_version()
+  return VERSION
+end
+
+-- FCALL ff_create_flow 1 <flow core> <flow uuid> <namespace> -> 1 (idempotent).
+local function ff_create_flow(keys, args)
+  local bad = wrong_keys(keys, 1)
+  if bad then return bad end
+  if not valid_uuid(args[1]) then return invalid('bad flow id') end
+  local ns = args[2] or ''
+  redis.call('HSETNX', keys[1], 'ns', ns)
+  redis.call('HSETNX', keys[1], 'state', 'open')
+  redis.call('HSETNX', keys[1], 'created', now_ms())
+  return 1
+end
+
+-- FCALL ff_create_execution 4|6 <core> <deps> <eligible> <pending edges> [<flow core> <flow members>]
+--   <id> <flow uuid or ''> <namespace or ''> <tags JSON object> <max_attempts> <parent id>...
+-- -> 'blocked' when it has parents, 'eligible' otherwise.
+local function ff_create_execution(keys, args)
+  if #keys ~= 4 and #keys ~= 6 then return invalid('expected 4 or 6 keys, got ' .. #keys) end
+  local id, flow, ns, tags, max_attempts = args[1], args[2] or '', args[3] or '', args[4] or '{}', args[5]
+  local partition = partition_of(id)
+  if not partition then return invalid('bad execution id') end
+  if flow ~= '' and not valid_uuid(flow) then return invalid('bad flow id') end
+  if (flow ~= '') ~= (#keys == 6) then return invalid('flow keys must be passed exactly when a flow is') end
+  if not string.match(tags, '^%s*{') or not pcall(cjson.decode, tags) then
+    return invalid('tags must be a JSON object')
+  end
+  if not positive_int(max_attempts) then return invalid('max_attempts must be a positive integer') end
+  local parents, seen = {}, {}
+  for i = 6, #args do
+    local p = args[i]
+    if not partition_of(p) then return invalid('bad parent id') end
+    if p == id then return invalid('an execution cannot depend on itself') end
+    if not seen[p] then
+      seen[p] = true
+      parents[#parents + 1] = p
+    end
+  end
+  local core, deps, eligible, pending_edges = keys[1], keys[2], keys[3], keys[4]
+  if redis.call('EXISTS', core) == 1 then return conflict('execution ' .. id .. ' exists') end
+  if flow ~= '' and redis.call('EXISTS', keys[5]) == 0 then return conflict('flow ' .. flow .. ' does not exist') end
+  for _, p in ipairs(parents) do
+    if redis.call('EXISTS', exec_key(p, 'core')) == 0 then return conflict('parent ' .. p .. ' does not exist') end
+  end
+  local ts = now_ms()
+  local initial = (#parents == 0) and 'eligible' or 'blocked'
+  redis.call('HSET', core, 'state', initial, 'attempt', 0, 'max_attempts', max_attempts, 'pending', #parents,
+    'flow', flow, 'ns', ns, 'tags', tags, 'partition', partition, 'created', ts, 'updated', ts)
+  for _, p in ipairs(parents) do
+    redis.call('SADD', exec_key(p, 'children'), id)
+    redis.call('HSET', deps, p, 'pending')
+    if TERMINAL[redis.call('HGET', exec_key(p, 'core'), 'state') or ''] then
+      redis.call('SADD', pending_edges, p .. '|' .. id)
+    end
+  end
+  if flow ~= '' then redis.call('SADD', keys[6], id) end
+  if initial == 'eligible' then redis.call('ZADD', eligible, ts, id) end
+  return initial
+end
+
+-- FCALL ff_claim 1 <eligible> <worker> <limit> -> the claimed ids, oldest first.
+local function ff_claim(keys, args)
+  local bad = wrong_keys(keys, 1)
+  if bad then return bad end
+  local worker, limit = args[1], positive_int(args[2])
+  if not worker or worker == '' then return invalid('worker required') end
+  if not limit then return invalid('limit must be a positive integer') end
+  local claimed = {}
+  for _, id in ipairs(redis.call('ZRANGE', keys[1], 0, limit - 1)) do
+    redis.call('ZREM', keys[1], id)
+    local core = exec_key(id, 'core')
+    if redis.call('HGET', core, 'state') == 'eligible' then
+      redis.call('HSET', core, 'state', 'running', 'worker', worker, 'updated', now_ms())
+      redis.call('HINCRBY', core, 'attempt', 1)
+      claimed[#claimed + 1] = id
+    end
+  end
+  return claimed
+end
+
+-- The id, its keys and the shared keys of a terminal call on one execution:
+-- KEYS <core> <children> <stream> <eligible> <pending edges>, ARGV <id> ... <maxlen> (`nargs` in all).
+local function terminal_call(keys, args, nargs)
+  local bad = wrong_keys(keys, 5)
+  if bad then return nil, bad end
+  if #args ~= nargs then return nil, invalid('expected ' .. nargs .. ' arguments, got ' .. #args) end
+  if not partition_of(args[1]) then return nil, invalid('bad execution id') end
+  local shared, err = shared_of(keys, 3, args[#args])
+  if not shared then return nil, err end
+  return { id = args[1], core = keys[1], children = keys[2], shared = shared }
+end
+
+-- FCALL ff_complete 5 <core> <children> <stream> <eligible> <pending edges> <id> <maxlen>
+-- -> 1 when it was running and is now success, 0 otherwise.
+local function ff_complete(keys, args)
+  local c, err = terminal_call(keys, args, 2)
+  if not c then return err end
+  return finish(c.id, c.core, c.children, 'success', RUNNING, c.shared) and 1 or 0
+end
+
+-- FCALL ff_fail 5 <core> <children> <stream> <eligible> <pending edges> <id> <0|1 retryable> <maxlen>
+-- -> 'retry_scheduled' (eligible again) | 'terminal_failed' | 'not_running'.
+local function ff_fail(keys, args)
+  local c, err = terminal_call(keys, args, 3)
+  if not c then return err end
+  if args[2] ~= '0' and args[2] ~= '1' then return invalid('retryable must be 0 or 1') end
+  local e = redis.call('HMGET', c.core, 'state', 'attempt', 'max_attempts')
+  if e[1] ~= 'running' then return 'not_running' end
+  if args[2] == '1' and (tonumber(e[2]) or 0) < (tonumber(e[3]) or 1) then
+    redis.call('HDEL', c.core, 'worker')
+    make_eligible(c.core, c.id, c.shared.eligible)
+    return 'retry_scheduled'
+  end
+  finish(c.id, c.core, c.children, 'failed', RUNNING, c.shared)
+  return 'terminal_failed'
+end
+
+-- FCALL ff_cancel 5 <core> <children> <stream> <eligible> <pending edges> <id> <maxlen>
+-- -> 1 when it was not terminal and is now cancelled, 0 otherwise.
+local function ff_cancel(keys, args)
+  local c, err = terminal_call(keys, args, 2)
+  if not c then return err end
+  return finish(c.id, c.core, c.children, 'cancelled', OPEN, c.shared) and 1 or 0
+end
+
+-- FCALL ff_expire 5 <core> <children> <stream> <eligible> <pending edges> <id> <maxlen>
+-- -> 1 when it was not terminal and is now expired, 0 otherwise.
+local function ff_expire(keys, args)
+  local c, err = terminal_call(keys, args, 2)
+  if not c then return err end
+  return finish(c.id, c.core, c.children, 'expired', OPEN, c.shared) and 1 or 0
+end
+
+-- FCALL ff_cancel_flow 5 <flow core> <flow members> <stream> <eligible> <pending edges>
+--   <policy flow_only|cancel_all|cancel_pending> <maxlen>
+-- -> how many members were cancelled, in creation order.
+local function ff_cancel_flow(keys, args)
+  local bad = wrong_keys(keys, 5)
+  if bad then return bad end
+  local policies = { flow_only = {}, cancel_all = OPEN, cancel_pending = PENDING }
+  local states = policies[args[1] or '']
+  if not states then return invalid('unknown cancel policy') end
+  local shared, err = shared_of(keys, 3, args[2])
+  if not shared then return err end
+  if redis.call('EXISTS', keys[1]) == 1 then redis.call('HSET', keys[1], 'state', 'cancelled') end
+  local members = {}
+  for _, id in ipairs(redis.call('SMEMBERS', keys[2])) do
+    members[#members + 1] = { id = id, created = tonumber(redis.call('HGET', exec_key(id, 'core'), 'created')) or 0 }
+  end
+  table.sort(members, function(a, b)
+    if a.created ~= b.created then return a.created < b.created end
+    return a.id < b.id
+  end)
+  local n = 0
+  for _, m in ipairs(members) do
+    if finish(m.id, exec_key(m.id, 'core'), exec_key(m.id, 'children'), 'cancelled', states, shared) then
+      n = n + 1
+    end
+  end
+  return n
+end
+
+-- FCALL ff_resolve_dependency 7 <parent core> <child core> <child deps> <child children>
+--   <stream> <eligible> <pending edges> <parent id> <child id> <maxlen>
+-- -> promoted | skipped | waiting | already_resolved | parent_not_terminal.
+local function ff_resolve_dependency(keys, args)
+  local bad = wrong_keys(keys, 7)
+  if bad then return bad end
+  local parent, child = args[1], args[2]
+  if not partition_of(parent) or not partition_of(child) then return invalid('bad execution id') end
+  local shared, err = shared_of(keys, 5, args[3])
+  if not shared then return err end
+  local parent_core, child_core, deps, child_children = keys[1], keys[2], keys[3], keys[4]
+  local parent_state = redis.call('HGET', parent_core, 'state')
+  if not TERMINAL[parent_state or ''] then return 'parent_not_terminal' end
+  if redis.call('HGET', deps, parent) ~= 'pending' then return 'already_resolved' end
+  redis.call('SREM', shared.pending_edges, parent .. '|' .. child)
+  if parent_state ~= 'success' then
+    redis.call('HSET', deps, parent, 'failed')
+    if finish(child, child_core, child_children, 'skipped', PENDING, shared) then return 'skipped' end
+    return 'already_resolved'
+  end
+  redis.call('HSET', deps, parent, 'satisfied')
+  local pending = redis.call('HINCRBY', child_core, 'pending', -1)
+  redis.call('HSET', child_core, 'updated', now_ms())
+  if pending == 0 and redis.call('HGET', child_core, 'state') == 'blocked' then
+    make_eligible(child_core, child, shared.eligible)
+    return 'promoted'
+  end
+  return 'waiting'
+end
+
+-- FCALL_RO ff_children 1 <children> -> the child ids, sorted.
+local function ff_children(keys)
+  local bad = wrong_keys(keys, 1)
+  if bad then return bad end
+  local ids = redis.call('SMEMBERS', keys[1])
+  table.sort(ids)
+  return ids
+end
+
+-- FCALL_RO ff_unresolved 1 <pending edges> <limit> -> up to limit "parent|child" edges whose
+-- parent is terminal but which are not resolved yet.
+local function ff_unresolved(keys, args)
+  local bad = wrong_keys(keys, 1)
+  if bad then return bad end
+  local limit = positive_int(args[1])
+  if not limit then return invalid('limit must be a positive integer') end
+  return redis.call('SRANDMEMBER', keys[1], limit)
+end
+
+-- FCALL_RO ff_execution 1 <core> -> {state, attempt}, or nil when it does not exist.
+local function ff_execution(keys)
+  local bad = wrong_keys(keys, 1)
+  if bad then return bad end
+  local e = redis.call('HMGET', keys[1], 'state', 'attempt')
+  if not e[1] then return false end
+  return { e[1], tonumber(e[2]) or 0 }
+end
+
+-- FCALL_RO ff_read_after 1 <stream> <after id> <count>
+-- -> {trimmed (0|1), first id or '', last generated id or '', entries}: one atomic look at the
+-- stream for readers. `trimmed` is 1 once entries were ever removed (only ids below the first
+-- entry can have been trimmed); entries are those after <after>, at most <count> (none for 0).
+local function ff_read_after(keys, args)
+  local bad = wrong_keys(keys, 1)
+  if bad then return bad end
+  local after, count = args[1], tonumber(args[2])
+  if type(after) ~= 'string' or not string.match(after, '^%d+%-%d+$') then return invalid('bad stream id') end
+  if count == nil or count < 0 or count ~= math.floor(count) then return invalid('bad count') end
+  if redis.call('EXISTS', keys[1]) == 0 then return { 0, '', '', {} } end
+  local info = redis.call('XINFO', 'STREAM', keys[1])
+  local m = {}
+  for i = 1, #info, 2 do m[info[i]] = info[i + 1] end
+  local trimmed = (tonumber(m['entries-added']) or 0) > (tonumber(m['length']) or 0) and 1 or 0
+  local first = m['first-entry'] and m['first-entry'][1] or ''
+  local entries = {}
+  if count > 0 then entries = redis.call('XRANGE', keys[1], '(' .. after, '+', 'COUNT', count) end
+  return { trimmed, first, m['last-generated-id'] or '', entries }
+end
+
+redis.register_function { function_name = 'ff_version', callback = ff_version, flags = { 'no-writes' } }
+redis.register_function('ff_create_flow', ff_create_flow)
+redis.register_function('ff_create_execution', ff_create_execution)
+redis.register_function('ff_claim', ff_claim)
+redis.register_function('ff_complete', ff_complete)
+redis.register_function('ff_fail', ff_fail)
+redis.register_function('ff_cancel', ff_cancel)
+redis.register_function('ff_expire', ff_expire)
+redis.register_function('ff_cancel_flow', ff_cancel_flow)
+redis.register_function('ff_resolve_dependency', ff_resolve_dependency)
+redis.register_function { function_name = 'ff_children', callback = ff_children, flags = { 'no-writes' } }
+redis.register_function { function_name = 'ff_unresolved', callback = ff_unresolved, flags = { 'no-writes' } }
+redis.register_function { function_name = 'ff_execution', callback = ff_execution, flags = { 'no-writes' } }
+redis.register_function { function_name = 'ff_read_after', callback = ff_read_after, flags = { 'no-writes' } }

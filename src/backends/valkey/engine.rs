@@ -1,0 +1,172 @@
+//! The Valkey engine surface: one `FCALL` per operation into the `ff_completions` library, which
+//! writes state, the stream entry and the pub/sub message in one atomic call.
+
+use async_trait::async_trait;
+use ferriskey::{Client, Value};
+
+use super::keys::{self, ELIGIBLE, PENDING_EDGES};
+use super::library::{connect_client, ensure_library, fcall, valkey_connection};
+use super::stream::text;
+use crate::config::BackendConfig;
+use crate::engine::{CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome};
+use crate::error::EngineError;
+use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
+
+/// Drives executions through the `ff_completions` function library.
+#[derive(Clone)]
+pub struct ValkeyEngine {
+    client: Client,
+    maxlen: String,
+}
+
+impl std::fmt::Debug for ValkeyEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ValkeyEngine").field("maxlen", &self.maxlen).finish_non_exhaustive()
+    }
+}
+
+fn parse_ids(ids: &[String]) -> Result<Vec<ExecutionId>, EngineError> {
+    ids.iter().map(|id| ExecutionId::parse(id)).collect()
+}
+
+impl ValkeyEngine {
+    /// Connects and loads the function library when it is missing or of another version.
+    /// Completions are trimmed to `MAXLEN ~` [`ValkeyConnection::stream_maxlen`](crate::ValkeyConnection).
+    ///
+    /// # Errors
+    /// [`EngineError::Validation`] for a config of another backend or cluster mode;
+    /// [`EngineError::Unavailable`] when the server refuses the connection or the credentials or
+    /// is too old for functions; [`EngineError::Timeout`] and [`EngineError::Transport`] for
+    /// connection trouble.
+    pub async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
+        let maxlen = valkey_connection(config)?.stream_maxlen.max(1).to_string();
+        let client = connect_client(config, "ff-completions-engine").await?;
+        ensure_library(&client).await?;
+        Ok(Self { client, maxlen })
+    }
+
+    /// The underlying client, for your own commands beside the engine's.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// A terminal call on one execution returning 0 or 1.
+    async fn flag(&self, function: &'static str, id: &ExecutionId) -> Result<bool, EngineError> {
+        let n: i64 = fcall(&self.client, function, &keys::terminal(id), &[id.to_string(), self.maxlen.clone()]).await?;
+        Ok(n == 1)
+    }
+}
+
+#[async_trait]
+impl Engine for ValkeyEngine {
+    async fn create_flow(&self, flow: &FlowId, namespace: Option<&Namespace>) -> Result<(), EngineError> {
+        let ns = namespace.map(|n| n.as_str().to_owned()).unwrap_or_default();
+        let _: i64 =
+            fcall(&self.client, "ff_create_flow", &[keys::flow(flow, "core")], &[flow.to_string(), ns]).await?;
+        Ok(())
+    }
+
+    async fn create_execution(&self, spec: &ExecutionSpec) -> Result<(), EngineError> {
+        let id = &spec.id;
+        let tags = serde_json::to_string(&spec.tags).map_err(|e| EngineError::validation(e.to_string()))?;
+        let mut keys = vec![keys::exec(id, "core"), keys::exec(id, "deps"), ELIGIBLE.into(), PENDING_EDGES.into()];
+        if let Some(flow) = &spec.flow_id {
+            keys.extend([keys::flow(flow, "core"), keys::flow(flow, "members")]);
+        }
+        let mut args = vec![
+            id.to_string(),
+            spec.flow_id.map(|f| f.to_string()).unwrap_or_default(),
+            spec.namespace.as_ref().map(|n| n.as_str().to_owned()).unwrap_or_default(),
+            tags,
+            spec.max_attempts.max(1).to_string(),
+        ];
+        args.extend(spec.parents.iter().map(ExecutionId::to_string));
+        let _: String = fcall(&self.client, "ff_create_execution", &keys, &args).await?;
+        Ok(())
+    }
+
+    async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, EngineError> {
+        let args = [worker.to_owned(), limit.max(1).to_string()];
+        let ids: Vec<String> = fcall(&self.client, "ff_claim", &[ELIGIBLE], &args).await?;
+        parse_ids(&ids)
+    }
+
+    async fn complete(&self, id: &ExecutionId) -> Result<bool, EngineError> {
+        self.flag("ff_complete", id).await
+    }
+
+    async fn fail(&self, id: &ExecutionId, retryable: bool) -> Result<FailOutcome, EngineError> {
+        let args = [id.to_string(), if retryable { "1" } else { "0" }.to_owned(), self.maxlen.clone()];
+        let outcome: String = fcall(&self.client, "ff_fail", &keys::terminal(id), &args).await?;
+        match outcome.as_str() {
+            "retry_scheduled" => Ok(FailOutcome::RetryScheduled { delay_until: TimestampMs::now() }),
+            "terminal_failed" => Ok(FailOutcome::TerminalFailed),
+            other => Err(EngineError::State { detail: format!("fail {id}: {other}") }),
+        }
+    }
+
+    async fn cancel(&self, id: &ExecutionId) -> Result<bool, EngineError> {
+        self.flag("ff_cancel", id).await
+    }
+
+    async fn expire(&self, id: &ExecutionId) -> Result<bool, EngineError> {
+        self.flag("ff_expire", id).await
+    }
+
+    async fn cancel_flow(&self, flow: &FlowId, policy: CancelFlowPolicy) -> Result<u64, EngineError> {
+        let mut keys = vec![keys::flow(flow, "core"), keys::flow(flow, "members")];
+        keys.extend(keys::terminal_shared());
+        let args = [policy.as_wire().to_owned(), self.maxlen.clone()];
+        let n: i64 = fcall(&self.client, "ff_cancel_flow", &keys, &args).await?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn resolve_dependency(
+        &self,
+        parent: &ExecutionId,
+        child: &ExecutionId,
+    ) -> Result<DependencyResolution, EngineError> {
+        let mut keys = vec![
+            keys::exec(parent, "core"),
+            keys::exec(child, "core"),
+            keys::exec(child, "deps"),
+            keys::exec(child, "children"),
+        ];
+        keys.extend(keys::terminal_shared());
+        let args = [parent.to_string(), child.to_string(), self.maxlen.clone()];
+        let result: String = fcall(&self.client, "ff_resolve_dependency", &keys, &args).await?;
+        DependencyResolution::from_wire(&result)
+    }
+
+    async fn children(&self, parent: &ExecutionId) -> Result<Vec<ExecutionId>, EngineError> {
+        let no_args: &[&str] = &[];
+        let ids: Vec<String> = fcall(&self.client, "ff_children", &[keys::exec(parent, "children")], no_args).await?;
+        parse_ids(&ids)
+    }
+
+    async fn unresolved_dependencies(&self, limit: usize) -> Result<Vec<(ExecutionId, ExecutionId)>, EngineError> {
+        let edges: Vec<String> =
+            fcall(&self.client, "ff_unresolved", &[PENDING_EDGES], &[limit.max(1).to_string()]).await?;
+        edges
+            .iter()
+            .map(|edge| {
+                let (p, c) =
+                    edge.split_once('|').ok_or_else(|| EngineError::validation(format!("bad edge {edge:?}")))?;
+                Ok((ExecutionId::parse(p)?, ExecutionId::parse(c)?))
+            })
+            .collect()
+    }
+
+    async fn execution(&self, id: &ExecutionId) -> Result<Option<ExecutionInfo>, EngineError> {
+        let no_args: &[&str] = &[];
+        let reply: Value = fcall(&self.client, "ff_execution", &[keys::exec(id, "core")], no_args).await?;
+        let Value::Array(items) = reply else { return Ok(None) };
+        let mut items = items.into_iter().map(|r| r.ok());
+        let state = items.next().flatten().as_ref().and_then(text);
+        let attempt = items.next().flatten().as_ref().and_then(text).and_then(|a| a.parse::<u32>().ok());
+        match state {
+            Some(state) => Ok(Some(ExecutionInfo { state, attempt: attempt.unwrap_or(0) })),
+            None => Err(EngineError::Schema { op: "ff_execution", detail: format!("{id}: no state in the reply") }),
+        }
+    }
+}

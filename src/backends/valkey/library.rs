@@ -1,0 +1,186 @@
+//! The connection side of the Valkey backend: building clients from [`ValkeyConnection`] (auth,
+//! TLS, database, explicit timeouts), mapping ferriskey errors to [`EngineError`], loading the
+//! function library when it is missing or of another version, and `FCALL` that reloads it once
+//! when a restarted server lost it.
+
+use ferriskey::{Client, ClientBuilder, ErrorKind, FromValue, ToArgs};
+
+use super::{LIBRARY, LIBRARY_VERSION};
+use crate::config::{BackendConfig, BackendConnection, ValkeyConnection};
+use crate::error::{EngineError, redact};
+
+/// What the library's argument checks start their error replies with.
+const INVALID: &str = "ff_completions invalid:";
+/// What the library's refused state changes start their error replies with.
+const CONFLICT: &str = "ff_completions conflict:";
+
+/// The Valkey part of a backend config.
+pub(super) fn valkey_connection(config: &BackendConfig) -> Result<&ValkeyConnection, EngineError> {
+    match &config.connection {
+        BackendConnection::Valkey(v) => Ok(v),
+        _ => Err(EngineError::validation("not a valkey config")),
+    }
+}
+
+/// Maps a ferriskey error of operation `op`; the text never carries a password.
+pub(super) fn map_err(op: &'static str) -> impl Fn(ferriskey::Error) -> EngineError {
+    move |e| classify(op, &e, redact(&e.to_string()))
+}
+
+fn classify(op: &'static str, e: &ferriskey::Error, detail: String) -> EngineError {
+    if e.is_timeout() {
+        return EngineError::Timeout { op };
+    }
+    if e.is_connection_refusal() {
+        return EngineError::Unavailable { op, detail };
+    }
+    if e.is_connection_dropped() || e.is_io_error() {
+        return EngineError::Transport { op, detail };
+    }
+    if detail.contains(INVALID) {
+        return EngineError::Validation { detail };
+    }
+    if detail.contains(CONFLICT) {
+        return EngineError::State { detail };
+    }
+    if detail.contains("unknown command") {
+        let detail = format!("server too old for functions (needs Valkey 7.2+ or Redis 7+): {detail}");
+        return EngineError::Unavailable { op, detail };
+    }
+    if matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM")) {
+        return EngineError::Unavailable { op, detail };
+    }
+    match e.kind() {
+        ErrorKind::AuthenticationFailed | ErrorKind::PermissionDenied => EngineError::Unavailable { op, detail },
+        ErrorKind::InvalidClientConfig => EngineError::Validation { detail },
+        ErrorKind::ResponseError | ErrorKind::TypeError | ErrorKind::NoScriptError => {
+            EngineError::Schema { op, detail }
+        }
+        _ => EngineError::Transport { op, detail },
+    }
+}
+
+/// A connected client named `name`, with the config's credentials, TLS, database and an
+/// explicit request timeout (ferriskey's default, 250 ms, is too short for `FCALL`s under load;
+/// a blocking read gets its `BLOCK` time plus the request timeout).
+///
+/// # Errors
+/// [`EngineError::Validation`] for cluster mode; connection failures as [`map_err`] says;
+/// [`EngineError::Timeout`] when connecting takes longer than twice the connect timeout.
+pub(super) async fn connect_client(config: &BackendConfig, name: &str) -> Result<Client, EngineError> {
+    let v = valkey_connection(config)?;
+    if v.cluster {
+        return Err(EngineError::validation("valkey cluster mode is not supported"));
+    }
+    let (connect_timeout, request_timeout) =
+        (config.timeouts.connect_or_default(), config.timeouts.request_or_default());
+    let mut builder = ClientBuilder::new()
+        .host(&v.host, v.port)
+        .database(v.database)
+        .request_timeout(request_timeout)
+        // A blocking read may answer this much after its BLOCK time on a busy server.
+        .blocking_cmd_timeout_extension(request_timeout)
+        .connect_timeout(connect_timeout)
+        .client_name(name);
+    if v.tls {
+        builder = builder.tls();
+    }
+    if let Some(user) = &v.username {
+        builder = builder.username(user.clone());
+    }
+    if let Some(password) = &v.password {
+        builder = builder.password(password.clone());
+    }
+    match tokio::time::timeout(connect_timeout * 2, builder.build()).await {
+        Ok(client) => client.map_err(map_err("valkey connect")),
+        Err(_) => Err(EngineError::Timeout { op: "valkey connect" }),
+    }
+}
+
+/// Loads the function library unless `ff_version` already answers [`LIBRARY_VERSION`].
+///
+/// # Errors
+/// [`EngineError::Unavailable`] for a server without functions; others as [`map_err`].
+pub(super) async fn ensure_library(client: &Client) -> Result<(), EngineError> {
+    let no_args: &[&str] = &[];
+    match client.fcall::<String>("ff_version", no_args, no_args).await {
+        Ok(v) if v == LIBRARY_VERSION => Ok(()),
+        Ok(other) => {
+            tracing::info!(found = %other, want = LIBRARY_VERSION, "replacing the ff_completions function library");
+            load_library(client).await
+        }
+        Err(e) if is_function_missing(&e) => load_library(client).await,
+        Err(e) => Err(map_err("valkey library check")(e)),
+    }
+}
+
+async fn load_library(client: &Client) -> Result<(), EngineError> {
+    client.function_load_replace(LIBRARY).await.map(|_| ()).map_err(map_err("valkey FUNCTION LOAD"))
+}
+
+fn is_function_missing(e: &ferriskey::Error) -> bool {
+    e.to_string().contains("Function not found")
+}
+
+/// `FCALL function keys args`; when the server answers "Function not found" (restarted without
+/// persistence) it loads the library once and calls again. A call that timed out is never
+/// repeated here: it may have run.
+///
+/// # Errors
+/// As [`map_err`]: the library's argument checks are [`EngineError::Validation`], its refused
+/// state changes [`EngineError::State`].
+pub(super) async fn fcall<T: FromValue>(
+    client: &Client,
+    function: &'static str,
+    keys: &[impl ToArgs],
+    args: &[impl ToArgs],
+) -> Result<T, EngineError> {
+    match client.fcall(function, keys, args).await {
+        Err(e) if is_function_missing(&e) => {
+            tracing::warn!(function, "function library missing (server restarted without persistence?); reloading");
+            load_library(client).await?;
+            client.fcall(function, keys, args).await.map_err(map_err(function))
+        }
+        other => other.map_err(map_err(function)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server_error(text: &str) -> ferriskey::Error {
+        ferriskey::Error::from((ErrorKind::ResponseError, "An error was signalled by the server", text.to_owned()))
+    }
+
+    #[test]
+    fn library_errors_map_to_validation_and_state() {
+        let invalid = map_err("ff_complete")(server_error("ff_completions invalid: bad execution id"));
+        assert!(matches!(invalid, EngineError::Validation { .. }), "{invalid:?}");
+        let conflict = map_err("ff_create_execution")(server_error("ff_completions conflict: execution exists"));
+        assert!(matches!(conflict, EngineError::State { .. }), "{conflict:?}");
+    }
+
+    #[test]
+    fn a_server_without_functions_is_unavailable_and_says_why() {
+        let old = map_err("valkey library check")(server_error("unknown command 'FCALL', with args beginning with:"));
+        match old {
+            EngineError::Unavailable { detail, .. } => assert!(detail.contains("too old"), "{detail}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn refused_credentials_are_unavailable() {
+        let err = ferriskey::Error::from((ErrorKind::AuthenticationFailed, "auth failed"));
+        assert!(matches!(map_err("valkey connect")(err), EngineError::Unavailable { .. }));
+    }
+
+    #[test]
+    fn dropped_connections_are_transport_errors() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(matches!(map_err("valkey XREAD")(io.into()), EngineError::Transport { .. }));
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(matches!(map_err("valkey connect")(refused.into()), EngineError::Unavailable { .. }));
+    }
+}

