@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ff_completions::{
-    BackendConfig, BackendConnection, CompletionEvent, CompletionSupervisorHandle, DependencyResolution, Engine,
-    ExecutionId, ExecutionSpec, FlowId, SubscribeRequest, SupervisorConfig, TimestampMs, connect_engine,
+    BackendConfig, CompletionEvent, CompletionSupervisorHandle, DependencyResolution, Engine, ExecutionId,
+    ExecutionSpec, FlowId, SubscribeRequest, SupervisorConfig, TimestampMs, connect_engine,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use rand::rngs::StdRng;
@@ -292,16 +292,15 @@ async fn chaos(tree: CompletionSupervisorHandle, backend: BackendConfig, seed: u
             faults += 1;
         }
         #[cfg(feature = "postgres")]
-        if let BackendConnection::Postgres(pg) = &backend.connection {
-            if let Ok(pool) = sqlx::PgPool::connect(&pg.url).await {
-                let _ =
-                    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1")
-                        .bind(ff_completions::backends::postgres::LISTENER_APPLICATION_NAME)
-                        .execute(&pool)
-                        .await;
-                faults += 1;
-                pool.close().await;
-            }
+        if let ff_completions::BackendConnection::Postgres(pg) = &backend.connection
+            && let Ok(pool) = sqlx::PgPool::connect(&pg.url).await
+        {
+            let _ = sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1")
+                .bind(ff_completions::backends::postgres::LISTENER_APPLICATION_NAME)
+                .execute(&pool)
+                .await;
+            faults += 1;
+            pool.close().await;
         }
     }
     faults

@@ -39,7 +39,11 @@ pub(crate) fn connect_options(config: &BackendConfig) -> Result<PgConnectOptions
 
 /// A pool of `max` connections, with the schema migrated.
 pub(crate) async fn connect_pool(config: &BackendConfig, max: u32) -> Result<PgPool, EngineError> {
-    let options = connect_options(config)?.application_name("ff-completions");
+    let mut options = connect_options(config)?.application_name("ff-completions");
+    if let Some(request) = config.timeouts.request {
+        // Engine calls and catch-up reads run under it; the LISTEN connection does not.
+        options = options.options([("statement_timeout", request.as_millis().to_string())]);
+    }
     let pool = PgPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(config.timeouts.connect_or_default())

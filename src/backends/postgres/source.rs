@@ -291,7 +291,8 @@ mod tests {
 
     #[test]
     fn each_kind_of_bad_row_names_what_is_wrong() {
-        let cases: Vec<(Box<dyn Fn(&mut Row)>, &str)> = vec![
+        type Damage = Box<dyn Fn(&mut Row)>;
+        let cases: Vec<(Damage, &str)> = vec![
             (Box::new(|r| r.3 = None), "execution_id is NULL"),
             (Box::new(|r| r.3 = Some("nope".into())), "execution_id"),
             (Box::new(|r| r.10 = Some(256)), "out of range"),

@@ -113,11 +113,11 @@ impl CompletionSource for SqliteSource {
 
     async fn read_after(&self, after: Position, limit: usize) -> Result<Batch, EngineError> {
         let mut batch = Batch { start: after, end: after, ..Batch::default() };
-        if let Some(trimmed) = self.trimmed().await? {
-            if pos(trimmed) > after {
-                batch.expired = Some(pos(trimmed));
-                return Ok(batch);
-            }
+        if let Some(trimmed) = self.trimmed().await?
+            && pos(trimmed) > after
+        {
+            batch.expired = Some(pos(trimmed));
+            return Ok(batch);
         }
         let rows: Vec<Row> = sqlx::query_as(READ_AFTER)
             .bind(after.lo as i64)
