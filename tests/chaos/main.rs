@@ -1,0 +1,333 @@
+//! Chaos runner: concurrent producers, several kinds of subscribers and a seeded schedule of
+//! real faults, then a ledger of what producers committed against what every subscriber
+//! received. Any loss, duplicate or reordering fails the run; the seed replays it.
+//!
+//! ```text
+//! cargo test --test chaos                                   # CI: a short run per backend
+//! cargo test --release --test chaos -- --backend postgres --duration 30m --seed 42
+//! ```
+
+#[path = "../it/support/mod.rs"]
+mod support;
+
+mod ledger;
+mod targets;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use ff_completions::{
+    CompletionSupervisorHandle, Engine, ExecutionId, ExecutionSpec, FlowId, Namespace, ScannerFilter, StreamCursor,
+    SubscribeRequest, SupervisorConfig, TimestampMs,
+};
+use futures::StreamExt;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::Mutex;
+
+use ledger::{Committed, Received, Verdict, judge};
+use targets::Target;
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Chaos runner: prove zero loss, duplication and reordering under faults")]
+struct Args {
+    /// postgres, valkey, sqlite, or all.
+    #[arg(long, default_value = "all")]
+    backend: String,
+    /// How long producers run under faults, per backend (e.g. 60s, 30m).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Seed of the fault schedule and workload; random when absent (printed either way).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Concurrent producers.
+    #[arg(long, default_value_t = 4)]
+    producers: usize,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (num, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: u64 = num.parse().map_err(|_| format!("bad duration {text:?}"))?;
+    match unit {
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("bad duration unit in {text:?} (use ms, s, m or h)")),
+    }
+}
+
+/// Counts of what the run did.
+#[derive(Default, Debug)]
+struct Tally {
+    faults: HashMap<&'static str, u32>,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    // `cargo test` passes harness flags such as `--nocapture`; keep only ours.
+    let raw: Vec<String> = std::env::args().collect();
+    let ours: Vec<String> = raw.iter().take(1).cloned().chain(known_args(&raw[1..])).collect();
+    let args = Args::parse_from(ours);
+    support::init_tracing();
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let backends: Vec<&str> = match args.backend.as_str() {
+        "all" => targets::ALL.to_vec(),
+        one => vec![one],
+    };
+    let (mut passed, mut failed) = (0, 0);
+    for backend in backends {
+        println!("== chaos on {backend}: seed {seed}, {:?}, {} producers", args.duration, args.producers);
+        let verdicts = run(backend, &args, seed).await;
+        for v in &verdicts {
+            println!(
+                "   {:<10} expected {:>6} received {:>6} lost {} duplicated {} out-of-order {} unexpected {} worst delay {:?} -> {}",
+                v.name,
+                v.expected,
+                v.received,
+                v.lost,
+                v.duplicated,
+                v.out_of_order,
+                v.unexpected,
+                v.worst_delay,
+                if v.ok() { "ok" } else { "FAILED" }
+            );
+        }
+        if verdicts.iter().all(Verdict::ok) && !verdicts.is_empty() {
+            passed += 1;
+        } else {
+            failed += 1;
+            println!("   replay with: cargo test --test chaos -- --backend {backend} --seed {seed}");
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
+
+/// Keeps `--flag value` pairs and `--flag=value` forms that are ours.
+fn known_args(rest: &[String]) -> Vec<String> {
+    const OURS: [&str; 4] = ["--backend", "--duration", "--seed", "--producers"];
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < rest.len() {
+        let arg = &rest[i];
+        if OURS.iter().any(|o| arg.starts_with(&format!("{o}="))) {
+            out.push(arg.clone());
+        } else if OURS.contains(&arg.as_str()) && i + 1 < rest.len() {
+            out.push(arg.clone());
+            out.push(rest[i + 1].clone());
+            i += 1;
+        }
+        i += 1;
+    }
+    out
+}
+
+type Inbox = Arc<Mutex<Vec<Received>>>;
+/// Which executions a subscriber's filter admits.
+type WantsEvent = Box<dyn Fn(&ExecutionId) -> bool>;
+
+fn delay_since(at: TimestampMs) -> Duration {
+    Duration::from_millis((TimestampMs::now().0 - at.0).max(0) as u64)
+}
+
+/// Reads a subscription into `inbox`; `slow` sleeps per event and pauses past its buffer now and then.
+async fn read_into(mut sub: ff_completions::Subscription, inbox: Inbox, slow: Option<u64>, until: Arc<AtomicBool>) {
+    let mut rng = StdRng::seed_from_u64(slow.unwrap_or(0));
+    while !until.load(Ordering::Relaxed) {
+        match tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+            Ok(Some(Ok(event))) => {
+                let delay = delay_since(event.at);
+                inbox.lock().await.push(Received { event, delay });
+                if slow.is_some() {
+                    if rng.random_ratio(1, 2000) {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+            Ok(Some(Err(err))) => panic!("subscriber got an error: {err}"),
+            Ok(None) => return,
+            Err(_) => {}
+        }
+    }
+}
+
+/// Drops its subscription now and then and resubscribes from the last cursor it received.
+async fn resubscribing_reader(tree: CompletionSupervisorHandle, inbox: Inbox, seed: u64, until: Arc<AtomicBool>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut cursor = StreamCursor::empty();
+    let mut first = true;
+    while !until.load(Ordering::Relaxed) {
+        let request = if first { SubscribeRequest::tail() } else { SubscribeRequest::from_cursor(cursor.clone()) };
+        first = false;
+        let mut sub = match tree.subscribe(request).await {
+            Ok(sub) => sub,
+            Err(err) => panic!("resubscribe from {cursor:?} failed: {err}"),
+        };
+        let stay = Instant::now() + Duration::from_millis(rng.random_range(300..3000));
+        // It only lets go once it holds a cursor: an empty one would mean "from the tail".
+        while (Instant::now() < stay || cursor.is_empty()) && !until.load(Ordering::Relaxed) {
+            match tokio::time::timeout(Duration::from_millis(100), sub.next()).await {
+                Ok(Some(Ok(event))) => {
+                    cursor = event.cursor.clone();
+                    let delay = delay_since(event.at);
+                    inbox.lock().await.push(Received { event, delay });
+                }
+                Ok(Some(Err(err))) => panic!("resumed subscriber got an error: {err}"),
+                Ok(None) => break,
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// Creates, claims and completes executions until told to stop, recording what is committed.
+async fn produce(
+    target: Arc<Target>,
+    engine: Arc<dyn Engine>,
+    committed: Arc<Mutex<Committed>>,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let worker = format!("producer-{seed}");
+    while !stop.load(Ordering::Relaxed) {
+        let flow = FlowId::new();
+        let ns = if rng.random_bool(0.5) { "ns-a" } else { "ns-b" };
+        if engine.create_flow(&flow, Some(&Namespace::new(ns))).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        for _ in 0..5 {
+            let spec = ExecutionSpec::new(&flow).with_namespace(ns);
+            // Recorded first: a create cut by a fault may still have committed.
+            committed.lock().await.namespace.insert(spec.id, ns.to_owned());
+            let _ = engine.create_execution(&spec).await;
+        }
+        let claimed = match engine.claim(&worker, 5).await {
+            Ok(ids) => ids,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        for id in claimed {
+            let outcome = match rng.random_range(0..10) {
+                0 => target.complete_held_open(&engine, &id, Duration::from_millis(rng.random_range(200..2000))).await,
+                1 => target.complete_rolled_back_then_again(&engine, &id).await,
+                _ => engine.complete(&id).await,
+            };
+            let mut ledger = committed.lock().await;
+            match outcome {
+                Ok(true) => {
+                    ledger.sure.insert(id);
+                }
+                Ok(false) => {}
+                Err(_) => {
+                    ledger.uncertain.insert(id);
+                }
+            }
+        }
+    }
+}
+
+async fn run(backend: &str, args: &Args, seed: u64) -> Vec<Verdict> {
+    let target = Arc::new(Target::start(backend).await);
+    let config = SupervisorConfig::new().with_backend(target.config()).with_subscriber_buffer(64).with_batch_size(128);
+    let (tree, _) = CompletionSupervisorHandle::spawn(config).await.expect("spawn tree");
+    let until = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let committed = Arc::new(Mutex::new(Committed::default()));
+
+    let names = ["fast", "filtered", "slow", "resumed"];
+    let inboxes: Vec<Inbox> = names.iter().map(|_| Arc::new(Mutex::new(Vec::new()))).collect();
+    let mut readers = Vec::new();
+    let mut subscriber_ids = Vec::new();
+    for (i, filter) in
+        [ScannerFilter::new(), ScannerFilter::new().with_namespace(Namespace::new("ns-a")), ScannerFilter::new()]
+            .into_iter()
+            .enumerate()
+    {
+        let sub = tree.subscribe(SubscribeRequest::tail().with_filter(filter)).await.expect("subscribe");
+        subscriber_ids.push(sub.id());
+        let slow = (i == 2).then_some(seed ^ 0x5105);
+        readers.push(tokio::spawn(read_into(sub, inboxes[i].clone(), slow, until.clone())));
+    }
+    readers.push(tokio::spawn(resubscribing_reader(tree.clone(), inboxes[3].clone(), seed ^ 0x7e5, until.clone())));
+
+    let mut producers = Vec::new();
+    for p in 0..args.producers {
+        let engine = target.engine().await;
+        producers.push(tokio::spawn(produce(
+            target.clone(),
+            engine,
+            committed.clone(),
+            seed.wrapping_add(p as u64),
+            stop.clone(),
+        )));
+    }
+
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tally = Tally::default();
+    let started = Instant::now();
+    while started.elapsed() < args.duration {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
+        let fault = target.inject(&tree, &subscriber_ids, &mut rng).await;
+        *tally.faults.entry(fault).or_default() += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for p in producers {
+        let _ = p.await;
+    }
+    let committed = Arc::try_unwrap(committed).ok().expect("producers done").into_inner();
+
+    // Give every subscriber time to receive everything, then judge.
+    let settle = Instant::now() + Duration::from_secs(120);
+    let namespaces = committed.namespace.clone();
+    let wants: Vec<WantsEvent> = vec![
+        Box::new(|_| true),
+        Box::new(move |id| namespaces.get(id).is_some_and(|ns| ns == "ns-a")),
+        Box::new(|_| true),
+        Box::new(|_| true),
+    ];
+    loop {
+        let mut complete = true;
+        for (inbox, want) in inboxes.iter().zip(&wants) {
+            let got: std::collections::HashSet<_> = inbox.lock().await.iter().map(|r| r.event.execution_id).collect();
+            complete &= committed.sure.iter().filter(|id| want(id)).all(|id| got.contains(id));
+        }
+        if complete || Instant::now() > settle {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Before the readers stop: a dropped stream ends its subscription and its counters.
+    let stats = tree.stats().await.expect("stats");
+    until.store(true, Ordering::Relaxed);
+    for r in readers {
+        let _ = r.await;
+    }
+    println!(
+        "   committed {} (+{} uncertain), faults {:?}, listener restarts {}, filter restarts {}",
+        committed.sure.len(),
+        committed.uncertain.len(),
+        tally.faults,
+        stats.listeners.iter().map(|l| l.restarts).sum::<u64>(),
+        stats.subscribers.iter().map(|s| s.restarts).sum::<u64>(),
+    );
+    let mut verdicts = Vec::new();
+    for ((name, inbox), want) in names.iter().zip(&inboxes).zip(&wants) {
+        let received = inbox.lock().await;
+        verdicts.push(judge(name, &received, &committed, want, |e| target.position(&e.cursor)));
+    }
+    tree.shutdown().await;
+    verdicts
+}

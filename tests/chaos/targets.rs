@@ -1,0 +1,184 @@
+//! The backends the chaos runner drives, each with the real faults it can suffer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ff_completions::{
+    BackendConfig, CompletionSupervisorHandle, Engine, EngineError, ExecutionId, StreamCursor, SubscriberId,
+    connect_engine, decode_postgres_cursor, decode_sqlite_cursor, decode_valkey_cursor,
+};
+use rand::Rng;
+use rand::rngs::StdRng;
+
+use crate::support;
+
+/// Every backend this runner knows.
+pub const ALL: [&str; 3] = ["postgres", "valkey", "sqlite"];
+
+/// A backend under test, with its server when it has one.
+pub enum Target {
+    Postgres { server: support::postgres::PrivatePg, pool: sqlx::PgPool },
+    Sqlite { _dir: tempfile::TempDir, path: std::path::PathBuf },
+    Valkey { server: support::valkey::ValkeyServer },
+}
+
+impl Target {
+    pub async fn start(kind: &str) -> Self {
+        match kind {
+            "postgres" => {
+                let server = support::postgres::PrivatePg::start().await;
+                let pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(2))
+                    .connect(&server.url())
+                    .await
+                    .expect("pool");
+                Self::Postgres { server, pool }
+            }
+            "sqlite" => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let path = dir.path().join("chaos.db");
+                Self::Sqlite { _dir: dir, path }
+            }
+            "valkey" => Self::Valkey { server: support::valkey::ValkeyServer::start_persistent().await },
+            other => panic!("unknown backend {other:?} (use postgres, valkey, sqlite or all)"),
+        }
+    }
+
+    pub fn config(&self) -> BackendConfig {
+        match self {
+            Self::Postgres { server, .. } => BackendConfig::postgres(server.url()),
+            Self::Sqlite { path, .. } => BackendConfig::sqlite(path.clone()),
+            Self::Valkey { server } => server.config(),
+        }
+    }
+
+    pub async fn engine(&self) -> Arc<dyn Engine> {
+        connect_engine(&self.config()).await.expect("engine")
+    }
+
+    /// The cursor's place in the backend's total order.
+    pub fn position(&self, cursor: &StreamCursor) -> (u64, u64) {
+        let decoded = match self {
+            Self::Postgres { .. } => {
+                decode_postgres_cursor(cursor).map(|c| c.map(|c| (c.txid.unwrap_or(0), c.event_id as u64)))
+            }
+            Self::Sqlite { .. } => decode_sqlite_cursor(cursor).map(|c| c.map(|id| (0, id as u64))),
+            Self::Valkey { .. } => decode_valkey_cursor(cursor),
+        };
+        decoded.ok().flatten().unwrap_or((0, 0))
+    }
+
+    /// Completes inside a transaction held open for `hold` (Postgres), holding back the horizon.
+    pub async fn complete_held_open(
+        &self,
+        engine: &Arc<dyn Engine>,
+        id: &ExecutionId,
+        hold: Duration,
+    ) -> Result<bool, EngineError> {
+        let Self::Postgres { pool, .. } = self else { return engine.complete(id).await };
+        let err = |e| EngineError::from(TransportError(e));
+        let mut tx = pool.begin().await.map_err(err)?;
+        let done: bool = sqlx::query_scalar("SELECT ff_complete_execution($1)")
+            .bind(id.uuid())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err)?;
+        tokio::time::sleep(hold).await;
+        tx.commit().await.map_err(err)?;
+        Ok(done)
+    }
+
+    /// Completes inside a transaction that rolls back (a hole in the ids), then for real.
+    pub async fn complete_rolled_back_then_again(
+        &self,
+        engine: &Arc<dyn Engine>,
+        id: &ExecutionId,
+    ) -> Result<bool, EngineError> {
+        if let Self::Postgres { pool, .. } = self {
+            let err = |e| EngineError::from(TransportError(e));
+            let mut tx = pool.begin().await.map_err(err)?;
+            let _: bool = sqlx::query_scalar("SELECT ff_complete_execution($1)")
+                .bind(id.uuid())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(err)?;
+            tx.rollback().await.map_err(err)?;
+        }
+        engine.complete(id).await
+    }
+
+    /// Injects one fault chosen by `rng`; returns its name.
+    pub async fn inject(
+        &self,
+        tree: &CompletionSupervisorHandle,
+        subs: &[SubscriberId],
+        rng: &mut StdRng,
+    ) -> &'static str {
+        let backend = self.config().kind();
+        match rng.random_range(0..10) {
+            0..=2 => match tree.listener_cell(backend).await {
+                Some(cell) => {
+                    cell.kill();
+                    "kill listener"
+                }
+                None => "listener already down",
+            },
+            3..=4 => match tree.filter_cell(subs[rng.random_range(0..subs.len())]).await {
+                Some(cell) => {
+                    cell.kill();
+                    "kill filter"
+                }
+                None => "filter already down",
+            },
+            5..=7 => self.kill_connection().await,
+            _ => self.crash_server().await,
+        }
+    }
+
+    async fn kill_connection(&self) -> &'static str {
+        match self {
+            Self::Postgres { pool, .. } => {
+                let killed: Result<i64, _> = sqlx::query_scalar(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+                )
+                .bind(ff_completions::backends::postgres::LISTENER_APPLICATION_NAME)
+                .fetch_one(pool)
+                .await;
+                if killed.is_ok() { "terminate LISTEN connection" } else { "terminate failed (server down)" }
+            }
+            Self::Valkey { server } => {
+                if server.kill_listener_connections().await > 0 {
+                    "CLIENT KILL listener"
+                } else {
+                    "no listener connection"
+                }
+            }
+            Self::Sqlite { .. } => "no connection to kill (embedded)",
+        }
+    }
+
+    async fn crash_server(&self) -> &'static str {
+        match self {
+            Self::Postgres { server, .. } => {
+                server.kill9().await;
+                server.restart().await;
+                "SIGKILL + restart server"
+            }
+            Self::Valkey { server } => {
+                server.kill9_and_restart().await;
+                "SIGKILL + restart server"
+            }
+            Self::Sqlite { .. } => "no server to crash (embedded)",
+        }
+    }
+}
+
+/// Wraps a raw sqlx error from the runner's own transactions.
+struct TransportError(sqlx::Error);
+
+impl From<TransportError> for EngineError {
+    fn from(e: TransportError) -> Self {
+        EngineError::Transport { op: "chaos transaction", detail: e.0.to_string() }
+    }
+}
