@@ -449,3 +449,61 @@ async fn a_server_that_refuses_the_connection_is_a_prompt_typed_error() {
         other => panic!("expected a connection error, got {:?}", other.err()),
     }
 }
+
+/// One supervisor, a Postgres and a Valkey listener: each backend's subscribers get that
+/// backend's events only, and killing one listener again and again leaves the other untouched.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heterogeneous_tree_keeps_each_backend_to_itself_through_the_other_listeners_deaths() {
+    init_tracing();
+    let pg_config = BackendConfig::postgres(&crate::support::postgres::fresh_database().await);
+    let server = ValkeyServer::start().await;
+    let config =
+        SupervisorConfig::new().with_named_backend("pg", pg_config.clone()).with_named_backend("vk", server.config());
+    let (tree, _) = CompletionSupervisorHandle::spawn(config).await.expect("spawn");
+    let engines = [
+        ("pg", connect_engine(&pg_config).await.expect("postgres engine")),
+        ("vk", connect_engine(&server.config()).await.expect("valkey engine")),
+    ];
+    let restarts = |stats: &ff_completions::SupervisorStats, backend: &str| {
+        stats.listeners.iter().find(|l| l.backend == backend).map(|l| l.restarts).expect("listener")
+    };
+
+    for (victim, bystander) in [("pg", "vk"), ("vk", "pg")] {
+        let mut subs = Vec::new();
+        for (name, _) in &engines {
+            subs.push(tree.subscribe(SubscribeRequest::tail().on_backend(*name)).await.expect("sub"));
+        }
+        let before = tree.stats().await.expect("stats");
+        let producers: Vec<_> = engines
+            .iter()
+            .map(|(_, engine)| {
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    let mut all = Vec::new();
+                    for _ in 0..10 {
+                        all.extend(complete_n(&*engine, 10).await);
+                    }
+                    all
+                })
+            })
+            .collect();
+        let mut kills = 0;
+        while producers.iter().any(|p| !p.is_finished()) {
+            if let Some(cell) = tree.listener_cell(victim).await {
+                cell.kill();
+                kills += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        assert!(kills > 0);
+        for (sub, producer) in subs.iter_mut().zip(producers) {
+            let ids = producer.await.expect("producer");
+            assert_exactly_once(&take_events(sub, ids.len(), WAIT).await, &ids, true);
+            assert_no_more(sub, QUIET).await;
+        }
+        let after = tree.stats().await.expect("stats");
+        assert!(restarts(&after, victim) > restarts(&before, victim), "the {victim} listener was restarted");
+        assert_eq!(restarts(&after, bystander), restarts(&before, bystander), "the {bystander} listener never died");
+    }
+}
