@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::actors::supervisor::SupervisorConfig;
-use crate::config::{BackendConfig, Retention};
+use crate::config::{BackendConfig, BackendConnection, Retention};
 use crate::error::EngineError;
 
 /// Backend URLs, comma-separated (`postgres://…`, `valkey://…`, `sqlite://…`). Required.
@@ -27,9 +27,11 @@ pub const RETENTION_MAX_AGE_S: &str = "FF_COMPLETIONS_RETENTION_MAX_AGE_S";
 pub const RETENTION_MAX_EVENTS: &str = "FF_COMPLETIONS_RETENTION_MAX_EVENTS";
 /// Crash loops escalate beyond `N/SECONDS` (N non-transient crashes within SECONDS).
 pub const RESTART_INTENSITY: &str = "FF_COMPLETIONS_RESTART_INTENSITY";
+/// Valkey: the approximate `MAXLEN ~` the producers' `XADD` keeps the completion stream to.
+pub const VALKEY_STREAM_MAXLEN: &str = "FF_COMPLETIONS_VALKEY_STREAM_MAXLEN";
 
 /// Every variable this module reads, for documentation and diagnostics.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 11] = [
     URL,
     TICK_MS,
     BATCH_SIZE,
@@ -40,6 +42,7 @@ pub const ALL: [&str; 10] = [
     RETENTION_MAX_AGE_S,
     RETENTION_MAX_EVENTS,
     RESTART_INTENSITY,
+    VALKEY_STREAM_MAXLEN,
 ];
 
 fn number(lookup: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<u64>, EngineError> {
@@ -83,6 +86,7 @@ pub fn supervisor_config_from(lookup: &dyn Fn(&str) -> Option<String>) -> Result
     let poll = millis(lookup, POLL_MS)?;
     let max_age = number(lookup, RETENTION_MAX_AGE_S)?.map(Duration::from_secs);
     let max_events = number(lookup, RETENTION_MAX_EVENTS)?;
+    let stream_maxlen = number(lookup, VALKEY_STREAM_MAXLEN)?;
     for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
         let mut backend = BackendConfig::from_url(url)?;
         if let Some(d) = request {
@@ -93,6 +97,9 @@ pub fn supervisor_config_from(lookup: &dyn Fn(&str) -> Option<String>) -> Result
         }
         if let Some(d) = poll {
             backend = backend.with_poll_only(d);
+        }
+        if let (Some(maxlen), BackendConnection::Valkey(valkey)) = (stream_maxlen, &mut backend.connection) {
+            *valkey = valkey.clone().with_stream_maxlen(maxlen);
         }
         if max_age.is_some() || max_events.is_some() {
             let mut retention = Retention::max_events(max_events.unwrap_or(u64::MAX));
@@ -133,7 +140,6 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::config::BackendConnection;
 
     fn from(vars: &[(&str, &str)]) -> Result<SupervisorConfig, EngineError> {
         let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -143,7 +149,7 @@ mod tests {
     #[test]
     fn every_variable_is_applied() {
         let c = from(&[
-            (URL, "postgres://u:pw@h/db, sqlite::memory:"),
+            (URL, "postgres://u:pw@h/db, sqlite::memory:, valkey://h:6380"),
             (TICK_MS, "250"),
             (BATCH_SIZE, "128"),
             (SUBSCRIBER_BUFFER, "64"),
@@ -153,9 +159,12 @@ mod tests {
             (RETENTION_MAX_AGE_S, "3600"),
             (RETENTION_MAX_EVENTS, "1000"),
             (RESTART_INTENSITY, "5/60"),
+            (VALKEY_STREAM_MAXLEN, "5000"),
         ])
         .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(c.backends.len(), 2);
+        assert_eq!(c.backends.len(), 3);
+        let BackendConnection::Valkey(valkey) = &c.backends[2].1.connection else { panic!("not valkey") };
+        assert_eq!((valkey.port, valkey.stream_maxlen), (6380, 5000));
         assert_eq!((c.tick, c.batch_size, c.subscriber_buffer), (Duration::from_millis(250), 128, 64));
         let pg = &c.backends[0].1;
         assert_eq!(pg.timeouts.request, Some(Duration::from_millis(900)));
