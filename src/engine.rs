@@ -69,6 +69,29 @@ impl ExecutionSpec {
         self.max_attempts = n.max(1);
         self
     }
+
+    /// Refuses what no backend can store as given, before anything is written.
+    pub(crate) fn validate(&self) -> Result<(), EngineError> {
+        check_namespace(self.namespace.as_ref())?;
+        for (key, value) in &self.tags {
+            check_text("tag key", key)?;
+            check_text("tag value", value)?;
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a namespace no backend can store as given.
+pub(crate) fn check_namespace(namespace: Option<&Namespace>) -> Result<(), EngineError> {
+    namespace.map_or(Ok(()), |ns| check_text("namespace", ns.as_str()))
+}
+
+/// Postgres `text` cannot hold NUL; the other backends could, but every backend refuses it alike.
+fn check_text(what: &str, value: &str) -> Result<(), EngineError> {
+    if value.contains('\0') {
+        return Err(EngineError::validation(format!("{what} {:?} contains a NUL character", value.escape_debug())));
+    }
+    Ok(())
 }
 
 /// Outcome of a `fail()` call.

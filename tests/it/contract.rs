@@ -150,6 +150,62 @@ pub async fn filters_by_namespace_tag_and_both_on_one_listener(backend: BackendC
     assert_eq!(f.tree.stats().await.expect("stats").listeners.len(), 1, "four subscribers share one listener");
 }
 
+/// Namespaces and tags with quotes, SQL and Lua syntax, JSON delimiters, unicode and 8 KiB of
+/// text are stored as given, come back byte for byte, and filters match them exactly.
+pub async fn hostile_filter_values_round_trip_and_match_exactly(backend: BackendConfig) {
+    let f = fixture(backend, |c| c).await;
+    let long = "x".repeat(8 * 1024);
+    let hostile: Vec<String> = [
+        "a",
+        "a'",
+        "a'; DROP TABLE ff_completion_event; --",
+        "\"}], \"outcome\": \"success",
+        "]] .. redis.call('FLUSHALL') .. [[",
+        "名前空間 🚀 ñ\u{200b}",
+        "tab\tnew\nline",
+        long.as_str(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let mut subs = Vec::new();
+    for value in &hostile {
+        let filter = ScannerFilter::new().with_namespace(Namespace::new(value.clone())).with_instance_tag(value, value);
+        subs.push(f.tree.subscribe(SubscribeRequest::tail().with_filter(filter)).await.expect("sub"));
+    }
+    let mut everything = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut made = Vec::new();
+    for value in &hostile {
+        let ids =
+            running(&*f.engine, |fl| ExecutionSpec::new(fl).with_namespace(value.clone()).with_tag(value, value), 1)
+                .await;
+        f.engine.complete(&ids[0]).await.expect("complete");
+        made.push(ids[0]);
+    }
+    for ((sub, value), id) in subs.iter_mut().zip(&hostile).zip(&made) {
+        let got = take_events(sub, 1, WAIT).await;
+        assert_eq!(got[0].execution_id, *id);
+        assert_eq!(got[0].namespace.as_ref().map(|n| n.as_str()), Some(value.as_str()));
+        assert_eq!(got[0].tags.get(value), Some(value));
+        assert_no_more(sub, QUIET).await;
+    }
+    assert_exactly_once(&take_events(&mut everything, made.len(), WAIT).await, &made, true);
+
+    // NUL is refused alike everywhere (Postgres text cannot hold it), before anything is written.
+    let flow = FlowId::new();
+    for spec in [
+        ExecutionSpec::new(&flow).with_namespace("nul\0"),
+        ExecutionSpec::new(&flow).with_tag("k\0", "v"),
+        ExecutionSpec::new(&flow).with_tag("k", "\0"),
+    ] {
+        assert!(matches!(f.engine.create_execution(&spec).await, Err(EngineError::Validation { .. })), "{spec:?}");
+    }
+    assert!(matches!(
+        f.engine.create_flow(&flow, Some(&Namespace::new("\0"))).await,
+        Err(EngineError::Validation { .. })
+    ));
+    assert_no_more(&mut everything, QUIET).await;
+}
+
 pub async fn resume_from_a_mid_stream_cursor_gets_exactly_the_rest_in_order(backend: BackendConfig) {
     let f = fixture(backend, |c| c).await;
     let mut first = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");

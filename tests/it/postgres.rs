@@ -74,6 +74,11 @@ async fn filters_by_namespace_tag_and_both_on_one_listener() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_filter_values_round_trip_and_match_exactly() {
+    contract::hostile_filter_values_round_trip_and_match_exactly(backend().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_from_a_mid_stream_cursor_gets_exactly_the_rest_in_order() {
     contract::resume_from_a_mid_stream_cursor_gets_exactly_the_rest_in_order(backend().await).await;
 }

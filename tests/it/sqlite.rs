@@ -33,6 +33,7 @@ macro_rules! contract_tests {
 contract_tests! {
     every_outcome_round_trips_with_all_fields;
     filters_by_namespace_tag_and_both_on_one_listener;
+    hostile_filter_values_round_trip_and_match_exactly;
     resume_from_a_mid_stream_cursor_gets_exactly_the_rest_in_order;
     tail_gets_only_new_events;
     malformed_and_foreign_cursors_are_validation_errors, vec![encode_valkey_cursor(1, 2), encode_postgres_cursor(3, 4)];

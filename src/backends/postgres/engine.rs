@@ -48,6 +48,7 @@ impl PostgresEngine {
 #[async_trait]
 impl Engine for PostgresEngine {
     async fn create_flow(&self, flow: &FlowId, namespace: Option<&Namespace>) -> Result<(), EngineError> {
+        crate::engine::check_namespace(namespace)?;
         sqlx::query("SELECT ff_create_flow($1, $2)")
             .bind(flow.uuid())
             .bind(namespace.map(Namespace::as_str))
@@ -58,6 +59,7 @@ impl Engine for PostgresEngine {
     }
 
     async fn create_execution(&self, spec: &ExecutionSpec) -> Result<(), EngineError> {
+        spec.validate()?;
         let tags = serde_json::to_value(&spec.tags).map_err(|e| EngineError::validation(e.to_string()))?;
         let parents: Vec<Uuid> = spec.parents.iter().map(|p| p.uuid()).collect();
         sqlx::query("SELECT ff_create_execution($1, $2, $3, $4, $5, $6, $7)")

@@ -87,6 +87,7 @@ impl SqliteEngine {
 #[async_trait]
 impl Engine for SqliteEngine {
     async fn create_flow(&self, flow: &FlowId, namespace: Option<&Namespace>) -> Result<(), EngineError> {
+        crate::engine::check_namespace(namespace)?;
         let mut tx = self.write("create flow").await?;
         sqlx::query("INSERT OR IGNORE INTO ff_flow (flow_id, namespace, created_at_ms) VALUES (?, ?, ?)")
             .bind(flow.uuid().to_string())
@@ -99,6 +100,7 @@ impl Engine for SqliteEngine {
     }
 
     async fn create_execution(&self, spec: &ExecutionSpec) -> Result<(), EngineError> {
+        spec.validate()?;
         let tags = serde_json::to_string(&spec.tags).map_err(|e| EngineError::validation(e.to_string()))?;
         let parents: std::collections::BTreeSet<Uuid> = spec.parents.iter().map(|p| p.uuid()).collect();
         let state = if parents.is_empty() { "eligible" } else { "blocked" };

@@ -60,6 +60,7 @@ impl ValkeyEngine {
 #[async_trait]
 impl Engine for ValkeyEngine {
     async fn create_flow(&self, flow: &FlowId, namespace: Option<&Namespace>) -> Result<(), EngineError> {
+        crate::engine::check_namespace(namespace)?;
         let ns = namespace.map(|n| n.as_str().to_owned()).unwrap_or_default();
         let _: i64 =
             fcall(&self.client, "ff_create_flow", &[keys::flow(flow, "core")], &[flow.to_string(), ns]).await?;
@@ -67,6 +68,7 @@ impl Engine for ValkeyEngine {
     }
 
     async fn create_execution(&self, spec: &ExecutionSpec) -> Result<(), EngineError> {
+        spec.validate()?;
         let id = &spec.id;
         let tags = serde_json::to_string(&spec.tags).map_err(|e| EngineError::validation(e.to_string()))?;
         let mut keys = vec![keys::exec(id, "core"), keys::exec(id, "deps"), ELIGIBLE.into(), PENDING_EDGES.into()];
