@@ -32,6 +32,7 @@ macro_rules! contract_tests {
 contract_tests! {
     every_outcome_round_trips_with_all_fields;
     filters_by_namespace_tag_and_both_on_one_listener;
+    hostile_filter_values_round_trip_and_match_exactly;
     resume_from_a_mid_stream_cursor_gets_exactly_the_rest_in_order;
     tail_gets_only_new_events;
     malformed_and_foreign_cursors_are_validation_errors,
@@ -506,4 +507,25 @@ async fn heterogeneous_tree_keeps_each_backend_to_itself_through_the_other_liste
         assert!(restarts(&after, victim) > restarts(&before, victim), "the {victim} listener was restarted");
         assert_eq!(restarts(&after, bystander), restarts(&before, bystander), "the {bystander} listener never died");
     }
+}
+
+/// A library of another version already on the server (an older deployment) is replaced on
+/// connect, and the functions it lacked work at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_library_of_another_version_is_replaced_on_connect() {
+    init_tracing();
+    let server = ValkeyServer::start().await;
+    let old = "#!lua name=ff_completions\nserver.register_function('ff_version', function() return '0' end)";
+    server.command(&["FUNCTION", "LOAD", old]).await;
+    let version = || async {
+        match server.command(&["FCALL", "ff_version", "0"]).await {
+            Value::BulkString(v) => String::from_utf8_lossy(&v).into_owned(),
+            other => panic!("ff_version answered {other:?}"),
+        }
+    };
+    assert_eq!(version().await, "0");
+    let engine = ValkeyEngine::connect(&server.config()).await.expect("engine replaces the old library");
+    assert_eq!(version().await, ff_completions::backends::valkey::LIBRARY_VERSION);
+    let ids = complete_n(&engine, 2).await;
+    assert_eq!(stream_order(&server).await, ids);
 }
