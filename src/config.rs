@@ -353,6 +353,17 @@ impl BackendConfig {
     /// Parses `postgres://` / `postgresql://`, `valkey://` / `redis://` (TLS: `valkeys://` /
     /// `rediss://`, user, password, `/db`), and `sqlite://path` / `sqlite::memory:`.
     ///
+    /// ```
+    /// use ff_completions::BackendConfig;
+    ///
+    /// let pg = BackendConfig::from_url("postgres://app:s3cret@db:5432/engine?ff_poll_ms=200")?;
+    /// assert_eq!(pg.kind(), "postgres");
+    /// assert!(!format!("{pg} {pg:?}").contains("s3cret"));
+    /// assert_eq!(BackendConfig::from_url("rediss://cache:6380/2")?.kind(), "valkey");
+    /// assert!(BackendConfig::from_url("ftp://nowhere").is_err());
+    /// # Ok::<(), ff_completions::EngineError>(())
+    /// ```
+    ///
     /// # Errors
     /// [`EngineError::Validation`] naming what is wrong; the message never shows the password.
     pub fn from_url(text: &str) -> Result<Self, EngineError> {

@@ -5,6 +5,17 @@ use crate::event::CompletionEvent;
 use crate::types::Namespace;
 
 /// A subscriber's predicate: a namespace, an instance tag `(key, value)`, both, or neither.
+/// Values match exactly (no patterns); the filter runs in the subscriber's filter actor.
+///
+/// ```
+/// use ff_completions::{Namespace, ScannerFilter};
+///
+/// let tenant_a_workers = ScannerFilter::new()
+///     .with_namespace(Namespace::new("tenant-a"))
+///     .with_instance_tag("pool", "workers");
+/// assert!(!tenant_a_workers.is_noop());
+/// assert!(ScannerFilter::new().is_noop()); // everything
+/// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub struct ScannerFilter {

@@ -17,18 +17,34 @@
 //!
 //! Backends (cargo features): `postgres`, `valkey`, `sqlite` (all on by default).
 //!
-//! ```no_run
-//! # async fn demo() -> Result<(), ff_completions::EngineError> {
-//! use futures::StreamExt;
-//! use ff_completions::{BackendConfig, CompletionSupervisorHandle, ScannerFilter, SubscribeRequest, SupervisorConfig};
+//! A producer completes an execution; a subscriber learns it, with its cursor (this runs as is,
+//! on an in-memory SQLite database):
 //!
-//! let config = SupervisorConfig::new().with_backend(BackendConfig::sqlite("completions.db"));
-//! let (tree, _join) = CompletionSupervisorHandle::spawn(config).await?;
-//! let mut events = tree.subscribe(SubscribeRequest::tail().with_filter(ScannerFilter::new())).await?;
-//! while let Some(event) = events.next().await {
-//!     let event = event?;
-//!     println!("{} {} (resume from {})", event.execution_id, event.outcome, event.cursor);
-//! }
+//! ```
+//! # #[tokio::main] async fn main() -> Result<(), ff_completions::EngineError> {
+//! use futures::StreamExt;
+//! use ff_completions::{
+//!     BackendConfig, CompletionOutcome, CompletionSupervisorHandle, ExecutionSpec, FlowId, ScannerFilter,
+//!     SubscribeRequest, SupervisorConfig, connect_engine,
+//! };
+//!
+//! let backend = BackendConfig::sqlite_in_memory(); // or BackendConfig::from_url("postgres://…")?
+//! let engine = connect_engine(&backend).await?;
+//! let (tree, _join) = CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(backend)).await?;
+//! let filter = ScannerFilter::new().with_instance_tag("tenant", "a");
+//! let mut events = tree.subscribe(SubscribeRequest::tail().with_filter(filter)).await?;
+//!
+//! let flow = FlowId::new();
+//! engine.create_flow(&flow, None).await?;
+//! let spec = ExecutionSpec::new(&flow).with_tag("tenant", "a");
+//! engine.create_execution(&spec).await?;
+//! engine.claim("worker-1", 1).await?;
+//! engine.complete(&spec.id).await?;
+//!
+//! let event = events.next().await.expect("the tree is running")?;
+//! assert_eq!((event.execution_id, event.outcome), (spec.id, CompletionOutcome::Success));
+//! // Persist `event.cursor`; `SubscribeRequest::from_cursor(cursor)` resumes right after it.
+//! tree.shutdown().await;
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]

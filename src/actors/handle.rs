@@ -50,6 +50,18 @@ impl CompletionSupervisorHandle {
 
     /// Spawns the tree under an engine's actor, which then receives its supervision events.
     ///
+    /// ```no_run
+    /// # async fn demo(engine_actor: ractor::ActorCell) -> Result<(), ff_completions::EngineError> {
+    /// use ff_completions::{BackendConfig, CompletionSupervisorHandle, SupervisorConfig};
+    /// use std::time::Duration;
+    ///
+    /// let config = SupervisorConfig::new()
+    ///     .with_backend(BackendConfig::from_url("postgres://app@db/engine")?)
+    ///     .with_restart_intensity(5, Duration::from_secs(60)); // then escalate to `engine_actor`
+    /// let (tree, _join) = CompletionSupervisorHandle::spawn_linked(engine_actor, config).await?;
+    /// # drop(tree); Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// A bad config or an unreachable backend at start.
     pub async fn spawn_linked(
