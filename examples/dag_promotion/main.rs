@@ -59,6 +59,38 @@ struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
+    /// Serve the tree's metrics as Prometheus text on this address while the flow runs
+    /// (e.g. 127.0.0.1:9184; any path).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// Installs a Prometheus recorder and answers every HTTP request on `addr` with its text.
+async fn serve_metrics(addr: std::net::SocketAddr) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("metrics recorder: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("metrics address {addr}: {e}"))?;
+    println!("metrics at http://{addr}/metrics");
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 1024];
+                let _ = socket.read(&mut request).await;
+                handle.run_upkeep();
+                let body = handle.render();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.write_all(body.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
 }
 
 #[tokio::main]
@@ -86,6 +118,12 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    if let Some(addr) = args.metrics_addr
+        && let Err(err) = serve_metrics(addr).await
+    {
+        eprintln!("error: {err}");
+        std::process::exit(2);
+    }
     let scenario = scenario::Scenario {
         backend: backend.clone(),
         flows: args.flows,
