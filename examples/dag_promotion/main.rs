@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release --example dag_promotion                        # embedded SQLite, no server
 //! cargo run --release --example dag_promotion -- --chaos             # kill the listener meanwhile
+//! cargo run --release --example dag_promotion -- --no-promoter       # the reconciler alone
 //! cargo run --release --example dag_promotion -- --backend postgres --url postgres://user@host/db
 //! cargo run --release --example dag_promotion -- --backend valkey --url valkey://host:6379
 //! ```
@@ -10,8 +11,11 @@
 //! Builds flows (fan-out, fan-in, a chain, a diamond), runs workers that claim eligible
 //! executions and complete, fail (some after a retry) or cancel them, and promotes or skips
 //! children from completion events in an actor spawned with the completion tree under one
-//! engine actor. Prints a summary and exits non-zero unless every execution reached the state
-//! the DAG implies.
+//! engine actor. A reconciler scans for edges left unresolved; with the promoter on it should
+//! fix none. `--no-promoter` turns event-driven promotion off to watch the reconciler work alone:
+//! it then resolves every edge (a reconciler scan every `--reconcile-ms`, an edge resolved when
+//! seen in two scans in a row), so the run is slower but must reach the same final states.
+//! Prints a summary and exits non-zero unless every execution reached the state the DAG implies.
 
 mod scenario;
 
@@ -53,9 +57,17 @@ struct Args {
     /// Seed of the DAG decisions and the chaos schedule.
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// Kill the listener actor (and its connection, on servers) at random intervals.
+    /// Kill the listener actor and its connection (on servers: `pg_terminate_backend` on
+    /// Postgres, `CLIENT KILL` on Valkey) at random intervals.
     #[arg(long)]
     chaos: bool,
+    /// Do not resolve children from completion events: the reconciler alone must drive every
+    /// flow to its final state (a way to see the reconciler work on its own).
+    #[arg(long)]
+    no_promoter: bool,
+    /// Milliseconds between reconciler scans.
+    #[arg(long, default_value_t = 1000)]
+    reconcile_ms: u64,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
@@ -135,14 +147,17 @@ async fn main() {
         cancel_percent: args.cancel_percent,
         seed: args.seed,
         chaos: args.chaos,
+        promoter: !args.no_promoter,
+        reconcile_every: Duration::from_millis(args.reconcile_ms.max(1)),
         progress: true,
         timeout: Duration::from_secs(args.timeout_secs),
     };
     println!(
-        "DAG promotion on {backend} ({} flows, seed {}{})",
+        "DAG promotion on {backend} ({} flows, seed {}{}{})",
         args.flows,
         args.seed,
-        if args.chaos { ", chaos" } else { "" }
+        if args.chaos { ", chaos" } else { "" },
+        if args.no_promoter { ", reconciler only" } else { "" }
     );
     match scenario::run(&scenario).await {
         Ok(report) => {

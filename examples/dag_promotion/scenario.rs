@@ -1,7 +1,9 @@
 //! The DAG promotion scenario, shared by the example and its test: build flows (fan-out, fan-in,
 //! a chain, a diamond), run workers that claim and finish executions, and promote or skip
 //! children from completion events in an actor spawned beside the completion tree under one
-//! engine actor. A reconciler scans for edges the promoter missed; it should find none.
+//! engine actor. A reconciler scans for edges the promoter missed; it should find none. With the
+//! promoter disabled the subscriber only counts completions, and the reconciler alone drives
+//! every flow to its final state.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -39,8 +41,16 @@ pub struct Scenario {
     pub retry_percent: u32,
     pub cancel_percent: u32,
     pub seed: u64,
-    /// Kill the listener (and on Postgres its LISTEN connection) at random intervals.
+    /// At random intervals, kill the listener actor and (on servers, taking turns with it) its
+    /// connection: the LISTEN connection on Postgres (`pg_terminate_backend`), the blocking
+    /// `XREAD` connection on Valkey (`CLIENT KILL`).
     pub chaos: bool,
+    /// Resolve children from completion events. When false the subscriber only counts
+    /// completions and the reconciler alone resolves every edge.
+    pub promoter: bool,
+    /// How often the reconciler scans for unresolved edges (it resolves an edge seen in two
+    /// scans in a row).
+    pub reconcile_every: Duration,
     pub progress: bool,
     pub timeout: Duration,
 }
@@ -56,7 +66,10 @@ pub struct Report {
     pub events: u64,
     pub elapsed: Duration,
     pub listener_restarts: u64,
+    /// Every fault the chaos task injected: listener kills plus connection kills.
     pub chaos_faults: u64,
+    /// Notification connections killed from outside (`pg_terminate_backend`, `CLIENT KILL`).
+    pub connection_kills: u64,
     pub reconciler_fixed: u64,
     pub mismatches: Vec<String>,
 }
@@ -155,6 +168,8 @@ impl From<CompletionEvent> for Completed {
 struct PromoterState {
     engine: Arc<dyn Engine>,
     progress: Arc<Progress>,
+    /// False: count completions only, resolve nothing (the reconciler's job then).
+    resolve: bool,
 }
 
 impl Actor for Promoter {
@@ -177,7 +192,7 @@ impl Actor for Promoter {
         state: &mut PromoterState,
     ) -> Result<(), ActorProcessingErr> {
         let event = msg.0;
-        let children = state.engine.children(&event.execution_id).await?;
+        let children = if state.resolve { state.engine.children(&event.execution_id).await? } else { Vec::new() };
         for child in children {
             match state.engine.resolve_dependency(&event.execution_id, &child).await? {
                 DependencyResolution::Promoted => {
@@ -266,15 +281,35 @@ async fn work(
 }
 
 /// Resolves edges whose parent has been terminal for two scans in a row; returns how many.
-async fn reconcile(engine: &dyn Engine, previously: &mut std::collections::HashSet<(ExecutionId, ExecutionId)>) -> u64 {
+/// Promotions and skips it causes are counted with the promoter's.
+async fn reconcile(
+    engine: &dyn Engine,
+    previously: &mut std::collections::HashSet<(ExecutionId, ExecutionId)>,
+    progress: &Progress,
+    promoter: bool,
+) -> u64 {
     let Ok(now) = engine.unresolved_dependencies(10_000).await else { return 0 };
     let now: std::collections::HashSet<_> = now.into_iter().collect();
     let mut fixed = 0;
     for (parent, child) in now.intersection(previously) {
+        let resolution = engine.resolve_dependency(parent, child).await;
+        match resolution {
+            Ok(DependencyResolution::Promoted) => {
+                progress.promotions.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(DependencyResolution::Skipped) => {
+                progress.skips.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
         if let Ok(DependencyResolution::Promoted | DependencyResolution::Skipped | DependencyResolution::Waiting) =
-            engine.resolve_dependency(parent, child).await
+            resolution
         {
-            tracing::warn!(%parent, %child, "reconciler resolved an edge the promoter missed");
+            if promoter {
+                tracing::warn!(%parent, %child, "reconciler resolved an edge the promoter missed");
+            } else {
+                tracing::debug!(%parent, %child, "reconciler resolved an edge");
+            }
             fixed += 1;
         }
     }
@@ -282,28 +317,187 @@ async fn reconcile(engine: &dyn Engine, previously: &mut std::collections::HashS
     fixed
 }
 
-async fn chaos(tree: CompletionSupervisorHandle, backend: BackendConfig, seed: u64, stop: Arc<AtomicBool>) -> u64 {
-    let mut rng = StdRng::seed_from_u64(seed ^ 0xc4a05);
-    let mut faults = 0;
-    while !stop.load(Ordering::Relaxed) {
-        tokio::time::sleep(Duration::from_millis(rng.random_range(100..500))).await;
-        if let Some(cell) = tree.listener_cell(backend.kind()).await {
-            cell.kill();
-            faults += 1;
-        }
-        #[cfg(feature = "postgres")]
-        if let ff_completions::BackendConnection::Postgres(pg) = &backend.connection
-            && let Ok(pool) = sqlx::PgPool::connect(&pg.url).await
-        {
-            let _ = sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1")
-                .bind(ff_completions::backends::postgres::LISTENER_APPLICATION_NAME)
-                .execute(&pool)
-                .await;
-            faults += 1;
-            pool.close().await;
+/// What the chaos task did.
+#[derive(Debug, Default)]
+struct ChaosCount {
+    listener_kills: u64,
+    connection_kills: u64,
+}
+
+/// Kills the listener's notification connection from outside the tree, the way an operator or
+/// a network fault would: `pg_terminate_backend` on Postgres, `CLIENT KILL` on Valkey. SQLite
+/// has no such connection. Its own admin connection is made on first use and again after an
+/// error.
+enum ConnectionKiller {
+    Nothing,
+    #[cfg(feature = "postgres")]
+    Postgres {
+        url: String,
+        pool: Option<sqlx::PgPool>,
+    },
+    #[cfg(feature = "valkey")]
+    Valkey {
+        backend: BackendConfig,
+        client: Option<ferriskey::Client>,
+    },
+}
+
+impl ConnectionKiller {
+    fn new(backend: &BackendConfig) -> Self {
+        match &backend.connection {
+            #[cfg(feature = "postgres")]
+            ff_completions::BackendConnection::Postgres(pg) => Self::Postgres { url: pg.url.clone(), pool: None },
+            #[cfg(feature = "valkey")]
+            ff_completions::BackendConnection::Valkey(_) => Self::Valkey { backend: backend.clone(), client: None },
+            _ => Self::Nothing,
         }
     }
-    faults
+
+    /// Kills every listener connection it finds; returns how many. On error the admin
+    /// connection is dropped, to be made again next time.
+    async fn kill(&mut self) -> Result<u64, String> {
+        match self {
+            Self::Nothing => Ok(0),
+            #[cfg(feature = "postgres")]
+            Self::Postgres { url, pool } => {
+                let result = terminate_postgres_listeners(url, pool).await;
+                if result.is_err() {
+                    *pool = None;
+                }
+                result
+            }
+            #[cfg(feature = "valkey")]
+            Self::Valkey { backend, client } => {
+                let result = kill_valkey_listeners(backend, client).await;
+                if result.is_err() {
+                    *client = None;
+                }
+                result
+            }
+        }
+    }
+}
+
+/// `pg_terminate_backend` of every session named like the listener's LISTEN connection.
+#[cfg(feature = "postgres")]
+async fn terminate_postgres_listeners(url: &str, pool: &mut Option<sqlx::PgPool>) -> Result<u64, String> {
+    let pool = match pool {
+        Some(pool) => pool,
+        None => pool.insert(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect(url)
+                .await
+                .map_err(|e| format!("chaos connect to postgres: {e}"))?,
+        ),
+    };
+    // Materialized first, so the filter on the name runs before any backend is terminated.
+    let killed: i64 = sqlx::query_scalar(
+        "WITH listeners AS MATERIALIZED (SELECT pid FROM pg_stat_activity WHERE application_name = $1) \
+         SELECT count(*) FROM listeners WHERE pg_terminate_backend(pid)",
+    )
+    .bind(ff_completions::backends::postgres::LISTENER_APPLICATION_NAME)
+    .fetch_one(&*pool)
+    .await
+    .map_err(|e| format!("pg_terminate_backend: {e}"))?;
+    Ok(killed.max(0) as u64)
+}
+
+/// `CLIENT KILL ID` of every connection named like the listener's blocking one
+/// ([`LISTENER_CLIENT_NAME`](ff_completions::backends::valkey::LISTENER_CLIENT_NAME)), found
+/// with `CLIENT LIST` on an admin client of the scenario's own connection settings.
+#[cfg(feature = "valkey")]
+async fn kill_valkey_listeners(backend: &BackendConfig, client: &mut Option<ferriskey::Client>) -> Result<u64, String> {
+    let client = match client {
+        Some(client) => client,
+        None => client.insert(valkey_admin(backend).await?),
+    };
+    let list: String = client.cmd("CLIENT").arg("LIST").execute().await.map_err(|e| format!("CLIENT LIST: {e}"))?;
+    let name = format!("name={}", ff_completions::backends::valkey::LISTENER_CLIENT_NAME);
+    let ids: Vec<&str> = list
+        .lines()
+        .filter(|line| line.split_whitespace().any(|kv| kv == name))
+        .filter_map(|line| line.split_whitespace().find_map(|kv| kv.strip_prefix("id=")))
+        .collect();
+    let mut killed = 0;
+    for id in ids {
+        // The reply counts the clients killed: 0 when the connection closed meanwhile.
+        let n: i64 = client
+            .cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .execute()
+            .await
+            .map_err(|e| format!("CLIENT KILL ID {id}: {e}"))?;
+        killed += n.max(0) as u64;
+    }
+    Ok(killed)
+}
+
+/// A client of its own on the scenario's Valkey, with its credentials, TLS and database.
+#[cfg(feature = "valkey")]
+async fn valkey_admin(backend: &BackendConfig) -> Result<ferriskey::Client, String> {
+    let ff_completions::BackendConnection::Valkey(v) = &backend.connection else {
+        return Err("not a valkey backend".into());
+    };
+    let request = backend.timeouts.request.unwrap_or(Duration::from_secs(5));
+    let connect = backend.timeouts.connect.unwrap_or(Duration::from_secs(5));
+    let mut builder = ferriskey::ClientBuilder::new()
+        .host(&v.host, v.port)
+        .database(v.database)
+        .request_timeout(request)
+        .connect_timeout(connect)
+        .client_name("ff-completions-dag-chaos");
+    if v.tls {
+        builder = builder.tls();
+    }
+    if let Some(user) = &v.username {
+        builder = builder.username(user.clone());
+    }
+    if let Some(password) = &v.password {
+        builder = builder.password(password.clone());
+    }
+    match tokio::time::timeout(connect * 2, builder.build()).await {
+        Ok(Ok(client)) => Ok(client),
+        // ferriskey's errors name neither the user nor the password.
+        Ok(Err(e)) => Err(format!("chaos connect to valkey: {e}")),
+        Err(_) => Err("chaos connect to valkey: timed out".into()),
+    }
+}
+
+/// Until `stop`, one fault every 50 to 300 ms (random, from the seed). On servers the faults
+/// take turns, the listener's connection first, then the listener actor; on SQLite, which has
+/// no such connection, every fault kills the actor.
+async fn chaos(
+    tree: CompletionSupervisorHandle,
+    backend: BackendConfig,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) -> ChaosCount {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xc4a05);
+    let mut count = ChaosCount::default();
+    let mut killer = ConnectionKiller::new(&backend);
+    let has_connection = !matches!(killer, ConnectionKiller::Nothing);
+    let mut connection_next = has_connection;
+    loop {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..300))).await;
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        if connection_next {
+            match killer.kill().await {
+                Ok(n) => count.connection_kills += n,
+                Err(err) => tracing::warn!(error = %err, "chaos could not kill the listener's connection"),
+            }
+        } else if let Some(cell) = tree.listener_cell(backend.kind()).await {
+            cell.kill();
+            count.listener_kills += 1;
+        }
+        connection_next = has_connection && !connection_next;
+    }
+    count
 }
 
 /// Runs the scenario to the end and checks every final state.
@@ -334,7 +528,7 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
     let (engine_actor, _) = Actor::spawn(None, EngineActor, ()).await.map_err(actor_err)?;
     let config = SupervisorConfig::new().with_backend(s.backend.clone()).with_tick(Duration::from_millis(500));
     let (tree, _) = CompletionSupervisorHandle::spawn_linked(engine_actor.get_cell(), config).await?;
-    let promoter_state = PromoterState { engine: engine.clone(), progress: progress.clone() };
+    let promoter_state = PromoterState { engine: engine.clone(), progress: progress.clone(), resolve: s.promoter };
     let (promoter, _) =
         Actor::spawn_linked(None, Promoter, promoter_state, engine_actor.get_cell()).await.map_err(actor_err)?;
     tree.subscribe_actor(SubscribeRequest::tail(), promoter.clone()).await?;
@@ -359,23 +553,23 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
     let mut seen = std::collections::HashSet::new();
     let deadline = Instant::now() + s.timeout;
     while progress.terminal.load(Ordering::Relaxed) < total as u64 && Instant::now() < deadline {
-        let _ = tokio::time::timeout(Duration::from_millis(1000), progress.done.notified()).await;
-        reconciler_fixed += reconcile(&*engine, &mut seen).await;
+        let _ = tokio::time::timeout(s.reconcile_every, progress.done.notified()).await;
+        reconciler_fixed += reconcile(&*engine, &mut seen, &progress, s.promoter).await;
     }
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         let _ = w.await;
     }
-    let chaos_faults = match chaos_task {
-        Some(t) => t.await.unwrap_or(0),
-        None => 0,
+    let chaos_count = match chaos_task {
+        Some(t) => t.await.unwrap_or_default(),
+        None => ChaosCount::default(),
     };
     if let Some(bar) = &progress.bar {
         bar.finish_and_clear();
     }
     // Once more at the end: anything still unresolved was missed.
-    reconciler_fixed += reconcile(&*engine, &mut seen).await;
+    reconciler_fixed += reconcile(&*engine, &mut seen, &progress, s.promoter).await;
     let stats = tree.stats().await?;
 
     let mut mismatches = Vec::new();
@@ -395,7 +589,8 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
         events: progress.terminal.load(Ordering::Relaxed),
         elapsed,
         listener_restarts: stats.listeners.iter().map(|l| l.restarts).sum(),
-        chaos_faults,
+        chaos_faults: chaos_count.listener_kills + chaos_count.connection_kills,
+        connection_kills: chaos_count.connection_kills,
         reconciler_fixed,
         mismatches,
     };
@@ -422,8 +617,8 @@ pub fn print_summary(r: &Report) {
     println!("events/s          {:.0}", r.events as f64 / r.elapsed.as_secs_f64().max(1e-9));
     println!("elapsed           {:.2?}", r.elapsed);
     println!("listener restarts {}", r.listener_restarts);
-    println!("chaos faults      {}", r.chaos_faults);
-    println!("reconciler fixes  {} (0 means the promoter missed nothing)", r.reconciler_fixed);
+    println!("chaos faults      {} ({} connection kills)", r.chaos_faults, r.connection_kills);
+    println!("reconciler fixes  {} (with the promoter on, 0 means it missed nothing)", r.reconciler_fixed);
     if r.mismatches.is_empty() {
         println!("verified          every execution reached the state the DAG implies");
     } else {

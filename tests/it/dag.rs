@@ -1,5 +1,6 @@
 //! The DAG promotion scenario of `examples/dag_promotion`, small, on each backend, with and
-//! without chaos: every execution must reach the state its DAG implies.
+//! without chaos: every execution must reach the state its DAG implies. With the promoter off,
+//! the reconciler alone must get there.
 
 use std::time::Duration;
 
@@ -13,9 +14,12 @@ mod scenario;
 use crate::support::init_tracing;
 
 fn small(backend: BackendConfig, chaos: bool) -> scenario::Scenario {
+    // Under chaos on a server, enough work to span several faults (one every 50 to 300 ms,
+    // connection and listener kills taking turns) even on a fast backend.
+    let flows = if chaos && backend.kind() != "sqlite" { 36 } else { 12 };
     scenario::Scenario {
         backend,
-        flows: 12,
+        flows,
         fan_out: 4,
         chain_len: 5,
         workers: 3,
@@ -24,6 +28,8 @@ fn small(backend: BackendConfig, chaos: bool) -> scenario::Scenario {
         cancel_percent: 2,
         seed: 11,
         chaos,
+        promoter: true,
+        reconcile_every: Duration::from_secs(1),
         progress: false,
         timeout: Duration::from_secs(120),
     }
@@ -31,6 +37,7 @@ fn small(backend: BackendConfig, chaos: bool) -> scenario::Scenario {
 
 async fn check(backend: BackendConfig, chaos: bool) {
     init_tracing();
+    let on_a_server = backend.kind() != "sqlite";
     let report = scenario::run(&small(backend, chaos)).await.expect("scenario runs");
     assert!(report.mismatches.is_empty(), "{:?}", &report.mismatches[..report.mismatches.len().min(5)]);
     assert_eq!(report.events, report.executions as u64, "every execution's completion arrived once");
@@ -38,6 +45,11 @@ async fn check(backend: BackendConfig, chaos: bool) {
     assert_eq!(report.by_outcome.values().sum::<u64>(), report.executions as u64);
     if chaos {
         assert!(report.chaos_faults > 0 && report.listener_restarts > 0, "{report:?}");
+        if on_a_server {
+            assert!(report.connection_kills > 0, "the listener's connection was killed too: {report:?}");
+        } else {
+            assert_eq!(report.connection_kills, 0, "SQLite has no connection to kill: {report:?}");
+        }
     } else {
         assert_eq!(report.reconciler_fixed, 0, "the promoter missed nothing in a healthy run");
     }
@@ -55,6 +67,29 @@ async fn dag_scenario_verifies_on_sqlite() {
 async fn dag_scenario_verifies_on_sqlite_under_chaos() {
     let dir = tempfile::tempdir().expect("temp dir");
     check(BackendConfig::sqlite(dir.path().join("dag.db")), true).await;
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_promoter_the_reconciler_alone_drives_every_flow_to_its_final_state() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let s = scenario::Scenario {
+        flows: 3,
+        fan_out: 2,
+        chain_len: 2,
+        fail_percent: 20,
+        promoter: false,
+        reconcile_every: Duration::from_millis(100),
+        timeout: Duration::from_secs(60),
+        ..small(BackendConfig::sqlite(dir.path().join("dag.db")), false)
+    };
+    let report = scenario::run(&s).await.expect("scenario runs");
+    assert!(report.mismatches.is_empty(), "{:?}", &report.mismatches[..report.mismatches.len().min(5)]);
+    assert_eq!(report.events, report.executions as u64, "every execution's completion arrived once");
+    assert!(report.reconciler_fixed > 0, "the reconciler resolved the edges: {report:?}");
+    assert!(report.promotions > 0 && report.skips > 0, "it both promoted and skipped: {report:?}");
+    assert!(report.hop_ms.is_empty(), "no completion event promoted anything: {report:?}");
 }
 
 #[cfg(feature = "postgres")]

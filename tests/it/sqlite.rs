@@ -56,8 +56,8 @@ async fn commits_from_another_connection_wake_the_listener() {
     .await
     .expect("spawn");
     let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
-    // A second engine stands for another process: its commit signal is not the tree's wake-up path
-    // when it writes through a plain connection, so only `PRAGMA data_version` can see it.
+    // A second engine in this process shares the database's in-process commit signal (keyed by
+    // the file's path), so its commits wake the listener directly.
     let other = SqliteEngine::connect(&backend).await.expect("other engine");
     let ids = complete_n(&other, 3).await;
     assert_exactly_once(&take_events(&mut sub, 3, WAIT).await, &ids, true);
@@ -68,6 +68,8 @@ async fn commits_from_another_connection_wake_the_listener() {
     else {
         panic!("file backend")
     };
+    // A plain connection raises no signal: with the hour-long tick, only the listener's
+    // `PRAGMA data_version` polling can see this commit. (Another process is the test below.)
     let mut plain =
         sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display())).await.expect("plain connection");
     let fresh = contract::running(&other, ff_completions::ExecutionSpec::new, 1).await;
@@ -103,4 +105,64 @@ async fn bad_rows_are_skipped_once_and_the_events_around_them_arrive() {
     let stats = f.tree.stats().await.expect("stats");
     assert_eq!(stats.listeners[0].rows_skipped, 6, "each bad row is reported once");
     assert_eq!(stats.listeners[0].restarts, 0, "the listener never died");
+}
+
+/// Updates executions to terminal states from a separate `python3` process, one transaction
+/// each, in argument order (`<uuid>=<state>`); the producer trigger writes the completions.
+const WRITE_FROM_PYTHON: &str = r#"
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
+for arg in sys.argv[2:]:
+    execution_id, state = arg.split("=")
+    db.execute("BEGIN IMMEDIATE")
+    cur = db.execute("UPDATE ff_execution SET state = ? WHERE execution_id = ?", (state, execution_id))
+    if cur.rowcount != 1:
+        sys.exit(f"{execution_id}: {cur.rowcount} rows updated")
+    db.execute("COMMIT")
+db.close()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_committed_by_another_process_reach_the_subscriber_in_order_through_data_version() {
+    let (_dir, backend) = backend_file();
+    let BackendConfig {
+        connection: ff_completions::BackendConnection::Sqlite(ff_completions::SqliteConnection::File(path)),
+        ..
+    } = &backend
+    else {
+        panic!("file backend")
+    };
+    // A tick far longer than the wait below: only the `PRAGMA data_version` wake explains a
+    // timely delivery, since the other process cannot raise this process's commit signal.
+    let (tree, _) = CompletionSupervisorHandle::spawn(
+        SupervisorConfig::new().with_backend(backend.clone()).with_tick(Duration::from_secs(60)),
+    )
+    .await
+    .expect("spawn");
+    let engine = SqliteEngine::connect(&backend).await.expect("engine");
+    let ids = contract::running(&engine, ff_completions::ExecutionSpec::new, 3).await;
+    let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+
+    let outcomes = ["success", "failed", "cancelled"];
+    let args: Vec<String> = ids.iter().zip(outcomes).map(|(id, state)| format!("{}={state}", id.uuid())).collect();
+    let writer = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(WRITE_FROM_PYTHON)
+        .arg(path)
+        .args(&args)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), writer)
+        .await
+        .expect("the python writer finishes in time")
+        .expect("python3 runs");
+    assert!(out.status.success(), "python writer failed: {}", String::from_utf8_lossy(&out.stderr));
+
+    let events = take_events(&mut sub, 3, Duration::from_secs(10)).await;
+    assert_exactly_once(&events, &ids, true);
+    let got: Vec<&str> = events.iter().map(|e| e.outcome.as_wire()).collect();
+    assert_eq!(got, outcomes, "each completion carries the state the other process wrote");
+    assert_no_more(&mut sub, QUIET).await;
+    let stats = tree.stats().await.expect("stats");
+    assert_eq!(stats.listeners[0].restarts, 0, "no restart's catch-up delivered them");
 }
