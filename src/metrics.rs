@@ -45,6 +45,12 @@ pub(crate) fn backend_gauge(backend: &str, name: &'static str, value: f64) {
     gauge!("ff_completions_backend_gauge", "backend" => backend.to_owned(), "name" => name).set(value);
 }
 
+/// Milliseconds from `at` to `now`, never negative: `at` comes from a row or stream entry and may
+/// be anything (far in the future, or near `i64::MIN`), so the difference saturates.
+fn lag_ms(now: TimestampMs, at: TimestampMs) -> i64 {
+    now.0.saturating_sub(at.0).max(0)
+}
+
 /// Labels of one subscriber, built once per filter.
 #[derive(Clone, Debug)]
 pub(crate) struct SubscriberLabels {
@@ -63,8 +69,7 @@ impl SubscriberLabels {
 
     pub(crate) fn delivered(&self, n: u64, last_at: TimestampMs) {
         counter!("ff_completions_events_delivered_total", &self.labels()).increment(n);
-        let lag = (TimestampMs::now().0 - last_at.0).max(0) as f64;
-        gauge!("ff_completions_subscriber_lag_ms", &self.labels()).set(lag);
+        gauge!("ff_completions_subscriber_lag_ms", &self.labels()).set(lag_ms(TimestampMs::now(), last_at) as f64);
     }
 
     pub(crate) fn batch_dropped(&self) {
@@ -77,5 +82,32 @@ impl SubscriberLabels {
 
     pub(crate) fn lag_events(&self, n: u64) {
         gauge!("ff_completions_subscriber_lag_events", &self.labels()).set(n as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_is_the_time_since_the_event_and_never_negative() {
+        assert_eq!(lag_ms(TimestampMs(1_000), TimestampMs(400)), 600);
+        assert_eq!(lag_ms(TimestampMs(1_000), TimestampMs(5_000)), 0, "an event from the future has no lag");
+    }
+
+    #[test]
+    fn lag_of_extreme_event_times_saturates_instead_of_overflowing() {
+        let now = TimestampMs::now();
+        assert_eq!(lag_ms(now, TimestampMs(i64::MIN)), i64::MAX);
+        assert_eq!(lag_ms(now, TimestampMs(i64::MAX)), 0);
+        assert_eq!(lag_ms(TimestampMs(i64::MIN), TimestampMs(i64::MAX)), 0);
+        assert_eq!(lag_ms(TimestampMs(i64::MAX), TimestampMs(i64::MIN)), i64::MAX);
+    }
+
+    #[test]
+    fn recording_a_delivery_of_an_extreme_event_time_does_not_panic() {
+        let labels = SubscriberLabels::new("postgres", 1);
+        labels.delivered(1, TimestampMs(i64::MIN));
+        labels.delivered(1, TimestampMs(i64::MAX));
     }
 }

@@ -2,10 +2,56 @@
 //! an `Err` naming what is wrong (the caller skips that one row), never a panic.
 
 use std::collections::BTreeMap;
+use std::fmt::{self, Debug, Write as _};
+use std::time::Duration;
 
 use crate::cursor::StreamCursor;
 use crate::event::{CompletionEvent, CompletionOutcome};
 use crate::types::{ExecutionId, FlowId, Namespace, PARTITION_COUNT, TimestampMs};
+
+/// How many characters of a bad value a reason quotes: a huge value (a 1 MiB namespace, a
+/// corrupt id) never makes a huge log line.
+const SHOWN_CHARS: usize = 80;
+
+/// A writer that keeps the first `SHOWN_CHARS` characters and then refuses more, so formatting
+/// a huge value stops early instead of building all of it.
+struct Clipped {
+    text: String,
+    chars: usize,
+    clipped: bool,
+}
+
+impl fmt::Write for Clipped {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for c in s.chars() {
+            if self.chars == SHOWN_CHARS {
+                self.clipped = true;
+                return Err(fmt::Error);
+            }
+            self.text.push(c);
+            self.chars += 1;
+        }
+        Ok(())
+    }
+}
+
+/// `value`'s `Debug` form for a reason or a log line, cut after [`SHOWN_CHARS`] characters
+/// (marked with `...`).
+pub(crate) fn shown(value: &dyn Debug) -> String {
+    let mut out = Clipped { text: String::new(), chars: 0, clipped: false };
+    let _ = write!(out, "{value:?}");
+    if out.clipped {
+        out.text.push_str("...");
+    }
+    out.text
+}
+
+/// The commit time (ms since the epoch) before which a completion is older than `age` at
+/// `now`. Saturates: an age beyond the representable past gives `i64::MIN` (nothing is older).
+pub(crate) fn age_cutoff_ms(now: TimestampMs, age: Duration) -> i64 {
+    let age_ms = i128::try_from(age.as_millis()).unwrap_or(i128::MAX);
+    i64::try_from(i128::from(now.0).saturating_sub(age_ms)).unwrap_or(i64::MIN)
+}
 
 /// The columns of one `ff_completion_event` row, as text where the schema may vary.
 #[derive(Clone, Debug, Default)]
@@ -46,7 +92,7 @@ impl OutboxRow {
     /// The event this row records, with `cursor` as its position.
     pub(crate) fn decode(&self, cursor: StreamCursor) -> Result<CompletionEvent, String> {
         let uuid = self.execution_id.as_deref().ok_or("execution_id is NULL")?;
-        let uuid = uuid::Uuid::parse_str(uuid).map_err(|e| format!("execution_id {uuid:?}: {e}"))?;
+        let uuid = uuid::Uuid::parse_str(uuid).map_err(|e| format!("execution_id {}: {e}", shown(&uuid)))?;
         let partition = self.partition_key.ok_or("partition_key is NULL")?;
         let partition = u16::try_from(partition)
             .ok()
@@ -55,7 +101,9 @@ impl OutboxRow {
         let outcome = self.outcome.as_deref().filter(|o| !o.is_empty()).ok_or("outcome is NULL or empty")?;
         let at = self.occurred_at_ms.ok_or("occurred_at_ms is NULL")?;
         let flow_id = match &self.flow_id {
-            Some(f) => Some(FlowId::from_uuid(uuid::Uuid::parse_str(f).map_err(|e| format!("flow_id {f:?}: {e}"))?)),
+            Some(f) => {
+                Some(FlowId::from_uuid(uuid::Uuid::parse_str(f).map_err(|e| format!("flow_id {}: {e}", shown(f)))?))
+            }
             None => None,
         };
         Ok(CompletionEvent::new(
@@ -67,5 +115,106 @@ impl OutboxRow {
         .with_flow_id(flow_id)
         .with_namespace(self.namespace.as_deref().map(Namespace::from))
         .with_tags(tags(self.tags.as_deref(), self.instance_tag.as_deref())?))
+    }
+}
+
+/// Values the decoders' property tests put into rows and entries: empty, any unicode, numbers at
+/// their limits, JSON, valid uuids, and huge (up to 1 MiB).
+#[cfg(test)]
+pub(crate) mod wild {
+    use proptest::prelude::*;
+
+    pub(crate) fn text() -> BoxedStrategy<String> {
+        let odd = [
+            i64::MIN.to_string(),
+            i64::MAX.to_string(),
+            u64::MAX.to_string(),
+            "-0".into(),
+            " 1".into(),
+            "1e3".into(),
+            "null".into(),
+            "{}".into(),
+            "[]".into(),
+            "\0".into(),
+            "\u{0}".into(),
+            "=".into(),
+            "é😀\u{202e}".into(),
+        ];
+        prop_oneof![
+            Just(String::new()),
+            ".{0,40}",
+            "[0-9a-fA-F{}:=-]{0,40}",
+            any::<i64>().prop_map(|n| n.to_string()),
+            proptest::sample::select(odd.to_vec()),
+            any::<u128>().prop_map(|n| uuid::Uuid::from_u128(n).to_string()),
+            proptest::collection::btree_map(".{0,8}", ".{0,8}", 0..4)
+                .prop_map(|m| serde_json::to_string(&m).expect("a map of strings is JSON")),
+            (0usize..=(1 << 20)).prop_map(|n| "x".repeat(n)),
+        ]
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_age_cutoff_is_now_minus_the_age() {
+        assert_eq!(age_cutoff_ms(TimestampMs(10_000), Duration::from_secs(3)), 7_000);
+        assert_eq!(age_cutoff_ms(TimestampMs(10_000), Duration::ZERO), 10_000);
+        assert_eq!(age_cutoff_ms(TimestampMs(0), Duration::from_millis(5)), -5);
+    }
+
+    #[test]
+    fn a_huge_age_saturates_at_the_earliest_time_instead_of_overflowing() {
+        let now = TimestampMs::now();
+        assert_eq!(age_cutoff_ms(now, Duration::from_secs(u64::MAX / 2)), i64::MIN);
+        assert_eq!(age_cutoff_ms(now, Duration::MAX), i64::MIN);
+        assert_eq!(age_cutoff_ms(TimestampMs(i64::MIN), Duration::from_millis(1)), i64::MIN);
+        assert_eq!(age_cutoff_ms(TimestampMs(i64::MAX), Duration::from_millis(i64::MAX as u64)), 0);
+        assert_eq!(age_cutoff_ms(TimestampMs(-1), Duration::from_millis(i64::MAX as u64)), i64::MIN);
+    }
+
+    #[test]
+    fn shown_values_are_cut_short_and_marked() {
+        assert_eq!(shown(&"abc"), "\"abc\"");
+        let huge = "é".repeat(1 << 20);
+        let text = shown(&huge);
+        assert_eq!(text.chars().count(), SHOWN_CHARS + 3, "{text}");
+        assert!(text.starts_with("\"éé") && text.ends_with("..."), "{text}");
+    }
+
+    #[test]
+    fn a_row_with_extreme_times_and_huge_text_decodes_with_them() {
+        let namespace = "n".repeat(1 << 20);
+        for at in [i64::MIN, -1, 0, i64::MAX] {
+            let row = OutboxRow {
+                execution_id: Some("6f1f4a52-9d8e-4c3f-a1b2-3c4d5e6f7a8b".into()),
+                outcome: Some("success".into()),
+                namespace: Some(namespace.clone()),
+                occurred_at_ms: Some(at),
+                partition_key: Some(255),
+                ..OutboxRow::default()
+            };
+            let event = row.decode(StreamCursor::empty()).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(event.at, TimestampMs(at));
+            assert_eq!(event.namespace.as_ref().map(|n| n.as_str().len()), Some(1 << 20));
+        }
+    }
+
+    #[test]
+    fn a_huge_bad_value_gives_a_short_reason() {
+        let row = OutboxRow {
+            execution_id: Some("z".repeat(1 << 20)),
+            outcome: Some("success".into()),
+            occurred_at_ms: Some(1),
+            partition_key: Some(1),
+            ..OutboxRow::default()
+        };
+        match row.decode(StreamCursor::empty()) {
+            Err(reason) => assert!(reason.starts_with("execution_id") && reason.len() < 400, "{reason}"),
+            Ok(_) => panic!("a 1 MiB execution_id decoded"),
+        }
     }
 }

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use ff_completions::{
     BackendConfig, CompletionOutcome, CompletionSupervisorHandle, EngineError, ExecutionId, ExecutionSpec, Namespace,
-    ScannerFilter, SubscribeRequest, SupervisorConfig,
+    Retention, ScannerFilter, StreamCursor, SubscribeRequest, SupervisorConfig, SupervisorStats, TimestampMs,
     backends::postgres::{LISTENER_APPLICATION_NAME, PostgresEngine},
-    encode_postgres_event_cursor, encode_sqlite_cursor, encode_valkey_cursor,
+    encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor, encode_valkey_cursor,
 };
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
@@ -391,4 +391,194 @@ async fn a_server_that_refuses_the_connection_is_a_prompt_typed_error() {
         }
         other => panic!("expected a transport error, got {:?}", other.err()),
     }
+}
+
+/// Inserts one valid outbox row by hand, as a foreign producer might; returns its execution.
+async fn insert_row(conn: &mut PgConnection, occurred_at_ms: i64) -> ExecutionId {
+    let id = ExecutionId::from_parts(7, uuid::Uuid::new_v4());
+    sqlx::query(
+        "INSERT INTO ff_completion_event (execution_id, outcome, occurred_at_ms, partition_key) VALUES ($1, 'success', $2, 7)",
+    )
+    .bind(id.uuid())
+    .bind(occurred_at_ms)
+    .execute(conn)
+    .await
+    .expect("insert row");
+    id
+}
+
+/// The reader cursor of the outbox row of `id`.
+async fn cursor_of(conn: &mut PgConnection, id: ExecutionId) -> StreamCursor {
+    let (txid, event_id): (i64, i64) =
+        sqlx::query_as("SELECT txid::text::int8, event_id FROM ff_completion_event WHERE execution_id = $1")
+            .bind(id.uuid())
+            .fetch_one(conn)
+            .await
+            .expect("row position");
+    encode_postgres_cursor(txid as u64, event_id)
+}
+
+/// No listener or filter of the tree was ever restarted.
+fn assert_nothing_restarted(stats: &SupervisorStats) {
+    assert!(stats.listeners.iter().all(|l| l.restarts == 0), "a listener restarted: {:?}", stats.listeners);
+    assert!(stats.subscribers.iter().all(|s| s.restarts == 0), "a filter restarted: {:?}", stats.subscribers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_with_the_earliest_and_latest_commit_times_are_delivered_without_any_restart() {
+    // A subscriber that reads nothing until the end fills its buffer of 2 and falls behind at
+    // one of the earliest rows: its lag is then measured from that row's commit time.
+    let f = fixture_with(|c| c.with_subscriber_buffer(2)).await;
+    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let before = complete_n(&*f.engine, 2).await;
+    let mut conn = PgConnection::connect(&f.url).await.expect("connect");
+    let extremes = [i64::MIN, i64::MIN + 1, i64::MIN, i64::MIN, i64::MAX, -1];
+    let mut odd = Vec::new();
+    for at in extremes {
+        odd.push(insert_row(&mut conn, at).await);
+    }
+    let after = complete_n(&*f.engine, 2).await;
+    let events = take_events(&mut sub, 10, WAIT).await;
+    assert_exactly_once(&events, &[before, odd, after].concat(), true);
+    let times: Vec<i64> = events[2..8].iter().map(|e| e.at.0).collect();
+    assert_eq!(times, extremes, "the commit times arrive as written");
+    assert_no_more(&mut sub, QUIET).await;
+    let stats = f.tree.stats().await.expect("stats");
+    assert_eq!(stats.listeners[0].rows_skipped, 0, "valid rows are not skipped");
+    assert_nothing_restarted(&stats);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_with_megabyte_namespace_tags_and_outcome_are_delivered_whole_and_the_events_around_them_arrive() {
+    const MIB: i32 = 1 << 20;
+    let f = fixture().await;
+    let mut all = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let huge_ns = Namespace::new("n".repeat(MIB as usize));
+    let mut only_huge_ns = f
+        .tree
+        .subscribe(SubscribeRequest::tail().with_filter(ScannerFilter::new().with_namespace(huge_ns)))
+        .await
+        .expect("sub");
+    let before = complete_n(&*f.engine, 2).await;
+    let mut conn = PgConnection::connect(&f.url).await.expect("connect");
+    let huge_rows = [
+        "INSERT INTO ff_completion_event (execution_id, outcome, occurred_at_ms, partition_key, namespace) \
+         VALUES ($1, 'success', 1, 7, repeat('n', $2))",
+        "INSERT INTO ff_completion_event (execution_id, outcome, occurred_at_ms, partition_key, tags) \
+         VALUES ($1, 'success', 1, 7, jsonb_build_object('big', repeat('t', $2)))",
+        "INSERT INTO ff_completion_event (execution_id, outcome, occurred_at_ms, partition_key, instance_tag) \
+         VALUES ($1, repeat('o', $2), 1, 7, 'k=' || repeat('v', $2))",
+    ];
+    let mut huge = Vec::new();
+    for sql in huge_rows {
+        let id = ExecutionId::from_parts(7, uuid::Uuid::new_v4());
+        sqlx::query(sql).bind(id.uuid()).bind(MIB).execute(&mut conn).await.expect("insert huge row");
+        huge.push(id);
+    }
+    let after = complete_n(&*f.engine, 2).await;
+    let events = take_events(&mut all, 7, WAIT).await;
+    assert_exactly_once(&events, &[before, huge.clone(), after].concat(), true);
+    assert_eq!(events[2].namespace.as_ref().map(|n| n.as_str().len()), Some(MIB as usize));
+    assert_eq!(events[3].tags.get("big").map(String::len), Some(MIB as usize));
+    assert_eq!(events[4].outcome, CompletionOutcome::Other("o".repeat(MIB as usize)));
+    assert_eq!(events[4].tags.get("k").map(String::len), Some(MIB as usize));
+    assert_exactly_once(&take_events(&mut only_huge_ns, 1, WAIT).await, &huge[..1], true);
+    assert_no_more(&mut all, QUIET).await;
+    assert_no_more(&mut only_huge_ns, QUIET).await;
+    let stats = f.tree.stats().await.expect("stats");
+    assert_eq!(stats.listeners[0].rows_skipped, 0);
+    assert_nothing_restarted(&stats);
+}
+
+/// A database with rows committed long ago (by their `occurred_at_ms`), each with its cursor,
+/// new ones from the engine, and a tree trimming it by age every 50 ms.
+async fn aged_outbox(
+    max_age: Duration,
+    old_times: &[i64],
+) -> (Fixture, Vec<(ExecutionId, StreamCursor)>, Vec<ExecutionId>) {
+    init_tracing();
+    let url = fresh_database().await;
+    let engine = Arc::new(PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("engine"));
+    let mut conn = PgConnection::connect(&url).await.expect("connect");
+    let mut old = Vec::new();
+    for at in old_times {
+        let id = insert_row(&mut conn, *at).await;
+        old.push((id, cursor_of(&mut conn, id).await));
+    }
+    let new = complete_n(&*engine, 3).await;
+    let backend =
+        BackendConfig::postgres(&url).with_retention(Retention::max_age(max_age).every(Duration::from_millis(50)));
+    let (tree, _) =
+        CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(backend)).await.expect("spawn");
+    (Fixture { url, tree, engine }, old, new)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_age_removes_old_rows_keeps_new_ones_and_expires_cursors_below_them() {
+    let two_hours_ago = TimestampMs::now().0 - 2 * 3_600_000;
+    let (f, old, new) = aged_outbox(Duration::from_secs(3_600), &[i64::MIN, 1_000, two_hours_ago]).await;
+    wait_until(WAIT, "the trim job to remove the old rows", || async { outbox_order(&f.url).await.len() == new.len() })
+        .await;
+    assert_eq!(outbox_order(&f.url).await, new, "exactly the rows older than an hour are gone");
+
+    let boundary = old[2].1.clone();
+    for (_, below) in &old[..2] {
+        match f.tree.subscribe(SubscribeRequest::from_cursor(below.clone())).await {
+            Err(EngineError::CursorExpired { oldest: Some(oldest) }) => {
+                assert_eq!(oldest, boundary, "the oldest cursor is the last trimmed row's")
+            }
+            other => panic!("a cursor below the trimmed rows must expire, got {:?}", other.map(|s| s.id())),
+        }
+    }
+    let mut resumed = f.tree.subscribe(SubscribeRequest::from_cursor(boundary)).await.expect("resume at the boundary");
+    assert_exactly_once(&take_events(&mut resumed, new.len(), WAIT).await, &new, true);
+    let more = complete_n(&*f.engine, 2).await;
+    assert_exactly_once(&take_events(&mut resumed, 2, WAIT).await, &more, true);
+    assert_no_more(&mut resumed, QUIET).await;
+    assert_nothing_restarted(&f.tree.stats().await.expect("stats"));
+}
+
+const TRIM_WAITING_ON_A_LOCK: &str = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+     AND query LIKE 'SELECT ff_trim_completions%' AND wait_event_type = 'Lock'";
+
+const TRIM_RUNNING: &str = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+     AND query LIKE 'SELECT ff_trim_completions%' AND state = 'active'";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retention_age_beyond_the_representable_past_removes_nothing() {
+    let (f, old, new) = aged_outbox(Duration::from_secs(u64::MAX / 2), &[i64::MIN, 0, 1_000]).await;
+    // The outbox stays locked until a trim run is seen waiting on it: the job does run.
+    let mut locker = PgConnection::connect(&f.url).await.expect("connect");
+    let mut tx = sqlx::Connection::begin(&mut locker).await.expect("begin");
+    sqlx::query("LOCK TABLE ff_completion_event IN ACCESS EXCLUSIVE MODE").execute(&mut *tx).await.expect("lock");
+    let mut watcher = PgConnection::connect(&f.url).await.expect("connect");
+    let started = std::time::Instant::now();
+    loop {
+        let waiting: i64 =
+            sqlx::query_scalar(TRIM_WAITING_ON_A_LOCK).fetch_one(&mut watcher).await.expect("pg_stat_activity");
+        if waiting > 0 {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "no trim run was seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tx.rollback().await.expect("unlock");
+    // That run and a few more (one every 50 ms) finish.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    while sqlx::query_scalar::<_, i64>(TRIM_RUNNING).fetch_one(&mut watcher).await.expect("pg_stat_activity") > 0 {
+        assert!(started.elapsed() < WAIT, "a trim run never finished");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let old_ids: Vec<ExecutionId> = old.iter().map(|(id, _)| *id).collect();
+    assert_eq!(outbox_order(&f.url).await, [&old_ids[..], &new[..]].concat(), "nothing was trimmed");
+    let boundaries: i64 = sqlx::query_scalar("SELECT count(*) FROM ff_completion_retention")
+        .fetch_one(&mut watcher)
+        .await
+        .expect("retention");
+    assert_eq!(boundaries, 0, "no trim boundary was recorded");
+    let mut sub = f.tree.subscribe(SubscribeRequest::from_cursor(old[0].1.clone())).await.expect("still retained");
+    assert_exactly_once(&take_events(&mut sub, 5, WAIT).await, &[&old_ids[1..], &new[..]].concat(), true);
+    assert_no_more(&mut sub, QUIET).await;
 }

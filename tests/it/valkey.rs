@@ -9,9 +9,9 @@ use ferriskey::Value;
 use ff_completions::backends::valkey::{LISTENER_CLIENT_NAME, PUBSUB_CHANNEL, STREAM_KEY, ValkeyEngine};
 use ff_completions::{
     BackendConfig, BackendRetry, BackendTimeouts, CancelFlowPolicy, CompletionOutcome, CompletionSupervisorHandle,
-    DependencyResolution, Engine, EngineError, ExecutionId, ExecutionSpec, FailOutcome, FlowId, SubscribeRequest,
-    SupervisorConfig, ValkeyConnection, connect_engine, encode_postgres_cursor, encode_postgres_event_cursor,
-    encode_sqlite_cursor,
+    DependencyResolution, Engine, EngineError, ExecutionId, ExecutionSpec, FailOutcome, FlowId, Namespace, Retention,
+    ScannerFilter, SubscribeRequest, SupervisorConfig, SupervisorStats, TimestampMs, ValkeyConnection, connect_engine,
+    encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor, encode_valkey_cursor,
 };
 
 use crate::contract::{self, Fixture, QUIET, WAIT, complete_n, fixture, running};
@@ -528,4 +528,187 @@ async fn a_library_of_another_version_is_replaced_on_connect() {
     assert_eq!(version().await, ff_completions::backends::valkey::LIBRARY_VERSION);
     let ids = complete_n(&engine, 2).await;
     assert_eq!(stream_order(&server).await, ids);
+}
+
+/// `XADD`s one entry with the given id (`*` for the next) and fields, as a foreign producer might.
+async fn xadd(server: &ValkeyServer, id: &str, fields: &[&str]) {
+    server.command(&[&["XADD", STREAM_KEY, id][..], fields].concat()).await;
+}
+
+/// A valid entry's fields for `id`, committed at `at` (text, so anything can be written).
+fn entry_fields(id: &ExecutionId, at: &str) -> Vec<String> {
+    [
+        "execution_id",
+        &id.to_string(),
+        "outcome",
+        "success",
+        "occurred_at_ms",
+        at,
+        "partition",
+        &id.partition().to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// No listener or filter of the tree was ever restarted.
+fn assert_nothing_restarted(stats: &SupervisorStats) {
+    assert!(stats.listeners.iter().all(|l| l.restarts == 0), "a listener restarted: {:?}", stats.listeners);
+    assert!(stats.subscribers.iter().all(|s| s.restarts == 0), "a filter restarted: {:?}", stats.subscribers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_with_the_earliest_and_latest_commit_times_are_delivered_without_any_restart() {
+    init_tracing();
+    let server = ValkeyServer::start().await;
+    // A subscriber that reads nothing until the end fills its buffer of 2 and falls behind at
+    // one of the earliest entries: its lag is then measured from that entry's commit time.
+    let f = fixture(server.config(), |c| c.with_subscriber_buffer(2)).await;
+    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let before = complete_n(&*f.engine, 2).await;
+    let extremes = [i64::MIN, i64::MIN + 1, i64::MIN, i64::MIN, i64::MAX, -1];
+    let mut odd = Vec::new();
+    for at in extremes {
+        let id = ExecutionId::new_in(&FlowId::new());
+        let fields = entry_fields(&id, &at.to_string());
+        xadd(&server, "*", &fields.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        odd.push(id);
+    }
+    let after = complete_n(&*f.engine, 2).await;
+    let events = take_events(&mut sub, 10, WAIT).await;
+    assert_exactly_once(&events, &[before, odd, after].concat(), true);
+    let times: Vec<i64> = events[2..8].iter().map(|e| e.at.0).collect();
+    assert_eq!(times, extremes, "the commit times arrive as written");
+    assert_no_more(&mut sub, QUIET).await;
+    let stats = f.tree.stats().await.expect("stats");
+    assert_eq!(stats.listeners[0].rows_skipped, 0, "valid entries are not skipped");
+    assert_nothing_restarted(&stats);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn megabyte_stream_fields_are_delivered_whole_or_skipped_and_the_events_around_them_arrive() {
+    const MIB: usize = 1 << 20;
+    init_tracing();
+    let server = ValkeyServer::start().await;
+    let f = fixture(server.config(), |c| c).await;
+    let mut all = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let huge_ns = "n".repeat(MIB);
+    let filter = ScannerFilter::new().with_namespace(Namespace::new(huge_ns.clone()));
+    let mut only_huge_ns = f.tree.subscribe(SubscribeRequest::tail().with_filter(filter)).await.expect("sub");
+    let before = complete_n(&*f.engine, 2).await;
+    let huge_tags = serde_json::json!({ "big": "t".repeat(MIB) }).to_string();
+    let (huge_outcome, huge_name, huge_junk) = ("o".repeat(MIB), "f".repeat(MIB), "9".repeat(MIB));
+    let mut delivered = Vec::new();
+    let extras = [
+        ["namespace", huge_ns.as_str()],
+        ["tags", huge_tags.as_str()],
+        ["outcome", huge_outcome.as_str()],
+        [huge_name.as_str(), "x"],
+    ];
+    for extra in extras {
+        let id = ExecutionId::new_in(&FlowId::new());
+        let mut fields = entry_fields(&id, "1");
+        fields.extend(extra.map(str::to_owned));
+        xadd(&server, "*", &fields.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        delivered.push(id);
+    }
+    // Bad in a huge way: skipped, each with a reason.
+    let id = ExecutionId::new_in(&FlowId::new());
+    let partition = id.partition().to_string();
+    xadd(&server, "*", &["execution_id", &huge_junk, "outcome", "success", "occurred_at_ms", "1", "partition", "1"])
+        .await;
+    let id_text = id.to_string();
+    xadd(
+        &server,
+        "*",
+        &["execution_id", &id_text, "outcome", "success", "occurred_at_ms", &huge_junk, "partition", &partition],
+    )
+    .await;
+    let after = complete_n(&*f.engine, 2).await;
+
+    let events = take_events(&mut all, 8, WAIT).await;
+    assert_exactly_once(&events, &[before, delivered.clone(), after].concat(), true);
+    assert_eq!(events[2].namespace.as_ref().map(|n| n.as_str().len()), Some(MIB));
+    assert_eq!(events[3].tags.get("big").map(String::len), Some(MIB));
+    assert_eq!(events[4].outcome, CompletionOutcome::Other(huge_outcome));
+    assert_exactly_once(&take_events(&mut only_huge_ns, 1, WAIT).await, &delivered[..1], true);
+    assert_no_more(&mut all, QUIET).await;
+    assert_no_more(&mut only_huge_ns, QUIET).await;
+    let stats = f.tree.stats().await.expect("stats");
+    assert_eq!(stats.listeners[0].rows_skipped, 2, "each huge bad entry is skipped once");
+    assert_nothing_restarted(&stats);
+}
+
+/// A stream with entries added long ago (by their ids), new ones from the engine, and a tree
+/// trimming it by age every 50 ms.
+async fn aged_stream(
+    server: &ValkeyServer,
+    max_age: Duration,
+    old_ms: &[u64],
+) -> (Fixture, Vec<ExecutionId>, Vec<ExecutionId>) {
+    let engine = connect_engine(&server.config()).await.expect("engine");
+    let mut old = Vec::new();
+    for ms in old_ms {
+        let id = ExecutionId::new_in(&FlowId::new());
+        old.push(id);
+        let fields = entry_fields(&id, &ms.to_string());
+        xadd(server, &format!("{ms}-0"), &fields.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    }
+    let new = complete_n(&*engine, 3).await;
+    let backend = server.config().with_retention(Retention::max_age(max_age).every(Duration::from_millis(50)));
+    let (tree, _) =
+        CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(backend)).await.expect("spawn");
+    (Fixture { tree, engine }, old, new)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_age_trims_old_stream_entries_keeps_new_ones_and_expires_cursors_below_them() {
+    init_tracing();
+    let server = ValkeyServer::start().await;
+    let two_hours_ago = (TimestampMs::now().0 - 2 * 3_600_000) as u64;
+    let (f, _, new) = aged_stream(&server, Duration::from_secs(3_600), &[1, 1_000, two_hours_ago]).await;
+    wait_until(WAIT, "the trim job to remove the old entries", || async { stream_len(&server).await == 3 }).await;
+    assert_eq!(stream_order(&server).await, new, "exactly the entries older than an hour are gone");
+
+    for (ms, seq) in [(0, 0), (1, 0), (1_000, 0), (two_hours_ago, 0)] {
+        match f.tree.subscribe(SubscribeRequest::from_cursor(encode_valkey_cursor(ms, seq))).await {
+            Err(EngineError::CursorExpired { oldest: Some(_) }) => {}
+            other => panic!("cursor {ms}-{seq} is below the trimmed entries, got {:?}", other.map(|s| s.id())),
+        }
+    }
+    let oldest = match f.tree.subscribe(SubscribeRequest::from_cursor(encode_valkey_cursor(1, 0))).await {
+        Err(EngineError::CursorExpired { oldest: Some(oldest) }) => oldest,
+        other => panic!("expected CursorExpired, got {:?}", other.map(|s| s.id())),
+    };
+    let mut resumed = f.tree.subscribe(SubscribeRequest::from_cursor(oldest)).await.expect("resume at the oldest");
+    assert_exactly_once(&take_events(&mut resumed, new.len(), WAIT).await, &new, true);
+    let more = complete_n(&*f.engine, 2).await;
+    assert_exactly_once(&take_events(&mut resumed, 2, WAIT).await, &more, true);
+    assert_no_more(&mut resumed, QUIET).await;
+    assert_nothing_restarted(&f.tree.stats().await.expect("stats"));
+}
+
+/// How many `XTRIM` calls the server has run.
+async fn xtrim_calls(server: &ValkeyServer) -> u64 {
+    let info = match server.command(&["INFO", "commandstats"]).await {
+        Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+        Value::VerbatimString { text, .. } => text,
+        other => panic!("INFO answered {other:?}"),
+    };
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_xtrim:calls="))
+        .map(|rest| rest.split(',').next().and_then(|n| n.parse().ok()).expect("calls=N"))
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retention_age_beyond_the_representable_past_trims_nothing_from_the_stream() {
+    init_tracing();
+    let server = ValkeyServer::start().await;
+    let (f, old, new) = aged_stream(&server, Duration::from_secs(u64::MAX / 2), &[1, 1_000]).await;
+    wait_until(WAIT, "three trim runs", || async { xtrim_calls(&server).await >= 3 }).await;
+    assert_eq!(stream_len(&server).await, 5, "nothing was trimmed");
+    let mut sub = f.tree.subscribe(SubscribeRequest::from_cursor(encode_valkey_cursor(1, 0))).await.expect("retained");
+    assert_exactly_once(&take_events(&mut sub, 4, WAIT).await, &[&old[1..], &new[..]].concat(), true);
+    assert_no_more(&mut sub, QUIET).await;
 }

@@ -61,6 +61,18 @@ fn options(config: &BackendConfig) -> Result<SqliteConnectOptions, EngineError> 
     Ok(options.busy_timeout(Duration::from_secs(10)).foreign_keys(true))
 }
 
+/// Why the database `key` could not be opened. A file SQLite cannot open (a directory, a path
+/// under a plain file, no permission) is [`EngineError::Unavailable`] naming the file: retrying
+/// will not help until an operator acts, and the path is what they need to know.
+fn open_error(key: &str, err: sqlx::Error) -> EngineError {
+    match err {
+        sqlx::Error::Database(_) | sqlx::Error::Io(_) => {
+            EngineError::Unavailable { op: "sqlite open", detail: crate::error::redact(&format!("{key}: {err}")) }
+        }
+        other => EngineError::from_sqlx("sqlite open", other),
+    }
+}
+
 /// A pool on the database with the schema migrated. An in-memory database gets one shared
 /// single-connection pool per process, so its connections never fight over shared-cache locks
 /// and the database lives as long as the process uses it.
@@ -80,7 +92,7 @@ pub(crate) async fn connect_pool(config: &BackendConfig, max: u32) -> Result<Sql
         .acquire_timeout(config.timeouts.connect_or_default().max(Duration::from_secs(10)))
         .connect_with(options(config)?)
         .await
-        .map_err(|e| EngineError::from_sqlx("sqlite open", e))?;
+        .map_err(|e| open_error(&key, e))?;
     MIGRATOR.run(&pool).await.map_err(|e| match e {
         sqlx::migrate::MigrateError::Execute(e) => EngineError::from_sqlx("sqlite migrate", e),
         other => EngineError::Schema { op: "sqlite migrate", detail: other.to_string() },
@@ -89,4 +101,68 @@ pub(crate) async fn connect_pool(config: &BackendConfig, max: u32) -> Result<Sql
         memory_pools.insert(key, pool.clone());
     }
     Ok(pool)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// Opens `config` as the tree and the engine do, failing the test if it takes more than a
+    /// few seconds.
+    async fn open(config: &BackendConfig) -> Result<SqlitePool, EngineError> {
+        let started = Instant::now();
+        let opened = tokio::time::timeout(Duration::from_secs(20), connect_pool(config, 2))
+            .await
+            .expect("opening a database must not hang");
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        opened
+    }
+
+    #[tokio::test]
+    async fn a_database_in_a_directory_that_does_not_exist_is_a_prompt_validation_error() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let missing = dir.path().join("no-such-dir");
+        match open(&BackendConfig::sqlite(missing.join("completions.db"))).await {
+            Err(EngineError::Validation { detail }) => assert!(detail.contains("no-such-dir"), "{detail}"),
+            other => panic!("expected a validation error, got {:?}", other.map(|_| "a pool")),
+        }
+        assert!(!missing.exists(), "nothing was created");
+    }
+
+    #[tokio::test]
+    async fn a_database_path_that_is_a_directory_is_a_prompt_unavailable_error() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("a-directory");
+        std::fs::create_dir(&path).expect("create dir");
+        match open(&BackendConfig::sqlite(&path)).await {
+            Err(err @ EngineError::Unavailable { .. }) => {
+                assert!(err.to_string().contains("sqlite open") && err.to_string().contains("a-directory"), "{err}")
+            }
+            other => panic!("expected an unavailable error, got {:?}", other.map(|_| "a pool")),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_database_path_under_a_plain_file_is_a_prompt_unavailable_error() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("plain-file");
+        std::fs::write(&file, b"not a directory").expect("write file");
+        match open(&BackendConfig::sqlite(file.join("completions.db"))).await {
+            Err(EngineError::Unavailable { .. } | EngineError::Validation { .. }) => {}
+            other => panic!("expected a typed open error, got {:?}", other.map(|_| "a pool")),
+        }
+        assert_eq!(std::fs::read(&file).ok().as_deref(), Some(&b"not a directory"[..]), "the file is untouched");
+    }
+
+    #[tokio::test]
+    async fn the_source_and_the_engine_report_an_unopenable_database_as_a_typed_error() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = BackendConfig::sqlite(dir.path().to_path_buf());
+        let started = Instant::now();
+        assert!(matches!(SqliteSource::connect(&config).await, Err(EngineError::Unavailable { .. })));
+        assert!(matches!(SqliteEngine::connect(&config).await, Err(EngineError::Unavailable { .. })));
+        assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    }
 }

@@ -9,7 +9,7 @@ use sqlx::{Connection, SqliteConnection};
 use tokio::sync::watch;
 
 use super::{commit_signal, connect_pool, database_key, options};
-use crate::backends::outbox::OutboxRow;
+use crate::backends::outbox::{OutboxRow, age_cutoff_ms};
 use crate::backends::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, Retention};
 use crate::cursor::{Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
@@ -138,7 +138,7 @@ impl CompletionSource for SqliteSource {
     }
 
     async fn trim(&self, retention: &Retention) -> Result<u64, EngineError> {
-        let before_ms = retention.max_age.map(|age| TimestampMs::now().0 - age.as_millis() as i64);
+        let before_ms = retention.max_age.map(|age| age_cutoff_ms(TimestampMs::now(), age));
         let keep = retention.max_events.map(|n| n.min(i64::MAX as u64) as i64);
         let mut tx = self.pool.begin().await.map_err(|e| EngineError::from_sqlx("sqlite trim", e))?;
         let by_age: Option<i64> = match before_ms {
@@ -229,5 +229,65 @@ impl Waker for SqliteWaker {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An in-memory outbox holding one valid row per commit time, in that order.
+    async fn outbox(times: &[i64]) -> SqliteSource {
+        let source = SqliteSource::connect(&BackendConfig::sqlite_in_memory()).await.expect("in-memory database");
+        for at in times {
+            sqlx::query(
+                "INSERT INTO ff_completion_event (execution_id, outcome, occurred_at_ms, partition_key) \
+                 VALUES ('6f1f4a52-9d8e-4c3f-a1b2-3c4d5e6f7a8b', 'success', ?, 1)",
+            )
+            .bind(at)
+            .execute(&source.pool)
+            .await
+            .expect("insert row");
+        }
+        source
+    }
+
+    async fn kept(source: &SqliteSource) -> Vec<i64> {
+        sqlx::query_scalar("SELECT occurred_at_ms FROM ff_completion_event ORDER BY event_id")
+            .fetch_all(&source.pool)
+            .await
+            .expect("read outbox")
+    }
+
+    #[tokio::test]
+    async fn retention_by_age_removes_old_rows_keeps_new_ones_and_expires_cursors_below_them() {
+        let now = TimestampMs::now().0;
+        let source = outbox(&[i64::MIN, 1_000, now - 7_200_000, now, i64::MAX]).await;
+        let removed = source.trim(&Retention::max_age(Duration::from_secs(3_600))).await.expect("trim");
+        assert_eq!(removed, 3);
+        assert_eq!(kept(&source).await, [now, i64::MAX]);
+        for below in [1, 2] {
+            match source.resolve_start(&encode_sqlite_cursor(below)).await {
+                Err(EngineError::CursorExpired { oldest }) => assert_eq!(oldest, Some(encode_sqlite_cursor(3))),
+                other => panic!("cursor {below} is below the trimmed rows, got {other:?}"),
+            }
+        }
+        assert_eq!(source.resolve_start(&encode_sqlite_cursor(3)).await.ok(), Some(StartAt::after(pos(3))));
+        let batch = source.read_after(pos(3), 10).await.expect("read");
+        assert_eq!(batch.events.iter().map(|e| e.event.at.0).collect::<Vec<_>>(), [now, i64::MAX]);
+    }
+
+    #[tokio::test]
+    async fn a_retention_age_beyond_the_representable_past_removes_nothing() {
+        let source = outbox(&[i64::MIN, i64::MIN + 1, 0, i64::MAX]).await;
+        for age in [Duration::from_secs(u64::MAX / 2), Duration::MAX] {
+            assert_eq!(source.trim(&Retention::max_age(age)).await.expect("trim"), 0, "{age:?}");
+        }
+        assert_eq!(kept(&source).await, [i64::MIN, i64::MIN + 1, 0, i64::MAX]);
+        assert!(source.trimmed().await.expect("retention").is_none(), "no trim boundary was recorded");
+        // The largest age that still fits: only rows from before `now - i64::MAX` are older.
+        let widest = Duration::from_millis(i64::MAX as u64);
+        assert_eq!(source.trim(&Retention::max_age(widest)).await.expect("trim"), 2);
+        assert_eq!(kept(&source).await, [0, i64::MAX]);
     }
 }

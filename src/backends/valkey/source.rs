@@ -17,6 +17,7 @@ use ferriskey::{Client, Value};
 use super::library::{connect_client, ensure_library, fcall, map_err};
 use super::stream::{RawEntry, ReadView, decode_entry, format_id, parse_id, read_entries, read_view};
 use super::{LISTENER_CLIENT_NAME, STREAM_KEY};
+use crate::backends::outbox::{age_cutoff_ms, shown};
 use crate::backends::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, Retention};
 use crate::cursor::{Position, StreamCursor, decode_valkey_cursor, encode_valkey_cursor};
@@ -61,7 +62,7 @@ fn batch_of(start: Position, entries: Vec<RawEntry>, limit: usize) -> Batch {
     let mut batch = Batch { start, end: start, full: entries.len() >= limit, ..Batch::default() };
     for entry in entries {
         let Some(pos) = parse_id(&entry.id) else {
-            tracing::error!(id = %entry.id, "stream entry with a malformed id, ignored");
+            tracing::error!(id = %shown(&entry.id), "stream entry with a malformed id, ignored");
             continue;
         };
         if pos <= start {
@@ -113,12 +114,14 @@ impl CompletionSource for ValkeySource {
         let mut removed = 0u64;
         if let Some(n) = retention.max_events {
             let xtrim = self.client.cmd("XTRIM").arg(STREAM_KEY).arg("MAXLEN").arg(n);
-            removed += xtrim.execute::<i64>().await.map_err(map_err("valkey XTRIM"))?.max(0) as u64;
+            removed =
+                removed.saturating_add(xtrim.execute::<i64>().await.map_err(map_err("valkey XTRIM"))?.max(0) as u64);
         }
         if let Some(age) = retention.max_age {
-            let min_ms = (TimestampMs::now().0 - age.as_millis() as i64).max(0);
+            let min_ms = age_cutoff_ms(TimestampMs::now(), age).max(0);
             let xtrim = self.client.cmd("XTRIM").arg(STREAM_KEY).arg("MINID").arg(format!("{min_ms}-0"));
-            removed += xtrim.execute::<i64>().await.map_err(map_err("valkey XTRIM"))?.max(0) as u64;
+            removed =
+                removed.saturating_add(xtrim.execute::<i64>().await.map_err(map_err("valkey XTRIM"))?.max(0) as u64);
         }
         Ok(removed)
     }

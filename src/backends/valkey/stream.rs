@@ -12,7 +12,7 @@
 
 use ferriskey::Value;
 
-use crate::backends::outbox::OutboxRow;
+use crate::backends::outbox::{OutboxRow, shown};
 use crate::cursor::{Position, encode_valkey_cursor};
 use crate::event::CompletionEvent;
 use crate::types::ExecutionId;
@@ -92,8 +92,8 @@ fn items(v: &Value) -> Vec<&Value> {
 }
 
 fn pair_text(k: &Value, v: &Value) -> Result<(String, String), String> {
-    let key = text(k).ok_or_else(|| format!("a field name is not a string: {k:?}"))?;
-    let value = text(v).ok_or_else(|| format!("field {key} is not a string: {v:?}"))?;
+    let key = text(k).ok_or_else(|| format!("a field name is not a string: {}", shown(k)))?;
+    let value = text(v).ok_or_else(|| format!("field {} is not a string: {}", shown(&key), shown(v)))?;
     Ok((key, value))
 }
 
@@ -116,12 +116,12 @@ fn fields(v: &Value) -> Result<Vec<(String, String)>, String> {
                 Err("an odd number of field names and values".into())
             }
         }
-        other => Err(format!("entry fields are not a list: {other:?}")),
+        other => Err(format!("entry fields are not a list: {}", shown(other))),
     }
 }
 
 fn entry(id: &Value, f: &Value) -> RawEntry {
-    RawEntry { id: text(id).unwrap_or_else(|| format!("{id:?}")), fields: fields(f) }
+    RawEntry { id: text(id).unwrap_or_else(|| shown(id)), fields: fields(f) }
 }
 
 /// The entries of a range reply (map or array shape), in id order.
@@ -132,7 +132,7 @@ pub(super) fn range_entries(reply: &Value) -> Vec<RawEntry> {
             .into_iter()
             .map(|e| match items(e).as_slice() {
                 [id, f] => entry(id, f),
-                _ => RawEntry { id: format!("{e:?}"), fields: Err("not an [id, fields] pair".into()) },
+                _ => RawEntry { id: shown(e), fields: Err("not an [id, fields] pair".into()) },
             })
             .collect(),
         _ => Vec::new(),
@@ -162,7 +162,7 @@ pub(super) fn read_entries(reply: &Value) -> Vec<RawEntry> {
 pub(super) fn read_view(reply: &Value) -> Result<ReadView, String> {
     let parts = items(reply);
     let [trimmed, first, last, entries] = parts.as_slice() else {
-        return Err(format!("ff_read_after answered {reply:?}"));
+        return Err(format!("ff_read_after answered {}", shown(reply)));
     };
     let id = |v: &Value| text(v).and_then(|t| parse_id(&t));
     Ok(ReadView {
@@ -179,13 +179,14 @@ pub(super) fn decode_entry(pos: Position, fields: &[(String, String)]) -> Result
     let present = |name: &str| get(name).filter(|v| !v.is_empty());
     let required = |name: &str| present(name).ok_or_else(|| format!("{name} is missing"));
     let id_text = required("execution_id")?;
-    let id = ExecutionId::parse(&id_text).map_err(|e| e.to_string())?;
+    let id = ExecutionId::parse(&id_text)
+        .map_err(|_| format!("execution_id {}: malformed execution id, expected {{fp:N}}:<uuid>", shown(&id_text)))?;
     let partition = required("partition")?;
     if partition.parse::<u16>().ok() != Some(id.partition()) {
-        return Err(format!("partition {partition:?} does not match execution_id {id_text:?}"));
+        return Err(format!("partition {} does not match execution_id {}", shown(&partition), shown(&id_text)));
     }
     let at = required("occurred_at_ms")?;
-    let at: i64 = at.parse().map_err(|_| format!("occurred_at_ms {at:?} is not a number"))?;
+    let at: i64 = at.parse().map_err(|_| format!("occurred_at_ms {} is not a number", shown(&at)))?;
     let row = OutboxRow {
         execution_id: Some(id.uuid().to_string()),
         flow_id: present("flow_id"),
@@ -204,6 +205,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::backends::outbox::wild;
     use crate::event::CompletionOutcome;
 
     fn s(text: &str) -> Value {
@@ -320,12 +322,186 @@ mod tests {
         assert!(bad[0].fields.is_err());
     }
 
+    const FIELDS: [&str; 7] =
+        ["execution_id", "flow_id", "outcome", "namespace", "tags", "occurred_at_ms", "partition"];
+
+    /// Wild values plus the ones that get past the first checks: execution ids of any
+    /// partition, partition numbers, stream ids and field names.
+    fn value() -> BoxedStrategy<String> {
+        prop_oneof![
+            3 => wild::text(),
+            1 => (0u32..300, any::<u128>()).prop_map(|(p, u)| format!("{{fp:{p}}}:{}", uuid::Uuid::from_u128(u))),
+            1 => (0u32..300).prop_map(|p| p.to_string()),
+            1 => (any::<u64>(), any::<u64>()).prop_map(|(ms, seq)| format!("{ms}-{seq}")),
+            1 => proptest::sample::select(FIELDS.to_vec()).prop_map(str::to_owned),
+        ]
+        .boxed()
+    }
+
+    /// One change to a valid entry.
+    #[derive(Clone, Debug)]
+    enum Change {
+        Drop(&'static str),
+        Replace(&'static str, String),
+        Repeat(&'static str, String),
+        Add(String, String),
+    }
+
+    fn change() -> impl Strategy<Value = Change> {
+        let field = || proptest::sample::select(FIELDS.to_vec());
+        prop_oneof![
+            field().prop_map(Change::Drop),
+            (field(), value()).prop_map(|(f, v)| Change::Replace(f, v)),
+            (field(), value()).prop_map(|(f, v)| Change::Repeat(f, v)),
+            (prop_oneof!["[a-z_]{0,16}", wild::text()], value()).prop_map(|(f, v)| Change::Add(f, v)),
+        ]
+    }
+
+    fn apply(fields: &mut Vec<(String, String)>, change: Change) {
+        match change {
+            Change::Drop(f) => fields.retain(|(k, _)| k != f),
+            Change::Replace(f, v) => match fields.iter_mut().find(|(k, _)| k == f) {
+                Some(slot) => slot.1 = v,
+                None => fields.push((f.to_owned(), v)),
+            },
+            // A field given twice: the last one counts.
+            Change::Repeat(f, v) => fields.push((f.to_owned(), v)),
+            Change::Add(f, v) => fields.push((f, v)),
+        }
+    }
+
+    /// The value of `name` as the decoder reads it: the last one, and empty counts as absent.
+    fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        fields.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
+    }
+
+    /// The fields the decoder must refuse the entry for, by the rules in the module docs.
+    fn wrong_fields(fields: &[(String, String)]) -> Vec<&'static str> {
+        let id = field(fields, "execution_id").and_then(|t| ExecutionId::parse(t).ok());
+        let partition = field(fields, "partition").and_then(|p| p.parse::<u16>().ok());
+        let tags_ok = field(fields, "tags").is_none_or(|t| {
+            matches!(
+                serde_json::from_str::<serde_json::Value>(t),
+                Ok(serde_json::Value::Object(_) | serde_json::Value::Null)
+            )
+        });
+        let checks = [
+            ("execution_id", id.is_some()),
+            ("partition", id.is_some_and(|id| partition == Some(id.partition()))),
+            ("occurred_at_ms", field(fields, "occurred_at_ms").is_some_and(|t| t.parse::<i64>().is_ok())),
+            ("outcome", field(fields, "outcome").is_some()),
+            ("flow_id", field(fields, "flow_id").is_none_or(|f| uuid::Uuid::parse_str(f).is_ok())),
+            ("tags", tags_ok),
+        ];
+        checks.into_iter().filter(|(_, ok)| !ok).map(|(name, _)| name).collect()
+    }
+
+    /// Any reply value: scalars of every kind (ids, field names, wild text, bytes that are not
+    /// UTF-8), nested arrays (with error elements), maps and sets, a few levels deep, and the
+    /// shapes the parsers look for (`[id, fields]`, four-part views).
+    fn reply() -> impl Strategy<Value = Value> {
+        let scalar_text = prop_oneof![
+            value(),
+            Just("1".to_owned()),
+            Just("0".to_owned()),
+            Just(format!("{}-{}", u64::MAX, u64::MAX)),
+        ];
+        let leaf = prop_oneof![
+            Just(Value::Nil),
+            Just(Value::Okay),
+            any::<i64>().prop_map(Value::Int),
+            scalar_text.clone().prop_map(|t| Value::BulkString(t.into_bytes().into())),
+            proptest::collection::vec(any::<u8>(), 0..12).prop_map(|b| Value::BulkString(b.into())),
+            scalar_text.prop_map(Value::SimpleString),
+            any::<f64>().prop_map(Value::Double),
+            any::<bool>().prop_map(Value::Boolean),
+        ];
+        leaf.prop_recursive(4, 64, 6, |inner| {
+            let element = prop_oneof![
+                6 => inner.clone().prop_map(Ok),
+                1 => Just(()).prop_map(|_| Err(ferriskey::Error::from((ferriskey::ErrorKind::ResponseError, "boom")))),
+            ];
+            prop_oneof![
+                proptest::collection::vec(element, 0..6).prop_map(Value::Array),
+                proptest::collection::vec((inner.clone(), inner.clone()), 0..4).prop_map(Value::Map),
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Set),
+                (inner.clone(), inner.clone()).prop_map(|(id, f)| Value::Array(vec![Ok(id), Ok(f)])),
+                proptest::collection::vec(inner, 4).prop_map(|parts| Value::Array(parts.into_iter().map(Ok).collect())),
+            ]
+        })
+    }
+
+    /// Entries come back sorted by id, unparseable ids first.
+    fn in_id_order(entries: &[RawEntry]) -> bool {
+        entries.windows(2).all(|w| parse_id(&w[0].id) <= parse_id(&w[1].id))
+    }
+
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+
+        /// A valid entry with fields dropped, replaced, given twice or added, with wild values
+        /// (extreme numbers, huge or unicode text, empty): it decodes to exactly its fields when
+        /// they are still valid, and otherwise the error starts with the name of a wrong field.
         #[test]
-        fn arbitrary_entries_decode_or_fail_cleanly(
-            pairs in proptest::collection::vec(("[a-z_]{0,16}", ".{0,40}"), 0..10),
+        fn a_valid_entry_with_wild_fields_decodes_to_them_or_names_a_wrong_one(
+            changes in proptest::collection::vec(change(), 1..5),
+            hi in any::<u64>(),
+            lo in any::<u64>(),
         ) {
-            let _ = decode_entry(Position::new(1, 1), &pairs);
+            let mut fields = good();
+            for c in changes {
+                apply(&mut fields, c);
+            }
+            let wrong = wrong_fields(&fields);
+            match decode_entry(Position::new(hi, lo), &fields) {
+                Ok(event) => {
+                    prop_assert!(wrong.is_empty(), "decoded although {wrong:?} are wrong");
+                    let get = |name| field(&fields, name);
+                    prop_assert_eq!(Some(event.execution_id), get("execution_id").and_then(|t| ExecutionId::parse(t).ok()));
+                    prop_assert_eq!(Some(event.outcome.clone()), get("outcome").map(CompletionOutcome::from_wire));
+                    prop_assert_eq!(Some(event.at.0), get("occurred_at_ms").and_then(|t| t.parse().ok()));
+                    prop_assert_eq!(event.namespace.as_ref().map(|n| n.as_str()), get("namespace"));
+                    prop_assert_eq!(event.flow_id.map(|f| f.to_string()), get("flow_id").and_then(|f| uuid::Uuid::parse_str(f).ok()).map(|u| u.to_string()));
+                    if let Some(Ok(serde_json::Value::Object(map))) = get("tags").map(serde_json::from_str::<serde_json::Value>) {
+                        prop_assert_eq!(event.tags.len(), map.len());
+                    }
+                    prop_assert_eq!(crate::cursor::decode_valkey_cursor(&event.cursor).ok(), Some(Some((hi, lo))));
+                }
+                Err(reason) => {
+                    prop_assert!(!wrong.is_empty(), "a valid entry was refused: {reason}");
+                    prop_assert!(wrong.iter().any(|f| reason.starts_with(f)), "{reason:?} names none of {wrong:?}");
+                    prop_assert!(reason.len() < 1000, "a reason of {} bytes", reason.len());
+                }
+            }
+        }
+
+        /// Whatever a server or a proxy answers, the reply parsers return entries (in id order)
+        /// or reasons, never panic, and keep what they quote short.
+        #[test]
+        fn any_reply_value_parses_to_entries_or_reasons_without_panicking(reply in reply()) {
+            for entries in [range_entries(&reply), read_entries(&reply)] {
+                prop_assert!(in_id_order(&entries));
+                for e in &entries {
+                    if let Err(reason) = &e.fields {
+                        prop_assert!(reason.len() < 1000, "a reason of {} bytes", reason.len());
+                    }
+                }
+            }
+            match read_view(&reply) {
+                Ok(view) => {
+                    prop_assert_eq!(items(&reply).len(), 4);
+                    prop_assert!(in_id_order(&view.entries));
+                    let _ = view.floor();
+                }
+                Err(reason) => {
+                    prop_assert_ne!(items(&reply).len(), 4);
+                    prop_assert!(reason.len() < 1000, "a reason of {} bytes", reason.len());
+                }
+            }
+            if let Ok(list) = fields(&reply) {
+                prop_assert!(matches!(reply, Value::Map(_) | Value::Array(_)));
+                let _ = decode_entry(Position::new(1, 1), &list);
+            }
         }
     }
 }
