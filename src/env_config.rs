@@ -1,9 +1,11 @@
 //! Configuration from `FF_COMPLETIONS_*` environment variables, one place for every name.
-//! A bad value is a [`EngineError::Validation`] naming the variable; it never panics.
+//! A bad value is a [`EngineError::Validation`] naming the variable; it never panics. Every
+//! number must be a positive whole number within its variable's range (zero is refused: a
+//! zero tick, batch or buffer would stall or panic the tree).
 
 use std::time::Duration;
 
-use crate::actors::supervisor::SupervisorConfig;
+use crate::actors::supervisor::{MAX_BATCH_SIZE, MAX_INTERVAL, MAX_SUBSCRIBER_BUFFER, SupervisorConfig};
 use crate::config::{BackendConfig, BackendConnection, Retention};
 use crate::error::EngineError;
 
@@ -45,7 +47,13 @@ pub const ALL: [&str; 11] = [
     VALKEY_STREAM_MAXLEN,
 ];
 
-fn number(lookup: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<u64>, EngineError> {
+/// Longest timeout or poll interval, in milliseconds (Postgres' `statement_timeout` limit).
+const MAX_MILLIS: u64 = i32::MAX as u64;
+/// Longest retention age, in seconds (100 years).
+const MAX_AGE_S: u64 = 100 * 365 * 24 * 3600;
+
+/// A whole number in `1..=max`, or `None` when the variable is unset or empty.
+fn number(lookup: &dyn Fn(&str) -> Option<String>, name: &str, max: u64) -> Result<Option<u64>, EngineError> {
     match lookup(name) {
         None => Ok(None),
         Some(v) if v.trim().is_empty() => Ok(None),
@@ -53,14 +61,14 @@ fn number(lookup: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<
             .trim()
             .parse::<u64>()
             .ok()
-            .filter(|n| *n > 0)
+            .filter(|n| (1..=max).contains(n))
             .map(Some)
-            .ok_or_else(|| EngineError::validation(format!("{name}={v:?} is not a positive whole number"))),
+            .ok_or_else(|| EngineError::validation(format!("{name}={v:?} is not a whole number from 1 to {max}"))),
     }
 }
 
-fn millis(lookup: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<Duration>, EngineError> {
-    Ok(number(lookup, name)?.map(Duration::from_millis))
+fn millis(lookup: &dyn Fn(&str) -> Option<String>, name: &str, max: u64) -> Result<Option<Duration>, EngineError> {
+    Ok(number(lookup, name, max)?.map(Duration::from_millis))
 }
 
 fn intensity(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Option<(u32, Duration)>, EngineError> {
@@ -81,12 +89,12 @@ pub fn supervisor_config_from(lookup: &dyn Fn(&str) -> Option<String>) -> Result
         .filter(|u| !u.trim().is_empty())
         .ok_or_else(|| EngineError::validation(format!("{URL} is not set")))?;
     let mut config = SupervisorConfig::new();
-    let request = millis(lookup, REQUEST_TIMEOUT_MS)?;
-    let connect = millis(lookup, CONNECT_TIMEOUT_MS)?;
-    let poll = millis(lookup, POLL_MS)?;
-    let max_age = number(lookup, RETENTION_MAX_AGE_S)?.map(Duration::from_secs);
-    let max_events = number(lookup, RETENTION_MAX_EVENTS)?;
-    let stream_maxlen = number(lookup, VALKEY_STREAM_MAXLEN)?;
+    let request = millis(lookup, REQUEST_TIMEOUT_MS, MAX_MILLIS)?;
+    let connect = millis(lookup, CONNECT_TIMEOUT_MS, MAX_MILLIS)?;
+    let poll = millis(lookup, POLL_MS, MAX_MILLIS)?;
+    let max_age = number(lookup, RETENTION_MAX_AGE_S, MAX_AGE_S)?.map(Duration::from_secs);
+    let max_events = number(lookup, RETENTION_MAX_EVENTS, u64::MAX)?;
+    let stream_maxlen = number(lookup, VALKEY_STREAM_MAXLEN, i64::MAX as u64)?;
     for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
         let mut backend = BackendConfig::from_url(url)?;
         if let Some(d) = request {
@@ -109,13 +117,13 @@ pub fn supervisor_config_from(lookup: &dyn Fn(&str) -> Option<String>) -> Result
         }
         config = config.with_backend(backend);
     }
-    if let Some(tick) = millis(lookup, TICK_MS)? {
+    if let Some(tick) = millis(lookup, TICK_MS, MAX_INTERVAL.as_millis() as u64)? {
         config = config.with_tick(tick);
     }
-    if let Some(n) = number(lookup, BATCH_SIZE)? {
+    if let Some(n) = number(lookup, BATCH_SIZE, MAX_BATCH_SIZE as u64)? {
         config = config.with_batch_size(n as usize);
     }
-    if let Some(n) = number(lookup, SUBSCRIBER_BUFFER)? {
+    if let Some(n) = number(lookup, SUBSCRIBER_BUFFER, MAX_SUBSCRIBER_BUFFER as u64)? {
         config = config.with_subscriber_buffer(n as usize);
     }
     if let Some((n, within)) = intensity(lookup)? {
@@ -178,7 +186,23 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_variable() {
-        for (name, value) in [(TICK_MS, "soon"), (BATCH_SIZE, "0"), (RESTART_INTENSITY, "5"), (URL, "ftp://x")] {
+        let cases = [
+            (TICK_MS, "soon"),
+            (TICK_MS, "0"),
+            (TICK_MS, "86400001"),
+            (BATCH_SIZE, "0"),
+            (BATCH_SIZE, "100001"),
+            (SUBSCRIBER_BUFFER, "0"),
+            (SUBSCRIBER_BUFFER, "18446744073709551615"),
+            (REQUEST_TIMEOUT_MS, "2147483648"),
+            (CONNECT_TIMEOUT_MS, "0"),
+            (POLL_MS, "0"),
+            (RETENTION_MAX_AGE_S, "18446744073709551615"),
+            (VALKEY_STREAM_MAXLEN, "18446744073709551615"),
+            (RESTART_INTENSITY, "5"),
+            (URL, "ftp://x"),
+        ];
+        for (name, value) in cases {
             let mut vars = vec![(URL, "sqlite::memory:")];
             vars.push((name, value));
             match from(&vars) {
@@ -189,5 +213,19 @@ mod tests {
             }
         }
         assert!(matches!(from(&[]), Err(EngineError::Validation { .. })));
+    }
+
+    #[test]
+    fn values_at_the_top_of_their_range_are_accepted() {
+        let c = from(&[
+            (URL, "sqlite::memory:"),
+            (TICK_MS, "86400000"),
+            (BATCH_SIZE, "100000"),
+            (SUBSCRIBER_BUFFER, "1000000"),
+            (REQUEST_TIMEOUT_MS, "2147483647"),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((c.tick, c.batch_size, c.subscriber_buffer), (MAX_INTERVAL, MAX_BATCH_SIZE, MAX_SUBSCRIBER_BUFFER));
+        assert_eq!(c.backends[0].1.timeouts.request, Some(Duration::from_millis(2_147_483_647)));
     }
 }

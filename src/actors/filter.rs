@@ -64,6 +64,8 @@ pub struct FilterState {
     delivered: Position,
     mode: FilterMode,
     failed_reads: u32,
+    /// Events delivered since the metrics were last recorded.
+    unreported: u64,
     _sink_waiter: Option<AbortOnDrop>,
 }
 
@@ -94,6 +96,7 @@ impl Actor for Filter {
         args.shared.set_mode(FilterMode::CatchingUp);
         myself.cast(FilterMsg::CatchUp)?;
         let metrics = SubscriberLabels::new(&args.backend_id, args.subscriber_id);
+        // Inside ractor's own `Actor{id}` span, which carries the actor id.
         let span = tracing::info_span!("ff_filter", backend = %args.backend_id, subscriber = %args.subscriber_id);
         Ok(FilterState {
             args,
@@ -102,6 +105,7 @@ impl Actor for Filter {
             delivered,
             mode: FilterMode::CatchingUp,
             failed_reads: 0,
+            unreported: 0,
             _sink_waiter: None,
         })
     }
@@ -119,6 +123,7 @@ impl Actor for Filter {
                 FilterMsg::CatchUp => state.on_catch_up(&myself).await,
                 FilterMsg::SinkReady => state.on_sink_ready(&myself),
             }
+            state.record_metrics();
         }
         .instrument(span)
         .await;
@@ -134,14 +139,42 @@ impl FilterState {
             FilterMode::CatchingUp if !contiguous => self.count_dropped(batch),
             FilterMode::Live if !contiguous => {
                 self.count_dropped(batch);
+                // The oldest missed event is at least as old as this batch's first.
+                if let Some(first) = batch.events.first() {
+                    self.args.shared.note_pending(first.event.at);
+                }
                 self.set_mode(FilterMode::CatchingUp);
                 let _ = myself.cast(FilterMsg::CatchUp);
             }
             FilterMode::Live | FilterMode::CatchingUp => {
                 self.set_mode(FilterMode::Live);
                 let outcome = self.deliver(&batch.events);
+                if matches!(outcome, Delivery::Done) {
+                    self.args.shared.set_pending(None);
+                }
                 self.after_delivery(myself, outcome, batch.end);
             }
+        }
+        self.sync_lag(batch);
+    }
+
+    /// A live batch that spans the delivered position tells how many events the listener had
+    /// read up to it: the subscriber's lag in events is exact from here.
+    fn sync_lag(&self, batch: &LiveBatch) {
+        if batch.start <= self.delivered && self.delivered <= batch.end {
+            let below = batch.events.partition_point(|e| e.pos <= self.delivered) as u64;
+            self.args.shared.sync_lag(batch.first_index + below);
+        }
+    }
+
+    /// Records the delivered count and both lag gauges once per message.
+    fn record_metrics(&mut self) {
+        let shared = &self.args.shared;
+        let reference = shared.lag_reference(crate::types::TimestampMs::now());
+        // `delivered` also sets the lag-in-milliseconds gauge, measured from `reference`.
+        self.metrics.delivered(std::mem::take(&mut self.unreported), reference);
+        if let Some(lag) = shared.lag_events(&self.args.listener) {
+            self.metrics.lag_events(lag);
         }
     }
 
@@ -158,7 +191,15 @@ impl FilterState {
                 self.end_with_error(myself, EngineError::CursorExpired { oldest });
             }
             Ok(batch) => {
-                self.failed_reads = 0;
+                if self.failed_reads > 0 {
+                    tracing::info!(failed_reads = self.failed_reads, "catch-up reads resumed");
+                    self.failed_reads = 0;
+                }
+                // The first event above the delivered position is the oldest one pending.
+                let pending = batch.events.iter().find(|e| e.pos > self.delivered).map(|e| e.event.at);
+                if pending.is_some() || !batch.full {
+                    self.args.shared.set_pending(pending);
+                }
                 let outcome = self.deliver(&batch.events);
                 self.after_delivery(myself, outcome, batch.end);
                 if self.mode == FilterMode::CatchingUp {
@@ -172,8 +213,13 @@ impl FilterState {
             }
             Err(err) if err.is_transient() => {
                 let delay = Backoff::from_retry(&self.args.retry).delay(self.failed_reads);
+                // Once per run of failures at warn; the repeats at debug.
+                if self.failed_reads == 0 {
+                    tracing::warn!(error = %err, ?delay, "catch-up read failed; retrying with backoff");
+                } else {
+                    tracing::debug!(error = %err, ?delay, attempt = self.failed_reads, "catch-up read failed again");
+                }
                 self.failed_reads = self.failed_reads.saturating_add(1);
-                tracing::warn!(subscriber = %self.args.subscriber_id, error = %err, ?delay, "catch-up read failed; retrying");
                 myself.send_after(delay, || FilterMsg::CatchUp);
             }
             Err(err) => {
@@ -207,25 +253,14 @@ impl FilterState {
     /// processed. The shared cursor is written right after each send, with no await between,
     /// so a kill can never separate the two.
     fn deliver(&mut self, events: &[Positioned]) -> Delivery {
-        let (mut sent_count, mut processed, mut last_at) = (0u64, 0u64, None);
-        let outcome = self.deliver_each(events, &mut sent_count, &mut processed, &mut last_at);
-        let shared = &self.args.shared;
-        let total = shared.processed.fetch_add(processed, Ordering::Relaxed) + processed;
-        if let Some(at) = last_at {
-            self.metrics.delivered(sent_count, at);
-        }
-        let read = self.args.listener.events_read.load(Ordering::Relaxed);
-        self.metrics.lag_events(read.saturating_sub(shared.baseline).saturating_sub(total));
+        let (mut sent_count, mut processed) = (0u64, 0u64);
+        let outcome = self.deliver_each(events, &mut sent_count, &mut processed);
+        self.args.shared.processed.fetch_add(processed, Ordering::Relaxed);
+        self.unreported += sent_count;
         outcome
     }
 
-    fn deliver_each(
-        &mut self,
-        events: &[Positioned],
-        sent_count: &mut u64,
-        processed: &mut u64,
-        last_at: &mut Option<crate::types::TimestampMs>,
-    ) -> Delivery {
+    fn deliver_each(&mut self, events: &[Positioned], sent_count: &mut u64, processed: &mut u64) -> Delivery {
         let floor = self.args.shared.lo_floor;
         for item in events {
             if item.pos <= self.delivered {
@@ -251,9 +286,13 @@ impl FilterState {
                     Delivery::Done => {
                         self.args.shared.delivered_count.fetch_add(1, Ordering::Relaxed);
                         *sent_count += 1;
-                        *last_at = Some(item.event.at);
                     }
-                    stop => return stop,
+                    Delivery::Full => {
+                        // This event is now the oldest the subscriber has not received.
+                        self.args.shared.set_pending(Some(item.event.at));
+                        return Delivery::Full;
+                    }
+                    Delivery::Closed => return Delivery::Closed,
                 }
             }
             *processed += 1;

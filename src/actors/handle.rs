@@ -41,6 +41,7 @@ impl CompletionSupervisorHandle {
     /// # Errors
     /// A bad config or an unreachable backend at start.
     pub async fn spawn(config: SupervisorConfig) -> Result<(Self, JoinHandle<()>), EngineError> {
+        let config = config.clamped();
         let buffer = config.subscriber_buffer;
         let (actor, join) = Actor::spawn(None, CompletionSupervisor, config)
             .await
@@ -68,6 +69,7 @@ impl CompletionSupervisorHandle {
         parent: ActorCell,
         config: SupervisorConfig,
     ) -> Result<(Self, JoinHandle<()>), EngineError> {
+        let config = config.clamped();
         let buffer = config.subscriber_buffer;
         let (actor, join) = Actor::spawn_linked(None, CompletionSupervisor, config, parent)
             .await
@@ -75,9 +77,10 @@ impl CompletionSupervisorHandle {
         Ok((Self::from_actor(actor, buffer), join))
     }
 
-    /// Wraps a supervisor spawned by other means.
+    /// Wraps a supervisor spawned by other means (`subscriber_buffer` is clamped as
+    /// [`SupervisorConfig::with_subscriber_buffer`] does).
     pub fn from_actor(actor: ActorRef<SupervisorMsg>, subscriber_buffer: usize) -> Self {
-        Self { actor, subscriber_buffer: subscriber_buffer.max(1) }
+        Self { actor, subscriber_buffer: subscriber_buffer.clamp(1, super::supervisor::MAX_SUBSCRIBER_BUFFER) }
     }
 
     /// The supervisor's actor.

@@ -11,7 +11,7 @@
 //! the cursor kept in [`ListenerShared`].
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -59,7 +59,8 @@ pub struct ListenerArguments {
     pub(crate) source: Arc<dyn CompletionSource>,
     /// Cursor, filters and counters kept across restarts.
     pub(crate) shared: Arc<ListenerShared>,
-    /// Safety tick: read even without a wake-up this often.
+    /// Safety tick: read even without a wake-up this often (at least 1 ms: the supervisor
+    /// clamps it).
     pub tick: Duration,
     /// How soon to look again when an open transaction holds rows back.
     pub held_back_repoll: Duration,
@@ -74,6 +75,8 @@ pub struct ListenerState {
     cursor: Position,
     repoll_scheduled: bool,
     held_back_since: Option<std::time::Instant>,
+    /// A tick is in the mailbox: the tick task sends no other until it is handled.
+    tick_pending: Arc<AtomicBool>,
     _waker_task: Option<AbortOnDrop>,
     _tick_task: Option<AbortOnDrop>,
 }
@@ -91,6 +94,7 @@ impl Actor for Listener {
         _myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
+        // Inside ractor's own `Actor{id}` span, which carries the actor id.
         let span = tracing::info_span!("ff_listener", backend = %args.backend_id, kind = args.source.kind());
         Ok(ListenerState {
             span,
@@ -98,6 +102,7 @@ impl Actor for Listener {
             cursor: Position::ZERO,
             repoll_scheduled: false,
             held_back_since: None,
+            tick_pending: Arc::new(AtomicBool::new(false)),
             _waker_task: None,
             _tick_task: None,
         })
@@ -147,23 +152,14 @@ impl ListenerState {
         };
         let waker = self.args.source.open_waker(self.cursor).await?;
         self._waker_task = Some(AbortOnDrop(tokio::spawn(run_waker(waker, myself.clone()))));
-        let ticker = myself.clone();
-        let tick = self.args.tick;
-        self._tick_task = Some(AbortOnDrop(tokio::spawn(async move {
-            let mut interval = tokio::time::interval(tick);
-            interval.tick().await;
-            loop {
-                interval.tick().await;
-                if ticker.cast(ListenerMsg::Woken(WakeReason::Tick)).is_err() {
-                    return;
-                }
-            }
-        })));
+        self._tick_task = Some(spawn_ticker(myself.clone(), self.args.tick, self.tick_pending.clone()));
         shared.live.store(true, Ordering::Relaxed);
         shared.set_error(None);
         let outage = shared.down_since.lock().map(|mut d| d.take()).unwrap_or(None).map(|t| t.elapsed());
+        let attempts = shared.outage_restarts.swap(0, Ordering::Relaxed);
         match outage {
-            Some(outage) => tracing::info!(?outage, restarts = shared.restarts.load(Ordering::Relaxed), "reconnected"),
+            // The supervisor warned once when the outage began; this is its one closing line.
+            Some(outage) => tracing::info!(?outage, attempts, "reconnected"),
             None => tracing::info!("listener connected"),
         }
         myself
@@ -175,6 +171,7 @@ impl ListenerState {
     async fn on_woken(&mut self, myself: &ActorRef<ListenerMsg>, reason: WakeReason) -> Result<(), EngineError> {
         match reason {
             WakeReason::HeldBack => self.repoll_scheduled = false,
+            WakeReason::Tick => self.tick_pending.store(false, Ordering::Relaxed),
             WakeReason::Reconnected => {
                 self.args.shared.reconnects.fetch_add(1, Ordering::Relaxed);
                 metrics::listener_reconnected(&self.args.backend_id);
@@ -215,7 +212,8 @@ impl ListenerState {
     /// An empty batch at the cursor: a filter that is behind the live head without knowing it
     /// (it joined between two batches) sees the gap and catches up within one tick.
     fn heartbeat(&self) {
-        let live = Arc::new(LiveBatch { start: self.cursor, end: self.cursor, events: Vec::new() });
+        let (_, read) = self.args.shared.head();
+        let live = Arc::new(LiveBatch { first_index: read, start: self.cursor, end: self.cursor, events: Vec::new() });
         for filter in self.args.shared.filters() {
             let _ = filter.cast(FilterMsg::Live(live.clone()));
         }
@@ -233,7 +231,8 @@ impl ListenerState {
     fn on_waker_failed(&mut self, err: EngineError) -> EngineError {
         self.args.shared.mark_down();
         self.args.shared.set_error(Some(err.to_string()));
-        tracing::warn!(backend = %self.args.backend_id, error = %err, "notification connection lost");
+        // The supervisor logs the failure (once per outage) when this listener exits with it.
+        tracing::debug!(error = %err, "notification connection lost");
         err
     }
 
@@ -258,16 +257,40 @@ impl ListenerState {
         if batch.end <= self.cursor {
             return;
         }
-        let live = Arc::new(LiveBatch { start: self.cursor.max(batch.start), end: batch.end, events: batch.events });
-        self.cursor = live.end;
         let shared = &self.args.shared;
-        shared.set_cursor(live.end);
-        shared.events_read.fetch_add(live.events.len() as u64, Ordering::Relaxed);
-        metrics::events_read(&self.args.backend_id, live.events.len() as u64);
+        let count = batch.events.len() as u64;
+        let first_index = shared.advance(batch.end, count);
+        let live = Arc::new(LiveBatch {
+            first_index,
+            start: self.cursor.max(batch.start),
+            end: batch.end,
+            events: batch.events,
+        });
+        self.cursor = live.end;
+        metrics::events_read(&self.args.backend_id, count);
         for filter in shared.filters() {
             let _ = filter.cast(FilterMsg::Live(live.clone()));
         }
     }
+}
+
+/// Casts a `Tick` wake-up every `tick`, but never a second one while the first is still in the
+/// mailbox: a tick shorter than a read cannot grow the mailbox.
+fn spawn_ticker(listener: ActorRef<ListenerMsg>, tick: Duration, pending: Arc<AtomicBool>) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval.tick().await;
+        loop {
+            interval.tick().await;
+            if pending.swap(true, Ordering::Relaxed) {
+                continue;
+            }
+            if listener.cast(ListenerMsg::Woken(WakeReason::Tick)).is_err() {
+                return;
+            }
+        }
+    }))
 }
 
 /// Forwards the waker's wake-ups to the listener until either side is gone.

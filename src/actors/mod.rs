@@ -17,7 +17,9 @@
 pub(crate) mod filter;
 pub mod handle;
 pub(crate) mod listener;
+mod stats;
 pub mod supervisor;
+mod supervisor_config;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -31,6 +33,7 @@ use crate::backends::Positioned;
 use crate::cursor::Position;
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
+use crate::types::TimestampMs;
 
 /// Names a backend inside one supervisor (by default its kind: `postgres`, `valkey`, `sqlite`).
 pub type BackendId = String;
@@ -76,6 +79,8 @@ impl fmt::Debug for Sink {
 /// A batch the listener read, shared by every filter of its backend without copying.
 #[derive(Debug)]
 pub(crate) struct LiveBatch {
+    /// How many events the listener had read before this batch (the first event's index).
+    pub first_index: u64,
     /// Exclusive lower bound: the listener's cursor before the read.
     pub start: Position,
     /// The listener's cursor after the read.
@@ -128,7 +133,8 @@ impl FilterMode {
 /// What survives a listener's restart: its cursor, its filters, its counters.
 #[derive(Debug, Default)]
 pub(crate) struct ListenerShared {
-    /// The last position read; `None` until the first start resolves the tail.
+    /// The last position read; `None` until the first start resolves the tail. `events_read`
+    /// moves under the same lock, so [`Self::head`] is a consistent pair.
     pub cursor: Mutex<Option<Position>>,
     /// The filters to fan batches out to.
     pub filters: RwLock<HashMap<SubscriberId, ActorRef<filter::FilterMsg>>>,
@@ -137,6 +143,8 @@ pub(crate) struct ListenerShared {
     pub reconnects: AtomicU64,
     /// Restarts by the supervisor.
     pub restarts: AtomicU64,
+    /// Restarts since the current outage began; the listener resets it when it is live again.
+    pub outage_restarts: AtomicU64,
     pub live: std::sync::atomic::AtomicBool,
     /// When the listener last lost its connection or died; cleared when it is live again.
     pub down_since: Mutex<Option<std::time::Instant>>,
@@ -150,6 +158,20 @@ impl ListenerShared {
 
     pub(crate) fn set_cursor(&self, pos: Position) {
         *self.cursor.lock().unwrap_or_else(|p| p.into_inner()) = Some(pos);
+    }
+
+    /// Moves the cursor to `end` over `events` more events read; returns the number of events
+    /// read before them (the index of the first one).
+    pub(crate) fn advance(&self, end: Position, events: u64) -> u64 {
+        let mut cursor = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        *cursor = Some(end);
+        self.events_read.fetch_add(events, Ordering::Relaxed)
+    }
+
+    /// The cursor and the number of events read up to it, taken together.
+    pub(crate) fn head(&self) -> (Option<Position>, u64) {
+        let cursor = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        (*cursor, self.events_read.load(Ordering::Relaxed))
     }
 
     pub(crate) fn set_error(&self, err: Option<String>) {
@@ -169,12 +191,20 @@ impl ListenerShared {
     }
 }
 
+/// What a subscriber's lag is measured from (see [`SubscriberShared::lag_events`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct LagMarks {
+    /// At the last sync with a live batch: how many events the listener had read up to the
+    /// delivered position, and the subscriber's `processed` count then.
+    synced: Option<(u64, u64)>,
+    /// Occurred-at of the oldest event the filter knows it has not processed yet.
+    pending_at: Option<TimestampMs>,
+}
+
 /// What survives a filter's restart: the subscriber's delivered position and counters.
 #[derive(Debug)]
 pub(crate) struct SubscriberShared {
     delivered: Mutex<Position>,
-    /// The listener's `events_read` when this subscriber started (lag is counted from there).
-    pub baseline: u64,
     /// Events processed (delivered or filtered out).
     pub processed: AtomicU64,
     /// Drop events whose `lo` half is at or below this (resuming an `event_id`-only cursor).
@@ -183,19 +213,22 @@ pub(crate) struct SubscriberShared {
     pub delivered_count: AtomicU64,
     pub live_batches_dropped: AtomicU64,
     pub catch_up_reads: AtomicU64,
+    lag: Mutex<LagMarks>,
 }
 
 impl SubscriberShared {
-    pub(crate) fn new(start: crate::backends::StartAt, baseline: u64) -> Self {
+    /// `read_at_start`: how many events the listener had read up to `start.after`, when known
+    /// (the subscriber starts at the listener's cursor).
+    pub(crate) fn new(start: crate::backends::StartAt, read_at_start: Option<u64>) -> Self {
         Self {
             delivered: Mutex::new(start.after),
-            baseline,
             processed: AtomicU64::new(0),
             lo_floor: start.lo_floor,
             mode: AtomicU8::new(FilterMode::CatchingUp.to_u8()),
             delivered_count: AtomicU64::new(0),
             live_batches_dropped: AtomicU64::new(0),
             catch_up_reads: AtomicU64::new(0),
+            lag: Mutex::new(LagMarks { synced: read_at_start.map(|r| (r, 0)), pending_at: None }),
         }
     }
 
@@ -213,6 +246,48 @@ impl SubscriberShared {
 
     pub(crate) fn set_mode(&self, mode: FilterMode) {
         self.mode.store(mode.to_u8(), Ordering::Relaxed);
+    }
+
+    fn lag_marks(&self) -> std::sync::MutexGuard<'_, LagMarks> {
+        self.lag.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that the listener had read `read_up_to_delivered` events up to the delivered
+    /// position (learnt from a live batch that contains it).
+    pub(crate) fn sync_lag(&self, read_up_to_delivered: u64) {
+        self.lag_marks().synced = Some((read_up_to_delivered, self.processed.load(Ordering::Relaxed)));
+    }
+
+    /// Sets the occurred-at of the oldest event not processed yet (`None`: nothing pending).
+    pub(crate) fn set_pending(&self, at: Option<TimestampMs>) {
+        self.lag_marks().pending_at = at;
+    }
+
+    /// Sets the oldest pending event's time unless one is already known.
+    pub(crate) fn note_pending(&self, at: TimestampMs) {
+        self.lag_marks().pending_at.get_or_insert(at);
+    }
+
+    /// Events the listener has read past this subscriber's delivered position: the listener's
+    /// read count, minus its count at the delivered position when the filter last met a live
+    /// batch containing it, minus what the filter processed since. `None` until that first
+    /// meeting for a subscriber that started away from the listener's cursor.
+    pub(crate) fn lag_events(&self, listener: &ListenerShared) -> Option<u64> {
+        let (synced_read, synced_processed) = self.lag_marks().synced?;
+        let since = self.processed.load(Ordering::Relaxed).saturating_sub(synced_processed);
+        let read = listener.events_read.load(Ordering::Relaxed);
+        Some(read.saturating_sub(synced_read).saturating_sub(since))
+    }
+
+    /// Milliseconds from the occurred-at of the oldest event not processed yet to `now`; 0 when
+    /// nothing is pending (or the producer's clock is ahead).
+    pub(crate) fn lag_ms(&self, now: TimestampMs) -> u64 {
+        self.lag_marks().pending_at.map_or(0, |at| now.0.saturating_sub(at.0).max(0) as u64)
+    }
+
+    /// The time the lag is measured from: the oldest pending event's, or `now`.
+    pub(crate) fn lag_reference(&self, now: TimestampMs) -> TimestampMs {
+        self.lag_marks().pending_at.map_or(now, |at| at.min(now))
     }
 }
 

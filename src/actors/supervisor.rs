@@ -10,6 +10,11 @@
 //! in its `ListenerShared`; a filter that dies is restarted from its subscriber's delivered
 //! cursor. Only crashes that are not connection trouble count towards the restart
 //! intensity; beyond it the supervisor fails, which escalates to its parent.
+//!
+//! Logging: the first failure of an outage is one `warn` line (with the error and the backoff
+//! delay); the restarts that follow are `debug`; the listener logs `reconnected` once at
+//! `info`, with the attempt count and the outage length, when it is live again. Everything
+//! the supervisor does runs in an `ff_supervisor` span naming its backends.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -17,120 +22,28 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tracing::Instrument;
 
 use super::filter::{Filter, FilterArguments, FilterMsg};
 use super::listener::{Listener, ListenerArguments, ListenerMsg};
-use super::{AbortOnDrop, BackendId, FilterMode, ListenerShared, ListenerState, Sink, SubscriberId, SubscriberShared};
+use super::{AbortOnDrop, BackendId, ListenerShared, ListenerState, Sink, SubscriberId, SubscriberShared};
 use crate::backends::{CompletionSource, StartAt, open_source};
 use crate::backoff::Backoff;
-use crate::config::{BackendConfig, Retention};
+use crate::config::Retention;
 use crate::cursor::StreamCursor;
 use crate::error::EngineError;
 use crate::filter::ScannerFilter;
+
+pub use super::stats::{ListenerStats, SubscriberStats, SupervisorStats};
+pub use super::supervisor_config::{
+    MAX_BATCH_SIZE, MAX_INTERVAL, MAX_SUBSCRIBER_BUFFER, MIN_GAUGE_INTERVAL, MIN_INTERVAL, RestartIntensity,
+    SupervisorConfig,
+};
 
 /// Stop reason a filter gives when its subscriber dropped the stream.
 pub(crate) const SUBSCRIBER_GONE: &str = "subscriber gone";
 /// Stop reason a filter gives after handing its subscriber a final error.
 pub(crate) const SUBSCRIPTION_FAILED: &str = "subscription failed";
-
-/// Crash loops beyond `max_restarts` within `within` escalate to the parent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RestartIntensity {
-    /// Crashes tolerated in the window.
-    pub max_restarts: u32,
-    /// The window.
-    pub within: Duration,
-}
-
-/// Configuration of a completion tree. Defaults: safety tick 1 s, held-back re-poll 20 ms,
-/// 512 rows per read, 1024 events of subscriber buffer, no escalation, gauges every 5 s.
-#[derive(Clone, Debug)]
-pub struct SupervisorConfig {
-    /// Backends to listen to, by name.
-    pub backends: Vec<(BackendId, BackendConfig)>,
-    /// Read even without a wake-up this often.
-    pub tick: Duration,
-    /// How soon to read again when an open transaction holds rows back.
-    pub held_back_repoll: Duration,
-    /// Rows per read.
-    pub batch_size: usize,
-    /// Events buffered per channel subscriber before its filter starts catching up.
-    pub subscriber_buffer: usize,
-    /// When crash loops escalate; `None` never escalates.
-    pub restart_intensity: Option<RestartIntensity>,
-    /// How often backend health gauges are recorded.
-    pub gauge_interval: Duration,
-}
-
-impl Default for SupervisorConfig {
-    fn default() -> Self {
-        Self {
-            backends: Vec::new(),
-            tick: Duration::from_secs(1),
-            held_back_repoll: Duration::from_millis(20),
-            batch_size: 512,
-            subscriber_buffer: 1024,
-            restart_intensity: None,
-            gauge_interval: Duration::from_secs(5),
-        }
-    }
-}
-
-impl SupervisorConfig {
-    /// An empty configuration with the defaults.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Adds a backend named after its kind (`postgres`, `valkey`, `sqlite`).
-    #[must_use]
-    pub fn with_backend(self, config: BackendConfig) -> Self {
-        let name = config.kind().to_owned();
-        self.with_named_backend(name, config)
-    }
-
-    /// Adds a backend under a name of your choice.
-    #[must_use]
-    pub fn with_named_backend(mut self, name: impl Into<BackendId>, config: BackendConfig) -> Self {
-        self.backends.push((name.into(), config));
-        self
-    }
-
-    /// Sets the safety tick.
-    #[must_use]
-    pub fn with_tick(mut self, tick: Duration) -> Self {
-        self.tick = tick;
-        self
-    }
-
-    /// Sets the subscriber buffer.
-    #[must_use]
-    pub fn with_subscriber_buffer(mut self, events: usize) -> Self {
-        self.subscriber_buffer = events.max(1);
-        self
-    }
-
-    /// Sets rows per read.
-    #[must_use]
-    pub fn with_batch_size(mut self, rows: usize) -> Self {
-        self.batch_size = rows.max(1);
-        self
-    }
-
-    /// Sets how often backend health gauges are recorded.
-    #[must_use]
-    pub fn with_gauge_interval(mut self, every: Duration) -> Self {
-        self.gauge_interval = every.max(Duration::from_millis(10));
-        self
-    }
-
-    /// Sets the restart intensity.
-    #[must_use]
-    pub fn with_restart_intensity(mut self, max_restarts: u32, within: Duration) -> Self {
-        self.restart_intensity = Some(RestartIntensity { max_restarts, within });
-        self
-    }
-}
 
 /// Where a subscription starts and what it wants.
 #[derive(Clone, Debug, Default)]
@@ -199,62 +112,6 @@ pub enum SupervisorMsg {
     ChildCell(ChildKey, RpcReplyPort<Option<ActorCell>>),
 }
 
-/// One listener, as the stats report it.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct ListenerStats {
-    /// Backend name.
-    pub backend: BackendId,
-    /// Backend kind.
-    pub kind: &'static str,
-    /// Lifecycle state.
-    pub state: ListenerState,
-    /// The cursor of the last event read.
-    pub cursor: Option<StreamCursor>,
-    /// Restarts by the supervisor.
-    pub restarts: u64,
-    /// Notification connections re-made without a restart.
-    pub reconnects: u64,
-    /// Events read.
-    pub events_read: u64,
-    /// Malformed rows skipped.
-    pub rows_skipped: u64,
-    /// The last error, secrets removed.
-    pub last_error: Option<String>,
-}
-
-/// One subscriber, as the stats report it.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct SubscriberStats {
-    /// Subscriber id.
-    pub id: SubscriberId,
-    /// Backend name.
-    pub backend: BackendId,
-    /// The cursor of the last event processed.
-    pub cursor: StreamCursor,
-    /// Delivery mode.
-    pub mode: FilterMode,
-    /// Events delivered.
-    pub delivered: u64,
-    /// Live batches dropped while blocked or catching up.
-    pub live_batches_dropped: u64,
-    /// Catch-up reads made.
-    pub catch_up_reads: u64,
-    /// Filter restarts.
-    pub restarts: u64,
-}
-
-/// A snapshot of the whole tree.
-#[derive(Clone, Debug, Default)]
-#[non_exhaustive]
-pub struct SupervisorStats {
-    /// Per backend.
-    pub listeners: Vec<ListenerStats>,
-    /// Per subscriber.
-    pub subscribers: Vec<SubscriberStats>,
-}
-
 struct ListenerSlot {
     source: Arc<dyn CompletionSource>,
     _jobs: [Option<AbortOnDrop>; 2],
@@ -263,6 +120,8 @@ struct ListenerSlot {
     actor: Option<ActorRef<ListenerMsg>>,
     started_at: Instant,
     attempt: u32,
+    /// The backoff delay before the latest restart.
+    last_delay: Option<Duration>,
     crashes: VecDeque<Instant>,
 }
 
@@ -283,6 +142,7 @@ enum Child {
 /// The supervisor's state.
 pub struct SupervisorState {
     config: SupervisorConfig,
+    span: tracing::Span,
     listeners: HashMap<BackendId, ListenerSlot>,
     order: Vec<BackendId>,
     subscribers: HashMap<SubscriberId, SubscriberSlot>,
@@ -304,14 +164,149 @@ impl Actor for CompletionSupervisor {
         _myself: ActorRef<Self::Msg>,
         config: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
+        let names: Vec<&str> = config.backends.iter().map(|(id, _)| id.as_str()).collect();
+        // Inside ractor's own `Actor{id}` span, which carries the actor id.
+        let span = tracing::info_span!("ff_supervisor", backends = %names.join(","));
+        let config = config.clamped();
+        SupervisorState::start(config, span.clone()).instrument(span).await.map_err(Into::into)
+    }
+
+    async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        let span = state.span.clone();
+        async move {
+            for id in state.order.clone() {
+                state.start_listener(&myself, &id).await;
+            }
+        }
+        .instrument(span)
+        .await;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let span = state.span.clone();
+        async move {
+            match message {
+                SupervisorMsg::Subscribe { request, sink, reply } => {
+                    let result = state.subscribe(&myself, request, sink).await;
+                    let _ = reply.send(result);
+                }
+                SupervisorMsg::Unsubscribe(id) => state.unsubscribe(id),
+                SupervisorMsg::RestartListener(id) => state.start_listener(&myself, &id).await,
+                SupervisorMsg::Stats(reply) => {
+                    let _ = reply.send(state.stats());
+                }
+                SupervisorMsg::ChildCell(key, reply) => {
+                    let _ = reply.send(state.child_cell(&key));
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let span = state.span.clone();
+        async move {
+            match event {
+                SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                    state.on_child_exit(&myself, &cell, reason, None).await
+                }
+                SupervisionEvent::ActorFailed(cell, err) => {
+                    let crash = err.downcast_ref::<EngineError>().is_none_or(|e| !e.is_transient());
+                    let reason = Some(err.to_string());
+                    state.on_child_exit(&myself, &cell, reason, Some(crash)).await
+                }
+                _ => Ok(()),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        let stopping = myself.stop_children_and_wait(Some("supervisor stopping".into()), Some(Duration::from_secs(5)));
+        stopping.instrument(state.span.clone()).await;
+        Ok(())
+    }
+}
+
+/// Runs a backend's trim job every `retention.interval` until the supervisor goes away.
+fn spawn_trim_job(backend: BackendId, source: Arc<dyn CompletionSource>, retention: Retention) -> AbortOnDrop {
+    let span = tracing::info_span!("ff_trim", backend = %backend);
+    AbortOnDrop(tokio::spawn(
+        async move {
+            // `Retention` fields are public: keep the interval where `tokio::time` accepts it.
+            let every = retention.interval.clamp(super::supervisor_config::MIN_GAUGE_INTERVAL, MAX_INTERVAL);
+            let mut interval = tokio::time::interval(every);
+            let mut failing = false;
+            loop {
+                interval.tick().await;
+                match source.trim(&retention).await {
+                    Ok(removed) => {
+                        if failing {
+                            tracing::info!("trim works again");
+                        }
+                        failing = false;
+                        if removed > 0 {
+                            tracing::info!(removed, "trimmed completion history");
+                        }
+                    }
+                    // Once per run of failures at warn; the repeats at debug.
+                    Err(err) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %err, "trim failed; will retry");
+                    }
+                    Err(err) => tracing::debug!(error = %err, "trim failed again"),
+                }
+            }
+        }
+        .instrument(span),
+    ))
+}
+
+/// Records a backend's health gauges every `every` until the supervisor goes away.
+fn spawn_gauge_job(backend: BackendId, source: Arc<dyn CompletionSource>, every: Duration) -> AbortOnDrop {
+    let span = tracing::info_span!("ff_gauges", backend = %backend);
+    AbortOnDrop(tokio::spawn(
+        async move {
+            let mut interval = tokio::time::interval(every);
+            loop {
+                interval.tick().await;
+                match source.gauges().await {
+                    Ok(gauges) => {
+                        gauges.into_iter().for_each(|(name, v)| crate::metrics::backend_gauge(&backend, name, v))
+                    }
+                    Err(err) => tracing::debug!(error = %err, "backend gauges unavailable"),
+                }
+            }
+        }
+        .instrument(span),
+    ))
+}
+
+impl SupervisorState {
+    /// Connects to every backend and fixes each listener's first cursor.
+    async fn start(config: SupervisorConfig, span: tracing::Span) -> Result<Self, EngineError> {
         if config.backends.is_empty() {
-            return Err(EngineError::validation("a completion supervisor needs at least one backend").into());
+            return Err(EngineError::validation("a completion supervisor needs at least one backend"));
         }
         let mut listeners = HashMap::new();
         let mut order = Vec::new();
         for (id, backend) in &config.backends {
             if listeners.contains_key(id) {
-                return Err(EngineError::validation(format!("backend name {id:?} is used twice")).into());
+                return Err(EngineError::validation(format!("backend name {id:?} is used twice")));
             }
             let source = open_source(backend).await?;
             // The first cursor is fixed before any subscriber resolves its own tail, so no
@@ -328,13 +323,15 @@ impl Actor for CompletionSupervisor {
                 actor: None,
                 started_at: Instant::now(),
                 attempt: 0,
+                last_delay: None,
                 crashes: VecDeque::new(),
             };
             listeners.insert(id.clone(), slot);
             order.push(id.clone());
         }
-        Ok(SupervisorState {
+        Ok(Self {
             config,
+            span,
             listeners,
             order,
             subscribers: HashMap::new(),
@@ -343,91 +340,6 @@ impl Actor for CompletionSupervisor {
         })
     }
 
-    async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
-        for id in state.order.clone() {
-            state.start_listener(&myself, &id).await;
-        }
-        Ok(())
-    }
-
-    async fn handle(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        message: Self::Msg,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        match message {
-            SupervisorMsg::Subscribe { request, sink, reply } => {
-                let result = state.subscribe(&myself, request, sink).await;
-                let _ = reply.send(result);
-            }
-            SupervisorMsg::Unsubscribe(id) => state.unsubscribe(id),
-            SupervisorMsg::RestartListener(id) => state.start_listener(&myself, &id).await,
-            SupervisorMsg::Stats(reply) => {
-                let _ = reply.send(state.stats());
-            }
-            SupervisorMsg::ChildCell(key, reply) => {
-                let _ = reply.send(state.child_cell(&key));
-            }
-        }
-        Ok(())
-    }
-
-    async fn handle_supervisor_evt(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        event: SupervisionEvent,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        match event {
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                state.on_child_exit(&myself, &cell, reason, None).await
-            }
-            SupervisionEvent::ActorFailed(cell, err) => {
-                let crash = err.downcast_ref::<EngineError>().is_none_or(|e| !e.is_transient());
-                let reason = Some(err.to_string());
-                state.on_child_exit(&myself, &cell, reason, Some(crash)).await
-            }
-            _ => Ok(()),
-        }
-    }
-
-    async fn post_stop(&self, myself: ActorRef<Self::Msg>, _state: &mut Self::State) -> Result<(), ActorProcessingErr> {
-        myself.stop_children_and_wait(Some("supervisor stopping".into()), Some(Duration::from_secs(5))).await;
-        Ok(())
-    }
-}
-
-/// Runs a backend's trim job every `retention.interval` until the supervisor goes away.
-fn spawn_trim_job(backend: BackendId, source: Arc<dyn CompletionSource>, retention: Retention) -> AbortOnDrop {
-    AbortOnDrop(tokio::spawn(async move {
-        let mut interval = tokio::time::interval(retention.interval);
-        loop {
-            interval.tick().await;
-            match source.trim(&retention).await {
-                Ok(0) => {}
-                Ok(removed) => tracing::info!(%backend, removed, "trimmed completion history"),
-                Err(err) => tracing::warn!(%backend, error = %err, "trim failed; will retry"),
-            }
-        }
-    }))
-}
-
-/// Records a backend's health gauges every `every` until the supervisor goes away.
-fn spawn_gauge_job(backend: BackendId, source: Arc<dyn CompletionSource>, every: Duration) -> AbortOnDrop {
-    AbortOnDrop(tokio::spawn(async move {
-        let mut interval = tokio::time::interval(every);
-        loop {
-            interval.tick().await;
-            match source.gauges().await {
-                Ok(gauges) => gauges.into_iter().for_each(|(name, v)| crate::metrics::backend_gauge(&backend, name, v)),
-                Err(err) => tracing::debug!(%backend, error = %err, "backend gauges unavailable"),
-            }
-        }
-    }))
-}
-
-impl SupervisorState {
     async fn start_listener(&mut self, myself: &ActorRef<SupervisorMsg>, id: &BackendId) {
         let Some(slot) = self.listeners.get_mut(id) else { return };
         if slot.actor.is_some() {
@@ -448,22 +360,30 @@ impl SupervisorState {
                 slot.actor = Some(actor);
             }
             Err(err) => {
-                tracing::warn!(backend = %id, error = %err, "listener failed to spawn");
-                self.schedule_listener_restart(myself, id);
+                slot.shared.mark_down();
+                self.schedule_listener_restart(myself, id, &format!("failed to spawn: {err}"));
             }
         }
     }
 
-    fn schedule_listener_restart(&mut self, myself: &ActorRef<SupervisorMsg>, id: &BackendId) {
+    /// Schedules a listener's restart after its backoff delay. The first failure of an outage is
+    /// logged at `warn`, the ones after it at `debug`, until the listener is live again.
+    fn schedule_listener_restart(&mut self, myself: &ActorRef<SupervisorMsg>, id: &BackendId, reason: &str) {
         let Some(slot) = self.listeners.get_mut(id) else { return };
         if slot.started_at.elapsed() > slot.backoff.cap() * 4 {
             slot.attempt = 0;
         }
         let delay = slot.backoff.delay(slot.attempt);
         slot.attempt = slot.attempt.saturating_add(1);
+        slot.last_delay = Some(delay);
         slot.shared.restarts.fetch_add(1, Ordering::Relaxed);
         crate::metrics::listener_restarted(id);
-        tracing::info!(backend = %id, attempt = slot.attempt, ?delay, "restarting listener");
+        let first_of_outage = slot.shared.outage_restarts.fetch_add(1, Ordering::Relaxed) == 0;
+        if first_of_outage {
+            tracing::warn!(backend = %id, reason, ?delay, "listener exited; restarting it with backoff until it is live again");
+        } else {
+            tracing::debug!(backend = %id, reason, attempt = slot.attempt, ?delay, "listener exited again; restarting");
+        }
         let id = id.clone();
         myself.send_after(delay, move || SupervisorMsg::RestartListener(id));
     }
@@ -483,12 +403,11 @@ impl SupervisorState {
                     if let Some(r) = &reason {
                         slot.shared.set_error(Some(r.clone()));
                     }
-                    tracing::warn!(backend = %id, reason = reason.as_deref().unwrap_or("stopped"), "listener exited");
                     if crash == Some(true) {
                         self.count_crash(&id)?;
                     }
                 }
-                self.schedule_listener_restart(myself, &id);
+                self.schedule_listener_restart(myself, &id, reason.as_deref().unwrap_or("stopped"));
             }
             Some(Child::Filter(sub)) => {
                 let gone = reason.as_deref().is_some_and(|r| r == SUBSCRIBER_GONE || r == SUBSCRIPTION_FAILED);
@@ -541,6 +460,9 @@ impl SupervisorState {
         } else {
             slot.source.resolve_start(&request.from).await?
         };
+        // Starting at the listener's cursor, the lag in events is known from the first event.
+        let (head, read) = slot.shared.head();
+        let read_at_start = (head == Some(start.after) && start.lo_floor.is_none()).then_some(read);
         let id = SubscriberId(self.next_subscriber);
         self.next_subscriber += 1;
         self.subscribers.insert(
@@ -549,7 +471,7 @@ impl SupervisorState {
                 backend,
                 filter: request.filter,
                 sink,
-                shared: Arc::new(SubscriberShared::new(start, slot.shared.events_read.load(Ordering::Relaxed))),
+                shared: Arc::new(SubscriberShared::new(start, read_at_start)),
                 actor: None,
                 restarts: 0,
             },
@@ -600,6 +522,7 @@ impl SupervisorState {
     }
 
     fn stats(&self) -> SupervisorStats {
+        let now = crate::types::TimestampMs::now();
         let listeners = self
             .order
             .iter()
@@ -617,6 +540,7 @@ impl SupervisorState {
                     state,
                     cursor: shared.cursor().map(|p| slot.source.cursor_of(p)),
                     restarts: shared.restarts.load(Ordering::Relaxed),
+                    restart_delay: slot.last_delay,
                     reconnects: shared.reconnects.load(Ordering::Relaxed),
                     events_read: shared.events_read.load(Ordering::Relaxed),
                     rows_skipped: shared.rows_skipped.load(Ordering::Relaxed),
@@ -628,7 +552,8 @@ impl SupervisorState {
             .subscribers
             .iter()
             .filter_map(|(id, sub)| {
-                let source = &self.listeners.get(&sub.backend)?.source;
+                let listener = self.listeners.get(&sub.backend)?;
+                let source = &listener.source;
                 let shared = &sub.shared;
                 Some(SubscriberStats {
                     id: *id,
@@ -636,6 +561,8 @@ impl SupervisorState {
                     cursor: source.cursor_of(shared.delivered()),
                     mode: shared.mode(),
                     delivered: shared.delivered_count.load(Ordering::Relaxed),
+                    lag_events: shared.lag_events(&listener.shared),
+                    lag_ms: shared.lag_ms(now),
                     live_batches_dropped: shared.live_batches_dropped.load(Ordering::Relaxed),
                     catch_up_reads: shared.catch_up_reads.load(Ordering::Relaxed),
                     restarts: sub.restarts,

@@ -1,13 +1,15 @@
 //! The actor tree's own promises, on a real Postgres: embedding under an engine actor,
-//! escalation of crash loops, filter restarts, actor sinks, the seed trait, unsubscribe.
+//! escalation of crash loops, filter restarts, actor sinks, the seed trait, unsubscribe, lag in
+//! the stats, clamped knobs, and what an outage logs.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ff_completions::{
-    BackendConfig, CompletionBackend, CompletionEvent, CompletionSupervisorHandle, Engine, ExecutionId, ExecutionSpec,
-    FlowId, ScannerFilter, SubscribeRequest, SupervisorConfig, backends::postgres::PostgresEngine,
+    BackendConfig, BackendRetry, BackendTimeouts, CompletionBackend, CompletionEvent, CompletionSupervisorHandle,
+    Engine, ExecutionId, ExecutionSpec, FlowId, ListenerState, ScannerFilter, SubscribeRequest, SubscriberStats,
+    SupervisorConfig, backends::postgres::PostgresEngine,
 };
 use futures::StreamExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -235,15 +237,169 @@ async fn the_seed_trait_works_through_the_handle_and_dropped_streams_unsubscribe
     assert!(tree.stats().await.is_err(), "a stopped tree answers no more");
 }
 
+/// Completion events that no notification announces: only the listener's safety tick finds them.
+async fn silence_notifications(url: &str) {
+    let mut conn = PgConnection::connect(url).await.expect("connect");
+    sqlx::query("ALTER TABLE ff_completion_event DISABLE TRIGGER ff_completion_event_notify_trg")
+        .execute(&mut conn)
+        .await
+        .expect("disable the notify trigger");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_outage_keeps_the_tree_alive_with_capped_backoff_and_resumes_without_loss() {
+async fn a_zero_safety_tick_is_clamped_and_still_finds_what_no_notification_announced() {
     init_tracing();
-    let pg = crate::support::postgres::PrivatePg::start().await;
-    let url = pg.url();
+    let url = fresh_database().await;
     let engine = PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("engine");
+    let built = SupervisorConfig::new().with_backend(BackendConfig::postgres(&url)).with_tick(Duration::ZERO);
+    assert_eq!(built.tick, Duration::from_millis(1));
+    // Fields are public: the tree clamps what was set directly as well.
+    let mut direct = SupervisorConfig::new().with_backend(BackendConfig::postgres(&url));
+    (direct.tick, direct.held_back_repoll, direct.batch_size, direct.subscriber_buffer) =
+        (Duration::ZERO, Duration::ZERO, 0, 0);
+    let (built, _) = CompletionSupervisorHandle::spawn(built).await.expect("spawn with a zero tick");
+    let (direct, _) = CompletionSupervisorHandle::spawn(direct).await.expect("spawn with zero fields");
+    let mut subs = [
+        built.subscribe(SubscribeRequest::tail()).await.expect("sub"),
+        direct.subscribe(SubscribeRequest::tail()).await.expect("sub"),
+    ];
+    silence_notifications(&url).await;
+    let ids = complete_n(&engine, 5).await;
+    for sub in &mut subs {
+        assert_exactly_once(&take_events(sub, 5, WAIT).await, &ids, true);
+    }
+    for tree in [&built, &direct] {
+        let stats = tree.stats().await.expect("stats");
+        assert_eq!(stats.listeners[0].restarts, 0, "{:?}", stats.listeners[0]);
+    }
+}
+
+fn subscriber(stats: &[SubscriberStats], id: ff_completions::SubscriberId) -> SubscriberStats {
+    stats.iter().find(|s| s.id == id).cloned().unwrap_or_else(|| panic!("no stats for {id}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_shows_lag_in_events_and_time_until_it_reads_everything() {
+    init_tracing();
+    let url = fresh_database().await;
+    let engine = PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("engine");
+    let config = SupervisorConfig::new()
+        .with_backend(BackendConfig::postgres(&url))
+        .with_subscriber_buffer(4)
+        .with_tick(Duration::from_millis(100));
+    let (tree, _) = CompletionSupervisorHandle::spawn(config).await.expect("spawn");
+    let mut fast = tree.subscribe(SubscribeRequest::tail()).await.expect("fast");
+    let mut slow = tree.subscribe(SubscribeRequest::tail()).await.expect("slow");
+    let (fast_id, slow_id) = (fast.id(), slow.id());
+
+    let ids = complete_n(&engine, 30).await;
+    assert_exactly_once(&take_events(&mut fast, 30, WAIT).await, &ids, true);
+    // The slow one took nothing: 4 events sit in its buffer, the other 26 wait.
+    wait_until(WAIT, "the fast subscriber at 0 lag and the slow one 26 events behind", || async {
+        let Ok(stats) = tree.stats().await else { return false };
+        let (f, s) = (subscriber(&stats.subscribers, fast_id), subscriber(&stats.subscribers, slow_id));
+        f.lag_events == Some(0) && f.lag_ms == 0 && s.lag_events == Some(26) && s.lag_ms > 0
+    })
+    .await;
+    let before = subscriber(&tree.stats().await.expect("stats").subscribers, slow_id).lag_ms;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let later = subscriber(&tree.stats().await.expect("stats").subscribers, slow_id);
+    assert!(later.lag_ms >= before + 50, "the time lag of a stalled subscriber grows: {before} then {later:?}");
+    assert!(later.to_string().contains("lag 26 events"), "{later}");
+
+    assert_exactly_once(&take_events(&mut slow, 30, WAIT).await, &ids, true);
+    wait_until(WAIT, "the slow subscriber's lag back to 0", || async {
+        let Ok(stats) = tree.stats().await else { return false };
+        let s = subscriber(&stats.subscribers, slow_id);
+        s.lag_events == Some(0) && s.lag_ms == 0
+    })
+    .await;
+}
+
+/// Every formatted log line of the current thread, kept for the test to read.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn lines(&self) -> Vec<String> {
+        let bytes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&bytes).lines().map(str::to_owned).collect()
+    }
+
+    fn matching(&self, level: &str, text: &str) -> Vec<String> {
+        self.lines().into_iter().filter(|l| l.trim_start().starts_with(level) && l.contains(text)).collect()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Polls the stats until the listener has restarted `n` times, collecting the restart delays
+/// seen (each change once); returns the restart count.
+async fn wait_for_restarts(
+    tree: &CompletionSupervisorHandle,
+    n: u64,
+    within: Duration,
+    delays: &mut Vec<Duration>,
+) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let stats = tree.stats().await.expect("the tree is alive during the outage");
+        let listener = &stats.listeners[0];
+        if let Some(delay) = listener.restart_delay.filter(|d| delays.last() != Some(d)) {
+            delays.push(delay);
+        }
+        if listener.restarts >= n {
+            return listener.restarts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} restarts, not {n}, within {within:?}; delays {delays:?}",
+            listener.restarts
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const OUTAGE_PASSWORD: &str = "outage-pw-7f3a9c";
+
+// One thread: the test's log capture (a thread-local default subscriber) sees every actor.
+#[tokio::test(flavor = "current_thread")]
+async fn a_server_outage_keeps_the_tree_alive_with_capped_backoff_logs_once_and_resumes_without_loss() {
+    let logs = Logs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info,ff_completions=debug"))
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .without_time()
+        .finish();
+    let _capture = tracing::subscriber::set_default(subscriber);
+
+    let pg = crate::support::postgres::PrivatePg::start().await;
+    // The server trusts every local connection; the password is there to be kept out of logs.
+    let url = format!("postgres://postgres:{OUTAGE_PASSWORD}@127.0.0.1:{}/postgres", pg.port);
+    let engine = PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("engine");
+    let retry = BackendRetry::new(2, 20, 4, 0);
+    let cap = ff_completions::Backoff::from_retry(&retry).cap();
+    assert_eq!(cap, Duration::from_millis(320));
     let backend = BackendConfig::postgres(&url)
-        .with_retry(ff_completions::BackendRetry::new(2, 20, 4, 0))
-        .with_timeouts(ff_completions::BackendTimeouts::default().with_connect(Duration::from_millis(500)));
+        .with_retry(retry)
+        .with_timeouts(BackendTimeouts::default().with_connect(Duration::from_millis(500)));
     // Outages are not crash loops: even a strict intensity never escalates them.
     let config = SupervisorConfig::new().with_backend(backend).with_restart_intensity(1, Duration::from_secs(60));
     let (tree, _) = CompletionSupervisorHandle::spawn(config).await.expect("spawn");
@@ -252,12 +408,17 @@ async fn a_server_outage_keeps_the_tree_alive_with_capped_backoff_and_resumes_wi
     assert_exactly_once(&take_events(&mut sub, 10, WAIT).await, &before, true);
 
     pg.kill9().await;
-    wait_until(WAIT, "several restarts during the outage", || async {
-        tree.stats().await.map(|s| s.listeners[0].restarts >= 6).unwrap_or(false)
-    })
-    .await;
-    let stats = tree.stats().await.expect("the tree is alive during the outage");
-    assert!(stats.listeners[0].last_error.is_some(), "{:?}", stats.listeners[0]);
+    // 20, 40, 80, 160, then 320 ms forever: after 6 restarts the delay is at its cap.
+    let mut delays = Vec::new();
+    let restarts = wait_for_restarts(&tree, 6, WAIT, &mut delays).await;
+    // A capped backoff restarts at least every cap (plus a refused connect attempt); an
+    // uncapped one would need 640 + 1280 + 2560 + 5120 + 10240 ms for the next five.
+    let restarts = wait_for_restarts(&tree, restarts + 5, Duration::from_secs(12), &mut delays).await;
+    assert!(delays.iter().all(|d| *d <= cap), "a restart delay above the cap: {delays:?}");
+    assert!(delays.contains(&cap), "the delay reached its cap: {delays:?}");
+    let stats = tree.stats().await.expect("stats");
+    let last_error = stats.listeners[0].last_error.clone().expect("the outage's error is reported");
+    assert!(!last_error.contains(OUTAGE_PASSWORD), "{last_error}");
     assert_eq!(tree.actor().get_status(), ractor::ActorStatus::Running);
 
     pg.restart().await;
@@ -265,7 +426,38 @@ async fn a_server_outage_keeps_the_tree_alive_with_capped_backoff_and_resumes_wi
     assert_exactly_once(&take_events(&mut sub, 10, WAIT).await, &after, true);
     assert_no_more(&mut sub, Duration::from_millis(300)).await;
     wait_until(WAIT, "the listener to be live again", || async {
-        tree.stats().await.map(|s| s.listeners[0].state == ff_completions::ListenerState::Live).unwrap_or(false)
+        tree.stats().await.map(|s| s.listeners[0].state == ListenerState::Live).unwrap_or(false)
     })
     .await;
+
+    // Logged once: one warning for the whole outage, repeats at debug, one `reconnected`.
+    let lines = logs.lines();
+    let warnings: Vec<_> = logs.matching("WARN", "ff_completions");
+    assert_eq!(warnings.len(), 1, "one warning for the whole outage: {warnings:#?}");
+    assert!(warnings[0].contains("listener exited"), "{}", warnings[0]);
+    assert!(warnings[0].contains("ff_supervisor{"), "the supervisor logs in its span: {}", warnings[0]);
+    let repeats = logs.matching("DEBUG", "listener exited again");
+    assert!(repeats.len() as u64 + 1 >= restarts, "{} debug repeats for {restarts} restarts", repeats.len());
+    let reconnected = logs.matching("INFO", "reconnected");
+    assert_eq!(reconnected.len(), 1, "{reconnected:#?}");
+    let line = &reconnected[0];
+    assert!(line.contains("ff_listener{") && line.contains("backend=postgres"), "in the listener's span: {line}");
+    let attempts: u64 = line
+        .split("attempts=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no attempt count in {line}"));
+    assert!(
+        attempts >= restarts - 1 && attempts <= restarts + 1,
+        "{attempts} attempts for {restarts} restarts: {line}"
+    );
+    assert!(line.contains("outage="), "{line}");
+    let caught_up = logs.matching("INFO", "caught up");
+    assert!(
+        caught_up.iter().any(|l| l.contains("ff_filter{") && l.contains(&format!("subscriber={}", sub.id()))),
+        "the filter logs in its span: {caught_up:#?}"
+    );
+    let leaked: Vec<_> = lines.iter().filter(|l| l.contains(OUTAGE_PASSWORD)).collect();
+    assert!(leaked.is_empty(), "the password is in the logs: {leaked:#?}");
 }
