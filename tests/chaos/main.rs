@@ -38,7 +38,7 @@ struct Args {
     #[arg(long, default_value = "all")]
     backend: String,
     /// How long producers run under faults, per backend (e.g. 60s, 30m).
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = support::parse_duration)]
     duration: Duration,
     /// Seed of the fault schedule and workload; random when absent (printed either way).
     #[arg(long)]
@@ -46,18 +46,6 @@ struct Args {
     /// Concurrent producers.
     #[arg(long, default_value_t = 4)]
     producers: usize,
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (num, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
-    let n: u64 = num.parse().map_err(|_| format!("bad duration {text:?}"))?;
-    match unit {
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "ms" => Ok(Duration::from_millis(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("bad duration unit in {text:?} (use ms, s, m or h)")),
-    }
 }
 
 /// Counts of what the run did.
@@ -70,7 +58,12 @@ struct Tally {
 async fn main() {
     // `cargo test` passes harness flags such as `--nocapture`; keep only ours.
     let raw: Vec<String> = std::env::args().collect();
-    let ours: Vec<String> = raw.iter().take(1).cloned().chain(known_args(&raw[1..])).collect();
+    let ours: Vec<String> = raw
+        .iter()
+        .take(1)
+        .cloned()
+        .chain(support::known_args(&raw[1..], &["--backend", "--duration", "--seed", "--producers"], &[]))
+        .collect();
     let args = Args::parse_from(ours);
     support::init_tracing();
     let seed = args.seed.unwrap_or_else(rand::random);
@@ -109,25 +102,6 @@ async fn main() {
     }
 }
 
-/// Keeps `--flag value` pairs and `--flag=value` forms that are ours.
-fn known_args(rest: &[String]) -> Vec<String> {
-    const OURS: [&str; 4] = ["--backend", "--duration", "--seed", "--producers"];
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < rest.len() {
-        let arg = &rest[i];
-        if OURS.iter().any(|o| arg.starts_with(&format!("{o}="))) {
-            out.push(arg.clone());
-        } else if OURS.contains(&arg.as_str()) && i + 1 < rest.len() {
-            out.push(arg.clone());
-            out.push(rest[i + 1].clone());
-            i += 1;
-        }
-        i += 1;
-    }
-    out
-}
-
 type Inbox = Arc<Mutex<Vec<Received>>>;
 /// Which executions a subscriber's filter admits.
 type WantsEvent = Box<dyn Fn(&ExecutionId) -> bool>;
@@ -136,21 +110,22 @@ fn delay_since(at: TimestampMs) -> Duration {
     Duration::from_millis((TimestampMs::now().0 - at.0).max(0) as u64)
 }
 
-/// Reads a subscription into `inbox`; `slow` sleeps per event and pauses past its buffer now and then.
-async fn read_into(mut sub: ff_completions::Subscription, inbox: Inbox, slow: Option<u64>, until: Arc<AtomicBool>) {
-    let mut rng = StdRng::seed_from_u64(slow.unwrap_or(0));
+/// Until when a paused subscriber stops reading (`None`: it reads).
+type Pause = Arc<std::sync::Mutex<Option<Instant>>>;
+
+/// Reads a subscription into `inbox`; while `pause` says so, reads nothing (its buffer fills,
+/// its filter drops live batches and must catch up on its own).
+async fn read_into(mut sub: ff_completions::Subscription, inbox: Inbox, pause: Option<Pause>, until: Arc<AtomicBool>) {
     while !until.load(Ordering::Relaxed) {
+        let paused = pause.as_ref().and_then(|p| *p.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(left) = paused.and_then(|end| end.checked_duration_since(Instant::now())) {
+            tokio::time::sleep(left.min(Duration::from_millis(200))).await;
+            continue;
+        }
         match tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
             Ok(Some(Ok(event))) => {
                 let delay = delay_since(event.at);
                 inbox.lock().await.push(Received { event, delay });
-                if slow.is_some() {
-                    if rng.random_ratio(1, 2000) {
-                        tokio::time::sleep(Duration::from_secs(3)).await;
-                    } else {
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                }
             }
             Ok(Some(Err(err))) => panic!("subscriber got an error: {err}"),
             Ok(None) => return,
@@ -250,6 +225,7 @@ async fn run(backend: &str, args: &Args, seed: u64) -> Vec<Verdict> {
     let inboxes: Vec<Inbox> = names.iter().map(|_| Arc::new(Mutex::new(Vec::new()))).collect();
     let mut readers = Vec::new();
     let mut subscriber_ids = Vec::new();
+    let slow_pause: Pause = Arc::default();
     for (i, filter) in
         [ScannerFilter::new(), ScannerFilter::new().with_namespace(Namespace::new("ns-a")), ScannerFilter::new()]
             .into_iter()
@@ -257,8 +233,8 @@ async fn run(backend: &str, args: &Args, seed: u64) -> Vec<Verdict> {
     {
         let sub = tree.subscribe(SubscribeRequest::tail().with_filter(filter)).await.expect("subscribe");
         subscriber_ids.push(sub.id());
-        let slow = (i == 2).then_some(seed ^ 0x5105);
-        readers.push(tokio::spawn(read_into(sub, inboxes[i].clone(), slow, until.clone())));
+        let pause = (i == 2).then(|| slow_pause.clone());
+        readers.push(tokio::spawn(read_into(sub, inboxes[i].clone(), pause, until.clone())));
     }
     readers.push(tokio::spawn(resubscribing_reader(tree.clone(), inboxes[3].clone(), seed ^ 0x7e5, until.clone())));
 
@@ -279,7 +255,13 @@ async fn run(backend: &str, args: &Args, seed: u64) -> Vec<Verdict> {
     let started = Instant::now();
     while started.elapsed() < args.duration {
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
-        let fault = target.inject(&tree, &subscriber_ids, &mut rng).await;
+        let fault = if rng.random_ratio(1, 8) {
+            // Past its buffer of 64 at any producer rate here: its filter must catch up.
+            *slow_pause.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + Duration::from_secs(3));
+            "pause slow subscriber 3 s"
+        } else {
+            target.inject(&tree, &subscriber_ids, &mut rng).await
+        };
         *tally.faults.entry(fault).or_default() += 1;
     }
     stop.store(true, Ordering::Relaxed);

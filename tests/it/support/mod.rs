@@ -33,6 +33,39 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local addr").port()
 }
 
+/// Keeps only the flags a harness-less test or bench binary knows, since `cargo test` passes
+/// its own (such as `--nocapture`) to every binary: `valued` flags take the next argument
+/// (or `--flag=value`), `switches` stand alone.
+pub fn known_args(args: &[String], valued: &[&str], switches: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let arg = &args[i];
+        if valued.iter().any(|flag| arg.starts_with(&format!("{flag}="))) || switches.contains(&arg.as_str()) {
+            out.push(arg.clone());
+        } else if valued.contains(&arg.as_str()) && i + 1 < args.len() {
+            out.push(arg.clone());
+            out.push(args[i + 1].clone());
+            i += 1;
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Parses a duration such as `500ms`, `60s` (or `60`), `30m` or `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (num, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: u64 = num.parse().map_err(|_| format!("bad duration {text:?}"))?;
+    match unit {
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("bad duration unit in {text:?} (use ms, s, m or h)")),
+    }
+}
+
 /// Takes exactly `n` events, failing the test if they do not arrive within `timeout`.
 pub async fn take_events<S>(stream: &mut S, n: usize, timeout: Duration) -> Vec<CompletionEvent>
 where

@@ -1,0 +1,121 @@
+//! What a run records: when producers committed each execution's completion, what each
+//! subscriber received and when, and the summaries the report prints.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+/// When each execution's completion was committed: the producer's call was issued, and it
+/// returned (the commit is visible somewhere between the two).
+#[derive(Default)]
+pub struct Commits(Mutex<HashMap<Uuid, (Instant, Instant)>>);
+
+/// Which end of the producer's call a delay is measured from.
+#[derive(Clone, Copy)]
+pub enum From {
+    /// The call returned: the producer knows its commit is done (0 when a subscriber had it first).
+    Returned,
+    /// The call was issued: includes the commit's own round trip.
+    Issued,
+}
+
+impl Commits {
+    pub fn record(&self, ids: impl IntoIterator<Item = Uuid>, issued: Instant, returned: Instant) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.extend(ids.into_iter().map(|id| (id, (issued, returned))));
+    }
+
+    /// Commit-to-receipt delays of `received`, for the executions committed here.
+    pub fn delays(&self, received: &[(Uuid, Instant)], from: From) -> Vec<Duration> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        received
+            .iter()
+            .filter_map(|(id, at)| {
+                let (issued, returned) = map.get(id)?;
+                Some(at.saturating_duration_since(match from {
+                    From::Returned => *returned,
+                    From::Issued => *issued,
+                }))
+            })
+            .collect()
+    }
+}
+
+/// One subscriber's receipts.
+pub struct Tally {
+    count: AtomicU64,
+    keep: bool,
+    received: Mutex<Vec<(Uuid, Instant)>>,
+}
+
+impl Tally {
+    /// Counts receipts; `keep` also remembers each one with its time (for latency).
+    pub fn new(keep: bool) -> Self {
+        Self { count: AtomicU64::new(0), keep, received: Mutex::new(Vec::new()) }
+    }
+
+    pub fn record(&self, id: Uuid) {
+        if self.keep {
+            let now = Instant::now();
+            self.received.lock().unwrap_or_else(|e| e.into_inner()).push((id, now));
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn received(&self) -> Vec<(Uuid, Instant)> {
+        self.received.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Waits until every tally has counted `n`, or `timeout` passes; returns the time it took,
+/// `None` on timeout.
+pub async fn wait_for_all(tallies: &[std::sync::Arc<Tally>], n: u64, timeout: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if tallies.iter().all(|t| t.count() >= n) {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() >= timeout {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Min, p50, p99 and max of a set of delays, in milliseconds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Spread {
+    pub min: f64,
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub samples: usize,
+}
+
+impl Spread {
+    pub fn of(mut delays: Vec<Duration>) -> Self {
+        if delays.is_empty() {
+            return Self::default();
+        }
+        delays.sort();
+        let at = |q: f64| delays[((delays.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
+        Self { min: at(0.0), p50: at(0.5), p99: at(0.99), max: at(1.0), samples: delays.len() }
+    }
+}
+
+/// Resident memory of this process, in bytes (Linux).
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
