@@ -1,18 +1,24 @@
-//! Metrics recorded through the `metrics` facade, read back with a debugging recorder.
+//! Metrics recorded through the `metrics` facade, read back with a debugging recorder: each
+//! test causes what a metric measures and checks its value (each on a backend name of its own,
+//! since the recorder is global).
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use ff_completions::{
-    BackendConfig, CompletionSupervisorHandle, Engine, ExecutionSpec, FlowId, SubscribeRequest, SupervisorConfig,
-    backends::postgres::PostgresEngine,
+    BackendConfig, CompletionSupervisorHandle, Engine, ExecutionId, ExecutionSpec, FlowId, ListenerState,
+    SubscribeRequest, SubscriberStats, SupervisorConfig,
+    backends::postgres::{LISTENER_APPLICATION_NAME, PostgresEngine},
 };
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::support::{init_tracing, postgres::fresh_database, take_events, wait_until};
+use sqlx::Connection;
+use sqlx::postgres::PgConnection;
+
+use crate::support::{assert_exactly_once, init_tracing, postgres::fresh_database, take_events, wait_until};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -64,109 +70,246 @@ fn value(name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listener_filter_and_backend_metrics_are_recorded() {
-    init_tracing();
-    recorder();
-    let url = fresh_database().await;
-    let engine = PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("engine");
-    let backend = "pg-metrics";
-    let config = SupervisorConfig::new()
-        .with_named_backend(backend, BackendConfig::postgres(&url))
-        .with_subscriber_buffer(4)
-        .with_gauge_interval(Duration::from_millis(50));
-    let (tree, _) = CompletionSupervisorHandle::spawn(config).await.expect("spawn");
-    let mut fast = tree.subscribe(SubscribeRequest::tail()).await.expect("fast");
-    let slow = tree.subscribe(SubscribeRequest::tail()).await.expect("slow");
-    let (fast_id, slow_id) = (fast.id().to_string(), slow.id().to_string());
-
+/// Creates, claims and completes `n` executions of one flow on any engine; returns them in
+/// commit order.
+async fn complete_n(engine: &dyn Engine, n: usize) -> Vec<ExecutionId> {
     let flow = FlowId::new();
     engine.create_flow(&flow, None).await.expect("flow");
     let mut ids = Vec::new();
-    for _ in 0..50 {
+    for _ in 0..n {
         let spec = ExecutionSpec::new(&flow);
         engine.create_execution(&spec).await.expect("create");
         ids.push(spec.id);
     }
     let mut claimed = 0;
-    while claimed < ids.len() {
-        claimed += engine.claim("w", 50).await.expect("claim").len();
+    while claimed < n {
+        claimed += engine.claim("w", n).await.expect("claim").len();
     }
     for id in &ids {
         engine.complete(id).await.expect("complete");
     }
-    take_events(&mut fast, 50, WAIT).await;
+    ids
+}
 
-    let read = |name: &'static str, sub: Option<String>| {
-        let backend = backend.to_owned();
-        move || {
-            let (backend, sub) = (backend.clone(), sub.clone());
-            async move {
-                let mut labels = vec![("backend", backend.as_str())];
-                if let Some(s) = &sub {
-                    labels.push(("subscriber", s.as_str()));
-                }
-                value(name, &labels).is_some()
-            }
+/// Waits until `name{labels}` satisfies `ok`, failing with its last value.
+async fn wait_for(name: &str, labels: &[(&str, &str)], what: &str, ok: impl Fn(f64) -> bool) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let v = value(name, labels);
+        if v.is_some_and(&ok) {
+            return;
         }
-    };
-    wait_until(WAIT, "gauges", read("ff_completions_backend_gauge", None)).await;
-    // A subscriber in catch-up reads on its own and can get ahead of the listener's reads.
-    wait_until(WAIT, "50 events read by the listener", || async {
-        value("ff_completions_events_read_total", &[("backend", backend)]) == Some(50.0)
-    })
-    .await;
-    wait_until(WAIT, "50 events delivered to the fast subscriber", || async {
-        value("ff_completions_events_delivered_total", &[("backend", backend), ("subscriber", &fast_id)]) == Some(50.0)
-    })
-    .await;
-    assert_eq!(
-        value("ff_completions_events_delivered_total", &[("backend", backend), ("subscriber", &slow_id)]),
-        Some(4.0)
-    );
-    assert!(
-        value("ff_completions_live_batches_dropped_total", &[("subscriber", &slow_id), ("backend", backend)])
-            >= Some(1.0)
-    );
-    assert_eq!(
-        value("ff_completions_subscriber_lag_events", &[("backend", backend), ("subscriber", &fast_id)]),
-        Some(0.0)
-    );
-    assert!(value("ff_completions_subscriber_lag_ms", &[("backend", backend), ("subscriber", &fast_id)]).is_some());
-    assert!(
-        value("ff_completions_backend_gauge", &[("backend", backend), ("name", "notification_queue_usage")]).is_some()
-    );
+        assert!(std::time::Instant::now() < deadline, "{name}{labels:?}: {what}, got {v:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
-    // An open transaction holding rows back shows in the held-back gauge.
-    let spec = ExecutionSpec::new(&flow);
-    engine.create_execution(&spec).await.expect("create");
-    engine.claim("w", 1).await.expect("claim");
+async fn postgres_tree(
+    backend: &str,
+    tune: impl FnOnce(SupervisorConfig) -> SupervisorConfig,
+) -> (String, PostgresEngine, CompletionSupervisorHandle) {
+    init_tracing();
+    recorder();
+    let url = fresh_database().await;
+    let engine = PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("engine");
+    let config = SupervisorConfig::new()
+        .with_named_backend(backend, BackendConfig::postgres(&url))
+        .with_gauge_interval(Duration::from_millis(50))
+        .with_tick(Duration::from_millis(100));
+    let (tree, _) = CompletionSupervisorHandle::spawn(tune(config)).await.expect("spawn");
+    (url, engine, tree)
+}
+
+async fn subscriber_stats(tree: &CompletionSupervisorHandle, id: ff_completions::SubscriberId) -> SubscriberStats {
+    let stats = tree.stats().await.expect("stats");
+    stats.subscribers.into_iter().find(|s| s.id == id).unwrap_or_else(|| panic!("no stats for {id}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_lag_and_catch_up_metrics_follow_a_fast_and_a_stalled_subscriber() {
+    let backend = "pg-metrics-lag";
+    let (_url, engine, tree) = postgres_tree(backend, |c| c.with_subscriber_buffer(4)).await;
+    let mut fast = tree.subscribe(SubscribeRequest::tail()).await.expect("fast");
+    let mut slow = tree.subscribe(SubscribeRequest::tail()).await.expect("slow");
+    let (fast_id, slow_id) = (fast.id().to_string(), slow.id().to_string());
+    let fast_labels = [("backend", backend), ("subscriber", fast_id.as_str())];
+    let slow_labels = [("backend", backend), ("subscriber", slow_id.as_str())];
+
+    let ids = complete_n(&engine, 50).await;
+    assert_exactly_once(&take_events(&mut fast, 50, WAIT).await, &ids, true);
+    wait_for("ff_completions_events_read_total", &[("backend", backend)], "50 events read", |v| v == 50.0).await;
+    wait_for("ff_completions_events_delivered_total", &fast_labels, "all 50 delivered", |v| v == 50.0).await;
+    wait_for("ff_completions_subscriber_lag_events", &fast_labels, "no lag", |v| v == 0.0).await;
+    wait_for("ff_completions_subscriber_lag_ms", &fast_labels, "no lag", |v| v == 0.0).await;
+
+    // The slow subscriber reads nothing: 4 events fill its buffer, 46 wait, and time passes.
+    wait_for("ff_completions_events_delivered_total", &slow_labels, "4 in its buffer", |v| v == 4.0).await;
+    wait_for("ff_completions_subscriber_lag_events", &slow_labels, "46 events behind", |v| v == 46.0).await;
+    wait_for("ff_completions_subscriber_lag_ms", &slow_labels, "behind in time", |v| v > 0.0).await;
+    let stalled = value("ff_completions_subscriber_lag_ms", &slow_labels).unwrap_or(0.0);
+    wait_for("ff_completions_subscriber_lag_ms", &slow_labels, "growing while stalled", |v| v >= stalled + 100.0).await;
+    // What the listener reads now, the blocked filter drops (and reads back later).
+    let dropped = value("ff_completions_live_batches_dropped_total", &slow_labels).unwrap_or(0.0);
+    let more = complete_n(&engine, 5).await;
+    assert_exactly_once(&take_events(&mut fast, 5, WAIT).await, &more, true);
+    wait_for("ff_completions_live_batches_dropped_total", &slow_labels, "one more dropped", |v| v > dropped).await;
+    wait_for("ff_completions_subscriber_lag_events", &slow_labels, "51 events behind", |v| v == 51.0).await;
+
+    // Once it reads, its filter catches up from the backend and both lags return to 0.
+    let all = [ids, more].concat();
+    assert_exactly_once(&take_events(&mut slow, 55, WAIT).await, &all, true);
+    wait_for("ff_completions_subscriber_lag_events", &slow_labels, "caught up", |v| v == 0.0).await;
+    wait_for("ff_completions_subscriber_lag_ms", &slow_labels, "caught up", |v| v == 0.0).await;
+    wait_for("ff_completions_events_delivered_total", &slow_labels, "all 55 delivered", |v| v == 55.0).await;
+    let stats = subscriber_stats(&tree, slow.id()).await;
+    assert!(stats.catch_up_reads >= 2, "a start-up read and at least one after the stall: {stats}");
+    assert_eq!(value("ff_completions_catch_up_reads_total", &slow_labels), Some(stats.catch_up_reads as f64));
+    assert_eq!(
+        value("ff_completions_live_batches_dropped_total", &slow_labels),
+        Some(stats.live_batches_dropped as f64)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_back_metrics_rise_while_a_transaction_holds_rows_back_and_clear_after_it_commits() {
+    let backend = "pg-metrics-held-back";
+    let (_url, engine, tree) = postgres_tree(backend, |c| c).await;
+    let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let labels = [("backend", backend)];
+    let flow = FlowId::new();
+    engine.create_flow(&flow, None).await.expect("flow");
+    let (held, more) = (ExecutionSpec::new(&flow), ExecutionSpec::new(&flow));
+    engine.create_execution(&held).await.expect("create");
+    engine.create_execution(&more).await.expect("create");
+    assert_eq!(engine.claim("w", 2).await.expect("claim").len(), 2);
+
+    // A completes in a transaction left open; B commits after it and waits behind it.
     let mut tx = engine.pool().begin().await.expect("begin");
     let _: bool = sqlx::query_scalar("SELECT ff_complete_execution($1)")
-        .bind(spec.id.uuid())
+        .bind(held.id.uuid())
         .fetch_one(&mut *tx)
         .await
-        .expect("A");
-    let more = ExecutionSpec::new(&flow);
-    engine.create_execution(&more).await.expect("create");
-    engine.claim("w", 1).await.expect("claim");
-    engine.complete(&more.id).await.expect("complete");
-    wait_until(WAIT, "held-back gauge", || async {
-        value("ff_completions_held_back", &[("backend", backend)]) == Some(1.0)
-    })
-    .await;
-    tx.commit().await.expect("commit");
-    take_events(&mut fast, 2, WAIT).await;
-    wait_until(WAIT, "held-back gauge cleared", || async {
-        value("ff_completions_held_back", &[("backend", backend)]) == Some(0.0)
-    })
-    .await;
+        .expect("complete A");
+    engine.complete(&more.id).await.expect("complete B");
+    wait_for("ff_completions_held_back", &labels, "held back", |v| v == 1.0).await;
+    wait_for("ff_completions_held_back_seconds", &labels, "for a while", |v| v >= 0.2).await;
+    let rows = [("backend", backend), ("name", "held_back_rows")];
+    wait_for("ff_completions_backend_gauge", &rows, "B counted as held back", |v| v >= 1.0).await;
 
-    let cell = tree.listener_cell(backend).await.expect("listener");
-    cell.kill();
-    wait_until(WAIT, "restart counter", || async {
-        value("ff_completions_listener_restarts_total", &[("backend", backend)]) >= Some(1.0)
-    })
-    .await;
-    drop(slow);
+    tx.commit().await.expect("commit");
+    assert_exactly_once(&take_events(&mut sub, 2, WAIT).await, &[held.id, more.id], true);
+    wait_for("ff_completions_held_back", &labels, "cleared", |v| v == 0.0).await;
+    wait_for("ff_completions_held_back_seconds", &labels, "cleared", |v| v == 0.0).await;
+    wait_for("ff_completions_backend_gauge", &rows, "nothing held back", |v| v == 0.0).await;
+}
+
+/// Sends `n` notifications of nearly the largest payload, each filling most of a queue page.
+async fn fill_notification_queue(conn: &mut PgConnection, n: usize) {
+    for _ in 0..n {
+        sqlx::query("SELECT pg_notify('ff_completion_metrics_hold', repeat('x', 7900))")
+            .execute(&mut *conn)
+            .await
+            .expect("notify");
+    }
+}
+
+async fn server_queue_usage(conn: &mut PgConnection) -> f64 {
+    sqlx::query_scalar("SELECT pg_notification_queue_usage()").fetch_one(conn).await.expect("queue usage")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_notification_queue_gauge_follows_what_a_listener_in_a_transaction_holds() {
+    let backend = "pg-metrics-queue";
+    let (url, _engine, _tree) = postgres_tree(backend, |c| c).await;
+    let usage = [("backend", backend), ("name", "notification_queue_usage")];
+    wait_for("ff_completions_backend_gauge", &usage, "recorded, within 0..=1", |v| (0.0..=1.0).contains(&v)).await;
+
+    // A session that listens inside an open transaction receives nothing until it ends, so
+    // the server keeps every notification sent meanwhile in its queue.
+    let mut holder = PgConnection::connect(&url).await.expect("connect");
+    sqlx::query("LISTEN ff_completion_metrics_hold").execute(&mut holder).await.expect("listen");
+    sqlx::query("BEGIN").execute(&mut holder).await.expect("begin");
+    sqlx::query("SELECT 1").execute(&mut holder).await.expect("in a transaction");
+    let mut sender = PgConnection::connect(&url).await.expect("connect");
+    fill_notification_queue(&mut sender, 12).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    let held = loop {
+        let server = server_queue_usage(&mut sender).await;
+        let gauge = value("ff_completions_backend_gauge", &usage);
+        if server > 0.0 && gauge == Some(server) {
+            break server;
+        }
+        assert!(std::time::Instant::now() < deadline, "gauge {gauge:?}, server {server}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    // Once it is gone, the queue is released (more traffic makes the server advance its tail).
+    drop(holder);
+    fill_notification_queue(&mut sender, 6).await;
+    wait_for("ff_completions_backend_gauge", &usage, "below what was held", |v| v < held).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skipped_rows_reconnects_and_restarts_are_counted_as_the_stats_count_them() {
+    let backend = "pg-metrics-faults";
+    let (url, engine, tree) = postgres_tree(backend, |c| c).await;
+    let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let labels = [("backend", backend)];
+    let listener_stats = || async { tree.stats().await.expect("stats").listeners.remove(0) };
+
+    let mut conn = PgConnection::connect(&url).await.expect("connect");
+    for sql in [
+        "INSERT INTO ff_completion_event (execution_id, outcome, occurred_at_ms, partition_key) VALUES (NULL, 'success', 1, 1)",
+        "INSERT INTO ff_completion_event (execution_id, outcome, occurred_at_ms, partition_key) VALUES (gen_random_uuid(), 'success', 1, 999)",
+    ] {
+        sqlx::query(sql).execute(&mut conn).await.expect("insert a bad row");
+    }
+    let ids = complete_n(&engine, 2).await;
+    assert_exactly_once(&take_events(&mut sub, 2, WAIT).await, &ids, true);
+    wait_for("ff_completions_rows_skipped_total", &labels, "both bad rows", |v| v == 2.0).await;
+    assert_eq!(listener_stats().await.rows_skipped, 2);
+
+    // The LISTEN connection is terminated: the listener re-makes it in place and catches up.
+    wait_until(WAIT, "the listener live", || async { listener_stats().await.state == ListenerState::Live }).await;
+    let terminated: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+          WHERE application_name = $1 AND datname = current_database()",
+    )
+    .bind(LISTENER_APPLICATION_NAME)
+    .fetch_one(&mut conn)
+    .await
+    .expect("terminate");
+    assert_eq!(terminated, 1);
+    wait_for("ff_completions_listener_reconnects_total", &labels, "one reconnect", |v| v >= 1.0).await;
+    let stats = listener_stats().await;
+    assert_eq!(value("ff_completions_listener_reconnects_total", &labels), Some(stats.reconnects as f64));
+    let ids = complete_n(&engine, 2).await;
+    assert_exactly_once(&take_events(&mut sub, 2, WAIT).await, &ids, true);
+
+    let restarts_before = value("ff_completions_listener_restarts_total", &labels).unwrap_or(0.0);
+    tree.listener_cell(backend).await.expect("listener").kill();
+    wait_for("ff_completions_listener_restarts_total", &labels, "one more restart", |v| v == restarts_before + 1.0)
+        .await;
+    assert_eq!(value("ff_completions_listener_restarts_total", &labels), Some(listener_stats().await.restarts as f64));
+}
+
+#[cfg(feature = "valkey")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_valkey_stream_length_gauge_counts_the_completion_stream() {
+    init_tracing();
+    recorder();
+    let server = crate::support::valkey::ValkeyServer::start().await;
+    let backend = "valkey-metrics";
+    let engine = ff_completions::connect_engine(&server.config()).await.expect("engine");
+    let config = SupervisorConfig::new()
+        .with_named_backend(backend, server.config())
+        .with_gauge_interval(Duration::from_millis(50));
+    let (tree, _) = CompletionSupervisorHandle::spawn(config).await.expect("spawn");
+    let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let length = [("backend", backend), ("name", "stream_length")];
+    wait_for("ff_completions_backend_gauge", &length, "an empty stream", |v| v == 0.0).await;
+    let ids = complete_n(&*engine, 7).await;
+    assert_exactly_once(&take_events(&mut sub, 7, WAIT).await, &ids, true);
+    wait_for("ff_completions_backend_gauge", &length, "7 entries", |v| v == 7.0).await;
+    wait_for("ff_completions_events_read_total", &[("backend", backend)], "7 events read", |v| v == 7.0).await;
 }
