@@ -394,6 +394,58 @@ async fn a_server_that_refuses_the_connection_is_a_prompt_typed_error() {
 }
 
 /// Inserts one valid outbox row by hand, as a foreign producer might; returns its execution.
+/// `(seq_scan, idx_scan)` of the outbox, as the server's statistics have them now.
+async fn outbox_scans(conn: &mut PgConnection) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'ff_completion_event'",
+    )
+    .fetch_one(conn)
+    .await
+    .expect("outbox statistics")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_follow_the_txid_index_and_never_scan_the_whole_outbox() {
+    const ROWS: usize = 50_000;
+    init_tracing();
+    let url = fresh_database().await;
+    let config = BackendConfig::postgres(&url);
+    drop(PostgresEngine::connect(&config).await.expect("engine installs the schema"));
+    let mut conn = PgConnection::connect(&url).await.expect("connect");
+    sqlx::query(
+        "INSERT INTO ff_completion_event (execution_id, outcome, namespace, occurred_at_ms, partition_key) \
+         SELECT gen_random_uuid(), 'success', 'ns', 1, 0 FROM generate_series(1, $1)",
+    )
+    .bind(ROWS as i64)
+    .execute(&mut conn)
+    .await
+    .expect("history");
+    sqlx::query("ANALYZE ff_completion_event").execute(&mut conn).await.expect("analyze");
+    let (seq_before, idx_before) = outbox_scans(&mut conn).await;
+
+    let (tree, _) = CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(config.clone()))
+        .await
+        .expect("spawn tree");
+    let mut events =
+        tree.subscribe(SubscribeRequest::from_cursor(encode_postgres_cursor(0, 0))).await.expect("subscribe");
+    let replayed = take_events(&mut events, ROWS, Duration::from_secs(120)).await;
+    assert_eq!(replayed.len(), ROWS);
+    drop(events);
+    // Server processes report their scans when they exit.
+    tree.shutdown().await;
+    let pages = (ROWS / 512) as i64;
+    let deadline = std::time::Instant::now() + WAIT;
+    let scans = loop {
+        let scans = outbox_scans(&mut conn).await;
+        if scans.1 - idx_before >= pages || std::time::Instant::now() > deadline {
+            break scans;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(scans.1 - idx_before >= pages, "the readers' index scans were reported: {scans:?}");
+    assert_eq!(scans.0, seq_before, "no read scanned the whole outbox ({} index scans)", scans.1 - idx_before);
+}
+
 async fn insert_row(conn: &mut PgConnection, occurred_at_ms: i64) -> ExecutionId {
     let id = ExecutionId::from_parts(7, uuid::Uuid::new_v4());
     sqlx::query(

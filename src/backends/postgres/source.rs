@@ -14,13 +14,16 @@ use crate::types::TimestampMs;
 
 /// Rows after `($1, $2)` in `(txid, event_id)` order, each flagged with whether it is below the
 /// horizon (readable now) or held back by a transaction still in progress; plus, when history
-/// after `($1, $2)` was trimmed, one marker row (kind 1) at the trimmed boundary.
+/// after `($1, $2)` was trimmed, one marker row (kind 1) at the trimmed boundary. Columns are
+/// qualified: an unqualified `ORDER BY txid` would sort by the `txid::text::int8` output column,
+/// which no index serves (a full scan and sort of the outbox on every read).
 const READ_AFTER: &str = "\
-(SELECT 0, txid::text::int8, event_id, execution_id::text, flow_id::text, outcome, namespace, instance_tag, \
-        tags::text, occurred_at_ms, partition_key::int4, txid < pg_snapshot_xmin(pg_current_snapshot()) \
-   FROM ff_completion_event \
-  WHERE (txid, event_id) > ($1::int8::text::xid8, $2::int8) \
-  ORDER BY txid, event_id \
+(SELECT 0, e.txid::text::int8, e.event_id, e.execution_id::text, e.flow_id::text, e.outcome, e.namespace, \
+        e.instance_tag, e.tags::text, e.occurred_at_ms, e.partition_key::int4, \
+        e.txid < pg_snapshot_xmin(pg_current_snapshot()) \
+   FROM ff_completion_event e \
+  WHERE (e.txid, e.event_id) > ($1::int8::text::xid8, $2::int8) \
+  ORDER BY e.txid, e.event_id \
   LIMIT $3) \
 UNION ALL \
 (SELECT 1, trimmed_txid::text::int8, trimmed_event_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL::int8, NULL::int4, true \
@@ -32,9 +35,17 @@ const TRIMMED: &str = "SELECT trimmed_txid::text::int8, trimmed_event_id FROM ff
 
 /// The newest readable row.
 const TAIL: &str = "\
-SELECT txid::text::int8, event_id FROM ff_completion_event \
- WHERE txid < pg_snapshot_xmin(pg_current_snapshot()) \
- ORDER BY txid DESC, event_id DESC LIMIT 1";
+SELECT e.txid::text::int8, e.event_id FROM ff_completion_event e \
+ WHERE e.txid < pg_snapshot_xmin(pg_current_snapshot()) \
+ ORDER BY e.txid DESC, e.event_id DESC LIMIT 1";
+
+/// Notification queue usage, and the rows held back by an open transaction, counted along the
+/// `(txid, event_id)` index up to 100,000 (so the gauge never scans a large outbox).
+const HELD_BACK_GAUGES: &str = "\
+SELECT pg_notification_queue_usage(), \
+       (SELECT count(*) FROM (SELECT 1 FROM ff_completion_event e \
+                               WHERE e.txid >= pg_snapshot_xmin(pg_current_snapshot()) \
+                               ORDER BY e.txid LIMIT 100000) held)";
 
 /// Where an `event_id`-only cursor resumes: below every row after it and below the horizon.
 const LEGACY_START: &str = "\
@@ -174,13 +185,10 @@ impl CompletionSource for PostgresSource {
     }
 
     async fn gauges(&self) -> Result<Vec<(&'static str, f64)>, EngineError> {
-        let (queue, held_back): (f64, i64) = sqlx::query_as(
-            "SELECT pg_notification_queue_usage(), \
-                    (SELECT count(*) FROM ff_completion_event WHERE txid >= pg_snapshot_xmin(pg_current_snapshot()))",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| EngineError::from_sqlx("postgres gauges", e))?;
+        let (queue, held_back): (f64, i64) = sqlx::query_as(HELD_BACK_GAUGES)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("postgres gauges", e))?;
         Ok(vec![("notification_queue_usage", queue), ("held_back_rows", held_back as f64)])
     }
 
