@@ -20,7 +20,8 @@ impl Backoff {
     pub fn from_retry(retry: &BackendRetry) -> Self {
         Self {
             base: retry.exponent_base.unwrap_or(2).max(1),
-            factor_ms: retry.factor.unwrap_or(50),
+            // At least 1 ms: a zero factor would restart a failing listener in a busy loop.
+            factor_ms: retry.factor.unwrap_or(50).max(1),
             steps: retry.number_of_retries.unwrap_or(6),
             jitter_percent: retry.jitter_percent.unwrap_or(20).min(100),
         }
@@ -68,6 +69,13 @@ mod tests {
             let d = b.delay(5).as_millis();
             assert!((80..=120).contains(&d), "{d}");
         }
+    }
+
+    #[test]
+    fn a_zero_factor_still_waits_a_millisecond_and_grows() {
+        let b = Backoff::from_retry(&BackendRetry::new(2, 0, 3, 0));
+        assert_eq!(b.delay(0), Duration::from_millis(1));
+        assert_eq!(b.cap(), Duration::from_millis(8));
     }
 
     #[test]

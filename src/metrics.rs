@@ -12,9 +12,9 @@
 //! | `ff_completions_events_delivered_total` | counter | backend, subscriber | events handed to a subscriber |
 //! | `ff_completions_live_batches_dropped_total` | counter | backend, subscriber | live batches a blocked or catching-up filter dropped (it reads them back later) |
 //! | `ff_completions_catch_up_reads_total` | counter | backend, subscriber | reads a filter made from its own cursor |
-//! | `ff_completions_subscriber_lag_ms` | gauge | backend, subscriber | commit time of the last delivered event to now |
-//! | `ff_completions_subscriber_lag_events` | gauge | backend, subscriber | events read by the listener but not yet processed by the filter (subscribers from the tail) |
-//! | `ff_completions_backend_gauge` | gauge | backend, name | backend health: `notification_queue_usage` (Postgres), `stream_length` (Valkey) |
+//! | `ff_completions_subscriber_lag_ms` | gauge | backend, subscriber | commit time of the oldest event not yet delivered to now (0 when nothing is pending) |
+//! | `ff_completions_subscriber_lag_events` | gauge | backend, subscriber | events the listener has read past the subscriber's cursor (from the first live batch that spans the cursor on) |
+//! | `ff_completions_backend_gauge` | gauge | backend, name | backend health: `notification_queue_usage` and `held_back_rows` (Postgres), `stream_length` (Valkey) |
 
 use metrics::{counter, gauge};
 
@@ -67,9 +67,12 @@ impl SubscriberLabels {
         [("backend", self.backend.clone()), ("subscriber", self.subscriber.clone())]
     }
 
-    pub(crate) fn delivered(&self, n: u64, last_at: TimestampMs) {
+    /// Counts `n` delivered events and sets the lag in milliseconds from `pending_since`, the
+    /// commit time of the oldest event not yet delivered (now when none is pending).
+    pub(crate) fn delivered(&self, n: u64, pending_since: TimestampMs) {
         counter!("ff_completions_events_delivered_total", &self.labels()).increment(n);
-        gauge!("ff_completions_subscriber_lag_ms", &self.labels()).set(lag_ms(TimestampMs::now(), last_at) as f64);
+        gauge!("ff_completions_subscriber_lag_ms", &self.labels())
+            .set(lag_ms(TimestampMs::now(), pending_since) as f64);
     }
 
     pub(crate) fn batch_dropped(&self) {
