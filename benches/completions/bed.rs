@@ -55,31 +55,19 @@ impl Bed {
         let run = match kind {
             Kind::Postgres => {
                 let url = support::postgres::fresh_database().await;
-                Run {
-                    kind,
-                    config: BackendConfig::postgres(url.clone()),
-                    pg_url: Some(url),
-                    valkey_port: None,
-                    sqlite: None,
-                }
+                Run { kind, config: BackendConfig::postgres(url.clone()), pg_url: Some(url), sqlite: None }
             }
             Kind::Valkey => {
                 let server = self.valkey.as_ref().expect("the bed was started with valkey");
                 let _: ferriskey::Value = server.command(&["FLUSHALL"]).await;
                 // Connections of earlier runs would count as this run's.
                 let _: ferriskey::Value = server.command(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]).await;
-                Run { kind, config: server.config(), pg_url: None, valkey_port: Some(server.port), sqlite: None }
+                Run { kind, config: server.config(), pg_url: None, sqlite: None }
             }
             Kind::Sqlite => {
                 let n = self.next_file.fetch_add(1, Ordering::Relaxed);
                 let path = self.files.path().join(format!("bench-{n}.db"));
-                Run {
-                    kind,
-                    config: BackendConfig::sqlite(path.clone()),
-                    pg_url: None,
-                    valkey_port: None,
-                    sqlite: Some(path),
-                }
+                Run { kind, config: BackendConfig::sqlite(path.clone()), pg_url: None, sqlite: Some(path) }
             }
         };
         drop(run.engine().await);
@@ -92,7 +80,6 @@ pub struct Run {
     pub kind: Kind,
     pub config: BackendConfig,
     pub pg_url: Option<String>,
-    pub valkey_port: Option<u16>,
     pub sqlite: Option<std::path::PathBuf>,
 }
 
@@ -111,14 +98,11 @@ impl Run {
     }
 
     pub async fn valkey_client(&self) -> ferriskey::Client {
-        let port = self.valkey_port.expect("a valkey run");
-        ferriskey::ClientBuilder::new()
-            .host("127.0.0.1", port)
-            .request_timeout(Duration::from_secs(30))
-            .client_name("bench")
-            .build()
-            .await
-            .expect("valkey client")
+        let config = self
+            .config
+            .clone()
+            .with_timeouts(ff_completions::BackendTimeouts::default().with_request(Duration::from_secs(30)));
+        ff_completions::backends::valkey::connect_client(&config, "bench").await.expect("valkey client")
     }
 
     /// Server connections held now: (notification connections, all connections), the

@@ -299,7 +299,7 @@ pub fn plot(results: &Results, path: &Path) -> Result<(), Box<dyn std::error::Er
 
     let mut rate: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for kind in [Kind::Postgres, Kind::Valkey, Kind::Sqlite] {
-        for design in [Design::Ours, Design::Seed] {
+        for design in [Design::Ours, Design::Seed, Design::Floor] {
             let points: Vec<(f64, f64)> = results
                 .throughput
                 .iter()
@@ -318,7 +318,7 @@ pub fn plot(results: &Results, path: &Path) -> Result<(), Box<dyn std::error::Er
                 .latency
                 .iter()
                 .filter(|r| r.backend == kind && r.design == design)
-                .map(|r| (r.subscribers as f64, r.spread.p50.max(0.01)))
+                .map(|r| (r.subscribers as f64, r.from_issue.p50.max(0.01)))
                 .collect();
             if !points.is_empty() {
                 latency.push((format!("{} {}", kind.name(), design.name()), points));
@@ -326,7 +326,7 @@ pub fn plot(results: &Results, path: &Path) -> Result<(), Box<dyn std::error::Er
         }
     }
     panel(&left, "delivered events/s per subscriber (single commits, saturation)", "events/s", &rate)?;
-    panel(&right, "commit → delivery p50", "ms", &latency)?;
+    panel(&right, "commit call issued → delivery, p50", "ms", &latency)?;
     root.present()?;
     Ok(())
 }
@@ -340,7 +340,7 @@ fn panel(
     let xs = series.iter().flat_map(|(_, p)| p.iter().map(|p| p.0));
     let ys: Vec<f64> = series.iter().flat_map(|(_, p)| p.iter().map(|p| p.1)).collect();
     let x_max = xs.fold(2.0f64, f64::max) * 1.3;
-    let y_min = ys.iter().copied().fold(f64::MAX, f64::min).min(1.0) * 0.5;
+    let y_min = if ys.is_empty() { 1.0 } else { ys.iter().copied().fold(f64::MAX, f64::min) * 0.5 };
     let y_max = ys.iter().copied().fold(1.0f64, f64::max) * 2.0;
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 18))

@@ -411,7 +411,11 @@ async fn terminate_postgres_listeners(url: &str, pool: &mut Option<sqlx::PgPool>
 async fn kill_valkey_listeners(backend: &BackendConfig, client: &mut Option<ferriskey::Client>) -> Result<u64, String> {
     let client = match client {
         Some(client) => client,
-        None => client.insert(valkey_admin(backend).await?),
+        None => client.insert(
+            ff_completions::backends::valkey::connect_client(backend, "ff-completions-dag-chaos")
+                .await
+                .map_err(|e| format!("chaos connect to valkey: {e}"))?,
+        ),
     };
     let list: String = client.cmd("CLIENT").arg("LIST").execute().await.map_err(|e| format!("CLIENT LIST: {e}"))?;
     let name = format!("name={}", ff_completions::backends::valkey::LISTENER_CLIENT_NAME);
@@ -437,36 +441,6 @@ async fn kill_valkey_listeners(backend: &BackendConfig, client: &mut Option<ferr
 }
 
 /// A client of its own on the scenario's Valkey, with its credentials, TLS and database.
-#[cfg(feature = "valkey")]
-async fn valkey_admin(backend: &BackendConfig) -> Result<ferriskey::Client, String> {
-    let ff_completions::BackendConnection::Valkey(v) = &backend.connection else {
-        return Err("not a valkey backend".into());
-    };
-    let request = backend.timeouts.request.unwrap_or(Duration::from_secs(5));
-    let connect = backend.timeouts.connect.unwrap_or(Duration::from_secs(5));
-    let mut builder = ferriskey::ClientBuilder::new()
-        .host(&v.host, v.port)
-        .database(v.database)
-        .request_timeout(request)
-        .connect_timeout(connect)
-        .client_name("ff-completions-dag-chaos");
-    if v.tls {
-        builder = builder.tls();
-    }
-    if let Some(user) = &v.username {
-        builder = builder.username(user.clone());
-    }
-    if let Some(password) = &v.password {
-        builder = builder.password(password.clone());
-    }
-    match tokio::time::timeout(connect * 2, builder.build()).await {
-        Ok(Ok(client)) => Ok(client),
-        // ferriskey's errors name neither the user nor the password.
-        Ok(Err(e)) => Err(format!("chaos connect to valkey: {e}")),
-        Err(_) => Err("chaos connect to valkey: timed out".into()),
-    }
-}
-
 /// Until `stop`, one fault every 50 to 300 ms (random, from the seed). On servers the faults
 /// take turns, the listener's connection first, then the listener actor; on SQLite, which has
 /// no such connection, every fault kills the actor.

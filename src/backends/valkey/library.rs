@@ -60,14 +60,15 @@ fn classify(op: &'static str, e: &ferriskey::Error, detail: String) -> EngineErr
     }
 }
 
-/// A connected client named `name`, with the config's credentials, TLS, database and an
-/// explicit request timeout (ferriskey's default, 250 ms, is too short for `FCALL`s under load;
+/// A connected client named `name` (the tree's own, or an operator's tool's), with the config's
+/// credentials, TLS, database and an explicit request timeout (ferriskey's default, 250 ms, is too short for `FCALL`s under load;
 /// a blocking read gets its `BLOCK` time plus the request timeout).
 ///
 /// # Errors
-/// [`EngineError::Validation`] for cluster mode; connection failures as [`map_err`] says;
+/// [`EngineError::Validation`] for cluster mode; refused or failed connections as
+/// [`EngineError::Unavailable`] or [`EngineError::Transport`];
 /// [`EngineError::Timeout`] when connecting takes longer than twice the connect timeout.
-pub(super) async fn connect_client(config: &BackendConfig, name: &str) -> Result<Client, EngineError> {
+pub async fn connect_client(config: &BackendConfig, name: &str) -> Result<Client, EngineError> {
     let v = valkey_connection(config)?;
     if v.cluster {
         return Err(EngineError::validation("valkey cluster mode is not supported"));

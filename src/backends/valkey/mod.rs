@@ -22,6 +22,7 @@ mod source;
 mod stream;
 
 pub use engine::ValkeyEngine;
+pub use library::connect_client;
 pub(crate) use source::ValkeySource;
 
 /// The completion stream every terminal transition is `XADD`ed to.
