@@ -144,6 +144,12 @@ async fn resubscribing_reader(tree: CompletionSupervisorHandle, inbox: Inbox, se
         first = false;
         let mut sub = match tree.subscribe(request).await {
             Ok(sub) => sub,
+            // The backend is down (a fault): a subscriber retries, as any caller would.
+            Err(err) if err.is_transient() => {
+                tracing::info!(error = %err, "resubscribe failed for now; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
             Err(err) => panic!("resubscribe from {cursor:?} failed: {err}"),
         };
         let stay = Instant::now() + Duration::from_millis(rng.random_range(300..3000));
