@@ -101,7 +101,9 @@ impl CompletionSupervisorHandle {
     ///
     /// # Errors
     /// A malformed or foreign cursor ([`EngineError::Validation`]), an expired one
-    /// ([`EngineError::CursorExpired`]), an unknown backend name, or a dead tree.
+    /// ([`EngineError::CursorExpired`]), an unknown backend name, or a dead tree. While the
+    /// backend is down, the start position cannot be resolved: a transient error
+    /// ([`EngineError::is_transient`]) that a caller retries.
     pub async fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription, EngineError> {
         let (tx, rx) = mpsc::channel(self.subscriber_buffer);
         let id = self.add_subscriber(request, Sink::Channel(tx)).await?;
