@@ -98,11 +98,16 @@ impl Run {
     }
 
     pub async fn valkey_client(&self) -> ferriskey::Client {
+        self.valkey_client_named("bench").await
+    }
+
+    /// A client of its own, named `name` in `CLIENT LIST`.
+    pub async fn valkey_client_named(&self, name: &str) -> ferriskey::Client {
         let config = self
             .config
             .clone()
             .with_timeouts(ff_completions::BackendTimeouts::default().with_request(Duration::from_secs(30)));
-        ff_completions::backends::valkey::connect_client(&config, "bench").await.expect("valkey client")
+        ff_completions::backends::valkey::connect_client(&config, name).await.expect("valkey client")
     }
 
     /// Server connections held now: (notification connections, all connections), the
@@ -124,13 +129,20 @@ impl Run {
             Kind::Valkey => {
                 let client = self.valkey_client().await;
                 let list: String = client.cmd("CLIENT").arg("LIST").execute().await.expect("CLIENT LIST");
-                let blocking = list.lines().filter(|l| l.contains(" cmd=xread ")).count() as u64;
+                let listener = format!(" name={} ", ff_completions::backends::valkey::LISTENER_CLIENT_NAME);
+                let blocking = list
+                    .lines()
+                    .filter(|l| l.contains(&listener) || l.contains(&format!(" name={FLOOR_CLIENT} ")))
+                    .count() as u64;
                 (blocking, list.lines().filter(|l| !l.contains(" name=bench ")).count() as u64)
             }
             Kind::Sqlite => (0, 0),
         }
     }
 }
+
+/// The name of the Valkey floor's connection.
+pub const FLOOR_CLIENT: &str = "bench-floor";
 
 /// What one producer call completes: one execution, or a whole flow in one commit.
 pub enum Unit {

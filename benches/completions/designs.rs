@@ -96,7 +96,7 @@ impl Subscribers {
                 let tally = tallies.into_iter().next().expect("one floor subscriber");
                 this.tasks.push(match run.kind {
                     Kind::Postgres => pg_floor(run.pg_url.as_deref().expect("postgres"), tally).await,
-                    _ => xread_floor(run.valkey_client().await, tally).await,
+                    _ => xread_floor(run.valkey_client_named(crate::bed::FLOOR_CLIENT).await, tally).await,
                 });
             }
         }

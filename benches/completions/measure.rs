@@ -89,6 +89,31 @@ pub async fn wait_for_all(tallies: &[std::sync::Arc<Tally>], n: u64, timeout: Du
     }
 }
 
+/// Like [`wait_for_all`], but also gives up once no tally has moved for `stall` (a design
+/// that skipped events never gets them, however long one waits).
+pub async fn wait_for_all_or_stall(
+    tallies: &[std::sync::Arc<Tally>],
+    n: u64,
+    timeout: Duration,
+    stall: Duration,
+) -> Option<Duration> {
+    let start = Instant::now();
+    let (mut seen, mut moved) = (0u64, Instant::now());
+    loop {
+        if tallies.iter().all(|t| t.count() >= n) {
+            return Some(start.elapsed());
+        }
+        let now: u64 = tallies.iter().map(|t| t.count()).sum();
+        if now != seen {
+            (seen, moved) = (now, Instant::now());
+        }
+        if start.elapsed() >= timeout || moved.elapsed() >= stall {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// Min, p50, p99 and max of a set of delays, in milliseconds.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Spread {
