@@ -7,7 +7,7 @@ use std::time::Duration;
 use ff_completions::{
     BackendConfig, CompletionOutcome, CompletionSupervisorHandle, DependencyResolution, Engine, EngineError,
     ExecutionId, ExecutionSpec, FailOutcome, FilterMode, FlowId, Namespace, Retention, ScannerFilter, StreamCursor,
-    SubscribeRequest, SupervisorConfig, TimestampMs, connect_engine,
+    SubscribeRequest, SupervisorConfig, SupervisorStats, TimestampMs, connect_engine,
 };
 
 use crate::support::{assert_exactly_once, assert_no_more, take_events, wait_until};
@@ -308,4 +308,35 @@ pub async fn trimmed_cursors_expire_with_the_oldest_cursor_and_slow_subscribers_
     // The tree carries on for everyone else.
     let more = complete_n(&*f.engine, 3).await;
     assert_exactly_once(&take_events(&mut fast, 3, WAIT).await, &more, true);
+}
+
+/// The commit times the extreme-times tests write by hand, in order.
+pub const EXTREME_TIMES: [i64; 6] = [i64::MIN, i64::MIN + 1, i64::MIN, i64::MIN, i64::MAX, -1];
+
+/// Checks that no listener and no filter restarted.
+#[track_caller]
+pub fn assert_nothing_restarted(stats: &SupervisorStats) {
+    assert!(stats.listeners.iter().all(|l| l.restarts == 0), "a listener restarted: {:?}", stats.listeners);
+    assert!(stats.subscribers.iter().all(|s| s.restarts == 0), "a filter restarted: {:?}", stats.subscribers);
+}
+
+/// Checks the end of an extreme-times test: `before`, the rows or entries written with
+/// [`EXTREME_TIMES`], then `after`, each once, in order, the times as written, nothing skipped
+/// and nothing restarted.
+pub async fn assert_extreme_times_arrive<S>(
+    tree: &CompletionSupervisorHandle,
+    sub: &mut S,
+    [before, odd, after]: [Vec<ExecutionId>; 3],
+) where
+    S: futures::Stream<Item = Result<ff_completions::CompletionEvent, EngineError>> + Unpin,
+{
+    let expected = [before, odd, after].concat();
+    let events = take_events(sub, expected.len(), WAIT).await;
+    assert_exactly_once(&events, &expected, true);
+    let times: Vec<i64> = events[2..8].iter().map(|e| e.at.0).collect();
+    assert_eq!(times, EXTREME_TIMES, "the commit times arrive as written");
+    assert_no_more(sub, QUIET).await;
+    let stats = tree.stats().await.expect("stats");
+    assert_eq!(stats.listeners[0].rows_skipped, 0, "valid rows and entries are not skipped");
+    assert_nothing_restarted(&stats);
 }

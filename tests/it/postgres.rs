@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use ff_completions::{
     BackendConfig, CompletionOutcome, CompletionSupervisorHandle, EngineError, ExecutionId, ExecutionSpec, Namespace,
-    Retention, ScannerFilter, StreamCursor, SubscribeRequest, SupervisorConfig, SupervisorStats, TimestampMs,
+    Retention, ScannerFilter, StreamCursor, SubscribeRequest, SupervisorConfig, TimestampMs,
     backends::postgres::{LISTENER_APPLICATION_NAME, PostgresEngine},
     encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor, encode_valkey_cursor,
 };
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
-use crate::contract::{self, QUIET, WAIT, complete_n, running};
+use crate::contract::{self, QUIET, WAIT, assert_nothing_restarted, complete_n, running};
 use crate::support::{
     assert_exactly_once, assert_no_more, init_tracing, postgres::fresh_database, take_events, wait_until,
 };
@@ -471,11 +471,6 @@ async fn cursor_of(conn: &mut PgConnection, id: ExecutionId) -> StreamCursor {
 }
 
 /// No listener or filter of the tree was ever restarted.
-fn assert_nothing_restarted(stats: &SupervisorStats) {
-    assert!(stats.listeners.iter().all(|l| l.restarts == 0), "a listener restarted: {:?}", stats.listeners);
-    assert!(stats.subscribers.iter().all(|s| s.restarts == 0), "a filter restarted: {:?}", stats.subscribers);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_with_the_earliest_and_latest_commit_times_are_delivered_without_any_restart() {
     // A subscriber that reads nothing until the end fills its buffer of 2 and falls behind at
@@ -484,20 +479,12 @@ async fn rows_with_the_earliest_and_latest_commit_times_are_delivered_without_an
     let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
     let before = complete_n(&*f.engine, 2).await;
     let mut conn = PgConnection::connect(&f.url).await.expect("connect");
-    let extremes = [i64::MIN, i64::MIN + 1, i64::MIN, i64::MIN, i64::MAX, -1];
     let mut odd = Vec::new();
-    for at in extremes {
+    for at in contract::EXTREME_TIMES {
         odd.push(insert_row(&mut conn, at).await);
     }
     let after = complete_n(&*f.engine, 2).await;
-    let events = take_events(&mut sub, 10, WAIT).await;
-    assert_exactly_once(&events, &[before, odd, after].concat(), true);
-    let times: Vec<i64> = events[2..8].iter().map(|e| e.at.0).collect();
-    assert_eq!(times, extremes, "the commit times arrive as written");
-    assert_no_more(&mut sub, QUIET).await;
-    let stats = f.tree.stats().await.expect("stats");
-    assert_eq!(stats.listeners[0].rows_skipped, 0, "valid rows are not skipped");
-    assert_nothing_restarted(&stats);
+    contract::assert_extreme_times_arrive(&f.tree, &mut sub, [before, odd, after]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,11 +10,11 @@ use ff_completions::backends::valkey::{LISTENER_CLIENT_NAME, PUBSUB_CHANNEL, STR
 use ff_completions::{
     BackendConfig, BackendRetry, BackendTimeouts, CancelFlowPolicy, CompletionOutcome, CompletionSupervisorHandle,
     DependencyResolution, Engine, EngineError, ExecutionId, ExecutionSpec, FailOutcome, FlowId, Namespace, Retention,
-    ScannerFilter, SubscribeRequest, SupervisorConfig, SupervisorStats, TimestampMs, ValkeyConnection, connect_engine,
+    ScannerFilter, SubscribeRequest, SupervisorConfig, TimestampMs, ValkeyConnection, connect_engine,
     encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor, encode_valkey_cursor,
 };
 
-use crate::contract::{self, Fixture, QUIET, WAIT, complete_n, fixture, running};
+use crate::contract::{self, Fixture, QUIET, WAIT, assert_nothing_restarted, complete_n, fixture, running};
 use crate::support::valkey::ValkeyServer;
 use crate::support::{assert_exactly_once, assert_no_more, init_tracing, take_events, wait_until};
 
@@ -552,11 +552,6 @@ fn entry_fields(id: &ExecutionId, at: &str) -> Vec<String> {
 }
 
 /// No listener or filter of the tree was ever restarted.
-fn assert_nothing_restarted(stats: &SupervisorStats) {
-    assert!(stats.listeners.iter().all(|l| l.restarts == 0), "a listener restarted: {:?}", stats.listeners);
-    assert!(stats.subscribers.iter().all(|s| s.restarts == 0), "a filter restarted: {:?}", stats.subscribers);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_with_the_earliest_and_latest_commit_times_are_delivered_without_any_restart() {
     init_tracing();
@@ -566,23 +561,15 @@ async fn entries_with_the_earliest_and_latest_commit_times_are_delivered_without
     let f = fixture(server.config(), |c| c.with_subscriber_buffer(2)).await;
     let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
     let before = complete_n(&*f.engine, 2).await;
-    let extremes = [i64::MIN, i64::MIN + 1, i64::MIN, i64::MIN, i64::MAX, -1];
     let mut odd = Vec::new();
-    for at in extremes {
+    for at in contract::EXTREME_TIMES {
         let id = ExecutionId::new_in(&FlowId::new());
         let fields = entry_fields(&id, &at.to_string());
         xadd(&server, "*", &fields.iter().map(String::as_str).collect::<Vec<_>>()).await;
         odd.push(id);
     }
     let after = complete_n(&*f.engine, 2).await;
-    let events = take_events(&mut sub, 10, WAIT).await;
-    assert_exactly_once(&events, &[before, odd, after].concat(), true);
-    let times: Vec<i64> = events[2..8].iter().map(|e| e.at.0).collect();
-    assert_eq!(times, extremes, "the commit times arrive as written");
-    assert_no_more(&mut sub, QUIET).await;
-    let stats = f.tree.stats().await.expect("stats");
-    assert_eq!(stats.listeners[0].rows_skipped, 0, "valid entries are not skipped");
-    assert_nothing_restarted(&stats);
+    contract::assert_extreme_times_arrive(&f.tree, &mut sub, [before, odd, after]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
