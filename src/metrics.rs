@@ -18,8 +18,6 @@
 
 use metrics::{counter, gauge};
 
-use crate::types::TimestampMs;
-
 pub(crate) fn events_read(backend: &str, n: u64) {
     counter!("ff_completions_events_read_total", "backend" => backend.to_owned()).increment(n);
 }
@@ -45,12 +43,6 @@ pub(crate) fn backend_gauge(backend: &str, name: &'static str, value: f64) {
     gauge!("ff_completions_backend_gauge", "backend" => backend.to_owned(), "name" => name).set(value);
 }
 
-/// Milliseconds from `at` to `now`, never negative: `at` comes from a row or stream entry and may
-/// be anything (far in the future, or near `i64::MIN`), so the difference saturates.
-fn lag_ms(now: TimestampMs, at: TimestampMs) -> i64 {
-    now.0.saturating_sub(at.0).max(0)
-}
-
 /// Labels of one subscriber, built once per filter.
 #[derive(Clone, Debug)]
 pub(crate) struct SubscriberLabels {
@@ -67,12 +59,11 @@ impl SubscriberLabels {
         [("backend", self.backend.clone()), ("subscriber", self.subscriber.clone())]
     }
 
-    /// Counts `n` delivered events and sets the lag in milliseconds from `pending_since`, the
-    /// commit time of the oldest event not yet delivered (now when none is pending).
-    pub(crate) fn delivered(&self, n: u64, pending_since: TimestampMs) {
+    /// Counts `n` delivered events and sets the lag in milliseconds (from the commit time of the
+    /// oldest event not yet delivered; 0 when none is pending).
+    pub(crate) fn delivered(&self, n: u64, lag_ms: u64) {
         counter!("ff_completions_events_delivered_total", &self.labels()).increment(n);
-        gauge!("ff_completions_subscriber_lag_ms", &self.labels())
-            .set(lag_ms(TimestampMs::now(), pending_since) as f64);
+        gauge!("ff_completions_subscriber_lag_ms", &self.labels()).set(lag_ms as f64);
     }
 
     pub(crate) fn batch_dropped(&self) {
@@ -85,32 +76,5 @@ impl SubscriberLabels {
 
     pub(crate) fn lag_events(&self, n: u64) {
         gauge!("ff_completions_subscriber_lag_events", &self.labels()).set(n as f64);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lag_is_the_time_since_the_event_and_never_negative() {
-        assert_eq!(lag_ms(TimestampMs(1_000), TimestampMs(400)), 600);
-        assert_eq!(lag_ms(TimestampMs(1_000), TimestampMs(5_000)), 0, "an event from the future has no lag");
-    }
-
-    #[test]
-    fn lag_of_extreme_event_times_saturates_instead_of_overflowing() {
-        let now = TimestampMs::now();
-        assert_eq!(lag_ms(now, TimestampMs(i64::MIN)), i64::MAX);
-        assert_eq!(lag_ms(now, TimestampMs(i64::MAX)), 0);
-        assert_eq!(lag_ms(TimestampMs(i64::MIN), TimestampMs(i64::MAX)), 0);
-        assert_eq!(lag_ms(TimestampMs(i64::MAX), TimestampMs(i64::MIN)), i64::MAX);
-    }
-
-    #[test]
-    fn recording_a_delivery_of_an_extreme_event_time_does_not_panic() {
-        let labels = SubscriberLabels::new("postgres", 1);
-        labels.delivered(1, TimestampMs(i64::MIN));
-        labels.delivered(1, TimestampMs(i64::MAX));
     }
 }

@@ -29,6 +29,12 @@ impl TimestampMs {
             .unwrap_or(0);
         Self(ms)
     }
+
+    /// Milliseconds from `earlier` to `self`: 0 when `earlier` is later, and saturating, since
+    /// event times come from rows and stream entries and may be anything.
+    pub fn millis_since(self, earlier: TimestampMs) -> u64 {
+        self.0.saturating_sub(earlier.0).max(0) as u64
+    }
 }
 
 /// Tenant or workspace scope of an execution.
@@ -176,6 +182,17 @@ impl<'de> Deserialize<'de> for ExecutionId {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn millis_since_is_never_negative_and_never_overflows() {
+        assert_eq!(TimestampMs(1_000).millis_since(TimestampMs(400)), 600);
+        assert_eq!(TimestampMs(1_000).millis_since(TimestampMs(5_000)), 0, "an event from the future has no lag");
+        let now = TimestampMs::now();
+        assert_eq!(now.millis_since(TimestampMs(i64::MIN)), i64::MAX as u64);
+        assert_eq!(now.millis_since(TimestampMs(i64::MAX)), 0);
+        assert_eq!(TimestampMs(i64::MIN).millis_since(TimestampMs(i64::MAX)), 0);
+        assert_eq!(TimestampMs(i64::MAX).millis_since(TimestampMs(i64::MIN)), i64::MAX as u64);
+    }
+
     use super::*;
 
     #[test]

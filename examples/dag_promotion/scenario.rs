@@ -197,7 +197,7 @@ impl Actor for Promoter {
             match state.engine.resolve_dependency(&event.execution_id, &child).await? {
                 DependencyResolution::Promoted => {
                     state.progress.promotions.fetch_add(1, Ordering::Relaxed);
-                    let hop = (TimestampMs::now().0 - event.at.0).max(0) as f64;
+                    let hop = TimestampMs::now().millis_since(event.at) as f64;
                     state.progress.hop_ms.lock().await.push(hop);
                 }
                 DependencyResolution::Skipped => {

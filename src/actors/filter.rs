@@ -170,9 +170,8 @@ impl FilterState {
     /// Records the delivered count and both lag gauges once per message.
     fn record_metrics(&mut self) {
         let shared = &self.args.shared;
-        let reference = shared.lag_reference(crate::types::TimestampMs::now());
-        // `delivered` also sets the lag-in-milliseconds gauge, measured from `reference`.
-        self.metrics.delivered(std::mem::take(&mut self.unreported), reference);
+        let lag_ms = shared.lag_ms(crate::types::TimestampMs::now());
+        self.metrics.delivered(std::mem::take(&mut self.unreported), lag_ms);
         if let Some(lag) = shared.lag_events(&self.args.listener) {
             self.metrics.lag_events(lag);
         }

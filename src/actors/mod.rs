@@ -282,12 +282,7 @@ impl SubscriberShared {
     /// Milliseconds from the occurred-at of the oldest event not processed yet to `now`; 0 when
     /// nothing is pending (or the producer's clock is ahead).
     pub(crate) fn lag_ms(&self, now: TimestampMs) -> u64 {
-        self.lag_marks().pending_at.map_or(0, |at| now.0.saturating_sub(at.0).max(0) as u64)
-    }
-
-    /// The time the lag is measured from: the oldest pending event's, or `now`.
-    pub(crate) fn lag_reference(&self, now: TimestampMs) -> TimestampMs {
-        self.lag_marks().pending_at.map_or(now, |at| at.min(now))
+        self.lag_marks().pending_at.map_or(0, |at| now.millis_since(at))
     }
 }
 

@@ -107,7 +107,7 @@ type Inbox = Arc<Mutex<Vec<Received>>>;
 type WantsEvent = Box<dyn Fn(&ExecutionId) -> bool>;
 
 fn delay_since(at: TimestampMs) -> Duration {
-    Duration::from_millis((TimestampMs::now().0 - at.0).max(0) as u64)
+    Duration::from_millis(TimestampMs::now().millis_since(at))
 }
 
 /// Until when a paused subscriber stops reading (`None`: it reads).
