@@ -440,14 +440,15 @@ async fn kill_valkey_listeners(backend: &BackendConfig, client: &mut Option<ferr
     Ok(killed)
 }
 
-/// A client of its own on the scenario's Valkey, with its credentials, TLS and database.
-/// Until `stop`, one fault every 50 to 300 ms (random, from the seed). On servers the faults
-/// take turns, the listener's connection first, then the listener actor; on SQLite, which has
-/// no such connection, every fault kills the actor.
+/// Until `stop`, one fault after a random 50 to 300 ms or a random 20 to 80 completions,
+/// whichever comes first (both from the seed), so even a run that ends in half a second takes
+/// several faults. On servers the faults take turns, the listener's connection first, then the
+/// listener actor; on SQLite, which has no such connection, every fault kills the actor.
 async fn chaos(
     tree: CompletionSupervisorHandle,
     backend: BackendConfig,
     seed: u64,
+    progress: Arc<Progress>,
     stop: Arc<AtomicBool>,
 ) -> ChaosCount {
     let mut rng = StdRng::seed_from_u64(seed ^ 0xc4a05);
@@ -456,7 +457,14 @@ async fn chaos(
     let has_connection = !matches!(killer, ConnectionKiller::Nothing);
     let mut connection_next = has_connection;
     loop {
-        tokio::time::sleep(Duration::from_millis(rng.random_range(50..300))).await;
+        let due = Instant::now() + Duration::from_millis(rng.random_range(50..300));
+        let due_at_completion = progress.terminal.load(Ordering::Relaxed) + rng.random_range(20..80);
+        while Instant::now() < due
+            && progress.terminal.load(Ordering::Relaxed) < due_at_completion
+            && !stop.load(Ordering::Relaxed)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         if stop.load(Ordering::Relaxed) {
             break;
         }
@@ -521,7 +529,8 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
     let workers: Vec<_> = (0..s.workers.max(1))
         .map(|i| tokio::spawn(work(engine.clone(), decisions.clone(), format!("worker-{i}"), stop.clone())))
         .collect();
-    let chaos_task = s.chaos.then(|| tokio::spawn(chaos(tree.clone(), s.backend.clone(), s.seed, stop.clone())));
+    let chaos_task =
+        s.chaos.then(|| tokio::spawn(chaos(tree.clone(), s.backend.clone(), s.seed, progress.clone(), stop.clone())));
 
     let mut reconciler_fixed = 0;
     let mut seen = std::collections::HashSet::new();
