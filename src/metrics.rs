@@ -16,7 +16,7 @@
 //! | `ff_completions_subscriber_lag_events` | gauge | backend, subscriber | events the listener has read past the subscriber's cursor (from the first live batch that spans the cursor on) |
 //! | `ff_completions_backend_gauge` | gauge | backend, name | backend health: `notification_queue_usage` and `held_back_rows` (Postgres), `stream_length` (Valkey) |
 
-use metrics::{counter, gauge};
+use metrics::{Counter, Gauge, counter, gauge};
 
 pub(crate) fn events_read(backend: &str, n: u64) {
     counter!("ff_completions_events_read_total", "backend" => backend.to_owned()).increment(n);
@@ -43,38 +43,51 @@ pub(crate) fn backend_gauge(backend: &str, name: &'static str, value: f64) {
     gauge!("ff_completions_backend_gauge", "backend" => backend.to_owned(), "name" => name).set(value);
 }
 
-/// Labels of one subscriber, built once per filter.
-#[derive(Clone, Debug)]
-pub(crate) struct SubscriberLabels {
-    backend: String,
-    subscriber: String,
+/// One subscriber's metric handles, registered once per filter so that delivering a batch
+/// touches no label and allocates nothing.
+#[derive(Clone)]
+pub(crate) struct SubscriberMetrics {
+    delivered: Counter,
+    lag_ms: Gauge,
+    lag_events: Gauge,
+    batches_dropped: Counter,
+    catch_up_reads: Counter,
 }
 
-impl SubscriberLabels {
-    pub(crate) fn new(backend: &str, subscriber: impl ToString) -> Self {
-        Self { backend: backend.to_owned(), subscriber: subscriber.to_string() }
+impl std::fmt::Debug for SubscriberMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SubscriberMetrics")
     }
+}
 
-    fn labels(&self) -> [(&'static str, String); 2] {
-        [("backend", self.backend.clone()), ("subscriber", self.subscriber.clone())]
+impl SubscriberMetrics {
+    pub(crate) fn new(backend: &str, subscriber: impl ToString) -> Self {
+        let labels = [("backend", backend.to_owned()), ("subscriber", subscriber.to_string())];
+        Self {
+            delivered: counter!("ff_completions_events_delivered_total", &labels),
+            lag_ms: gauge!("ff_completions_subscriber_lag_ms", &labels),
+            lag_events: gauge!("ff_completions_subscriber_lag_events", &labels),
+            batches_dropped: counter!("ff_completions_live_batches_dropped_total", &labels),
+            catch_up_reads: counter!("ff_completions_catch_up_reads_total", &labels),
+        }
     }
 
     /// Counts `n` delivered events and sets the lag in milliseconds (from the commit time of the
     /// oldest event not yet delivered; 0 when none is pending).
     pub(crate) fn delivered(&self, n: u64, lag_ms: u64) {
-        counter!("ff_completions_events_delivered_total", &self.labels()).increment(n);
-        gauge!("ff_completions_subscriber_lag_ms", &self.labels()).set(lag_ms as f64);
+        self.delivered.increment(n);
+        self.lag_ms.set(lag_ms as f64);
     }
 
     pub(crate) fn batch_dropped(&self) {
-        counter!("ff_completions_live_batches_dropped_total", &self.labels()).increment(1);
+        self.batches_dropped.increment(1);
     }
 
     pub(crate) fn catch_up_read(&self) {
-        counter!("ff_completions_catch_up_reads_total", &self.labels()).increment(1);
+        self.catch_up_reads.increment(1);
     }
 
     pub(crate) fn lag_events(&self, n: u64) {
-        gauge!("ff_completions_subscriber_lag_events", &self.labels()).set(n as f64);
+        self.lag_events.set(n as f64);
     }
 }

@@ -24,7 +24,7 @@ use crate::config::BackendRetry;
 use crate::cursor::Position;
 use crate::error::EngineError;
 use crate::filter::ScannerFilter;
-use crate::metrics::SubscriberLabels;
+use crate::metrics::SubscriberMetrics;
 
 /// Messages of the filter.
 pub enum FilterMsg {
@@ -60,7 +60,7 @@ pub struct FilterArguments {
 pub struct FilterState {
     args: FilterArguments,
     span: tracing::Span,
-    metrics: SubscriberLabels,
+    metrics: SubscriberMetrics,
     delivered: Position,
     mode: FilterMode,
     failed_reads: u32,
@@ -95,7 +95,7 @@ impl Actor for Filter {
         let delivered = args.shared.delivered();
         args.shared.set_mode(FilterMode::CatchingUp);
         myself.cast(FilterMsg::CatchUp)?;
-        let metrics = SubscriberLabels::new(&args.backend_id, args.subscriber_id);
+        let metrics = SubscriberMetrics::new(&args.backend_id, args.subscriber_id);
         // Inside ractor's own `Actor{id}` span, which carries the actor id.
         let span = tracing::info_span!("ff_filter", backend = %args.backend_id, subscriber = %args.subscriber_id);
         Ok(FilterState {
