@@ -96,10 +96,11 @@ impl Retention {
         Self { max_age: None, max_events: Some(max_events), interval: Duration::from_secs(60) }
     }
 
-    /// Sets how often the trim job runs.
+    /// Sets how often the trim job runs, from
+    /// [`MIN_QUERY_INTERVAL`](crate::actors::supervisor::MIN_QUERY_INTERVAL) on.
     #[must_use]
     pub fn every(mut self, interval: Duration) -> Self {
-        self.interval = interval.max(Duration::from_millis(10));
+        self.interval = interval.max(crate::actors::supervisor::MIN_QUERY_INTERVAL);
         self
     }
 }

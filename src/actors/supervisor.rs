@@ -36,7 +36,7 @@ use crate::filter::ScannerFilter;
 
 pub use super::stats::{ListenerStats, SubscriberStats, SupervisorStats};
 pub use super::supervisor_config::{
-    MAX_BATCH_SIZE, MAX_INTERVAL, MAX_SUBSCRIBER_BUFFER, MIN_GAUGE_INTERVAL, MIN_INTERVAL, RestartIntensity,
+    MAX_BATCH_SIZE, MAX_INTERVAL, MAX_SUBSCRIBER_BUFFER, MIN_INTERVAL, MIN_QUERY_INTERVAL, RestartIntensity,
     SupervisorConfig,
 };
 
@@ -248,7 +248,7 @@ fn spawn_trim_job(backend: BackendId, source: Arc<dyn CompletionSource>, retenti
     AbortOnDrop(tokio::spawn(
         async move {
             // `Retention` fields are public: keep the interval where `tokio::time` accepts it.
-            let every = retention.interval.clamp(super::supervisor_config::MIN_GAUGE_INTERVAL, MAX_INTERVAL);
+            let every = retention.interval.clamp(MIN_QUERY_INTERVAL, MAX_INTERVAL);
             let mut interval = tokio::time::interval(every);
             let mut failing = false;
             loop {

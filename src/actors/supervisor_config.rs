@@ -10,8 +10,8 @@ use crate::config::BackendConfig;
 pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
 /// Longest safety tick, re-poll or gauge interval: longer ones overflow a clock deadline.
 pub const MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
-/// Shortest gauge interval (each one is a backend query).
-pub const MIN_GAUGE_INTERVAL: Duration = Duration::from_millis(10);
+/// Shortest interval of the periodic backend queries: gauges and the trim job.
+pub const MIN_QUERY_INTERVAL: Duration = Duration::from_millis(10);
 /// Largest read: rows per read are clamped to `1..=MAX_BATCH_SIZE`.
 pub const MAX_BATCH_SIZE: usize = 100_000;
 /// Largest subscriber buffer: events buffered are clamped to `1..=MAX_SUBSCRIBER_BUFFER`.
@@ -30,7 +30,7 @@ pub struct RestartIntensity {
 /// 512 rows per read, 1024 events of subscriber buffer, no escalation, gauges every 5 s.
 ///
 /// Out-of-range values are clamped, never refused and never a panic: intervals to
-/// [`MIN_INTERVAL`]`..=`[`MAX_INTERVAL`] (gauges from [`MIN_GAUGE_INTERVAL`]), rows per read to
+/// [`MIN_INTERVAL`]`..=`[`MAX_INTERVAL`] (gauges from [`MIN_QUERY_INTERVAL`]), rows per read to
 /// `1..=`[`MAX_BATCH_SIZE`], the subscriber buffer to `1..=`[`MAX_SUBSCRIBER_BUFFER`]. The
 /// builders clamp as they set; the fields are public, so the tree clamps them again at spawn.
 #[derive(Clone, Debug)]
@@ -116,10 +116,10 @@ impl SupervisorConfig {
     }
 
     /// Sets how often backend health gauges are recorded, clamped to
-    /// [`MIN_GAUGE_INTERVAL`]`..=`[`MAX_INTERVAL`].
+    /// [`MIN_QUERY_INTERVAL`]`..=`[`MAX_INTERVAL`].
     #[must_use]
     pub fn with_gauge_interval(mut self, every: Duration) -> Self {
-        self.gauge_interval = every.clamp(MIN_GAUGE_INTERVAL, MAX_INTERVAL);
+        self.gauge_interval = every.clamp(MIN_QUERY_INTERVAL, MAX_INTERVAL);
         self
     }
 
@@ -155,7 +155,7 @@ mod tests {
             .with_gauge_interval(Duration::ZERO)
             .with_batch_size(0)
             .with_subscriber_buffer(0);
-        assert_eq!((c.tick, c.held_back_repoll, c.gauge_interval), (MIN_INTERVAL, MIN_INTERVAL, MIN_GAUGE_INTERVAL));
+        assert_eq!((c.tick, c.held_back_repoll, c.gauge_interval), (MIN_INTERVAL, MIN_INTERVAL, MIN_QUERY_INTERVAL));
         assert_eq!((c.batch_size, c.subscriber_buffer), (1, 1));
         let c = SupervisorConfig::new()
             .with_tick(Duration::MAX)
@@ -173,7 +173,7 @@ mod tests {
         (c.tick, c.held_back_repoll, c.gauge_interval) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         (c.batch_size, c.subscriber_buffer) = (0, 0);
         let c = c.clamped();
-        assert_eq!((c.tick, c.held_back_repoll, c.gauge_interval), (MIN_INTERVAL, MIN_INTERVAL, MIN_GAUGE_INTERVAL));
+        assert_eq!((c.tick, c.held_back_repoll, c.gauge_interval), (MIN_INTERVAL, MIN_INTERVAL, MIN_QUERY_INTERVAL));
         assert_eq!((c.batch_size, c.subscriber_buffer), (1, 1));
         let d = SupervisorConfig::new();
         let kept = d.clone().clamped();
