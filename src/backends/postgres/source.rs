@@ -30,8 +30,10 @@ UNION ALL \
    FROM ff_completion_retention \
   WHERE (trimmed_txid, trimmed_event_id) > ($1::int8::text::xid8, $2::int8))";
 
-/// The trimmed boundary, if anything was ever trimmed.
-const TRIMMED: &str = "SELECT trimmed_txid::text::int8, trimmed_event_id FROM ff_completion_retention";
+/// The trimmed boundary and the highest event_id trimmed (NULL: unknown), if anything was ever
+/// trimmed.
+const TRIMMED: &str =
+    "SELECT trimmed_txid::text::int8, trimmed_event_id, trimmed_max_event_id FROM ff_completion_retention";
 
 /// The newest readable row.
 const TAIL: &str = "\
@@ -78,12 +80,27 @@ impl PostgresSource {
         Ok(Self { pool: connect_pool(config, 4).await?, config: config.clone() })
     }
 
-    async fn trimmed(&self) -> Result<Option<Position>, EngineError> {
-        let row: Option<(i64, i64)> = sqlx::query_as(TRIMMED)
+    async fn trimmed(&self) -> Result<Option<Trimmed>, EngineError> {
+        let row: Option<(i64, i64, Option<i64>)> = sqlx::query_as(TRIMMED)
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| EngineError::from_sqlx("postgres retention", e))?;
-        Ok(row.map(|(t, e)| pos(t, e)))
+        Ok(row.map(|(t, e, max_event_id)| Trimmed { boundary: pos(t, e), max_event_id }))
+    }
+}
+
+/// What the trim job removed: every row up to `boundary` in reader order.
+struct Trimmed {
+    boundary: Position,
+    /// The highest event_id removed; `None` when trimming ran before it was recorded.
+    max_event_id: Option<i64>,
+}
+
+impl Trimmed {
+    /// Whether a subscriber that has seen every row up to `event_id` (an event_id-only cursor)
+    /// missed a trimmed row.
+    fn lost_rows_after(&self, event_id: i64) -> bool {
+        self.max_event_id.is_none_or(|max| max > event_id)
     }
 }
 
@@ -124,22 +141,26 @@ impl CompletionSource for PostgresSource {
                 Some(txid) => {
                     let after = Position::new(txid, c.event_id as u64);
                     match self.trimmed().await? {
-                        Some(trimmed) if after < trimmed => {
-                            Err(EngineError::CursorExpired { oldest: Some(self.cursor_of(trimmed)) })
+                        Some(trimmed) if after < trimmed.boundary => {
+                            Err(EngineError::CursorExpired { oldest: Some(self.cursor_of(trimmed.boundary)) })
                         }
                         _ => Ok(StartAt::after(after)),
                     }
                 }
                 None => {
+                    let trimmed = self.trimmed().await?;
+                    if let Some(trimmed) = trimmed.as_ref().filter(|t| t.lost_rows_after(c.event_id)) {
+                        return Err(EngineError::CursorExpired { oldest: Some(self.cursor_of(trimmed.boundary)) });
+                    }
                     let start: i64 = sqlx::query_scalar(LEGACY_START)
                         .bind(c.event_id)
                         .fetch_one(&self.pool)
                         .await
                         .map_err(|e| EngineError::from_sqlx("postgres resolve cursor", e))?;
-                    Ok(StartAt {
-                        after: Position::new((start as u64).saturating_sub(1), i64::MAX as u64),
-                        lo_floor: Some(c.event_id as u64),
-                    })
+                    let after = Position::new((start as u64).saturating_sub(1), i64::MAX as u64);
+                    // Every trimmed row was seen (checked above): start after them.
+                    let after = trimmed.map_or(after, |t| after.max(t.boundary));
+                    Ok(StartAt { after, lo_floor: Some(c.event_id as u64) })
                 }
             },
         }
