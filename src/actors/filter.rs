@@ -267,6 +267,8 @@ impl FilterState {
             }
             let wanted = floor.is_none_or(|f| item.pos.lo > f) && self.args.filter.matches_event(&item.event);
             if wanted {
+                // Counted before the send: whoever receives the event finds it counted.
+                self.args.shared.delivered_count.fetch_add(1, Ordering::Relaxed);
                 let sent = match &self.args.sink {
                     Sink::Channel(tx) => match tx.try_send(Ok(item.event.clone())) {
                         Ok(()) => Delivery::Done,
@@ -282,16 +284,17 @@ impl FilterState {
                     }
                 };
                 match sent {
-                    Delivery::Done => {
-                        self.args.shared.delivered_count.fetch_add(1, Ordering::Relaxed);
-                        *sent_count += 1;
-                    }
+                    Delivery::Done => *sent_count += 1,
                     Delivery::Full => {
+                        self.args.shared.delivered_count.fetch_sub(1, Ordering::Relaxed);
                         // This event is now the oldest the subscriber has not received.
                         self.args.shared.set_pending(Some(item.event.at));
                         return Delivery::Full;
                     }
-                    Delivery::Closed => return Delivery::Closed,
+                    Delivery::Closed => {
+                        self.args.shared.delivered_count.fetch_sub(1, Ordering::Relaxed);
+                        return Delivery::Closed;
+                    }
                 }
             }
             *processed += 1;

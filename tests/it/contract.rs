@@ -257,33 +257,42 @@ pub async fn slow_subscriber_does_not_delay_a_fast_one_and_later_gets_everything
     let ids = complete_n(&*f.engine, 1500).await;
     // The fast one gets everything while the slow one has not read a single event.
     assert_exactly_once(&take_events(&mut fast, ids.len(), WAIT).await, &ids, true);
+    // Each filter works through the live batches at its own pace: the slow one's may still be
+    // on its way to its full buffer.
+    let slow_stats = || async {
+        let stats = f.tree.stats().await.expect("stats");
+        stats.subscribers.into_iter().find(|s| s.id == slow_id).expect("slow stats")
+    };
+    wait_until(WAIT, "the slow filter to block and drop live batches", || async {
+        let stats = slow_stats().await;
+        stats.mode == FilterMode::Blocked && stats.live_batches_dropped > 0
+    })
+    .await;
+    assert_eq!(slow_stats().await.delivered, 16, "only its buffer is filled");
     let stats = f.tree.stats().await.expect("stats");
-    let slow_stats = stats.subscribers.iter().find(|s| s.id == slow_id).expect("slow stats");
-    assert_eq!(slow_stats.delivered, 16, "only its buffer is filled");
-    assert_eq!(slow_stats.mode, FilterMode::Blocked);
-    assert!(slow_stats.live_batches_dropped > 0, "live batches are dropped, not queued: {slow_stats:?}");
     let fast_stats = stats.subscribers.iter().find(|s| s.id == fast_id).expect("fast stats");
     assert_eq!(fast_stats.delivered, ids.len() as u64);
     // Now the slow one reads: everything, once, in order, caught up from the backend.
     assert_exactly_once(&take_events(&mut slow, ids.len(), WAIT).await, &ids, true);
     assert_no_more(&mut slow, QUIET).await;
-    let stats = f.tree.stats().await.expect("stats");
-    let slow_stats = stats.subscribers.iter().find(|s| s.id == slow_id).expect("slow stats");
-    assert!(slow_stats.catch_up_reads > 1, "{slow_stats:?}");
+    let after = slow_stats().await;
+    assert!(after.catch_up_reads > 1, "{after:?}");
 }
 
+/// The trimming is done by a second tree on the same backend, spawned once all 20 events are
+/// committed and read by the fast subscriber: its first trim run is its last (it keeps exactly
+/// the newest 5), and no subscriber of the first tree races it.
 pub async fn trimmed_cursors_expire_with_the_oldest_cursor_and_slow_subscribers_are_told(backend: BackendConfig) {
-    let retention = Retention::max_events(5).every(Duration::from_millis(50));
-    let f = fixture(backend.with_retention(retention), |c| c.with_subscriber_buffer(4)).await;
+    let f = fixture(backend.clone(), |c| c.with_subscriber_buffer(4)).await;
     let mut fast = f.tree.subscribe(SubscribeRequest::tail()).await.expect("fast");
     let mut slow = f.tree.subscribe(SubscribeRequest::tail()).await.expect("slow");
-    // The fast one reads while producers commit: left unread, it too would fall behind the trim.
-    let reader = tokio::spawn(async move {
-        let seen = take_events(&mut fast, 20, WAIT).await;
-        (fast, seen)
-    });
     let ids = complete_n(&*f.engine, 20).await;
-    let (mut fast, seen) = reader.await.expect("fast reader");
+    let seen = take_events(&mut fast, 20, WAIT).await;
+    let retention = Retention::max_events(5).every(Duration::from_millis(50));
+    let (_trimmer, _) =
+        CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(backend.with_retention(retention)))
+            .await
+            .expect("spawn the trimming tree");
     let expired =
         |r: &Result<ff_completions::Subscription, EngineError>| matches!(r, Err(EngineError::CursorExpired { .. }));
     wait_until(WAIT, "the trim job", || async {
