@@ -335,8 +335,10 @@ async fn producers_trim_the_stream_and_a_cursor_behind_it_expires_instead_of_ski
     let first = complete_n(&*f.engine, 3).await;
     let early = take_events(&mut sub, 3, WAIT).await;
     assert_exactly_once(&early, &first, true);
+    // A live reader could fall more than 10 entries behind on a busy machine and be expired
+    // itself (rightly): this test is about the saved cursor, so nobody reads while producers trim.
+    drop(sub);
     let rest = complete_n(&*f.engine, 60).await;
-    assert_exactly_once(&take_events(&mut sub, 60, WAIT).await, &rest, true);
     let kept = stream_len(&server).await;
     assert!((10..30).contains(&kept), "MAXLEN ~ 10 keeps about 10 entries, kept {kept}");
 
