@@ -54,12 +54,6 @@ pub(crate) struct SubscriberMetrics {
     catch_up_reads: Counter,
 }
 
-impl std::fmt::Debug for SubscriberMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SubscriberMetrics")
-    }
-}
-
 impl SubscriberMetrics {
     pub(crate) fn new(backend: &str, subscriber: impl ToString) -> Self {
         let labels = [("backend", backend.to_owned()), ("subscriber", subscriber.to_string())];

@@ -88,11 +88,7 @@ async fn the_original_event_id_cursor_still_resumes() {
     let f = fixture().await;
     let ids = complete_n(&*f.engine, 12).await;
     let mut conn = PgConnection::connect(&f.url).await.expect("connect");
-    let eid: i64 = sqlx::query_scalar("SELECT event_id FROM ff_completion_event WHERE execution_id = $1")
-        .bind(ids[4].uuid())
-        .fetch_one(&mut conn)
-        .await
-        .expect("event id");
+    let eid = event_id_of(&mut conn, ids[4]).await;
     let mut sub =
         f.tree.subscribe(SubscribeRequest::from_cursor(encode_postgres_event_cursor(eid))).await.expect("sub");
     assert_exactly_once(&take_events(&mut sub, 7, WAIT).await, &ids[5..], true);

@@ -7,7 +7,7 @@ use super::{COMPLETION_CHANNEL, LISTENER_APPLICATION_NAME, connect_options, conn
 use crate::backends::outbox::{OutboxRow, age_cutoff_ms};
 use crate::backends::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, BackendConnection, PostgresConnection, Retention};
-use crate::cursor::{Position, StreamCursor, decode_postgres_cursor, encode_postgres_cursor};
+use crate::cursor::{Position, PostgresCursor, StreamCursor, decode_postgres_cursor, encode_postgres_cursor};
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
 use crate::types::TimestampMs;
@@ -97,10 +97,14 @@ struct Trimmed {
 }
 
 impl Trimmed {
-    /// Whether a subscriber that has seen every row up to `event_id` (an event_id-only cursor)
-    /// missed a trimmed row.
-    fn lost_rows_after(&self, event_id: i64) -> bool {
-        self.max_event_id.is_none_or(|max| max > event_id)
+    /// Whether a subscriber at `cursor` may have missed a trimmed row. A `(txid, event_id)`
+    /// cursor compares with the boundary; an event_id-only one (which knows no transaction)
+    /// with the highest event_id removed.
+    fn expires(&self, cursor: &PostgresCursor) -> bool {
+        match cursor.txid {
+            Some(txid) => Position::new(txid, cursor.event_id as u64) < self.boundary,
+            None => self.max_event_id.is_none_or(|max| max > cursor.event_id),
+        }
     }
 }
 
@@ -135,34 +139,26 @@ impl CompletionSource for PostgresSource {
     }
 
     async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError> {
-        match decode_postgres_cursor(cursor)? {
-            None => Ok(StartAt::after(self.tail().await?)),
-            Some(c) => match c.txid {
-                Some(txid) => {
-                    let after = Position::new(txid, c.event_id as u64);
-                    match self.trimmed().await? {
-                        Some(trimmed) if after < trimmed.boundary => {
-                            Err(EngineError::CursorExpired { oldest: Some(self.cursor_of(trimmed.boundary)) })
-                        }
-                        _ => Ok(StartAt::after(after)),
-                    }
-                }
-                None => {
-                    let trimmed = self.trimmed().await?;
-                    if let Some(trimmed) = trimmed.as_ref().filter(|t| t.lost_rows_after(c.event_id)) {
-                        return Err(EngineError::CursorExpired { oldest: Some(self.cursor_of(trimmed.boundary)) });
-                    }
-                    let start: i64 = sqlx::query_scalar(LEGACY_START)
-                        .bind(c.event_id)
-                        .fetch_one(&self.pool)
-                        .await
-                        .map_err(|e| EngineError::from_sqlx("postgres resolve cursor", e))?;
-                    let after = Position::new((start as u64).saturating_sub(1), i64::MAX as u64);
-                    // Every trimmed row was seen (checked above): start after them.
-                    let after = trimmed.map_or(after, |t| after.max(t.boundary));
-                    Ok(StartAt { after, lo_floor: Some(c.event_id as u64) })
-                }
-            },
+        let Some(c) = decode_postgres_cursor(cursor)? else {
+            return Ok(StartAt::after(self.tail().await?));
+        };
+        let trimmed = self.trimmed().await?;
+        if let Some(trimmed) = trimmed.as_ref().filter(|t| t.expires(&c)) {
+            return Err(EngineError::CursorExpired { oldest: Some(self.cursor_of(trimmed.boundary)) });
+        }
+        match c.txid {
+            Some(txid) => Ok(StartAt::after(Position::new(txid, c.event_id as u64))),
+            None => {
+                let start: i64 = sqlx::query_scalar(LEGACY_START)
+                    .bind(c.event_id)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(|e| EngineError::from_sqlx("postgres resolve cursor", e))?;
+                let after = Position::new((start as u64).saturating_sub(1), i64::MAX as u64);
+                // Every trimmed row was seen (checked above): start after them.
+                let after = trimmed.map_or(after, |t| after.max(t.boundary));
+                Ok(StartAt { after, lo_floor: Some(c.event_id as u64) })
+            }
         }
     }
 
