@@ -4,8 +4,12 @@
 //! | family   | prefix | body                                   | length |
 //! |----------|--------|----------------------------------------|--------|
 //! | Valkey   | `0x01` | stream id `ms`, `seq` (u64 BE each)    | 17     |
-//! | Postgres | `0x02` | `txid`, `event_id` (u64 BE each)       | 17     |
+//! | Postgres | `0x02` | `batch`, `txid`, `event_id` (u64 BE)   | 25     |
+//! | Postgres | `0x02` | `txid`, `event_id`, an earlier form    | 17     |
 //! | Postgres | `0x02` | `event_id` (i64 BE), the original form | 9      |
+//!
+//! Postgres cursors of the two earlier forms still resume: the reader delivers every row after
+//! them that the newest snapshot shows, then goes on batch by batch.
 //! | SQLite   | `0x03` | `event_id` (i64 BE)                    | 9      |
 
 use std::fmt;
@@ -92,26 +96,37 @@ impl fmt::Display for StreamCursor {
     }
 }
 
-/// A position in one backend's total order: Valkey `(ms, seq)`, Postgres `(txid, event_id)`,
-/// SQLite `(0, event_id)`. Ordered lexicographically.
+/// A position in one backend's total order: Valkey `(0, ms, seq)`, Postgres `(batch, txid,
+/// event_id)`, SQLite `(0, 0, event_id)`. Ordered lexicographically.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct Position {
+    pub major: u64,
     pub hi: u64,
     pub lo: u64,
 }
 
 impl Position {
-    pub(crate) const ZERO: Position = Position { hi: 0, lo: 0 };
+    pub(crate) const ZERO: Position = Position { major: 0, hi: 0, lo: 0 };
 
+    /// A position of a backend whose order has two words.
     pub(crate) const fn new(hi: u64, lo: u64) -> Self {
-        Self { hi, lo }
+        Self { major: 0, hi, lo }
+    }
+
+    /// A position of a backend whose order has three words (Postgres: batch first).
+    pub(crate) const fn with_major(major: u64, hi: u64, lo: u64) -> Self {
+        Self { major, hi, lo }
     }
 }
 
 /// A decoded Postgres cursor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PostgresCursor {
-    /// Inserting transaction id; `None` for the original 9-byte form.
+    /// The reader's batch position (3 × tick, plus the phase within it); `None` for the two
+    /// earlier forms.
+    pub batch: Option<u64>,
+    /// Inserting transaction id (0 for rows from before the outbox was adopted); `None` for the
+    /// original 9-byte form.
     pub txid: Option<u64>,
     /// Outbox `event_id`.
     pub event_id: i64,
@@ -157,7 +172,18 @@ pub fn decode_valkey_cursor(cursor: &StreamCursor) -> Result<Option<(u64, u64)>,
     Ok(body::<16>(cursor, VALKEY_CURSOR_PREFIX, "Valkey")?.map(|b| (be_u64(&b[..8]), be_u64(&b[8..]))))
 }
 
-/// Encodes a Postgres position `(txid, event_id)`.
+/// Encodes a Postgres position `(batch, txid, event_id)`: the form the reader hands out.
+pub fn encode_postgres_batch_cursor(batch: u64, txid: u64, event_id: i64) -> StreamCursor {
+    let mut bytes = Vec::with_capacity(25);
+    bytes.push(POSTGRES_CURSOR_PREFIX);
+    bytes.extend_from_slice(&batch.to_be_bytes());
+    bytes.extend_from_slice(&txid.to_be_bytes());
+    bytes.extend_from_slice(&event_id.to_be_bytes());
+    StreamCursor(bytes)
+}
+
+/// Encodes the earlier 17-byte Postgres form `(txid, event_id)`: every row after it in that
+/// order is unseen. `encode_postgres_cursor(0, 0)` replays the whole outbox.
 pub fn encode_postgres_cursor(txid: u64, event_id: i64) -> StreamCursor {
     two_words(POSTGRES_CURSOR_PREFIX, txid, event_id as u64)
 }
@@ -169,19 +195,34 @@ pub fn encode_postgres_event_cursor(event_id: i64) -> StreamCursor {
     StreamCursor(bytes)
 }
 
-/// Decodes either Postgres form; `Ok(None)` for the empty (tail) cursor.
+/// Decodes any Postgres form; `Ok(None)` for the empty (tail) cursor.
 ///
 /// # Errors
 /// [`EngineError::Validation`] for a wrong prefix, a wrong length or a negative id.
 pub fn decode_postgres_cursor(cursor: &StreamCursor) -> Result<Option<PostgresCursor>, EngineError> {
     let decoded = match cursor.as_bytes().len() {
-        9 => body::<8>(cursor, POSTGRES_CURSOR_PREFIX, "Postgres")?
-            .map(|b| PostgresCursor { txid: None, event_id: be_u64(&b) as i64 }),
-        _ => body::<16>(cursor, POSTGRES_CURSOR_PREFIX, "Postgres")?
-            .map(|b| PostgresCursor { txid: Some(be_u64(&b[..8])), event_id: be_u64(&b[8..]) as i64 }),
+        9 => body::<8>(cursor, POSTGRES_CURSOR_PREFIX, "Postgres")?.map(|b| PostgresCursor {
+            batch: None,
+            txid: None,
+            event_id: be_u64(&b) as i64,
+        }),
+        25 => body::<24>(cursor, POSTGRES_CURSOR_PREFIX, "Postgres")?.map(|b| PostgresCursor {
+            batch: Some(be_u64(&b[..8])),
+            txid: Some(be_u64(&b[8..16])),
+            event_id: be_u64(&b[16..]) as i64,
+        }),
+        _ => body::<16>(cursor, POSTGRES_CURSOR_PREFIX, "Postgres")?.map(|b| PostgresCursor {
+            batch: None,
+            txid: Some(be_u64(&b[..8])),
+            event_id: be_u64(&b[8..]) as i64,
+        }),
     };
     match decoded {
-        Some(c) if c.event_id < 0 || c.txid.is_some_and(|t| t > i64::MAX as u64) => {
+        Some(c)
+            if c.event_id < 0
+                || c.txid.is_some_and(|t| t > i64::MAX as u64)
+                || c.batch.is_some_and(|b| b > i64::MAX as u64) =>
+        {
             Err(EngineError::validation("Postgres cursor holds a negative position"))
         }
         other => Ok(other),
@@ -218,11 +259,15 @@ mod tests {
         );
         assert_eq!(
             decode_postgres_cursor(&encode_postgres_cursor(900, 42)).ok(),
-            Some(Some(PostgresCursor { txid: Some(900), event_id: 42 }))
+            Some(Some(PostgresCursor { batch: None, txid: Some(900), event_id: 42 }))
         );
         assert_eq!(
             decode_postgres_cursor(&encode_postgres_event_cursor(42)).ok(),
-            Some(Some(PostgresCursor { txid: None, event_id: 42 }))
+            Some(Some(PostgresCursor { batch: None, txid: None, event_id: 42 }))
+        );
+        assert_eq!(
+            decode_postgres_cursor(&encode_postgres_batch_cursor(31, 900, 42)).ok(),
+            Some(Some(PostgresCursor { batch: Some(31), txid: Some(900), event_id: 42 }))
         );
         assert_eq!(decode_sqlite_cursor(&encode_sqlite_cursor(5)).ok(), Some(Some(5)));
     }
@@ -253,7 +298,11 @@ mod tests {
             let txid = hi >> 1;
             proptest::prop_assert_eq!(
                 decode_postgres_cursor(&encode_postgres_cursor(txid, lo)).ok(),
-                Some(Some(PostgresCursor { txid: Some(txid), event_id: lo }))
+                Some(Some(PostgresCursor { batch: None, txid: Some(txid), event_id: lo }))
+            );
+            proptest::prop_assert_eq!(
+                decode_postgres_cursor(&encode_postgres_batch_cursor(txid, txid, lo)).ok(),
+                Some(Some(PostgresCursor { batch: Some(txid), txid: Some(txid), event_id: lo }))
             );
         }
 
@@ -262,7 +311,7 @@ mod tests {
             let cursor = StreamCursor::new(bytes.clone());
             for ok in [decode_valkey_cursor(&cursor).is_ok(), decode_postgres_cursor(&cursor).is_ok(), decode_sqlite_cursor(&cursor).is_ok()] {
                 // Only the empty cursor or a well-formed one of its family decodes.
-                proptest::prop_assert!(!ok || bytes.is_empty() || bytes.len() == 9 || bytes.len() == 17);
+                proptest::prop_assert!(!ok || bytes.is_empty() || [9, 17, 25].contains(&bytes.len()));
             }
             let hex = cursor.to_hex();
             proptest::prop_assert_eq!(StreamCursor::from_hex(&hex).ok(), Some(cursor));

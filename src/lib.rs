@@ -77,8 +77,8 @@ pub use config::{
 };
 pub use cursor::{
     POSTGRES_CURSOR_PREFIX, PostgresCursor, SQLITE_CURSOR_PREFIX, StreamCursor, VALKEY_CURSOR_PREFIX,
-    decode_postgres_cursor, decode_sqlite_cursor, decode_valkey_cursor, encode_postgres_cursor,
-    encode_postgres_event_cursor, encode_sqlite_cursor, encode_valkey_cursor,
+    decode_postgres_cursor, decode_sqlite_cursor, decode_valkey_cursor, encode_postgres_batch_cursor,
+    encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor, encode_valkey_cursor,
 };
 pub use engine::{
     CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, connect_engine,

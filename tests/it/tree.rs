@@ -237,13 +237,20 @@ async fn the_seed_trait_works_through_the_handle_and_dropped_streams_unsubscribe
     assert!(tree.stats().await.is_err(), "a stopped tree answers no more");
 }
 
-/// Completion events that no notification announces: only the listener's safety tick finds them.
-async fn silence_notifications(url: &str) {
+/// Completes `n` executions through plain SQL, as a producer that sends no wake-up would: only
+/// the listener's own reads (its polls and safety tick) find them.
+async fn complete_without_wake_ups(url: &str, engine: &PostgresEngine, n: usize) -> Vec<ExecutionId> {
+    let ids = crate::contract::running(engine, ExecutionSpec::new, n).await;
     let mut conn = PgConnection::connect(url).await.expect("connect");
-    sqlx::query("ALTER TABLE ff_completion_event DISABLE TRIGGER ff_completion_event_notify_trg")
-        .execute(&mut conn)
-        .await
-        .expect("disable the notify trigger");
+    for id in &ids {
+        let done: bool = sqlx::query_scalar("SELECT ff_complete_execution($1)")
+            .bind(id.uuid())
+            .fetch_one(&mut conn)
+            .await
+            .expect("complete");
+        assert!(done);
+    }
+    ids
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,8 +270,7 @@ async fn a_zero_safety_tick_is_clamped_and_still_finds_what_no_notification_anno
         built.subscribe(SubscribeRequest::tail()).await.expect("sub"),
         direct.subscribe(SubscribeRequest::tail()).await.expect("sub"),
     ];
-    silence_notifications(&url).await;
-    let ids = complete_n(&engine, 5).await;
+    let ids = complete_without_wake_ups(&url, &engine, 5).await;
     for sub in &mut subs {
         assert_exactly_once(&take_events(sub, 5, WAIT).await, &ids, true);
     }

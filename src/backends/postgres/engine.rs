@@ -1,10 +1,12 @@
-//! The Postgres engine surface: thin calls of the SQL functions in `migrations/postgres/`.
+//! The Postgres demo engine: thin calls of the SQL functions in `migrations/postgres_demo/`.
+//! Every operation that may write a completion asks for an after-commit wake-up.
 
 use async_trait::async_trait;
 use sqlx::postgres::PgPool;
 use uuid::Uuid;
 
-use super::connect_pool;
+use super::wake::CommitWake;
+use super::{DEMO_MIGRATOR, connect_pool, migrate};
 use crate::config::BackendConfig;
 use crate::engine::{CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome};
 use crate::error::EngineError;
@@ -14,6 +16,7 @@ use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
 #[derive(Clone, Debug)]
 pub struct PostgresEngine {
     pool: PgPool,
+    wake: CommitWake,
 }
 
 fn sql_err(op: &'static str) -> impl FnOnce(sqlx::Error) -> EngineError {
@@ -27,12 +30,19 @@ fn exec_id(uuid: Uuid, partition: i16) -> Result<ExecutionId, EngineError> {
 }
 
 impl PostgresEngine {
-    /// Connects a pool of 16 and applies the migrations.
+    /// Connects a pool of 16 and applies the subsystem's and the demo engine's migrations.
     ///
     /// # Errors
     /// Connection or migration failures.
     pub async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
-        Ok(Self { pool: connect_pool(config, 16).await? })
+        let pool = connect_pool(config, 16).await?;
+        migrate(&DEMO_MIGRATOR, &pool).await?;
+        Ok(Self { wake: CommitWake::spawn(pool.clone()), pool })
+    }
+
+    /// Wakes the listeners after completions you committed yourself through [`Self::pool`].
+    pub fn wake_listeners(&self) {
+        self.wake.wake();
     }
 
     /// The underlying pool, for transactions that combine engine calls with your own writes.
@@ -41,7 +51,11 @@ impl PostgresEngine {
     }
 
     async fn call_bool(&self, sql: &'static str, op: &'static str, id: &ExecutionId) -> Result<bool, EngineError> {
-        sqlx::query_scalar(sql).bind(id.uuid()).fetch_one(&self.pool).await.map_err(sql_err(op))
+        let changed = sqlx::query_scalar(sql).bind(id.uuid()).fetch_one(&self.pool).await.map_err(sql_err(op))?;
+        if changed {
+            self.wake.wake();
+        }
+        Ok(changed)
     }
 }
 
@@ -100,7 +114,10 @@ impl Engine for PostgresEngine {
             .map_err(sql_err("ff_fail_execution"))?;
         match outcome.as_str() {
             "retry_scheduled" => Ok(FailOutcome::RetryScheduled { delay_until: TimestampMs::now() }),
-            "terminal_failed" => Ok(FailOutcome::TerminalFailed),
+            "terminal_failed" => {
+                self.wake.wake();
+                Ok(FailOutcome::TerminalFailed)
+            }
             other => Err(EngineError::State { detail: format!("fail {id}: {other}") }),
         }
     }
@@ -120,6 +137,9 @@ impl Engine for PostgresEngine {
             .fetch_one(&self.pool)
             .await
             .map_err(sql_err("ff_cancel_flow"))?;
+        if n > 0 {
+            self.wake.wake();
+        }
         Ok(n.max(0) as u64)
     }
 
@@ -134,7 +154,11 @@ impl Engine for PostgresEngine {
             .fetch_one(&self.pool)
             .await
             .map_err(sql_err("ff_resolve_dependency"))?;
-        DependencyResolution::from_wire(&result)
+        let resolution = DependencyResolution::from_wire(&result)?;
+        if resolution == DependencyResolution::Skipped {
+            self.wake.wake();
+        }
+        Ok(resolution)
     }
 
     async fn children(&self, parent: &ExecutionId) -> Result<Vec<ExecutionId>, EngineError> {

@@ -1,20 +1,28 @@
-//! Postgres backend: the `ff_completion_event` outbox, its `ff_completion` NOTIFY trigger and
-//! the producer functions live in `migrations/postgres/`, embedded and applied on connect.
+//! Postgres backend. The subsystem's objects (the `ff_completion_event` outbox, created or
+//! adopted, its snapshot ticks, the reader, retention and wake-up functions) live in
+//! `migrations/postgres/`, applied on connect with the ledger `ff_completions_migrations`. The
+//! demo engine's tables and functions live in `migrations/postgres_demo/`, applied only by
+//! [`PostgresEngine::connect`] with the ledger `ff_completions_demo_migrations`.
 //!
-//! Reads are gap-safe: identity values are taken before commit, so a reader that trusts
-//! `event_id > last_seen` skips a lower id whose transaction commits late. This reader orders
-//! by `(txid, event_id)` and reads only below the snapshot horizon
-//! (`pg_snapshot_xmin(pg_current_snapshot())`), where no row can appear later.
+//! Reads are gap-safe and wait for no unrelated transaction: identity values are taken before
+//! commit, so a reader that trusts `event_id > last_seen` skips a lower id whose transaction
+//! commits late. This reader reads batches between successive recorded snapshots (PgQ's ticks):
+//! batch k is the rows visible in tick k's snapshot and not in tick k-1's, in `(txid, event_id)`
+//! order. A transaction open anywhere in the cluster only delays its own rows.
 
 mod engine;
 mod source;
+mod wake;
 
 use std::str::FromStr;
+use std::sync::LazyLock;
 
+use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use engine::PostgresEngine;
 pub(crate) use source::PostgresSource;
+pub use wake::CommitWake;
 
 use crate::config::{BackendConfig, BackendConnection};
 use crate::error::{EngineError, redact};
@@ -25,8 +33,25 @@ pub const COMPLETION_CHANNEL: &str = "ff_completion";
 /// `application_name` of the listener's dedicated LISTEN connection (find it in `pg_stat_activity`).
 pub const LISTENER_APPLICATION_NAME: &str = "ff-completions-listener";
 
-/// The embedded migrations (`migrations/postgres/`).
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+/// The ledger of the subsystem's migrations (never the host's `_sqlx_migrations`).
+pub const MIGRATION_LEDGER: &str = "ff_completions_migrations";
+
+/// The ledger of the demo engine's migrations.
+pub const DEMO_MIGRATION_LEDGER: &str = "ff_completions_demo_migrations";
+
+/// The subsystem's embedded migrations (`migrations/postgres/`), with their own ledger.
+pub static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
+    let mut migrator = sqlx::migrate!("migrations/postgres");
+    migrator.dangerous_set_table_name(MIGRATION_LEDGER);
+    migrator
+});
+
+/// The demo engine's embedded migrations (`migrations/postgres_demo/`), with their own ledger.
+pub static DEMO_MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
+    let mut migrator = sqlx::migrate!("migrations/postgres_demo");
+    migrator.dangerous_set_table_name(DEMO_MIGRATION_LEDGER);
+    migrator
+});
 
 pub(crate) fn connect_options(config: &BackendConfig) -> Result<PgConnectOptions, EngineError> {
     let BackendConnection::Postgres(pg) = &config.connection else {
@@ -37,9 +62,12 @@ pub(crate) fn connect_options(config: &BackendConfig) -> Result<PgConnectOptions
     })
 }
 
-/// A pool of `max` connections, with the schema migrated.
+/// A pool of `max` connections, with the subsystem's schema migrated.
 pub(crate) async fn connect_pool(config: &BackendConfig, max: u32) -> Result<PgPool, EngineError> {
-    let mut options = connect_options(config)?.application_name("ff-completions");
+    // Ticks rely on each statement taking its own snapshot, whatever the database's default.
+    let mut options = connect_options(config)?
+        .application_name("ff-completions")
+        .options([("default_transaction_isolation", "read committed")]);
     if let Some(request) = config.timeouts.request {
         // Engine calls and catch-up reads run under it; the LISTEN connection does not.
         options = options.options([("statement_timeout", request.as_millis().to_string())]);
@@ -50,9 +78,14 @@ pub(crate) async fn connect_pool(config: &BackendConfig, max: u32) -> Result<PgP
         .connect_with(options)
         .await
         .map_err(|e| EngineError::from_sqlx("postgres connect", e))?;
-    MIGRATOR.run(&pool).await.map_err(|e| match e {
+    migrate(&MIGRATOR, &pool).await?;
+    Ok(pool)
+}
+
+/// Applies one set of migrations; concurrent callers wait on sqlx's advisory lock.
+pub(crate) async fn migrate(migrator: &Migrator, pool: &PgPool) -> Result<(), EngineError> {
+    migrator.run(pool).await.map_err(|e| match e {
         sqlx::migrate::MigrateError::Execute(e) => EngineError::from_sqlx("postgres migrate", e),
         other => EngineError::Schema { op: "postgres migrate", detail: redact(&other.to_string()) },
-    })?;
-    Ok(pool)
+    })
 }

@@ -1,58 +1,52 @@
-//! The Postgres [`CompletionSource`]: gap-safe batched reads of the outbox and a LISTEN waker.
+//! The Postgres [`CompletionSource`]: batches between recorded snapshots, and a LISTEN waker
+//! that also polls adaptively.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use tokio::sync::mpsc;
 
 use super::{COMPLETION_CHANNEL, LISTENER_APPLICATION_NAME, connect_options, connect_pool};
+use crate::actors::AbortOnDrop;
 use crate::backends::outbox::{OutboxRow, age_cutoff_ms};
 use crate::backends::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, BackendConnection, PostgresConnection, Retention};
-use crate::cursor::{Position, PostgresCursor, StreamCursor, decode_postgres_cursor, encode_postgres_cursor};
+use crate::cursor::{Position, PostgresCursor, StreamCursor, decode_postgres_cursor, encode_postgres_batch_cursor};
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
 use crate::types::TimestampMs;
 
-/// Rows after `($1, $2)` in `(txid, event_id)` order, each flagged with whether it is below the
-/// horizon (readable now) or held back by a transaction still in progress; plus, when history
-/// after `($1, $2)` was trimmed, one marker row (kind 1) at the trimmed boundary. Columns are
-/// qualified: an unqualified `ORDER BY txid` would sort by the `txid::text::int8` output column,
-/// which no index serves (a full scan and sort of the outbox on every read).
+/// Up to `$4` rows after position `($1, $2, $3)` in reader order, crossing into later batches
+/// (`ff_completions_read` in `migrations/postgres/0003_reader.sql`). Kind 0: a row; 2: the end
+/// of a batch; 1: history after the position was trimmed, up to the marker's position.
 const READ_AFTER: &str = "\
-(SELECT 0, e.txid::text::int8, e.event_id, e.execution_id::text, e.flow_id::text, e.outcome, e.namespace, \
-        e.instance_tag, e.tags::text, e.occurred_at_ms, e.partition_key::int4, \
-        e.txid < pg_snapshot_xmin(pg_current_snapshot()) \
-   FROM ff_completion_event e \
-  WHERE (e.txid, e.event_id) > ($1::int8::text::xid8, $2::int8) \
-  ORDER BY e.txid, e.event_id \
-  LIMIT $3) \
-UNION ALL \
-(SELECT 1, trimmed_txid::text::int8, trimmed_event_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL::int8, NULL::int4, true \
-   FROM ff_completion_retention \
-  WHERE (trimmed_txid, trimmed_event_id) > ($1::int8::text::xid8, $2::int8))";
+SELECT o_kind, o_txid, o_event_id, o_execution_id, o_flow_id, o_outcome, o_namespace, o_instance_tag, \
+       o_tags, o_occurred_at_ms, o_partition_key, o_major \
+  FROM ff_completions_read($1, $2, $3, $4)";
 
-/// The trimmed boundary and the highest event_id trimmed (NULL: unknown), if anything was ever
-/// trimmed.
-const TRIMMED: &str =
-    "SELECT trimmed_txid::text::int8, trimmed_event_id, trimmed_max_event_id FROM ff_completion_retention";
+/// The newest tick, recording one when rows committed since the previous.
+const TICK: &str = "SELECT ff_completions_tick()";
 
-/// The newest readable row.
-const TAIL: &str = "\
-SELECT e.txid::text::int8, e.event_id FROM ff_completion_event e \
- WHERE e.txid < pg_snapshot_xmin(pg_current_snapshot()) \
- ORDER BY e.txid DESC, e.event_id DESC LIMIT 1";
+/// What retention removed: the boundary in reader order (its batch; NULL before any batch
+/// was trimmed), the highest `(txid, event_id)` and `event_id` removed (for cursors of the
+/// earlier forms; NULL: unknown).
+const TRIMMED: &str = "\
+SELECT trimmed_batch, trimmed_txid::text::int8, trimmed_event_id, trimmed_max_event_id FROM ff_completion_retention";
 
-/// Notification queue usage, and the rows held back by an open transaction, counted along the
-/// `(txid, event_id)` index up to 100,000 (so the gauge never scans a large outbox).
-const HELD_BACK_GAUGES: &str = "\
+/// Where a cursor of an earlier form resumes.
+const RESUME_EARLIER_FORM: &str = "SELECT o_major, o_txid, o_event_id FROM ff_completions_resume_earlier_form($1, $2)";
+
+/// Notification queue usage, and how many transactions the newest tick saw in progress.
+const GAUGES: &str = "\
 SELECT pg_notification_queue_usage(), \
-       (SELECT count(*) FROM (SELECT 1 FROM ff_completion_event e \
-                               WHERE e.txid >= pg_snapshot_xmin(pg_current_snapshot()) \
-                               ORDER BY e.txid LIMIT 100000) held)";
+       coalesce((SELECT count(*) FROM (SELECT pg_snapshot_xip(t.snapshot) FROM ff_completion_tick t \
+                                        ORDER BY t.tick_id DESC LIMIT 1) xip), 0)";
 
-/// Where an `event_id`-only cursor resumes: below every row after it and below the horizon.
-const LEGACY_START: &str = "\
-SELECT LEAST((SELECT min(txid) FROM ff_completion_event WHERE event_id > $1), \
-             pg_snapshot_xmin(pg_current_snapshot()))::text::int8";
+/// Batch positions: `3k` is batch k, `3k + 1` batch k read whole, `3k + 2` the end of batch k.
+const BATCH_END_PHASE: u64 = 2;
 
 type Row = (
     i32,
@@ -66,55 +60,81 @@ type Row = (
     Option<String>,
     Option<i64>,
     Option<i32>,
-    bool,
+    i64,
 );
 
 /// Reads the outbox; opens LISTEN connections.
 pub(crate) struct PostgresSource {
     pool: PgPool,
     config: BackendConfig,
+    /// Counts reads that found rows: the listening waker polls sooner while it moves.
+    activity: Arc<AtomicU64>,
 }
 
 impl PostgresSource {
     pub(crate) async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
-        Ok(Self { pool: connect_pool(config, 4).await?, config: config.clone() })
+        Ok(Self { pool: connect_pool(config, 4).await?, config: config.clone(), activity: Arc::default() })
     }
 
     async fn trimmed(&self) -> Result<Option<Trimmed>, EngineError> {
-        let row: Option<(i64, i64, Option<i64>)> = sqlx::query_as(TRIMMED)
+        let row: Option<(Option<i64>, i64, i64, Option<i64>)> = sqlx::query_as(TRIMMED)
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| EngineError::from_sqlx("postgres retention", e))?;
-        Ok(row.map(|(t, e, max_event_id)| Trimmed { boundary: pos(t, e), max_event_id }))
+        Ok(row.map(|(batch, txid, event_id, max_event_id)| Trimmed {
+            boundary: batch.map(|b| pos(b, txid, event_id)),
+            earlier_form: Position::new(txid.max(0) as u64, event_id.max(0) as u64),
+            max_event_id,
+        }))
     }
 }
 
-/// What the trim job removed: every row up to `boundary` in reader order.
+/// What the trim job removed.
 struct Trimmed {
-    boundary: Position,
+    /// Positions below it may have lost rows (`None`: nothing trimmed since batches exist).
+    boundary: Option<Position>,
+    /// The highest `(txid, event_id)` removed.
+    earlier_form: Position,
     /// The highest event_id removed; `None` when trimming ran before it was recorded.
     max_event_id: Option<i64>,
 }
 
 impl Trimmed {
-    /// Whether a subscriber at `cursor` may have missed a trimmed row. A `(txid, event_id)`
-    /// cursor compares with the boundary; an event_id-only one (which knows no transaction)
-    /// with the highest event_id removed.
+    /// Whether a subscriber at `cursor` may have missed a trimmed row: a batch cursor below the
+    /// boundary; a `(txid, event_id)` cursor below the highest such pair removed; an
+    /// event_id-only one (which knows no transaction) below the highest event_id removed.
     fn expires(&self, cursor: &PostgresCursor) -> bool {
-        match cursor.txid {
-            Some(txid) => Position::new(txid, cursor.event_id as u64) < self.boundary,
-            None => self.max_event_id.is_none_or(|max| max > cursor.event_id),
+        match (cursor.batch, cursor.txid) {
+            (Some(batch), Some(txid)) => {
+                self.boundary.is_some_and(|b| Position::with_major(batch, txid, cursor.event_id as u64) < b)
+            }
+            (None, Some(txid)) => Position::new(txid, cursor.event_id as u64) < self.earlier_form,
+            _ => self.max_event_id.is_none_or(|max| max > cursor.event_id),
         }
+    }
+
+    /// The oldest position still held, for `CursorExpired`.
+    fn oldest(&self) -> Position {
+        self.boundary.unwrap_or(Position::ZERO)
     }
 }
 
-fn pos(txid: i64, event_id: i64) -> Position {
-    Position::new(txid as u64, event_id as u64)
+/// The position after every row of batch `tick`.
+fn batch_end(tick: u64) -> Position {
+    Position::with_major(tick.saturating_mul(3).saturating_add(BATCH_END_PHASE), 0, 0)
+}
+
+fn pos(major: i64, txid: i64, event_id: i64) -> Position {
+    Position::with_major(major.max(0) as u64, txid.max(0) as u64, event_id.max(0) as u64)
+}
+
+fn as_i64(word: u64) -> i64 {
+    word.min(i64::MAX as u64) as i64
 }
 
 /// Decodes one outbox row; the error names what is wrong with it.
 fn decode_row(row: &Row) -> Result<CompletionEvent, String> {
-    let (_, txid, event_id, execution_id, flow_id, outcome, namespace, instance_tag, tags, at, partition, _) = row;
+    let (_, txid, event_id, execution_id, flow_id, outcome, namespace, instance_tag, tags, at, partition, major) = row;
     OutboxRow {
         execution_id: execution_id.clone(),
         flow_id: flow_id.clone(),
@@ -125,7 +145,7 @@ fn decode_row(row: &Row) -> Result<CompletionEvent, String> {
         occurred_at_ms: *at,
         partition_key: partition.map(i64::from),
     }
-    .decode(encode_postgres_cursor(*txid as u64, *event_id))
+    .decode(encode_postgres_batch_cursor(*major as u64, *txid as u64, *event_id))
 }
 
 #[async_trait]
@@ -135,7 +155,7 @@ impl CompletionSource for PostgresSource {
     }
 
     fn cursor_of(&self, pos: Position) -> StreamCursor {
-        encode_postgres_cursor(pos.hi, pos.lo as i64)
+        encode_postgres_batch_cursor(pos.major, pos.hi, as_i64(pos.lo))
     }
 
     async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError> {
@@ -144,75 +164,77 @@ impl CompletionSource for PostgresSource {
         };
         let trimmed = self.trimmed().await?;
         if let Some(trimmed) = trimmed.as_ref().filter(|t| t.expires(&c)) {
-            return Err(EngineError::CursorExpired { oldest: Some(self.cursor_of(trimmed.boundary)) });
+            return Err(EngineError::CursorExpired { oldest: Some(self.cursor_of(trimmed.oldest())) });
         }
-        match c.txid {
-            Some(txid) => Ok(StartAt::after(Position::new(txid, c.event_id as u64))),
-            None => {
-                let start: i64 = sqlx::query_scalar(LEGACY_START)
-                    .bind(c.event_id)
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(|e| EngineError::from_sqlx("postgres resolve cursor", e))?;
-                let after = Position::new((start as u64).saturating_sub(1), i64::MAX as u64);
-                // Every trimmed row was seen (checked above): start after them.
-                let after = trimmed.map_or(after, |t| after.max(t.boundary));
-                Ok(StartAt { after, lo_floor: Some(c.event_id as u64) })
-            }
+        if let (Some(batch), Some(txid)) = (c.batch, c.txid) {
+            return Ok(StartAt::after(Position::with_major(batch, txid, c.event_id as u64)));
         }
+        // An earlier form: the whole batch of the newest tick, from the first row it had not seen.
+        let (major, txid, event_id): (i64, i64, i64) = sqlx::query_as(RESUME_EARLIER_FORM)
+            .bind(c.txid.map(as_i64))
+            .bind(c.event_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("postgres resolve cursor", e))?;
+        let lo_floor = c.txid.is_none().then_some(c.event_id as u64);
+        Ok(StartAt { after: pos(major, txid, event_id), lo_floor })
     }
 
     async fn tail(&self) -> Result<Position, EngineError> {
-        let row: Option<(i64, i64)> = sqlx::query_as(TAIL)
-            .fetch_optional(&self.pool)
+        let tick: i64 = sqlx::query_scalar(TICK)
+            .fetch_one(&self.pool)
             .await
             .map_err(|e| EngineError::from_sqlx("postgres tail", e))?;
-        Ok(row.map(|(t, e)| pos(t, e)).unwrap_or(Position::ZERO))
+        Ok(batch_end(tick.max(0) as u64))
     }
 
     async fn read_after(&self, after: Position, limit: usize) -> Result<Batch, EngineError> {
+        let limit = limit.clamp(1, i32::MAX as usize);
         let rows: Vec<Row> = sqlx::query_as(READ_AFTER)
-            .bind(after.hi as i64)
-            .bind(after.lo as i64)
-            .bind(limit as i64)
+            .bind(as_i64(after.major))
+            .bind(as_i64(after.hi))
+            .bind(as_i64(after.lo))
+            .bind(limit as i32)
             .fetch_all(&self.pool)
             .await
             .map_err(|e| EngineError::from_sqlx("postgres read", e))?;
         let mut batch = Batch { start: after, end: after, ..Batch::default() };
         if let Some(marker) = rows.iter().find(|row| row.0 == 1) {
-            batch.expired = Some(pos(marker.1, marker.2));
+            batch.expired = Some(pos(marker.11, marker.1, marker.2));
             return Ok(batch);
         }
-        let mut readable = 0;
+        let mut read = 0;
         for row in &rows {
-            if !row.11 {
-                batch.held_back = true;
-                break;
+            let p = pos(row.11, row.1, row.2);
+            batch.end = batch.end.max(p);
+            if row.0 != 0 {
+                continue;
             }
-            readable += 1;
-            let p = pos(row.1, row.2);
-            batch.end = p;
+            read += 1;
             match decode_row(row) {
                 Ok(event) => batch.events.push(Positioned { pos: p, event }),
                 Err(reason) => batch.skipped.push((p, reason)),
             }
         }
-        batch.full = readable == limit;
+        if read > 0 {
+            self.activity.fetch_add(1, Ordering::Relaxed);
+        }
+        batch.full = read == limit;
         Ok(batch)
     }
 
     async fn gauges(&self) -> Result<Vec<(&'static str, f64)>, EngineError> {
-        let (queue, held_back): (f64, i64) = sqlx::query_as(HELD_BACK_GAUGES)
+        let (queue, in_progress): (f64, i64) = sqlx::query_as(GAUGES)
             .fetch_one(&self.pool)
             .await
             .map_err(|e| EngineError::from_sqlx("postgres gauges", e))?;
-        Ok(vec![("notification_queue_usage", queue), ("held_back_rows", held_back as f64)])
+        Ok(vec![("notification_queue_usage", queue), ("transactions_in_progress", in_progress as f64)])
     }
 
     async fn trim(&self, retention: &Retention) -> Result<u64, EngineError> {
         let before_ms = retention.max_age.map(|age| age_cutoff_ms(TimestampMs::now(), age));
         let keep = retention.max_events.map(|n| n.min(i64::MAX as u64) as i64);
-        let removed: i64 = sqlx::query_scalar("SELECT ff_trim_completions($1, $2)")
+        let removed: i64 = sqlx::query_scalar("SELECT ff_completions_trim($1, $2)")
             .bind(before_ms)
             .bind(keep)
             .fetch_one(&self.pool)
@@ -222,6 +244,7 @@ impl CompletionSource for PostgresSource {
     }
 
     async fn open_waker(&self, _from: Position) -> Result<Box<dyn Waker>, EngineError> {
+        let poll = AdaptivePoll::new(self.activity.clone());
         if let BackendConnection::Postgres(PostgresConnection { poll_interval: Some(every), .. }) =
             &self.config.connection
         {
@@ -241,34 +264,89 @@ impl CompletionSource for PostgresSource {
         let mut listener =
             PgListener::connect_with(&pool).await.map_err(|e| EngineError::from_sqlx("postgres listen connect", e))?;
         listener.listen(COMPLETION_CHANNEL).await.map_err(|e| EngineError::from_sqlx("postgres LISTEN", e))?;
-        Ok(Box::new(PostgresWaker { listener, _pool: pool }))
+        Ok(Box::new(PostgresWaker::spawn(listener, pool, poll)))
     }
 }
 
-/// LISTEN on a dedicated connection. `try_recv()` returns `Ok(None)` once after it re-made a
-/// lost connection (notifications sent meanwhile are gone): that is a wake to catch up.
+/// The shortest and longest pause between two polls of a listening waker.
+pub(crate) const POLL_MIN: Duration = Duration::from_millis(2);
+/// See [`POLL_MIN`]: a producer that sends no wake-up is read at most this long after it commits.
+pub(crate) const POLL_MAX: Duration = Duration::from_millis(100);
+
+/// Polling that follows the flow of completions: a few milliseconds while reads find rows,
+/// doubling up to [`POLL_MAX`] while they find none. Producers that never send a wake-up are
+/// still read promptly, and an idle listener costs ten cheap reads a second.
+struct AdaptivePoll {
+    activity: Arc<AtomicU64>,
+    seen: u64,
+    pause: Duration,
+}
+
+impl AdaptivePoll {
+    fn new(activity: Arc<AtomicU64>) -> Self {
+        let seen = activity.load(Ordering::Relaxed);
+        Self { activity, seen, pause: POLL_MIN }
+    }
+
+    /// The pause before the next poll, given whether reads found rows since the last one.
+    fn next_pause(&mut self) -> Duration {
+        let now = self.activity.load(Ordering::Relaxed);
+        self.pause = if now != self.seen { POLL_MIN } else { (self.pause * 2).min(POLL_MAX) };
+        self.seen = now;
+        self.pause
+    }
+}
+
+/// LISTEN on a dedicated connection, and adaptive polls between notifications. A task owns
+/// the connection (a wait cut short by a poll never cuts a read short). `try_recv()` returns
+/// `Ok(None)` once after it re-made a lost connection (notifications sent meanwhile are gone):
+/// that is a wake to catch up.
 struct PostgresWaker {
-    listener: PgListener,
-    _pool: PgPool,
+    notifications: mpsc::Receiver<Result<Wake, EngineError>>,
+    poll: AdaptivePoll,
+    _receiver: AbortOnDrop,
+}
+
+impl PostgresWaker {
+    fn spawn(mut listener: PgListener, pool: PgPool, poll: AdaptivePoll) -> Self {
+        let (tx, notifications) = mpsc::channel(1);
+        let receiver = tokio::spawn(async move {
+            let _pool = pool;
+            loop {
+                let wake = match listener.try_recv().await {
+                    Ok(Some(_)) => {
+                        while listener.next_buffered().is_some() {}
+                        Ok(Wake::Notified)
+                    }
+                    Ok(None) => Ok(Wake::Reconnected),
+                    Err(e) => Err(EngineError::from_sqlx("postgres LISTEN", e)),
+                };
+                let failed = wake.is_err();
+                if tx.send(wake).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Self { notifications, poll, _receiver: AbortOnDrop(receiver) }
+    }
 }
 
 #[async_trait]
 impl Waker for PostgresWaker {
     async fn wait(&mut self) -> Result<Wake, EngineError> {
-        match self.listener.try_recv().await {
-            Ok(Some(_)) => {
-                while self.listener.next_buffered().is_some() {}
-                Ok(Wake::Notified)
+        let pause = self.poll.next_pause();
+        tokio::select! {
+            wake = self.notifications.recv() => {
+                wake.unwrap_or_else(|| Err(EngineError::Actor { detail: "postgres LISTEN task ended".into() }))
             }
-            Ok(None) => Ok(Wake::Reconnected),
-            Err(e) => Err(EngineError::from_sqlx("postgres LISTEN", e)),
+            () = tokio::time::sleep(pause) => Ok(Wake::Notified),
         }
     }
 }
 
 /// Poll-only mode: wakes the listener every `every`, with no LISTEN connection at all.
 struct PollWaker {
-    every: std::time::Duration,
+    every: Duration,
 }
 
 #[async_trait]
@@ -301,7 +379,7 @@ mod tests {
             Some(r#"{"k":"v","n":3}"#.into()),
             Some(1),
             Some(5),
-            true,
+            30,
         )
     }
 
@@ -312,8 +390,8 @@ mod tests {
         assert_eq!(event.tags.get("inst").map(String::as_str), Some("1"));
         assert_eq!(event.tags.get("n").map(String::as_str), Some("3"));
         assert_eq!(
-            decode_postgres_cursor(&event.cursor).ok().flatten().map(|c| (c.txid, c.event_id)),
-            Some((Some(900), 7))
+            decode_postgres_cursor(&event.cursor).ok().flatten().map(|c| (c.batch, c.txid, c.event_id)),
+            Some((Some(30), Some(900), 7))
         );
     }
 
@@ -428,8 +506,8 @@ mod tests {
                         prop_assert!(map.keys().all(|k| event.tags.contains_key(k)), "a JSON tag is missing");
                     }
                     if row.1 >= 0 && row.2 >= 0 {
-                        let cursor = decode_postgres_cursor(&event.cursor).ok().flatten().map(|c| (c.txid, c.event_id));
-                        prop_assert_eq!(cursor, Some((Some(row.1 as u64), row.2)));
+                        let cursor = decode_postgres_cursor(&event.cursor).ok().flatten().map(|c| (c.batch, c.txid, c.event_id));
+                        prop_assert_eq!(cursor, Some((Some(row.11 as u64), Some(row.1 as u64), row.2)));
                     }
                 }
                 Err(reason) => {

@@ -1,5 +1,8 @@
--- ff-completions schema for Postgres: flows, executions, dependency edges, and the completion
--- outbox that every terminal transition writes in the same transaction as the state change.
+-- The demo engine for Postgres: flows, executions, dependency edges and their operations. Every
+-- terminal transition writes its completion into the outbox (migrations/postgres/) in the same
+-- transaction as the state change. Applied only by `PostgresEngine::connect` (examples, tests,
+-- benches), with its own ledger `ff_completions_demo_migrations`: a database that only consumes
+-- completions never gets these tables.
 
 -- Flows: a DAG of executions under one namespace.
 CREATE TABLE IF NOT EXISTS ff_flow (
@@ -41,41 +44,6 @@ CREATE TABLE IF NOT EXISTS ff_dependency (
 
 -- Reverse lookup of a child's parents.
 CREATE INDEX IF NOT EXISTS ff_dependency_child_idx ON ff_dependency (child_id);
-
--- The completion outbox, in the original shape; columns added below when adopting an older table.
-CREATE TABLE IF NOT EXISTS ff_completion_event (
-    event_id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    execution_id    uuid,
-    flow_id         uuid,
-    outcome         text,
-    namespace       text,
-    instance_tag    text,
-    occurred_at_ms  bigint,
-    partition_key   smallint
-);
-
--- The inserting transaction: readers order by (txid, event_id) below the snapshot horizon.
-ALTER TABLE ff_completion_event ADD COLUMN IF NOT EXISTS txid xid8 NOT NULL DEFAULT pg_current_xact_id();
--- The execution's tags, for in-memory instance-tag filtering.
-ALTER TABLE ff_completion_event ADD COLUMN IF NOT EXISTS tags jsonb;
-
--- Gap-safe reads: (txid, event_id) order.
-CREATE INDEX IF NOT EXISTS ff_completion_event_txid_idx ON ff_completion_event (txid, event_id);
-
--- Wake-up hint on channel ff_completion; one per statement, empty payload so a transaction's
--- notifications coalesce. Listeners read the table, never the payload.
-CREATE OR REPLACE FUNCTION ff_notify_completion_event() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('ff_completion', '');
-    RETURN NULL;
-END
-$$;
-
-DROP TRIGGER IF EXISTS ff_completion_event_notify_trg ON ff_completion_event;
-CREATE TRIGGER ff_completion_event_notify_trg
-    AFTER INSERT ON ff_completion_event
-    FOR EACH STATEMENT EXECUTE FUNCTION ff_notify_completion_event();
 
 -- Milliseconds since the epoch, from the transaction clock.
 CREATE OR REPLACE FUNCTION ff_now_ms() RETURNS bigint
