@@ -265,7 +265,8 @@ impl FilterState {
             if item.pos <= self.delivered {
                 continue;
             }
-            let wanted = floor.is_none_or(|f| item.pos.lo > f) && self.args.filter.matches_event(&item.event);
+            let above_floor = floor.is_none_or(|f| item.pos.major != f.major || item.pos.lo > f.lo);
+            let wanted = above_floor && self.args.filter.matches_event(&item.event);
             if wanted {
                 // Counted before the send: whoever receives the event finds it counted.
                 self.args.shared.delivered_count.fetch_add(1, Ordering::Relaxed);

@@ -207,8 +207,9 @@ pub(crate) struct SubscriberShared {
     delivered: Mutex<Position>,
     /// Events processed (delivered or filtered out).
     pub processed: AtomicU64,
-    /// Drop events whose `lo` half is at or below this (resuming an `event_id`-only cursor).
-    pub lo_floor: Option<u64>,
+    /// Drop events of the floor's batch (`major`) whose `lo` half is at or below its `lo`
+    /// (resuming an `event_id`-only cursor: later batches may hold lower ids committed late).
+    pub lo_floor: Option<Position>,
     mode: AtomicU8,
     pub delivered_count: AtomicU64,
     pub live_batches_dropped: AtomicU64,
@@ -223,7 +224,7 @@ impl SubscriberShared {
         Self {
             delivered: Mutex::new(start.after),
             processed: AtomicU64::new(0),
-            lo_floor: start.lo_floor,
+            lo_floor: start.lo_floor.map(|lo| Position::with_major(start.after.major, 0, lo)),
             mode: AtomicU8::new(FilterMode::CatchingUp.to_u8()),
             delivered_count: AtomicU64::new(0),
             live_batches_dropped: AtomicU64::new(0),

@@ -54,8 +54,8 @@ pub(crate) struct Batch {
 pub(crate) struct StartAt {
     /// Deliver events strictly after this position.
     pub after: Position,
-    /// Also drop events whose `lo` half is at or below this (resuming the original
-    /// `event_id`-only Postgres cursor).
+    /// Also drop events of the first batch read (`after.major`) whose `lo` half is at or below
+    /// this (resuming the original `event_id`-only Postgres cursor).
     pub lo_floor: Option<u64>,
 }
 

@@ -9,6 +9,12 @@ mod contract;
 mod postgres;
 
 #[cfg(feature = "postgres")]
+mod postgres_host;
+
+#[cfg(feature = "postgres")]
+mod postgres_snapshots;
+
+#[cfg(feature = "postgres")]
 mod tree;
 
 #[cfg(feature = "postgres")]

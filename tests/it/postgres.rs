@@ -16,7 +16,9 @@ use sqlx::postgres::PgConnection;
 
 use crate::contract::{self, QUIET, WAIT, assert_nothing_restarted, complete_n, running};
 use crate::support::{
-    assert_exactly_once, assert_no_more, init_tracing, postgres::fresh_database, take_events, wait_until,
+    assert_exactly_once, assert_no_more, init_tracing,
+    postgres::{fresh_database, reader_order},
+    take_events, wait_until,
 };
 
 struct Fixture {
@@ -52,24 +54,6 @@ async fn outbox_order(url: &str) -> Vec<ExecutionId> {
             .fetch_all(&mut conn)
             .await
             .expect("read outbox");
-    rows.into_iter().map(|(u, p)| ExecutionId::from_parts(p as u16, u)).collect()
-}
-
-/// The reader's promised order, computed independently of the reader from the recorded ticks: a
-/// row belongs to the batch of the first tick whose snapshot sees it; batches in tick order,
-/// `(txid, event_id)` within a batch. A tick is recorded first, so every committed row has one.
-async fn reader_order(url: &str) -> Vec<ExecutionId> {
-    let mut conn = PgConnection::connect(url).await.expect("connect");
-    sqlx::query("SELECT ff_completions_tick()").execute(&mut conn).await.expect("tick");
-    let rows: Vec<(uuid::Uuid, i16)> = sqlx::query_as(
-        "SELECT e.execution_id, e.partition_key FROM ff_completion_event e \
-           JOIN LATERAL (SELECT min(t.tick_id) AS tick FROM ff_completion_tick t \
-                          WHERE e.txid IS NULL OR pg_visible_in_snapshot(e.txid, t.snapshot)) b ON true \
-          ORDER BY b.tick, e.txid NULLS FIRST, e.event_id",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .expect("read outbox");
     rows.into_iter().map(|(u, p)| ExecutionId::from_parts(p as u16, u)).collect()
 }
 
