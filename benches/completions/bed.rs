@@ -238,7 +238,7 @@ pub struct Produced {
 
 /// The producers' runtime: threads of their own, so a commit's time is taken the moment it
 /// returns, whatever the subscribers in this process are busy with.
-fn producer_runtime() -> &'static tokio::runtime::Runtime {
+pub fn producer_runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     RUNTIME.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()

@@ -19,6 +19,7 @@ mod designs;
 mod measure;
 mod report;
 mod scenarios;
+mod wakeups;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -38,6 +39,9 @@ enum Scenario {
     CatchUp,
     FanOut,
     Dag,
+    /// Postgres only: producers' commits/s per way of waking the listener, delivery beside an
+    /// unrelated open transaction, reads when idle and busy (a server flushing every commit).
+    Wakeups,
 }
 
 #[derive(Parser, Debug)]
@@ -70,7 +74,14 @@ async fn main() {
     support::init_tracing();
     let everything = args.scenario.is_empty() && args.backend.is_empty();
     let scenarios = if args.scenario.is_empty() {
-        vec![Scenario::Latency, Scenario::Throughput, Scenario::CatchUp, Scenario::FanOut, Scenario::Dag]
+        vec![
+            Scenario::Latency,
+            Scenario::Throughput,
+            Scenario::CatchUp,
+            Scenario::FanOut,
+            Scenario::Dag,
+            Scenario::Wakeups,
+        ]
     } else {
         args.scenario.clone()
     };
@@ -148,15 +159,22 @@ async fn run(bed: &Bed, scenarios: &[Scenario], kinds: &[Kind], sizes: &Sizes) -
                 Scenario::CatchUp => results.catch_up.extend(scenarios::catch_up(bed, kind, sizes).await),
                 Scenario::FanOut => results.fan_out.push(scenarios::fan_out(bed, kind, sizes).await),
                 Scenario::Dag => results.dag.push(scenarios::dag_chain(bed, kind, sizes).await),
+                Scenario::Wakeups if kind == Kind::Postgres => results.wakeups = Some(wakeups::run(sizes).await),
+                Scenario::Wakeups => {}
             }
         }
     }
     results
 }
 
-/// How many checks a smoke run makes: one per scenario and backend, and one for the files.
+/// How many checks a smoke run makes: one per scenario and backend it applies to, and one for
+/// the files.
 fn smoke_checks(scenarios: &[Scenario], kinds: &[Kind]) -> usize {
-    scenarios.len() * kinds.len() + 1
+    scenarios.iter().map(|&s| kinds.iter().filter(|&&k| applies(s, k)).count()).sum::<usize>() + 1
+}
+
+fn applies(scenario: Scenario, kind: Kind) -> bool {
+    scenario != Scenario::Wakeups || kind == Kind::Postgres
 }
 
 /// What a smoke run must show: every scenario ran on every backend, ours lost nothing, and
@@ -170,7 +188,7 @@ fn smoke_problems(
 ) -> Vec<String> {
     let mut problems = Vec::new();
     for &kind in kinds {
-        for &scenario in scenarios {
+        for &scenario in scenarios.iter().filter(|&&s| applies(s, kind)) {
             let ok = match scenario {
                 Scenario::Latency => {
                     let rows: Vec<_> = results.latency.iter().filter(|r| r.backend == kind).collect();
@@ -195,6 +213,10 @@ fn smoke_problems(
                     results.fan_out.iter().any(|r| r.backend == kind && r.spread.samples == sizes.fanout_subscribers)
                 }
                 Scenario::Dag => results.dag.iter().any(|r| r.backend == kind && r.hops == sizes.chain - 1),
+                Scenario::Wakeups => results.wakeups.as_ref().is_some_and(|w| {
+                    w.producers.iter().all(|r| r.commits_per_s > 0.0 && r.missing == 0)
+                        && w.open_transaction.iter().all(|r| r.delivery.samples > 0)
+                }),
             };
             if !ok {
                 problems.push(format!("{scenario:?} on {}", kind.name()));

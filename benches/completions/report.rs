@@ -10,6 +10,7 @@ use plotters::prelude::*;
 use crate::bed::Kind;
 use crate::designs::Design;
 use crate::scenarios::{CatchUpRow, DagRow, FanOutRow, LatencyRow, Sizes, ThroughputRow};
+use crate::wakeups::{Wakeup, WakeupResults};
 
 /// Everything one run measured.
 #[derive(Default)]
@@ -19,6 +20,7 @@ pub struct Results {
     pub catch_up: Vec<CatchUpRow>,
     pub fan_out: Vec<FanOutRow>,
     pub dag: Vec<DagRow>,
+    pub wakeups: Option<WakeupResults>,
 }
 
 impl Results {
@@ -121,6 +123,52 @@ impl Results {
                 format!("{}, {} idle subscribers: memory per subscriber", row.backend.name(), row.subscribers),
                 "bounded",
                 format!("{:.1} KiB", row.bytes_per_subscriber / 1024.0),
+            ));
+        }
+        if let Some(w) = &self.wakeups {
+            for r in w.producers.iter().filter(|r| r.wakeup == Wakeup::AfterCommit) {
+                let (Some(ours), Some(trigger)) =
+                    (w.ratio(r.clients, Wakeup::AfterCommit), w.ratio(r.clients, Wakeup::InCommit))
+                else {
+                    continue;
+                };
+                out.push((
+                    format!(
+                        "Postgres producers, {} clients, fsync on: commits/s with our wake-up ÷ no notification",
+                        r.clients
+                    ),
+                    "≥ 0.9",
+                    format!(
+                        "**{ours:.2}** ({:.0}/s; the in-commit trigger {trigger:.2}); delivery p50 {:.2} ms",
+                        r.commits_per_s,
+                        r.delivery.map_or(0.0, |d| d.p50)
+                    ),
+                ));
+            }
+            if let [without, with] = &w.open_transaction[..] {
+                out.push((
+                    "Postgres delivery p50 / p99 with an unrelated transaction open ÷ without".into(),
+                    "≤ 1.2×",
+                    format!(
+                        "**{:.2}× / {:.2}×** ({:.2} / {:.2} ms vs {:.2} / {:.2} ms)",
+                        with.delivery.p50 / without.delivery.p50.max(1e-9),
+                        with.delivery.p99 / without.delivery.p99.max(1e-9),
+                        with.delivery.p50,
+                        with.delivery.p99,
+                        without.delivery.p50,
+                        without.delivery.p99
+                    ),
+                ));
+            }
+            let busy = w.producers.iter().filter_map(|r| r.reads_per_s.filter(|_| r.wakeup == Wakeup::AfterCommit));
+            out.push((
+                "Postgres listener reads/s, idle and busy (the cost of polling)".into(),
+                "report",
+                format!(
+                    "{:.1}/s idle; {} busy",
+                    w.idle_reads_per_s,
+                    busy.map(|r| format!("{r:.0}/s")).collect::<Vec<_>>().join(", ")
+                ),
             ));
         }
         for row in self.catch_up.iter().filter(|r| r.design == Design::Ours) {
@@ -286,7 +334,58 @@ pub fn markdown(results: &Results, sizes: &Sizes, command: &str, elapsed: Durati
             r.total.as_secs_f64()
         );
     }
+    if let Some(w) = &results.wakeups {
+        wakeups_markdown(&mut md, w);
+    }
     md
+}
+
+/// The wake-ups section.
+fn wakeups_markdown(md: &mut String, w: &WakeupResults) {
+    let _ = writeln!(
+        md,
+        "\n## Postgres wake-ups: what producers pay per commit\n\n\
+         A server of its own with fsync and synchronous_commit on; each client inserts one completion \
+         row per transaction as fast as it can. *none*: no tree and no notification at all (the floor); \
+         *after commit*: the tree delivering to one subscriber, each commit followed by the coalesced \
+         `ff_completions_wake()` from another connection, the listener also polling; *in-commit \
+         trigger*: the opt-in NOTIFY inside each commit. Reads: `ff_completions_read` calls counted by \
+         pg_stat_statements (the listener's and the filter's).\n\n\
+         | clients | wake-up | commits/s | ÷ none | delivery p50 ms | p99 ms | missing | reads/s |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|"
+    );
+    for r in &w.producers {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.2} | {} | {} | {} | {} |",
+            r.clients,
+            r.wakeup.name(),
+            r.commits_per_s,
+            w.ratio(r.clients, r.wakeup).unwrap_or(0.0),
+            r.delivery.map_or("–".into(), |d| format!("{:.2}", d.p50)),
+            r.delivery.map_or("–".into(), |d| format!("{:.2}", d.p99)),
+            r.missing,
+            r.reads_per_s.map_or("–".into(), |x| format!("{x:.0}"))
+        );
+    }
+    let _ = writeln!(md, "\nIdle (a tree and one subscriber, nothing committed): {:.1} reads/s.", w.idle_reads_per_s);
+    let _ = writeln!(
+        md,
+        "\nPaced completions (one producer, after-commit wake-ups), with and without a transaction \
+         that wrote in another database of the cluster left open for the whole run:\n\n\
+         | unrelated transaction open | p50 ms | p99 ms | max ms | samples |\n|---|---:|---:|---:|---:|"
+    );
+    for r in &w.open_transaction {
+        let _ = writeln!(
+            md,
+            "| {} | {:.2} | {:.2} | {:.2} | {} |",
+            if r.open_elsewhere { "yes" } else { "no" },
+            r.delivery.p50,
+            r.delivery.p99,
+            r.delivery.max,
+            r.delivery.samples
+        );
+    }
 }
 
 fn pg_version() -> String {

@@ -41,8 +41,9 @@ pub(crate) struct Batch {
     pub skipped: Vec<(Position, String)>,
     /// The read hit its limit: more rows may be waiting.
     pub full: bool,
-    /// Committed-or-not rows exist above `end` that cannot be read yet (an open transaction
-    /// holds back the Postgres horizon): read again soon even without a wake-up.
+    /// Rows exist above `end` that cannot be read yet: read again soon even without a wake-up.
+    /// No backend sets it today (Postgres batches between snapshots wait for no transaction);
+    /// the listener keeps honouring it for backends whose order must wait.
     pub held_back: bool,
     /// Events after `start` were trimmed away up to this position: a reader at `start` has
     /// lost them (the batch is otherwise empty).

@@ -45,12 +45,12 @@ pub fn judge(
     received: &[Received],
     committed: &Committed,
     wants: impl Fn(&ExecutionId) -> bool,
-    position: impl Fn(&CompletionEvent) -> (u64, u64),
+    position: impl Fn(&CompletionEvent) -> (u64, u64, u64),
 ) -> Verdict {
     let expected: HashSet<_> = committed.sure.iter().filter(|id| wants(id)).copied().collect();
     let mut seen = HashSet::new();
     let (mut duplicated, mut out_of_order, mut unexpected) = (0, 0, 0);
-    let mut last: Option<(u64, u64)> = None;
+    let mut last: Option<(u64, u64, u64)> = None;
     for r in received {
         let id = r.event.execution_id;
         if !seen.insert(id) {

@@ -33,6 +33,7 @@ impl Target {
                     .connect(&server.url())
                     .await
                     .expect("pool");
+                sqlx::query("CREATE DATABASE chaos_bystander").execute(&pool).await.expect("a second database");
                 Self::Postgres { server, pool }
             }
             "sqlite" => {
@@ -58,18 +59,18 @@ impl Target {
     }
 
     /// The cursor's place in the backend's total order.
-    pub fn position(&self, cursor: &StreamCursor) -> (u64, u64) {
+    pub fn position(&self, cursor: &StreamCursor) -> (u64, u64, u64) {
         let decoded = match self {
-            Self::Postgres { .. } => {
-                decode_postgres_cursor(cursor).map(|c| c.map(|c| (c.txid.unwrap_or(0), c.event_id as u64)))
-            }
-            Self::Sqlite { .. } => decode_sqlite_cursor(cursor).map(|c| c.map(|id| (0, id as u64))),
-            Self::Valkey { .. } => decode_valkey_cursor(cursor),
+            Self::Postgres { .. } => decode_postgres_cursor(cursor)
+                .map(|c| c.map(|c| (c.batch.unwrap_or(0), c.txid.unwrap_or(0), c.event_id as u64))),
+            Self::Sqlite { .. } => decode_sqlite_cursor(cursor).map(|c| c.map(|id| (0, 0, id as u64))),
+            Self::Valkey { .. } => decode_valkey_cursor(cursor).map(|c| c.map(|(ms, seq)| (0, ms, seq))),
         };
-        decoded.ok().flatten().unwrap_or((0, 0))
+        decoded.ok().flatten().unwrap_or((0, 0, 0))
     }
 
-    /// Completes inside a transaction held open for `hold` (Postgres), holding back the horizon.
+    /// Completes inside a transaction held open for `hold` (Postgres): its completion arrives
+    /// after what committed meanwhile, which it never holds back.
     pub async fn complete_held_open(
         &self,
         engine: &Arc<dyn Engine>,
@@ -116,7 +117,7 @@ impl Target {
         rng: &mut StdRng,
     ) -> &'static str {
         let backend = self.config().kind();
-        match rng.random_range(0..10) {
+        match rng.random_range(0..11) {
             0..=2 => match tree.listener_cell(backend).await {
                 Some(cell) => {
                     cell.kill();
@@ -132,8 +133,33 @@ impl Target {
                 None => "filter already down",
             },
             5..=7 => self.kill_connection().await,
-            _ => self.crash_server().await,
+            8..=9 => self.crash_server().await,
+            _ => self.hold_unrelated_transactions(Duration::from_millis(rng.random_range(1000..5000))).await,
         }
+    }
+
+    /// Leaves two transactions that write nothing the reader reads open for `hold`: one in
+    /// another database of the cluster, one idle in transaction in this one (Postgres).
+    async fn hold_unrelated_transactions(&self, hold: Duration) -> &'static str {
+        let Self::Postgres { server, .. } = self else { return "no unrelated transactions (no Postgres)" };
+        let (here, elsewhere) = (server.url(), server.url().replace("/postgres", "/chaos_bystander"));
+        tokio::spawn(async move {
+            use sqlx::Connection;
+            let (Ok(mut a), Ok(mut b)) =
+                (sqlx::PgConnection::connect(&here).await, sqlx::PgConnection::connect(&elsewhere).await)
+            else {
+                return;
+            };
+            for conn in [&mut a, &mut b] {
+                let _ = sqlx::query("BEGIN").execute(&mut *conn).await;
+                let _ = sqlx::query("SELECT pg_current_xact_id()").execute(&mut *conn).await;
+            }
+            tokio::time::sleep(hold).await;
+            for conn in [&mut a, &mut b] {
+                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            }
+        });
+        "hold unrelated transactions open"
     }
 
     async fn kill_connection(&self) -> &'static str {

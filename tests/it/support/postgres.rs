@@ -88,21 +88,36 @@ fn init_data_dir(bin: &std::path::Path) -> PathBuf {
     data_dir
 }
 
+/// Server settings on top of the throwaway defaults (no fsync, no synchronous commit).
+pub type Settings = &'static [(&'static str, &'static str)];
+
+/// synchronous_commit on: a SIGKILLed server loses no commit.
+pub const DURABLE_COMMITS: Settings = &[("synchronous_commit", "on")];
+
+/// Commits flushed to disk as in production (fsync and synchronous_commit on), and
+/// pg_stat_statements loaded: for benchmarks of what producers pay per commit.
+pub const FSYNC_AND_STATEMENT_STATS: Settings = &[
+    ("synchronous_commit", "on"),
+    ("fsync", "on"),
+    ("full_page_writes", "on"),
+    ("shared_preload_libraries", "pg_stat_statements"),
+];
+
 /// Starts `postgres` on `data_dir` and `port` under a watchdog that stops it when this test
 /// process exits (and then removes the data), and waits until it accepts connections.
-/// `durable_commits` keeps synchronous_commit on, so a SIGKILLed server loses no commit.
-fn launch(bin: &std::path::Path, data_dir: &std::path::Path, port: u16, durable_commits: bool) {
+/// `settings` override the throwaway defaults.
+fn launch(bin: &std::path::Path, data_dir: &std::path::Path, port: u16, settings: Settings) {
+    let extra: String = settings.iter().map(|(k, v)| format!(" -c {k}={v}")).collect();
     let script = format!(
         "{postgres} -D {dir} -p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={dir} \
-         -c fsync=off -c synchronous_commit={sync} -c full_page_writes=off -c max_connections=400 \
-         -c shared_buffers=64MB >> {dir}/server.log 2>&1 &
+         -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400 \
+         -c shared_buffers=64MB{extra} >> {dir}/server.log 2>&1 &
          pg=$!
          while [ -d /proc/{parent} ] && kill -0 $pg 2>/dev/null; do sleep 0.2; done
          kill -INT $pg 2>/dev/null; wait $pg
          [ -d /proc/{parent} ] || rm -rf {dir}",
         postgres = bin.join("postgres").display(),
         dir = data_dir.display(),
-        sync = if durable_commits { "on" } else { "off" },
         parent = std::process::id(),
     );
     let watchdog = as_server_user("sh")
@@ -124,7 +139,7 @@ fn start() -> PgServer {
     let bin = bin_dir();
     let data_dir = init_data_dir(&bin);
     let port = free_port();
-    launch(&bin, &data_dir, port, false);
+    launch(&bin, &data_dir, port, &[]);
     PgServer { port, data_dir }
 }
 
@@ -134,20 +149,31 @@ pub struct PrivatePg {
     pub port: u16,
     bin: PathBuf,
     data_dir: PathBuf,
+    settings: Settings,
 }
 
 impl PrivatePg {
-    /// Initialises and starts a new server.
+    /// Initialises and starts a new server whose commits survive a SIGKILL.
     pub async fn start() -> Self {
-        tokio::task::spawn_blocking(|| {
+        Self::start_with(DURABLE_COMMITS).await
+    }
+
+    /// Initialises and starts a new server with `settings`.
+    pub async fn start_with(settings: Settings) -> Self {
+        tokio::task::spawn_blocking(move || {
             let bin = bin_dir();
             let data_dir = init_data_dir(&bin);
             let port = free_port();
-            launch(&bin, &data_dir, port, true);
-            Self { port, bin, data_dir }
+            launch(&bin, &data_dir, port, settings);
+            Self { port, bin, data_dir, settings }
         })
         .await
         .expect("start private postgres")
+    }
+
+    /// URL of a database on it.
+    pub fn url_of(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
     /// URL of its `postgres` database.
@@ -181,8 +207,8 @@ impl PrivatePg {
 
     /// Starts the server again on the same data directory and port.
     pub async fn restart(&self) {
-        let (bin, dir, port) = (self.bin.clone(), self.data_dir.clone(), self.port);
-        tokio::task::spawn_blocking(move || launch(&bin, &dir, port, true)).await.expect("restart postgres");
+        let (bin, dir, port, settings) = (self.bin.clone(), self.data_dir.clone(), self.port, self.settings);
+        tokio::task::spawn_blocking(move || launch(&bin, &dir, port, settings)).await.expect("restart postgres");
     }
 }
 
