@@ -24,6 +24,8 @@ use crate::support::postgres::{FSYNC_AND_STATEMENT_STATS, PrivatePg};
 pub enum Wakeup {
     /// No tree, no notification: the producers' floor.
     Nothing,
+    /// The tree delivering by its polls alone: no notification at all.
+    PollingOnly,
     /// The project's default: `ff_completions_wake()` after each commit (coalesced, from an
     /// autocommit connection) and adaptive polling.
     AfterCommit,
@@ -35,6 +37,7 @@ impl Wakeup {
     pub fn name(self) -> &'static str {
         match self {
             Self::Nothing => "none (no tree)",
+            Self::PollingOnly => "none (tree polling)",
             Self::AfterCommit => "after commit (ours)",
             Self::InCommit => "in-commit trigger",
         }
@@ -71,10 +74,10 @@ pub struct WakeupResults {
 }
 
 impl WakeupResults {
-    /// Commits/s with `wakeup` ÷ with nothing, at `clients`.
-    pub fn ratio(&self, clients: usize, wakeup: Wakeup) -> Option<f64> {
+    /// Commits/s with `wakeup` ÷ with `baseline`, at `clients`.
+    pub fn ratio(&self, clients: usize, wakeup: Wakeup, baseline: Wakeup) -> Option<f64> {
         let rate = |w| self.producers.iter().find(|r| r.clients == clients && r.wakeup == w).map(|r| r.commits_per_s);
-        Some(rate(wakeup)? / rate(Wakeup::Nothing)?)
+        Some(rate(wakeup)? / rate(baseline)?)
     }
 }
 
@@ -133,12 +136,12 @@ pub async fn run(sizes: &Sizes) -> WakeupResults {
     for &clients in &sizes.clients {
         let mut rounds = Vec::new();
         for round in 0..ROUNDS {
-            for wakeup in [Wakeup::Nothing, Wakeup::AfterCommit, Wakeup::InCommit] {
+            for wakeup in WAKEUPS {
                 eprintln!("postgres Wakeups: {clients} clients, {}, round {}", wakeup.name(), round + 1);
                 rounds.push(producers(&run, &mut conn, clients, wakeup, sizes.window).await);
             }
         }
-        for wakeup in [Wakeup::Nothing, Wakeup::AfterCommit, Wakeup::InCommit] {
+        for wakeup in WAKEUPS {
             results.producers.push(mean_of(rounds.iter().filter(|r| r.wakeup == wakeup)));
         }
     }
@@ -151,6 +154,9 @@ pub async fn run(sizes: &Sizes) -> WakeupResults {
     }
     results
 }
+
+/// The ways of waking, in the order each round measures them.
+const WAKEUPS: [Wakeup; 4] = [Wakeup::Nothing, Wakeup::PollingOnly, Wakeup::AfterCommit, Wakeup::InCommit];
 
 /// Each way of waking is measured this many times, taking turns; the report shows the mean.
 const ROUNDS: usize = 2;

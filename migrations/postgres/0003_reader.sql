@@ -30,20 +30,23 @@ ALTER TABLE ff_completion_retention ADD COLUMN IF NOT EXISTS trimmed_batch bigin
 CREATE OR REPLACE FUNCTION ff_completions_now_ms() RETURNS bigint
 LANGUAGE sql VOLATILE AS $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint $$;
 
--- Whether rows not visible in snapshot s are visible now (committed since s was taken). Each
--- probe is ordered and limited so that it follows the (txid, event_id) index: an EXISTS with a
--- range the planner cannot size may scan the whole outbox instead.
+-- Whether rows not visible in snapshot s are visible now (committed since s was taken). Both
+-- probes are written so that only the (txid, event_id) index can serve them: a range read from
+-- s's xmax in index order, and one lookup per transaction s saw in progress (an EXISTS or an
+-- ordered scan filtered by = ANY may walk the whole outbox instead).
 CREATE OR REPLACE FUNCTION ff_completions_committed_since(s pg_snapshot) RETURNS boolean
 LANGUAGE sql STABLE AS $$
     SELECT (SELECT e.txid FROM ff_completion_event e WHERE e.txid >= pg_snapshot_xmax(s)
              ORDER BY e.txid, e.event_id LIMIT 1) IS NOT NULL
-        OR (SELECT e.txid FROM ff_completion_event e WHERE e.txid = ANY (ARRAY(SELECT pg_snapshot_xip(s)))
-             ORDER BY e.txid, e.event_id LIMIT 1) IS NOT NULL
+        OR EXISTS (SELECT 1 FROM pg_snapshot_xip(s) AS x(txid)
+                    CROSS JOIN LATERAL (SELECT e.event_id FROM ff_completion_event e WHERE e.txid = x.txid
+                                         ORDER BY e.txid, e.event_id LIMIT 1) hit)
 $$;
 
 -- The newest tick, after recording a new one when rows committed since it (or when there is none
--- yet). Ticks are taken one at a time under a lock of the tick table, each in a statement that
--- starts after its predecessor committed, so every tick's snapshot contains its predecessor's.
+-- yet). Ticks are taken one at a time under a transaction-scoped advisory lock, each in a
+-- statement that starts after its predecessor committed, so every tick's snapshot contains its
+-- predecessor's.
 CREATE OR REPLACE FUNCTION ff_completions_tick() RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -58,7 +61,9 @@ BEGIN
     IF last_id IS NOT NULL AND NOT ff_completions_committed_since(last_snapshot) THEN
         RETURN last_id;
     END IF;
-    LOCK TABLE ff_completion_tick IN EXCLUSIVE MODE;
+    -- An advisory lock, not a table lock: a table lock would queue behind autovacuum of the tick
+    -- table (which Postgres cancels only after deadlock_timeout, a second of stalled reads).
+    PERFORM pg_advisory_xact_lock(hashtext('ff_completion_tick'), 0);
     SELECT t.tick_id, t.snapshot INTO last_id, last_snapshot FROM ff_completion_tick t ORDER BY t.tick_id DESC LIMIT 1;
     IF last_id IS NOT NULL AND NOT ff_completions_committed_since(last_snapshot) THEN
         RETURN last_id;
@@ -70,8 +75,10 @@ END
 $$;
 
 -- Up to p_limit rows of one batch after (p_txid, p_event_id): visible in s2 and not in s1 (s1 NULL:
--- the whole batch, rows from before adoption first). One probe of the in-progress list of s1, one
--- range probe above its xmax; both along the (txid, event_id) index.
+-- the whole batch, rows from before adoption first). One index lookup per transaction s1 saw in
+-- progress, one index range read above its xmax. Each probe has a single lower bound: given a
+-- scalar bound and a row comparison, a btree scan may start from the looser one (the start of
+-- the outbox).
 CREATE OR REPLACE FUNCTION ff_completions_batch_rows(
     p_major bigint, s1 pg_snapshot, s2 pg_snapshot, p_txid bigint, p_event_id bigint, p_limit integer)
 RETURNS TABLE (o_kind integer, o_major bigint, o_txid bigint, o_event_id bigint, o_execution_id text,
@@ -84,15 +91,19 @@ LANGUAGE sql STABLE AS $$
               WHERE s1 IS NULL AND p_txid = 0 AND e.txid IS NULL AND e.event_id > p_event_id
               ORDER BY e.txid, e.event_id LIMIT p_limit)
             UNION ALL
-            (SELECT * FROM ff_completion_event e
-              WHERE s1 IS NOT NULL AND e.txid = ANY (ARRAY(SELECT pg_snapshot_xip(s1)))
-                AND (e.txid, e.event_id) > (p_txid::text::xid8, p_event_id)
-                AND pg_visible_in_snapshot(e.txid, s2)
-              ORDER BY e.txid, e.event_id LIMIT p_limit)
+            (SELECT hit.* FROM pg_snapshot_xip(s1) AS x(txid)
+              CROSS JOIN LATERAL (SELECT * FROM ff_completion_event e
+                                   WHERE e.txid = x.txid
+                                     AND e.event_id > CASE WHEN x.txid = p_txid::text::xid8 THEN p_event_id ELSE -1 END
+                                     AND pg_visible_in_snapshot(e.txid, s2)
+                                   ORDER BY e.txid, e.event_id LIMIT p_limit) hit
+              WHERE s1 IS NOT NULL AND x.txid >= p_txid::text::xid8
+              ORDER BY hit.txid, hit.event_id LIMIT p_limit)
             UNION ALL
             (SELECT * FROM ff_completion_event e
-              WHERE e.txid >= coalesce(pg_snapshot_xmax(s1), '0'::xid8) AND e.txid < pg_snapshot_xmax(s2)
-                AND (e.txid, e.event_id) > (p_txid::text::xid8, p_event_id)
+              WHERE (e.txid, e.event_id) > (greatest(p_txid::text::xid8, pg_snapshot_xmax(s1)),
+                                            CASE WHEN pg_snapshot_xmax(s1) > p_txid::text::xid8 THEN -1 ELSE p_event_id END)
+                AND e.txid < pg_snapshot_xmax(s2)
                 AND pg_visible_in_snapshot(e.txid, s2)
               ORDER BY e.txid, e.event_id LIMIT p_limit)) e
      ORDER BY e.txid NULLS FIRST, e.event_id
@@ -100,7 +111,7 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- Up to p_limit rows after position (p_major, p_txid, p_event_id), in reader order, going on into
--- later batches (recording a tick at the head) while the limit allows. o_kind: 0 a row; 2 the end
+-- later batches while the limit allows (recording at most one new tick at the head). o_kind: 0 a row; 2 the end
 -- of a batch; 1 history after the position was trimmed (its position is the oldest kept; the
 -- caller ignores the other rows then). Checked last, so a trim committed during the reads is seen.
 CREATE OR REPLACE FUNCTION ff_completions_read(p_major bigint, p_txid bigint, p_event_id bigint, p_limit integer)
@@ -119,6 +130,7 @@ DECLARE
     got integer;
     next_tick bigint;
     batches integer := 0;
+    ticked boolean := false;
     trimmed ff_completion_retention;
 BEGIN
     IF k = 0 THEN
@@ -145,6 +157,9 @@ BEGIN
         EXIT WHEN batches > 64;
         next_tick := (SELECT min(t.tick_id) FROM ff_completion_tick t WHERE t.tick_id > k);
         IF next_tick IS NULL THEN
+            -- At the head: one new tick per call, so a call ends while producers keep committing.
+            EXIT WHEN ticked;
+            ticked := true;
             EXIT WHEN ff_completions_tick() <= k;
             next_tick := (SELECT min(t.tick_id) FROM ff_completion_tick t WHERE t.tick_id > k);
         END IF;
@@ -248,10 +263,12 @@ BEGIN
             mid := lo;
         END IF;
         IF (SELECT cut_txid < pg_snapshot_xmax(t.snapshot)
-                   AND NOT EXISTS (SELECT 1 FROM ff_completion_event e
-                                    WHERE e.txid = ANY (ARRAY(SELECT pg_snapshot_xip(t.snapshot)))
-                                      AND (e.txid, e.event_id) <= (cut_txid, cut_event)
-                                      AND pg_visible_in_snapshot(e.txid, seen))
+                   AND NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(t.snapshot) AS x(txid)
+                                    CROSS JOIN LATERAL (SELECT 1 FROM ff_completion_event e
+                                                         WHERE e.txid = x.txid
+                                                           AND (e.txid, e.event_id) <= (cut_txid, cut_event)
+                                                           AND pg_visible_in_snapshot(e.txid, seen)
+                                                         ORDER BY e.txid, e.event_id LIMIT 1) hit)
               FROM ff_completion_tick t WHERE t.tick_id = mid) THEN
             hi := mid;
         ELSE

@@ -14,6 +14,7 @@ use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
 use crate::contract::{QUIET, WAIT, complete_n, running};
+
 use crate::support::postgres::{fresh_database, reader_order};
 use crate::support::{assert_exactly_once, assert_no_more, init_tracing, take_events};
 
@@ -149,11 +150,23 @@ async fn each_flow_is_delivered_in_its_commit_order_under_concurrent_producers()
     const PER_PRODUCER: usize = 40;
     let f = fixture().await;
     let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
-    // Each producer completes the executions of its own flow one after the other.
-    let producers: Vec<_> = (0..PRODUCERS)
-        .map(|_| {
+    // All executions are claimed first; then each producer completes its own flow's executions
+    // one after the other, all producers at once.
+    let mut flows = Vec::new();
+    for _ in 0..PRODUCERS {
+        flows.push(running(&*f.engine, ExecutionSpec::new, PER_PRODUCER).await);
+    }
+    let producers: Vec<_> = flows
+        .iter()
+        .cloned()
+        .map(|ids| {
             let engine = f.engine.clone();
-            tokio::spawn(async move { complete_n(&*engine, PER_PRODUCER).await })
+            tokio::spawn(async move {
+                for id in &ids {
+                    assert!(engine.complete(id).await.expect("complete"));
+                }
+                ids
+            })
         })
         .collect();
     let mut committed = Vec::new();

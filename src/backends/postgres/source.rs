@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::{COMPLETION_CHANNEL, LISTENER_APPLICATION_NAME, connect_options, connect_pool};
 use crate::actors::AbortOnDrop;
@@ -69,11 +69,19 @@ pub(crate) struct PostgresSource {
     config: BackendConfig,
     /// Counts reads that found rows: the listening waker polls sooner while it moves.
     activity: Arc<AtomicU64>,
+    /// Counts reads started: the listening waker hands out a new wake-up only once a read has
+    /// started since its last one, so wake-ups never pile up behind a slow read.
+    reads_started: watch::Sender<u64>,
 }
 
 impl PostgresSource {
     pub(crate) async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
-        Ok(Self { pool: connect_pool(config, 4).await?, config: config.clone(), activity: Arc::default() })
+        Ok(Self {
+            pool: connect_pool(config, 4).await?,
+            config: config.clone(),
+            activity: Arc::default(),
+            reads_started: watch::Sender::new(0),
+        })
     }
 
     async fn trimmed(&self) -> Result<Option<Trimmed>, EngineError> {
@@ -190,6 +198,7 @@ impl CompletionSource for PostgresSource {
 
     async fn read_after(&self, after: Position, limit: usize) -> Result<Batch, EngineError> {
         let limit = limit.clamp(1, i32::MAX as usize);
+        self.reads_started.send_modify(|n| *n = n.wrapping_add(1));
         let rows: Vec<Row> = sqlx::query_as(READ_AFTER)
             .bind(as_i64(after.major))
             .bind(as_i64(after.hi))
@@ -244,7 +253,7 @@ impl CompletionSource for PostgresSource {
     }
 
     async fn open_waker(&self, _from: Position) -> Result<Box<dyn Waker>, EngineError> {
-        let poll = AdaptivePoll::new(self.activity.clone());
+        let poll = AdaptivePoll::new(self.activity.clone(), self.reads_started.subscribe());
         if let BackendConnection::Postgres(PostgresConnection { poll_interval: Some(every), .. }) =
             &self.config.connection
         {
@@ -275,17 +284,30 @@ pub(crate) const POLL_MAX: Duration = Duration::from_millis(100);
 
 /// Polling that follows the flow of completions: a few milliseconds while reads find rows,
 /// doubling up to [`POLL_MAX`] while they find none. Producers that never send a wake-up are
-/// still read promptly, and an idle listener costs ten cheap reads a second.
+/// still read promptly, and an idle listener costs ten cheap reads a second. At most one
+/// wake-up is outstanding: the next waits until a read has started since the last.
 struct AdaptivePoll {
     activity: Arc<AtomicU64>,
     seen: u64,
     pause: Duration,
+    reads_started: watch::Receiver<u64>,
 }
 
 impl AdaptivePoll {
-    fn new(activity: Arc<AtomicU64>) -> Self {
+    fn new(activity: Arc<AtomicU64>, mut reads_started: watch::Receiver<u64>) -> Self {
         let seen = activity.load(Ordering::Relaxed);
-        Self { activity, seen, pause: POLL_MIN }
+        // The first wake-up needs no read before it.
+        reads_started.mark_changed();
+        Self { activity, seen, pause: POLL_MIN, reads_started }
+    }
+
+    /// Waits until a read has started since the previous wake-up (at once the first time). A
+    /// source that is gone (the tree is stopping) never reads again: wait forever.
+    async fn read_since_last_wake(&mut self) {
+        if self.reads_started.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        self.reads_started.mark_unchanged();
     }
 
     /// The pause before the next poll, given whether reads found rows since the last one.
@@ -334,6 +356,7 @@ impl PostgresWaker {
 #[async_trait]
 impl Waker for PostgresWaker {
     async fn wait(&mut self) -> Result<Wake, EngineError> {
+        self.poll.read_since_last_wake().await;
         let pause = self.poll.next_pause();
         tokio::select! {
             wake = self.notifications.recv() => {

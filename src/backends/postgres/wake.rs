@@ -1,16 +1,22 @@
 //! Wake-ups sent after the producer's commit, never inside it: a transaction that queued a
 //! NOTIFY holds Postgres' global notify lock from pre-commit through its WAL flush, so notifying
 //! commits cannot share a flush. [`CommitWake`] sends `ff_completions_wake()` from an autocommit
-//! connection once the commit has returned, one at a time; wake-ups asked for while one is in
-//! flight coalesce into the next.
+//! connection once the commit has returned, one at a time and at most one per
+//! [`MIN_WAKE_INTERVAL`]; wake-ups asked for meanwhile coalesce into the next.
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::postgres::PgPool;
 use tokio::sync::Notify;
 
 use crate::actors::AbortOnDrop;
+
+/// The least time between two wake-ups of one [`CommitWake`]: under load the listener is
+/// reading anyway (and polls every few milliseconds), so a NOTIFY per commit would only cost
+/// the server a transaction each.
+pub const MIN_WAKE_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Coalesced after-commit wake-ups of the listeners on channel `ff_completion`.
 #[derive(Clone)]
@@ -27,10 +33,12 @@ impl CommitWake {
         let sender = tokio::spawn(async move {
             loop {
                 waiting.notified().await;
+                let sent = tokio::time::Instant::now();
                 // A lost wake-up only delays delivery until the listener's next poll.
                 if let Err(e) = sqlx::query("SELECT ff_completions_wake()").execute(&pool).await {
                     tracing::debug!(error = %e, "after-commit wake-up failed; listeners poll anyway");
                 }
+                tokio::time::sleep_until(sent + MIN_WAKE_INTERVAL).await;
             }
         });
         Self { wanted, _sender: Arc::new(AbortOnDrop(sender)) }
