@@ -159,7 +159,7 @@ pub async fn run(sizes: &Sizes) -> WakeupResults {
 const WAKEUPS: [Wakeup; 4] = [Wakeup::Nothing, Wakeup::PollingOnly, Wakeup::AfterCommit, Wakeup::InCommit];
 
 /// Each way of waking is measured this many times, taking turns; the report shows the mean.
-const ROUNDS: usize = 2;
+const ROUNDS: usize = 3;
 
 /// The mean commits/s and reads/s of rounds of one way of waking, with the first round's
 /// delivery spread and every round's missing events.

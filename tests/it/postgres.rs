@@ -442,6 +442,69 @@ async fn reads_follow_the_txid_index_and_never_scan_the_whole_outbox() {
     assert_eq!(scans.0, seq_before, "no read scanned the whole outbox ({} index scans)", scans.1 - idx_before);
 }
 
+/// Shared buffers `probe` touched with snapshots `s1` and `s2` bound as `$1` and `$2`, from
+/// `EXPLAIN (ANALYZE, BUFFERS)` (through `pg_temp.explain`).
+async fn buffers_touched(conn: &mut PgConnection, probe: &str, s1: &str, s2: &str) -> i64 {
+    let plan: serde_json::Value = sqlx::query_scalar("SELECT pg_temp.explain($1, $2::pg_snapshot, $3::pg_snapshot)")
+        .bind(probe)
+        .bind(s1)
+        .bind(s2)
+        .fetch_one(&mut *conn)
+        .await
+        .expect("explain");
+    let top = &plan[0]["Plan"];
+    top["Shared Hit Blocks"].as_i64().unwrap_or(0) + top["Shared Read Blocks"].as_i64().unwrap_or(0)
+}
+
+/// The reader's probes at the head of a large outbox touch a few pages, whatever its size, with
+/// the generic plans PL/pgSQL settles on: each probe has one lower bound (a scalar bound beside a
+/// row comparison let a btree scan start at the outbox's first page).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_at_the_head_of_a_large_outbox_touch_a_few_pages() {
+    init_tracing();
+    let url = fresh_database().await;
+    drop(PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("schema"));
+    let mut conn = PgConnection::connect(&url).await.expect("connect");
+    sqlx::query(
+        "INSERT INTO ff_completion_event (execution_id, outcome, occurred_at_ms, partition_key) \
+         SELECT gen_random_uuid(), 'success', 1, 0 FROM generate_series(1, 100000)",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("history");
+    sqlx::query("ANALYZE ff_completion_event").execute(&mut conn).await.expect("analyze");
+    sqlx::query("SELECT ff_completions_tick()").execute(&mut conn).await.expect("tick");
+    for _ in 0..3 {
+        insert_row(&mut conn, 1).await;
+    }
+    sqlx::query("SELECT ff_completions_tick()").execute(&mut conn).await.expect("tick");
+    // EXPLAIN of each probe with the snapshots bound as parameters, as PL/pgSQL passes them.
+    sqlx::query(
+        "CREATE FUNCTION pg_temp.explain(probe text, s1 pg_snapshot, s2 pg_snapshot) RETURNS json \
+         LANGUAGE plpgsql AS $$ DECLARE plan json; BEGIN \
+         EXECUTE 'EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ' || probe INTO plan USING s1, s2; RETURN plan; END $$",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("explain function");
+    let ticks: Vec<String> =
+        sqlx::query_scalar("SELECT snapshot::text FROM ff_completion_tick ORDER BY tick_id DESC LIMIT 2")
+            .fetch_all(&mut conn)
+            .await
+            .expect("ticks");
+    let (newest, previous) = (&ticks[0], &ticks[1]);
+    let batch = "SELECT * FROM ff_completions_batch_rows(6, $1, $2, 0, 0, 512)";
+    let since = "SELECT ff_completions_committed_since($1)";
+    let batch = buffers_touched(&mut conn, batch, previous, newest).await;
+    let (since, idle) = (
+        buffers_touched(&mut conn, since, previous, newest).await,
+        buffers_touched(&mut conn, since, newest, newest).await,
+    );
+    eprintln!("pages read at the head of 100,000 rows: batch {batch}, wake-up probes {since} / {idle}");
+    assert!(batch < 30, "a batch of 3 rows at the head read {batch} pages");
+    assert!(since < 30 && idle < 30, "a wake-up probe read {since} / {idle} pages");
+}
+
 async fn insert_row(conn: &mut PgConnection, occurred_at_ms: i64) -> ExecutionId {
     let id = ExecutionId::from_parts(7, uuid::Uuid::new_v4());
     sqlx::query(
