@@ -124,6 +124,7 @@ impl Actor for Filter {
                 FilterMsg::SinkReady => state.on_sink_ready(&myself),
             }
             state.record_metrics();
+            state.args.shared.healthy.store(true, Ordering::Relaxed);
         }
         .instrument(span)
         .await;

@@ -154,6 +154,7 @@ impl ListenerState {
         self._waker_task = Some(AbortOnDrop(tokio::spawn(run_waker(waker, myself.clone()))));
         self._tick_task = Some(spawn_ticker(myself.clone(), self.args.tick, self.tick_pending.clone()));
         shared.live.store(true, Ordering::Relaxed);
+        shared.became_live.store(true, Ordering::Relaxed);
         shared.set_error(None);
         let outage = shared.down_since.lock().map(|mut d| d.take()).unwrap_or(None).map(|t| t.elapsed());
         let attempts = shared.outage_restarts.swap(0, Ordering::Relaxed);

@@ -146,6 +146,9 @@ pub(crate) struct ListenerShared {
     /// Restarts since the current outage began; the listener resets it when it is live again.
     pub outage_restarts: AtomicU64,
     pub live: std::sync::atomic::AtomicBool,
+    /// Set by the listener when it is live, cleared by the supervisor when it starts one: tells
+    /// the restart policy whether the last incarnation had a healthy life.
+    pub became_live: std::sync::atomic::AtomicBool,
     /// When the listener last lost its connection or died; cleared when it is live again.
     pub down_since: Mutex<Option<std::time::Instant>>,
     pub last_error: Mutex<Option<String>>,
@@ -213,6 +216,10 @@ pub(crate) struct SubscriberShared {
     pub delivered_count: AtomicU64,
     pub live_batches_dropped: AtomicU64,
     pub catch_up_reads: AtomicU64,
+    /// Set by the filter once it handled a message to the end, cleared by the supervisor when
+    /// it judges the filter's exit: tells the restart policy whether the last incarnation was
+    /// healthy (a sink that panics on every delivery never is).
+    pub healthy: std::sync::atomic::AtomicBool,
     lag: Mutex<LagMarks>,
 }
 
@@ -228,6 +235,7 @@ impl SubscriberShared {
             delivered_count: AtomicU64::new(0),
             live_batches_dropped: AtomicU64::new(0),
             catch_up_reads: AtomicU64::new(0),
+            healthy: std::sync::atomic::AtomicBool::new(false),
             lag: Mutex::new(LagMarks { synced: read_at_start.map(|r| (r, 0)), pending_at: None }),
         }
     }
