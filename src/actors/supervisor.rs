@@ -25,7 +25,7 @@
 mod jobs;
 mod report;
 pub(crate) mod restart;
-mod subscriptions;
+pub(crate) mod subscriptions;
 mod supervision;
 
 use std::collections::HashMap;
@@ -39,7 +39,7 @@ use self::restart::RestartPolicy;
 use super::filter::FilterMsg;
 use super::listener::ListenerMsg;
 use super::{AbortOnDrop, BackendId, ListenerShared, Sink, SubscriberId, SubscriberShared};
-use crate::backends::{CompletionSource, open_source};
+use crate::backends::{CompletionSource, lazy_source};
 use crate::backoff::Backoff;
 use crate::config::BackendRetry;
 use crate::cursor::StreamCursor;
@@ -111,7 +111,8 @@ pub enum SupervisorMsg {
         request: SubscribeRequest,
         /// Where to deliver.
         sink: Sink,
-        /// The new subscriber's id, or why it was refused.
+        /// The new subscriber's id, or why it was refused. The new filter answers it once it
+        /// knows where the subscription starts, or that the backend cannot tell yet.
         reply: RpcReplyPort<Result<SubscriberId, EngineError>>,
     },
     /// Removes a subscriber. Sent by the handle or a dropped subscription.
@@ -208,12 +209,11 @@ impl Actor for CompletionSupervisor {
         async move {
             match message {
                 SupervisorMsg::Subscribe { request, sink, reply } => {
-                    let result = state.subscribe(&myself, request, sink).await;
-                    let _ = reply.send(result);
+                    state.subscribe(&myself, request, sink, reply).await
                 }
                 SupervisorMsg::Unsubscribe(id) => state.unsubscribe(id),
                 SupervisorMsg::RestartListener(id) => state.start_listener(&myself, &id).await,
-                SupervisorMsg::RestartFilter(id) => state.start_filter(&myself, id).await,
+                SupervisorMsg::RestartFilter(id) => state.start_filter(&myself, id, None).await,
                 SupervisorMsg::Stats(reply) => {
                     let _ = reply.send(state.stats());
                 }
@@ -258,7 +258,9 @@ impl Actor for CompletionSupervisor {
 }
 
 impl SupervisorState {
-    /// Connects to every backend and fixes each listener's first cursor.
+    /// Prepares every backend's slot. Connects (and fixes each listener's first cursor) only
+    /// when the config says `connect_at_start`; otherwise the listeners connect in the
+    /// background and nothing here waits for a backend.
     async fn start(config: SupervisorConfig, span: tracing::Span) -> Result<Self, EngineError> {
         if config.backends.is_empty() {
             return Err(EngineError::validation("a completion supervisor needs at least one backend"));
@@ -269,11 +271,15 @@ impl SupervisorState {
             if listeners.contains_key(id) {
                 return Err(EngineError::validation(format!("backend name {id:?} is used twice")));
             }
-            let source = open_source(backend).await?;
-            // The first cursor is fixed before any subscriber resolves its own tail, so no
-            // subscriber ever starts below the listener's live head unnoticed.
+            let lazy = Arc::new(lazy_source(backend));
             let shared = Arc::new(ListenerShared::default());
-            shared.set_cursor(source.tail().await?);
+            if config.connect_at_start {
+                // Fail fast, with the backend's own typed error; the first cursor is then fixed
+                // before any subscriber resolves its own tail.
+                lazy.connect().await?;
+                shared.set_cursor(lazy.tail().await?);
+            }
+            let source: Arc<dyn CompletionSource> = lazy;
             let trim_job = backend.retention.clone().map(|r| jobs::spawn_trim_job(id.clone(), source.clone(), r));
             let gauge_job = jobs::spawn_gauge_job(id.clone(), source.clone(), config.gauge_interval);
             let policy = RestartPolicy::new(Backoff::from_retry(&backend.retry), config.restart_intensity);

@@ -212,6 +212,67 @@ async fn a_filter_that_panics_on_every_start_escalates_instead_of_looping() {
     parent.stop(None);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_started_while_its_server_is_down_answers_at_once_and_delivers_once_it_is_up() {
+    init_tracing();
+    let pg = crate::support::postgres::PrivatePg::start().await;
+    let url = pg.url();
+    let engine = PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("engine");
+    let backend = BackendConfig::postgres(&url)
+        .with_retry(BackendRetry::new(2, 20, 3, 0))
+        .with_timeouts(BackendTimeouts::default().with_connect(Duration::from_millis(500)));
+    let config = SupervisorConfig::new().with_backend(backend);
+
+    // A cursor from a first tree, to resume from while the server is down.
+    let (first, _) = CompletionSupervisorHandle::spawn(config.clone()).await.expect("spawn while up");
+    let mut sub = first.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let history = complete_n(&engine, 3).await;
+    let seen = take_events(&mut sub, 3, WAIT).await;
+    first.shutdown().await;
+
+    pg.kill9().await;
+    // Asked to, the spawn fails fast with the backend's own typed, transient error.
+    let err = CompletionSupervisorHandle::spawn(config.clone().with_connect_at_start(true))
+        .await
+        .expect_err("the server is down");
+    assert!(
+        matches!(err, ff_completions::EngineError::Transport { .. } | ff_completions::EngineError::Unavailable { .. }),
+        "{err:?}"
+    );
+    assert!(err.is_transient(), "{err:?}");
+    // By default the tree starts, answers, and takes subscribers.
+    let (tree, _) = CompletionSupervisorHandle::spawn(config).await.expect("spawn while down");
+    let stats = tree.stats().await.expect("stats during the outage");
+    assert_ne!(stats.listeners[0].state, ListenerState::Live, "{stats}");
+    let mut from_cursor =
+        tree.subscribe(SubscribeRequest::from_cursor(seen[0].cursor.clone())).await.expect("cursor sub while down");
+    let mut tail = tree.subscribe(SubscribeRequest::tail()).await.expect("tail sub while down");
+    let stats = tree.stats().await.expect("stats during the outage");
+    assert!(stats.subscribers.iter().all(|s| s.mode == ff_completions::FilterMode::Starting), "{stats}");
+
+    pg.restart().await;
+    // A tail subscription that never saw the backend starts at the tree's first read.
+    wait_until(WAIT, "the listener to be live", || async {
+        tree.stats().await.map(|s| s.listeners[0].state == ListenerState::Live).unwrap_or(false)
+    })
+    .await;
+    let after = complete_n(&engine, 3).await;
+    assert_exactly_once(&take_events(&mut tail, 3, WAIT).await, &after, true);
+    let rest: Vec<_> = history[1..].iter().chain(&after).copied().collect();
+    assert_exactly_once(&take_events(&mut from_cursor, rest.len(), WAIT).await, &rest, true);
+
+    // Down again: a tail subscription starts at the tree's last read, so whatever is committed
+    // once the server is back reaches it, without waiting for the listener first.
+    pg.kill9().await;
+    let mut during = tree.subscribe(SubscribeRequest::tail()).await.expect("tail sub during an outage");
+    pg.restart().await;
+    let later = complete_n(&engine, 3).await;
+    assert_exactly_once(&take_events(&mut during, 3, WAIT).await, &later, true);
+    assert_exactly_once(&take_events(&mut tail, 3, WAIT).await, &later, true);
+    assert_no_more(&mut during, Duration::from_millis(300)).await;
+    tree.shutdown().await;
+}
+
 /// A consumer that is itself an actor.
 struct Collector;
 

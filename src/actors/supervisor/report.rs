@@ -7,6 +7,7 @@ use ractor::ActorCell;
 
 use super::{ChildKey, ListenerStats, SubscriberStats, SupervisorState, SupervisorStats};
 use crate::actors::ListenerState;
+use crate::cursor::StreamCursor;
 
 impl SupervisorState {
     pub(super) fn stats(&self) -> SupervisorStats {
@@ -46,7 +47,8 @@ impl SupervisorState {
                 Some(SubscriberStats {
                     id: *id,
                     backend: sub.backend.clone(),
-                    cursor: source.cursor_of(shared.delivered()),
+                    // Empty (the tail) until the filter knows where the subscription starts.
+                    cursor: shared.start().map_or_else(StreamCursor::empty, |_| source.cursor_of(shared.delivered())),
                     mode: shared.mode(),
                     delivered: shared.delivered_count.load(Ordering::Relaxed),
                     lag_events: shared.lag_events(&listener.shared),
