@@ -466,3 +466,6 @@ impl FilterState {
         self.metrics.batch_dropped();
     }
 }
+
+#[cfg(test)]
+mod tests;

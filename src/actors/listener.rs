@@ -311,3 +311,6 @@ async fn run_waker(mut waker: Box<dyn Waker>, listener: ActorRef<ListenerMsg>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -13,6 +13,8 @@ use crate::error::EngineError;
 use crate::event::CompletionEvent;
 
 pub(crate) mod lazy;
+#[cfg(test)]
+pub(crate) mod memory;
 #[cfg(any(feature = "postgres", feature = "sqlite", feature = "valkey"))]
 mod outbox;
 #[cfg(feature = "postgres")]
