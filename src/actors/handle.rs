@@ -141,6 +141,15 @@ impl CompletionSupervisorHandle {
         self.add_subscriber(request, Sink::actor(actor)).await
     }
 
+    /// Subscribes any [`Sink`]: for example an [`Sink::Actor`] closure that routes each event
+    /// to one of several actors (by flow partition, say).
+    ///
+    /// # Errors
+    /// As [`Self::subscribe`].
+    pub async fn subscribe_sink(&self, request: SubscribeRequest, sink: Sink) -> Result<SubscriberId, EngineError> {
+        self.add_subscriber(request, sink).await
+    }
+
     /// Ends a subscription.
     pub fn unsubscribe(&self, id: SubscriberId) {
         let _ = self.actor.cast(SupervisorMsg::Unsubscribe(id));

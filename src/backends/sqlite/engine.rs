@@ -4,13 +4,18 @@
 
 use async_trait::async_trait;
 use sqlx::sqlite::SqlitePool;
-use sqlx::{Sqlite, Transaction};
+use sqlx::{Sqlite, SqliteConnection, Transaction};
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
 use tokio::sync::watch;
+use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
-use super::{commit_signal, connect_pool, database_key};
+use super::{commit_signal, connect_pool, database_key, write_lock};
 use crate::config::BackendConfig;
-use crate::engine::{CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome};
+use crate::engine::{
+    CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, ResolvedEdge,
+};
 use crate::error::EngineError;
 use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
 
@@ -21,6 +26,26 @@ const TERMINAL: &str = "('success', 'failed', 'cancelled', 'expired', 'skipped')
 pub struct SqliteEngine {
     pool: SqlitePool,
     signal: watch::Sender<u64>,
+    write_lock: Arc<Mutex<()>>,
+}
+
+/// A write transaction holding this process's write lock of the database.
+struct WriteTx {
+    tx: Transaction<'static, Sqlite>,
+    _lock: OwnedMutexGuard<()>,
+}
+
+impl Deref for WriteTx {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        &self.tx
+    }
+}
+
+impl DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.tx
+    }
 }
 
 fn sql_err(op: &'static str) -> impl FnOnce(sqlx::Error) -> EngineError {
@@ -42,7 +67,7 @@ impl SqliteEngine {
     /// Open or migration failures.
     pub async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
         let key = database_key(config)?;
-        Ok(Self { pool: connect_pool(config, 4).await?, signal: commit_signal(&key) })
+        Ok(Self { pool: connect_pool(config, 4).await?, signal: commit_signal(&key), write_lock: write_lock(&key) })
     }
 
     /// The underlying pool.
@@ -50,14 +75,81 @@ impl SqliteEngine {
         &self.pool
     }
 
-    async fn write(&self, op: &'static str) -> Result<Transaction<'static, Sqlite>, EngineError> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(sql_err(op))
+    /// Begins a write transaction once this process's earlier writers are done.
+    async fn write(&self, op: &'static str) -> Result<WriteTx, EngineError> {
+        let lock = self.write_lock.clone().lock_owned().await;
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(sql_err(op))?;
+        Ok(WriteTx { tx, _lock: lock })
     }
 
-    async fn commit(&self, tx: Transaction<'static, Sqlite>, op: &'static str) -> Result<(), EngineError> {
-        tx.commit().await.map_err(sql_err(op))?;
+    async fn commit(&self, tx: WriteTx, op: &'static str) -> Result<(), EngineError> {
+        tx.tx.commit().await.map_err(sql_err(op))?;
         self.signal.send_modify(|v| *v = v.wrapping_add(1));
         Ok(())
+    }
+
+    /// Resolves one edge inside the caller's write transaction.
+    async fn resolve_in(
+        tx: &mut SqliteConnection,
+        parent_id: &str,
+        child_id: &str,
+    ) -> Result<DependencyResolution, EngineError> {
+        let op = "resolve dependency";
+        let parent_state: Option<String> = sqlx::query_scalar("SELECT state FROM ff_execution WHERE execution_id = ?")
+            .bind(parent_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(sql_err(op))?;
+        let Some(parent_state) = parent_state.filter(|s| TERMINAL.contains(&format!("'{s}'"))) else {
+            return Ok(DependencyResolution::ParentNotTerminal);
+        };
+        let succeeded = parent_state == "success";
+        let edge = sqlx::query(
+            "UPDATE ff_dependency SET state = ? WHERE parent_id = ? AND child_id = ? AND state = 'pending'",
+        )
+        .bind(if succeeded { "satisfied" } else { "failed" })
+        .bind(parent_id)
+        .bind(child_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(sql_err(op))?
+        .rows_affected();
+        Ok(if edge == 0 {
+            DependencyResolution::AlreadyResolved
+        } else if !succeeded {
+            let skipped = sqlx::query(
+                "UPDATE ff_execution SET state = 'skipped', updated_at_ms = ? \
+                 WHERE execution_id = ? AND state IN ('blocked', 'eligible')",
+            )
+            .bind(TimestampMs::now().0)
+            .bind(child_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_err(op))?
+            .rows_affected();
+            if skipped == 1 { DependencyResolution::Skipped } else { DependencyResolution::AlreadyResolved }
+        } else {
+            let row: Option<(i64, String)> = sqlx::query_as(
+                "UPDATE ff_execution SET pending_parents = pending_parents - 1, updated_at_ms = ? \
+                 WHERE execution_id = ? RETURNING pending_parents, state",
+            )
+            .bind(TimestampMs::now().0)
+            .bind(child_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(sql_err(op))?;
+            match row {
+                Some((0, state)) if state == "blocked" => {
+                    sqlx::query("UPDATE ff_execution SET state = 'eligible' WHERE execution_id = ?")
+                        .bind(child_id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(sql_err(op))?;
+                    DependencyResolution::Promoted
+                }
+                _ => DependencyResolution::Waiting,
+            }
+        })
     }
 
     /// Moves one execution from one of `from` to `to`; the trigger writes the completion.
@@ -226,65 +318,33 @@ impl Engine for SqliteEngine {
         child: &ExecutionId,
     ) -> Result<DependencyResolution, EngineError> {
         let op = "resolve dependency";
-        let (parent_id, child_id) = (parent.uuid().to_string(), child.uuid().to_string());
         let mut tx = self.write(op).await?;
-        let parent_state: Option<String> = sqlx::query_scalar("SELECT state FROM ff_execution WHERE execution_id = ?")
-            .bind(&parent_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(sql_err(op))?;
-        let Some(parent_state) = parent_state.filter(|s| TERMINAL.contains(&format!("'{s}'"))) else {
-            return Ok(DependencyResolution::ParentNotTerminal);
-        };
-        let succeeded = parent_state == "success";
-        let edge = sqlx::query(
-            "UPDATE ff_dependency SET state = ? WHERE parent_id = ? AND child_id = ? AND state = 'pending'",
-        )
-        .bind(if succeeded { "satisfied" } else { "failed" })
-        .bind(&parent_id)
-        .bind(&child_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(sql_err(op))?
-        .rows_affected();
-        let resolution = if edge == 0 {
-            DependencyResolution::AlreadyResolved
-        } else if !succeeded {
-            let skipped = sqlx::query(
-                "UPDATE ff_execution SET state = 'skipped', updated_at_ms = ? \
-                 WHERE execution_id = ? AND state IN ('blocked', 'eligible')",
-            )
-            .bind(TimestampMs::now().0)
-            .bind(&child_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(sql_err(op))?
-            .rows_affected();
-            if skipped == 1 { DependencyResolution::Skipped } else { DependencyResolution::AlreadyResolved }
-        } else {
-            let row: Option<(i64, String)> = sqlx::query_as(
-                "UPDATE ff_execution SET pending_parents = pending_parents - 1, updated_at_ms = ? \
-                 WHERE execution_id = ? RETURNING pending_parents, state",
-            )
-            .bind(TimestampMs::now().0)
-            .bind(&child_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(sql_err(op))?;
-            match row {
-                Some((0, state)) if state == "blocked" => {
-                    sqlx::query("UPDATE ff_execution SET state = 'eligible' WHERE execution_id = ?")
-                        .bind(&child_id)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(sql_err(op))?;
-                    DependencyResolution::Promoted
-                }
-                _ => DependencyResolution::Waiting,
-            }
-        };
+        let resolution = Self::resolve_in(&mut tx, &parent.uuid().to_string(), &child.uuid().to_string()).await?;
         self.commit(tx, op).await?;
         Ok(resolution)
+    }
+
+    async fn resolve_children(&self, parents: &[ExecutionId]) -> Result<Vec<ResolvedEdge>, EngineError> {
+        let op = "resolve children";
+        let mut tx = self.write(op).await?;
+        let mut resolved = Vec::new();
+        for parent in parents {
+            let parent_id = parent.uuid().to_string();
+            let children: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT d.child_id, e.partition_key FROM ff_dependency d \
+                 JOIN ff_execution e ON e.execution_id = d.child_id WHERE d.parent_id = ? ORDER BY d.child_id",
+            )
+            .bind(&parent_id)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(sql_err(op))?;
+            for (child_id, partition) in children {
+                let resolution = Self::resolve_in(&mut tx, &parent_id, &child_id).await?;
+                resolved.push((*parent, exec_id(&child_id, partition)?, resolution));
+            }
+        }
+        self.commit(tx, op).await?;
+        Ok(resolved)
     }
 
     async fn children(&self, parent: &ExecutionId) -> Result<Vec<ExecutionId>, EngineError> {

@@ -8,7 +8,7 @@ mod source;
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
@@ -38,11 +38,24 @@ pub(crate) fn database_key(config: &BackendConfig) -> Result<String, EngineError
     }
 }
 
+/// One value per database, shared by every engine and source of this process.
+fn per_database<T: Clone>(registry: &'static OnceLock<Mutex<HashMap<String, T>>>, key: &str, make: fn() -> T) -> T {
+    let mut values = registry.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    values.entry(key.to_owned()).or_insert_with(make).clone()
+}
+
 /// The in-process commit signal of one database: a counter every producer bumps after commit.
 pub(crate) fn commit_signal(key: &str) -> watch::Sender<u64> {
     static SIGNALS: OnceLock<Mutex<HashMap<String, watch::Sender<u64>>>> = OnceLock::new();
-    let mut signals = SIGNALS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-    signals.entry(key.to_owned()).or_insert_with(|| watch::channel(0).0).clone()
+    per_database(&SIGNALS, key, || watch::channel(0).0)
+}
+
+/// The in-process write lock of one database. SQLite has one writer at a time; writers of this
+/// process queue for it here, in order, rather than in SQLite's busy handler, which sleeps in
+/// growing steps (up to 100 ms) and lets a waiting writer starve behind the others.
+pub(crate) fn write_lock(key: &str) -> Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
+    per_database(&LOCKS, key, Default::default)
 }
 
 fn options(config: &BackendConfig) -> Result<SqliteConnectOptions, EngineError> {
