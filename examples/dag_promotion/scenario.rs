@@ -77,6 +77,8 @@ pub struct Report {
     /// Completion committed -> the child it promoted is eligible, in microseconds (promotions
     /// by the promoter only).
     pub promotion_us: Histogram<u64>,
+    /// How long the promoters' engine calls took, in microseconds.
+    pub call_us: Histogram<u64>,
     /// Engine calls the promoter made to resolve its batches, and the events in them.
     pub batches: u64,
     pub batched_events: u64,
@@ -118,6 +120,7 @@ impl Default for Report {
             skips: 0,
             delivery_us: micros_histogram(),
             promotion_us: micros_histogram(),
+            call_us: micros_histogram(),
             batches: 0,
             batched_events: 0,
             events: 0,
@@ -216,13 +219,20 @@ struct Progress {
 struct Latencies {
     delivery_us: Histogram<u64>,
     promotion_us: Histogram<u64>,
+    call_us: Histogram<u64>,
     batches: u64,
     batched_events: u64,
 }
 
 impl Default for Latencies {
     fn default() -> Self {
-        Self { delivery_us: micros_histogram(), promotion_us: micros_histogram(), batches: 0, batched_events: 0 }
+        Self {
+            delivery_us: micros_histogram(),
+            promotion_us: micros_histogram(),
+            call_us: micros_histogram(),
+            batches: 0,
+            batched_events: 0,
+        }
     }
 }
 
@@ -294,8 +304,12 @@ impl PromoterState {
         }
         if self.resolve {
             let parents: Vec<ExecutionId> = self.pending.iter().map(|e| e.execution_id).collect();
+            let called = Instant::now();
             match self.engine.resolve_children(&parents).await {
-                Ok(edges) => self.count_resolved(&edges),
+                Ok(edges) => {
+                    self.progress.latencies().call_us.saturating_record(called.elapsed().as_micros() as u64);
+                    self.count_resolved(&edges);
+                }
                 Err(err) => {
                     // Keep the batch and try again shortly (the engine's connection may be back).
                     tracing::warn!(error = %err, events = parents.len(), "resolving a batch failed; retrying");
@@ -743,6 +757,7 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
         skips: progress.skips.load(Ordering::Relaxed),
         delivery_us: latencies.delivery_us,
         promotion_us: latencies.promotion_us,
+        call_us: latencies.call_us,
         batches: latencies.batches,
         batched_events: latencies.batched_events,
         events: progress.terminal.load(Ordering::Relaxed),
@@ -799,9 +814,10 @@ pub fn print_summary(r: &Report, reconcile_every: Duration) {
         "                  (from the completion's own commit time, whole milliseconds: figures err high by up to 1 ms)"
     );
     println!(
-        "promoter batches  {} ({:.1} completions per engine call)",
+        "promoter batches  {} ({:.1} completions per engine call; each call {})",
         r.batches,
-        r.batched_events as f64 / r.batches.max(1) as f64
+        r.batched_events as f64 / r.batches.max(1) as f64,
+        spread(&r.call_us)
     );
     println!("events/s          {:.0}", r.events as f64 / r.elapsed.as_secs_f64().max(1e-9));
     println!("elapsed           {:.2?}", r.elapsed);

@@ -103,7 +103,17 @@ impl SqliteEngine {
         let Some(parent_state) = parent_state.filter(|s| TERMINAL.contains(&format!("'{s}'"))) else {
             return Ok(DependencyResolution::ParentNotTerminal);
         };
-        let succeeded = parent_state == "success";
+        Self::resolve_edge(tx, parent_state == "success", parent_id, child_id).await
+    }
+
+    /// Resolves one edge of a terminal parent inside the caller's write transaction.
+    async fn resolve_edge(
+        tx: &mut SqliteConnection,
+        succeeded: bool,
+        parent_id: &str,
+        child_id: &str,
+    ) -> Result<DependencyResolution, EngineError> {
+        let op = "resolve dependency";
         let edge = sqlx::query(
             "UPDATE ff_dependency SET state = ? WHERE parent_id = ? AND child_id = ? AND state = 'pending'",
         )
@@ -129,9 +139,12 @@ impl SqliteEngine {
             .rows_affected();
             if skipped == 1 { DependencyResolution::Skipped } else { DependencyResolution::AlreadyResolved }
         } else {
+            // One statement: SET sees the old row, so the last pending parent of a blocked child
+            // makes it eligible; nothing else ever makes a child eligible with no parent left.
             let row: Option<(i64, String)> = sqlx::query_as(
-                "UPDATE ff_execution SET pending_parents = pending_parents - 1, updated_at_ms = ? \
-                 WHERE execution_id = ? RETURNING pending_parents, state",
+                "UPDATE ff_execution SET pending_parents = pending_parents - 1, \
+                 state = CASE WHEN pending_parents = 1 AND state = 'blocked' THEN 'eligible' ELSE state END, \
+                 updated_at_ms = ? WHERE execution_id = ? RETURNING pending_parents, state",
             )
             .bind(TimestampMs::now().0)
             .bind(child_id)
@@ -139,14 +152,7 @@ impl SqliteEngine {
             .await
             .map_err(sql_err(op))?;
             match row {
-                Some((0, state)) if state == "blocked" => {
-                    sqlx::query("UPDATE ff_execution SET state = 'eligible' WHERE execution_id = ?")
-                        .bind(child_id)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(sql_err(op))?;
-                    DependencyResolution::Promoted
-                }
+                Some((0, state)) if state == "eligible" => DependencyResolution::Promoted,
                 _ => DependencyResolution::Waiting,
             }
         })
@@ -227,6 +233,15 @@ impl Engine for SqliteEngine {
     }
 
     async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, EngineError> {
+        // A read first (WAL readers never wait for the writer): an idle worker polling for work
+        // takes no write lock, so it never delays the writers that have something to write.
+        let eligible: Option<i64> = sqlx::query_scalar("SELECT 1 FROM ff_execution WHERE state = 'eligible' LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(sql_err("claim"))?;
+        if eligible.is_none() {
+            return Ok(Vec::new());
+        }
         let mut tx = self.write("claim").await?;
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "UPDATE ff_execution SET state = 'running', worker = ?, attempt = attempt + 1, updated_at_ms = ? \
@@ -324,23 +339,37 @@ impl Engine for SqliteEngine {
         Ok(resolution)
     }
 
+    /// One transaction, one query for the pending edges of the whole batch (with each
+    /// parent's state), then two statements per edge. Already resolved edges are left out.
     async fn resolve_children(&self, parents: &[ExecutionId]) -> Result<Vec<ResolvedEdge>, EngineError> {
         let op = "resolve children";
         let mut tx = self.write(op).await?;
         let mut resolved = Vec::new();
-        for parent in parents {
-            let parent_id = parent.uuid().to_string();
-            let children: Vec<(String, i64)> = sqlx::query_as(
-                "SELECT d.child_id, e.partition_key FROM ff_dependency d \
-                 JOIN ff_execution e ON e.execution_id = d.child_id WHERE d.parent_id = ? ORDER BY d.child_id",
-            )
-            .bind(&parent_id)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(sql_err(op))?;
-            for (child_id, partition) in children {
-                let resolution = Self::resolve_in(&mut tx, &parent_id, &child_id).await?;
-                resolved.push((*parent, exec_id(&child_id, partition)?, resolution));
+        // Well below SQLite's limit on bound parameters.
+        for chunk in parents.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!(
+                "SELECT d.parent_id, p.partition_key, p.state, d.child_id, c.partition_key FROM ff_dependency d \
+                 JOIN ff_execution p ON p.execution_id = d.parent_id \
+                 JOIN ff_execution c ON c.execution_id = d.child_id \
+                 WHERE d.state = 'pending' AND d.parent_id IN ({marks}) ORDER BY d.child_id, d.parent_id"
+            );
+            let mut query = sqlx::query_as::<_, (String, i64, String, String, i64)>(sqlx::AssertSqlSafe(sql));
+            for parent in chunk {
+                query = query.bind(parent.uuid().to_string());
+            }
+            let edges = query.fetch_all(&mut *tx).await.map_err(sql_err(op))?;
+            for (parent_id, parent_partition, parent_state, child_id, child_partition) in edges {
+                let resolution = if TERMINAL.contains(&format!("'{parent_state}'")) {
+                    Self::resolve_edge(&mut tx, parent_state == "success", &parent_id, &child_id).await?
+                } else {
+                    DependencyResolution::ParentNotTerminal
+                };
+                resolved.push((
+                    exec_id(&parent_id, parent_partition)?,
+                    exec_id(&child_id, child_partition)?,
+                    resolution,
+                ));
             }
         }
         self.commit(tx, op).await?;
