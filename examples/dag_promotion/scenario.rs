@@ -679,7 +679,10 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
 
     // The engine actor parents both the completion tree and the promoter.
     let (engine_actor, _) = Actor::spawn(None, EngineActor, ()).await.map_err(actor_err)?;
-    let config = SupervisorConfig::new().with_backend(s.backend.clone()).with_tick(Duration::from_millis(500));
+    let config = SupervisorConfig::new()
+        .with_backend(s.backend.clone())
+        .with_tick(Duration::from_millis(500))
+        .with_held_back_repoll(Duration::from_millis(2));
     let (tree, _) = CompletionSupervisorHandle::spawn_linked(engine_actor.get_cell(), config).await?;
     let mut promoters = Vec::new();
     for _ in 0..s.promoters.max(1) {
