@@ -27,6 +27,8 @@ mod report;
 pub(crate) mod restart;
 pub(crate) mod subscriptions;
 mod supervision;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,8 +41,10 @@ use self::restart::RestartPolicy;
 use super::filter::FilterMsg;
 use super::listener::ListenerMsg;
 use super::{AbortOnDrop, BackendId, ListenerShared, Sink, SubscriberId, SubscriberShared};
+use crate::backends::lazy::LazySource;
 use crate::backends::{CompletionSource, lazy_source};
 use crate::backoff::Backoff;
+use crate::config::BackendConfig;
 use crate::config::BackendRetry;
 use crate::cursor::StreamCursor;
 use crate::error::EngineError;
@@ -257,6 +261,17 @@ impl Actor for CompletionSupervisor {
     }
 }
 
+/// The backend named `id`, connected on first use (in the crate's own tests, an in-memory one
+/// when the config names one).
+fn source_for(config: &SupervisorConfig, id: &BackendId, backend: &BackendConfig) -> LazySource {
+    #[cfg(test)]
+    if let Some((_, memory)) = config.test_sources.0.iter().find(|(name, _)| name == id) {
+        return memory.lazy();
+    }
+    let _ = (config, id);
+    lazy_source(backend)
+}
+
 impl SupervisorState {
     /// Prepares every backend's slot. Connects (and fixes each listener's first cursor) only
     /// when the config says `connect_at_start`; otherwise the listeners connect in the
@@ -271,7 +286,7 @@ impl SupervisorState {
             if listeners.contains_key(id) {
                 return Err(EngineError::validation(format!("backend name {id:?} is used twice")));
             }
-            let lazy = Arc::new(lazy_source(backend));
+            let lazy = Arc::new(source_for(&config, id, backend));
             let shared = Arc::new(ListenerShared::default());
             if config.connect_at_start {
                 // Fail fast, with the backend's own typed error; the first cursor is then fixed

@@ -55,6 +55,21 @@ pub struct SupervisorConfig {
     /// reached. Default `false`: the tree starts at once, subscribers can subscribe, and each
     /// listener connects in the background (retrying with its backoff) until its backend is up.
     pub connect_at_start: bool,
+    /// In-memory backends standing in for the configured ones, by name (the crate's own tests).
+    #[cfg(test)]
+    pub(crate) test_sources: TestSources,
+}
+
+/// In-memory backends by name, for the crate's own tests.
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct TestSources(pub Vec<(BackendId, std::sync::Arc<crate::backends::memory::MemorySource>)>);
+
+#[cfg(test)]
+impl std::fmt::Debug for TestSources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|(id, _)| id)).finish()
+    }
 }
 
 impl Default for SupervisorConfig {
@@ -68,6 +83,8 @@ impl Default for SupervisorConfig {
             restart_intensity: None,
             gauge_interval: Duration::from_secs(5),
             connect_at_start: false,
+            #[cfg(test)]
+            test_sources: TestSources::default(),
         }
     }
 }
