@@ -7,11 +7,11 @@ use sqlx::sqlite::SqlitePool;
 use sqlx::{Sqlite, SqliteConnection, Transaction};
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
+use tokio::sync::OwnedMutexGuard;
 use tokio::sync::watch;
-use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
-use super::{commit_signal, connect_pool, database_key, write_lock};
+use super::{WriteQueue, commit_signal, connect_pool, database_key, write_queue};
 use crate::config::BackendConfig;
 use crate::engine::{
     CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, ResolvedEdge,
@@ -26,7 +26,7 @@ const TERMINAL: &str = "('success', 'failed', 'cancelled', 'expired', 'skipped')
 pub struct SqliteEngine {
     pool: SqlitePool,
     signal: watch::Sender<u64>,
-    write_lock: Arc<Mutex<()>>,
+    writers: Arc<WriteQueue>,
 }
 
 /// A write transaction holding this process's write lock of the database.
@@ -67,7 +67,7 @@ impl SqliteEngine {
     /// Open or migration failures.
     pub async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
         let key = database_key(config)?;
-        Ok(Self { pool: connect_pool(config, 4).await?, signal: commit_signal(&key), write_lock: write_lock(&key) })
+        Ok(Self { pool: connect_pool(config, 4).await?, signal: commit_signal(&key), writers: write_queue(&key) })
     }
 
     /// The underlying pool.
@@ -77,7 +77,17 @@ impl SqliteEngine {
 
     /// Begins a write transaction once this process's earlier writers are done.
     async fn write(&self, op: &'static str) -> Result<WriteTx, EngineError> {
-        let lock = self.write_lock.clone().lock_owned().await;
+        self.begin(op, false).await
+    }
+
+    /// Begins a write transaction on a flow's critical path (dependency resolution): it passes
+    /// the ordinary writers queued in this process.
+    async fn write_urgent(&self, op: &'static str) -> Result<WriteTx, EngineError> {
+        self.begin(op, true).await
+    }
+
+    async fn begin(&self, op: &'static str, urgent: bool) -> Result<WriteTx, EngineError> {
+        let lock = self.writers.turn(urgent).await;
         let tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(sql_err(op))?;
         Ok(WriteTx { tx, _lock: lock })
     }
@@ -333,7 +343,7 @@ impl Engine for SqliteEngine {
         child: &ExecutionId,
     ) -> Result<DependencyResolution, EngineError> {
         let op = "resolve dependency";
-        let mut tx = self.write(op).await?;
+        let mut tx = self.write_urgent(op).await?;
         let resolution = Self::resolve_in(&mut tx, &parent.uuid().to_string(), &child.uuid().to_string()).await?;
         self.commit(tx, op).await?;
         Ok(resolution)
@@ -343,7 +353,7 @@ impl Engine for SqliteEngine {
     /// parent's state), then two statements per edge. Already resolved edges are left out.
     async fn resolve_children(&self, parents: &[ExecutionId]) -> Result<Vec<ResolvedEdge>, EngineError> {
         let op = "resolve children";
-        let mut tx = self.write(op).await?;
+        let mut tx = self.write_urgent(op).await?;
         let mut resolved = Vec::new();
         // Well below SQLite's limit on bound parameters.
         for chunk in parents.chunks(500) {
