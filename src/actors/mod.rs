@@ -95,7 +95,7 @@ pub(crate) struct LiveBatch {
 pub enum ListenerState {
     /// Connecting or waiting for a restart.
     Starting,
-    /// Connected and reading.
+    /// Connected, and its reads work.
     Live,
     /// Dead; a restart is scheduled.
     Restarting,
@@ -155,8 +155,8 @@ pub(crate) struct ListenerShared {
     /// Restarts since the current outage began; the listener resets it when it is live again.
     pub outage_restarts: AtomicU64,
     pub live: std::sync::atomic::AtomicBool,
-    /// Set by the listener when it is live, cleared by the supervisor when it starts one: tells
-    /// the restart policy whether the last incarnation had a healthy life.
+    /// Set by the listener once a read worked, cleared by the supervisor when it starts one:
+    /// tells the restart policy whether the last incarnation had a healthy life.
     pub became_live: std::sync::atomic::AtomicBool,
     /// When the listener last lost its connection or died; cleared when it is live again.
     pub down_since: Mutex<Option<std::time::Instant>>,

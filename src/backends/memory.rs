@@ -28,6 +28,8 @@ struct Inner {
     failing_calls: u32,
     /// Every call fails as a refused connection.
     down: bool,
+    /// Every read fails as on a missing table (not transient).
+    broken_reads: bool,
     /// Each read waits this long first.
     read_delay: Duration,
     /// Reads made.
@@ -111,6 +113,11 @@ impl MemorySource {
         self.inner().down = down;
     }
 
+    /// Makes every read fail as on a missing table (a schema problem, not transient).
+    pub(crate) fn break_reads(&self) {
+        self.inner().broken_reads = true;
+    }
+
     /// Makes every read wait `delay` first.
     pub(crate) fn set_read_delay(&self, delay: Duration) {
         self.inner().read_delay = delay;
@@ -179,6 +186,9 @@ impl CompletionSource for MemorySource {
         let mut inner = self.inner();
         inner.reads += 1;
         Self::check(&mut inner, "read completions")?;
+        if inner.broken_reads {
+            return Err(EngineError::Schema { op: "read completions", detail: "no outbox table".into() });
+        }
         if after < inner.trimmed_to {
             return Ok(Batch { start: after, end: after, expired: Some(inner.trimmed_to), ..Batch::default() });
         }

@@ -53,13 +53,26 @@ async fn a_listener_starts_at_the_tail_and_reads_every_committed_event_in_batche
 async fn a_dropped_notification_connection_ends_the_listener_with_a_transient_error() {
     let source = MemorySource::new();
     let (shared, join) = spawn(source.clone()).await;
-    wait_for_cursor(&shared, Position::ZERO).await;
-    assert!(shared.became_live.load(Ordering::Relaxed));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !shared.became_live.load(Ordering::Relaxed) {
+        assert!(tokio::time::Instant::now() < deadline, "the first read never worked");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     source.drop_connections();
     tokio::time::timeout(WAIT, join).await.expect("the listener ends").expect("join");
     assert!(!shared.live.load(Ordering::Relaxed));
     let error = shared.last_error.lock().map(|e| e.clone()).unwrap_or(None).expect("the error is kept");
     assert!(error.contains("transport error"), "{error}");
+}
+
+#[tokio::test]
+async fn a_listener_whose_reads_fail_from_the_start_never_counts_as_live() {
+    let source = MemorySource::new();
+    // The notification connection opens; every read fails, as on a dropped outbox table.
+    source.break_reads();
+    let (shared, join) = spawn(source).await;
+    tokio::time::timeout(WAIT, join).await.expect("the listener ends").expect("join");
+    assert!(!shared.became_live.load(Ordering::Relaxed), "connected, but no read ever worked");
 }
 
 #[tokio::test]

@@ -117,3 +117,14 @@ async fn a_tree_started_while_its_backend_is_down_answers_at_once_and_delivers_o
     assert_eq!(take(&mut sub, 4).await, ids, "from the tree's first read, nothing before it");
     tree.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_listener_that_connects_but_cannot_read_backs_off_instead_of_looping_hot() {
+    let source = MemorySource::new();
+    source.break_reads();
+    let tree = tree(&source).await;
+    wait_for(&tree, "four restarts", |s| s.listeners[0].restarts >= 4).await;
+    let delay = tree.stats().await.expect("stats").listeners[0].restart_delay.expect("a delay");
+    assert!(delay >= Duration::from_millis(20), "connecting is not a healthy life: {delay:?}");
+    tree.shutdown().await;
+}
