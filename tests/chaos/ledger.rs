@@ -88,8 +88,9 @@ pub struct FaultDelay {
 
 /// The p99 delay of events committed away from faults (the baseline, in milliseconds), and per
 /// kind of fault the p99 extra delay of the events committed within `window_ms` after one (each
-/// event counts for the latest fault before its commit). Events committed more than a second
-/// after the latest fault are the baseline, unless a server crashed in the last `settle_ms`.
+/// event counts for the latest fault before its commit; within `settle_ms` after a server
+/// crash (a fault named `SIGKILL …`), for the crash, whose outage outlasts any other fault). Events committed more than a
+/// second after the latest fault are the baseline.
 /// Times are milliseconds since the epoch, the faults' taken on this host as they were injected.
 pub fn delay_after_faults(
     received: &[Received],
@@ -104,10 +105,14 @@ pub fn delay_after_faults(
         let at = r.event.at.0;
         let delay = r.delay.as_millis() as u64;
         let before = |(_, t): &&(&'static str, i64)| *t <= at;
+        let crash = faults
+            .iter()
+            .filter(before)
+            .filter(|(f, t)| f.starts_with("SIGKILL") && at - t <= settle_ms)
+            .max_by_key(|(_, t)| *t);
         let latest = faults.iter().filter(before).max_by_key(|(_, t)| *t);
-        let crash = faults.iter().filter(before).any(|(f, t)| f.contains("server") && at - t <= settle_ms);
-        match latest {
-            Some((fault, t)) if at - t <= window_ms => {
+        match crash.or(latest) {
+            Some((fault, _)) if crash.is_some() || latest.is_some_and(|(_, t)| at - t <= window_ms) => {
                 let slot = match by_fault.iter().position(|(f, _)| f == fault) {
                     Some(i) => i,
                     None => {
@@ -117,7 +122,7 @@ pub fn delay_after_faults(
                 };
                 by_fault[slot].1.saturating_record(delay);
             }
-            Some((_, t)) if at - t > 1000 && !crash => baseline.saturating_record(delay),
+            Some((_, t)) if at - t > 1000 => baseline.saturating_record(delay),
             None => baseline.saturating_record(delay),
             _ => {}
         }
