@@ -120,7 +120,8 @@ async fn main() {
         .init();
     let args = Args::parse();
     let tree = match config(&args) {
-        Ok(config) => CompletionSupervisorHandle::spawn(config).await.map(|(tree, _)| tree),
+        // A command line tool: a backend it cannot reach is an error to show now, not a wait.
+        Ok(config) => CompletionSupervisorHandle::spawn(config.with_connect_at_start(true)).await.map(|(tree, _)| tree),
         Err(err) => Err(err),
     };
     let tree = match tree {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::future::try_join_all;
 
 use crate::config::{BackendConfig, BackendConnection};
 use crate::error::EngineError;
@@ -169,6 +170,9 @@ pub struct ExecutionInfo {
     pub attempt: u32,
 }
 
+/// An edge `(parent, child)` and what resolving it did.
+pub type ResolvedEdge = (ExecutionId, ExecutionId, DependencyResolution);
+
 /// The engine operations of one backend.
 #[async_trait]
 pub trait Engine: Send + Sync {
@@ -196,6 +200,21 @@ pub trait Engine: Send + Sync {
     ) -> Result<DependencyResolution, EngineError>;
     /// The children of an execution.
     async fn children(&self, parent: &ExecutionId) -> Result<Vec<ExecutionId>, EngineError>;
+    /// Resolves every edge out of `parents` (executions that reached a terminal state) and
+    /// returns each edge `(parent, child)` with what resolving it did. Backends that can do it
+    /// in one transaction or function call do (Postgres, SQLite); the default resolves the
+    /// edges concurrently, one call each.
+    ///
+    /// # Errors
+    /// As [`Self::children`] and [`Self::resolve_dependency`]; on Postgres and SQLite nothing
+    /// is resolved then.
+    async fn resolve_children(&self, parents: &[ExecutionId]) -> Result<Vec<ResolvedEdge>, EngineError> {
+        let children =
+            try_join_all(parents.iter().map(|p| async move { Ok::<_, EngineError>((*p, self.children(p).await?)) }))
+                .await?;
+        let edges = children.into_iter().flat_map(|(p, cs)| cs.into_iter().map(move |c| (p, c)));
+        try_join_all(edges.map(|(p, c)| async move { Ok((p, c, self.resolve_dependency(&p, &c).await?)) })).await
+    }
     /// Edges whose parent is terminal but which were never resolved (the reconciler's list).
     async fn unresolved_dependencies(&self, limit: usize) -> Result<Vec<(ExecutionId, ExecutionId)>, EngineError>;
     /// An execution's stored state.

@@ -31,9 +31,12 @@ pub const RETENTION_MAX_EVENTS: &str = "FF_COMPLETIONS_RETENTION_MAX_EVENTS";
 pub const RESTART_INTENSITY: &str = "FF_COMPLETIONS_RESTART_INTENSITY";
 /// Valkey: the approximate `MAXLEN ~` the producers' `XADD` keeps the completion stream to.
 pub const VALKEY_STREAM_MAXLEN: &str = "FF_COMPLETIONS_VALKEY_STREAM_MAXLEN";
+/// `true` or `false`: connect to every backend while spawning and fail fast when one cannot be
+/// reached (see [`SupervisorConfig::connect_at_start`]).
+pub const CONNECT_AT_START: &str = "FF_COMPLETIONS_CONNECT_AT_START";
 
 /// Every variable this module reads, for documentation and diagnostics.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 12] = [
     URL,
     TICK_MS,
     BATCH_SIZE,
@@ -45,12 +48,23 @@ pub const ALL: [&str; 11] = [
     RETENTION_MAX_EVENTS,
     RESTART_INTENSITY,
     VALKEY_STREAM_MAXLEN,
+    CONNECT_AT_START,
 ];
 
 /// Longest timeout or poll interval, in milliseconds (Postgres' `statement_timeout` limit).
 const MAX_MILLIS: u64 = i32::MAX as u64;
 /// Longest retention age, in seconds (100 years).
 const MAX_AGE_S: u64 = 100 * 365 * 24 * 3600;
+
+/// `true`/`1` or `false`/`0`, or `None` when the variable is unset or empty.
+fn flag(lookup: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<bool>, EngineError> {
+    match lookup(name).as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some("true" | "1") => Ok(Some(true)),
+        Some("false" | "0") => Ok(Some(false)),
+        Some(other) => Err(EngineError::validation(format!("{name}={other:?}: expected true or false"))),
+    }
+}
 
 /// A whole number in `1..=max`, or `None` when the variable is unset or empty.
 fn number(lookup: &dyn Fn(&str) -> Option<String>, name: &str, max: u64) -> Result<Option<u64>, EngineError> {
@@ -129,6 +143,9 @@ pub fn supervisor_config_from(lookup: &dyn Fn(&str) -> Option<String>) -> Result
     if let Some((n, within)) = intensity(lookup)? {
         config = config.with_restart_intensity(n, within);
     }
+    if let Some(connect) = flag(lookup, CONNECT_AT_START)? {
+        config = config.with_connect_at_start(connect);
+    }
     Ok(config)
 }
 
@@ -168,6 +185,7 @@ mod tests {
             (RETENTION_MAX_EVENTS, "1000"),
             (RESTART_INTENSITY, "5/60"),
             (VALKEY_STREAM_MAXLEN, "5000"),
+            (CONNECT_AT_START, "true"),
         ])
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.backends.len(), 3);
@@ -182,6 +200,8 @@ mod tests {
         let retention = pg.retention.clone().unwrap_or_else(|| panic!("no retention"));
         assert_eq!((retention.max_age, retention.max_events), (Some(Duration::from_secs(3600)), Some(1000)));
         assert_eq!(c.restart_intensity.map(|r| (r.max_restarts, r.within)), Some((5, Duration::from_secs(60))));
+        assert!(c.connect_at_start);
+        assert!(!from(&[(URL, "sqlite::memory:")]).unwrap_or_else(|e| panic!("{e}")).connect_at_start);
     }
 
     #[test]
@@ -200,6 +220,7 @@ mod tests {
             (RETENTION_MAX_AGE_S, "18446744073709551615"),
             (VALKEY_STREAM_MAXLEN, "18446744073709551615"),
             (RESTART_INTENSITY, "5"),
+            (CONNECT_AT_START, "yes"),
             (URL, "ftp://x"),
         ];
         for (name, value) in cases {

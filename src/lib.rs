@@ -81,7 +81,8 @@ pub use cursor::{
     encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor, encode_valkey_cursor,
 };
 pub use engine::{
-    CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, connect_engine,
+    CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, ResolvedEdge,
+    connect_engine,
 };
 pub use error::EngineError;
 pub use event::{CompletionEvent, CompletionOutcome, CompletionPayload, CompletionStream, CompletionSubscription};

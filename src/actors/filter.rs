@@ -1,9 +1,18 @@
 //! Filter actor: one per subscriber.
 //!
 //! Parent: the supervisor. Children: none (at most one task waiting for room in the sink).
-//! In: `Live` batches from the listener, `CatchUp` from itself, `SinkReady` from its waiting
-//! task. The supervisor's stats read its shared state.
-//! Out: matching events, in order and once each, into the subscriber's [`Sink`].
+//! In: `Live` batches from the listener, `Resolve` and `CatchUp` from itself, `SinkReady` from
+//! its waiting task. The supervisor's stats read its shared state.
+//! Out: the answer to the subscriber's `Subscribe` call, then matching events, in order and
+//! once each, into the subscriber's [`Sink`].
+//!
+//! First it resolves where the subscription starts (the tail, or after a cursor) and answers
+//! the subscriber: with its id, or with a typed error (an expired or malformed cursor). When
+//! the backend cannot be reached it answers with the id at once and starts later: a cursor
+//! subscription once the backend can check the cursor; a tail subscription at the listener's
+//! cursor when the subscriber subscribed, or, if the tree has not read the backend yet, at the
+//! tail the listener first reads once it can. It never asks the backend for the tail after
+//! answering, since that tail would skip what was committed in between.
 //!
 //! The filter never waits on its subscriber. When the sink is full it stops where it is,
 //! drops live batches while it waits for room, then reads the backend from its own cursor
@@ -17,8 +26,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc::error::TrySendError;
 use tracing::Instrument;
 
+use super::supervisor::subscriptions::SubscribeReply;
 use super::{AbortOnDrop, BackendId, FilterMode, ListenerShared, LiveBatch, Sink, SubscriberId, SubscriberShared};
-use crate::backends::{CompletionSource, Positioned};
+use crate::backends::{CompletionSource, Positioned, StartAt};
 use crate::backoff::Backoff;
 use crate::config::BackendRetry;
 use crate::cursor::Position;
@@ -28,6 +38,8 @@ use crate::metrics::SubscriberMetrics;
 
 /// Messages of the filter.
 pub enum FilterMsg {
+    /// Find where the subscription starts. Sent by the filter itself.
+    Resolve,
     /// A batch the listener read. Sent by the listener.
     Live(Arc<LiveBatch>),
     /// Read the next batch from the backend. Sent by the filter itself.
@@ -52,8 +64,10 @@ pub struct FilterArguments {
     pub backend_id: BackendId,
     /// Rows per catch-up read.
     pub batch_size: usize,
-    /// Delay policy for catch-up reads that fail transiently.
+    /// Delay policy for catch-up reads and start resolutions that fail transiently.
     pub retry: BackendRetry,
+    /// The subscriber's pending `Subscribe` call; `None` after a restart.
+    pub(crate) reply: Option<SubscribeReply>,
 }
 
 /// A filter's running state.
@@ -64,6 +78,8 @@ pub struct FilterState {
     delivered: Position,
     mode: FilterMode,
     failed_reads: u32,
+    /// The subscriber's call, until it is answered.
+    reply: Option<SubscribeReply>,
     /// Events delivered since the metrics were last recorded.
     unreported: u64,
     _sink_waiter: Option<AbortOnDrop>,
@@ -90,11 +106,18 @@ impl Actor for Filter {
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        args: Self::Arguments,
+        mut args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         let delivered = args.shared.delivered();
-        args.shared.set_mode(FilterMode::CatchingUp);
-        myself.cast(FilterMsg::CatchUp)?;
+        let mode = if args.shared.start().is_some() {
+            myself.cast(FilterMsg::CatchUp)?;
+            FilterMode::CatchingUp
+        } else {
+            myself.cast(FilterMsg::Resolve)?;
+            FilterMode::Starting
+        };
+        args.shared.set_mode(mode);
+        let reply = args.reply.take();
         let metrics = SubscriberMetrics::new(&args.backend_id, args.subscriber_id);
         // Inside ractor's own `Actor{id}` span, which carries the actor id.
         let span = tracing::info_span!("ff_filter", backend = %args.backend_id, subscriber = %args.subscriber_id);
@@ -103,8 +126,9 @@ impl Actor for Filter {
             span,
             metrics,
             delivered,
-            mode: FilterMode::CatchingUp,
+            mode,
             failed_reads: 0,
+            reply,
             unreported: 0,
             _sink_waiter: None,
         })
@@ -119,11 +143,13 @@ impl Actor for Filter {
         let span = state.span.clone();
         async move {
             match message {
+                FilterMsg::Resolve => state.on_resolve(&myself).await,
                 FilterMsg::Live(batch) => state.on_live(&myself, &batch),
                 FilterMsg::CatchUp => state.on_catch_up(&myself).await,
                 FilterMsg::SinkReady => state.on_sink_ready(&myself),
             }
             state.record_metrics();
+            state.args.shared.healthy.store(true, Ordering::Relaxed);
         }
         .instrument(span)
         .await;
@@ -132,10 +158,92 @@ impl Actor for Filter {
 }
 
 impl FilterState {
+    /// Finds where the subscription starts and answers the subscriber (see the module docs).
+    async fn on_resolve(&mut self, myself: &ActorRef<FilterMsg>) {
+        if self.mode != FilterMode::Starting {
+            return;
+        }
+        let tail = self.args.shared.from.is_empty();
+        if tail && self.reply.is_none() {
+            // Answered already: only the listener's first cursor may start it now.
+            if !self.start_at_listeners_first_cursor(myself) {
+                self.retry_resolve(myself, None);
+            }
+            return;
+        }
+        let source = &self.args.source;
+        let result = if tail {
+            source.tail().await.map(StartAt::after)
+        } else {
+            source.resolve_start(&self.args.shared.from).await
+        };
+        match result {
+            Ok(start) => self.begin(myself, start),
+            Err(err) if err.is_transient() => {
+                self.answer();
+                let fallback = self.args.shared.tail_fallback;
+                match fallback {
+                    Some(pos) if tail => self.begin(myself, StartAt::after(pos)),
+                    _ if tail && self.start_at_listeners_first_cursor(myself) => {}
+                    _ => self.retry_resolve(myself, Some(&err)),
+                }
+            }
+            Err(err) => {
+                tracing::warn!(subscriber = %self.args.subscriber_id, error = %err, "subscription refused");
+                self.end_with_error(myself, err);
+            }
+        }
+    }
+
+    /// Starts a tail subscription at the listener's first cursor, if it has one yet.
+    fn start_at_listeners_first_cursor(&mut self, myself: &ActorRef<FilterMsg>) -> bool {
+        let Some(first) = self.args.listener.first_cursor.get().copied() else { return false };
+        self.begin(myself, StartAt::after(first));
+        true
+    }
+
+    /// Tries the resolution again after the backend's backoff delay.
+    fn retry_resolve(&mut self, myself: &ActorRef<FilterMsg>, err: Option<&EngineError>) {
+        let delay = Backoff::from_retry(&self.args.retry).delay(self.failed_reads);
+        if self.failed_reads == 0 {
+            let error = err.map(ToString::to_string);
+            tracing::warn!(?error, ?delay, "backend unreachable; the subscription starts once it answers");
+        }
+        self.failed_reads = self.failed_reads.saturating_add(1);
+        myself.send_after(delay, || FilterMsg::Resolve);
+    }
+
+    /// Fixes the start, answers the subscriber, and catches up from there.
+    fn begin(&mut self, myself: &ActorRef<FilterMsg>, start: StartAt) {
+        // Starting at the listener's cursor, the lag in events is known from the first event.
+        let (head, read) = self.args.listener.head();
+        let read_at_start = (head == Some(start.after) && start.lo_floor.is_none()).then_some(read);
+        self.delivered = self.args.shared.resolve(start, read_at_start).after;
+        self.failed_reads = 0;
+        self.answer();
+        self.set_mode(FilterMode::CatchingUp);
+        let _ = myself.cast(FilterMsg::CatchUp);
+    }
+
+    /// Answers the subscriber's call with its id, if not answered yet.
+    fn answer(&mut self) {
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(Ok(self.args.subscriber_id));
+        }
+    }
+
     fn on_live(&mut self, myself: &ActorRef<FilterMsg>, batch: &LiveBatch) {
+        if self.mode == FilterMode::Starting {
+            // A live batch means the listener has a cursor: a tail subscription waiting for its
+            // first one can start (the batch itself is read again by the catch-up).
+            if self.args.shared.from.is_empty() && self.reply.is_none() {
+                self.start_at_listeners_first_cursor(myself);
+            }
+            return;
+        }
         let contiguous = batch.start <= self.delivered;
         match self.mode {
-            FilterMode::Blocked => self.count_dropped(batch),
+            FilterMode::Blocked | FilterMode::Starting => self.count_dropped(batch),
             FilterMode::CatchingUp if !contiguous => self.count_dropped(batch),
             FilterMode::Live if !contiguous => {
                 self.count_dropped(batch);
@@ -230,7 +338,10 @@ impl FilterState {
 
     /// Hands the subscriber an error it cannot recover from, then ends the subscription.
     fn end_with_error(&mut self, myself: &ActorRef<FilterMsg>, err: EngineError) {
-        if let Sink::Channel(tx) = &self.args.sink {
+        if let Some(reply) = self.reply.take() {
+            // Not subscribed yet: the error is the answer to the call.
+            let _ = reply.send(Err(err));
+        } else if let Sink::Channel(tx) = &self.args.sink {
             let tx = tx.clone();
             // The error must not be lost to a full buffer: wait for room off the actor.
             tokio::spawn(async move {
@@ -260,7 +371,7 @@ impl FilterState {
     }
 
     fn deliver_each(&mut self, events: &[Positioned], sent_count: &mut u64, processed: &mut u64) -> Delivery {
-        let floor = self.args.shared.lo_floor;
+        let floor = self.args.shared.lo_floor();
         for item in events {
             if item.pos <= self.delivered {
                 continue;
@@ -356,3 +467,6 @@ impl FilterState {
         self.metrics.batch_dropped();
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::{Stream, StreamExt};
-use ractor::{Actor, ActorCell, ActorRef};
+use ractor::{Actor, ActorCell, ActorRef, SpawnErr};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -34,18 +34,32 @@ fn actor_error(what: &str, err: impl std::fmt::Display) -> EngineError {
     EngineError::Actor { detail: format!("{what}: {err}") }
 }
 
+/// A failed spawn, keeping the type of the supervisor's own error (a backend that cannot be
+/// reached stays transient).
+fn spawn_error(err: SpawnErr) -> EngineError {
+    match err {
+        SpawnErr::StartupFailed(inner) => match inner.downcast::<EngineError>() {
+            Ok(err) => *err,
+            Err(other) => actor_error("completion supervisor failed to start", other),
+        },
+        other => actor_error("completion supervisor failed to start", other),
+    }
+}
+
 impl CompletionSupervisorHandle {
-    /// Spawns a stand-alone tree. Connects to every backend (installing the schema or the
-    /// function library) before it returns.
+    /// Spawns a stand-alone tree. It returns at once: each listener connects (installing the
+    /// schema or the function library) in the background, retrying with its backoff while its
+    /// backend is down. With [`SupervisorConfig::with_connect_at_start`] it connects to every
+    /// backend before it returns instead.
     ///
     /// # Errors
-    /// A bad config or an unreachable backend at start.
+    /// A bad config ([`EngineError::Validation`]); with `connect_at_start`, a backend that
+    /// cannot be reached, with the backend's own typed error (transient for a refused
+    /// connection: [`EngineError::is_transient`]).
     pub async fn spawn(config: SupervisorConfig) -> Result<(Self, JoinHandle<()>), EngineError> {
         let config = config.clamped();
         let buffer = config.subscriber_buffer;
-        let (actor, join) = Actor::spawn(None, CompletionSupervisor, config)
-            .await
-            .map_err(|e| actor_error("completion supervisor failed to start", e))?;
+        let (actor, join) = Actor::spawn(None, CompletionSupervisor, config).await.map_err(spawn_error)?;
         Ok((Self::from_actor(actor, buffer), join))
     }
 
@@ -64,16 +78,15 @@ impl CompletionSupervisorHandle {
     /// ```
     ///
     /// # Errors
-    /// A bad config or an unreachable backend at start.
+    /// As [`Self::spawn`].
     pub async fn spawn_linked(
         parent: ActorCell,
         config: SupervisorConfig,
     ) -> Result<(Self, JoinHandle<()>), EngineError> {
         let config = config.clamped();
         let buffer = config.subscriber_buffer;
-        let (actor, join) = Actor::spawn_linked(None, CompletionSupervisor, config, parent)
-            .await
-            .map_err(|e| actor_error("completion supervisor failed to start", e))?;
+        let (actor, join) =
+            Actor::spawn_linked(None, CompletionSupervisor, config, parent).await.map_err(spawn_error)?;
         Ok((Self::from_actor(actor, buffer), join))
     }
 
@@ -102,8 +115,10 @@ impl CompletionSupervisorHandle {
     /// # Errors
     /// A malformed or foreign cursor ([`EngineError::Validation`]), an expired one
     /// ([`EngineError::CursorExpired`]), an unknown backend name, or a dead tree. While the
-    /// backend is down, the start position cannot be resolved: a transient error
-    /// ([`EngineError::is_transient`]) that a caller retries.
+    /// backend is down the subscription is accepted and starts once the backend answers: a
+    /// cursor is then checked (an expired one ends the stream with `CursorExpired`), and a
+    /// tail subscription starts at the last position the tree read, or, if it has read none
+    /// yet, at the tail the tree first reads once the backend is reachable.
     pub async fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription, EngineError> {
         let (tx, rx) = mpsc::channel(self.subscriber_buffer);
         let id = self.add_subscriber(request, Sink::Channel(tx)).await?;
@@ -124,6 +139,15 @@ impl CompletionSupervisorHandle {
         M: ractor::Message + From<CompletionEvent>,
     {
         self.add_subscriber(request, Sink::actor(actor)).await
+    }
+
+    /// Subscribes any [`Sink`]: for example an [`Sink::Actor`] closure that routes each event
+    /// to one of several actors (by flow partition, say).
+    ///
+    /// # Errors
+    /// As [`Self::subscribe`].
+    pub async fn subscribe_sink(&self, request: SubscribeRequest, sink: Sink) -> Result<SubscriberId, EngineError> {
+        self.add_subscriber(request, sink).await
     }
 
     /// Ends a subscription.

@@ -153,7 +153,6 @@ impl ListenerState {
         let waker = self.args.source.open_waker(self.cursor).await?;
         self._waker_task = Some(AbortOnDrop(tokio::spawn(run_waker(waker, myself.clone()))));
         self._tick_task = Some(spawn_ticker(myself.clone(), self.args.tick, self.tick_pending.clone()));
-        shared.live.store(true, Ordering::Relaxed);
         shared.set_error(None);
         let outage = shared.down_since.lock().map(|mut d| d.take()).unwrap_or(None).map(|t| t.elapsed());
         let attempts = shared.outage_restarts.swap(0, Ordering::Relaxed);
@@ -182,6 +181,10 @@ impl ListenerState {
         let cursor_before = self.cursor;
         for _ in 0..8 {
             let batch = self.args.source.read_after(self.cursor, self.args.batch_size).await?;
+            // A read worked: this incarnation is live and healthy (one whose reads fail at once
+            // is not, and restarts with backoff rather than in a hot loop).
+            self.args.shared.live.store(true, Ordering::Relaxed);
+            self.args.shared.became_live.store(true, Ordering::Relaxed);
             let (full, held_back) = (batch.full, batch.held_back);
             self.publish(batch);
             self.note_held_back(held_back);
@@ -310,3 +313,6 @@ async fn run_waker(mut waker: Box<dyn Waker>, listener: ActorRef<ListenerMsg>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

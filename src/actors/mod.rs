@@ -30,7 +30,8 @@ use ractor::ActorRef;
 use tokio::sync::mpsc;
 
 use crate::backends::Positioned;
-use crate::cursor::Position;
+use crate::backends::StartAt;
+use crate::cursor::{Position, StreamCursor};
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
 use crate::types::TimestampMs;
@@ -94,7 +95,7 @@ pub(crate) struct LiveBatch {
 pub enum ListenerState {
     /// Connecting or waiting for a restart.
     Starting,
-    /// Connected and reading.
+    /// Connected, and its reads work.
     Live,
     /// Dead; a restart is scheduled.
     Restarting,
@@ -110,6 +111,9 @@ pub enum FilterMode {
     CatchingUp,
     /// The subscriber's buffer is full; waiting for room, live batches are dropped.
     Blocked,
+    /// Waiting for the backend to tell where the subscription starts (it was unreachable when
+    /// the subscriber subscribed).
+    Starting,
 }
 
 impl FilterMode {
@@ -118,6 +122,7 @@ impl FilterMode {
             Self::Live => 0,
             Self::CatchingUp => 1,
             Self::Blocked => 2,
+            Self::Starting => 3,
         }
     }
 
@@ -125,6 +130,7 @@ impl FilterMode {
         match v {
             0 => Self::Live,
             2 => Self::Blocked,
+            3 => Self::Starting,
             _ => Self::CatchingUp,
         }
     }
@@ -136,6 +142,9 @@ pub(crate) struct ListenerShared {
     /// The last position read; `None` until the first start resolves the tail. `events_read`
     /// moves under the same lock, so [`Self::head`] is a consistent pair.
     pub cursor: Mutex<Option<Position>>,
+    /// The first cursor this listener ever had: the tail it read when its backend first
+    /// answered (or at spawn). A tail subscription made before that starts here.
+    pub first_cursor: std::sync::OnceLock<Position>,
     /// The filters to fan batches out to.
     pub filters: RwLock<HashMap<SubscriberId, ActorRef<filter::FilterMsg>>>,
     pub events_read: AtomicU64,
@@ -146,6 +155,9 @@ pub(crate) struct ListenerShared {
     /// Restarts since the current outage began; the listener resets it when it is live again.
     pub outage_restarts: AtomicU64,
     pub live: std::sync::atomic::AtomicBool,
+    /// Set by the listener once a read worked, cleared by the supervisor when it starts one:
+    /// tells the restart policy whether the last incarnation had a healthy life.
+    pub became_live: std::sync::atomic::AtomicBool,
     /// When the listener last lost its connection or died; cleared when it is live again.
     pub down_since: Mutex<Option<std::time::Instant>>,
     pub last_error: Mutex<Option<String>>,
@@ -157,6 +169,7 @@ impl ListenerShared {
     }
 
     pub(crate) fn set_cursor(&self, pos: Position) {
+        let _ = self.first_cursor.set(pos);
         *self.cursor.lock().unwrap_or_else(|p| p.into_inner()) = Some(pos);
     }
 
@@ -201,36 +214,71 @@ struct LagMarks {
     pending_at: Option<TimestampMs>,
 }
 
-/// What survives a filter's restart: the subscriber's delivered position and counters.
+/// What survives a filter's restart: where the subscription starts, the subscriber's
+/// delivered position and counters.
 #[derive(Debug)]
 pub(crate) struct SubscriberShared {
+    /// What the subscriber asked for (empty: the tail).
+    pub from: StreamCursor,
+    /// For a tail subscription: the listener's cursor when the subscriber subscribed, the start
+    /// to use if the backend cannot tell its tail then.
+    pub tail_fallback: Option<Position>,
+    /// Where delivery starts, once resolved (the filter resolves it, then keeps it).
+    start: std::sync::OnceLock<StartAt>,
     delivered: Mutex<Position>,
     /// Events processed (delivered or filtered out).
     pub processed: AtomicU64,
-    /// Drop events of the floor's batch (`major`) whose `lo` half is at or below its `lo`
-    /// (resuming an `event_id`-only cursor: later batches may hold lower ids committed late).
-    pub lo_floor: Option<Position>,
     mode: AtomicU8,
     pub delivered_count: AtomicU64,
     pub live_batches_dropped: AtomicU64,
     pub catch_up_reads: AtomicU64,
+    /// Set by the filter once it handled a message to the end, cleared by the supervisor when
+    /// it judges the filter's exit: tells the restart policy whether the last incarnation was
+    /// healthy (a sink that panics on every delivery never is).
+    pub healthy: std::sync::atomic::AtomicBool,
     lag: Mutex<LagMarks>,
 }
 
 impl SubscriberShared {
-    /// `read_at_start`: how many events the listener had read up to `start.after`, when known
-    /// (the subscriber starts at the listener's cursor).
-    pub(crate) fn new(start: crate::backends::StartAt, read_at_start: Option<u64>) -> Self {
+    /// A subscription from `from` (empty: the tail), not resolved yet.
+    pub(crate) fn new(from: StreamCursor, tail_fallback: Option<Position>) -> Self {
         Self {
-            delivered: Mutex::new(start.after),
+            from,
+            tail_fallback,
+            start: std::sync::OnceLock::new(),
+            delivered: Mutex::new(Position::ZERO),
             processed: AtomicU64::new(0),
-            lo_floor: start.lo_floor.map(|lo| Position::with_major(start.after.major, 0, lo)),
-            mode: AtomicU8::new(FilterMode::CatchingUp.to_u8()),
+            mode: AtomicU8::new(FilterMode::Starting.to_u8()),
             delivered_count: AtomicU64::new(0),
             live_batches_dropped: AtomicU64::new(0),
             catch_up_reads: AtomicU64::new(0),
-            lag: Mutex::new(LagMarks { synced: read_at_start.map(|r| (r, 0)), pending_at: None }),
+            healthy: std::sync::atomic::AtomicBool::new(false),
+            lag: Mutex::new(LagMarks::default()),
         }
+    }
+
+    /// Where delivery starts; `None` until resolved.
+    pub(crate) fn start(&self) -> Option<StartAt> {
+        self.start.get().copied()
+    }
+
+    /// Fixes where delivery starts (once; later calls are ignored) and returns it.
+    /// `read_at_start`: how many events the listener had read up to `start.after`, when known
+    /// (the subscriber starts at the listener's cursor).
+    pub(crate) fn resolve(&self, start: StartAt, read_at_start: Option<u64>) -> StartAt {
+        *self.start.get_or_init(|| {
+            self.set_delivered(start.after);
+            if let Some(read) = read_at_start {
+                self.lag_marks().synced = Some((read, 0));
+            }
+            start
+        })
+    }
+
+    /// Drop events of the floor's batch (`major`) whose `lo` half is at or below its `lo`
+    /// (resuming an `event_id`-only cursor: later batches may hold lower ids committed late).
+    pub(crate) fn lo_floor(&self) -> Option<Position> {
+        self.start().and_then(|s| s.lo_floor.map(|lo| Position::with_major(s.after.major, 0, lo)))
     }
 
     pub(crate) fn delivered(&self) -> Position {

@@ -27,7 +27,8 @@ pub struct RestartIntensity {
 }
 
 /// Configuration of a completion tree. Defaults: safety tick 1 s, held-back re-poll 20 ms,
-/// 512 rows per read, 1024 events of subscriber buffer, no escalation, gauges every 5 s.
+/// 512 rows per read, 1024 events of subscriber buffer, no escalation, gauges every 5 s,
+/// backends connected in the background (the tree starts while a backend is down).
 ///
 /// Out-of-range values are clamped, never refused and never a panic: intervals to
 /// [`MIN_INTERVAL`]`..=`[`MAX_INTERVAL`] (gauges from [`MIN_QUERY_INTERVAL`]), rows per read to
@@ -49,6 +50,26 @@ pub struct SupervisorConfig {
     pub restart_intensity: Option<RestartIntensity>,
     /// How often backend health gauges are recorded.
     pub gauge_interval: Duration,
+    /// Connect to every backend while spawning, and fail the spawn with the backend's own
+    /// typed error (e.g. a transient [`crate::EngineError::Transport`]) when one cannot be
+    /// reached. Default `false`: the tree starts at once, subscribers can subscribe, and each
+    /// listener connects in the background (retrying with its backoff) until its backend is up.
+    pub connect_at_start: bool,
+    /// In-memory backends standing in for the configured ones, by name (the crate's own tests).
+    #[cfg(test)]
+    pub(crate) test_sources: TestSources,
+}
+
+/// In-memory backends by name, for the crate's own tests.
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct TestSources(pub Vec<(BackendId, std::sync::Arc<crate::backends::memory::MemorySource>)>);
+
+#[cfg(test)]
+impl std::fmt::Debug for TestSources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|(id, _)| id)).finish()
+    }
 }
 
 impl Default for SupervisorConfig {
@@ -61,6 +82,9 @@ impl Default for SupervisorConfig {
             subscriber_buffer: 1024,
             restart_intensity: None,
             gauge_interval: Duration::from_secs(5),
+            connect_at_start: false,
+            #[cfg(test)]
+            test_sources: TestSources::default(),
         }
     }
 }
@@ -120,6 +144,14 @@ impl SupervisorConfig {
     #[must_use]
     pub fn with_gauge_interval(mut self, every: Duration) -> Self {
         self.gauge_interval = every.clamp(MIN_QUERY_INTERVAL, MAX_INTERVAL);
+        self
+    }
+
+    /// Connect to every backend while spawning and fail fast with its typed error (see
+    /// [`Self::connect_at_start`]).
+    #[must_use]
+    pub fn with_connect_at_start(mut self, connect: bool) -> Self {
+        self.connect_at_start = connect;
         self
     }
 

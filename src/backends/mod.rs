@@ -12,6 +12,9 @@ use crate::cursor::{Position, StreamCursor};
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
 
+pub(crate) mod lazy;
+#[cfg(test)]
+pub(crate) mod memory;
 #[cfg(any(feature = "postgres", feature = "sqlite", feature = "valkey"))]
 mod outbox;
 #[cfg(feature = "postgres")]
@@ -119,6 +122,18 @@ pub(crate) trait CompletionSource: Send + Sync + 'static {
     /// Opens the dedicated notification connection, registered before it returns, so a read
     /// made after this call misses nothing. `from` is where a reading waker starts.
     async fn open_waker(&self, from: Position) -> Result<Box<dyn Waker>, EngineError>;
+}
+
+/// The configured backend, connected on first use (see [`lazy`]).
+pub(crate) fn lazy_source(config: &BackendConfig) -> lazy::LazySource {
+    let config = config.clone();
+    lazy::LazySource::new(
+        config.kind(),
+        Box::new(move || {
+            let config = config.clone();
+            Box::pin(async move { open_source(&config).await })
+        }),
+    )
 }
 
 /// Connects to the configured backend (installing its schema or function library).

@@ -23,6 +23,7 @@ fn small(backend: BackendConfig, chaos: bool) -> scenario::Scenario {
         fan_out: 4,
         chain_len: 5,
         workers: 3,
+        promoters: 2,
         fail_percent: 3,
         retry_percent: 10,
         cancel_percent: 2,
@@ -41,6 +42,10 @@ async fn check(backend: BackendConfig, chaos: bool) {
     let report = scenario::run(&small(backend, chaos)).await.expect("scenario runs");
     assert!(report.mismatches.is_empty(), "{:?}", &report.mismatches[..report.mismatches.len().min(5)]);
     assert_eq!(report.events, report.executions as u64, "every execution's completion arrived once");
+    assert!(report.exactly_once(), "duplicates {:?}, missing {:?}", report.duplicates, report.missing);
+    assert_eq!(report.delivery_us.len(), report.executions as u64, "one delivery per completion");
+    assert!(!report.promotion_us.is_empty() && report.promotion_us.len() <= report.promotions, "{report:?}");
+    assert!(report.batches > 0 && report.batched_events == report.executions as u64, "{report:?}");
     assert!(report.promotions > 0 && report.skips > 0, "{report:?}");
     assert_eq!(report.by_outcome.values().sum::<u64>(), report.executions as u64);
     if chaos {
@@ -89,7 +94,8 @@ async fn without_the_promoter_the_reconciler_alone_drives_every_flow_to_its_fina
     assert_eq!(report.events, report.executions as u64, "every execution's completion arrived once");
     assert!(report.reconciler_fixed > 0, "the reconciler resolved the edges: {report:?}");
     assert!(report.promotions > 0 && report.skips > 0, "it both promoted and skipped: {report:?}");
-    assert!(report.hop_ms.is_empty(), "no completion event promoted anything: {report:?}");
+    assert!(report.exactly_once(), "duplicates {:?}, missing {:?}", report.duplicates, report.missing);
+    assert!(report.promotion_us.is_empty(), "no completion event promoted anything: {report:?}");
 }
 
 #[cfg(feature = "postgres")]

@@ -376,10 +376,13 @@ async fn a_server_that_refuses_the_connection_is_a_prompt_typed_error() {
     let backend = BackendConfig::postgres(format!("postgres://app:secret-pw@127.0.0.1:{port}/db"))
         .with_timeouts(ff_completions::BackendTimeouts::default().with_connect(Duration::from_secs(2)));
     let started = std::time::Instant::now();
-    let err = CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(backend.clone()))
-        .await
-        .expect_err("refused");
+    let err = CompletionSupervisorHandle::spawn(
+        SupervisorConfig::new().with_backend(backend.clone()).with_connect_at_start(true),
+    )
+    .await
+    .expect_err("refused");
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(err.is_transient(), "a refused connection is worth retrying: {err}");
     assert!(!err.to_string().contains("secret-pw"), "{err}");
     match ff_completions::connect_engine(&backend).await {
         Err(e @ (EngineError::Transport { .. } | EngineError::Unavailable { .. })) => {

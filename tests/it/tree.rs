@@ -142,6 +142,137 @@ async fn killed_filters_resume_from_their_cursor_and_never_escalate() {
     assert!(tree.actor().get_status() == ractor::ActorStatus::Running, "filter kills never escalate");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_killed_after_a_healthy_life_restarts_at_once_every_time() {
+    init_tracing();
+    let url = fresh_database().await;
+    let engine = PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("engine");
+    // A backoff that would reach seconds within a few kills if it grew across healthy lives.
+    let backend = BackendConfig::postgres(&url).with_retry(BackendRetry::new(4, 200, 6, 0));
+    let (tree, _) =
+        CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(backend)).await.expect("spawn");
+    let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut expected = Vec::new();
+    for kill in 1..=6u64 {
+        wait_until(WAIT, "the listener to be live", || async {
+            tree.stats().await.map(|s| s.listeners[0].state == ListenerState::Live).unwrap_or(false)
+        })
+        .await;
+        expected.extend(complete_n(&engine, 3).await);
+        tree.listener_cell("postgres").await.expect("a running listener").kill();
+        wait_until(WAIT, "the restart", || async {
+            tree.stats().await.map(|s| s.listeners[0].restarts >= kill).unwrap_or(false)
+        })
+        .await;
+        let listener = tree.stats().await.expect("stats").listeners[0].clone();
+        assert_eq!(listener.restart_delay, Some(Duration::ZERO), "kill {kill}: {listener:?}");
+    }
+    expected.extend(complete_n(&engine, 3).await);
+    assert_exactly_once(&take_events(&mut sub, expected.len(), WAIT).await, &expected, true);
+    assert_no_more(&mut sub, Duration::from_millis(300)).await;
+}
+
+/// A consumer whose conversion panics: the filter that delivers to it panics on every event.
+struct Explosive;
+
+impl From<CompletionEvent> for Explosive {
+    fn from(event: CompletionEvent) -> Self {
+        panic!("this consumer cannot take {}", event.execution_id)
+    }
+}
+
+struct ExplosiveSink;
+
+impl Actor for ExplosiveSink {
+    type Msg = Explosive;
+    type State = ();
+    type Arguments = ();
+
+    async fn pre_start(&self, _me: ActorRef<Explosive>, _: ()) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_that_panics_on_every_start_escalates_instead_of_looping() {
+    init_tracing();
+    let url = fresh_database().await;
+    let engine = PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("engine");
+    let (events_tx, mut escalations) = mpsc::unbounded_channel();
+    let (parent, _) = Actor::spawn(None, EngineActor, events_tx).await.expect("engine actor");
+    let backend = BackendConfig::postgres(&url).with_retry(BackendRetry::new(2, 10, 2, 0));
+    let config = SupervisorConfig::new().with_backend(backend).with_restart_intensity(3, Duration::from_secs(60));
+    let (tree, _) = CompletionSupervisorHandle::spawn_linked(parent.get_cell(), config).await.expect("spawn linked");
+    let (sink, _) = Actor::spawn(None, ExplosiveSink, ()).await.expect("sink");
+    let id = tree.subscribe_actor(SubscribeRequest::tail(), sink.clone()).await.expect("subscribe actor");
+    complete_n(&engine, 1).await;
+    let escalation = tokio::time::timeout(WAIT, escalations.recv()).await.expect("escalated in time").expect("event");
+    assert!(escalation.contains(&format!("filter of {id}")) && escalation.contains("crashed"), "{escalation}");
+    sink.stop(None);
+    parent.stop(None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_started_while_its_server_is_down_answers_at_once_and_delivers_once_it_is_up() {
+    init_tracing();
+    let pg = crate::support::postgres::PrivatePg::start().await;
+    let url = pg.url();
+    let engine = PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("engine");
+    let backend = BackendConfig::postgres(&url)
+        .with_retry(BackendRetry::new(2, 20, 3, 0))
+        .with_timeouts(BackendTimeouts::default().with_connect(Duration::from_millis(500)));
+    let config = SupervisorConfig::new().with_backend(backend);
+
+    // A cursor from a first tree, to resume from while the server is down.
+    let (first, _) = CompletionSupervisorHandle::spawn(config.clone()).await.expect("spawn while up");
+    let mut sub = first.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let history = complete_n(&engine, 3).await;
+    let seen = take_events(&mut sub, 3, WAIT).await;
+    first.shutdown().await;
+
+    pg.kill9().await;
+    // Asked to, the spawn fails fast with the backend's own typed, transient error.
+    let err = CompletionSupervisorHandle::spawn(config.clone().with_connect_at_start(true))
+        .await
+        .expect_err("the server is down");
+    assert!(
+        matches!(err, ff_completions::EngineError::Transport { .. } | ff_completions::EngineError::Unavailable { .. }),
+        "{err:?}"
+    );
+    assert!(err.is_transient(), "{err:?}");
+    // By default the tree starts, answers, and takes subscribers.
+    let (tree, _) = CompletionSupervisorHandle::spawn(config).await.expect("spawn while down");
+    let stats = tree.stats().await.expect("stats during the outage");
+    assert_ne!(stats.listeners[0].state, ListenerState::Live, "{stats}");
+    let mut from_cursor =
+        tree.subscribe(SubscribeRequest::from_cursor(seen[0].cursor.clone())).await.expect("cursor sub while down");
+    let mut tail = tree.subscribe(SubscribeRequest::tail()).await.expect("tail sub while down");
+    let stats = tree.stats().await.expect("stats during the outage");
+    assert!(stats.subscribers.iter().all(|s| s.mode == ff_completions::FilterMode::Starting), "{stats}");
+
+    pg.restart().await;
+    // A tail subscription that never saw the backend starts at the tree's first read.
+    wait_until(WAIT, "the listener to be live", || async {
+        tree.stats().await.map(|s| s.listeners[0].state == ListenerState::Live).unwrap_or(false)
+    })
+    .await;
+    let after = complete_n(&engine, 3).await;
+    assert_exactly_once(&take_events(&mut tail, 3, WAIT).await, &after, true);
+    let rest: Vec<_> = history[1..].iter().chain(&after).copied().collect();
+    assert_exactly_once(&take_events(&mut from_cursor, rest.len(), WAIT).await, &rest, true);
+
+    // Down again: a tail subscription starts at the tree's last read, so whatever is committed
+    // once the server is back reaches it, without waiting for the listener first.
+    pg.kill9().await;
+    let mut during = tree.subscribe(SubscribeRequest::tail()).await.expect("tail sub during an outage");
+    pg.restart().await;
+    let later = complete_n(&engine, 3).await;
+    assert_exactly_once(&take_events(&mut during, 3, WAIT).await, &later, true);
+    assert_exactly_once(&take_events(&mut tail, 3, WAIT).await, &later, true);
+    assert_no_more(&mut during, Duration::from_millis(300)).await;
+    tree.shutdown().await;
+}
+
 /// A consumer that is itself an actor.
 struct Collector;
 

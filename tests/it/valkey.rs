@@ -412,8 +412,10 @@ async fn a_user_and_password_are_used_and_a_wrong_password_is_a_typed_error_that
         Err(err @ EngineError::Unavailable { .. }) => assert!(!err.to_string().contains("wrong-pass"), "{err}"),
         other => panic!("a wrong password must be Unavailable, got {:?}", other.err()),
     }
-    let spawned = CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(wrong.clone())).await;
-    let err = spawned.expect_err("a tree with a wrong password does not start");
+    let config = SupervisorConfig::new().with_backend(wrong.clone()).with_connect_at_start(true);
+    let spawned = CompletionSupervisorHandle::spawn(config).await;
+    let err = spawned.expect_err("a tree asked to connect at start with a wrong password does not start");
+    assert!(matches!(err, EngineError::Unavailable { .. }), "the backend's own error type: {err:?}");
     assert!(!err.to_string().contains("wrong-pass") && !format!("{err:?}").contains("wrong-pass"), "{err:?}");
     assert!(!format!("{wrong:?} {wrong}").contains("wrong-pass"));
 }
@@ -440,11 +442,20 @@ async fn a_server_that_refuses_the_connection_is_a_prompt_typed_error() {
     )
     .with_timeouts(BackendTimeouts::default().with_connect(Duration::from_secs(1)));
     let started = Instant::now();
-    let err = CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(backend.clone()))
-        .await
-        .expect_err("refused");
+    let config = SupervisorConfig::new().with_backend(backend.clone());
+    let err = CompletionSupervisorHandle::spawn(config.clone().with_connect_at_start(true)).await.expect_err("refused");
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     assert!(!err.to_string().contains("secret-pw"), "{err}");
+    assert!(err.is_transient(), "a refused connection is worth retrying: {err:?}");
+    // Without `connect_at_start` the tree starts anyway and reports the outage in its stats.
+    let (tree, _) = CompletionSupervisorHandle::spawn(config).await.expect("starts while the server is down");
+    wait_until(Duration::from_secs(30), "the refusal in the stats", || async {
+        tree.stats().await.is_ok_and(|s| s.listeners[0].last_error.is_some())
+    })
+    .await;
+    let stats = tree.stats().await.expect("stats");
+    assert!(!stats.to_string().contains("secret-pw"), "{stats}");
+    tree.shutdown().await;
     match connect_engine(&backend).await {
         Err(e @ (EngineError::Unavailable { .. } | EngineError::Transport { .. } | EngineError::Timeout { .. })) => {
             assert!(!e.to_string().contains("secret-pw"), "{e}")

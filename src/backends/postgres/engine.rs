@@ -8,7 +8,9 @@ use uuid::Uuid;
 use super::wake::CommitWake;
 use super::{DEMO_MIGRATOR, connect_pool, migrate};
 use crate::config::BackendConfig;
-use crate::engine::{CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome};
+use crate::engine::{
+    CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, ResolvedEdge,
+};
 use crate::error::EngineError;
 use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
 
@@ -171,6 +173,26 @@ impl Engine for PostgresEngine {
         .await
         .map_err(sql_err("children"))?;
         rows.into_iter().map(|(u, p)| exec_id(u, p)).collect()
+    }
+
+    async fn resolve_children(&self, parents: &[ExecutionId]) -> Result<Vec<ResolvedEdge>, EngineError> {
+        let ids: Vec<Uuid> = parents.iter().map(ExecutionId::uuid).collect();
+        let rows: Vec<(Uuid, i16, Uuid, i16, String)> = sqlx::query_as("SELECT * FROM ff_resolve_children($1)")
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(sql_err("ff_resolve_children"))?;
+        let edges = rows
+            .iter()
+            .map(|(p, pp, c, cp, resolution)| {
+                Ok((exec_id(*p, *pp)?, exec_id(*c, *cp)?, DependencyResolution::from_wire(resolution)?))
+            })
+            .collect::<Result<Vec<ResolvedEdge>, EngineError>>()?;
+        // A skipped child is a completion.
+        if edges.iter().any(|(_, _, r)| *r == DependencyResolution::Skipped) {
+            self.wake.wake();
+        }
+        Ok(edges)
     }
 
     async fn unresolved_dependencies(&self, limit: usize) -> Result<Vec<(ExecutionId, ExecutionId)>, EngineError> {

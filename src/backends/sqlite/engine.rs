@@ -4,13 +4,18 @@
 
 use async_trait::async_trait;
 use sqlx::sqlite::SqlitePool;
-use sqlx::{Sqlite, Transaction};
+use sqlx::{Sqlite, SqliteConnection, Transaction};
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use tokio::sync::OwnedMutexGuard;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::{commit_signal, connect_pool, database_key};
+use super::{WriteQueue, commit_signal, connect_pool, database_key, write_queue};
 use crate::config::BackendConfig;
-use crate::engine::{CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome};
+use crate::engine::{
+    CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, ResolvedEdge,
+};
 use crate::error::EngineError;
 use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
 
@@ -21,6 +26,26 @@ const TERMINAL: &str = "('success', 'failed', 'cancelled', 'expired', 'skipped')
 pub struct SqliteEngine {
     pool: SqlitePool,
     signal: watch::Sender<u64>,
+    writers: Arc<WriteQueue>,
+}
+
+/// A write transaction holding this process's write lock of the database.
+struct WriteTx {
+    tx: Transaction<'static, Sqlite>,
+    _lock: OwnedMutexGuard<()>,
+}
+
+impl Deref for WriteTx {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        &self.tx
+    }
+}
+
+impl DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.tx
+    }
 }
 
 fn sql_err(op: &'static str) -> impl FnOnce(sqlx::Error) -> EngineError {
@@ -42,7 +67,7 @@ impl SqliteEngine {
     /// Open or migration failures.
     pub async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
         let key = database_key(config)?;
-        Ok(Self { pool: connect_pool(config, 4).await?, signal: commit_signal(&key) })
+        Ok(Self { pool: connect_pool(config, 4).await?, signal: commit_signal(&key), writers: write_queue(&key) })
     }
 
     /// The underlying pool.
@@ -50,14 +75,97 @@ impl SqliteEngine {
         &self.pool
     }
 
-    async fn write(&self, op: &'static str) -> Result<Transaction<'static, Sqlite>, EngineError> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(sql_err(op))
+    /// Begins a write transaction once this process's earlier writers are done.
+    async fn write(&self, op: &'static str) -> Result<WriteTx, EngineError> {
+        self.begin(op, false).await
     }
 
-    async fn commit(&self, tx: Transaction<'static, Sqlite>, op: &'static str) -> Result<(), EngineError> {
-        tx.commit().await.map_err(sql_err(op))?;
+    /// Begins a write transaction on a flow's critical path (dependency resolution): it passes
+    /// the ordinary writers queued in this process.
+    async fn write_urgent(&self, op: &'static str) -> Result<WriteTx, EngineError> {
+        self.begin(op, true).await
+    }
+
+    async fn begin(&self, op: &'static str, urgent: bool) -> Result<WriteTx, EngineError> {
+        let lock = self.writers.turn(urgent).await;
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(sql_err(op))?;
+        Ok(WriteTx { tx, _lock: lock })
+    }
+
+    async fn commit(&self, tx: WriteTx, op: &'static str) -> Result<(), EngineError> {
+        tx.tx.commit().await.map_err(sql_err(op))?;
         self.signal.send_modify(|v| *v = v.wrapping_add(1));
         Ok(())
+    }
+
+    /// Resolves one edge inside the caller's write transaction.
+    async fn resolve_in(
+        tx: &mut SqliteConnection,
+        parent_id: &str,
+        child_id: &str,
+    ) -> Result<DependencyResolution, EngineError> {
+        let op = "resolve dependency";
+        let parent_state: Option<String> = sqlx::query_scalar("SELECT state FROM ff_execution WHERE execution_id = ?")
+            .bind(parent_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(sql_err(op))?;
+        let Some(parent_state) = parent_state.filter(|s| TERMINAL.contains(&format!("'{s}'"))) else {
+            return Ok(DependencyResolution::ParentNotTerminal);
+        };
+        Self::resolve_edge(tx, parent_state == "success", parent_id, child_id).await
+    }
+
+    /// Resolves one edge of a terminal parent inside the caller's write transaction.
+    async fn resolve_edge(
+        tx: &mut SqliteConnection,
+        succeeded: bool,
+        parent_id: &str,
+        child_id: &str,
+    ) -> Result<DependencyResolution, EngineError> {
+        let op = "resolve dependency";
+        let edge = sqlx::query(
+            "UPDATE ff_dependency SET state = ? WHERE parent_id = ? AND child_id = ? AND state = 'pending'",
+        )
+        .bind(if succeeded { "satisfied" } else { "failed" })
+        .bind(parent_id)
+        .bind(child_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(sql_err(op))?
+        .rows_affected();
+        Ok(if edge == 0 {
+            DependencyResolution::AlreadyResolved
+        } else if !succeeded {
+            let skipped = sqlx::query(
+                "UPDATE ff_execution SET state = 'skipped', updated_at_ms = ? \
+                 WHERE execution_id = ? AND state IN ('blocked', 'eligible')",
+            )
+            .bind(TimestampMs::now().0)
+            .bind(child_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_err(op))?
+            .rows_affected();
+            if skipped == 1 { DependencyResolution::Skipped } else { DependencyResolution::AlreadyResolved }
+        } else {
+            // One statement: SET sees the old row, so the last pending parent of a blocked child
+            // makes it eligible; nothing else ever makes a child eligible with no parent left.
+            let row: Option<(i64, String)> = sqlx::query_as(
+                "UPDATE ff_execution SET pending_parents = pending_parents - 1, \
+                 state = CASE WHEN pending_parents = 1 AND state = 'blocked' THEN 'eligible' ELSE state END, \
+                 updated_at_ms = ? WHERE execution_id = ? RETURNING pending_parents, state",
+            )
+            .bind(TimestampMs::now().0)
+            .bind(child_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(sql_err(op))?;
+            match row {
+                Some((0, state)) if state == "eligible" => DependencyResolution::Promoted,
+                _ => DependencyResolution::Waiting,
+            }
+        })
     }
 
     /// Moves one execution from one of `from` to `to`; the trigger writes the completion.
@@ -135,6 +243,15 @@ impl Engine for SqliteEngine {
     }
 
     async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, EngineError> {
+        // A read first (WAL readers never wait for the writer): an idle worker polling for work
+        // takes no write lock, so it never delays the writers that have something to write.
+        let eligible: Option<i64> = sqlx::query_scalar("SELECT 1 FROM ff_execution WHERE state = 'eligible' LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(sql_err("claim"))?;
+        if eligible.is_none() {
+            return Ok(Vec::new());
+        }
         let mut tx = self.write("claim").await?;
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "UPDATE ff_execution SET state = 'running', worker = ?, attempt = attempt + 1, updated_at_ms = ? \
@@ -226,65 +343,47 @@ impl Engine for SqliteEngine {
         child: &ExecutionId,
     ) -> Result<DependencyResolution, EngineError> {
         let op = "resolve dependency";
-        let (parent_id, child_id) = (parent.uuid().to_string(), child.uuid().to_string());
-        let mut tx = self.write(op).await?;
-        let parent_state: Option<String> = sqlx::query_scalar("SELECT state FROM ff_execution WHERE execution_id = ?")
-            .bind(&parent_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(sql_err(op))?;
-        let Some(parent_state) = parent_state.filter(|s| TERMINAL.contains(&format!("'{s}'"))) else {
-            return Ok(DependencyResolution::ParentNotTerminal);
-        };
-        let succeeded = parent_state == "success";
-        let edge = sqlx::query(
-            "UPDATE ff_dependency SET state = ? WHERE parent_id = ? AND child_id = ? AND state = 'pending'",
-        )
-        .bind(if succeeded { "satisfied" } else { "failed" })
-        .bind(&parent_id)
-        .bind(&child_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(sql_err(op))?
-        .rows_affected();
-        let resolution = if edge == 0 {
-            DependencyResolution::AlreadyResolved
-        } else if !succeeded {
-            let skipped = sqlx::query(
-                "UPDATE ff_execution SET state = 'skipped', updated_at_ms = ? \
-                 WHERE execution_id = ? AND state IN ('blocked', 'eligible')",
-            )
-            .bind(TimestampMs::now().0)
-            .bind(&child_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(sql_err(op))?
-            .rows_affected();
-            if skipped == 1 { DependencyResolution::Skipped } else { DependencyResolution::AlreadyResolved }
-        } else {
-            let row: Option<(i64, String)> = sqlx::query_as(
-                "UPDATE ff_execution SET pending_parents = pending_parents - 1, updated_at_ms = ? \
-                 WHERE execution_id = ? RETURNING pending_parents, state",
-            )
-            .bind(TimestampMs::now().0)
-            .bind(&child_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(sql_err(op))?;
-            match row {
-                Some((0, state)) if state == "blocked" => {
-                    sqlx::query("UPDATE ff_execution SET state = 'eligible' WHERE execution_id = ?")
-                        .bind(&child_id)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(sql_err(op))?;
-                    DependencyResolution::Promoted
-                }
-                _ => DependencyResolution::Waiting,
-            }
-        };
+        let mut tx = self.write_urgent(op).await?;
+        let resolution = Self::resolve_in(&mut tx, &parent.uuid().to_string(), &child.uuid().to_string()).await?;
         self.commit(tx, op).await?;
         Ok(resolution)
+    }
+
+    /// One transaction, one query for the pending edges of the whole batch (with each
+    /// parent's state), then two statements per edge. Already resolved edges are left out.
+    async fn resolve_children(&self, parents: &[ExecutionId]) -> Result<Vec<ResolvedEdge>, EngineError> {
+        let op = "resolve children";
+        let mut tx = self.write_urgent(op).await?;
+        let mut resolved = Vec::new();
+        // Well below SQLite's limit on bound parameters.
+        for chunk in parents.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!(
+                "SELECT d.parent_id, p.partition_key, p.state, d.child_id, c.partition_key FROM ff_dependency d \
+                 JOIN ff_execution p ON p.execution_id = d.parent_id \
+                 JOIN ff_execution c ON c.execution_id = d.child_id \
+                 WHERE d.state = 'pending' AND d.parent_id IN ({marks}) ORDER BY d.child_id, d.parent_id"
+            );
+            let mut query = sqlx::query_as::<_, (String, i64, String, String, i64)>(sqlx::AssertSqlSafe(sql));
+            for parent in chunk {
+                query = query.bind(parent.uuid().to_string());
+            }
+            let edges = query.fetch_all(&mut *tx).await.map_err(sql_err(op))?;
+            for (parent_id, parent_partition, parent_state, child_id, child_partition) in edges {
+                let resolution = if TERMINAL.contains(&format!("'{parent_state}'")) {
+                    Self::resolve_edge(&mut tx, parent_state == "success", &parent_id, &child_id).await?
+                } else {
+                    DependencyResolution::ParentNotTerminal
+                };
+                resolved.push((
+                    exec_id(&parent_id, parent_partition)?,
+                    exec_id(&child_id, child_partition)?,
+                    resolution,
+                ));
+            }
+        }
+        self.commit(tx, op).await?;
+        Ok(resolved)
     }
 
     async fn children(&self, parent: &ExecutionId) -> Result<Vec<ExecutionId>, EngineError> {

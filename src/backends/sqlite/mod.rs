@@ -8,11 +8,12 @@ mod source;
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use tokio::sync::watch;
+use tokio::sync::{OwnedMutexGuard, watch};
 
 pub use engine::SqliteEngine;
 pub(crate) use source::SqliteSource;
@@ -38,11 +39,55 @@ pub(crate) fn database_key(config: &BackendConfig) -> Result<String, EngineError
     }
 }
 
+/// One value per database, shared by every engine and source of this process.
+fn per_database<T: Clone>(registry: &'static OnceLock<Mutex<HashMap<String, T>>>, key: &str, make: fn() -> T) -> T {
+    let mut values = registry.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    values.entry(key.to_owned()).or_insert_with(make).clone()
+}
+
 /// The in-process commit signal of one database: a counter every producer bumps after commit.
 pub(crate) fn commit_signal(key: &str) -> watch::Sender<u64> {
     static SIGNALS: OnceLock<Mutex<HashMap<String, watch::Sender<u64>>>> = OnceLock::new();
-    let mut signals = SIGNALS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-    signals.entry(key.to_owned()).or_insert_with(|| watch::channel(0).0).clone()
+    per_database(&SIGNALS, key, || watch::channel(0).0)
+}
+
+/// The in-process write queue of one database (see [`WriteQueue`]).
+pub(crate) fn write_queue(key: &str) -> Arc<WriteQueue> {
+    static QUEUES: OnceLock<Mutex<HashMap<String, Arc<WriteQueue>>>> = OnceLock::new();
+    per_database(&QUEUES, key, Default::default)
+}
+
+/// This process's writers of one database. SQLite has one writer at a time; writers of this
+/// process queue for it here, in order, rather than in SQLite's busy handler, which sleeps in
+/// growing steps (up to 100 ms) and lets a waiting writer starve behind the others. Writers on
+/// a flow's critical path (dependency resolution, which makes children eligible) go first:
+/// the others queued behind the current writer let them pass.
+#[derive(Debug, Default)]
+pub(crate) struct WriteQueue {
+    lock: Arc<tokio::sync::Mutex<()>>,
+    /// Critical-path writers waiting for the lock.
+    urgent: AtomicUsize,
+}
+
+impl WriteQueue {
+    /// Waits for this process's turn to write; `urgent` writers pass the others.
+    pub(crate) async fn turn(&self, urgent: bool) -> OwnedMutexGuard<()> {
+        if urgent {
+            self.urgent.fetch_add(1, Ordering::SeqCst);
+            let turn = self.lock.clone().lock_owned().await;
+            self.urgent.fetch_sub(1, Ordering::SeqCst);
+            return turn;
+        }
+        loop {
+            let turn = self.lock.clone().lock_owned().await;
+            if self.urgent.load(Ordering::SeqCst) == 0 {
+                return turn;
+            }
+            // Hand the lock on (the queue is first come, first served) and queue again.
+            drop(turn);
+            tokio::task::yield_now().await;
+        }
+    }
 }
 
 fn options(config: &BackendConfig) -> Result<SqliteConnectOptions, EngineError> {
@@ -164,5 +209,35 @@ mod tests {
         assert!(matches!(SqliteSource::connect(&config).await, Err(EngineError::Unavailable { .. })));
         assert!(matches!(SqliteEngine::connect(&config).await, Err(EngineError::Unavailable { .. })));
         assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    }
+
+    /// Lets every other task of this (single-threaded) runtime run until it waits.
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_urgent_writer_passes_the_ordinary_writers_queued_before_it() {
+        let queue = Arc::new(WriteQueue::default());
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let current = queue.turn(false).await;
+        let mut waiting = Vec::new();
+        for (name, urgent) in [("ordinary 1", false), ("ordinary 2", false), ("urgent", true)] {
+            let (queue, order) = (queue.clone(), order.clone());
+            waiting.push(tokio::spawn(async move {
+                let _turn = queue.turn(urgent).await;
+                order.lock().unwrap_or_else(|p| p.into_inner()).push(name);
+            }));
+            settle().await;
+        }
+        drop(current);
+        for w in waiting {
+            w.await.expect("writer");
+        }
+        let order = order.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(order.len(), 3, "every writer had its turn: {order:?}");
+        assert_eq!(order[0], "urgent", "{order:?}");
     }
 }

@@ -1,0 +1,234 @@
+//! The filter's mode machine, dedupe, lag and start resolution, against the in-memory backend:
+//! no server, no supervisor, milliseconds per test.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorRef};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Filter, FilterArguments, FilterMsg};
+use crate::actors::{FilterMode, ListenerShared, Sink, SubscriberId, SubscriberShared};
+use crate::backends::StartAt;
+use crate::backends::memory::MemorySource;
+use crate::config::BackendRetry;
+use crate::cursor::{StreamCursor, encode_sqlite_cursor};
+use crate::error::EngineError;
+use crate::event::CompletionEvent;
+use crate::filter::ScannerFilter;
+use crate::types::ExecutionId;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+type Events = mpsc::Receiver<Result<CompletionEvent, EngineError>>;
+
+struct Bed {
+    source: Arc<MemorySource>,
+    listener: Arc<ListenerShared>,
+    shared: Arc<SubscriberShared>,
+    filter: ActorRef<FilterMsg>,
+    events: Events,
+    answer: oneshot::Receiver<Result<SubscriberId, EngineError>>,
+}
+
+/// A new subscriber's filter with a `buffer`-event channel, over `source`.
+async fn bed(source: Arc<MemorySource>, shared: SubscriberShared, buffer: usize) -> Bed {
+    spawn(source, shared, buffer, true).await
+}
+
+/// A filter restarted for a subscriber already answered (its start already resolved).
+async fn restarted(source: Arc<MemorySource>, shared: SubscriberShared, buffer: usize) -> Bed {
+    spawn(source, shared, buffer, false).await
+}
+
+async fn spawn(source: Arc<MemorySource>, shared: SubscriberShared, buffer: usize, new: bool) -> Bed {
+    let (tx, events) = mpsc::channel(buffer);
+    let (reply, answer) = oneshot::channel();
+    let listener = Arc::new(ListenerShared::default());
+    let shared = Arc::new(shared);
+    let args = FilterArguments {
+        subscriber_id: SubscriberId(1),
+        source: source.clone(),
+        filter: ScannerFilter::NOOP,
+        sink: Sink::Channel(tx),
+        shared: shared.clone(),
+        listener: listener.clone(),
+        backend_id: "memory".into(),
+        batch_size: 4,
+        retry: BackendRetry::new(2, 1, 3, 0),
+        reply: new.then(|| reply.into()),
+    };
+    let (filter, _) = Actor::spawn(None, Filter, args).await.expect("spawn the filter");
+    Bed { source, listener, shared, filter, events, answer }
+}
+
+fn from_start() -> SubscriberShared {
+    SubscriberShared::new(encode_sqlite_cursor(0), None)
+}
+
+async fn answered(bed: &mut Bed) -> Result<SubscriberId, EngineError> {
+    tokio::time::timeout(WAIT, &mut bed.answer).await.expect("answered in time").expect("an answer")
+}
+
+async fn take(events: &mut Events, n: usize) -> Vec<ExecutionId> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        match tokio::time::timeout(WAIT, events.recv()).await {
+            Ok(Some(Ok(event))) => out.push(event.execution_id),
+            other => panic!("after {} of {n} events: {other:?}", out.len()),
+        }
+    }
+    out
+}
+
+async fn nothing_more(events: &mut Events) {
+    if let Ok(Some(item)) = tokio::time::timeout(Duration::from_millis(50), events.recv()).await {
+        panic!("expected nothing more, got {item:?}");
+    }
+}
+
+async fn wait_for_mode(shared: &SubscriberShared, mode: FilterMode) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while shared.mode() != mode {
+        assert!(tokio::time::Instant::now() < deadline, "still {:?}, not {mode:?}", shared.mode());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn live_batches_delivered_twice_or_overlapping_reach_the_subscriber_once_in_order() {
+    let mut bed = bed(MemorySource::new(), from_start(), 64).await;
+    answered(&mut bed).await.expect("subscribed");
+    wait_for_mode(&bed.shared, FilterMode::Live).await;
+    let ids = bed.source.commit(5);
+    for (after, upto) in [(0, 3), (0, 3), (1, 5), (4, 5)] {
+        bed.filter.cast(FilterMsg::Live(bed.source.live_batch(after, upto))).expect("cast");
+    }
+    assert_eq!(take(&mut bed.events, 5).await, ids);
+    nothing_more(&mut bed.events).await;
+    assert_eq!(bed.source.reads(), 1, "no catch-up read: the live batches were contiguous");
+}
+
+#[tokio::test]
+async fn a_gap_between_live_batches_is_read_from_the_backend() {
+    let mut bed = bed(MemorySource::new(), from_start(), 64).await;
+    answered(&mut bed).await.expect("subscribed");
+    wait_for_mode(&bed.shared, FilterMode::Live).await;
+    let ids = bed.source.commit(6);
+    bed.filter.cast(FilterMsg::Live(bed.source.live_batch(0, 2))).expect("cast");
+    bed.filter.cast(FilterMsg::Live(bed.source.live_batch(4, 6))).expect("cast");
+    assert_eq!(take(&mut bed.events, 6).await, ids);
+    nothing_more(&mut bed.events).await;
+    assert!(bed.shared.catch_up_reads.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+}
+
+#[tokio::test]
+async fn a_full_sink_blocks_drops_live_batches_then_catches_up_everything_in_order() {
+    let mut bed = bed(MemorySource::new(), from_start(), 2).await;
+    answered(&mut bed).await.expect("subscribed");
+    wait_for_mode(&bed.shared, FilterMode::Live).await;
+    let mut ids = bed.source.commit(6);
+    bed.filter.cast(FilterMsg::Live(bed.source.live_batch(0, 6))).expect("cast");
+    wait_for_mode(&bed.shared, FilterMode::Blocked).await;
+    ids.extend(bed.source.commit(5));
+    bed.filter.cast(FilterMsg::Live(bed.source.live_batch(6, 11))).expect("cast");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while bed.shared.live_batches_dropped.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the blocked filter never dropped the live batch");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(take(&mut bed.events, 11).await, ids, "the dropped batch came back through catch-up reads");
+    wait_for_mode(&bed.shared, FilterMode::Live).await;
+    nothing_more(&mut bed.events).await;
+}
+
+#[tokio::test]
+async fn a_start_and_catch_up_reads_that_lose_their_connection_are_retried_until_they_deliver() {
+    let source = MemorySource::new();
+    let ids = source.commit(9);
+    source.fail_next_calls(2);
+    let mut bed = bed(source.clone(), from_start(), 64).await;
+    // The resolution failed: the subscriber is answered at once and started once it works.
+    answered(&mut bed).await.expect("subscribed");
+    assert_eq!(take(&mut bed.events, 9).await, ids);
+    wait_for_mode(&bed.shared, FilterMode::Live).await;
+
+    let shared = SubscriberShared::new(encode_sqlite_cursor(0), None);
+    shared.resolve(StartAt::after(MemorySource::position(0)), None);
+    let reads = source.reads();
+    source.fail_next_calls(3);
+    let mut bed = restarted(source, shared, 64).await;
+    assert_eq!(take(&mut bed.events, 9).await, ids);
+    assert!(bed.source.reads() - reads >= 6, "three failed reads, then three of at most four events");
+    wait_for_mode(&bed.shared, FilterMode::Live).await;
+}
+
+#[tokio::test]
+async fn a_trimmed_cursor_is_refused_at_subscribe_and_ends_a_restarted_filter_with_cursor_expired() {
+    let source = MemorySource::new();
+    source.commit(10);
+    source.trim_to(5);
+    let mut refused = bed(source.clone(), SubscriberShared::new(encode_sqlite_cursor(2), None), 8).await;
+    match answered(&mut refused).await {
+        Err(EngineError::CursorExpired { oldest: Some(oldest) }) => assert_eq!(oldest, encode_sqlite_cursor(5)),
+        other => panic!("expected CursorExpired, got {other:?}"),
+    }
+    // A filter restarted from a delivered cursor that was trimmed meanwhile.
+    let shared = SubscriberShared::new(encode_sqlite_cursor(6), None);
+    shared.resolve(StartAt::after(MemorySource::position(6)), None);
+    source.trim_to(8);
+    let mut again = restarted(source, shared, 8).await;
+    match tokio::time::timeout(WAIT, again.events.recv()).await {
+        Ok(Some(Err(EngineError::CursorExpired { oldest: Some(_) }))) => {}
+        other => panic!("expected CursorExpired on the stream, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_tail_subscription_made_while_the_backend_is_down_starts_at_the_listeners_first_cursor() {
+    let source = MemorySource::new();
+    source.set_down(true);
+    let mut bed = bed(source, SubscriberShared::new(StreamCursor::empty(), None), 64).await;
+    answered(&mut bed).await.expect("answered while the backend is down");
+    assert_eq!(bed.shared.mode(), FilterMode::Starting);
+    // The backend comes back with history; the listener reads its tail first.
+    bed.source.commit(3);
+    bed.source.set_down(false);
+    bed.listener.set_cursor(MemorySource::position(3));
+    let later = bed.source.commit(2);
+    bed.filter.cast(FilterMsg::Live(bed.source.live_batch(3, 5))).expect("cast");
+    assert_eq!(take(&mut bed.events, 2).await, later, "from the listener's first cursor, nothing before");
+    nothing_more(&mut bed.events).await;
+}
+
+#[tokio::test]
+async fn a_tail_subscription_made_during_an_outage_starts_at_the_listeners_last_cursor() {
+    let source = MemorySource::new();
+    source.commit(4);
+    source.set_down(true);
+    let fallback = Some(MemorySource::position(2));
+    let mut bed = bed(source, SubscriberShared::new(StreamCursor::empty(), fallback), 64).await;
+    answered(&mut bed).await.expect("answered while the backend is down");
+    bed.source.set_down(false);
+    let ids = bed.source.live_batch(2, 4).events.iter().map(|e| e.event.execution_id).collect::<Vec<_>>();
+    assert_eq!(take(&mut bed.events, 2).await, ids, "what the listener had not read yet");
+}
+
+#[tokio::test]
+async fn lag_in_events_counts_what_the_listener_read_past_the_subscriber() {
+    let mut bed = bed(MemorySource::new(), SubscriberShared::new(StreamCursor::empty(), None), 64).await;
+    bed.listener.set_cursor(MemorySource::position(0));
+    answered(&mut bed).await.expect("subscribed");
+    wait_for_mode(&bed.shared, FilterMode::Live).await;
+    assert_eq!(bed.shared.lag_events(&bed.listener), Some(0));
+    bed.source.commit(7);
+    bed.listener.advance(MemorySource::position(7), 7);
+    assert_eq!(bed.shared.lag_events(&bed.listener), Some(7), "read by the listener, not delivered yet");
+    bed.filter.cast(FilterMsg::Live(bed.source.live_batch(0, 7))).expect("cast");
+    take(&mut bed.events, 7).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while bed.shared.lag_events(&bed.listener) != Some(0) {
+        assert!(tokio::time::Instant::now() < deadline, "lag {:?}", bed.shared.lag_events(&bed.listener));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}

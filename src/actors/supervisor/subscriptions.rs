@@ -1,0 +1,117 @@
+//! Adding and removing subscribers: each one is a filter actor with a slot that outlives it.
+//! Nothing here waits for a backend: the new filter resolves where its subscription starts and
+//! answers the subscriber itself.
+
+use std::sync::Arc;
+
+use ractor::{Actor, ActorRef, RpcReplyPort};
+
+use super::restart::RestartPolicy;
+use super::{Child, SUBSCRIBER_GONE, SubscribeRequest, SubscriberSlot, SupervisorMsg, SupervisorState};
+use crate::actors::filter::{Filter, FilterArguments};
+use crate::actors::{BackendId, Sink, SubscriberId, SubscriberShared};
+use crate::backoff::Backoff;
+use crate::error::EngineError;
+
+/// Where the new subscriber's id (or why it was refused) goes.
+pub(crate) type SubscribeReply = RpcReplyPort<Result<SubscriberId, EngineError>>;
+
+impl SupervisorState {
+    /// Adds a subscriber and starts its filter, which replies once it knows where the
+    /// subscription starts (or that the backend cannot tell yet).
+    pub(super) async fn subscribe(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        request: SubscribeRequest,
+        sink: Sink,
+        reply: SubscribeReply,
+    ) {
+        let backend = match self.backend_named(request.backend) {
+            Ok(backend) => backend,
+            Err(err) => {
+                let _ = reply.send(Err(err));
+                return;
+            }
+        };
+        let Some(slot) = self.listeners.get(&backend) else { return };
+        // A tail subscription falls back to the listener's cursor while the backend is down.
+        let fallback = if request.from.is_empty() { slot.shared.cursor() } else { None };
+        let id = SubscriberId(self.next_subscriber);
+        self.next_subscriber += 1;
+        let policy = RestartPolicy::new(Backoff::from_retry(&slot.retry), self.config.restart_intensity);
+        self.subscribers.insert(
+            id,
+            SubscriberSlot {
+                backend,
+                filter: request.filter,
+                sink,
+                shared: Arc::new(SubscriberShared::new(request.from, fallback)),
+                policy,
+                actor: None,
+                restarts: 0,
+            },
+        );
+        self.start_filter(myself, id, Some(reply)).await;
+    }
+
+    /// The named backend, or the first one configured.
+    fn backend_named(&self, name: Option<BackendId>) -> Result<BackendId, EngineError> {
+        let backend = match name {
+            Some(b) => b,
+            None => self.order.first().cloned().ok_or_else(|| EngineError::validation("no backend configured"))?,
+        };
+        if !self.listeners.contains_key(&backend) {
+            return Err(EngineError::validation(format!("no backend named {backend:?}")));
+        }
+        Ok(backend)
+    }
+
+    /// Starts a subscriber's filter (again, after a restart: `reply` is then `None`).
+    pub(super) async fn start_filter(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        id: SubscriberId,
+        reply: Option<SubscribeReply>,
+    ) {
+        let Some(sub) = self.subscribers.get_mut(&id) else { return };
+        let Some(listener) = self.listeners.get(&sub.backend) else { return };
+        if sub.actor.is_some() {
+            return;
+        }
+        let args = FilterArguments {
+            subscriber_id: id,
+            source: listener.source.clone(),
+            filter: sub.filter.clone(),
+            sink: sub.sink.clone(),
+            shared: sub.shared.clone(),
+            listener: listener.shared.clone(),
+            backend_id: sub.backend.clone(),
+            batch_size: self.config.batch_size,
+            retry: listener.retry.clone(),
+            reply,
+        };
+        match Actor::spawn_linked(None, Filter, args, myself.get_cell()).await {
+            Ok((actor, _)) => {
+                self.children.insert(actor.get_id(), Child::Filter(id));
+                listener.shared.filters.write().unwrap_or_else(|p| p.into_inner()).insert(id, actor.clone());
+                sub.actor = Some(actor);
+            }
+            Err(err) => {
+                // The reply port went down with the arguments: the subscriber's call fails.
+                tracing::error!(subscriber = %id, error = %err, "filter failed to spawn; dropping the subscription");
+                self.unsubscribe(id);
+            }
+        }
+    }
+
+    pub(super) fn unsubscribe(&mut self, id: SubscriberId) {
+        let Some(sub) = self.subscribers.remove(&id) else { return };
+        if let Some(listener) = self.listeners.get(&sub.backend) {
+            listener.shared.filters.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        }
+        if let Some(actor) = sub.actor {
+            self.children.remove(&actor.get_id());
+            actor.stop(Some(SUBSCRIBER_GONE.into()));
+        }
+    }
+}
