@@ -241,7 +241,9 @@ impl FilterState {
             }
             return;
         }
-        let contiguous = batch.start <= self.delivered;
+        let on_listeners_path =
+            self.args.shared.start().and_then(|s| s.read_alone_until).is_none_or(|until| self.delivered >= until);
+        let contiguous = on_listeners_path && batch.start <= self.delivered;
         match self.mode {
             FilterMode::Blocked | FilterMode::Starting => self.count_dropped(batch),
             FilterMode::CatchingUp if !contiguous => self.count_dropped(batch),

@@ -34,6 +34,8 @@ struct Inner {
     read_delay: Duration,
     /// Reads made.
     reads: u64,
+    /// What `resolve_start` says of where the listener's path begins (see `StartAt`).
+    read_alone_until: Option<Position>,
     wakers: Vec<mpsc::UnboundedSender<Result<Wake, EngineError>>>,
 }
 
@@ -119,6 +121,11 @@ impl MemorySource {
     }
 
     /// Makes every read wait `delay` first.
+    /// Subscriptions start off the listener's path until their reads reach `until`.
+    pub(crate) fn set_read_alone_until(&self, until: Option<Position>) {
+        self.inner().read_alone_until = until;
+    }
+
     pub(crate) fn set_read_delay(&self, delay: Duration) {
         self.inner().read_delay = delay;
     }
@@ -169,7 +176,7 @@ impl CompletionSource for MemorySource {
         if after < inner.trimmed_to {
             return Err(EngineError::CursorExpired { oldest: Some(self.cursor_of(inner.trimmed_to)) });
         }
-        Ok(StartAt::after(after))
+        Ok(StartAt { read_alone_until: inner.read_alone_until, ..StartAt::after(after) })
     }
 
     async fn tail(&self) -> Result<Position, EngineError> {

@@ -61,11 +61,15 @@ pub(crate) struct StartAt {
     /// Also drop events of the first batch read (`after.major`) whose `lo` half is at or below
     /// this (resuming the original `event_id`-only Postgres cursor).
     pub lo_floor: Option<u64>,
+    /// Until the subscriber's own reads reach this position, no live batch continues from it:
+    /// `after` is not on the listener's path (a Postgres cursor of an earlier form resumes by
+    /// reading a whole snapshot, whose positions say nothing of which live rows it has seen).
+    pub read_alone_until: Option<Position>,
 }
 
 impl StartAt {
     pub(crate) const fn after(after: Position) -> Self {
-        Self { after, lo_floor: None }
+        Self { after, lo_floor: None, read_alone_until: None }
     }
 }
 

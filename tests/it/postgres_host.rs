@@ -118,10 +118,9 @@ async fn installs_beside_a_host_schema_and_adopts_its_million_row_outbox_without
     let probe = probe_reads(url.clone(), stop.clone(), longest_us.clone());
     tokio::time::sleep(Duration::from_millis(50)).await;
     let started = Instant::now();
+    let config = SupervisorConfig::new().with_backend(BackendConfig::postgres(&url)).with_connect_at_start(true);
     let (tree, _) =
-        CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(BackendConfig::postgres(&url)))
-            .await
-            .expect("the tree installs beside the host's schema");
+        CompletionSupervisorHandle::spawn(config).await.expect("the tree installs beside the host's schema");
     let install = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     let probes = probe.await.expect("probe");
@@ -197,8 +196,8 @@ async fn two_then_eight_concurrent_first_starts_migrate_once_without_error() {
                 tokio::spawn(async move {
                     // Half start the tree alone, half the demo engine (both schemas).
                     if i % 2 == 0 {
-                        let (tree, _) =
-                            CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(config)).await?;
+                        let config = SupervisorConfig::new().with_backend(config).with_connect_at_start(true);
+                        let (tree, _) = CompletionSupervisorHandle::spawn(config).await?;
                         tree.shutdown().await;
                         Ok(())
                     } else {
@@ -223,7 +222,7 @@ async fn two_then_eight_concurrent_first_starts_migrate_once_without_error() {
                 .fetch_one(&mut conn)
                 .await
                 .expect("demo ledger");
-        assert_eq!(demo, 1);
+        assert_eq!(demo, 2, "{starters} starters: each demo migration once");
         let sqlx_ledger: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
             .fetch_one(&mut conn)
             .await

@@ -232,3 +232,20 @@ async fn lag_in_events_counts_what_the_listener_read_past_the_subscriber() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
+
+/// A start off the listener's path (a Postgres cursor of an earlier form, read as a whole
+/// snapshot) takes no live batch until its own reads reach that path: a live batch that seems to
+/// continue from its position is dropped, and its reads deliver everything once, in order.
+#[tokio::test]
+async fn a_start_off_the_listeners_path_takes_no_live_batch_until_its_reads_reach_it() {
+    let source = MemorySource::new();
+    let ids = source.commit(10);
+    source.set_read_alone_until(Some(MemorySource::position(10)));
+    source.set_read_delay(Duration::from_millis(20));
+    let mut bed = bed(source, from_start(), 64).await;
+    answered(&mut bed).await.expect("subscribed");
+    bed.filter.cast(FilterMsg::Live(bed.source.live_batch(0, 10))).expect("cast a live batch");
+    assert_eq!(take(&mut bed.events, 10).await, ids);
+    let dropped = bed.shared.live_batches_dropped.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(dropped, 1, "the live batch was not taken as a continuation");
+}

@@ -185,7 +185,8 @@ impl CompletionSource for PostgresSource {
             .await
             .map_err(|e| EngineError::from_sqlx("postgres resolve cursor", e))?;
         let lo_floor = c.txid.is_none().then_some(c.event_id as u64);
-        Ok(StartAt { after: pos(major, txid, event_id), lo_floor })
+        let after = pos(major, txid, event_id);
+        Ok(StartAt { after, lo_floor, read_alone_until: Some(batch_end(after.major / 3)) })
     }
 
     async fn tail(&self) -> Result<Position, EngineError> {
