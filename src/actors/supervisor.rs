@@ -8,12 +8,12 @@
 //!
 //! It overrides `handle_supervisor_evt` (ractor's default stops the parent when a child
 //! exits): a listener that dies resumes from the cursor kept in its `ListenerShared`, a filter
-//! from its subscriber's delivered cursor. Both follow one [`restart`] policy: at once after a
+//! from its subscriber's delivered cursor. Both follow one `restart` policy: at once after a
 //! healthy life, with growing backoff while the child fails to become live, and crashes that
 //! are not connection trouble count towards the restart intensity; beyond it the supervisor
 //! fails, which escalates to its parent.
 //!
-//! Files, by concern: [`restart`] (the policy, pure), `supervision` (starting children and
+//! Files, by concern: `restart` (the policy, pure), `supervision` (starting children and
 //! judging their exits), `subscriptions` (adding and removing subscribers), `jobs` (trim and
 //! gauge tasks), `report` (stats and child cells).
 //!
