@@ -115,7 +115,7 @@ impl WakeupSizes {
 pub async fn run(sizes: &Sizes) -> WakeupResults {
     let sizes = WakeupSizes::of(sizes);
     let server = PrivatePg::start_with(FSYNC_AND_STATEMENT_STATS).await;
-    let mut admin = connect_when_up(&server.url()).await;
+    let mut admin = PgConnection::connect(&server.url()).await.expect("connect");
     for sql in ["CREATE DATABASE bench", "CREATE DATABASE bystander"] {
         sqlx::query(sql).execute(&mut admin).await.expect(sql);
     }
@@ -171,21 +171,6 @@ fn mean_of<'a>(rows: impl Iterator<Item = &'a ProducerRow>) -> ProducerRow {
     mean.missing = rows.iter().map(|r| r.missing).sum();
     mean.reads_per_s = mean.reads_per_s.map(|_| rows.iter().filter_map(|r| r.reads_per_s).sum::<f64>() / n);
     mean
-}
-
-/// Connects once the server accepts connections (it may still be starting up).
-async fn connect_when_up(url: &str) -> PgConnection {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match PgConnection::connect(url).await {
-            Ok(conn) => return conn,
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!(error = %e, "waiting for the bench's postgres");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("the bench's postgres never came up: {e}"),
-        }
-    }
 }
 
 /// `ff_completions_read` calls so far.

@@ -187,11 +187,7 @@ async fn an_open_transaction_holds_nothing_back_and_is_counted_in_progress() {
 
     // A completes in a transaction left open; B commits after it and arrives at once.
     let mut tx = engine.pool().begin().await.expect("begin");
-    let _: bool = sqlx::query_scalar("SELECT ff_complete_execution($1)")
-        .bind(open.id.uuid())
-        .fetch_one(&mut *tx)
-        .await
-        .expect("complete A");
+    crate::support::postgres::complete_by_sql(&mut tx, open.id).await;
     engine.complete(&more.id).await.expect("complete B");
     assert_exactly_once(&take_events(&mut sub, 1, WAIT).await, &[more.id], true);
     let in_progress = [("backend", backend), ("name", "transactions_in_progress")];

@@ -17,7 +17,7 @@ use sqlx::postgres::PgConnection;
 use crate::contract::{self, QUIET, WAIT, assert_nothing_restarted, complete_n, running};
 use crate::support::{
     assert_exactly_once, assert_no_more, init_tracing,
-    postgres::{fresh_database, reader_order},
+    postgres::{complete_by_sql, fresh_database, reader_order},
     take_events, wait_until,
 };
 
@@ -116,12 +116,7 @@ async fn malformed_and_foreign_cursors_are_validation_errors() {
 async fn open_transaction_with_a_completion(f: &Fixture) -> (sqlx::Transaction<'static, sqlx::Postgres>, ExecutionId) {
     let ids = running(&*f.engine, ExecutionSpec::new, 1).await;
     let mut tx = f.engine.pool().begin().await.expect("begin");
-    let done: bool = sqlx::query_scalar("SELECT ff_complete_execution($1)")
-        .bind(ids[0].uuid())
-        .fetch_one(&mut *tx)
-        .await
-        .expect("A");
-    assert!(done);
+    complete_by_sql(&mut tx, ids[0]).await;
     (tx, ids[0])
 }
 

@@ -15,7 +15,7 @@ use sqlx::postgres::PgConnection;
 
 use crate::contract::{QUIET, WAIT, complete_n, running};
 
-use crate::support::postgres::{fresh_database, reader_order};
+use crate::support::postgres::{complete_by_sql, fresh_database, reader_order};
 use crate::support::{assert_exactly_once, assert_no_more, init_tracing, take_events};
 
 /// Arrival well before this means no open transaction held anything back (it stays open far
@@ -96,12 +96,7 @@ async fn completions_arrive_while_unrelated_transactions_stay_open_here_and_in_a
 async fn complete_in_open_transaction(url: &str, id: ExecutionId) -> PgConnection {
     let mut conn = PgConnection::connect(url).await.expect("connect");
     sqlx::query("BEGIN").execute(&mut conn).await.expect("begin");
-    let done: bool = sqlx::query_scalar("SELECT ff_complete_execution($1)")
-        .bind(id.uuid())
-        .fetch_one(&mut conn)
-        .await
-        .expect("complete inside the transaction");
-    assert!(done);
+    complete_by_sql(&mut conn, id).await;
     conn
 }
 

@@ -374,12 +374,7 @@ async fn complete_without_wake_ups(url: &str, engine: &PostgresEngine, n: usize)
     let ids = crate::contract::running(engine, ExecutionSpec::new, n).await;
     let mut conn = PgConnection::connect(url).await.expect("connect");
     for id in &ids {
-        let done: bool = sqlx::query_scalar("SELECT ff_complete_execution($1)")
-            .bind(id.uuid())
-            .fetch_one(&mut conn)
-            .await
-            .expect("complete");
-        assert!(done);
+        crate::support::postgres::complete_by_sql(&mut conn, *id).await;
     }
     ids
 }

@@ -153,7 +153,12 @@ fn decode_row(row: &Row) -> Result<CompletionEvent, String> {
         occurred_at_ms: *at,
         partition_key: partition.map(i64::from),
     }
-    .decode(encode_postgres_batch_cursor(*major as u64, *txid as u64, *event_id))
+    .decode(cursor_at(pos(*major, *txid, *event_id)))
+}
+
+/// The public cursor of a reader position.
+fn cursor_at(p: Position) -> StreamCursor {
+    encode_postgres_batch_cursor(p.major, p.hi, as_i64(p.lo))
 }
 
 #[async_trait]
@@ -163,7 +168,7 @@ impl CompletionSource for PostgresSource {
     }
 
     fn cursor_of(&self, pos: Position) -> StreamCursor {
-        encode_postgres_batch_cursor(pos.major, pos.hi, as_i64(pos.lo))
+        cursor_at(pos)
     }
 
     async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError> {

@@ -160,7 +160,7 @@ impl PrivatePg {
 
     /// Initialises and starts a new server with `settings`.
     pub async fn start_with(settings: Settings) -> Self {
-        tokio::task::spawn_blocking(move || {
+        let server = tokio::task::spawn_blocking(move || {
             let bin = bin_dir();
             let data_dir = init_data_dir(&bin);
             let port = free_port();
@@ -168,7 +168,9 @@ impl PrivatePg {
             Self { port, bin, data_dir, settings }
         })
         .await
-        .expect("start private postgres")
+        .expect("start private postgres");
+        drop(connect_when_up(&server.url()).await);
+        server
     }
 
     /// URL of a database on it.
@@ -236,20 +238,25 @@ impl PgServer {
     /// Creates a new empty database and returns its URL.
     pub async fn fresh_database(&self) -> String {
         let name = format!("t{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::Relaxed));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match PgConnection::connect(&self.url("postgres")).await {
-                Ok(mut admin) => {
-                    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                        .execute(&mut admin)
-                        .await
-                        .expect("create database");
-                    return self.url(&name);
-                }
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "cannot reach test postgres: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+        let mut admin = connect_when_up(&self.url("postgres")).await;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .expect("create database");
+        self.url(&name)
+    }
+}
+
+/// Connects to `url` once the server accepts sessions: a server whose port already accepts
+/// TCP may still answer "the database system is starting up" for a moment.
+pub async fn connect_when_up(url: &str) -> PgConnection {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match PgConnection::connect(url).await {
+            Ok(conn) => return conn,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "cannot reach test postgres: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
@@ -271,4 +278,15 @@ pub async fn reader_order(url: &str) -> Vec<ExecutionId> {
     .await
     .expect("read outbox");
     rows.into_iter().map(|(u, p)| ExecutionId::from_parts(p as u16, u)).collect()
+}
+
+/// Completes `id` through the demo engine's SQL function on `conn`, inside whatever transaction
+/// it holds, as a producer that sends no wake-up would; asserts the execution was running.
+pub async fn complete_by_sql(conn: &mut PgConnection, id: ExecutionId) {
+    let done: bool = sqlx::query_scalar("SELECT ff_complete_execution($1)")
+        .bind(id.uuid())
+        .fetch_one(conn)
+        .await
+        .expect("ff_complete_execution");
+    assert!(done, "{id} was not running");
 }
