@@ -117,6 +117,12 @@ async fn postgres_tree(
         .with_gauge_interval(Duration::from_millis(50))
         .with_tick(Duration::from_millis(100));
     let (tree, _) = CompletionSupervisorHandle::spawn(tune(config)).await.expect("spawn");
+    // The tree connects in the background: wait until its listener has read its tail, so what
+    // a test commits next is after it.
+    wait_until(WAIT, "the listener live", || async {
+        tree.stats().await.is_ok_and(|s| s.listeners.iter().all(|l| l.state == ListenerState::Live))
+    })
+    .await;
     (url, engine, tree)
 }
 
