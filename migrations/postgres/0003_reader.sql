@@ -33,14 +33,15 @@ LANGUAGE sql VOLATILE AS $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000
 -- Whether rows not visible in snapshot s are visible now (committed since s was taken). Both
 -- probes are written so that only the (txid, event_id) index can serve them: a range read from
 -- s's xmax in index order, and one lookup per transaction s saw in progress (an EXISTS or an
--- ordered scan filtered by = ANY may walk the whole outbox instead).
+-- ordered scan filtered by = ANY may walk the whole outbox instead). The redundant `txid <=` keeps
+-- the estimate low where one transaction wrote most of the outbox (a bulk load): with `=` alone
+-- the planner expects every row to match and walks another index, filtering.
 CREATE OR REPLACE FUNCTION ff_completions_committed_since(s pg_snapshot) RETURNS boolean
 LANGUAGE sql STABLE AS $$
     SELECT (SELECT e.txid FROM ff_completion_event e WHERE e.txid >= pg_snapshot_xmax(s)
              ORDER BY e.txid, e.event_id LIMIT 1) IS NOT NULL
         OR EXISTS (SELECT 1 FROM pg_snapshot_xip(s) AS x(txid)
-                    CROSS JOIN LATERAL (SELECT e.event_id FROM ff_completion_event e WHERE e.txid = x.txid
-                                         ORDER BY e.txid, e.event_id LIMIT 1) hit)
+                    WHERE EXISTS (SELECT 1 FROM ff_completion_event e WHERE e.txid = x.txid AND e.txid <= x.txid))
 $$;
 
 -- The newest tick, after recording a new one when rows committed since it (or when there is none
@@ -93,7 +94,7 @@ LANGUAGE sql STABLE AS $$
             UNION ALL
             (SELECT hit.* FROM pg_snapshot_xip(s1) AS x(txid)
               CROSS JOIN LATERAL (SELECT * FROM ff_completion_event e
-                                   WHERE e.txid = x.txid
+                                   WHERE e.txid = x.txid AND e.txid <= x.txid
                                      AND e.event_id > CASE WHEN x.txid = p_txid::text::xid8 THEN p_event_id ELSE -1 END
                                      AND pg_visible_in_snapshot(e.txid, s2)
                                    ORDER BY e.txid, e.event_id LIMIT p_limit) hit
@@ -264,11 +265,10 @@ BEGIN
         END IF;
         IF (SELECT cut_txid < pg_snapshot_xmax(t.snapshot)
                    AND NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(t.snapshot) AS x(txid)
-                                    CROSS JOIN LATERAL (SELECT 1 FROM ff_completion_event e
-                                                         WHERE e.txid = x.txid
-                                                           AND (e.txid, e.event_id) <= (cut_txid, cut_event)
-                                                           AND pg_visible_in_snapshot(e.txid, seen)
-                                                         ORDER BY e.txid, e.event_id LIMIT 1) hit)
+                                    WHERE EXISTS (SELECT 1 FROM ff_completion_event e
+                                                   WHERE e.txid = x.txid AND e.txid <= x.txid
+                                                     AND (e.txid, e.event_id) <= (cut_txid, cut_event)
+                                                     AND pg_visible_in_snapshot(e.txid, seen)))
               FROM ff_completion_tick t WHERE t.tick_id = mid) THEN
             hi := mid;
         ELSE

@@ -477,6 +477,11 @@ async fn reads_at_the_head_of_a_large_outbox_touch_a_few_pages() {
     .await
     .expect("history");
     sqlx::query("ANALYZE ff_completion_event").execute(&mut conn).await.expect("analyze");
+    // A transaction left open in another session: every tick below sees it in progress, so the
+    // probes of in-progress transactions run (against an outbox one transaction wrote).
+    let mut bystander = PgConnection::connect(&url).await.expect("connect");
+    sqlx::query("BEGIN").execute(&mut bystander).await.expect("begin");
+    sqlx::query("SELECT pg_current_xact_id()").execute(&mut bystander).await.expect("a transaction id");
     sqlx::query("SELECT ff_completions_tick()").execute(&mut conn).await.expect("tick");
     for _ in 0..3 {
         insert_row(&mut conn, 1).await;
