@@ -834,13 +834,18 @@ pub fn print_summary(r: &Report, reconcile_every: Duration) {
         println!("exactly once      every execution's completion arrived once ({} of {})", r.events, r.executions);
     } else {
         println!(
-            "exactly once      FAILED: {} duplicated, {} missing (of {}), e.g. {:?} {:?}",
+            "exactly once      FAILED: {} duplicated, {} missing, {} of {} completions handled by the promoters",
             r.duplicates.len(),
             r.missing.len(),
+            r.events,
             r.executions,
-            r.duplicates.first(),
-            r.missing.first()
         );
+        if let Some((id, times)) = r.duplicates.first() {
+            println!("                  e.g. {id} arrived {times} times");
+        }
+        if let Some(id) = r.missing.first() {
+            println!("                  e.g. missing: {id}");
+        }
     }
     if r.mismatches.is_empty() {
         println!("verified          every execution reached the state the DAG implies");
