@@ -15,12 +15,18 @@
 //!     └── Filter(subscriber n)
 //! ```
 //!
-//! Backends (cargo features): `postgres`, `valkey`, `sqlite` (all on by default).
+//! Backends (cargo features): `postgres`, `valkey`, `sqlite` (all on by default). Other
+//! features, off by default: `serde` (`Serialize`/`Deserialize` for events, cursors and ids),
+//! `demo-engine` (a small execution engine on each backend whose producers write completions,
+//! used by the examples and below) and `testing` (hooks for fault injection and the wire
+//! names, used by the crate's own tests and benches).
 //!
 //! A producer completes an execution; a subscriber learns it, with its cursor (this runs as is,
-//! on an in-memory SQLite database):
+//! on an in-memory SQLite database, with the `demo-engine` feature):
 //!
 //! ```
+//! # #[cfg(not(all(feature = "demo-engine", feature = "sqlite")))] fn main() {}
+//! # #[cfg(all(feature = "demo-engine", feature = "sqlite"))]
 //! # #[tokio::main] async fn main() -> Result<(), ff_completions::EngineError> {
 //! use futures::StreamExt;
 //! use ff_completions::{
@@ -49,42 +55,49 @@
 //! ```
 #![deny(missing_docs)]
 
-pub mod actors;
-pub mod backend;
-pub mod backends;
-pub mod backoff;
-pub mod config;
-pub mod cursor;
-pub mod engine;
+mod actors;
+mod backends;
+mod backoff;
+mod completion_backend;
+mod config;
+mod cursor;
+#[cfg(feature = "demo-engine")]
+mod engine;
 pub mod env_config;
-pub mod error;
-pub mod event;
-pub mod filter;
+mod error;
+mod event;
 pub mod metrics;
-pub mod types;
+mod scanner_filter;
+#[cfg(feature = "testing")]
+pub mod testing;
+mod types;
 
 pub use actors::handle::{CompletionSupervisorHandle, Subscription};
 pub use actors::supervisor::{
-    CompletionSupervisor, ListenerStats, SubscribeRequest, SubscriberStats, SupervisorConfig, SupervisorMsg,
-    SupervisorStats,
+    CompletionSupervisor, ListenerStats, RestartIntensity, SubscribeRequest, SubscriberStats, SupervisorConfig,
+    SupervisorMsg, SupervisorStats,
 };
 pub use actors::{BackendId, FilterMode, ListenerState, Sink, SubscriberId};
-pub use backend::CompletionBackend;
-pub use backoff::Backoff;
+#[cfg(feature = "postgres")]
+pub use backends::postgres::CommitWake;
+#[cfg(all(feature = "demo-engine", feature = "postgres"))]
+pub use backends::postgres::PostgresEngine;
+#[cfg(all(feature = "demo-engine", feature = "sqlite"))]
+pub use backends::sqlite::SqliteEngine;
+#[cfg(all(feature = "demo-engine", feature = "valkey"))]
+pub use backends::valkey::ValkeyEngine;
+pub use completion_backend::CompletionBackend;
 pub use config::{
     BackendConfig, BackendConnection, BackendRetry, BackendTimeouts, PostgresConnection, Retention, SqliteConnection,
     ValkeyConnection,
 };
-pub use cursor::{
-    POSTGRES_CURSOR_PREFIX, PostgresCursor, SQLITE_CURSOR_PREFIX, StreamCursor, VALKEY_CURSOR_PREFIX,
-    decode_postgres_cursor, decode_sqlite_cursor, decode_valkey_cursor, encode_postgres_batch_cursor,
-    encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor, encode_valkey_cursor,
-};
+pub use cursor::StreamCursor;
+#[cfg(feature = "demo-engine")]
 pub use engine::{
     CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, ResolvedEdge,
     connect_engine,
 };
 pub use error::EngineError;
 pub use event::{CompletionEvent, CompletionOutcome, CompletionPayload, CompletionStream, CompletionSubscription};
-pub use filter::ScannerFilter;
-pub use types::{ExecutionId, FlowId, Namespace, TimestampMs};
+pub use scanner_filter::ScannerFilter;
+pub use types::{ExecutionId, FlowId, Namespace, PARTITION_COUNT, TimestampMs};

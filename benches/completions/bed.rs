@@ -107,7 +107,7 @@ impl Run {
             .config
             .clone()
             .with_timeouts(ff_completions::BackendTimeouts::default().with_request(Duration::from_secs(30)));
-        ff_completions::backends::valkey::connect_client(&config, name).await.expect("valkey client")
+        ff_completions::testing::valkey::connect_client(&config, name).await.expect("valkey client")
     }
 
     /// Server connections held now: (notification connections, all connections), the
@@ -129,7 +129,7 @@ impl Run {
             Kind::Valkey => {
                 let client = self.valkey_client().await;
                 let list: String = client.cmd("CLIENT").arg("LIST").execute().await.expect("CLIENT LIST");
-                let listener = format!(" name={} ", ff_completions::backends::valkey::LISTENER_CLIENT_NAME);
+                let listener = format!(" name={} ", ff_completions::testing::valkey::LISTENER_CLIENT_NAME);
                 let blocking = list
                     .lines()
                     .filter(|l| l.contains(&listener) || l.contains(&format!(" name={FLOOR_CLIENT} ")))

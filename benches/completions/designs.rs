@@ -199,7 +199,7 @@ async fn pg_floor(url: &str, tally: Arc<Tally>) -> JoinHandle<()> {
 
 /// The Valkey floor: `XREAD BLOCK` on a connection of its own, from the current last id.
 async fn xread_floor(client: ferriskey::Client, tally: Arc<Tally>) -> JoinHandle<()> {
-    let stream = ff_completions::backends::valkey::STREAM_KEY;
+    let stream = ff_completions::testing::valkey::STREAM_KEY;
     let newest: ferriskey::Value =
         client.cmd("XREVRANGE").arg(stream).arg("+").arg("-").arg("COUNT").arg(1).execute().await.expect("XREVRANGE");
     let mut last = entries(&newest).last().map_or_else(|| "0-0".to_owned(), |(id, _)| id.clone());

@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ff_completions::testing::{encode_postgres_cursor, encode_sqlite_cursor, encode_valkey_cursor};
 use ff_completions::{
     CompletionSupervisorHandle, DependencyResolution, ExecutionId, ExecutionSpec, FlowId, StreamCursor,
-    SubscribeRequest, SupervisorConfig, encode_postgres_cursor, encode_sqlite_cursor, encode_valkey_cursor,
+    SubscribeRequest, SupervisorConfig,
 };
 use futures::StreamExt;
 use sqlx::Connection;
@@ -269,7 +270,7 @@ async fn fill_history(run: &Run, events: u64) {
                     .cmd("EVAL")
                     .arg(HISTORY_LUA)
                     .arg(1)
-                    .arg(ff_completions::backends::valkey::STREAM_KEY)
+                    .arg(ff_completions::testing::valkey::STREAM_KEY)
                     .arg(n)
                     .arg(written as i64)
                     .execute()
@@ -353,7 +354,7 @@ async fn floor_replay(run: &Run, events: u64) -> u64 {
             while read < events {
                 let reply: ferriskey::Value = client
                     .cmd("XRANGE")
-                    .arg(ff_completions::backends::valkey::STREAM_KEY)
+                    .arg(ff_completions::testing::valkey::STREAM_KEY)
                     .arg(from.as_str())
                     .arg("+")
                     .arg("COUNT")

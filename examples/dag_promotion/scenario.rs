@@ -567,7 +567,7 @@ async fn terminate_postgres_listeners(url: &str, pool: &mut Option<sqlx::PgPool>
         "WITH listeners AS MATERIALIZED (SELECT pid FROM pg_stat_activity WHERE application_name = $1) \
          SELECT count(*) FROM listeners WHERE pg_terminate_backend(pid)",
     )
-    .bind(ff_completions::backends::postgres::LISTENER_APPLICATION_NAME)
+    .bind(ff_completions::testing::postgres::LISTENER_APPLICATION_NAME)
     .fetch_one(&*pool)
     .await
     .map_err(|e| format!("pg_terminate_backend: {e}"))?;
@@ -575,20 +575,20 @@ async fn terminate_postgres_listeners(url: &str, pool: &mut Option<sqlx::PgPool>
 }
 
 /// `CLIENT KILL ID` of every connection named like the listener's blocking one
-/// ([`LISTENER_CLIENT_NAME`](ff_completions::backends::valkey::LISTENER_CLIENT_NAME)), found
+/// ([`LISTENER_CLIENT_NAME`](ff_completions::testing::valkey::LISTENER_CLIENT_NAME)), found
 /// with `CLIENT LIST` on an admin client of the scenario's own connection settings.
 #[cfg(feature = "valkey")]
 async fn kill_valkey_listeners(backend: &BackendConfig, client: &mut Option<ferriskey::Client>) -> Result<u64, String> {
     let client = match client {
         Some(client) => client,
         None => client.insert(
-            ff_completions::backends::valkey::connect_client(backend, "ff-completions-dag-chaos")
+            ff_completions::testing::valkey::connect_client(backend, "ff-completions-dag-chaos")
                 .await
                 .map_err(|e| format!("chaos connect to valkey: {e}"))?,
         ),
     };
     let list: String = client.cmd("CLIENT").arg("LIST").execute().await.map_err(|e| format!("CLIENT LIST: {e}"))?;
-    let name = format!("name={}", ff_completions::backends::valkey::LISTENER_CLIENT_NAME);
+    let name = format!("name={}", ff_completions::testing::valkey::LISTENER_CLIENT_NAME);
     let ids: Vec<&str> = list
         .lines()
         .filter(|line| line.split_whitespace().any(|kv| kv == name))

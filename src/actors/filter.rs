@@ -33,8 +33,8 @@ use crate::backoff::Backoff;
 use crate::config::BackendRetry;
 use crate::cursor::Position;
 use crate::error::EngineError;
-use crate::filter::ScannerFilter;
 use crate::metrics::SubscriberMetrics;
+use crate::scanner_filter::ScannerFilter;
 
 /// Messages of the filter.
 pub enum FilterMsg {
@@ -118,7 +118,7 @@ impl Actor for Filter {
         };
         args.shared.set_mode(mode);
         let reply = args.reply.take();
-        let metrics = SubscriberMetrics::new(&args.backend_id, args.subscriber_id);
+        let metrics = SubscriberMetrics::new(args.backend_id.as_str(), args.subscriber_id);
         // Inside ractor's own `Actor{id}` span, which carries the actor id.
         let span = tracing::info_span!("ff_filter", backend = %args.backend_id, subscriber = %args.subscriber_id);
         Ok(FilterState {

@@ -16,10 +16,10 @@ use super::supervisor::{
     ChildKey, CompletionSupervisor, SubscribeRequest, SupervisorConfig, SupervisorMsg, SupervisorStats,
 };
 use super::{BackendId, Sink, SubscriberId};
-use crate::backend::CompletionBackend;
+use crate::completion_backend::CompletionBackend;
 use crate::error::EngineError;
 use crate::event::{CompletionEvent, CompletionStream, CompletionSubscription};
-use crate::filter::ScannerFilter;
+use crate::scanner_filter::ScannerFilter;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -69,7 +69,7 @@ pub struct ListenerArguments {
 }
 
 /// A listener's running state.
-pub struct ListenerState {
+pub struct Listening {
     args: ListenerArguments,
     span: tracing::Span,
     cursor: Position,
@@ -86,7 +86,7 @@ pub struct Listener;
 
 impl Actor for Listener {
     type Msg = ListenerMsg;
-    type State = ListenerState;
+    type State = Listening;
     type Arguments = ListenerArguments;
 
     async fn pre_start(
@@ -96,7 +96,7 @@ impl Actor for Listener {
     ) -> Result<Self::State, ActorProcessingErr> {
         // Inside ractor's own `Actor{id}` span, which carries the actor id.
         let span = tracing::info_span!("ff_listener", backend = %args.backend_id, kind = args.source.kind());
-        Ok(ListenerState {
+        Ok(Listening {
             span,
             args,
             cursor: Position::ZERO,
@@ -138,7 +138,7 @@ impl Actor for Listener {
     }
 }
 
-impl ListenerState {
+impl Listening {
     /// Opens the waker (registered before it returns), then starts reading from the cursor.
     async fn connect(&mut self, myself: ActorRef<ListenerMsg>) -> Result<(), EngineError> {
         let shared = &self.args.shared;
@@ -173,7 +173,7 @@ impl ListenerState {
             WakeReason::Tick => self.tick_pending.store(false, Ordering::Relaxed),
             WakeReason::Reconnected => {
                 self.args.shared.reconnects.fetch_add(1, Ordering::Relaxed);
-                metrics::listener_reconnected(&self.args.backend_id);
+                metrics::listener_reconnected(self.args.backend_id.as_str());
                 tracing::warn!(backend = %self.args.backend_id, "notification connection re-made; catching up");
             }
             _ => {}
@@ -228,7 +228,7 @@ impl ListenerState {
             (true, since) => since,
             (false, _) => None,
         };
-        metrics::held_back(&self.args.backend_id, self.held_back_since.map(|t| t.elapsed().as_secs_f64()));
+        metrics::held_back(self.args.backend_id.as_str(), self.held_back_since.map(|t| t.elapsed().as_secs_f64()));
     }
 
     fn on_waker_failed(&mut self, err: EngineError) -> EngineError {
@@ -253,7 +253,7 @@ impl ListenerState {
             if *pos > self.cursor {
                 tracing::error!(backend = %self.args.backend_id, position = ?pos, %reason, "skipped a malformed completion row");
                 self.args.shared.rows_skipped.fetch_add(1, Ordering::Relaxed);
-                metrics::rows_skipped(&self.args.backend_id, 1);
+                metrics::rows_skipped(self.args.backend_id.as_str(), 1);
             }
         }
         batch.events.retain(|e| e.pos > self.cursor);
@@ -270,7 +270,7 @@ impl ListenerState {
             events: batch.events,
         });
         self.cursor = live.end;
-        metrics::events_read(&self.args.backend_id, count);
+        metrics::events_read(self.args.backend_id.as_str(), count);
         for filter in shared.filters() {
             let _ = filter.cast(FilterMsg::Live(live.clone()));
         }

@@ -48,12 +48,11 @@ use crate::config::BackendConfig;
 use crate::config::BackendRetry;
 use crate::cursor::StreamCursor;
 use crate::error::EngineError;
-use crate::filter::ScannerFilter;
+use crate::scanner_filter::ScannerFilter;
 
 pub use super::stats::{ListenerStats, SubscriberStats, SupervisorStats};
 pub use super::supervisor_config::{
-    MAX_BATCH_SIZE, MAX_INTERVAL, MAX_SUBSCRIBER_BUFFER, MIN_INTERVAL, MIN_QUERY_INTERVAL, RestartIntensity,
-    SupervisorConfig,
+    MAX_BATCH_SIZE, MAX_INTERVAL, MAX_SUBSCRIBER_BUFFER, MIN_QUERY_INTERVAL, RestartIntensity, SupervisorConfig,
 };
 
 /// Stop reason a filter gives when its subscriber dropped the stream.

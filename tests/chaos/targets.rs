@@ -3,9 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ff_completions::testing::{decode_postgres_cursor, decode_sqlite_cursor, decode_valkey_cursor};
 use ff_completions::{
     BackendConfig, CompletionSupervisorHandle, Engine, EngineError, ExecutionId, StreamCursor, SubscriberId,
-    connect_engine, decode_postgres_cursor, decode_sqlite_cursor, decode_valkey_cursor,
+    connect_engine,
 };
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -168,7 +169,7 @@ impl Target {
                 let killed: Result<i64, _> = sqlx::query_scalar(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
                 )
-                .bind(ff_completions::backends::postgres::LISTENER_APPLICATION_NAME)
+                .bind(ff_completions::testing::postgres::LISTENER_APPLICATION_NAME)
                 .fetch_one(pool)
                 .await;
                 if killed.is_ok() { "terminate LISTEN connection" } else { "terminate failed (server down)" }

@@ -5,10 +5,10 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use ff_completions::testing::postgres::LISTENER_APPLICATION_NAME;
 use ff_completions::{
     BackendConfig, CompletionSupervisorHandle, Engine, ExecutionId, ExecutionSpec, FlowId, ListenerState,
-    SubscribeRequest, SubscriberStats, SupervisorConfig,
-    backends::postgres::{LISTENER_APPLICATION_NAME, PostgresEngine},
+    PostgresEngine, SubscribeRequest, SubscriberStats, SupervisorConfig,
 };
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 use std::collections::HashMap;

@@ -4,12 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ff_completions::testing::{
+    encode_postgres_batch_cursor, encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor,
+    encode_valkey_cursor, postgres::LISTENER_APPLICATION_NAME,
+};
 use ff_completions::{
     BackendConfig, CompletionOutcome, CompletionSupervisorHandle, EngineError, ExecutionId, ExecutionSpec, Namespace,
-    Retention, ScannerFilter, StreamCursor, SubscribeRequest, SupervisorConfig, TimestampMs,
-    backends::postgres::{LISTENER_APPLICATION_NAME, PostgresEngine},
-    encode_postgres_batch_cursor, encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor,
-    encode_valkey_cursor,
+    PostgresEngine, Retention, ScannerFilter, StreamCursor, SubscribeRequest, SupervisorConfig, TimestampMs,
 };
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;

@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use ff_completions::testing::{
+    encode_postgres_cursor, encode_postgres_event_cursor, postgres::DEMO_MIGRATION_LEDGER, postgres::MIGRATION_LEDGER,
+};
 use ff_completions::{
-    BackendConfig, CompletionSupervisorHandle, ExecutionId, StreamCursor, SubscribeRequest, SupervisorConfig,
-    backends::postgres::{DEMO_MIGRATION_LEDGER, MIGRATION_LEDGER, PostgresEngine},
-    encode_postgres_cursor, encode_postgres_event_cursor,
+    BackendConfig, CompletionSupervisorHandle, ExecutionId, PostgresEngine, StreamCursor, SubscribeRequest,
+    SupervisorConfig,
 };
 use sqlx::Connection;
 use sqlx::postgres::{PgConnection, PgListener};

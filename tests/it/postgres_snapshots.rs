@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ff_completions::{
-    BackendConfig, CompletionEvent, CompletionSupervisorHandle, Engine, ExecutionId, ExecutionSpec, SubscribeRequest,
-    SupervisorConfig, backends::postgres::PostgresEngine,
+    BackendConfig, CompletionEvent, CompletionSupervisorHandle, Engine, ExecutionId, ExecutionSpec, PostgresEngine,
+    SubscribeRequest, SupervisorConfig,
 };
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;

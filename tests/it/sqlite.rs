@@ -3,10 +3,8 @@
 
 use std::time::Duration;
 
-use ff_completions::{
-    BackendConfig, CompletionSupervisorHandle, SubscribeRequest, SupervisorConfig, backends::sqlite::SqliteEngine,
-    encode_postgres_cursor, encode_valkey_cursor,
-};
+use ff_completions::testing::{encode_postgres_cursor, encode_valkey_cursor};
+use ff_completions::{BackendConfig, CompletionSupervisorHandle, SqliteEngine, SubscribeRequest, SupervisorConfig};
 use sqlx::Connection;
 
 use crate::contract::{self, QUIET, WAIT, complete_n, fixture};

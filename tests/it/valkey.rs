@@ -6,12 +6,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ferriskey::Value;
-use ff_completions::backends::valkey::{LISTENER_CLIENT_NAME, PUBSUB_CHANNEL, STREAM_KEY, ValkeyEngine};
+use ff_completions::ValkeyEngine;
+use ff_completions::testing::valkey::{LISTENER_CLIENT_NAME, PUBSUB_CHANNEL, STREAM_KEY};
+use ff_completions::testing::{
+    encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor, encode_valkey_cursor,
+};
 use ff_completions::{
     BackendConfig, BackendRetry, BackendTimeouts, CancelFlowPolicy, CompletionOutcome, CompletionSupervisorHandle,
     DependencyResolution, Engine, EngineError, ExecutionId, ExecutionSpec, FailOutcome, FlowId, Namespace, Retention,
     ScannerFilter, SubscribeRequest, SupervisorConfig, TimestampMs, ValkeyConnection, connect_engine,
-    encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor, encode_valkey_cursor,
 };
 
 use crate::contract::{self, Fixture, QUIET, WAIT, assert_nothing_restarted, complete_n, fixture, running};
@@ -538,7 +541,7 @@ async fn a_library_of_another_version_is_replaced_on_connect() {
     };
     assert_eq!(version().await, "0");
     let engine = ValkeyEngine::connect(&server.config()).await.expect("engine replaces the old library");
-    assert_eq!(version().await, ff_completions::backends::valkey::LIBRARY_VERSION);
+    assert_eq!(version().await, ff_completions::testing::valkey::LIBRARY_VERSION);
     let ids = complete_n(&engine, 2).await;
     assert_eq!(stream_order(&server).await, ids);
 }

@@ -15,7 +15,7 @@ use crate::config::BackendRetry;
 use crate::cursor::{StreamCursor, encode_sqlite_cursor};
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
-use crate::filter::ScannerFilter;
+use crate::scanner_filter::ScannerFilter;
 use crate::types::ExecutionId;
 
 const WAIT: Duration = Duration::from_secs(10);

@@ -59,9 +59,9 @@ pub(super) fn spawn_gauge_job(backend: BackendId, source: Arc<dyn CompletionSour
             loop {
                 interval.tick().await;
                 match source.gauges().await {
-                    Ok(gauges) => {
-                        gauges.into_iter().for_each(|(name, v)| crate::metrics::backend_gauge(&backend, name, v))
-                    }
+                    Ok(gauges) => gauges
+                        .into_iter()
+                        .for_each(|(name, v)| crate::metrics::backend_gauge(backend.as_str(), name, v)),
                     Err(err) => tracing::debug!(error = %err, "backend gauges unavailable"),
                 }
             }

@@ -68,7 +68,7 @@ impl SupervisorState {
         };
         slot.last_delay = Some(delay);
         slot.shared.restarts.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::listener_restarted(id);
+        crate::metrics::listener_restarted(id.as_str());
         let first_of_outage = slot.shared.outage_restarts.fetch_add(1, Ordering::Relaxed) == 0;
         let attempt = slot.policy.failures();
         if first_of_outage {

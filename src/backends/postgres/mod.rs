@@ -10,6 +10,7 @@
 //! batch k is the rows visible in tick k's snapshot and not in tick k-1's, in `(txid, event_id)`
 //! order. A transaction open anywhere in the cluster only delays its own rows.
 
+#[cfg(feature = "demo-engine")]
 mod engine;
 mod source;
 mod wake;
@@ -20,9 +21,10 @@ use std::sync::LazyLock;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
+#[cfg(feature = "demo-engine")]
 pub use engine::PostgresEngine;
 pub(crate) use source::PostgresSource;
-pub use wake::CommitWake;
+pub use wake::{CommitWake, MIN_WAKE_INTERVAL};
 
 use crate::config::{BackendConfig, BackendConnection};
 use crate::error::{EngineError, redact};

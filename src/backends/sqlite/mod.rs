@@ -3,6 +3,7 @@
 //! in-process signal raised by [`SqliteEngine`] after each commit, and on `PRAGMA data_version`
 //! changes made by other processes.
 
+#[cfg(feature = "demo-engine")]
 mod engine;
 mod source;
 
@@ -15,6 +16,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use tokio::sync::{OwnedMutexGuard, watch};
 
+#[cfg(feature = "demo-engine")]
 pub use engine::SqliteEngine;
 pub(crate) use source::SqliteSource;
 

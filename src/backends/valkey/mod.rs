@@ -15,12 +15,14 @@
 //! Cluster mode is not supported (the library derives related executions' keys itself), but
 //! every execution and flow key carries its hash tag.
 
+#[cfg(feature = "demo-engine")]
 mod engine;
 mod keys;
 mod library;
 mod source;
 mod stream;
 
+#[cfg(feature = "demo-engine")]
 pub use engine::ValkeyEngine;
 pub use library::connect_client;
 pub(crate) use source::ValkeySource;

@@ -199,7 +199,7 @@ impl ValkeyServer {
     pub async fn kill_listener_connections(&self) -> usize {
         let admin = self.admin().await;
         let list = self.client_list().await;
-        let name = format!("name={}", ff_completions::backends::valkey::LISTENER_CLIENT_NAME);
+        let name = format!("name={}", ff_completions::testing::valkey::LISTENER_CLIENT_NAME);
         let ids: Vec<String> = list
             .lines()
             .filter(|l| l.split_whitespace().any(|kv| kv == name))

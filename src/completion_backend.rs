@@ -5,7 +5,7 @@ use async_trait::async_trait;
 
 use crate::error::EngineError;
 use crate::event::CompletionStream;
-use crate::filter::ScannerFilter;
+use crate::scanner_filter::ScannerFilter;
 
 /// Subscribe to completions. Object-safe: hold it as `Arc<dyn CompletionBackend>`.
 /// Each call returns an independent stream; the supervisor handle implements it.

@@ -1,0 +1,36 @@
+//! Hooks for the crate's own tests, benches and examples (feature `testing`, off by default):
+//! fault injection (the cells of the tree's children), the wire names and cursor encodings of
+//! each backend, the embedded migrations and the raw client constructors. Nothing here is
+//! needed to run the tree; none of it is covered by semver.
+
+pub use crate::actors::Sink;
+pub use crate::backoff::Backoff;
+pub use crate::cursor::{
+    POSTGRES_CURSOR_PREFIX, PostgresCursor, SQLITE_CURSOR_PREFIX, VALKEY_CURSOR_PREFIX, decode_postgres_cursor,
+    decode_sqlite_cursor, decode_valkey_cursor, encode_postgres_batch_cursor, encode_postgres_cursor,
+    encode_postgres_event_cursor, encode_sqlite_cursor, encode_valkey_cursor,
+};
+
+/// Postgres: the channel, the migrations and their ledgers, the listener's application name.
+#[cfg(feature = "postgres")]
+pub mod postgres {
+    pub use crate::backends::postgres::{
+        COMPLETION_CHANNEL, DEMO_MIGRATION_LEDGER, DEMO_MIGRATOR, LISTENER_APPLICATION_NAME, MIGRATION_LEDGER,
+        MIGRATOR, MIN_WAKE_INTERVAL,
+    };
+}
+
+/// SQLite: the embedded migrations.
+#[cfg(feature = "sqlite")]
+pub mod sqlite {
+    pub use crate::backends::sqlite::MIGRATOR;
+}
+
+/// Valkey: the stream, the channel, the function library and a raw client.
+#[cfg(feature = "valkey")]
+pub mod valkey {
+    pub use crate::backends::valkey::{
+        DEFAULT_STREAM_MAXLEN, LIBRARY, LIBRARY_VERSION, LISTENER_CLIENT_NAME, PUBSUB_CHANNEL, STREAM_KEY,
+        connect_client,
+    };
+}
