@@ -96,6 +96,7 @@ fn check_text(what: &str, value: &str) -> Result<(), EngineError> {
 }
 
 /// Outcome of a `fail()` call.
+#[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FailOutcome {
     /// Attempts remain: the execution is eligible again.

@@ -77,7 +77,7 @@ pub use actors::supervisor::{
     CompletionSupervisor, ListenerStats, RestartIntensity, SubscribeRequest, SubscriberStats, SupervisorConfig,
     SupervisorMsg, SupervisorStats,
 };
-pub use actors::{BackendId, FilterMode, ListenerState, Sink, SubscriberId};
+pub use actors::{BackendId, FilterMode, ListenerState, SubscriberId};
 #[cfg(feature = "postgres")]
 pub use backends::postgres::CommitWake;
 #[cfg(all(feature = "demo-engine", feature = "postgres"))]

@@ -1,11 +1,17 @@
 //! `ScannerFilter`: which completions a subscriber wants, matched in memory on fields the
 //! event carries.
 
+use std::ops::RangeInclusive;
+
 use crate::event::CompletionEvent;
+#[cfg(doc)]
+use crate::types::ExecutionId;
 use crate::types::Namespace;
 
-/// A subscriber's predicate: a namespace, an instance tag `(key, value)`, both, or neither.
-/// Values match exactly (no patterns); the filter runs in the subscriber's filter actor.
+/// A subscriber's predicate: a namespace, an instance tag `(key, value)`, a range of flow
+/// partitions, any of them or none. Values match exactly (no patterns); the filter runs in the
+/// subscriber's filter actor. Several subscribers with disjoint partition ranges split the
+/// stream between them, each in order.
 ///
 /// ```
 /// use ff_completions::{Namespace, ScannerFilter};
@@ -23,11 +29,13 @@ pub struct ScannerFilter {
     pub namespace: Option<Namespace>,
     /// Only executions whose tag `key` equals `value`, byte for byte.
     pub instance_tag: Option<(String, String)>,
+    /// Only executions whose partition ([`ExecutionId::partition`]) is in this range.
+    pub partitions: Option<RangeInclusive<u16>>,
 }
 
 impl ScannerFilter {
     /// The filter that accepts everything.
-    pub const NOOP: Self = Self { namespace: None, instance_tag: None };
+    pub const NOOP: Self = Self { namespace: None, instance_tag: None, partitions: None };
 
     /// An empty filter (same as [`Self::NOOP`]).
     pub fn new() -> Self {
@@ -48,9 +56,27 @@ impl ScannerFilter {
         self
     }
 
+    /// Restricts to executions whose flow partition is in `partitions` (of
+    /// `0..`[`PARTITION_COUNT`](crate::PARTITION_COUNT)): one way to split the stream across
+    /// several consumers, each still in order.
+    ///
+    /// ```
+    /// use ff_completions::{PARTITION_COUNT, ScannerFilter};
+    ///
+    /// let quarters: Vec<ScannerFilter> = (0..4u16)
+    ///     .map(|i| ScannerFilter::new().with_partitions(i * 64..=i * 64 + 63))
+    ///     .collect();
+    /// assert_eq!(quarters[3].partitions, Some(192..=PARTITION_COUNT - 1));
+    /// ```
+    #[must_use]
+    pub fn with_partitions(mut self, partitions: RangeInclusive<u16>) -> Self {
+        self.partitions = Some(partitions);
+        self
+    }
+
     /// True when no dimension is set.
     pub fn is_noop(&self) -> bool {
-        self.namespace.is_none() && self.instance_tag.is_none()
+        self.namespace.is_none() && self.instance_tag.is_none() && self.partitions.is_none()
     }
 
     /// The seed's predicate on already-fetched values: the namespace and the value of the
@@ -64,7 +90,8 @@ impl ScannerFilter {
     /// Applies the filter to an event.
     pub fn matches_event(&self, event: &CompletionEvent) -> bool {
         let tag_value = self.instance_tag.as_ref().and_then(|(key, _)| event.tags.get(key)).map(String::as_str);
-        self.matches(event.namespace.as_ref(), tag_value)
+        let partition_ok = self.partitions.as_ref().is_none_or(|range| range.contains(&event.execution_id.partition()));
+        partition_ok && self.matches(event.namespace.as_ref(), tag_value)
     }
 }
 
@@ -100,6 +127,18 @@ mod tests {
         assert!(!f.matches_event(&event(Some("a"), &[("inst", "2")])));
         assert!(!f.matches_event(&event(None, &[("inst", "1")])));
         assert!(!f.matches_event(&event(Some("a"), &[])));
+    }
+
+    #[test]
+    fn partition_ranges_split_the_stream_without_overlap() {
+        let halves = [ScannerFilter::new().with_partitions(0..=127), ScannerFilter::new().with_partitions(128..=255)];
+        for partition in [0u16, 1, 127, 128, 200, 255] {
+            let mut e = event(None, &[]);
+            e.execution_id = ExecutionId::from_parts(partition, uuid::Uuid::new_v4());
+            let takers: Vec<usize> = (0..2).filter(|&i| halves[i].matches_event(&e)).collect();
+            assert_eq!(takers, vec![usize::from(partition >= 128)], "partition {partition}");
+        }
+        assert!(!halves[0].is_noop());
     }
 
     #[test]

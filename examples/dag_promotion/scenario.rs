@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use ff_completions::{
     BackendConfig, CompletionEvent, CompletionSupervisorHandle, DependencyResolution, Engine, ExecutionId,
-    ExecutionSpec, FlowId, SubscribeRequest, SupervisorConfig, TimestampMs, connect_engine,
+    ExecutionSpec, FlowId, PARTITION_COUNT, ScannerFilter, SubscribeRequest, SupervisorConfig, TimestampMs,
+    connect_engine,
 };
 use hdrhistogram::Histogram;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -141,6 +142,14 @@ impl Default for Report {
 fn micros_since(at: TimestampMs) -> u64 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     (now.as_micros() as u64).saturating_sub((at.0.max(0) as u64).saturating_mul(1000)).max(1)
+}
+
+/// The `i`th of `n` contiguous shares of the flow partitions.
+fn partition_share(i: usize, n: usize) -> std::ops::RangeInclusive<u16> {
+    let count = usize::from(PARTITION_COUNT);
+    let start = i * count / n;
+    let end = (i + 1) * count / n - 1;
+    start as u16..=end as u16
 }
 
 /// One flow's executions with their parents, in an order where parents come first.
@@ -681,18 +690,17 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
     let (engine_actor, _) = Actor::spawn(None, EngineActor, ()).await.map_err(actor_err)?;
     let config = SupervisorConfig::new().with_backend(s.backend.clone()).with_tick(Duration::from_millis(500));
     let (tree, _) = CompletionSupervisorHandle::spawn_linked(engine_actor.get_cell(), config).await?;
-    let mut promoters = Vec::new();
-    for _ in 0..s.promoters.max(1) {
+    // Each promoter subscribes to its own range of flow partitions: a flow's completions all
+    // go to one promoter, in order.
+    let promoters = s.promoters.clamp(1, usize::from(PARTITION_COUNT));
+    for i in 0..promoters {
         let state = PromoterState::new(engine.clone(), progress.clone(), s.promoter);
         let (promoter, _) =
             Actor::spawn_linked(None, Promoter, state, engine_actor.get_cell()).await.map_err(actor_err)?;
-        promoters.push(promoter);
+        let partitions = partition_share(i, promoters);
+        let request = SubscribeRequest::tail().with_filter(ScannerFilter::new().with_partitions(partitions));
+        tree.subscribe_actor(request, promoter).await?;
     }
-    let route = move |event: CompletionEvent| {
-        let promoter = &promoters[usize::from(event.execution_id.partition()) % promoters.len()];
-        promoter.cast(PromoterMsg::from(event)).is_ok()
-    };
-    tree.subscribe_sink(SubscribeRequest::tail(), ff_completions::Sink::Actor(Arc::new(route))).await?;
 
     // Create executions after subscribing, so every completion is seen.
     let started = Instant::now();

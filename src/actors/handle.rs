@@ -141,11 +141,11 @@ impl CompletionSupervisorHandle {
         self.add_subscriber(request, Sink::actor(actor)).await
     }
 
-    /// Subscribes any [`Sink`]: for example an [`Sink::Actor`] closure that routes each event
-    /// to one of several actors (by flow partition, say).
+    /// Subscribes any [`Sink`], a closure included (feature `testing`).
     ///
     /// # Errors
     /// As [`Self::subscribe`].
+    #[cfg(feature = "testing")]
     pub async fn subscribe_sink(&self, request: SubscribeRequest, sink: Sink) -> Result<SubscriberId, EngineError> {
         self.add_subscriber(request, sink).await
     }
@@ -167,16 +167,19 @@ impl CompletionSupervisorHandle {
             .success_or(actor_error("stats", "no reply"))
     }
 
-    /// The listener actor of a backend, if running (for operators and fault injection).
+    /// The listener actor of a backend, if running, for fault injection (feature `testing`).
+    #[cfg(any(test, feature = "testing"))]
     pub async fn listener_cell(&self, backend: &str) -> Option<ActorCell> {
         self.child_cell(ChildKey::Listener(BackendId::from(backend))).await
     }
 
-    /// The filter actor of a subscriber, if running.
+    /// The filter actor of a subscriber, if running, for fault injection (feature `testing`).
+    #[cfg(any(test, feature = "testing"))]
     pub async fn filter_cell(&self, id: SubscriberId) -> Option<ActorCell> {
         self.child_cell(ChildKey::Filter(id)).await
     }
 
+    #[cfg(any(test, feature = "testing"))]
     async fn child_cell(&self, key: ChildKey) -> Option<ActorCell> {
         self.actor.call(|r| SupervisorMsg::ChildCell(key, r), Some(CALL_TIMEOUT)).await.ok()?.success_or(()).ok()?
     }

@@ -102,7 +102,8 @@ impl fmt::Display for SubscriberId {
     }
 }
 
-/// Where a filter delivers.
+/// Where a filter delivers. Engines use [`crate::CompletionSupervisorHandle::subscribe`] and
+/// `subscribe_actor`; the closure form is a test hook (feature `testing`).
 #[derive(Clone)]
 pub enum Sink {
     /// A bounded channel read through a [`crate::CompletionSubscription`].

@@ -61,6 +61,7 @@ pub(crate) const SUBSCRIBER_GONE: &str = "subscriber gone";
 pub(crate) const SUBSCRIPTION_FAILED: &str = "subscription failed";
 
 /// Where a subscription starts and what it wants.
+#[non_exhaustive]
 #[derive(Clone, Debug, Default)]
 pub struct SubscribeRequest {
     /// Backend name; `None` picks the first configured backend.
@@ -98,6 +99,7 @@ impl SubscribeRequest {
 }
 
 /// Which child a cell request names.
+#[doc(hidden)]
 #[derive(Clone, Debug)]
 pub enum ChildKey {
     /// The listener of a backend.
@@ -106,7 +108,9 @@ pub enum ChildKey {
     Filter(SubscriberId),
 }
 
-/// Messages of the supervisor.
+/// Messages of the supervisor. Engines normally go through [`crate::CompletionSupervisorHandle`];
+/// the variants are public so that an engine's own actors can address the tree directly.
+#[non_exhaustive]
 pub enum SupervisorMsg {
     /// Adds a subscriber. Sent by the handle.
     Subscribe {
@@ -126,7 +130,8 @@ pub enum SupervisorMsg {
     RestartFilter(SubscriberId),
     /// Reports every listener and subscriber. Sent by the handle.
     Stats(RpcReplyPort<SupervisorStats>),
-    /// The cell of a child, for operators and fault injection. Sent by the handle.
+    /// The cell of a child, for fault injection. Sent by the handle (feature `testing`).
+    #[doc(hidden)]
     ChildCell(ChildKey, RpcReplyPort<Option<ActorCell>>),
 }
 

@@ -18,6 +18,7 @@ pub const MAX_BATCH_SIZE: usize = 100_000;
 pub const MAX_SUBSCRIBER_BUFFER: usize = 1_000_000;
 
 /// Crash loops beyond `max_restarts` within `within` escalate to the parent.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RestartIntensity {
     /// Crashes tolerated in the window.
@@ -34,6 +35,7 @@ pub struct RestartIntensity {
 /// [`MIN_INTERVAL`]`..=`[`MAX_INTERVAL`] (gauges from [`MIN_QUERY_INTERVAL`]), rows per read to
 /// `1..=`[`MAX_BATCH_SIZE`], the subscriber buffer to `1..=`[`MAX_SUBSCRIBER_BUFFER`]. The
 /// builders clamp as they set; the fields are public, so the tree clamps them again at spawn.
+#[non_exhaustive]
 #[derive(Clone, Debug)]
 pub struct SupervisorConfig {
     /// Backends to listen to, by name.
