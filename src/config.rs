@@ -328,11 +328,15 @@ impl BackendConfig {
     /// Postgres only: wake by polling the outbox every `interval` instead of LISTEN/NOTIFY, for
     /// connection poolers in transaction mode (PgBouncer) where LISTEN does not work.
     #[must_use]
-    pub fn with_poll_only(mut self, interval: Duration) -> Self {
-        if let BackendConnection::Postgres(pg) = &mut self.connection {
-            pg.poll_interval = Some(interval.max(Duration::from_millis(1)));
-        }
-        self
+    pub fn with_poll_only(mut self, interval: Duration) -> Result<Self, EngineError> {
+        let BackendConnection::Postgres(pg) = &mut self.connection else {
+            return Err(EngineError::validation(format!(
+                "poll-only mode is a Postgres setting; a {} listener has no notification connection to replace",
+                self.kind()
+            )));
+        };
+        pg.poll_interval = Some(interval.max(Duration::from_millis(1)));
+        Ok(self)
     }
 
     /// Sets the retention policy (a trim job run by the supervisor).
@@ -387,10 +391,10 @@ impl BackendConfig {
                 }
                 let (plain, poll) = take_poll_param(text)?;
                 let config = Self::postgres(plain);
-                Ok(match poll {
+                match poll {
                     Some(interval) => config.with_poll_only(interval),
-                    None => config,
-                })
+                    None => Ok(config),
+                }
             }
             scheme @ ("valkey" | "valkeys" | "redis" | "rediss") => {
                 let host = url
@@ -483,6 +487,15 @@ mod tests {
         assert_eq!(pg.url, "postgres://u:pw@h/db?sslmode=disable");
         assert_eq!(pg.poll_interval, Some(Duration::from_millis(250)));
         assert!(BackendConfig::from_url("postgres://h/db?ff_poll_ms=0").is_err());
+    }
+
+    #[test]
+    fn poll_only_mode_is_refused_where_it_would_do_nothing() {
+        assert!(BackendConfig::postgres("postgres://h/db").with_poll_only(Duration::from_millis(5)).is_ok());
+        for config in [BackendConfig::sqlite_in_memory(), BackendConfig::valkey("h", 6379)] {
+            let err = config.with_poll_only(Duration::from_millis(5)).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("poll-only mode is a Postgres setting"), "{err}");
+        }
     }
 
     #[test]

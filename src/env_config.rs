@@ -117,8 +117,8 @@ pub fn supervisor_config_from(lookup: &dyn Fn(&str) -> Option<String>) -> Result
         if let Some(d) = connect {
             backend.timeouts = backend.timeouts.with_connect(d);
         }
-        if let Some(d) = poll {
-            backend = backend.with_poll_only(d);
+        if let Some(d) = poll.filter(|_| matches!(backend.connection, BackendConnection::Postgres(_))) {
+            backend = backend.with_poll_only(d)?;
         }
         if let (Some(maxlen), BackendConnection::Valkey(valkey)) = (stream_maxlen, &mut backend.connection) {
             *valkey = valkey.clone().with_stream_maxlen(maxlen);
@@ -130,6 +130,12 @@ pub fn supervisor_config_from(lookup: &dyn Fn(&str) -> Option<String>) -> Result
             backend = backend.with_retention(retention);
         }
         config = config.with_backend(backend);
+    }
+    let any_postgres = config.backends.iter().any(|(_, b)| matches!(b.connection, BackendConnection::Postgres(_)));
+    if poll.is_some() && !any_postgres {
+        return Err(EngineError::validation(format!(
+            "{POLL_MS} is a Postgres setting and {URL} names no Postgres URL"
+        )));
     }
     if let Some(tick) = millis(lookup, TICK_MS, MAX_INTERVAL.as_millis() as u64)? {
         config = config.with_tick(tick);

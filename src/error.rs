@@ -7,7 +7,7 @@ use crate::cursor::StreamCursor;
 #[non_exhaustive]
 pub enum EngineError {
     /// The backend cannot be reached or is not set up (connection refused, schema missing).
-    #[error("backend unavailable during {op}: {detail}")]
+    #[error("the backend is unavailable ({op}): {detail}")]
     Unavailable {
         /// What was being attempted.
         op: &'static str,
@@ -15,7 +15,7 @@ pub enum EngineError {
         detail: String,
     },
     /// A connection broke or a server answered with a transport-level error.
-    #[error("transport error during {op}: {detail}")]
+    #[error("the connection failed ({op}): {detail}")]
     Transport {
         /// What was being attempted.
         op: &'static str,
@@ -24,7 +24,7 @@ pub enum EngineError {
     },
     /// The backend's schema or function library is missing or of another version: retrying
     /// will not help until an operator acts.
-    #[error("backend schema problem during {op}: {detail}")]
+    #[error("the backend's schema is missing or of another version ({op}): {detail}")]
     Schema {
         /// What was being attempted.
         op: &'static str,
@@ -38,25 +38,25 @@ pub enum EngineError {
         detail: String,
     },
     /// The cursor points below what the backend still retains.
-    #[error("cursor expired: the oldest retained position is {oldest:?}")]
+    #[error("the cursor has expired: {}", match oldest { Some(c) => format!("the oldest position still kept is {c}"), None => "nothing is kept".to_owned() })]
     CursorExpired {
         /// The oldest cursor a subscriber can still resume from (`None` when nothing is kept).
         oldest: Option<StreamCursor>,
     },
     /// An operation did not finish in time.
-    #[error("timed out during {op}")]
+    #[error("{op} timed out")]
     Timeout {
         /// What was being attempted.
         op: &'static str,
     },
     /// An engine operation was refused because of the execution's state.
-    #[error("state conflict: {detail}")]
+    #[error("the execution's state refused it: {detail}")]
     State {
         /// What the conflict was.
         detail: String,
     },
     /// The actor tree is gone or did not answer.
-    #[error("actor tree error: {detail}")]
+    #[error("the actor tree failed: {detail}")]
     Actor {
         /// What failed.
         detail: String,
@@ -145,6 +145,14 @@ mod tests {
         let shown = redact(text);
         assert!(!shown.contains("s3cret") && !shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("alice:<redacted>@db:5432"), "{shown}");
+    }
+
+    #[test]
+    fn an_expired_cursor_names_the_oldest_position_in_hex() {
+        let err = EngineError::CursorExpired { oldest: Some(StreamCursor::new(vec![0x03, 0x00, 0x2a])) };
+        assert_eq!(err.to_string(), "the cursor has expired: the oldest position still kept is 03002a");
+        let none = EngineError::CursorExpired { oldest: None };
+        assert_eq!(none.to_string(), "the cursor has expired: nothing is kept");
     }
 
     #[test]

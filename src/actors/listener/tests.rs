@@ -62,7 +62,7 @@ async fn a_dropped_notification_connection_ends_the_listener_with_a_transient_er
     tokio::time::timeout(WAIT, join).await.expect("the listener ends").expect("join");
     assert!(!shared.live.load(Ordering::Relaxed));
     let error = shared.last_error.lock().map(|e| e.clone()).unwrap_or(None).expect("the error is kept");
-    assert!(error.contains("transport error"), "{error}");
+    assert!(error.contains("the connection failed"), "{error}");
 }
 
 #[tokio::test]

@@ -54,11 +54,23 @@ impl SupervisorState {
         self.start_filter(myself, id, Some(reply)).await;
     }
 
-    /// The named backend, or the first one configured.
+    /// The named backend, or the only one configured. A tree with several backends refuses a
+    /// request that names none (it would otherwise pick one silently).
     fn backend_named(&self, name: Option<BackendId>) -> Result<BackendId, EngineError> {
         let backend = match name {
-            Some(b) => b,
-            None => self.order.first().cloned().ok_or_else(|| EngineError::validation("no backend configured"))?,
+            Some(name) => name,
+            None => match self.order.as_slice() {
+                [only] => only.clone(),
+                [] => return Err(EngineError::validation("no backend configured")),
+                several => {
+                    let names: Vec<&str> = several.iter().map(BackendId::as_str).collect();
+                    return Err(EngineError::validation(format!(
+                        "this tree has {} backends ({}); name one with SubscribeRequest::on_backend",
+                        names.len(),
+                        names.join(", ")
+                    )));
+                }
+            },
         };
         if !self.listeners.contains_key(&backend) {
             return Err(EngineError::validation(format!("no backend named {backend:?}")));

@@ -128,3 +128,24 @@ async fn a_listener_that_connects_but_cannot_read_backs_off_instead_of_looping_h
     assert!(delay >= Duration::from_millis(20), "connecting is not a healthy life: {delay:?}");
     tree.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_tree_with_two_backends_refuses_a_request_that_names_none() {
+    use crate::completion_backend::CompletionBackend;
+
+    let (first, second) = (MemorySource::new(), MemorySource::new());
+    let backend = || BackendConfig::sqlite_in_memory().with_retry(BackendRetry::new(2, 10, 3, 0));
+    let mut config = SupervisorConfig::new().with_named_backend("one", backend()).with_named_backend("two", backend());
+    config.test_sources = TestSources(vec![("one".into(), first.clone()), ("two".into(), second.clone())]);
+    let tree = CompletionSupervisorHandle::spawn(config).await.expect("spawn").0;
+
+    let refused = tree.subscribe(SubscribeRequest::tail()).await.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(refused.contains("this tree has 2 backends (one, two); name one"), "{refused}");
+    let seed = tree.subscribe_completions().await.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(seed.contains("name one with SubscribeRequest::on_backend"), "{seed}");
+
+    let mut on_two = tree.subscribe(SubscribeRequest::tail().on_backend("two")).await.expect("a named backend");
+    let id = second.commit(1)[0];
+    assert_eq!(take(&mut on_two, 1).await, vec![id]);
+    tree.shutdown().await;
+}
