@@ -9,11 +9,11 @@
 //! | `ff_completions_listener_reconnects_total` | counter | backend | notification connections re-made in place |
 //! | `ff_completions_held_back` | gauge | backend | 1 while an open transaction holds rows back (Postgres) |
 //! | `ff_completions_held_back_seconds` | gauge | backend | how long rows have been held back |
-//! | `ff_completions_events_delivered_total` | counter | backend, subscriber | events handed to a subscriber |
-//! | `ff_completions_live_batches_dropped_total` | counter | backend, subscriber | live batches a blocked or catching-up filter dropped (it reads them back later) |
-//! | `ff_completions_catch_up_reads_total` | counter | backend, subscriber | reads a filter made from its own cursor |
-//! | `ff_completions_subscriber_lag_ms` | gauge | backend, subscriber | commit time of the oldest event not yet delivered to now (0 when nothing is pending) |
-//! | `ff_completions_subscriber_lag_events` | gauge | backend, subscriber | events the listener has read past the subscriber's cursor (from the first live batch that spans the cursor on) |
+//! | `ff_completions_events_delivered_total` | counter | backend, subscriber (named subscribers only) | events handed to a subscriber |
+//! | `ff_completions_live_batches_dropped_total` | counter | backend, subscriber (named subscribers only) | live batches a blocked or catching-up filter dropped (it reads them back later) |
+//! | `ff_completions_catch_up_reads_total` | counter | backend, subscriber (named subscribers only) | reads a filter made from its own cursor |
+//! | `ff_completions_subscriber_lag_ms` | gauge | backend, subscriber (named subscribers only) | commit time of the oldest event not yet delivered to now (0 when nothing is pending) |
+//! | `ff_completions_subscriber_lag_events` | gauge | backend, subscriber (named subscribers only) | events the listener has read past the subscriber's cursor (from the first live batch that spans the cursor on) |
 //! | `ff_completions_backend_gauge` | gauge | backend, name | backend health: `notification_queue_usage` and `held_back_rows` (Postgres), `stream_length` (Valkey) |
 
 use metrics::{Counter, Gauge, counter, gauge};
@@ -55,8 +55,18 @@ pub(crate) struct SubscriberMetrics {
 }
 
 impl SubscriberMetrics {
-    pub(crate) fn new(backend: &str, subscriber: impl ToString) -> Self {
-        let labels = [("backend", backend.to_owned()), ("subscriber", subscriber.to_string())];
+    /// Series labelled with the subscriber's name; no series at all for an unnamed one.
+    pub(crate) fn new(backend: &str, name: Option<&str>) -> Self {
+        let Some(name) = name else {
+            return Self {
+                delivered: Counter::noop(),
+                lag_ms: Gauge::noop(),
+                lag_events: Gauge::noop(),
+                batches_dropped: Counter::noop(),
+                catch_up_reads: Counter::noop(),
+            };
+        };
+        let labels = [("backend", backend.to_owned()), ("subscriber", name.to_owned())];
         Self {
             delivered: counter!("ff_completions_events_delivered_total", &labels),
             lag_ms: gauge!("ff_completions_subscriber_lag_ms", &labels),

@@ -698,7 +698,8 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
         let (promoter, _) =
             Actor::spawn_linked(None, Promoter, state, engine_actor.get_cell()).await.map_err(actor_err)?;
         let partitions = partition_share(i, promoters);
-        let request = SubscribeRequest::tail().with_filter(ScannerFilter::new().with_partitions(partitions));
+        let filter = ScannerFilter::new().with_partitions(partitions);
+        let request = SubscribeRequest::tail().with_filter(filter).with_name(format!("promoter-{i}"));
         tree.subscribe_actor(request, promoter).await?;
     }
 

@@ -52,6 +52,8 @@ pub enum FilterMsg {
 pub struct FilterArguments {
     /// The subscription it serves.
     pub subscriber_id: SubscriberId,
+    /// The subscriber's name, for its metrics series (none without one).
+    pub name: Option<String>,
     pub(crate) source: Arc<dyn CompletionSource>,
     /// What the subscriber wants.
     pub filter: ScannerFilter,
@@ -118,7 +120,7 @@ impl Actor for Filter {
         };
         args.shared.set_mode(mode);
         let reply = args.reply.take();
-        let metrics = SubscriberMetrics::new(args.backend_id.as_str(), args.subscriber_id);
+        let metrics = SubscriberMetrics::new(args.backend_id.as_str(), args.name.as_deref());
         // Inside ractor's own `Actor{id}` span, which carries the actor id.
         let span = tracing::info_span!("ff_filter", backend = %args.backend_id, subscriber = %args.subscriber_id);
         Ok(FilterState {

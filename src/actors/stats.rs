@@ -41,6 +41,8 @@ pub struct SubscriberStats {
     pub id: SubscriberId,
     /// Backend name.
     pub backend: BackendId,
+    /// The name given with [`crate::SubscribeRequest::with_name`].
+    pub name: Option<String>,
     /// The cursor of the last event processed.
     pub cursor: StreamCursor,
     /// Delivery mode.
@@ -137,6 +139,7 @@ mod tests {
         let mut stats = SubscriberStats {
             id: SubscriberId(3),
             backend: "postgres".into(),
+            name: None,
             cursor: StreamCursor::empty(),
             mode: FilterMode::Blocked,
             delivered: 4,

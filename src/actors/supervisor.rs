@@ -70,6 +70,10 @@ pub struct SubscribeRequest {
     pub filter: ScannerFilter,
     /// Resume after this cursor; empty means from the tail.
     pub from: StreamCursor,
+    /// A name for the subscriber's metrics series and stats; unnamed subscribers record no
+    /// per-subscriber series (their ids are never reused, so such series would grow without
+    /// bound).
+    pub name: Option<String>,
 }
 
 impl SubscribeRequest {
@@ -87,6 +91,15 @@ impl SubscribeRequest {
     #[must_use]
     pub fn with_filter(mut self, filter: ScannerFilter) -> Self {
         self.filter = filter;
+        self
+    }
+
+    /// Names the subscriber: its metrics carry `subscriber="<name>"`. Give each long-lived
+    /// subscriber its own name (at most 64 characters, no control characters); subscribers
+    /// sharing a name share their series.
+    #[must_use]
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
         self
     }
 
@@ -150,6 +163,7 @@ struct ListenerSlot {
 
 struct SubscriberSlot {
     backend: BackendId,
+    name: Option<String>,
     filter: ScannerFilter,
     sink: Sink,
     shared: Arc<SubscriberShared>,

@@ -135,11 +135,12 @@ async fn subscriber_stats(tree: &CompletionSupervisorHandle, id: ff_completions:
 async fn delivery_lag_and_catch_up_metrics_follow_a_fast_and_a_stalled_subscriber() {
     let backend = "pg-metrics-lag";
     let (_url, engine, tree) = postgres_tree(backend, |c| c.with_subscriber_buffer(4)).await;
-    let mut fast = tree.subscribe(SubscribeRequest::tail()).await.expect("fast");
-    let mut slow = tree.subscribe(SubscribeRequest::tail()).await.expect("slow");
-    let (fast_id, slow_id) = (fast.id().to_string(), slow.id().to_string());
-    let fast_labels = [("backend", backend), ("subscriber", fast_id.as_str())];
-    let slow_labels = [("backend", backend), ("subscriber", slow_id.as_str())];
+    let mut fast = tree.subscribe(SubscribeRequest::tail().with_name("fast")).await.expect("fast");
+    let mut slow = tree.subscribe(SubscribeRequest::tail().with_name("slow")).await.expect("slow");
+    // Unnamed subscribers record no per-subscriber series: ids are never reused.
+    let mut unnamed = tree.subscribe(SubscribeRequest::tail()).await.expect("unnamed");
+    let fast_labels = [("backend", backend), ("subscriber", "fast")];
+    let slow_labels = [("backend", backend), ("subscriber", "slow")];
 
     let ids = complete_n(&engine, 50).await;
     assert_exactly_once(&take_events(&mut fast, 50, WAIT).await, &ids, true);
@@ -174,6 +175,12 @@ async fn delivery_lag_and_catch_up_metrics_follow_a_fast_and_a_stalled_subscribe
         value("ff_completions_live_batches_dropped_total", &slow_labels),
         Some(stats.live_batches_dropped as f64)
     );
+    assert_exactly_once(&take_events(&mut unnamed, 55, WAIT).await, &all, true);
+    let unnamed_id = unnamed.id().to_string();
+    for metric in ["ff_completions_events_delivered_total", "ff_completions_subscriber_lag_ms"] {
+        let by_id = value(metric, &[("backend", backend), ("subscriber", unnamed_id.as_str())]);
+        assert_eq!(by_id, None, "{metric} has a series for the unnamed subscriber {unnamed_id}");
+    }
 }
 
 /// An open transaction holds nothing back: a completion committed after it is delivered while

@@ -48,6 +48,7 @@ async fn spawn(source: Arc<MemorySource>, shared: SubscriberShared, buffer: usiz
     let shared = Arc::new(shared);
     let args = FilterArguments {
         subscriber_id: SubscriberId(1),
+        name: None,
         source: source.clone(),
         filter: ScannerFilter::NOOP,
         sink: Sink::Channel(tx),

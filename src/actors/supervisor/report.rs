@@ -47,6 +47,7 @@ impl SupervisorState {
                 Some(SubscriberStats {
                     id: *id,
                     backend: sub.backend.clone(),
+                    name: sub.name.clone(),
                     // Empty (the tail) until the filter knows where the subscription starts.
                     cursor: shared.start().map_or_else(StreamCursor::empty, |_| source.cursor_of(shared.delivered())),
                     mode: shared.mode(),

@@ -26,7 +26,7 @@ impl SupervisorState {
         sink: Sink,
         reply: SubscribeReply,
     ) {
-        let backend = match self.backend_named(request.backend) {
+        let backend = match check_name(request.name.as_deref()).and_then(|()| self.backend_named(request.backend)) {
             Ok(backend) => backend,
             Err(err) => {
                 let _ = reply.send(Err(err));
@@ -43,6 +43,7 @@ impl SupervisorState {
             id,
             SubscriberSlot {
                 backend,
+                name: request.name,
                 filter: request.filter,
                 sink,
                 shared: Arc::new(SubscriberShared::new(request.from, fallback)),
@@ -98,6 +99,7 @@ impl SupervisorState {
             shared: sub.shared.clone(),
             listener: listener.shared.clone(),
             backend_id: sub.backend.clone(),
+            name: sub.name.clone(),
             batch_size: self.config.batch_size,
             retry: listener.retry.clone(),
             reply,
@@ -126,4 +128,18 @@ impl SupervisorState {
             actor.stop(Some(SUBSCRIBER_GONE.into()));
         }
     }
+}
+
+/// The longest subscriber name.
+const MAX_NAME_CHARS: usize = 64;
+
+/// A subscriber name is a metrics label value: short, not empty, no control characters.
+fn check_name(name: Option<&str>) -> Result<(), EngineError> {
+    let Some(name) = name else { return Ok(()) };
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+        return Err(EngineError::validation(format!(
+            "subscriber name {name:?} must be 1 to {MAX_NAME_CHARS} characters without control characters"
+        )));
+    }
+    Ok(())
 }

@@ -149,3 +149,22 @@ async fn a_tree_with_two_backends_refuses_a_request_that_names_none() {
     assert_eq!(take(&mut on_two, 1).await, vec![id]);
     tree.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_subscriber_name_that_cannot_be_a_metrics_label_is_refused() {
+    let source = MemorySource::new();
+    let tree = tree(&source).await;
+    for bad in [String::new(), "x".repeat(65), "with\0nul".to_owned(), "line\nbreak".to_owned()] {
+        let refused = tree.subscribe(SubscribeRequest::tail().with_name(bad.clone())).await;
+        assert!(
+            matches!(&refused, Err(crate::EngineError::Validation { detail }) if detail.contains("subscriber name")),
+            "{bad:?}: {:?}",
+            refused.err()
+        );
+    }
+    let sub = tree.subscribe(SubscribeRequest::tail().with_name("promoter-0")).await.expect("a good name");
+    let stats = tree.stats().await.expect("stats");
+    assert_eq!(stats.subscribers.iter().find(|s| s.id == sub.id()).and_then(|s| s.name.as_deref()), Some("promoter-0"));
+    assert_eq!(stats.subscribers.len(), 1, "refused requests leave no subscriber behind");
+    tree.shutdown().await;
+}
