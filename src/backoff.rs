@@ -34,6 +34,7 @@ impl Backoff {
     }
 
     /// The longest delay this policy ever waits, without jitter.
+    #[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
     pub fn cap(&self) -> Duration {
         self.nominal(self.steps)
     }

@@ -11,10 +11,10 @@
 //! Postgres cursors of the two earlier forms still resume: the reader delivers every row after
 //! them that the newest snapshot shows, then goes on batch by batch.
 //! | SQLite   | `0x03` | `event_id` (i64 BE)                    | 9      |
+// Each backend's encoding is used by that backend (and the tests): a build without it has none.
+#![cfg_attr(not(all(feature = "postgres", feature = "sqlite", feature = "valkey")), allow(dead_code))]
 
 use std::fmt;
-
-use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
 
@@ -37,8 +37,24 @@ pub const SQLITE_CURSOR_PREFIX: u8 = 0x03;
 /// assert!(StreamCursor::from_hex("01zz").is_err()); // malformed: a typed error, never a panic
 /// # Ok::<(), ff_completions::EngineError>(())
 /// ```
-#[derive(Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct StreamCursor(Vec<u8>);
+
+/// A cursor serializes as its hex text (as [`StreamCursor::to_hex`] writes it).
+#[cfg(feature = "serde")]
+impl serde::Serialize for StreamCursor {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for StreamCursor {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Self::from_hex(&text).map_err(serde::de::Error::custom)
+    }
+}
 
 impl StreamCursor {
     /// Wraps raw bytes (validated only when decoded).
@@ -184,11 +200,13 @@ pub fn encode_postgres_batch_cursor(batch: u64, txid: u64, event_id: i64) -> Str
 
 /// Encodes the earlier 17-byte Postgres form `(txid, event_id)`: every row after it in that
 /// order is unseen. `encode_postgres_cursor(0, 0)` replays the whole outbox.
+#[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
 pub fn encode_postgres_cursor(txid: u64, event_id: i64) -> StreamCursor {
     two_words(POSTGRES_CURSOR_PREFIX, txid, event_id as u64)
 }
 
 /// Encodes the original 9-byte Postgres form (`event_id` only).
+#[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
 pub fn encode_postgres_event_cursor(event_id: i64) -> StreamCursor {
     let mut bytes = vec![POSTGRES_CURSOR_PREFIX];
     bytes.extend_from_slice(&event_id.to_be_bytes());

@@ -6,7 +6,6 @@ use std::fmt;
 use std::pin::Pin;
 
 use futures::Stream;
-use serde::{Deserialize, Serialize};
 
 use crate::cursor::StreamCursor;
 use crate::error::EngineError;
@@ -14,7 +13,8 @@ use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
 
 /// The terminal state an execution reached.
 #[non_exhaustive]
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum CompletionOutcome {
     /// Finished successfully.
     Success,
@@ -71,6 +71,7 @@ impl fmt::Display for CompletionOutcome {
 /// `with_*` methods; fields may be added in later versions.
 #[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct CompletionEvent {
     /// Where to resume from to receive the events after this one.
     pub cursor: StreamCursor,
@@ -125,6 +126,7 @@ impl CompletionEvent {
 
 /// The seed's completion payload, yielded by [`crate::CompletionBackend`] streams.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct CompletionPayload {
     /// The execution that reached a terminal state.
@@ -176,5 +178,30 @@ mod tests {
         }
         assert_eq!(CompletionOutcome::from_wire("failure"), CompletionOutcome::Failed);
         assert_eq!(CompletionOutcome::from_wire("timed_out"), CompletionOutcome::Other("timed_out".into()));
+    }
+}
+
+#[cfg(all(test, feature = "serde"))]
+mod serde_tests {
+    use super::*;
+
+    #[test]
+    fn an_event_round_trips_through_json_with_its_cursor_as_hex() {
+        let flow = FlowId::new();
+        let event = CompletionEvent::new(
+            StreamCursor::new(vec![0x03, 0x00, 0x2a]),
+            ExecutionId::new_in(&flow),
+            CompletionOutcome::Failed,
+            TimestampMs(1_700_000_000_123),
+        )
+        .with_flow_id(Some(flow))
+        .with_namespace(Some(Namespace::new("tenant-a")))
+        .with_tags([("pool".to_owned(), "gpu".to_owned())].into_iter().collect());
+        let json = serde_json::to_value(&event).unwrap_or_default();
+        assert_eq!(json["cursor"], "03002a");
+        assert_eq!(json["execution_id"], event.execution_id.to_string());
+        let back: CompletionEvent = serde_json::from_value(json).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, event);
+        assert!(serde_json::from_str::<StreamCursor>("\"zz\"").is_err(), "a malformed cursor is refused");
     }
 }

@@ -3,7 +3,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::EngineError;
@@ -12,7 +11,8 @@ use crate::error::EngineError;
 pub const PARTITION_COUNT: u16 = 256;
 
 /// Milliseconds since the Unix epoch, as stamped by the backend.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct TimestampMs(pub i64);
 
 impl TimestampMs {
@@ -38,7 +38,8 @@ impl TimestampMs {
 }
 
 /// Tenant or workspace scope of an execution.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Namespace(String);
 
 impl Namespace {
@@ -66,7 +67,8 @@ impl fmt::Display for Namespace {
 }
 
 /// A flow (a DAG of executions). Its partition places all its executions' keys in one slot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct FlowId(Uuid);
 
 impl FlowId {
@@ -167,13 +169,15 @@ impl FromStr for ExecutionId {
     }
 }
 
-impl Serialize for ExecutionId {
+#[cfg(feature = "serde")]
+impl serde::Serialize for ExecutionId {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
     }
 }
 
-impl<'de> Deserialize<'de> for ExecutionId {
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for ExecutionId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
         Self::parse(&text).map_err(serde::de::Error::custom)

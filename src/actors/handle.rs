@@ -12,10 +12,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::supervisor::{
-    ChildKey, CompletionSupervisor, SubscribeRequest, SupervisorConfig, SupervisorMsg, SupervisorStats,
-};
-use super::{BackendId, Sink, SubscriberId};
+use super::supervisor::{CompletionSupervisor, SubscribeRequest, SupervisorConfig, SupervisorMsg, SupervisorStats};
+#[cfg(any(test, feature = "testing"))]
+use super::{BackendId, supervisor::ChildKey};
+use super::{Sink, SubscriberId};
 use crate::completion_backend::CompletionBackend;
 use crate::error::EngineError;
 use crate::event::{CompletionEvent, CompletionStream, CompletionSubscription};

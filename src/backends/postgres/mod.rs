@@ -24,7 +24,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 #[cfg(feature = "demo-engine")]
 pub use engine::PostgresEngine;
 pub(crate) use source::PostgresSource;
-pub use wake::{CommitWake, MIN_WAKE_INTERVAL};
+pub use wake::CommitWake;
+#[cfg(feature = "testing")]
+pub use wake::MIN_WAKE_INTERVAL;
 
 use crate::config::{BackendConfig, BackendConnection};
 use crate::error::{EngineError, redact};
@@ -39,6 +41,7 @@ pub const LISTENER_APPLICATION_NAME: &str = "ff-completions-listener";
 pub const MIGRATION_LEDGER: &str = "ff_completions_migrations";
 
 /// The ledger of the demo engine's migrations.
+#[cfg(feature = "demo-engine")]
 pub const DEMO_MIGRATION_LEDGER: &str = "ff_completions_demo_migrations";
 
 /// The subsystem's embedded migrations (`migrations/postgres/`), with their own ledger.
@@ -49,6 +52,7 @@ pub static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
 });
 
 /// The demo engine's embedded migrations (`migrations/postgres_demo/`), with their own ledger.
+#[cfg(feature = "demo-engine")]
 pub static DEMO_MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
     let mut migrator = sqlx::migrate!("migrations/postgres_demo");
     migrator.dangerous_set_table_name(DEMO_MIGRATION_LEDGER);

@@ -1,6 +1,7 @@
 //! Key names of the Valkey backend, as documented at the top of `lua/ff_completions.lua`.
 //! Execution and flow keys carry their `{fp:N}` hash tag; the shared indexes and the stream
 //! are single keys.
+#![cfg_attr(not(feature = "demo-engine"), allow(dead_code))]
 
 use super::STREAM_KEY;
 use crate::types::{ExecutionId, FlowId};

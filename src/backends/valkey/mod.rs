@@ -24,6 +24,7 @@ mod stream;
 
 #[cfg(feature = "demo-engine")]
 pub use engine::ValkeyEngine;
+#[cfg(feature = "testing")]
 pub use library::connect_client;
 pub(crate) use source::ValkeySource;
 
@@ -32,6 +33,7 @@ pub const STREAM_KEY: &str = "ff:completions";
 
 /// The pub/sub channel every terminal transition is also published on, with the JSON payload
 /// `{"execution_id", "flow_id", "outcome"}`.
+#[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
 pub const PUBSUB_CHANNEL: &str = "ff:dag:completions";
 
 /// The function library's source (`lua/ff_completions.lua`).
@@ -46,6 +48,7 @@ pub const LISTENER_CLIENT_NAME: &str = "ff-completions-listener";
 
 /// Default `MAXLEN ~` producers trim the completion stream to (the default of
 /// [`ValkeyConnection::stream_maxlen`](crate::ValkeyConnection)).
+#[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
 pub const DEFAULT_STREAM_MAXLEN: u64 = 1_000_000;
 
 #[cfg(test)]
