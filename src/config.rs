@@ -97,7 +97,7 @@ impl Retention {
     }
 
     /// Sets how often the trim job runs, from
-    /// [`MIN_QUERY_INTERVAL`](crate::actors::supervisor::MIN_QUERY_INTERVAL) on.
+    /// [`MIN_QUERY_INTERVAL`](crate::SupervisorConfig::MIN_QUERY_INTERVAL) on.
     #[must_use]
     pub fn every(mut self, interval: Duration) -> Self {
         self.interval = interval.max(crate::actors::supervisor::MIN_QUERY_INTERVAL);
@@ -327,7 +327,9 @@ impl BackendConfig {
 
     /// Postgres only: wake by polling the outbox every `interval` instead of LISTEN/NOTIFY, for
     /// connection poolers in transaction mode (PgBouncer) where LISTEN does not work.
-    #[must_use]
+    ///
+    /// # Errors
+    /// [`EngineError::Validation`] on a Valkey or SQLite config, where it would do nothing.
     pub fn with_poll_only(mut self, interval: Duration) -> Result<Self, EngineError> {
         let BackendConnection::Postgres(pg) = &mut self.connection else {
             return Err(EngineError::validation(format!(

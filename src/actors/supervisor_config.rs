@@ -32,8 +32,8 @@ pub struct RestartIntensity {
 /// backends connected in the background (the tree starts while a backend is down).
 ///
 /// Out-of-range values are clamped, never refused and never a panic: intervals to
-/// [`MIN_INTERVAL`]`..=`[`MAX_INTERVAL`] (gauges from [`MIN_QUERY_INTERVAL`]), rows per read to
-/// `1..=`[`MAX_BATCH_SIZE`], the subscriber buffer to `1..=`[`MAX_SUBSCRIBER_BUFFER`]. The
+/// [`MIN_INTERVAL`](SupervisorConfig::MIN_INTERVAL)`..=`[`MAX_INTERVAL`](SupervisorConfig::MAX_INTERVAL) (gauges from [`MIN_QUERY_INTERVAL`](SupervisorConfig::MIN_QUERY_INTERVAL)), rows per read to
+/// `1..=`[`MAX_BATCH_SIZE`](SupervisorConfig::MAX_BATCH_SIZE), the subscriber buffer to `1..=`[`MAX_SUBSCRIBER_BUFFER`](SupervisorConfig::MAX_SUBSCRIBER_BUFFER). The
 /// builders clamp as they set; the fields are public, so the tree clamps them again at spawn.
 #[non_exhaustive]
 #[derive(Clone, Debug)]
@@ -92,6 +92,17 @@ impl Default for SupervisorConfig {
 }
 
 impl SupervisorConfig {
+    /// The shortest interval (tick, re-poll) the tree accepts.
+    pub const MIN_INTERVAL: Duration = MIN_INTERVAL;
+    /// The longest interval the tree accepts.
+    pub const MAX_INTERVAL: Duration = MAX_INTERVAL;
+    /// The shortest interval of the periodic backend queries (gauges, retention).
+    pub const MIN_QUERY_INTERVAL: Duration = MIN_QUERY_INTERVAL;
+    /// The most rows per read.
+    pub const MAX_BATCH_SIZE: usize = MAX_BATCH_SIZE;
+    /// The largest subscriber buffer, in events.
+    pub const MAX_SUBSCRIBER_BUFFER: usize = MAX_SUBSCRIBER_BUFFER;
+
     /// An empty configuration with the defaults.
     pub fn new() -> Self {
         Self::default()
@@ -111,7 +122,7 @@ impl SupervisorConfig {
         self
     }
 
-    /// Sets the safety tick, clamped to [`MIN_INTERVAL`]`..=`[`MAX_INTERVAL`]
+    /// Sets the safety tick, clamped to [`MIN_INTERVAL`](SupervisorConfig::MIN_INTERVAL)`..=`[`MAX_INTERVAL`](SupervisorConfig::MAX_INTERVAL)
     /// (`Duration::ZERO` becomes 1 ms).
     #[must_use]
     pub fn with_tick(mut self, tick: Duration) -> Self {
@@ -120,21 +131,21 @@ impl SupervisorConfig {
     }
 
     /// Sets how soon to read again while an open transaction holds rows back, clamped to
-    /// [`MIN_INTERVAL`]`..=`[`MAX_INTERVAL`].
+    /// [`MIN_INTERVAL`](SupervisorConfig::MIN_INTERVAL)`..=`[`MAX_INTERVAL`](SupervisorConfig::MAX_INTERVAL).
     #[must_use]
     pub fn with_held_back_repoll(mut self, every: Duration) -> Self {
         self.held_back_repoll = every.clamp(MIN_INTERVAL, MAX_INTERVAL);
         self
     }
 
-    /// Sets the subscriber buffer, clamped to `1..=`[`MAX_SUBSCRIBER_BUFFER`].
+    /// Sets the subscriber buffer, clamped to `1..=`[`MAX_SUBSCRIBER_BUFFER`](SupervisorConfig::MAX_SUBSCRIBER_BUFFER).
     #[must_use]
     pub fn with_subscriber_buffer(mut self, events: usize) -> Self {
         self.subscriber_buffer = events.clamp(1, MAX_SUBSCRIBER_BUFFER);
         self
     }
 
-    /// Sets rows per read, clamped to `1..=`[`MAX_BATCH_SIZE`].
+    /// Sets rows per read, clamped to `1..=`[`MAX_BATCH_SIZE`](SupervisorConfig::MAX_BATCH_SIZE).
     #[must_use]
     pub fn with_batch_size(mut self, rows: usize) -> Self {
         self.batch_size = rows.clamp(1, MAX_BATCH_SIZE);
@@ -142,7 +153,7 @@ impl SupervisorConfig {
     }
 
     /// Sets how often backend health gauges are recorded, clamped to
-    /// [`MIN_QUERY_INTERVAL`]`..=`[`MAX_INTERVAL`].
+    /// [`MIN_QUERY_INTERVAL`](SupervisorConfig::MIN_QUERY_INTERVAL)`..=`[`MAX_INTERVAL`](SupervisorConfig::MAX_INTERVAL).
     #[must_use]
     pub fn with_gauge_interval(mut self, every: Duration) -> Self {
         self.gauge_interval = every.clamp(MIN_QUERY_INTERVAL, MAX_INTERVAL);
