@@ -18,28 +18,16 @@ use crate::contract::{self, Fixture, QUIET, WAIT, assert_nothing_restarted, comp
 use crate::support::valkey::ValkeyServer;
 use crate::support::{assert_exactly_once, assert_no_more, init_tracing, take_events, wait_until};
 
-macro_rules! contract_tests {
-    ($($name:ident $(, $extra:expr)?;)*) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            init_tracing();
-            let server = ValkeyServer::start().await;
-            contract::$name(server.config() $(, $extra)?).await;
-        }
-    )*};
+async fn contract_backend() -> (ValkeyServer, BackendConfig) {
+    init_tracing();
+    let server = ValkeyServer::start().await;
+    let config = server.config();
+    (server, config)
 }
 
-contract_tests! {
-    every_outcome_round_trips_with_all_fields;
-    filters_by_namespace_tag_and_both_on_one_listener;
-    hostile_filter_values_round_trip_and_match_exactly;
-    resume_from_a_mid_stream_cursor_gets_exactly_the_rest_in_order;
-    tail_gets_only_new_events;
-    malformed_and_foreign_cursors_are_validation_errors,
-        vec![encode_postgres_cursor(1, 2), encode_postgres_event_cursor(3), encode_sqlite_cursor(4)];
-    slow_subscriber_does_not_delay_a_fast_one_and_later_gets_everything;
-    trimmed_cursors_expire_with_the_oldest_cursor_and_slow_subscribers_are_told;
-}
+contract::contract_tests!(
+    foreign cursors: vec![encode_postgres_cursor(1, 2), encode_postgres_event_cursor(3), encode_sqlite_cursor(4)]
+);
 
 /// Quick restarts for tests that break connections on purpose.
 fn impatient(config: BackendConfig) -> BackendConfig {
