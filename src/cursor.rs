@@ -79,7 +79,7 @@ impl StreamCursor {
 
     /// Lower-case hex, convenient for logs and command lines.
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(&self.0)
     }
 
     /// Parses the output of [`StreamCursor::to_hex`].
@@ -91,12 +91,7 @@ impl StreamCursor {
         if !text.len().is_multiple_of(2) || !text.is_ascii() {
             return Err(EngineError::validation("cursor hex must have an even number of ASCII digits"));
         }
-        (0..text.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&text[i..i + 2], 16))
-            .collect::<Result<Vec<_>, _>>()
-            .map(Self)
-            .map_err(|_| EngineError::validation("cursor hex has a non-hex character"))
+        hex::decode(text).map(Self).map_err(|_| EngineError::validation("cursor hex has a non-hex character"))
     }
 }
 
@@ -288,6 +283,20 @@ mod tests {
             Some(Some(PostgresCursor { batch: Some(31), txid: Some(900), event_id: 42 }))
         );
         assert_eq!(decode_sqlite_cursor(&encode_sqlite_cursor(5)).ok(), Some(Some(5)));
+    }
+
+    /// Wire formats as exact bytes: the family prefix, then big-endian words.
+    #[test]
+    fn cursor_encodings_are_pinned_byte_for_byte() {
+        assert_eq!(encode_valkey_cursor(0x0102, 7).to_hex(), "0100000000000001020000000000000007");
+        assert_eq!(encode_postgres_event_cursor(42).to_hex(), "02000000000000002a");
+        assert_eq!(encode_postgres_cursor(900, 42).to_hex(), "020000000000000384000000000000002a");
+        assert_eq!(
+            encode_postgres_batch_cursor(31, 900, 42).to_hex(),
+            "02000000000000001f0000000000000384000000000000002a"
+        );
+        assert_eq!(encode_sqlite_cursor(5).as_bytes(), [0x03, 0, 0, 0, 0, 0, 0, 0, 5]);
+        assert_eq!(StreamCursor::from_hex("0300000000000000ff").ok(), Some(encode_sqlite_cursor(255)));
     }
 
     #[test]

@@ -214,10 +214,32 @@ mod tests {
         }
     }
 
+    /// Known vectors: crc16-XMODEM of the hyphenated uuid text (0xe884, 0xf4e0, 0xe8b7), mod 256.
     #[test]
-    fn flow_partition_is_stable_and_in_range() {
-        let flow = FlowId::from_uuid(Uuid::nil());
-        assert_eq!(flow.partition(), flow.partition());
-        assert!(flow.partition() < PARTITION_COUNT);
+    fn flow_partition_is_crc16_xmodem_of_the_uuid_text_mod_256() {
+        let partition =
+            |text: &str| FlowId::from_uuid(Uuid::parse_str(text).unwrap_or_else(|e| panic!("{e}"))).partition();
+        assert_eq!(partition("00000000-0000-0000-0000-000000000000"), 0x84);
+        assert_eq!(partition("123e4567-e89b-12d3-a456-426614174000"), 0xe0);
+        assert_eq!(partition("ffffffff-ffff-ffff-ffff-ffffffffffff"), 0xb7);
+    }
+
+    /// The wire text of an execution id: `{fp:N}:<hyphenated lower-case uuid>`.
+    #[test]
+    fn execution_id_text_form_is_pinned() {
+        let uuid = Uuid::parse_str("123e4567-e89b-12d3-a456-426614174000").unwrap_or_else(|e| panic!("{e}"));
+        let id = ExecutionId::from_parts(224, uuid);
+        assert_eq!(id.to_string(), "{fp:224}:123e4567-e89b-12d3-a456-426614174000");
+        assert_eq!(id.hash_tag(), "{fp:224}");
+        assert_eq!(
+            ExecutionId::parse("{fp:0}:00000000-0000-0000-0000-000000000000").ok(),
+            Some(ExecutionId::from_parts(0, Uuid::nil()))
+        );
+        assert_eq!(
+            serde_json::to_string(&id).ok().as_deref(),
+            Some("\"{fp:224}:123e4567-e89b-12d3-a456-426614174000\"")
+        );
+        let flow = FlowId::from_uuid(uuid);
+        assert_eq!(ExecutionId::new_in(&flow).partition(), 224, "a flow's executions share its partition");
     }
 }

@@ -21,6 +21,7 @@
 //! Prints a summary and exits non-zero unless every execution reached the state the DAG implies
 //! and every completion arrived exactly once.
 
+mod faults;
 mod scenario;
 
 use std::time::Duration;

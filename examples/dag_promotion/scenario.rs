@@ -25,6 +25,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::{Mutex, Notify};
 
+use super::faults::{ChaosCount, chaos};
+
 /// What a worker does with an execution, fixed up front from the seed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
@@ -212,7 +214,7 @@ fn expected_states(dags: &[Dag]) -> HashMap<ExecutionId, &'static str> {
 #[derive(Default)]
 struct Progress {
     /// Distinct executions whose completion arrived.
-    terminal: AtomicU64,
+    terminal: Arc<AtomicU64>,
     promotions: AtomicU64,
     skips: AtomicU64,
     latencies: SyncMutex<Latencies>,
@@ -496,171 +498,6 @@ async fn reconcile(
     fixed
 }
 
-/// What the chaos task did.
-#[derive(Debug, Default)]
-struct ChaosCount {
-    listener_kills: u64,
-    connection_kills: u64,
-}
-
-/// Kills the listener's notification connection from outside the tree, the way an operator or
-/// a network fault would: `pg_terminate_backend` on Postgres, `CLIENT KILL` on Valkey. SQLite
-/// has no such connection. Its own admin connection is made on first use and again after an
-/// error.
-enum ConnectionKiller {
-    Nothing,
-    #[cfg(feature = "postgres")]
-    Postgres {
-        url: String,
-        pool: Option<sqlx::PgPool>,
-    },
-    #[cfg(feature = "valkey")]
-    Valkey {
-        backend: BackendConfig,
-        client: Option<ferriskey::Client>,
-    },
-}
-
-impl ConnectionKiller {
-    fn new(backend: &BackendConfig) -> Self {
-        match &backend.connection {
-            #[cfg(feature = "postgres")]
-            ff_completions::BackendConnection::Postgres(pg) => Self::Postgres { url: pg.url.clone(), pool: None },
-            #[cfg(feature = "valkey")]
-            ff_completions::BackendConnection::Valkey(_) => Self::Valkey { backend: backend.clone(), client: None },
-            _ => Self::Nothing,
-        }
-    }
-
-    /// Kills every listener connection it finds; returns how many. On error the admin
-    /// connection is dropped, to be made again next time.
-    async fn kill(&mut self) -> Result<u64, String> {
-        match self {
-            Self::Nothing => Ok(0),
-            #[cfg(feature = "postgres")]
-            Self::Postgres { url, pool } => {
-                let result = terminate_postgres_listeners(url, pool).await;
-                if result.is_err() {
-                    *pool = None;
-                }
-                result
-            }
-            #[cfg(feature = "valkey")]
-            Self::Valkey { backend, client } => {
-                let result = kill_valkey_listeners(backend, client).await;
-                if result.is_err() {
-                    *client = None;
-                }
-                result
-            }
-        }
-    }
-}
-
-/// `pg_terminate_backend` of every session named like the listener's LISTEN connection.
-#[cfg(feature = "postgres")]
-async fn terminate_postgres_listeners(url: &str, pool: &mut Option<sqlx::PgPool>) -> Result<u64, String> {
-    let pool = match pool {
-        Some(pool) => pool,
-        None => pool.insert(
-            sqlx::postgres::PgPoolOptions::new()
-                .max_connections(1)
-                .acquire_timeout(Duration::from_secs(5))
-                .connect(url)
-                .await
-                .map_err(|e| format!("chaos connect to postgres: {e}"))?,
-        ),
-    };
-    // Materialized first, so the filter on the name runs before any backend is terminated.
-    let killed: i64 = sqlx::query_scalar(
-        "WITH listeners AS MATERIALIZED (SELECT pid FROM pg_stat_activity WHERE application_name = $1) \
-         SELECT count(*) FROM listeners WHERE pg_terminate_backend(pid)",
-    )
-    .bind(ff_completions::testing::postgres::LISTENER_APPLICATION_NAME)
-    .fetch_one(&*pool)
-    .await
-    .map_err(|e| format!("pg_terminate_backend: {e}"))?;
-    Ok(killed.max(0) as u64)
-}
-
-/// `CLIENT KILL ID` of every connection named like the listener's blocking one
-/// ([`LISTENER_CLIENT_NAME`](ff_completions::testing::valkey::LISTENER_CLIENT_NAME)), found
-/// with `CLIENT LIST` on an admin client of the scenario's own connection settings.
-#[cfg(feature = "valkey")]
-async fn kill_valkey_listeners(backend: &BackendConfig, client: &mut Option<ferriskey::Client>) -> Result<u64, String> {
-    let client = match client {
-        Some(client) => client,
-        None => client.insert(
-            ff_completions::testing::valkey::connect_client(backend, "ff-completions-dag-chaos")
-                .await
-                .map_err(|e| format!("chaos connect to valkey: {e}"))?,
-        ),
-    };
-    let list: String = client.cmd("CLIENT").arg("LIST").execute().await.map_err(|e| format!("CLIENT LIST: {e}"))?;
-    let name = format!("name={}", ff_completions::testing::valkey::LISTENER_CLIENT_NAME);
-    let ids: Vec<&str> = list
-        .lines()
-        .filter(|line| line.split_whitespace().any(|kv| kv == name))
-        .filter_map(|line| line.split_whitespace().find_map(|kv| kv.strip_prefix("id=")))
-        .collect();
-    let mut killed = 0;
-    for id in ids {
-        // The reply counts the clients killed: 0 when the connection closed meanwhile.
-        let n: i64 = client
-            .cmd("CLIENT")
-            .arg("KILL")
-            .arg("ID")
-            .arg(id)
-            .execute()
-            .await
-            .map_err(|e| format!("CLIENT KILL ID {id}: {e}"))?;
-        killed += n.max(0) as u64;
-    }
-    Ok(killed)
-}
-
-/// Until `stop`, one fault after a random 50 to 300 ms or a random 20 to 80 completions,
-/// whichever comes first (both from the seed), so even a run that ends in half a second takes
-/// several faults. On servers the faults take turns, the listener's connection first, then the
-/// listener actor; on SQLite, which has no such connection, every fault kills the actor.
-async fn chaos(
-    tree: CompletionSupervisorHandle,
-    backend: BackendConfig,
-    seed: u64,
-    progress: Arc<Progress>,
-    stop: Arc<AtomicBool>,
-) -> ChaosCount {
-    let mut rng = StdRng::seed_from_u64(seed ^ 0xc4a05);
-    let mut count = ChaosCount::default();
-    let mut killer = ConnectionKiller::new(&backend);
-    let has_connection = !matches!(killer, ConnectionKiller::Nothing);
-    let mut connection_next = has_connection;
-    loop {
-        let due = Instant::now() + Duration::from_millis(rng.random_range(50..300));
-        let due_at_completion = progress.terminal.load(Ordering::Relaxed) + rng.random_range(20..80);
-        while Instant::now() < due
-            && progress.terminal.load(Ordering::Relaxed) < due_at_completion
-            && !stop.load(Ordering::Relaxed)
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-        if connection_next {
-            match killer.kill().await {
-                Ok(n) => count.connection_kills += n,
-                Err(err) => tracing::warn!(error = %err, "chaos could not kill the listener's connection"),
-            }
-        } else if let Some(cell) = tree.listener_cell(backend.kind()).await {
-            cell.kill();
-            count.listener_kills += 1;
-        }
-        connection_next = has_connection && !connection_next;
-    }
-    count
-}
-
 /// Runs the scenario to the end and checks every final state.
 ///
 /// # Errors
@@ -717,8 +554,9 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
     let workers: Vec<_> = (0..s.workers.max(1))
         .map(|i| tokio::spawn(work(engine.clone(), decisions.clone(), format!("worker-{i}"), stop.clone())))
         .collect();
-    let chaos_task =
-        s.chaos.then(|| tokio::spawn(chaos(tree.clone(), s.backend.clone(), s.seed, progress.clone(), stop.clone())));
+    let chaos_task = s
+        .chaos
+        .then(|| tokio::spawn(chaos(tree.clone(), s.backend.clone(), s.seed, progress.terminal.clone(), stop.clone())));
 
     let mut reconciler_fixed = 0;
     let mut seen = std::collections::HashSet::new();

@@ -21,13 +21,14 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use tokio_util::task::AbortOnDropHandle;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc::error::TrySendError;
 use tracing::Instrument;
 
 use super::supervisor::subscriptions::SubscribeReply;
-use super::{AbortOnDrop, BackendId, FilterMode, ListenerShared, LiveBatch, Sink, SubscriberId, SubscriberShared};
+use super::{BackendId, FilterMode, ListenerShared, LiveBatch, Sink, SubscriberId, SubscriberShared};
 use crate::backends::{CompletionSource, Positioned, StartAt};
 use crate::backoff::Backoff;
 use crate::config::BackendRetry;
@@ -84,7 +85,7 @@ pub struct FilterState {
     reply: Option<SubscribeReply>,
     /// Events delivered since the metrics were last recorded.
     unreported: u64,
-    _sink_waiter: Option<AbortOnDrop>,
+    _sink_waiter: Option<AbortOnDropHandle<()>>,
 }
 
 /// What delivering a run of events ended with.
@@ -443,7 +444,7 @@ impl FilterState {
         let Sink::Channel(tx) = &self.args.sink else { return };
         let tx = tx.clone();
         let me = myself.clone();
-        self._sink_waiter = Some(AbortOnDrop(tokio::spawn(async move {
+        self._sink_waiter = Some(AbortOnDropHandle::new(tokio::spawn(async move {
             if tx.reserve().await.is_ok() {
                 let _ = me.cast(FilterMsg::SinkReady);
             }

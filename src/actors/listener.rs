@@ -13,12 +13,13 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use tokio_util::task::AbortOnDropHandle;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::Instrument;
 
 use super::filter::FilterMsg;
-use super::{AbortOnDrop, BackendId, ListenerShared, LiveBatch};
+use super::{BackendId, ListenerShared, LiveBatch};
 use crate::backends::{Batch, CompletionSource, Wake, Waker};
 use crate::cursor::Position;
 use crate::error::EngineError;
@@ -77,8 +78,8 @@ pub struct Listening {
     held_back_since: Option<std::time::Instant>,
     /// A tick is in the mailbox: the tick task sends no other until it is handled.
     tick_pending: Arc<AtomicBool>,
-    _waker_task: Option<AbortOnDrop>,
-    _tick_task: Option<AbortOnDrop>,
+    _waker_task: Option<AbortOnDropHandle<()>>,
+    _tick_task: Option<AbortOnDropHandle<()>>,
 }
 
 /// The listener actor.
@@ -151,7 +152,7 @@ impl Listening {
             }
         };
         let waker = self.args.source.open_waker(self.cursor).await?;
-        self._waker_task = Some(AbortOnDrop(tokio::spawn(run_waker(waker, myself.clone()))));
+        self._waker_task = Some(AbortOnDropHandle::new(tokio::spawn(run_waker(waker, myself.clone()))));
         self._tick_task = Some(spawn_ticker(myself.clone(), self.args.tick, self.tick_pending.clone()));
         shared.set_error(None);
         let outage = shared.down_since.lock().map(|mut d| d.take()).unwrap_or(None).map(|t| t.elapsed());
@@ -279,8 +280,8 @@ impl Listening {
 
 /// Casts a `Tick` wake-up every `tick`, but never a second one while the first is still in the
 /// mailbox: a tick shorter than a read cannot grow the mailbox.
-fn spawn_ticker(listener: ActorRef<ListenerMsg>, tick: Duration, pending: Arc<AtomicBool>) -> AbortOnDrop {
-    AbortOnDrop(tokio::spawn(async move {
+fn spawn_ticker(listener: ActorRef<ListenerMsg>, tick: Duration, pending: Arc<AtomicBool>) -> AbortOnDropHandle<()> {
+    AbortOnDropHandle::new(tokio::spawn(async move {
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         interval.tick().await;

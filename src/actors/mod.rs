@@ -388,13 +388,3 @@ impl SubscriberShared {
         self.lag_marks().pending_at.map_or(0, |at| now.millis_since(at))
     }
 }
-
-/// Aborts a background task when dropped, so a killed actor leaves no task behind.
-#[derive(Debug)]
-pub(crate) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}

@@ -33,6 +33,7 @@ mod tests;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::task::AbortOnDropHandle;
 
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tracing::Instrument;
@@ -40,7 +41,7 @@ use tracing::Instrument;
 use self::restart::RestartPolicy;
 use super::filter::FilterMsg;
 use super::listener::ListenerMsg;
-use super::{AbortOnDrop, BackendId, ListenerShared, Sink, SubscriberId, SubscriberShared};
+use super::{BackendId, ListenerShared, Sink, SubscriberId, SubscriberShared};
 use crate::backends::lazy::LazySource;
 use crate::backends::{CompletionSource, lazy_source};
 use crate::backoff::Backoff;
@@ -150,7 +151,7 @@ pub enum SupervisorMsg {
 
 struct ListenerSlot {
     source: Arc<dyn CompletionSource>,
-    _jobs: [Option<AbortOnDrop>; 2],
+    _jobs: [Option<AbortOnDropHandle<()>>; 2],
     shared: Arc<ListenerShared>,
     /// The backend's retry policy: the listener's and its filters' restart backoff, and the
     /// filters' catch-up retries.

@@ -54,7 +54,7 @@ pub(crate) fn age_cutoff_ms(now: TimestampMs, age: Duration) -> i64 {
 }
 
 /// The columns of one `ff_completion_event` row, as text where the schema may vary.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, sqlx::FromRow)]
 pub(crate) struct OutboxRow {
     pub execution_id: Option<String>,
     pub flow_id: Option<String>,

@@ -18,9 +18,18 @@ pub const ALL: [&str; 3] = ["postgres", "valkey", "sqlite"];
 
 /// A backend under test, with its server when it has one.
 pub enum Target {
-    Postgres { server: support::postgres::PrivatePg, pool: sqlx::PgPool },
-    Sqlite { _dir: tempfile::TempDir, path: std::path::PathBuf },
-    Valkey { server: support::valkey::ValkeyServer },
+    Postgres {
+        server: support::postgres::PrivatePg,
+        pool: sqlx::PgPool,
+        killer: Box<support::faults::ConnectionKiller>,
+    },
+    Sqlite {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+    },
+    Valkey {
+        server: support::valkey::ValkeyServer,
+    },
 }
 
 impl Target {
@@ -35,7 +44,8 @@ impl Target {
                     .await
                     .expect("pool");
                 sqlx::query("CREATE DATABASE chaos_bystander").execute(&pool).await.expect("a second database");
-                Self::Postgres { server, pool }
+                let killer = Box::new(support::faults::ConnectionKiller::new(&BackendConfig::postgres(server.url())));
+                Self::Postgres { server, pool, killer }
             }
             "sqlite" => {
                 let dir = tempfile::tempdir().expect("temp dir");
@@ -165,13 +175,8 @@ impl Target {
 
     async fn kill_connection(&self) -> &'static str {
         match self {
-            Self::Postgres { pool, .. } => {
-                let killed: Result<i64, _> = sqlx::query_scalar(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
-                )
-                .bind(ff_completions::testing::postgres::LISTENER_APPLICATION_NAME)
-                .fetch_one(pool)
-                .await;
+            Self::Postgres { killer, .. } => {
+                let killed = killer.kill().await;
                 if killed.is_ok() { "terminate LISTEN connection" } else { "terminate failed (server down)" }
             }
             Self::Valkey { server } => {

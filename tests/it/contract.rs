@@ -12,6 +12,33 @@ use ff_completions::{
 
 use crate::support::{assert_exactly_once, assert_no_more, take_events, wait_until};
 
+/// Declares, in the calling module, one test per promise above under the promise's own name,
+/// each run against what the module's `async fn contract_backend() -> (impl Sized, BackendConfig)`
+/// returns (a guard kept alive for the test, such as a server or a temp dir, and the backend).
+/// `$foreign` is a list of well-formed cursors of the other backend families.
+macro_rules! contract_tests {
+    (foreign cursors: $foreign:expr) => {
+        $crate::contract::contract_tests! { @each
+            every_outcome_round_trips_with_all_fields;
+            filters_by_namespace_tag_and_both_on_one_listener;
+            hostile_filter_values_round_trip_and_match_exactly;
+            resume_from_a_mid_stream_cursor_gets_exactly_the_rest_in_order;
+            tail_gets_only_new_events;
+            malformed_and_foreign_cursors_are_validation_errors, $foreign;
+            slow_subscriber_does_not_delay_a_fast_one_and_later_gets_everything;
+            trimmed_cursors_expire_with_the_oldest_cursor_and_slow_subscribers_are_told;
+        }
+    };
+    (@each $($name:ident $(, $extra:expr)?;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let (_guard, backend) = contract_backend().await;
+            $crate::contract::$name(backend $(, $extra)?).await;
+        }
+    )*};
+}
+pub(crate) use contract_tests;
+
 pub const WAIT: Duration = Duration::from_secs(30);
 pub const QUIET: Duration = Duration::from_millis(300);
 

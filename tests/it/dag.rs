@@ -11,7 +11,7 @@ use ff_completions::BackendConfig;
 #[path = "../../examples/dag_promotion/scenario.rs"]
 mod scenario;
 
-use crate::support::init_tracing;
+use crate::support::{faults, init_tracing};
 
 fn small(backend: BackendConfig, chaos: bool) -> scenario::Scenario {
     // Under chaos on a server, enough work to span several faults (one every 50 to 300 ms,

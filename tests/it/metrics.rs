@@ -5,10 +5,9 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use ff_completions::testing::postgres::LISTENER_APPLICATION_NAME;
 use ff_completions::{
-    BackendConfig, CompletionSupervisorHandle, Engine, ExecutionId, ExecutionSpec, FlowId, ListenerState,
-    PostgresEngine, SubscribeRequest, SubscriberStats, SupervisorConfig,
+    BackendConfig, CompletionSupervisorHandle, Engine, ExecutionSpec, FlowId, ListenerState, PostgresEngine,
+    SubscribeRequest, SubscriberStats, SupervisorConfig,
 };
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 use std::collections::HashMap;
@@ -18,7 +17,10 @@ use std::sync::{Arc, Mutex};
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
-use crate::support::{assert_exactly_once, init_tracing, postgres::fresh_database, take_events, wait_until};
+use crate::contract::complete_n;
+use crate::support::{
+    assert_exactly_once, faults::ConnectionKiller, init_tracing, postgres::fresh_database, take_events, wait_until,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -68,27 +70,6 @@ fn value(name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let raw = v.load(Ordering::Relaxed);
         matches.then(|| if *is_gauge { f64::from_bits(raw) } else { raw as f64 })
     })
-}
-
-/// Creates, claims and completes `n` executions of one flow on any engine; returns them in
-/// commit order.
-async fn complete_n(engine: &dyn Engine, n: usize) -> Vec<ExecutionId> {
-    let flow = FlowId::new();
-    engine.create_flow(&flow, None).await.expect("flow");
-    let mut ids = Vec::new();
-    for _ in 0..n {
-        let spec = ExecutionSpec::new(&flow);
-        engine.create_execution(&spec).await.expect("create");
-        ids.push(spec.id);
-    }
-    let mut claimed = 0;
-    while claimed < n {
-        claimed += engine.claim("w", n).await.expect("claim").len();
-    }
-    for id in &ids {
-        engine.complete(id).await.expect("complete");
-    }
-    ids
 }
 
 /// Waits until `name{labels}` satisfies `ok`, failing with its last value.
@@ -280,14 +261,7 @@ async fn skipped_rows_reconnects_and_restarts_are_counted_as_the_stats_count_the
 
     // The LISTEN connection is terminated: the listener re-makes it in place and catches up.
     wait_until(WAIT, "the listener live", || async { listener_stats().await.state == ListenerState::Live }).await;
-    let terminated: i64 = sqlx::query_scalar(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-          WHERE application_name = $1 AND datname = current_database()",
-    )
-    .bind(LISTENER_APPLICATION_NAME)
-    .fetch_one(&mut conn)
-    .await
-    .expect("terminate");
+    let terminated = ConnectionKiller::new(&BackendConfig::postgres(&url)).kill().await.expect("terminate");
     assert_eq!(terminated, 1);
     wait_for("ff_completions_listener_reconnects_total", &labels, "one reconnect", |v| v >= 1.0).await;
     let stats = listener_stats().await;

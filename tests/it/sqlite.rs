@@ -18,26 +18,11 @@ fn backend_file() -> (tempfile::TempDir, BackendConfig) {
     (dir, config)
 }
 
-macro_rules! contract_tests {
-    ($($name:ident $(, $extra:expr)?;)*) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            let (_dir, backend) = backend_file();
-            contract::$name(backend $(, $extra)?).await;
-        }
-    )*};
+async fn contract_backend() -> (tempfile::TempDir, BackendConfig) {
+    backend_file()
 }
 
-contract_tests! {
-    every_outcome_round_trips_with_all_fields;
-    filters_by_namespace_tag_and_both_on_one_listener;
-    hostile_filter_values_round_trip_and_match_exactly;
-    resume_from_a_mid_stream_cursor_gets_exactly_the_rest_in_order;
-    tail_gets_only_new_events;
-    malformed_and_foreign_cursors_are_validation_errors, vec![encode_valkey_cursor(1, 2), encode_postgres_cursor(3, 4)];
-    slow_subscriber_does_not_delay_a_fast_one_and_later_gets_everything;
-    trimmed_cursors_expire_with_the_oldest_cursor_and_slow_subscribers_are_told;
-}
+contract::contract_tests!(foreign cursors: vec![encode_valkey_cursor(1, 2), encode_postgres_cursor(3, 4)]);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_in_memory_database_round_trips() {

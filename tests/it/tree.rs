@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use ff_completions::{
     BackendConfig, BackendRetry, BackendTimeouts, CompletionBackend, CompletionEvent, CompletionSupervisorHandle,
-    Engine, ExecutionId, ExecutionSpec, FlowId, ListenerState, PostgresEngine, ScannerFilter, SubscribeRequest,
-    SubscriberStats, SupervisorConfig,
+    ExecutionId, ExecutionSpec, ListenerState, PostgresEngine, ScannerFilter, SubscribeRequest, SubscriberStats,
+    SupervisorConfig,
 };
 use futures::StreamExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -17,30 +17,12 @@ use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 use tokio::sync::mpsc;
 
+use crate::contract::complete_n;
 use crate::support::{
     assert_exactly_once, assert_no_more, init_tracing, postgres::fresh_database, take_events, wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-async fn complete_n(engine: &PostgresEngine, n: usize) -> Vec<ExecutionId> {
-    let flow = FlowId::new();
-    engine.create_flow(&flow, None).await.expect("flow");
-    let mut ids = Vec::new();
-    for _ in 0..n {
-        let spec = ExecutionSpec::new(&flow);
-        engine.create_execution(&spec).await.expect("create");
-        ids.push(spec.id);
-    }
-    let mut claimed = 0;
-    while claimed < n {
-        claimed += engine.claim("w", n).await.expect("claim").len();
-    }
-    for id in &ids {
-        engine.complete(id).await.expect("complete");
-    }
-    ids
-}
 
 /// An engine's own actor: it spawns the completion tree linked under itself and reports the
 /// supervision events it receives.
@@ -116,7 +98,7 @@ async fn killed_filters_resume_from_their_cursor_and_never_escalate() {
         tokio::spawn(async move {
             let mut all = Vec::new();
             for _ in 0..20 {
-                all.extend(complete_n(&engine, 10).await);
+                all.extend(complete_n(&*engine, 10).await);
             }
             all
         })

@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::task::AbortOnDropHandle;
 
 use tracing::Instrument;
 
 use super::{MAX_INTERVAL, MIN_QUERY_INTERVAL};
-use crate::actors::{AbortOnDrop, BackendId};
+use crate::actors::BackendId;
 use crate::backends::CompletionSource;
 use crate::config::Retention;
 
@@ -17,9 +18,9 @@ pub(super) fn spawn_trim_job(
     backend: BackendId,
     source: Arc<dyn CompletionSource>,
     retention: Retention,
-) -> AbortOnDrop {
+) -> AbortOnDropHandle<()> {
     let span = tracing::info_span!("ff_trim", backend = %backend);
-    AbortOnDrop(tokio::spawn(
+    AbortOnDropHandle::new(tokio::spawn(
         async move {
             // `Retention` fields are public: keep the interval where `tokio::time` accepts it.
             let every = retention.interval.clamp(MIN_QUERY_INTERVAL, MAX_INTERVAL);
@@ -51,9 +52,13 @@ pub(super) fn spawn_trim_job(
 }
 
 /// Records a backend's health gauges every `every` until the supervisor goes away.
-pub(super) fn spawn_gauge_job(backend: BackendId, source: Arc<dyn CompletionSource>, every: Duration) -> AbortOnDrop {
+pub(super) fn spawn_gauge_job(
+    backend: BackendId,
+    source: Arc<dyn CompletionSource>,
+    every: Duration,
+) -> AbortOnDropHandle<()> {
     let span = tracing::info_span!("ff_gauges", backend = %backend);
-    AbortOnDrop(tokio::spawn(
+    AbortOnDropHandle::new(tokio::spawn(
         async move {
             let mut interval = tokio::time::interval(every);
             loop {

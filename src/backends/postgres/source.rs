@@ -10,7 +10,6 @@ use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use tokio::sync::{mpsc, watch};
 
 use super::{COMPLETION_CHANNEL, LISTENER_APPLICATION_NAME, connect_options, connect_pool};
-use crate::actors::AbortOnDrop;
 use crate::backends::outbox::{OutboxRow, age_cutoff_ms};
 use crate::backends::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, BackendConnection, PostgresConnection, Retention};
@@ -18,13 +17,15 @@ use crate::cursor::{Position, PostgresCursor, StreamCursor, decode_postgres_curs
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
 use crate::types::TimestampMs;
+use tokio_util::task::AbortOnDropHandle;
 
 /// Up to `$4` rows after position `($1, $2, $3)` in reader order, crossing into later batches
 /// (`ff_completions_read` in `migrations/postgres/0003_reader.sql`). Kind 0: a row; 2: the end
 /// of a batch; 1: history after the position was trimmed, up to the marker's position.
 const READ_AFTER: &str = "\
-SELECT o_kind, o_txid, o_event_id, o_execution_id, o_flow_id, o_outcome, o_namespace, o_instance_tag, \
-       o_tags, o_occurred_at_ms, o_partition_key, o_major \
+SELECT o_kind AS kind, o_txid AS txid, o_event_id AS event_id, o_execution_id AS execution_id, \
+       o_flow_id AS flow_id, o_outcome AS outcome, o_namespace AS namespace, o_instance_tag AS instance_tag, \
+       o_tags AS tags, o_occurred_at_ms AS occurred_at_ms, o_partition_key AS partition_key, o_major AS major \
   FROM ff_completions_read($1, $2, $3, $4)";
 
 /// The newest tick, recording one when rows committed since the previous.
@@ -48,20 +49,24 @@ SELECT pg_notification_queue_usage(), \
 /// Batch positions: `3k` is batch k, `3k + 1` batch k read whole, `3k + 2` the end of batch k.
 const BATCH_END_PHASE: u64 = 2;
 
-type Row = (
-    i32,
-    i64,
-    i64,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-    Option<i32>,
-    i64,
-);
+/// One row of [`READ_AFTER`]: an outbox row with its reader position, or (`kind = 1`) the
+/// marker of history trimmed after the read's start.
+#[derive(Clone, Debug, sqlx::FromRow)]
+struct Row {
+    /// 0: an outbox row; 1: the trimmed marker; other kinds only move the position.
+    kind: i32,
+    txid: i64,
+    event_id: i64,
+    execution_id: Option<String>,
+    flow_id: Option<String>,
+    outcome: Option<String>,
+    namespace: Option<String>,
+    instance_tag: Option<String>,
+    tags: Option<String>,
+    occurred_at_ms: Option<i64>,
+    partition_key: Option<i32>,
+    major: i64,
+}
 
 /// Reads the outbox; opens LISTEN connections.
 pub(crate) struct PostgresSource {
@@ -142,18 +147,17 @@ fn as_i64(word: u64) -> i64 {
 
 /// Decodes one outbox row; the error names what is wrong with it.
 fn decode_row(row: &Row) -> Result<CompletionEvent, String> {
-    let (_, txid, event_id, execution_id, flow_id, outcome, namespace, instance_tag, tags, at, partition, major) = row;
     OutboxRow {
-        execution_id: execution_id.clone(),
-        flow_id: flow_id.clone(),
-        outcome: outcome.clone(),
-        namespace: namespace.clone(),
-        instance_tag: instance_tag.clone(),
-        tags: tags.clone(),
-        occurred_at_ms: *at,
-        partition_key: partition.map(i64::from),
+        execution_id: row.execution_id.clone(),
+        flow_id: row.flow_id.clone(),
+        outcome: row.outcome.clone(),
+        namespace: row.namespace.clone(),
+        instance_tag: row.instance_tag.clone(),
+        tags: row.tags.clone(),
+        occurred_at_ms: row.occurred_at_ms,
+        partition_key: row.partition_key.map(i64::from),
     }
-    .decode(cursor_at(pos(*major, *txid, *event_id)))
+    .decode(cursor_at(pos(row.major, row.txid, row.event_id)))
 }
 
 /// The public cursor of a reader position.
@@ -214,15 +218,15 @@ impl CompletionSource for PostgresSource {
             .await
             .map_err(|e| EngineError::from_sqlx("postgres read", e))?;
         let mut batch = Batch { start: after, end: after, ..Batch::default() };
-        if let Some(marker) = rows.iter().find(|row| row.0 == 1) {
-            batch.expired = Some(pos(marker.11, marker.1, marker.2));
+        if let Some(marker) = rows.iter().find(|row| row.kind == 1) {
+            batch.expired = Some(pos(marker.major, marker.txid, marker.event_id));
             return Ok(batch);
         }
         let mut read = 0;
         for row in &rows {
-            let p = pos(row.11, row.1, row.2);
+            let p = pos(row.major, row.txid, row.event_id);
             batch.end = batch.end.max(p);
-            if row.0 != 0 {
+            if row.kind != 0 {
                 continue;
             }
             read += 1;
@@ -332,7 +336,7 @@ impl AdaptivePoll {
 struct PostgresWaker {
     notifications: mpsc::Receiver<Result<Wake, EngineError>>,
     poll: AdaptivePoll,
-    _receiver: AbortOnDrop,
+    _receiver: AbortOnDropHandle<()>,
 }
 
 impl PostgresWaker {
@@ -355,7 +359,7 @@ impl PostgresWaker {
                 }
             }
         });
-        Self { notifications, poll, _receiver: AbortOnDrop(receiver) }
+        Self { notifications, poll, _receiver: AbortOnDropHandle::new(receiver) }
     }
 }
 
@@ -396,20 +400,20 @@ mod tests {
     use crate::types::ExecutionId;
 
     fn good_row() -> Row {
-        (
-            0,
-            900,
-            7,
-            Some("6f1f4a52-9d8e-4c3f-a1b2-3c4d5e6f7a8b".into()),
-            None,
-            Some("success".into()),
-            Some("ns".into()),
-            Some("inst=1".into()),
-            Some(r#"{"k":"v","n":3}"#.into()),
-            Some(1),
-            Some(5),
-            30,
-        )
+        Row {
+            kind: 0,
+            txid: 900,
+            event_id: 7,
+            execution_id: Some("6f1f4a52-9d8e-4c3f-a1b2-3c4d5e6f7a8b".into()),
+            flow_id: None,
+            outcome: Some("success".into()),
+            namespace: Some("ns".into()),
+            instance_tag: Some("inst=1".into()),
+            tags: Some(r#"{"k":"v","n":3}"#.into()),
+            occurred_at_ms: Some(1),
+            partition_key: Some(5),
+            major: 30,
+        }
     }
 
     #[test]
@@ -428,15 +432,15 @@ mod tests {
     fn each_kind_of_bad_row_names_what_is_wrong() {
         type Damage = Box<dyn Fn(&mut Row)>;
         let cases: Vec<(Damage, &str)> = vec![
-            (Box::new(|r| r.3 = None), "execution_id is NULL"),
-            (Box::new(|r| r.3 = Some("nope".into())), "execution_id"),
-            (Box::new(|r| r.10 = Some(256)), "out of range"),
-            (Box::new(|r| r.10 = Some(-1)), "out of range"),
-            (Box::new(|r| r.5 = Some(String::new())), "outcome"),
-            (Box::new(|r| r.9 = None), "occurred_at_ms"),
-            (Box::new(|r| r.8 = Some("[1]".into())), "not a JSON object"),
-            (Box::new(|r| r.8 = Some("{".into())), "tags"),
-            (Box::new(|r| r.4 = Some("x".into())), "flow_id"),
+            (Box::new(|r| r.execution_id = None), "execution_id is NULL"),
+            (Box::new(|r| r.execution_id = Some("nope".into())), "execution_id"),
+            (Box::new(|r| r.partition_key = Some(256)), "out of range"),
+            (Box::new(|r| r.partition_key = Some(-1)), "out of range"),
+            (Box::new(|r| r.outcome = Some(String::new())), "outcome"),
+            (Box::new(|r| r.occurred_at_ms = None), "occurred_at_ms"),
+            (Box::new(|r| r.tags = Some("[1]".into())), "not a JSON object"),
+            (Box::new(|r| r.tags = Some("{".into())), "tags"),
+            (Box::new(|r| r.flow_id = Some("x".into())), "flow_id"),
         ];
         for (spoil, says) in cases {
             let mut row = good_row();
@@ -470,22 +474,22 @@ mod tests {
 
     fn apply(row: &mut Row, change: Change) {
         match change {
-            Change::Text(3, v) => row.3 = v,
-            Change::Text(4, v) => row.4 = v,
-            Change::Text(5, v) => row.5 = v,
-            Change::Text(6, v) => row.6 = v,
-            Change::Text(7, v) => row.7 = v,
-            Change::Text(_, v) => row.8 = v,
-            Change::At(v) => row.9 = v,
-            Change::Partition(v) => row.10 = v,
-            Change::Position(t, e) => (row.1, row.2) = (t, e),
+            Change::Text(3, v) => row.execution_id = v,
+            Change::Text(4, v) => row.flow_id = v,
+            Change::Text(5, v) => row.outcome = v,
+            Change::Text(6, v) => row.namespace = v,
+            Change::Text(7, v) => row.instance_tag = v,
+            Change::Text(_, v) => row.tags = v,
+            Change::At(v) => row.occurred_at_ms = v,
+            Change::Partition(v) => row.partition_key = v,
+            Change::Position(t, e) => (row.txid, row.event_id) = (t, e),
         }
     }
 
     /// The columns the decoder must refuse the row for, by its documented rules.
     fn wrong_columns(row: &Row) -> Vec<&'static str> {
         let uuid = |s: &Option<String>| s.as_deref().and_then(|s| uuid::Uuid::parse_str(s).ok());
-        let tags_ok = match row.8.as_deref() {
+        let tags_ok = match row.tags.as_deref() {
             None | Some("") => true,
             Some(t) => matches!(
                 serde_json::from_str::<serde_json::Value>(t),
@@ -493,12 +497,12 @@ mod tests {
             ),
         };
         let checks = [
-            ("execution_id", uuid(&row.3).is_some()),
-            ("flow_id", row.4.is_none() || uuid(&row.4).is_some()),
-            ("outcome", row.5.as_deref().is_some_and(|o| !o.is_empty())),
+            ("execution_id", uuid(&row.execution_id).is_some()),
+            ("flow_id", row.flow_id.is_none() || uuid(&row.flow_id).is_some()),
+            ("outcome", row.outcome.as_deref().is_some_and(|o| !o.is_empty())),
             ("tags", tags_ok),
-            ("occurred_at_ms", row.9.is_some()),
-            ("partition_key", row.10.is_some_and(|p| (0..256).contains(&p))),
+            ("occurred_at_ms", row.occurred_at_ms.is_some()),
+            ("partition_key", row.partition_key.is_some_and(|p| (0..256).contains(&p))),
         ];
         checks.into_iter().filter(|(_, ok)| !ok).map(|(name, _)| name).collect()
     }
@@ -521,22 +525,22 @@ mod tests {
             match decode_row(&row) {
                 Ok(event) => {
                     prop_assert!(wrong.is_empty(), "decoded although {wrong:?} are wrong");
-                    let uuid = row.3.as_deref().and_then(|s| uuid::Uuid::parse_str(s).ok());
-                    let partition = row.10.and_then(|p| u16::try_from(p).ok());
+                    let uuid = row.execution_id.as_deref().and_then(|s| uuid::Uuid::parse_str(s).ok());
+                    let partition = row.partition_key.and_then(|p| u16::try_from(p).ok());
                     prop_assert_eq!(Some(event.execution_id), uuid.zip(partition).map(|(u, p)| ExecutionId::from_parts(p, u)));
-                    prop_assert_eq!(event.flow_id.map(|f| f.to_string()), row.4.as_deref().and_then(|f| uuid::Uuid::parse_str(f).ok()).map(|u| u.to_string()));
-                    prop_assert_eq!(Some(event.outcome.clone()), row.5.as_deref().map(CompletionOutcome::from_wire));
-                    prop_assert_eq!(event.namespace.as_ref().map(|n| n.as_str()), row.6.as_deref());
-                    prop_assert_eq!(Some(event.at), row.9.map(TimestampMs));
-                    if let Some((key, _)) = row.7.as_deref().and_then(|t| t.split_once('=')) {
+                    prop_assert_eq!(event.flow_id.map(|f| f.to_string()), row.flow_id.as_deref().and_then(|f| uuid::Uuid::parse_str(f).ok()).map(|u| u.to_string()));
+                    prop_assert_eq!(Some(event.outcome.clone()), row.outcome.as_deref().map(CompletionOutcome::from_wire));
+                    prop_assert_eq!(event.namespace.as_ref().map(|n| n.as_str()), row.namespace.as_deref());
+                    prop_assert_eq!(Some(event.at), row.occurred_at_ms.map(TimestampMs));
+                    if let Some((key, _)) = row.instance_tag.as_deref().and_then(|t| t.split_once('=')) {
                         prop_assert!(event.tags.contains_key(key), "instance tag {key:?} missing");
                     }
-                    if let Some(Ok(serde_json::Value::Object(map))) = row.8.as_deref().map(serde_json::from_str::<serde_json::Value>) {
+                    if let Some(Ok(serde_json::Value::Object(map))) = row.tags.as_deref().map(serde_json::from_str::<serde_json::Value>) {
                         prop_assert!(map.keys().all(|k| event.tags.contains_key(k)), "a JSON tag is missing");
                     }
-                    if row.1 >= 0 && row.2 >= 0 {
+                    if row.txid >= 0 && row.event_id >= 0 {
                         let cursor = decode_postgres_cursor(&event.cursor).ok().flatten().map(|c| (c.batch, c.txid, c.event_id));
-                        prop_assert_eq!(cursor, Some((Some(row.11 as u64), Some(row.1 as u64), row.2)));
+                        prop_assert_eq!(cursor, Some((Some(row.major as u64), Some(row.txid as u64), row.event_id)));
                     }
                 }
                 Err(reason) => {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use sqlx::postgres::PgPool;
 use tokio::sync::Notify;
 
-use crate::actors::AbortOnDrop;
+use tokio_util::task::AbortOnDropHandle;
 
 /// The least time between two wake-ups of one [`CommitWake`]. The first commit after a quiet
 /// spell wakes the listener at once; while commits keep coming the listener is reading anyway
@@ -23,7 +23,7 @@ pub const MIN_WAKE_INTERVAL: Duration = Duration::from_millis(10);
 #[derive(Clone)]
 pub struct CommitWake {
     wanted: Arc<Notify>,
-    _sender: Arc<AbortOnDrop>,
+    _sender: Arc<AbortOnDropHandle<()>>,
 }
 
 impl CommitWake {
@@ -42,7 +42,7 @@ impl CommitWake {
                 tokio::time::sleep_until(sent + MIN_WAKE_INTERVAL).await;
             }
         });
-        Self { wanted, _sender: Arc::new(AbortOnDrop(sender)) }
+        Self { wanted, _sender: Arc::new(AbortOnDropHandle::new(sender)) }
     }
 
     /// Asks for one wake-up after the commits made so far; never waits.

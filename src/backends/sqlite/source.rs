@@ -23,23 +23,20 @@ const DATA_VERSION_POLL: Duration = Duration::from_millis(50);
 /// Columns are read as loosely as SQLite stores them (any value in any column), so one row of
 /// the wrong type is skipped alone instead of failing the whole read.
 const READ_AFTER: &str = "\
-SELECT event_id, CAST(execution_id AS TEXT), CAST(flow_id AS TEXT), CAST(outcome AS TEXT), CAST(namespace AS TEXT), \
-       CAST(instance_tag AS TEXT), CAST(tags AS TEXT), \
-       CASE WHEN typeof(occurred_at_ms) = 'integer' THEN occurred_at_ms END, \
-       CASE WHEN typeof(partition_key) = 'integer' THEN partition_key END \
+SELECT event_id, CAST(execution_id AS TEXT) AS execution_id, CAST(flow_id AS TEXT) AS flow_id, \
+       CAST(outcome AS TEXT) AS outcome, CAST(namespace AS TEXT) AS namespace, \
+       CAST(instance_tag AS TEXT) AS instance_tag, CAST(tags AS TEXT) AS tags, \
+       CASE WHEN typeof(occurred_at_ms) = 'integer' THEN occurred_at_ms END AS occurred_at_ms, \
+       CASE WHEN typeof(partition_key) = 'integer' THEN partition_key END AS partition_key \
   FROM ff_completion_event WHERE event_id > ? ORDER BY event_id LIMIT ?";
 
-type Row = (
-    i64,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-    Option<i64>,
-);
+/// One row of [`READ_AFTER`].
+#[derive(sqlx::FromRow)]
+struct Row {
+    event_id: i64,
+    #[sqlx(flatten)]
+    outbox: OutboxRow,
+}
 
 /// Reads the outbox of one SQLite database.
 pub(crate) struct SqliteSource {
@@ -67,18 +64,7 @@ fn pos(event_id: i64) -> Position {
 
 /// Decodes one outbox row; the error names what is wrong with it.
 fn decode_row(row: &Row) -> Result<CompletionEvent, String> {
-    let (event_id, execution_id, flow_id, outcome, namespace, instance_tag, tags, at, partition) = row;
-    OutboxRow {
-        execution_id: execution_id.clone(),
-        flow_id: flow_id.clone(),
-        outcome: outcome.clone(),
-        namespace: namespace.clone(),
-        instance_tag: instance_tag.clone(),
-        tags: tags.clone(),
-        occurred_at_ms: *at,
-        partition_key: *partition,
-    }
-    .decode(encode_sqlite_cursor(*event_id))
+    row.outbox.decode(encode_sqlite_cursor(row.event_id))
 }
 
 #[async_trait]
@@ -127,7 +113,7 @@ impl CompletionSource for SqliteSource {
             .map_err(|e| EngineError::from_sqlx("sqlite read", e))?;
         batch.full = rows.len() == limit;
         for row in &rows {
-            let p = pos(row.0);
+            let p = pos(row.event_id);
             batch.end = p;
             match decode_row(row) {
                 Ok(event) => batch.events.push(Positioned { pos: p, event }),

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+#[path = "../../../examples/dag_promotion/faults.rs"]
+pub mod faults;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "valkey")]

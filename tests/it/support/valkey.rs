@@ -197,19 +197,8 @@ impl ValkeyServer {
 
     /// `CLIENT KILL` of every connection named like the listener's blocking one; returns how many.
     pub async fn kill_listener_connections(&self) -> usize {
-        let admin = self.admin().await;
-        let list = self.client_list().await;
-        let name = format!("name={}", ff_completions::testing::valkey::LISTENER_CLIENT_NAME);
-        let ids: Vec<String> = list
-            .lines()
-            .filter(|l| l.split_whitespace().any(|kv| kv == name))
-            .filter_map(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix("id=")).map(str::to_owned))
-            .collect();
-        for id in &ids {
-            let _: Value =
-                admin.cmd("CLIENT").arg("KILL").arg("ID").arg(id.as_str()).execute().await.expect("CLIENT KILL");
-        }
-        ids.len()
+        let killed = super::faults::ConnectionKiller::new(&self.config()).kill().await;
+        killed.unwrap_or_else(|e| panic!("{e}")) as usize
     }
 
     /// A plain pub/sub connection (no client library), subscribed once this returns.

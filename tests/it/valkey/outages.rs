@@ -1,0 +1,197 @@
+//! Valkey outages: killed listeners and connections, a SIGKILLed server, a refusing server,
+//! credentials, and a tree of several backends whose listeners die.
+
+use super::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_listeners_and_client_killed_connections_lose_nothing_under_concurrent_producers() {
+    init_tracing();
+    let server = ValkeyServer::start().await;
+    let f = fixture(impatient(server.config()), |c| c).await;
+    let mut subs = Vec::new();
+    for _ in 0..3 {
+        subs.push(f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub"));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let producers: Vec<_> = (0..4)
+        .map(|_| {
+            let (engine, stop) = (f.engine.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    contract::complete_claimed(&*engine, 10).await;
+                }
+            })
+        })
+        .collect();
+    let (mut kills, mut client_kills) = (0, 0);
+    for round in 0..5 {
+        // Each fault lands only once delivery has moved on since the previous one.
+        let seen = listener_events_read(&f).await;
+        wait_until(WAIT, "delivery to move on", || async { listener_events_read(&f).await > seen + 20 }).await;
+        if round % 2 == 0 {
+            wait_until(WAIT, "the listener's blocking connection", || async {
+                server.kill_listener_connections().await > 0
+            })
+            .await;
+            client_kills += 1;
+        } else {
+            wait_until(WAIT, "a listener", || async { f.tree.listener_cell("valkey").await.is_some() }).await;
+            f.tree.listener_cell("valkey").await.expect("listener").kill();
+            kills += 1;
+        }
+    }
+    let seen = listener_events_read(&f).await;
+    wait_until(WAIT, "delivery after the last fault", || async { listener_events_read(&f).await > seen + 20 }).await;
+    stop.store(true, Ordering::Relaxed);
+    for p in producers {
+        p.await.expect("producer");
+    }
+    let expected = stream_order(&server).await;
+    assert!(expected.len() >= 120, "producers committed {}", expected.len());
+    for sub in &mut subs {
+        assert_exactly_once(&take_events(sub, expected.len(), WAIT).await, &expected, true);
+        assert_no_more(sub, QUIET).await;
+    }
+    let stats = f.tree.stats().await.expect("stats");
+    // A CLIENT KILL between two reads is healed by ferriskey without an error; one during the
+    // blocking read restarts the listener. Either way nothing was lost (checked above).
+    assert!(kills >= 2 && client_kills >= 3, "faults: {kills} kills, {client_kills} CLIENT KILLs");
+    assert!(stats.listeners[0].restarts >= kills as u64, "{:?}", stats.listeners[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_server_with_an_append_only_file_comes_back_and_delivery_resumes_without_loss() {
+    init_tracing();
+    let server = ValkeyServer::start_persistent().await;
+    let f = fixture(impatient(server.config()), |c| c).await;
+    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let before = complete_n(&*f.engine, 10).await;
+    assert_exactly_once(&take_events(&mut sub, 10, WAIT).await, &before, true);
+    server.kill9().await;
+    wait_until(WAIT, "the listener to notice the outage", || async {
+        f.tree.stats().await.map(|s| s.listeners[0].restarts >= 1).unwrap_or(false)
+    })
+    .await;
+    server.restart().await;
+    assert_eq!(stream_order(&server).await, before, "the append-only file kept every completion");
+    // The same engine reconnects by itself; its first calls may still see the broken socket.
+    let flow = FlowId::new();
+    wait_until(WAIT, "the engine to reconnect", || async { f.engine.create_flow(&flow, None).await.is_ok() }).await;
+    let after = complete_n(&*f.engine, 10).await;
+    assert_exactly_once(&take_events(&mut sub, 10, WAIT).await, &after, true);
+    assert_no_more(&mut sub, QUIET).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_and_password_are_used_and_a_wrong_password_is_a_typed_error_that_never_shows_it() {
+    init_tracing();
+    let server = ValkeyServer::start_with_user("s3cret-pass").await;
+    let f = fixture(server.config(), |c| c).await;
+    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let ids = complete_n(&*f.engine, 2).await;
+    assert_exactly_once(&take_events(&mut sub, 2, WAIT).await, &ids, true);
+
+    let user = Some(crate::support::valkey::USER.to_owned());
+    let wrong = BackendConfig::valkey_with(
+        ValkeyConnection::new("127.0.0.1", server.port).with_credentials(user, Some("wrong-pass".into())),
+    );
+    match connect_engine(&wrong).await {
+        Err(err @ EngineError::Unavailable { .. }) => assert!(!err.to_string().contains("wrong-pass"), "{err}"),
+        other => panic!("a wrong password must be Unavailable, got {:?}", other.err()),
+    }
+    let config = SupervisorConfig::new().with_backend(wrong.clone()).with_connect_at_start(true);
+    let spawned = CompletionSupervisorHandle::spawn(config).await;
+    let err = spawned.expect_err("a tree asked to connect at start with a wrong password does not start");
+    assert!(matches!(err, EngineError::Unavailable { .. }), "the backend's own error type: {err:?}");
+    assert!(!err.to_string().contains("wrong-pass") && !format!("{err:?}").contains("wrong-pass"), "{err:?}");
+    assert!(!format!("{wrong:?} {wrong}").contains("wrong-pass"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_refuses_the_connection_is_a_prompt_typed_error() {
+    init_tracing();
+    let port = crate::support::free_port();
+    let backend = BackendConfig::valkey_with(
+        ValkeyConnection::new("127.0.0.1", port).with_credentials(None, Some("secret-pw".into())),
+    )
+    .with_timeouts(BackendTimeouts::default().with_connect(Duration::from_secs(1)));
+    let started = Instant::now();
+    let config = SupervisorConfig::new().with_backend(backend.clone());
+    let err = CompletionSupervisorHandle::spawn(config.clone().with_connect_at_start(true)).await.expect_err("refused");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(!err.to_string().contains("secret-pw"), "{err}");
+    assert!(err.is_transient(), "a refused connection is worth retrying: {err:?}");
+    // Without `connect_at_start` the tree starts anyway and reports the outage in its stats.
+    let (tree, _) = CompletionSupervisorHandle::spawn(config).await.expect("starts while the server is down");
+    wait_until(Duration::from_secs(30), "the refusal in the stats", || async {
+        tree.stats().await.is_ok_and(|s| s.listeners[0].last_error.is_some())
+    })
+    .await;
+    let stats = tree.stats().await.expect("stats");
+    assert!(!stats.to_string().contains("secret-pw"), "{stats}");
+    tree.shutdown().await;
+    match connect_engine(&backend).await {
+        Err(e @ (EngineError::Unavailable { .. } | EngineError::Transport { .. } | EngineError::Timeout { .. })) => {
+            assert!(!e.to_string().contains("secret-pw"), "{e}")
+        }
+        other => panic!("expected a connection error, got {:?}", other.err()),
+    }
+}
+
+/// One supervisor, a Postgres and a Valkey listener: each backend's subscribers get that
+/// backend's events only, and killing one listener again and again leaves the other untouched.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heterogeneous_tree_keeps_each_backend_to_itself_through_the_other_listeners_deaths() {
+    init_tracing();
+    let pg_config = BackendConfig::postgres(&crate::support::postgres::fresh_database().await);
+    let server = ValkeyServer::start().await;
+    let config =
+        SupervisorConfig::new().with_named_backend("pg", pg_config.clone()).with_named_backend("vk", server.config());
+    let (tree, _) = CompletionSupervisorHandle::spawn(config).await.expect("spawn");
+    let engines = [
+        ("pg", connect_engine(&pg_config).await.expect("postgres engine")),
+        ("vk", connect_engine(&server.config()).await.expect("valkey engine")),
+    ];
+    let restarts = |stats: &ff_completions::SupervisorStats, backend: &str| {
+        stats.listeners.iter().find(|l| l.backend == backend).map(|l| l.restarts).expect("listener")
+    };
+
+    for (victim, bystander) in [("pg", "vk"), ("vk", "pg")] {
+        let mut subs = Vec::new();
+        for (name, _) in &engines {
+            subs.push(tree.subscribe(SubscribeRequest::tail().on_backend(*name)).await.expect("sub"));
+        }
+        let before = tree.stats().await.expect("stats");
+        let producers: Vec<_> = engines
+            .iter()
+            .map(|(_, engine)| {
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    let mut all = Vec::new();
+                    for _ in 0..10 {
+                        all.extend(complete_n(&*engine, 10).await);
+                    }
+                    all
+                })
+            })
+            .collect();
+        let mut kills = 0;
+        while producers.iter().any(|p| !p.is_finished()) {
+            if let Some(cell) = tree.listener_cell(victim).await {
+                cell.kill();
+                kills += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        assert!(kills > 0);
+        for (sub, producer) in subs.iter_mut().zip(producers) {
+            let ids = producer.await.expect("producer");
+            assert_exactly_once(&take_events(sub, ids.len(), WAIT).await, &ids, true);
+            assert_no_more(sub, QUIET).await;
+        }
+        let after = tree.stats().await.expect("stats");
+        assert!(restarts(&after, victim) > restarts(&before, victim), "the {victim} listener was restarted");
+        assert_eq!(restarts(&after, bystander), restarts(&before, bystander), "the {bystander} listener never died");
+    }
+}
