@@ -1,5 +1,8 @@
 //! The one error type of the crate. Its `Display` never prints a password.
 
+use std::fmt;
+use std::sync::Arc;
+
 use crate::cursor::StreamCursor;
 
 /// Errors returned by subscriptions, backends and the engine surface.
@@ -13,6 +16,9 @@ pub enum EngineError {
         op: &'static str,
         /// Why it failed, with secrets already removed.
         detail: String,
+        /// The driver's or server's own error, when there is one.
+        #[source]
+        source: Option<ErrorSource>,
     },
     /// A connection broke or a server answered with a transport-level error.
     #[error("the connection failed ({op}): {detail}")]
@@ -21,6 +27,9 @@ pub enum EngineError {
         op: &'static str,
         /// Why it failed, with secrets already removed.
         detail: String,
+        /// The driver's or server's own error, when there is one.
+        #[source]
+        source: Option<ErrorSource>,
     },
     /// The backend's schema or function library is missing or of another version: retrying
     /// will not help until an operator acts.
@@ -30,6 +39,9 @@ pub enum EngineError {
         op: &'static str,
         /// What is missing or wrong.
         detail: String,
+        /// The driver's or server's own error, when there is one.
+        #[source]
+        source: Option<ErrorSource>,
     },
     /// Input was rejected: a malformed cursor, id, URL, config or row.
     #[error("invalid input: {detail}")]
@@ -63,7 +75,68 @@ pub enum EngineError {
     },
 }
 
+/// The error a driver or server reported, kept as the [`std::error::Error::source`] of an
+/// [`EngineError`]. It prints with secrets removed, like the error's own text; [`Self::get_ref`]
+/// gives the original (an `sqlx::Error`, a `ferriskey::Error`) to downcast.
+#[derive(Clone)]
+pub struct ErrorSource(Arc<dyn std::error::Error + Send + Sync>);
+
+impl ErrorSource {
+    pub(crate) fn new(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self(Arc::new(err))
+    }
+
+    /// The original error.
+    pub fn get_ref(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+}
+
+impl fmt::Display for ErrorSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact(&self.0.to_string()))
+    }
+}
+
+impl fmt::Debug for ErrorSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ErrorSource({self})")
+    }
+}
+
+impl std::error::Error for ErrorSource {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
 impl EngineError {
+    /// An [`EngineError::Unavailable`] without a source.
+    pub(crate) fn unavailable(op: &'static str, detail: impl Into<String>) -> Self {
+        Self::Unavailable { op, detail: detail.into(), source: None }
+    }
+
+    /// An [`EngineError::Transport`] without a source.
+    pub(crate) fn transport(op: &'static str, detail: impl Into<String>) -> Self {
+        Self::Transport { op, detail: detail.into(), source: None }
+    }
+
+    /// An [`EngineError::Schema`] without a source.
+    pub(crate) fn schema(op: &'static str, detail: impl Into<String>) -> Self {
+        Self::Schema { op, detail: detail.into(), source: None }
+    }
+
+    /// Keeps `err` as the source of an `Unavailable`, `Transport` or `Schema` error; the other
+    /// kinds carry their whole story in their text.
+    pub(crate) fn with_source(mut self, err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        if let Self::Unavailable { source, .. } | Self::Transport { source, .. } | Self::Schema { source, .. } =
+            &mut self
+        {
+            *source = Some(ErrorSource::new(err));
+        }
+        self
+    }
+
     /// A [`EngineError::Validation`] with the given text.
     pub fn validation(detail: impl Into<String>) -> Self {
         Self::Validation { detail: detail.into() }
@@ -110,28 +183,29 @@ impl EngineError {
     /// Maps an sqlx error, classifying connection problems as transient.
     pub(crate) fn from_sqlx(op: &'static str, err: sqlx::Error) -> Self {
         let detail = redact(&err.to_string());
-        match err {
+        let mapped = match &err {
             sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => {
-                Self::Transport { op, detail }
+                Self::transport(op, detail)
             }
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => Self::Unavailable { op, detail },
-            sqlx::Error::Configuration(_) => Self::Validation { detail },
-            sqlx::Error::Database(ref db) => {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => Self::unavailable(op, detail),
+            sqlx::Error::Configuration(_) => return Self::Validation { detail },
+            sqlx::Error::Database(db) => {
                 let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
                 // Class 08 (connection), 57 (operator intervention: shutdown, terminated), 53 (resources).
                 if code.starts_with("08") || code.starts_with("57") || code.starts_with("53") {
-                    Self::Transport { op, detail }
+                    Self::transport(op, detail)
                 } else if code.starts_with("42") {
                     // Undefined table, column or function: the schema is missing or of another version.
-                    Self::Schema { op, detail }
+                    Self::schema(op, detail)
                 } else if code == "P0001" || code.starts_with("22") || code.starts_with("23") {
-                    Self::State { detail }
+                    return Self::State { detail };
                 } else {
-                    Self::Transport { op, detail }
+                    Self::transport(op, detail)
                 }
             }
-            _ => Self::Transport { op, detail },
-        }
+            _ => Self::transport(op, detail),
+        };
+        mapped.with_source(err)
     }
 }
 
@@ -153,6 +227,18 @@ mod tests {
         assert_eq!(err.to_string(), "the cursor has expired: the oldest position still kept is 03002a");
         let none = EngineError::CursorExpired { oldest: None };
         assert_eq!(none.to_string(), "the cursor has expired: nothing is kept");
+    }
+
+    #[test]
+    fn a_source_is_kept_for_downcasting_and_prints_without_secrets() {
+        use std::error::Error as _;
+        let io = std::io::Error::other("refused by postgres://alice:s3cret@db/x");
+        let err = EngineError::unavailable("connect", "refused").with_source(io);
+        let source = err.source().map(ToString::to_string).unwrap_or_default();
+        assert!(source.contains("alice:<redacted>@db") && !source.contains("s3cret"), "{source}");
+        let EngineError::Unavailable { source: Some(kept), .. } = &err else { panic!("{err:?}") };
+        assert!(kept.get_ref().downcast_ref::<std::io::Error>().is_some());
+        assert!(EngineError::validation("x").with_source(std::io::Error::other("y")).source().is_none());
     }
 
     #[test]

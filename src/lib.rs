@@ -97,7 +97,7 @@ pub use engine::{
     CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, ResolvedEdge,
     connect_engine,
 };
-pub use error::EngineError;
+pub use error::{EngineError, ErrorSource};
 pub use event::{CompletionEvent, CompletionOutcome, CompletionPayload, CompletionStream, CompletionSubscription};
 pub use scanner_filter::ScannerFilter;
 pub use types::{ExecutionId, FlowId, Namespace, PARTITION_COUNT, TimestampMs};

@@ -46,7 +46,7 @@ pub(crate) struct MemorySource {
 }
 
 fn lost(op: &'static str) -> EngineError {
-    EngineError::Transport { op, detail: "connection reset by the test".into() }
+    EngineError::transport(op, "connection reset by the test")
 }
 
 impl MemorySource {
@@ -145,7 +145,7 @@ impl MemorySource {
     /// Fails the call if the backend is down or a failure is pending.
     fn check(inner: &mut Inner, op: &'static str) -> Result<(), EngineError> {
         if inner.down {
-            return Err(EngineError::Unavailable { op, detail: "connection refused by the test".into() });
+            return Err(EngineError::unavailable(op, "connection refused by the test"));
         }
         if inner.failing_calls > 0 {
             inner.failing_calls -= 1;
@@ -194,7 +194,7 @@ impl CompletionSource for MemorySource {
         inner.reads += 1;
         Self::check(&mut inner, "read completions")?;
         if inner.broken_reads {
-            return Err(EngineError::Schema { op: "read completions", detail: "no outbox table".into() });
+            return Err(EngineError::schema("read completions", "no outbox table"));
         }
         if after < inner.trimmed_to {
             return Ok(Batch { start: after, end: after, expired: Some(inner.trimmed_to), ..Batch::default() });

@@ -211,6 +211,6 @@ struct TransportError(sqlx::Error);
 
 impl From<TransportError> for EngineError {
     fn from(e: TransportError) -> Self {
-        EngineError::Transport { op: "chaos transaction", detail: e.0.to_string() }
+        EngineError::Transport { op: "chaos transaction", detail: e.0.to_string(), source: None }
     }
 }

@@ -92,6 +92,6 @@ pub(crate) async fn connect_pool(config: &BackendConfig, max: u32) -> Result<PgP
 pub(crate) async fn migrate(migrator: &Migrator, pool: &PgPool) -> Result<(), EngineError> {
     migrator.run(pool).await.map_err(|e| match e {
         sqlx::migrate::MigrateError::Execute(e) => EngineError::from_sqlx("postgres migrate", e),
-        other => EngineError::Schema { op: "postgres migrate", detail: redact(&other.to_string()) },
+        other => EngineError::schema("postgres migrate", redact(&other.to_string())).with_source(other),
     })
 }

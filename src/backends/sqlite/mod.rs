@@ -117,7 +117,7 @@ fn options(config: &BackendConfig) -> Result<SqliteConnectOptions, EngineError> 
 fn open_error(key: &str, err: sqlx::Error) -> EngineError {
     match err {
         sqlx::Error::Database(_) | sqlx::Error::Io(_) => {
-            EngineError::Unavailable { op: "sqlite open", detail: crate::error::redact(&format!("{key}: {err}")) }
+            EngineError::unavailable("sqlite open", crate::error::redact(&format!("{key}: {err}"))).with_source(err)
         }
         other => EngineError::from_sqlx("sqlite open", other),
     }
@@ -145,7 +145,7 @@ pub(crate) async fn connect_pool(config: &BackendConfig, max: u32) -> Result<Sql
         .map_err(|e| open_error(&key, e))?;
     MIGRATOR.run(&pool).await.map_err(|e| match e {
         sqlx::migrate::MigrateError::Execute(e) => EngineError::from_sqlx("sqlite migrate", e),
-        other => EngineError::Schema { op: "sqlite migrate", detail: other.to_string() },
+        other => EngineError::schema("sqlite migrate", other.to_string()).with_source(other),
     })?;
     if is_memory {
         memory_pools.insert(key, pool.clone());

@@ -168,7 +168,7 @@ impl Engine for ValkeyEngine {
         let attempt = items.next().flatten().as_ref().and_then(text).and_then(|a| a.parse::<u32>().ok());
         match state {
             Some(state) => Ok(Some(ExecutionInfo { state, attempt: attempt.unwrap_or(0) })),
-            None => Err(EngineError::Schema { op: "ff_execution", detail: format!("{id}: no state in the reply") }),
+            None => Err(EngineError::schema("ff_execution", format!("{id}: no state in the reply"))),
         }
     }
 }

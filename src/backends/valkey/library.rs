@@ -24,7 +24,10 @@ pub(super) fn valkey_connection(config: &BackendConfig) -> Result<&ValkeyConnect
 
 /// Maps a ferriskey error of operation `op`; the text never carries a password.
 pub(super) fn map_err(op: &'static str) -> impl Fn(ferriskey::Error) -> EngineError {
-    move |e| classify(op, &e, redact(&e.to_string()))
+    move |e| {
+        let detail = redact(&e.to_string());
+        classify(op, &e, detail).with_source(e)
+    }
 }
 
 fn classify(op: &'static str, e: &ferriskey::Error, detail: String) -> EngineError {
@@ -32,10 +35,10 @@ fn classify(op: &'static str, e: &ferriskey::Error, detail: String) -> EngineErr
         return EngineError::Timeout { op };
     }
     if e.is_connection_refusal() {
-        return EngineError::Unavailable { op, detail };
+        return EngineError::unavailable(op, detail);
     }
     if e.is_connection_dropped() || e.is_io_error() {
-        return EngineError::Transport { op, detail };
+        return EngineError::transport(op, detail);
     }
     if detail.contains(INVALID) {
         return EngineError::Validation { detail };
@@ -45,18 +48,16 @@ fn classify(op: &'static str, e: &ferriskey::Error, detail: String) -> EngineErr
     }
     if detail.contains("unknown command") {
         let detail = format!("server too old for functions (needs Valkey 7.2+ or Redis 7+): {detail}");
-        return EngineError::Unavailable { op, detail };
+        return EngineError::unavailable(op, detail);
     }
     if matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM")) {
-        return EngineError::Unavailable { op, detail };
+        return EngineError::unavailable(op, detail);
     }
     match e.kind() {
-        ErrorKind::AuthenticationFailed | ErrorKind::PermissionDenied => EngineError::Unavailable { op, detail },
+        ErrorKind::AuthenticationFailed | ErrorKind::PermissionDenied => EngineError::unavailable(op, detail),
         ErrorKind::InvalidClientConfig => EngineError::Validation { detail },
-        ErrorKind::ResponseError | ErrorKind::TypeError | ErrorKind::NoScriptError => {
-            EngineError::Schema { op, detail }
-        }
-        _ => EngineError::Transport { op, detail },
+        ErrorKind::ResponseError | ErrorKind::TypeError | ErrorKind::NoScriptError => EngineError::schema(op, detail),
+        _ => EngineError::transport(op, detail),
     }
 }
 

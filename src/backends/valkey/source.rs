@@ -49,7 +49,7 @@ impl ValkeySource {
 async fn look(client: &Client, after: Position, count: usize) -> Result<ReadView, EngineError> {
     let args = [format_id(after), count.to_string()];
     let reply: Value = fcall(client, "ff_read_after", &[STREAM_KEY], &args).await?;
-    read_view(&reply).map_err(|detail| EngineError::Schema { op: "ff_read_after", detail })
+    read_view(&reply).map_err(|detail| EngineError::schema("ff_read_after", detail))
 }
 
 /// An empty batch telling a reader at `start` that entries after it were trimmed up to `floor`.
