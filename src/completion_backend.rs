@@ -8,7 +8,22 @@ use crate::event::CompletionStream;
 use crate::scanner_filter::ScannerFilter;
 
 /// Subscribe to completions. Object-safe: hold it as `Arc<dyn CompletionBackend>`.
-/// Each call returns an independent stream; the supervisor handle implements it.
+/// Each call returns an independent stream; the supervisor handle implements it (on a tree with
+/// one backend: with several, name one through [`crate::SubscribeRequest::on_backend`]).
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use futures::StreamExt;
+/// use ff_completions::{CompletionBackend, CompletionSupervisorHandle};
+///
+/// # async fn demo(tree: CompletionSupervisorHandle) -> Result<(), ff_completions::EngineError> {
+/// let backend: Arc<dyn CompletionBackend> = Arc::new(tree);
+/// let mut completions = backend.subscribe_completions().await?;
+/// while let Some(payload) = completions.next().await {
+///     println!("{} reached {}", payload.execution_id, payload.outcome);
+/// }
+/// # Ok(()) }
+/// ```
 #[async_trait]
 pub trait CompletionBackend: Send + Sync {
     /// Every completion from now on.

@@ -25,15 +25,16 @@ pub const POSTGRES_CURSOR_PREFIX: u8 = 0x02;
 /// SQLite family prefix byte.
 pub const SQLITE_CURSOR_PREFIX: u8 = 0x03;
 
-/// Opaque, backend-versioned cursor. Persist its bytes (or hex); hand them back to resume.
+/// Opaque, backend-versioned cursor: the first byte names the backend family, the rest is that
+/// backend's position. Persist its bytes (or hex); hand them back to resume.
 ///
 /// ```
-/// use ff_completions::{StreamCursor, decode_valkey_cursor, encode_valkey_cursor};
+/// use ff_completions::StreamCursor;
 ///
-/// let cursor = encode_valkey_cursor(1_700_000_000_000, 3);
-/// let saved = cursor.to_hex(); // "01" + stream id: 17 bytes
+/// # let event_cursor = StreamCursor::from_hex("0300000000000000ff")?;
+/// let saved = event_cursor.to_hex(); // persist this text beside your own state
 /// let back = StreamCursor::from_hex(&saved)?;
-/// assert_eq!(decode_valkey_cursor(&back)?, Some((1_700_000_000_000, 3)));
+/// assert_eq!(back, event_cursor);
 /// assert!(StreamCursor::from_hex("01zz").is_err()); // malformed: a typed error, never a panic
 /// # Ok::<(), ff_completions::EngineError>(())
 /// ```

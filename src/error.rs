@@ -144,6 +144,14 @@ impl EngineError {
 
     /// True for faults that go away by themselves (a lost connection, a restarting server);
     /// the supervisor counts only the others towards its restart intensity.
+    ///
+    /// ```
+    /// use ff_completions::{BackendConfig, EngineError};
+    ///
+    /// // A malformed URL will not get better by retrying.
+    /// let err: EngineError = BackendConfig::from_url("postgres://[::1").err().expect("malformed");
+    /// assert!(!err.is_transient());
+    /// ```
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Unavailable { .. } | Self::Transport { .. } | Self::Timeout { .. })
     }

@@ -128,6 +128,36 @@ impl CompletionSupervisorHandle {
     /// Subscribes an actor: each event is cast to it as `M::from(event)`. Its mailbox is
     /// unbounded, so a slow actor holds its backlog in memory.
     ///
+    /// ```no_run
+    /// use ff_completions::{CompletionEvent, CompletionSupervisorHandle, SubscribeRequest};
+    /// use ractor::{Actor, ActorProcessingErr, ActorRef};
+    ///
+    /// struct Promoter;
+    /// enum PromoterMsg { Completed(CompletionEvent) }
+    /// impl From<CompletionEvent> for PromoterMsg {
+    ///     fn from(event: CompletionEvent) -> Self { Self::Completed(event) }
+    /// }
+    ///
+    /// impl Actor for Promoter {
+    ///     type Msg = PromoterMsg;
+    ///     type State = ();
+    ///     type Arguments = ();
+    ///     async fn pre_start(&self, _: ActorRef<PromoterMsg>, _: ()) -> Result<(), ActorProcessingErr> {
+    ///         Ok(())
+    ///     }
+    ///     async fn handle(&self, _: ActorRef<PromoterMsg>, msg: PromoterMsg, _: &mut ()) -> Result<(), ActorProcessingErr> {
+    ///         let PromoterMsg::Completed(event) = msg;
+    ///         println!("promote the children of {}", event.execution_id);
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// # async fn demo(tree: CompletionSupervisorHandle) -> Result<(), Box<dyn std::error::Error>> {
+    /// let (promoter, _) = Actor::spawn(None, Promoter, ()).await?;
+    /// let id = tree.subscribe_actor(SubscribeRequest::tail().with_name("promoter"), promoter).await?;
+    /// # drop(id); Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// As [`Self::subscribe`].
     pub async fn subscribe_actor<M>(

@@ -62,6 +62,19 @@ pub(crate) const SUBSCRIBER_GONE: &str = "subscriber gone";
 pub(crate) const SUBSCRIPTION_FAILED: &str = "subscription failed";
 
 /// Where a subscription starts and what it wants.
+///
+/// ```
+/// use ff_completions::{Namespace, ScannerFilter, StreamCursor, SubscribeRequest};
+///
+/// # let saved_hex = "";
+/// // Resume after the cursor the subscriber persisted (empty: the tail), one tenant only,
+/// // with metrics under the name "promoter".
+/// let request = SubscribeRequest::from_cursor(StreamCursor::from_hex(saved_hex)?)
+///     .with_filter(ScannerFilter::new().with_namespace(Namespace::new("tenant-a")))
+///     .with_name("promoter");
+/// assert_eq!(request.name.as_deref(), Some("promoter"));
+/// # Ok::<(), ff_completions::EngineError>(())
+/// ```
 #[non_exhaustive]
 #[derive(Clone, Debug, Default)]
 pub struct SubscribeRequest {

@@ -35,6 +35,19 @@ pub struct RestartIntensity {
 /// [`MIN_INTERVAL`](SupervisorConfig::MIN_INTERVAL)`..=`[`MAX_INTERVAL`](SupervisorConfig::MAX_INTERVAL) (gauges from [`MIN_QUERY_INTERVAL`](SupervisorConfig::MIN_QUERY_INTERVAL)), rows per read to
 /// `1..=`[`MAX_BATCH_SIZE`](SupervisorConfig::MAX_BATCH_SIZE), the subscriber buffer to `1..=`[`MAX_SUBSCRIBER_BUFFER`](SupervisorConfig::MAX_SUBSCRIBER_BUFFER). The
 /// builders clamp as they set; the fields are public, so the tree clamps them again at spawn.
+///
+/// ```
+/// use std::time::Duration;
+/// use ff_completions::{BackendConfig, SupervisorConfig};
+///
+/// let config = SupervisorConfig::new()
+///     .with_named_backend("orders", BackendConfig::from_url("postgres://app@db/orders")?)
+///     .with_named_backend("cache", BackendConfig::from_url("valkey://cache:6379/0")?)
+///     .with_subscriber_buffer(4096)
+///     .with_restart_intensity(5, Duration::from_secs(60));
+/// assert_eq!(config.backends.len(), 2);
+/// # Ok::<(), ff_completions::EngineError>(())
+/// ```
 #[non_exhaustive]
 #[derive(Clone, Debug)]
 pub struct SupervisorConfig {
