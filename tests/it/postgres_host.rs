@@ -222,7 +222,7 @@ async fn two_then_eight_concurrent_first_starts_migrate_once_without_error() {
                 .fetch_one(&mut conn)
                 .await
                 .expect("demo ledger");
-        assert_eq!(demo, 2, "{starters} starters: each demo migration once");
+        assert_eq!(demo, 3, "{starters} starters: each of the 3 demo migrations once");
         let sqlx_ledger: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
             .fetch_one(&mut conn)
             .await
