@@ -125,13 +125,23 @@ pub struct Spread {
 }
 
 impl Spread {
-    pub fn of(mut delays: Vec<Duration>) -> Self {
+    pub fn of(delays: Vec<Duration>) -> Self {
         if delays.is_empty() {
             return Self::default();
         }
-        delays.sort();
-        let at = |q: f64| delays[((delays.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
-        Self { min: at(0.0), p50: at(0.5), p99: at(0.99), max: at(1.0), samples: delays.len() }
+        // Microseconds, 3 significant figures.
+        let mut histogram = hdrhistogram::Histogram::<u64>::new(3).expect("3 significant figures is valid");
+        for delay in &delays {
+            histogram.saturating_record(delay.as_micros().min(u128::from(u64::MAX)) as u64);
+        }
+        let ms = |us: u64| us as f64 / 1e3;
+        Self {
+            min: ms(histogram.min()),
+            p50: ms(histogram.value_at_quantile(0.5)),
+            p99: ms(histogram.value_at_quantile(0.99)),
+            max: ms(histogram.max()),
+            samples: delays.len(),
+        }
     }
 }
 
