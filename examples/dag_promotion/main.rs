@@ -85,31 +85,13 @@ struct Args {
     metrics_addr: Option<std::net::SocketAddr>,
 }
 
-/// Installs a Prometheus recorder and answers every HTTP request on `addr` with its text.
-async fn serve_metrics(addr: std::net::SocketAddr) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .map_err(|e| format!("metrics recorder: {e}"))?;
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("metrics address {addr}: {e}"))?;
+/// Installs a Prometheus recorder with its own HTTP listener on `addr`.
+fn serve_metrics(addr: std::net::SocketAddr) -> Result<(), String> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| format!("metrics on {addr}: {e}"))?;
     println!("metrics at http://{addr}/metrics");
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let handle = handle.clone();
-            tokio::spawn(async move {
-                let mut request = [0u8; 1024];
-                let _ = socket.read(&mut request).await;
-                handle.run_upkeep();
-                let body = handle.render();
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = socket.write_all(head.as_bytes()).await;
-                let _ = socket.write_all(body.as_bytes()).await;
-            });
-        }
-    });
     Ok(())
 }
 
@@ -139,7 +121,7 @@ async fn main() {
         }
     };
     if let Some(addr) = args.metrics_addr
-        && let Err(err) = serve_metrics(addr).await
+        && let Err(err) = serve_metrics(addr)
     {
         eprintln!("error: {err}");
         std::process::exit(2);

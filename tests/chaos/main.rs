@@ -38,7 +38,7 @@ struct Args {
     #[arg(long, default_value = "all")]
     backend: String,
     /// How long producers run under faults, per backend (e.g. 60s, 30m).
-    #[arg(long, default_value = "60s", value_parser = support::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Seed of the fault schedule and workload; random when absent (printed either way).
     #[arg(long)]

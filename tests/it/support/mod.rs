@@ -55,19 +55,6 @@ pub fn known_args(args: &[String], valued: &[&str], switches: &[&str]) -> Vec<St
     out
 }
 
-/// Parses a duration such as `500ms`, `60s` (or `60`), `30m` or `1h`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (num, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
-    let n: u64 = num.parse().map_err(|_| format!("bad duration {text:?}"))?;
-    match unit {
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "ms" => Ok(Duration::from_millis(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("bad duration unit in {text:?} (use ms, s, m or h)")),
-    }
-}
-
 /// Takes exactly `n` events, failing the test if they do not arrive within `timeout`.
 pub async fn take_events<S>(stream: &mut S, n: usize, timeout: Duration) -> Vec<CompletionEvent>
 where
