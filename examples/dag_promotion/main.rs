@@ -152,7 +152,7 @@ async fn main() {
     );
     match scenario::run(&scenario).await {
         Ok(report) => {
-            scenario::print_summary(&report, scenario.reconcile_every);
+            scenario::report::print_summary(&report, scenario.reconcile_every);
             if !report.mismatches.is_empty() || !report.exactly_once() {
                 std::process::exit(1);
             }

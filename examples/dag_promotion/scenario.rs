@@ -7,6 +7,10 @@
 //! missing one, whatever the reconciler did. A reconciler scans for edges the promoter missed;
 //! it should find none. With the promoter disabled the subscriber only counts completions, and
 //! the reconciler alone drives every flow to its final state.
+//!
+//! This file holds what a reader of the example wants: the promoters subscribed to the tree and
+//! the run's wiring. The workload (flows, decisions, workers) is in `flows.rs`, the measures and
+//! the summary in `report.rs`, the faults of `--chaos` in `faults.rs` (which the tests reach too).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -15,27 +19,24 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ff_completions::{
-    BackendConfig, CompletionEvent, CompletionSupervisorHandle, DependencyResolution, Engine, ExecutionId,
-    ExecutionSpec, FlowId, PARTITION_COUNT, ScannerFilter, SubscribeRequest, SupervisorConfig, TimestampMs,
-    connect_engine,
+    BackendConfig, CompletionEvent, CompletionSupervisorHandle, DependencyResolution, Engine, ExecutionId, FlowId,
+    PARTITION_COUNT, ScannerFilter, SubscribeRequest, SupervisorConfig, TimestampMs, connect_engine,
 };
-use hdrhistogram::Histogram;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use tokio::sync::{Mutex, Notify};
 
 use super::faults::{ChaosCount, chaos};
 
-/// What a worker does with an execution, fixed up front from the seed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision {
-    Succeed,
-    Fail,
-    /// Fails retryably on the first attempt, succeeds on the second.
-    RetryThenSucceed,
-    Cancel,
-}
+#[path = "flows.rs"]
+mod flows;
+#[path = "report.rs"]
+pub mod report;
+
+use flows::{build_flow, expected_states, work};
+pub use report::Report;
+use report::{Latencies, micros_since};
 
 /// Size and behaviour of a run.
 #[derive(Clone, Debug)]
@@ -66,148 +67,12 @@ pub struct Scenario {
     pub timeout: Duration,
 }
 
-/// What a run measured and whether the final states were right.
-#[derive(Debug)]
-pub struct Report {
-    pub executions: usize,
-    pub by_outcome: BTreeMap<String, u64>,
-    /// Dependency edges in the DAGs.
-    pub edges: u64,
-    pub promotions: u64,
-    pub skips: u64,
-    /// Completion committed -> the promoter has the event, in microseconds.
-    pub delivery_us: Histogram<u64>,
-    /// Completion committed -> the child it promoted is eligible, in microseconds (promotions
-    /// by the promoter only).
-    pub promotion_us: Histogram<u64>,
-    /// How long the promoters' engine calls took, in microseconds.
-    pub call_us: Histogram<u64>,
-    /// Engine calls the promoter made to resolve its batches, and the events in them.
-    pub batches: u64,
-    pub batched_events: u64,
-    /// Distinct executions whose completion the promoter received.
-    pub events: u64,
-    /// Executions whose completion arrived more than once (the count), and executions whose
-    /// completion never arrived.
-    pub duplicates: Vec<(ExecutionId, u32)>,
-    pub missing: Vec<ExecutionId>,
-    pub elapsed: Duration,
-    pub listener_restarts: u64,
-    /// Every fault the chaos task injected: listener kills plus connection kills.
-    pub chaos_faults: u64,
-    /// Notification connections killed from outside (`pg_terminate_backend`, `CLIENT KILL`).
-    pub connection_kills: u64,
-    pub reconciler_fixed: u64,
-    pub mismatches: Vec<String>,
-}
-
-impl Report {
-    /// Every execution's completion arrived exactly once.
-    pub fn exactly_once(&self) -> bool {
-        self.duplicates.is_empty() && self.missing.is_empty() && self.events == self.executions as u64
-    }
-}
-
-/// A histogram of microseconds from 1 µs to an hour, 3 significant figures.
-fn micros_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant bounds are valid")
-}
-
-impl Default for Report {
-    fn default() -> Self {
-        Self {
-            executions: 0,
-            by_outcome: BTreeMap::new(),
-            edges: 0,
-            promotions: 0,
-            skips: 0,
-            delivery_us: micros_histogram(),
-            promotion_us: micros_histogram(),
-            call_us: micros_histogram(),
-            batches: 0,
-            batched_events: 0,
-            events: 0,
-            duplicates: Vec::new(),
-            missing: Vec::new(),
-            elapsed: Duration::ZERO,
-            listener_restarts: 0,
-            chaos_faults: 0,
-            connection_kills: 0,
-            reconciler_fixed: 0,
-            mismatches: Vec::new(),
-        }
-    }
-}
-
-/// Microseconds from a completion's commit time (whole milliseconds, taken inside the
-/// committing transaction or function) to now: errs high by up to a millisecond.
-fn micros_since(at: TimestampMs) -> u64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    (now.as_micros() as u64).saturating_sub((at.0.max(0) as u64).saturating_mul(1000)).max(1)
-}
-
 /// The `i`th of `n` contiguous shares of the flow partitions.
 fn partition_share(i: usize, n: usize) -> std::ops::RangeInclusive<u16> {
     let count = usize::from(PARTITION_COUNT);
     let start = i * count / n;
     let end = (i + 1) * count / n - 1;
     start as u16..=end as u16
-}
-
-/// One flow's executions with their parents, in an order where parents come first.
-struct Dag {
-    nodes: Vec<(ExecutionSpec, Decision)>,
-}
-
-fn decide(rng: &mut StdRng, s: &Scenario) -> Decision {
-    let roll = rng.random_range(0..100);
-    if roll < s.fail_percent {
-        Decision::Fail
-    } else if roll < s.fail_percent + s.retry_percent {
-        Decision::RetryThenSucceed
-    } else if roll < s.fail_percent + s.retry_percent + s.cancel_percent {
-        Decision::Cancel
-    } else {
-        Decision::Succeed
-    }
-}
-
-/// root -> fan-out -> fan-in -> chain -> diamond.
-fn build_flow(flow: &FlowId, s: &Scenario, rng: &mut StdRng) -> Dag {
-    let mut nodes: Vec<(ExecutionSpec, Decision)> = Vec::new();
-    let mut add = |parents: Vec<ExecutionId>, rng: &mut StdRng| {
-        let spec = ExecutionSpec::new(flow).with_namespace("dag").with_parents(parents).with_max_attempts(2);
-        let id = spec.id;
-        nodes.push((spec, decide(rng, s)));
-        id
-    };
-    let root = add(vec![], rng);
-    let fanned: Vec<_> = (0..s.fan_out.max(1)).map(|_| add(vec![root], rng)).collect();
-    let mut last = add(fanned, rng);
-    for _ in 0..s.chain_len {
-        last = add(vec![last], rng);
-    }
-    let (left, right) = (add(vec![last], rng), add(vec![last], rng));
-    add(vec![left, right], rng);
-    Dag { nodes }
-}
-
-/// The state the DAG implies: skipped under any parent that did not succeed, else the decision.
-fn expected_states(dags: &[Dag]) -> HashMap<ExecutionId, &'static str> {
-    let mut states = HashMap::new();
-    for dag in dags {
-        for (spec, decision) in &dag.nodes {
-            let blocked = spec.parents.iter().any(|p| states.get(p) != Some(&"success"));
-            let state = match (blocked, decision) {
-                (true, _) => "skipped",
-                (false, Decision::Succeed | Decision::RetryThenSucceed) => "success",
-                (false, Decision::Fail) => "failed",
-                (false, Decision::Cancel) => "cancelled",
-            };
-            states.insert(spec.id, state);
-        }
-    }
-    states
 }
 
 /// Shared counters of the run.
@@ -224,27 +89,6 @@ struct Progress {
     done: Notify,
     total: AtomicU64,
     bar: Option<indicatif::ProgressBar>,
-}
-
-/// Latency histograms and batch counts of the promoter.
-struct Latencies {
-    delivery_us: Histogram<u64>,
-    promotion_us: Histogram<u64>,
-    call_us: Histogram<u64>,
-    batches: u64,
-    batched_events: u64,
-}
-
-impl Default for Latencies {
-    fn default() -> Self {
-        Self {
-            delivery_us: micros_histogram(),
-            promotion_us: micros_histogram(),
-            call_us: micros_histogram(),
-            batches: 0,
-            batched_events: 0,
-        }
-    }
 }
 
 impl Progress {
@@ -426,41 +270,6 @@ impl Actor for EngineActor {
     }
 }
 
-async fn work(
-    engine: Arc<dyn Engine>,
-    decisions: Arc<HashMap<ExecutionId, Decision>>,
-    name: String,
-    stop: Arc<AtomicBool>,
-) {
-    while !stop.load(Ordering::Relaxed) {
-        let claimed = match engine.claim(&name, 16).await {
-            Ok(ids) => ids,
-            Err(err) => {
-                tracing::warn!(error = %err, "claim failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        if claimed.is_empty() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        for id in claimed {
-            let result = match decisions.get(&id).copied().unwrap_or(Decision::Succeed) {
-                Decision::Succeed => engine.complete(&id).await.map(|_| ()),
-                Decision::Fail => engine.fail(&id, false).await.map(|_| ()),
-                Decision::Cancel => engine.cancel(&id).await.map(|_| ()),
-                Decision::RetryThenSucceed => match engine.execution(&id).await {
-                    Ok(Some(info)) if info.attempt <= 1 => engine.fail(&id, true).await.map(|_| ()),
-                    _ => engine.complete(&id).await.map(|_| ()),
-                },
-            };
-            if let Err(err) = result {
-                tracing::warn!(%id, error = %err, "worker operation failed");
-            }
-        }
-    }
-}
-
 /// Resolves edges whose parent has been terminal for two scans in a row; returns how many.
 /// Promotions and skips it causes are counted with the promoter's.
 async fn reconcile(
@@ -622,84 +431,4 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
 
 fn actor_err(e: ractor::SpawnErr) -> ff_completions::EngineError {
     ff_completions::EngineError::Actor { detail: e.to_string() }
-}
-
-/// `p50 / p99 / max` of a microsecond histogram, in milliseconds.
-fn spread(h: &Histogram<u64>) -> String {
-    if h.is_empty() {
-        return "none".to_owned();
-    }
-    let ms = |us: u64| us as f64 / 1000.0;
-    format!(
-        "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        ms(h.value_at_quantile(0.5)),
-        ms(h.value_at_quantile(0.99)),
-        ms(h.max())
-    )
-}
-
-/// Prints the summary table.
-pub fn print_summary(r: &Report, reconcile_every: Duration) {
-    println!("executions        {}", r.executions);
-    for (outcome, n) in &r.by_outcome {
-        println!("  {outcome:<15} {n}");
-    }
-    println!("dependency edges  {}", r.edges);
-    println!("promotions        {}", r.promotions);
-    println!("skips             {}", r.skips);
-    println!(
-        "delivery latency  {} ({} events; completion committed -> promoter has the event)",
-        spread(&r.delivery_us),
-        r.delivery_us.len()
-    );
-    println!(
-        "promotion latency {} ({} promotions by the promoter; completion committed -> child eligible)",
-        spread(&r.promotion_us),
-        r.promotion_us.len()
-    );
-    println!(
-        "                  (from the completion's own commit time, whole milliseconds: figures err high by up to 1 ms)"
-    );
-    println!(
-        "promoter batches  {} ({:.1} completions per engine call; each call {})",
-        r.batches,
-        r.batched_events as f64 / r.batches.max(1) as f64,
-        spread(&r.call_us)
-    );
-    println!("events/s          {:.0}", r.events as f64 / r.elapsed.as_secs_f64().max(1e-9));
-    println!("elapsed           {:.2?}", r.elapsed);
-    println!("listener restarts {}", r.listener_restarts);
-    println!("chaos faults      {} ({} connection kills)", r.chaos_faults, r.connection_kills);
-    println!(
-        "reconciler fixes  {} of {} edges ({:.2} %): edges still unresolved in two reconciler scans {:?} apart after their parent was terminal, which the reconciler then resolved; 0 means the promoter missed none and was never that late",
-        r.reconciler_fixed,
-        r.edges,
-        100.0 * r.reconciler_fixed as f64 / r.edges.max(1) as f64,
-        reconcile_every
-    );
-    if r.exactly_once() {
-        println!("exactly once      every execution's completion arrived once ({} of {})", r.events, r.executions);
-    } else {
-        println!(
-            "exactly once      FAILED: {} duplicated, {} missing, {} of {} completions handled by the promoters",
-            r.duplicates.len(),
-            r.missing.len(),
-            r.events,
-            r.executions,
-        );
-        if let Some((id, times)) = r.duplicates.first() {
-            println!("                  e.g. {id} arrived {times} times");
-        }
-        if let Some(id) = r.missing.first() {
-            println!("                  e.g. missing: {id}");
-        }
-    }
-    if r.mismatches.is_empty() {
-        println!("verified          every execution reached the state the DAG implies");
-    } else {
-        println!("verification FAILED for {} executions, e.g.:", r.mismatches.len());
-        for m in r.mismatches.iter().take(10) {
-            println!("  {m}");
-        }
-    }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ff_completions::BackendConfig;
 
-// The example's reporting helpers are not used here.
+// The example's summary printing is not used here.
 #[allow(dead_code)]
 #[path = "../../examples/dag_promotion/scenario.rs"]
 mod scenario;
