@@ -56,17 +56,25 @@ impl Actor for EngineActor {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tree_linked_under_an_engine_actor_delivers_and_escalates_a_crash_loop() {
+/// A tree on a fresh database (its URL and an engine on it), linked under an [`EngineActor`] that reports escalations, with a
+/// 10 ms backoff and at most 3 crashes within `within`.
+async fn linked_tree(
+    within: Duration,
+) -> (String, PostgresEngine, CompletionSupervisorHandle, ActorRef<EngineMsg>, mpsc::UnboundedReceiver<String>) {
     init_tracing();
     let url = fresh_database().await;
     let engine = PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("engine");
-    let (events_tx, mut escalations) = mpsc::unbounded_channel();
+    let (events_tx, escalations) = mpsc::unbounded_channel();
     let (parent, _) = Actor::spawn(None, EngineActor, events_tx).await.expect("engine actor");
-    let config = SupervisorConfig::new()
-        .with_backend(BackendConfig::postgres(&url).with_retry(ff_completions::BackendRetry::new(2, 10, 2, 0)))
-        .with_restart_intensity(3, Duration::from_secs(30));
+    let backend = BackendConfig::postgres(&url).with_retry(BackendRetry::new(2, 10, 2, 0));
+    let config = SupervisorConfig::new().with_backend(backend).with_restart_intensity(3, within);
     let (tree, _) = CompletionSupervisorHandle::spawn_linked(parent.get_cell(), config).await.expect("spawn linked");
+    (url, engine, tree, parent, escalations)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tree_linked_under_an_engine_actor_delivers_and_escalates_a_crash_loop() {
+    let (url, engine, tree, parent, mut escalations) = linked_tree(Duration::from_secs(30)).await;
     assert!(parent.get_children().iter().any(|c| c.get_id() == tree.actor().get_id()));
 
     let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
@@ -177,14 +185,7 @@ impl Actor for ExplosiveSink {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filter_that_panics_on_every_start_escalates_instead_of_looping() {
-    init_tracing();
-    let url = fresh_database().await;
-    let engine = PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("engine");
-    let (events_tx, mut escalations) = mpsc::unbounded_channel();
-    let (parent, _) = Actor::spawn(None, EngineActor, events_tx).await.expect("engine actor");
-    let backend = BackendConfig::postgres(&url).with_retry(BackendRetry::new(2, 10, 2, 0));
-    let config = SupervisorConfig::new().with_backend(backend).with_restart_intensity(3, Duration::from_secs(60));
-    let (tree, _) = CompletionSupervisorHandle::spawn_linked(parent.get_cell(), config).await.expect("spawn linked");
+    let (_url, engine, tree, parent, mut escalations) = linked_tree(Duration::from_secs(60)).await;
     let (sink, _) = Actor::spawn(None, ExplosiveSink, ()).await.expect("sink");
     let id = tree.subscribe_actor(SubscribeRequest::tail(), sink.clone()).await.expect("subscribe actor");
     complete_n(&engine, 1).await;
