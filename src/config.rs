@@ -44,7 +44,8 @@ impl BackendTimeouts {
     }
 }
 
-/// Retry policy; also drives the listener restart backoff (see [`crate::backoff::Backoff`]).
+/// Retry policy of a backend: its reads and connects, and the restart backoff of its listener
+/// and filters (doubling from `factor`, capped, with jitter).
 /// `None` fields take the defaults: base 2, factor 50 ms, 6 doublings (cap 3.2 s), jitter 20 %.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
