@@ -120,8 +120,11 @@ async fn outbox_pages_touched(conn: &mut PgConnection, probe: &'static str, s1: 
         .await
         .expect("outbox I/O statistics")
     }
+    // The snapshots go in as literals, so the probe is planned knowing them, as the reader's
+    // PL/pgSQL plans it with its variables' values.
+    let probe = probe.replace("$1", &format!("'{s1}'")).replace("$2", &format!("'{s2}'"));
     let before = pages_so_far(conn).await;
-    sqlx::query(probe).bind(s1).bind(s2).execute(&mut *conn).await.expect("probe");
+    sqlx::query(sqlx::AssertSqlSafe(probe)).execute(&mut *conn).await.expect("probe");
     pages_so_far(conn).await - before
 }
 
@@ -134,6 +137,18 @@ async fn reads_at_the_head_of_a_large_outbox_touch_a_few_pages() {
     let url = fresh_database().await;
     drop(PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("schema"));
     let mut conn = PgConnection::connect(&url).await.expect("connect");
+    // Transactions opened before the history was written and left open, one here and some in
+    // another database of the cluster: every tick below sees them in progress, so the lookups
+    // of in-progress transactions run, with ids below the history's (against an outbox one
+    // transaction wrote, the case where the planner once walked the primary key instead).
+    let elsewhere = fresh_database().await;
+    let mut bystanders = Vec::new();
+    for db in [&url, &elsewhere, &elsewhere, &elsewhere, &elsewhere, &elsewhere] {
+        let mut bystander = PgConnection::connect(db).await.expect("connect");
+        sqlx::query("BEGIN").execute(&mut bystander).await.expect("begin");
+        sqlx::query("SELECT pg_current_xact_id()").execute(&mut bystander).await.expect("a transaction id");
+        bystanders.push(bystander);
+    }
     // The counts below are the table's own I/O statistics: an autovacuum of the new rows,
     // started by the server in the middle, would add its whole scan to them.
     sqlx::query("ALTER TABLE ff_completion_event SET (autovacuum_enabled = false)")
@@ -148,11 +163,6 @@ async fn reads_at_the_head_of_a_large_outbox_touch_a_few_pages() {
     .await
     .expect("history");
     sqlx::query("ANALYZE ff_completion_event").execute(&mut conn).await.expect("analyze");
-    // A transaction left open in another session: every tick below sees it in progress, so the
-    // probes of in-progress transactions run (against an outbox one transaction wrote).
-    let mut bystander = PgConnection::connect(&url).await.expect("connect");
-    sqlx::query("BEGIN").execute(&mut bystander).await.expect("begin");
-    sqlx::query("SELECT pg_current_xact_id()").execute(&mut bystander).await.expect("a transaction id");
     sqlx::query("SELECT ff_completions_tick()").execute(&mut conn).await.expect("tick");
     for _ in 0..3 {
         insert_row(&mut conn, 1).await;
@@ -171,7 +181,18 @@ async fn reads_at_the_head_of_a_large_outbox_touch_a_few_pages() {
         outbox_pages_touched(&mut conn, since, previous, newest).await,
         outbox_pages_touched(&mut conn, since, newest, newest).await,
     );
-    eprintln!("pages read at the head of 100,000 rows: batch {batch}, wake-up probes {since} / {idle}");
-    assert!(batch < 30, "a batch of 3 rows at the head read {batch} pages");
-    assert!(since < 30 && idle < 30, "a wake-up probe read {since} / {idle} pages");
+    // One index lookup (a few pages) per transaction a tick saw in progress: the six opened
+    // here, and any other test's on this shared server.
+    let in_progress: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_snapshot_xip($1::pg_snapshot)")
+        .bind(newest)
+        .fetch_one(&mut conn)
+        .await
+        .expect("in progress");
+    let most = 12 + 4 * in_progress;
+    eprintln!(
+        "pages read at the head of 100,000 rows with {in_progress} transactions in progress: batch {batch}, \
+         wake-up probes {since} / {idle} (at most {most})"
+    );
+    assert!(batch <= most, "a batch of 3 rows at the head read {batch} pages");
+    assert!(since <= most && idle <= most, "a wake-up probe read {since} / {idle} pages");
 }
