@@ -270,7 +270,8 @@ async fn fill_history(run: &Run, events: u64) {
                     .cmd("EVAL")
                     .arg(HISTORY_LUA)
                     .arg(1)
-                    .arg(ff_completions::testing::valkey::STREAM_KEY)
+                    // History in one partition: the tree reads every partition stream.
+                    .arg(ff_completions::testing::valkey::stream_key(0))
                     .arg(n)
                     .arg(written as i64)
                     .execute()
@@ -354,7 +355,7 @@ async fn floor_replay(run: &Run, events: u64) -> u64 {
             while read < events {
                 let reply: ferriskey::Value = client
                     .cmd("XRANGE")
-                    .arg(ff_completions::testing::valkey::STREAM_KEY)
+                    .arg(ff_completions::testing::valkey::stream_key(0))
                     .arg(from.as_str())
                     .arg("+")
                     .arg("COUNT")

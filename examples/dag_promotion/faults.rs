@@ -106,7 +106,7 @@ async fn terminate_postgres_listeners(pool: &sqlx::PgPool) -> Result<u64, String
     Ok(killed.max(0) as u64)
 }
 
-/// `CLIENT KILL ID` of every connection named like the listener's blocking one
+/// `CLIENT KILL ID` of every connection named like the listener's subscriber connection
 /// ([`LISTENER_CLIENT_NAME`](ff_completions::testing::valkey::LISTENER_CLIENT_NAME)), found
 /// with `CLIENT LIST`.
 #[cfg(feature = "valkey")]

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ff_completions::testing::{decode_postgres_cursor, decode_sqlite_cursor, decode_valkey_cursor};
+use ff_completions::testing::{decode_postgres_cursor, decode_sqlite_cursor, decode_valkey_frontier};
 use ff_completions::{
-    BackendConfig, CompletionSupervisorHandle, Engine, EngineError, ExecutionId, StreamCursor, SubscriberId,
+    BackendConfig, CompletionEvent, CompletionSupervisorHandle, Engine, EngineError, ExecutionId, SubscriberId,
     connect_engine,
 };
 use rand::Rng;
@@ -69,15 +69,22 @@ impl Target {
         connect_engine(&self.config()).await.expect("engine")
     }
 
-    /// The cursor's place in the backend's total order.
-    pub fn position(&self, cursor: &StreamCursor) -> (u64, u64, u64) {
+    /// The event's lane and its place in that lane's order (Valkey orders per partition: the
+    /// lane is the event's partition, the place its stream id, read from the event's cursor).
+    pub fn position(&self, event: &CompletionEvent) -> (u16, (u64, u64, u64)) {
+        let cursor = &event.cursor;
         let decoded = match self {
             Self::Postgres { .. } => decode_postgres_cursor(cursor)
-                .map(|c| c.map(|c| (c.batch.unwrap_or(0), c.txid.unwrap_or(0), c.event_id as u64))),
-            Self::Sqlite { .. } => decode_sqlite_cursor(cursor).map(|c| c.map(|id| (0, 0, id as u64))),
-            Self::Valkey { .. } => decode_valkey_cursor(cursor).map(|c| c.map(|(ms, seq)| (0, ms, seq))),
+                .map(|c| c.map(|c| (0, (c.batch.unwrap_or(0), c.txid.unwrap_or(0), c.event_id as u64)))),
+            Self::Sqlite { .. } => decode_sqlite_cursor(cursor).map(|c| c.map(|id| (0, (0, 0, id as u64)))),
+            Self::Valkey { .. } => {
+                let lane = event.execution_id.partition();
+                decode_valkey_frontier(cursor).map(|c| {
+                    c.and_then(|lanes| lanes.into_iter().find(|l| l.0 == lane)).map(|(_, ms, seq)| (lane, (0, ms, seq)))
+                })
+            }
         };
-        decoded.ok().flatten().unwrap_or((0, 0, 0))
+        decoded.ok().flatten().unwrap_or((0, (0, 0, 0)))
     }
 
     /// Completes inside a transaction held open for `hold` (Postgres): its completion arrives

@@ -4,8 +4,8 @@
 use async_trait::async_trait;
 use ferriskey::{Client, Value};
 
-use super::keys::{self, ELIGIBLE, PENDING_EDGES};
-use super::library::{connect_client, ensure_library, fcall, valkey_connection};
+use super::keys;
+use super::library::{connect_client, ensure_library, fcall, map_err, valkey_connection};
 use super::stream::text;
 use crate::config::BackendConfig;
 use crate::engine::{CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome};
@@ -17,6 +17,8 @@ use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
 pub struct ValkeyEngine {
     client: Client,
     maxlen: String,
+    /// The partition the next claim starts at.
+    next_claim: std::sync::Arc<std::sync::atomic::AtomicU16>,
 }
 
 impl std::fmt::Debug for ValkeyEngine {
@@ -42,7 +44,7 @@ impl ValkeyEngine {
         let maxlen = valkey_connection(config)?.stream_maxlen.max(1).to_string();
         let client = connect_client(config, "ff-completions-engine").await?;
         ensure_library(&client).await?;
-        Ok(Self { client, maxlen })
+        Ok(Self { client, maxlen, next_claim: Default::default() })
     }
 
     /// The underlying client, for your own commands beside the engine's.
@@ -71,7 +73,12 @@ impl Engine for ValkeyEngine {
         spec.validate()?;
         let id = &spec.id;
         let tags = serde_json::to_string(&spec.tags).map_err(|e| EngineError::validation(e.to_string()))?;
-        let mut keys = vec![keys::exec(id, "core"), keys::exec(id, "deps"), ELIGIBLE.into(), PENDING_EDGES.into()];
+        let mut keys = vec![
+            keys::exec(id, "core"),
+            keys::exec(id, "deps"),
+            keys::eligible(id.partition()),
+            keys::pending_edges(id.partition()),
+        ];
         if let Some(flow) = &spec.flow_id {
             keys.extend([keys::flow(flow, "core"), keys::flow(flow, "members")]);
         }
@@ -87,10 +94,28 @@ impl Engine for ValkeyEngine {
         Ok(())
     }
 
+    /// Claims from the partitions' eligible indexes that hold executions, starting at a
+    /// partition that moves on every call (so no partition starves), up to `limit` in all.
     async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, EngineError> {
-        let args = [worker.to_owned(), limit.max(1).to_string()];
-        let ids: Vec<String> = fcall(&self.client, "ff_claim", &[ELIGIBLE], &args).await?;
-        parse_ids(&ids)
+        let limit = limit.max(1);
+        let sizes = futures::future::try_join_all(keys::partitions().map(|p| async move {
+            let n: i64 =
+                self.client.cmd("ZCARD").arg(keys::eligible(p)).execute().await.map_err(map_err("valkey ZCARD"))?;
+            Ok::<_, EngineError>((p, n))
+        }))
+        .await?;
+        let first = self.next_claim.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as usize;
+        let mut claimed = Vec::new();
+        for i in 0..sizes.len() {
+            let (p, n) = sizes[(first + i) % sizes.len()];
+            if n <= 0 || claimed.len() >= limit {
+                continue;
+            }
+            let args = [worker.to_owned(), (limit - claimed.len()).to_string()];
+            let ids: Vec<String> = fcall(&self.client, "ff_claim", &[keys::eligible(p)], &args).await?;
+            claimed.extend(parse_ids(&ids)?);
+        }
+        Ok(claimed)
     }
 
     async fn complete(&self, id: &ExecutionId) -> Result<bool, EngineError> {
@@ -117,7 +142,7 @@ impl Engine for ValkeyEngine {
 
     async fn cancel_flow(&self, flow: &FlowId, policy: CancelFlowPolicy) -> Result<u64, EngineError> {
         let mut keys = vec![keys::flow(flow, "core"), keys::flow(flow, "members")];
-        keys.extend(keys::terminal_shared());
+        keys.extend(keys::terminal_shared(flow.partition()));
         let args = [policy.as_wire().to_owned(), self.maxlen.clone()];
         let n: i64 = fcall(&self.client, "ff_cancel_flow", &keys, &args).await?;
         Ok(n.max(0) as u64)
@@ -133,8 +158,10 @@ impl Engine for ValkeyEngine {
             keys::exec(child, "core"),
             keys::exec(child, "deps"),
             keys::exec(child, "children"),
+            keys::stream(child.partition()),
+            keys::eligible(child.partition()),
         ];
-        keys.extend(keys::terminal_shared());
+        keys.push(keys::pending_edges(parent.partition()));
         let args = [parent.to_string(), child.to_string(), self.maxlen.clone()];
         let result: String = fcall(&self.client, "ff_resolve_dependency", &keys, &args).await?;
         DependencyResolution::from_wire(&result)
@@ -147,10 +174,15 @@ impl Engine for ValkeyEngine {
     }
 
     async fn unresolved_dependencies(&self, limit: usize) -> Result<Vec<(ExecutionId, ExecutionId)>, EngineError> {
-        let edges: Vec<String> =
-            fcall(&self.client, "ff_unresolved", &[PENDING_EDGES], &[limit.max(1).to_string()]).await?;
-        edges
-            .iter()
+        let limit = limit.max(1);
+        let per_partition = futures::future::try_join_all(keys::partitions().map(|p| async move {
+            fcall::<Vec<String>>(&self.client, "ff_unresolved", &[keys::pending_edges(p)], &[limit.to_string()]).await
+        }))
+        .await?;
+        per_partition
+            .into_iter()
+            .flatten()
+            .take(limit)
             .map(|edge| {
                 let (p, c) =
                     edge.split_once('|').ok_or_else(|| EngineError::validation(format!("bad edge {edge:?}")))?;
