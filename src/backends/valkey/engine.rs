@@ -36,7 +36,8 @@ impl ValkeyEngine {
     /// Completions are trimmed to `MAXLEN ~` [`ValkeyConnection::stream_maxlen`](crate::ValkeyConnection).
     ///
     /// # Errors
-    /// [`EngineError::Validation`] for a config of another backend or cluster mode;
+    /// [`EngineError::Validation`] for a config of another backend, or of a cluster with a database
+    /// other than 0;
     /// [`EngineError::Unavailable`] when the server refuses the connection or the credentials or
     /// is too old for functions; [`EngineError::Timeout`] and [`EngineError::Transport`] for
     /// connection trouble.

@@ -64,8 +64,12 @@ fn classify(op: &'static str, e: &ferriskey::Error, detail: String) -> EngineErr
 /// credentials, TLS, database and an explicit request timeout (ferriskey's default, 250 ms, is
 /// too short for `FCALL`s under load).
 ///
+/// In cluster mode (`ValkeyConnection::cluster`) it is ferriskey's cluster client, seeded with
+/// the configured node: each call goes to the primary owning its keys' slot, `FUNCTION LOAD`
+/// to every primary.
+///
 /// # Errors
-/// [`EngineError::Validation`] for cluster mode; refused or failed connections as
+/// [`EngineError::Validation`] for a database other than 0 in cluster mode; refused or failed connections as
 /// [`EngineError::Unavailable`] or [`EngineError::Transport`];
 /// [`EngineError::Timeout`] when connecting takes longer than twice the connect timeout.
 pub async fn connect_client(config: &BackendConfig, name: &str) -> Result<Client, EngineError> {
@@ -88,8 +92,8 @@ pub(super) async fn connect_subscriber(
 
 fn builder(config: &BackendConfig, name: &str) -> Result<ClientBuilder, EngineError> {
     let v = valkey_connection(config)?;
-    if v.cluster {
-        return Err(EngineError::validation("valkey cluster mode is not supported"));
+    if v.cluster && v.database != 0 {
+        return Err(EngineError::validation("a valkey cluster has database 0 only"));
     }
     let request_timeout = config.timeouts.request_or_default();
     let mut builder = ClientBuilder::new()
@@ -99,6 +103,9 @@ fn builder(config: &BackendConfig, name: &str) -> Result<ClientBuilder, EngineEr
         .blocking_cmd_timeout_extension(request_timeout)
         .connect_timeout(config.timeouts.connect_or_default())
         .client_name(name);
+    if v.cluster {
+        builder = builder.cluster();
+    }
     if v.tls {
         builder = builder.tls();
     }

@@ -13,7 +13,8 @@
 //! - `source`: the listener's reads (a completion source) and its pub/sub waker.
 //! - `engine`: [`ValkeyEngine`], the engine surface over the library.
 //!
-//! Cluster mode is not supported yet.
+//! The same layout and code serve a cluster: each call names keys of one slot, so ferriskey's
+//! cluster client (`ValkeyConnection::cluster`) routes it to the primary that owns it.
 
 #[cfg(feature = "demo-engine")]
 mod engine;

