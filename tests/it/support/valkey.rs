@@ -249,13 +249,21 @@ impl ValkeyCluster {
     /// Starts `primaries` nodes, assigns the slots, joins them and waits for `cluster_state:ok`
     /// on every node.
     pub async fn start(primaries: usize) -> Self {
+        Self::start_with(primaries, &["--appendonly", "no"]).await
+    }
+
+    /// Like [`Self::start`], every write fsynced to each node's append-only file.
+    pub async fn start_persistent(primaries: usize) -> Self {
+        Self::start_with(primaries, &["--appendonly", "yes", "--appendfsync", "always"]).await
+    }
+
+    async fn start_with(primaries: usize, persistence: &[&str]) -> Self {
         let (mut nodes, mut buses) = (Vec::with_capacity(primaries), Vec::with_capacity(primaries));
         for _ in 0..primaries {
             let bus = free_port().to_string();
             buses.push(bus.clone());
-            let args = [
-                "--appendonly",
-                "no",
+            let mut args = persistence.to_vec();
+            args.extend([
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
@@ -264,7 +272,7 @@ impl ValkeyCluster {
                 "2000",
                 "--cluster-port",
                 &bus,
-            ];
+            ]);
             nodes.push(ValkeyServer::start_with(&args, (None, None)).await);
         }
         for (i, node) in nodes.iter().enumerate() {
@@ -329,12 +337,66 @@ impl ValkeyCluster {
         cmd.execute().await.unwrap_or_else(|e| panic!("{args:?}: {e}"))
     }
 
-    /// The node that owns `key`'s slot.
+    /// The node id of `node` (`CLUSTER MYID`).
+    pub async fn id_of(node: &ValkeyServer) -> String {
+        match node.command(&["CLUSTER", "MYID"]).await {
+            Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+            Value::SimpleString(s) => s,
+            other => panic!("CLUSTER MYID answered {other:?}"),
+        }
+    }
+
+    /// Moves `slot` from `from` to `to` as an operator would: `SETSLOT IMPORTING/MIGRATING`,
+    /// `MIGRATE` of its keys in batches, then `SETSLOT NODE` on every node. Returns the keys moved.
+    pub async fn migrate_slot(&self, slot: u16, from: usize, to: usize) -> usize {
+        let (source, target) = (&self.nodes[from], &self.nodes[to]);
+        let (source_id, target_id) = (Self::id_of(source).await, Self::id_of(target).await);
+        let slot = slot.to_string();
+        target.command(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id]).await;
+        source.command(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id]).await;
+        let mut moved = 0;
+        loop {
+            let keys: Vec<String> = match source.command(&["CLUSTER", "GETKEYSINSLOT", &slot, "10"]).await {
+                Value::Array(keys) => keys
+                    .into_iter()
+                    .filter_map(|k| match k {
+                        Ok(Value::BulkString(b)) => Some(String::from_utf8_lossy(&b).into_owned()),
+                        _ => None,
+                    })
+                    .collect(),
+                other => panic!("GETKEYSINSLOT answered {other:?}"),
+            };
+            if keys.is_empty() {
+                break;
+            }
+            let port = target.port.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().map(String::as_str));
+            source.command(&args).await;
+            moved += keys.len();
+        }
+        for node in &self.nodes {
+            node.command(&["CLUSTER", "SETSLOT", &slot, "NODE", &target_id]).await;
+        }
+        moved
+    }
+
+    /// Which node owned `key`'s slot when the cluster started.
     pub async fn owner_of(&self, key: &str) -> &ValkeyServer {
-        let slot = match self.nodes[0].command(&["CLUSTER", "KEYSLOT", key]).await {
-            Value::Int(slot) => slot as usize,
+        self.owner_at_start(self.slot_of(key).await)
+    }
+
+    /// `key`'s slot.
+    pub async fn slot_of(&self, key: &str) -> u16 {
+        match self.nodes[0].command(&["CLUSTER", "KEYSLOT", key]).await {
+            Value::Int(slot) => slot as u16,
             other => panic!("CLUSTER KEYSLOT answered {other:?}"),
-        };
+        }
+    }
+
+    /// The node that owned `slot` when the cluster started.
+    pub fn owner_at_start(&self, slot: u16) -> &ValkeyServer {
+        let slot = usize::from(slot);
         let n = self.nodes.len();
         let i = (0..n).find(|i| 16384 * i / n <= slot && slot < 16384 * (i + 1) / n).expect("a node owns every slot");
         &self.nodes[i]

@@ -84,3 +84,162 @@ async fn one_subscriber_connection_serves_the_whole_cluster() {
     assert!(per_node.iter().all(|n| *n <= 1), "at most one wake-up connection per primary: {per_node:?}");
     assert_eq!(subscribed, 1, "one subscription for the whole cluster");
 }
+
+/// Every execution id in every partition stream of the cluster, partition by partition, each
+/// in its stream's order: what producers committed.
+async fn cluster_streams(cluster: &ValkeyCluster) -> Vec<ExecutionId> {
+    let admin = cluster.admin().await;
+    let mut all = Vec::new();
+    for p in 0..256u16 {
+        let reply: Value = admin.cmd("XRANGE").arg(stream_key(p)).arg("-").arg("+").execute().await.expect("XRANGE");
+        match reply {
+            Value::Map(entries) => all.extend(entries.iter().map(|(_, fields)| execution_of(fields))),
+            Value::Array(a) if a.is_empty() => {}
+            Value::Nil => {}
+            other => panic!("XRANGE answered {other:?}"),
+        }
+    }
+    all
+}
+
+/// Producers that complete executions of fresh flows until told to stop; a call that failed
+/// (its primary was down or moving) may or may not have written, and is left out of nothing:
+/// the streams are the ledger.
+fn producers(engine: &Arc<dyn Engine>, n: usize, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|_| {
+            let (engine, stop) = (engine.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let flow = FlowId::new();
+                    if engine.create_flow(&flow, None).await.is_err() {
+                        continue;
+                    }
+                    for _ in 0..5 {
+                        let spec = ExecutionSpec::new(&flow);
+                        if engine.create_execution(&spec).await.is_err() {
+                            continue;
+                        }
+                        if let Ok(claimed) = engine.claim("producer", 5).await {
+                            for id in claimed {
+                                let _ = engine.complete(&id).await;
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// Waits until every subscriber received what the streams hold, then checks each one got it
+/// exactly once, in order per partition.
+async fn assert_everything_delivered(
+    cluster: &ValkeyCluster,
+    subs: &mut [ff_completions::Subscription],
+) -> Vec<ExecutionId> {
+    let expected = cluster_streams(cluster).await;
+    for sub in subs.iter_mut() {
+        assert_exactly_once_per_partition(&take_events(sub, expected.len(), WAIT).await, &expected);
+        assert_no_more(sub, QUIET).await;
+    }
+    expected
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_kills_on_each_primary_and_listener_kills_lose_nothing_under_concurrent_producers() {
+    init_tracing();
+    let cluster = ValkeyCluster::start(3).await;
+    let f = fixture(impatient(cluster.config()), |c| c).await;
+    let mut subs = Vec::new();
+    for _ in 0..3 {
+        subs.push(f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub"));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = producers(&f.engine, 3, &stop);
+    let (mut kills, mut client_kills) = (0, 0);
+    for round in 0..6 {
+        let seen = listener_events_read(&f).await;
+        wait_until(WAIT, "delivery to move on", || async { listener_events_read(&f).await > seen + 20 }).await;
+        if round % 2 == 0 {
+            // Each primary in turn loses every connection of the tree.
+            let node = &cluster.nodes[(round / 2) % cluster.nodes.len()];
+            client_kills += node.kill_clients_named("ff-completions-reader").await;
+            client_kills += node.kill_clients_named(LISTENER_CLIENT_NAME).await;
+        } else {
+            f.tree.listener_cell("valkey").await.expect("listener").kill();
+            kills += 1;
+        }
+    }
+    let seen = listener_events_read(&f).await;
+    wait_until(WAIT, "delivery after the last fault", || async { listener_events_read(&f).await > seen + 20 }).await;
+    stop.store(true, Ordering::Relaxed);
+    for p in workers {
+        p.await.expect("producer");
+    }
+    let expected = assert_everything_delivered(&cluster, &mut subs).await;
+    assert!(expected.len() >= 100, "producers committed {}", expected.len());
+    assert!(kills == 3 && client_kills >= 3, "faults: {kills} kills, {client_kills} CLIENT KILLs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_sigkilled_and_restarted_from_its_append_only_file_loses_nothing() {
+    init_tracing();
+    let cluster = ValkeyCluster::start_persistent(3).await;
+    let f = fixture(impatient(cluster.config()), |c| c).await;
+    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let before = interleaved(&*f.engine, 9, 3).await;
+    let cursor = take_events(&mut sub, before.len(), WAIT).await.pop().expect("events").cursor;
+    // Kill the primary of the first flow's partition, and bring it back on its data dir.
+    let victim = cluster.owner_of(&stream_key(before[0].partition())).await;
+    victim.kill9_and_restart().await;
+    cluster.wait_until_ok().await;
+    let after = interleaved(&*f.engine, 9, 3).await;
+    let all = [&before[..], &after[..]].concat();
+    assert_eq!(cluster_streams(&cluster).await.len(), all.len(), "the append-only files kept every completion");
+    assert_exactly_once_per_partition(&take_events(&mut sub, after.len(), WAIT).await, &after);
+    assert_no_more(&mut sub, QUIET).await;
+    let mut resumed = f.tree.subscribe(SubscribeRequest::from_cursor(cursor)).await.expect("resume");
+    assert_exactly_once_per_partition(&take_events(&mut resumed, after.len(), WAIT).await, &after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_migrated_to_another_primary_under_producers_loses_nothing_and_cursors_resume_across_it() {
+    init_tracing();
+    let cluster = ValkeyCluster::start(3).await;
+    let f = fixture(impatient(cluster.config()), |c| c).await;
+    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    // A partition with history, on node 0, moves to node 1 while producers write everywhere.
+    let flow = FlowId::new();
+    f.engine.create_flow(&flow, None).await.expect("flow");
+    let key = stream_key(flow.partition());
+    let slot = cluster.slot_of(&key).await;
+    let from = (0..3).find(|i| cluster.owner_at_start(slot).port == cluster.nodes[*i].port).expect("owner");
+    let history = running(&*f.engine, |_| ExecutionSpec::new(&flow), 6).await;
+    for id in &history[..3] {
+        assert!(f.engine.complete(id).await.expect("complete"));
+    }
+    let early = take_events(&mut sub, 3, WAIT).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = producers(&f.engine, 2, &stop);
+    let moved = cluster.migrate_slot(slot, from, (from + 1) % 3).await;
+    assert!(moved >= 3, "the partition's keys moved ({moved})");
+    for id in &history[3..] {
+        assert!(f.engine.complete(id).await.expect("complete after the move"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for p in workers {
+        p.await.expect("producer");
+    }
+    let target = &cluster.nodes[(from + 1) % 3];
+    assert_eq!(target.command(&["XLEN", &key]).await, Value::Int(6), "the stream lives on its new primary");
+    let expected = cluster_streams(&cluster).await;
+    let received = take_events(&mut sub, expected.len() - 3, WAIT).await;
+    let all: Vec<ff_completions::CompletionEvent> = early.iter().cloned().chain(received).collect();
+    assert_exactly_once_per_partition(&all, &expected);
+    assert_no_more(&mut sub, QUIET).await;
+    // A cursor from before the move resumes on the new primary.
+    let mut resumed = f.tree.subscribe(SubscribeRequest::from_cursor(early[0].cursor.clone())).await.expect("resume");
+    let rest: Vec<ExecutionId> = all[1..].iter().map(|e| e.execution_id).collect();
+    assert_exactly_once_per_partition(&take_events(&mut resumed, rest.len(), WAIT).await, &rest);
+}
