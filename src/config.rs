@@ -169,6 +169,11 @@ pub struct ValkeyConnection {
     pub database: i64,
     /// `MAXLEN ~` the producers trim the completion stream to on every `XADD`.
     pub stream_maxlen: u64,
+    /// The demo engine follows every write with `WAIT <n>` and fails the call (the write done,
+    /// its durability not confirmed) when fewer replicas acknowledged it in time: a completion
+    /// it reports is on `n` replicas, so a failover cannot lose it. 0 (the default): no `WAIT`,
+    /// and a failover may lose the writes its replicas had not received yet.
+    pub wait_replicas: u32,
 }
 
 impl ValkeyConnection {
@@ -183,6 +188,7 @@ impl ValkeyConnection {
             cluster: false,
             database: 0,
             stream_maxlen: 1_000_000,
+            wait_replicas: 0,
         }
     }
 
@@ -215,6 +221,14 @@ impl ValkeyConnection {
         self
     }
 
+    /// Makes the demo engine wait for `replicas` replicas to acknowledge each write (`WAIT`,
+    /// see [`ValkeyConnection::wait_replicas`]).
+    #[must_use]
+    pub fn with_wait_replicas(mut self, replicas: u32) -> Self {
+        self.wait_replicas = replicas;
+        self
+    }
+
     /// Sets the approximate length producers trim the completion stream to (default 1,000,000).
     #[must_use]
     pub fn with_stream_maxlen(mut self, maxlen: u64) -> Self {
@@ -234,6 +248,7 @@ impl fmt::Debug for ValkeyConnection {
             .field("cluster", &self.cluster)
             .field("database", &self.database)
             .field("stream_maxlen", &self.stream_maxlen)
+            .field("wait_replicas", &self.wait_replicas)
             .finish()
     }
 }

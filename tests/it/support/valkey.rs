@@ -204,6 +204,23 @@ impl ValkeyServer {
         killed.unwrap_or_else(|e| panic!("{e}")) as usize
     }
 
+    /// One command over a plain connection (a client library refuses to talk to a replica
+    /// alone): the reply's text (a bulk string, a status line or an integer).
+    pub async fn raw(&self, args: &[&str]) -> String {
+        let stream = TcpStream::connect(("127.0.0.1", self.port)).await.expect("connect");
+        let mut conn = RawSubscriber { reader: BufReader::new(stream) };
+        conn.send(args).await;
+        let first = conn.line().await;
+        match first.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+            Some(len) => {
+                let mut body = vec![0u8; len + 2];
+                tokio::io::AsyncReadExt::read_exact(&mut conn.reader, &mut body).await.expect("read");
+                String::from_utf8_lossy(&body[..len]).into_owned()
+            }
+            None => first,
+        }
+    }
+
     /// `CLIENT KILL ID` of every connection whose name starts with `prefix`; returns how many.
     pub async fn kill_clients_named(&self, prefix: &str) -> usize {
         let list = self.client_list().await;
@@ -243,6 +260,16 @@ impl ValkeyServer {
 pub struct ValkeyCluster {
     /// The primaries, in slot order (the first owns slot 0).
     pub nodes: Vec<ValkeyServer>,
+    /// Their replicas, if started with some (`replicas[i]` replicates `nodes[i]`).
+    pub replicas: Vec<ValkeyServer>,
+    /// Ports of nodes killed on purpose and not restarted: left out of the health checks.
+    pub down: Vec<u16>,
+}
+
+/// The text of an `INFO`-like reply of `node`.
+async fn info(node: &ValkeyServer, command: &str) -> String {
+    let args: Vec<&str> = command.split(' ').collect();
+    node.raw(&args).await
 }
 
 impl ValkeyCluster {
@@ -257,9 +284,34 @@ impl ValkeyCluster {
         Self::start_with(primaries, &["--appendonly", "yes", "--appendfsync", "always"]).await
     }
 
+    /// `primaries` primaries and one replica each (`replicas[i]` replicates `nodes[i]`), for
+    /// failover tests.
+    pub async fn start_with_replicas(primaries: usize) -> Self {
+        let cluster = Self::start_nodes(primaries, primaries, &["--appendonly", "no"]).await;
+        for i in 0..primaries {
+            let primary = Self::id_of(&cluster.nodes[i]).await;
+            let reply = cluster.replicas[i].raw(&["CLUSTER", "REPLICATE", &primary]).await;
+            assert_eq!(reply, "+OK", "CLUSTER REPLICATE");
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for replica in &cluster.replicas {
+            while !info(replica, "INFO").await.contains("master_link_status:up") {
+                assert!(Instant::now() < deadline, "a replica never synced with its primary");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        cluster.wait_until_ok().await;
+        cluster
+    }
+
     async fn start_with(primaries: usize, persistence: &[&str]) -> Self {
-        let (mut nodes, mut buses) = (Vec::with_capacity(primaries), Vec::with_capacity(primaries));
-        for _ in 0..primaries {
+        Self::start_nodes(primaries, 0, persistence).await
+    }
+
+    async fn start_nodes(primaries: usize, replicas: usize, persistence: &[&str]) -> Self {
+        let total = primaries + replicas;
+        let (mut nodes, mut buses) = (Vec::with_capacity(total), Vec::with_capacity(total));
+        for _ in 0..total {
             let bus = free_port().to_string();
             buses.push(bus.clone());
             let mut args = persistence.to_vec();
@@ -275,30 +327,27 @@ impl ValkeyCluster {
             ]);
             nodes.push(ValkeyServer::start_with(&args, (None, None)).await);
         }
-        for (i, node) in nodes.iter().enumerate() {
+        for (i, node) in nodes.iter().take(primaries).enumerate() {
             let (first, last) = (16384 * i / primaries, 16384 * (i + 1) / primaries - 1);
             node.command(&["CLUSTER", "ADDSLOTSRANGE", &first.to_string(), &last.to_string()]).await;
         }
         for (node, bus) in nodes.iter().zip(&buses).skip(1) {
             nodes[0].command(&["CLUSTER", "MEET", "127.0.0.1", &node.port.to_string(), bus]).await;
         }
-        let cluster = Self { nodes };
+        let replicas = nodes.split_off(primaries);
+        let cluster = Self { nodes, replicas, down: Vec::new() };
         cluster.wait_until_ok().await;
         cluster
     }
 
-    /// Waits until every node reports `cluster_state:ok` and knows every other.
+    /// Waits until every live node reports `cluster_state:ok` and knows every other.
     pub async fn wait_until_ok(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let mut ok = true;
-            for node in &self.nodes {
-                let info = match node.command(&["CLUSTER", "INFO"]).await {
-                    Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
-                    Value::VerbatimString { text, .. } => text,
-                    other => panic!("CLUSTER INFO answered {other:?}"),
-                };
-                let known = format!("cluster_known_nodes:{}", self.nodes.len());
+            for node in self.nodes.iter().chain(&self.replicas).filter(|n| !self.down.contains(&n.port)) {
+                let info = info(node, "CLUSTER INFO").await;
+                let known = format!("cluster_known_nodes:{}", self.nodes.len() + self.replicas.len());
                 ok &= info.contains("cluster_state:ok") && info.lines().any(|l| l.trim() == known);
             }
             if ok {
@@ -311,13 +360,19 @@ impl ValkeyCluster {
 
     /// A backend config in cluster mode, seeded with the first node.
     pub fn config(&self) -> BackendConfig {
-        BackendConfig::valkey_with(self.nodes[0].connection().with_cluster(true))
+        self.config_via(0)
+    }
+
+    /// A backend config in cluster mode, seeded with primary `i`.
+    pub fn config_via(&self, i: usize) -> BackendConfig {
+        BackendConfig::valkey_with(self.nodes[i].connection().with_cluster(true))
     }
 
     /// A cluster client of its own (ferriskey routes each command to the slot's primary).
     pub async fn admin(&self) -> Client {
+        let seed = self.nodes.iter().find(|n| !self.down.contains(&n.port)).expect("a live primary");
         ClientBuilder::new()
-            .host("127.0.0.1", self.nodes[0].port)
+            .host("127.0.0.1", seed.port)
             .cluster()
             .request_timeout(Duration::from_secs(5))
             .client_name("test-admin")
@@ -335,6 +390,22 @@ impl ValkeyCluster {
             cmd = cmd.arg(*arg);
         }
         cmd.execute().await.unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    /// SIGKILLs primary `i` (not restarted) and promotes its replica with
+    /// `CLUSTER FAILOVER FORCE`; waits until the replica is a primary and the cluster is ok.
+    pub async fn fail_over(&mut self, i: usize) {
+        self.nodes[i].kill9().await;
+        self.down.push(self.nodes[i].port);
+        let replica = &self.replicas[i];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let reply = replica.raw(&["CLUSTER", "FAILOVER", "FORCE"]).await;
+        assert_eq!(reply, "+OK", "CLUSTER FAILOVER FORCE");
+        while !info(replica, "INFO replication").await.contains("role:master") {
+            assert!(Instant::now() < deadline, "the replica was never promoted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.wait_until_ok().await;
     }
 
     /// The node id of `node` (`CLUSTER MYID`).
