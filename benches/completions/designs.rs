@@ -46,7 +46,8 @@ impl Design {
         match self {
             Self::Ours => true,
             Self::Seed => kind == Kind::Postgres,
-            Self::Floor => kind != Kind::Sqlite,
+            // No one-command floor on a cluster: XREAD cannot span slots.
+            Self::Floor => matches!(kind, Kind::Postgres | Kind::Valkey),
         }
     }
 }

@@ -239,7 +239,7 @@ pub async fn catch_up(bed: &Bed, kind: Kind, sizes: &Sizes) -> Vec<CatchUpRow> {
 fn oldest_cursor(kind: Kind) -> StreamCursor {
     match kind {
         Kind::Postgres => encode_postgres_cursor(0, 0),
-        Kind::Valkey => encode_valkey_cursor(0, 0),
+        Kind::Valkey | Kind::ValkeyCluster => encode_valkey_cursor(0, 0),
         Kind::Sqlite => encode_sqlite_cursor(0),
     }
 }
@@ -264,7 +264,7 @@ async fn fill_history(run: &Run, events: u64) {
                 .expect("postgres history");
                 pool.close().await;
             }
-            Kind::Valkey => {
+            Kind::Valkey | Kind::ValkeyCluster => {
                 let client = run.valkey_client().await;
                 let _: ferriskey::Value = client
                     .cmd("EVAL")
@@ -349,7 +349,7 @@ async fn floor_replay(run: &Run, events: u64) -> u64 {
                 read += rows.len() as u64;
             }
         }
-        Kind::Valkey => {
+        Kind::Valkey | Kind::ValkeyCluster => {
             let client = run.valkey_client().await;
             let mut from = "-".to_owned();
             while read < events {
