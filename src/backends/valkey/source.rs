@@ -22,10 +22,12 @@
 //! reported.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use ferriskey::{Client, PushInfo, PushKind, Value};
+use tokio::sync::Semaphore;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::keys;
@@ -44,6 +46,11 @@ use crate::types::{ExecutionId, TimestampMs};
 /// Entries one wake-up reads at most per partition.
 const WAKE_COUNT: usize = 512;
 
+/// Stream reads one source (its readers, filters and waker together) has in flight at most:
+/// ferriskey refuses requests beyond 1,000 in flight on one client, and a full read is one
+/// call per lane, so many subscribers catching up at once would pass that.
+const READS_IN_FLIGHT: usize = 256;
+
 /// How long opening the waker waits for the server to confirm the subscription.
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 
@@ -61,6 +68,7 @@ fn all_lanes() -> impl Iterator<Item = u16> {
 pub(crate) struct ValkeySource {
     client: Client,
     config: BackendConfig,
+    reads: Arc<Semaphore>,
 }
 
 impl ValkeySource {
@@ -68,7 +76,7 @@ impl ValkeySource {
     pub(crate) async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
         let client = connect_client(config, "ff-completions-reader").await?;
         ensure_library(&client).await?;
-        Ok(Self { client, config: config.clone() })
+        Ok(Self { client, config: config.clone(), reads: Arc::new(Semaphore::new(READS_IN_FLIGHT)) })
     }
 }
 
@@ -85,16 +93,20 @@ async fn look(client: &Client, lane: u16, after: Position, count: usize) -> Resu
     })
 }
 
-/// Looks at `lanes` at once, each from `after`'s position in it.
+/// Looks at `lanes` at once (as many at a time as `reads` allows), each from `after`'s
+/// position in it.
 async fn look_all(
     client: &Client,
+    reads: &Semaphore,
     after: &Frontier,
     lanes: impl IntoIterator<Item = u16>,
     count: usize,
 ) -> Result<Vec<(u16, ReadView)>, EngineError> {
-    futures::future::try_join_all(
-        lanes.into_iter().map(|lane| async move { Ok((lane, look(client, lane, after.get(lane), count).await?)) }),
-    )
+    futures::future::try_join_all(lanes.into_iter().map(|lane| async move {
+        let closed = || EngineError::Actor { detail: "the read permits were closed".into() };
+        let _permit = reads.acquire().await.map_err(|_| closed())?;
+        Ok((lane, look(client, lane, after.get(lane), count).await?))
+    }))
     .await
 }
 
@@ -159,7 +171,7 @@ impl CompletionSource for ValkeySource {
             return Ok(StartAt::after(self.tail().await?));
         };
         let after = frontier_of(&lanes);
-        let views = look_all(&self.client, &after, all_lanes(), 0).await?;
+        let views = look_all(&self.client, &self.reads, &after, all_lanes(), 0).await?;
         match expired_lanes(&after, &views) {
             Some(floors) => Err(EngineError::CursorExpired { oldest: Some(self.cursor_of(&after.joined(&floors))) }),
             None => Ok(StartAt::after(after)),
@@ -167,7 +179,7 @@ impl CompletionSource for ValkeySource {
     }
 
     async fn tail(&self) -> Result<Frontier, EngineError> {
-        let views = look_all(&self.client, &Frontier::default(), all_lanes(), 0).await?;
+        let views = look_all(&self.client, &self.reads, &Frontier::default(), all_lanes(), 0).await?;
         Ok(Frontier::from_positions(views.into_iter().filter_map(|(_, view)| view.last_generated)))
     }
 
@@ -176,7 +188,7 @@ impl CompletionSource for ValkeySource {
     async fn read_after(&self, after: &Frontier, limit: usize) -> Result<Batch, EngineError> {
         let limit = limit.max(1);
         let per_lane = limit.div_ceil(16).max(8).min(limit);
-        let views = look_all(&self.client, after, all_lanes(), per_lane).await?;
+        let views = look_all(&self.client, &self.reads, after, all_lanes(), per_lane).await?;
         if let Some(floors) = expired_lanes(after, &views) {
             return Ok(expired(after, floors));
         }
@@ -241,6 +253,7 @@ impl CompletionSource for ValkeySource {
             _subscriber: subscriber,
             pushes,
             reader: self.client.clone(),
+            reads: self.reads.clone(),
             position: from.clone(),
         }))
     }
@@ -258,6 +271,7 @@ struct ValkeyWaker {
     _subscriber: Client,
     pushes: UnboundedReceiver<PushInfo>,
     reader: Client,
+    reads: Arc<Semaphore>,
     position: Frontier,
 }
 
@@ -295,7 +309,7 @@ impl ValkeyWaker {
     /// before it read them (then an expired batch, and the position moves to the boundary).
     async fn read(&mut self, partitions: BTreeSet<u16>) -> Result<Batch, EngineError> {
         let start = self.position.clone();
-        let views = look_all(&self.reader, &start, partitions, WAKE_COUNT).await?;
+        let views = look_all(&self.reader, &self.reads, &start, partitions, WAKE_COUNT).await?;
         if let Some(floors) = expired_lanes(&start, &views) {
             self.position.join(&floors);
             return Ok(expired(&start, floors));

@@ -42,7 +42,9 @@ async fn interleaved_flows_arrive_in_order_per_partition_and_every_cursor_resume
     let at_end = at_end.as_mut().expect("resume at the last event");
     assert_exactly_once(&take_events(at_end, 3, WAIT).await, &more, true);
     assert_no_more(at_end, QUIET).await;
-    assert_nothing_restarted(&f.tree.stats().await.expect("stats"));
+    let stats = f.tree.stats().await.expect("stats");
+    assert_nothing_restarted(&stats);
+    assert_eq!(stats.listeners[0].reconnects, 0, "every wake-up named its partition: no full reads");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
