@@ -183,22 +183,32 @@ impl CompletionSource for ValkeySource {
         Ok(Frontier::from_positions(views.into_iter().filter_map(|(_, view)| view.last_generated)))
     }
 
-    /// Reads every lane at once, a share of `limit` each; the single stream of earlier
+    /// Looks at every lane (`count` 0: what each stream holds, nothing read), then reads the
+    /// lanes with entries after `after`, a share of `limit` each; the single stream of earlier
     /// versions alone while it has entries after `after`.
     async fn read_after(&self, after: &Frontier, limit: usize) -> Result<Batch, EngineError> {
         let limit = limit.max(1);
-        let per_lane = limit.div_ceil(16).max(8).min(limit);
-        let views = look_all(&self.client, &self.reads, after, all_lanes(), per_lane).await?;
+        let views = look_all(&self.client, &self.reads, after, all_lanes(), 0).await?;
         if let Some(floors) = expired_lanes(after, &views) {
             return Ok(expired(after, floors));
         }
-        let legacy_pending = views.iter().any(|(lane, view)| *lane == VALKEY_LEGACY_LANE && !view.entries.is_empty());
-        let lanes = views
-            .into_iter()
-            .filter(|(lane, _)| !legacy_pending || *lane == VALKEY_LEGACY_LANE)
-            .map(|(lane, view)| (lane, view.entries))
+        let mut pending: Vec<u16> = views
+            .iter()
+            .filter(|(_, view)| view.last_generated.is_some_and(|last| !after.covers(last)))
+            .map(|(lane, _)| *lane)
             .collect();
-        Ok(batch_of(after, lanes, per_lane))
+        if pending.contains(&VALKEY_LEGACY_LANE) {
+            pending = vec![VALKEY_LEGACY_LANE];
+        }
+        if pending.is_empty() {
+            return Ok(batch_of(after, Vec::new(), limit));
+        }
+        let per_lane = (limit / pending.len()).clamp(8.min(limit), limit);
+        let views = look_all(&self.client, &self.reads, after, pending, per_lane).await?;
+        if let Some(floors) = expired_lanes(after, &views) {
+            return Ok(expired(after, floors));
+        }
+        Ok(batch_of(after, views.into_iter().map(|(lane, view)| (lane, view.entries)).collect(), per_lane))
     }
 
     async fn trim(&self, retention: &Retention) -> Result<u64, EngineError> {
