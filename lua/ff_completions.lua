@@ -5,7 +5,8 @@
 --
 -- Every terminal transition (success, failed, cancelled, expired, skipped), in one atomic call:
 --   1. writes the execution's state,
---   2. XADDs the completion to the one completion stream (KEYS, `MAXLEN ~ <maxlen>` from ARGV),
+--   2. XADDs the completion to its partition's completion stream (KEYS, `MAXLEN ~ <maxlen>`
+--      from ARGV),
 --      fields execution_id, flow_id, outcome, namespace, tags (JSON object), occurred_at_ms
 --      (server TIME), partition,
 --   3. PUBLISHes {"execution_id", "flow_id", "outcome"} on `ff:dag:completions`.
@@ -14,21 +15,25 @@
 -- `ff_completions conflict:`.
 --
 -- Keys. Callers pass the keys a call is about in KEYS: the execution's or flow's own keys and
--- the shared keys it writes. Keys of related executions (parents, children, flow members) are
--- derived here from the ids the library stores, which is why cluster mode is not supported;
--- every execution and flow key still carries its `{fp:N}` hash tag:
+-- its partition's stream, eligible index and pending edges. Every key carries the `{fp:N}`
+-- hash tag of its partition (a flow and all its executions share one), so in a cluster each
+-- call stays in one slot. Keys of related executions (parents, children, flow members) are
+-- derived here from the ids the library stores: in a cluster they must be of the same flow
+-- (partition); on a single node any:
 --   ff:exec:{fp:N}:<uuid>:core       hash  state attempt max_attempts pending flow ns tags
 --                                          partition worker created updated
 --   ff:exec:{fp:N}:<uuid>:children   set   ids of executions that depend on it
 --   ff:exec:{fp:N}:<uuid>:deps       hash  parent id -> pending | satisfied | failed
 --   ff:flow:{fp:N}:<uuid>:core       hash  ns state created
 --   ff:flow:{fp:N}:<uuid>:members    set   execution ids
---   ff:eligible                      zset  eligible execution ids, scored by creation time
---   ff:pending_edges                 set   "parent|child" edges whose parent is terminal but
---                                          which are not resolved yet (the reconciler's list)
---   ff:completions                   stream  the completions
+--   ff:eligible:{fp:N}               zset  partition N's eligible execution ids, by creation time
+--   ff:pending_edges:{fp:N}          set   "parent|child" edges whose parent (of partition N) is
+--                                          terminal but which are not resolved yet
+--   ff:completions:{fp:N}            stream  partition N's completions
+--   ff:completions                   stream  the single stream of versions 1 and 2, still read
+--                                          (never written) until it is empty
 
-local VERSION = '2'
+local VERSION = '3'
 local CHANNEL = 'ff:dag:completions'
 local TERMINAL = { success = true, failed = true, cancelled = true, expired = true, skipped = true }
 local OPEN = { blocked = true, eligible = true, running = true }
@@ -74,6 +79,9 @@ end
 -- Keys of related executions -----------------------------------------------------------------
 
 local function exec_key(id, part) return 'ff:exec:' .. id .. ':' .. part end
+
+-- The pending-edges set of the partition of execution `id` (a valid id).
+local function pending_key(id) return 'ff:pending_edges:{fp:' .. partition_of(id) .. '}' end
 
 -- Shared writes ------------------------------------------------------------------------------
 
@@ -176,7 +184,10 @@ local function ff_create_execution(keys, args)
     redis.call('SADD', exec_key(p, 'children'), id)
     redis.call('HSET', deps, p, 'pending')
     if TERMINAL[redis.call('HGET', exec_key(p, 'core'), 'state') or ''] then
-      redis.call('SADD', pending_edges, p .. '|' .. id)
+      -- The edge lives with its parent, where the parent's own completion puts its edges.
+      local set = pending_edges
+      if partition_of(p) ~= partition then set = pending_key(p) end
+      redis.call('SADD', set, p .. '|' .. id)
     end
   end
   if flow ~= '' then redis.call('SADD', keys[6], id) end
@@ -287,7 +298,7 @@ local function ff_cancel_flow(keys, args)
 end
 
 -- FCALL ff_resolve_dependency 7 <parent core> <child core> <child deps> <child children>
---   <stream> <eligible> <pending edges> <parent id> <child id> <maxlen>
+--   <child's stream> <child's eligible> <parent's pending edges> <parent id> <child id> <maxlen>
 -- -> promoted | skipped | waiting | already_resolved | parent_not_terminal.
 local function ff_resolve_dependency(keys, args)
   local bad = wrong_keys(keys, 7)

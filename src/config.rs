@@ -163,12 +163,18 @@ pub struct ValkeyConnection {
     pub password: Option<String>,
     /// Use TLS.
     pub tls: bool,
-    /// Cluster mode (not supported by this crate's listener yet).
+    /// Cluster mode: `host:port` is one node to discover the cluster from; ferriskey's cluster
+    /// client routes each call to the primary owning its keys' slot (database 0 only).
     pub cluster: bool,
     /// Logical database number.
     pub database: i64,
     /// `MAXLEN ~` the producers trim the completion stream to on every `XADD`.
     pub stream_maxlen: u64,
+    /// The demo engine follows every write with `WAIT <n>` and fails the call (the write done,
+    /// its durability not confirmed) when fewer replicas acknowledged it in time: a completion
+    /// it reports is on `n` replicas, so a failover cannot lose it. 0 (the default): no `WAIT`,
+    /// and a failover may lose the writes its replicas had not received yet.
+    pub wait_replicas: u32,
 }
 
 impl ValkeyConnection {
@@ -183,6 +189,7 @@ impl ValkeyConnection {
             cluster: false,
             database: 0,
             stream_maxlen: 1_000_000,
+            wait_replicas: 0,
         }
     }
 
@@ -208,6 +215,21 @@ impl ValkeyConnection {
         self
     }
 
+    /// Enables or disables cluster mode (`host:port` is then one seed node of the cluster).
+    #[must_use]
+    pub fn with_cluster(mut self, cluster: bool) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    /// Makes the demo engine wait for `replicas` replicas to acknowledge each write (`WAIT`,
+    /// see [`ValkeyConnection::wait_replicas`]).
+    #[must_use]
+    pub fn with_wait_replicas(mut self, replicas: u32) -> Self {
+        self.wait_replicas = replicas;
+        self
+    }
+
     /// Sets the approximate length producers trim the completion stream to (default 1,000,000).
     #[must_use]
     pub fn with_stream_maxlen(mut self, maxlen: u64) -> Self {
@@ -227,6 +249,7 @@ impl fmt::Debug for ValkeyConnection {
             .field("cluster", &self.cluster)
             .field("database", &self.database)
             .field("stream_maxlen", &self.stream_maxlen)
+            .field("wait_replicas", &self.wait_replicas)
             .finish()
     }
 }
@@ -234,7 +257,8 @@ impl fmt::Debug for ValkeyConnection {
 impl fmt::Display for ValkeyConnection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = if self.tls { "valkeys" } else { "valkey" };
-        write!(f, "{scheme}://")?;
+        let cluster = if self.cluster { "+cluster" } else { "" };
+        write!(f, "{scheme}{cluster}://")?;
         match (&self.username, &self.password) {
             (Some(u), Some(_)) => write!(f, "{u}:<redacted>@")?,
             (None, Some(_)) => write!(f, ":<redacted>@")?,
@@ -359,7 +383,8 @@ impl BackendConfig {
     }
 
     /// Parses `postgres://` / `postgresql://`, `valkey://` / `redis://` (TLS: `valkeys://` /
-    /// `rediss://`, user, password, `/db`), and `sqlite://path` / `sqlite::memory:`.
+    /// `rediss://`, user, password, `/db`; a cluster: `valkey+cluster://` and the like, naming
+    /// one seed node), and `sqlite://path` / `sqlite::memory:`.
     ///
     /// ```
     /// use ff_completions::BackendConfig;
@@ -368,6 +393,7 @@ impl BackendConfig {
     /// assert_eq!(pg.kind(), "postgres");
     /// assert!(!format!("{pg} {pg:?}").contains("s3cret"));
     /// assert_eq!(BackendConfig::from_url("rediss://cache:6380/2")?.kind(), "valkey");
+    /// assert_eq!(BackendConfig::from_url("valkey+cluster://node-1:7000")?.to_string(), "valkey+cluster://node-1:7000/0");
     /// assert!(BackendConfig::from_url("ftp://nowhere").is_err());
     /// # Ok::<(), ff_completions::EngineError>(())
     /// ```
@@ -399,7 +425,12 @@ impl BackendConfig {
                     None => Ok(config),
                 }
             }
-            scheme @ ("valkey" | "valkeys" | "redis" | "rediss") => {
+            full @ ("valkey" | "valkeys" | "redis" | "rediss" | "valkey+cluster" | "valkeys+cluster"
+            | "redis+cluster" | "rediss+cluster") => {
+                let (scheme, cluster) = match full.strip_suffix("+cluster") {
+                    Some(scheme) => (scheme, true),
+                    None => (full, false),
+                };
                 let host = url
                     .host_str()
                     .filter(|h| !h.is_empty())
@@ -418,15 +449,19 @@ impl BackendConfig {
                 let username = Some(url.username()).filter(|u| !u.is_empty()).and_then(decode);
                 let password = url.password().and_then(decode);
                 let tls = matches!(scheme, "valkeys" | "rediss");
+                if cluster && database != 0 {
+                    return Err(EngineError::validation(format!("{full} URL: a cluster has database 0 only")));
+                }
                 Ok(Self::valkey_with(
                     ValkeyConnection::new(host, port)
                         .with_credentials(username, password)
                         .with_tls(tls)
-                        .with_database(database),
+                        .with_database(database)
+                        .with_cluster(cluster),
                 ))
             }
             other => Err(EngineError::validation(format!(
-                "unsupported backend URL scheme {other:?} (use postgres://, valkey://, redis:// or sqlite://)"
+                "unsupported backend URL scheme {other:?} (use postgres://, valkey://, valkey+cluster://, redis:// or sqlite://)"
             ))),
         }
     }
@@ -454,6 +489,18 @@ mod tests {
         assert_eq!((v.host.as_str(), v.port, v.database, v.tls), ("cache.local", 6380, 3, true));
         assert_eq!(v.username.as_deref(), Some("bob"));
         assert_eq!(v.password.as_deref(), Some("p@ss"));
+    }
+
+    #[test]
+    fn cluster_urls_name_a_seed_node_and_database_0_only() {
+        for url in ["valkey+cluster://n1:7000", "rediss+cluster://u:pw@n1:7000/0"] {
+            let c = BackendConfig::from_url(url).ok();
+            let Some(BackendConnection::Valkey(v)) = c.map(|c| c.connection) else { panic!("{url}: not valkey") };
+            assert!(v.cluster && v.database == 0 && v.port == 7000, "{v:?}");
+        }
+        assert!(matches!(BackendConfig::from_url("valkey+cluster://n1:7000/2"), Err(EngineError::Validation { .. })));
+        let plain = BackendConfig::from_url("valkey://n1:7000").ok();
+        assert!(matches!(plain.map(|c| c.connection), Some(BackendConnection::Valkey(v)) if !v.cluster));
     }
 
     #[test]

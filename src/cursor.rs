@@ -3,7 +3,8 @@
 //!
 //! | family   | prefix | body                                   | length |
 //! |----------|--------|----------------------------------------|--------|
-//! | Valkey   | `0x01` | stream id `ms`, `seq` (u64 BE each)    | 17     |
+//! | Valkey   | `0x01` | `0x01`, then per partition stream: see [`encode_valkey_frontier`] | varies |
+//! | Valkey   | `0x01` | stream id `ms`, `seq` (u64 BE each) of the single stream, an earlier form | 17 |
 //! | Postgres | `0x02` | `batch`, `txid`, `event_id` (u64 BE)   | 25     |
 //! | Postgres | `0x02` | `txid`, `event_id`, an earlier form    | 17     |
 //! | Postgres | `0x02` | `event_id` (i64 BE), the original form | 9      |
@@ -31,10 +32,11 @@ pub const SQLITE_CURSOR_PREFIX: u8 = 0x03;
 /// ```
 /// use ff_completions::StreamCursor;
 ///
-/// # let event_cursor = StreamCursor::from_hex("0300000000000000ff")?;
-/// let saved = event_cursor.to_hex(); // persist this text beside your own state
-/// let back = StreamCursor::from_hex(&saved)?;
-/// assert_eq!(back, event_cursor);
+/// // A cursor as an event carries it (here: SQLite, `0x03` + event id 5).
+/// let cursor = StreamCursor::new(vec![0x03, 0, 0, 0, 0, 0, 0, 0, 5]);
+/// let saved = cursor.to_hex(); // the family byte first
+/// assert_eq!(saved, "030000000000000005");
+/// assert_eq!(StreamCursor::from_hex(&saved)?, cursor);
 /// assert!(StreamCursor::from_hex("01zz").is_err()); // malformed: a typed error, never a panic
 /// # Ok::<(), ff_completions::EngineError>(())
 /// ```
@@ -108,26 +110,123 @@ impl fmt::Display for StreamCursor {
     }
 }
 
-/// A position in one backend's total order: Valkey `(0, ms, seq)`, Postgres `(batch, txid,
-/// event_id)`, SQLite `(0, 0, event_id)`. Ordered lexicographically.
+/// A position in one lane of a backend's order: Valkey `(partition, 0, ms, seq)`, Postgres
+/// `(0, batch, txid, event_id)`, SQLite `(0, 0, 0, event_id)`. Positions of one lane are
+/// ordered lexicographically; positions of different lanes are not comparable in a meaningful
+/// way (a backend with several lanes promises order within each lane only).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct Position {
+    pub lane: u16,
     pub major: u64,
     pub hi: u64,
     pub lo: u64,
 }
 
 impl Position {
-    pub(crate) const ZERO: Position = Position { major: 0, hi: 0, lo: 0 };
+    pub(crate) const ZERO: Position = Position { lane: 0, major: 0, hi: 0, lo: 0 };
 
     /// A position of a backend whose order has two words.
     pub(crate) const fn new(hi: u64, lo: u64) -> Self {
-        Self { major: 0, hi, lo }
+        Self { lane: 0, major: 0, hi, lo }
     }
 
     /// A position of a backend whose order has three words (Postgres: batch first).
     pub(crate) const fn with_major(major: u64, hi: u64, lo: u64) -> Self {
-        Self { major, hi, lo }
+        Self { lane: 0, major, hi, lo }
+    }
+
+    /// The same position in `lane`.
+    pub(crate) const fn in_lane(self, lane: u16) -> Self {
+        Self { lane, ..self }
+    }
+
+    /// The start of `lane`: below every position in it.
+    pub(crate) const fn lane_start(lane: u16) -> Self {
+        Self { lane, major: 0, hi: 0, lo: 0 }
+    }
+}
+
+/// Where a reader stands in every lane of a backend: one position per lane (a lane it names
+/// not is at its start). Postgres and SQLite have one lane; Valkey one per partition stream.
+/// A frontier `covers` a position at or below its own in that lane; it covers another frontier
+/// when it covers each of its positions.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub(crate) struct Frontier(Vec<Position>);
+
+/// One lane shows its position; more show how many (a log line stays short).
+impl fmt::Debug for Frontier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.as_slice() {
+            [] => f.write_str("Frontier(start)"),
+            [one] => write!(f, "Frontier({one:?})"),
+            many => write!(f, "Frontier({} lanes)", many.len()),
+        }
+    }
+}
+
+impl Frontier {
+    /// The frontier at `pos` (in its lane; every other lane at its start).
+    pub(crate) fn at(pos: Position) -> Self {
+        Self(vec![pos])
+    }
+
+    /// The frontier at the highest of `positions` in each lane.
+    pub(crate) fn from_positions(positions: impl IntoIterator<Item = Position>) -> Self {
+        let mut f = Self::default();
+        for pos in positions {
+            f.advance(pos);
+        }
+        f
+    }
+
+    /// Its position in `lane`.
+    pub(crate) fn get(&self, lane: u16) -> Position {
+        match self.0.binary_search_by_key(&lane, |p| p.lane) {
+            Ok(i) => self.0[i],
+            Err(_) => Position::lane_start(lane),
+        }
+    }
+
+    /// Its position in lane 0: the whole frontier of a backend with one lane.
+    pub(crate) fn single(&self) -> Position {
+        self.get(0)
+    }
+
+    /// The positions it names, by lane.
+    pub(crate) fn positions(&self) -> &[Position] {
+        &self.0
+    }
+
+    /// `pos` is at or below it in `pos`'s lane.
+    pub(crate) fn covers(&self, pos: Position) -> bool {
+        pos <= self.get(pos.lane)
+    }
+
+    /// Every position of `other` is covered.
+    pub(crate) fn covers_all(&self, other: &Frontier) -> bool {
+        other.0.iter().all(|p| self.covers(*p))
+    }
+
+    /// Moves its lane up to `pos` (never down).
+    pub(crate) fn advance(&mut self, pos: Position) {
+        match self.0.binary_search_by_key(&pos.lane, |p| p.lane) {
+            Ok(i) => self.0[i] = self.0[i].max(pos),
+            Err(i) => self.0.insert(i, pos),
+        }
+    }
+
+    /// Moves every lane up to `other`'s position in it.
+    pub(crate) fn join(&mut self, other: &Frontier) {
+        for pos in &other.0 {
+            self.advance(*pos);
+        }
+    }
+
+    /// This frontier moved up to `other`.
+    pub(crate) fn joined(&self, other: &Frontier) -> Frontier {
+        let mut f = self.clone();
+        f.join(other);
+        f
     }
 }
 
@@ -182,6 +281,101 @@ pub fn encode_valkey_cursor(ms: u64, seq: u64) -> StreamCursor {
 /// [`EngineError::Validation`] for a wrong prefix or length.
 pub fn decode_valkey_cursor(cursor: &StreamCursor) -> Result<Option<(u64, u64)>, EngineError> {
     Ok(body::<16>(cursor, VALKEY_CURSOR_PREFIX, "Valkey")?.map(|b| (be_u64(&b[..8]), be_u64(&b[8..]))))
+}
+
+/// The lane of the single completion stream of earlier versions (`ff:completions`) in a Valkey
+/// frontier; lanes 0..=255 are the partition streams.
+pub const VALKEY_LEGACY_LANE: u16 = 256;
+
+/// One lane of a Valkey frontier: `(lane, ms, seq)`.
+pub type ValkeyLane = (u16, u64, u64);
+
+/// The form byte after the Valkey family byte that marks a frontier over partition streams.
+const VALKEY_FRONTIER_FORM: u8 = 0x01;
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn take_varint(bytes: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&b, rest) = bytes.split_first()?;
+        *bytes = rest;
+        let part = u64::from(b & 0x7f);
+        if shift == 63 && part > 1 {
+            return None;
+        }
+        v |= part << shift;
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Encodes a Valkey frontier: one stream id `(lane, ms, seq)` per lane (partition 0..=255, or
+/// [`VALKEY_LEGACY_LANE`]); a lane not named is at its stream's start. Bytes: `0x01`, `0x01`,
+/// LEB128 varints `base` (the lowest `ms`), then per lane in ascending order `lane`,
+/// `ms - base`, `seq`: about 5 bytes a partition.
+pub fn encode_valkey_frontier(lanes: &[ValkeyLane]) -> StreamCursor {
+    let mut sorted = lanes.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup_by_key(|l| l.0);
+    let base = sorted.iter().map(|l| l.1).min().unwrap_or(0);
+    let mut bytes = vec![VALKEY_CURSOR_PREFIX, VALKEY_FRONTIER_FORM];
+    put_varint(&mut bytes, base);
+    for (lane, ms, seq) in sorted {
+        put_varint(&mut bytes, u64::from(lane));
+        put_varint(&mut bytes, ms - base);
+        put_varint(&mut bytes, seq);
+    }
+    StreamCursor(bytes)
+}
+
+/// Decodes either Valkey form into `(lane, ms, seq)` per lane; `Ok(None)` for the empty (tail)
+/// cursor. The earlier 17-byte form (one stream id of the single stream) decodes to its id in
+/// [`VALKEY_LEGACY_LANE`].
+///
+/// # Errors
+/// [`EngineError::Validation`] for a wrong prefix, a truncated or overlong body, lanes out of
+/// range or out of order.
+pub fn decode_valkey_frontier(cursor: &StreamCursor) -> Result<Option<Vec<ValkeyLane>>, EngineError> {
+    let bytes = cursor.as_bytes();
+    match bytes {
+        [] => return Ok(None),
+        [VALKEY_CURSOR_PREFIX, 0, ..] if bytes.len() == 17 => {
+            return Ok(decode_valkey_cursor(cursor)?.map(|(ms, seq)| vec![(VALKEY_LEGACY_LANE, ms, seq)]));
+        }
+        [VALKEY_CURSOR_PREFIX, VALKEY_FRONTIER_FORM, ..] => {}
+        [VALKEY_CURSOR_PREFIX, ..] => return Err(EngineError::validation("Valkey cursor of an unknown form")),
+        [p, ..] => {
+            return Err(EngineError::validation(format!(
+                "cursor prefix 0x{p:02x} is not the Valkey family (0x{VALKEY_CURSOR_PREFIX:02x})"
+            )));
+        }
+    }
+    let bad = |what: &str| EngineError::validation(format!("Valkey cursor: {what}"));
+    let mut rest = &bytes[2..];
+    let base = take_varint(&mut rest).ok_or_else(|| bad("truncated"))?;
+    let mut lanes: Vec<ValkeyLane> = Vec::new();
+    while !rest.is_empty() {
+        let lane = take_varint(&mut rest).ok_or_else(|| bad("truncated"))?;
+        let ms = take_varint(&mut rest).ok_or_else(|| bad("truncated"))?;
+        let seq = take_varint(&mut rest).ok_or_else(|| bad("truncated"))?;
+        let lane =
+            u16::try_from(lane).ok().filter(|l| *l <= VALKEY_LEGACY_LANE).ok_or_else(|| bad("lane out of range"))?;
+        if lanes.last().is_some_and(|l| l.0 >= lane) {
+            return Err(bad("lanes out of order"));
+        }
+        let ms = base.checked_add(ms).ok_or_else(|| bad("stream id out of range"))?;
+        lanes.push((lane, ms, seq));
+    }
+    Ok(Some(lanes))
 }
 
 /// Encodes a Postgres position `(batch, txid, event_id)`: the form the reader hands out.
@@ -301,6 +495,64 @@ mod tests {
     }
 
     #[test]
+    fn valkey_frontiers_round_trip_compactly_and_pin_their_bytes() {
+        let lanes = vec![(0, 1_700_000_000_000, 0), (5, 1_700_000_000_123, 2), (191, 1_700_000_000_001, 0)];
+        let cursor = encode_valkey_frontier(&lanes);
+        assert_eq!(decode_valkey_frontier(&cursor).ok(), Some(Some(lanes)));
+        assert!(cursor.as_bytes().len() < 2 + 6 + 3 * 5, "{} bytes", cursor.as_bytes().len());
+        assert_eq!(encode_valkey_frontier(&[(1, 300, 2)]).to_hex(), "0101ac02010002");
+        assert_eq!(encode_valkey_frontier(&[]).to_hex(), "010100");
+        assert_eq!(
+            decode_valkey_frontier(&StreamCursor::from_hex("010100").unwrap_or_default()).ok(),
+            Some(Some(vec![]))
+        );
+        let all: Vec<_> = (0..=VALKEY_LEGACY_LANE).map(|l| (l, 1_700_000_000_000 + u64::from(l), 0)).collect();
+        let big = encode_valkey_frontier(&all);
+        assert!(big.as_bytes().len() <= 2 + 6 + 257 * 5, "{} bytes for every lane", big.as_bytes().len());
+        assert_eq!(decode_valkey_frontier(&big).ok(), Some(Some(all)));
+    }
+
+    #[test]
+    fn an_earlier_single_stream_valkey_cursor_decodes_to_the_legacy_lane() {
+        let old = encode_valkey_cursor(1_700_000_000_000, 3);
+        assert_eq!(decode_valkey_frontier(&old).ok(), Some(Some(vec![(VALKEY_LEGACY_LANE, 1_700_000_000_000, 3)])));
+    }
+
+    #[test]
+    fn malformed_valkey_frontiers_are_validation_errors() {
+        for hex in [
+            "0101",
+            "0101000500",
+            "010100020000010000",
+            "0101008302000000",
+            "0102",
+            "0101ffffffffffffffffff7f",
+            "02010100",
+        ] {
+            let cursor = StreamCursor::from_hex(hex).unwrap_or_default();
+            assert!(matches!(decode_valkey_frontier(&cursor), Err(EngineError::Validation { .. })), "{hex}");
+        }
+    }
+
+    #[test]
+    fn frontiers_cover_per_lane() {
+        let mut f = Frontier::at(Position::new(5, 0).in_lane(3));
+        assert!(f.covers(Position::new(4, 9).in_lane(3)));
+        assert!(!f.covers(Position::new(5, 1).in_lane(3)));
+        assert!(!f.covers(Position::new(0, 1).in_lane(4)), "another lane is at its start");
+        assert!(f.covers(Position::lane_start(9)));
+        f.advance(Position::new(1, 0).in_lane(1));
+        f.advance(Position::new(2, 0).in_lane(3));
+        assert_eq!(f.get(3), Position::new(5, 0).in_lane(3), "never moves down");
+        assert_eq!(f.positions().iter().map(|p| p.lane).collect::<Vec<_>>(), [1, 3]);
+        let other = Frontier::from_positions([Position::new(9, 0).in_lane(1), Position::new(1, 0).in_lane(7)]);
+        assert!(!f.covers_all(&other));
+        let joined = f.joined(&other);
+        assert!(joined.covers_all(&other) && joined.covers_all(&f));
+        assert_eq!(joined.get(1), Position::new(9, 0).in_lane(1));
+    }
+
+    #[test]
     fn empty_cursor_means_tail_for_every_family() {
         let tail = StreamCursor::empty();
         assert_eq!(decode_valkey_cursor(&tail).ok(), Some(None));
@@ -361,6 +613,7 @@ mod tests {
                     .collect();
                 let cursor = StreamCursor::new(bytes);
                 let _ = decode_valkey_cursor(&cursor);
+                let _ = decode_valkey_frontier(&cursor);
                 let _ = decode_postgres_cursor(&cursor);
                 let _ = decode_sqlite_cursor(&cursor);
             }

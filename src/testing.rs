@@ -6,9 +6,10 @@
 pub use crate::actors::Sink;
 pub use crate::backoff::Backoff;
 pub use crate::cursor::{
-    POSTGRES_CURSOR_PREFIX, PostgresCursor, SQLITE_CURSOR_PREFIX, VALKEY_CURSOR_PREFIX, decode_postgres_cursor,
-    decode_sqlite_cursor, decode_valkey_cursor, encode_postgres_batch_cursor, encode_postgres_cursor,
-    encode_postgres_event_cursor, encode_sqlite_cursor, encode_valkey_cursor,
+    POSTGRES_CURSOR_PREFIX, PostgresCursor, SQLITE_CURSOR_PREFIX, VALKEY_CURSOR_PREFIX, VALKEY_LEGACY_LANE,
+    decode_postgres_cursor, decode_sqlite_cursor, decode_valkey_cursor, decode_valkey_frontier,
+    encode_postgres_batch_cursor, encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor,
+    encode_valkey_cursor, encode_valkey_frontier,
 };
 
 /// Postgres: the channel, the migrations and their ledgers, the listener's application name.
@@ -26,11 +27,11 @@ pub mod sqlite {
     pub use crate::backends::sqlite::MIGRATOR;
 }
 
-/// Valkey: the stream, the channel, the function library and a raw client.
+/// Valkey: the streams, the channel, the function library and a raw client.
 #[cfg(feature = "valkey")]
 pub mod valkey {
     pub use crate::backends::valkey::{
-        DEFAULT_STREAM_MAXLEN, LIBRARY, LIBRARY_VERSION, LISTENER_CLIENT_NAME, PUBSUB_CHANNEL, STREAM_KEY,
-        connect_client,
+        DEFAULT_STREAM_MAXLEN, LEGACY_STREAM_KEY, LIBRARY, LIBRARY_VERSION, LISTENER_CLIENT_NAME, PUBSUB_CHANNEL,
+        connect_client, stream_key,
     };
 }

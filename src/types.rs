@@ -87,10 +87,10 @@ impl FlowId {
         self.0
     }
 
-    /// The flow's partition: crc16 (XMODEM, as cluster slots use) of the uuid text, mod 256.
+    /// The flow's partition: crc16 (XMODEM, as cluster slots use) of the uuid's 16 raw bytes,
+    /// mod 256, as FlowFabric's engines compute it (so the flow's keys land in the same slots).
     pub fn partition(&self) -> u16 {
-        let text = self.0.hyphenated().to_string();
-        crc16::State::<crc16::XMODEM>::calculate(text.as_bytes()) % PARTITION_COUNT
+        crc16::State::<crc16::XMODEM>::calculate(self.0.as_bytes()) % PARTITION_COUNT
     }
 }
 
@@ -214,14 +214,18 @@ mod tests {
         }
     }
 
-    /// Known vectors: crc16-XMODEM of the hyphenated uuid text (0xe884, 0xf4e0, 0xe8b7), mod 256.
+    /// Known vectors: crc16-XMODEM of the uuid's 16 raw bytes, mod 256, as FlowFabric computes
+    /// it (the first two are FlowFabric's own; the text form would give 16 and 61).
     #[test]
-    fn flow_partition_is_crc16_xmodem_of_the_uuid_text_mod_256() {
+    fn flow_partition_is_crc16_xmodem_of_the_uuid_bytes_mod_256() {
         let partition =
             |text: &str| FlowId::from_uuid(Uuid::parse_str(text).unwrap_or_else(|e| panic!("{e}"))).partition();
-        assert_eq!(partition("00000000-0000-0000-0000-000000000000"), 0x84);
-        assert_eq!(partition("123e4567-e89b-12d3-a456-426614174000"), 0xe0);
-        assert_eq!(partition("ffffffff-ffff-ffff-ffff-ffffffffffff"), 0xb7);
+        assert_eq!(partition("11111111-1111-4111-8111-111111111111"), 191);
+        assert_eq!(partition("6f9619ff-8b86-d011-b42d-00c04fc964ff"), 5);
+        // crc16 0x0000, 0x6c89, 0x0041.
+        assert_eq!(partition("00000000-0000-0000-0000-000000000000"), 0);
+        assert_eq!(partition("123e4567-e89b-12d3-a456-426614174000"), 0x89);
+        assert_eq!(partition("ffffffff-ffff-ffff-ffff-ffffffffffff"), 0x41);
     }
 
     /// The wire text of an execution id: `{fp:N}:<hyphenated lower-case uuid>`.
@@ -240,6 +244,6 @@ mod tests {
             Some("\"{fp:224}:123e4567-e89b-12d3-a456-426614174000\"")
         );
         let flow = FlowId::from_uuid(uuid);
-        assert_eq!(ExecutionId::new_in(&flow).partition(), 224, "a flow's executions share its partition");
+        assert_eq!(ExecutionId::new_in(&flow).partition(), 137, "a flow's executions share its partition");
     }
 }

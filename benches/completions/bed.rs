@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ff_completions::{
-    BackendConfig, CancelFlowPolicy, Engine, EngineError, ExecutionId, ExecutionSpec, FlowId, connect_engine,
+    BackendConfig, BackendConnection, CancelFlowPolicy, Engine, EngineError, ExecutionId, ExecutionSpec, FlowId,
+    connect_engine,
 };
 use futures::StreamExt;
 use uuid::Uuid;
@@ -21,6 +22,8 @@ use crate::support;
 pub enum Kind {
     Postgres,
     Valkey,
+    /// Three primaries on this machine.
+    ValkeyCluster,
     Sqlite,
 }
 
@@ -29,6 +32,7 @@ impl Kind {
         match self {
             Self::Postgres => "postgres",
             Self::Valkey => "valkey",
+            Self::ValkeyCluster => "valkey-cluster",
             Self::Sqlite => "sqlite",
         }
     }
@@ -37,6 +41,7 @@ impl Kind {
 /// The servers of the whole bench.
 pub struct Bed {
     valkey: Option<support::valkey::ValkeyServer>,
+    valkey_cluster: Option<support::valkey::ValkeyCluster>,
     files: tempfile::TempDir,
     next_file: AtomicUsize,
 }
@@ -47,7 +52,11 @@ impl Bed {
             true => Some(support::valkey::ValkeyServer::start().await),
             false => None,
         };
-        Self { valkey, files: tempfile::tempdir().expect("temp dir"), next_file: AtomicUsize::new(0) }
+        let valkey_cluster = match kinds.contains(&Kind::ValkeyCluster) {
+            true => Some(support::valkey::ValkeyCluster::start(3).await),
+            false => None,
+        };
+        Self { valkey, valkey_cluster, files: tempfile::tempdir().expect("temp dir"), next_file: AtomicUsize::new(0) }
     }
 
     /// A backend with no history, its schema or library installed.
@@ -63,6 +72,15 @@ impl Bed {
                 // Connections of earlier runs would count as this run's.
                 let _: ferriskey::Value = server.command(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]).await;
                 Run { kind, config: server.config(), pg_url: None, sqlite: None }
+            }
+            Kind::ValkeyCluster => {
+                let cluster = self.valkey_cluster.as_ref().expect("the bed was started with a valkey cluster");
+                for node in &cluster.nodes {
+                    let _: ferriskey::Value = node.command(&["FLUSHALL"]).await;
+                    let _: ferriskey::Value =
+                        node.command(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]).await;
+                }
+                Run { kind, config: cluster.config(), pg_url: None, sqlite: None }
             }
             Kind::Sqlite => {
                 let n = self.next_file.fetch_add(1, Ordering::Relaxed);
@@ -135,6 +153,28 @@ impl Run {
                     .filter(|l| l.contains(&listener) || l.contains(&format!(" name={FLOOR_CLIENT} ")))
                     .count() as u64;
                 (blocking, list.lines().filter(|l| !l.contains(" name=bench ")).count() as u64)
+            }
+            Kind::ValkeyCluster => {
+                // Summed over the primaries (CLIENT LIST goes to one node of a cluster).
+                let BackendConnection::Valkey(v) = &self.config.connection else { return (0, 0) };
+                let nodes: String =
+                    self.valkey_client().await.cmd("CLUSTER").arg("NODES").execute().await.expect("nodes");
+                let (mut listener_conns, mut all) = (0, 0);
+                for port in nodes.lines().filter_map(|l| {
+                    l.split_whitespace().nth(1)?.split('@').next()?.rsplit_once(':')?.1.parse::<u16>().ok()
+                }) {
+                    let node = BackendConfig::valkey_with(ff_completions::ValkeyConnection::new(v.host.clone(), port));
+                    let client =
+                        ff_completions::testing::valkey::connect_client(&node, "bench").await.expect("node client");
+                    let list: String = client.cmd("CLIENT").arg("LIST").execute().await.expect("CLIENT LIST");
+                    let listener = format!(" name={} ", ff_completions::testing::valkey::LISTENER_CLIENT_NAME);
+                    listener_conns += list.lines().filter(|l| l.contains(&listener)).count() as u64;
+                    all += list
+                        .lines()
+                        .filter(|l| !l.contains(" name=bench ") && !l.contains(" name=test-admin "))
+                        .count() as u64;
+                }
+                (listener_conns, all)
             }
             Kind::Sqlite => (0, 0),
         }

@@ -46,7 +46,8 @@ impl Design {
         match self {
             Self::Ours => true,
             Self::Seed => kind == Kind::Postgres,
-            Self::Floor => kind != Kind::Sqlite,
+            // No one-command floor on a cluster: XREAD cannot span slots.
+            Self::Floor => matches!(kind, Kind::Postgres | Kind::Valkey),
         }
     }
 }
@@ -197,36 +198,47 @@ async fn pg_floor(url: &str, tally: Arc<Tally>) -> JoinHandle<()> {
     })
 }
 
-/// The Valkey floor: `XREAD BLOCK` on a connection of its own, from the current last id.
+/// The Valkey floor: `XREAD BLOCK` over every partition stream (one command: a single node
+/// takes keys of any slots) on a connection of its own, from each stream's current last id.
 async fn xread_floor(client: ferriskey::Client, tally: Arc<Tally>) -> JoinHandle<()> {
-    let stream = ff_completions::testing::valkey::STREAM_KEY;
-    let newest: ferriskey::Value =
-        client.cmd("XREVRANGE").arg(stream).arg("+").arg("-").arg("COUNT").arg(1).execute().await.expect("XREVRANGE");
-    let mut last = entries(&newest).last().map_or_else(|| "0-0".to_owned(), |(id, _)| id.clone());
+    let streams: Vec<String> = (0..256).map(ff_completions::testing::valkey::stream_key).collect();
+    let mut last = Vec::with_capacity(streams.len());
+    for stream in &streams {
+        let newest: ferriskey::Value = client
+            .cmd("XREVRANGE")
+            .arg(stream)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .execute()
+            .await
+            .expect("XREVRANGE");
+        last.push(entries(&newest).last().map_or_else(|| "0-0".to_owned(), |(id, _)| id.clone()));
+    }
     tokio::spawn(async move {
         loop {
-            let reply: Result<ferriskey::Value, _> = client
-                .cmd("XREAD")
-                .arg("COUNT")
-                .arg(1000)
-                .arg("BLOCK")
-                .arg(1000)
-                .arg("STREAMS")
-                .arg(stream)
-                .arg(last.as_str())
-                .execute()
-                .await;
+            let mut cmd = client.cmd("XREAD").arg("COUNT").arg(1000).arg("BLOCK").arg(1000).arg("STREAMS");
+            for stream in &streams {
+                cmd = cmd.arg(stream.as_str());
+            }
+            for id in &last {
+                cmd = cmd.arg(id.as_str());
+            }
+            let reply: Result<ferriskey::Value, _> = cmd.execute().await;
             let Ok(reply) = reply else { return };
-            let streams = match reply {
+            let replied = match reply {
                 ferriskey::Value::Map(streams) => streams,
                 _ => continue,
             };
-            for (_, stream_entries) in &streams {
+            for (key, stream_entries) in &replied {
+                let ferriskey::Value::BulkString(key) = key else { continue };
+                let Some(i) = streams.iter().position(|s| s.as_bytes() == &key[..]) else { continue };
                 for (id, execution) in entries(stream_entries) {
                     if let Some(execution) = execution {
                         tally.record(execution);
                     }
-                    last = id;
+                    last[i] = id;
                 }
             }
         }

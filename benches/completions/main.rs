@@ -85,8 +85,11 @@ async fn main() {
     } else {
         args.scenario.clone()
     };
-    let kinds =
-        if args.backend.is_empty() { vec![Kind::Postgres, Kind::Valkey, Kind::Sqlite] } else { args.backend.clone() };
+    let kinds = if args.backend.is_empty() {
+        vec![Kind::Postgres, Kind::Valkey, Kind::ValkeyCluster, Kind::Sqlite]
+    } else {
+        args.backend.clone()
+    };
     let sizes = if args.bench { Sizes::full() } else { Sizes::smoke() };
 
     let started = Instant::now();

@@ -416,7 +416,7 @@ pub fn plot(results: &Results, path: &Path) -> Result<(), Box<dyn std::error::Er
     let (left, right) = root.split_horizontally(600);
 
     let mut rate: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-    for kind in [Kind::Postgres, Kind::Valkey, Kind::Sqlite] {
+    for kind in [Kind::Postgres, Kind::Valkey, Kind::ValkeyCluster, Kind::Sqlite] {
         for design in [Design::Ours, Design::Seed, Design::Floor] {
             let points: Vec<(f64, f64)> = results
                 .throughput
@@ -430,7 +430,7 @@ pub fn plot(results: &Results, path: &Path) -> Result<(), Box<dyn std::error::Er
         }
     }
     let mut latency: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-    for kind in [Kind::Postgres, Kind::Valkey, Kind::Sqlite] {
+    for kind in [Kind::Postgres, Kind::Valkey, Kind::ValkeyCluster, Kind::Sqlite] {
         for design in [Design::Ours, Design::Seed, Design::Floor] {
             let points: Vec<(f64, f64)> = results
                 .latency

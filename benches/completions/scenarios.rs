@@ -239,7 +239,7 @@ pub async fn catch_up(bed: &Bed, kind: Kind, sizes: &Sizes) -> Vec<CatchUpRow> {
 fn oldest_cursor(kind: Kind) -> StreamCursor {
     match kind {
         Kind::Postgres => encode_postgres_cursor(0, 0),
-        Kind::Valkey => encode_valkey_cursor(0, 0),
+        Kind::Valkey | Kind::ValkeyCluster => encode_valkey_cursor(0, 0),
         Kind::Sqlite => encode_sqlite_cursor(0),
     }
 }
@@ -264,13 +264,14 @@ async fn fill_history(run: &Run, events: u64) {
                 .expect("postgres history");
                 pool.close().await;
             }
-            Kind::Valkey => {
+            Kind::Valkey | Kind::ValkeyCluster => {
                 let client = run.valkey_client().await;
                 let _: ferriskey::Value = client
                     .cmd("EVAL")
                     .arg(HISTORY_LUA)
                     .arg(1)
-                    .arg(ff_completions::testing::valkey::STREAM_KEY)
+                    // History in one partition: the tree reads every partition stream.
+                    .arg(ff_completions::testing::valkey::stream_key(0))
                     .arg(n)
                     .arg(written as i64)
                     .execute()
@@ -348,13 +349,13 @@ async fn floor_replay(run: &Run, events: u64) -> u64 {
                 read += rows.len() as u64;
             }
         }
-        Kind::Valkey => {
+        Kind::Valkey | Kind::ValkeyCluster => {
             let client = run.valkey_client().await;
             let mut from = "-".to_owned();
             while read < events {
                 let reply: ferriskey::Value = client
                     .cmd("XRANGE")
-                    .arg(ff_completions::testing::valkey::STREAM_KEY)
+                    .arg(ff_completions::testing::valkey::stream_key(0))
                     .arg(from.as_str())
                     .arg("+")
                     .arg("COUNT")

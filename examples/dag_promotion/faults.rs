@@ -58,7 +58,7 @@ impl ConnectionKiller {
             #[cfg(feature = "postgres")]
             Some(Admin::Postgres(pool)) => terminate_postgres_listeners(pool).await,
             #[cfg(feature = "valkey")]
-            Some(Admin::Valkey(client)) => kill_valkey_listeners(client).await,
+            Some(Admin::Valkey(client)) => kill_valkey_listeners(&self.backend, client).await,
         };
         if result.is_err() {
             *admin = None;
@@ -106,11 +106,46 @@ async fn terminate_postgres_listeners(pool: &sqlx::PgPool) -> Result<u64, String
     Ok(killed.max(0) as u64)
 }
 
-/// `CLIENT KILL ID` of every connection named like the listener's blocking one
+/// `CLIENT KILL ID` of every connection named like the listener's subscriber connection
 /// ([`LISTENER_CLIENT_NAME`](ff_completions::testing::valkey::LISTENER_CLIENT_NAME)), found
-/// with `CLIENT LIST`.
+/// with `CLIENT LIST`; on a cluster, on every primary `CLUSTER NODES` names (`CLIENT` commands
+/// are not routed to a chosen node by ferriskey's cluster client, so each gets a client of
+/// its own).
 #[cfg(feature = "valkey")]
-async fn kill_valkey_listeners(client: &ferriskey::Client) -> Result<u64, String> {
+async fn kill_valkey_listeners(backend: &BackendConfig, client: &ferriskey::Client) -> Result<u64, String> {
+    let ff_completions::BackendConnection::Valkey(v) = &backend.connection else { return Ok(0) };
+    if !v.cluster {
+        return kill_valkey_listeners_on(client).await;
+    }
+    let nodes: String =
+        client.cmd("CLUSTER").arg("NODES").execute().await.map_err(|e| format!("CLUSTER NODES: {e}"))?;
+    let mut killed = 0;
+    for line in nodes.lines().filter(|l| l.contains("master") && !l.contains("fail")) {
+        let Some((host, port)) = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|addr| addr.split('@').next())
+            .and_then(|addr| addr.rsplit_once(':'))
+            .and_then(|(host, port)| Some((host.to_owned(), port.parse::<u16>().ok()?)))
+        else {
+            continue;
+        };
+        let node = BackendConfig::valkey_with(
+            ff_completions::ValkeyConnection::new(host, port)
+                .with_credentials(v.username.clone(), v.password.clone())
+                .with_tls(v.tls),
+        );
+        let node_client = ff_completions::testing::valkey::connect_client(&node, "ff-completions-faults")
+            .await
+            .map_err(|e| format!("connect to a cluster node: {e}"))?;
+        killed += kill_valkey_listeners_on(&node_client).await?;
+    }
+    Ok(killed)
+}
+
+/// [`kill_valkey_listeners`] on the one server `client` talks to.
+#[cfg(feature = "valkey")]
+async fn kill_valkey_listeners_on(client: &ferriskey::Client) -> Result<u64, String> {
     let list: String = client.cmd("CLIENT").arg("LIST").execute().await.map_err(|e| format!("CLIENT LIST: {e}"))?;
     let name = format!("name={}", ff_completions::testing::valkey::LISTENER_CLIENT_NAME);
     let ids: Vec<&str> = list

@@ -6,6 +6,7 @@
 //! cargo run --release --example dag_promotion -- --no-promoter       # the reconciler alone
 //! cargo run --release --example dag_promotion -- --backend postgres --url postgres://user@host/db
 //! cargo run --release --example dag_promotion -- --backend valkey --url valkey://host:6379
+//! cargo run --release --example dag_promotion -- --backend valkey --url valkey+cluster://node:7000
 //! ```
 //!
 //! Builds flows (fan-out, fan-in, a chain, a diamond), runs workers that claim eligible

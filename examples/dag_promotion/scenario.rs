@@ -54,8 +54,8 @@ pub struct Scenario {
     pub cancel_percent: u32,
     pub seed: u64,
     /// At random intervals, kill the listener actor and (on servers, taking turns with it) its
-    /// connection: the LISTEN connection on Postgres (`pg_terminate_backend`), the blocking
-    /// `XREAD` connection on Valkey (`CLIENT KILL`).
+    /// connection: the LISTEN connection on Postgres (`pg_terminate_backend`), the subscriber
+    /// connection on Valkey (`CLIENT KILL`).
     pub chaos: bool,
     /// Resolve children from completion events. When false the subscriber only counts
     /// completions and the reconciler alone resolves every edge.

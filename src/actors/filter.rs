@@ -32,7 +32,7 @@ use super::{BackendId, FilterMode, ListenerShared, LiveBatch, Sink, SubscriberId
 use crate::backends::{CompletionSource, Positioned, StartAt};
 use crate::backoff::Backoff;
 use crate::config::BackendRetry;
-use crate::cursor::Position;
+use crate::cursor::Frontier;
 use crate::error::EngineError;
 use crate::metrics::SubscriberMetrics;
 use crate::scanner_filter::ScannerFilter;
@@ -78,7 +78,7 @@ pub struct FilterState {
     args: FilterArguments,
     span: tracing::Span,
     metrics: SubscriberMetrics,
-    delivered: Position,
+    delivered: Frontier,
     mode: FilterMode,
     failed_reads: u32,
     /// The subscriber's call, until it is answered.
@@ -184,7 +184,7 @@ impl FilterState {
             Ok(start) => self.begin(myself, start),
             Err(err) if err.is_transient() => {
                 self.answer();
-                let fallback = self.args.shared.tail_fallback;
+                let fallback = self.args.shared.tail_fallback.clone();
                 match fallback {
                     Some(pos) if tail => self.begin(myself, StartAt::after(pos)),
                     _ if tail && self.start_at_listeners_first_cursor(myself) => {}
@@ -200,7 +200,7 @@ impl FilterState {
 
     /// Starts a tail subscription at the listener's first cursor, if it has one yet.
     fn start_at_listeners_first_cursor(&mut self, myself: &ActorRef<FilterMsg>) -> bool {
-        let Some(first) = self.args.listener.first_cursor.get().copied() else { return false };
+        let Some(first) = self.args.listener.first_cursor.get().cloned() else { return false };
         self.begin(myself, StartAt::after(first));
         true
     }
@@ -220,7 +220,7 @@ impl FilterState {
     fn begin(&mut self, myself: &ActorRef<FilterMsg>, start: StartAt) {
         // Starting at the listener's cursor, the lag in events is known from the first event.
         let (head, read) = self.args.listener.head();
-        let read_at_start = (head == Some(start.after) && start.lo_floor.is_none()).then_some(read);
+        let read_at_start = (head.as_ref() == Some(&start.after) && start.lo_floor.is_none()).then_some(read);
         self.delivered = self.args.shared.resolve(start, read_at_start).after;
         self.failed_reads = 0;
         self.answer();
@@ -244,9 +244,13 @@ impl FilterState {
             }
             return;
         }
-        let on_listeners_path =
-            self.args.shared.start().and_then(|s| s.read_alone_until).is_none_or(|until| self.delivered >= until);
-        let contiguous = on_listeners_path && batch.start <= self.delivered;
+        let on_listeners_path = self
+            .args
+            .shared
+            .start()
+            .and_then(|s| s.read_alone_until)
+            .is_none_or(|until| self.delivered.covers_all(&until));
+        let contiguous = on_listeners_path && self.delivered.covers_all(&batch.start);
         match self.mode {
             FilterMode::Blocked | FilterMode::Starting => self.count_dropped(batch),
             FilterMode::CatchingUp if !contiguous => self.count_dropped(batch),
@@ -265,7 +269,7 @@ impl FilterState {
                 if matches!(outcome, Delivery::Done) {
                     self.args.shared.set_pending(None);
                 }
-                self.after_delivery(myself, outcome, batch.end);
+                self.after_delivery(myself, outcome, &batch.end);
             }
         }
         self.sync_lag(batch);
@@ -274,8 +278,8 @@ impl FilterState {
     /// A live batch that spans the delivered position tells how many events the listener had
     /// read up to it: the subscriber's lag in events is exact from here.
     fn sync_lag(&self, batch: &LiveBatch) {
-        if batch.start <= self.delivered && self.delivered <= batch.end {
-            let below = batch.events.partition_point(|e| e.pos <= self.delivered) as u64;
+        if self.delivered.covers_all(&batch.start) && batch.end.covers_all(&self.delivered) {
+            let below = batch.events.iter().filter(|e| self.delivered.covers(e.pos)).count() as u64;
             self.args.shared.sync_lag(batch.first_index + below);
         }
     }
@@ -296,9 +300,9 @@ impl FilterState {
         }
         self.args.shared.catch_up_reads.fetch_add(1, Ordering::Relaxed);
         self.metrics.catch_up_read();
-        match self.args.source.read_after(self.delivered, self.args.batch_size).await {
-            Ok(batch) if batch.expired.is_some_and(|b| b > self.delivered) => {
-                let oldest = batch.expired.map(|b| self.args.source.cursor_of(b));
+        match self.args.source.read_after(&self.delivered, self.args.batch_size).await {
+            Ok(batch) if batch.expired.as_ref().is_some_and(|b| !self.delivered.covers_all(b)) => {
+                let oldest = batch.expired.map(|b| self.args.source.cursor_of(&self.delivered.joined(&b)));
                 tracing::warn!(subscriber = %self.args.subscriber_id, ?oldest, "subscriber cursor expired");
                 self.end_with_error(myself, EngineError::CursorExpired { oldest });
             }
@@ -308,12 +312,12 @@ impl FilterState {
                     self.failed_reads = 0;
                 }
                 // The first event above the delivered position is the oldest one pending.
-                let pending = batch.events.iter().find(|e| e.pos > self.delivered).map(|e| e.event.at);
+                let pending = batch.events.iter().find(|e| !self.delivered.covers(e.pos)).map(|e| e.event.at);
                 if pending.is_some() || !batch.full {
                     self.args.shared.set_pending(pending);
                 }
                 let outcome = self.deliver(&batch.events);
-                self.after_delivery(myself, outcome, batch.end);
+                self.after_delivery(myself, outcome, &batch.end);
                 if self.mode == FilterMode::CatchingUp {
                     if batch.full {
                         let _ = myself.cast(FilterMsg::CatchUp);
@@ -378,7 +382,7 @@ impl FilterState {
     fn deliver_each(&mut self, events: &[Positioned], sent_count: &mut u64, processed: &mut u64) -> Delivery {
         let floor = self.args.shared.lo_floor();
         for item in events {
-            if item.pos <= self.delivered {
+            if self.delivered.covers(item.pos) {
                 continue;
             }
             let above_floor = floor.is_none_or(|f| item.pos.major != f.major || item.pos.lo > f.lo);
@@ -386,14 +390,15 @@ impl FilterState {
             if wanted {
                 // Counted before the send: whoever receives the event finds it counted.
                 self.args.shared.delivered_count.fetch_add(1, Ordering::Relaxed);
+                let event = self.stamped(item);
                 let sent = match &self.args.sink {
-                    Sink::Channel(tx) => match tx.try_send(Ok(item.event.clone())) {
+                    Sink::Channel(tx) => match tx.try_send(Ok(event)) {
                         Ok(()) => Delivery::Done,
                         Err(TrySendError::Full(_)) => Delivery::Full,
                         Err(TrySendError::Closed(_)) => Delivery::Closed,
                     },
                     Sink::Actor(send) => {
-                        if send(item.event.clone()) {
+                        if send(event) {
                             Delivery::Done
                         } else {
                             Delivery::Closed
@@ -415,18 +420,30 @@ impl FilterState {
                 }
             }
             *processed += 1;
-            self.delivered = item.pos;
-            self.args.shared.set_delivered(item.pos);
+            self.delivered.advance(item.pos);
+            self.args.shared.advance_delivered(item.pos);
         }
         Delivery::Done
     }
 
-    fn after_delivery(&mut self, myself: &ActorRef<FilterMsg>, outcome: Delivery, end: Position) {
+    /// The event to hand over: with a backend of several lanes its cursor must name every lane
+    /// (the delivered frontier with this event in it), not only the event's own.
+    fn stamped(&self, item: &Positioned) -> crate::event::CompletionEvent {
+        let mut event = item.event.clone();
+        if item.pos.lane != 0 || self.delivered.positions().len() > 1 {
+            let mut after = self.delivered.clone();
+            after.advance(item.pos);
+            event.cursor = self.args.source.cursor_of(&after);
+        }
+        event
+    }
+
+    fn after_delivery(&mut self, myself: &ActorRef<FilterMsg>, outcome: Delivery, end: &Frontier) {
         match outcome {
             Delivery::Done => {
-                if end > self.delivered {
-                    self.delivered = end;
-                    self.args.shared.set_delivered(end);
+                if !self.delivered.covers_all(end) {
+                    self.delivered.join(end);
+                    self.args.shared.join_delivered(end);
                 }
             }
             Delivery::Full => {

@@ -21,7 +21,7 @@ use tracing::Instrument;
 use super::filter::FilterMsg;
 use super::{BackendId, ListenerShared, LiveBatch};
 use crate::backends::{Batch, CompletionSource, Wake, Waker};
-use crate::cursor::Position;
+use crate::cursor::Frontier;
 use crate::error::EngineError;
 use crate::metrics;
 
@@ -46,7 +46,8 @@ pub enum WakeReason {
 pub enum ListenerMsg {
     /// Read above the cursor. Sent by the waker task, the tick timer, or the listener itself.
     Woken(WakeReason),
-    /// A reading waker (Valkey `XREAD BLOCK`) fetched this batch. Sent by the waker task.
+    /// A reading waker (Valkey: the partitions a message named) fetched this batch. Sent by
+    /// the waker task.
     Fetched(Batch),
     /// The waker's connection is gone. Sent by the waker task; the listener fails and is restarted.
     WakerFailed(EngineError),
@@ -73,7 +74,7 @@ pub struct ListenerArguments {
 pub struct Listening {
     args: ListenerArguments,
     span: tracing::Span,
-    cursor: Position,
+    cursor: Frontier,
     repoll_scheduled: bool,
     held_back_since: Option<std::time::Instant>,
     /// A tick is in the mailbox: the tick task sends no other until it is handled.
@@ -100,7 +101,7 @@ impl Actor for Listener {
         Ok(Listening {
             span,
             args,
-            cursor: Position::ZERO,
+            cursor: Frontier::default(),
             repoll_scheduled: false,
             held_back_since: None,
             tick_pending: Arc::new(AtomicBool::new(false)),
@@ -147,11 +148,11 @@ impl Listening {
             Some(pos) => pos,
             None => {
                 let tail = self.args.source.tail().await?;
-                shared.set_cursor(tail);
+                shared.set_cursor(tail.clone());
                 tail
             }
         };
-        let waker = self.args.source.open_waker(self.cursor).await?;
+        let waker = self.args.source.open_waker(&self.cursor).await?;
         self._waker_task = Some(AbortOnDropHandle::new(tokio::spawn(run_waker(waker, myself.clone()))));
         self._tick_task = Some(spawn_ticker(myself.clone(), self.args.tick, self.tick_pending.clone()));
         shared.set_error(None);
@@ -179,9 +180,9 @@ impl Listening {
             }
             _ => {}
         }
-        let cursor_before = self.cursor;
+        let cursor_before = self.cursor.clone();
         for _ in 0..8 {
-            let batch = self.args.source.read_after(self.cursor, self.args.batch_size).await?;
+            let batch = self.args.source.read_after(&self.cursor, self.args.batch_size).await?;
             // A read worked: this incarnation is live and healthy (one whose reads fail at once
             // is not, and restarts with backoff rather than in a hot loop).
             self.args.shared.live.store(true, Ordering::Relaxed);
@@ -206,7 +207,7 @@ impl Listening {
 
     /// Accepts a batch a reading waker fetched, first filling any gap below it.
     async fn on_fetched(&mut self, myself: &ActorRef<ListenerMsg>, batch: Batch) -> Result<(), EngineError> {
-        if batch.start > self.cursor {
+        if !self.cursor.covers_all(&batch.start) {
             self.on_woken(myself, WakeReason::Continue).await?;
         }
         self.publish(batch);
@@ -217,7 +218,12 @@ impl Listening {
     /// (it joined between two batches) sees the gap and catches up within one tick.
     fn heartbeat(&self) {
         let (_, read) = self.args.shared.head();
-        let live = Arc::new(LiveBatch { first_index: read, start: self.cursor, end: self.cursor, events: Vec::new() });
+        let live = Arc::new(LiveBatch {
+            first_index: read,
+            start: self.cursor.clone(),
+            end: self.cursor.clone(),
+            events: Vec::new(),
+        });
         for filter in self.args.shared.filters() {
             let _ = filter.cast(FilterMsg::Live(live.clone()));
         }
@@ -242,35 +248,32 @@ impl Listening {
 
     /// Advances the cursor over a batch and fans it out to every filter.
     fn publish(&mut self, mut batch: Batch) {
-        if let Some(boundary) = batch.expired.filter(|b| *b > self.cursor) {
+        if let Some(boundary) = batch.expired.filter(|b| !self.cursor.covers_all(b)) {
             // History after the cursor was trimmed while this listener was behind. Filters find
             // out for their own subscribers; the listener itself moves on to what is kept.
             tracing::warn!(backend = %self.args.backend_id, cursor = ?self.cursor, ?boundary, "listener cursor expired; resuming at the oldest retained position");
-            self.cursor = boundary;
-            self.args.shared.set_cursor(boundary);
+            self.cursor.join(&boundary);
+            self.args.shared.set_cursor(self.cursor.clone());
             return;
         }
         for (pos, reason) in &batch.skipped {
-            if *pos > self.cursor {
+            if !self.cursor.covers(*pos) {
                 tracing::error!(backend = %self.args.backend_id, position = ?pos, %reason, "skipped a malformed completion row");
                 self.args.shared.rows_skipped.fetch_add(1, Ordering::Relaxed);
                 metrics::rows_skipped(self.args.backend_id.as_str(), 1);
             }
         }
-        batch.events.retain(|e| e.pos > self.cursor);
-        if batch.end <= self.cursor {
+        batch.events.retain(|e| !self.cursor.covers(e.pos));
+        if self.cursor.covers_all(&batch.end) {
             return;
         }
         let shared = &self.args.shared;
         let count = batch.events.len() as u64;
-        let first_index = shared.advance(batch.end, count);
-        let live = Arc::new(LiveBatch {
-            first_index,
-            start: self.cursor.max(batch.start),
-            end: batch.end,
-            events: batch.events,
-        });
-        self.cursor = live.end;
+        let end = self.cursor.joined(&batch.end);
+        let first_index = shared.advance(&end, count);
+        let live =
+            Arc::new(LiveBatch { first_index, start: self.cursor.joined(&batch.start), end, events: batch.events });
+        self.cursor = live.end.clone();
         metrics::events_read(self.args.backend_id.as_str(), count);
         for filter in shared.filters() {
             let _ = filter.cast(FilterMsg::Live(live.clone()));

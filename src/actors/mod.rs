@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 
 use crate::backends::Positioned;
 use crate::backends::StartAt;
-use crate::cursor::{Position, StreamCursor};
+use crate::cursor::{Frontier, Position, StreamCursor};
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
 use crate::types::TimestampMs;
@@ -137,9 +137,9 @@ pub(crate) struct LiveBatch {
     /// How many events the listener had read before this batch (the first event's index).
     pub first_index: u64,
     /// Exclusive lower bound: the listener's cursor before the read.
-    pub start: Position,
+    pub start: Frontier,
     /// The listener's cursor after the read.
-    pub end: Position,
+    pub end: Frontier,
     pub events: Vec<Positioned>,
 }
 
@@ -195,10 +195,10 @@ impl FilterMode {
 pub(crate) struct ListenerShared {
     /// The last position read; `None` until the first start resolves the tail. `events_read`
     /// moves under the same lock, so [`Self::head`] is a consistent pair.
-    pub cursor: Mutex<Option<Position>>,
+    pub cursor: Mutex<Option<Frontier>>,
     /// The first cursor this listener ever had: the tail it read when its backend first
     /// answered (or at spawn). A tail subscription made before that starts here.
-    pub first_cursor: std::sync::OnceLock<Position>,
+    pub first_cursor: std::sync::OnceLock<Frontier>,
     /// The filters to fan batches out to.
     pub filters: RwLock<HashMap<SubscriberId, ActorRef<filter::FilterMsg>>>,
     pub events_read: AtomicU64,
@@ -218,27 +218,27 @@ pub(crate) struct ListenerShared {
 }
 
 impl ListenerShared {
-    pub(crate) fn cursor(&self) -> Option<Position> {
-        *self.cursor.lock().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn cursor(&self) -> Option<Frontier> {
+        self.cursor.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub(crate) fn set_cursor(&self, pos: Position) {
-        let _ = self.first_cursor.set(pos);
-        *self.cursor.lock().unwrap_or_else(|p| p.into_inner()) = Some(pos);
+    pub(crate) fn set_cursor(&self, at: Frontier) {
+        let _ = self.first_cursor.set(at.clone());
+        *self.cursor.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
     }
 
     /// Moves the cursor to `end` over `events` more events read; returns the number of events
     /// read before them (the index of the first one).
-    pub(crate) fn advance(&self, end: Position, events: u64) -> u64 {
+    pub(crate) fn advance(&self, end: &Frontier, events: u64) -> u64 {
         let mut cursor = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
-        *cursor = Some(end);
+        *cursor = Some(end.clone());
         self.events_read.fetch_add(events, Ordering::Relaxed)
     }
 
     /// The cursor and the number of events read up to it, taken together.
-    pub(crate) fn head(&self) -> (Option<Position>, u64) {
+    pub(crate) fn head(&self) -> (Option<Frontier>, u64) {
         let cursor = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
-        (*cursor, self.events_read.load(Ordering::Relaxed))
+        (cursor.clone(), self.events_read.load(Ordering::Relaxed))
     }
 
     pub(crate) fn set_error(&self, err: Option<String>) {
@@ -276,10 +276,10 @@ pub(crate) struct SubscriberShared {
     pub from: StreamCursor,
     /// For a tail subscription: the listener's cursor when the subscriber subscribed, the start
     /// to use if the backend cannot tell its tail then.
-    pub tail_fallback: Option<Position>,
+    pub tail_fallback: Option<Frontier>,
     /// Where delivery starts, once resolved (the filter resolves it, then keeps it).
     start: std::sync::OnceLock<StartAt>,
-    delivered: Mutex<Position>,
+    delivered: Mutex<Frontier>,
     /// Events processed (delivered or filtered out).
     pub processed: AtomicU64,
     mode: AtomicU8,
@@ -295,12 +295,12 @@ pub(crate) struct SubscriberShared {
 
 impl SubscriberShared {
     /// A subscription from `from` (empty: the tail), not resolved yet.
-    pub(crate) fn new(from: StreamCursor, tail_fallback: Option<Position>) -> Self {
+    pub(crate) fn new(from: StreamCursor, tail_fallback: Option<Frontier>) -> Self {
         Self {
             from,
             tail_fallback,
             start: std::sync::OnceLock::new(),
-            delivered: Mutex::new(Position::ZERO),
+            delivered: Mutex::new(Frontier::default()),
             processed: AtomicU64::new(0),
             mode: AtomicU8::new(FilterMode::Starting.to_u8()),
             delivered_count: AtomicU64::new(0),
@@ -313,34 +313,46 @@ impl SubscriberShared {
 
     /// Where delivery starts; `None` until resolved.
     pub(crate) fn start(&self) -> Option<StartAt> {
-        self.start.get().copied()
+        self.start.get().cloned()
     }
 
     /// Fixes where delivery starts (once; later calls are ignored) and returns it.
     /// `read_at_start`: how many events the listener had read up to `start.after`, when known
     /// (the subscriber starts at the listener's cursor).
     pub(crate) fn resolve(&self, start: StartAt, read_at_start: Option<u64>) -> StartAt {
-        *self.start.get_or_init(|| {
-            self.set_delivered(start.after);
-            if let Some(read) = read_at_start {
-                self.lag_marks().synced = Some((read, 0));
-            }
-            start
-        })
+        self.start
+            .get_or_init(|| {
+                self.set_delivered(start.after.clone());
+                if let Some(read) = read_at_start {
+                    self.lag_marks().synced = Some((read, 0));
+                }
+                start
+            })
+            .clone()
     }
 
     /// Drop events of the floor's batch (`major`) whose `lo` half is at or below its `lo`
     /// (resuming an `event_id`-only cursor: later batches may hold lower ids committed late).
     pub(crate) fn lo_floor(&self) -> Option<Position> {
-        self.start().and_then(|s| s.lo_floor.map(|lo| Position::with_major(s.after.major, 0, lo)))
+        self.start().and_then(|s| s.lo_floor.map(|lo| Position::with_major(s.after.single().major, 0, lo)))
     }
 
-    pub(crate) fn delivered(&self) -> Position {
-        *self.delivered.lock().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn delivered(&self) -> Frontier {
+        self.delivered.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub(crate) fn set_delivered(&self, pos: Position) {
-        *self.delivered.lock().unwrap_or_else(|p| p.into_inner()) = pos;
+    pub(crate) fn set_delivered(&self, at: Frontier) {
+        *self.delivered.lock().unwrap_or_else(|p| p.into_inner()) = at;
+    }
+
+    /// Moves the delivered frontier up to `pos` in its lane.
+    pub(crate) fn advance_delivered(&self, pos: Position) {
+        self.delivered.lock().unwrap_or_else(|p| p.into_inner()).advance(pos);
+    }
+
+    /// Moves the delivered frontier up to `at`.
+    pub(crate) fn join_delivered(&self, at: &Frontier) {
+        self.delivered.lock().unwrap_or_else(|p| p.into_inner()).join(at);
     }
 
     pub(crate) fn mode(&self) -> FilterMode {

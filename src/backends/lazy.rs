@@ -12,7 +12,7 @@ use tokio::sync::OnceCell;
 
 use super::{Batch, CompletionSource, StartAt, Waker};
 use crate::config::Retention;
-use crate::cursor::{Position, StreamCursor};
+use crate::cursor::{Frontier, StreamCursor};
 use crate::error::EngineError;
 
 /// Makes the connected backend.
@@ -48,19 +48,19 @@ impl CompletionSource for LazySource {
 
     /// Positions come from a connected backend only: before the first connection there are
     /// none to encode, and the empty (tail) cursor stands for "nothing read yet".
-    fn cursor_of(&self, pos: Position) -> StreamCursor {
-        self.connected.get().map_or_else(StreamCursor::empty, |s| s.cursor_of(pos))
+    fn cursor_of(&self, at: &Frontier) -> StreamCursor {
+        self.connected.get().map_or_else(StreamCursor::empty, |s| s.cursor_of(at))
     }
 
     async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError> {
         self.connect().await?.resolve_start(cursor).await
     }
 
-    async fn tail(&self) -> Result<Position, EngineError> {
+    async fn tail(&self) -> Result<Frontier, EngineError> {
         self.connect().await?.tail().await
     }
 
-    async fn read_after(&self, after: Position, limit: usize) -> Result<Batch, EngineError> {
+    async fn read_after(&self, after: &Frontier, limit: usize) -> Result<Batch, EngineError> {
         self.connect().await?.read_after(after, limit).await
     }
 
@@ -72,7 +72,7 @@ impl CompletionSource for LazySource {
         self.connect().await?.gauges().await
     }
 
-    async fn open_waker(&self, from: Position) -> Result<Box<dyn Waker>, EngineError> {
+    async fn open_waker(&self, from: &Frontier) -> Result<Box<dyn Waker>, EngineError> {
         self.connect().await?.open_waker(from).await
     }
 }

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use super::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
 use crate::config::Retention;
-use crate::cursor::{Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
+use crate::cursor::{Frontier, Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
 use crate::error::EngineError;
 use crate::event::{CompletionEvent, CompletionOutcome};
 use crate::types::{ExecutionId, FlowId, TimestampMs};
@@ -165,8 +165,8 @@ impl CompletionSource for MemorySource {
         "memory"
     }
 
-    fn cursor_of(&self, pos: Position) -> StreamCursor {
-        encode_sqlite_cursor(pos.lo as i64)
+    fn cursor_of(&self, at: &Frontier) -> StreamCursor {
+        encode_sqlite_cursor(at.single().lo as i64)
     }
 
     async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError> {
@@ -174,18 +174,22 @@ impl CompletionSource for MemorySource {
         Self::check(&mut inner, "resolve a cursor")?;
         let after = decode_sqlite_cursor(cursor)?.map_or(Position::ZERO, |id| Self::position(id as u64));
         if after < inner.trimmed_to {
-            return Err(EngineError::CursorExpired { oldest: Some(self.cursor_of(inner.trimmed_to)) });
+            return Err(EngineError::CursorExpired { oldest: Some(self.cursor_of(&Frontier::at(inner.trimmed_to))) });
         }
-        Ok(StartAt { read_alone_until: inner.read_alone_until, ..StartAt::after(after) })
+        Ok(StartAt {
+            read_alone_until: inner.read_alone_until.map(Frontier::at),
+            ..StartAt::after(Frontier::at(after))
+        })
     }
 
-    async fn tail(&self) -> Result<Position, EngineError> {
+    async fn tail(&self) -> Result<Frontier, EngineError> {
         let mut inner = self.inner();
         Self::check(&mut inner, "read the tail")?;
-        Ok(Self::readable(&inner).last().map_or(Position::ZERO, |e| e.pos))
+        Ok(Frontier::at(Self::readable(&inner).last().map_or(Position::ZERO, |e| e.pos)))
     }
 
-    async fn read_after(&self, after: Position, limit: usize) -> Result<Batch, EngineError> {
+    async fn read_after(&self, after: &Frontier, limit: usize) -> Result<Batch, EngineError> {
+        let after = after.single();
         let delay = self.inner().read_delay;
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -197,20 +201,33 @@ impl CompletionSource for MemorySource {
             return Err(EngineError::schema("read completions", "no outbox table"));
         }
         if after < inner.trimmed_to {
-            return Ok(Batch { start: after, end: after, expired: Some(inner.trimmed_to), ..Batch::default() });
+            let at = Frontier::at(after);
+            return Ok(Batch {
+                start: at.clone(),
+                end: at,
+                expired: Some(Frontier::at(inner.trimmed_to)),
+                ..Batch::default()
+            });
         }
         let held_back = inner.held_back > 0;
         let events: Vec<Positioned> =
             Self::readable(&inner).iter().filter(|e| e.pos > after).take(limit).cloned().collect();
         let end = events.last().map_or(after, |e| e.pos);
-        Ok(Batch { start: after, end, full: events.len() == limit, held_back, events, ..Batch::default() })
+        Ok(Batch {
+            start: Frontier::at(after),
+            end: Frontier::at(end),
+            full: events.len() == limit,
+            held_back,
+            events,
+            ..Batch::default()
+        })
     }
 
     async fn trim(&self, _retention: &Retention) -> Result<u64, EngineError> {
         Ok(0)
     }
 
-    async fn open_waker(&self, _from: Position) -> Result<Box<dyn Waker>, EngineError> {
+    async fn open_waker(&self, _from: &Frontier) -> Result<Box<dyn Waker>, EngineError> {
         let mut inner = self.inner();
         Self::check(&mut inner, "open the notification connection")?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -238,8 +255,8 @@ impl MemorySource {
             inner.events.iter().filter(|e| e.pos.lo > after && e.pos.lo <= upto).cloned().collect();
         Arc::new(crate::actors::LiveBatch {
             first_index: after,
-            start: Self::position(after),
-            end: Self::position(upto),
+            start: Frontier::at(Self::position(after)),
+            end: Frontier::at(Self::position(upto)),
             events,
         })
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::config::{BackendConfig, BackendConnection, Retention};
-use crate::cursor::{Position, StreamCursor};
+use crate::cursor::{Frontier, Position, StreamCursor};
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
 
@@ -31,14 +31,16 @@ pub(crate) struct Positioned {
     pub event: CompletionEvent,
 }
 
-/// One read: the events after `start`, in order, up to `end`.
+/// One read: the events after `start`, in order within each lane, up to `end`: every event
+/// above `start` and covered by `end` is in it (or in `skipped`).
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
     /// The exclusive lower bound the read started from.
-    pub start: Position,
-    /// The position of the last row read, bad rows included; `start` when nothing was read.
-    pub end: Position,
-    /// Decoded events, ascending.
+    pub start: Frontier,
+    /// In each lane, the position of the last row read, bad rows included; `start` where
+    /// nothing was read.
+    pub end: Frontier,
+    /// Decoded events, ascending within each lane.
     pub events: Vec<Positioned>,
     /// Rows that could not be decoded, skipped: their position and why.
     pub skipped: Vec<(Position, String)>,
@@ -48,27 +50,27 @@ pub(crate) struct Batch {
     /// No backend sets it today (Postgres batches between snapshots wait for no transaction);
     /// the listener keeps honouring it for backends whose order must wait.
     pub held_back: bool,
-    /// Events after `start` were trimmed away up to this position: a reader at `start` has
-    /// lost them (the batch is otherwise empty).
-    pub expired: Option<Position>,
+    /// Events after `start` were trimmed away up to these positions (the lanes that lost
+    /// some): a reader at `start` has lost them (the batch is otherwise empty).
+    pub expired: Option<Frontier>,
 }
 
 /// Where a subscription starts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct StartAt {
-    /// Deliver events strictly after this position.
-    pub after: Position,
+    /// Deliver events strictly after this frontier.
+    pub after: Frontier,
     /// Also drop events of the first batch read (`after.major`) whose `lo` half is at or below
     /// this (resuming the original `event_id`-only Postgres cursor).
     pub lo_floor: Option<u64>,
     /// Until the subscriber's own reads reach this position, no live batch continues from it:
     /// `after` is not on the listener's path (a Postgres cursor of an earlier form resumes by
     /// reading a whole snapshot, whose positions say nothing of which live rows it has seen).
-    pub read_alone_until: Option<Position>,
+    pub read_alone_until: Option<Frontier>,
 }
 
 impl StartAt {
-    pub(crate) const fn after(after: Position) -> Self {
+    pub(crate) const fn after(after: Frontier) -> Self {
         Self { after, lo_floor: None, read_alone_until: None }
     }
 }
@@ -102,17 +104,17 @@ pub(crate) trait CompletionSource: Send + Sync + 'static {
     /// `postgres`, `valkey` or `sqlite`.
     fn kind(&self) -> &'static str;
 
-    /// The public cursor of a position.
-    fn cursor_of(&self, pos: Position) -> StreamCursor;
+    /// The public cursor of a frontier.
+    fn cursor_of(&self, at: &Frontier) -> StreamCursor;
 
     /// Decodes a cursor of this family (empty = tail) and checks it is still retained.
     async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError>;
 
-    /// The position of the newest event readable now.
-    async fn tail(&self) -> Result<Position, EngineError>;
+    /// The frontier of the newest events readable now.
+    async fn tail(&self) -> Result<Frontier, EngineError>;
 
     /// Reads up to `limit` events after `after`, in order, from the shared pool.
-    async fn read_after(&self, after: Position, limit: usize) -> Result<Batch, EngineError>;
+    async fn read_after(&self, after: &Frontier, limit: usize) -> Result<Batch, EngineError>;
 
     /// Removes history as `retention` says, recording the boundary; returns events removed.
     async fn trim(&self, retention: &Retention) -> Result<u64, EngineError>;
@@ -125,7 +127,7 @@ pub(crate) trait CompletionSource: Send + Sync + 'static {
 
     /// Opens the dedicated notification connection, registered before it returns, so a read
     /// made after this call misses nothing. `from` is where a reading waker starts.
-    async fn open_waker(&self, from: Position) -> Result<Box<dyn Waker>, EngineError>;
+    async fn open_waker(&self, from: &Frontier) -> Result<Box<dyn Waker>, EngineError>;
 }
 
 /// The configured backend, connected on first use (see [`lazy`]).

@@ -39,18 +39,19 @@ impl Verdict {
 }
 
 /// Compares a subscriber's deliveries (in arrival order) with what it should have seen.
-/// `position` decodes a cursor into the backend's total order.
+/// `position` decodes an event's cursor into its lane (one per Valkey partition, one for the
+/// other backends) and its place in that lane's order: order is judged within each lane.
 pub fn judge(
     name: &str,
     received: &[Received],
     committed: &Committed,
     wants: impl Fn(&ExecutionId) -> bool,
-    position: impl Fn(&CompletionEvent) -> (u64, u64, u64),
+    position: impl Fn(&CompletionEvent) -> (u16, (u64, u64, u64)),
 ) -> Verdict {
     let expected: HashSet<_> = committed.sure.iter().filter(|id| wants(id)).copied().collect();
     let mut seen = HashSet::new();
     let (mut duplicated, mut out_of_order, mut unexpected) = (0, 0, 0);
-    let mut last: Option<(u64, u64, u64)> = None;
+    let mut last: std::collections::HashMap<u16, (u64, u64, u64)> = std::collections::HashMap::new();
     for r in received {
         let id = r.event.execution_id;
         if !seen.insert(id) {
@@ -59,11 +60,11 @@ pub fn judge(
         if !expected.contains(&id) && !committed.uncertain.contains(&id) {
             unexpected += 1;
         }
-        let pos = position(&r.event);
-        if last.is_some_and(|l| pos <= l) {
+        let (lane, pos) = position(&r.event);
+        if last.get(&lane).is_some_and(|l| pos <= *l) {
             out_of_order += 1;
         }
-        last = Some(pos);
+        last.insert(lane, pos);
     }
     Verdict {
         name: name.to_owned(),

@@ -327,7 +327,7 @@ async fn run(backend: &str, args: &Args, seed: u64) -> Vec<Verdict> {
     let mut verdicts = Vec::new();
     for ((name, inbox), want) in names.iter().zip(&inboxes).zip(&wants) {
         let received = inbox.lock().await;
-        verdicts.push(judge(name, &received, &committed, want, |e| target.position(&e.cursor)));
+        verdicts.push(judge(name, &received, &committed, want, |e| target.position(e)));
     }
     tree.shutdown().await;
     verdicts

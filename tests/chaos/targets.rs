@@ -3,9 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ff_completions::testing::{decode_postgres_cursor, decode_sqlite_cursor, decode_valkey_cursor};
+use ff_completions::testing::{decode_postgres_cursor, decode_sqlite_cursor, decode_valkey_frontier};
 use ff_completions::{
-    BackendConfig, CompletionSupervisorHandle, Engine, EngineError, ExecutionId, StreamCursor, SubscriberId,
+    BackendConfig, CompletionEvent, CompletionSupervisorHandle, Engine, EngineError, ExecutionId, SubscriberId,
     connect_engine,
 };
 use rand::Rng;
@@ -13,8 +13,8 @@ use rand::rngs::StdRng;
 
 use crate::support;
 
-/// Every backend this runner knows.
-pub const ALL: [&str; 3] = ["postgres", "valkey", "sqlite"];
+/// Every backend this runner knows (`valkey-cluster`: three primaries with append-only files).
+pub const ALL: [&str; 4] = ["postgres", "valkey", "valkey-cluster", "sqlite"];
 
 /// A backend under test, with its server when it has one.
 pub enum Target {
@@ -29,6 +29,9 @@ pub enum Target {
     },
     Valkey {
         server: support::valkey::ValkeyServer,
+    },
+    ValkeyCluster {
+        cluster: support::valkey::ValkeyCluster,
     },
 }
 
@@ -53,7 +56,10 @@ impl Target {
                 Self::Sqlite { _dir: dir, path }
             }
             "valkey" => Self::Valkey { server: support::valkey::ValkeyServer::start_persistent().await },
-            other => panic!("unknown backend {other:?} (use postgres, valkey, sqlite or all)"),
+            "valkey-cluster" => {
+                Self::ValkeyCluster { cluster: support::valkey::ValkeyCluster::start_persistent(3).await }
+            }
+            other => panic!("unknown backend {other:?} (use postgres, valkey, valkey-cluster, sqlite or all)"),
         }
     }
 
@@ -62,6 +68,7 @@ impl Target {
             Self::Postgres { server, .. } => BackendConfig::postgres(server.url()),
             Self::Sqlite { path, .. } => BackendConfig::sqlite(path.clone()),
             Self::Valkey { server } => server.config(),
+            Self::ValkeyCluster { cluster } => cluster.config(),
         }
     }
 
@@ -69,15 +76,22 @@ impl Target {
         connect_engine(&self.config()).await.expect("engine")
     }
 
-    /// The cursor's place in the backend's total order.
-    pub fn position(&self, cursor: &StreamCursor) -> (u64, u64, u64) {
+    /// The event's lane and its place in that lane's order (Valkey orders per partition: the
+    /// lane is the event's partition, the place its stream id, read from the event's cursor).
+    pub fn position(&self, event: &CompletionEvent) -> (u16, (u64, u64, u64)) {
+        let cursor = &event.cursor;
         let decoded = match self {
             Self::Postgres { .. } => decode_postgres_cursor(cursor)
-                .map(|c| c.map(|c| (c.batch.unwrap_or(0), c.txid.unwrap_or(0), c.event_id as u64))),
-            Self::Sqlite { .. } => decode_sqlite_cursor(cursor).map(|c| c.map(|id| (0, 0, id as u64))),
-            Self::Valkey { .. } => decode_valkey_cursor(cursor).map(|c| c.map(|(ms, seq)| (0, ms, seq))),
+                .map(|c| c.map(|c| (0, (c.batch.unwrap_or(0), c.txid.unwrap_or(0), c.event_id as u64)))),
+            Self::Sqlite { .. } => decode_sqlite_cursor(cursor).map(|c| c.map(|id| (0, (0, 0, id as u64)))),
+            Self::Valkey { .. } | Self::ValkeyCluster { .. } => {
+                let lane = event.execution_id.partition();
+                decode_valkey_frontier(cursor).map(|c| {
+                    c.and_then(|lanes| lanes.into_iter().find(|l| l.0 == lane)).map(|(_, ms, seq)| (lane, (0, ms, seq)))
+                })
+            }
         };
-        decoded.ok().flatten().unwrap_or((0, 0, 0))
+        decoded.ok().flatten().unwrap_or((0, (0, 0, 0)))
     }
 
     /// Completes inside a transaction held open for `hold` (Postgres): its completion arrives
@@ -186,6 +200,14 @@ impl Target {
                     "no listener connection"
                 }
             }
+            Self::ValkeyCluster { cluster } => {
+                // The subscriber connection lives on one primary, unknown here: try them all.
+                let mut killed = 0;
+                for node in &cluster.nodes {
+                    killed += node.kill_listener_connections().await;
+                }
+                if killed > 0 { "CLIENT KILL listener" } else { "no listener connection" }
+            }
             Self::Sqlite { .. } => "no connection to kill (embedded)",
         }
     }
@@ -200,6 +222,12 @@ impl Target {
             Self::Valkey { server } => {
                 server.kill9_and_restart().await;
                 "SIGKILL + restart server"
+            }
+            Self::ValkeyCluster { cluster } => {
+                // The primary of slot 0, the seed node: clients made meanwhile must wait for it.
+                cluster.nodes[0].kill9_and_restart().await;
+                cluster.wait_until_ok().await;
+                "SIGKILL + restart a primary"
             }
             Self::Sqlite { .. } => "no server to crash (embedded)",
         }

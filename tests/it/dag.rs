@@ -119,6 +119,20 @@ async fn dag_scenario_verifies_on_valkey() {
 
 #[cfg(feature = "valkey")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dag_scenario_verifies_on_a_valkey_cluster() {
+    let cluster = crate::support::valkey::ValkeyCluster::start(3).await;
+    check(cluster.config(), false).await;
+}
+
+#[cfg(feature = "valkey")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dag_scenario_verifies_on_a_valkey_cluster_under_chaos() {
+    let cluster = crate::support::valkey::ValkeyCluster::start(3).await;
+    check(cluster.config(), true).await;
+}
+
+#[cfg(feature = "valkey")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dag_scenario_verifies_on_valkey_under_chaos() {
     let server = crate::support::valkey::ValkeyServer::start().await;
     check(server.config(), true).await;

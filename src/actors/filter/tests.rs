@@ -12,7 +12,7 @@ use crate::actors::{FilterMode, ListenerShared, Sink, SubscriberId, SubscriberSh
 use crate::backends::StartAt;
 use crate::backends::memory::MemorySource;
 use crate::config::BackendRetry;
-use crate::cursor::{StreamCursor, encode_sqlite_cursor};
+use crate::cursor::{Frontier, StreamCursor, encode_sqlite_cursor};
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
 use crate::scanner_filter::ScannerFilter;
@@ -155,7 +155,7 @@ async fn a_start_and_catch_up_reads_that_lose_their_connection_are_retried_until
     wait_for_mode(&bed.shared, FilterMode::Live).await;
 
     let shared = SubscriberShared::new(encode_sqlite_cursor(0), None);
-    shared.resolve(StartAt::after(MemorySource::position(0)), None);
+    shared.resolve(StartAt::after(Frontier::at(MemorySource::position(0))), None);
     let reads = source.reads();
     source.fail_next_calls(3);
     let mut bed = restarted(source, shared, 64).await;
@@ -176,7 +176,7 @@ async fn a_trimmed_cursor_is_refused_at_subscribe_and_ends_a_restarted_filter_wi
     }
     // A filter restarted from a delivered cursor that was trimmed meanwhile.
     let shared = SubscriberShared::new(encode_sqlite_cursor(6), None);
-    shared.resolve(StartAt::after(MemorySource::position(6)), None);
+    shared.resolve(StartAt::after(Frontier::at(MemorySource::position(6))), None);
     source.trim_to(8);
     let mut again = restarted(source, shared, 8).await;
     match tokio::time::timeout(WAIT, again.events.recv()).await {
@@ -195,7 +195,7 @@ async fn a_tail_subscription_made_while_the_backend_is_down_starts_at_the_listen
     // The backend comes back with history; the listener reads its tail first.
     bed.source.commit(3);
     bed.source.set_down(false);
-    bed.listener.set_cursor(MemorySource::position(3));
+    bed.listener.set_cursor(Frontier::at(MemorySource::position(3)));
     let later = bed.source.commit(2);
     bed.filter.cast(FilterMsg::Live(bed.source.live_batch(3, 5))).expect("cast");
     assert_eq!(take(&mut bed.events, 2).await, later, "from the listener's first cursor, nothing before");
@@ -207,7 +207,7 @@ async fn a_tail_subscription_made_during_an_outage_starts_at_the_listeners_last_
     let source = MemorySource::new();
     source.commit(4);
     source.set_down(true);
-    let fallback = Some(MemorySource::position(2));
+    let fallback = Some(Frontier::at(MemorySource::position(2)));
     let mut bed = bed(source, SubscriberShared::new(StreamCursor::empty(), fallback), 64).await;
     answered(&mut bed).await.expect("answered while the backend is down");
     bed.source.set_down(false);
@@ -218,12 +218,12 @@ async fn a_tail_subscription_made_during_an_outage_starts_at_the_listeners_last_
 #[tokio::test]
 async fn lag_in_events_counts_what_the_listener_read_past_the_subscriber() {
     let mut bed = bed(MemorySource::new(), SubscriberShared::new(StreamCursor::empty(), None), 64).await;
-    bed.listener.set_cursor(MemorySource::position(0));
+    bed.listener.set_cursor(Frontier::at(MemorySource::position(0)));
     answered(&mut bed).await.expect("subscribed");
     wait_for_mode(&bed.shared, FilterMode::Live).await;
     assert_eq!(bed.shared.lag_events(&bed.listener), Some(0));
     bed.source.commit(7);
-    bed.listener.advance(MemorySource::position(7), 7);
+    bed.listener.advance(&Frontier::at(MemorySource::position(7)), 7);
     assert_eq!(bed.shared.lag_events(&bed.listener), Some(7), "read by the listener, not delivered yet");
     bed.filter.cast(FilterMsg::Live(bed.source.live_batch(0, 7))).expect("cast");
     take(&mut bed.events, 7).await;

@@ -10,7 +10,7 @@ use ractor::Actor;
 use super::{Listener, ListenerArguments};
 use crate::actors::ListenerShared;
 use crate::backends::memory::MemorySource;
-use crate::cursor::Position;
+use crate::cursor::{Frontier, Position};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -31,7 +31,7 @@ async fn spawn(source: Arc<MemorySource>) -> (Arc<ListenerShared>, tokio::task::
 
 async fn wait_for_cursor(shared: &ListenerShared, pos: Position) {
     let deadline = tokio::time::Instant::now() + WAIT;
-    while shared.cursor() != Some(pos) {
+    while shared.cursor() != Some(Frontier::at(pos)) {
         assert!(tokio::time::Instant::now() < deadline, "cursor {:?}, not {pos:?}", shared.cursor());
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -43,7 +43,7 @@ async fn a_listener_starts_at_the_tail_and_reads_every_committed_event_in_batche
     source.commit(2);
     let (shared, _join) = spawn(source.clone()).await;
     wait_for_cursor(&shared, MemorySource::position(2)).await;
-    assert_eq!(shared.first_cursor.get(), Some(&MemorySource::position(2)));
+    assert_eq!(shared.first_cursor.get(), Some(&Frontier::at(MemorySource::position(2))));
     source.commit(7);
     wait_for_cursor(&shared, MemorySource::position(9)).await;
     assert_eq!(shared.events_read.load(Ordering::Relaxed), 7, "history before the start is not read");

@@ -27,7 +27,7 @@ impl SupervisorState {
                     backend: id.clone(),
                     kind: slot.source.kind(),
                     state,
-                    cursor: shared.cursor().map(|p| slot.source.cursor_of(p)),
+                    cursor: shared.cursor().map(|p| slot.source.cursor_of(&p)),
                     restarts: shared.restarts.load(Ordering::Relaxed),
                     restart_delay: slot.last_delay,
                     reconnects: shared.reconnects.load(Ordering::Relaxed),
@@ -49,7 +49,7 @@ impl SupervisorState {
                     backend: sub.backend.clone(),
                     name: sub.name.clone(),
                     // Empty (the tail) until the filter knows where the subscription starts.
-                    cursor: shared.start().map_or_else(StreamCursor::empty, |_| source.cursor_of(shared.delivered())),
+                    cursor: shared.start().map_or_else(StreamCursor::empty, |_| source.cursor_of(&shared.delivered())),
                     mode: shared.mode(),
                     delivered: shared.delivered_count.load(Ordering::Relaxed),
                     lag_events: shared.lag_events(&listener.shared),

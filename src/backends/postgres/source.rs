@@ -13,7 +13,9 @@ use super::{COMPLETION_CHANNEL, LISTENER_APPLICATION_NAME, connect_options, conn
 use crate::backends::outbox::{OutboxRow, age_cutoff_ms};
 use crate::backends::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, BackendConnection, PostgresConnection, Retention};
-use crate::cursor::{Position, PostgresCursor, StreamCursor, decode_postgres_cursor, encode_postgres_batch_cursor};
+use crate::cursor::{
+    Frontier, Position, PostgresCursor, StreamCursor, decode_postgres_cursor, encode_postgres_batch_cursor,
+};
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
 use crate::types::TimestampMs;
@@ -171,8 +173,8 @@ impl CompletionSource for PostgresSource {
         "postgres"
     }
 
-    fn cursor_of(&self, pos: Position) -> StreamCursor {
-        cursor_at(pos)
+    fn cursor_of(&self, at: &Frontier) -> StreamCursor {
+        cursor_at(at.single())
     }
 
     async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError> {
@@ -181,10 +183,10 @@ impl CompletionSource for PostgresSource {
         };
         let trimmed = self.trimmed().await?;
         if let Some(trimmed) = trimmed.as_ref().filter(|t| t.expires(&c)) {
-            return Err(EngineError::CursorExpired { oldest: Some(self.cursor_of(trimmed.oldest())) });
+            return Err(EngineError::CursorExpired { oldest: Some(cursor_at(trimmed.oldest())) });
         }
         if let (Some(batch), Some(txid)) = (c.batch, c.txid) {
-            return Ok(StartAt::after(Position::with_major(batch, txid, c.event_id as u64)));
+            return Ok(StartAt::after(Frontier::at(Position::with_major(batch, txid, c.event_id as u64))));
         }
         // An earlier form: the whole batch of the newest tick, from the first row it had not seen.
         let (major, txid, event_id): (i64, i64, i64) = sqlx::query_as(RESUME_EARLIER_FORM)
@@ -195,18 +197,20 @@ impl CompletionSource for PostgresSource {
             .map_err(|e| EngineError::from_sqlx("postgres resolve cursor", e))?;
         let lo_floor = c.txid.is_none().then_some(c.event_id as u64);
         let after = pos(major, txid, event_id);
-        Ok(StartAt { after, lo_floor, read_alone_until: Some(batch_end(after.major / 3)) })
+        let read_alone_until = Some(Frontier::at(batch_end(after.major / 3)));
+        Ok(StartAt { after: Frontier::at(after), lo_floor, read_alone_until })
     }
 
-    async fn tail(&self) -> Result<Position, EngineError> {
+    async fn tail(&self) -> Result<Frontier, EngineError> {
         let tick: i64 = sqlx::query_scalar(TICK)
             .fetch_one(&self.pool)
             .await
             .map_err(|e| EngineError::from_sqlx("postgres tail", e))?;
-        Ok(batch_end(tick.max(0) as u64))
+        Ok(Frontier::at(batch_end(tick.max(0) as u64)))
     }
 
-    async fn read_after(&self, after: Position, limit: usize) -> Result<Batch, EngineError> {
+    async fn read_after(&self, after: &Frontier, limit: usize) -> Result<Batch, EngineError> {
+        let after = after.single();
         let limit = limit.clamp(1, i32::MAX as usize);
         self.reads_started.send_modify(|n| *n = n.wrapping_add(1));
         let rows: Vec<Row> = sqlx::query_as(READ_AFTER)
@@ -217,15 +221,15 @@ impl CompletionSource for PostgresSource {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| EngineError::from_sqlx("postgres read", e))?;
-        let mut batch = Batch { start: after, end: after, ..Batch::default() };
+        let mut batch = Batch { start: Frontier::at(after), end: Frontier::at(after), ..Batch::default() };
         if let Some(marker) = rows.iter().find(|row| row.kind == 1) {
-            batch.expired = Some(pos(marker.major, marker.txid, marker.event_id));
+            batch.expired = Some(Frontier::at(pos(marker.major, marker.txid, marker.event_id)));
             return Ok(batch);
         }
         let mut read = 0;
         for row in &rows {
             let p = pos(row.major, row.txid, row.event_id);
-            batch.end = batch.end.max(p);
+            batch.end.advance(p);
             if row.kind != 0 {
                 continue;
             }
@@ -262,7 +266,7 @@ impl CompletionSource for PostgresSource {
         Ok(removed.max(0) as u64)
     }
 
-    async fn open_waker(&self, _from: Position) -> Result<Box<dyn Waker>, EngineError> {
+    async fn open_waker(&self, _from: &Frontier) -> Result<Box<dyn Waker>, EngineError> {
         let poll = AdaptivePoll::new(self.activity.clone(), self.reads_started.subscribe());
         if let BackendConnection::Postgres(PostgresConnection { poll_interval: Some(every), .. }) =
             &self.config.connection

@@ -12,7 +12,7 @@ use super::{commit_signal, connect_pool, database_key, options};
 use crate::backends::outbox::{OutboxRow, age_cutoff_ms};
 use crate::backends::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, Retention};
-use crate::cursor::{Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
+use crate::cursor::{Frontier, Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
 use crate::types::TimestampMs;
@@ -73,8 +73,8 @@ impl CompletionSource for SqliteSource {
         "sqlite"
     }
 
-    fn cursor_of(&self, pos: Position) -> StreamCursor {
-        encode_sqlite_cursor(pos.lo as i64)
+    fn cursor_of(&self, at: &Frontier) -> StreamCursor {
+        encode_sqlite_cursor(at.single().lo as i64)
     }
 
     async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError> {
@@ -84,25 +84,26 @@ impl CompletionSource for SqliteSource {
                 Some(trimmed) if event_id < trimmed => {
                     Err(EngineError::CursorExpired { oldest: Some(encode_sqlite_cursor(trimmed)) })
                 }
-                _ => Ok(StartAt::after(pos(event_id))),
+                _ => Ok(StartAt::after(Frontier::at(pos(event_id)))),
             },
         }
     }
 
-    async fn tail(&self) -> Result<Position, EngineError> {
+    async fn tail(&self) -> Result<Frontier, EngineError> {
         let max: Option<i64> = sqlx::query_scalar("SELECT max(event_id) FROM ff_completion_event")
             .fetch_one(&self.pool)
             .await
             .map_err(|e| EngineError::from_sqlx("sqlite tail", e))?;
-        Ok(pos(max.unwrap_or(0)))
+        Ok(Frontier::at(pos(max.unwrap_or(0))))
     }
 
-    async fn read_after(&self, after: Position, limit: usize) -> Result<Batch, EngineError> {
-        let mut batch = Batch { start: after, end: after, ..Batch::default() };
+    async fn read_after(&self, after: &Frontier, limit: usize) -> Result<Batch, EngineError> {
+        let after = after.single();
+        let mut batch = Batch { start: Frontier::at(after), end: Frontier::at(after), ..Batch::default() };
         if let Some(trimmed) = self.trimmed().await?
             && pos(trimmed) > after
         {
-            batch.expired = Some(pos(trimmed));
+            batch.expired = Some(Frontier::at(pos(trimmed)));
             return Ok(batch);
         }
         let rows: Vec<Row> = sqlx::query_as(READ_AFTER)
@@ -114,7 +115,7 @@ impl CompletionSource for SqliteSource {
         batch.full = rows.len() == limit;
         for row in &rows {
             let p = pos(row.event_id);
-            batch.end = p;
+            batch.end.advance(p);
             match decode_row(row) {
                 Ok(event) => batch.events.push(Positioned { pos: p, event }),
                 Err(reason) => batch.skipped.push((p, reason)),
@@ -164,7 +165,7 @@ impl CompletionSource for SqliteSource {
         Ok(removed)
     }
 
-    async fn open_waker(&self, _from: Position) -> Result<Box<dyn Waker>, EngineError> {
+    async fn open_waker(&self, _from: &Frontier) -> Result<Box<dyn Waker>, EngineError> {
         let signal = commit_signal(&self.key).subscribe();
         // Other processes only reach a file; an in-memory database is this process's alone.
         let watcher = if self.key.starts_with("memory:") {
@@ -258,8 +259,11 @@ mod tests {
                 other => panic!("cursor {below} is below the trimmed rows, got {other:?}"),
             }
         }
-        assert_eq!(source.resolve_start(&encode_sqlite_cursor(3)).await.ok(), Some(StartAt::after(pos(3))));
-        let batch = source.read_after(pos(3), 10).await.expect("read");
+        assert_eq!(
+            source.resolve_start(&encode_sqlite_cursor(3)).await.ok(),
+            Some(StartAt::after(Frontier::at(pos(3))))
+        );
+        let batch = source.read_after(&Frontier::at(pos(3)), 10).await.expect("read");
         assert_eq!(batch.events.iter().map(|e| e.event.at.0).collect::<Vec<_>>(), [now, i64::MAX]);
     }
 

@@ -4,8 +4,8 @@
 use async_trait::async_trait;
 use ferriskey::{Client, Value};
 
-use super::keys::{self, ELIGIBLE, PENDING_EDGES};
-use super::library::{connect_client, ensure_library, fcall, valkey_connection};
+use super::keys;
+use super::library::{connect_client, ensure_library, fcall, map_err, valkey_connection};
 use super::stream::text;
 use crate::config::BackendConfig;
 use crate::engine::{CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome};
@@ -17,6 +17,12 @@ use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
 pub struct ValkeyEngine {
     client: Client,
     maxlen: String,
+    /// The partition the next claim starts at.
+    next_claim: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    /// `WAIT` for this many replicas after each write (0: never).
+    wait_replicas: u32,
+    /// How long a `WAIT` may take.
+    wait_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for ValkeyEngine {
@@ -34,15 +40,18 @@ impl ValkeyEngine {
     /// Completions are trimmed to `MAXLEN ~` [`ValkeyConnection::stream_maxlen`](crate::ValkeyConnection).
     ///
     /// # Errors
-    /// [`EngineError::Validation`] for a config of another backend or cluster mode;
+    /// [`EngineError::Validation`] for a config of another backend, or of a cluster with a database
+    /// other than 0;
     /// [`EngineError::Unavailable`] when the server refuses the connection or the credentials or
     /// is too old for functions; [`EngineError::Timeout`] and [`EngineError::Transport`] for
     /// connection trouble.
     pub async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
-        let maxlen = valkey_connection(config)?.stream_maxlen.max(1).to_string();
+        let v = valkey_connection(config)?;
+        let (maxlen, wait_replicas) = (v.stream_maxlen.max(1).to_string(), v.wait_replicas);
         let client = connect_client(config, "ff-completions-engine").await?;
         ensure_library(&client).await?;
-        Ok(Self { client, maxlen })
+        let wait_timeout = (config.timeouts.request_or_default() / 2).max(std::time::Duration::from_millis(100));
+        Ok(Self { client, maxlen, next_claim: Default::default(), wait_replicas, wait_timeout })
     }
 
     /// The underlying client, for your own commands beside the engine's.
@@ -50,9 +59,41 @@ impl ValkeyEngine {
         &self.client
     }
 
+    /// `FCALL` of a function that writes; with [`ValkeyConnection::wait_replicas`](crate::ValkeyConnection)
+    /// set, followed by `WAIT` on the same connection.
+    async fn write<T: ferriskey::FromValue>(
+        &self,
+        function: &'static str,
+        keys: &[impl ferriskey::ToArgs],
+        args: &[impl ferriskey::ToArgs],
+    ) -> Result<T, EngineError> {
+        let reply = fcall(&self.client, function, keys, args).await?;
+        self.replicated().await?;
+        Ok(reply)
+    }
+
+    /// Waits until the configured number of replicas acknowledged this client's writes. In a
+    /// cluster, ferriskey sends `WAIT` to every primary and answers the smallest count.
+    async fn replicated(&self) -> Result<(), EngineError> {
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        let timeout_ms = self.wait_timeout.as_millis() as u64;
+        let wait = self.client.cmd("WAIT").arg(self.wait_replicas).arg(timeout_ms);
+        let acked: i64 = wait.execute().await.map_err(map_err("valkey WAIT"))?;
+        if acked < i64::from(self.wait_replicas) {
+            let detail = format!(
+                "{acked} of {} replicas acknowledged the write within {timeout_ms} ms: done on the primary, but a failover may lose it",
+                self.wait_replicas
+            );
+            return Err(EngineError::unavailable("valkey WAIT", detail));
+        }
+        Ok(())
+    }
+
     /// A terminal call on one execution returning 0 or 1.
     async fn flag(&self, function: &'static str, id: &ExecutionId) -> Result<bool, EngineError> {
-        let n: i64 = fcall(&self.client, function, &keys::terminal(id), &[id.to_string(), self.maxlen.clone()]).await?;
+        let n: i64 = self.write(function, &keys::terminal(id), &[id.to_string(), self.maxlen.clone()]).await?;
         Ok(n == 1)
     }
 }
@@ -62,8 +103,7 @@ impl Engine for ValkeyEngine {
     async fn create_flow(&self, flow: &FlowId, namespace: Option<&Namespace>) -> Result<(), EngineError> {
         crate::engine::check_namespace(namespace)?;
         let ns = namespace.map(|n| n.as_str().to_owned()).unwrap_or_default();
-        let _: i64 =
-            fcall(&self.client, "ff_create_flow", &[keys::flow(flow, "core")], &[flow.to_string(), ns]).await?;
+        let _: i64 = self.write("ff_create_flow", &[keys::flow(flow, "core")], &[flow.to_string(), ns]).await?;
         Ok(())
     }
 
@@ -71,7 +111,12 @@ impl Engine for ValkeyEngine {
         spec.validate()?;
         let id = &spec.id;
         let tags = serde_json::to_string(&spec.tags).map_err(|e| EngineError::validation(e.to_string()))?;
-        let mut keys = vec![keys::exec(id, "core"), keys::exec(id, "deps"), ELIGIBLE.into(), PENDING_EDGES.into()];
+        let mut keys = vec![
+            keys::exec(id, "core"),
+            keys::exec(id, "deps"),
+            keys::eligible(id.partition()),
+            keys::pending_edges(id.partition()),
+        ];
         if let Some(flow) = &spec.flow_id {
             keys.extend([keys::flow(flow, "core"), keys::flow(flow, "members")]);
         }
@@ -83,14 +128,32 @@ impl Engine for ValkeyEngine {
             spec.max_attempts.max(1).to_string(),
         ];
         args.extend(spec.parents.iter().map(ExecutionId::to_string));
-        let _: String = fcall(&self.client, "ff_create_execution", &keys, &args).await?;
+        let _: String = self.write("ff_create_execution", &keys, &args).await?;
         Ok(())
     }
 
+    /// Claims from the partitions' eligible indexes that hold executions, starting at a
+    /// partition that moves on every call (so no partition starves), up to `limit` in all.
     async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, EngineError> {
-        let args = [worker.to_owned(), limit.max(1).to_string()];
-        let ids: Vec<String> = fcall(&self.client, "ff_claim", &[ELIGIBLE], &args).await?;
-        parse_ids(&ids)
+        let limit = limit.max(1);
+        let sizes = futures::future::try_join_all(keys::partitions().map(|p| async move {
+            let n: i64 =
+                self.client.cmd("ZCARD").arg(keys::eligible(p)).execute().await.map_err(map_err("valkey ZCARD"))?;
+            Ok::<_, EngineError>((p, n))
+        }))
+        .await?;
+        let first = self.next_claim.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as usize;
+        let mut claimed = Vec::new();
+        for i in 0..sizes.len() {
+            let (p, n) = sizes[(first + i) % sizes.len()];
+            if n <= 0 || claimed.len() >= limit {
+                continue;
+            }
+            let args = [worker.to_owned(), (limit - claimed.len()).to_string()];
+            let ids: Vec<String> = self.write("ff_claim", &[keys::eligible(p)], &args).await?;
+            claimed.extend(parse_ids(&ids)?);
+        }
+        Ok(claimed)
     }
 
     async fn complete(&self, id: &ExecutionId) -> Result<bool, EngineError> {
@@ -99,7 +162,7 @@ impl Engine for ValkeyEngine {
 
     async fn fail(&self, id: &ExecutionId, retryable: bool) -> Result<FailOutcome, EngineError> {
         let args = [id.to_string(), if retryable { "1" } else { "0" }.to_owned(), self.maxlen.clone()];
-        let outcome: String = fcall(&self.client, "ff_fail", &keys::terminal(id), &args).await?;
+        let outcome: String = self.write("ff_fail", &keys::terminal(id), &args).await?;
         match outcome.as_str() {
             "retry_scheduled" => Ok(FailOutcome::RetryScheduled { delay_until: TimestampMs::now() }),
             "terminal_failed" => Ok(FailOutcome::TerminalFailed),
@@ -117,9 +180,9 @@ impl Engine for ValkeyEngine {
 
     async fn cancel_flow(&self, flow: &FlowId, policy: CancelFlowPolicy) -> Result<u64, EngineError> {
         let mut keys = vec![keys::flow(flow, "core"), keys::flow(flow, "members")];
-        keys.extend(keys::terminal_shared());
+        keys.extend(keys::terminal_shared(flow.partition()));
         let args = [policy.as_wire().to_owned(), self.maxlen.clone()];
-        let n: i64 = fcall(&self.client, "ff_cancel_flow", &keys, &args).await?;
+        let n: i64 = self.write("ff_cancel_flow", &keys, &args).await?;
         Ok(n.max(0) as u64)
     }
 
@@ -133,10 +196,12 @@ impl Engine for ValkeyEngine {
             keys::exec(child, "core"),
             keys::exec(child, "deps"),
             keys::exec(child, "children"),
+            keys::stream(child.partition()),
+            keys::eligible(child.partition()),
         ];
-        keys.extend(keys::terminal_shared());
+        keys.push(keys::pending_edges(parent.partition()));
         let args = [parent.to_string(), child.to_string(), self.maxlen.clone()];
-        let result: String = fcall(&self.client, "ff_resolve_dependency", &keys, &args).await?;
+        let result: String = self.write("ff_resolve_dependency", &keys, &args).await?;
         DependencyResolution::from_wire(&result)
     }
 
@@ -147,10 +212,15 @@ impl Engine for ValkeyEngine {
     }
 
     async fn unresolved_dependencies(&self, limit: usize) -> Result<Vec<(ExecutionId, ExecutionId)>, EngineError> {
-        let edges: Vec<String> =
-            fcall(&self.client, "ff_unresolved", &[PENDING_EDGES], &[limit.max(1).to_string()]).await?;
-        edges
-            .iter()
+        let limit = limit.max(1);
+        let per_partition = futures::future::try_join_all(keys::partitions().map(|p| async move {
+            fcall::<Vec<String>>(&self.client, "ff_unresolved", &[keys::pending_edges(p)], &[limit.to_string()]).await
+        }))
+        .await?;
+        per_partition
+            .into_iter()
+            .flatten()
+            .take(limit)
             .map(|edge| {
                 let (p, c) =
                     edge.split_once('|').ok_or_else(|| EngineError::validation(format!("bad edge {edge:?}")))?;

@@ -1,16 +1,9 @@
 //! Key names of the Valkey backend, as documented at the top of `lua/ff_completions.lua`.
-//! Execution and flow keys carry their `{fp:N}` hash tag; the shared indexes and the stream
-//! are single keys.
+//! Every key carries the `{fp:N}` hash tag of the partition it belongs to, so a terminal call's
+//! keys (its completion stream included) share one cluster slot.
 #![cfg_attr(not(feature = "demo-engine"), allow(dead_code))]
 
-use super::STREAM_KEY;
-use crate::types::{ExecutionId, FlowId};
-
-/// Eligible executions, scored by creation time.
-pub(super) const ELIGIBLE: &str = "ff:eligible";
-
-/// `parent|child` edges whose parent is terminal and which are not resolved yet.
-pub(super) const PENDING_EDGES: &str = "ff:pending_edges";
+use crate::types::{ExecutionId, FlowId, PARTITION_COUNT};
 
 /// `ff:exec:{fp:N}:<uuid>:<part>`.
 pub(super) fn exec(id: &ExecutionId, part: &str) -> String {
@@ -22,15 +15,37 @@ pub(super) fn flow(flow: &FlowId, part: &str) -> String {
     format!("ff:flow:{{fp:{}}}:{}:{part}", flow.partition(), flow.uuid())
 }
 
-/// The shared keys every terminal call writes: stream, eligible index, pending edges.
-pub(super) fn terminal_shared() -> [String; 3] {
-    [STREAM_KEY.to_owned(), ELIGIBLE.to_owned(), PENDING_EDGES.to_owned()]
+/// `ff:completions:{fp:N}`: partition N's completion stream.
+pub(super) fn stream(partition: u16) -> String {
+    format!("ff:completions:{{fp:{partition}}}")
 }
 
-/// The keys of a terminal call on one execution: its core and children, then the shared ones.
+/// `ff:eligible:{fp:N}`: partition N's eligible executions, scored by creation time.
+pub(super) fn eligible(partition: u16) -> String {
+    format!("ff:eligible:{{fp:{partition}}}")
+}
+
+/// `ff:pending_edges:{fp:N}`: `parent|child` edges whose parent (in partition N) is terminal
+/// and which are not resolved yet.
+pub(super) fn pending_edges(partition: u16) -> String {
+    format!("ff:pending_edges:{{fp:{partition}}}")
+}
+
+/// Every partition.
+pub(super) fn partitions() -> impl Iterator<Item = u16> {
+    0..PARTITION_COUNT
+}
+
+/// The partition keys every terminal call in partition N writes: stream, eligible index,
+/// pending edges.
+pub(super) fn terminal_shared(partition: u16) -> [String; 3] {
+    [stream(partition), eligible(partition), pending_edges(partition)]
+}
+
+/// The keys of a terminal call on one execution: its core and children, then its partition's.
 pub(super) fn terminal(id: &ExecutionId) -> Vec<String> {
     let mut keys = vec![exec(id, "core"), exec(id, "children")];
-    keys.extend(terminal_shared());
+    keys.extend(terminal_shared(id.partition()));
     keys
 }
 
@@ -45,6 +60,16 @@ mod tests {
         // The library derives related keys as 'ff:exec:' .. id .. ':' .. part.
         assert_eq!(exec(&id, "core"), format!("ff:exec:{id}:core"));
         assert!(flow_key_has_tag(&flow, &id));
+    }
+
+    #[test]
+    fn every_key_of_a_terminal_call_shares_the_execution_s_hash_tag() {
+        let id = ExecutionId::new_in(&FlowId::new());
+        for key in terminal(&id) {
+            assert!(key.contains(&id.hash_tag()), "{key}");
+        }
+        assert_eq!(stream(5), "ff:completions:{fp:5}");
+        assert_eq!(partitions().count(), 256);
     }
 
     fn flow_key_has_tag(flow: &FlowId, id: &ExecutionId) -> bool {

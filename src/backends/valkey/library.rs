@@ -62,28 +62,51 @@ fn classify(op: &'static str, e: &ferriskey::Error, detail: String) -> EngineErr
 }
 
 /// A connected client named `name` (the tree's own, or an operator's tool's), with the config's
-/// credentials, TLS, database and an explicit request timeout (ferriskey's default, 250 ms, is too short for `FCALL`s under load;
-/// a blocking read gets its `BLOCK` time plus the request timeout).
+/// credentials, TLS, database and an explicit request timeout (ferriskey's default, 250 ms, is
+/// too short for `FCALL`s under load).
+///
+/// In cluster mode (`ValkeyConnection::cluster`) it is ferriskey's cluster client, seeded with
+/// the configured node: each call goes to the primary owning its keys' slot, `FUNCTION LOAD`
+/// to every primary.
 ///
 /// # Errors
-/// [`EngineError::Validation`] for cluster mode; refused or failed connections as
+/// [`EngineError::Validation`] for a database other than 0 in cluster mode; refused or failed connections as
 /// [`EngineError::Unavailable`] or [`EngineError::Transport`];
 /// [`EngineError::Timeout`] when connecting takes longer than twice the connect timeout.
 pub async fn connect_client(config: &BackendConfig, name: &str) -> Result<Client, EngineError> {
+    build(config, builder(config, name)?).await
+}
+
+/// A client like [`connect_client`]'s that speaks RESP3 and forwards every push frame
+/// (pub/sub messages, and ferriskey's own `Disconnection` notices) to `pushes`.
+///
+/// # Errors
+/// As [`connect_client`].
+pub(super) async fn connect_subscriber(
+    config: &BackendConfig,
+    name: &str,
+    pushes: tokio::sync::mpsc::UnboundedSender<ferriskey::PushInfo>,
+) -> Result<Client, EngineError> {
+    let builder = builder(config, name)?.protocol(ferriskey::value::ProtocolVersion::RESP3).push_sender(pushes);
+    build(config, builder).await
+}
+
+fn builder(config: &BackendConfig, name: &str) -> Result<ClientBuilder, EngineError> {
     let v = valkey_connection(config)?;
-    if v.cluster {
-        return Err(EngineError::validation("valkey cluster mode is not supported"));
+    if v.cluster && v.database != 0 {
+        return Err(EngineError::validation("a valkey cluster has database 0 only"));
     }
-    let (connect_timeout, request_timeout) =
-        (config.timeouts.connect_or_default(), config.timeouts.request_or_default());
+    let request_timeout = config.timeouts.request_or_default();
     let mut builder = ClientBuilder::new()
         .host(&v.host, v.port)
         .database(v.database)
         .request_timeout(request_timeout)
-        // A blocking read may answer this much after its BLOCK time on a busy server.
         .blocking_cmd_timeout_extension(request_timeout)
-        .connect_timeout(connect_timeout)
+        .connect_timeout(config.timeouts.connect_or_default())
         .client_name(name);
+    if v.cluster {
+        builder = builder.cluster();
+    }
     if v.tls {
         builder = builder.tls();
     }
@@ -93,7 +116,11 @@ pub async fn connect_client(config: &BackendConfig, name: &str) -> Result<Client
     if let Some(password) = &v.password {
         builder = builder.password(password.clone());
     }
-    match tokio::time::timeout(connect_timeout * 2, builder.build()).await {
+    Ok(builder)
+}
+
+async fn build(config: &BackendConfig, builder: ClientBuilder) -> Result<Client, EngineError> {
+    match tokio::time::timeout(config.timeouts.connect_or_default() * 2, builder.build()).await {
         Ok(client) => client.map_err(map_err("valkey connect")),
         Err(_) => Err(EngineError::Timeout { op: "valkey connect" }),
     }

@@ -1,19 +1,20 @@
 //! Valkey backend. The producers are the Lua function library `lua/ff_completions.lua`,
 //! embedded here and loaded on connect (and again when a restarted server lost it); every
-//! terminal transition writes state, `XADD`s its completion to one stream and `PUBLISH`es it, in
-//! one atomic call. Readers use the stream only: `XRANGE`-style reads from a cursor through the
-//! read-only library function `ff_read_after`, and `XREAD BLOCK` on a dedicated connection as
-//! the listener's waker. Pub/sub on [`PUBSUB_CHANNEL`] is published for existing consumers and
-//! never read here: ferriskey re-subscribes silently and drops what was published meanwhile.
+//! terminal transition writes state, `XADD`s its completion to its partition's stream
+//! (`ff:completions:{fp:N}`, in the flow's slot) and `PUBLISH`es it, in one atomic call.
+//! Readers take content from the streams only: `XRANGE`-style reads from a frontier (one stream
+//! id per partition) through the read-only library function `ff_read_after`. Pub/sub on
+//! [`PUBSUB_CHANNEL`] only wakes the listener: it names the partition to read, and a lost
+//! subscription (ferriskey re-subscribes silently) makes the listener read every stream.
 //!
 //! - `library`: client construction, error mapping, loading the library, `FCALL`.
-//! - `keys`: the key names, with their `{fp:N}` hash tags.
+//! - `keys`: the key names, each with its partition's `{fp:N}` hash tag.
 //! - `stream`: parsing stream replies and decoding entries (bad ones are skipped, not fatal).
-//! - `source`: the listener's reads (a completion source) and its `XREAD BLOCK` waker.
+//! - `source`: the listener's reads (a completion source) and its pub/sub waker.
 //! - `engine`: [`ValkeyEngine`], the engine surface over the library.
 //!
-//! Cluster mode is not supported (the library derives related executions' keys itself), but
-//! every execution and flow key carries its hash tag.
+//! The same layout and code serve a cluster: each call names keys of one slot, so ferriskey's
+//! cluster client (`ValkeyConnection::cluster`) routes it to the primary that owns it.
 
 #[cfg(feature = "demo-engine")]
 mod engine;
@@ -28,8 +29,15 @@ pub use engine::ValkeyEngine;
 pub use library::connect_client;
 pub(crate) use source::ValkeySource;
 
-/// The completion stream every terminal transition is `XADD`ed to.
-pub const STREAM_KEY: &str = "ff:completions";
+/// The single completion stream of library versions 1 and 2, still read (never written) after
+/// an upgrade until it holds nothing newer than a reader's position.
+pub const LEGACY_STREAM_KEY: &str = "ff:completions";
+
+/// Partition `partition`'s completion stream, `ff:completions:{fp:N}`.
+#[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
+pub fn stream_key(partition: u16) -> String {
+    keys::stream(partition)
+}
 
 /// The pub/sub channel every terminal transition is also published on, with the JSON payload
 /// `{"execution_id", "flow_id", "outcome"}`.
@@ -41,9 +49,9 @@ pub const LIBRARY: &str = include_str!("../../../lua/ff_completions.lua");
 
 /// The library version this crate expects `FCALL ff_version 0` to answer; bumped together with
 /// `VERSION` in the Lua source.
-pub const LIBRARY_VERSION: &str = "2";
+pub const LIBRARY_VERSION: &str = "3";
 
-/// Client name of the listener's dedicated blocking connection (find it in `CLIENT LIST`).
+/// Client name of the listener's dedicated subscriber connection (find it in `CLIENT LIST`).
 pub const LISTENER_CLIENT_NAME: &str = "ff-completions-listener";
 
 /// Default `MAXLEN ~` producers trim the completion stream to (the default of

@@ -1,39 +1,74 @@
-//! The Valkey [`CompletionSource`]: reads after a cursor through the library's read-only
-//! `ff_read_after` (the entries and what was trimmed, in one atomic look), and a waker that runs
-//! `XREAD BLOCK` on its own connection and hands the listener what it read.
+//! The Valkey [`CompletionSource`]: one lane per partition stream (`ff:completions:{fp:N}`)
+//! plus the single stream of earlier versions (`ff:completions`, lane
+//! [`VALKEY_LEGACY_LANE`]), read while it holds anything. Reads go through the library's
+//! read-only `ff_read_after` (the entries and what was trimmed, in one atomic look per stream,
+//! one slot per call, so the client routes each to the primary that owns it); the waker is
+//! subscribed to [`PUBSUB_CHANNEL`], whose messages name the execution, hence the partition
+//! to read (pub/sub only wakes: the streams are the truth, and a re-subscription after a lost
+//! connection makes the listener read every stream).
+//!
+//! Order: within a partition (so within a flow), the stream's. Partitions are independent:
+//! a frontier (one stream id per lane) says where a reader stands, and a cursor encodes it.
+//! The single stream of earlier versions is read before any partition stream while it has
+//! entries after the reader's position: everything in it was written before the first entry
+//! of any partition stream.
 //!
 //! Trimming (`MAXLEN ~` in the producers, `XTRIM` by the retention job) removes entries from the
-//! head, so a reader whose cursor is below the first kept entry, once anything was removed, may
-//! have lost entries: it gets [`EngineError::CursorExpired`] (on subscribe) or an `expired`
-//! batch (while reading), never a silent skip. Two consequences: a cursor at exactly the last
-//! trimmed entry is reported expired too (the stream keeps no record that nothing after it was
-//! lost), and entries removed on purpose with `XDEL` are not reported.
+//! head, so a reader whose position in a lane is below that stream's first kept entry, once
+//! anything was removed, may have lost entries: it gets [`EngineError::CursorExpired`] (on
+//! subscribe) or an `expired` batch (while reading), never a silent skip. Two consequences: a
+//! position at exactly the last trimmed entry is reported expired too (the stream keeps no
+//! record that nothing after it was lost), and entries removed on purpose with `XDEL` are not
+//! reported.
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ferriskey::{Client, Value};
+use ferriskey::{Client, PushInfo, PushKind, Value};
+use tokio::sync::Semaphore;
+use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::library::{connect_client, ensure_library, fcall, map_err};
-use super::stream::{RawEntry, ReadView, decode_entry, format_id, parse_id, read_entries, read_view};
-use super::{LISTENER_CLIENT_NAME, STREAM_KEY};
+use super::keys;
+use super::library::{connect_client, connect_subscriber, ensure_library, fcall, map_err};
+use super::stream::{RawEntry, ReadView, decode_entry, format_id, parse_id, read_view, text};
+use super::{LEGACY_STREAM_KEY, LISTENER_CLIENT_NAME, PUBSUB_CHANNEL};
 use crate::backends::outbox::{age_cutoff_ms, shown};
 use crate::backends::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, Retention};
-use crate::cursor::{Position, StreamCursor, decode_valkey_cursor, encode_valkey_cursor};
+use crate::cursor::{
+    Frontier, Position, StreamCursor, VALKEY_LEGACY_LANE, decode_valkey_frontier, encode_valkey_frontier,
+};
 use crate::error::EngineError;
-use crate::types::TimestampMs;
+use crate::types::{ExecutionId, TimestampMs};
 
-/// How long one blocking read waits before it asks again.
-const BLOCK: Duration = Duration::from_millis(1000);
-
-/// Entries one blocking read returns at most.
+/// Entries one wake-up reads at most per partition.
 const WAKE_COUNT: usize = 512;
 
-/// Reads the completion stream of one server.
+/// Stream reads one source (its readers, filters and waker together) has in flight at most:
+/// ferriskey refuses requests beyond 1,000 in flight on one client, and a full read is one
+/// call per lane, so many subscribers catching up at once would pass that.
+const READS_IN_FLIGHT: usize = 256;
+
+/// How long opening the waker waits for the server to confirm the subscription.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
+
+/// The stream of a lane.
+fn lane_key(lane: u16) -> String {
+    if lane == VALKEY_LEGACY_LANE { LEGACY_STREAM_KEY.to_owned() } else { keys::stream(lane) }
+}
+
+/// Every lane: the partitions, then the single stream of earlier versions.
+fn all_lanes() -> impl Iterator<Item = u16> {
+    keys::partitions().chain(std::iter::once(VALKEY_LEGACY_LANE))
+}
+
+/// Reads the completion streams of one server or cluster.
 pub(crate) struct ValkeySource {
     client: Client,
     config: BackendConfig,
+    reads: Arc<Semaphore>,
 }
 
 impl ValkeySource {
@@ -41,40 +76,82 @@ impl ValkeySource {
     pub(crate) async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
         let client = connect_client(config, "ff-completions-reader").await?;
         ensure_library(&client).await?;
-        Ok(Self { client, config: config.clone() })
+        Ok(Self { client, config: config.clone(), reads: Arc::new(Semaphore::new(READS_IN_FLIGHT)) })
     }
 }
 
-/// One atomic look at the stream: up to `count` entries after `after`, and what was trimmed.
-async fn look(client: &Client, after: Position, count: usize) -> Result<ReadView, EngineError> {
+/// One atomic look at a lane's stream: up to `count` entries after `after`, and what was
+/// trimmed (positions in that lane).
+async fn look(client: &Client, lane: u16, after: Position, count: usize) -> Result<ReadView, EngineError> {
     let args = [format_id(after), count.to_string()];
-    let reply: Value = fcall(client, "ff_read_after", &[STREAM_KEY], &args).await?;
-    read_view(&reply).map_err(|detail| EngineError::schema("ff_read_after", detail))
+    let reply: Value = fcall(client, "ff_read_after", &[lane_key(lane)], &args).await?;
+    let view = read_view(&reply).map_err(|detail| EngineError::schema("ff_read_after", detail))?;
+    Ok(ReadView {
+        first: view.first.map(|p| p.in_lane(lane)),
+        last_generated: view.last_generated.map(|p| p.in_lane(lane)),
+        ..view
+    })
 }
 
-/// An empty batch telling a reader at `start` that entries after it were trimmed up to `floor`.
-fn expired(start: Position, floor: Position) -> Batch {
-    Batch { start, end: start, expired: Some(floor), ..Batch::default() }
+/// Looks at `lanes` at once (as many at a time as `reads` allows), each from `after`'s
+/// position in it.
+async fn look_all(
+    client: &Client,
+    reads: &Semaphore,
+    after: &Frontier,
+    lanes: impl IntoIterator<Item = u16>,
+    count: usize,
+) -> Result<Vec<(u16, ReadView)>, EngineError> {
+    futures::future::try_join_all(lanes.into_iter().map(|lane| async move {
+        let closed = || EngineError::Actor { detail: "the read permits were closed".into() };
+        let _permit = reads.acquire().await.map_err(|_| closed())?;
+        Ok((lane, look(client, lane, after.get(lane), count).await?))
+    }))
+    .await
 }
 
-/// The events of `entries` after `start`, bad ones skipped with a reason.
-fn batch_of(start: Position, entries: Vec<RawEntry>, limit: usize) -> Batch {
-    let mut batch = Batch { start, end: start, full: entries.len() >= limit, ..Batch::default() };
-    for entry in entries {
-        let Some(pos) = parse_id(&entry.id) else {
-            tracing::error!(id = %shown(&entry.id), "stream entry with a malformed id, ignored");
-            continue;
-        };
-        if pos <= start {
-            continue;
-        }
-        batch.end = pos;
-        match entry.fields.and_then(|fields| decode_entry(pos, &fields)) {
-            Ok(event) => batch.events.push(Positioned { pos, event }),
-            Err(reason) => batch.skipped.push((pos, reason)),
+/// The floors of the lanes where entries above `after` were trimmed, if any.
+fn expired_lanes(after: &Frontier, views: &[(u16, ReadView)]) -> Option<Frontier> {
+    let floors: Vec<Position> = views
+        .iter()
+        .filter_map(|(lane, view)| view.floor().map(|f| f.in_lane(*lane)))
+        .filter(|floor| !after.covers(*floor))
+        .collect();
+    (!floors.is_empty()).then(|| Frontier::from_positions(floors))
+}
+
+/// An empty batch telling a reader at `start` that entries after it were trimmed up to `floors`.
+fn expired(start: &Frontier, floors: Frontier) -> Batch {
+    Batch { start: start.clone(), end: start.clone(), expired: Some(floors), ..Batch::default() }
+}
+
+/// The events of each lane's `entries` after `start`, bad ones skipped with a reason; full when
+/// a lane returned `limit` entries.
+fn batch_of(start: &Frontier, lanes: Vec<(u16, Vec<RawEntry>)>, limit: usize) -> Batch {
+    let mut batch = Batch { start: start.clone(), end: start.clone(), ..Batch::default() };
+    for (lane, entries) in lanes {
+        batch.full |= entries.len() >= limit;
+        for entry in entries {
+            let Some(pos) = parse_id(&entry.id).map(|p| p.in_lane(lane)) else {
+                tracing::error!(id = %shown(&entry.id), lane, "stream entry with a malformed id, ignored");
+                continue;
+            };
+            if start.covers(pos) {
+                continue;
+            }
+            batch.end.advance(pos);
+            match entry.fields.and_then(|fields| decode_entry(pos, &fields)) {
+                Ok(event) => batch.events.push(Positioned { pos, event }),
+                Err(reason) => batch.skipped.push((pos, reason)),
+            }
         }
     }
     batch
+}
+
+/// The frontier a decoded cursor names.
+fn frontier_of(lanes: &[(u16, u64, u64)]) -> Frontier {
+    Frontier::from_positions(lanes.iter().map(|(lane, ms, seq)| Position::new(*ms, *seq).in_lane(*lane)))
 }
 
 #[async_trait]
@@ -83,97 +160,172 @@ impl CompletionSource for ValkeySource {
         "valkey"
     }
 
-    fn cursor_of(&self, pos: Position) -> StreamCursor {
-        encode_valkey_cursor(pos.hi, pos.lo)
+    fn cursor_of(&self, at: &Frontier) -> StreamCursor {
+        let lanes: Vec<(u16, u64, u64)> =
+            at.positions().iter().filter(|p| p.hi != 0 || p.lo != 0).map(|p| (p.lane, p.hi, p.lo)).collect();
+        encode_valkey_frontier(&lanes)
     }
 
     async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError> {
-        let Some((ms, seq)) = decode_valkey_cursor(cursor)? else {
+        let Some(lanes) = decode_valkey_frontier(cursor)? else {
             return Ok(StartAt::after(self.tail().await?));
         };
-        let after = Position::new(ms, seq);
-        match look(&self.client, after, 0).await?.floor() {
-            Some(floor) if after < floor => Err(EngineError::CursorExpired { oldest: Some(self.cursor_of(floor)) }),
-            _ => Ok(StartAt::after(after)),
+        let after = frontier_of(&lanes);
+        let views = look_all(&self.client, &self.reads, &after, all_lanes(), 0).await?;
+        match expired_lanes(&after, &views) {
+            Some(floors) => Err(EngineError::CursorExpired { oldest: Some(self.cursor_of(&after.joined(&floors))) }),
+            None => Ok(StartAt::after(after)),
         }
     }
 
-    async fn tail(&self) -> Result<Position, EngineError> {
-        Ok(look(&self.client, Position::ZERO, 0).await?.last_generated.unwrap_or(Position::ZERO))
+    async fn tail(&self) -> Result<Frontier, EngineError> {
+        let views = look_all(&self.client, &self.reads, &Frontier::default(), all_lanes(), 0).await?;
+        Ok(Frontier::from_positions(views.into_iter().filter_map(|(_, view)| view.last_generated)))
     }
 
-    async fn read_after(&self, after: Position, limit: usize) -> Result<Batch, EngineError> {
-        let view = look(&self.client, after, limit.max(1)).await?;
-        match view.floor() {
-            Some(floor) if after < floor => Ok(expired(after, floor)),
-            _ => Ok(batch_of(after, view.entries, limit.max(1))),
+    /// Looks at every lane (`count` 0: what each stream holds, nothing read), then reads the
+    /// lanes with entries after `after`, a share of `limit` each; the single stream of earlier
+    /// versions alone while it has entries after `after`.
+    async fn read_after(&self, after: &Frontier, limit: usize) -> Result<Batch, EngineError> {
+        let limit = limit.max(1);
+        let views = look_all(&self.client, &self.reads, after, all_lanes(), 0).await?;
+        if let Some(floors) = expired_lanes(after, &views) {
+            return Ok(expired(after, floors));
         }
+        let mut pending: Vec<u16> = views
+            .iter()
+            .filter(|(_, view)| view.last_generated.is_some_and(|last| !after.covers(last)))
+            .map(|(lane, _)| *lane)
+            .collect();
+        if pending.contains(&VALKEY_LEGACY_LANE) {
+            pending = vec![VALKEY_LEGACY_LANE];
+        }
+        if pending.is_empty() {
+            return Ok(batch_of(after, Vec::new(), limit));
+        }
+        let per_lane = (limit / pending.len()).clamp(8.min(limit), limit);
+        let views = look_all(&self.client, &self.reads, after, pending, per_lane).await?;
+        if let Some(floors) = expired_lanes(after, &views) {
+            return Ok(expired(after, floors));
+        }
+        Ok(batch_of(after, views.into_iter().map(|(lane, view)| (lane, view.entries)).collect(), per_lane))
     }
 
     async fn trim(&self, retention: &Retention) -> Result<u64, EngineError> {
-        let mut removed = 0u64;
-        if let Some(n) = retention.max_events {
-            let xtrim = self.client.cmd("XTRIM").arg(STREAM_KEY).arg("MAXLEN").arg(n);
-            removed =
-                removed.saturating_add(xtrim.execute::<i64>().await.map_err(map_err("valkey XTRIM"))?.max(0) as u64);
-        }
-        if let Some(age) = retention.max_age {
-            let min_ms = age_cutoff_ms(TimestampMs::now(), age).max(0);
-            let xtrim = self.client.cmd("XTRIM").arg(STREAM_KEY).arg("MINID").arg(format!("{min_ms}-0"));
-            removed =
-                removed.saturating_add(xtrim.execute::<i64>().await.map_err(map_err("valkey XTRIM"))?.max(0) as u64);
-        }
-        Ok(removed)
+        let min_id = retention.max_age.map(|age| format!("{}-0", age_cutoff_ms(TimestampMs::now(), age).max(0)));
+        let removed = futures::future::try_join_all(all_lanes().map(|lane| {
+            let min_id = min_id.clone();
+            async move {
+                let key = lane_key(lane);
+                let mut removed = 0u64;
+                if let Some(n) = retention.max_events {
+                    let xtrim = self.client.cmd("XTRIM").arg(&key).arg("MAXLEN").arg(n);
+                    removed += xtrim.execute::<i64>().await.map_err(map_err("valkey XTRIM"))?.max(0) as u64;
+                }
+                if let Some(min_id) = min_id {
+                    let xtrim = self.client.cmd("XTRIM").arg(&key).arg("MINID").arg(min_id);
+                    removed += xtrim.execute::<i64>().await.map_err(map_err("valkey XTRIM"))?.max(0) as u64;
+                }
+                Ok::<u64, EngineError>(removed)
+            }
+        }))
+        .await?;
+        Ok(removed.into_iter().fold(0u64, u64::saturating_add))
     }
 
     async fn gauges(&self) -> Result<Vec<(&'static str, f64)>, EngineError> {
-        let len: i64 = self.client.cmd("XLEN").arg(STREAM_KEY).execute().await.map_err(map_err("valkey XLEN"))?;
-        Ok(vec![("stream_length", len as f64)])
+        let lengths = futures::future::try_join_all(all_lanes().map(|lane| async move {
+            self.client.cmd("XLEN").arg(lane_key(lane)).execute::<i64>().await.map_err(map_err("valkey XLEN"))
+        }))
+        .await?;
+        Ok(vec![("stream_length", lengths.into_iter().map(|n| n.max(0) as f64).sum())])
     }
 
-    async fn open_waker(&self, from: Position) -> Result<Box<dyn Waker>, EngineError> {
-        let blocking = connect_client(&self.config, LISTENER_CLIENT_NAME).await?;
-        Ok(Box::new(ValkeyWaker { blocking, reader: self.client.clone(), position: from }))
+    async fn open_waker(&self, from: &Frontier) -> Result<Box<dyn Waker>, EngineError> {
+        let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel();
+        let subscriber = connect_subscriber(&self.config, LISTENER_CLIENT_NAME, tx).await?;
+        subscriber.cmd("SUBSCRIBE").arg(PUBSUB_CHANNEL).execute::<()>().await.map_err(map_err("valkey SUBSCRIBE"))?;
+        // Registered only once the server confirms: a read after this returns misses nothing.
+        let confirmed = tokio::time::timeout(SUBSCRIBE_WAIT, async {
+            while let Some(push) = pushes.recv().await {
+                if push.kind == PushKind::Subscribe {
+                    return true;
+                }
+            }
+            false
+        });
+        match confirmed.await {
+            Ok(true) => {}
+            Ok(false) => return Err(subscriber_lost()),
+            Err(_) => return Err(EngineError::Timeout { op: "valkey SUBSCRIBE" }),
+        }
+        Ok(Box::new(ValkeyWaker {
+            _subscriber: subscriber,
+            pushes,
+            reader: self.client.clone(),
+            reads: self.reads.clone(),
+            position: from.clone(),
+        }))
     }
 }
 
-/// `XREAD BLOCK` on its own connection (a blocking read on the shared client would stall every
-/// other command on it), from its own position: the wake-up and the read at once. A dropped
-/// connection is an error: the listener fails and is restarted from its cursor.
+fn subscriber_lost() -> EngineError {
+    EngineError::transport("valkey SUBSCRIBE", "the subscriber connection closed")
+}
+
+/// Subscribed to [`PUBSUB_CHANNEL`] on its own connection (RESP3 push frames); each message
+/// names a partition, which it reads from its own position: the wake-up and the read at once.
+/// A re-subscription (ferriskey re-makes a lost connection silently) is reported as
+/// [`Wake::Reconnected`]: the listener then reads every lane.
 struct ValkeyWaker {
-    blocking: Client,
+    _subscriber: Client,
+    pushes: UnboundedReceiver<PushInfo>,
     reader: Client,
-    position: Position,
+    reads: Arc<Semaphore>,
+    position: Frontier,
+}
+
+/// What a run of push frames asks for.
+#[derive(Default)]
+struct Pending {
+    partitions: BTreeSet<u16>,
+    reconnected: bool,
+}
+
+impl Pending {
+    fn note(&mut self, push: PushInfo) {
+        match push.kind {
+            PushKind::Message => match push.data.get(1).and_then(text).as_deref().and_then(partition_of_message) {
+                Some(p) => {
+                    self.partitions.insert(p);
+                }
+                // Someone else's message on our channel: read everything rather than guess.
+                None => self.reconnected = true,
+            },
+            PushKind::Disconnection | PushKind::Subscribe => self.reconnected = true,
+            _ => {}
+        }
+    }
+}
+
+/// The partition of the execution a `ff:dag:completions` message names.
+fn partition_of_message(payload: &str) -> Option<u16> {
+    let json: serde_json::Value = serde_json::from_str(payload).ok()?;
+    ExecutionId::parse(json.get("execution_id")?.as_str()?).ok().map(|id| id.partition())
 }
 
 impl ValkeyWaker {
-    async fn block(&self) -> Result<Vec<RawEntry>, EngineError> {
-        let reply: Value = self
-            .blocking
-            .cmd("XREAD")
-            .arg("COUNT")
-            .arg(WAKE_COUNT)
-            .arg("BLOCK")
-            .arg(BLOCK.as_millis() as u64)
-            .arg("STREAMS")
-            .arg(STREAM_KEY)
-            .arg(format_id(self.position))
-            .execute()
-            .await
-            .map_err(map_err("valkey XREAD"))?;
-        Ok(read_entries(&reply))
-    }
-
-    /// The batch of what `XREAD` returned, unless entries after the position were trimmed
+    /// The batch of `partitions` after the position, unless entries after it were trimmed
     /// before it read them (then an expired batch, and the position moves to the boundary).
-    async fn batch(&mut self, entries: Vec<RawEntry>) -> Result<Batch, EngineError> {
-        let start = self.position;
-        if let Some(floor) = look(&self.reader, start, 0).await?.floor().filter(|f| start < *f) {
-            self.position = floor;
-            return Ok(expired(start, floor));
+    async fn read(&mut self, partitions: BTreeSet<u16>) -> Result<Batch, EngineError> {
+        let start = self.position.clone();
+        let views = look_all(&self.reader, &self.reads, &start, partitions, WAKE_COUNT).await?;
+        if let Some(floors) = expired_lanes(&start, &views) {
+            self.position.join(&floors);
+            return Ok(expired(&start, floors));
         }
-        let batch = batch_of(start, entries, WAKE_COUNT);
-        self.position = batch.end;
+        let batch = batch_of(&start, views.into_iter().map(|(lane, view)| (lane, view.entries)).collect(), WAKE_COUNT);
+        self.position.join(&batch.end);
         Ok(batch)
     }
 }
@@ -182,9 +334,16 @@ impl ValkeyWaker {
 impl Waker for ValkeyWaker {
     async fn wait(&mut self) -> Result<Wake, EngineError> {
         loop {
-            let entries = self.block().await?;
-            if !entries.is_empty() {
-                return Ok(Wake::Fetched(self.batch(entries).await?));
+            let mut pending = Pending::default();
+            pending.note(self.pushes.recv().await.ok_or_else(subscriber_lost)?);
+            while let Ok(push) = self.pushes.try_recv() {
+                pending.note(push);
+            }
+            if pending.reconnected {
+                return Ok(Wake::Reconnected);
+            }
+            if !pending.partitions.is_empty() {
+                return Ok(Wake::Fetched(self.read(pending.partitions).await?));
             }
         }
     }
@@ -212,18 +371,43 @@ mod tests {
             entry("3-0", ""),
             entry("4-0", "failed"),
         ];
-        let batch = batch_of(Position::new(0, 5), entries, 10);
-        assert_eq!(batch.events.iter().map(|e| e.pos).collect::<Vec<_>>(), [Position::new(1, 0), Position::new(4, 0)]);
-        assert_eq!(batch.skipped.iter().map(|s| s.0).collect::<Vec<_>>(), [Position::new(2, 0), Position::new(3, 0)]);
-        assert_eq!(batch.end, Position::new(4, 0));
+        let batch = batch_of(&Frontier::at(Position::new(0, 5).in_lane(3)), vec![(3, entries)], 10);
+        let at = |ms| Position::new(ms, 0).in_lane(3);
+        assert_eq!(batch.events.iter().map(|e| e.pos).collect::<Vec<_>>(), [at(1), at(4)]);
+        assert_eq!(batch.skipped.iter().map(|s| s.0).collect::<Vec<_>>(), [at(2), at(3)]);
+        assert_eq!(batch.end, Frontier::at(at(4)));
         assert!(!batch.full);
     }
 
     #[test]
+    fn each_lane_is_read_from_its_own_position() {
+        let start = Frontier::from_positions([Position::new(5, 0).in_lane(1), Position::new(1, 0).in_lane(2)]);
+        let lanes =
+            vec![(1, vec![entry("4-0", "success"), entry("6-0", "success")]), (2, vec![entry("4-0", "failed")])];
+        let batch = batch_of(&start, lanes, 10);
+        let read: Vec<_> = batch.events.iter().map(|e| (e.pos.lane, e.pos.hi)).collect();
+        assert_eq!(read, [(1, 6), (2, 4)]);
+        assert_eq!(batch.end.get(1), Position::new(6, 0).in_lane(1));
+        assert_eq!(batch.end.get(2), Position::new(4, 0).in_lane(2));
+        assert!(batch.end.covers_all(&start));
+    }
+
+    #[test]
+    fn a_message_names_its_partition_and_anything_else_asks_for_a_full_read() {
+        let json =
+            r#"{"execution_id":"{fp:191}:6f1f4a52-9d8e-4c3f-a1b2-3c4d5e6f7a8b","flow_id":null,"outcome":"success"}"#;
+        assert_eq!(partition_of_message(json), Some(191));
+        for bad in ["", "{}", "[1]", r#"{"execution_id":"fp:1"}"#, r#"{"execution_id":7}"#] {
+            assert_eq!(partition_of_message(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn entries_at_or_below_the_start_are_left_out() {
-        let batch = batch_of(Position::new(2, 0), vec![entry("1-0", "success"), entry("2-0", "success")], 2);
+        let start = Frontier::at(Position::new(2, 0).in_lane(3));
+        let batch = batch_of(&start, vec![(3, vec![entry("1-0", "success"), entry("2-0", "success")])], 2);
         assert!(batch.events.is_empty() && batch.skipped.is_empty());
-        assert_eq!(batch.end, Position::new(2, 0));
+        assert_eq!(batch.end, start);
         assert!(batch.full, "a read that hit its limit says so");
     }
 }

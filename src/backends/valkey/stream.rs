@@ -1,7 +1,6 @@
 //! Parsing of stream replies and decoding of stream entries.
 //!
-//! Shapes accepted: ferriskey reshapes `XREAD` into `{stream: {id: [[field, value], ..]}}`
-//! (`Nil` on timeout) and `XRANGE` into `{id: [[field, value], ..]}`; the library's
+//! Shapes accepted: ferriskey reshapes `XRANGE` into `{id: [[field, value], ..]}`; the library's
 //! `ff_read_after` returns plain RESP arrays (`[[id, [field, value, ..]], ..]`). A malformed
 //! entry becomes a reason to skip that one entry, never an error for the batch.
 //!
@@ -13,7 +12,7 @@
 use ferriskey::Value;
 
 use crate::backends::outbox::{OutboxRow, shown};
-use crate::cursor::{Position, encode_valkey_cursor};
+use crate::cursor::{Position, encode_valkey_frontier};
 use crate::event::CompletionEvent;
 use crate::types::ExecutionId;
 
@@ -141,23 +140,6 @@ pub(super) fn range_entries(reply: &Value) -> Vec<RawEntry> {
     out
 }
 
-/// The entries of an `XREAD` reply (`Nil` on timeout gives none).
-pub(super) fn read_entries(reply: &Value) -> Vec<RawEntry> {
-    let mut out: Vec<RawEntry> = match reply {
-        Value::Map(streams) => streams.iter().flat_map(|(_, entries)| range_entries(entries)).collect(),
-        Value::Array(_) => items(reply)
-            .into_iter()
-            .flat_map(|s| match items(s).as_slice() {
-                [_, entries] => range_entries(entries),
-                _ => Vec::new(),
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
-    out.sort_by_key(|e| parse_id(&e.id));
-    out
-}
-
 /// Parses the reply of `ff_read_after`: `[trimmed, first id, last generated id, entries]`.
 pub(super) fn read_view(reply: &Value) -> Result<ReadView, String> {
     let parts = items(reply);
@@ -173,7 +155,8 @@ pub(super) fn read_view(reply: &Value) -> Result<ReadView, String> {
     })
 }
 
-/// Decodes one entry at `pos` into an event, or names what is wrong with it.
+/// Decodes one entry at `pos` (in its lane) into an event, or names what is wrong with it. The
+/// event's cursor names that lane only; a reader of several lanes gives it its own.
 pub(super) fn decode_entry(pos: Position, fields: &[(String, String)]) -> Result<CompletionEvent, String> {
     let get = |name: &str| fields.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     let present = |name: &str| get(name).filter(|v| !v.is_empty());
@@ -197,7 +180,7 @@ pub(super) fn decode_entry(pos: Position, fields: &[(String, String)]) -> Result
         occurred_at_ms: Some(at),
         partition_key: Some(i64::from(id.partition())),
     };
-    row.decode(encode_valkey_cursor(pos.hi, pos.lo))
+    row.decode(encode_valkey_frontier(&[(pos.lane, pos.hi, pos.lo)]))
 }
 
 #[cfg(test)]
@@ -247,11 +230,10 @@ mod tests {
         let ids: Vec<_> = range_entries(&resp).into_iter().map(|e| e.id).collect();
         assert_eq!(ids, ["1-0", "2-0"]);
         let pairs = Value::Array(vec![Ok(Value::Array(vec![Ok(s("outcome")), Ok(s("failed"))]))]);
-        let map = Value::Map(vec![(s("ff:completions"), Value::Map(vec![(s("3-1"), pairs)]))]);
-        let entries = read_entries(&map);
+        let entries = range_entries(&Value::Map(vec![(s("3-1"), pairs)]));
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].fields, Ok(vec![("outcome".to_owned(), "failed".to_owned())]));
-        assert!(read_entries(&Value::Nil).is_empty());
+        assert!(range_entries(&Value::Nil).is_empty());
     }
 
     #[test]
@@ -274,7 +256,7 @@ mod tests {
         assert_eq!(event.tags.get("inst").map(String::as_str), Some("1"));
         assert_eq!(event.at.0, 12);
         assert!(event.flow_id.is_some());
-        assert_eq!(crate::cursor::decode_valkey_cursor(&event.cursor).ok(), Some(Some((12, 3))));
+        assert_eq!(crate::cursor::decode_valkey_frontier(&event.cursor).ok(), Some(Some(vec![(0, 12, 3)])));
     }
 
     #[test]
@@ -465,7 +447,7 @@ mod tests {
                     if let Some(Ok(serde_json::Value::Object(map))) = get("tags").map(serde_json::from_str::<serde_json::Value>) {
                         prop_assert_eq!(event.tags.len(), map.len());
                     }
-                    prop_assert_eq!(crate::cursor::decode_valkey_cursor(&event.cursor).ok(), Some(Some((hi, lo))));
+                    prop_assert_eq!(crate::cursor::decode_valkey_frontier(&event.cursor).ok(), Some(Some(vec![(0, hi, lo)])));
                 }
                 Err(reason) => {
                     prop_assert!(!wrong.is_empty(), "a valid entry was refused: {reason}");
@@ -479,7 +461,7 @@ mod tests {
         /// or reasons, never panic, and keep what they quote short.
         #[test]
         fn any_reply_value_parses_to_entries_or_reasons_without_panicking(reply in reply()) {
-            for entries in [range_entries(&reply), read_entries(&reply)] {
+            for entries in [range_entries(&reply)] {
                 prop_assert!(in_id_order(&entries));
                 for e in &entries {
                     if let Err(reason) = &e.fields {

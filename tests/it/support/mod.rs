@@ -97,6 +97,18 @@ where
     }
 }
 
+/// Every expected completion once, nothing else, and within each partition in `expected`'s
+/// order: what a backend that orders per partition (Valkey) promises.
+#[track_caller]
+pub fn assert_exactly_once_per_partition(received: &[CompletionEvent], expected: &[ExecutionId]) {
+    assert_exactly_once(received, expected, false);
+    let got: Vec<ExecutionId> = received.iter().map(|e| e.execution_id).collect();
+    for p in expected.iter().map(|id| id.partition()).collect::<HashSet<_>>() {
+        let of = |ids: &[ExecutionId]| ids.iter().filter(|id| id.partition() == p).copied().collect::<Vec<_>>();
+        assert_eq!(of(&got), of(expected), "partition {p}'s events arrived out of order");
+    }
+}
+
 /// Checks a subscriber's deliveries against what producers committed: every expected
 /// execution exactly once, and (when `ordered`) in the given order.
 #[track_caller]

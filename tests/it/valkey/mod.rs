@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ferriskey::Value;
 use ff_completions::ValkeyEngine;
-use ff_completions::testing::valkey::{LISTENER_CLIENT_NAME, PUBSUB_CHANNEL, STREAM_KEY};
+use ff_completions::testing::valkey::{LEGACY_STREAM_KEY, LISTENER_CLIENT_NAME, PUBSUB_CHANNEL, stream_key};
 use ff_completions::testing::{
     encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor, encode_valkey_cursor,
 };
@@ -19,11 +19,15 @@ use ff_completions::{
 
 use crate::contract::{self, Fixture, QUIET, WAIT, assert_nothing_restarted, complete_n, fixture, running};
 use crate::support::valkey::ValkeyServer;
-use crate::support::{assert_exactly_once, assert_no_more, init_tracing, take_events, wait_until};
+use crate::support::{
+    assert_exactly_once, assert_exactly_once_per_partition, assert_no_more, init_tracing, take_events, wait_until,
+};
 
+mod cluster;
 mod delivery;
 mod library;
 mod outages;
+mod partitions;
 mod retention;
 
 async fn contract_backend() -> (ValkeyServer, BackendConfig) {
@@ -44,42 +48,79 @@ fn impatient(config: BackendConfig) -> BackendConfig {
         .with_timeouts(BackendTimeouts::default().with_connect(Duration::from_millis(500)))
 }
 
-/// Every execution id in the completion stream, in stream order: what producers committed.
-async fn stream_order(server: &ValkeyServer) -> Vec<ExecutionId> {
-    let reply = server.command(&["XRANGE", STREAM_KEY, "-", "+"]).await;
-    let Value::Map(entries) = reply else { panic!("XRANGE answered {reply:?}") };
-    entries
-        .iter()
-        .map(|(_, fields)| {
-            let Value::Array(pairs) = fields else { panic!("fields {fields:?}") };
-            let id = pairs.iter().find_map(|pair| match pair {
-                Ok(Value::Array(kv)) => match (&kv[0], &kv[1]) {
-                    (Ok(Value::BulkString(k)), Ok(Value::BulkString(v))) if &k[..] == b"execution_id" => {
-                        Some(String::from_utf8_lossy(v).into_owned())
-                    }
-                    _ => None,
-                },
-                _ => None,
-            });
-            ExecutionId::parse(&id.expect("execution_id field")).expect("execution id")
-        })
-        .collect()
+/// Every stream the backend reads: the partitions', then the single stream of earlier versions.
+fn all_streams() -> Vec<String> {
+    (0..256).map(stream_key).chain([LEGACY_STREAM_KEY.to_owned()]).collect()
 }
 
-async fn stream_len(server: &ValkeyServer) -> i64 {
-    match server.command(&["XLEN", STREAM_KEY]).await {
-        Value::Int(n) => n,
-        other => panic!("XLEN answered {other:?}"),
+/// The partition stream an entry with these fields belongs to (partition 0's without a valid
+/// execution id).
+fn stream_for(fields: &[&str]) -> String {
+    let id = fields.iter().position(|f| *f == "execution_id").and_then(|i| fields.get(i + 1));
+    stream_key(id.and_then(|id| ExecutionId::parse(id).ok()).map_or(0, |id| id.partition()))
+}
+
+/// Every execution id in the completion streams, by stream id (on one server, with one clock:
+/// commit order, except for entries of different partitions committed in the same millisecond).
+async fn stream_order(server: &ValkeyServer) -> Vec<ExecutionId> {
+    let mut all = Vec::new();
+    for key in all_streams() {
+        let reply = server.command(&["XRANGE", &key, "-", "+"]).await;
+        let entries = match reply {
+            Value::Map(entries) => entries,
+            Value::Array(a) if a.is_empty() => Vec::new(),
+            other => panic!("XRANGE answered {other:?}"),
+        };
+        all.extend(entries.into_iter().map(|(id, fields)| {
+            let Value::BulkString(id) = id else { panic!("id {id:?}") };
+            let id = String::from_utf8_lossy(&id).into_owned();
+            let (ms, seq) = id.split_once('-').expect("ms-seq");
+            ((ms.parse::<u64>().expect("ms"), seq.parse::<u64>().expect("seq")), execution_of(&fields))
+        }));
     }
+    all.sort_by_key(|(id, _)| *id);
+    all.into_iter().map(|(_, id)| id).collect()
+}
+
+fn execution_of(fields: &Value) -> ExecutionId {
+    let Value::Array(pairs) = fields else { panic!("fields {fields:?}") };
+    let id = pairs.iter().find_map(|pair| match pair {
+        Ok(Value::Array(kv)) => match (&kv[0], &kv[1]) {
+            (Ok(Value::BulkString(k)), Ok(Value::BulkString(v))) if &k[..] == b"execution_id" => {
+                Some(String::from_utf8_lossy(v).into_owned())
+            }
+            _ => None,
+        },
+        _ => None,
+    });
+    ExecutionId::parse(&id.expect("execution_id field")).expect("execution id")
+}
+
+/// Entries in every completion stream.
+async fn stream_len(server: &ValkeyServer) -> i64 {
+    let mut total = 0;
+    for key in all_streams() {
+        match server.command(&["XLEN", &key]).await {
+            Value::Int(n) => total += n,
+            other => panic!("XLEN answered {other:?}"),
+        }
+    }
+    total
 }
 
 async fn listener_events_read(f: &Fixture) -> u64 {
     f.tree.stats().await.map(|s| s.listeners[0].events_read).unwrap_or(0)
 }
 
-/// `XADD`s one entry with the given id (`*` for the next) and fields, as a foreign producer might.
+/// `XADD`s one entry with the given id (`*` for the next) and fields to the stream of its
+/// partition, as a foreign producer might.
 async fn xadd(server: &ValkeyServer, id: &str, fields: &[&str]) {
-    server.command(&[&["XADD", STREAM_KEY, id][..], fields].concat()).await;
+    server.command(&[&["XADD", &stream_for(fields), id][..], fields].concat()).await;
+}
+
+/// `XADD`s one entry to the single stream of earlier versions, as a producer of version 2 did.
+async fn xadd_legacy(server: &ValkeyServer, id: &str, fields: &[&str]) {
+    server.command(&[&["XADD", LEGACY_STREAM_KEY, id][..], fields].concat()).await;
 }
 
 /// A valid entry's fields for `id`, committed at `at` (text, so anything can be written).
