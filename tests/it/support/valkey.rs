@@ -184,13 +184,7 @@ impl ValkeyServer {
 
     /// Runs one command on a fresh admin client.
     pub async fn command(&self, args: &[&str]) -> Value {
-        let admin = self.admin().await;
-        let (name, rest) = args.split_first().expect("a command");
-        let mut cmd = admin.cmd(name);
-        for arg in rest {
-            cmd = cmd.arg(*arg);
-        }
-        cmd.execute().await.unwrap_or_else(|e| panic!("{args:?}: {e}"))
+        run_command(&self.admin().await, args).await
     }
 
     /// `CLIENT LIST`.
@@ -383,13 +377,7 @@ impl ValkeyCluster {
 
     /// Runs one command through a fresh cluster client.
     pub async fn command(&self, args: &[&str]) -> Value {
-        let admin = self.admin().await;
-        let (name, rest) = args.split_first().expect("a command");
-        let mut cmd = admin.cmd(name);
-        for arg in rest {
-            cmd = cmd.arg(*arg);
-        }
-        cmd.execute().await.unwrap_or_else(|e| panic!("{args:?}: {e}"))
+        run_command(&self.admin().await, args).await
     }
 
     /// SIGKILLs primary `i` (not restarted) and promotes its replica with
@@ -516,4 +504,14 @@ impl RawSubscriber {
         assert_eq!(lines[2], "message", "{lines:?}");
         lines[6].clone()
     }
+}
+
+/// Runs one command (`args[0]` and its arguments) on `client`, failing the test on an error.
+async fn run_command(client: &Client, args: &[&str]) -> Value {
+    let (name, rest) = args.split_first().expect("a command");
+    let mut cmd = client.cmd(name);
+    for arg in rest {
+        cmd = cmd.arg(*arg);
+    }
+    cmd.execute().await.unwrap_or_else(|e| panic!("{args:?}: {e}"))
 }

@@ -15,22 +15,6 @@ contract::contract_tests!(
     foreign cursors: vec![encode_postgres_cursor(1, 2), encode_postgres_event_cursor(3), encode_sqlite_cursor(4)]
 );
 
-/// Completes `per_flow` executions of each of `flows` fresh flows, round robin.
-async fn interleaved(engine: &dyn Engine, flows: usize, per_flow: usize) -> Vec<ExecutionId> {
-    let mut by_flow = Vec::new();
-    for _ in 0..flows {
-        by_flow.push(running(engine, ExecutionSpec::new, per_flow).await);
-    }
-    let mut done = Vec::new();
-    for i in 0..per_flow {
-        for ids in &by_flow {
-            assert!(engine.complete(&ids[i]).await.expect("complete"));
-            done.push(ids[i]);
-        }
-    }
-    done
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_land_in_their_flow_s_slot_on_its_primary_and_arrive_in_order_per_partition() {
     init_tracing();

@@ -138,3 +138,20 @@ fn entry_fields(id: &ExecutionId, at: &str) -> Vec<String> {
     .map(str::to_owned)
     .to_vec()
 }
+
+/// Completes `per_flow` executions of each of `flows` fresh flows, round robin (flow 1's first,
+/// flow 2's first, ..); returns them in commit order.
+pub(crate) async fn interleaved(engine: &dyn Engine, flows: usize, per_flow: usize) -> Vec<ExecutionId> {
+    let mut by_flow = Vec::new();
+    for _ in 0..flows {
+        by_flow.push(running(engine, ExecutionSpec::new, per_flow).await);
+    }
+    let mut done = Vec::new();
+    for i in 0..per_flow {
+        for ids in &by_flow {
+            assert!(engine.complete(&ids[i]).await.expect("complete"));
+            done.push(ids[i]);
+        }
+    }
+    done
+}

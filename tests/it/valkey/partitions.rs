@@ -3,23 +3,6 @@
 
 use super::*;
 
-/// Completes `per_flow` executions of each of `flows` fresh flows, round robin (flow 1's first,
-/// flow 2's first, ..); returns them in commit order.
-async fn interleaved(engine: &dyn Engine, flows: usize, per_flow: usize) -> Vec<ExecutionId> {
-    let mut by_flow = Vec::new();
-    for _ in 0..flows {
-        by_flow.push(running(engine, ExecutionSpec::new, per_flow).await);
-    }
-    let mut done = Vec::new();
-    for i in 0..per_flow {
-        for ids in &by_flow {
-            assert!(engine.complete(&ids[i]).await.expect("complete"));
-            done.push(ids[i]);
-        }
-    }
-    done
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interleaved_flows_arrive_in_order_per_partition_and_every_cursor_resumes_exactly_the_rest() {
     init_tracing();
