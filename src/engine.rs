@@ -10,7 +10,16 @@ use futures::future::try_join_all;
 
 use crate::config::{BackendConfig, BackendConnection};
 use crate::error::EngineError;
-use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
+use crate::signal_delivery::SignalDeliveryEffect;
+use crate::types::{ExecutionId, FlowId, Namespace, SignalId, TimestampMs, WaitpointId};
+
+/// How long a claim's lease lasts without a heartbeat ([`Engine::renew_lease`] extends it by
+/// as much); [`Engine::expire_leases`] takes the leases older than that away.
+pub const LEASE_DURATION: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn family_not_done(op: &'static str) -> EngineError {
+    EngineError::unavailable(op, "this backend's engine does not produce lease or signal events yet")
+}
 
 /// What to create.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -220,6 +229,71 @@ pub trait Engine: Send + Sync {
     async fn unresolved_dependencies(&self, limit: usize) -> Result<Vec<(ExecutionId, ExecutionId)>, EngineError>;
     /// An execution's stored state.
     async fn execution(&self, id: &ExecutionId) -> Result<Option<ExecutionInfo>, EngineError>;
+
+    /// The heartbeat of `worker`, holder of `id`'s lease: extends it by [`LEASE_DURATION`]
+    /// and writes a lease-history `renewed` event. Every claim writes `acquired` (or
+    /// `reclaimed` after an expiry) with its new lease id.
+    ///
+    /// Returns `false` when `worker` does not hold an active lease on `id`.
+    ///
+    /// # Errors
+    /// The backend's; [`EngineError::Unavailable`] on backends without lease history yet.
+    async fn renew_lease(&self, id: &ExecutionId, worker: &str) -> Result<bool, EngineError> {
+        let _ = (id, worker);
+        Err(family_not_done("renew lease"))
+    }
+
+    /// The expiry sweep an engine runs periodically: each running execution whose lease ended
+    /// before `now` loses it (an `expired` event naming its previous owner) and is eligible
+    /// again; the next claim of it writes `reclaimed`. Returns the executions swept.
+    ///
+    /// # Errors
+    /// As [`Self::renew_lease`].
+    async fn expire_leases(&self, now: TimestampMs) -> Result<Vec<ExecutionId>, EngineError> {
+        let _ = now;
+        Err(family_not_done("expire leases"))
+    }
+
+    /// An operator takes `id`'s active lease away (a `revoked` event with `revoked_by`); the
+    /// execution is eligible again. Returns `false` when it had no active lease.
+    ///
+    /// # Errors
+    /// As [`Self::renew_lease`].
+    async fn revoke_lease(&self, id: &ExecutionId, revoked_by: &str) -> Result<bool, EngineError> {
+        let _ = (id, revoked_by);
+        Err(family_not_done("revoke lease"))
+    }
+
+    /// A running execution suspends on `waitpoint` (its lease released). A signal buffered
+    /// for that waitpoint is consumed at once: the waitpoint is satisfied and the execution
+    /// eligible again (returns `true`); otherwise the waitpoint stays open (`false`).
+    ///
+    /// # Errors
+    /// [`EngineError::State`] when the execution is not running; as [`Self::renew_lease`].
+    async fn suspend(&self, id: &ExecutionId, waitpoint: &WaitpointId) -> Result<bool, EngineError> {
+        let _ = (id, waitpoint);
+        Err(family_not_done("suspend"))
+    }
+
+    /// Delivers a signal to `waitpoint` of `id`, writing a signal-delivery event with its
+    /// effect in the same transaction: `Deduped` when a delivery with the same
+    /// `idempotency_key` to this execution was seen before (of concurrent deliveries of one
+    /// key exactly one is not deduped), else `Satisfied` when the waitpoint is open (it is
+    /// satisfied, the execution eligible again), else `Buffered` (consumed when it opens).
+    ///
+    /// # Errors
+    /// [`EngineError::State`] for an unknown execution; as [`Self::renew_lease`].
+    async fn deliver_signal(
+        &self,
+        id: &ExecutionId,
+        waitpoint: &WaitpointId,
+        signal_id: &SignalId,
+        idempotency_key: Option<&str>,
+        source_identity: Option<&str>,
+    ) -> Result<SignalDeliveryEffect, EngineError> {
+        let _ = (id, waitpoint, signal_id, idempotency_key, source_identity);
+        Err(family_not_done("deliver signal"))
+    }
 }
 
 /// Connects the engine surface of the configured backend (installing its schema or library).

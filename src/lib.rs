@@ -66,8 +66,11 @@ mod engine;
 pub mod env_config;
 mod error;
 mod event;
+mod instance_tags;
+mod lease_history;
 pub mod metrics;
 mod scanner_filter;
+mod signal_delivery;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod types;
@@ -77,7 +80,7 @@ pub use actors::supervisor::{
     CompletionSupervisor, ListenerStats, RestartIntensity, SubscribeRequest, SubscriberStats, SupervisorConfig,
     SupervisorMsg, SupervisorStats,
 };
-pub use actors::{BackendId, FilterMode, ListenerState, SubscriberId};
+pub use actors::{BackendId, FamilySink, FilterMode, ListenerState, SubscriberId};
 #[cfg(feature = "postgres")]
 pub use backends::postgres::CommitWake;
 #[cfg(all(feature = "demo-engine", feature = "postgres"))]
@@ -94,10 +97,17 @@ pub use config::{
 pub use cursor::StreamCursor;
 #[cfg(feature = "demo-engine")]
 pub use engine::{
-    CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, ResolvedEdge,
-    connect_engine,
+    CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, LEASE_DURATION,
+    ResolvedEdge, connect_engine,
 };
 pub use error::{EngineError, ErrorSource};
 pub use event::{CompletionEvent, CompletionOutcome, CompletionPayload, CompletionStream, CompletionSubscription};
+pub use instance_tags::{InstanceTagEvent, InstanceTagSubscription};
+pub use lease_history::{LeaseHistoryEvent, LeaseHistoryFilter, LeaseHistorySubscription};
 pub use scanner_filter::ScannerFilter;
-pub use types::{ExecutionId, FlowId, Namespace, PARTITION_COUNT, TimestampMs};
+pub use signal_delivery::{
+    SignalDeliveryEffect, SignalDeliveryEvent, SignalDeliveryFilter, SignalDeliverySubscription,
+};
+pub use types::{
+    ExecutionId, FlowId, LeaseId, Namespace, PARTITION_COUNT, SignalId, TimestampMs, WaitpointId, WorkerInstanceId,
+};

@@ -184,6 +184,63 @@ impl<'de> serde::Deserialize<'de> for ExecutionId {
     }
 }
 
+/// Defines a textual id: a newtype over `String` with `new`, `as_str`, `Display` and `From<&str>`.
+macro_rules! text_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+        pub struct $name(String);
+
+        impl $name {
+            /// Wraps the id's text.
+            pub fn new(id: impl Into<String>) -> Self {
+                Self(id.into())
+            }
+
+            /// The id as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                Self(s.to_owned())
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(s: String) -> Self {
+                Self(s)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+text_id!(
+    /// One lease of an execution by a worker: a new id at each claim.
+    LeaseId
+);
+text_id!(
+    /// A worker process (the `worker` argument of a claim).
+    WorkerInstanceId
+);
+text_id!(
+    /// A signal, as its sender names it.
+    SignalId
+);
+text_id!(
+    /// A point where a suspended execution waits for a signal.
+    WaitpointId
+);
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -198,6 +255,14 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn text_ids_keep_their_text() {
+        assert_eq!(LeaseId::new("l-1").as_str(), "l-1");
+        assert_eq!(WorkerInstanceId::from("w-1").to_string(), "w-1");
+        assert_eq!(SignalId::from(String::from("s")), SignalId::new("s"));
+        assert_eq!(WaitpointId::new("wp").as_str(), "wp");
+    }
 
     #[test]
     fn execution_id_round_trips_through_text() {

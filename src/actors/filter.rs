@@ -24,15 +24,14 @@ use std::sync::atomic::Ordering;
 use tokio_util::task::AbortOnDropHandle;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tokio::sync::mpsc::error::TrySendError;
 use tracing::Instrument;
 
 use super::supervisor::subscriptions::SubscribeReply;
-use super::{BackendId, FilterMode, ListenerShared, LiveBatch, Sink, SubscriberId, SubscriberShared};
-use crate::backends::{CompletionSource, Positioned, StartAt};
+use super::{BackendId, FilterMode, ListenerShared, LiveBatch, Sent, Sink, SubscriberId, SubscriberShared};
+use crate::backends::{CompletionSource, FamilyEvent, Positioned, StartAt};
 use crate::backoff::Backoff;
 use crate::config::BackendRetry;
-use crate::cursor::Frontier;
+use crate::cursor::{Frontier, StreamCursor};
 use crate::error::EngineError;
 use crate::metrics::SubscriberMetrics;
 use crate::scanner_filter::ScannerFilter;
@@ -56,9 +55,9 @@ pub struct FilterArguments {
     /// The subscriber's name, for its metrics series (none without one).
     pub name: Option<String>,
     pub(crate) source: Arc<dyn CompletionSource>,
-    /// What the subscriber wants.
+    /// Which completions the subscriber wants (the other families' filters are in their sinks).
     pub filter: ScannerFilter,
-    /// Where to deliver.
+    /// Where to deliver, and which family.
     pub sink: Sink,
     pub(crate) shared: Arc<SubscriberShared>,
     /// The listener's shared state (its read count gives this subscriber's lag).
@@ -193,6 +192,7 @@ impl FilterState {
             }
             Err(err) => {
                 tracing::warn!(subscriber = %self.args.subscriber_id, error = %err, "subscription refused");
+                let err = self.in_family(err);
                 self.end_with_error(myself, err);
             }
         }
@@ -258,7 +258,7 @@ impl FilterState {
                 self.count_dropped(batch);
                 // The oldest missed event is at least as old as this batch's first.
                 if let Some(first) = batch.events.first() {
-                    self.args.shared.note_pending(first.event.at);
+                    self.args.shared.note_pending(first.event.at());
                 }
                 self.set_mode(FilterMode::CatchingUp);
                 let _ = myself.cast(FilterMsg::CatchUp);
@@ -302,7 +302,7 @@ impl FilterState {
         self.metrics.catch_up_read();
         match self.args.source.read_after(&self.delivered, self.args.batch_size).await {
             Ok(batch) if batch.expired.as_ref().is_some_and(|b| !self.delivered.covers_all(b)) => {
-                let oldest = batch.expired.map(|b| self.args.source.cursor_of(&self.delivered.joined(&b)));
+                let oldest = batch.expired.map(|b| self.cursor_at(&self.delivered.joined(&b)));
                 tracing::warn!(subscriber = %self.args.subscriber_id, ?oldest, "subscriber cursor expired");
                 self.end_with_error(myself, EngineError::CursorExpired { oldest });
             }
@@ -312,7 +312,7 @@ impl FilterState {
                     self.failed_reads = 0;
                 }
                 // The first event above the delivered position is the oldest one pending.
-                let pending = batch.events.iter().find(|e| !self.delivered.covers(e.pos)).map(|e| e.event.at);
+                let pending = batch.events.iter().find(|e| !self.delivered.covers(e.pos)).map(|e| e.event.at());
                 if pending.is_some() || !batch.full {
                     self.args.shared.set_pending(pending);
                 }
@@ -350,12 +350,8 @@ impl FilterState {
         if let Some(reply) = self.reply.take() {
             // Not subscribed yet: the error is the answer to the call.
             let _ = reply.send(Err(err));
-        } else if let Sink::Channel(tx) = &self.args.sink {
-            let tx = tx.clone();
-            // The error must not be lost to a full buffer: wait for room off the actor.
-            tokio::spawn(async move {
-                let _ = tx.send(Err(err)).await;
-            });
+        } else {
+            self.args.sink.send_error(err);
         }
         myself.stop(Some(super::supervisor::SUBSCRIPTION_FAILED.into()));
     }
@@ -386,38 +382,16 @@ impl FilterState {
                 continue;
             }
             let above_floor = floor.is_none_or(|f| item.pos.major != f.major || item.pos.lo > f.lo);
-            let wanted = above_floor && self.args.filter.matches_event(&item.event);
-            if wanted {
-                // Counted before the send: whoever receives the event finds it counted.
-                self.args.shared.delivered_count.fetch_add(1, Ordering::Relaxed);
-                let event = self.stamped(item);
-                let sent = match &self.args.sink {
-                    Sink::Channel(tx) => match tx.try_send(Ok(event)) {
-                        Ok(()) => Delivery::Done,
-                        Err(TrySendError::Full(_)) => Delivery::Full,
-                        Err(TrySendError::Closed(_)) => Delivery::Closed,
-                    },
-                    Sink::Actor(send) => {
-                        if send(event) {
-                            Delivery::Done
-                        } else {
-                            Delivery::Closed
-                        }
-                    }
-                };
-                match sent {
-                    Delivery::Done => *sent_count += 1,
-                    Delivery::Full => {
-                        self.args.shared.delivered_count.fetch_sub(1, Ordering::Relaxed);
-                        // This event is now the oldest the subscriber has not received.
-                        self.args.shared.set_pending(Some(item.event.at));
-                        return Delivery::Full;
-                    }
-                    Delivery::Closed => {
-                        self.args.shared.delivered_count.fetch_sub(1, Ordering::Relaxed);
-                        return Delivery::Closed;
-                    }
+            let sent = if above_floor { self.offer(item) } else { None };
+            match sent {
+                None => {}
+                Some(Sent::Done) => *sent_count += 1,
+                Some(Sent::Full) => {
+                    // This event is now the oldest the subscriber has not received.
+                    self.args.shared.set_pending(Some(item.event.at()));
+                    return Delivery::Full;
                 }
+                Some(Sent::Closed) => return Delivery::Closed,
             }
             *processed += 1;
             self.delivered.advance(item.pos);
@@ -426,16 +400,63 @@ impl FilterState {
         Delivery::Done
     }
 
+    /// Hands `item` to the sink if it is of the subscriber's family and matches its filter;
+    /// `None` when it is not wanted. A completion costs what it cost before families existed:
+    /// one more tag compared.
+    fn offer(&self, item: &Positioned) -> Option<Sent> {
+        match (&item.event, &self.args.sink) {
+            (FamilyEvent::Completion(event), Sink::Channel(tx)) if self.args.filter.matches_event(event) => {
+                Some(self.counted(|| super::try_channel(tx, self.stamped(item, event.clone(), |e| &mut e.cursor))))
+            }
+            (FamilyEvent::Completion(event), Sink::Actor(send)) if self.args.filter.matches_event(event) => Some(
+                self.counted(|| super::to_actor(send.as_ref(), self.stamped(item, event.clone(), |e| &mut e.cursor))),
+            ),
+            (FamilyEvent::LeaseHistory(entry), Sink::LeaseHistory(filter, sink)) if filter.matches(entry) => {
+                Some(self.counted(|| sink.send(self.stamped(item, entry.event.clone(), |e| e.cursor_mut()))))
+            }
+            (FamilyEvent::SignalDelivery(entry), Sink::SignalDelivery(filter, sink)) if filter.matches(entry) => {
+                Some(self.counted(|| sink.send(self.stamped(item, entry.event.clone(), |e| &mut e.cursor))))
+            }
+            _ => None,
+        }
+    }
+
+    /// Counts a delivery before the send (whoever receives the event finds it counted), and
+    /// takes it back when the sink did not take it.
+    fn counted(&self, send: impl FnOnce() -> Sent) -> Sent {
+        self.args.shared.delivered_count.fetch_add(1, Ordering::Relaxed);
+        let sent = send();
+        if sent != Sent::Done {
+            self.args.shared.delivered_count.fetch_sub(1, Ordering::Relaxed);
+        }
+        sent
+    }
+
     /// The event to hand over: with a backend of several lanes its cursor must name every lane
     /// (the delivered frontier with this event in it), not only the event's own.
-    fn stamped(&self, item: &Positioned) -> crate::event::CompletionEvent {
-        let mut event = item.event.clone();
+    fn stamped<E>(&self, item: &Positioned, mut event: E, cursor: impl FnOnce(&mut E) -> &mut StreamCursor) -> E {
         if item.pos.lane != 0 || self.delivered.positions().len() > 1 {
             let mut after = self.delivered.clone();
             after.advance(item.pos);
-            event.cursor = self.args.source.cursor_of(&after);
+            *cursor(&mut event) = self.cursor_at(&after);
         }
         event
+    }
+
+    /// The public cursor of the subscriber's family at `at`.
+    fn cursor_at(&self, at: &Frontier) -> StreamCursor {
+        self.args.sink.family().tag_cursor(self.args.source.cursor_of(at))
+    }
+
+    /// A source's error as this subscription's family must see it: the oldest cursor of a
+    /// `CursorExpired` tagged with the family.
+    fn in_family(&self, err: EngineError) -> EngineError {
+        match err {
+            EngineError::CursorExpired { oldest } => {
+                EngineError::CursorExpired { oldest: oldest.map(|c| self.args.sink.family().tag_cursor(c)) }
+            }
+            other => other,
+        }
     }
 
     fn after_delivery(&mut self, myself: &ActorRef<FilterMsg>, outcome: Delivery, end: &Frontier) {
@@ -458,11 +479,10 @@ impl FilterState {
     }
 
     fn wait_for_room(&mut self, myself: &ActorRef<FilterMsg>) {
-        let Sink::Channel(tx) = &self.args.sink else { return };
-        let tx = tx.clone();
+        let Some(room) = self.args.sink.room() else { return };
         let me = myself.clone();
         self._sink_waiter = Some(AbortOnDropHandle::new(tokio::spawn(async move {
-            if tx.reserve().await.is_ok() {
+            if room.await {
                 let _ = me.cast(FilterMsg::SinkReady);
             }
         })));

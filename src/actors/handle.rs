@@ -15,11 +15,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::supervisor::{CompletionSupervisor, SubscribeRequest, SupervisorConfig, SupervisorMsg, SupervisorStats};
 #[cfg(any(test, feature = "testing"))]
 use super::{BackendId, supervisor::ChildKey};
-use super::{Sink, SubscriberId};
+use super::{FamilySink, Sink, SubscriberId};
 use crate::completion_backend::CompletionBackend;
+use crate::cursor::StreamCursor;
 use crate::error::EngineError;
-use crate::event::{CompletionEvent, CompletionStream, CompletionSubscription};
+use crate::event::{CompletionEvent, CompletionStream};
+use crate::instance_tags::InstanceTagSubscription;
+use crate::lease_history::{LeaseHistoryEvent, LeaseHistoryFilter, LeaseHistorySubscription};
 use crate::scanner_filter::ScannerFilter;
+use crate::signal_delivery::{SignalDeliveryEvent, SignalDeliveryFilter, SignalDeliverySubscription};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -171,6 +175,83 @@ impl CompletionSupervisorHandle {
         self.add_subscriber(request, Sink::actor(actor)).await
     }
 
+    /// Subscribes to lease history: each lease change matching `filter`, in order, once each,
+    /// from the request's start (tail, or after a lease-history cursor). The request's
+    /// backend and name apply; its completion filter must be empty. The events come through
+    /// the same listener as completions (one notification connection per backend).
+    ///
+    /// # Errors
+    /// As [`Self::subscribe`]; a cursor of another family, or a completion filter, is
+    /// [`EngineError::Validation`].
+    pub async fn subscribe_lease_history(
+        &self,
+        request: SubscribeRequest,
+        filter: LeaseHistoryFilter,
+    ) -> Result<Subscription<LeaseHistoryEvent>, EngineError> {
+        let (tx, rx) = mpsc::channel(self.subscriber_buffer);
+        let id = self.add_subscriber(request, Sink::LeaseHistory(filter, FamilySink::Channel(tx))).await?;
+        Ok(Subscription { id, inner: ReceiverStream::new(rx), supervisor: self.actor.clone() })
+    }
+
+    /// Subscribes an actor to lease history: each event is cast to it as `M::from(event)`.
+    ///
+    /// # Errors
+    /// As [`Self::subscribe_lease_history`].
+    pub async fn subscribe_lease_history_actor<M>(
+        &self,
+        request: SubscribeRequest,
+        filter: LeaseHistoryFilter,
+        actor: ActorRef<M>,
+    ) -> Result<SubscriberId, EngineError>
+    where
+        M: ractor::Message + From<LeaseHistoryEvent>,
+    {
+        self.add_subscriber(request, Sink::LeaseHistory(filter, FamilySink::actor(actor))).await
+    }
+
+    /// Subscribes to signal deliveries: each delivery matching `filter`, in order, once each,
+    /// from the request's start (tail, or after a signal-delivery cursor), through the same
+    /// listener as completions.
+    ///
+    /// # Errors
+    /// As [`Self::subscribe_lease_history`].
+    pub async fn subscribe_signal_delivery(
+        &self,
+        request: SubscribeRequest,
+        filter: SignalDeliveryFilter,
+    ) -> Result<Subscription<SignalDeliveryEvent>, EngineError> {
+        let (tx, rx) = mpsc::channel(self.subscriber_buffer);
+        let id = self.add_subscriber(request, Sink::SignalDelivery(filter, FamilySink::Channel(tx))).await?;
+        Ok(Subscription { id, inner: ReceiverStream::new(rx), supervisor: self.actor.clone() })
+    }
+
+    /// Subscribes an actor to signal deliveries: each event is cast to it as `M::from(event)`.
+    ///
+    /// # Errors
+    /// As [`Self::subscribe_lease_history`].
+    pub async fn subscribe_signal_delivery_actor<M>(
+        &self,
+        request: SubscribeRequest,
+        filter: SignalDeliveryFilter,
+        actor: ActorRef<M>,
+    ) -> Result<SubscriberId, EngineError>
+    where
+        M: ractor::Message + From<SignalDeliveryEvent>,
+    {
+        self.add_subscriber(request, Sink::SignalDelivery(filter, FamilySink::actor(actor))).await
+    }
+
+    /// Instance tags have no producer on any backend yet.
+    ///
+    /// # Errors
+    /// Always [`EngineError::Unavailable`].
+    pub async fn subscribe_instance_tags(
+        &self,
+        _request: SubscribeRequest,
+    ) -> Result<InstanceTagSubscription, EngineError> {
+        Err(instance_tags_unavailable())
+    }
+
     /// Subscribes any [`Sink`], a closure included (feature `testing`).
     ///
     /// # Errors
@@ -220,34 +301,40 @@ impl CompletionSupervisorHandle {
     }
 }
 
-/// A live subscription: a `Stream` of events that unsubscribes when dropped.
+fn instance_tags_unavailable() -> EngineError {
+    EngineError::unavailable("subscribe instance tags", "no backend produces instance tag events yet")
+}
+
+/// A live subscription: a `Stream` of events of one family (completions by default) that
+/// unsubscribes when dropped.
 #[derive(Debug)]
-pub struct Subscription {
+pub struct Subscription<E = CompletionEvent> {
     id: SubscriberId,
-    inner: ReceiverStream<Result<CompletionEvent, EngineError>>,
+    inner: ReceiverStream<Result<E, EngineError>>,
     supervisor: ActorRef<SupervisorMsg>,
 }
 
-impl Subscription {
+impl<E: Send + 'static> Subscription<E> {
     /// This subscription's id in its supervisor.
     pub fn id(&self) -> SubscriberId {
         self.id
     }
 
-    /// Boxes it as the seed's [`CompletionSubscription`].
-    pub fn boxed(self) -> CompletionSubscription {
+    /// Boxes it as the seed's subscription type of its family ([`crate::CompletionSubscription`],
+    /// [`LeaseHistorySubscription`], [`SignalDeliverySubscription`]).
+    pub fn boxed(self) -> Pin<Box<dyn Stream<Item = Result<E, EngineError>> + Send>> {
         Box::pin(self)
     }
 }
 
-impl Stream for Subscription {
-    type Item = Result<CompletionEvent, EngineError>;
+impl<E> Stream for Subscription<E> {
+    type Item = Result<E, EngineError>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         Pin::new(&mut self.inner).poll_next(cx)
     }
 }
 
-impl Drop for Subscription {
+impl<E> Drop for Subscription<E> {
     fn drop(&mut self) {
         let _ = self.supervisor.cast(SupervisorMsg::Unsubscribe(self.id));
     }
@@ -265,5 +352,37 @@ impl CompletionBackend for CompletionSupervisorHandle {
             .take_while(|item| futures::future::ready(item.is_ok()))
             .filter_map(|item| async move { item.ok().map(|event| event.to_payload()) });
         Ok(Box::pin(payloads))
+    }
+
+    async fn subscribe_lease_history(
+        &self,
+        from: StreamCursor,
+        filter: &LeaseHistoryFilter,
+    ) -> Result<LeaseHistorySubscription, EngineError> {
+        Ok(CompletionSupervisorHandle::subscribe_lease_history(
+            self,
+            SubscribeRequest::from_cursor(from),
+            filter.clone(),
+        )
+        .await?
+        .boxed())
+    }
+
+    async fn subscribe_signal_delivery(
+        &self,
+        from: StreamCursor,
+        filter: &SignalDeliveryFilter,
+    ) -> Result<SignalDeliverySubscription, EngineError> {
+        Ok(CompletionSupervisorHandle::subscribe_signal_delivery(
+            self,
+            SubscribeRequest::from_cursor(from),
+            filter.clone(),
+        )
+        .await?
+        .boxed())
+    }
+
+    async fn subscribe_instance_tags(&self, _from: StreamCursor) -> Result<InstanceTagSubscription, EngineError> {
+        Err(instance_tags_unavailable())
     }
 }

@@ -31,9 +31,11 @@ use tokio::sync::mpsc;
 
 use crate::backends::Positioned;
 use crate::backends::StartAt;
-use crate::cursor::{Frontier, Position, StreamCursor};
+use crate::cursor::{Family, Frontier, Position, StreamCursor};
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
+use crate::lease_history::{LeaseHistoryEvent, LeaseHistoryFilter};
+use crate::signal_delivery::{SignalDeliveryEvent, SignalDeliveryFilter};
 use crate::types::TimestampMs;
 
 /// Names a backend inside one supervisor (by default its kind: `postgres`, `valkey`, `sqlite`;
@@ -102,23 +104,128 @@ impl fmt::Display for SubscriberId {
     }
 }
 
-/// Where a filter delivers. Engines use [`crate::CompletionSupervisorHandle::subscribe`] and
-/// `subscribe_actor`; the closure form is a test hook (feature `testing`).
+/// Where a filter delivers, and which family it delivers. Engines use
+/// [`crate::CompletionSupervisorHandle::subscribe`], `subscribe_actor` and the
+/// `subscribe_lease_history*` / `subscribe_signal_delivery*` methods; building one directly is a
+/// test hook (feature `testing`).
 #[derive(Clone)]
 pub enum Sink {
-    /// A bounded channel read through a [`crate::CompletionSubscription`].
+    /// Completions, into a bounded channel read through a [`crate::CompletionSubscription`].
     Channel(mpsc::Sender<Result<CompletionEvent, EngineError>>),
-    /// An actor-native consumer: each event is converted and cast to it.
+    /// Completions, to an actor-native consumer: each event is converted and cast to it.
     Actor(Arc<dyn Fn(CompletionEvent) -> bool + Send + Sync>),
+    /// Lease-history events matching the filter.
+    LeaseHistory(LeaseHistoryFilter, FamilySink<LeaseHistoryEvent>),
+    /// Signal-delivery events matching the filter.
+    SignalDelivery(SignalDeliveryFilter, FamilySink<SignalDeliveryEvent>),
+}
+
+/// Where the events of one family go: a bounded channel, or an actor-native consumer.
+pub enum FamilySink<E> {
+    /// A bounded channel.
+    Channel(mpsc::Sender<Result<E, EngineError>>),
+    /// Each event is cast to an actor; `false` when it is gone.
+    Actor(Arc<dyn Fn(E) -> bool + Send + Sync>),
+}
+
+impl<E> Clone for FamilySink<E> {
+    fn clone(&self) -> Self {
+        match self {
+            Self::Channel(tx) => Self::Channel(tx.clone()),
+            Self::Actor(f) => Self::Actor(f.clone()),
+        }
+    }
+}
+
+impl<E: Send + 'static> FamilySink<E> {
+    /// A sink that casts each event to `actor`, converted with `From<E>`.
+    pub fn actor<M>(actor: ActorRef<M>) -> Self
+    where
+        M: ractor::Message + From<E>,
+    {
+        Self::Actor(Arc::new(move |event| actor.cast(M::from(event)).is_ok()))
+    }
+}
+
+/// Whether a sink took an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sent {
+    Done,
+    Full,
+    Closed,
+}
+
+fn try_channel<E>(tx: &mpsc::Sender<Result<E, EngineError>>, event: E) -> Sent {
+    match tx.try_send(Ok(event)) {
+        Ok(()) => Sent::Done,
+        Err(mpsc::error::TrySendError::Full(_)) => Sent::Full,
+        Err(mpsc::error::TrySendError::Closed(_)) => Sent::Closed,
+    }
+}
+
+fn to_actor<E>(send: &(dyn Fn(E) -> bool + Send + Sync), event: E) -> Sent {
+    if send(event) { Sent::Done } else { Sent::Closed }
+}
+
+impl<E> FamilySink<E> {
+    pub(crate) fn send(&self, event: E) -> Sent {
+        match self {
+            Self::Channel(tx) => try_channel(tx, event),
+            Self::Actor(send) => to_actor(send.as_ref(), event),
+        }
+    }
 }
 
 impl Sink {
-    /// A sink that casts each event to `actor`, converted with `From<CompletionEvent>`.
+    /// A sink that casts each completion to `actor`, converted with `From<CompletionEvent>`.
     pub fn actor<M>(actor: ActorRef<M>) -> Self
     where
         M: ractor::Message + From<CompletionEvent>,
     {
         Self::Actor(Arc::new(move |event| actor.cast(M::from(event)).is_ok()))
+    }
+
+    /// The family it delivers.
+    pub(crate) fn family(&self) -> Family {
+        match self {
+            Self::Channel(_) | Self::Actor(_) => Family::Completion,
+            Self::LeaseHistory(..) => Family::LeaseHistory,
+            Self::SignalDelivery(..) => Family::SignalDelivery,
+        }
+    }
+
+    /// Hands a channel subscriber an error, waiting for room off the caller (it must not be
+    /// lost to a full buffer). Actor sinks get none: their subscription just ends.
+    pub(crate) fn send_error(&self, err: EngineError) {
+        fn spawn_send<E: Send + 'static>(tx: &mpsc::Sender<Result<E, EngineError>>, err: EngineError) {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(Err(err)).await;
+            });
+        }
+        match self {
+            Self::Channel(tx) => spawn_send(tx, err),
+            Self::LeaseHistory(_, FamilySink::Channel(tx)) => spawn_send(tx, err),
+            Self::SignalDelivery(_, FamilySink::Channel(tx)) => spawn_send(tx, err),
+            _ => {}
+        }
+    }
+
+    /// Resolves once a channel sink has room (`true`), or is closed (`false`); `None` for actor
+    /// sinks, which never fill.
+    pub(crate) fn room(&self) -> Option<futures::future::BoxFuture<'static, bool>> {
+        fn reserve<E: Send + 'static>(
+            tx: &mpsc::Sender<Result<E, EngineError>>,
+        ) -> futures::future::BoxFuture<'static, bool> {
+            let tx = tx.clone();
+            Box::pin(async move { tx.reserve().await.is_ok() })
+        }
+        match self {
+            Self::Channel(tx) => Some(reserve(tx)),
+            Self::LeaseHistory(_, FamilySink::Channel(tx)) => Some(reserve(tx)),
+            Self::SignalDelivery(_, FamilySink::Channel(tx)) => Some(reserve(tx)),
+            _ => None,
+        }
     }
 }
 
@@ -127,6 +234,8 @@ impl fmt::Debug for Sink {
         match self {
             Self::Channel(tx) => write!(f, "Sink::Channel(capacity {})", tx.max_capacity()),
             Self::Actor(_) => f.write_str("Sink::Actor"),
+            Self::LeaseHistory(filter, _) => write!(f, "Sink::LeaseHistory({filter:?})"),
+            Self::SignalDelivery(filter, _) => write!(f, "Sink::SignalDelivery({filter:?})"),
         }
     }
 }

@@ -84,7 +84,7 @@ impl MemorySource {
                 CompletionOutcome::Success,
                 TimestampMs::now(),
             );
-            inner.events.push(Positioned { pos, event });
+            inner.events.push(Positioned { pos, event: event.into() });
         }
         inner.wakers.retain(|w| w.send(Ok(Wake::Notified)).is_ok());
         ids

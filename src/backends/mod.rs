@@ -11,6 +11,9 @@ use crate::config::{BackendConfig, BackendConnection, Retention};
 use crate::cursor::{Frontier, Position, StreamCursor};
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
+use crate::lease_history::LeaseEntry;
+use crate::signal_delivery::SignalEntry;
+use crate::types::TimestampMs;
 
 pub(crate) mod lazy;
 #[cfg(test)]
@@ -24,11 +27,49 @@ pub mod sqlite;
 #[cfg(feature = "valkey")]
 pub mod valkey;
 
+/// An event of any family, as a source decodes it and the listener fans it out. The families
+/// share the backend's order (one lane space, one listener); each filter selects its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum FamilyEvent {
+    /// A completion (its cursor in the completion form).
+    Completion(CompletionEvent),
+    /// A lease change (its cursor tagged lease history).
+    LeaseHistory(LeaseEntry),
+    /// A signal delivery (its cursor tagged signal delivery).
+    SignalDelivery(SignalEntry),
+}
+
+impl FamilyEvent {
+    /// When the producer committed it.
+    pub(crate) fn at(&self) -> TimestampMs {
+        match self {
+            Self::Completion(e) => e.at,
+            Self::LeaseHistory(e) => e.event.at(),
+            Self::SignalDelivery(e) => e.event.at,
+        }
+    }
+
+    /// The completion, if it is one.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn completion(&self) -> Option<&CompletionEvent> {
+        match self {
+            Self::Completion(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<CompletionEvent> for FamilyEvent {
+    fn from(event: CompletionEvent) -> Self {
+        Self::Completion(event)
+    }
+}
+
 /// An event with its position in the backend's order.
 #[derive(Clone, Debug)]
 pub(crate) struct Positioned {
     pub pos: Position,
-    pub event: CompletionEvent,
+    pub event: FamilyEvent,
 }
 
 /// One read: the events after `start`, in order within each lane, up to `end`: every event
@@ -99,6 +140,14 @@ pub(crate) trait Waker: Send + 'static {
 }
 
 /// What the actor tree needs from a backend.
+///
+/// Every family is read through it: `read_after` returns the events of all families in the
+/// backend's one order (lease history and signal delivery rows beside the completions), each
+/// as a [`FamilyEvent`] whose cursor is already tagged with its family
+/// ([`crate::cursor::Family::tag_cursor`]); a row of a known family that cannot be decoded
+/// (an unknown lease kind, a missing id) goes to `Batch::skipped`. `cursor_of` and
+/// `resolve_start` speak the untagged (completion-form) position: the filter strips and adds
+/// the family tag.
 #[async_trait]
 pub(crate) trait CompletionSource: Send + Sync + 'static {
     /// `postgres`, `valkey` or `sqlite`.

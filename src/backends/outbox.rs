@@ -5,9 +5,14 @@ use std::collections::BTreeMap;
 use std::fmt::{self, Debug, Write as _};
 use std::time::Duration;
 
-use crate::cursor::StreamCursor;
+use super::FamilyEvent;
+use crate::cursor::{Family, StreamCursor};
 use crate::event::{CompletionEvent, CompletionOutcome};
-use crate::types::{ExecutionId, FlowId, Namespace, PARTITION_COUNT, TimestampMs};
+use crate::lease_history::{LeaseEntry, LeaseHistoryEvent};
+use crate::signal_delivery::{SignalDeliveryEffect, SignalDeliveryEvent, SignalEntry};
+use crate::types::{
+    ExecutionId, FlowId, LeaseId, Namespace, PARTITION_COUNT, SignalId, TimestampMs, WaitpointId, WorkerInstanceId,
+};
 
 /// How many characters of a bad value a reason quotes: a huge value (a 1 MiB namespace, a
 /// corrupt id) never makes a huge log line.
@@ -88,9 +93,76 @@ fn tags(text: Option<&str>, instance_tag: Option<&str>) -> Result<BTreeMap<Strin
     Ok(map)
 }
 
+/// The columns of the lease-history and signal-delivery families in an outbox row (absent
+/// columns read as `NULL`: a row without them is a completion).
+#[derive(Clone, Debug, Default, sqlx::FromRow)]
+pub(crate) struct FamilyColumns {
+    /// `NULL` or `completion`, `lease_history`, `signal_delivery`.
+    #[sqlx(default)]
+    pub family: Option<String>,
+    #[sqlx(default)]
+    pub lease_id: Option<String>,
+    #[sqlx(default)]
+    pub worker: Option<String>,
+    #[sqlx(default)]
+    pub revoked_by: Option<String>,
+    #[sqlx(default)]
+    pub signal_id: Option<String>,
+    #[sqlx(default)]
+    pub waitpoint_id: Option<String>,
+    #[sqlx(default)]
+    pub source_identity: Option<String>,
+}
+
+impl FamilyColumns {
+    /// The event of any family this row records, with `cursor` (the completion-form position)
+    /// tagged with its family. An unknown family, an unknown lease kind or a missing field is
+    /// an `Err` naming it: the row is skipped.
+    pub(crate) fn decode(&self, row: &OutboxRow, cursor: StreamCursor) -> Result<FamilyEvent, String> {
+        match self.family.as_deref() {
+            None | Some("completion") => row.decode(cursor).map(FamilyEvent::Completion),
+            Some("lease_history") => {
+                let kind = row.kind()?;
+                let event = LeaseHistoryEvent::from_wire(
+                    kind,
+                    Family::LeaseHistory.tag_cursor(cursor),
+                    row.execution()?,
+                    self.lease_id.as_deref().map(LeaseId::from),
+                    self.worker.as_deref().map(WorkerInstanceId::from),
+                    self.revoked_by.clone(),
+                    row.at()?,
+                )
+                .map_err(|_| format!("lease history kind {} is unknown", shown(&kind)))?;
+                Ok(FamilyEvent::LeaseHistory(LeaseEntry {
+                    event,
+                    namespace: row.namespace.as_deref().map(Namespace::from),
+                    worker: self.worker.as_deref().map(WorkerInstanceId::from),
+                }))
+            }
+            Some("signal_delivery") => {
+                let signal_id =
+                    self.signal_id.as_deref().filter(|s| !s.is_empty()).ok_or("signal_id is NULL or empty")?;
+                let event = SignalDeliveryEvent::new(
+                    Family::SignalDelivery.tag_cursor(cursor),
+                    row.execution()?,
+                    SignalId::from(signal_id),
+                    self.waitpoint_id.as_deref().map(WaitpointId::from),
+                    self.source_identity.clone(),
+                    SignalDeliveryEffect::from_wire(row.kind()?),
+                    row.at()?,
+                );
+                Ok(FamilyEvent::SignalDelivery(SignalEntry {
+                    event,
+                    namespace: row.namespace.as_deref().map(Namespace::from),
+                }))
+            }
+            Some(other) => Err(format!("family {} is unknown", shown(&other))),
+        }
+    }
+}
+
 impl OutboxRow {
-    /// The event this row records, with `cursor` as its position.
-    pub(crate) fn decode(&self, cursor: StreamCursor) -> Result<CompletionEvent, String> {
+    fn execution(&self) -> Result<ExecutionId, String> {
         let uuid = self.execution_id.as_deref().ok_or("execution_id is NULL")?;
         let uuid = uuid::Uuid::parse_str(uuid).map_err(|e| format!("execution_id {}: {e}", shown(&uuid)))?;
         let partition = self.partition_key.ok_or("partition_key is NULL")?;
@@ -98,23 +170,33 @@ impl OutboxRow {
             .ok()
             .filter(|p| *p < PARTITION_COUNT)
             .ok_or_else(|| format!("partition_key {partition} out of range"))?;
-        let outcome = self.outcome.as_deref().filter(|o| !o.is_empty()).ok_or("outcome is NULL or empty")?;
-        let at = self.occurred_at_ms.ok_or("occurred_at_ms is NULL")?;
+        Ok(ExecutionId::from_parts(partition, uuid))
+    }
+
+    /// The event's kind within its family (the `outcome` column).
+    fn kind(&self) -> Result<&str, String> {
+        Ok(self.outcome.as_deref().filter(|o| !o.is_empty()).ok_or("outcome is NULL or empty")?)
+    }
+
+    fn at(&self) -> Result<TimestampMs, String> {
+        Ok(TimestampMs(self.occurred_at_ms.ok_or("occurred_at_ms is NULL")?))
+    }
+
+    /// The completion this row records, with `cursor` as its position.
+    pub(crate) fn decode(&self, cursor: StreamCursor) -> Result<CompletionEvent, String> {
+        let execution_id = self.execution()?;
+        let outcome = self.kind()?;
+        let at = self.at()?;
         let flow_id = match &self.flow_id {
             Some(f) => {
                 Some(FlowId::from_uuid(uuid::Uuid::parse_str(f).map_err(|e| format!("flow_id {}: {e}", shown(f)))?))
             }
             None => None,
         };
-        Ok(CompletionEvent::new(
-            cursor,
-            ExecutionId::from_parts(partition, uuid),
-            CompletionOutcome::from_wire(outcome),
-            TimestampMs(at),
-        )
-        .with_flow_id(flow_id)
-        .with_namespace(self.namespace.as_deref().map(Namespace::from))
-        .with_tags(tags(self.tags.as_deref(), self.instance_tag.as_deref())?))
+        Ok(CompletionEvent::new(cursor, execution_id, CompletionOutcome::from_wire(outcome), at)
+            .with_flow_id(flow_id)
+            .with_namespace(self.namespace.as_deref().map(Namespace::from))
+            .with_tags(tags(self.tags.as_deref(), self.instance_tag.as_deref())?))
     }
 }
 

@@ -33,9 +33,25 @@ impl SupervisorState {
                 return;
             }
         };
+        // A cursor of another family is refused here, before any backend is asked.
+        let family = sink.family();
+        let from = match family.untag_cursor(&request.from) {
+            Ok(from) => from,
+            Err(err) => {
+                let _ = reply.send(Err(err));
+                return;
+            }
+        };
+        if family != crate::cursor::Family::Completion && !request.filter.is_noop() {
+            let _ = reply.send(Err(EngineError::validation(format!(
+                "a {} subscription takes its own filter, not a completion ScannerFilter",
+                family.name()
+            ))));
+            return;
+        }
         let Some(slot) = self.listeners.get(&backend) else { return };
         // A tail subscription falls back to the listener's cursor while the backend is down.
-        let fallback = if request.from.is_empty() { slot.shared.cursor() } else { None };
+        let fallback = if from.is_empty() { slot.shared.cursor() } else { None };
         let id = SubscriberId(self.next_subscriber);
         self.next_subscriber += 1;
         let policy = RestartPolicy::new(Backoff::from_retry(&slot.retry), self.config.restart_intensity);
@@ -46,7 +62,7 @@ impl SupervisorState {
                 name: request.name,
                 filter: request.filter,
                 sink,
-                shared: Arc::new(SubscriberShared::new(request.from, fallback)),
+                shared: Arc::new(SubscriberShared::new(from, fallback)),
                 policy,
                 actor: None,
                 restarts: 0,

@@ -235,7 +235,7 @@ impl CompletionSource for PostgresSource {
             }
             read += 1;
             match decode_row(row) {
-                Ok(event) => batch.events.push(Positioned { pos: p, event }),
+                Ok(event) => batch.events.push(Positioned { pos: p, event: event.into() }),
                 Err(reason) => batch.skipped.push((p, reason)),
             }
         }

@@ -14,10 +14,16 @@ use uuid::Uuid;
 use super::{WriteQueue, commit_signal, connect_pool, database_key, write_queue};
 use crate::config::BackendConfig;
 use crate::engine::{
-    CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, ResolvedEdge,
+    CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, LEASE_DURATION,
+    ResolvedEdge,
 };
 use crate::error::EngineError;
-use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
+use crate::signal_delivery::SignalDeliveryEffect;
+use crate::types::{ExecutionId, FlowId, Namespace, SignalId, TimestampMs, WaitpointId};
+
+fn lease_end(now: TimestampMs) -> i64 {
+    now.0.saturating_add(LEASE_DURATION.as_millis() as i64)
+}
 
 const TERMINAL: &str = "('success', 'failed', 'cancelled', 'expired', 'skipped')";
 
@@ -253,14 +259,18 @@ impl Engine for SqliteEngine {
             return Ok(Vec::new());
         }
         let mut tx = self.write("claim").await?;
+        // A new lease id per claim: the lease triggers write `acquired` or `reclaimed`.
+        let now = TimestampMs::now();
         let rows: Vec<(String, i64)> = sqlx::query_as(
-            "UPDATE ff_execution SET state = 'running', worker = ?, attempt = attempt + 1, updated_at_ms = ? \
+            "UPDATE ff_execution SET state = 'running', worker = ?, attempt = attempt + 1, updated_at_ms = ?, \
+             lease_id = lower(hex(randomblob(16))), lease_state = 'active', lease_expires_at_ms = ? \
              WHERE execution_id IN (SELECT execution_id FROM ff_execution WHERE state = 'eligible' \
                                     ORDER BY created_at_ms LIMIT ?) \
              RETURNING execution_id, partition_key",
         )
         .bind(worker)
-        .bind(TimestampMs::now().0)
+        .bind(now.0)
+        .bind(lease_end(now))
         .bind(limit as i64)
         .fetch_all(&mut *tx)
         .await
@@ -419,5 +429,146 @@ impl Engine for SqliteEngine {
                 .await
                 .map_err(sql_err("execution"))?;
         Ok(row.map(|(state, attempt)| ExecutionInfo { state, attempt: attempt.max(0) as u32 }))
+    }
+
+    async fn renew_lease(&self, id: &ExecutionId, worker: &str) -> Result<bool, EngineError> {
+        let op = "renew lease";
+        let mut tx = self.write(op).await?;
+        let renewed = sqlx::query(
+            "UPDATE ff_execution SET lease_renewals = lease_renewals + 1, lease_expires_at_ms = ? \
+             WHERE execution_id = ? AND worker = ? AND state = 'running' AND lease_state = 'active'",
+        )
+        .bind(lease_end(TimestampMs::now()))
+        .bind(id.uuid().to_string())
+        .bind(worker)
+        .execute(&mut *tx)
+        .await
+        .map_err(sql_err(op))?
+        .rows_affected();
+        self.commit(tx, op).await?;
+        Ok(renewed == 1)
+    }
+
+    async fn expire_leases(&self, now: TimestampMs) -> Result<Vec<ExecutionId>, EngineError> {
+        let op = "expire leases";
+        let mut tx = self.write(op).await?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "UPDATE ff_execution SET state = 'eligible', lease_state = 'expired', worker = NULL, updated_at_ms = ? \
+             WHERE state = 'running' AND lease_state = 'active' AND lease_expires_at_ms < ? \
+             RETURNING execution_id, partition_key",
+        )
+        .bind(TimestampMs::now().0)
+        .bind(now.0)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(sql_err(op))?;
+        self.commit(tx, op).await?;
+        rows.iter().map(|(id, p)| exec_id(id, *p)).collect()
+    }
+
+    async fn revoke_lease(&self, id: &ExecutionId, revoked_by: &str) -> Result<bool, EngineError> {
+        let op = "revoke lease";
+        let mut tx = self.write(op).await?;
+        let revoked = sqlx::query(
+            "UPDATE ff_execution SET state = 'eligible', lease_state = 'revoked', lease_revoked_by = ?, \
+             worker = NULL, updated_at_ms = ? WHERE execution_id = ? AND state = 'running' AND lease_state = 'active'",
+        )
+        .bind(revoked_by)
+        .bind(TimestampMs::now().0)
+        .bind(id.uuid().to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(sql_err(op))?
+        .rows_affected();
+        self.commit(tx, op).await?;
+        Ok(revoked == 1)
+    }
+
+    async fn suspend(&self, id: &ExecutionId, waitpoint: &WaitpointId) -> Result<bool, EngineError> {
+        let op = "suspend";
+        let (execution, now) = (id.uuid().to_string(), TimestampMs::now().0);
+        let mut tx = self.write(op).await?;
+        let suspended = sqlx::query(
+            "UPDATE ff_execution SET state = 'suspended', worker = NULL, lease_state = 'released', updated_at_ms = ? \
+             WHERE execution_id = ? AND state = 'running'",
+        )
+        .bind(now)
+        .bind(&execution)
+        .execute(&mut *tx)
+        .await
+        .map_err(sql_err(op))?
+        .rows_affected();
+        if suspended != 1 {
+            return Err(EngineError::State { detail: format!("suspend {id}: not_running") });
+        }
+        // The oldest signal buffered for this waitpoint, consumed now.
+        let consumed: Option<i64> = sqlx::query_scalar(
+            "UPDATE ff_signal_delivery SET consumed = 1 WHERE delivery_id = (SELECT min(delivery_id) \
+             FROM ff_signal_delivery WHERE execution_id = ? AND waitpoint_id = ? AND effect = 'buffered' \
+             AND consumed = 0) RETURNING delivery_id",
+        )
+        .bind(&execution)
+        .bind(waitpoint.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(sql_err(op))?;
+        let state = if consumed.is_some() { "satisfied" } else { "open" };
+        sqlx::query("INSERT OR REPLACE INTO ff_waitpoint (execution_id, waitpoint_id, state) VALUES (?, ?, ?)")
+            .bind(&execution)
+            .bind(waitpoint.as_str())
+            .bind(state)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_err(op))?;
+        if consumed.is_some() {
+            sqlx::query("UPDATE ff_execution SET state = 'eligible', updated_at_ms = ? WHERE execution_id = ?")
+                .bind(now)
+                .bind(&execution)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql_err(op))?;
+        }
+        self.commit(tx, op).await?;
+        Ok(consumed.is_some())
+    }
+
+    async fn deliver_signal(
+        &self,
+        id: &ExecutionId,
+        waitpoint: &WaitpointId,
+        signal_id: &SignalId,
+        idempotency_key: Option<&str>,
+        source_identity: Option<&str>,
+    ) -> Result<SignalDeliveryEffect, EngineError> {
+        let op = "deliver signal";
+        let mut tx = self.write(op).await?;
+        // One statement decides the effect and records it; the trigger writes the event and,
+        // when satisfied, releases the waitpoint and the execution. One writer at a time:
+        // of concurrent deliveries of one key, the first is not deduped, the rest are.
+        let effect: Option<String> = sqlx::query_scalar(
+            "INSERT INTO ff_signal_delivery (execution_id, waitpoint_id, signal_id, idempotency_key, source_identity, \
+             effect, delivered_at_ms) \
+             SELECT e.execution_id, ?2, ?3, ?4, ?5, \
+               CASE WHEN ?4 IS NOT NULL AND EXISTS (SELECT 1 FROM ff_signal_delivery d WHERE d.execution_id = ?1 \
+                         AND d.idempotency_key = ?4 AND d.effect <> 'deduped') THEN 'deduped' \
+                    WHEN EXISTS (SELECT 1 FROM ff_waitpoint w WHERE w.execution_id = ?1 AND w.waitpoint_id = ?2 \
+                         AND w.state = 'open') THEN 'satisfied' \
+                    ELSE 'buffered' END, ?6 \
+             FROM ff_execution e WHERE e.execution_id = ?1 RETURNING effect",
+        )
+        .bind(id.uuid().to_string())
+        .bind(waitpoint.as_str())
+        .bind(signal_id.as_str())
+        .bind(idempotency_key)
+        .bind(source_identity)
+        .bind(TimestampMs::now().0)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(sql_err(op))?;
+        let Some(effect) = effect else {
+            return Err(EngineError::State { detail: format!("deliver signal to {id}: no such execution") });
+        };
+        self.commit(tx, op).await?;
+        Ok(SignalDeliveryEffect::from_wire(&effect))
     }
 }

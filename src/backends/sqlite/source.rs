@@ -9,12 +9,11 @@ use sqlx::{Connection, SqliteConnection};
 use tokio::sync::watch;
 
 use super::{commit_signal, connect_pool, database_key, options};
-use crate::backends::outbox::{OutboxRow, age_cutoff_ms};
-use crate::backends::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
+use crate::backends::outbox::{FamilyColumns, OutboxRow, age_cutoff_ms};
+use crate::backends::{Batch, CompletionSource, FamilyEvent, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, Retention};
 use crate::cursor::{Frontier, Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
 use crate::error::EngineError;
-use crate::event::CompletionEvent;
 use crate::types::TimestampMs;
 
 /// How often the waker looks at `PRAGMA data_version` for commits from other processes.
@@ -27,7 +26,10 @@ SELECT event_id, CAST(execution_id AS TEXT) AS execution_id, CAST(flow_id AS TEX
        CAST(outcome AS TEXT) AS outcome, CAST(namespace AS TEXT) AS namespace, \
        CAST(instance_tag AS TEXT) AS instance_tag, CAST(tags AS TEXT) AS tags, \
        CASE WHEN typeof(occurred_at_ms) = 'integer' THEN occurred_at_ms END AS occurred_at_ms, \
-       CASE WHEN typeof(partition_key) = 'integer' THEN partition_key END AS partition_key \
+       CASE WHEN typeof(partition_key) = 'integer' THEN partition_key END AS partition_key, \
+       CAST(family AS TEXT) AS family, CAST(lease_id AS TEXT) AS lease_id, CAST(worker AS TEXT) AS worker, \
+       CAST(revoked_by AS TEXT) AS revoked_by, CAST(signal_id AS TEXT) AS signal_id, \
+       CAST(waitpoint_id AS TEXT) AS waitpoint_id, CAST(source_identity AS TEXT) AS source_identity \
   FROM ff_completion_event WHERE event_id > ? ORDER BY event_id LIMIT ?";
 
 /// One row of [`READ_AFTER`].
@@ -36,6 +38,8 @@ struct Row {
     event_id: i64,
     #[sqlx(flatten)]
     outbox: OutboxRow,
+    #[sqlx(flatten)]
+    family: FamilyColumns,
 }
 
 /// Reads the outbox of one SQLite database.
@@ -62,9 +66,9 @@ fn pos(event_id: i64) -> Position {
     Position::new(0, event_id.max(0) as u64)
 }
 
-/// Decodes one outbox row; the error names what is wrong with it.
-fn decode_row(row: &Row) -> Result<CompletionEvent, String> {
-    row.outbox.decode(encode_sqlite_cursor(row.event_id))
+/// Decodes one outbox row of any family; the error names what is wrong with it.
+fn decode_row(row: &Row) -> Result<FamilyEvent, String> {
+    row.family.decode(&row.outbox, encode_sqlite_cursor(row.event_id))
 }
 
 #[async_trait]
@@ -264,7 +268,7 @@ mod tests {
             Some(StartAt::after(Frontier::at(pos(3))))
         );
         let batch = source.read_after(&Frontier::at(pos(3)), 10).await.expect("read");
-        assert_eq!(batch.events.iter().map(|e| e.event.at.0).collect::<Vec<_>>(), [now, i64::MAX]);
+        assert_eq!(batch.events.iter().map(|e| e.event.at().0).collect::<Vec<_>>(), [now, i64::MAX]);
     }
 
     #[tokio::test]

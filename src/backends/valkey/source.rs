@@ -141,7 +141,7 @@ fn batch_of(start: &Frontier, lanes: Vec<(u16, Vec<RawEntry>)>, limit: usize) ->
             }
             batch.end.advance(pos);
             match entry.fields.and_then(|fields| decode_entry(pos, &fields)) {
-                Ok(event) => batch.events.push(Positioned { pos, event }),
+                Ok(event) => batch.events.push(Positioned { pos, event: event.into() }),
                 Err(reason) => batch.skipped.push((pos, reason)),
             }
         }

@@ -1,0 +1,110 @@
+-- Lease history and signal delivery: two more event families in the completion outbox.
+--
+-- The families share ff_completion_event (a `family` column; NULL is a completion, as every
+-- row written before this migration): one AUTOINCREMENT order for every family, so one
+-- listener reads one sequence, a cursor of any family is a position in it, and retention and
+-- the trim boundary work unchanged. `outcome` holds the event's kind within its family: the
+-- completion outcome, the lease kind (acquired, renewed, expired, reclaimed, revoked) or the
+-- signal effect (satisfied, buffered, deduped).
+ALTER TABLE ff_completion_event ADD COLUMN family TEXT;
+ALTER TABLE ff_completion_event ADD COLUMN lease_id TEXT;
+-- The lease's holder (acquired, renewed, revoked), previous owner (expired) or new owner (reclaimed).
+ALTER TABLE ff_completion_event ADD COLUMN worker TEXT;
+ALTER TABLE ff_completion_event ADD COLUMN revoked_by TEXT;
+ALTER TABLE ff_completion_event ADD COLUMN signal_id TEXT;
+ALTER TABLE ff_completion_event ADD COLUMN waitpoint_id TEXT;
+ALTER TABLE ff_completion_event ADD COLUMN source_identity TEXT;
+
+-- Leases of the demo engine: a new lease_id at each claim; lease_state is active | expired |
+-- revoked | released; a heartbeat bumps lease_renewals.
+ALTER TABLE ff_execution ADD COLUMN lease_id TEXT;
+ALTER TABLE ff_execution ADD COLUMN lease_state TEXT;
+ALTER TABLE ff_execution ADD COLUMN lease_expires_at_ms INTEGER;
+ALTER TABLE ff_execution ADD COLUMN lease_renewals INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE ff_execution ADD COLUMN lease_revoked_by TEXT;
+
+-- The expiry sweep's scan.
+CREATE INDEX IF NOT EXISTS ff_execution_lease_expiry_idx ON ff_execution (lease_state, lease_expires_at_ms)
+    WHERE lease_state = 'active';
+
+-- Waitpoints: state is open | satisfied.
+CREATE TABLE IF NOT EXISTS ff_waitpoint (
+    execution_id  TEXT NOT NULL REFERENCES ff_execution (execution_id),
+    waitpoint_id  TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    PRIMARY KEY (execution_id, waitpoint_id)
+);
+
+-- Every signal delivery and its effect; a buffered one is consumed when its waitpoint opens.
+CREATE TABLE IF NOT EXISTS ff_signal_delivery (
+    delivery_id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    execution_id     TEXT NOT NULL REFERENCES ff_execution (execution_id),
+    waitpoint_id     TEXT NOT NULL,
+    signal_id        TEXT NOT NULL,
+    idempotency_key  TEXT,
+    source_identity  TEXT,
+    effect           TEXT NOT NULL,
+    consumed         INTEGER NOT NULL DEFAULT 0,
+    delivered_at_ms  INTEGER NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS ff_signal_delivery_key_idx ON ff_signal_delivery (execution_id, idempotency_key);
+CREATE INDEX IF NOT EXISTS ff_signal_delivery_buffered_idx ON ff_signal_delivery (execution_id, waitpoint_id)
+    WHERE effect = 'buffered' AND consumed = 0;
+
+-- Producers. A claim sets a new lease_id: `acquired`, or `reclaimed` when the previous lease
+-- had expired.
+CREATE TRIGGER IF NOT EXISTS ff_execution_lease_claimed_trg
+AFTER UPDATE OF lease_id ON ff_execution
+WHEN NEW.lease_id IS NOT NULL AND NEW.lease_id IS NOT OLD.lease_id
+BEGIN
+    INSERT INTO ff_completion_event
+        (family, outcome, execution_id, flow_id, namespace, occurred_at_ms, partition_key, lease_id, worker)
+    VALUES
+        ('lease_history', CASE WHEN OLD.lease_state = 'expired' THEN 'reclaimed' ELSE 'acquired' END,
+         NEW.execution_id, NEW.flow_id, NEW.namespace,
+         CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER), NEW.partition_key, NEW.lease_id, NEW.worker);
+END;
+
+-- A heartbeat.
+CREATE TRIGGER IF NOT EXISTS ff_execution_lease_renewed_trg
+AFTER UPDATE OF lease_renewals ON ff_execution
+WHEN NEW.lease_renewals > OLD.lease_renewals
+BEGIN
+    INSERT INTO ff_completion_event
+        (family, outcome, execution_id, flow_id, namespace, occurred_at_ms, partition_key, lease_id, worker)
+    VALUES
+        ('lease_history', 'renewed', NEW.execution_id, NEW.flow_id, NEW.namespace,
+         CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER), NEW.partition_key, NEW.lease_id, NEW.worker);
+END;
+
+-- The expiry sweep and an operator's revoke end an active lease.
+CREATE TRIGGER IF NOT EXISTS ff_execution_lease_ended_trg
+AFTER UPDATE OF lease_state ON ff_execution
+WHEN OLD.lease_state = 'active' AND NEW.lease_state IN ('expired', 'revoked')
+BEGIN
+    INSERT INTO ff_completion_event
+        (family, outcome, execution_id, flow_id, namespace, occurred_at_ms, partition_key, lease_id, worker, revoked_by)
+    VALUES
+        ('lease_history', NEW.lease_state, NEW.execution_id, NEW.flow_id, NEW.namespace,
+         CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER), NEW.partition_key, OLD.lease_id, OLD.worker,
+         CASE WHEN NEW.lease_state = 'revoked' THEN NEW.lease_revoked_by END);
+END;
+
+-- A signal delivery: its event, and when it satisfies an open waitpoint, the waitpoint and the
+-- execution's release.
+CREATE TRIGGER IF NOT EXISTS ff_signal_delivery_trg
+AFTER INSERT ON ff_signal_delivery
+BEGIN
+    INSERT INTO ff_completion_event
+        (family, outcome, execution_id, flow_id, namespace, occurred_at_ms, partition_key, signal_id, waitpoint_id,
+         source_identity)
+    SELECT 'signal_delivery', NEW.effect, e.execution_id, e.flow_id, e.namespace,
+           CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER), e.partition_key, NEW.signal_id,
+           NEW.waitpoint_id, NEW.source_identity
+      FROM ff_execution e WHERE e.execution_id = NEW.execution_id;
+    UPDATE ff_waitpoint SET state = 'satisfied'
+     WHERE NEW.effect = 'satisfied' AND execution_id = NEW.execution_id AND waitpoint_id = NEW.waitpoint_id;
+    UPDATE ff_execution SET state = 'eligible', updated_at_ms = NEW.delivered_at_ms
+     WHERE NEW.effect = 'satisfied' AND execution_id = NEW.execution_id AND state = 'suspended';
+END;

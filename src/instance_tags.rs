@@ -1,0 +1,42 @@
+//! The instance-tag family: types only. No backend produces it yet, and
+//! `subscribe_instance_tags` answers [`EngineError::Unavailable`].
+
+use std::pin::Pin;
+
+use futures::Stream;
+
+use crate::cursor::StreamCursor;
+use crate::error::EngineError;
+use crate::types::{ExecutionId, TimestampMs};
+
+/// A tag attached to or cleared from an execution.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum InstanceTagEvent {
+    /// A tag was attached.
+    Attached {
+        /// Where to resume from.
+        cursor: StreamCursor,
+        /// The execution.
+        execution_id: ExecutionId,
+        /// The tag.
+        tag: String,
+        /// When the producer committed it.
+        at: TimestampMs,
+    },
+    /// A tag was cleared.
+    Cleared {
+        /// Where to resume from.
+        cursor: StreamCursor,
+        /// The execution.
+        execution_id: ExecutionId,
+        /// The tag.
+        tag: String,
+        /// When the producer committed it.
+        at: TimestampMs,
+    },
+}
+
+/// A stream of instance-tag events.
+pub type InstanceTagSubscription = Pin<Box<dyn Stream<Item = Result<InstanceTagEvent, EngineError>> + Send>>;
