@@ -6,10 +6,10 @@
 pub use crate::actors::Sink;
 pub use crate::backoff::Backoff;
 pub use crate::cursor::{
-    POSTGRES_CURSOR_PREFIX, PostgresCursor, SQLITE_CURSOR_PREFIX, VALKEY_CURSOR_PREFIX, VALKEY_LEGACY_LANE,
-    decode_postgres_cursor, decode_sqlite_cursor, decode_valkey_cursor, decode_valkey_frontier,
-    encode_postgres_batch_cursor, encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor,
-    encode_valkey_cursor, encode_valkey_frontier,
+    LEASE_HISTORY_CURSOR_TAG, POSTGRES_CURSOR_PREFIX, PostgresCursor, SIGNAL_DELIVERY_CURSOR_TAG, SQLITE_CURSOR_PREFIX,
+    VALKEY_CURSOR_PREFIX, VALKEY_LEGACY_LANE, decode_postgres_cursor, decode_sqlite_cursor, decode_valkey_cursor,
+    decode_valkey_frontier, encode_postgres_batch_cursor, encode_postgres_cursor, encode_postgres_event_cursor,
+    encode_sqlite_cursor, encode_valkey_cursor, encode_valkey_frontier,
 };
 
 /// Postgres: the channel, the migrations and their ledgers, the listener's application name.

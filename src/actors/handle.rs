@@ -189,7 +189,7 @@ impl CompletionSupervisorHandle {
         filter: LeaseHistoryFilter,
     ) -> Result<Subscription<LeaseHistoryEvent>, EngineError> {
         let (tx, rx) = mpsc::channel(self.subscriber_buffer);
-        let id = self.add_subscriber(request, Sink::LeaseHistory(filter, FamilySink::Channel(tx))).await?;
+        let id = self.add_subscriber(request, Sink::LeaseHistory(Box::new(filter), FamilySink::Channel(tx))).await?;
         Ok(Subscription { id, inner: ReceiverStream::new(rx), supervisor: self.actor.clone() })
     }
 
@@ -206,7 +206,7 @@ impl CompletionSupervisorHandle {
     where
         M: ractor::Message + From<LeaseHistoryEvent>,
     {
-        self.add_subscriber(request, Sink::LeaseHistory(filter, FamilySink::actor(actor))).await
+        self.add_subscriber(request, Sink::LeaseHistory(Box::new(filter), FamilySink::actor(actor))).await
     }
 
     /// Subscribes to signal deliveries: each delivery matching `filter`, in order, once each,
@@ -221,7 +221,7 @@ impl CompletionSupervisorHandle {
         filter: SignalDeliveryFilter,
     ) -> Result<Subscription<SignalDeliveryEvent>, EngineError> {
         let (tx, rx) = mpsc::channel(self.subscriber_buffer);
-        let id = self.add_subscriber(request, Sink::SignalDelivery(filter, FamilySink::Channel(tx))).await?;
+        let id = self.add_subscriber(request, Sink::SignalDelivery(Box::new(filter), FamilySink::Channel(tx))).await?;
         Ok(Subscription { id, inner: ReceiverStream::new(rx), supervisor: self.actor.clone() })
     }
 
@@ -238,7 +238,7 @@ impl CompletionSupervisorHandle {
     where
         M: ractor::Message + From<SignalDeliveryEvent>,
     {
-        self.add_subscriber(request, Sink::SignalDelivery(filter, FamilySink::actor(actor))).await
+        self.add_subscriber(request, Sink::SignalDelivery(Box::new(filter), FamilySink::actor(actor))).await
     }
 
     /// Instance tags have no producer on any backend yet.

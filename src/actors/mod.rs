@@ -115,9 +115,9 @@ pub enum Sink {
     /// Completions, to an actor-native consumer: each event is converted and cast to it.
     Actor(Arc<dyn Fn(CompletionEvent) -> bool + Send + Sync>),
     /// Lease-history events matching the filter.
-    LeaseHistory(LeaseHistoryFilter, FamilySink<LeaseHistoryEvent>),
+    LeaseHistory(Box<LeaseHistoryFilter>, FamilySink<LeaseHistoryEvent>),
     /// Signal-delivery events matching the filter.
-    SignalDelivery(SignalDeliveryFilter, FamilySink<SignalDeliveryEvent>),
+    SignalDelivery(Box<SignalDeliveryFilter>, FamilySink<SignalDeliveryEvent>),
 }
 
 /// Where the events of one family go: a bounded channel, or an actor-native consumer.

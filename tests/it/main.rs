@@ -5,6 +5,9 @@ mod support;
 #[allow(dead_code)]
 mod contract;
 
+#[allow(dead_code)]
+mod families;
+
 #[cfg(feature = "postgres")]
 mod postgres;
 

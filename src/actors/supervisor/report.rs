@@ -48,8 +48,11 @@ impl SupervisorState {
                     id: *id,
                     backend: sub.backend.clone(),
                     name: sub.name.clone(),
-                    // Empty (the tail) until the filter knows where the subscription starts.
-                    cursor: shared.start().map_or_else(StreamCursor::empty, |_| source.cursor_of(&shared.delivered())),
+                    // Empty (the tail) until the filter knows where the subscription starts; in
+                    // the subscriber's family.
+                    cursor: shared.start().map_or_else(StreamCursor::empty, |_| {
+                        sub.sink.family().tag_cursor(source.cursor_of(&shared.delivered()))
+                    }),
                     mode: shared.mode(),
                     delivered: shared.delivered_count.load(Ordering::Relaxed),
                     lag_events: shared.lag_events(&listener.shared),
