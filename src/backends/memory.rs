@@ -90,6 +90,29 @@ impl MemorySource {
         ids
     }
 
+    /// Commits `n` lease acquisitions by `worker` (lease-history events, their cursors tagged)
+    /// and wakes every waker; returns their executions.
+    pub(crate) fn commit_leases(&self, n: usize, worker: &str) -> Vec<ExecutionId> {
+        use crate::lease_history::{LeaseEntry, LeaseHistoryEvent};
+        let mut inner = self.inner();
+        let flow = FlowId::new();
+        let ids: Vec<ExecutionId> = (0..n).map(|_| ExecutionId::new_in(&flow)).collect();
+        for id in &ids {
+            let pos = Position::new(0, inner.events.len() as u64 + 1);
+            let event = LeaseHistoryEvent::Acquired {
+                cursor: crate::cursor::Family::LeaseHistory.tag_cursor(encode_sqlite_cursor(pos.lo as i64)),
+                execution_id: *id,
+                lease_id: None,
+                worker_instance_id: Some(worker.into()),
+                at: TimestampMs::now(),
+            };
+            let entry = LeaseEntry { event, namespace: None, worker: Some(worker.into()) };
+            inner.events.push(Positioned { pos, event: super::FamilyEvent::LeaseHistory(entry) });
+        }
+        inner.wakers.retain(|w| w.send(Ok(Wake::Notified)).is_ok());
+        ids
+    }
+
     /// The position of the `n`-th event committed (1-based).
     pub(crate) fn position(n: u64) -> Position {
         Position::new(0, n)

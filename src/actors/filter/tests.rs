@@ -256,3 +256,72 @@ async fn a_start_off_the_listeners_path_takes_no_live_batch_until_its_reads_reac
     let dropped = bed.shared.live_batches_dropped.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(dropped, 1, "the live batch was not taken as a continuation");
 }
+
+/// A lease-history subscriber's filter with a `buffer`-event channel (worker filter `worker`,
+/// if any), from the start of `source`.
+async fn lease_bed(
+    source: Arc<MemorySource>,
+    worker: Option<&str>,
+    buffer: usize,
+) -> (ActorRef<FilterMsg>, mpsc::Receiver<Result<crate::lease_history::LeaseHistoryEvent, EngineError>>) {
+    use crate::actors::FamilySink;
+    use crate::lease_history::LeaseHistoryFilter;
+    let (tx, rx) = mpsc::channel(buffer);
+    let filter = worker.map_or_else(LeaseHistoryFilter::new, |w| LeaseHistoryFilter::new().with_worker(w.into()));
+    let args = FilterArguments {
+        subscriber_id: SubscriberId(2),
+        name: None,
+        source: source.clone(),
+        filter: ScannerFilter::NOOP,
+        sink: Sink::LeaseHistory(Box::new(filter), FamilySink::Channel(tx)),
+        shared: Arc::new(from_start()),
+        listener: Arc::new(ListenerShared::default()),
+        backend_id: "memory".into(),
+        batch_size: 4,
+        retry: BackendRetry::new(2, 1, 3, 0),
+        reply: None,
+    };
+    let (filter, _) = Actor::spawn(None, Filter, args).await.expect("spawn the filter");
+    (filter, rx)
+}
+
+#[tokio::test]
+async fn a_lease_filter_delivers_its_family_only_once_each_in_order_through_live_and_catch_up() {
+    let source = MemorySource::new();
+    let mut expected = Vec::new();
+    for _ in 0..3 {
+        source.commit(2);
+        expected.extend(source.commit_leases(2, "w1"));
+        source.commit_leases(1, "w2");
+    }
+    // A buffer of 2: the filter blocks, drops live batches and catches up from the backend.
+    let (filter, mut rx) = lease_bed(source.clone(), Some("w1"), 2).await;
+    for (after, upto) in [(0, 5), (3, 10), (5, 15)] {
+        filter.cast(FilterMsg::Live(source.live_batch(after, upto))).expect("cast");
+    }
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        match tokio::time::timeout(WAIT, rx.recv()).await {
+            Ok(Some(Ok(event))) => got.push(event),
+            other => panic!("after {} events: {other:?}", got.len()),
+        }
+    }
+    assert_eq!(got.iter().map(|e| *e.execution_id()).collect::<Vec<_>>(), expected);
+    for event in &got {
+        assert_eq!(event.cursor().as_bytes()[1], crate::cursor::LEASE_HISTORY_CURSOR_TAG, "{event:?}");
+    }
+    assert!(tokio::time::timeout(Duration::from_millis(200), rx.recv()).await.is_err(), "nothing more");
+}
+
+#[tokio::test]
+async fn a_completion_filter_passes_over_other_families() {
+    let source = MemorySource::new();
+    let mut ids = source.commit(2);
+    source.commit_leases(3, "w");
+    ids.extend(source.commit(2));
+    let mut bed = bed(source, from_start(), 64).await;
+    answered(&mut bed).await.expect("subscribed");
+    assert_eq!(take(&mut bed.events, 4).await, ids);
+    nothing_more(&mut bed.events).await;
+    assert_eq!(bed.shared.delivered_count.load(std::sync::atomic::Ordering::Relaxed), 4);
+}
