@@ -6,6 +6,13 @@
 //! state change; this crate turns those durable records into live, filtered streams, one per
 //! subscriber, each event with a cursor to persist and resume from.
 //!
+//! Two more event families come through the same tree, with the same guarantees: lease
+//! history ([`LeaseHistoryEvent`], [`CompletionSupervisorHandle::subscribe_lease_history`])
+//! and signal delivery ([`SignalDeliveryEvent`],
+//! [`CompletionSupervisorHandle::subscribe_signal_delivery`]); one listener per backend reads
+//! them all, and each subscriber's filter selects its family. Their cursors carry a family tag
+//! (a cursor of one family is refused by another); completion cursors are unchanged.
+//!
 //! ```text
 //! engine actor (optional parent: spawn_linked)
 //! └── CompletionSupervisor      restarts children, keeps their cursors across restarts

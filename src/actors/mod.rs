@@ -10,6 +10,9 @@
 //!     └── Filter(subscriber n)
 //! ```
 //!
+//! The listener reads and fans out the events of every family (completions, lease history,
+//! signal delivery); a filter delivers one family, the one its [`Sink`] names.
+//!
 //! This module holds what the actors share: ids, the sink a filter delivers into, the live
 //! batch a listener fans out, and the state kept outside the actors so that a restart resumes
 //! where the dead actor stopped.
