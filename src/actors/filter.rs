@@ -179,7 +179,16 @@ impl FilterState {
         } else {
             source.resolve_start(&self.args.shared.from).await
         };
+        let family = self.args.sink.family();
         match result {
+            Ok(_) if !source.produces(family) => {
+                let err = EngineError::unavailable(
+                    "subscribe",
+                    format!("the {} backend does not produce {} events", source.kind(), family.name()),
+                );
+                tracing::warn!(subscriber = %self.args.subscriber_id, error = %err, "subscription refused");
+                self.end_with_error(myself, err);
+            }
             Ok(start) => self.begin(myself, start),
             Err(err) if err.is_transient() => {
                 self.answer();

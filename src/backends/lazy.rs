@@ -12,7 +12,7 @@ use tokio::sync::OnceCell;
 
 use super::{Batch, CompletionSource, StartAt, Waker};
 use crate::config::Retention;
-use crate::cursor::{Frontier, StreamCursor};
+use crate::cursor::{Family, Frontier, StreamCursor};
 use crate::error::EngineError;
 
 /// Makes the connected backend.
@@ -50,6 +50,11 @@ impl CompletionSource for LazySource {
     /// none to encode, and the empty (tail) cursor stands for "nothing read yet".
     fn cursor_of(&self, at: &Frontier) -> StreamCursor {
         self.connected.get().map_or_else(StreamCursor::empty, |s| s.cursor_of(at))
+    }
+
+    /// Known from a connected backend only (completions always).
+    fn produces(&self, family: Family) -> bool {
+        family == Family::Completion || self.connected.get().is_some_and(|s| s.produces(family))
     }
 
     async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError> {

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use super::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
 use crate::config::Retention;
-use crate::cursor::{Frontier, Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
+use crate::cursor::{Family, Frontier, Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
 use crate::error::EngineError;
 use crate::event::{CompletionEvent, CompletionOutcome};
 use crate::types::{ExecutionId, FlowId, TimestampMs};
@@ -34,6 +34,8 @@ struct Inner {
     read_delay: Duration,
     /// Reads made.
     reads: u64,
+    /// It produces completions only (as a backend without the other families).
+    completions_only: bool,
     /// What `resolve_start` says of where the listener's path begins (see `StartAt`).
     read_alone_until: Option<Position>,
     wakers: Vec<mpsc::UnboundedSender<Result<Wake, EngineError>>>,
@@ -88,6 +90,11 @@ impl MemorySource {
         }
         inner.wakers.retain(|w| w.send(Ok(Wake::Notified)).is_ok());
         ids
+    }
+
+    /// Makes it a backend that produces completions only.
+    pub(crate) fn set_completions_only(&self, only: bool) {
+        self.inner().completions_only = only;
     }
 
     /// Commits `n` lease acquisitions by `worker` (lease-history events, their cursors tagged)
@@ -190,6 +197,10 @@ impl CompletionSource for MemorySource {
 
     fn cursor_of(&self, at: &Frontier) -> StreamCursor {
         encode_sqlite_cursor(at.single().lo as i64)
+    }
+
+    fn produces(&self, family: Family) -> bool {
+        family == Family::Completion || !self.inner().completions_only
     }
 
     async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError> {

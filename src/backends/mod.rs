@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::config::{BackendConfig, BackendConnection, Retention};
-use crate::cursor::{Frontier, Position, StreamCursor};
+use crate::cursor::{Family, Frontier, Position, StreamCursor};
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
 use crate::lease_history::LeaseEntry;
@@ -155,6 +155,14 @@ pub(crate) trait CompletionSource: Send + Sync + 'static {
 
     /// The public cursor of a frontier.
     fn cursor_of(&self, at: &Frontier) -> StreamCursor;
+
+    /// Whether this backend's producers write events of `family` (completions always). A
+    /// subscription of a family its backend does not produce is refused with
+    /// [`EngineError::Unavailable`] once the backend answers, rather than left silent. A
+    /// backend that adds a family overrides it.
+    fn produces(&self, family: Family) -> bool {
+        family == Family::Completion
+    }
 
     /// Decodes a cursor of this family (empty = tail) and checks it is still retained.
     async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError>;

@@ -325,3 +325,30 @@ async fn a_completion_filter_passes_over_other_families() {
     nothing_more(&mut bed.events).await;
     assert_eq!(bed.shared.delivered_count.load(std::sync::atomic::Ordering::Relaxed), 4);
 }
+
+#[tokio::test]
+async fn a_family_its_backend_does_not_produce_is_refused_as_unavailable_once_the_backend_answers() {
+    let source = MemorySource::new();
+    source.set_completions_only(true);
+    let (tx, rx) = mpsc::channel::<Result<crate::lease_history::LeaseHistoryEvent, EngineError>>(4);
+    let (reply, answer) = oneshot::channel();
+    let args = FilterArguments {
+        subscriber_id: SubscriberId(3),
+        name: None,
+        source: source.clone(),
+        filter: ScannerFilter::NOOP,
+        sink: Sink::LeaseHistory(Box::default(), crate::actors::FamilySink::Channel(tx)),
+        shared: Arc::new(from_start()),
+        listener: Arc::new(ListenerShared::default()),
+        backend_id: "memory".into(),
+        batch_size: 4,
+        retry: BackendRetry::new(2, 1, 3, 0),
+        reply: Some(reply.into()),
+    };
+    let _filter = Actor::spawn(None, Filter, args).await.expect("spawn the filter");
+    match tokio::time::timeout(WAIT, answer).await {
+        Ok(Ok(Err(EngineError::Unavailable { detail, .. }))) => assert!(detail.contains("lease history"), "{detail}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    drop(rx);
+}

@@ -12,7 +12,7 @@ use super::{commit_signal, connect_pool, database_key, options};
 use crate::backends::outbox::{FamilyColumns, OutboxRow, age_cutoff_ms};
 use crate::backends::{Batch, CompletionSource, FamilyEvent, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, Retention};
-use crate::cursor::{Frontier, Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
+use crate::cursor::{Family, Frontier, Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
 use crate::error::EngineError;
 use crate::types::TimestampMs;
 
@@ -79,6 +79,12 @@ impl CompletionSource for SqliteSource {
 
     fn cursor_of(&self, at: &Frontier) -> StreamCursor {
         encode_sqlite_cursor(at.single().lo as i64)
+    }
+
+    /// Every family: the triggers of `migrations/sqlite/` write lease history and signal
+    /// delivery beside the completions.
+    fn produces(&self, _family: Family) -> bool {
+        true
     }
 
     async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError> {
