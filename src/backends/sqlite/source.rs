@@ -20,16 +20,19 @@ use crate::types::TimestampMs;
 const DATA_VERSION_POLL: Duration = Duration::from_millis(50);
 
 /// Columns are read as loosely as SQLite stores them (any value in any column), so one row of
-/// the wrong type is skipped alone instead of failing the whole read.
+/// the wrong type is skipped alone instead of failing the whole read. The other families'
+/// columns come as one JSON array, `NULL` for a completion: a completion row costs one more
+/// (`NULL`) column than before the families, not seven.
 const READ_AFTER: &str = "\
 SELECT event_id, CAST(execution_id AS TEXT) AS execution_id, CAST(flow_id AS TEXT) AS flow_id, \
        CAST(outcome AS TEXT) AS outcome, CAST(namespace AS TEXT) AS namespace, \
        CAST(instance_tag AS TEXT) AS instance_tag, CAST(tags AS TEXT) AS tags, \
        CASE WHEN typeof(occurred_at_ms) = 'integer' THEN occurred_at_ms END AS occurred_at_ms, \
        CASE WHEN typeof(partition_key) = 'integer' THEN partition_key END AS partition_key, \
-       CAST(family AS TEXT) AS family, CAST(lease_id AS TEXT) AS lease_id, CAST(worker AS TEXT) AS worker, \
-       CAST(revoked_by AS TEXT) AS revoked_by, CAST(signal_id AS TEXT) AS signal_id, \
-       CAST(waitpoint_id AS TEXT) AS waitpoint_id, CAST(source_identity AS TEXT) AS source_identity \
+       CAST(family AS TEXT) AS family, \
+       CASE WHEN family IS NOT NULL THEN json_array(CAST(lease_id AS TEXT), CAST(worker AS TEXT), \
+            CAST(revoked_by AS TEXT), CAST(signal_id AS TEXT), CAST(waitpoint_id AS TEXT), \
+            CAST(source_identity AS TEXT)) END AS family_fields \
   FROM ff_completion_event WHERE event_id > ? ORDER BY event_id LIMIT ?";
 
 /// One row of [`READ_AFTER`].
@@ -38,8 +41,10 @@ struct Row {
     event_id: i64,
     #[sqlx(flatten)]
     outbox: OutboxRow,
-    #[sqlx(flatten)]
-    family: FamilyColumns,
+    family: Option<String>,
+    /// `[lease_id, worker, revoked_by, signal_id, waitpoint_id, source_identity]`, as text or
+    /// `null`; `NULL` for a completion.
+    family_fields: Option<String>,
 }
 
 /// Reads the outbox of one SQLite database.
@@ -68,7 +73,23 @@ fn pos(event_id: i64) -> Position {
 
 /// Decodes one outbox row of any family; the error names what is wrong with it.
 fn decode_row(row: &Row) -> Result<FamilyEvent, String> {
-    row.family.decode(&row.outbox, encode_sqlite_cursor(row.event_id))
+    let cursor = encode_sqlite_cursor(row.event_id);
+    let Some(family) = &row.family else { return row.outbox.decode(cursor).map(FamilyEvent::Completion) };
+    let fields: [Option<String>; 6] = match &row.family_fields {
+        Some(json) => serde_json::from_str(json).map_err(|e| format!("family columns: {e}"))?,
+        None => Default::default(),
+    };
+    let [lease_id, worker, revoked_by, signal_id, waitpoint_id, source_identity] = fields;
+    let columns = FamilyColumns {
+        family: Some(family.clone()),
+        lease_id,
+        worker,
+        revoked_by,
+        signal_id,
+        waitpoint_id,
+        source_identity,
+    };
+    columns.decode(&row.outbox, cursor)
 }
 
 #[async_trait]
