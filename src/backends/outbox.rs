@@ -116,6 +116,8 @@ pub(crate) struct FamilyColumns {
     pub source_identity: Option<String>,
 }
 
+// Only the SQLite reader decodes the other families yet.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 impl FamilyColumns {
     /// The event of any family this row records, with `cursor` (the completion-form position)
     /// tagged with its family. An unknown family, an unknown lease kind or a missing field is
