@@ -27,6 +27,12 @@ use crate::error::EngineError;
 /// Slots of a Valkey Cluster.
 const SLOTS: u16 = 16384;
 
+/// `ff_read_streams` calls one source has in flight at most. Each looks at up to 257 streams
+/// and reads up to a batch, so the server runs it for milliseconds: with one in flight per
+/// catching-up subscriber, 256 of them queued on one primary outlasted the request timeout.
+/// Waiting for a permit happens before the request is sent, outside its timeout.
+const GROUP_CALLS_IN_FLIGHT: usize = 8;
+
 /// The stream of a lane.
 pub(super) fn lane_key(lane: u16) -> String {
     if lane == VALKEY_LEGACY_LANE { LEGACY_STREAM_KEY.to_owned() } else { keys::stream(lane) }
@@ -109,12 +115,13 @@ fn share_of(budget: usize, lanes: usize) -> usize {
 pub(super) struct Shards {
     cluster: bool,
     groups: Mutex<Option<Arc<Vec<Vec<u16>>>>>,
+    calls: Semaphore,
 }
 
 impl Shards {
     /// The grouping for a single node (one group) or a cluster (asked on first use).
     pub(super) fn new(cluster: bool) -> Self {
-        Self { cluster, groups: Mutex::new(None) }
+        Self { cluster, groups: Mutex::new(None), calls: Semaphore::new(GROUP_CALLS_IN_FLIGHT) }
     }
 
     fn cached(&self) -> Option<Arc<Vec<Vec<u16>>>> {
@@ -221,7 +228,7 @@ fn group_reply(reply: &Value, lanes: &[u16]) -> Result<GroupReply, String> {
 /// One `ff_read_streams` call over `lanes`, routed by the first lane's stream.
 async fn look_group(
     client: &Client,
-    reads: &Semaphore,
+    calls: &Semaphore,
     after: &Frontier,
     lanes: &[u16],
     budget: usize,
@@ -233,7 +240,7 @@ async fn look_group(
         args.push(lane_key(*lane));
         args.push(format_id(after.get(*lane)));
     }
-    let _permit = reads.acquire().await.map_err(|_| closed())?;
+    let _permit = calls.acquire().await.map_err(|_| closed())?;
     let reply: Value = fcall(client, "ff_read_streams", &[lane_key(*first)], &args).await?;
     group_reply(&reply, lanes).map_err(|detail| EngineError::schema("ff_read_streams", detail))
 }
@@ -266,7 +273,8 @@ pub(super) async fn look_many(
         }
         None => (Vec::new(), wanted),
     };
-    let replies = futures::future::join_all(grouped.iter().map(|g| look_group(client, reads, after, g, budget))).await;
+    let replies =
+        futures::future::join_all(grouped.iter().map(|g| look_group(client, &shards.calls, after, g, budget))).await;
     let mut looked = Vec::new();
     for (group, reply) in grouped.iter().zip(replies) {
         match reply {
