@@ -33,7 +33,7 @@
 --   ff:completions                   stream  the single stream of versions 1 and 2, still read
 --                                          (never written) until it is empty
 
-local VERSION = '3'
+local VERSION = '4'
 local CHANNEL = 'ff:dag:completions'
 local TERMINAL = { success = true, failed = true, cancelled = true, expired = true, skipped = true }
 local OPEN = { blocked = true, eligible = true, running = true }
@@ -376,6 +376,70 @@ local function ff_read_after(keys, args)
   return { trimmed, first, m['last-generated-id'] or '', entries }
 end
 
+-- Decimal text `a` is a greater number than `b` (neither has leading zeros).
+local function greater(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+
+-- Stream id `a` is after stream id `b`.
+local function id_after(a, b)
+  local am, as = string.match(a, '^(%d+)%-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)%-(%d+)$')
+  if am ~= bm then return greater(am, bm) end
+  return greater(as, bs)
+end
+
+-- FCALL_RO ff_read_streams 1 <routing key> <budget> <stream> <after id> [<stream> <after id> ..]
+-- -> {share, lanes}: one atomic look at every listed completion stream this node holds, for a
+-- reader at <after id> in each. <routing key> is any key of a slot this node owns (it only
+-- routes the call). `lanes` lists, by the 1-based index of the pair, only the streams with
+-- entries after the reader, as {index, 'ok', trimmed, first id, last generated id, entries}
+-- (as ff_read_after), and the streams this node cannot answer (their slot is served elsewhere,
+-- migrating or importing) as {index, 'elsewhere'}: the caller reads those one by one. Entries:
+-- <budget> split evenly over the streams with news (at least 8 each, `share`); the single
+-- stream of versions 1 and 2 alone while it has news; none for a budget of 0.
+local function ff_read_streams(keys, args)
+  local bad = wrong_keys(keys, 1)
+  if bad then return bad end
+  local budget = tonumber(args[1])
+  if budget == nil or budget < 0 or budget ~= math.floor(budget) then return invalid('bad budget') end
+  if #args % 2 ~= 1 then return invalid('expected <stream> <after id> pairs') end
+  local lanes, pending, legacy = {}, {}, nil
+  for i = 2, #args, 2 do
+    local key, after = args[i], args[i + 1]
+    if string.sub(key, 1, 14) ~= 'ff:completions' then return invalid('not a completion stream: ' .. key) end
+    if not string.match(after, '^%d+%-%d+$') then return invalid('bad stream id') end
+    local index = i / 2
+    local exists = redis.pcall('EXISTS', key)
+    if type(exists) == 'table' and exists.err then
+      lanes[#lanes + 1] = { index, 'elsewhere' }
+    elseif exists == 1 then
+      local info = redis.call('XINFO', 'STREAM', key)
+      local m = {}
+      for j = 1, #info, 2 do m[info[j]] = info[j + 1] end
+      local last = m['last-generated-id'] or '0-0'
+      if id_after(last, after) then
+        local trimmed = (tonumber(m['entries-added']) or 0) > (tonumber(m['length']) or 0) and 1 or 0
+        local first = m['first-entry'] and m['first-entry'][1] or ''
+        local lane = { index, 'ok', trimmed, first, last, {} }
+        lanes[#lanes + 1] = lane
+        pending[#pending + 1] = { lane, key, after }
+        if key == 'ff:completions' then legacy = pending[#pending] end
+      end
+    end
+  end
+  if legacy then pending = { legacy } end
+  local share = 0
+  if budget > 0 and #pending > 0 then
+    share = math.min(budget, math.max(math.min(8, budget), math.floor(budget / #pending)))
+    for _, p in ipairs(pending) do
+      p[1][6] = redis.call('XRANGE', p[2], '(' .. p[3], '+', 'COUNT', share)
+    end
+  end
+  return { share, lanes }
+end
+
 redis.register_function { function_name = 'ff_version', callback = ff_version, flags = { 'no-writes' } }
 redis.register_function('ff_create_flow', ff_create_flow)
 redis.register_function('ff_create_execution', ff_create_execution)
@@ -390,3 +454,6 @@ redis.register_function { function_name = 'ff_children', callback = ff_children,
 redis.register_function { function_name = 'ff_unresolved', callback = ff_unresolved, flags = { 'no-writes' } }
 redis.register_function { function_name = 'ff_execution', callback = ff_execution, flags = { 'no-writes' } }
 redis.register_function { function_name = 'ff_read_after', callback = ff_read_after, flags = { 'no-writes' } }
+redis.register_function {
+  function_name = 'ff_read_streams', callback = ff_read_streams, flags = { 'no-writes', 'allow-cross-slot-keys' },
+}

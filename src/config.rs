@@ -163,9 +163,13 @@ pub struct ValkeyConnection {
     pub password: Option<String>,
     /// Use TLS.
     pub tls: bool,
-    /// Cluster mode: `host:port` is one node to discover the cluster from; ferriskey's cluster
-    /// client routes each call to the primary owning its keys' slot (database 0 only).
+    /// Cluster mode: `host:port` (and [`ValkeyConnection::seed_nodes`]) are nodes to discover
+    /// the cluster from; ferriskey's cluster client routes each call to the primary owning its
+    /// keys' slot (database 0 only).
     pub cluster: bool,
+    /// Further nodes to discover a cluster from, after `host:port` (any one that answers is
+    /// enough); empty for a single node.
+    pub seed_nodes: Vec<(String, u16)>,
     /// Logical database number.
     pub database: i64,
     /// `MAXLEN ~` the producers trim the completion stream to on every `XADD`.
@@ -187,6 +191,7 @@ impl ValkeyConnection {
             password: None,
             tls: false,
             cluster: false,
+            seed_nodes: Vec::new(),
             database: 0,
             stream_maxlen: 1_000_000,
             wait_replicas: 0,
@@ -222,6 +227,42 @@ impl ValkeyConnection {
         self
     }
 
+    /// Cluster mode seeded with several nodes: the first becomes `host:port`, the others
+    /// [`ValkeyConnection::seed_nodes`]; a client finds the cluster through any one that answers.
+    ///
+    /// ```
+    /// use ff_completions::ValkeyConnection;
+    ///
+    /// let v = ValkeyConnection::new("unused", 1).with_seed_nodes([("a", 7000), ("b", 7001)])?;
+    /// assert_eq!(v.to_string(), "valkey+cluster://a:7000,b:7001/0");
+    /// assert!(ValkeyConnection::new("a", 1).with_seed_nodes([("b", 0)]).is_err());
+    /// # Ok::<(), ff_completions::EngineError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`EngineError::Validation`] for an empty list, an empty host, port 0 or a node named twice.
+    pub fn with_seed_nodes<H: Into<String>>(
+        mut self,
+        nodes: impl IntoIterator<Item = (H, u16)>,
+    ) -> Result<Self, EngineError> {
+        let nodes: Vec<(String, u16)> = nodes.into_iter().map(|(h, p)| (h.into(), p)).collect();
+        check_seed_nodes(&nodes)?;
+        let mut nodes = nodes.into_iter();
+        let Some((host, port)) = nodes.next() else {
+            return Err(EngineError::validation("a valkey cluster needs at least one seed node"));
+        };
+        self.host = host;
+        self.port = port;
+        self.seed_nodes = nodes.collect();
+        self.cluster = true;
+        Ok(self)
+    }
+
+    /// `host:port`, then the further seed nodes.
+    pub fn nodes(&self) -> impl Iterator<Item = (&str, u16)> {
+        std::iter::once((self.host.as_str(), self.port)).chain(self.seed_nodes.iter().map(|(h, p)| (h.as_str(), *p)))
+    }
+
     /// Makes the demo engine wait for `replicas` replicas to acknowledge each write (`WAIT`,
     /// see [`ValkeyConnection::wait_replicas`]).
     #[must_use]
@@ -247,6 +288,7 @@ impl fmt::Debug for ValkeyConnection {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("tls", &self.tls)
             .field("cluster", &self.cluster)
+            .field("seed_nodes", &self.seed_nodes)
             .field("database", &self.database)
             .field("stream_maxlen", &self.stream_maxlen)
             .field("wait_replicas", &self.wait_replicas)
@@ -265,8 +307,74 @@ impl fmt::Display for ValkeyConnection {
             (Some(u), None) => write!(f, "{u}@")?,
             (None, None) => {}
         }
-        write!(f, "{}:{}/{}", self.host, self.port, self.database)
+        for (i, (host, port)) in self.nodes().enumerate() {
+            let comma = if i == 0 { "" } else { "," };
+            if host.contains(':') {
+                write!(f, "{comma}[{host}]:{port}")?;
+            } else {
+                write!(f, "{comma}{host}:{port}")?;
+            }
+        }
+        write!(f, "/{}", self.database)
     }
+}
+
+/// A seed list is not empty and names each node once, with a host and a port other than 0.
+fn check_seed_nodes(nodes: &[(String, u16)]) -> Result<(), EngineError> {
+    if nodes.is_empty() {
+        return Err(EngineError::validation("a valkey cluster needs at least one seed node"));
+    }
+    for (i, (host, port)) in nodes.iter().enumerate() {
+        if host.trim().is_empty() {
+            return Err(EngineError::validation(format!("valkey seed node {} has no host", i + 1)));
+        }
+        if *port == 0 {
+            return Err(EngineError::validation(format!("valkey seed node {host}:0 has no port")));
+        }
+        if nodes[..i].contains(&(host.clone(), *port)) {
+            return Err(EngineError::validation(format!("valkey seed node {host}:{port} is named twice")));
+        }
+    }
+    Ok(())
+}
+
+/// Splits `scheme://[userinfo@]h1:p1,h2:p2/rest` into the URL with the first node only and the
+/// further nodes (host, port; port 6379 when not given).
+fn split_seed_nodes(text: &str) -> Result<(String, Vec<(String, u16)>), EngineError> {
+    let Some((scheme, rest)) = text.split_once("://") else { return Ok((text.to_owned(), Vec::new())) };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let (userinfo, hosts) = match authority.rfind('@') {
+        Some(at) => authority.split_at(at + 1),
+        None => ("", authority),
+    };
+    let Some((first, others)) = hosts.split_once(',') else { return Ok((text.to_owned(), Vec::new())) };
+    let others = others.split(',').map(|node| parse_node(scheme, node)).collect::<Result<Vec<_>, _>>()?;
+    Ok((format!("{scheme}://{userinfo}{first}{path}"), others))
+}
+
+/// `host[:port]` or `[v6]:port` of a seed list.
+fn parse_node(scheme: &str, node: &str) -> Result<(String, u16), EngineError> {
+    let bad = || EngineError::validation(format!("{scheme} URL: malformed seed node {node:?} (expected host:port)"));
+    let node = node.trim();
+    let (host, port) = match node.strip_prefix('[') {
+        Some(v6) => {
+            let (host, rest) = v6.split_once(']').ok_or_else(bad)?;
+            (host, rest.strip_prefix(':'))
+        }
+        None => match node.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (node, None),
+        },
+    };
+    if host.is_empty() || host.contains([':', '@', ' ']) && !node.starts_with('[') {
+        return Err(bad());
+    }
+    let port = match port {
+        None => 6379,
+        Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?,
+    };
+    Ok((host.to_owned(), port))
 }
 
 /// SQLite database: a file, or a private in-memory database.
@@ -384,7 +492,8 @@ impl BackendConfig {
 
     /// Parses `postgres://` / `postgresql://`, `valkey://` / `redis://` (TLS: `valkeys://` /
     /// `rediss://`, user, password, `/db`; a cluster: `valkey+cluster://` and the like, naming
-    /// one seed node), and `sqlite://path` / `sqlite::memory:`.
+    /// one seed node or several, `valkey+cluster://a:7000,b:7001`), and `sqlite://path` /
+    /// `sqlite::memory:`.
     ///
     /// ```
     /// use ff_completions::BackendConfig;
@@ -411,8 +520,16 @@ impl BackendConfig {
             }
             return Ok(Self::sqlite(path));
         }
-        let url = url::Url::parse(text)
+        let valkey = ["valkey", "redis"].iter().any(|s| text.starts_with(s));
+        let (first_node, seed_nodes) = if valkey { split_seed_nodes(text)? } else { (text.to_owned(), Vec::new()) };
+        let url = url::Url::parse(&first_node)
             .map_err(|e| EngineError::validation(format!("bad backend URL {:?}: {e}", redact(text))))?;
+        if !seed_nodes.is_empty() && !url.scheme().ends_with("+cluster") {
+            return Err(EngineError::validation(format!(
+                "{} URL names several nodes; only a cluster URL (valkey+cluster://) may",
+                url.scheme()
+            )));
+        }
         match url.scheme() {
             "postgres" | "postgresql" => {
                 if url.host_str().is_none_or(str::is_empty) && !text.contains("host=") {
@@ -452,13 +569,15 @@ impl BackendConfig {
                 if cluster && database != 0 {
                     return Err(EngineError::validation(format!("{full} URL: a cluster has database 0 only")));
                 }
-                Ok(Self::valkey_with(
-                    ValkeyConnection::new(host, port)
-                        .with_credentials(username, password)
-                        .with_tls(tls)
-                        .with_database(database)
-                        .with_cluster(cluster),
-                ))
+                let mut connection = ValkeyConnection::new(host.clone(), port)
+                    .with_credentials(username, password)
+                    .with_tls(tls)
+                    .with_database(database)
+                    .with_cluster(cluster);
+                if !seed_nodes.is_empty() {
+                    connection = connection.with_seed_nodes(std::iter::once((host, port)).chain(seed_nodes))?;
+                }
+                Ok(Self::valkey_with(connection))
             }
             other => Err(EngineError::validation(format!(
                 "unsupported backend URL scheme {other:?} (use postgres://, valkey://, valkey+cluster://, redis:// or sqlite://)"
@@ -501,6 +620,58 @@ mod tests {
         assert!(matches!(BackendConfig::from_url("valkey+cluster://n1:7000/2"), Err(EngineError::Validation { .. })));
         let plain = BackendConfig::from_url("valkey://n1:7000").ok();
         assert!(matches!(plain.map(|c| c.connection), Some(BackendConnection::Valkey(v)) if !v.cluster));
+    }
+
+    fn valkey_of(url: &str) -> ValkeyConnection {
+        match BackendConfig::from_url(url).map(|c| c.connection) {
+            Ok(BackendConnection::Valkey(v)) => v,
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cluster_urls_and_the_builder_name_several_seed_nodes() {
+        let v = valkey_of("valkeys+cluster://u:p,w@n1:7000,n2:7001,[::1]:7002,n4/0");
+        assert!(v.cluster && v.tls);
+        assert_eq!(v.password.as_deref(), Some("p,w"));
+        let nodes: Vec<(&str, u16)> = v.nodes().collect();
+        assert_eq!(nodes, [("n1", 7000), ("n2", 7001), ("::1", 7002), ("n4", 6379)]);
+        assert_eq!(v.to_string(), "valkeys+cluster://u:<redacted>@n1:7000,n2:7001,[::1]:7002,n4:6379/0");
+        assert_eq!(valkey_of(&v.to_string().replace("<redacted>", "x")).nodes().count(), 4);
+        let built = ValkeyConnection::new("x", 1).with_seed_nodes([("a", 7000), ("b", 7001)]).ok();
+        let built = built.unwrap_or_else(|| panic!("refused"));
+        assert!(built.cluster);
+        assert_eq!(built.nodes().collect::<Vec<_>>(), [("a", 7000), ("b", 7001)]);
+        assert_eq!(valkey_of("valkey+cluster://a:7000,b:7001"), built);
+    }
+
+    #[test]
+    fn malformed_seed_node_lists_are_validation_errors() {
+        for url in [
+            "valkey+cluster://a:7000,",
+            "valkey+cluster://a:7000,,b:7001",
+            "valkey+cluster://a:7000,b:x",
+            "valkey+cluster://a:7000,b:0",
+            "valkey+cluster://a:7000,b:70000",
+            "valkey+cluster://a:7000,:7001",
+            "valkey+cluster://a:7000,[::1:7001",
+            "valkey+cluster://a:7000,a:7000",
+            "valkey+cluster://a:7000,b:7001/3",
+            "valkey://a:7000,b:7001",
+            "redis://u:topsecret@a:7000,b:7001",
+        ] {
+            match BackendConfig::from_url(url) {
+                Err(EngineError::Validation { detail }) => assert!(!detail.contains("topsecret"), "{detail}"),
+                other => panic!("{url:?} gave {other:?}"),
+            }
+        }
+        let empty: [(&str, u16); 0] = [];
+        let lists: [Vec<(&str, u16)>; 4] =
+            [empty.to_vec(), vec![("", 7000)], vec![("a", 0)], vec![("a", 7000), ("b", 7001), ("a", 7000)]];
+        for list in lists {
+            let refused = ValkeyConnection::new("h", 1).with_seed_nodes(list.clone());
+            assert!(matches!(refused, Err(EngineError::Validation { .. })), "{list:?} gave {refused:?}");
+        }
     }
 
     #[test]

@@ -94,6 +94,22 @@ fn intensity(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Option<(u32, Dur
     Ok(Some((n, Duration::from_secs(secs))))
 }
 
+/// The URLs of a comma-separated list; a piece without a scheme continues the previous URL's
+/// seed node list (`valkey+cluster://a:7000,b:7001,postgres://..` is two URLs).
+fn backend_urls(list: &str) -> Vec<String> {
+    let mut urls: Vec<String> = Vec::new();
+    for piece in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        match urls.last_mut() {
+            Some(last) if !piece.contains("://") && !piece.starts_with("sqlite:") => {
+                last.push(',');
+                last.push_str(piece);
+            }
+            _ => urls.push(piece.to_owned()),
+        }
+    }
+    urls
+}
+
 /// Builds a tree configuration from `lookup` (the environment, or a map in tests).
 ///
 /// # Errors
@@ -109,8 +125,8 @@ pub fn supervisor_config_from(lookup: &dyn Fn(&str) -> Option<String>) -> Result
     let max_age = number(lookup, RETENTION_MAX_AGE_S, MAX_AGE_S)?.map(Duration::from_secs);
     let max_events = number(lookup, RETENTION_MAX_EVENTS, u64::MAX)?;
     let stream_maxlen = number(lookup, VALKEY_STREAM_MAXLEN, i64::MAX as u64)?;
-    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-        let mut backend = BackendConfig::from_url(url)?;
+    for url in backend_urls(&urls) {
+        let mut backend = BackendConfig::from_url(&url)?;
         if let Some(d) = request {
             backend.timeouts = backend.timeouts.with_request(d);
         }
@@ -208,6 +224,18 @@ mod tests {
         assert_eq!(c.restart_intensity.map(|r| (r.max_restarts, r.within)), Some((5, Duration::from_secs(60))));
         assert!(c.connect_at_start);
         assert!(!from(&[(URL, "sqlite::memory:")]).unwrap_or_else(|e| panic!("{e}")).connect_at_start);
+    }
+
+    #[test]
+    fn a_cluster_url_s_seed_nodes_stay_one_backend_in_the_url_list() {
+        let c = from(&[(URL, "valkey+cluster://a:7000,b:7001, sqlite::memory:,valkey+cluster://c:7000,d")])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.backends.len(), 3);
+        let BackendConnection::Valkey(first) = &c.backends[0].1.connection else { panic!("not valkey") };
+        assert_eq!(first.nodes().collect::<Vec<_>>(), [("a", 7000), ("b", 7001)]);
+        let BackendConnection::Valkey(last) = &c.backends[2].1.connection else { panic!("not valkey") };
+        assert_eq!(last.nodes().collect::<Vec<_>>(), [("c", 7000), ("d", 6379)]);
+        assert_eq!(backend_urls("postgres://h/db,valkey://v"), ["postgres://h/db", "valkey://v"]);
     }
 
     #[test]

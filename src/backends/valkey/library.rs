@@ -66,11 +66,12 @@ fn classify(op: &'static str, e: &ferriskey::Error, detail: String) -> EngineErr
 /// too short for `FCALL`s under load).
 ///
 /// In cluster mode (`ValkeyConnection::cluster`) it is ferriskey's cluster client, seeded with
-/// the configured node: each call goes to the primary owning its keys' slot, `FUNCTION LOAD`
+/// the configured nodes (any one that answers will do): each call goes to the primary owning its keys' slot, `FUNCTION LOAD`
 /// to every primary.
 ///
 /// # Errors
-/// [`EngineError::Validation`] for a database other than 0 in cluster mode; refused or failed connections as
+/// [`EngineError::Validation`] for a database other than 0 in cluster mode, or several seed
+/// nodes outside it; refused or failed connections as
 /// [`EngineError::Unavailable`] or [`EngineError::Transport`];
 /// [`EngineError::Timeout`] when connecting takes longer than twice the connect timeout.
 pub async fn connect_client(config: &BackendConfig, name: &str) -> Result<Client, EngineError> {
@@ -96,9 +97,15 @@ fn builder(config: &BackendConfig, name: &str) -> Result<ClientBuilder, EngineEr
     if v.cluster && v.database != 0 {
         return Err(EngineError::validation("a valkey cluster has database 0 only"));
     }
+    if !v.cluster && !v.seed_nodes.is_empty() {
+        return Err(EngineError::validation("several valkey seed nodes need cluster mode"));
+    }
     let request_timeout = config.timeouts.request_or_default();
-    let mut builder = ClientBuilder::new()
-        .host(&v.host, v.port)
+    let mut builder = ClientBuilder::new();
+    for (host, port) in v.nodes() {
+        builder = builder.host(host, port);
+    }
+    let mut builder = builder
         .database(v.database)
         .request_timeout(request_timeout)
         .blocking_cmd_timeout_extension(request_timeout)

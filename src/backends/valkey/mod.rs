@@ -9,6 +9,7 @@
 //!
 //! - `library`: client construction, error mapping, loading the library, `FCALL`.
 //! - `keys`: the key names, each with its partition's `{fp:N}` hash tag.
+//! - `lanes`: reading the streams, one lane per call or one call per primary for many.
 //! - `stream`: parsing stream replies and decoding entries (bad ones are skipped, not fatal).
 //! - `source`: the listener's reads (a completion source) and its pub/sub waker.
 //! - `engine`: [`ValkeyEngine`], the engine surface over the library.
@@ -19,6 +20,7 @@
 #[cfg(feature = "demo-engine")]
 mod engine;
 mod keys;
+mod lanes;
 mod library;
 mod source;
 mod stream;
@@ -49,7 +51,7 @@ pub const LIBRARY: &str = include_str!("../../../lua/ff_completions.lua");
 
 /// The library version this crate expects `FCALL ff_version 0` to answer; bumped together with
 /// `VERSION` in the Lua source.
-pub const LIBRARY_VERSION: &str = "3";
+pub const LIBRARY_VERSION: &str = "4";
 
 /// Client name of the listener's dedicated subscriber connection (find it in `CLIENT LIST`).
 pub const LISTENER_CLIENT_NAME: &str = "ff-completions-listener";

@@ -26,14 +26,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ferriskey::{Client, PushInfo, PushKind, Value};
+use ferriskey::{Client, PushInfo, PushKind};
 use tokio::sync::Semaphore;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::keys;
-use super::library::{connect_client, connect_subscriber, ensure_library, fcall, map_err};
-use super::stream::{RawEntry, ReadView, decode_entry, format_id, parse_id, read_view, text};
-use super::{LEGACY_STREAM_KEY, LISTENER_CLIENT_NAME, PUBSUB_CHANNEL};
+use super::lanes::{Looked, Shards, all_lanes, lane_key, look_each, look_many};
+use super::library::{connect_client, connect_subscriber, ensure_library, map_err, valkey_connection};
+use super::stream::{RawEntry, ReadView, decode_entry, parse_id, text};
+use super::{LISTENER_CLIENT_NAME, PUBSUB_CHANNEL};
 use crate::backends::outbox::{age_cutoff_ms, shown};
 use crate::backends::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, Retention};
@@ -54,67 +54,35 @@ const READS_IN_FLIGHT: usize = 256;
 /// How long opening the waker waits for the server to confirm the subscription.
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 
-/// The stream of a lane.
-fn lane_key(lane: u16) -> String {
-    if lane == VALKEY_LEGACY_LANE { LEGACY_STREAM_KEY.to_owned() } else { keys::stream(lane) }
-}
-
-/// Every lane: the partitions, then the single stream of earlier versions.
-fn all_lanes() -> impl Iterator<Item = u16> {
-    keys::partitions().chain(std::iter::once(VALKEY_LEGACY_LANE))
-}
-
 /// Reads the completion streams of one server or cluster.
 pub(crate) struct ValkeySource {
     client: Client,
     config: BackendConfig,
     reads: Arc<Semaphore>,
+    shards: Shards,
 }
 
 impl ValkeySource {
+    /// The lanes with entries after `after`, read with `budget` when it is not 0.
+    async fn look(&self, after: &Frontier, budget: usize) -> Result<Vec<Looked>, EngineError> {
+        look_many(&self.client, &self.reads, &self.shards, after, all_lanes(), budget).await
+    }
+
     /// Connects the shared reader client and loads the function library if needed.
     pub(crate) async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
         let client = connect_client(config, "ff-completions-reader").await?;
         ensure_library(&client).await?;
-        Ok(Self { client, config: config.clone(), reads: Arc::new(Semaphore::new(READS_IN_FLIGHT)) })
+        let cluster = valkey_connection(config)?.cluster;
+        let reads = Arc::new(Semaphore::new(READS_IN_FLIGHT));
+        Ok(Self { client, config: config.clone(), reads, shards: Shards::new(cluster) })
     }
 }
 
-/// One atomic look at a lane's stream: up to `count` entries after `after`, and what was
-/// trimmed (positions in that lane).
-async fn look(client: &Client, lane: u16, after: Position, count: usize) -> Result<ReadView, EngineError> {
-    let args = [format_id(after), count.to_string()];
-    let reply: Value = fcall(client, "ff_read_after", &[lane_key(lane)], &args).await?;
-    let view = read_view(&reply).map_err(|detail| EngineError::schema("ff_read_after", detail))?;
-    Ok(ReadView {
-        first: view.first.map(|p| p.in_lane(lane)),
-        last_generated: view.last_generated.map(|p| p.in_lane(lane)),
-        ..view
-    })
-}
-
-/// Looks at `lanes` at once (as many at a time as `reads` allows), each from `after`'s
-/// position in it.
-async fn look_all(
-    client: &Client,
-    reads: &Semaphore,
-    after: &Frontier,
-    lanes: impl IntoIterator<Item = u16>,
-    count: usize,
-) -> Result<Vec<(u16, ReadView)>, EngineError> {
-    futures::future::try_join_all(lanes.into_iter().map(|lane| async move {
-        let closed = || EngineError::Actor { detail: "the read permits were closed".into() };
-        let _permit = reads.acquire().await.map_err(|_| closed())?;
-        Ok((lane, look(client, lane, after.get(lane), count).await?))
-    }))
-    .await
-}
-
 /// The floors of the lanes where entries above `after` were trimmed, if any.
-fn expired_lanes(after: &Frontier, views: &[(u16, ReadView)]) -> Option<Frontier> {
+fn expired_lanes<'a>(after: &Frontier, views: impl IntoIterator<Item = (u16, &'a ReadView)>) -> Option<Frontier> {
     let floors: Vec<Position> = views
-        .iter()
-        .filter_map(|(lane, view)| view.floor().map(|f| f.in_lane(*lane)))
+        .into_iter()
+        .filter_map(|(lane, view)| view.floor().map(|f| f.in_lane(lane)))
         .filter(|floor| !after.covers(*floor))
         .collect();
     (!floors.is_empty()).then(|| Frontier::from_positions(floors))
@@ -126,11 +94,11 @@ fn expired(start: &Frontier, floors: Frontier) -> Batch {
 }
 
 /// The events of each lane's `entries` after `start`, bad ones skipped with a reason; full when
-/// a lane returned `limit` entries.
-fn batch_of(start: &Frontier, lanes: Vec<(u16, Vec<RawEntry>)>, limit: usize) -> Batch {
+/// a lane returned as many entries as its read asked for (the `usize`).
+fn batch_of(start: &Frontier, lanes: Vec<(u16, Vec<RawEntry>, usize)>) -> Batch {
     let mut batch = Batch { start: start.clone(), end: start.clone(), ..Batch::default() };
-    for (lane, entries) in lanes {
-        batch.full |= entries.len() >= limit;
+    for (lane, entries, asked) in lanes {
+        batch.full |= asked > 0 && entries.len() >= asked;
         for entry in entries {
             let Some(pos) = parse_id(&entry.id).map(|p| p.in_lane(lane)) else {
                 tracing::error!(id = %shown(&entry.id), lane, "stream entry with a malformed id, ignored");
@@ -171,44 +139,33 @@ impl CompletionSource for ValkeySource {
             return Ok(StartAt::after(self.tail().await?));
         };
         let after = frontier_of(&lanes);
-        let views = look_all(&self.client, &self.reads, &after, all_lanes(), 0).await?;
-        match expired_lanes(&after, &views) {
+        let looked = self.look(&after, 0).await?;
+        match expired_lanes(&after, looked.iter().map(|l| (l.lane, &l.view))) {
             Some(floors) => Err(EngineError::CursorExpired { oldest: Some(self.cursor_of(&after.joined(&floors))) }),
             None => Ok(StartAt::after(after)),
         }
     }
 
     async fn tail(&self) -> Result<Frontier, EngineError> {
-        let views = look_all(&self.client, &self.reads, &Frontier::default(), all_lanes(), 0).await?;
-        Ok(Frontier::from_positions(views.into_iter().filter_map(|(_, view)| view.last_generated)))
+        let looked = self.look(&Frontier::default(), 0).await?;
+        Ok(Frontier::from_positions(looked.into_iter().filter_map(|l| l.view.last_generated)))
     }
 
-    /// Looks at every lane (`count` 0: what each stream holds, nothing read), then reads the
-    /// lanes with entries after `after`, a share of `limit` each; the single stream of earlier
-    /// versions alone while it has entries after `after`.
+    /// One look at every lane that also reads the lanes with entries after `after` (one call
+    /// per primary, each splitting `limit` over its lanes with news); the single stream of
+    /// earlier versions alone while it has entries after `after`.
     async fn read_after(&self, after: &Frontier, limit: usize) -> Result<Batch, EngineError> {
-        let limit = limit.max(1);
-        let views = look_all(&self.client, &self.reads, after, all_lanes(), 0).await?;
-        if let Some(floors) = expired_lanes(after, &views) {
+        let looked = self.look(after, limit.max(1)).await?;
+        if let Some(floors) = expired_lanes(after, looked.iter().map(|l| (l.lane, &l.view))) {
             return Ok(expired(after, floors));
         }
-        let mut pending: Vec<u16> = views
-            .iter()
-            .filter(|(_, view)| view.last_generated.is_some_and(|last| !after.covers(last)))
-            .map(|(lane, _)| *lane)
+        let legacy = looked.iter().any(|l| l.lane == VALKEY_LEGACY_LANE);
+        let lanes = looked
+            .into_iter()
+            .filter(|l| !legacy || l.lane == VALKEY_LEGACY_LANE)
+            .map(|l| (l.lane, l.view.entries, l.asked))
             .collect();
-        if pending.contains(&VALKEY_LEGACY_LANE) {
-            pending = vec![VALKEY_LEGACY_LANE];
-        }
-        if pending.is_empty() {
-            return Ok(batch_of(after, Vec::new(), limit));
-        }
-        let per_lane = (limit / pending.len()).clamp(8.min(limit), limit);
-        let views = look_all(&self.client, &self.reads, after, pending, per_lane).await?;
-        if let Some(floors) = expired_lanes(after, &views) {
-            return Ok(expired(after, floors));
-        }
-        Ok(batch_of(after, views.into_iter().map(|(lane, view)| (lane, view.entries)).collect(), per_lane))
+        Ok(batch_of(after, lanes))
     }
 
     async fn trim(&self, retention: &Retention) -> Result<u64, EngineError> {
@@ -319,12 +276,13 @@ impl ValkeyWaker {
     /// before it read them (then an expired batch, and the position moves to the boundary).
     async fn read(&mut self, partitions: BTreeSet<u16>) -> Result<Batch, EngineError> {
         let start = self.position.clone();
-        let views = look_all(&self.reader, &self.reads, &start, partitions, WAKE_COUNT).await?;
-        if let Some(floors) = expired_lanes(&start, &views) {
+        let views = look_each(&self.reader, &self.reads, &start, partitions, WAKE_COUNT).await?;
+        if let Some(floors) = expired_lanes(&start, views.iter().map(|(lane, view)| (*lane, view))) {
             self.position.join(&floors);
             return Ok(expired(&start, floors));
         }
-        let batch = batch_of(&start, views.into_iter().map(|(lane, view)| (lane, view.entries)).collect(), WAKE_COUNT);
+        let lanes = views.into_iter().map(|(lane, view)| (lane, view.entries, WAKE_COUNT)).collect();
+        let batch = batch_of(&start, lanes);
         self.position.join(&batch.end);
         Ok(batch)
     }
@@ -371,7 +329,7 @@ mod tests {
             entry("3-0", ""),
             entry("4-0", "failed"),
         ];
-        let batch = batch_of(&Frontier::at(Position::new(0, 5).in_lane(3)), vec![(3, entries)], 10);
+        let batch = batch_of(&Frontier::at(Position::new(0, 5).in_lane(3)), vec![(3, entries, 10)]);
         let at = |ms| Position::new(ms, 0).in_lane(3);
         assert_eq!(batch.events.iter().map(|e| e.pos).collect::<Vec<_>>(), [at(1), at(4)]);
         assert_eq!(batch.skipped.iter().map(|s| s.0).collect::<Vec<_>>(), [at(2), at(3)]);
@@ -382,9 +340,11 @@ mod tests {
     #[test]
     fn each_lane_is_read_from_its_own_position() {
         let start = Frontier::from_positions([Position::new(5, 0).in_lane(1), Position::new(1, 0).in_lane(2)]);
-        let lanes =
-            vec![(1, vec![entry("4-0", "success"), entry("6-0", "success")]), (2, vec![entry("4-0", "failed")])];
-        let batch = batch_of(&start, lanes, 10);
+        let lanes = vec![
+            (1, vec![entry("4-0", "success"), entry("6-0", "success")], 10),
+            (2, vec![entry("4-0", "failed")], 10),
+        ];
+        let batch = batch_of(&start, lanes);
         let read: Vec<_> = batch.events.iter().map(|e| (e.pos.lane, e.pos.hi)).collect();
         assert_eq!(read, [(1, 6), (2, 4)]);
         assert_eq!(batch.end.get(1), Position::new(6, 0).in_lane(1));
@@ -405,7 +365,7 @@ mod tests {
     #[test]
     fn entries_at_or_below_the_start_are_left_out() {
         let start = Frontier::at(Position::new(2, 0).in_lane(3));
-        let batch = batch_of(&start, vec![(3, vec![entry("1-0", "success"), entry("2-0", "success")])], 2);
+        let batch = batch_of(&start, vec![(3, vec![entry("1-0", "success"), entry("2-0", "success")], 2)]);
         assert!(batch.events.is_empty() && batch.skipped.is_empty());
         assert_eq!(batch.end, start);
         assert!(batch.full, "a read that hit its limit says so");

@@ -304,3 +304,51 @@ async fn a_failover_is_followed_and_producers_that_wait_for_a_replica_lose_nothi
     assert!(extra.iter().all(|e| !safe_acked.contains(&e.execution_id)), "nothing durable went missing");
     assert!(!safe_acked.is_empty() && fast_acked.len() >= 10, "{} / {}", safe_acked.len(), fast_acked.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_seeded_with_several_nodes_starts_while_the_first_is_down_and_delivers() {
+    init_tracing();
+    let cluster = ValkeyCluster::start_with_replicas(3).await;
+    // The first seed node is a replica of the cluster, SIGKILLed before anything connects.
+    let first = &cluster.replicas[0];
+    first.kill9().await;
+    let seeds = [("127.0.0.1", first.port), ("127.0.0.1", cluster.nodes[1].port)];
+    let connection = cluster.nodes[1].connection().with_seed_nodes(seeds).expect("seed nodes");
+    assert_eq!(connection.nodes().count(), 2);
+    let f = fixture(BackendConfig::valkey_with(connection), |c| c).await;
+    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let ids = interleaved(&*f.engine, 6, 3).await;
+    assert_exactly_once_per_partition(&take_events(&mut sub, ids.len(), WAIT).await, &ids);
+    // A subscriber from the start reads every partition stream through the same clients.
+    let mut replay =
+        f.tree.subscribe(SubscribeRequest::from_cursor(encode_valkey_frontier(&[]))).await.expect("replay");
+    assert_exactly_once_per_partition(&take_events(&mut replay, ids.len(), WAIT).await, &ids);
+    assert_nothing_restarted(&f.tree.stats().await.expect("stats"));
+}
+
+/// `FCALL`s each primary has run.
+async fn fcalls(cluster: &ValkeyCluster) -> Vec<u64> {
+    let mut calls = Vec::new();
+    for node in &cluster.nodes {
+        calls.push(command_calls(node, "fcall").await);
+    }
+    calls
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_catching_up_reads_every_partition_with_a_few_calls_per_primary() {
+    init_tracing();
+    let cluster = ValkeyCluster::start(3).await;
+    // No safety tick during the test: every read counted is the new subscriber's.
+    let f = fixture(cluster.config(), |c| c.with_tick(Duration::from_secs(3600))).await;
+    let ids = interleaved(&*f.engine, 9, 3).await;
+    let before = fcalls(&cluster).await;
+    let mut sub = f.tree.subscribe(SubscribeRequest::from_cursor(encode_valkey_frontier(&[]))).await.expect("sub");
+    assert_exactly_once_per_partition(&take_events(&mut sub, ids.len(), WAIT).await, &ids);
+    let after = fcalls(&cluster).await;
+    let spent: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    // Checking the cursor and reading everything after it look at all 257 streams, twice at
+    // least; one call per primary each time, where one call per stream would be 514 or more.
+    assert!(spent.iter().all(|n| (1..=8).contains(n)), "FCALLs per primary: {spent:?}");
+    assert_nothing_restarted(&f.tree.stats().await.expect("stats"));
+}

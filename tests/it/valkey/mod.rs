@@ -10,6 +10,7 @@ use ff_completions::ValkeyEngine;
 use ff_completions::testing::valkey::{LEGACY_STREAM_KEY, LISTENER_CLIENT_NAME, PUBSUB_CHANNEL, stream_key};
 use ff_completions::testing::{
     encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor, encode_valkey_cursor,
+    encode_valkey_frontier,
 };
 use ff_completions::{
     BackendConfig, BackendRetry, BackendTimeouts, CancelFlowPolicy, CompletionOutcome, CompletionSupervisorHandle,
@@ -114,6 +115,20 @@ async fn listener_events_read(f: &Fixture) -> u64 {
 
 /// `XADD`s one entry with the given id (`*` for the next) and fields to the stream of its
 /// partition, as a foreign producer might.
+/// How many calls of `command` (lower case, as `INFO commandstats` names it) the server has run.
+async fn command_calls(server: &ValkeyServer, command: &str) -> u64 {
+    let info = match server.command(&["INFO", "commandstats"]).await {
+        Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+        Value::VerbatimString { text, .. } => text,
+        other => panic!("INFO answered {other:?}"),
+    };
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map(|rest| rest.split(',').next().and_then(|n| n.parse().ok()).expect("calls=N"))
+        .unwrap_or(0)
+}
+
 async fn xadd(server: &ValkeyServer, id: &str, fields: &[&str]) {
     server.command(&[&["XADD", &stream_for(fields), id][..], fields].concat()).await;
 }

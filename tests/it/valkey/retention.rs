@@ -95,15 +95,7 @@ async fn retention_by_age_trims_old_stream_entries_keeps_new_ones_and_expires_cu
 
 /// How many `XTRIM` calls the server has run.
 async fn xtrim_calls(server: &ValkeyServer) -> u64 {
-    let info = match server.command(&["INFO", "commandstats"]).await {
-        Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
-        Value::VerbatimString { text, .. } => text,
-        other => panic!("INFO answered {other:?}"),
-    };
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_xtrim:calls="))
-        .map(|rest| rest.split(',').next().and_then(|n| n.parse().ok()).expect("calls=N"))
-        .unwrap_or(0)
+    command_calls(server, "xtrim").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
