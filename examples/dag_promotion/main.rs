@@ -154,7 +154,7 @@ async fn main() {
     match scenario::run(&scenario).await {
         Ok(report) => {
             scenario::report::print_summary(&report, scenario.reconcile_every);
-            if !report.mismatches.is_empty() || !report.exactly_once() {
+            if !report.mismatches.is_empty() || !report.exactly_once() || !report.families_exactly_once() {
                 std::process::exit(1);
             }
         }
