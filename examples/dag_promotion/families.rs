@@ -37,9 +37,9 @@ use tokio::sync::mpsc;
 use super::flows::{Decision, finish};
 
 /// How long a lease lasts without a heartbeat, as the example's sweep counts it.
-pub const LEASE_WINDOW: Duration = Duration::from_millis(500);
+pub const LEASE_WINDOW: Duration = Duration::from_secs(1);
 /// How often the expiry sweep runs.
-pub const SWEEP_EVERY: Duration = Duration::from_millis(100);
+pub const SWEEP_EVERY: Duration = Duration::from_millis(250);
 /// How often a long execution's worker heartbeats, and how many times.
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(40);
 const HEARTBEATS: u32 = 2;
@@ -102,19 +102,19 @@ pub struct FamilyRun {
 }
 
 impl FamilyRun {
-    /// Picks, from `seed` (apart from the DAG's own decisions), about one execution in ten to
-    /// be long and one in twelve to wait on a signal. Returns the run and the signaller's
+    /// Picks, from `seed` (apart from the DAG's own decisions), about one execution in 25 to
+    /// be long and one in 25 to wait on a signal. Returns the run and the signaller's
     /// inbox.
     pub fn new(ids: &[ExecutionId], seed: u64) -> (Arc<Self>, mpsc::UnboundedReceiver<ExecutionId>) {
         let mut rng = StdRng::seed_from_u64(seed ^ 0x1ea5e);
         let (mut long, mut waiters) = (HashSet::new(), HashMap::new());
         let kinds = [Waiter::Early, Waiter::Late, Waiter::LateTwice];
         for id in ids {
-            match rng.random_range(0..120) {
-                0..12 => {
+            match rng.random_range(0..100) {
+                0..4 => {
                     long.insert(*id);
                 }
-                12..22 => {
+                4..8 => {
                     waiters.insert(*id, kinds[waiters.len() % kinds.len()]);
                 }
                 _ => {}
