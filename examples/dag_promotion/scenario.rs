@@ -319,6 +319,9 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
     let engine = connect_engine(&s.backend).await?;
     // Asked once: an engine without lease history and signal delivery runs the completions only.
     let families_on = families::available(&*engine).await?;
+    if !families_on && s.progress {
+        println!("lease history and signal delivery skipped on {}: its engine does not produce them yet", s.backend);
+    }
     let mut rng = StdRng::seed_from_u64(s.seed);
     let mut dags = Vec::with_capacity(s.flows);
     for _ in 0..s.flows {
