@@ -493,6 +493,14 @@ async fn run(backend: &str, args: &Args, seed: u64) -> Vec<Verdict> {
         stats.listeners.iter().map(|l| l.restarts).sum::<u64>(),
         stats.subscribers.iter().map(|s| s.restarts).sum::<u64>(),
     );
+    if let Some(f) = &families {
+        let ledger = f.lock().await;
+        let mut by_kind: std::collections::BTreeMap<&str, u32> = std::collections::BTreeMap::new();
+        for ((_, kind), n) in &ledger.sure {
+            *by_kind.entry(kind.as_str()).or_default() += n;
+        }
+        println!("   lease and signal events caused: {by_kind:?}");
+    }
     {
         // The fast subscriber reads everything at once: its delays are the tree's.
         let (base, delays) = delay_after_faults(&inboxes[0].lock().await, &tally.at, 250, 10_000);
