@@ -7,10 +7,13 @@
 //! missing one, whatever the reconciler did. A reconciler scans for edges the promoter missed;
 //! it should find none. With the promoter disabled the subscriber only counts completions, and
 //! the reconciler alone drives every flow to its final state.
+//! Where the engine produces them, lease history and signal delivery are driven and checked
+//! beside completions by a lease and a signal subscriber on the same tree (`families.rs`).
 //!
 //! This file holds what a reader of the example wants: the promoters subscribed to the tree and
 //! the run's wiring. The workload (flows, decisions, workers) is in `flows.rs`, the measures and
-//! the summary in `report.rs`, the faults of `--chaos` in `faults.rs` (which the tests reach too).
+//! the summary in `report.rs`, the faults of `--chaos` in `faults.rs` (which the tests reach too),
+//! heartbeats, the expiry sweep, signals and their ledger in `families.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

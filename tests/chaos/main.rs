@@ -1,6 +1,9 @@
 //! Chaos runner: concurrent producers, several kinds of subscribers and a seeded schedule of
 //! real faults, then a ledger of what producers committed against what every subscriber
-//! received. Any loss, duplicate or reordering fails the run; the seed replays it.
+//! received. Any loss, duplicate or reordering fails the run; the seed replays it. Where the
+//! backend produces lease history and signal delivery, producers also heartbeat, abandon leases
+//! to an expiry sweep and wait on signals, and a lease and a signal subscriber are judged the
+//! same way; elsewhere a line says they are skipped.
 //!
 //! ```text
 //! cargo test --test chaos                                   # CI: a short run per backend
