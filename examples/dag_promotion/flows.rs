@@ -11,6 +11,7 @@ use rand::Rng;
 use rand::rngs::StdRng;
 
 use super::Scenario;
+use super::families::FamilyRun;
 
 /// What a worker does with an execution, fixed up front from the seed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,13 +79,17 @@ pub(super) fn expected_states(dags: &[Dag]) -> HashMap<ExecutionId, &'static str
     states
 }
 
-/// Claims executions and does with each what its decision says, until `stop`.
+/// Claims executions and does with each what its decision says, until `stop`. With the
+/// families on, the claims go to their ledger, and waiters and long executions are handed to
+/// them first.
 pub(super) async fn work(
     engine: Arc<dyn Engine>,
     decisions: Arc<HashMap<ExecutionId, Decision>>,
     name: String,
+    families: Option<Arc<FamilyRun>>,
     stop: Arc<AtomicBool>,
 ) {
+    let mut long_running = tokio::task::JoinSet::new();
     while !stop.load(Ordering::Relaxed) {
         let claimed = match engine.claim(&name, 16).await {
             Ok(ids) => ids,
@@ -97,19 +102,34 @@ pub(super) async fn work(
         if claimed.is_empty() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        for id in claimed {
-            let result = match decisions.get(&id).copied().unwrap_or(Decision::Succeed) {
-                Decision::Succeed => engine.complete(&id).await.map(|_| ()),
-                Decision::Fail => engine.fail(&id, false).await.map(|_| ()),
-                Decision::Cancel => engine.cancel(&id).await.map(|_| ()),
-                Decision::RetryThenSucceed => match engine.execution(&id).await {
-                    Ok(Some(info)) if info.attempt <= 1 => engine.fail(&id, true).await.map(|_| ()),
-                    _ => engine.complete(&id).await.map(|_| ()),
-                },
-            };
-            if let Err(err) = result {
-                tracing::warn!(%id, error = %err, "worker operation failed");
-            }
+        if let Some(families) = &families {
+            families.claimed(&claimed);
         }
+        for id in claimed {
+            if let Some(families) = &families
+                && families.take_over(&engine, &decisions, &name, id, &mut long_running).await
+            {
+                continue;
+            }
+            finish(&*engine, &decisions, id).await;
+        }
+        while long_running.try_join_next().is_some() {}
+    }
+    long_running.join_all().await;
+}
+
+/// Does with a running execution what its decision says.
+pub(super) async fn finish(engine: &dyn Engine, decisions: &HashMap<ExecutionId, Decision>, id: ExecutionId) {
+    let result = match decisions.get(&id).copied().unwrap_or(Decision::Succeed) {
+        Decision::Succeed => engine.complete(&id).await.map(|_| ()),
+        Decision::Fail => engine.fail(&id, false).await.map(|_| ()),
+        Decision::Cancel => engine.cancel(&id).await.map(|_| ()),
+        Decision::RetryThenSucceed => match engine.execution(&id).await {
+            Ok(Some(info)) if info.attempt <= 1 => engine.fail(&id, true).await.map(|_| ()),
+            _ => engine.complete(&id).await.map(|_| ()),
+        },
+    };
+    if let Err(err) = result {
+        tracing::warn!(%id, error = %err, "worker operation failed");
     }
 }

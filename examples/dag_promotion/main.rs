@@ -19,8 +19,14 @@
 //! for edges left unresolved; with the promoter on it should fix none. `--no-promoter` turns event-driven promotion off to watch the reconciler work alone:
 //! it then resolves every edge (a reconciler scan every `--reconcile-ms`, an edge resolved when
 //! seen in two scans in a row), so the run is slower but must reach the same final states.
-//! Prints a summary and exits non-zero unless every execution reached the state the DAG implies
-//! and every completion arrived exactly once.
+//! Beside completions it drives lease history and signal delivery through the same tree
+//! (`families.rs`): long executions heartbeat their leases, an expiry sweep runs, under
+//! `--chaos` a stalled worker's lease expires and is reclaimed, and waiters suspend on a signal
+//! (buffered, satisfied, deduped); a lease and a signal subscriber check that every event the
+//! run caused arrived exactly once, in order per execution. On a backend whose engine does not
+//! produce these families yet, that part is skipped with one line.
+//! Prints a summary and exits non-zero unless every execution reached the state the DAG implies,
+//! every completion arrived exactly once, and so did every lease and signal event it caused.
 
 mod faults;
 mod scenario;
@@ -154,7 +160,7 @@ async fn main() {
     match scenario::run(&scenario).await {
         Ok(report) => {
             scenario::report::print_summary(&report, scenario.reconcile_every);
-            if !report.mismatches.is_empty() || !report.exactly_once() {
+            if !report.mismatches.is_empty() || !report.exactly_once() || !report.families_exactly_once() {
                 std::process::exit(1);
             }
         }

@@ -7,6 +7,8 @@ use std::time::Duration;
 use ff_completions::{ExecutionId, TimestampMs};
 use hdrhistogram::Histogram;
 
+use super::families::FamilyReport;
+
 /// What a run measured and whether the final states were right.
 #[derive(Debug)]
 pub struct Report {
@@ -40,12 +42,20 @@ pub struct Report {
     pub connection_kills: u64,
     pub reconciler_fixed: u64,
     pub mismatches: Vec<String>,
+    /// Lease history and signal delivery, when the backend's engine produces them.
+    pub families: Option<FamilyReport>,
 }
 
 impl Report {
     /// Every execution's completion arrived exactly once.
     pub fn exactly_once(&self) -> bool {
         self.duplicates.is_empty() && self.missing.is_empty() && self.events == self.executions as u64
+    }
+
+    /// Every lease event and signal effect the run caused arrived once, in order (true when
+    /// the backend does not produce them).
+    pub fn families_exactly_once(&self) -> bool {
+        self.families.as_ref().is_none_or(FamilyReport::exactly_once)
     }
 }
 
@@ -76,6 +86,7 @@ impl Default for Report {
             connection_kills: 0,
             reconciler_fixed: 0,
             mismatches: Vec::new(),
+            families: None,
         }
     }
 }
@@ -178,6 +189,7 @@ pub fn print_summary(r: &Report, reconcile_every: Duration) {
             println!("                  e.g. missing: {id}");
         }
     }
+    print_families(r.families.as_ref());
     if r.mismatches.is_empty() {
         println!("verified          every execution reached the state the DAG implies");
     } else {
@@ -185,5 +197,47 @@ pub fn print_summary(r: &Report, reconcile_every: Duration) {
         for m in r.mismatches.iter().take(10) {
             println!("  {m}");
         }
+    }
+}
+
+/// The lease history and signal delivery lines of the summary.
+fn print_families(f: Option<&FamilyReport>) {
+    let Some(f) = f else {
+        println!("lease history     skipped: this backend's engine does not produce lease or signal events yet");
+        println!("signal delivery   skipped: as above");
+        return;
+    };
+    let caused = |kind: &str| f.lease_caused.get(kind).copied().unwrap_or(0);
+    println!(
+        "lease history     {} acquired, {} renewed, {} expired, {} reclaimed (caused: {} claims, {} heartbeats, {} swept)",
+        f.leases("acquired"),
+        f.leases("renewed"),
+        f.leases("expired"),
+        f.leases("reclaimed"),
+        caused("claimed"),
+        caused("renewed"),
+        caused("expired"),
+    );
+    println!(
+        "stalled worker    {} executions taken, {} late heartbeats refused by the engine (its work dropped)",
+        f.stalls, f.stale_refused
+    );
+    println!(
+        "signal delivery   {} satisfied, {} buffered, {} deduped (caused: {} deliveries)",
+        f.signals("satisfied"),
+        f.signals("buffered"),
+        f.signals("deduped"),
+        f.signals_caused,
+    );
+    let received = f.lease_received.values().sum::<u64>() + f.signal_received.values().sum::<u64>();
+    if f.exactly_once() {
+        println!(
+            "families once     every lease event and signal effect the run caused arrived once, in order ({received} events)"
+        );
+    } else {
+        println!(
+            "families once     FAILED: leases {} lost, {} duplicated; signals {} lost, {} duplicated; {} out of order",
+            f.lease_lost, f.lease_duplicated, f.signal_lost, f.signal_duplicated, f.out_of_order
+        );
     }
 }

@@ -7,10 +7,13 @@
 //! missing one, whatever the reconciler did. A reconciler scans for edges the promoter missed;
 //! it should find none. With the promoter disabled the subscriber only counts completions, and
 //! the reconciler alone drives every flow to its final state.
+//! Where the engine produces them, lease history and signal delivery are driven and checked
+//! beside completions by a lease and a signal subscriber on the same tree (`families.rs`).
 //!
 //! This file holds what a reader of the example wants: the promoters subscribed to the tree and
 //! the run's wiring. The workload (flows, decisions, workers) is in `flows.rs`, the measures and
-//! the summary in `report.rs`, the faults of `--chaos` in `faults.rs` (which the tests reach too).
+//! the summary in `report.rs`, the faults of `--chaos` in `faults.rs` (which the tests reach too),
+//! heartbeats, the expiry sweep, signals and their ledger in `families.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -20,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use ff_completions::{
     BackendConfig, CompletionEvent, CompletionSupervisorHandle, DependencyResolution, Engine, ExecutionId, FlowId,
-    PARTITION_COUNT, ScannerFilter, SubscribeRequest, SupervisorConfig, TimestampMs, connect_engine,
+    LeaseHistoryFilter, PARTITION_COUNT, ScannerFilter, SignalDeliveryFilter, SubscribeRequest, SupervisorConfig,
+    TimestampMs, connect_engine,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use rand::SeedableRng;
@@ -29,11 +33,14 @@ use tokio::sync::{Mutex, Notify};
 
 use super::faults::{ChaosCount, chaos};
 
+#[path = "families.rs"]
+pub mod families;
 #[path = "flows.rs"]
 mod flows;
 #[path = "report.rs"]
 pub mod report;
 
+use families::FamilyRun;
 use flows::{build_flow, expected_states, work};
 pub use report::Report;
 use report::{Latencies, micros_since};
@@ -313,6 +320,11 @@ async fn reconcile(
 /// Setup failures (backend unreachable); wrong final states are reported in `mismatches`.
 pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
     let engine = connect_engine(&s.backend).await?;
+    // Asked once: an engine without lease history and signal delivery runs the completions only.
+    let families_on = families::available(&*engine).await?;
+    if !families_on && s.progress {
+        println!("lease history and signal delivery skipped on {}: its engine does not produce them yet", s.backend);
+    }
     let mut rng = StdRng::seed_from_u64(s.seed);
     let mut dags = Vec::with_capacity(s.flows);
     for _ in 0..s.flows {
@@ -348,6 +360,22 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
         let request = SubscribeRequest::tail().with_filter(filter).with_name(format!("promoter-{i}"));
         tree.subscribe_actor(request, promoter).await?;
     }
+    // The families' subscribers, on the same tree: one lease-history and one signal-delivery
+    // reader, each with the ledger of what the run caused.
+    let ids: Vec<ExecutionId> = dags.iter().flat_map(|d| &d.nodes).map(|(spec, _)| spec.id).collect();
+    let families = families_on.then(|| FamilyRun::new(&ids, s.seed));
+    let reading = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    if let Some((run, _)) = &families {
+        let leases = tree
+            .subscribe_lease_history(SubscribeRequest::tail().with_name("lease-ledger"), LeaseHistoryFilter::new())
+            .await?;
+        let signals = tree
+            .subscribe_signal_delivery(SubscribeRequest::tail().with_name("signal-ledger"), SignalDeliveryFilter::new())
+            .await?;
+        readers.push(tokio::spawn(run.clone().read_leases(leases, reading.clone())));
+        readers.push(tokio::spawn(run.clone().read_signals(signals, reading.clone())));
+    }
 
     // Create executions after subscribing, so every completion is seen.
     let started = Instant::now();
@@ -360,8 +388,21 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
     }
     let decisions = Arc::new(decisions);
     let stop = Arc::new(AtomicBool::new(false));
+    let (family_run, waiting) = families.map_or((None, None), |(run, inbox)| (Some(run), Some(inbox)));
+    let mut family_tasks = Vec::new();
+    if let (Some(run), Some(waiting)) = (&family_run, waiting) {
+        run.signal_early(&*engine).await;
+        family_tasks.push(tokio::spawn(run.clone().signal(engine.clone(), waiting, stop.clone())));
+        family_tasks.push(tokio::spawn(run.clone().sweep(engine.clone(), stop.clone())));
+        if s.chaos {
+            family_tasks.push(tokio::spawn(run.clone().stall(engine.clone(), decisions.clone(), stop.clone())));
+        }
+    }
     let workers: Vec<_> = (0..s.workers.max(1))
-        .map(|i| tokio::spawn(work(engine.clone(), decisions.clone(), format!("worker-{i}"), stop.clone())))
+        .map(|i| {
+            let name = format!("worker-{i}");
+            tokio::spawn(work(engine.clone(), decisions.clone(), name, family_run.clone(), stop.clone()))
+        })
         .collect();
     let chaos_task = s
         .chaos
@@ -376,7 +417,7 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
     }
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
-    for w in workers {
+    for w in workers.into_iter().chain(family_tasks) {
         let _ = w.await;
     }
     let chaos_count = match chaos_task {
@@ -389,6 +430,17 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
     // Once more at the end: anything still unresolved was missed.
     reconciler_fixed += reconcile(&*engine, &mut seen, &progress, s.promoter).await;
     let stats = tree.stats().await?;
+    let families = match &family_run {
+        Some(run) => {
+            run.settle(Duration::from_secs(30)).await;
+            Some(run.report())
+        }
+        None => None,
+    };
+    reading.store(true, Ordering::Relaxed);
+    for r in readers {
+        let _ = r.await;
+    }
 
     let mut mismatches = Vec::new();
     for (id, want) in expected_states(&dags) {
@@ -425,6 +477,7 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
         connection_kills: chaos_count.connection_kills,
         reconciler_fixed,
         mismatches,
+        families,
     };
     Ok(report)
 }

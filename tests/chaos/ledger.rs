@@ -139,3 +139,87 @@ pub fn delay_after_faults(
         .collect();
     (base, delays)
 }
+
+/// One lease-history or signal-delivery event as a subscriber saw it.
+pub struct FamilyReceived {
+    pub execution: ExecutionId,
+    /// Its kind in the ledger: `claimed` (acquired or reclaimed), `renewed`, `expired`, or the
+    /// signal's effect.
+    pub key: String,
+    /// Its lane and place in that lane's order (as [`judge`]'s `position`).
+    pub position: (u16, (u64, u64, u64)),
+    /// Its cursor: the same cursor twice is one event delivered twice.
+    pub cursor: Vec<u8>,
+    pub delay: Duration,
+}
+
+/// What producers know of the family events they caused, per execution and kind: caused for
+/// sure (the call returned), and maybe (the call was cut by a fault). A claim cut by a fault
+/// may have claimed executions nobody knows: `uncertain_claims` counts such calls, each worth
+/// up to `claim_limit` unknown claims.
+#[derive(Default)]
+pub struct FamilyCommitted {
+    pub sure: HashMap<(ExecutionId, String), u32>,
+    pub uncertain: HashMap<(ExecutionId, String), u32>,
+    pub uncertain_claims: u32,
+    pub claim_limit: u32,
+}
+
+impl FamilyCommitted {
+    pub fn caused(&mut self, id: ExecutionId, key: &str) {
+        *self.sure.entry((id, key.to_owned())).or_default() += 1;
+    }
+
+    pub fn maybe(&mut self, id: ExecutionId, key: &str) {
+        *self.uncertain.entry((id, key.to_owned())).or_default() += 1;
+    }
+}
+
+/// Compares a family subscriber's deliveries (in arrival order) with what producers caused:
+/// `lost` counts events caused for sure and never received, `duplicated` a cursor received
+/// again, `out_of_order` a place not after the lane's previous one, `unexpected` events
+/// beyond what was caused for sure or maybe (a signal cut by a fault may have had any
+/// effect: key `*`).
+pub fn judge_family(name: &str, received: &[FamilyReceived], committed: &FamilyCommitted) -> Verdict {
+    let mut cursors = HashSet::new();
+    let mut got: HashMap<(ExecutionId, String), u32> = HashMap::new();
+    let mut last: HashMap<u16, (u64, u64, u64)> = HashMap::new();
+    let (mut duplicated, mut out_of_order) = (0, 0);
+    for r in received {
+        if !cursors.insert(r.cursor.clone()) {
+            duplicated += 1;
+            continue;
+        }
+        *got.entry((r.execution, r.key.clone())).or_default() += 1;
+        let (lane, pos) = r.position;
+        if last.get(&lane).is_some_and(|l| pos <= *l) {
+            out_of_order += 1;
+        }
+        last.insert(lane, pos);
+    }
+    let count = |map: &HashMap<(ExecutionId, String), u32>, id: ExecutionId, key: &str| {
+        map.get(&(id, key.to_owned())).copied().unwrap_or(0)
+    };
+    let lost = committed.sure.iter().map(|(k, n)| n.saturating_sub(count(&got, k.0, &k.1)) as usize).sum();
+    let mut claims_left = committed.uncertain_claims * committed.claim_limit;
+    let mut any_left: HashMap<ExecutionId, u32> =
+        committed.uncertain.iter().filter(|(k, _)| k.1 == "*").map(|(k, n)| (k.0, *n)).collect();
+    let mut unexpected = 0;
+    for ((id, key), n) in &got {
+        let mut extra = n.saturating_sub(count(&committed.sure, *id, key) + count(&committed.uncertain, *id, key));
+        let allowance = if key == "claimed" { &mut claims_left } else { any_left.entry(*id).or_default() };
+        let covered = extra.min(*allowance);
+        (extra, *allowance) = (extra - covered, *allowance - covered);
+        unexpected += extra as usize;
+    }
+    Verdict {
+        name: name.to_owned(),
+        expected: committed.sure.values().map(|n| *n as usize).sum(),
+        received: received.len(),
+        lost,
+        duplicated,
+        out_of_order,
+        unexpected,
+        worst_delay: received.iter().map(|r| r.delay).max().unwrap_or_default(),
+    }
+}

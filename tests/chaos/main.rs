@@ -1,6 +1,9 @@
 //! Chaos runner: concurrent producers, several kinds of subscribers and a seeded schedule of
 //! real faults, then a ledger of what producers committed against what every subscriber
-//! received. Any loss, duplicate or reordering fails the run; the seed replays it.
+//! received. Any loss, duplicate or reordering fails the run; the seed replays it. Where the
+//! backend produces lease history and signal delivery, producers also heartbeat, abandon leases
+//! to an expiry sweep and wait on signals, and a lease and a signal subscriber are judged the
+//! same way; elsewhere a line says they are skipped.
 //!
 //! ```text
 //! cargo test --test chaos                                   # CI: a short run per backend
@@ -20,15 +23,16 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use ff_completions::{
-    CompletionSupervisorHandle, Engine, ExecutionId, ExecutionSpec, FlowId, Namespace, ScannerFilter, StreamCursor,
-    SubscribeRequest, SupervisorConfig, TimestampMs,
+    CompletionSupervisorHandle, Engine, EngineError, ExecutionId, ExecutionSpec, FlowId, LEASE_DURATION,
+    LeaseHistoryFilter, Namespace, ScannerFilter, SignalDeliveryFilter, SignalId, StreamCursor, SubscribeRequest,
+    SupervisorConfig, TimestampMs, WaitpointId,
 };
 use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::Mutex;
 
-use ledger::{Committed, Received, Verdict, delay_after_faults, judge};
+use ledger::{Committed, FamilyCommitted, FamilyReceived, Received, Verdict, delay_after_faults, judge, judge_family};
 use targets::Target;
 
 #[derive(Parser, Debug, Clone)]
@@ -171,11 +175,135 @@ async fn resubscribing_reader(tree: CompletionSupervisorHandle, inbox: Inbox, se
     }
 }
 
-/// Creates, claims and completes executions until told to stop, recording what is committed.
+/// Executions one claim takes.
+const CLAIM_LIMIT: usize = 5;
+/// A lease not renewed for this long is swept (the engine's leases last [`LEASE_DURATION`]; the
+/// sweep asks about a `now` that far ahead, less this).
+const LEASE_WINDOW: Duration = Duration::from_secs(2);
+
+/// The lease-history and signal-delivery ledger, when the backend produces them.
+type Families = Option<Arc<Mutex<FamilyCommitted>>>;
+
+/// Whether the backend's engine produces lease history and signal delivery: `false` when it
+/// answers `Unavailable` for them (a heartbeat of an execution that does not exist is the probe).
+async fn produces_families(engine: &dyn Engine) -> bool {
+    match engine.renew_lease(&ExecutionId::new_in(&FlowId::new()), "probe").await {
+        Ok(_) => true,
+        Err(EngineError::Unavailable { .. }) => false,
+        Err(err) => panic!("probing lease history: {err}"),
+    }
+}
+
+/// Delivers one signal to `id`, recording its effect (any effect, maybe, when cut by a fault).
+async fn deliver(engine: &dyn Engine, id: ExecutionId, key: &str, ledger: &Mutex<FamilyCommitted>) {
+    let waitpoint = WaitpointId::new("chaos");
+    let signal = SignalId::new(format!("signal-{key}"));
+    match engine.deliver_signal(&id, &waitpoint, &signal, Some(key), Some("chaos")).await {
+        Ok(effect) => ledger.lock().await.caused(id, effect.as_wire()),
+        Err(_) => ledger.lock().await.maybe(id, "*"),
+    }
+}
+
+/// What a producer does with a claimed execution's lease and signals before completing it;
+/// `true` when it leaves the execution to a later claim (abandoned to lapse, or suspended).
+async fn lease_and_signal_step(
+    engine: &dyn Engine,
+    id: ExecutionId,
+    worker: &str,
+    rng: &mut StdRng,
+    ledger: &Mutex<FamilyCommitted>,
+) -> bool {
+    let waitpoint = WaitpointId::new("chaos");
+    let key = format!("{id}-{}", rng.random::<u32>());
+    match rng.random_range(0..10) {
+        // A heartbeat, then the completion.
+        0 | 1 => {
+            match engine.renew_lease(&id, worker).await {
+                Ok(true) => ledger.lock().await.caused(id, "renewed"),
+                Ok(false) => {}
+                Err(_) => ledger.lock().await.maybe(id, "renewed"),
+            }
+            false
+        }
+        // Abandoned: its lease lapses, the sweep expires it, a later claim reclaims it.
+        2 => true,
+        // It waits; a signal satisfies it, the same signal again is deduped.
+        3 => {
+            if let Ok(false) = engine.suspend(&id, &waitpoint).await {
+                deliver(engine, id, &key, ledger).await;
+                deliver(engine, id, &key, ledger).await;
+            }
+            true
+        }
+        // A signal comes first (buffered); the suspend consumes it.
+        4 => {
+            deliver(engine, id, &key, ledger).await;
+            let _ = engine.suspend(&id, &waitpoint).await;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The engine's expiry sweep, every 250 ms until `stop`, recording what it expired.
+async fn sweep(engine: Arc<dyn Engine>, ledger: Arc<Mutex<FamilyCommitted>>, stop: Arc<AtomicBool>) {
+    let ahead = LEASE_DURATION.saturating_sub(LEASE_WINDOW).as_millis() as i64;
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // A sweep cut by a fault may have expired leases nobody knows: the next claims of
+        // them are covered like those of an uncertain claim.
+        match engine.expire_leases(TimestampMs(TimestampMs::now().0 + ahead)).await {
+            Ok(swept) => {
+                let mut ledger = ledger.lock().await;
+                for id in swept {
+                    ledger.caused(id, "expired");
+                }
+            }
+            Err(_) => ledger.lock().await.uncertain_claims += 1,
+        }
+    }
+}
+
+/// Reads a lease-history or signal-delivery subscription into `inbox` until `until`, keyed as
+/// the family ledger counts.
+async fn read_family<E, S>(
+    mut sub: S,
+    inbox: Arc<Mutex<Vec<FamilyReceived>>>,
+    target: Arc<Target>,
+    describe: impl Fn(&E) -> (ExecutionId, String, StreamCursor, TimestampMs),
+    until: Arc<AtomicBool>,
+) where
+    S: futures::Stream<Item = Result<E, EngineError>> + Unpin,
+{
+    while !until.load(Ordering::Relaxed) {
+        match tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+            Ok(Some(Ok(event))) => {
+                let (execution, key, cursor, at) = describe(&event);
+                let position = target.family_position(&execution, &cursor);
+                let received = FamilyReceived {
+                    execution,
+                    key,
+                    position,
+                    cursor: cursor.as_bytes().to_vec(),
+                    delay: delay_since(at),
+                };
+                inbox.lock().await.push(received);
+            }
+            Ok(Some(Err(err))) => panic!("family subscriber got an error: {err}"),
+            Ok(None) => return,
+            Err(_) => {}
+        }
+    }
+}
+
+/// Creates, claims and completes executions until told to stop, recording what is committed;
+/// with `families`, also heartbeats, abandons leases and waits on signals, recording the
+/// lease and signal events it causes.
 async fn produce(
     target: Arc<Target>,
     engine: Arc<dyn Engine>,
     committed: Arc<Mutex<Committed>>,
+    families: Families,
     seed: u64,
     stop: Arc<AtomicBool>,
 ) {
@@ -194,14 +322,28 @@ async fn produce(
             committed.lock().await.namespace.insert(spec.id, ns.to_owned());
             let _ = engine.create_execution(&spec).await;
         }
-        let claimed = match engine.claim(&worker, 5).await {
+        let claimed = match engine.claim(&worker, CLAIM_LIMIT).await {
             Ok(ids) => ids,
             Err(_) => {
+                if let Some(f) = &families {
+                    f.lock().await.uncertain_claims += 1;
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        if let Some(f) = &families {
+            let mut ledger = f.lock().await;
+            for id in &claimed {
+                ledger.caused(*id, "claimed");
+            }
+        }
         for id in claimed {
+            if let Some(f) = &families
+                && lease_and_signal_step(&*engine, id, &worker, &mut rng, f).await
+            {
+                continue;
+            }
             let outcome = match rng.random_range(0..10) {
                 0 => target.complete_held_open(&engine, &id, Duration::from_millis(rng.random_range(200..2000))).await,
                 1 => target.complete_rolled_back_then_again(&engine, &id).await,
@@ -246,6 +388,32 @@ async fn run(backend: &str, args: &Args, seed: u64) -> Vec<Verdict> {
     }
     readers.push(tokio::spawn(resubscribing_reader(tree.clone(), inboxes[3].clone(), seed ^ 0x7e5, until.clone())));
 
+    // Lease history and signal delivery through the same tree, where the backend produces them.
+    let families: Families = if produces_families(&*target.engine().await).await {
+        Some(Arc::new(Mutex::new(FamilyCommitted { claim_limit: CLAIM_LIMIT as u32, ..FamilyCommitted::default() })))
+    } else {
+        println!("   lease history and signal delivery: skipped, this backend's engine does not produce them yet");
+        None
+    };
+    let family_inboxes: [Arc<Mutex<Vec<FamilyReceived>>>; 2] = Default::default();
+    if families.is_some() {
+        let leases = tree.subscribe_lease_history(SubscribeRequest::tail(), LeaseHistoryFilter::new()).await;
+        let describe_lease = |e: &ff_completions::LeaseHistoryEvent| {
+            let key = if matches!(e.wire_kind(), "acquired" | "reclaimed") { "claimed" } else { e.wire_kind() };
+            (*e.execution_id(), key.to_owned(), e.cursor().clone(), e.at())
+        };
+        let inbox = family_inboxes[0].clone();
+        let leases = leases.expect("subscribe to lease history");
+        readers.push(tokio::spawn(read_family(leases, inbox, target.clone(), describe_lease, until.clone())));
+        let signals = tree.subscribe_signal_delivery(SubscribeRequest::tail(), SignalDeliveryFilter::new()).await;
+        let describe_signal = |e: &ff_completions::SignalDeliveryEvent| {
+            (e.execution_id, e.effect.as_wire().to_owned(), e.cursor.clone(), e.at)
+        };
+        let inbox = family_inboxes[1].clone();
+        let signals = signals.expect("subscribe to signal delivery");
+        readers.push(tokio::spawn(read_family(signals, inbox, target.clone(), describe_signal, until.clone())));
+    }
+
     let mut producers = Vec::new();
     for p in 0..args.producers {
         let engine = target.engine().await;
@@ -253,9 +421,13 @@ async fn run(backend: &str, args: &Args, seed: u64) -> Vec<Verdict> {
             target.clone(),
             engine,
             committed.clone(),
+            families.clone(),
             seed.wrapping_add(p as u64),
             stop.clone(),
         )));
+    }
+    if let Some(f) = &families {
+        producers.push(tokio::spawn(sweep(target.engine().await, f.clone(), stop.clone())));
     }
 
     let mut rng = StdRng::seed_from_u64(seed);
@@ -294,6 +466,16 @@ async fn run(backend: &str, args: &Args, seed: u64) -> Vec<Verdict> {
             let got: std::collections::HashSet<_> = inbox.lock().await.iter().map(|r| r.event.execution_id).collect();
             complete &= committed.sure.iter().filter(|id| want(id)).all(|id| got.contains(id));
         }
+        if let Some(f) = &families {
+            let f = f.lock().await;
+            let mut got: HashMap<(ExecutionId, String), u32> = HashMap::new();
+            for inbox in &family_inboxes {
+                for r in inbox.lock().await.iter() {
+                    *got.entry((r.execution, r.key.clone())).or_default() += 1;
+                }
+            }
+            complete &= f.sure.iter().all(|(k, n)| got.get(k).is_some_and(|g| g >= n));
+        }
         if complete || Instant::now() > settle {
             break;
         }
@@ -314,6 +496,14 @@ async fn run(backend: &str, args: &Args, seed: u64) -> Vec<Verdict> {
         stats.listeners.iter().map(|l| l.restarts).sum::<u64>(),
         stats.subscribers.iter().map(|s| s.restarts).sum::<u64>(),
     );
+    if let Some(f) = &families {
+        let ledger = f.lock().await;
+        let mut by_kind: std::collections::BTreeMap<&str, u32> = std::collections::BTreeMap::new();
+        for ((_, kind), n) in &ledger.sure {
+            *by_kind.entry(kind.as_str()).or_default() += n;
+        }
+        println!("   lease and signal events caused: {by_kind:?}");
+    }
     {
         // The fast subscriber reads everything at once: its delays are the tree's.
         let (base, delays) = delay_after_faults(&inboxes[0].lock().await, &tally.at, 250, 10_000);
@@ -328,6 +518,24 @@ async fn run(backend: &str, args: &Args, seed: u64) -> Vec<Verdict> {
     for ((name, inbox), want) in names.iter().zip(&inboxes).zip(&wants) {
         let received = inbox.lock().await;
         verdicts.push(judge(name, &received, &committed, want, |e| target.position(e)));
+    }
+    if let Some(f) = &families {
+        let f = f.lock().await;
+        // Each subscriber is judged on its own family's part of the ledger.
+        let signal_effects = ["satisfied", "buffered", "deduped"];
+        for (name, inbox, signals) in [("leases", &family_inboxes[0], false), ("signals", &family_inboxes[1], true)] {
+            let part = |map: &HashMap<(ExecutionId, String), u32>| {
+                let keep = |k: &str| (k == "*" || signal_effects.contains(&k)) == signals;
+                map.iter().filter(|(k, _)| keep(&k.1)).map(|(k, n)| (k.clone(), *n)).collect()
+            };
+            let own = FamilyCommitted {
+                sure: part(&f.sure),
+                uncertain: part(&f.uncertain),
+                uncertain_claims: if signals { 0 } else { f.uncertain_claims },
+                claim_limit: f.claim_limit,
+            };
+            verdicts.push(judge_family(name, &inbox.lock().await, &own));
+        }
     }
     tree.shutdown().await;
     verdicts

@@ -3,10 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ff_completions::testing::{decode_postgres_cursor, decode_sqlite_cursor, decode_valkey_frontier};
+use ff_completions::testing::{
+    LEASE_HISTORY_CURSOR_TAG, SIGNAL_DELIVERY_CURSOR_TAG, decode_postgres_cursor, decode_sqlite_cursor,
+    decode_valkey_frontier,
+};
 use ff_completions::{
-    BackendConfig, CompletionEvent, CompletionSupervisorHandle, Engine, EngineError, ExecutionId, SubscriberId,
-    connect_engine,
+    BackendConfig, CompletionEvent, CompletionSupervisorHandle, Engine, EngineError, ExecutionId, StreamCursor,
+    SubscriberId, connect_engine,
 };
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -79,13 +82,26 @@ impl Target {
     /// The event's lane and its place in that lane's order (Valkey orders per partition: the
     /// lane is the event's partition, the place its stream id, read from the event's cursor).
     pub fn position(&self, event: &CompletionEvent) -> (u16, (u64, u64, u64)) {
-        let cursor = &event.cursor;
+        self.position_of(&event.execution_id, &event.cursor)
+    }
+
+    /// [`Self::position`] of a lease-history or signal-delivery event: its cursor is the
+    /// backend's position with the family's tag after the backend byte.
+    pub fn family_position(&self, execution: &ExecutionId, cursor: &StreamCursor) -> (u16, (u64, u64, u64)) {
+        let mut bytes = cursor.as_bytes().to_vec();
+        if bytes.len() > 1 && [LEASE_HISTORY_CURSOR_TAG, SIGNAL_DELIVERY_CURSOR_TAG].contains(&bytes[1]) {
+            bytes.remove(1);
+        }
+        self.position_of(execution, &StreamCursor::new(bytes))
+    }
+
+    fn position_of(&self, execution: &ExecutionId, cursor: &StreamCursor) -> (u16, (u64, u64, u64)) {
         let decoded = match self {
             Self::Postgres { .. } => decode_postgres_cursor(cursor)
                 .map(|c| c.map(|c| (0, (c.batch.unwrap_or(0), c.txid.unwrap_or(0), c.event_id as u64)))),
             Self::Sqlite { .. } => decode_sqlite_cursor(cursor).map(|c| c.map(|id| (0, (0, 0, id as u64)))),
             Self::Valkey { .. } | Self::ValkeyCluster { .. } => {
-                let lane = event.execution_id.partition();
+                let lane = execution.partition();
                 decode_valkey_frontier(cursor).map(|c| {
                     c.and_then(|lanes| lanes.into_iter().find(|l| l.0 == lane)).map(|(_, ms, seq)| (lane, (0, ms, seq)))
                 })
