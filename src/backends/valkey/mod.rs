@@ -46,12 +46,18 @@ pub fn stream_key(partition: u16) -> String {
 #[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
 pub const PUBSUB_CHANNEL: &str = "ff:dag:completions";
 
+/// The pub/sub channel lease-history and signal-delivery entries wake listeners on, with the
+/// JSON payload `{"execution_id", "family"}`; [`PUBSUB_CHANNEL`] carries completions only. Its
+/// hash tag gives it the cluster slot of [`PUBSUB_CHANNEL`], so a cluster client, which routes
+/// `SUBSCRIBE` by channel slot, subscribes both on one connection.
+pub const FAMILY_CHANNEL: &str = "{ff:dag:completions}:families";
+
 /// The function library's source (`lua/ff_completions.lua`).
 pub const LIBRARY: &str = include_str!("../../../lua/ff_completions.lua");
 
 /// The library version this crate expects `FCALL ff_version 0` to answer; bumped together with
 /// `VERSION` in the Lua source.
-pub const LIBRARY_VERSION: &str = "4";
+pub const LIBRARY_VERSION: &str = "5";
 
 /// Client name of the listener's dedicated subscriber connection (find it in `CLIENT LIST`).
 pub const LISTENER_CLIENT_NAME: &str = "ff-completions-listener";
@@ -80,5 +86,6 @@ mod tests {
     #[test]
     fn the_lua_names_the_same_channel() {
         assert!(LIBRARY.contains(&format!("local CHANNEL = '{PUBSUB_CHANNEL}'")));
+        assert!(LIBRARY.contains(&format!("local FAMILY_CHANNEL = '{FAMILY_CHANNEL}'")));
     }
 }
