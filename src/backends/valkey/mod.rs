@@ -6,6 +6,10 @@
 //! id per partition) through the read-only library function `ff_read_after`. Pub/sub on
 //! [`PUBSUB_CHANNEL`] only wakes the listener: it names the partition to read, and a lost
 //! subscription (ferriskey re-subscribes silently) makes the listener read every stream.
+//! Lease-history and signal-delivery entries go to the same partition streams (a `family`
+//! field; absent on a completion), written by the library atomically with their state change,
+//! and wake the listener on [`FAMILY_CHANNEL`], which its one subscriber connection also
+//! subscribes to: plain subscribers of [`PUBSUB_CHANNEL`] see completions only.
 //!
 //! - `library`: client construction, error mapping, loading the library, `FCALL`.
 //! - `keys`: the key names, each with its partition's `{fp:N}` hash tag.

@@ -281,6 +281,42 @@ mod tests {
     }
 
     #[test]
+    fn lease_and_signal_entries_decode_to_their_family_with_a_tagged_cursor() {
+        let with = |extra: &[(&str, &str)]| {
+            let mut fields = good();
+            fields.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            decode_entry(Position::new(12, 3), &fields)
+        };
+        let lease = [("family", "lease_history"), ("outcome", "revoked"), ("lease_id", "l1"), ("worker", "w")];
+        match with(&[&lease[..], &[("revoked_by", "op")]].concat()) {
+            Ok(FamilyEvent::LeaseHistory(entry)) => {
+                assert_eq!(entry.event.wire_kind(), "revoked");
+                assert_eq!(entry.event.cursor().as_bytes()[1], crate::cursor::LEASE_HISTORY_CURSOR_TAG);
+                assert_eq!(entry.worker.map(|w| w.as_str().to_owned()).as_deref(), Some("w"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let signal = [("family", "signal_delivery"), ("outcome", "later"), ("signal_id", "s"), ("waitpoint_id", "wp")];
+        match with(&signal) {
+            Ok(FamilyEvent::SignalDelivery(entry)) => {
+                assert_eq!(entry.event.effect, crate::signal_delivery::SignalDeliveryEffect::Other("later".into()));
+                assert_eq!(entry.event.cursor.as_bytes()[1], crate::cursor::SIGNAL_DELIVERY_CURSOR_TAG);
+            }
+            other => panic!("{other:?}"),
+        }
+        for (bad, says) in [
+            (&[("family", "lease_history"), ("outcome", "stolen")][..], "stolen"),
+            (&[("family", "signal_delivery")][..], "signal_id"),
+            (&[("family", "instance_tags")][..], "family"),
+        ] {
+            match with(bad) {
+                Err(reason) => assert!(reason.contains(says), "{reason} should mention {says}"),
+                Ok(event) => panic!("{bad:?} decoded: {event:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn unknown_outcomes_and_unknown_fields_still_decode() {
         let mut fields = good();
         fields.push(("added_later".into(), "x".into()));
