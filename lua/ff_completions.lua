@@ -307,12 +307,9 @@ local function ff_expire_leases(keys, args)
   if now == nil or not maxlen then return invalid('now must be a number and maxlen a positive integer') end
   local swept = {}
   local k = { expiry = keys[1], stream = keys[2], eligible = keys[3] }
+  -- An entry whose execution finished, suspended or lost its lease otherwise is only removed.
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', keys[1], '-inf', '(' .. args[1])) do
-    local core = exec_key(id, 'core')
-    if (tonumber(redis.call('HGET', core, 'lease_expires')) or 0) < now and end_lease(id, core, 'expired', '', k, maxlen) then
-      swept[#swept + 1] = id
-    end
-    redis.call('ZREM', keys[1], id)
+    if end_lease(id, exec_key(id, 'core'), 'expired', '', k, maxlen) then swept[#swept + 1] = id end
   end
   return swept
 end
