@@ -3,8 +3,8 @@
 //! [`VALKEY_LEGACY_LANE`]), read while it holds anything. Reads go through the library's
 //! read-only `ff_read_after` (the entries and what was trimmed, in one atomic look per stream,
 //! one slot per call, so the client routes each to the primary that owns it); the waker is
-//! subscribed to [`PUBSUB_CHANNEL`], whose messages name the execution, hence the partition
-//! to read (pub/sub only wakes: the streams are the truth, and a re-subscription after a lost
+//! subscribed to [`PUBSUB_CHANNEL`] and [`FAMILY_CHANNEL`] (lease and signal entries), whose
+//! messages name the execution, hence the partition to read (pub/sub only wakes: the streams are the truth, and a re-subscription after a lost
 //! connection makes the listener read every stream).
 //!
 //! Order: within a partition (so within a flow), the stream's. Partitions are independent:
@@ -242,7 +242,8 @@ fn subscriber_lost() -> EngineError {
     EngineError::transport("valkey SUBSCRIBE", "the subscriber connection closed")
 }
 
-/// Subscribed to [`PUBSUB_CHANNEL`] on its own connection (RESP3 push frames); each message
+/// Subscribed to [`PUBSUB_CHANNEL`] and [`FAMILY_CHANNEL`] on its own connection (RESP3 push
+/// frames); each message
 /// names a partition, which it reads from its own position: the wake-up and the read at once.
 /// A re-subscription (ferriskey re-makes a lost connection silently) is reported as
 /// [`Wake::Reconnected`]: the listener then reads every lane.
