@@ -10,6 +10,15 @@
 --      fields execution_id, flow_id, outcome, namespace, tags (JSON object), occurred_at_ms
 --      (server TIME), partition,
 --   3. PUBLISHes {"execution_id", "flow_id", "outcome"} on `ff:dag:completions`.
+-- Lease history (claim: acquired | reclaimed, heartbeat: renewed, expiry sweep: expired,
+-- operator: revoked) and signal delivery (satisfied | buffered | deduped) are written the same
+-- way, atomically with their state change, to the same partition stream: their entries carry
+-- a `family` field (lease_history | signal_delivery; absent on a completion), the kind in
+-- `outcome`, and lease_id, worker, revoked_by, signal_id, waitpoint_id, source_identity where
+-- they apply. They are PUBLISHed as {"execution_id", "family"} on
+-- `{ff:dag:completions}:families` only (its hash tag puts it in the slot of
+-- `ff:dag:completions`, so a cluster client subscribes both on one node):
+-- `ff:dag:completions` keeps carrying completions alone.
 -- Every function validates all of its arguments before it writes anything; bad arguments are
 -- an error reply starting `ff_completions invalid:`, a refused state change one starting
 -- `ff_completions conflict:`.
@@ -21,20 +30,27 @@
 -- derived here from the ids the library stores: in a cluster they must be of the same flow
 -- (partition); on a single node any:
 --   ff:exec:{fp:N}:<uuid>:core       hash  state attempt max_attempts pending flow ns tags
---                                          partition worker created updated
+--                                          partition worker created updated lease_id
+--                                          lease_state (active|expired|revoked|released)
+--                                          lease_expires (ms)
+--   ff:exec:{fp:N}:<uuid>:waitpoints hash  waitpoint id -> open | satisfied
+--   ff:exec:{fp:N}:<uuid>:buffered   hash  waitpoint id -> signals buffered, not consumed yet
+--   ff:exec:{fp:N}:<uuid>:signal_keys set  idempotency keys of deliveries that were not deduped
 --   ff:exec:{fp:N}:<uuid>:children   set   ids of executions that depend on it
 --   ff:exec:{fp:N}:<uuid>:deps       hash  parent id -> pending | satisfied | failed
 --   ff:flow:{fp:N}:<uuid>:core       hash  ns state created
 --   ff:flow:{fp:N}:<uuid>:members    set   execution ids
 --   ff:eligible:{fp:N}               zset  partition N's eligible execution ids, by creation time
+--   ff:lease_expiry:{fp:N}           zset  partition N's leased execution ids, by lease end (ms)
 --   ff:pending_edges:{fp:N}          set   "parent|child" edges whose parent (of partition N) is
 --                                          terminal but which are not resolved yet
 --   ff:completions:{fp:N}            stream  partition N's completions
 --   ff:completions                   stream  the single stream of versions 1 and 2, still read
 --                                          (never written) until it is empty
 
-local VERSION = '4'
+local VERSION = '5'
 local CHANNEL = 'ff:dag:completions'
+local FAMILY_CHANNEL = '{ff:dag:completions}:families'
 local TERMINAL = { success = true, failed = true, cancelled = true, expired = true, skipped = true }
 local OPEN = { blocked = true, eligible = true, running = true }
 local PENDING = { blocked = true, eligible = true }
@@ -195,13 +211,46 @@ local function ff_create_execution(keys, args)
   return initial
 end
 
--- FCALL ff_claim 1 <eligible> <worker> <limit> -> the claimed ids, oldest first.
+-- Appends an event of `family` (lease_history | signal_delivery) about execution `id` (core
+-- key `core`) of kind `kind` to `stream` and wakes readers on FAMILY_CHANNEL. `extra` lists
+-- more field names and values; empty values are left out.
+local function emit(stream, maxlen, id, core, family, kind, extra)
+  local args = { 'XADD', stream, 'MAXLEN', '~', maxlen, '*', 'family', family, 'execution_id', id,
+    'outcome', kind, 'namespace', redis.call('HGET', core, 'ns') or '', 'occurred_at_ms', now_ms(),
+    'partition', partition_of(id) }
+  for i = 1, #extra, 2 do
+    local v = extra[i + 1]
+    if v and v ~= '' then
+      args[#args + 1] = extra[i]
+      args[#args + 1] = v
+    end
+  end
+  redis.call(unpack(args))
+  redis.call('PUBLISH', FAMILY_CHANNEL, cjson.encode({ execution_id = id, family = family }))
+end
+
+-- Gives `id` a new lease for `worker` until now + `lease_ms` and writes `acquired`, or
+-- `reclaimed` when its previous lease expired.
+local function lease(id, core, worker, lease_ms, keys, maxlen)
+  local ts = now_ms()
+  local attempt = redis.call('HGET', core, 'attempt') or '0'
+  local kind = (redis.call('HGET', core, 'lease_state') == 'expired') and 'reclaimed' or 'acquired'
+  local lease_id = ts .. '-' .. attempt
+  redis.call('HSET', core, 'lease_id', lease_id, 'lease_state', 'active', 'lease_expires', ts + lease_ms)
+  redis.call('ZADD', keys.expiry, ts + lease_ms, id)
+  emit(keys.stream, maxlen, id, core, 'lease_history', kind, { 'lease_id', lease_id, 'worker', worker })
+end
+
+-- FCALL ff_claim 3 <eligible> <stream> <lease expiry> <worker> <limit> <lease ms> <maxlen>
+-- -> the claimed ids, oldest first; each gets a new lease (acquired | reclaimed).
 local function ff_claim(keys, args)
-  local bad = wrong_keys(keys, 1)
+  local bad = wrong_keys(keys, 3)
   if bad then return bad end
-  local worker, limit = args[1], positive_int(args[2])
+  local worker, limit, lease_ms, maxlen = args[1], positive_int(args[2]), positive_int(args[3]), positive_int(args[4])
   if not worker or worker == '' then return invalid('worker required') end
   if not limit then return invalid('limit must be a positive integer') end
+  if not lease_ms then return invalid('lease ms must be a positive integer') end
+  if not maxlen then return invalid('maxlen must be a positive integer') end
   local claimed = {}
   for _, id in ipairs(redis.call('ZRANGE', keys[1], 0, limit - 1)) do
     redis.call('ZREM', keys[1], id)
@@ -209,10 +258,131 @@ local function ff_claim(keys, args)
     if redis.call('HGET', core, 'state') == 'eligible' then
       redis.call('HSET', core, 'state', 'running', 'worker', worker, 'updated', now_ms())
       redis.call('HINCRBY', core, 'attempt', 1)
+      lease(id, core, worker, lease_ms, { stream = keys[2], expiry = keys[3] }, maxlen)
       claimed[#claimed + 1] = id
     end
   end
   return claimed
+end
+
+-- FCALL ff_renew_lease 3 <core> <stream> <lease expiry> <id> <worker> <lease ms> <maxlen>
+-- -> 1 when `worker` held the active lease (now extended, `renewed` written), 0 otherwise.
+local function ff_renew_lease(keys, args)
+  local bad = wrong_keys(keys, 3)
+  if bad then return bad end
+  local id, worker, lease_ms, maxlen = args[1], args[2], positive_int(args[3]), positive_int(args[4])
+  if not partition_of(id) then return invalid('bad execution id') end
+  if not worker or worker == '' then return invalid('worker required') end
+  if not lease_ms or not maxlen then return invalid('lease ms and maxlen must be positive integers') end
+  local e = redis.call('HMGET', keys[1], 'state', 'worker', 'lease_state', 'lease_id')
+  if e[1] ~= 'running' or e[2] ~= worker or e[3] ~= 'active' then return 0 end
+  local ends = now_ms() + lease_ms
+  redis.call('HSET', keys[1], 'lease_expires', ends)
+  redis.call('ZADD', keys[3], ends, id)
+  emit(keys[2], maxlen, id, keys[1], 'lease_history', 'renewed', { 'lease_id', e[4], 'worker', worker })
+  return 1
+end
+
+-- Ends the active lease of running execution `id` as `how` (expired | revoked): it is eligible
+-- again and the event names the lease and its holder. False when it holds no active lease.
+local function end_lease(id, core, how, revoked_by, keys, maxlen)
+  local e = redis.call('HMGET', core, 'state', 'worker', 'lease_state', 'lease_id')
+  redis.call('ZREM', keys.expiry, id)
+  if e[1] ~= 'running' or e[3] ~= 'active' then return false end
+  redis.call('HSET', core, 'lease_state', how)
+  redis.call('HDEL', core, 'worker')
+  make_eligible(core, id, keys.eligible)
+  emit(keys.stream, maxlen, id, core, 'lease_history', how,
+    { 'lease_id', e[4], 'worker', e[2], 'revoked_by', revoked_by })
+  return true
+end
+
+-- FCALL ff_expire_leases 3 <lease expiry> <stream> <eligible> <now ms> <maxlen>
+-- -> the executions of this partition whose lease ended before <now ms>, each eligible again
+-- with an `expired` event.
+local function ff_expire_leases(keys, args)
+  local bad = wrong_keys(keys, 3)
+  if bad then return bad end
+  local now, maxlen = tonumber(args[1]), positive_int(args[2])
+  if now == nil or not maxlen then return invalid('now must be a number and maxlen a positive integer') end
+  local swept = {}
+  local k = { expiry = keys[1], stream = keys[2], eligible = keys[3] }
+  -- An entry whose execution finished, suspended or lost its lease otherwise is only removed.
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', keys[1], '-inf', '(' .. args[1])) do
+    if end_lease(id, exec_key(id, 'core'), 'expired', '', k, maxlen) then swept[#swept + 1] = id end
+  end
+  return swept
+end
+
+-- FCALL ff_revoke_lease 4 <core> <stream> <eligible> <lease expiry> <id> <revoked by> <maxlen>
+-- -> 1 when it held an active lease (now revoked, eligible again), 0 otherwise.
+local function ff_revoke_lease(keys, args)
+  local bad = wrong_keys(keys, 4)
+  if bad then return bad end
+  local id, by, maxlen = args[1], args[2], positive_int(args[3])
+  if not partition_of(id) then return invalid('bad execution id') end
+  if not by or by == '' then return invalid('revoked by required') end
+  if not maxlen then return invalid('maxlen must be a positive integer') end
+  local k = { stream = keys[2], eligible = keys[3], expiry = keys[4] }
+  return end_lease(id, keys[1], 'revoked', by, k, maxlen) and 1 or 0
+end
+
+-- FCALL ff_suspend 5 <core> <eligible> <lease expiry> <waitpoints> <buffered> <id> <waitpoint>
+-- -> 1 when a buffered signal was consumed (waitpoint satisfied, eligible again), 0 when the
+-- waitpoint is open, 'not_running' when it was not running. The lease is released.
+local function ff_suspend(keys, args)
+  local bad = wrong_keys(keys, 5)
+  if bad then return bad end
+  local id, wp = args[1], args[2]
+  if not partition_of(id) then return invalid('bad execution id') end
+  if not wp or wp == '' then return invalid('waitpoint required') end
+  local core = keys[1]
+  if redis.call('HGET', core, 'state') ~= 'running' then return 'not_running' end
+  redis.call('HSET', core, 'state', 'suspended', 'lease_state', 'released', 'updated', now_ms())
+  redis.call('HDEL', core, 'worker')
+  redis.call('ZREM', keys[3], id)
+  if (tonumber(redis.call('HGET', keys[5], wp)) or 0) > 0 then
+    redis.call('HINCRBY', keys[5], wp, -1)
+    redis.call('HSET', keys[4], wp, 'satisfied')
+    make_eligible(core, id, keys[2])
+    return 1
+  end
+  redis.call('HSET', keys[4], wp, 'open')
+  return 0
+end
+
+-- FCALL ff_deliver_signal 6 <core> <stream> <eligible> <waitpoints> <buffered> <signal keys>
+--   <id> <waitpoint> <signal id> <idempotency key or ''> <source identity or ''> <maxlen>
+-- -> deduped (the key was delivered before) | satisfied (the waitpoint was open: satisfied,
+-- a suspended execution eligible again) | buffered (consumed when it opens) |
+-- no_such_execution; a signal-delivery event for each but the last.
+local function ff_deliver_signal(keys, args)
+  local bad = wrong_keys(keys, 6)
+  if bad then return bad end
+  if #args ~= 6 then return invalid('expected 6 arguments, got ' .. #args) end
+  local id, wp, signal, key, source, maxlen = args[1], args[2], args[3], args[4], args[5], positive_int(args[6])
+  if not partition_of(id) then return invalid('bad execution id') end
+  if wp == '' or signal == '' then return invalid('waitpoint and signal id required') end
+  if not maxlen then return invalid('maxlen must be a positive integer') end
+  local core = keys[1]
+  if redis.call('EXISTS', core) == 0 then return 'no_such_execution' end
+  local effect
+  if key ~= '' and redis.call('SISMEMBER', keys[6], key) == 1 then
+    effect = 'deduped'
+  else
+    if key ~= '' then redis.call('SADD', keys[6], key) end
+    if redis.call('HGET', keys[4], wp) == 'open' then
+      effect = 'satisfied'
+      redis.call('HSET', keys[4], wp, 'satisfied')
+      if redis.call('HGET', core, 'state') == 'suspended' then make_eligible(core, id, keys[3]) end
+    else
+      effect = 'buffered'
+      redis.call('HINCRBY', keys[5], wp, 1)
+    end
+  end
+  emit(keys[2], maxlen, id, core, 'signal_delivery', effect,
+    { 'signal_id', signal, 'waitpoint_id', wp, 'source_identity', source })
+  return effect
 end
 
 -- The id, its keys and the shared keys of a terminal call on one execution:
@@ -444,6 +614,11 @@ redis.register_function { function_name = 'ff_version', callback = ff_version, f
 redis.register_function('ff_create_flow', ff_create_flow)
 redis.register_function('ff_create_execution', ff_create_execution)
 redis.register_function('ff_claim', ff_claim)
+redis.register_function('ff_renew_lease', ff_renew_lease)
+redis.register_function('ff_expire_leases', ff_expire_leases)
+redis.register_function('ff_revoke_lease', ff_revoke_lease)
+redis.register_function('ff_suspend', ff_suspend)
+redis.register_function('ff_deliver_signal', ff_deliver_signal)
 redis.register_function('ff_complete', ff_complete)
 redis.register_function('ff_fail', ff_fail)
 redis.register_function('ff_cancel', ff_cancel)

@@ -14,7 +14,7 @@
 //! | `ff_completions_catch_up_reads_total` | counter | backend, subscriber (named subscribers only) | reads a filter made from its own cursor |
 //! | `ff_completions_subscriber_lag_ms` | gauge | backend, subscriber (named subscribers only) | commit time of the oldest event not yet delivered to now (0 when nothing is pending) |
 //! | `ff_completions_subscriber_lag_events` | gauge | backend, subscriber (named subscribers only) | events the listener has read past the subscriber's cursor (from the first live batch that spans the cursor on) |
-//! | `ff_completions_backend_gauge` | gauge | backend, name | backend health: `notification_queue_usage` and `held_back_rows` (Postgres), `stream_length` (Valkey) |
+//! | `ff_completions_backend_gauge` | gauge | backend, name | backend health: `notification_queue_usage` and `held_back_rows` (Postgres), `stream_length` (Valkey, entries of every family) |
 
 use metrics::{Counter, Gauge, counter, gauge};
 

@@ -31,7 +31,7 @@ pub mod sqlite {
 #[cfg(feature = "valkey")]
 pub mod valkey {
     pub use crate::backends::valkey::{
-        DEFAULT_STREAM_MAXLEN, LEGACY_STREAM_KEY, LIBRARY, LIBRARY_VERSION, LISTENER_CLIENT_NAME, PUBSUB_CHANNEL,
-        connect_client, stream_key,
+        DEFAULT_STREAM_MAXLEN, FAMILY_CHANNEL, LEGACY_STREAM_KEY, LIBRARY, LIBRARY_VERSION, LISTENER_CLIENT_NAME,
+        PUBSUB_CHANNEL, connect_client, stream_key,
     };
 }

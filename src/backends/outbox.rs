@@ -96,8 +96,8 @@ fn tags(text: Option<&str>, instance_tag: Option<&str>) -> Result<BTreeMap<Strin
 /// The columns of the lease-history and signal-delivery families in an outbox row (absent
 /// columns read as `NULL`: a row without them is a completion).
 #[derive(Clone, Debug, Default, sqlx::FromRow)]
-// Only the SQLite reader decodes the other families yet.
-#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+// The Postgres reader does not decode the other families yet.
+#[cfg_attr(not(any(feature = "sqlite", feature = "valkey")), allow(dead_code))]
 pub(crate) struct FamilyColumns {
     /// `NULL` or `completion`, `lease_history`, `signal_delivery`.
     #[sqlx(default)]
@@ -116,8 +116,8 @@ pub(crate) struct FamilyColumns {
     pub source_identity: Option<String>,
 }
 
-// Only the SQLite reader decodes the other families yet.
-#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+// The Postgres reader does not decode the other families yet.
+#[cfg_attr(not(any(feature = "sqlite", feature = "valkey")), allow(dead_code))]
 impl FamilyColumns {
     /// The event of any family this row records, with `cursor` (the completion-form position)
     /// tagged with its family. An unknown family, an unknown lease kind or a missing field is

@@ -293,6 +293,7 @@ async fn the_valkey_stream_length_gauge_counts_the_completion_stream() {
     wait_for("ff_completions_backend_gauge", &length, "an empty stream", |v| v == 0.0).await;
     let ids = complete_n(&*engine, 7).await;
     assert_exactly_once(&take_events(&mut sub, 7, WAIT).await, &ids, true);
-    wait_for("ff_completions_backend_gauge", &length, "7 entries", |v| v == 7.0).await;
-    wait_for("ff_completions_events_read_total", &[("backend", backend)], "7 events read", |v| v == 7.0).await;
+    // Entries of every family: each claim's `acquired` is in the stream beside the completion.
+    wait_for("ff_completions_backend_gauge", &length, "14 entries", |v| v == 14.0).await;
+    wait_for("ff_completions_events_read_total", &[("backend", backend)], "14 events read", |v| v == 14.0).await;
 }

@@ -8,9 +8,17 @@ use super::keys;
 use super::library::{connect_client, ensure_library, fcall, map_err, valkey_connection};
 use super::stream::text;
 use crate::config::BackendConfig;
-use crate::engine::{CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome};
+use crate::engine::{
+    CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, LEASE_DURATION,
+};
 use crate::error::EngineError;
-use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
+use crate::signal_delivery::SignalDeliveryEffect;
+use crate::types::{ExecutionId, FlowId, Namespace, SignalId, TimestampMs, WaitpointId};
+
+/// [`LEASE_DURATION`] as the library's argument.
+fn lease_ms() -> String {
+    LEASE_DURATION.as_millis().to_string()
+}
 
 /// Drives executions through the `ff_completions` function library.
 #[derive(Clone)]
@@ -132,7 +140,8 @@ impl Engine for ValkeyEngine {
         Ok(())
     }
 
-    /// Claims from the partitions' eligible indexes that hold executions, starting at a
+    /// Claims from the partitions' eligible indexes (each claim writes its lease's `acquired`
+    /// or `reclaimed` in the same call) that hold executions, starting at a
     /// partition that moves on every call (so no partition starves), up to `limit` in all.
     async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, EngineError> {
         let limit = limit.max(1);
@@ -149,8 +158,9 @@ impl Engine for ValkeyEngine {
             if n <= 0 || claimed.len() >= limit {
                 continue;
             }
-            let args = [worker.to_owned(), (limit - claimed.len()).to_string()];
-            let ids: Vec<String> = self.write("ff_claim", &[keys::eligible(p)], &args).await?;
+            let args = [worker.to_owned(), (limit - claimed.len()).to_string(), lease_ms(), self.maxlen.clone()];
+            let keys = [keys::eligible(p), keys::stream(p), keys::lease_expiry(p)];
+            let ids: Vec<String> = self.write("ff_claim", &keys, &args).await?;
             claimed.extend(parse_ids(&ids)?);
         }
         Ok(claimed)
@@ -240,5 +250,81 @@ impl Engine for ValkeyEngine {
             Some(state) => Ok(Some(ExecutionInfo { state, attempt: attempt.unwrap_or(0) })),
             None => Err(EngineError::schema("ff_execution", format!("{id}: no state in the reply"))),
         }
+    }
+
+    async fn renew_lease(&self, id: &ExecutionId, worker: &str) -> Result<bool, EngineError> {
+        let p = id.partition();
+        let keys = [keys::exec(id, "core"), keys::stream(p), keys::lease_expiry(p)];
+        let args = [id.to_string(), worker.to_owned(), lease_ms(), self.maxlen.clone()];
+        let n: i64 = self.write("ff_renew_lease", &keys, &args).await?;
+        Ok(n == 1)
+    }
+
+    /// One call per partition (each in its own slot), all at once.
+    async fn expire_leases(&self, now: TimestampMs) -> Result<Vec<ExecutionId>, EngineError> {
+        let swept = futures::future::try_join_all(keys::partitions().map(|p| async move {
+            let keys = [keys::lease_expiry(p), keys::stream(p), keys::eligible(p)];
+            let ids: Vec<String> =
+                self.write("ff_expire_leases", &keys, &[now.0.to_string(), self.maxlen.clone()]).await?;
+            parse_ids(&ids)
+        }))
+        .await?;
+        Ok(swept.into_iter().flatten().collect())
+    }
+
+    async fn revoke_lease(&self, id: &ExecutionId, revoked_by: &str) -> Result<bool, EngineError> {
+        let p = id.partition();
+        let keys = [keys::exec(id, "core"), keys::stream(p), keys::eligible(p), keys::lease_expiry(p)];
+        let args = [id.to_string(), revoked_by.to_owned(), self.maxlen.clone()];
+        let n: i64 = self.write("ff_revoke_lease", &keys, &args).await?;
+        Ok(n == 1)
+    }
+
+    async fn suspend(&self, id: &ExecutionId, waitpoint: &WaitpointId) -> Result<bool, EngineError> {
+        let p = id.partition();
+        let keys = [
+            keys::exec(id, "core"),
+            keys::eligible(p),
+            keys::lease_expiry(p),
+            keys::exec(id, "waitpoints"),
+            keys::exec(id, "buffered"),
+        ];
+        let reply: Value = self.write("ff_suspend", &keys, &[id.to_string(), waitpoint.as_str().to_owned()]).await?;
+        match reply {
+            Value::Int(n) => Ok(n == 1),
+            other => Err(EngineError::State { detail: format!("suspend {id}: {}", text(&other).unwrap_or_default()) }),
+        }
+    }
+
+    async fn deliver_signal(
+        &self,
+        id: &ExecutionId,
+        waitpoint: &WaitpointId,
+        signal_id: &SignalId,
+        idempotency_key: Option<&str>,
+        source_identity: Option<&str>,
+    ) -> Result<SignalDeliveryEffect, EngineError> {
+        let p = id.partition();
+        let keys = [
+            keys::exec(id, "core"),
+            keys::stream(p),
+            keys::eligible(p),
+            keys::exec(id, "waitpoints"),
+            keys::exec(id, "buffered"),
+            keys::exec(id, "signal_keys"),
+        ];
+        let args = [
+            id.to_string(),
+            waitpoint.as_str().to_owned(),
+            signal_id.as_str().to_owned(),
+            idempotency_key.unwrap_or_default().to_owned(),
+            source_identity.unwrap_or_default().to_owned(),
+            self.maxlen.clone(),
+        ];
+        let effect: String = self.write("ff_deliver_signal", &keys, &args).await?;
+        if effect == "no_such_execution" {
+            return Err(EngineError::State { detail: format!("deliver signal to {id}: no such execution") });
+        }
+        Ok(SignalDeliveryEffect::from_wire(&effect))
     }
 }

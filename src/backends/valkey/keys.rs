@@ -31,6 +31,11 @@ pub(super) fn pending_edges(partition: u16) -> String {
     format!("ff:pending_edges:{{fp:{partition}}}")
 }
 
+/// `ff:lease_expiry:{fp:N}`: partition N's leased executions, scored by lease end (ms).
+pub(super) fn lease_expiry(partition: u16) -> String {
+    format!("ff:lease_expiry:{{fp:{partition}}}")
+}
+
 /// Every partition.
 pub(super) fn partitions() -> impl Iterator<Item = u16> {
     0..PARTITION_COUNT

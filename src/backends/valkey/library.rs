@@ -62,8 +62,8 @@ fn classify(op: &'static str, e: &ferriskey::Error, detail: String) -> EngineErr
 }
 
 /// A connected client named `name` (the tree's own, or an operator's tool's), with the config's
-/// credentials, TLS, database and an explicit request timeout (ferriskey's default, 250 ms, is
-/// too short for `FCALL`s under load).
+/// credentials, TLS, database, `TCP_NODELAY` and an explicit request timeout (ferriskey's
+/// default, 250 ms, is too short for `FCALL`s under load).
 ///
 /// In cluster mode (`ValkeyConnection::cluster`) it is ferriskey's cluster client, seeded with
 /// the configured nodes (any one that answers will do): each call goes to the primary owning its keys' slot, `FUNCTION LOAD`
@@ -110,6 +110,9 @@ fn builder(config: &BackendConfig, name: &str) -> Result<ClientBuilder, EngineEr
         .request_timeout(request_timeout)
         .blocking_cmd_timeout_extension(request_timeout)
         .connect_timeout(config.timeouts.connect_or_default())
+        // ferriskey leaves Nagle's algorithm on: a small write waiting for the ACK of the one
+        // before, delayed by the peer, can stall a request for ~40 ms.
+        .tcp_nodelay()
         .client_name(name);
     if v.cluster {
         builder = builder.cluster();

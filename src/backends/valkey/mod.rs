@@ -6,6 +6,10 @@
 //! id per partition) through the read-only library function `ff_read_after`. Pub/sub on
 //! [`PUBSUB_CHANNEL`] only wakes the listener: it names the partition to read, and a lost
 //! subscription (ferriskey re-subscribes silently) makes the listener read every stream.
+//! Lease-history and signal-delivery entries go to the same partition streams (a `family`
+//! field; absent on a completion), written by the library atomically with their state change,
+//! and wake the listener on [`FAMILY_CHANNEL`], which its one subscriber connection also
+//! subscribes to: plain subscribers of [`PUBSUB_CHANNEL`] see completions only.
 //!
 //! - `library`: client construction, error mapping, loading the library, `FCALL`.
 //! - `keys`: the key names, each with its partition's `{fp:N}` hash tag.
@@ -46,12 +50,18 @@ pub fn stream_key(partition: u16) -> String {
 #[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
 pub const PUBSUB_CHANNEL: &str = "ff:dag:completions";
 
+/// The pub/sub channel lease-history and signal-delivery entries wake listeners on, with the
+/// JSON payload `{"execution_id", "family"}`; [`PUBSUB_CHANNEL`] carries completions only. Its
+/// hash tag gives it the cluster slot of [`PUBSUB_CHANNEL`], so a cluster client, which routes
+/// `SUBSCRIBE` by channel slot, subscribes both on one connection.
+pub const FAMILY_CHANNEL: &str = "{ff:dag:completions}:families";
+
 /// The function library's source (`lua/ff_completions.lua`).
 pub const LIBRARY: &str = include_str!("../../../lua/ff_completions.lua");
 
 /// The library version this crate expects `FCALL ff_version 0` to answer; bumped together with
 /// `VERSION` in the Lua source.
-pub const LIBRARY_VERSION: &str = "4";
+pub const LIBRARY_VERSION: &str = "5";
 
 /// Client name of the listener's dedicated subscriber connection (find it in `CLIENT LIST`).
 pub const LISTENER_CLIENT_NAME: &str = "ff-completions-listener";
@@ -80,5 +90,6 @@ mod tests {
     #[test]
     fn the_lua_names_the_same_channel() {
         assert!(LIBRARY.contains(&format!("local CHANNEL = '{PUBSUB_CHANNEL}'")));
+        assert!(LIBRARY.contains(&format!("local FAMILY_CHANNEL = '{FAMILY_CHANNEL}'")));
     }
 }

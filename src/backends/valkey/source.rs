@@ -3,8 +3,8 @@
 //! [`VALKEY_LEGACY_LANE`]), read while it holds anything. Reads go through the library's
 //! read-only `ff_read_after` (the entries and what was trimmed, in one atomic look per stream,
 //! one slot per call, so the client routes each to the primary that owns it); the waker is
-//! subscribed to [`PUBSUB_CHANNEL`], whose messages name the execution, hence the partition
-//! to read (pub/sub only wakes: the streams are the truth, and a re-subscription after a lost
+//! subscribed to [`PUBSUB_CHANNEL`] and [`FAMILY_CHANNEL`] (lease and signal entries), whose
+//! messages name the execution, hence the partition to read (pub/sub only wakes: the streams are the truth, and a re-subscription after a lost
 //! connection makes the listener read every stream).
 //!
 //! Order: within a partition (so within a flow), the stream's. Partitions are independent:
@@ -33,12 +33,12 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::lanes::{Looked, Shards, all_lanes, lane_key, look_each, look_many};
 use super::library::{connect_client, connect_subscriber, ensure_library, map_err, valkey_connection};
 use super::stream::{RawEntry, ReadView, decode_entry, parse_id, text};
-use super::{LISTENER_CLIENT_NAME, PUBSUB_CHANNEL};
+use super::{FAMILY_CHANNEL, LISTENER_CLIENT_NAME, PUBSUB_CHANNEL};
 use crate::backends::outbox::{age_cutoff_ms, shown};
 use crate::backends::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, Retention};
 use crate::cursor::{
-    Frontier, Position, StreamCursor, VALKEY_LEGACY_LANE, decode_valkey_frontier, encode_valkey_frontier,
+    Family, Frontier, Position, StreamCursor, VALKEY_LEGACY_LANE, decode_valkey_frontier, encode_valkey_frontier,
 };
 use crate::error::EngineError;
 use crate::types::{ExecutionId, TimestampMs};
@@ -109,7 +109,7 @@ fn batch_of(start: &Frontier, lanes: Vec<(u16, Vec<RawEntry>, usize)>) -> Batch 
             }
             batch.end.advance(pos);
             match entry.fields.and_then(|fields| decode_entry(pos, &fields)) {
-                Ok(event) => batch.events.push(Positioned { pos, event: event.into() }),
+                Ok(event) => batch.events.push(Positioned { pos, event }),
                 Err(reason) => batch.skipped.push((pos, reason)),
             }
         }
@@ -126,6 +126,12 @@ fn frontier_of(lanes: &[(u16, u64, u64)]) -> Frontier {
 impl CompletionSource for ValkeySource {
     fn kind(&self) -> &'static str {
         "valkey"
+    }
+
+    /// Every family: the library writes lease history and signal delivery beside the
+    /// completions, in the same partition streams.
+    fn produces(&self, _family: Family) -> bool {
+        true
     }
 
     fn cursor_of(&self, at: &Frontier) -> StreamCursor {
@@ -201,12 +207,18 @@ impl CompletionSource for ValkeySource {
     async fn open_waker(&self, from: &Frontier) -> Result<Box<dyn Waker>, EngineError> {
         let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel();
         let subscriber = connect_subscriber(&self.config, LISTENER_CLIENT_NAME, tx).await?;
-        subscriber.cmd("SUBSCRIBE").arg(PUBSUB_CHANNEL).execute::<()>().await.map_err(map_err("valkey SUBSCRIBE"))?;
-        // Registered only once the server confirms: a read after this returns misses nothing.
+        let subscribe = subscriber.cmd("SUBSCRIBE").arg(PUBSUB_CHANNEL).arg(FAMILY_CHANNEL);
+        subscribe.execute::<()>().await.map_err(map_err("valkey SUBSCRIBE"))?;
+        // Registered only once the server confirms both channels: a read after this returns
+        // misses nothing.
         let confirmed = tokio::time::timeout(SUBSCRIBE_WAIT, async {
+            let mut confirmations = 0;
             while let Some(push) = pushes.recv().await {
                 if push.kind == PushKind::Subscribe {
-                    return true;
+                    confirmations += 1;
+                    if confirmations == 2 {
+                        return true;
+                    }
                 }
             }
             false
@@ -230,7 +242,8 @@ fn subscriber_lost() -> EngineError {
     EngineError::transport("valkey SUBSCRIBE", "the subscriber connection closed")
 }
 
-/// Subscribed to [`PUBSUB_CHANNEL`] on its own connection (RESP3 push frames); each message
+/// Subscribed to [`PUBSUB_CHANNEL`] and [`FAMILY_CHANNEL`] on its own connection (RESP3 push
+/// frames); each message
 /// names a partition, which it reads from its own position: the wake-up and the read at once.
 /// A re-subscription (ferriskey re-makes a lost connection silently) is reported as
 /// [`Wake::Reconnected`]: the listener then reads every lane.

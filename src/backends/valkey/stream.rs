@@ -6,14 +6,18 @@
 //!
 //! Entry fields: `execution_id` (`{fp:N}:<uuid>`), `outcome`, `occurred_at_ms` and
 //! `partition` (N again) are required; `flow_id`, `namespace` and `tags` (a JSON object) may be
-//! empty or absent. Fields this version does not know are ignored, so a newer producer adding
+//! empty or absent. `family` is absent on a completion; `lease_history` and `signal_delivery`
+//! entries carry their kind in `outcome` and their own fields (`lease_id`, `worker`,
+//! `revoked_by`; `signal_id`, `waitpoint_id`, `source_identity`), decoded as the outbox rows of
+//! the SQL backends are ([`FamilyColumns`]): an unknown family or lease kind, or a signal
+//! without its id, is skipped; an unknown signal effect decodes as `Other`. Fields this version does not know are ignored, so a newer producer adding
 //! one does not make older readers skip its entries.
 
 use ferriskey::Value;
 
-use crate::backends::outbox::{OutboxRow, shown};
+use crate::backends::FamilyEvent;
+use crate::backends::outbox::{FamilyColumns, OutboxRow, shown};
 use crate::cursor::{Position, encode_valkey_frontier};
-use crate::event::CompletionEvent;
 use crate::types::ExecutionId;
 
 /// One entry as read: its id text and its fields as text, or why they are not.
@@ -155,9 +159,9 @@ pub(super) fn read_view(reply: &Value) -> Result<ReadView, String> {
     })
 }
 
-/// Decodes one entry at `pos` (in its lane) into an event, or names what is wrong with it. The
-/// event's cursor names that lane only; a reader of several lanes gives it its own.
-pub(super) fn decode_entry(pos: Position, fields: &[(String, String)]) -> Result<CompletionEvent, String> {
+/// Decodes one entry at `pos` (in its lane) into an event of its family, or names what is wrong
+/// with it. The event's cursor names that lane only; a reader of several lanes gives it its own.
+pub(super) fn decode_entry(pos: Position, fields: &[(String, String)]) -> Result<FamilyEvent, String> {
     let get = |name: &str| fields.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     let present = |name: &str| get(name).filter(|v| !v.is_empty());
     let required = |name: &str| present(name).ok_or_else(|| format!("{name} is missing"));
@@ -180,7 +184,16 @@ pub(super) fn decode_entry(pos: Position, fields: &[(String, String)]) -> Result
         occurred_at_ms: Some(at),
         partition_key: Some(i64::from(id.partition())),
     };
-    row.decode(encode_valkey_frontier(&[(pos.lane, pos.hi, pos.lo)]))
+    let columns = FamilyColumns {
+        family: present("family"),
+        lease_id: present("lease_id"),
+        worker: present("worker"),
+        revoked_by: present("revoked_by"),
+        signal_id: present("signal_id"),
+        waitpoint_id: present("waitpoint_id"),
+        source_identity: present("source_identity"),
+    };
+    columns.decode(&row, encode_valkey_frontier(&[(pos.lane, pos.hi, pos.lo)]))
 }
 
 #[cfg(test)]
@@ -189,7 +202,15 @@ mod tests {
 
     use super::*;
     use crate::backends::outbox::wild;
-    use crate::event::CompletionOutcome;
+    use crate::event::{CompletionEvent, CompletionOutcome};
+
+    /// The completion an entry decodes to (an entry of another family is an error here).
+    fn decode_completion(pos: Position, fields: &[(String, String)]) -> Result<CompletionEvent, String> {
+        match decode_entry(pos, fields)? {
+            FamilyEvent::Completion(event) => Ok(event),
+            other => Err(format!("not a completion: {other:?}")),
+        }
+    }
 
     fn s(text: &str) -> Value {
         Value::BulkString(text.as_bytes().to_vec().into())
@@ -249,7 +270,7 @@ mod tests {
 
     #[test]
     fn a_good_entry_decodes_with_every_field() {
-        let event = decode_entry(Position::new(12, 3), &good()).unwrap_or_else(|e| panic!("{e}"));
+        let event = decode_completion(Position::new(12, 3), &good()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(event.execution_id.partition(), 1);
         assert_eq!(event.outcome, CompletionOutcome::Success);
         assert_eq!(event.namespace.as_ref().map(|n| n.as_str()), Some("ns"));
@@ -260,12 +281,48 @@ mod tests {
     }
 
     #[test]
+    fn lease_and_signal_entries_decode_to_their_family_with_a_tagged_cursor() {
+        let with = |extra: &[(&str, &str)]| {
+            let mut fields = good();
+            fields.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            decode_entry(Position::new(12, 3), &fields)
+        };
+        let lease = [("family", "lease_history"), ("outcome", "revoked"), ("lease_id", "l1"), ("worker", "w")];
+        match with(&[&lease[..], &[("revoked_by", "op")]].concat()) {
+            Ok(FamilyEvent::LeaseHistory(entry)) => {
+                assert_eq!(entry.event.wire_kind(), "revoked");
+                assert_eq!(entry.event.cursor().as_bytes()[1], crate::cursor::LEASE_HISTORY_CURSOR_TAG);
+                assert_eq!(entry.worker.map(|w| w.as_str().to_owned()).as_deref(), Some("w"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let signal = [("family", "signal_delivery"), ("outcome", "later"), ("signal_id", "s"), ("waitpoint_id", "wp")];
+        match with(&signal) {
+            Ok(FamilyEvent::SignalDelivery(entry)) => {
+                assert_eq!(entry.event.effect, crate::signal_delivery::SignalDeliveryEffect::Other("later".into()));
+                assert_eq!(entry.event.cursor.as_bytes()[1], crate::cursor::SIGNAL_DELIVERY_CURSOR_TAG);
+            }
+            other => panic!("{other:?}"),
+        }
+        for (bad, says) in [
+            (&[("family", "lease_history"), ("outcome", "stolen")][..], "stolen"),
+            (&[("family", "signal_delivery")][..], "signal_id"),
+            (&[("family", "instance_tags")][..], "family"),
+        ] {
+            match with(bad) {
+                Err(reason) => assert!(reason.contains(says), "{reason} should mention {says}"),
+                Ok(event) => panic!("{bad:?} decoded: {event:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn unknown_outcomes_and_unknown_fields_still_decode() {
         let mut fields = good();
         fields.push(("added_later".into(), "x".into()));
         fields.retain(|(k, _)| k != "outcome");
         fields.push(("outcome".into(), "paused".into()));
-        let event = decode_entry(Position::new(1, 0), &fields).unwrap_or_else(|e| panic!("{e}"));
+        let event = decode_completion(Position::new(1, 0), &fields).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(event.outcome, CompletionOutcome::Other("paused".into()));
     }
 
@@ -287,7 +344,7 @@ mod tests {
             if let Some(v) = value {
                 fields.push((field.to_owned(), v.to_owned()));
             }
-            match decode_entry(Position::new(1, 0), &fields) {
+            match decode_completion(Position::new(1, 0), &fields) {
                 Err(reason) => assert!(reason.contains(says), "{reason} should mention {says}"),
                 Ok(_) => panic!("an entry that should mention {says} decoded"),
             }
@@ -435,7 +492,7 @@ mod tests {
                 apply(&mut fields, c);
             }
             let wrong = wrong_fields(&fields);
-            match decode_entry(Position::new(hi, lo), &fields) {
+            match decode_completion(Position::new(hi, lo), &fields) {
                 Ok(event) => {
                     prop_assert!(wrong.is_empty(), "decoded although {wrong:?} are wrong");
                     let get = |name| field(&fields, name);
@@ -482,7 +539,7 @@ mod tests {
             }
             if let Ok(list) = fields(&reply) {
                 prop_assert!(matches!(reply, Value::Map(_) | Value::Array(_)));
-                let _ = decode_entry(Position::new(1, 1), &list);
+                let _ = decode_completion(Position::new(1, 1), &list);
             }
         }
     }

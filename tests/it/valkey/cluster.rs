@@ -15,6 +15,8 @@ contract::contract_tests!(
     foreign cursors: vec![encode_postgres_cursor(1, 2), encode_postgres_event_cursor(3), encode_sqlite_cursor(4)]
 );
 
+crate::families::family_tests!();
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_land_in_their_flow_s_slot_on_its_primary_and_arrive_in_order_per_partition() {
     init_tracing();
@@ -30,7 +32,7 @@ async fn completions_land_in_their_flow_s_slot_on_its_primary_and_arrive_in_orde
         let owner = cluster.owner_of(&key).await;
         owners.insert(owner.port);
         let same = ids.iter().filter(|other| other.partition() == id.partition()).count() as i64;
-        assert_eq!(owner.command(&["XLEN", &key]).await, Value::Int(same), "{key} on its primary");
+        assert_eq!(completions_in(owner, &key).await as i64, same, "{key} on its primary");
     }
     assert!(owners.len() >= 2, "nine flows spread over the primaries");
     // The raw channel reaches a plain subscriber on any node, whichever primary published.
@@ -57,13 +59,15 @@ async fn one_subscriber_connection_serves_the_whole_cluster() {
         assert_exactly_once_per_partition(&take_events(sub, ids.len(), WAIT).await, &ids);
     }
     // ferriskey's cluster client keeps one connection to each primary; one of them carries the
-    // subscription (a PUBLISH reaches every node of a cluster).
+    // subscription (a PUBLISH reaches every node of a cluster): it routes SUBSCRIBE by channel
+    // slot, and the family channel's hash tag gives it the completion channel's.
     let (mut per_node, mut subscribed) = (Vec::new(), 0);
     for node in &cluster.nodes {
         let list = node.client_list().await;
         let ours: Vec<&str> = list.lines().filter(|l| l.contains(&format!("name={LISTENER_CLIENT_NAME} "))).collect();
         per_node.push(ours.len());
-        subscribed += ours.iter().filter(|l| l.split_whitespace().any(|kv| kv == "sub=1")).count();
+        // Both channels (completions, the other families' wake-ups) on that one connection.
+        subscribed += ours.iter().filter(|l| l.split_whitespace().any(|kv| kv == "sub=2")).count();
     }
     assert!(per_node.iter().all(|n| *n <= 1), "at most one wake-up connection per primary: {per_node:?}");
     assert_eq!(subscribed, 1, "one subscription for the whole cluster");
@@ -76,12 +80,7 @@ async fn cluster_streams(cluster: &ValkeyCluster) -> Vec<ExecutionId> {
     let mut all = Vec::new();
     for p in 0..256u16 {
         let reply: Value = admin.cmd("XRANGE").arg(stream_key(p)).arg("-").arg("+").execute().await.expect("XRANGE");
-        match reply {
-            Value::Map(entries) => all.extend(entries.iter().map(|(_, fields)| execution_of(fields))),
-            Value::Array(a) if a.is_empty() => {}
-            Value::Nil => {}
-            other => panic!("XRANGE answered {other:?}"),
-        }
+        all.extend(completion_entries(reply).into_iter().map(|(_, id)| id));
     }
     all
 }
@@ -216,7 +215,7 @@ async fn a_slot_migrated_to_another_primary_under_producers_loses_nothing_and_cu
         p.await.expect("producer");
     }
     let target = &cluster.nodes[(from + 1) % 3];
-    assert_eq!(target.command(&["XLEN", &key]).await, Value::Int(6), "the stream lives on its new primary");
+    assert_eq!(completions_in(target, &key).await, 6, "the stream lives on its new primary");
     let expected = cluster_streams(&cluster).await;
     let received = take_events(&mut sub, expected.len() - 3, WAIT).await;
     let all: Vec<ff_completions::CompletionEvent> = early.iter().cloned().chain(received).collect();

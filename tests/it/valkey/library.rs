@@ -79,14 +79,29 @@ async fn bad_arguments_are_refused_before_anything_is_written() {
     engine.create_execution(&orphan).await.expect("create");
     assert!(matches!(engine.create_execution(&orphan).await, Err(EngineError::State { .. })), "exists");
 
-    // Raw calls with bad arguments: a clear error, and no completion was written.
+    // Raw calls with bad arguments: a clear error, and nothing was written (no entry of any
+    // family, no claim).
     let admin = server.admin().await;
     let before = stream_len(&server).await;
     let core = format!("ff:exec:{}:core", orphan.id);
-    let calls: [(&str, Vec<String>, Vec<&str>); 3] = [
+    let id = orphan.id.to_string();
+    let p = orphan.id.partition();
+    let (eligible, expiry) = (format!("ff:eligible:{{fp:{p}}}"), format!("ff:lease_expiry:{{fp:{p}}}"));
+    let signal_keys: Vec<String> =
+        [core.clone(), stream_key(p), eligible.clone(), "w".into(), "b".into(), "k".into()].into();
+    let calls: [(&str, Vec<String>, Vec<&str>); 10] = [
         ("ff_complete", vec![core.clone(), "c".into(), stream_key(0), "e".into(), "p".into()], vec!["not-an-id", "10"]),
         ("ff_cancel", vec![core.clone(), "c".into(), stream_key(0), "e".into(), "p".into()], vec!["x", "0"]),
-        ("ff_cancel", vec![core], vec!["x", "10"]),
+        ("ff_cancel", vec![core.clone()], vec!["x", "10"]),
+        // The lease and signal producers: the keys of version 4's claim, no lease length, a bad
+        // id, no revoker, a maxlen of 0, a missing argument.
+        ("ff_claim", vec![eligible.clone()], vec!["w", "10"]),
+        ("ff_claim", vec![eligible.clone(), stream_key(p), expiry.clone()], vec!["w", "10", "0", "10"]),
+        ("ff_renew_lease", vec![core.clone(), stream_key(p), expiry.clone()], vec!["x", "w", "1000", "10"]),
+        ("ff_revoke_lease", vec![core.clone(), stream_key(p), eligible.clone(), expiry.clone()], vec![&id, "", "10"]),
+        ("ff_expire_leases", vec![expiry.clone(), stream_key(p), eligible.clone()], vec!["1", "0"]),
+        ("ff_suspend", vec![core.clone(), eligible, expiry, "w".into(), "b".into()], vec!["x", "wp"]),
+        ("ff_deliver_signal", signal_keys, vec![&id, "wp", "s", "", "10"]),
     ];
     for (function, keys, args) in calls {
         let err = admin.fcall::<Value>(function, &keys, &args).await.expect_err("bad arguments");

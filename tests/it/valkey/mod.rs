@@ -26,6 +26,7 @@ use crate::support::{
 
 mod cluster;
 mod delivery;
+mod families;
 mod library;
 mod outages;
 mod partitions;
@@ -41,6 +42,8 @@ async fn contract_backend() -> (ValkeyServer, BackendConfig) {
 contract::contract_tests!(
     foreign cursors: vec![encode_postgres_cursor(1, 2), encode_postgres_event_cursor(3), encode_sqlite_cursor(4)]
 );
+
+crate::families::family_tests!();
 
 /// Quick restarts for tests that break connections on purpose.
 fn impatient(config: BackendConfig) -> BackendConfig {
@@ -61,43 +64,70 @@ fn stream_for(fields: &[&str]) -> String {
     stream_key(id.and_then(|id| ExecutionId::parse(id).ok()).map_or(0, |id| id.partition()))
 }
 
-/// Every execution id in the completion streams, by stream id (on one server, with one clock:
-/// commit order, except for entries of different partitions committed in the same millisecond).
+/// Every completion's execution id in the completion streams, by stream id (on one server, with
+/// one clock: commit order, except for entries of different partitions committed in the same
+/// millisecond). Entries of the other families in the same streams are left out.
 async fn stream_order(server: &ValkeyServer) -> Vec<ExecutionId> {
     let mut all = Vec::new();
     for key in all_streams() {
         let reply = server.command(&["XRANGE", &key, "-", "+"]).await;
-        let entries = match reply {
-            Value::Map(entries) => entries,
-            Value::Array(a) if a.is_empty() => Vec::new(),
-            other => panic!("XRANGE answered {other:?}"),
-        };
-        all.extend(entries.into_iter().map(|(id, fields)| {
-            let Value::BulkString(id) = id else { panic!("id {id:?}") };
-            let id = String::from_utf8_lossy(&id).into_owned();
+        all.extend(completion_entries(reply).into_iter().map(|(id, execution)| {
             let (ms, seq) = id.split_once('-').expect("ms-seq");
-            ((ms.parse::<u64>().expect("ms"), seq.parse::<u64>().expect("seq")), execution_of(&fields))
+            ((ms.parse::<u64>().expect("ms"), seq.parse::<u64>().expect("seq")), execution)
         }));
     }
     all.sort_by_key(|(id, _)| *id);
     all.into_iter().map(|(_, id)| id).collect()
 }
 
-fn execution_of(fields: &Value) -> ExecutionId {
+/// The `(stream id, execution id)` of each completion in an `XRANGE` reply, in its order;
+/// lease-history and signal-delivery entries (with a `family` field) are left out.
+fn completion_entries(reply: Value) -> Vec<(String, ExecutionId)> {
+    let entries = match reply {
+        Value::Map(entries) => entries,
+        Value::Array(a) if a.is_empty() => Vec::new(),
+        Value::Nil => Vec::new(),
+        other => panic!("XRANGE answered {other:?}"),
+    };
+    entries
+        .into_iter()
+        .filter(|(_, fields)| field_of(fields, "family").is_none())
+        .map(|(id, fields)| {
+            let Value::BulkString(id) = id else { panic!("id {id:?}") };
+            (String::from_utf8_lossy(&id).into_owned(), execution_of(&fields))
+        })
+        .collect()
+}
+
+/// Completions in `key` on `server` (entries of the other families left out).
+async fn completions_in(server: &ValkeyServer, key: &str) -> usize {
+    completion_entries(server.command(&["XRANGE", key, "-", "+"]).await).len()
+}
+
+/// The value of field `name` of a stream entry.
+fn field_of(fields: &Value, name: &str) -> Option<String> {
     let Value::Array(pairs) = fields else { panic!("fields {fields:?}") };
-    let id = pairs.iter().find_map(|pair| match pair {
+    pairs.iter().find_map(|pair| match pair {
         Ok(Value::Array(kv)) => match (&kv[0], &kv[1]) {
-            (Ok(Value::BulkString(k)), Ok(Value::BulkString(v))) if &k[..] == b"execution_id" => {
+            (Ok(Value::BulkString(k)), Ok(Value::BulkString(v))) if k[..] == *name.as_bytes() => {
                 Some(String::from_utf8_lossy(v).into_owned())
             }
             _ => None,
         },
         _ => None,
-    });
-    ExecutionId::parse(&id.expect("execution_id field")).expect("execution id")
+    })
 }
 
-/// Entries in every completion stream.
+fn execution_of(fields: &Value) -> ExecutionId {
+    ExecutionId::parse(&field_of(fields, "execution_id").expect("execution_id field")).expect("execution id")
+}
+
+/// Completions in every completion stream.
+async fn completion_len(server: &ValkeyServer) -> usize {
+    stream_order(server).await.len()
+}
+
+/// Entries of every family in every completion stream.
 async fn stream_len(server: &ValkeyServer) -> i64 {
     let mut total = 0;
     for key in all_streams() {
