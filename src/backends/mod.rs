@@ -30,8 +30,8 @@ pub mod valkey;
 /// An event of any family, as a source decodes it and the listener fans it out. The families
 /// share the backend's order (one lane space, one listener); each filter selects its own.
 #[derive(Clone, Debug, PartialEq, Eq)]
-// Only the SQLite reader decodes the other families yet.
-#[cfg_attr(not(any(test, feature = "sqlite")), allow(dead_code))]
+// The SQL readers decode the other families (Valkey's decodes completions only).
+#[cfg_attr(not(any(test, feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) enum FamilyEvent {
     /// A completion (its cursor in the completion form).
     Completion(CompletionEvent),
