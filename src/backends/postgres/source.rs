@@ -1,5 +1,6 @@
-//! The Postgres [`CompletionSource`]: batches between recorded snapshots, and a LISTEN waker
-//! that also polls adaptively.
+//! The Postgres [`CompletionSource`]: batches between recorded snapshots (completions from the
+//! outbox, lease history and signal delivery from `ff_completion_family_event`, in one order),
+//! and a LISTEN waker that also polls adaptively.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
