@@ -102,3 +102,40 @@ async fn a_hosts_reader_of_the_outbox_sees_only_completions_after_lease_and_sign
     assert_eq!(family_rows, 4 + 4 + 1 + 2, "leases and signals went to the subsystem's own table");
     assert!(claimed.iter().all(|id| ids.contains(id)));
 }
+
+/// A lease event written by a transaction left open while completions commit and are delivered
+/// (so ticks see it in progress, and batches without family rows are read from the outbox
+/// alone) arrives once it commits, after what committed before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_event_of_a_transaction_open_across_batches_arrives_once_it_commits() {
+    let ((), backend) = contract_backend().await;
+    let f = fixture(backend.clone(), |c| c).await;
+    let mut leases =
+        f.tree.subscribe_lease_history(SubscribeRequest::tail(), LeaseHistoryFilter::new()).await.expect("l");
+    let mut completions = f.tree.subscribe(SubscribeRequest::tail()).await.expect("c");
+    let engine = PostgresEngine::connect(&backend).await.expect("engine");
+    create(&*f.engine, None, 3).await;
+    let [early] = claim(&*f.engine, "w", 1).await[..] else { panic!() };
+    let mut tx = engine.pool().begin().await.expect("begin");
+    let renewed: bool = sqlx::query_scalar("SELECT ff_renew_lease($1, 'w', 30000)")
+        .bind(early.uuid())
+        .fetch_one(&mut *tx)
+        .await
+        .expect("renew in an open transaction");
+    assert!(renewed);
+    let mut done = Vec::new();
+    for _ in 0..2 {
+        let [other] = claim(&*f.engine, "w", 1).await[..] else { panic!() };
+        assert!(f.engine.complete(&other).await.expect("complete"));
+        assert_exactly_once(&take_events(&mut completions, 1, WAIT).await, &[other], true);
+        done.push(other);
+    }
+    tx.commit().await.expect("commit");
+    engine.wake_listeners();
+    let got = take(&mut leases, 4, WAIT).await;
+    assert_eq!(
+        lease_kinds(&got),
+        [("acquired", early), ("acquired", done[0]), ("acquired", done[1]), ("renewed", early)]
+    );
+    no_more(&mut leases, QUIET).await;
+}
