@@ -16,6 +16,7 @@ mod support;
 
 mod bed;
 mod designs;
+mod heartbeats;
 mod measure;
 mod report;
 mod scenarios;
@@ -42,6 +43,8 @@ enum Scenario {
     /// Postgres only: producers' commits/s per way of waking the listener, delivery beside an
     /// unrelated open transaction, reads when idle and busy (a server flushing every commit).
     Wakeups,
+    /// Postgres and SQLite: lease heartbeats/s with lease history on and off, alternated.
+    Heartbeats,
 }
 
 #[derive(Parser, Debug)]
@@ -81,6 +84,7 @@ async fn main() {
             Scenario::FanOut,
             Scenario::Dag,
             Scenario::Wakeups,
+            Scenario::Heartbeats,
         ]
     } else {
         args.scenario.clone()
@@ -164,6 +168,10 @@ async fn run(bed: &Bed, scenarios: &[Scenario], kinds: &[Kind], sizes: &Sizes) -
                 Scenario::Dag => results.dag.push(scenarios::dag_chain(bed, kind, sizes).await),
                 Scenario::Wakeups if kind == Kind::Postgres => results.wakeups = Some(wakeups::run(sizes).await),
                 Scenario::Wakeups => {}
+                Scenario::Heartbeats if heartbeats::applies(kind) => {
+                    results.heartbeats.push(heartbeats::run(bed, kind, sizes).await);
+                }
+                Scenario::Heartbeats => {}
             }
         }
     }
@@ -177,7 +185,11 @@ fn smoke_checks(scenarios: &[Scenario], kinds: &[Kind]) -> usize {
 }
 
 fn applies(scenario: Scenario, kind: Kind) -> bool {
-    scenario != Scenario::Wakeups || kind == Kind::Postgres
+    match scenario {
+        Scenario::Wakeups => kind == Kind::Postgres,
+        Scenario::Heartbeats => heartbeats::applies(kind),
+        _ => true,
+    }
 }
 
 /// What a smoke run must show: every scenario ran on every backend, ours lost nothing, and
@@ -219,6 +231,11 @@ fn smoke_problems(
                 Scenario::Wakeups => results.wakeups.as_ref().is_some_and(|w| {
                     w.producers.iter().all(|r| r.commits_per_s > 0.0 && r.missing == 0)
                         && w.open_transaction.iter().all(|r| r.delivery.samples > 0)
+                }),
+                Scenario::Heartbeats => results.heartbeats.iter().any(|r| {
+                    r.backend == kind
+                        && r.with_history.iter().chain(&r.without_history).all(|v| *v > 0.0)
+                        && r.events_received >= r.renewals_with_history
                 }),
             };
             if !ok {

@@ -21,6 +21,7 @@ pub struct Results {
     pub fan_out: Vec<FanOutRow>,
     pub dag: Vec<DagRow>,
     pub wakeups: Option<WakeupResults>,
+    pub heartbeats: Vec<crate::heartbeats::HeartbeatRow>,
 }
 
 impl Results {
@@ -292,6 +293,37 @@ pub fn markdown(results: &Results, sizes: &Sizes, command: &str, elapsed: Durati
             if r.complete { "" } else { " (incomplete)" },
             r.per_s
         );
+    }
+
+    if !results.heartbeats.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n## Lease heartbeats: renewals/s with lease history on and off\n\n\
+             {} producers, {} leases each, windows of {:.1} s alternated (on, off) three times. On: \
+             `Engine::renew_lease` (the lease extended and a `renewed` event written in one \
+             transaction), a tree with one lease subscriber running. Off: the same extension as one \
+             `UPDATE` of the same row, no event.\n\n\
+             | backend | with history /s (median) | without /s (median) | ratio | windows on | windows off | events received |\n\
+             |---|---:|---:|---:|---|---|---:|",
+            sizes.producers,
+            crate::heartbeats::LEASES_PER_PRODUCER,
+            sizes.window.as_secs_f64()
+        );
+        for r in &results.heartbeats {
+            let shown = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {:.0} | {:.2} | {} | {} | {} of {} |",
+                r.backend.name(),
+                crate::heartbeats::HeartbeatRow::median(&r.with_history),
+                crate::heartbeats::HeartbeatRow::median(&r.without_history),
+                r.ratio(),
+                shown(&r.with_history),
+                shown(&r.without_history),
+                r.events_received,
+                r.renewals_with_history
+            );
+        }
     }
 
     let _ = writeln!(

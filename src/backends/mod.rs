@@ -30,8 +30,8 @@ pub mod valkey;
 /// An event of any family, as a source decodes it and the listener fans it out. The families
 /// share the backend's order (one lane space, one listener); each filter selects its own.
 #[derive(Clone, Debug, PartialEq, Eq)]
-// The Postgres reader does not decode the other families yet.
-#[cfg_attr(not(any(test, feature = "sqlite", feature = "valkey")), allow(dead_code))]
+// Every backend's reader decodes the other families.
+#[cfg_attr(not(any(test, feature = "sqlite", feature = "postgres", feature = "valkey")), allow(dead_code))]
 pub(crate) enum FamilyEvent {
     /// A completion (its cursor in the completion form).
     Completion(CompletionEvent),

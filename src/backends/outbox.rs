@@ -96,8 +96,8 @@ fn tags(text: Option<&str>, instance_tag: Option<&str>) -> Result<BTreeMap<Strin
 /// The columns of the lease-history and signal-delivery families in an outbox row (absent
 /// columns read as `NULL`: a row without them is a completion).
 #[derive(Clone, Debug, Default, sqlx::FromRow)]
-// The Postgres reader does not decode the other families yet.
-#[cfg_attr(not(any(feature = "sqlite", feature = "valkey")), allow(dead_code))]
+// Every backend's reader decodes the other families.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres", feature = "valkey")), allow(dead_code))]
 pub(crate) struct FamilyColumns {
     /// `NULL` or `completion`, `lease_history`, `signal_delivery`.
     #[sqlx(default)]
@@ -116,9 +116,29 @@ pub(crate) struct FamilyColumns {
     pub source_identity: Option<String>,
 }
 
-// The Postgres reader does not decode the other families yet.
-#[cfg_attr(not(any(feature = "sqlite", feature = "valkey")), allow(dead_code))]
+// Every backend's reader decodes the other families.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres", feature = "valkey")), allow(dead_code))]
 impl FamilyColumns {
+    /// The columns of a row of `family` whose fields the SQL readers send as one JSON array
+    /// `[lease_id, worker, revoked_by, signal_id, waitpoint_id, source_identity]` (`None`: all
+    /// `NULL`). A value that is not such an array is an `Err` naming the columns.
+    pub(crate) fn from_json_fields(family: &str, fields: Option<&str>) -> Result<Self, String> {
+        let fields: [Option<String>; 6] = match fields {
+            Some(json) => serde_json::from_str(json).map_err(|e| format!("family columns: {e}"))?,
+            None => Default::default(),
+        };
+        let [lease_id, worker, revoked_by, signal_id, waitpoint_id, source_identity] = fields;
+        Ok(Self {
+            family: Some(family.to_owned()),
+            lease_id,
+            worker,
+            revoked_by,
+            signal_id,
+            waitpoint_id,
+            source_identity,
+        })
+    }
+
     /// The event of any family this row records, with `cursor` (the completion-form position)
     /// tagged with its family. An unknown family, an unknown lease kind or a missing field is
     /// an `Err` naming it: the row is skipped.

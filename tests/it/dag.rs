@@ -62,13 +62,11 @@ async fn check(backend: BackendConfig, chaos: bool) {
     }
 }
 
-/// The lease history and signal delivery the run caused arrived exactly once, in order. SQLite
-/// produces both families, so there each kind must have occurred; the other backends do not
-/// produce them yet and skip them (no report), until their engines do.
+/// The lease history and signal delivery the run caused arrived exactly once, in order, and
+/// each kind occurred: every backend produces both families.
 fn check_families(report: &scenario::Report, backend: &str, chaos: bool) {
     let Some(f) = &report.families else {
-        assert_ne!(backend, "sqlite", "SQLite produces lease history and signal delivery");
-        return;
+        panic!("{backend} produces lease history and signal delivery, yet the run skipped them");
     };
     assert!(f.exactly_once(), "lease and signal events each arrived once, in order: {f:?}");
     assert!(f.leases("acquired") > 0 && f.leases("renewed") > 0, "{f:?}");

@@ -125,7 +125,8 @@ async fn delivery_lag_and_catch_up_metrics_follow_a_fast_and_a_stalled_subscribe
 
     let ids = complete_n(&engine, 50).await;
     assert_exactly_once(&take_events(&mut fast, 50, WAIT).await, &ids, true);
-    wait_for("ff_completions_events_read_total", &[("backend", backend)], "50 events read", |v| v == 50.0).await;
+    // Events of every family: the 50 completions and their claims' lease `acquired` events.
+    wait_for("ff_completions_events_read_total", &[("backend", backend)], "100 events read", |v| v == 100.0).await;
     wait_for("ff_completions_events_delivered_total", &fast_labels, "all 50 delivered", |v| v == 50.0).await;
     wait_for("ff_completions_subscriber_lag_events", &fast_labels, "no lag", |v| v == 0.0).await;
     wait_for("ff_completions_subscriber_lag_ms", &fast_labels, "no lag", |v| v == 0.0).await;
@@ -141,7 +142,9 @@ async fn delivery_lag_and_catch_up_metrics_follow_a_fast_and_a_stalled_subscribe
     let more = complete_n(&engine, 5).await;
     assert_exactly_once(&take_events(&mut fast, 5, WAIT).await, &more, true);
     wait_for("ff_completions_live_batches_dropped_total", &slow_labels, "one more dropped", |v| v > dropped).await;
-    wait_for("ff_completions_subscriber_lag_events", &slow_labels, "51 events behind", |v| v == 51.0).await;
+    // The lag counts the listener's events of every family past the subscriber: the 5 more
+    // completions and their claims' 5 lease events (the first 50 claims came before its cursor).
+    wait_for("ff_completions_subscriber_lag_events", &slow_labels, "56 events behind", |v| v == 56.0).await;
 
     // Once it reads, its filter catches up from the backend and both lags return to 0.
     let all = [ids, more].concat();

@@ -116,7 +116,8 @@ async fn a_transaction_open_across_reads_arrives_once_a_rollback_never_and_every
         assert_exactly_once(&got, &id, true);
         events.extend(got);
     }
-    assert_eq!(f.tree.stats().await.expect("stats").listeners[0].events_read, reads_before + 3);
+    // Read once each: the three completions and their claims' lease `acquired` events.
+    assert_eq!(f.tree.stats().await.expect("stats").listeners[0].events_read, reads_before + 3 * 2);
     sqlx::query("ROLLBACK").execute(&mut rolled_back).await.expect("roll back");
     sqlx::query("COMMIT").execute(&mut late).await.expect("commit late");
     events.extend(take_events(&mut sub, 1, WAIT).await);

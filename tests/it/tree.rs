@@ -84,7 +84,8 @@ async fn tree_linked_under_an_engine_actor_delivers_and_escalates_a_crash_loop()
     // A missing outbox is not an outage: the listener crashes in a loop, and past the
     // intensity the supervisor fails, which the engine actor sees.
     let mut conn = PgConnection::connect(&url).await.expect("connect");
-    sqlx::query("DROP TABLE ff_completion_event").execute(&mut conn).await.expect("drop");
+    // CASCADE: the lease and signal table's event_id default uses the outbox's sequence.
+    sqlx::query("DROP TABLE ff_completion_event CASCADE").execute(&mut conn).await.expect("drop");
     let escalation = tokio::time::timeout(WAIT, escalations.recv()).await.expect("escalated in time").expect("event");
     assert!(escalation.contains("crashed"), "{escalation}");
     parent.stop(None);

@@ -1,5 +1,6 @@
 //! The Postgres demo engine: thin calls of the SQL functions in `migrations/postgres_demo/`.
-//! Every operation that may write a completion asks for an after-commit wake-up.
+//! Every operation that may write a completion, a lease-history or a signal-delivery event asks
+//! for an after-commit wake-up.
 
 use async_trait::async_trait;
 use sqlx::postgres::PgPool;
@@ -9,10 +10,15 @@ use super::wake::CommitWake;
 use super::{DEMO_MIGRATOR, connect_pool, migrate};
 use crate::config::BackendConfig;
 use crate::engine::{
-    CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, ResolvedEdge,
+    CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, LEASE_DURATION,
+    ResolvedEdge,
 };
 use crate::error::EngineError;
-use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
+use crate::signal_delivery::SignalDeliveryEffect;
+use crate::types::{ExecutionId, FlowId, Namespace, SignalId, TimestampMs, WaitpointId};
+
+/// The lease a claim or a heartbeat grants, in the producer functions' milliseconds.
+const LEASE_MS: i64 = LEASE_DURATION.as_millis() as i64;
 
 /// Drives executions through the Postgres producer functions.
 #[derive(Clone, Debug)]
@@ -94,12 +100,17 @@ impl Engine for PostgresEngine {
 
     async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, EngineError> {
         let rows: Vec<(Uuid, i16)> =
-            sqlx::query_as("SELECT execution_id, partition_key FROM ff_claim_executions($1, $2)")
+            sqlx::query_as("SELECT execution_id, partition_key FROM ff_claim_executions($1, $2, $3)")
                 .bind(worker)
                 .bind(limit as i32)
+                .bind(LEASE_MS)
                 .fetch_all(&self.pool)
                 .await
                 .map_err(sql_err("ff_claim_executions"))?;
+        // Each claim opened a lease: its `acquired` or `reclaimed` event.
+        if !rows.is_empty() {
+            self.wake.wake();
+        }
         rows.into_iter().map(|(u, p)| exec_id(u, p)).collect()
     }
 
@@ -212,5 +223,82 @@ impl Engine for PostgresEngine {
                 .await
                 .map_err(sql_err("execution"))?;
         Ok(row.map(|(state, attempt)| ExecutionInfo { state, attempt: attempt.max(0) as u32 }))
+    }
+
+    async fn renew_lease(&self, id: &ExecutionId, worker: &str) -> Result<bool, EngineError> {
+        let renewed: bool = sqlx::query_scalar("SELECT ff_renew_lease($1, $2, $3)")
+            .bind(id.uuid())
+            .bind(worker)
+            .bind(LEASE_MS)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql_err("ff_renew_lease"))?;
+        if renewed {
+            self.wake.wake();
+        }
+        Ok(renewed)
+    }
+
+    async fn expire_leases(&self, now: TimestampMs) -> Result<Vec<ExecutionId>, EngineError> {
+        let rows: Vec<(Uuid, i16)> = sqlx::query_as("SELECT execution_id, partition_key FROM ff_expire_leases($1)")
+            .bind(now.0)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(sql_err("ff_expire_leases"))?;
+        if !rows.is_empty() {
+            self.wake.wake();
+        }
+        rows.into_iter().map(|(u, p)| exec_id(u, p)).collect()
+    }
+
+    async fn revoke_lease(&self, id: &ExecutionId, revoked_by: &str) -> Result<bool, EngineError> {
+        let revoked: bool = sqlx::query_scalar("SELECT ff_revoke_lease($1, $2)")
+            .bind(id.uuid())
+            .bind(revoked_by)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql_err("ff_revoke_lease"))?;
+        if revoked {
+            self.wake.wake();
+        }
+        Ok(revoked)
+    }
+
+    async fn suspend(&self, id: &ExecutionId, waitpoint: &WaitpointId) -> Result<bool, EngineError> {
+        let result: String = sqlx::query_scalar("SELECT ff_suspend_execution($1, $2)")
+            .bind(id.uuid())
+            .bind(waitpoint.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql_err("ff_suspend_execution"))?;
+        match result.as_str() {
+            "satisfied" => Ok(true),
+            "open" => Ok(false),
+            other => Err(EngineError::State { detail: format!("suspend {id}: {other}") }),
+        }
+    }
+
+    async fn deliver_signal(
+        &self,
+        id: &ExecutionId,
+        waitpoint: &WaitpointId,
+        signal_id: &SignalId,
+        idempotency_key: Option<&str>,
+        source_identity: Option<&str>,
+    ) -> Result<SignalDeliveryEffect, EngineError> {
+        let effect: Option<String> = sqlx::query_scalar("SELECT ff_deliver_signal($1, $2, $3, $4, $5)")
+            .bind(id.uuid())
+            .bind(waitpoint.as_str())
+            .bind(signal_id.as_str())
+            .bind(idempotency_key)
+            .bind(source_identity)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql_err("ff_deliver_signal"))?;
+        let Some(effect) = effect else {
+            return Err(EngineError::State { detail: format!("deliver signal to {id}: no such execution") });
+        };
+        self.wake.wake();
+        Ok(SignalDeliveryEffect::from_wire(&effect))
     }
 }

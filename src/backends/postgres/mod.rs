@@ -1,5 +1,7 @@
 //! Postgres backend. The subsystem's objects (the `ff_completion_event` outbox, created or
-//! adopted, its snapshot ticks, the reader, retention and wake-up functions) live in
+//! adopted; `ff_completion_family_event`, its own table of lease-history and signal-delivery
+//! events, kept out of an outbox a host may read; the snapshot ticks, the reader of both tables,
+//! retention and wake-up functions) live in
 //! `migrations/postgres/`, applied on connect with the ledger `ff_completions_migrations`. The
 //! demo engine's tables and functions live in `migrations/postgres_demo/`, applied only by
 //! [`PostgresEngine::connect`] with the ledger `ff_completions_demo_migrations`.

@@ -1,5 +1,6 @@
-//! The Postgres [`CompletionSource`]: batches between recorded snapshots, and a LISTEN waker
-//! that also polls adaptively.
+//! The Postgres [`CompletionSource`]: batches between recorded snapshots (completions from the
+//! outbox, lease history and signal delivery from `ff_completion_family_event`, in one order),
+//! and a LISTEN waker that also polls adaptively.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,14 +11,13 @@ use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use tokio::sync::{mpsc, watch};
 
 use super::{COMPLETION_CHANNEL, LISTENER_APPLICATION_NAME, connect_options, connect_pool};
-use crate::backends::outbox::{OutboxRow, age_cutoff_ms};
-use crate::backends::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
+use crate::backends::outbox::{FamilyColumns, OutboxRow, age_cutoff_ms};
+use crate::backends::{Batch, CompletionSource, FamilyEvent, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, BackendConnection, PostgresConnection, Retention};
 use crate::cursor::{
-    Frontier, Position, PostgresCursor, StreamCursor, decode_postgres_cursor, encode_postgres_batch_cursor,
+    Family, Frontier, Position, PostgresCursor, StreamCursor, decode_postgres_cursor, encode_postgres_batch_cursor,
 };
 use crate::error::EngineError;
-use crate::event::CompletionEvent;
 use crate::types::TimestampMs;
 use tokio_util::task::AbortOnDropHandle;
 
@@ -27,7 +27,8 @@ use tokio_util::task::AbortOnDropHandle;
 const READ_AFTER: &str = "\
 SELECT o_kind AS kind, o_txid AS txid, o_event_id AS event_id, o_execution_id AS execution_id, \
        o_flow_id AS flow_id, o_outcome AS outcome, o_namespace AS namespace, o_instance_tag AS instance_tag, \
-       o_tags AS tags, o_occurred_at_ms AS occurred_at_ms, o_partition_key AS partition_key, o_major AS major \
+       o_tags AS tags, o_occurred_at_ms AS occurred_at_ms, o_partition_key AS partition_key, o_major AS major, \
+       o_family AS family, o_fields AS fields \
   FROM ff_completions_read($1, $2, $3, $4)";
 
 /// The newest tick, recording one when rows committed since the previous.
@@ -68,6 +69,10 @@ struct Row {
     occurred_at_ms: Option<i64>,
     partition_key: Option<i32>,
     major: i64,
+    /// `NULL` for a completion (a row of the outbox); else a row of `ff_completion_family_event`.
+    family: Option<String>,
+    /// That row's other columns as one JSON array (see [`FamilyColumns::from_json_fields`]).
+    fields: Option<String>,
 }
 
 /// Reads the outbox; opens LISTEN connections.
@@ -147,9 +152,9 @@ fn as_i64(word: u64) -> i64 {
     word.min(i64::MAX as u64) as i64
 }
 
-/// Decodes one outbox row; the error names what is wrong with it.
-fn decode_row(row: &Row) -> Result<CompletionEvent, String> {
-    OutboxRow {
+/// Decodes one row of any family; the error names what is wrong with it.
+fn decode_row(row: &Row) -> Result<FamilyEvent, String> {
+    let outbox = OutboxRow {
         execution_id: row.execution_id.clone(),
         flow_id: row.flow_id.clone(),
         outcome: row.outcome.clone(),
@@ -158,8 +163,12 @@ fn decode_row(row: &Row) -> Result<CompletionEvent, String> {
         tags: row.tags.clone(),
         occurred_at_ms: row.occurred_at_ms,
         partition_key: row.partition_key.map(i64::from),
+    };
+    let cursor = cursor_at(pos(row.major, row.txid, row.event_id));
+    match &row.family {
+        None => outbox.decode(cursor).map(FamilyEvent::Completion),
+        Some(family) => FamilyColumns::from_json_fields(family, row.fields.as_deref())?.decode(&outbox, cursor),
     }
-    .decode(cursor_at(pos(row.major, row.txid, row.event_id)))
 }
 
 /// The public cursor of a reader position.
@@ -175,6 +184,12 @@ impl CompletionSource for PostgresSource {
 
     fn cursor_of(&self, at: &Frontier) -> StreamCursor {
         cursor_at(at.single())
+    }
+
+    /// Every family: the outbox holds completions, `ff_completion_family_event` lease history
+    /// and signal delivery, read in the same batches.
+    fn produces(&self, _family: Family) -> bool {
+        true
     }
 
     async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError> {
@@ -235,7 +250,7 @@ impl CompletionSource for PostgresSource {
             }
             read += 1;
             match decode_row(row) {
-                Ok(event) => batch.events.push(Positioned { pos: p, event: event.into() }),
+                Ok(event) => batch.events.push(Positioned { pos: p, event }),
                 Err(reason) => batch.skipped.push((p, reason)),
             }
         }
@@ -400,7 +415,7 @@ mod tests {
 
     use super::*;
     use crate::backends::outbox::wild;
-    use crate::event::CompletionOutcome;
+    use crate::event::{CompletionEvent, CompletionOutcome};
     use crate::types::ExecutionId;
 
     fn good_row() -> Row {
@@ -417,12 +432,54 @@ mod tests {
             occurred_at_ms: Some(1),
             partition_key: Some(5),
             major: 30,
+            family: None,
+            fields: None,
+        }
+    }
+
+    /// The completion a row of the outbox decodes to.
+    fn decode_completion(row: &Row) -> Result<CompletionEvent, String> {
+        match decode_row(row)? {
+            FamilyEvent::Completion(event) => Ok(event),
+            other => Err(format!("not a completion: {other:?}")),
+        }
+    }
+
+    #[test]
+    fn family_rows_decode_with_their_family_tagged_cursor_and_bad_ones_name_what_is_wrong() {
+        let lease = Row {
+            family: Some("lease_history".into()),
+            outcome: Some("revoked".into()),
+            fields: Some(r#"["l-1","w-1","ops",null,null,null]"#.into()),
+            ..good_row()
+        };
+        let Ok(FamilyEvent::LeaseHistory(entry)) = decode_row(&lease) else { panic!("{:?}", decode_row(&lease)) };
+        assert_eq!(entry.event.wire_kind(), "revoked");
+        assert_eq!(entry.worker.as_ref().map(|w| w.as_str()), Some("w-1"));
+        let signal = Row {
+            family: Some("signal_delivery".into()),
+            outcome: Some("buffered".into()),
+            fields: Some(r#"[null,null,null,"s-1","wp",null]"#.into()),
+            ..good_row()
+        };
+        let Ok(FamilyEvent::SignalDelivery(entry)) = decode_row(&signal) else { panic!("{:?}", decode_row(&signal)) };
+        assert_eq!(entry.event.effect, crate::signal_delivery::SignalDeliveryEffect::Buffered);
+        for (row, says) in [
+            (Row { outcome: Some("stolen".into()), ..lease.clone() }, "lease history kind"),
+            (Row { fields: Some("{".into()), ..lease.clone() }, "family columns"),
+            (Row { fields: None, ..signal.clone() }, "signal_id"),
+            (Row { family: Some("instance_tags".into()), ..signal }, "family"),
+        ] {
+            match decode_row(&row) {
+                Err(reason) => assert!(reason.contains(says), "{reason} should mention {says}"),
+                Ok(event) => panic!("a row that should mention {says} decoded: {event:?}"),
+            }
         }
     }
 
     #[test]
     fn a_good_row_decodes_with_tags_from_both_columns() {
-        let event = decode_row(&good_row()).unwrap_or_else(|e| panic!("{e}"));
+        let event = decode_completion(&good_row()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(event.execution_id.partition(), 5);
         assert_eq!(event.tags.get("inst").map(String::as_str), Some("1"));
         assert_eq!(event.tags.get("n").map(String::as_str), Some("3"));
@@ -449,7 +506,7 @@ mod tests {
         for (spoil, says) in cases {
             let mut row = good_row();
             spoil(&mut row);
-            match decode_row(&row) {
+            match decode_completion(&row) {
                 Err(reason) => assert!(reason.contains(says), "{reason} should mention {says}"),
                 Ok(_) => panic!("a row that should mention {says} decoded"),
             }
@@ -526,7 +583,7 @@ mod tests {
                 apply(&mut row, c);
             }
             let wrong = wrong_columns(&row);
-            match decode_row(&row) {
+            match decode_completion(&row) {
                 Ok(event) => {
                     prop_assert!(wrong.is_empty(), "decoded although {wrong:?} are wrong");
                     let uuid = row.execution_id.as_deref().and_then(|s| uuid::Uuid::parse_str(s).ok());

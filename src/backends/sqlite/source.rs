@@ -75,20 +75,7 @@ fn pos(event_id: i64) -> Position {
 fn decode_row(row: &Row) -> Result<FamilyEvent, String> {
     let cursor = encode_sqlite_cursor(row.event_id);
     let Some(family) = &row.family else { return row.outbox.decode(cursor).map(FamilyEvent::Completion) };
-    let fields: [Option<String>; 6] = match &row.family_fields {
-        Some(json) => serde_json::from_str(json).map_err(|e| format!("family columns: {e}"))?,
-        None => Default::default(),
-    };
-    let [lease_id, worker, revoked_by, signal_id, waitpoint_id, source_identity] = fields;
-    let columns = FamilyColumns {
-        family: Some(family.clone()),
-        lease_id,
-        worker,
-        revoked_by,
-        signal_id,
-        waitpoint_id,
-        source_identity,
-    };
+    let columns = FamilyColumns::from_json_fields(family, row.family_fields.as_deref())?;
     columns.decode(&row.outbox, cursor)
 }
 

@@ -26,6 +26,7 @@ use crate::support::{
 
 mod cursors;
 mod delivery;
+mod families;
 mod outages;
 mod reads;
 mod retention;

@@ -105,17 +105,18 @@ async fn reads_follow_the_txid_index_and_never_scan_the_whole_outbox() {
     assert_eq!(scans.0, seq_before, "no read scanned the whole outbox ({} index scans)", scans.1 - idx_before);
 }
 
-/// Pages of the outbox and its indexes (hit or read) that `probe` touched, run with snapshots
+/// Pages of `table` and its indexes (hit or read) that `probe` touched, run with snapshots
 /// `s1` and `s2` bound as `$1` and `$2`, as PL/pgSQL passes them: from the server's I/O
-/// statistics of the outbox alone (flushed before and after), so the catalog pages a busy
+/// statistics of that table alone (flushed before and after), so the catalog pages a busy
 /// server makes a backend read again do not count.
-async fn outbox_pages_touched(conn: &mut PgConnection, probe: &'static str, s1: &str, s2: &str) -> i64 {
-    async fn pages_so_far(conn: &mut PgConnection) -> i64 {
+async fn pages_touched(conn: &mut PgConnection, table: &str, probe: &'static str, s1: &str, s2: &str) -> i64 {
+    async fn pages_so_far(conn: &mut PgConnection, table: &str) -> i64 {
         sqlx::query("SELECT pg_stat_force_next_flush()").execute(&mut *conn).await.expect("flush statistics");
         sqlx::query_scalar(
             "SELECT heap_blks_hit + heap_blks_read + coalesce(idx_blks_hit, 0) + coalesce(idx_blks_read, 0) \
-               FROM pg_statio_user_tables WHERE relname = 'ff_completion_event'",
+               FROM pg_statio_user_tables WHERE relname = $1",
         )
+        .bind(table)
         .fetch_one(&mut *conn)
         .await
         .expect("outbox I/O statistics")
@@ -123,9 +124,9 @@ async fn outbox_pages_touched(conn: &mut PgConnection, probe: &'static str, s1: 
     // The snapshots go in as literals, so the probe is planned knowing them, as the reader's
     // PL/pgSQL plans it with its variables' values.
     let probe = probe.replace("$1", &format!("'{s1}'")).replace("$2", &format!("'{s2}'"));
-    let before = pages_so_far(conn).await;
+    let before = pages_so_far(conn, table).await;
     sqlx::query(sqlx::AssertSqlSafe(probe)).execute(&mut *conn).await.expect("probe");
-    pages_so_far(conn).await - before
+    pages_so_far(conn, table).await - before
 }
 
 /// The reader's probes at the head of a large outbox touch a few pages, whatever its size: each
@@ -133,6 +134,24 @@ async fn outbox_pages_touched(conn: &mut PgConnection, probe: &'static str, s1: 
 /// the outbox's first page).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_at_the_head_of_a_large_outbox_touch_a_few_pages() {
+    let row = "INSERT INTO ff_completion_event (execution_id, outcome, occurred_at_ms, partition_key) \
+               SELECT gen_random_uuid(), 'success', 1, 0 FROM generate_series(1, $1)";
+    head_probes_touch_a_few_pages("ff_completion_event", row).await;
+}
+
+/// The same for the lease-history and signal-delivery table: 100,000 heartbeats behind the head
+/// cost the reader's probes a few pages of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_at_the_head_of_a_large_family_table_touch_a_few_pages() {
+    let row = "INSERT INTO ff_completion_family_event (family, kind, execution_id, occurred_at_ms, partition_key) \
+               SELECT 'lease_history', 'renewed', gen_random_uuid(), 1, 0 FROM generate_series(1, $1)";
+    head_probes_touch_a_few_pages("ff_completion_family_event", row).await;
+}
+
+/// 100,000 rows written by `insert` (`$1` rows at a time) into `table` in one transaction, three
+/// more at the head, transactions left open here and elsewhere: the reader's batch and wake-up
+/// probes touch a few pages of `table`.
+async fn head_probes_touch_a_few_pages(table: &str, insert: &'static str) {
     init_tracing();
     let url = fresh_database().await;
     drop(PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("schema"));
@@ -151,21 +170,15 @@ async fn reads_at_the_head_of_a_large_outbox_touch_a_few_pages() {
     }
     // The counts below are the table's own I/O statistics: an autovacuum of the new rows,
     // started by the server in the middle, would add its whole scan to them.
-    sqlx::query("ALTER TABLE ff_completion_event SET (autovacuum_enabled = false)")
+    sqlx::query(sqlx::AssertSqlSafe(format!("ALTER TABLE {table} SET (autovacuum_enabled = false)")))
         .execute(&mut conn)
         .await
         .expect("no autovacuum");
-    sqlx::query(
-        "INSERT INTO ff_completion_event (execution_id, outcome, occurred_at_ms, partition_key) \
-         SELECT gen_random_uuid(), 'success', 1, 0 FROM generate_series(1, 100000)",
-    )
-    .execute(&mut conn)
-    .await
-    .expect("history");
-    sqlx::query("ANALYZE ff_completion_event").execute(&mut conn).await.expect("analyze");
+    sqlx::query(insert).bind(100_000i64).execute(&mut conn).await.expect("history");
+    sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {table}"))).execute(&mut conn).await.expect("analyze");
     sqlx::query("SELECT ff_completions_tick()").execute(&mut conn).await.expect("tick");
     for _ in 0..3 {
-        insert_row(&mut conn, 1).await;
+        sqlx::query(insert).bind(1i64).execute(&mut conn).await.expect("a row at the head");
     }
     sqlx::query("SELECT ff_completions_tick()").execute(&mut conn).await.expect("tick");
     let ticks: Vec<String> =
@@ -176,10 +189,10 @@ async fn reads_at_the_head_of_a_large_outbox_touch_a_few_pages() {
     let (newest, previous) = (&ticks[0], &ticks[1]);
     let batch = "SELECT * FROM ff_completions_batch_rows(6, $1::pg_snapshot, $2::pg_snapshot, 0, 0, 512)";
     let since = "SELECT ff_completions_committed_since($1::pg_snapshot), $2::text";
-    let batch = outbox_pages_touched(&mut conn, batch, previous, newest).await;
+    let batch = pages_touched(&mut conn, table, batch, previous, newest).await;
     let (since, idle) = (
-        outbox_pages_touched(&mut conn, since, previous, newest).await,
-        outbox_pages_touched(&mut conn, since, newest, newest).await,
+        pages_touched(&mut conn, table, since, previous, newest).await,
+        pages_touched(&mut conn, table, since, newest, newest).await,
     );
     // One index lookup (a few pages) per transaction a tick saw in progress: the six opened
     // here, and any other test's on this shared server.
@@ -190,7 +203,7 @@ async fn reads_at_the_head_of_a_large_outbox_touch_a_few_pages() {
         .expect("in progress");
     let most = 12 + 4 * in_progress;
     eprintln!(
-        "pages read at the head of 100,000 rows with {in_progress} transactions in progress: batch {batch}, \
+        "pages of {table} read at the head of 100,000 rows with {in_progress} transactions in progress: batch {batch}, \
          wake-up probes {since} / {idle} (at most {most})"
     );
     assert!(batch <= most, "a batch of 3 rows at the head read {batch} pages");
