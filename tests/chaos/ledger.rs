@@ -156,7 +156,7 @@ pub struct FamilyReceived {
 /// What producers know of the family events they caused, per execution and kind: caused for
 /// sure (the call returned), and maybe (the call was cut by a fault). A claim cut by a fault
 /// may have claimed executions nobody knows: `uncertain_claims` counts such calls, each worth
-/// up to `claim_limit` unknown claims.
+/// up to `claim_limit` unknown claims (and as many unknown expiries of them later).
 #[derive(Default)]
 pub struct FamilyCommitted {
     pub sure: HashMap<(ExecutionId, String), u32>,
@@ -172,6 +172,16 @@ impl FamilyCommitted {
 
     pub fn maybe(&mut self, id: ExecutionId, key: &str) {
         *self.uncertain.entry((id, key.to_owned())).or_default() += 1;
+    }
+
+    /// An expiry sweep cut by a fault may have expired any lease held at the time (on Valkey
+    /// the sweep is one call per partition: some ran, and what they expired is unknown): every
+    /// execution claimed so far may have one more `expired`.
+    pub fn sweep_cut(&mut self) {
+        let claimed: Vec<ExecutionId> = self.sure.keys().filter(|k| k.1 == "claimed").map(|k| k.0).collect();
+        for id in claimed {
+            self.maybe(id, "expired");
+        }
     }
 }
 
@@ -202,12 +212,17 @@ pub fn judge_family(name: &str, received: &[FamilyReceived], committed: &FamilyC
     };
     let lost = committed.sure.iter().map(|(k, n)| n.saturating_sub(count(&got, k.0, &k.1)) as usize).sum();
     let mut claims_left = committed.uncertain_claims * committed.claim_limit;
+    let mut unknown_expiries_left = claims_left;
     let mut any_left: HashMap<ExecutionId, u32> =
         committed.uncertain.iter().filter(|(k, _)| k.1 == "*").map(|(k, n)| (k.0, *n)).collect();
     let mut unexpected = 0;
     for ((id, key), n) in &got {
         let mut extra = n.saturating_sub(count(&committed.sure, *id, key) + count(&committed.uncertain, *id, key));
-        let allowance = if key == "claimed" { &mut claims_left } else { any_left.entry(*id).or_default() };
+        let allowance = match key.as_str() {
+            "claimed" => &mut claims_left,
+            "expired" => &mut unknown_expiries_left,
+            _ => any_left.entry(*id).or_default(),
+        };
         let covered = extra.min(*allowance);
         (extra, *allowance) = (extra - covered, *allowance - covered);
         unexpected += extra as usize;

@@ -250,8 +250,8 @@ async fn sweep(engine: Arc<dyn Engine>, ledger: Arc<Mutex<FamilyCommitted>>, sto
     let ahead = LEASE_DURATION.saturating_sub(LEASE_WINDOW).as_millis() as i64;
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        // A sweep cut by a fault may have expired leases nobody knows: the next claims of
-        // them are covered like those of an uncertain claim.
+        // A sweep cut by a fault may have expired leases nobody knows (their next claims
+        // return them: those are known).
         match engine.expire_leases(TimestampMs(TimestampMs::now().0 + ahead)).await {
             Ok(swept) => {
                 let mut ledger = ledger.lock().await;
@@ -259,7 +259,7 @@ async fn sweep(engine: Arc<dyn Engine>, ledger: Arc<Mutex<FamilyCommitted>>, sto
                     ledger.caused(id, "expired");
                 }
             }
-            Err(_) => ledger.lock().await.uncertain_claims += 1,
+            Err(_) => ledger.lock().await.sweep_cut(),
         }
     }
 }
