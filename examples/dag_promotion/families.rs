@@ -264,8 +264,15 @@ impl FamilyRun {
     ) {
         let mut stalls = 0;
         while stalls < STALLS && !stop.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(150)).await;
-            let Ok(claimed) = engine.claim(STALLED, 1).await else { continue };
+            // Asks often (the other workers take whatever is eligible at once), and from the
+            // start: a short run must still see a stall.
+            let claimed = match engine.claim(STALLED, 1).await {
+                Ok(claimed) if !claimed.is_empty() => claimed,
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+            };
             self.claimed(&claimed);
             for id in claimed {
                 stalls += 1;
