@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ff_completions::{
-    BackendConfig, CompletionEvent, CompletionSupervisorHandle, Engine, ExecutionId, ExecutionSpec, PostgresEngine,
-    SubscribeRequest, SupervisorConfig,
+    BackendConfig, CompletionEvent, CompletionSupervisorHandle, Engine, ExecutionId, ExecutionSpec, LeaseHistoryFilter,
+    PostgresEngine, SubscribeRequest, SupervisorConfig,
 };
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
 use crate::contract::{QUIET, WAIT, complete_n, running};
+use crate::families::take;
 
 use crate::support::postgres::{complete_by_sql, fresh_database, reader_order};
 use crate::support::{assert_exactly_once, assert_no_more, init_tracing, take_events};
@@ -104,7 +105,11 @@ async fn complete_in_open_transaction(url: &str, id: ExecutionId) -> PgConnectio
 async fn a_transaction_open_across_reads_arrives_once_a_rollback_never_and_every_cursor_resumes_the_rest() {
     let f = fixture().await;
     let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut leases =
+        f.tree.subscribe_lease_history(SubscribeRequest::tail(), LeaseHistoryFilter::new()).await.expect("leases");
     let pending = running(&*f.engine, ExecutionSpec::new, 2).await;
+    // The listener has read the two claims' `acquired` events before the count is taken.
+    take(&mut leases, 2, WAIT).await;
     let mut late = complete_in_open_transaction(&f.url, pending[0]).await;
     let mut rolled_back = complete_in_open_transaction(&f.url, pending[1]).await;
     let reads_before = f.tree.stats().await.expect("stats").listeners[0].events_read;
