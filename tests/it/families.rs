@@ -559,3 +559,39 @@ pub async fn trimmed_family_cursors_expire_with_an_oldest_cursor_of_their_own_fa
         .expect("resume signals at the oldest");
     no_more(&mut none_left, QUIET).await;
 }
+
+/// Rows of each family that cannot be decoded are skipped and reported once, the listener never
+/// dies, and the events around them arrive; a signal row of an effect this version does not
+/// know arrives as `Other`. Between two claims, `write_rows` writes the backend's bad rows and
+/// then one signal row of effect `throttled`; it returns how many rows are bad.
+pub async fn malformed_rows_are_skipped_once<W, Fut>(backend: BackendConfig, write_rows: W)
+where
+    W: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
+    let f = fixture(backend, |c| c).await;
+    let mut leases =
+        f.tree.subscribe_lease_history(SubscribeRequest::tail(), LeaseHistoryFilter::new()).await.expect("l");
+    let mut signals =
+        f.tree.subscribe_signal_delivery(SubscribeRequest::tail(), SignalDeliveryFilter::new()).await.expect("s");
+    let mut completions = f.tree.subscribe(SubscribeRequest::tail()).await.expect("c");
+    let ids = create(&*f.engine, None, 2).await;
+    let [before] = claim(&*f.engine, "w", 1).await[..] else { panic!("one claim") };
+    let bad_rows = write_rows().await;
+    let [after] = claim(&*f.engine, "w", 1).await[..] else { panic!("one claim") };
+    f.engine.deliver_signal(&after, &WaitpointId::new("wp"), &SignalId::new("s"), None, None).await.expect("signal");
+    assert!(f.engine.complete(&after).await.expect("complete"));
+
+    assert_eq!(lease_kinds(&take(&mut leases, 2, WAIT).await), [("acquired", before), ("acquired", after)]);
+    let got = take(&mut signals, 2, WAIT).await;
+    assert_eq!(got[0].effect, SignalDeliveryEffect::Other("throttled".into()));
+    assert_eq!((got[1].execution_id, &got[1].effect), (after, &SignalDeliveryEffect::Buffered));
+    assert_exactly_once(&take_events(&mut completions, 1, WAIT).await, &[after], true);
+    no_more(&mut leases, QUIET).await;
+    no_more(&mut signals, QUIET).await;
+    crate::support::assert_no_more(&mut completions, QUIET).await;
+    let stats = f.tree.stats().await.expect("stats");
+    assert_eq!(stats.listeners[0].rows_skipped, bad_rows, "each bad row is reported once");
+    assert_eq!(stats.listeners[0].restarts, 0, "the listener never died");
+    assert!(ids.contains(&before) && ids.contains(&after));
+}
