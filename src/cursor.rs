@@ -209,12 +209,17 @@ impl fmt::Display for StreamCursor {
 /// A position in one lane of a backend's order: Valkey `(partition, 0, ms, seq)`, Postgres
 /// `(0, batch, txid, event_id)`, SQLite `(0, 0, 0, event_id)`. Positions of one lane are
 /// ordered lexicographically; positions of different lanes are not comparable in a meaningful
-/// way (a backend with several lanes promises order within each lane only).
+/// way (a backend with several lanes promises order within each lane only). Crate-internal;
+/// the tests reach it through `ff_completions::testing`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) struct Position {
+pub struct Position {
+    /// The lane (Valkey: the partition stream; 0 elsewhere).
     pub lane: u16,
+    /// Postgres: the reader's batch; 0 elsewhere.
     pub major: u64,
+    /// Postgres: the txid; Valkey: the stream id's milliseconds; 0 on SQLite.
     pub hi: u64,
+    /// Postgres and SQLite: the `event_id`; Valkey: the stream id's sequence.
     pub lo: u64,
 }
 

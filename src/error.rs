@@ -67,6 +67,14 @@ pub enum EngineError {
         /// What the conflict was.
         detail: String,
     },
+    /// A durable group member no longer holds the partition it acknowledges (its lease expired
+    /// and another member took it, or a newer incarnation of the member rejoined): nothing was
+    /// written, and the transaction the ack joined must roll back.
+    #[error("fenced: {detail}")]
+    Fenced {
+        /// Which group, member and partition.
+        detail: String,
+    },
     /// The actor tree is gone or did not answer.
     #[error("the actor tree failed: {detail}")]
     Actor {
@@ -135,6 +143,11 @@ impl EngineError {
             *source = Some(ErrorSource::new(err));
         }
         self
+    }
+
+    /// An [`EngineError::Fenced`] for `member` of `group` on `partition`.
+    pub(crate) fn fenced(group: &str, member: &str, partition: u16) -> Self {
+        Self::Fenced { detail: format!("member {member:?} of group {group:?} no longer holds partition {partition}") }
     }
 
     /// A [`EngineError::Validation`] with the given text.

@@ -68,6 +68,7 @@ mod backoff;
 mod completion_backend;
 mod config;
 mod cursor;
+mod durable;
 #[cfg(feature = "demo-engine")]
 mod engine;
 pub mod env_config;

@@ -5,12 +5,71 @@
 
 pub use crate::actors::Sink;
 pub use crate::backoff::Backoff;
+pub use crate::cursor::Position;
 pub use crate::cursor::{
     LEASE_HISTORY_CURSOR_TAG, POSTGRES_CURSOR_PREFIX, PostgresCursor, SIGNAL_DELIVERY_CURSOR_TAG, SQLITE_CURSOR_PREFIX,
     VALKEY_CURSOR_PREFIX, VALKEY_LEGACY_LANE, decode_postgres_cursor, decode_sqlite_cursor, decode_valkey_cursor,
     decode_valkey_frontier, encode_postgres_batch_cursor, encode_postgres_cursor, encode_postgres_event_cursor,
     encode_sqlite_cursor, encode_valkey_cursor, encode_valkey_frontier,
 };
+pub use crate::durable::store::{Ack, GroupView, Lease, PartitionView, Sharing};
+
+/// A backend's durable-group store, driven directly: the operations the member task uses,
+/// for contract tests of each backend.
+pub struct GroupStore {
+    source: std::sync::Arc<dyn crate::backends::CompletionSource>,
+}
+
+impl GroupStore {
+    /// Connects to `config`'s backend (installing its schema or library).
+    ///
+    /// # Errors
+    /// As connecting the tree's listener.
+    pub async fn open(config: &crate::BackendConfig) -> Result<Self, crate::EngineError> {
+        Ok(Self { source: crate::backends::open_source(config).await? })
+    }
+
+    /// One heartbeat of `member` (a new group starts at the backend's tail).
+    ///
+    /// # Errors
+    /// As the backend's `group_heartbeat`.
+    pub async fn heartbeat(
+        &self,
+        group: &str,
+        member: &str,
+        ttl: std::time::Duration,
+        sharing: Sharing,
+        rejoin: bool,
+    ) -> Result<Vec<Lease>, crate::EngineError> {
+        let start = self.source.tail().await?;
+        let beat = crate::durable::store::Heartbeat { group, member, ttl, sharing, rejoin, start: &start };
+        self.source.group_heartbeat(&beat).await
+    }
+
+    /// Applies acks as one step.
+    ///
+    /// # Errors
+    /// As the backend's `group_ack`.
+    pub async fn ack(&self, group: &str, member: &str, acks: &[Ack]) -> Result<(), crate::EngineError> {
+        self.source.group_ack(group, member, acks).await
+    }
+
+    /// Removes a member.
+    ///
+    /// # Errors
+    /// As the backend's `group_leave`.
+    pub async fn leave(&self, group: &str, member: &str) -> Result<(), crate::EngineError> {
+        self.source.group_leave(group, member).await
+    }
+
+    /// The stored group.
+    ///
+    /// # Errors
+    /// As the backend's `group_view`.
+    pub async fn view(&self, group: &str) -> Result<Option<GroupView>, crate::EngineError> {
+        self.source.group_view(group).await
+    }
+}
 
 /// Postgres: the channel, the migrations and their ledgers, the listener's application name.
 #[cfg(feature = "postgres")]

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 
 use crate::config::{BackendConfig, BackendConnection, Retention};
 use crate::cursor::{Family, Frontier, Position, StreamCursor};
+use crate::durable::store::{Ack, GroupView, Heartbeat, Lease};
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
 use crate::lease_history::LeaseEntry;
@@ -184,9 +185,41 @@ pub(crate) trait CompletionSource: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// Joins or renews a member of a durable group, rebalances the group's partition leases
+    /// and returns the leases the member holds now, with their tokens and acknowledged
+    /// positions (one atomic step on the backend; see [`crate::durable::store`]).
+    async fn group_heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, EngineError> {
+        let _ = beat;
+        Err(groups_unavailable(self.kind()))
+    }
+
+    /// Applies `acks` atomically: all of them, or none when the member no longer holds one of
+    /// the partitions with the ack's token ([`EngineError::Fenced`]). A position at or below
+    /// the stored one changes nothing. An unknown group is [`EngineError::Validation`].
+    async fn group_ack(&self, group: &str, member: &str, acks: &[Ack]) -> Result<(), EngineError> {
+        let _ = (group, member, acks);
+        Err(groups_unavailable(self.kind()))
+    }
+
+    /// Removes a member: its leases are freed at once for the others to take.
+    async fn group_leave(&self, group: &str, member: &str) -> Result<(), EngineError> {
+        let _ = (group, member);
+        Err(groups_unavailable(self.kind()))
+    }
+
+    /// The stored state of a group; `None` for a group never created.
+    async fn group_view(&self, group: &str) -> Result<Option<GroupView>, EngineError> {
+        let _ = group;
+        Err(groups_unavailable(self.kind()))
+    }
+
     /// Opens the dedicated notification connection, registered before it returns, so a read
     /// made after this call misses nothing. `from` is where a reading waker starts.
     async fn open_waker(&self, from: &Frontier) -> Result<Box<dyn Waker>, EngineError>;
+}
+
+fn groups_unavailable(kind: &str) -> EngineError {
+    EngineError::unavailable("durable group", format!("durable subscriptions are not available on {kind}"))
 }
 
 /// The configured backend, connected on first use (see [`lazy`]).
