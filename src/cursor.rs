@@ -556,6 +556,32 @@ pub fn decode_sqlite_cursor(cursor: &StreamCursor) -> Result<Option<i64>, Engine
     }
 }
 
+/// The frontier an event's cursor names (the forms readers hand out today: a Valkey frontier,
+/// a Postgres batch cursor, an SQLite cursor); `Ok(None)` for the empty cursor.
+///
+/// # Errors
+/// [`EngineError::Validation`] for a malformed cursor, an unknown backend byte, a family tag
+/// or an earlier Postgres form (no event carries one).
+pub(crate) fn decode_event_frontier(cursor: &StreamCursor) -> Result<Option<Frontier>, EngineError> {
+    match cursor.as_bytes().first() {
+        None => Ok(None),
+        Some(&VALKEY_CURSOR_PREFIX) => Ok(decode_valkey_frontier(cursor)?.map(|lanes| {
+            Frontier::from_positions(lanes.into_iter().map(|(lane, ms, seq)| Position::new(ms, seq).in_lane(lane)))
+        })),
+        Some(&POSTGRES_CURSOR_PREFIX) => match decode_postgres_cursor(cursor)? {
+            None => Ok(None),
+            Some(PostgresCursor { batch: Some(batch), txid: Some(txid), event_id }) => {
+                Ok(Some(Frontier::at(Position::with_major(batch, txid, event_id as u64))))
+            }
+            Some(_) => Err(EngineError::validation("a Postgres cursor of an earlier form names no event")),
+        },
+        Some(&SQLITE_CURSOR_PREFIX) => {
+            Ok(decode_sqlite_cursor(cursor)?.map(|id| Frontier::at(Position::new(0, id as u64))))
+        }
+        Some(other) => Err(EngineError::validation(format!("cursor prefix 0x{other:02x} names no backend"))),
+    }
+}
+
 #[cfg(test)]
 mod family_tests {
     use super::*;

@@ -103,6 +103,10 @@ pub use config::{
     ValkeyConnection,
 };
 pub use cursor::StreamCursor;
+pub use durable::{
+    ACK_FLUSH_INTERVAL, AckTicket, DEFAULT_LEASE_TTL, DurableRequest, DurableSubscription, GroupMemberStats,
+    GroupPartitionStats, GroupStats, MIN_LEASE_TTL,
+};
 #[cfg(feature = "demo-engine")]
 pub use engine::{
     CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, LEASE_DURATION,

@@ -16,7 +16,35 @@
 //! | `ff_completions_subscriber_lag_events` | gauge | backend, subscriber (named subscribers only) | events the listener has read past the subscriber's cursor (from the first live batch that spans the cursor on) |
 //! | `ff_completions_backend_gauge` | gauge | backend, name | backend health: `notification_queue_usage` and `held_back_rows` (Postgres), `stream_length` (Valkey, entries of every family) |
 
+//! | `ff_completions_group_partitions_held` | gauge | group | partitions this process's member holds |
+//! | `ff_completions_group_unacked` | gauge | group | events this member delivered and has not acknowledged (as of its last heartbeat) |
+//! | `ff_completions_group_oldest_unacked_seconds` | gauge | group | age of the oldest of them |
+//! | `ff_completions_group_acks_total` | counter | group | partition acknowledgements written |
+//! | `ff_completions_group_fenced_total` | counter | group | acknowledgements refused because the member lost the partition |
+//! | `ff_completions_group_rebalances_total` | counter | group | heartbeats that gained or lost partitions |
+
 use metrics::{Counter, Gauge, counter, gauge};
+
+pub(crate) fn group_held(group: &str, held: &[crate::durable::ledger::HeldStats]) {
+    let now = crate::types::TimestampMs::now();
+    let unacked: usize = held.iter().map(|h| h.unacked).sum();
+    let oldest = held.iter().filter_map(|h| h.oldest_unacked).min().map_or(0, |at| now.millis_since(at));
+    gauge!("ff_completions_group_partitions_held", "group" => group.to_owned()).set(held.len() as f64);
+    gauge!("ff_completions_group_unacked", "group" => group.to_owned()).set(unacked as f64);
+    gauge!("ff_completions_group_oldest_unacked_seconds", "group" => group.to_owned()).set(oldest as f64 / 1000.0);
+}
+
+pub(crate) fn group_acked(group: &str, n: u64) {
+    counter!("ff_completions_group_acks_total", "group" => group.to_owned()).increment(n);
+}
+
+pub(crate) fn group_fenced(group: &str) {
+    counter!("ff_completions_group_fenced_total", "group" => group.to_owned()).increment(1);
+}
+
+pub(crate) fn group_rebalanced(group: &str) {
+    counter!("ff_completions_group_rebalances_total", "group" => group.to_owned()).increment(1);
+}
 
 pub(crate) fn events_read(backend: &str, n: u64) {
     counter!("ff_completions_events_read_total", "backend" => backend.to_owned()).increment(n);

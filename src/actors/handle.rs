@@ -18,6 +18,7 @@ use super::{BackendId, supervisor::ChildKey};
 use super::{FamilySink, Sink, SubscriberId};
 use crate::completion_backend::CompletionBackend;
 use crate::cursor::StreamCursor;
+use crate::durable::{DurableRequest, DurableSubscription};
 use crate::error::EngineError;
 use crate::event::{CompletionEvent, CompletionStream};
 use crate::instance_tags::InstanceTagSubscription;
@@ -127,6 +128,44 @@ impl CompletionSupervisorHandle {
         let (tx, rx) = mpsc::channel(self.subscriber_buffer);
         let id = self.add_subscriber(request, Sink::Channel(tx)).await?;
         Ok(Subscription { id, inner: ReceiverStream::new(rx), supervisor: self.actor.clone() })
+    }
+
+    /// Subscribes durably: completions of the partitions this member holds, from the
+    /// positions the backend stores under the request's name, in order per partition; the
+    /// consumer acknowledges them ([`DurableSubscription::ack`], an [`crate::AckTicket`] in
+    /// its own transaction, or after delivery). A group's members share the partitions.
+    ///
+    /// ```no_run
+    /// # async fn demo(tree: ff_completions::CompletionSupervisorHandle) -> Result<(), ff_completions::EngineError> {
+    /// use futures::StreamExt;
+    /// use ff_completions::{DurableRequest, SubscribeRequest};
+    ///
+    /// // One consumer; a restarted process resumes where the last one acknowledged.
+    /// let mut promoter = tree.subscribe_durable(SubscribeRequest::durable("promoter")).await?;
+    /// // Or: every instance of the engine joins the group and gets a share of the partitions.
+    /// let _shared = tree.subscribe_durable(DurableRequest::group("promoter-group")).await?;
+    /// while let Some(event) = promoter.next().await {
+    ///     let event = event?;
+    ///     // ... promote the children of event.execution_id ...
+    ///     promoter.ack(&event.cursor).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// A name or member id of more than 64 characters or with a control character, or an
+    /// unknown backend ([`EngineError::Validation`]); a dead tree. While the backend is down
+    /// the subscription is accepted and starts once the backend answers; errors the member
+    /// cannot retry (a backend without durable groups) end the stream.
+    pub async fn subscribe_durable(&self, request: DurableRequest) -> Result<DurableSubscription, EngineError> {
+        let backend = request.backend.clone();
+        let source = self
+            .actor
+            .call(|reply| SupervisorMsg::Source(backend, reply), Some(CALL_TIMEOUT))
+            .await
+            .map_err(|e| actor_error("subscribe durably", e))?
+            .success_or(actor_error("subscribe durably", "no reply"))??;
+        crate::durable::member::start(self.clone(), request, source.0, self.subscriber_buffer)
     }
 
     /// Subscribes an actor: each event is cast to it as `M::from(event)`. Its mailbox is

@@ -123,6 +123,25 @@ impl SubscribeRequest {
         self.backend = Some(backend.into());
         self
     }
+
+    /// A durable subscription named `name`, with one consumer at a time: the backend keeps
+    /// its acknowledged position (see [`crate::DurableRequest`]; subscribe it with
+    /// [`crate::CompletionSupervisorHandle::subscribe_durable`]). For several processes
+    /// sharing the work, [`crate::DurableRequest::group`].
+    pub fn durable(name: impl Into<String>) -> crate::durable::DurableRequest {
+        crate::durable::DurableRequest::exclusive(name)
+    }
+}
+
+/// A backend's connection, as the supervisor's listener holds it (opaque).
+#[doc(hidden)]
+#[derive(Clone)]
+pub struct BackendSource(pub(crate) Arc<dyn CompletionSource>);
+
+impl std::fmt::Debug for BackendSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BackendSource({})", self.0.kind())
+    }
 }
 
 /// Which child a cell request names.
@@ -157,6 +176,10 @@ pub enum SupervisorMsg {
     RestartFilter(SubscriberId),
     /// Reports every listener and subscriber. Sent by the handle.
     Stats(RpcReplyPort<SupervisorStats>),
+    /// The backend a durable subscription keeps its group on (the listener's connection).
+    /// Sent by the handle.
+    #[doc(hidden)]
+    Source(Option<BackendId>, RpcReplyPort<Result<BackendSource, EngineError>>),
     /// The cell of a child, for fault injection. Sent by the handle (feature `testing`).
     #[doc(hidden)]
     ChildCell(ChildKey, RpcReplyPort<Option<ActorCell>>),
@@ -252,6 +275,16 @@ impl Actor for CompletionSupervisor {
                 SupervisorMsg::RestartFilter(id) => state.start_filter(&myself, id, None).await,
                 SupervisorMsg::Stats(reply) => {
                     let _ = reply.send(state.stats());
+                }
+                SupervisorMsg::Source(backend, reply) => {
+                    let source = state.backend_named(backend).and_then(|id| {
+                        state
+                            .listeners
+                            .get(&id)
+                            .map(|slot| BackendSource(slot.source.clone()))
+                            .ok_or_else(|| EngineError::validation(format!("no backend named {id}")))
+                    });
+                    let _ = reply.send(source);
                 }
                 SupervisorMsg::ChildCell(key, reply) => {
                     let _ = reply.send(state.child_cell(&key));

@@ -13,6 +13,7 @@ use tokio::sync::OnceCell;
 use super::{Batch, CompletionSource, StartAt, Waker};
 use crate::config::Retention;
 use crate::cursor::{Family, Frontier, StreamCursor};
+use crate::durable::store::{Ack, GroupView, Heartbeat, Lease};
 use crate::error::EngineError;
 
 /// Makes the connected backend.
@@ -57,8 +58,29 @@ impl CompletionSource for LazySource {
         family == Family::Completion || self.connected.get().is_some_and(|s| s.produces(family))
     }
 
+    /// Known from a connected backend only.
+    fn lanes_are_partitions(&self) -> bool {
+        self.connected.get().is_some_and(|s| s.lanes_are_partitions())
+    }
+
     async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError> {
         self.connect().await?.resolve_start(cursor).await
+    }
+
+    async fn group_heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, EngineError> {
+        self.connect().await?.group_heartbeat(beat).await
+    }
+
+    async fn group_ack(&self, group: &str, member: &str, acks: &[Ack]) -> Result<(), EngineError> {
+        self.connect().await?.group_ack(group, member, acks).await
+    }
+
+    async fn group_leave(&self, group: &str, member: &str) -> Result<(), EngineError> {
+        self.connect().await?.group_leave(group, member).await
+    }
+
+    async fn group_view(&self, group: &str) -> Result<Option<GroupView>, EngineError> {
+        self.connect().await?.group_view(group).await
     }
 
     async fn tail(&self) -> Result<Frontier, EngineError> {

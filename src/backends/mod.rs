@@ -185,6 +185,12 @@ pub(crate) trait CompletionSource: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// Whether each flow partition is a lane of its own (Valkey's partition streams) rather
+    /// than every partition sharing one order.
+    fn lanes_are_partitions(&self) -> bool {
+        false
+    }
+
     /// Joins or renews a member of a durable group, rebalances the group's partition leases
     /// and returns the leases the member holds now, with their tokens and acknowledged
     /// positions (one atomic step on the backend; see [`crate::durable::store`]).

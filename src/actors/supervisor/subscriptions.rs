@@ -73,7 +73,7 @@ impl SupervisorState {
 
     /// The named backend, or the only one configured. A tree with several backends refuses a
     /// request that names none (it would otherwise pick one silently).
-    fn backend_named(&self, name: Option<BackendId>) -> Result<BackendId, EngineError> {
+    pub(super) fn backend_named(&self, name: Option<BackendId>) -> Result<BackendId, EngineError> {
         let backend = match name {
             Some(name) => name,
             None => match self.order.as_slice() {

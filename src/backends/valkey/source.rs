@@ -128,6 +128,10 @@ impl CompletionSource for ValkeySource {
         "valkey"
     }
 
+    fn lanes_are_partitions(&self) -> bool {
+        true
+    }
+
     /// Every family: the library writes lease history and signal delivery beside the
     /// completions, in the same partition streams.
     fn produces(&self, _family: Family) -> bool {

@@ -1,0 +1,336 @@
+//! What a member knows between heartbeats, with no I/O: the partitions it holds (token,
+//! acknowledged position, how far it has delivered), the events it delivered and has not yet
+//! acknowledged, and where a new read of the tree must start. The member task and the
+//! subscription share it behind a mutex; its rules are unit-tested without a server.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use super::store::{Ack, Lease};
+use crate::cursor::{Frontier, Position, StreamCursor, decode_event_frontier};
+use crate::error::EngineError;
+use crate::event::CompletionEvent;
+use crate::types::{PARTITION_COUNT, TimestampMs};
+
+/// One partition the member holds.
+#[derive(Debug)]
+struct Held {
+    token: u64,
+    /// The stored acknowledged position (lane 0).
+    acked: Position,
+    /// The last position delivered (or acknowledged): later events only.
+    delivered: Position,
+    /// The read generation from which this partition's events may be delivered: a partition
+    /// gained mid-read waits for a read that starts at its acknowledged position.
+    readable_from: u64,
+    /// Delivered and not acknowledged, in order: position, cursor, commit time.
+    pending: VecDeque<(Position, StreamCursor, TimestampMs)>,
+}
+
+/// A delivered event's place, for acknowledging it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Delivered {
+    partition: u16,
+    position: Position,
+}
+
+/// What a heartbeat changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Change {
+    /// Partitions gained (or re-tokened): the tree must be read again from their positions.
+    pub gained: usize,
+    /// Partitions lost.
+    pub lost: usize,
+}
+
+/// The member's book of partitions and pending acknowledgements.
+#[derive(Debug)]
+pub(crate) struct Ledger {
+    /// Valkey: each partition is its own lane; elsewhere one lane holds every partition.
+    lanes_are_partitions: bool,
+    held: BTreeMap<u16, Held>,
+    by_cursor: HashMap<StreamCursor, Delivered>,
+    /// The generation of the newest read plan (raised when partitions are gained).
+    generation: u64,
+}
+
+/// One partition's local numbers, for stats.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct HeldStats {
+    pub partition: u16,
+    pub token: u64,
+    pub acked: Position,
+    pub unacked: usize,
+    pub oldest_unacked: Option<TimestampMs>,
+}
+
+impl Ledger {
+    pub(crate) fn new(lanes_are_partitions: bool) -> Self {
+        Self { lanes_are_partitions, held: BTreeMap::new(), by_cursor: HashMap::new(), generation: 0 }
+    }
+
+    /// Whether each partition is its own lane (known once the backend is connected).
+    pub(crate) fn set_lanes_are_partitions(&mut self, lanes_are_partitions: bool) {
+        self.lanes_are_partitions = lanes_are_partitions;
+    }
+
+    /// The newest read plan's generation.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Partitions held now.
+    pub(crate) fn held(&self) -> impl Iterator<Item = u16> + '_ {
+        self.held.keys().copied()
+    }
+
+    /// Takes a heartbeat's answer: keeps what is still held with the same token (its
+    /// acknowledged position moved up), forgets what was lost (its pending events can no
+    /// longer be acknowledged), and starts gained partitions at their acknowledged position
+    /// from the next read generation.
+    pub(crate) fn apply(&mut self, leases: &[Lease]) -> Change {
+        let mut change = Change::default();
+        let now_held: BTreeMap<u16, &Lease> = leases.iter().map(|l| (l.partition, l)).collect();
+        let lost: Vec<u16> = self.held.keys().filter(|p| !now_held.contains_key(p)).copied().collect();
+        for partition in lost {
+            self.forget(partition);
+            change.lost += 1;
+        }
+        let next_generation = self.generation + 1;
+        for (partition, lease) in now_held {
+            match self.held.get_mut(&partition) {
+                Some(held) if held.token == lease.token => {
+                    held.acked = held.acked.max(lease.acked);
+                    held.delivered = held.delivered.max(held.acked);
+                    self.prune(partition);
+                }
+                _ => {
+                    self.forget(partition);
+                    self.held.insert(
+                        partition,
+                        Held {
+                            token: lease.token,
+                            acked: lease.acked,
+                            delivered: lease.acked,
+                            readable_from: next_generation,
+                            pending: VecDeque::new(),
+                        },
+                    );
+                    change.gained += 1;
+                }
+            }
+        }
+        if change.gained > 0 {
+            self.generation = next_generation;
+        }
+        change
+    }
+
+    fn forget(&mut self, partition: u16) {
+        if let Some(held) = self.held.remove(&partition) {
+            for (_, cursor, _) in held.pending {
+                self.by_cursor.remove(&cursor);
+            }
+        }
+    }
+
+    /// Drops pending events at or below the acknowledged position.
+    fn prune(&mut self, partition: u16) {
+        let Some(held) = self.held.get_mut(&partition) else { return };
+        while held.pending.front().is_some_and(|(pos, _, _)| *pos <= held.acked) {
+            if let Some((_, cursor, _)) = held.pending.pop_front() {
+                self.by_cursor.remove(&cursor);
+            }
+        }
+    }
+
+    /// The event's position in its partition.
+    fn position_of(&self, event: &CompletionEvent) -> Result<Position, EngineError> {
+        let frontier = decode_event_frontier(&event.cursor)?
+            .ok_or_else(|| EngineError::validation("a delivered event has an empty cursor"))?;
+        let lane = if self.lanes_are_partitions { event.execution_id.partition() } else { 0 };
+        Ok(Position { lane: 0, ..frontier.get(lane) })
+    }
+
+    /// Whether to deliver `event`, read by a read of `generation`: its partition is held and
+    /// readable in that read, and it is after what was delivered there. Records it as pending.
+    ///
+    /// # Errors
+    /// A cursor that names no position (a bug of the reader, not of the subscriber).
+    pub(crate) fn admit(&mut self, event: &CompletionEvent, generation: u64) -> Result<bool, EngineError> {
+        let partition = event.execution_id.partition();
+        let position = self.position_of(event)?;
+        let Some(held) = self.held.get_mut(&partition) else { return Ok(false) };
+        if generation < held.readable_from || position <= held.delivered {
+            return Ok(false);
+        }
+        held.delivered = position;
+        held.pending.push_back((position, event.cursor.clone(), event.at));
+        self.by_cursor.insert(event.cursor.clone(), Delivered { partition, position });
+        Ok(true)
+    }
+
+    /// The ack for a delivered, not yet acknowledged event's cursor (acknowledging it
+    /// acknowledges every earlier event of its partition).
+    ///
+    /// # Errors
+    /// [`EngineError::Validation`] for a cursor this member did not deliver or already
+    /// acknowledged, or of a partition it no longer holds.
+    pub(crate) fn ack_for(&self, cursor: &StreamCursor) -> Result<Ack, EngineError> {
+        let delivered = self.by_cursor.get(cursor).ok_or_else(|| {
+            EngineError::validation(format!(
+                "cursor {cursor} was not delivered to this subscription, was already acknowledged, or its partition \
+                 moved to another member"
+            ))
+        })?;
+        let held = self
+            .held
+            .get(&delivered.partition)
+            .ok_or_else(|| EngineError::validation(format!("partition {} is no longer held", delivered.partition)))?;
+        Ok(Ack { partition: delivered.partition, token: held.token, position: delivered.position })
+    }
+
+    /// One ack per partition for the highest of `cursors` (unknown ones skipped).
+    pub(crate) fn acks_for(&self, cursors: &[StreamCursor]) -> Vec<Ack> {
+        let mut best: BTreeMap<u16, Ack> = BTreeMap::new();
+        for ack in cursors.iter().filter_map(|c| self.ack_for(c).ok()) {
+            let slot = best.entry(ack.partition).or_insert(ack);
+            if ack.position > slot.position {
+                *slot = ack;
+            }
+        }
+        best.into_values().collect()
+    }
+
+    /// Records acks the store accepted.
+    pub(crate) fn acked(&mut self, acks: &[Ack]) {
+        for ack in acks {
+            if let Some(held) = self.held.get_mut(&ack.partition).filter(|h| h.token == ack.token) {
+                held.acked = held.acked.max(ack.position);
+                self.prune(ack.partition);
+            }
+        }
+    }
+
+    /// Where a read of the tree starts so that every held partition continues after what it
+    /// delivered: the lowest such position on a one-lane backend; per lane on Valkey (lanes
+    /// not held start at `tail`, their events are not wanted). `None` when nothing is held.
+    pub(crate) fn read_from(&self, tail: &Frontier) -> Option<Frontier> {
+        if self.held.is_empty() {
+            return None;
+        }
+        if self.lanes_are_partitions {
+            let positions = (0..PARTITION_COUNT).map(|lane| match self.held.get(&lane) {
+                Some(held) => held.delivered.in_lane(lane),
+                None => tail.get(lane),
+            });
+            Some(Frontier::from_positions(positions))
+        } else {
+            self.held.values().map(|h| h.delivered).min().map(Frontier::at)
+        }
+    }
+
+    /// Local numbers of every held partition.
+    pub(crate) fn stats(&self) -> Vec<HeldStats> {
+        self.held
+            .iter()
+            .map(|(partition, held)| HeldStats {
+                partition: *partition,
+                token: held.token,
+                acked: held.acked,
+                unacked: held.pending.len(),
+                oldest_unacked: held.pending.front().map(|(_, _, at)| *at),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cursor::encode_sqlite_cursor;
+    use crate::event::CompletionOutcome;
+    use crate::types::ExecutionId;
+
+    fn event(partition: u16, id: i64) -> CompletionEvent {
+        let execution = ExecutionId::from_parts(partition, uuid::Uuid::new_v4());
+        CompletionEvent::new(encode_sqlite_cursor(id), execution, CompletionOutcome::Success, TimestampMs(id))
+    }
+
+    fn lease(partition: u16, token: u64, acked: u64) -> Lease {
+        Lease { partition, token, acked: Position::new(0, acked) }
+    }
+
+    #[test]
+    fn only_held_partitions_after_their_position_are_admitted_once() {
+        let mut ledger = Ledger::new(false);
+        assert_eq!(ledger.apply(&[lease(1, 1, 10), lease(2, 1, 5)]), Change { gained: 2, lost: 0 });
+        let generation = ledger.generation();
+        assert!(!ledger.admit(&event(1, 9), generation).unwrap(), "at or below the acknowledged position");
+        assert!(ledger.admit(&event(1, 11), generation).unwrap());
+        assert!(!ledger.admit(&event(1, 11), generation).unwrap(), "a replay of a delivered event");
+        assert!(!ledger.admit(&event(3, 12), generation).unwrap(), "a partition held by another member");
+        assert!(ledger.admit(&event(2, 6), generation).unwrap());
+        assert_eq!(ledger.read_from(&Frontier::default()), Some(Frontier::at(Position::new(0, 6))));
+    }
+
+    #[test]
+    fn a_gained_partition_waits_for_a_read_from_its_position() {
+        let mut ledger = Ledger::new(false);
+        ledger.apply(&[lease(1, 1, 10)]);
+        let first = ledger.generation();
+        assert!(ledger.admit(&event(1, 20), first).unwrap());
+        ledger.apply(&[lease(1, 1, 10), lease(2, 4, 3)]);
+        assert!(!ledger.admit(&event(2, 21), first).unwrap(), "the old read skipped partition 2's earlier events");
+        assert_eq!(ledger.read_from(&Frontier::default()), Some(Frontier::at(Position::new(0, 3))));
+        let second = ledger.generation();
+        assert!(second > first);
+        assert!(!ledger.admit(&event(1, 15), second).unwrap(), "partition 1 continues after what it delivered");
+        assert!(ledger.admit(&event(2, 4), second).unwrap());
+    }
+
+    #[test]
+    fn acks_need_a_delivered_cursor_carry_the_token_and_prune() {
+        let mut ledger = Ledger::new(false);
+        ledger.apply(&[lease(7, 3, 0)]);
+        let g = ledger.generation();
+        let (a, b) = (event(7, 1), event(7, 2));
+        ledger.admit(&a, g).unwrap();
+        ledger.admit(&b, g).unwrap();
+        assert!(matches!(ledger.ack_for(&encode_sqlite_cursor(99)), Err(EngineError::Validation { .. })));
+        let ack = ledger.ack_for(&b.cursor).unwrap();
+        assert_eq!(ack, Ack { partition: 7, token: 3, position: Position::new(0, 2) });
+        assert_eq!(ledger.acks_for(&[a.cursor.clone(), b.cursor.clone()]), vec![ack]);
+        ledger.acked(&[ack]);
+        assert!(ledger.ack_for(&a.cursor).is_err(), "acknowledging b acknowledged a");
+        assert_eq!(ledger.stats()[0].unacked, 0);
+    }
+
+    #[test]
+    fn a_lost_or_re_tokened_partition_forgets_its_pending_events() {
+        let mut ledger = Ledger::new(false);
+        ledger.apply(&[lease(1, 1, 0), lease(2, 1, 0)]);
+        let g = ledger.generation();
+        let (a, b) = (event(1, 1), event(2, 2));
+        ledger.admit(&a, g).unwrap();
+        ledger.admit(&b, g).unwrap();
+        assert_eq!(ledger.apply(&[lease(2, 2, 0)]), Change { gained: 1, lost: 1 });
+        assert!(ledger.ack_for(&a.cursor).is_err());
+        assert!(ledger.ack_for(&b.cursor).is_err(), "delivered under token 1, which is fenced now");
+        assert!(ledger.admit(&b, ledger.generation()).unwrap(), "redelivered from the acknowledged position");
+    }
+
+    #[test]
+    fn on_valkey_each_partition_reads_from_its_own_lane() {
+        let mut ledger = Ledger::new(true);
+        ledger.apply(&[Lease { partition: 4, token: 1, acked: Position::new(100, 2) }]);
+        let tail = Frontier::from_positions([Position::new(500, 0).in_lane(4), Position::new(700, 1).in_lane(9)]);
+        let from = ledger.read_from(&tail).unwrap();
+        assert_eq!(from.get(4), Position::new(100, 2).in_lane(4));
+        assert_eq!(from.get(9), Position::new(700, 1).in_lane(9));
+        let cursor = crate::cursor::encode_valkey_frontier(&[(4, 100, 3), (9, 700, 1)]);
+        let execution = ExecutionId::from_parts(4, uuid::Uuid::new_v4());
+        let event = CompletionEvent::new(cursor, execution, CompletionOutcome::Success, TimestampMs(1));
+        assert!(ledger.admit(&event, ledger.generation()).unwrap());
+        assert_eq!(ledger.ack_for(&event.cursor).unwrap().position, Position::new(100, 3));
+    }
+}

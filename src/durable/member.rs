@@ -1,0 +1,244 @@
+//! A member's two tasks. The heartbeat task renews the member's leases every third of their
+//! ttl, learns which partitions it holds, and writes the acknowledgements made after
+//! delivery; it never waits on the consumer, so a slow consumer does not lose its leases. The
+//! delivery task reads the tree from the held partitions' positions and hands over the
+//! events the ledger admits; when partitions are gained it reads again from theirs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::store::{Heartbeat, Sharing, check_name};
+use super::{ACK_FLUSH_INTERVAL, DurableRequest, DurableSubscription, Shared};
+use crate::actors::handle::{CompletionSupervisorHandle, Subscription};
+use crate::actors::supervisor::SubscribeRequest;
+use crate::backends::CompletionSource;
+use crate::cursor::Frontier;
+use crate::error::EngineError;
+use crate::event::CompletionEvent;
+
+type Out = mpsc::Sender<Result<CompletionEvent, EngineError>>;
+
+/// The member id of an exclusive subscription that names none: every process subscribing
+/// under the name is the same member, so a new one takes over at once.
+const EXCLUSIVE_MEMBER: &str = "exclusive";
+
+/// How long a task waits before trying the backend again.
+const RETRY: Duration = Duration::from_millis(200);
+
+/// Starts a member of `request`'s group on `source`, reading through `tree`.
+pub(crate) fn start(
+    tree: CompletionSupervisorHandle,
+    request: DurableRequest,
+    source: Arc<dyn CompletionSource>,
+    buffer: usize,
+) -> Result<DurableSubscription, EngineError> {
+    check_name("durable subscription name", &request.name)?;
+    let member = match (&request.member, request.sharing) {
+        (Some(member), _) => member.clone(),
+        (None, Sharing::Exclusive) => EXCLUSIVE_MEMBER.to_owned(),
+        (None, Sharing::Shared) => uuid::Uuid::new_v4().to_string(),
+    };
+    check_name("member id", &member)?;
+    let shared = Arc::new(Shared::new(request.name.clone(), member, source));
+    let (tx, rx) = mpsc::channel(buffer);
+    let stop = CancellationToken::new();
+    let (plan_tx, plan_rx) = watch::channel(0u64);
+    tokio::spawn(heartbeats(shared.clone(), request.clone(), plan_tx, tx.clone(), stop.clone()));
+    tokio::spawn(delivery(shared.clone(), tree, request.clone(), plan_rx, tx, stop.clone()));
+    Ok(DurableSubscription {
+        shared,
+        events: rx,
+        ack_after_delivery: request.ack_after_delivery,
+        handed_out: None,
+        stop,
+    })
+}
+
+/// Writes the acknowledgements made after delivery.
+async fn flush_acks(shared: &Shared) {
+    let cursors = shared.take_auto_acks();
+    if cursors.is_empty() {
+        return;
+    }
+    let acks = shared.ledger().acks_for(&cursors);
+    if let Err(err) = shared.write_acks(acks).await {
+        tracing::warn!(group = %shared.group, member = %shared.member, %err, "acknowledgements after delivery not written");
+    }
+}
+
+async fn heartbeats(
+    shared: Arc<Shared>,
+    request: DurableRequest,
+    plan: watch::Sender<u64>,
+    out: Out,
+    stop: CancellationToken,
+) {
+    let interval = request.lease_ttl / 3;
+    let mut rejoin = true;
+    let mut start: Option<Frontier> = None;
+    let mut next_beat = Instant::now();
+    let mut flush = tokio::time::interval(ACK_FLUSH_INTERVAL);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep_until(next_beat) => {
+                flush_acks(&shared).await;
+                next_beat = Instant::now() + interval;
+                match beat(&shared, &request, rejoin, &mut start).await {
+                    Ok(Some(generation)) => {
+                        rejoin = false;
+                        plan.send_replace(generation);
+                    }
+                    Ok(None) => rejoin = false,
+                    Err(err) if err.is_transient() => {
+                        tracing::warn!(group = %shared.group, member = %shared.member, %err, "heartbeat failed; retrying");
+                        next_beat = Instant::now() + RETRY.min(interval);
+                    }
+                    Err(err) => {
+                        let _ = out.send(Err(err)).await;
+                        break;
+                    }
+                }
+            }
+            _ = flush.tick(), if request.ack_after_delivery => flush_acks(&shared).await,
+        }
+    }
+    stop.cancel();
+    flush_acks(&shared).await;
+    if let Err(err) = shared.source.group_leave(&shared.group, &shared.member).await {
+        tracing::debug!(group = %shared.group, member = %shared.member, %err, "leaving the group failed; its leases expire");
+    }
+}
+
+/// One heartbeat; `Some(generation)` when partitions were gained (the tree must be read again).
+async fn beat(
+    shared: &Shared,
+    request: &DurableRequest,
+    rejoin: bool,
+    start: &mut Option<Frontier>,
+) -> Result<Option<u64>, EngineError> {
+    let start = match start {
+        Some(start) => start,
+        None => start.insert(shared.source.tail().await?),
+    };
+    let heartbeat = Heartbeat {
+        group: &shared.group,
+        member: &shared.member,
+        ttl: request.lease_ttl,
+        sharing: request.sharing,
+        rejoin,
+        start,
+    };
+    let leases = shared.source.group_heartbeat(&heartbeat).await?;
+    let lanes_are_partitions = shared.source.lanes_are_partitions();
+    let mut ledger = shared.ledger();
+    ledger.set_lanes_are_partitions(lanes_are_partitions);
+    let change = ledger.apply(&leases);
+    let stats = ledger.stats();
+    drop(ledger);
+    crate::metrics::group_held(&shared.group, &stats);
+    if change.gained + change.lost > 0 {
+        crate::metrics::group_rebalanced(&shared.group);
+        tracing::info!(group = %shared.group, member = %shared.member, held = leases.len(), gained = change.gained, lost = change.lost, "partitions moved");
+    }
+    Ok((change.gained > 0).then(|| shared.ledger().generation()))
+}
+
+async fn delivery(
+    shared: Arc<Shared>,
+    tree: CompletionSupervisorHandle,
+    request: DurableRequest,
+    mut plan: watch::Receiver<u64>,
+    out: Out,
+    stop: CancellationToken,
+) {
+    let mut reading: Option<(Subscription, u64)> = None;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            changed = plan.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let generation = *plan.borrow_and_update();
+                reading = None;
+                match read_again(&shared, &tree, &request, &stop).await {
+                    Ok(Some(subscription)) => reading = Some((subscription, generation)),
+                    Ok(None) => {}
+                    Err(err) => {
+                        let _ = out.send(Err(err)).await;
+                        break;
+                    }
+                }
+            }
+            item = next(&mut reading) => match item {
+                Some(Ok((event, generation))) => {
+                    let admitted = shared.ledger().admit(&event, generation);
+                    match admitted {
+                        Ok(true) => {
+                            if out.send(Ok(event)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(false) => {}
+                        Err(err) => tracing::warn!(group = %shared.group, %err, "event skipped: its cursor names no position"),
+                    }
+                }
+                Some(Err(err)) => {
+                    let _ = out.send(Err(err)).await;
+                    break;
+                }
+                None => break,
+            },
+        }
+    }
+    stop.cancel();
+}
+
+/// The next event of the current read (pending forever without one).
+async fn next(reading: &mut Option<(Subscription, u64)>) -> Option<Result<(CompletionEvent, u64), EngineError>> {
+    match reading {
+        Some((subscription, generation)) => {
+            let generation = *generation;
+            subscription.next().await.map(|item| item.map(|event| (event, generation)))
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Subscribes to the tree from the held partitions' positions (`None` when none is held).
+async fn read_again(
+    shared: &Shared,
+    tree: &CompletionSupervisorHandle,
+    request: &DurableRequest,
+    stop: &CancellationToken,
+) -> Result<Option<Subscription>, EngineError> {
+    loop {
+        // Lanes of partitions not held start at the tail (their events are not wanted).
+        let tail = if shared.source.lanes_are_partitions() {
+            match shared.source.tail().await {
+                Ok(tail) => tail,
+                Err(err) if err.is_transient() && !stop.is_cancelled() => {
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+                Err(err) => return Err(err),
+            }
+        } else {
+            Frontier::default()
+        };
+        let Some(from) = shared.ledger().read_from(&tail) else { return Ok(None) };
+        let mut subscribe =
+            SubscribeRequest::from_cursor(shared.source.cursor_of(&from)).with_filter(request.filter.clone());
+        if let Some(backend) = &request.backend {
+            subscribe = subscribe.on_backend(backend.clone());
+        }
+        return tree.subscribe(subscribe).await.map(Some);
+    }
+}
