@@ -13,6 +13,7 @@ use tokio::sync::OnceCell;
 use super::{Batch, CompletionSource, StartAt, Waker};
 use crate::config::Retention;
 use crate::cursor::{Family, Frontier, StreamCursor};
+use crate::durable::store::{Ack, GroupView, Heartbeat, Lease};
 use crate::error::EngineError;
 
 /// Makes the connected backend.
@@ -75,6 +76,22 @@ impl CompletionSource for LazySource {
 
     async fn gauges(&self) -> Result<Vec<(&'static str, f64)>, EngineError> {
         self.connect().await?.gauges().await
+    }
+
+    async fn group_heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, EngineError> {
+        self.connect().await?.group_heartbeat(beat).await
+    }
+
+    async fn group_ack(&self, group: &str, member: &str, acks: &[Ack]) -> Result<(), EngineError> {
+        self.connect().await?.group_ack(group, member, acks).await
+    }
+
+    async fn group_leave(&self, group: &str, member: &str) -> Result<(), EngineError> {
+        self.connect().await?.group_leave(group, member).await
+    }
+
+    async fn group_view(&self, group: &str) -> Result<Option<GroupView>, EngineError> {
+        self.connect().await?.group_view(group).await
     }
 
     async fn open_waker(&self, from: &Frontier) -> Result<Box<dyn Waker>, EngineError> {
