@@ -359,3 +359,59 @@ pub async fn bad_group_names_and_member_ids_are_validation_errors_before_any_wri
     assert_eq!(beat(&store, &longest, "a").await.len(), usize::from(PARTITIONS));
     assert_validation(store.view(&too_long).await, "the name one character longer");
 }
+
+/// SQL stores keep positions as bigints: a word above `i64::MAX` is refused, never wrapped.
+pub async fn a_position_above_i64_max_is_a_validation_error_and_changes_nothing(backend: BackendConfig) {
+    let store = open(&backend).await;
+    let group = group_name("huge");
+    let leases = beat(&store, &group, "a").await;
+    let before = view(&store, &group).await;
+    let fits = Ack { partition: leases[0].partition, token: leases[0].token, position: above(leases[0].acked, 1) };
+    let huge = Ack { position: Position { lo: i64::MAX as u64 + 1, ..leases[1].acked }, ..fits };
+    let huge = Ack { partition: leases[1].partition, token: leases[1].token, ..huge };
+    assert_validation(store.ack(&group, "a", &[fits, huge]).await, "an ack above i64::MAX");
+    assert_eq!(view(&store, &group).await.partitions, before.partitions, "nothing was written");
+}
+
+/// An effect row and an ack in the caller's own transaction, as the SQL stores' `ack_in` serves
+/// it: what a test needs to say about the transaction.
+pub struct InTransaction {
+    /// The ack went through.
+    pub acked: Result<(), EngineError>,
+    /// The effect row is there after the transaction committed (or rolled back on an error).
+    pub effect_kept: bool,
+}
+
+/// The promise both SQL backends keep for an ack in the caller's transaction: not fenced, the
+/// effect and the position commit together; fenced, the transaction rolls back and neither is
+/// written. `in_tx(group, acks, effect id)` runs an effect insert and `ack_in` in one
+/// transaction, committing on success and rolling back on an error.
+pub async fn assert_ack_in_transaction_commits_or_rolls_back_with_the_effect<F, Fut>(store: &GroupStore, mut in_tx: F)
+where
+    F: FnMut(String, Vec<Ack>, i64) -> Fut,
+    Fut: std::future::Future<Output = InTransaction>,
+{
+    let group = group_name("tx");
+    let first = beat_as(store, &group, "a", Sharing::Shared, true).await;
+    let lease = first[0];
+    let good = Ack { partition: lease.partition, token: lease.token, position: above(lease.acked, 5) };
+    let done = in_tx(group.clone(), vec![good], 1).await;
+    done.acked.expect("an ack of a held partition");
+    assert!(done.effect_kept, "the effect committed with the ack");
+    assert_eq!(tokens_and_acks(&view(store, &group).await)[&lease.partition], (lease.token, good.position));
+
+    // A newer incarnation fences the old token: the effect is rolled back with the ack.
+    let second = beat_as(store, &group, "a", Sharing::Shared, true).await;
+    let before = view(store, &group).await;
+    let stale = Ack { position: above(lease.acked, 9), ..good };
+    let done = in_tx(group.clone(), vec![stale], 2).await;
+    assert_fenced(done.acked, "an ack with the old token in the caller's transaction");
+    assert!(!done.effect_kept, "the effect rolled back with the fenced ack");
+    assert_eq!(view(store, &group).await.partitions, before.partitions, "nothing of the ack was written");
+
+    let fresh = Ack { token: second[0].token, ..stale };
+    let done = in_tx(group.clone(), vec![fresh], 3).await;
+    done.acked.expect("an ack with the new token");
+    assert!(done.effect_kept);
+    assert_eq!(tokens_and_acks(&view(store, &group).await)[&lease.partition], (second[0].token, fresh.position));
+}
