@@ -21,6 +21,7 @@ macro_rules! group_store_tests {
         $crate::groups::group_store_tests! { @each
             a_new_groups_first_member_holds_every_partition_at_the_tail_with_token_one;
             two_then_three_members_share_the_partitions_disjointly_and_evenly;
+            eight_members_heartbeating_at_once_on_a_new_group_all_succeed_and_settle_at_32_each;
             a_silent_members_partitions_are_taken_over_after_its_ttl_with_the_next_token_and_its_acks;
             acks_move_up_never_down_and_a_batch_with_one_fenced_entry_writes_nothing;
             a_member_whose_lease_was_taken_over_is_fenced_and_changes_nothing;
@@ -42,7 +43,7 @@ macro_rules! group_store_tests {
 pub(crate) use group_store_tests;
 
 /// How long a lease lasts in these tests.
-pub const TTL: Duration = Duration::from_millis(600);
+pub const TTL: Duration = Duration::from_millis(800);
 
 /// Every flow partition.
 pub const PARTITIONS: u16 = ff_completions::PARTITION_COUNT;
@@ -189,6 +190,33 @@ pub async fn two_then_three_members_share_the_partitions_disjointly_and_evenly(b
     let moved: Vec<&Lease> = three[1].iter().chain(&three[2]).collect();
     assert!(moved.iter().all(|l| l.token >= 2), "tokens of partitions that changed hands");
     assert!(three[0].iter().all(|l| l.token == 1), "the first member kept its first partitions");
+}
+
+pub async fn eight_members_heartbeating_at_once_on_a_new_group_all_succeed_and_settle_at_32_each(
+    backend: BackendConfig,
+) {
+    let group = group_name("crowd");
+    let members: Vec<String> = (0..8).map(|i| format!("m{i}")).collect();
+    let tasks: Vec<_> = members
+        .iter()
+        .map(|member| {
+            let (backend, group, member) = (backend.clone(), group.clone(), member.clone());
+            tokio::spawn(async move {
+                let store = open(&backend).await;
+                for _ in 0..5 {
+                    beat(&store, &group, &member).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("a member's heartbeats");
+    }
+    let store = open(&backend).await;
+    let names: Vec<&str> = members.iter().map(String::as_str).collect();
+    let settled = rounds(&store, &group, &names, 3).await;
+    assert_disjoint_and_covering(&settled);
+    assert!(settled.iter().all(|l| l.len() == 32), "{:?}", settled.iter().map(Vec::len).collect::<Vec<_>>());
 }
 
 pub async fn a_silent_members_partitions_are_taken_over_after_its_ttl_with_the_next_token_and_its_acks(
