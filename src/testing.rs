@@ -29,6 +29,15 @@ impl GroupStore {
         Ok(Self { source: crate::backends::open_source(config).await? })
     }
 
+    /// The backend's tail, where a new group starts: one position per lane it names (Postgres
+    /// and SQLite name lane 0 only; on Valkey a lane is a partition's stream).
+    ///
+    /// # Errors
+    /// As the backend's `tail`.
+    pub async fn tail(&self) -> Result<Vec<Position>, crate::EngineError> {
+        Ok(self.source.tail().await?.positions().to_vec())
+    }
+
     /// One heartbeat of `member` (a new group starts at the backend's tail).
     ///
     /// # Errors
@@ -78,12 +87,40 @@ pub mod postgres {
         COMPLETION_CHANNEL, DEMO_MIGRATION_LEDGER, DEMO_MIGRATOR, LISTENER_APPLICATION_NAME, MIGRATION_LEDGER,
         MIGRATOR, MIN_WAKE_INTERVAL,
     };
+
+    /// Applies durable-group acks inside the caller's transaction on `conn`: all, or none and
+    /// [`crate::EngineError::Fenced`] with the transaction aborted.
+    ///
+    /// # Errors
+    /// As the backend's group ack.
+    pub async fn ack_in(
+        conn: &mut sqlx::PgConnection,
+        group: &str,
+        member: &str,
+        acks: &[super::Ack],
+    ) -> Result<(), crate::EngineError> {
+        crate::backends::postgres::groups::ack_in(conn, group, member, acks).await
+    }
 }
 
 /// SQLite: the embedded migrations.
 #[cfg(feature = "sqlite")]
 pub mod sqlite {
     pub use crate::backends::sqlite::MIGRATOR;
+
+    /// Applies durable-group acks inside the caller's write transaction on `conn`: all, or none
+    /// and [`crate::EngineError::Fenced`] (the caller rolls back).
+    ///
+    /// # Errors
+    /// As the backend's group ack.
+    pub async fn ack_in(
+        conn: &mut sqlx::SqliteConnection,
+        group: &str,
+        member: &str,
+        acks: &[super::Ack],
+    ) -> Result<(), crate::EngineError> {
+        crate::backends::sqlite::groups::ack_in(conn, group, member, acks).await
+    }
 }
 
 /// Valkey: the streams, the channel, the function library and a raw client.

@@ -26,6 +26,56 @@ contract::contract_tests!(foreign cursors: vec![encode_valkey_cursor(1, 2), enco
 
 crate::families::family_tests!();
 
+/// The durable-group store's promises ([`crate::groups::group_store_tests`]).
+mod groups {
+    use super::contract_backend;
+
+    crate::groups::group_store_tests!();
+
+    crate::groups::group_store_tests! { @each a_position_above_i64_max_is_a_validation_error_and_changes_nothing; }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ack_in_the_callers_transaction_commits_with_its_effect_and_a_fenced_one_rolls_it_back() {
+        use ff_completions::testing::sqlite::ack_in;
+        use sqlx::Connection;
+        use sqlx::sqlite::SqliteConnection;
+
+        use crate::groups::{InTransaction, assert_ack_in_transaction_commits_or_rolls_back_with_the_effect, open};
+
+        let (dir, backend) = contract_backend().await;
+        let store = open(&backend).await;
+        let url = format!("sqlite:{}", dir.path().join("completions.db").display());
+        let mut conn = SqliteConnection::connect(&url).await.expect("connect");
+        sqlx::query("CREATE TABLE scratch_effect (id INTEGER PRIMARY KEY)").execute(&mut conn).await.expect("scratch");
+        let conn = tokio::sync::Mutex::new(conn);
+        assert_ack_in_transaction_commits_or_rolls_back_with_the_effect(&store, |group, acks, id| {
+            let conn = &conn;
+            async move {
+                let mut conn = conn.lock().await;
+                let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.expect("begin");
+                sqlx::query("INSERT INTO scratch_effect (id) VALUES (?)")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .expect("effect");
+                let acked = ack_in(&mut tx, &group, "a", &acks).await;
+                if acked.is_ok() {
+                    tx.commit().await.expect("commit");
+                } else {
+                    tx.rollback().await.expect("rollback");
+                }
+                let effect_kept: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM scratch_effect WHERE id = ?)")
+                    .bind(id)
+                    .fetch_one(&mut *conn)
+                    .await
+                    .expect("effect");
+                InTransaction { acked, effect_kept }
+            }
+        })
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_in_memory_database_round_trips() {
     init_tracing();

@@ -3,6 +3,7 @@
 //! events, kept out of an outbox a host may read; the snapshot ticks, the reader of both tables,
 //! retention and wake-up functions) live in
 //! `migrations/postgres/`, applied on connect with the ledger `ff_completions_migrations`. The
+//! durable groups' tables and functions (`0006_durable_groups.sql`) serve [`groups`]. The
 //! demo engine's tables and functions live in `migrations/postgres_demo/`, applied only by
 //! [`PostgresEngine::connect`] with the ledger `ff_completions_demo_migrations`.
 //!
@@ -14,6 +15,7 @@
 
 #[cfg(feature = "demo-engine")]
 mod engine;
+pub(crate) mod groups;
 mod source;
 mod wake;
 

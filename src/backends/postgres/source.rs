@@ -17,6 +17,7 @@ use crate::config::{BackendConfig, BackendConnection, PostgresConnection, Retent
 use crate::cursor::{
     Family, Frontier, Position, PostgresCursor, StreamCursor, decode_postgres_cursor, encode_postgres_batch_cursor,
 };
+use crate::durable::store::{Ack, GroupView, Heartbeat, Lease};
 use crate::error::EngineError;
 use crate::types::TimestampMs;
 use tokio_util::task::AbortOnDropHandle;
@@ -279,6 +280,22 @@ impl CompletionSource for PostgresSource {
             .await
             .map_err(|e| EngineError::from_sqlx("postgres trim", e))?;
         Ok(removed.max(0) as u64)
+    }
+
+    async fn group_heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, EngineError> {
+        super::groups::heartbeat(&self.pool, beat).await
+    }
+
+    async fn group_ack(&self, group: &str, member: &str, acks: &[Ack]) -> Result<(), EngineError> {
+        super::groups::ack(&self.pool, group, member, acks).await
+    }
+
+    async fn group_leave(&self, group: &str, member: &str) -> Result<(), EngineError> {
+        super::groups::leave(&self.pool, group, member).await
+    }
+
+    async fn group_view(&self, group: &str) -> Result<Option<GroupView>, EngineError> {
+        super::groups::view(&self.pool, group).await
     }
 
     async fn open_waker(&self, _from: &Frontier) -> Result<Box<dyn Waker>, EngineError> {

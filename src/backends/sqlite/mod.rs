@@ -1,10 +1,11 @@
 //! Embedded SQLite backend: the same outbox and engine surface as Postgres, with the producer
 //! as a trigger in `migrations/sqlite/` (SQLite has no stored functions). Listeners wake on an
 //! in-process signal raised by [`SqliteEngine`] after each commit, and on `PRAGMA data_version`
-//! changes made by other processes.
+//! changes made by other processes. Durable groups are kept by [`groups`].
 
 #[cfg(feature = "demo-engine")]
 mod engine;
+pub(crate) mod groups;
 mod source;
 
 use std::collections::HashMap;
@@ -54,7 +55,6 @@ pub(crate) fn commit_signal(key: &str) -> watch::Sender<u64> {
 }
 
 /// The in-process write queue of one database (see [`WriteQueue`]).
-#[cfg_attr(not(feature = "demo-engine"), allow(dead_code))]
 pub(crate) fn write_queue(key: &str) -> Arc<WriteQueue> {
     static QUEUES: OnceLock<Mutex<HashMap<String, Arc<WriteQueue>>>> = OnceLock::new();
     per_database(&QUEUES, key, Default::default)
@@ -65,7 +65,6 @@ pub(crate) fn write_queue(key: &str) -> Arc<WriteQueue> {
 /// growing steps (up to 100 ms) and lets a waiting writer starve behind the others. Writers on
 /// a flow's critical path (dependency resolution, which makes children eligible) go first:
 /// the others queued behind the current writer let them pass.
-#[cfg_attr(not(feature = "demo-engine"), allow(dead_code))]
 #[derive(Debug, Default)]
 pub(crate) struct WriteQueue {
     lock: Arc<tokio::sync::Mutex<()>>,
@@ -73,7 +72,6 @@ pub(crate) struct WriteQueue {
     urgent: AtomicUsize,
 }
 
-#[cfg_attr(not(feature = "demo-engine"), allow(dead_code))]
 impl WriteQueue {
     /// Waits for this process's turn to write; `urgent` writers pass the others.
     pub(crate) async fn turn(&self, urgent: bool) -> OwnedMutexGuard<()> {

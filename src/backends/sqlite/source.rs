@@ -13,6 +13,7 @@ use crate::backends::outbox::{FamilyColumns, OutboxRow, age_cutoff_ms};
 use crate::backends::{Batch, CompletionSource, FamilyEvent, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, Retention};
 use crate::cursor::{Family, Frontier, Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
+use crate::durable::store::{Ack, GroupView, Heartbeat, Lease};
 use crate::error::EngineError;
 use crate::types::TimestampMs;
 
@@ -181,6 +182,22 @@ impl CompletionSource for SqliteSource {
         .map_err(|e| EngineError::from_sqlx("sqlite trim", e))?;
         tx.commit().await.map_err(|e| EngineError::from_sqlx("sqlite trim", e))?;
         Ok(removed)
+    }
+
+    async fn group_heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, EngineError> {
+        super::groups::heartbeat(&self.pool, &self.key, beat).await
+    }
+
+    async fn group_ack(&self, group: &str, member: &str, acks: &[Ack]) -> Result<(), EngineError> {
+        super::groups::ack(&self.pool, &self.key, group, member, acks).await
+    }
+
+    async fn group_leave(&self, group: &str, member: &str) -> Result<(), EngineError> {
+        super::groups::leave(&self.pool, &self.key, group, member).await
+    }
+
+    async fn group_view(&self, group: &str) -> Result<Option<GroupView>, EngineError> {
+        super::groups::view(&self.pool, group).await
     }
 
     async fn open_waker(&self, _from: &Frontier) -> Result<Box<dyn Waker>, EngineError> {

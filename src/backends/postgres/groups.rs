@@ -1,0 +1,175 @@
+//! The Postgres durable-group store: the SQL functions of `migrations/postgres/0006_durable_groups.sql`
+//! called by name (heartbeat, ack, leave; each one statement, atomic on the server), and the
+//! view read with plain SELECTs in one snapshot. [`ack_in`] runs an ack inside the caller's own
+//! transaction: a fenced ack raises, which aborts that transaction and the effect written in it.
+
+use sqlx::PgConnection;
+use sqlx::postgres::{PgDatabaseError, PgPool};
+
+use crate::durable::store::{
+    Ack, GroupView, Heartbeat, Lease, PartitionView, check_heartbeat, check_member, check_name, from_sql_words,
+    sql_words,
+};
+use crate::error::EngineError;
+use crate::types::TimestampMs;
+
+/// One heartbeat: `(group, member, ttl_ms, exclusive, rejoin, start major, hi, lo)`.
+const HEARTBEAT: &str = "\
+SELECT o_partition, o_token, o_acked_major, o_acked_hi, o_acked_lo \
+  FROM ff_completion_group_heartbeat($1, $2, $3, $4, $5, $6, $7, $8)";
+
+/// One atomic ack: `(group, member, partitions, tokens, majors, his, los)`.
+const ACK: &str = "SELECT ff_completion_group_ack($1, $2, $3, $4, $5, $6, $7)";
+
+/// Removes a member.
+const LEAVE: &str = "SELECT ff_completion_group_leave($1, $2)";
+
+/// Whether the group exists.
+const VIEW_GROUP: &str = "SELECT EXISTS (SELECT 1 FROM ff_completion_group WHERE group_name = $1)";
+
+/// Live members and their expiry in epoch milliseconds.
+const VIEW_MEMBERS: &str = "\
+SELECT member, floor(extract(epoch FROM expires_at) * 1000)::int8 FROM ff_completion_group_member \
+ WHERE group_name = $1 AND expires_at > clock_timestamp() ORDER BY member";
+
+/// Every partition of the group.
+const VIEW_PARTITIONS: &str = "\
+SELECT partition, owner, floor(extract(epoch FROM expires_at) * 1000)::int8, token, acked_major, acked_hi, acked_lo \
+  FROM ff_completion_group_partition WHERE group_name = $1 ORDER BY partition";
+
+/// The SQLSTATEs the functions raise: fenced, unknown group, malformed call.
+const FENCED: &str = "FFG01";
+const UNKNOWN_GROUP: &str = "FFG02";
+const MALFORMED: &str = "FFG03";
+
+type LeaseRow = (i16, i64, i64, i64, i64);
+type PartitionRow = (i16, Option<String>, Option<i64>, i64, i64, i64, i64);
+
+fn lease((partition, token, major, hi, lo): LeaseRow) -> Lease {
+    Lease { partition: partition.max(0) as u16, token: token.max(0) as u64, acked: from_sql_words(major, hi, lo) }
+}
+
+/// Maps what the group functions raise to the crate's errors: fenced and unknown-group codes
+/// first ([`EngineError::from_sqlx`] would call them transport errors), the rest as usual.
+fn group_error(op: &'static str, group: &str, member: &str, err: sqlx::Error) -> EngineError {
+    if let sqlx::Error::Database(db) = &err {
+        match db.code().as_deref() {
+            Some(FENCED) => {
+                let partition = db
+                    .try_downcast_ref::<PgDatabaseError>()
+                    .and_then(PgDatabaseError::detail)
+                    .and_then(|d| d.parse::<u16>().ok())
+                    .unwrap_or_default();
+                return EngineError::fenced(group, member, partition);
+            }
+            Some(UNKNOWN_GROUP) => return EngineError::validation(format!("unknown durable group {group:?}")),
+            Some(MALFORMED) => return EngineError::validation(db.message().to_owned()),
+            _ => {}
+        }
+    }
+    EngineError::from_sqlx(op, err)
+}
+
+pub(crate) async fn heartbeat(pool: &PgPool, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, EngineError> {
+    let ttl_ms = check_heartbeat(beat)?;
+    let [major, hi, lo] = sql_words(beat.start.single())?;
+    let rows: Vec<LeaseRow> = sqlx::query_as(HEARTBEAT)
+        .bind(beat.group)
+        .bind(beat.member)
+        .bind(ttl_ms as i64)
+        .bind(beat.sharing == crate::durable::store::Sharing::Exclusive)
+        .bind(beat.rejoin)
+        .bind(major)
+        .bind(hi)
+        .bind(lo)
+        .fetch_all(pool)
+        .await
+        .map_err(|e| group_error("postgres group heartbeat", beat.group, beat.member, e))?;
+    Ok(rows.into_iter().map(lease).collect())
+}
+
+/// Applies `acks` for `member` of `group` on `conn`, inside whatever transaction it has open:
+/// all of them, or none and [`EngineError::Fenced`] (the transaction is then aborted and must
+/// roll back, with anything else written in it).
+///
+/// # Errors
+/// [`EngineError::Validation`] for a bad name, a position above `i64::MAX` or an unknown group;
+/// [`EngineError::Fenced`]; connection errors as usual.
+pub(crate) async fn ack_in(
+    conn: &mut PgConnection,
+    group: &str,
+    member: &str,
+    acks: &[Ack],
+) -> Result<(), EngineError> {
+    check_member(group, member)?;
+    let n = acks.len();
+    let (mut partitions, mut tokens) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut majors, mut his, mut los) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for ack in acks {
+        let [major, hi, lo] = sql_words(ack.position)?;
+        let token = i64::try_from(ack.token).map_err(|_| EngineError::fenced(group, member, ack.partition))?;
+        partitions.push(i32::from(ack.partition));
+        tokens.push(token);
+        majors.push(major);
+        his.push(hi);
+        los.push(lo);
+    }
+    sqlx::query(ACK)
+        .bind(group)
+        .bind(member)
+        .bind(partitions)
+        .bind(tokens)
+        .bind(majors)
+        .bind(his)
+        .bind(los)
+        .execute(conn)
+        .await
+        .map_err(|e| group_error("postgres group ack", group, member, e))?;
+    Ok(())
+}
+
+pub(crate) async fn ack(pool: &PgPool, group: &str, member: &str, acks: &[Ack]) -> Result<(), EngineError> {
+    check_member(group, member)?;
+    let mut conn = pool.acquire().await.map_err(|e| EngineError::from_sqlx("postgres group ack", e))?;
+    ack_in(&mut conn, group, member, acks).await
+}
+
+pub(crate) async fn leave(pool: &PgPool, group: &str, member: &str) -> Result<(), EngineError> {
+    check_member(group, member)?;
+    sqlx::query(LEAVE)
+        .bind(group)
+        .bind(member)
+        .execute(pool)
+        .await
+        .map_err(|e| group_error("postgres group leave", group, member, e))?;
+    Ok(())
+}
+
+pub(crate) async fn view(pool: &PgPool, group: &str) -> Result<Option<GroupView>, EngineError> {
+    check_name("group name", group)?;
+    let op = "postgres group view";
+    let err = |e: sqlx::Error| EngineError::from_sqlx(op, e);
+    // One snapshot for the three reads.
+    let mut tx = pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(err)?;
+    let exists: bool = sqlx::query_scalar(VIEW_GROUP).bind(group).fetch_one(&mut *tx).await.map_err(err)?;
+    if !exists {
+        return Ok(None);
+    }
+    let members: Vec<(String, i64)> =
+        sqlx::query_as(VIEW_MEMBERS).bind(group).fetch_all(&mut *tx).await.map_err(err)?;
+    let partitions: Vec<PartitionRow> =
+        sqlx::query_as(VIEW_PARTITIONS).bind(group).fetch_all(&mut *tx).await.map_err(err)?;
+    tx.commit().await.map_err(err)?;
+    Ok(Some(GroupView {
+        members: members.into_iter().map(|(m, at)| (m, TimestampMs(at))).collect(),
+        partitions: partitions
+            .into_iter()
+            .map(|(partition, owner, expires, token, major, hi, lo)| PartitionView {
+                partition: partition.max(0) as u16,
+                owner: owner.map(|o| (o, TimestampMs(expires.unwrap_or_default()))),
+                token: token.max(0) as u64,
+                acked: from_sql_words(major, hi, lo),
+            })
+            .collect(),
+    }))
+}
