@@ -41,8 +41,10 @@ CREATE TABLE IF NOT EXISTS ff_completion_group_partition (
 -- now + ttl, removing members that lapsed; on a rejoin raises the token of every partition it
 -- holds; then frees its highest partitions above its share or takes free and lapsed ones in
 -- ascending order (token + 1) below it. The share is every partition when exclusive, else the
--- ceiling of 256 over the live members (fair_share in src/durable/store.rs). Returns what the
--- member holds, ascending.
+-- ceiling of 256 over the live members (fair_share in src/durable/store.rs). A partition whose
+-- row another transaction holds (an ack inside a paused engine's open transaction) is skipped
+-- until that transaction ends, rather than waited for with the group's lock held. Returns what
+-- the member holds, ascending.
 CREATE OR REPLACE FUNCTION ff_completion_group_heartbeat(
     p_group text, p_member text, p_ttl_ms bigint, p_exclusive boolean, p_rejoin boolean,
     p_start_major bigint, p_start_hi bigint, p_start_lo bigint)
@@ -95,7 +97,7 @@ BEGIN
            AND partition IN (SELECT partition FROM ff_completion_group_partition
                               WHERE group_name = p_group
                                 AND (owner IS NULL OR (owner <> p_member AND expires_at <= v_now))
-                              ORDER BY partition LIMIT v_share - v_held FOR UPDATE);
+                              ORDER BY partition LIMIT v_share - v_held FOR UPDATE SKIP LOCKED);
     END IF;
 
     RETURN QUERY

@@ -99,22 +99,6 @@ impl CompletionSource for LazySource {
         self.connect().await?.gauges().await
     }
 
-    async fn group_heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, EngineError> {
-        self.connect().await?.group_heartbeat(beat).await
-    }
-
-    async fn group_ack(&self, group: &str, member: &str, acks: &[Ack]) -> Result<(), EngineError> {
-        self.connect().await?.group_ack(group, member, acks).await
-    }
-
-    async fn group_leave(&self, group: &str, member: &str) -> Result<(), EngineError> {
-        self.connect().await?.group_leave(group, member).await
-    }
-
-    async fn group_view(&self, group: &str) -> Result<Option<GroupView>, EngineError> {
-        self.connect().await?.group_view(group).await
-    }
-
     async fn open_waker(&self, from: &Frontier) -> Result<Box<dyn Waker>, EngineError> {
         self.connect().await?.open_waker(from).await
     }

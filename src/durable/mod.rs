@@ -327,6 +327,25 @@ impl AckTicket {
     pub fn partition(&self) -> u16 {
         self.ack.partition
     }
+
+    /// Writes the acknowledgement on `conn`, inside the caller's transaction.
+    ///
+    /// # Errors
+    /// [`EngineError::Fenced`] (roll the transaction back), or the database's error.
+    #[cfg(feature = "postgres")]
+    pub async fn commit_in_postgres(&self, conn: &mut sqlx::PgConnection) -> Result<(), EngineError> {
+        crate::backends::postgres::groups::ack_in(conn, &self.group, &self.member, std::slice::from_ref(&self.ack))
+            .await
+    }
+
+    /// Writes the acknowledgement on `conn`, inside the caller's transaction.
+    ///
+    /// # Errors
+    /// [`EngineError::Fenced`] (roll the transaction back), or the database's error.
+    #[cfg(feature = "sqlite")]
+    pub async fn commit_in_sqlite(&self, conn: &mut sqlx::SqliteConnection) -> Result<(), EngineError> {
+        crate::backends::sqlite::groups::ack_in(conn, &self.group, &self.member, std::slice::from_ref(&self.ack)).await
+    }
 }
 
 /// A durable group as stored, for dashboards and tests.

@@ -41,7 +41,6 @@ use crate::types::{PARTITION_COUNT, TimestampMs};
 /// How a member shares its group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 // Chosen by `testing::GroupStore`'s callers until the durable member task chooses it.
-#[cfg_attr(not(feature = "testing"), allow(dead_code))]
 pub enum Sharing {
     /// One consumer holds every partition; a new incarnation of the member takes them over
     /// at once, fencing the previous one.

@@ -1,0 +1,440 @@
+//! One promoter group across OS processes, shared by the `instances` example and the `groups`
+//! test: the member process (this binary started again as `<bin> member …`), which writes
+//! each completion's effect row in the same transaction as its acknowledgement; producers; and
+//! the check of the effect rows (each completion exactly once, in commit order within its
+//! partition).
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use ff_completions::testing::GroupStore;
+use ff_completions::{
+    BackendConfig, CompletionSupervisorHandle, DurableRequest, Engine, EngineError, ExecutionId, ExecutionSpec, FlowId,
+    PARTITION_COUNT, SubscribeRequest, SupervisorConfig, TimestampMs, connect_engine,
+};
+use futures::StreamExt;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A member process's own arguments (`<bin> member …`).
+#[derive(Parser, Debug, Clone)]
+pub struct MemberArgs {
+    /// `postgres` or `sqlite`.
+    #[arg(long)]
+    kind: String,
+    /// Postgres URL or SQLite file.
+    #[arg(long)]
+    at: String,
+    #[arg(long)]
+    group: String,
+    /// Member id; none: an exclusive durable subscription.
+    #[arg(long)]
+    member: Option<String>,
+    #[arg(long)]
+    ttl_ms: u64,
+    /// Time spent on each event before its effect and ack are written.
+    #[arg(long, default_value_t = 0)]
+    work_ms: u64,
+}
+
+/// Runs a member process when the command line asks for one (`<bin> member …`); `false`
+/// otherwise.
+pub fn member_main(raw: &[String]) -> bool {
+    if raw.get(1).map(String::as_str) != Some("member") {
+        return false;
+    }
+    let args = MemberArgs::parse_from(raw[1..].iter());
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    let result = match runtime {
+        Ok(runtime) => runtime.block_on(member(args)),
+        Err(err) => Err(err.into()),
+    };
+    if let Err(err) = result {
+        eprintln!("member failed: {err:#}");
+        std::process::exit(1);
+    }
+    true
+}
+
+/// Where effect rows go, on the member's own connection to the backend's database.
+pub enum EffectDb {
+    Postgres(sqlx::PgPool),
+    Sqlite(sqlx::SqlitePool),
+}
+
+impl EffectDb {
+    pub async fn connect(kind: &str, at: &str) -> anyhow::Result<Self> {
+        Ok(match kind {
+            "postgres" => Self::Postgres(sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(at).await?),
+            _ => {
+                let options = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(at)
+                    .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                    .busy_timeout(Duration::from_secs(30));
+                Self::Sqlite(sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await?)
+            }
+        })
+    }
+
+    pub async fn create_table(&self) -> anyhow::Result<()> {
+        match self {
+            Self::Postgres(pool) => {
+                sqlx::query(
+                    "CREATE TABLE IF NOT EXISTS group_effect (id bigserial PRIMARY KEY, execution_id text NOT NULL, \
+                     member text NOT NULL, partition int NOT NULL, cursor bytea NOT NULL, done_ms bigint NOT NULL)",
+                )
+                .execute(pool)
+                .await?;
+            }
+            Self::Sqlite(pool) => {
+                sqlx::query(
+                    "CREATE TABLE IF NOT EXISTS group_effect (id INTEGER PRIMARY KEY AUTOINCREMENT, execution_id TEXT \
+                     NOT NULL, member TEXT NOT NULL, partition INTEGER NOT NULL, cursor BLOB NOT NULL, done_ms INTEGER \
+                     NOT NULL)",
+                )
+                .execute(pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every effect row in commit order.
+    pub async fn effects(&self) -> anyhow::Result<Vec<Effect>> {
+        const SELECT: &str =
+            "SELECT execution_id, member, CAST(partition AS BIGINT), cursor, done_ms FROM group_effect ORDER BY id";
+        let rows: Vec<(String, String, i64, Vec<u8>, i64)> = match self {
+            Self::Postgres(pool) => sqlx::query_as(SELECT).fetch_all(pool).await?,
+            Self::Sqlite(pool) => sqlx::query_as(SELECT).fetch_all(pool).await?,
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(execution_id, member, partition, cursor, done_ms)| Effect {
+                execution_id,
+                member,
+                partition,
+                cursor,
+                done: TimestampMs(done_ms),
+            })
+            .collect())
+    }
+}
+
+/// One effect row: a completion a member handled, with its cursor and when it committed.
+#[derive(Clone, Debug)]
+pub struct Effect {
+    pub execution_id: String,
+    pub member: String,
+    pub partition: i64,
+    pub cursor: Vec<u8>,
+    /// The member's clock when it wrote the row.
+    pub done: TimestampMs,
+}
+
+/// Writes the effect of `event` and its acknowledgement in one transaction; `false` when the
+/// member was fenced (the transaction rolled back).
+pub async fn apply(
+    db: &EffectDb,
+    member: &str,
+    event: &ff_completions::CompletionEvent,
+    ticket: &ff_completions::AckTicket,
+) -> anyhow::Result<bool> {
+    const INSERT: &str =
+        "INSERT INTO group_effect (execution_id, member, partition, cursor, done_ms) VALUES ($1, $2, $3, $4, $5)";
+    let done = TimestampMs::now().0;
+    let id = event.execution_id.to_string();
+    let partition = i32::from(event.execution_id.partition());
+    let cursor = event.cursor.as_bytes().to_vec();
+    let acked = match db {
+        EffectDb::Postgres(pool) => {
+            let mut tx = pool.begin().await?;
+            sqlx::query(INSERT)
+                .bind(&id)
+                .bind(member)
+                .bind(partition)
+                .bind(&cursor)
+                .bind(done)
+                .execute(&mut *tx)
+                .await?;
+            match ticket.commit_in_postgres(&mut tx).await {
+                Ok(()) => tx.commit().await.map(|()| true)?,
+                Err(EngineError::Fenced { .. }) => false,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        EffectDb::Sqlite(pool) => {
+            let mut tx = pool.begin().await?;
+            sqlx::query(INSERT)
+                .bind(&id)
+                .bind(member)
+                .bind(partition)
+                .bind(&cursor)
+                .bind(done)
+                .execute(&mut *tx)
+                .await?;
+            match ticket.commit_in_sqlite(&mut tx).await {
+                Ok(()) => tx.commit().await.map(|()| true)?,
+                Err(EngineError::Fenced { .. }) => false,
+                Err(err) => return Err(err.into()),
+            }
+        }
+    };
+    Ok(acked)
+}
+
+pub async fn member(args: MemberArgs) -> anyhow::Result<()> {
+    let config = match args.kind.as_str() {
+        "postgres" => BackendConfig::postgres(&args.at),
+        _ => BackendConfig::sqlite(&args.at),
+    };
+    let db = EffectDb::connect(&args.kind, &args.at).await?;
+    let (tree, _join) = CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(config)).await?;
+    let ttl = Duration::from_millis(args.ttl_ms);
+    let request = match &args.member {
+        Some(member) => DurableRequest::group(&args.group).with_member(member),
+        None => SubscribeRequest::durable(&args.group),
+    };
+    let mut events = tree.subscribe_durable(request.with_lease_ttl(ttl)).await?;
+    let name = events.member().to_owned();
+    println!("joined {name}");
+    while let Some(event) = events.next().await {
+        let event = event?;
+        let ticket = match events.ticket(&event.cursor) {
+            Ok(ticket) => ticket,
+            Err(err) => {
+                println!("fenced before work: {err}");
+                continue;
+            }
+        };
+        tokio::time::sleep(Duration::from_millis(args.work_ms)).await;
+        if !apply(&db, &name, &event, &ticket).await? {
+            println!("fenced {}", event.execution_id);
+        }
+    }
+    anyhow::bail!("the durable subscription ended")
+}
+
+/// A member process; killed when dropped.
+pub struct MemberProcess {
+    child: Child,
+    pid: i32,
+    /// Lines it printed (`joined …`, `fenced …`).
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl MemberProcess {
+    pub fn spawn(run: &Run, group: &str, member: Option<&str>, ttl: Duration, work: Duration) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut command = Command::new(exe);
+        command
+            .arg("member")
+            .args(["--kind", run.kind, "--at", &run.at, "--group", group])
+            .args(["--ttl-ms", &ttl.as_millis().to_string(), "--work-ms", &work.as_millis().to_string()])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(member) = member {
+            command.args(["--member", member]);
+        }
+        let mut child = command.spawn()?;
+        let pid = child.id().and_then(|p| i32::try_from(p).ok()).ok_or_else(|| anyhow::anyhow!("no pid"))?;
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        if let Some(stdout) = child.stdout.take() {
+            let lines = lines.clone();
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                }
+            });
+        }
+        Ok(Self { child, pid, lines })
+    }
+
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill").args([signal, &self.pid.to_string()]).status()?;
+        anyhow::ensure!(status.success(), "kill {signal} {}", self.pid);
+        Ok(())
+    }
+
+    pub async fn kill9(mut self) -> anyhow::Result<()> {
+        self.signal("-KILL")?;
+        self.child.wait().await?;
+        Ok(())
+    }
+
+    pub fn fenced(&self) -> usize {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|l| l.starts_with("fenced")).count()
+    }
+}
+
+/// Completions the producers committed.
+#[derive(Default)]
+pub struct Produced {
+    pub completed: std::sync::Mutex<Vec<ExecutionId>>,
+    pub stop: AtomicBool,
+    pub count: AtomicU64,
+}
+
+/// Creates flows of five executions and completes them, one after the other, `pace` apart.
+pub async fn produce(engine: Arc<dyn Engine>, produced: Arc<Produced>, worker: String, pace: Duration) {
+    while !produced.stop.load(Ordering::Relaxed) {
+        let flow = FlowId::new();
+        if engine.create_flow(&flow, None).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        for _ in 0..5 {
+            let spec = ExecutionSpec::new(&flow);
+            let _ = engine.create_execution(&spec).await;
+        }
+        for id in engine.claim(&worker, 5).await.unwrap_or_default() {
+            if let Ok(true) = engine.complete(&id).await {
+                produced.completed.lock().unwrap_or_else(|p| p.into_inner()).push(id);
+                produced.count.fetch_add(1, Ordering::Relaxed);
+            }
+            tokio::time::sleep(pace).await;
+        }
+    }
+}
+
+/// Waits until the group has `members` live members holding all partitions between them.
+pub async fn converged(store: &GroupStore, group: &str, members: usize, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(view) = store.view(group).await? {
+            let now = ff_completions::TimestampMs::now();
+            let mut held: HashMap<&str, usize> = HashMap::new();
+            for p in &view.partitions {
+                if let Some((owner, expires)) = &p.owner {
+                    if *expires > now {
+                        *held.entry(owner.as_str()).or_default() += 1;
+                    }
+                }
+            }
+            let total: usize = held.values().sum();
+            let fair = usize::from(PARTITION_COUNT).div_ceil(members);
+            // Members that join one after another settle near an even share (86/86/84 for three).
+            if held.len() == members
+                && total == usize::from(PARTITION_COUNT)
+                && held.values().all(|n| *n + members >= fair)
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("group {group} did not converge on {members} members: {held:?}, {total} held");
+            }
+        } else if Instant::now() > deadline {
+            anyhow::bail!("group {group} was never created");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What the effect rows show against what was committed.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    pub expected: usize,
+    pub effects: usize,
+    pub lost: usize,
+    pub duplicated: usize,
+    pub unexpected: usize,
+    pub out_of_order: usize,
+    pub by_member: BTreeMap<String, usize>,
+}
+
+impl Verdict {
+    pub fn ok(&self) -> bool {
+        self.lost + self.duplicated + self.unexpected + self.out_of_order == 0 && self.expected > 0
+    }
+}
+
+pub fn judge(expected: &[ExecutionId], effects: &[Effect]) -> Verdict {
+    let mut verdict = Verdict { expected: expected.len(), effects: effects.len(), ..Verdict::default() };
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut last_in_partition: HashMap<i64, &[u8]> = HashMap::new();
+    for effect in effects {
+        *seen.entry(effect.execution_id.as_str()).or_default() += 1;
+        *verdict.by_member.entry(effect.member.clone()).or_default() += 1;
+        if let Some(last) = last_in_partition.insert(effect.partition, effect.cursor.as_slice()) {
+            if last >= effect.cursor.as_slice() {
+                verdict.out_of_order += 1;
+            }
+        }
+    }
+    let wanted: std::collections::HashSet<String> = expected.iter().map(ToString::to_string).collect();
+    for id in &wanted {
+        match seen.get(id.as_str()) {
+            None => verdict.lost += 1,
+            Some(n) if *n > 1 => verdict.duplicated += n - 1,
+            Some(_) => {}
+        }
+    }
+    verdict.unexpected = seen.keys().filter(|id| !wanted.contains(**id)).count();
+    verdict
+}
+
+/// Waits until the effect rows cover every completion (or `timeout`), then judges them.
+pub async fn settle(db: &EffectDb, produced: &Produced, timeout: Duration) -> anyhow::Result<Verdict> {
+    let expected = produced.completed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let effects = db.effects().await?;
+        let verdict = judge(&expected, &effects);
+        if verdict.lost == 0 || Instant::now() > deadline {
+            // A little longer: a duplicate would arrive after the last first delivery.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            return Ok(judge(&expected, &db.effects().await?));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One backend with its producers, its effect rows and a view of the group.
+pub struct Run {
+    /// `postgres` or `sqlite`.
+    pub kind: &'static str,
+    /// Postgres URL or SQLite file.
+    pub at: String,
+    pub engine: Arc<dyn Engine>,
+    pub db: EffectDb,
+    pub store: GroupStore,
+    pub produced: Arc<Produced>,
+    producers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Run {
+    /// Connects to a Postgres URL or an SQLite file and creates the effect table.
+    pub async fn start(kind: &'static str, at: String) -> anyhow::Result<Self> {
+        let config = match kind {
+            "postgres" => BackendConfig::postgres(&at),
+            _ => BackendConfig::sqlite(&at),
+        };
+        let engine = connect_engine(&config).await?;
+        let db = EffectDb::connect(kind, &at).await?;
+        db.create_table().await?;
+        let store = GroupStore::open(&config).await?;
+        Ok(Self { kind, at, engine, db, store, produced: Arc::default(), producers: Vec::new() })
+    }
+
+    /// Starts `producers` producers, each completing one execution every `pace`.
+    pub fn produce(&mut self, producers: usize, pace: Duration) {
+        for i in 0..producers {
+            let (engine, produced) = (self.engine.clone(), self.produced.clone());
+            self.producers.push(tokio::spawn(produce(engine, produced, format!("producer-{i}"), pace)));
+        }
+    }
+
+    /// Stops the producers and waits for them.
+    pub async fn stop_producing(&mut self) {
+        self.produced.stop.store(true, Ordering::Relaxed);
+        for producer in self.producers.drain(..) {
+            let _ = producer.await;
+        }
+    }
+}

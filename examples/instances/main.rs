@@ -1,0 +1,263 @@
+//! Several engine instances sharing one promoter group, as OS processes. Each member is this
+//! binary started again (`instances member …`); it joins the durable group `promoter`, gets a
+//! share of the 256 flow partitions, and writes each completion's effect row in the same
+//! transaction as its acknowledgement. The parent produces completions, checks that every one
+//! was handled exactly once and in order within its partition, and with `--chaos` SIGKILLs a
+//! random member now and then and starts a new one, reporting how long each takeover took.
+//!
+//! ```text
+//! cargo run --release --example instances                          # 3 members, an SQLite file
+//! cargo run --release --example instances -- --chaos               # kill and replace members
+//! cargo run --release --example instances -- --backend postgres://postgres@127.0.0.1:5432/app
+//! cargo run --release --example instances -- --bench               # takeover and throughput figures
+//! ```
+
+mod group;
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use ff_completions::testing::{Ack, Position, Sharing};
+use ff_completions::{PARTITION_COUNT, TimestampMs};
+use rand::Rng;
+
+use group::{MemberProcess, Run, converged, settle};
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Three OS processes share one durable promoter group; --chaos kills and replaces them")]
+struct Args {
+    /// `sqlite` (a file in a temporary directory) or a `postgres://` URL.
+    #[arg(long, default_value = "sqlite")]
+    backend: String,
+    /// Member processes.
+    #[arg(long, default_value_t = 3)]
+    members: usize,
+    /// How long producers run.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// SIGKILL a random member every fifth of the run and start a new one a second later.
+    #[arg(long)]
+    chaos: bool,
+    /// The members' lease.
+    #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Measure instead: throughput with 1, 2 and 4 members, takeover after repeated kills, and
+    /// the cost of an acknowledgement.
+    #[arg(long)]
+    bench: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let raw: Vec<String> = std::env::args().collect();
+    if group::member_main(&raw) {
+        return Ok(());
+    }
+    let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(async {
+        let (_dir, kind, at) = backend(&args.backend)?;
+        if args.bench { bench(&args, kind, at).await } else { demo(&args, kind, at).await }
+    })
+}
+
+/// The backend: a temporary SQLite file, or the Postgres URL given.
+fn backend(arg: &str) -> anyhow::Result<(Option<tempfile::TempDir>, &'static str, String)> {
+    if arg == "sqlite" {
+        let dir = tempfile::tempdir()?;
+        let at = dir.path().join("instances.db").display().to_string();
+        Ok((Some(dir), "sqlite", at))
+    } else if arg.starts_with("postgres://") || arg.starts_with("postgresql://") {
+        Ok((None, "postgres", arg.to_owned()))
+    } else {
+        anyhow::bail!("--backend takes sqlite or a postgres:// URL")
+    }
+}
+
+/// A kill of a member and when its partitions were handled again by another.
+struct Takeover {
+    /// From the SIGKILL.
+    after_kill: Duration,
+    /// From the moment its last lease ran out.
+    after_expiry: Duration,
+}
+
+/// Kills a random member; returns its id, partitions, when it was killed and when its
+/// leases ran out.
+async fn kill_one(
+    run: &Run,
+    group: &str,
+    members: &mut Vec<(String, MemberProcess)>,
+) -> anyhow::Result<(String, Vec<i64>, TimestampMs, TimestampMs)> {
+    let victim = rand::rng().random_range(0..members.len());
+    let (id, process) = members.remove(victim);
+    let view = run.store.view(group).await?.unwrap_or_default();
+    let held: Vec<_> = view.partitions.iter().filter(|p| p.owner.as_ref().is_some_and(|(o, _)| *o == id)).collect();
+    let expires = held.iter().filter_map(|p| p.owner.as_ref().map(|(_, at)| *at)).max().unwrap_or_default();
+    let partitions = held.iter().map(|p| i64::from(p.partition)).collect();
+    let killed = TimestampMs::now();
+    process.kill9().await?;
+    Ok((id, partitions, killed, expires))
+}
+
+/// When another member first wrote an effect in `partitions` after `killed`.
+async fn takeover_of(
+    run: &Run,
+    victim: &str,
+    partitions: &[i64],
+    killed: TimestampMs,
+    expires: TimestampMs,
+) -> anyhow::Result<Option<Takeover>> {
+    let effects = run.db.effects().await?;
+    let first = effects
+        .iter()
+        .filter(|e| e.member != victim && e.done > killed && partitions.contains(&e.partition))
+        .map(|e| e.done)
+        .min();
+    Ok(first.map(|done| Takeover {
+        after_kill: Duration::from_millis(done.millis_since(killed)),
+        after_expiry: Duration::from_millis(done.millis_since(expires)),
+    }))
+}
+
+fn spawn_members(
+    run: &Run,
+    group: &str,
+    ids: impl IntoIterator<Item = String>,
+    ttl: Duration,
+) -> anyhow::Result<Vec<(String, MemberProcess)>> {
+    ids.into_iter()
+        .map(|id| MemberProcess::spawn(run, group, Some(&id), ttl, Duration::ZERO).map(|p| (id, p)))
+        .collect()
+}
+
+async fn demo(args: &Args, kind: &'static str, at: String) -> anyhow::Result<()> {
+    let mut run = Run::start(kind, at).await?;
+    let group = format!("promoter-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    println!("{} member processes share group {group} on {kind}", args.members);
+    let mut members = spawn_members(&run, &group, (0..args.members).map(|i| format!("m{i}")), args.ttl)?;
+    converged(&run.store, &group, args.members, Duration::from_secs(60)).await?;
+    let started = Instant::now();
+    run.produce(2, Duration::ZERO);
+    let mut next_id = args.members;
+    let mut takeovers = Vec::new();
+    while started.elapsed() < args.duration {
+        tokio::time::sleep(args.duration / 5).await;
+        if !args.chaos || started.elapsed() >= args.duration || members.len() < 2 {
+            continue;
+        }
+        let (victim, partitions, killed, expires) = kill_one(&run, &group, &mut members).await?;
+        println!("  SIGKILL {victim} (held {} partitions)", partitions.len());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let id = format!("m{next_id}");
+        next_id += 1;
+        members.extend(spawn_members(&run, &group, [id.clone()], args.ttl)?);
+        println!("  started {id}");
+        takeovers.push((victim, partitions, killed, expires));
+    }
+    run.stop_producing().await;
+    let produced_for = started.elapsed();
+    let verdict = settle(&run.db, &run.produced, Duration::from_secs(60)).await?;
+    println!(
+        "{} completions in {produced_for:.1?}: effects {} (lost {}, duplicated {}, out of order {}, unexpected {}); by member {:?}",
+        verdict.expected,
+        verdict.effects,
+        verdict.lost,
+        verdict.duplicated,
+        verdict.out_of_order,
+        verdict.unexpected,
+        verdict.by_member
+    );
+    for (victim, partitions, killed, expires) in &takeovers {
+        match takeover_of(&run, victim, partitions, *killed, *expires).await? {
+            Some(t) => println!(
+                "  takeover of {victim}'s partitions: {:?} after the kill, {:?} after its leases ran out",
+                t.after_kill, t.after_expiry
+            ),
+            None => println!("  takeover of {victim}'s partitions: no later completion in them"),
+        }
+    }
+    anyhow::ensure!(verdict.ok(), "the group did not handle every completion exactly once, in order");
+    println!("every completion was handled exactly once, in order within its partition");
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted.get(i).copied().unwrap_or_default()
+}
+
+async fn bench(args: &Args, kind: &'static str, at: String) -> anyhow::Result<()> {
+    let window = Duration::from_secs(8);
+    println!("throughput on {kind}: 2 producers, effect and ack in one transaction, {window:?} per run");
+    let mut base = None;
+    for members in [1usize, 2, 4] {
+        let mut run = Run::start(kind, at.clone()).await?;
+        let group = format!("bench-{members}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let processes = spawn_members(&run, &group, (0..members).map(|i| format!("b{i}")), args.ttl)?;
+        converged(&run.store, &group, members, Duration::from_secs(60)).await?;
+        let before = run.db.effects().await?.len();
+        run.produce(2, Duration::ZERO);
+        tokio::time::sleep(window).await;
+        run.stop_producing().await;
+        let verdict = settle(&run.db, &run.produced, Duration::from_secs(60)).await?;
+        let rate = (verdict.effects.saturating_sub(before)) as f64 / window.as_secs_f64();
+        let ratio = rate / *base.get_or_insert(rate);
+        println!(
+            "  {members} member(s): {rate:>7.0} completions/s handled ({ratio:.2}x of 1 member), exactly once: {}",
+            verdict.ok()
+        );
+        drop(processes);
+    }
+
+    println!("takeover after SIGKILL: 3 members, lease {:?}, 2 producers", args.ttl);
+    let mut run = Run::start(kind, at.clone()).await?;
+    let group = format!("takeover-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut members = spawn_members(&run, &group, (0..3).map(|i| format!("t{i}")), args.ttl)?;
+    converged(&run.store, &group, 3, Duration::from_secs(60)).await?;
+    run.produce(2, Duration::from_millis(2));
+    let (mut after_kill, mut after_expiry) = (Vec::new(), Vec::new());
+    for round in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (victim, partitions, killed, expires) = kill_one(&run, &group, &mut members).await?;
+        tokio::time::sleep(args.ttl + Duration::from_secs(1)).await;
+        if let Some(t) = takeover_of(&run, &victim, &partitions, killed, expires).await? {
+            after_kill.push(t.after_kill);
+            after_expiry.push(t.after_expiry);
+        }
+        members.extend(spawn_members(&run, &group, [format!("t{}", round + 3)], args.ttl)?);
+        converged(&run.store, &group, 3, Duration::from_secs(60)).await?;
+    }
+    run.stop_producing().await;
+    after_kill.sort();
+    after_expiry.sort();
+    println!(
+        "  {} kills: after the kill p50 {:?} p99 {:?}; after the lease ran out p50 {:?} p99 {:?}",
+        after_kill.len(),
+        percentile(&after_kill, 0.5),
+        percentile(&after_kill, 0.99),
+        percentile(&after_expiry, 0.5),
+        percentile(&after_expiry, 0.99)
+    );
+    drop(members);
+
+    let n = 500;
+    let group = format!("ack-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let leases = run.store.heartbeat(&group, "a", Duration::from_secs(60), Sharing::Exclusive, true).await?;
+    let token = leases.first().map(|l| l.token).unwrap_or_default();
+    let started = Instant::now();
+    for i in 0..n {
+        let partition = (i % usize::from(PARTITION_COUNT)) as u16;
+        let position = Position { lane: 0, major: u64::MAX >> 2, hi: 1, lo: i as u64 };
+        run.store.ack(&group, "a", &[Ack { partition, token, position }]).await?;
+    }
+    let per_ack = started.elapsed() / n as u32;
+    let started = Instant::now();
+    for _ in 0..n {
+        run.store.view(&group).await?;
+    }
+    let per_view = started.elapsed() / n as u32;
+    println!(
+        "cost per ack on {kind}: {per_ack:?} per acknowledgement round trip ({:.2}x a read of the group's 256 partitions)",
+        per_ack.as_secs_f64() / per_view.as_secs_f64()
+    );
+    Ok(())
+}
