@@ -1,0 +1,184 @@
+//! Durable subscriptions and groups through the public surface: resume from the stored
+//! position with nothing kept by the engine, members splitting the partitions, acknowledgement
+//! after delivery, stats and bad input. Written once and run by each backend's module (see
+//! [`durable_tests`]); the OS-process scenarios (SIGKILL, SIGSTOP) are in `tests/groups`.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use ff_completions::testing::GroupStore;
+use ff_completions::{
+    BackendConfig, CompletionEvent, DurableRequest, DurableSubscription, EngineError, ExecutionId, PARTITION_COUNT,
+    StreamCursor, SubscribeRequest,
+};
+
+use crate::contract::{QUIET, WAIT, complete_n, fixture};
+use crate::support::{assert_exactly_once, assert_no_more, take_events, wait_until};
+
+/// Declares, in the calling module, one test per durable-subscription promise, each run
+/// against what the module's `async fn contract_backend() -> (impl Sized, BackendConfig)`
+/// returns.
+macro_rules! durable_tests {
+    () => {
+        $crate::durable::durable_tests! { @each
+            a_durable_subscription_resumes_after_its_last_ack_with_nothing_kept_by_the_engine;
+            two_members_of_a_group_split_the_partitions_and_each_completion_reaches_one_of_them;
+            ack_after_delivery_acknowledges_what_the_consumer_moved_past;
+            stats_show_the_members_their_partitions_and_what_is_unacknowledged;
+            bad_names_and_acks_of_cursors_never_delivered_are_validation_errors_and_write_nothing;
+        }
+    };
+    (@each $($name:ident;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let (_guard, backend) = contract_backend().await;
+            $crate::durable::$name(backend).await;
+        }
+    )*};
+}
+pub(crate) use durable_tests;
+
+const TTL: Duration = Duration::from_millis(1500);
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Completes `n` executions, each of its own flow (so they spread over the partitions).
+async fn complete_spread(engine: &dyn ff_completions::Engine, n: usize) -> Vec<ExecutionId> {
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        ids.extend(complete_n(engine, 1).await);
+    }
+    ids
+}
+
+/// Waits until the subscription holds `n` partitions.
+async fn holding(sub: &DurableSubscription, n: usize) {
+    wait_until(WAIT, &format!("{} holds {n} partitions", sub.member()), || async { sub.partitions().len() == n }).await;
+}
+
+pub async fn a_durable_subscription_resumes_after_its_last_ack_with_nothing_kept_by_the_engine(
+    backend: BackendConfig,
+) {
+    let f = fixture(backend, |c| c).await;
+    let name = unique("resume");
+    let mut first = f.tree.subscribe_durable(SubscribeRequest::durable(&name).with_lease_ttl(TTL)).await.expect("subscribe");
+    holding(&first, usize::from(PARTITION_COUNT)).await;
+    let ids = complete_n(f.engine.as_ref(), 6).await;
+    let got = take_events(&mut first, 6, WAIT).await;
+    assert_exactly_once(&got, &ids, true);
+    first.ack(&got[2].cursor).await.expect("ack the third");
+    drop(first);
+
+    // A new subscriber under the name: nothing but the name is carried over.
+    let mut second =
+        f.tree.subscribe_durable(SubscribeRequest::durable(&name).with_lease_ttl(TTL)).await.expect("subscribe again");
+    let rest = take_events(&mut second, 3, WAIT).await;
+    assert_exactly_once(&rest, &ids[3..], true);
+    assert_no_more(&mut second, QUIET).await;
+}
+
+pub async fn two_members_of_a_group_split_the_partitions_and_each_completion_reaches_one_of_them(
+    backend: BackendConfig,
+) {
+    let f = fixture(backend, |c| c).await;
+    let group = unique("split");
+    let request = |member: &str| DurableRequest::group(&group).with_member(member).with_lease_ttl(TTL);
+    let mut a = f.tree.subscribe_durable(request("a")).await.expect("a");
+    holding(&a, 256).await;
+    let mut b = f.tree.subscribe_durable(request("b")).await.expect("b");
+    wait_until(WAIT, "a and b hold 128 each", || async { a.partitions().len() == 128 && b.partitions().len() == 128 })
+        .await;
+    let (held_a, held_b): (HashSet<u16>, HashSet<u16>) =
+        (a.partitions().into_iter().collect(), b.partitions().into_iter().collect());
+    assert!(held_a.is_disjoint(&held_b), "a partition held twice");
+
+    let ids = complete_spread(f.engine.as_ref(), 40).await;
+    let (in_a, in_b): (Vec<ExecutionId>, Vec<ExecutionId>) =
+        ids.iter().partition(|id| held_a.contains(&id.partition()));
+    let got_a = take_events(&mut a, in_a.len(), WAIT).await;
+    let got_b = take_events(&mut b, in_b.len(), WAIT).await;
+    assert_exactly_once(&got_a, &in_a, false);
+    assert_exactly_once(&got_b, &in_b, false);
+    assert_no_more(&mut a, QUIET).await;
+    assert_no_more(&mut b, QUIET).await;
+}
+
+pub async fn ack_after_delivery_acknowledges_what_the_consumer_moved_past(backend: BackendConfig) {
+    let f = fixture(backend, |c| c).await;
+    let name = unique("auto");
+    let request = || SubscribeRequest::durable(&name).with_lease_ttl(TTL).with_ack_after_delivery();
+    let mut first = f.tree.subscribe_durable(request()).await.expect("subscribe");
+    holding(&first, 256).await;
+    let ids = complete_n(f.engine.as_ref(), 4).await;
+    take_events(&mut first, 4, WAIT).await;
+    // Asking for a fifth marks the fourth handled; the flush writes it.
+    assert_no_more(&mut first, QUIET).await;
+    let stats = first.stats().await.expect("stats");
+    assert_eq!(stats.partitions.iter().filter_map(|p| p.unacked).sum::<usize>(), 0, "{stats:?}");
+    drop(first);
+
+    let mut second = f.tree.subscribe_durable(request()).await.expect("subscribe again");
+    holding(&second, 256).await;
+    assert_no_more(&mut second, QUIET).await;
+    let more = complete_n(f.engine.as_ref(), 2).await;
+    let got = take_events(&mut second, 2, WAIT).await;
+    assert_exactly_once(&got, &more, true);
+    assert!(!got.iter().any(|e| ids.contains(&e.execution_id)));
+}
+
+pub async fn stats_show_the_members_their_partitions_and_what_is_unacknowledged(backend: BackendConfig) {
+    let f = fixture(backend, |c| c).await;
+    let group = unique("stats");
+    let mut a =
+        f.tree.subscribe_durable(DurableRequest::group(&group).with_member("a").with_lease_ttl(TTL)).await.expect("a");
+    holding(&a, 256).await;
+    let ids = complete_n(f.engine.as_ref(), 3).await;
+    let got: Vec<CompletionEvent> = take_events(&mut a, 3, WAIT).await;
+    let partition = ids[0].partition();
+    let stats = a.stats().await.expect("stats");
+    assert_eq!((stats.group.as_str(), stats.member.as_str()), (group.as_str(), "a"));
+    assert_eq!(stats.members.len(), 1);
+    assert_eq!((stats.members[0].member.as_str(), stats.members[0].partitions), ("a", 256));
+    let row = &stats.partitions[usize::from(partition)];
+    assert_eq!((row.owner.as_deref(), row.unacked), (Some("a"), Some(3)), "{row:?}");
+    a.ack(&got[2].cursor).await.expect("ack");
+    let row = a.stats().await.expect("stats").partitions[usize::from(partition)].clone();
+    assert_eq!(row.unacked, Some(0), "{row:?}");
+}
+
+pub async fn bad_names_and_acks_of_cursors_never_delivered_are_validation_errors_and_write_nothing(
+    backend: BackendConfig,
+) {
+    let f = fixture(backend.clone(), |c| c).await;
+    let store = GroupStore::open(&backend).await.expect("store");
+    let too_long = "g".repeat(65);
+    for (request, name) in [
+        (SubscribeRequest::durable(&too_long), too_long.clone()),
+        (SubscribeRequest::durable("a\0b"), "a\0b".to_owned()),
+        (DurableRequest::group("ok-name").with_member("m\0"), "ok-name".to_owned()),
+    ] {
+        let err = f.tree.subscribe_durable(request).await.expect_err("refused");
+        assert!(matches!(err, EngineError::Validation { .. }), "{err:?}");
+        if name.chars().count() <= 64 && !name.contains('\0') {
+            assert_eq!(store.view(&name).await.expect("view"), None, "nothing was created for {name:?}");
+        }
+    }
+
+    let name = unique("never");
+    let mut sub = f.tree.subscribe_durable(SubscribeRequest::durable(&name).with_lease_ttl(TTL)).await.expect("subscribe");
+    holding(&sub, 256).await;
+    let ids = complete_n(f.engine.as_ref(), 1).await;
+    let got = take_events(&mut sub, 1, WAIT).await;
+    assert_eq!(got[0].execution_id, ids[0]);
+    let before = store.view(&name).await.expect("view");
+    let never = [StreamCursor::new(vec![0x03, 0, 0, 0, 0, 0, 0, 0x7f, 0xff]), StreamCursor::from_hex("01ff").expect("hex")];
+    for cursor in &never {
+        assert!(matches!(sub.ack(cursor).await, Err(EngineError::Validation { .. })), "{cursor}");
+        assert!(matches!(sub.ticket(cursor), Err(EngineError::Validation { .. })), "{cursor}");
+    }
+    assert_eq!(store.view(&name).await.expect("view"), before, "nothing was written");
+    sub.ack(&got[0].cursor).await.expect("the delivered one acknowledges");
+    assert!(matches!(sub.ack(&got[0].cursor).await, Err(EngineError::Validation { .. })), "already acknowledged");
+}
