@@ -29,6 +29,15 @@ impl GroupStore {
         Ok(Self { source: crate::backends::open_source(config).await? })
     }
 
+    /// The backend's tail, where a new group starts: one position per lane it names (Postgres
+    /// and SQLite name lane 0 only; on Valkey a lane is a partition's stream).
+    ///
+    /// # Errors
+    /// As the backend's `tail`.
+    pub async fn tail(&self) -> Result<Vec<Position>, crate::EngineError> {
+        Ok(self.source.tail().await?.positions().to_vec())
+    }
+
     /// One heartbeat of `member` (a new group starts at the backend's tail).
     ///
     /// # Errors

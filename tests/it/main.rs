@@ -8,6 +8,9 @@ mod contract;
 #[allow(dead_code)]
 mod families;
 
+#[allow(dead_code)]
+mod groups;
+
 #[cfg(feature = "postgres")]
 mod postgres;
 

@@ -26,6 +26,13 @@ contract::contract_tests!(foreign cursors: vec![encode_valkey_cursor(1, 2), enco
 
 crate::families::family_tests!();
 
+/// The durable-group store's promises ([`crate::groups::group_store_tests`]).
+mod groups {
+    use super::contract_backend;
+
+    crate::groups::group_store_tests!();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_in_memory_database_round_trips() {
     init_tracing();

@@ -27,6 +27,7 @@ use crate::support::{
 mod cursors;
 mod delivery;
 mod families;
+mod groups;
 mod outages;
 mod reads;
 mod retention;
