@@ -17,13 +17,7 @@ contract::contract_tests!(
 
 crate::families::family_tests!();
 
-super::groups_scratch::scratch!(
-    first_member_holds_everything_at_the_tail_with_token_one,
-    members_share_evenly,
-    a_silent_member_loses_its_partitions_with_token_up_and_acked_kept,
-    acks_move_up_only_and_a_fenced_batch_writes_nothing,
-    exclusive_rejoin_bumps_and_leave_frees
-);
+crate::groups::group_store_tests!();
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_land_in_their_flow_s_slot_on_its_primary_and_arrive_in_order_per_partition() {

@@ -28,7 +28,6 @@ mod cluster;
 mod delivery;
 mod families;
 mod groups;
-mod groups_scratch;
 mod library;
 mod outages;
 mod partitions;
@@ -47,13 +46,7 @@ contract::contract_tests!(
 
 crate::families::family_tests!();
 
-groups_scratch::scratch!(
-    first_member_holds_everything_at_the_tail_with_token_one,
-    members_share_evenly,
-    a_silent_member_loses_its_partitions_with_token_up_and_acked_kept,
-    acks_move_up_only_and_a_fenced_batch_writes_nothing,
-    exclusive_rejoin_bumps_and_leave_frees
-);
+crate::groups::group_store_tests!();
 
 /// Quick restarts for tests that break connections on purpose.
 fn impatient(config: BackendConfig) -> BackendConfig {
