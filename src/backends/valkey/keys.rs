@@ -92,14 +92,11 @@ mod tests {
     /// The hash tag as the cluster computes it: the text between the first `{` and the next
     /// `}`, when not empty; else the whole key.
     fn hash_tag(key: &str) -> &str {
-        if let Some(open) = key.find('{') {
-            if let Some(len) = key[open + 1..].find('}') {
-                if len > 0 {
-                    return &key[open + 1..open + 1 + len];
-                }
-            }
+        let open = key.find('{').map_or(key.len(), |i| i + 1);
+        match key[open..].find('}') {
+            Some(len) if len > 0 => &key[open..open + len],
+            _ => key,
         }
-        key
     }
 
     #[test]
