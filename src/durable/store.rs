@@ -35,10 +35,13 @@
 use std::time::Duration;
 
 use crate::cursor::{Frontier, Position};
+use crate::error::EngineError;
 use crate::types::{PARTITION_COUNT, TimestampMs};
 
 /// How a member shares its group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+// Chosen by `testing::GroupStore`'s callers until the durable member task chooses it.
+#[cfg_attr(not(feature = "testing"), allow(dead_code))]
 pub enum Sharing {
     /// One consumer holds every partition; a new incarnation of the member takes them over
     /// at once, fencing the previous one.
@@ -115,9 +118,9 @@ pub struct PartitionView {
 }
 
 /// How many partitions a member should hold with `live` members (itself included): the
-/// ceiling of an even share, so every partition has a holder. (The Valkey library computes
-/// the same in Lua, beside the data; stores written in Rust call this.)
-#[allow(dead_code)]
+/// ceiling of an even share, so every partition has a holder.
+// The SQL function and the Lua library compute it beside the data; the SQLite store calls it.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 pub(crate) fn fair_share(live: usize) -> usize {
     let partitions = usize::from(PARTITION_COUNT);
     partitions.div_ceil(live.max(1))
@@ -128,11 +131,78 @@ pub(crate) const MAX_NAME_CHARS: usize = 64;
 
 /// Checks a group name or member id: 1 to 64 characters, no control characters (NUL
 /// included). It is stored by the backend and used as a metrics label.
-pub(crate) fn check_name(what: &str, name: &str) -> Result<(), crate::error::EngineError> {
+pub(crate) fn check_name(what: &str, name: &str) -> Result<(), EngineError> {
     if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
-        return Err(crate::error::EngineError::validation(format!(
+        return Err(EngineError::validation(format!(
             "{what} {name:?} must be 1 to {MAX_NAME_CHARS} characters without control characters"
         )));
     }
     Ok(())
+}
+
+/// The longest lease a heartbeat may ask for.
+pub(crate) const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Checks the group name and member id every operation names: each backend's operations call
+/// it first, before they touch anything.
+#[cfg_attr(not(any(feature = "postgres", feature = "sqlite", feature = "valkey")), allow(dead_code))]
+pub(crate) fn check_member(group: &str, member: &str) -> Result<(), EngineError> {
+    check_name("group name", group)?;
+    check_name("member id", member)
+}
+
+/// Checks a heartbeat ([`check_member`], and a ttl from 1 ms to [`MAX_TTL`]); returns its ttl
+/// in whole milliseconds.
+#[cfg_attr(not(any(feature = "postgres", feature = "sqlite", feature = "valkey")), allow(dead_code))]
+pub(crate) fn check_heartbeat(beat: &Heartbeat<'_>) -> Result<u64, EngineError> {
+    check_member(beat.group, beat.member)?;
+    if beat.ttl < Duration::from_millis(1) || beat.ttl > MAX_TTL {
+        return Err(EngineError::validation(format!("a lease ttl of {:?} is outside 1 ms to {MAX_TTL:?}", beat.ttl)));
+    }
+    Ok(beat.ttl.as_millis() as u64)
+}
+
+/// A position's `(major, hi, lo)` as SQL bigints; a word above `i64::MAX` is a validation error
+/// (never wrapped into a negative, which would compare below every stored position).
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) fn sql_words(p: Position) -> Result<[i64; 3], EngineError> {
+    let word = |w: u64| {
+        i64::try_from(w).map_err(|_| EngineError::validation(format!("position {p:?} does not fit the SQL store")))
+    };
+    Ok([word(p.major)?, word(p.hi)?, word(p.lo)?])
+}
+
+/// The position of stored `(major, hi, lo)` bigints (lane 0).
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) fn from_sql_words(major: i64, hi: i64, lo: i64) -> Position {
+    Position::with_major(major.max(0) as u64, hi.max(0) as u64, lo.max(0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fair_shares_cover_every_partition() {
+        assert_eq!([1, 2, 3, 255, 256, 300].map(fair_share), [256, 128, 86, 2, 1, 1]);
+        assert_eq!(fair_share(0), 256, "no live member counts as one");
+    }
+
+    #[test]
+    fn names_of_1_to_64_characters_without_control_characters_pass() {
+        assert!(check_name("group", &"é".repeat(64)).is_ok());
+        for bad in [String::new(), "x".repeat(65), "a\0b".into(), "a\nb".into()] {
+            assert!(matches!(check_name("group", &bad), Err(EngineError::Validation { .. })), "{bad:?}");
+        }
+    }
+
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    #[test]
+    fn sql_words_refuse_a_word_above_i64_max_and_round_trip_the_rest() {
+        let p = Position::with_major(1, i64::MAX as u64, 0);
+        let [major, hi, lo] = sql_words(p).expect("fits");
+        assert_eq!(from_sql_words(major, hi, lo), p);
+        let over = Position::with_major(0, 0, i64::MAX as u64 + 1);
+        assert!(matches!(sql_words(over), Err(EngineError::Validation { .. })));
+    }
 }

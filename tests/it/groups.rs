@@ -21,6 +21,7 @@ macro_rules! group_store_tests {
         $crate::groups::group_store_tests! { @each
             a_new_groups_first_member_holds_every_partition_at_the_tail_with_token_one;
             two_then_three_members_share_the_partitions_disjointly_and_evenly;
+            eight_members_heartbeating_at_once_on_a_new_group_all_succeed_and_settle_at_32_each;
             a_silent_members_partitions_are_taken_over_after_its_ttl_with_the_next_token_and_its_acks;
             acks_move_up_never_down_and_a_batch_with_one_fenced_entry_writes_nothing;
             a_member_whose_lease_was_taken_over_is_fenced_and_changes_nothing;
@@ -42,7 +43,7 @@ macro_rules! group_store_tests {
 pub(crate) use group_store_tests;
 
 /// How long a lease lasts in these tests.
-pub const TTL: Duration = Duration::from_millis(600);
+pub const TTL: Duration = Duration::from_millis(800);
 
 /// Every flow partition.
 pub const PARTITIONS: u16 = ff_completions::PARTITION_COUNT;
@@ -189,6 +190,33 @@ pub async fn two_then_three_members_share_the_partitions_disjointly_and_evenly(b
     let moved: Vec<&Lease> = three[1].iter().chain(&three[2]).collect();
     assert!(moved.iter().all(|l| l.token >= 2), "tokens of partitions that changed hands");
     assert!(three[0].iter().all(|l| l.token == 1), "the first member kept its first partitions");
+}
+
+pub async fn eight_members_heartbeating_at_once_on_a_new_group_all_succeed_and_settle_at_32_each(
+    backend: BackendConfig,
+) {
+    let group = group_name("crowd");
+    let members: Vec<String> = (0..8).map(|i| format!("m{i}")).collect();
+    let tasks: Vec<_> = members
+        .iter()
+        .map(|member| {
+            let (backend, group, member) = (backend.clone(), group.clone(), member.clone());
+            tokio::spawn(async move {
+                let store = open(&backend).await;
+                for _ in 0..5 {
+                    beat(&store, &group, &member).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("a member's heartbeats");
+    }
+    let store = open(&backend).await;
+    let names: Vec<&str> = members.iter().map(String::as_str).collect();
+    let settled = rounds(&store, &group, &names, 3).await;
+    assert_disjoint_and_covering(&settled);
+    assert!(settled.iter().all(|l| l.len() == 32), "{:?}", settled.iter().map(Vec::len).collect::<Vec<_>>());
 }
 
 pub async fn a_silent_members_partitions_are_taken_over_after_its_ttl_with_the_next_token_and_its_acks(
@@ -358,4 +386,60 @@ pub async fn bad_group_names_and_member_ids_are_validation_errors_before_any_wri
     // The longest name is accepted.
     assert_eq!(beat(&store, &longest, "a").await.len(), usize::from(PARTITIONS));
     assert_validation(store.view(&too_long).await, "the name one character longer");
+}
+
+/// SQL stores keep positions as bigints: a word above `i64::MAX` is refused, never wrapped.
+pub async fn a_position_above_i64_max_is_a_validation_error_and_changes_nothing(backend: BackendConfig) {
+    let store = open(&backend).await;
+    let group = group_name("huge");
+    let leases = beat(&store, &group, "a").await;
+    let before = view(&store, &group).await;
+    let fits = Ack { partition: leases[0].partition, token: leases[0].token, position: above(leases[0].acked, 1) };
+    let huge = Ack { position: Position { lo: i64::MAX as u64 + 1, ..leases[1].acked }, ..fits };
+    let huge = Ack { partition: leases[1].partition, token: leases[1].token, ..huge };
+    assert_validation(store.ack(&group, "a", &[fits, huge]).await, "an ack above i64::MAX");
+    assert_eq!(view(&store, &group).await.partitions, before.partitions, "nothing was written");
+}
+
+/// An effect row and an ack in the caller's own transaction, as the SQL stores' `ack_in` serves
+/// it: what a test needs to say about the transaction.
+pub struct InTransaction {
+    /// The ack went through.
+    pub acked: Result<(), EngineError>,
+    /// The effect row is there after the transaction committed (or rolled back on an error).
+    pub effect_kept: bool,
+}
+
+/// The promise both SQL backends keep for an ack in the caller's transaction: not fenced, the
+/// effect and the position commit together; fenced, the transaction rolls back and neither is
+/// written. `in_tx(group, acks, effect id)` runs an effect insert and `ack_in` in one
+/// transaction, committing on success and rolling back on an error.
+pub async fn assert_ack_in_transaction_commits_or_rolls_back_with_the_effect<F, Fut>(store: &GroupStore, mut in_tx: F)
+where
+    F: FnMut(String, Vec<Ack>, i64) -> Fut,
+    Fut: std::future::Future<Output = InTransaction>,
+{
+    let group = group_name("tx");
+    let first = beat_as(store, &group, "a", Sharing::Shared, true).await;
+    let lease = first[0];
+    let good = Ack { partition: lease.partition, token: lease.token, position: above(lease.acked, 5) };
+    let done = in_tx(group.clone(), vec![good], 1).await;
+    done.acked.expect("an ack of a held partition");
+    assert!(done.effect_kept, "the effect committed with the ack");
+    assert_eq!(tokens_and_acks(&view(store, &group).await)[&lease.partition], (lease.token, good.position));
+
+    // A newer incarnation fences the old token: the effect is rolled back with the ack.
+    let second = beat_as(store, &group, "a", Sharing::Shared, true).await;
+    let before = view(store, &group).await;
+    let stale = Ack { position: above(lease.acked, 9), ..good };
+    let done = in_tx(group.clone(), vec![stale], 2).await;
+    assert_fenced(done.acked, "an ack with the old token in the caller's transaction");
+    assert!(!done.effect_kept, "the effect rolled back with the fenced ack");
+    assert_eq!(view(store, &group).await.partitions, before.partitions, "nothing of the ack was written");
+
+    let fresh = Ack { token: second[0].token, ..stale };
+    let done = in_tx(group.clone(), vec![fresh], 3).await;
+    done.acked.expect("an ack with the new token");
+    assert!(done.effect_kept);
+    assert_eq!(tokens_and_acks(&view(store, &group).await)[&lease.partition], (second[0].token, fresh.position));
 }

@@ -17,7 +17,9 @@ use super::keys;
 use super::library::fcall;
 use super::stream::{format_id, parse_id, text};
 use crate::cursor::Position;
-use crate::durable::store::{Ack, GroupView, Heartbeat, Lease, PartitionView, Sharing, check_name};
+use crate::durable::store::{
+    Ack, GroupView, Heartbeat, Lease, PartitionView, Sharing, check_heartbeat, check_member, check_name,
+};
 use crate::error::EngineError;
 use crate::types::{PARTITION_COUNT, TimestampMs};
 
@@ -59,19 +61,12 @@ fn id(function: &'static str, v: &Value) -> Result<Position, EngineError> {
 /// One heartbeat (see [`crate::durable::store`]): the leases the member holds afterwards.
 ///
 /// # Errors
-/// [`EngineError::Validation`] for a bad name, a ttl under 1 ms or a start position of 2^53 or more;
+/// [`EngineError::Validation`] for a bad name, a ttl outside 1 ms to a day or a start position with a
+/// word of 2^53 or more;
 /// connection failures as the library's other calls.
 pub(super) async fn heartbeat(client: &Client, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, EngineError> {
     const F: &str = "ff_group_heartbeat";
-    check_name("group", beat.group)?;
-    check_name("member", beat.member)?;
-    let ttl = u64::try_from(beat.ttl.as_millis()).unwrap_or(u64::MAX);
-    if ttl == 0 || ttl >= EXACT {
-        return Err(EngineError::validation(format!(
-            "a group lease's ttl must be 1 ms to 2^53 ms (excluded), not {:?}",
-            beat.ttl
-        )));
-    }
+    let ttl = check_heartbeat(beat)?;
     let sharing = match beat.sharing {
         Sharing::Exclusive => "exclusive",
         Sharing::Shared => "shared",
@@ -102,8 +97,7 @@ pub(super) async fn heartbeat(client: &Client, beat: &Heartbeat<'_>) -> Result<V
 /// token; connection failures as the library's other calls.
 pub(super) async fn ack(client: &Client, group: &str, member: &str, acks: &[Ack]) -> Result<(), EngineError> {
     const F: &str = "ff_group_ack";
-    check_name("group", group)?;
-    check_name("member", member)?;
+    check_member(group, member)?;
     let mut args = vec![member.to_owned()];
     for a in acks {
         if a.partition >= PARTITION_COUNT {
@@ -128,8 +122,7 @@ pub(super) async fn ack(client: &Client, group: &str, member: &str, acks: &[Ack]
 /// # Errors
 /// [`EngineError::Validation`] for bad names; connection failures as the library's other calls.
 pub(super) async fn leave(client: &Client, group: &str, member: &str) -> Result<(), EngineError> {
-    check_name("group", group)?;
-    check_name("member", member)?;
+    check_member(group, member)?;
     let _freed: i64 = fcall(client, "ff_group_leave", &keys::group(group), &[member]).await?;
     Ok(())
 }
@@ -140,7 +133,7 @@ pub(super) async fn leave(client: &Client, group: &str, member: &str) -> Result<
 /// [`EngineError::Validation`] for a bad name; connection failures as the library's other calls.
 pub(super) async fn view(client: &Client, group: &str) -> Result<Option<GroupView>, EngineError> {
     const F: &str = "ff_group_view";
-    check_name("group", group)?;
+    check_name("group name", group)?;
     let no_args: &[&str] = &[];
     let reply: Value = fcall(client, F, &keys::group(group), no_args).await?;
     if matches!(reply, Value::Nil) {
