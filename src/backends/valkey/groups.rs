@@ -8,8 +8,6 @@
 //! compares ids as Lua numbers (doubles), exact below 2^53: stream ids' milliseconds are far
 //! below that, and so is any sequence a stream reaches in practice; larger words are refused
 //! here as [`EngineError::Validation`] before anything is sent.
-// Until durable subscriptions drive the store, only `testing::GroupStore` calls it.
-#![cfg_attr(not(feature = "testing"), allow(dead_code))]
 
 use ferriskey::{Client, Value};
 
