@@ -47,8 +47,22 @@
 --   ff:completions:{fp:N}            stream  partition N's completions
 --   ff:completions                   stream  the single stream of versions 1 and 2, still read
 --                                          (never written) until it is empty
+--
+-- Durable groups (the rules are in src/durable/store.rs). A group's keys share the hash tag
+-- `{g:<name>}` (never empty, so even a name with braces keeps all of them in one slot; the
+-- tag is the text up to the first `}` of the name when it has one):
+--   ff:group:{g:<name>}:members      zset  member id -> lease expiry (ms); expired ones are
+--                                          removed by the next heartbeat
+--   ff:group:{g:<name>}:owner        hash  partition -> holder (absent when free)
+--   ff:group:{g:<name>}:expiry       hash  partition -> its holder's lease expiry (ms)
+--   ff:group:{g:<name>}:token        hash  partition -> fencing token (all 256 from creation)
+--   ff:group:{g:<name>}:acked        hash  partition -> acknowledged stream id `ms-seq` of that
+--                                          partition's stream (all 256 from creation; the
+--                                          group exists while this key does)
+-- Positions are compared as numbers (ms, then seq), exact below 2^53: the Rust side refuses
+-- larger words before calling, and the library refuses them too.
 
-local VERSION = '5'
+local VERSION = '6'
 local CHANNEL = 'ff:dag:completions'
 local FAMILY_CHANNEL = '{ff:dag:completions}:families'
 local TERMINAL = { success = true, failed = true, cancelled = true, expired = true, skipped = true }
@@ -610,6 +624,206 @@ local function ff_read_streams(keys, args)
   return { share, lanes }
 end
 
+-- Durable groups -----------------------------------------------------------------------------
+
+local GROUP_PARTITIONS = 256
+local EXACT = 2 ^ 53
+
+-- A group's keys: KEYS <members> <owner> <expiry> <token> <acked>; or nil and the error.
+local function group_of(keys)
+  if #keys ~= 5 then return nil, invalid('expected 5 group keys, got ' .. #keys) end
+  return { members = keys[1], owner = keys[2], expiry = keys[3], token = keys[4], acked = keys[5] }
+end
+
+-- A member id: 1 to 256 bytes (64 characters of UTF-8), no ASCII control character.
+local function valid_member(m)
+  return type(m) == 'string' and #m > 0 and #m <= 256 and not string.find(m, '[%z\1-\31\127]')
+end
+
+-- `ms-seq` as {ms, seq} numbers, or nil when malformed or a word is 2^53 or more (a double
+-- holds every integer below exactly, so a larger text cannot round below the bound).
+local function parse_pos(text)
+  if type(text) ~= 'string' then return nil end
+  local ms, seq = string.match(text, '^(%d+)%-(%d+)$')
+  if not ms or #ms > 16 or #seq > 16 then return nil end
+  local m, q = tonumber(ms), tonumber(seq)
+  if m >= EXACT or q >= EXACT then return nil end
+  return { m, q }
+end
+
+-- Position `a` is after position `b`, compared as numbers.
+local function pos_after(a, b)
+  if a[1] ~= b[1] then return a[1] > b[1] end
+  return a[2] > b[2]
+end
+
+-- An integral number as decimal text (tostring would switch to exponents above 1e14).
+local function int_text(n)
+  return string.format('%.0f', n)
+end
+
+-- A partition number 0..255 from its text, or nil.
+local function partition_arg(text)
+  if type(text) ~= 'string' or not string.match(text, '^%d%d?%d?$') then return nil end
+  local p = tonumber(text)
+  if p >= GROUP_PARTITIONS then return nil end
+  return p
+end
+
+-- A flat HGETALL reply as a table.
+local function hash_table(key)
+  local flat, t = redis.call('HGETALL', key), {}
+  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  return t
+end
+
+-- FCALL ff_group_heartbeat 5 <group keys> <member> <ttl ms> <exclusive|shared> <rejoin 0|1>
+--   <start id of partition 0> .. <start id of partition 255>
+-- -> {partition, token, acked id} for each partition the member holds, ascending. One atomic
+-- heartbeat as src/durable/store.rs describes: creates the group (every partition free, token
+-- 0, acknowledged at its start id), renews the member and drops expired ones, on rejoin raises
+-- the tokens of what it holds, renews its leases, then frees its highest partitions above its
+-- share or takes free and lapsed ones in ascending order (token + 1) below it.
+local function ff_group_heartbeat(keys, args)
+  local g, err = group_of(keys)
+  if not g then return err end
+  if #args ~= 4 + GROUP_PARTITIONS then
+    return invalid('expected ' .. (4 + GROUP_PARTITIONS) .. ' arguments, got ' .. #args)
+  end
+  local member, ttl, sharing, rejoin = args[1], positive_int(args[2]), args[3], args[4]
+  if not valid_member(member) then return invalid('bad member id') end
+  if not ttl then return invalid('ttl must be a positive integer (ms)') end
+  if sharing ~= 'exclusive' and sharing ~= 'shared' then return invalid('sharing must be exclusive or shared') end
+  if rejoin ~= '0' and rejoin ~= '1' then return invalid('rejoin must be 0 or 1') end
+  for i = 5, #args do
+    if not parse_pos(args[i]) then return invalid('bad start id ' .. args[i]) end
+  end
+  local now = now_ms()
+  if redis.call('EXISTS', g.acked) == 0 then
+    local acked, tokens = {}, {}
+    for p = 0, GROUP_PARTITIONS - 1 do
+      acked[#acked + 1], acked[#acked + 2] = p, args[5 + p]
+      tokens[#tokens + 1], tokens[#tokens + 2] = p, 0
+    end
+    redis.call('HSET', g.acked, unpack(acked))
+    redis.call('HSET', g.token, unpack(tokens))
+  end
+  local expires = int_text(now + ttl)
+  redis.call('ZADD', g.members, expires, member)
+  redis.call('ZREMRANGEBYSCORE', g.members, '-inf', int_text(now))
+  local owners, expiries = hash_table(g.owner), hash_table(g.expiry)
+  local held, mine = {}, {}
+  for p = 0, GROUP_PARTITIONS - 1 do
+    if owners[tostring(p)] == member then
+      held[#held + 1], mine[p] = p, true
+    end
+  end
+  if rejoin == '1' then
+    for _, p in ipairs(held) do redis.call('HINCRBY', g.token, p, 1) end
+  end
+  local share = GROUP_PARTITIONS
+  if sharing == 'shared' then share = math.ceil(GROUP_PARTITIONS / math.max(1, redis.call('ZCARD', g.members))) end
+  while #held > share do
+    local p = table.remove(held)
+    redis.call('HDEL', g.owner, p)
+    redis.call('HDEL', g.expiry, p)
+  end
+  for p = 0, GROUP_PARTITIONS - 1 do
+    if #held >= share then break end
+    local key = tostring(p)
+    if not mine[p] and (owners[key] == nil or (tonumber(expiries[key]) or 0) <= now) then
+      redis.call('HSET', g.owner, p, member)
+      redis.call('HINCRBY', g.token, p, 1)
+      held[#held + 1] = p
+    end
+  end
+  table.sort(held)
+  local reply = {}
+  if #held > 0 then
+    local renew = {}
+    for _, p in ipairs(held) do renew[#renew + 1], renew[#renew + 2] = p, expires end
+    redis.call('HSET', g.expiry, unpack(renew))
+    local tokens = redis.call('HMGET', g.token, unpack(held))
+    local acked = redis.call('HMGET', g.acked, unpack(held))
+    for i, p in ipairs(held) do reply[i] = { p, tonumber(tokens[i]) or 0, acked[i] or '0-0' } end
+  end
+  return reply
+end
+
+-- FCALL ff_group_ack 5 <group keys> <member> [<partition> <token> <position id>]..
+-- -> {'ok'} with every acknowledged position raised (never lowered), or {'fenced', partition}
+-- with nothing written when the member does not hold one of the partitions with that token
+-- and an unexpired lease. An unknown group is invalid.
+local function ff_group_ack(keys, args)
+  local g, err = group_of(keys)
+  if not g then return err end
+  local member = args[1]
+  if not valid_member(member) then return invalid('bad member id') end
+  if (#args - 1) % 3 ~= 0 then return invalid('expected <partition> <token> <position id> triples') end
+  local acks = {}
+  for i = 2, #args, 3 do
+    local p, token, pos = partition_arg(args[i]), args[i + 1], parse_pos(args[i + 2])
+    if not p then return invalid('bad partition ' .. args[i]) end
+    if not string.match(token, '^%d+$') then return invalid('bad token ' .. token) end
+    if not pos then return invalid('bad position ' .. args[i + 2]) end
+    acks[#acks + 1] = { p = p, token = token, pos = pos, text = args[i + 2] }
+  end
+  if redis.call('EXISTS', g.acked) == 0 then return invalid('unknown group') end
+  local now = now_ms()
+  for _, a in ipairs(acks) do
+    local owner = redis.call('HGET', g.owner, a.p)
+    local expiry = tonumber(redis.call('HGET', g.expiry, a.p)) or 0
+    if owner ~= member or redis.call('HGET', g.token, a.p) ~= a.token or expiry <= now then
+      return { 'fenced', a.p }
+    end
+  end
+  for _, a in ipairs(acks) do
+    local stored = parse_pos(redis.call('HGET', g.acked, a.p))
+    if not stored or pos_after(a.pos, stored) then redis.call('HSET', g.acked, a.p, a.text) end
+  end
+  return { 'ok' }
+end
+
+-- FCALL ff_group_leave 5 <group keys> <member> -> how many partitions it freed (tokens kept);
+-- nothing changes for an unknown group or member.
+local function ff_group_leave(keys, args)
+  local g, err = group_of(keys)
+  if not g then return err end
+  local member = args[1]
+  if not valid_member(member) then return invalid('bad member id') end
+  redis.call('ZREM', g.members, member)
+  local freed = 0
+  for p, owner in pairs(hash_table(g.owner)) do
+    if owner == member then
+      redis.call('HDEL', g.owner, p)
+      redis.call('HDEL', g.expiry, p)
+      freed = freed + 1
+    end
+  end
+  return freed
+end
+
+-- FCALL_RO ff_group_view 5 <group keys> -> false for a group never created, else
+-- {members, partitions}: members {id, expiry ms} with an unexpired lease, by expiry;
+-- partitions {owner or '', expiry or 0, token, acked id} for 0..255.
+local function ff_group_view(keys)
+  local g, err = group_of(keys)
+  if not g then return err end
+  if redis.call('EXISTS', g.acked) == 0 then return false end
+  local now = now_ms()
+  local flat = redis.call('ZRANGEBYSCORE', g.members, '(' .. int_text(now), '+inf', 'WITHSCORES')
+  local members = {}
+  for i = 1, #flat, 2 do members[#members + 1] = { flat[i], tonumber(flat[i + 1]) or 0 } end
+  local owners, expiries = hash_table(g.owner), hash_table(g.expiry)
+  local tokens, acked = hash_table(g.token), hash_table(g.acked)
+  local partitions = {}
+  for p = 0, GROUP_PARTITIONS - 1 do
+    local key = tostring(p)
+    partitions[p + 1] = { owners[key] or '', tonumber(expiries[key]) or 0, tonumber(tokens[key]) or 0, acked[key] or '0-0' }
+  end
+  return { members, partitions }
+end
+
 redis.register_function { function_name = 'ff_version', callback = ff_version, flags = { 'no-writes' } }
 redis.register_function('ff_create_flow', ff_create_flow)
 redis.register_function('ff_create_execution', ff_create_execution)
@@ -632,3 +846,7 @@ redis.register_function { function_name = 'ff_read_after', callback = ff_read_af
 redis.register_function {
   function_name = 'ff_read_streams', callback = ff_read_streams, flags = { 'no-writes', 'allow-cross-slot-keys' },
 }
+redis.register_function('ff_group_heartbeat', ff_group_heartbeat)
+redis.register_function('ff_group_ack', ff_group_ack)
+redis.register_function('ff_group_leave', ff_group_leave)
+redis.register_function { function_name = 'ff_group_view', callback = ff_group_view, flags = { 'no-writes' } }

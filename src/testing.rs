@@ -128,6 +128,6 @@ pub mod sqlite {
 pub mod valkey {
     pub use crate::backends::valkey::{
         DEFAULT_STREAM_MAXLEN, FAMILY_CHANNEL, LEGACY_STREAM_KEY, LIBRARY, LIBRARY_VERSION, LISTENER_CLIENT_NAME,
-        PUBSUB_CHANNEL, connect_client, stream_key,
+        PUBSUB_CHANNEL, connect_client, group_keys, stream_key,
     };
 }

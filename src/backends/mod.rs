@@ -194,7 +194,6 @@ pub(crate) trait CompletionSource: Send + Sync + 'static {
     /// Joins or renews a member of a durable group, rebalances the group's partition leases
     /// and returns the leases the member holds now, with their tokens and acknowledged
     /// positions (one atomic step on the backend; see [`crate::durable::store`]).
-    // Called through `testing::GroupStore` until the durable member task calls it.
     async fn group_heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, EngineError> {
         let _ = beat;
         Err(groups_unavailable(self.kind()))
@@ -203,21 +202,18 @@ pub(crate) trait CompletionSource: Send + Sync + 'static {
     /// Applies `acks` atomically: all of them, or none when the member no longer holds one of
     /// the partitions with the ack's token ([`EngineError::Fenced`]). A position at or below
     /// the stored one changes nothing. An unknown group is [`EngineError::Validation`].
-    // Called through `testing::GroupStore` until the durable member task calls it.
     async fn group_ack(&self, group: &str, member: &str, acks: &[Ack]) -> Result<(), EngineError> {
         let _ = (group, member, acks);
         Err(groups_unavailable(self.kind()))
     }
 
     /// Removes a member: its leases are freed at once for the others to take.
-    // Called through `testing::GroupStore` until the durable member task calls it.
     async fn group_leave(&self, group: &str, member: &str) -> Result<(), EngineError> {
         let _ = (group, member);
         Err(groups_unavailable(self.kind()))
     }
 
     /// The stored state of a group; `None` for a group never created.
-    // Called through `testing::GroupStore` until the durable member task calls it.
     async fn group_view(&self, group: &str) -> Result<Option<GroupView>, EngineError> {
         let _ = group;
         Err(groups_unavailable(self.kind()))

@@ -58,12 +58,11 @@ async fn holding(sub: &DurableSubscription, n: usize) {
     wait_until(WAIT, &format!("{} holds {n} partitions", sub.member()), || async { sub.partitions().len() == n }).await;
 }
 
-pub async fn a_durable_subscription_resumes_after_its_last_ack_with_nothing_kept_by_the_engine(
-    backend: BackendConfig,
-) {
+pub async fn a_durable_subscription_resumes_after_its_last_ack_with_nothing_kept_by_the_engine(backend: BackendConfig) {
     let f = fixture(backend, |c| c).await;
     let name = unique("resume");
-    let mut first = f.tree.subscribe_durable(SubscribeRequest::durable(&name).with_lease_ttl(TTL)).await.expect("subscribe");
+    let mut first =
+        f.tree.subscribe_durable(SubscribeRequest::durable(&name).with_lease_ttl(TTL)).await.expect("subscribe");
     holding(&first, usize::from(PARTITION_COUNT)).await;
     let ids = complete_n(f.engine.as_ref(), 6).await;
     let got = take_events(&mut first, 6, WAIT).await;
@@ -167,13 +166,15 @@ pub async fn bad_names_and_acks_of_cursors_never_delivered_are_validation_errors
     }
 
     let name = unique("never");
-    let mut sub = f.tree.subscribe_durable(SubscribeRequest::durable(&name).with_lease_ttl(TTL)).await.expect("subscribe");
+    let mut sub =
+        f.tree.subscribe_durable(SubscribeRequest::durable(&name).with_lease_ttl(TTL)).await.expect("subscribe");
     holding(&sub, 256).await;
     let ids = complete_n(f.engine.as_ref(), 1).await;
     let got = take_events(&mut sub, 1, WAIT).await;
     assert_eq!(got[0].execution_id, ids[0]);
     let before = store.view(&name).await.expect("view");
-    let never = [StreamCursor::new(vec![0x03, 0, 0, 0, 0, 0, 0, 0x7f, 0xff]), StreamCursor::from_hex("01ff").expect("hex")];
+    let never =
+        [StreamCursor::new(vec![0x03, 0, 0, 0, 0, 0, 0, 0x7f, 0xff]), StreamCursor::from_hex("01ff").expect("hex")];
     for cursor in &never {
         assert!(matches!(sub.ack(cursor).await, Err(EngineError::Validation { .. })), "{cursor}");
         assert!(matches!(sub.ticket(cursor), Err(EngineError::Validation { .. })), "{cursor}");

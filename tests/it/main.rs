@@ -11,6 +11,9 @@ mod families;
 #[allow(dead_code)]
 mod groups;
 
+#[allow(dead_code)]
+mod durable;
+
 #[cfg(feature = "postgres")]
 mod postgres;
 

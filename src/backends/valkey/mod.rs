@@ -17,12 +17,15 @@
 //! - `stream`: parsing stream replies and decoding entries (bad ones are skipped, not fatal).
 //! - `source`: the listener's reads (a completion source) and its pub/sub waker.
 //! - `engine`: [`ValkeyEngine`], the engine surface over the library.
+//! - `groups`: durable groups' store (heartbeat, fenced ack, leave, view) over the library's
+//!   `ff_group_*` functions, one slot per group.
 //!
 //! The same layout and code serve a cluster: each call names keys of one slot, so ferriskey's
 //! cluster client (`ValkeyConnection::cluster`) routes it to the primary that owns it.
 
 #[cfg(feature = "demo-engine")]
 mod engine;
+mod groups;
 mod keys;
 mod lanes;
 mod library;
@@ -45,6 +48,13 @@ pub fn stream_key(partition: u16) -> String {
     keys::stream(partition)
 }
 
+/// A durable group's keys, `ff:group:{g:<name>}:<part>` (members, owner, expiry, token,
+/// acked): one hash tag, so one cluster slot, whatever braces the name holds.
+#[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
+pub fn group_keys(name: &str) -> [String; 5] {
+    keys::group(name)
+}
+
 /// The pub/sub channel every terminal transition is also published on, with the JSON payload
 /// `{"execution_id", "flow_id", "outcome"}`.
 #[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
@@ -61,7 +71,7 @@ pub const LIBRARY: &str = include_str!("../../../lua/ff_completions.lua");
 
 /// The library version this crate expects `FCALL ff_version 0` to answer; bumped together with
 /// `VERSION` in the Lua source.
-pub const LIBRARY_VERSION: &str = "5";
+pub const LIBRARY_VERSION: &str = "6";
 
 /// Client name of the listener's dedicated subscriber connection (find it in `CLIENT LIST`).
 pub const LISTENER_CLIENT_NAME: &str = "ff-completions-listener";

@@ -40,6 +40,7 @@ use crate::config::{BackendConfig, Retention};
 use crate::cursor::{
     Family, Frontier, Position, StreamCursor, VALKEY_LEGACY_LANE, decode_valkey_frontier, encode_valkey_frontier,
 };
+use crate::durable::store::{Ack, GroupView, Heartbeat, Lease};
 use crate::error::EngineError;
 use crate::types::{ExecutionId, TimestampMs};
 
@@ -206,6 +207,22 @@ impl CompletionSource for ValkeySource {
         }))
         .await?;
         Ok(vec![("stream_length", lengths.into_iter().map(|n| n.max(0) as f64).sum())])
+    }
+
+    async fn group_heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, EngineError> {
+        super::groups::heartbeat(&self.client, beat).await
+    }
+
+    async fn group_ack(&self, group: &str, member: &str, acks: &[Ack]) -> Result<(), EngineError> {
+        super::groups::ack(&self.client, group, member, acks).await
+    }
+
+    async fn group_leave(&self, group: &str, member: &str) -> Result<(), EngineError> {
+        super::groups::leave(&self.client, group, member).await
+    }
+
+    async fn group_view(&self, group: &str) -> Result<Option<GroupView>, EngineError> {
+        super::groups::view(&self.client, group).await
     }
 
     async fn open_waker(&self, from: &Frontier) -> Result<Box<dyn Waker>, EngineError> {

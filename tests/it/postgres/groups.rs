@@ -4,6 +4,7 @@
 use super::contract_backend;
 
 crate::groups::group_store_tests!();
+crate::durable::durable_tests!();
 
 crate::groups::group_store_tests! { @each a_position_above_i64_max_is_a_validation_error_and_changes_nothing; }
 

@@ -17,6 +17,9 @@ contract::contract_tests!(
 
 crate::families::family_tests!();
 
+crate::groups::group_store_tests!();
+crate::durable::durable_tests!();
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_land_in_their_flow_s_slot_on_its_primary_and_arrive_in_order_per_partition() {
     init_tracing();

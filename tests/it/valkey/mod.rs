@@ -27,6 +27,7 @@ use crate::support::{
 mod cluster;
 mod delivery;
 mod families;
+mod groups;
 mod library;
 mod outages;
 mod partitions;
@@ -44,6 +45,9 @@ contract::contract_tests!(
 );
 
 crate::families::family_tests!();
+
+crate::groups::group_store_tests!();
+crate::durable::durable_tests!();
 
 /// Quick restarts for tests that break connections on purpose.
 fn impatient(config: BackendConfig) -> BackendConfig {

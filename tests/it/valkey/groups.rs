@@ -1,0 +1,114 @@
+//! Durable groups on Valkey beyond the store contract every backend keeps: the library's group
+//! functions after a restart without persistence, their argument checks, and a group whose
+//! name holds braces on the cluster (its keys still share one slot).
+
+use ff_completions::testing::valkey::group_keys;
+use ff_completions::testing::{Ack, GroupStore, Position, Sharing};
+
+use super::*;
+use crate::support::valkey::ValkeyCluster;
+
+const TTL: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_heartbeat_after_a_restart_without_persistence_reloads_the_library_and_recreates_the_group() {
+    init_tracing();
+    let server = ValkeyServer::start().await;
+    let store = GroupStore::open(&impatient(server.config())).await.expect("store");
+    let first = store.heartbeat("restarted", "a", TTL, Sharing::Shared, true).await.expect("heartbeat");
+    let acked = Position { lane: 0, major: 0, hi: 42, lo: 1 };
+    store.ack("restarted", "a", &[Ack { partition: 7, token: first[7].token, position: acked }]).await.expect("ack");
+    server.kill9_and_restart().await;
+    let libraries = |v: Value| format!("{v:?}").contains("ff_completions");
+    assert!(!libraries(server.command(&["FUNCTION", "LIST"]).await), "a fresh server has no functions");
+    // The same client: once reconnected, its FCALL finds no function, reloads and calls again;
+    // the group is gone with the data and the heartbeat creates it afresh.
+    let deadline = Instant::now() + WAIT;
+    let leases = loop {
+        match store.heartbeat("restarted", "a", TTL, Sharing::Shared, true).await {
+            Ok(leases) => break leases,
+            Err(e) => assert!(Instant::now() < deadline, "no heartbeat after the restart: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(libraries(server.command(&["FUNCTION", "LIST"]).await));
+    assert_eq!(leases.len(), 256);
+    assert!(leases.iter().all(|l| l.token == 1), "a new group: every token 1");
+    assert_eq!(leases[7].acked, Position::default(), "the acknowledged position went with the data");
+    let view = store.view("restarted").await.expect("view").expect("recreated");
+    assert_eq!(view.members.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>(), ["a"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_group_functions_refuse_bad_arguments_before_writing_anything() {
+    init_tracing();
+    let server = ValkeyServer::start().await;
+    let store = GroupStore::open(&server.config()).await.expect("store");
+    let admin = server.admin().await;
+    let keys = group_keys("raw").to_vec();
+    let starts: Vec<String> = (0..256).map(|_| "0-0".to_owned()).collect();
+    let beat = |member: &str, ttl: &str, sharing: &str, rejoin: &str, last_start: &str| {
+        let mut args: Vec<String> = [member, ttl, sharing, rejoin].map(str::to_owned).into();
+        args.extend(starts[..255].iter().cloned());
+        args.push(last_start.to_owned());
+        args
+    };
+    let above_exact = format!("0-{}", (1u64 << 53) + 1);
+    let calls: Vec<(&str, Vec<String>, Vec<String>)> = vec![
+        ("ff_group_heartbeat", keys[..4].to_vec(), beat("a", "1000", "shared", "0", "0-0")),
+        ("ff_group_heartbeat", keys.clone(), beat("", "1000", "shared", "0", "0-0")),
+        ("ff_group_heartbeat", keys.clone(), beat("a\0", "1000", "shared", "0", "0-0")),
+        ("ff_group_heartbeat", keys.clone(), beat("a", "0", "shared", "0", "0-0")),
+        ("ff_group_heartbeat", keys.clone(), beat("a", "1000", "both", "0", "0-0")),
+        ("ff_group_heartbeat", keys.clone(), beat("a", "1000", "shared", "yes", "0-0")),
+        ("ff_group_heartbeat", keys.clone(), beat("a", "1000", "shared", "0", "1.5-0")),
+        ("ff_group_heartbeat", keys.clone(), beat("a", "1000", "shared", "0", &above_exact)),
+        ("ff_group_heartbeat", keys.clone(), beat("a", "1000", "shared", "0", "0-0")[..200].to_vec()),
+        ("ff_group_ack", keys.clone(), ["a", "256", "1", "1-1"].map(str::to_owned).into()),
+        ("ff_group_ack", keys.clone(), ["a", "0", "-1", "1-1"].map(str::to_owned).into()),
+        ("ff_group_ack", keys.clone(), ["a", "0", "1", "1-"].map(str::to_owned).into()),
+        ("ff_group_ack", keys.clone(), ["a", "0", "1"].map(str::to_owned).into()),
+        ("ff_group_ack", keys.clone(), ["a", "0", "1", "1-1"].map(str::to_owned).into()),
+        ("ff_group_leave", keys.clone(), vec![String::new()]),
+    ];
+    for (function, keys, args) in calls {
+        let err = admin.fcall::<Value>(function, &keys, &args).await.expect_err("bad arguments");
+        assert!(err.to_string().contains("ff_completions invalid:"), "{function}: {err}");
+    }
+    assert_eq!(server.command(&["KEYS", "ff:group:*"]).await, Value::Array(Vec::new()), "nothing was written");
+    // Through the store: bad names, a position the library cannot compare exactly.
+    let far = Position { lane: 0, major: 0, hi: (1 << 53) + 1, lo: 0 };
+    let leases = store.heartbeat("raw", "a", TTL, Sharing::Shared, true).await.expect("heartbeat");
+    let ack = Ack { partition: 0, token: leases[0].token, position: far };
+    assert!(matches!(store.ack("raw", "a", &[ack]).await, Err(EngineError::Validation { .. })));
+    let view = store.view("raw").await.expect("view").expect("exists");
+    assert_eq!(view.partitions[0].acked, Position::default(), "nothing was written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_name_holds_braces_keeps_all_its_keys_in_one_slot_of_the_cluster() {
+    init_tracing();
+    let cluster = ValkeyCluster::start(3).await;
+    let store = GroupStore::open(&cluster.config()).await.expect("store");
+    for name in ["}{", "{orders}", "a}b{c", "}", "{}"] {
+        let keys = group_keys(name);
+        let slot = cluster.slot_of(&keys[0]).await;
+        for key in &keys {
+            assert_eq!(cluster.slot_of(key).await, slot, "{name:?}: {key}");
+        }
+        let a = store.heartbeat(name, "a", TTL, Sharing::Shared, true).await.expect("heartbeat a");
+        store.heartbeat(name, "b", TTL, Sharing::Shared, true).await.expect("heartbeat b");
+        let a = store.heartbeat(name, "a", TTL, Sharing::Shared, false).await.map(|again| (a, again)).expect("again");
+        assert_eq!((a.0.len(), a.1.len()), (256, 128), "{name:?}");
+        let position = Position { lane: 0, major: 0, hi: 9, lo: 3 };
+        store.ack(name, "a", &[Ack { partition: 1, token: a.1[1].token, position }]).await.expect("ack");
+        let view = store.view(name).await.expect("view").expect("exists");
+        assert_eq!(view.partitions[1].acked, position, "{name:?}");
+        assert_eq!(view.members.len(), 2, "{name:?}");
+        // Every key of the group lives on the primary that owns the slot.
+        let owner = cluster.owner_of(&keys[0]).await;
+        for key in &keys {
+            assert_eq!(owner.command(&["EXISTS", key]).await, Value::Int(1), "{name:?}: {key}");
+        }
+    }
+}
