@@ -311,10 +311,10 @@ pub async fn converged(store: &GroupStore, group: &str, members: usize, timeout:
             let now = ff_completions::TimestampMs::now();
             let mut held: HashMap<&str, usize> = HashMap::new();
             for p in &view.partitions {
-                if let Some((owner, expires)) = &p.owner {
-                    if *expires > now {
-                        *held.entry(owner.as_str()).or_default() += 1;
-                    }
+                if let Some((owner, expires)) = &p.owner
+                    && *expires > now
+                {
+                    *held.entry(owner.as_str()).or_default() += 1;
                 }
             }
             let total: usize = held.values().sum();
@@ -361,10 +361,10 @@ pub fn judge(expected: &[ExecutionId], effects: &[Effect]) -> Verdict {
     for effect in effects {
         *seen.entry(effect.execution_id.as_str()).or_default() += 1;
         *verdict.by_member.entry(effect.member.clone()).or_default() += 1;
-        if let Some(last) = last_in_partition.insert(effect.partition, effect.cursor.as_slice()) {
-            if last >= effect.cursor.as_slice() {
-                verdict.out_of_order += 1;
-            }
+        if let Some(last) = last_in_partition.insert(effect.partition, effect.cursor.as_slice())
+            && last >= effect.cursor.as_slice()
+        {
+            verdict.out_of_order += 1;
         }
     }
     let wanted: std::collections::HashSet<String> = expected.iter().map(ToString::to_string).collect();

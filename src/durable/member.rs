@@ -96,10 +96,10 @@ async fn heartbeats(
                         if let Some(generation) = gained {
                             plan.send_replace(generation);
                         }
-                        if request.sharing == Sharing::Shared {
-                            if let Some(at) = next_lapse(&shared).await {
-                                next_beat = next_beat.min(at);
-                            }
+                        if request.sharing == Sharing::Shared
+                            && let Some(at) = next_lapse(&shared).await
+                        {
+                            next_beat = next_beat.min(at);
                         }
                     }
                     Err(err) if err.is_transient() => {

@@ -277,16 +277,16 @@ impl Stream for DurableSubscription {
     type Item = Result<CompletionEvent, EngineError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.ack_after_delivery {
-            if let Some(done) = self.handed_out.take() {
-                self.shared.auto_acks.lock().unwrap_or_else(|p| p.into_inner()).push(done);
-            }
+        if self.ack_after_delivery
+            && let Some(done) = self.handed_out.take()
+        {
+            self.shared.auto_acks.lock().unwrap_or_else(|p| p.into_inner()).push(done);
         }
         let polled = self.events.poll_recv(cx);
-        if let Poll::Ready(Some(Ok(event))) = &polled {
-            if self.ack_after_delivery {
-                self.handed_out = Some(event.cursor.clone());
-            }
+        if let Poll::Ready(Some(Ok(event))) = &polled
+            && self.ack_after_delivery
+        {
+            self.handed_out = Some(event.cursor.clone());
         }
         polled
     }

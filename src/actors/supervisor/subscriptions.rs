@@ -146,16 +146,8 @@ impl SupervisorState {
     }
 }
 
-/// The longest subscriber name.
-const MAX_NAME_CHARS: usize = 64;
-
-/// A subscriber name is a metrics label value: short, not empty, no control characters.
+/// A subscriber name is a metrics label value: short, not empty, no control characters (the
+/// rule of group names).
 fn check_name(name: Option<&str>) -> Result<(), EngineError> {
-    let Some(name) = name else { return Ok(()) };
-    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
-        return Err(EngineError::validation(format!(
-            "subscriber name {name:?} must be 1 to {MAX_NAME_CHARS} characters without control characters"
-        )));
-    }
-    Ok(())
+    name.map_or(Ok(()), |name| crate::durable::store::check_name("subscriber name", name))
 }
