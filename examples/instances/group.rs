@@ -105,6 +105,16 @@ impl EffectDb {
         Ok(())
     }
 
+    /// Removes the effect rows of an earlier run.
+    pub async fn clear(&self) -> anyhow::Result<()> {
+        const DELETE: &str = "DELETE FROM group_effect";
+        match self {
+            Self::Postgres(pool) => drop(sqlx::query(DELETE).execute(pool).await?),
+            Self::Sqlite(pool) => drop(sqlx::query(DELETE).execute(pool).await?),
+        }
+        Ok(())
+    }
+
     /// Every effect row in commit order.
     pub async fn effects(&self) -> anyhow::Result<Vec<Effect>> {
         const SELECT: &str =
@@ -418,6 +428,7 @@ impl Run {
         let engine = connect_engine(&config).await?;
         let db = EffectDb::connect(kind, &at).await?;
         db.create_table().await?;
+        db.clear().await?;
         let store = GroupStore::open(&config).await?;
         Ok(Self { kind, at, engine, db, store, produced: Arc::default(), producers: Vec::new() })
     }
