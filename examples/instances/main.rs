@@ -105,9 +105,11 @@ async fn moved(run: &Run, group: &str, victim: &str, partitions: &[i64]) -> anyh
     loop {
         let view = run.store.view(group).await?.unwrap_or_default();
         let now = TimestampMs::now();
-        let done = view.partitions.iter().filter(|p| partitions.contains(&i64::from(p.partition))).all(|p| {
-            p.owner.as_ref().is_some_and(|(owner, expires)| owner != victim && *expires > now)
-        });
+        let done = view
+            .partitions
+            .iter()
+            .filter(|p| partitions.contains(&i64::from(p.partition)))
+            .all(|p| p.owner.as_ref().is_some_and(|(owner, expires)| owner != victim && *expires > now));
         if done || Instant::now() > deadline {
             return Ok(now);
         }
@@ -204,7 +206,9 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 
 async fn bench(args: &Args, kind: &'static str, at: String) -> anyhow::Result<()> {
     let backlog = 3000;
-    println!("throughput on {kind}: members drain a backlog of {backlog} completions, effect and ack in one transaction each");
+    println!(
+        "throughput on {kind}: members drain a backlog of {backlog} completions, effect and ack in one transaction each"
+    );
     let mut base = None;
     for members in [1usize, 2, 4] {
         let mut run = Run::start(kind, at.clone()).await?;
