@@ -19,8 +19,8 @@
 //! | `ff_completions_group_partitions_held` | gauge | group | partitions this process's member holds |
 //! | `ff_completions_group_unacked` | gauge | group | events this member delivered and has not acknowledged (as of its last heartbeat) |
 //! | `ff_completions_group_oldest_unacked_seconds` | gauge | group | age of the oldest of them |
-//! | `ff_completions_group_acks_total` | counter | group | partition acknowledgements written |
-//! | `ff_completions_group_fenced_total` | counter | group | acknowledgements refused because the member lost the partition |
+//! | `ff_completions_group_acks_total` | counter | group | partition acknowledgements written by `ack` or after delivery (not those committed in the engine's transaction) |
+//! | `ff_completions_group_fenced_total` | counter | group | acknowledgements refused because the member lost the partition (`ack`, after delivery, or an `AckTicket`) |
 //! | `ff_completions_group_rebalances_total` | counter | group | heartbeats that gained or lost partitions |
 
 use metrics::{Counter, Gauge, counter, gauge};

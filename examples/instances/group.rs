@@ -87,7 +87,7 @@ impl EffectDb {
             Self::Postgres(pool) => {
                 sqlx::query(
                     "CREATE TABLE IF NOT EXISTS group_effect (id bigserial PRIMARY KEY, execution_id text NOT NULL, \
-                     member text NOT NULL, partition int NOT NULL, cursor bytea NOT NULL, done_ms bigint NOT NULL)",
+                     member text NOT NULL, partition int NOT NULL, cursor bytea NOT NULL, committed_ms bigint NOT NULL, done_ms bigint NOT NULL)",
                 )
                 .execute(pool)
                 .await?;
@@ -95,8 +95,8 @@ impl EffectDb {
             Self::Sqlite(pool) => {
                 sqlx::query(
                     "CREATE TABLE IF NOT EXISTS group_effect (id INTEGER PRIMARY KEY AUTOINCREMENT, execution_id TEXT \
-                     NOT NULL, member TEXT NOT NULL, partition INTEGER NOT NULL, cursor BLOB NOT NULL, done_ms INTEGER \
-                     NOT NULL)",
+                     NOT NULL, member TEXT NOT NULL, partition INTEGER NOT NULL, cursor BLOB NOT NULL, committed_ms \
+                     INTEGER NOT NULL, done_ms INTEGER NOT NULL)",
                 )
                 .execute(pool)
                 .await?;
@@ -109,27 +109,32 @@ impl EffectDb {
     pub async fn clear(&self) -> anyhow::Result<()> {
         const DELETE: &str = "DELETE FROM group_effect";
         match self {
-            Self::Postgres(pool) => drop(sqlx::query(DELETE).execute(pool).await?),
-            Self::Sqlite(pool) => drop(sqlx::query(DELETE).execute(pool).await?),
+            Self::Postgres(pool) => {
+                sqlx::query(DELETE).execute(pool).await?;
+            }
+            Self::Sqlite(pool) => {
+                sqlx::query(DELETE).execute(pool).await?;
+            }
         }
         Ok(())
     }
 
     /// Every effect row in commit order.
     pub async fn effects(&self) -> anyhow::Result<Vec<Effect>> {
-        const SELECT: &str =
-            "SELECT execution_id, member, CAST(partition AS BIGINT), cursor, done_ms FROM group_effect ORDER BY id";
-        let rows: Vec<(String, String, i64, Vec<u8>, i64)> = match self {
+        const SELECT: &str = "SELECT execution_id, member, CAST(partition AS BIGINT), cursor, committed_ms, done_ms FROM group_effect \
+             ORDER BY id";
+        let rows: Vec<(String, String, i64, Vec<u8>, i64, i64)> = match self {
             Self::Postgres(pool) => sqlx::query_as(SELECT).fetch_all(pool).await?,
             Self::Sqlite(pool) => sqlx::query_as(SELECT).fetch_all(pool).await?,
         };
         Ok(rows
             .into_iter()
-            .map(|(execution_id, member, partition, cursor, done_ms)| Effect {
+            .map(|(execution_id, member, partition, cursor, committed_ms, done_ms)| Effect {
                 execution_id,
                 member,
                 partition,
                 cursor,
+                committed: TimestampMs(committed_ms),
                 done: TimestampMs(done_ms),
             })
             .collect())
@@ -143,6 +148,8 @@ pub struct Effect {
     pub member: String,
     pub partition: i64,
     pub cursor: Vec<u8>,
+    /// When the completion committed (the backend's clock).
+    pub committed: TimestampMs,
     /// The member's clock when it wrote the row.
     pub done: TimestampMs,
 }
@@ -155,8 +162,8 @@ pub async fn apply(
     event: &ff_completions::CompletionEvent,
     ticket: &ff_completions::AckTicket,
 ) -> anyhow::Result<bool> {
-    const INSERT: &str =
-        "INSERT INTO group_effect (execution_id, member, partition, cursor, done_ms) VALUES ($1, $2, $3, $4, $5)";
+    const INSERT: &str = "INSERT INTO group_effect (execution_id, member, partition, cursor, committed_ms, done_ms) VALUES ($1, $2, \
+         $3, $4, $5, $6)";
     let done = TimestampMs::now().0;
     let id = event.execution_id.to_string();
     let partition = i32::from(event.execution_id.partition());
@@ -169,6 +176,7 @@ pub async fn apply(
                 .bind(member)
                 .bind(partition)
                 .bind(&cursor)
+                .bind(event.at.0)
                 .bind(done)
                 .execute(&mut *tx)
                 .await?;
@@ -185,6 +193,7 @@ pub async fn apply(
                 .bind(member)
                 .bind(partition)
                 .bind(&cursor)
+                .bind(event.at.0)
                 .bind(done)
                 .execute(&mut *tx)
                 .await?;

@@ -258,6 +258,9 @@ async fn bench(args: &Args, kind: &'static str, at: String) -> anyhow::Result<()
     after_kill.sort();
     after_expiry.sort();
     leases_moved.sort();
+    let mut lag: Vec<Duration> =
+        run.db.effects().await?.iter().map(|e| Duration::from_millis(e.done.millis_since(e.committed))).collect();
+    lag.sort();
     println!(
         "  {} kills: every lease held by another member {:?} p50 / {:?} p99 after the dead one's ran out",
         leases_moved.len(),
@@ -270,6 +273,11 @@ async fn bench(args: &Args, kind: &'static str, at: String) -> anyhow::Result<()
         percentile(&after_kill, 0.99),
         percentile(&after_expiry, 0.5),
         percentile(&after_expiry, 0.99)
+    );
+    println!(
+        "  for scale, commit to effect of every completion in that run: p50 {:?} p99 {:?}",
+        percentile(&lag, 0.5),
+        percentile(&lag, 0.99)
     );
     drop(members);
 

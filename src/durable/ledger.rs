@@ -40,6 +40,9 @@ pub(crate) struct Change {
     pub gained: usize,
     /// Partitions lost.
     pub lost: usize,
+    /// Partitions held before and after whose token changed: another incarnation of this
+    /// member id rejoined in between.
+    pub retokened: usize,
 }
 
 /// The member's book of partitions and pending acknowledgements.
@@ -103,7 +106,10 @@ impl Ledger {
                     held.delivered = held.delivered.max(held.acked);
                     self.prune(partition);
                 }
-                _ => {
+                held => {
+                    if held.is_some() {
+                        change.retokened += 1;
+                    }
                     self.forget(partition);
                     self.held.insert(
                         partition,
@@ -263,7 +269,7 @@ mod tests {
     #[test]
     fn only_held_partitions_after_their_position_are_admitted_once() {
         let mut ledger = Ledger::new(false);
-        assert_eq!(ledger.apply(&[lease(1, 1, 10), lease(2, 1, 5)]), Change { gained: 2, lost: 0 });
+        assert_eq!(ledger.apply(&[lease(1, 1, 10), lease(2, 1, 5)]), Change { gained: 2, lost: 0, retokened: 0 });
         let generation = ledger.generation();
         assert!(!ledger.admit(&event(1, 9), generation).unwrap(), "at or below the acknowledged position");
         assert!(ledger.admit(&event(1, 11), generation).unwrap());
@@ -313,7 +319,7 @@ mod tests {
         let (a, b) = (event(1, 1), event(2, 2));
         ledger.admit(&a, g).unwrap();
         ledger.admit(&b, g).unwrap();
-        assert_eq!(ledger.apply(&[lease(2, 2, 0)]), Change { gained: 1, lost: 1 });
+        assert_eq!(ledger.apply(&[lease(2, 2, 0)]), Change { gained: 1, lost: 1, retokened: 1 });
         assert!(ledger.ack_for(&a.cursor).is_err());
         assert!(ledger.ack_for(&b.cursor).is_err(), "delivered under token 1, which is fenced now");
         assert!(ledger.admit(&b, ledger.generation()).unwrap(), "redelivered from the acknowledged position");

@@ -80,6 +80,7 @@ async fn heartbeats(
 ) {
     let interval = request.lease_ttl / 3;
     let mut rejoin = true;
+    let mut superseded = false;
     let mut start: Option<Frontier> = None;
     let mut next_beat = Instant::now();
     let mut flush = tokio::time::interval(ACK_FLUSH_INTERVAL);
@@ -107,6 +108,8 @@ async fn heartbeats(
                         next_beat = Instant::now() + RETRY.min(interval);
                     }
                     Err(err) => {
+                        // Superseded: the partitions are the newer incarnation's now.
+                        superseded = matches!(err, EngineError::Fenced { .. });
                         let _ = out.send(Err(err)).await;
                         break;
                     }
@@ -116,6 +119,9 @@ async fn heartbeats(
         }
     }
     stop.cancel();
+    if superseded {
+        return;
+    }
     flush_acks(&shared).await;
     if let Err(err) = shared.source.group_leave(&shared.group, &shared.member).await {
         tracing::debug!(group = %shared.group, member = %shared.member, %err, "leaving the group failed; its leases expire");
@@ -170,6 +176,13 @@ async fn beat(
     let mut ledger = shared.ledger();
     ledger.set_lanes_are_partitions(lanes_are_partitions);
     let change = ledger.apply(&leases);
+    // Nobody else takes an exclusive subscription's partitions: new tokens on partitions it
+    // kept mean a newer process subscribed under the name (its rejoin raised them).
+    if !rejoin && request.sharing == Sharing::Exclusive && change.retokened > 0 {
+        return Err(EngineError::Fenced {
+            detail: format!("another process took the durable subscription {:?} over", shared.group),
+        });
+    }
     let stats = ledger.stats();
     drop(ledger);
     crate::metrics::group_held(&shared.group, &stats);

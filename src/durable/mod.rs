@@ -59,8 +59,8 @@ pub struct DurableRequest {
 impl DurableRequest {
     /// A durable subscription with one consumer: the backend stores its position under
     /// `name`; a process that subscribes again under the name takes every partition over at
-    /// once and fences the previous consumer (its acks fail with [`EngineError::Fenced`]).
-    /// A new name starts at the tail.
+    /// once and fences the previous consumer: its acks fail with [`EngineError::Fenced`], and
+    /// its stream ends with `Fenced` at its next heartbeat. A new name starts at the tail.
     pub fn exclusive(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
@@ -334,8 +334,10 @@ impl AckTicket {
     /// [`EngineError::Fenced`] (roll the transaction back), or the database's error.
     #[cfg(feature = "postgres")]
     pub async fn commit_in_postgres(&self, conn: &mut sqlx::PgConnection) -> Result<(), EngineError> {
-        crate::backends::postgres::groups::ack_in(conn, &self.group, &self.member, std::slice::from_ref(&self.ack))
-            .await
+        self.counted(
+            crate::backends::postgres::groups::ack_in(conn, &self.group, &self.member, std::slice::from_ref(&self.ack))
+                .await,
+        )
     }
 
     /// Writes the acknowledgement on `conn`, inside the caller's transaction.
@@ -344,7 +346,20 @@ impl AckTicket {
     /// [`EngineError::Fenced`] (roll the transaction back), or the database's error.
     #[cfg(feature = "sqlite")]
     pub async fn commit_in_sqlite(&self, conn: &mut sqlx::SqliteConnection) -> Result<(), EngineError> {
-        crate::backends::sqlite::groups::ack_in(conn, &self.group, &self.member, std::slice::from_ref(&self.ack)).await
+        self.counted(
+            crate::backends::sqlite::groups::ack_in(conn, &self.group, &self.member, std::slice::from_ref(&self.ack))
+                .await,
+        )
+    }
+
+    /// Counts a fenced commit (a written one counts once its transaction is known to commit,
+    /// which only the caller knows: it is not counted).
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    fn counted(&self, result: Result<(), EngineError>) -> Result<(), EngineError> {
+        if matches!(result, Err(EngineError::Fenced { .. })) {
+            crate::metrics::group_fenced(&self.group);
+        }
+        result
     }
 }
 

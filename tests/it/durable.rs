@@ -11,6 +11,7 @@ use ff_completions::{
     BackendConfig, CompletionEvent, DurableRequest, DurableSubscription, EngineError, ExecutionId, PARTITION_COUNT,
     StreamCursor, SubscribeRequest,
 };
+use futures::StreamExt;
 
 use crate::contract::{QUIET, WAIT, complete_n, fixture};
 use crate::support::{assert_exactly_once, assert_no_more, take_events, wait_until};
@@ -22,6 +23,7 @@ macro_rules! durable_tests {
     () => {
         $crate::durable::durable_tests! { @each
             a_durable_subscription_resumes_after_its_last_ack_with_nothing_kept_by_the_engine;
+            a_second_subscriber_under_a_durable_name_takes_it_over_and_ends_the_first;
             two_members_of_a_group_split_the_partitions_and_each_completion_reaches_one_of_them;
             ack_after_delivery_acknowledges_what_the_consumer_moved_past;
             stats_show_the_members_their_partitions_and_what_is_unacknowledged;
@@ -76,6 +78,31 @@ pub async fn a_durable_subscription_resumes_after_its_last_ack_with_nothing_kept
     let rest = take_events(&mut second, 3, WAIT).await;
     assert_exactly_once(&rest, &ids[3..], true);
     assert_no_more(&mut second, QUIET).await;
+}
+
+pub async fn a_second_subscriber_under_a_durable_name_takes_it_over_and_ends_the_first(backend: BackendConfig) {
+    let f = fixture(backend, |c| c).await;
+    let name = unique("takeover");
+    let request = || SubscribeRequest::durable(&name).with_lease_ttl(TTL);
+    let mut first = f.tree.subscribe_durable(request()).await.expect("first");
+    holding(&first, 256).await;
+    let ids = complete_n(f.engine.as_ref(), 2).await;
+    let got = take_events(&mut first, 2, WAIT).await;
+    first.ack(&got[0].cursor).await.expect("ack the first event");
+
+    let mut second = f.tree.subscribe_durable(request()).await.expect("second");
+    let rest = take_events(&mut second, 1, WAIT).await;
+    assert_exactly_once(&rest, &ids[1..], true);
+    match tokio::time::timeout(WAIT, first.next()).await {
+        Ok(Some(Err(EngineError::Fenced { .. }))) => {}
+        other => panic!("the first subscriber's stream should end fenced: {other:?}"),
+    }
+    assert!(first.ack(&got[1].cursor).await.is_err(), "the superseded subscriber acknowledges nothing");
+    // The second keeps the name: it was not made to leave by the first's end.
+    let more = complete_n(f.engine.as_ref(), 1).await;
+    let got = take_events(&mut second, 1, WAIT).await;
+    assert_exactly_once(&got, &more, true);
+    assert_eq!(second.partitions().len(), 256);
 }
 
 pub async fn two_members_of_a_group_split_the_partitions_and_each_completion_reaches_one_of_them(

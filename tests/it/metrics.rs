@@ -300,3 +300,33 @@ async fn the_valkey_stream_length_gauge_counts_the_completion_stream() {
     wait_for("ff_completions_backend_gauge", &length, "14 entries", |v| v == 14.0).await;
     wait_for("ff_completions_events_read_total", &[("backend", backend)], "14 events read", |v| v == 14.0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_metrics_count_held_partitions_unacknowledged_events_acks_fences_and_rebalances() {
+    use ff_completions::{DurableRequest, EngineError};
+
+    let (url, engine, tree) = postgres_tree("pg-metrics-groups", |c| c).await;
+    let group = "metrics-group";
+    let labels = [("group", group)];
+    let request = || DurableRequest::group(group).with_member("a").with_lease_ttl(Duration::from_millis(900));
+    let mut member = tree.subscribe_durable(request()).await.expect("join");
+    wait_for("ff_completions_group_partitions_held", &labels, "every partition held", |v| v == 256.0).await;
+    wait_for("ff_completions_group_rebalances_total", &labels, "the join", |v| v >= 1.0).await;
+
+    let ids = complete_n(&engine, 3).await;
+    let got = take_events(&mut member, 3, WAIT).await;
+    assert_exactly_once(&got, &ids, true);
+    wait_for("ff_completions_group_unacked", &labels, "three delivered, none acknowledged", |v| v == 3.0).await;
+    member.ack(&got[1].cursor).await.expect("ack");
+    assert_eq!(value("ff_completions_group_acks_total", &labels), Some(1.0));
+    wait_for("ff_completions_group_unacked", &labels, "one left after the ack", |v| v == 1.0).await;
+
+    // Another incarnation of member "a" rejoins: a ticket taken before is fenced.
+    let ticket = member.ticket(&got[2].cursor).expect("ticket");
+    let second = tree.subscribe_durable(request()).await.expect("rejoin");
+    wait_until(WAIT, "the rejoin", || async { second.partitions().len() == 256 }).await;
+    let mut conn = PgConnection::connect(&url).await.expect("connect");
+    let mut tx = conn.begin().await.expect("begin");
+    assert!(matches!(ticket.commit_in_postgres(&mut tx).await, Err(EngineError::Fenced { .. })));
+    assert_eq!(value("ff_completions_group_fenced_total", &labels), Some(1.0));
+}
