@@ -50,6 +50,10 @@ pub fn member_main(raw: &[String]) -> bool {
         return false;
     }
     let args = MemberArgs::parse_from(raw[1..].iter());
+    // RUST_LOG=ff_completions=debug shows the member's heartbeats and reads on stderr.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
     let result = match runtime {
         Ok(runtime) => runtime.block_on(member(args)),
@@ -82,19 +86,23 @@ impl EffectDb {
         })
     }
 
+    /// Creates the effect table afresh (an earlier run's is dropped).
     pub async fn create_table(&self) -> anyhow::Result<()> {
+        const DROP: &str = "DROP TABLE IF EXISTS ff_example_group_effect";
         match self {
             Self::Postgres(pool) => {
+                sqlx::query(DROP).execute(pool).await?;
                 sqlx::query(
-                    "CREATE TABLE IF NOT EXISTS group_effect (id bigserial PRIMARY KEY, execution_id text NOT NULL, \
+                    "CREATE TABLE ff_example_group_effect (id bigserial PRIMARY KEY, execution_id text NOT NULL, \
                      member text NOT NULL, partition int NOT NULL, cursor bytea NOT NULL, committed_ms bigint NOT NULL, done_ms bigint NOT NULL)",
                 )
                 .execute(pool)
                 .await?;
             }
             Self::Sqlite(pool) => {
+                sqlx::query(DROP).execute(pool).await?;
                 sqlx::query(
-                    "CREATE TABLE IF NOT EXISTS group_effect (id INTEGER PRIMARY KEY AUTOINCREMENT, execution_id TEXT \
+                    "CREATE TABLE ff_example_group_effect (id INTEGER PRIMARY KEY AUTOINCREMENT, execution_id TEXT \
                      NOT NULL, member TEXT NOT NULL, partition INTEGER NOT NULL, cursor BLOB NOT NULL, committed_ms \
                      INTEGER NOT NULL, done_ms INTEGER NOT NULL)",
                 )
@@ -105,23 +113,9 @@ impl EffectDb {
         Ok(())
     }
 
-    /// Removes the effect rows of an earlier run.
-    pub async fn clear(&self) -> anyhow::Result<()> {
-        const DELETE: &str = "DELETE FROM group_effect";
-        match self {
-            Self::Postgres(pool) => {
-                sqlx::query(DELETE).execute(pool).await?;
-            }
-            Self::Sqlite(pool) => {
-                sqlx::query(DELETE).execute(pool).await?;
-            }
-        }
-        Ok(())
-    }
-
     /// Every effect row in commit order.
     pub async fn effects(&self) -> anyhow::Result<Vec<Effect>> {
-        const SELECT: &str = "SELECT execution_id, member, CAST(partition AS BIGINT), cursor, committed_ms, done_ms FROM group_effect \
+        const SELECT: &str = "SELECT execution_id, member, CAST(partition AS BIGINT), cursor, committed_ms, done_ms FROM ff_example_group_effect \
              ORDER BY id";
         let rows: Vec<(String, String, i64, Vec<u8>, i64, i64)> = match self {
             Self::Postgres(pool) => sqlx::query_as(SELECT).fetch_all(pool).await?,
@@ -162,7 +156,7 @@ pub async fn apply(
     event: &ff_completions::CompletionEvent,
     ticket: &ff_completions::AckTicket,
 ) -> anyhow::Result<bool> {
-    const INSERT: &str = "INSERT INTO group_effect (execution_id, member, partition, cursor, committed_ms, done_ms) VALUES ($1, $2, \
+    const INSERT: &str = "INSERT INTO ff_example_group_effect (execution_id, member, partition, cursor, committed_ms, done_ms) VALUES ($1, $2, \
          $3, $4, $5, $6)";
     let done = TimestampMs::now().0;
     let id = event.execution_id.to_string();
@@ -437,7 +431,6 @@ impl Run {
         let engine = connect_engine(&config).await?;
         let db = EffectDb::connect(kind, &at).await?;
         db.create_table().await?;
-        db.clear().await?;
         let store = GroupStore::open(&config).await?;
         Ok(Self { kind, at, engine, db, store, produced: Arc::default(), producers: Vec::new() })
     }

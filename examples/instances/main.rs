@@ -41,6 +41,9 @@ struct Args {
     /// The members' lease.
     #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
     ttl: Duration,
+    /// Each producer's pause between completions in the takeover measure.
+    #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration)]
+    pace: Duration,
     /// Measure instead: throughput with 1, 2 and 4 members, takeover after repeated kills, and
     /// the cost of an acknowledgement.
     #[arg(long)]
@@ -234,12 +237,12 @@ async fn bench(args: &Args, kind: &'static str, at: String) -> anyhow::Result<()
         drop(processes);
     }
 
-    println!("takeover after SIGKILL: 3 members, lease {:?}, 2 producers", args.ttl);
+    println!("takeover after SIGKILL: 3 members, lease {:?}, 2 producers pausing {:?}", args.ttl, args.pace);
     let mut run = Run::start(kind, at.clone()).await?;
     let group = format!("takeover-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let mut members = spawn_members(&run, &group, (0..3).map(|i| format!("t{i}")), args.ttl)?;
     converged(&run.store, &group, 3, Duration::from_secs(60)).await?;
-    run.produce(2, Duration::from_millis(2));
+    run.produce(2, args.pace);
     let (mut after_kill, mut after_expiry, mut leases_moved) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..6 {
         tokio::time::sleep(Duration::from_millis(500)).await;

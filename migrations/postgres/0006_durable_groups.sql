@@ -85,19 +85,24 @@ BEGIN
           FROM ff_completion_group_member WHERE group_name = p_group AND expires_at > v_now;
     END IF;
 
+    -- The partitions to free or take are chosen once, in a materialized CTE: as an IN (subquery
+    -- with LIMIT ... SKIP LOCKED), a plan may run the subquery again per row and take more than
+    -- the share.
     IF v_held > v_share THEN
-        UPDATE ff_completion_group_partition SET owner = NULL, expires_at = NULL
-         WHERE group_name = p_group
-           AND partition IN (SELECT partition FROM ff_completion_group_partition
-                              WHERE group_name = p_group AND owner = p_member
-                              ORDER BY partition DESC LIMIT v_held - v_share);
+        WITH freed AS MATERIALIZED (
+            SELECT partition FROM ff_completion_group_partition
+             WHERE group_name = p_group AND owner = p_member
+             ORDER BY partition DESC LIMIT v_held - v_share)
+        UPDATE ff_completion_group_partition p SET owner = NULL, expires_at = NULL
+          FROM freed WHERE p.group_name = p_group AND p.partition = freed.partition;
     ELSIF v_held < v_share THEN
-        UPDATE ff_completion_group_partition SET owner = p_member, expires_at = v_until, token = token + 1
-         WHERE group_name = p_group
-           AND partition IN (SELECT partition FROM ff_completion_group_partition
-                              WHERE group_name = p_group
-                                AND (owner IS NULL OR (owner <> p_member AND expires_at <= v_now))
-                              ORDER BY partition LIMIT v_share - v_held FOR UPDATE SKIP LOCKED);
+        WITH taken AS MATERIALIZED (
+            SELECT partition FROM ff_completion_group_partition
+             WHERE group_name = p_group
+               AND (owner IS NULL OR (owner <> p_member AND expires_at <= v_now))
+             ORDER BY partition LIMIT v_share - v_held FOR UPDATE SKIP LOCKED)
+        UPDATE ff_completion_group_partition p SET owner = p_member, expires_at = v_until, token = p.token + 1
+          FROM taken WHERE p.group_name = p_group AND p.partition = taken.partition;
     END IF;
 
     RETURN QUERY

@@ -212,7 +212,10 @@ async fn delivery(
                 let generation = *plan.borrow_and_update();
                 reading = None;
                 match read_again(&shared, &tree, &request, &stop).await {
-                    Ok(Some(subscription)) => reading = Some((subscription, generation)),
+                    Ok(Some(subscription)) => {
+                        tracing::debug!(group = %shared.group, member = %shared.member, generation, "reading the tree again");
+                        reading = Some((subscription, generation));
+                    }
                     Ok(None) => {}
                     Err(err) => {
                         let _ = out.send(Err(err)).await;

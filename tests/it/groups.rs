@@ -21,6 +21,7 @@ macro_rules! group_store_tests {
         $crate::groups::group_store_tests! { @each
             a_new_groups_first_member_holds_every_partition_at_the_tail_with_token_one;
             two_then_three_members_share_the_partitions_disjointly_and_evenly;
+            a_member_below_its_share_takes_no_more_than_its_share_when_more_are_free;
             eight_members_heartbeating_at_once_on_a_new_group_all_succeed_and_settle_at_32_each;
             a_silent_members_partitions_are_taken_over_after_its_ttl_with_the_next_token_and_its_acks;
             acks_move_up_never_down_and_a_batch_with_one_fenced_entry_writes_nothing;
@@ -171,6 +172,50 @@ pub async fn a_new_groups_first_member_holds_every_partition_at_the_tail_with_to
     assert_eq!(stored.partitions.len(), usize::from(PARTITIONS));
     assert!(stored.partitions.iter().all(|p| p.owner.as_ref().is_some_and(|(o, _)| o == "m1")));
     assert_eq!(store.view(&group_name("never")).await.expect("view"), None, "a group never created");
+}
+
+pub async fn a_member_below_its_share_takes_no_more_than_its_share_when_more_are_free(backend: BackendConfig) {
+    let store = open(&backend).await;
+    let group = group_name("take");
+    assert_eq!(beat(&store, &group, "a").await.len(), 256);
+    assert!(beat(&store, &group, "b").await.is_empty(), "nothing is free yet");
+    assert_eq!(beat(&store, &group, "a").await.len(), 128, "a frees what is above its share");
+    // 128 partitions are free; with three live members c's share is 86.
+    let c = beat(&store, &group, "c").await;
+    assert_eq!(c.len(), 86, "c took more than its share of the free partitions");
+    let b = beat(&store, &group, "b").await;
+    assert_eq!(b.len(), 42, "b takes what is left");
+    let a = beat(&store, &group, "a").await;
+    assert_eq!(a.len(), 86, "a frees down to its share");
+    let b = beat(&store, &group, "b").await;
+    assert_eq!(b.len(), 84, "b takes what a freed");
+    assert_disjoint_and_covering(&[a, b, c]);
+
+    // Free and lapsed partitions at once: d holds 86 on a short lease and dies; e joins. Many
+    // heartbeats first, so that the store's connections run its statements with the plans they
+    // settle on after a few executions (Postgres switches a function's statements to generic
+    // plans).
+    let warm = group_name("warm");
+    for _ in 0..60 {
+        beat(&store, &warm, "w").await;
+    }
+    let group = group_name("take-lapsed");
+    let (long, short) = (Duration::from_secs(30), Duration::from_millis(300));
+    let beat_for = |member: &'static str, ttl: Duration| {
+        let (store, group) = (&store, group.clone());
+        async move { store.heartbeat(&group, member, ttl, Sharing::Shared, false).await.expect("heartbeat").len() }
+    };
+    assert_eq!(beat_for("a", long).await, 256);
+    assert_eq!(beat_for("d", short).await, 0);
+    assert_eq!(beat_for("c", long).await, 0);
+    assert_eq!(beat_for("a", long).await, 86);
+    assert_eq!(beat_for("d", short).await, 86);
+    assert_eq!(beat_for("c", long).await, 84);
+    assert_eq!(beat_for("e", long).await, 0, "four live members: nothing is free");
+    assert_eq!(beat_for("a", long).await, 64, "a frees 22 down to a quarter");
+    tokio::time::sleep(short + Duration::from_millis(200)).await;
+    // d lapsed: three live members, 22 free and 86 lapsed partitions; a's share is 86.
+    assert_eq!(beat_for("a", long).await, 86, "a took more than its share of the free and lapsed partitions");
 }
 
 pub async fn two_then_three_members_share_the_partitions_disjointly_and_evenly(backend: BackendConfig) {

@@ -50,3 +50,44 @@ async fn an_ack_in_the_callers_transaction_commits_with_its_effect_and_a_fenced_
     })
     .await;
 }
+
+/// The heartbeat's statements run many times on one connection (as a pooled connection runs
+/// them): a member below its share still takes exactly its share of free and lapsed partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_connection_a_heartbeat_takes_exactly_its_share_of_free_and_lapsed_partitions() {
+    use sqlx::Connection;
+    use sqlx::postgres::PgConnection;
+
+    crate::support::init_tracing();
+    let url = crate::support::postgres::fresh_database().await;
+    let _store = crate::groups::open(&ff_completions::BackendConfig::postgres(&url)).await;
+    let mut conn = PgConnection::connect(&url).await.expect("connect");
+    // Other groups' rows, analyzed: the planner then picks the plans of a database in use.
+    for i in 0..40 {
+        sqlx::query("SELECT count(*) FROM ff_completion_group_heartbeat($1, 'x', 1000, false, true, 0, 0, 0)")
+            .bind(format!("other-{i}"))
+            .execute(&mut conn)
+            .await
+            .expect("another group");
+    }
+    sqlx::query("ANALYZE ff_completion_group_partition").execute(&mut conn).await.expect("analyze");
+    let mut beat = async |member: &str, ttl_ms: i64, rejoin: bool| -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM ff_completion_group_heartbeat('g', $1, $2, false, $3, 0, 0, 0)")
+            .bind(member)
+            .bind(ttl_ms)
+            .bind(rejoin)
+            .fetch_one(&mut conn)
+            .await
+            .expect("heartbeat")
+    };
+    assert_eq!(beat("a", 30_000, true).await, 256);
+    assert_eq!(beat("b", 1_000, true).await, 0);
+    assert_eq!(beat("c", 30_000, true).await, 0);
+    assert_eq!(beat("a", 30_000, false).await, 86);
+    assert_eq!(beat("b", 1_000, false).await, 86, "b took more than its share of the free partitions");
+    assert_eq!(beat("c", 30_000, false).await, 84);
+    assert_eq!(beat("e", 30_000, true).await, 0);
+    assert_eq!(beat("a", 30_000, false).await, 64);
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    assert_eq!(beat("a", 30_000, false).await, 86, "a took more than its share of the free and lapsed partitions");
+}
