@@ -54,6 +54,10 @@ pub(crate) struct Ledger {
     by_cursor: HashMap<StreamCursor, Delivered>,
     /// The generation of the newest read plan (raised when partitions are gained).
     generation: u64,
+    /// On a one-lane backend, the position of the last event a read of this generation
+    /// passed on (any partition's): every held partition readable in it has seen all of its
+    /// events up to there.
+    read_through: Option<(u64, Position)>,
 }
 
 /// One partition's local numbers, for stats.
@@ -68,7 +72,13 @@ pub(crate) struct HeldStats {
 
 impl Ledger {
     pub(crate) fn new(lanes_are_partitions: bool) -> Self {
-        Self { lanes_are_partitions, held: BTreeMap::new(), by_cursor: HashMap::new(), generation: 0 }
+        Self {
+            lanes_are_partitions,
+            held: BTreeMap::new(),
+            by_cursor: HashMap::new(),
+            generation: 0,
+            read_through: None,
+        }
     }
 
     /// Whether each partition is its own lane (known once the backend is connected).
@@ -165,6 +175,9 @@ impl Ledger {
     pub(crate) fn admit(&mut self, event: &CompletionEvent, generation: u64) -> Result<bool, EngineError> {
         let partition = event.execution_id.partition();
         let position = self.position_of(event)?;
+        if !self.lanes_are_partitions && self.read_through.is_none_or(|(g, p)| g < generation || p < position) {
+            self.read_through = Some((generation, position));
+        }
         let Some(held) = self.held.get_mut(&partition) else { return Ok(false) };
         if generation < held.readable_from || position <= held.delivered {
             return Ok(false);
@@ -207,11 +220,28 @@ impl Ledger {
         best.into_values().collect()
     }
 
+    /// Acks that move idle partitions up to where the read has got: a held partition with
+    /// nothing unacknowledged has no event left up to the last position the current read
+    /// passed on (one-lane backends order every partition in one sequence). Without them a
+    /// partition with rare events keeps an old position, and every new read would start there.
+    pub(crate) fn watermark_acks(&self) -> Vec<Ack> {
+        let Some((generation, through)) = self.read_through else { return Vec::new() };
+        if self.lanes_are_partitions {
+            return Vec::new();
+        }
+        self.held
+            .iter()
+            .filter(|(_, h)| h.readable_from <= generation && h.pending.is_empty() && h.acked < through)
+            .map(|(partition, h)| Ack { partition: *partition, token: h.token, position: through })
+            .collect()
+    }
+
     /// Records acks the store accepted.
     pub(crate) fn acked(&mut self, acks: &[Ack]) {
         for ack in acks {
             if let Some(held) = self.held.get_mut(&ack.partition).filter(|h| h.token == ack.token) {
                 held.acked = held.acked.max(ack.position);
+                held.delivered = held.delivered.max(held.acked);
                 self.prune(ack.partition);
             }
         }
@@ -323,6 +353,27 @@ mod tests {
         assert!(ledger.ack_for(&a.cursor).is_err());
         assert!(ledger.ack_for(&b.cursor).is_err(), "delivered under token 1, which is fenced now");
         assert!(ledger.admit(&b, ledger.generation()).unwrap(), "redelivered from the acknowledged position");
+    }
+
+    #[test]
+    fn idle_partitions_move_up_to_where_the_read_has_got() {
+        let mut ledger = Ledger::new(false);
+        ledger.apply(&[lease(1, 1, 0), lease(2, 1, 0), lease(3, 1, 0)]);
+        let g = ledger.generation();
+        let busy = event(1, 10);
+        assert!(ledger.admit(&busy, g).unwrap());
+        assert!(!ledger.admit(&event(9, 12), g).unwrap(), "another member's partition still moves the read");
+        let acks = ledger.watermark_acks();
+        assert_eq!(
+            acks.iter().map(|a| (a.partition, a.position)).collect::<Vec<_>>(),
+            [(2, Position::new(0, 12)), (3, Position::new(0, 12))]
+        );
+        ledger.acked(&acks);
+        assert!(!ledger.admit(&event(2, 11), g).unwrap(), "below its new position");
+        // A partition gained later waits for a read of its own generation.
+        ledger.apply(&[lease(1, 1, 0), lease(2, 1, 12), lease(3, 1, 12), lease(4, 7, 0)]);
+        assert!(ledger.watermark_acks().iter().all(|a| a.partition != 4));
+        assert!(Ledger::new(true).watermark_acks().is_empty());
     }
 
     #[test]

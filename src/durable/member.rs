@@ -27,6 +27,9 @@ type Out = mpsc::Sender<Result<CompletionEvent, EngineError>>;
 /// under the name is the same member, so a new one takes over at once.
 const EXCLUSIVE_MEMBER: &str = "exclusive";
 
+/// How soon a member looks again at a lease that lapsed without being taken.
+const LAPSED_RETRY: Duration = Duration::from_millis(100);
+
 /// How long a task waits before trying the backend again.
 const RETRY: Duration = Duration::from_millis(200);
 
@@ -57,6 +60,21 @@ pub(crate) fn start(
         handed_out: None,
         stop,
     })
+}
+
+/// Moves idle partitions up to where the read has got (see [`super::ledger::Ledger::watermark_acks`]).
+async fn write_watermarks(shared: &Shared) {
+    let acks = shared.ledger().watermark_acks();
+    if acks.is_empty() {
+        return;
+    }
+    // Not counted as acknowledgements of events: no event is acknowledged by them.
+    match shared.source.group_ack(&shared.group, &shared.member, &acks).await {
+        Ok(()) => shared.ledger().acked(&acks),
+        Err(err) => {
+            tracing::debug!(group = %shared.group, member = %shared.member, %err, "idle partitions not moved up")
+        }
+    }
 }
 
 /// Writes the acknowledgements made after delivery.
@@ -94,6 +112,7 @@ async fn heartbeats(
                 match beat(&shared, &request, rejoin, &mut start).await {
                     Ok(gained) => {
                         rejoin = false;
+                        write_watermarks(&shared).await;
                         if let Some(generation) = gained {
                             plan.send_replace(generation);
                         }
@@ -146,10 +165,16 @@ async fn next_lapse(shared: &Shared) -> Option<Instant> {
         .partitions
         .iter()
         .filter_map(|p| p.owner.as_ref())
-        .filter(|(owner, at)| *owner != shared.member && *at > now)
+        .filter(|(owner, _)| *owner != shared.member)
         .map(|(_, at)| *at)
         .min()?;
-    Some(Instant::now() + Duration::from_millis(soonest.0.saturating_sub(now.0).max(0) as u64) + MARGIN)
+    // A lease that already lapsed and is not taken yet (it ran out just before this heartbeat,
+    // or a paused transaction holds its row): look again soon, not in a loop.
+    let wait = match soonest.0.saturating_sub(now.0) {
+        left if left > 0 => Duration::from_millis(left as u64) + MARGIN,
+        _ => LAPSED_RETRY,
+    };
+    Some(Instant::now() + wait)
 }
 
 /// One heartbeat; `Some(generation)` when partitions were gained (the tree must be read again).
@@ -202,6 +227,8 @@ async fn delivery(
     stop: CancellationToken,
 ) {
     let mut reading: Option<(Subscription, u64)> = None;
+    // The read generation whose first delivered event is still to be logged.
+    let mut first_of: Option<u64> = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
@@ -215,6 +242,7 @@ async fn delivery(
                     Ok(Some(subscription)) => {
                         tracing::debug!(group = %shared.group, member = %shared.member, generation, "reading the tree again");
                         reading = Some((subscription, generation));
+                        first_of = Some(generation);
                     }
                     Ok(None) => {}
                     Err(err) => {
@@ -228,6 +256,9 @@ async fn delivery(
                     let admitted = shared.ledger().admit(&event, generation);
                     match admitted {
                         Ok(true) => {
+                            if first_of.take_if(|g| *g == generation).is_some() {
+                                tracing::debug!(group = %shared.group, member = %shared.member, generation, "first event of the new read");
+                            }
                             if out.send(Ok(event)).await.is_err() {
                                 break;
                             }
