@@ -162,41 +162,29 @@ pub async fn apply(
     let id = event.execution_id.to_string();
     let partition = i32::from(event.execution_id.partition());
     let cursor = event.cursor.as_bytes().to_vec();
+    // The same steps on either database (their pools and transactions are different types).
+    macro_rules! effect_and_ack {
+        ($pool:expr, $commit:ident) => {{
+            let mut tx = $pool.begin().await?;
+            sqlx::query(INSERT)
+                .bind(&id)
+                .bind(member)
+                .bind(partition)
+                .bind(&cursor)
+                .bind(event.at.0)
+                .bind(done)
+                .execute(&mut *tx)
+                .await?;
+            match ticket.$commit(&mut tx).await {
+                Ok(()) => tx.commit().await.map(|()| true)?,
+                Err(EngineError::Fenced { .. }) => false,
+                Err(err) => return Err(err.into()),
+            }
+        }};
+    }
     let acked = match db {
-        EffectDb::Postgres(pool) => {
-            let mut tx = pool.begin().await?;
-            sqlx::query(INSERT)
-                .bind(&id)
-                .bind(member)
-                .bind(partition)
-                .bind(&cursor)
-                .bind(event.at.0)
-                .bind(done)
-                .execute(&mut *tx)
-                .await?;
-            match ticket.commit_in_postgres(&mut tx).await {
-                Ok(()) => tx.commit().await.map(|()| true)?,
-                Err(EngineError::Fenced { .. }) => false,
-                Err(err) => return Err(err.into()),
-            }
-        }
-        EffectDb::Sqlite(pool) => {
-            let mut tx = pool.begin().await?;
-            sqlx::query(INSERT)
-                .bind(&id)
-                .bind(member)
-                .bind(partition)
-                .bind(&cursor)
-                .bind(event.at.0)
-                .bind(done)
-                .execute(&mut *tx)
-                .await?;
-            match ticket.commit_in_sqlite(&mut tx).await {
-                Ok(()) => tx.commit().await.map(|()| true)?,
-                Err(EngineError::Fenced { .. }) => false,
-                Err(err) => return Err(err.into()),
-            }
-        }
+        EffectDb::Postgres(pool) => effect_and_ack!(pool, commit_in_postgres),
+        EffectDb::Sqlite(pool) => effect_and_ack!(pool, commit_in_sqlite),
     };
     Ok(acked)
 }

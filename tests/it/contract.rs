@@ -29,15 +29,26 @@ macro_rules! contract_tests {
             trimmed_cursors_expire_with_the_oldest_cursor_and_slow_subscribers_are_told;
         }
     };
-    (@each $($name:ident $(, $extra:expr)?;)*) => {$(
+    (@each $($name:ident $(, $extra:expr)?;)*) => {
+        $crate::contract::backend_tests! { contract: $($name $(, $extra)?;)* }
+    };
+}
+pub(crate) use contract_tests;
+
+/// One `#[tokio::test]` per name, in the calling module: each runs `$crate::<module>::<name>`
+/// (with any extra arguments) against what the calling module's
+/// `async fn contract_backend() -> (impl Sized, BackendConfig)` returns. The test families of
+/// this crate (contract, families, group store, durable) declare theirs through it.
+macro_rules! backend_tests {
+    ($module:ident: $($name:ident $(, $extra:expr)?;)*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $name() {
             let (_guard, backend) = contract_backend().await;
-            $crate::contract::$name(backend $(, $extra)?).await;
+            $crate::$module::$name(backend $(, $extra)?).await;
         }
     )*};
 }
-pub(crate) use contract_tests;
+pub(crate) use backend_tests;
 
 pub const WAIT: Duration = Duration::from_secs(30);
 pub const QUIET: Duration = Duration::from_millis(300);

@@ -30,13 +30,9 @@ macro_rules! durable_tests {
             bad_names_and_acks_of_cursors_never_delivered_are_validation_errors_and_write_nothing;
         }
     };
-    (@each $($name:ident;)*) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            let (_guard, backend) = contract_backend().await;
-            $crate::durable::$name(backend).await;
-        }
-    )*};
+    (@each $($name:ident;)*) => {
+        $crate::contract::backend_tests! { durable: $($name;)* }
+    };
 }
 pub(crate) use durable_tests;
 

@@ -37,13 +37,9 @@ macro_rules! family_tests {
             trimmed_family_cursors_expire_with_an_oldest_cursor_of_their_own_family;
         }
     };
-    (@each $($name:ident;)*) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            let (_guard, backend) = contract_backend().await;
-            $crate::families::$name(backend).await;
-        }
-    )*};
+    (@each $($name:ident;)*) => {
+        $crate::contract::backend_tests! { families: $($name;)* }
+    };
 }
 pub(crate) use family_tests;
 

@@ -33,13 +33,9 @@ macro_rules! group_store_tests {
             bad_group_names_and_member_ids_are_validation_errors_before_any_write;
         }
     };
-    (@each $($name:ident;)*) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            let (_guard, backend) = contract_backend().await;
-            $crate::groups::$name(backend).await;
-        }
-    )*};
+    (@each $($name:ident;)*) => {
+        $crate::contract::backend_tests! { groups: $($name;)* }
+    };
 }
 pub(crate) use group_store_tests;
 
