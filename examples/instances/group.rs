@@ -16,7 +16,7 @@ use clap::Parser;
 use ff_completions::testing::GroupStore;
 use ff_completions::{
     BackendConfig, CompletionSupervisorHandle, DurableRequest, Engine, EngineError, ExecutionId, ExecutionSpec, FlowId,
-    PARTITION_COUNT, SubscribeRequest, SupervisorConfig, TimestampMs, connect_engine,
+    PARTITION_COUNT, StreamCursor, SubscribeRequest, SupervisorConfig, TimestampMs, connect_engine,
 };
 use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -25,10 +25,13 @@ use tokio::process::{Child, Command};
 /// A member process's own arguments (`<bin> member …`).
 #[derive(Parser, Debug, Clone)]
 pub struct MemberArgs {
-    /// `postgres` or `sqlite`.
+    /// The backend's URL (`postgres://…`, `sqlite://…`, `valkey://…`).
+    #[arg(long)]
+    backend: String,
+    /// Where effect rows go: `postgres` or `sqlite`.
     #[arg(long)]
     kind: String,
-    /// Postgres URL or SQLite file.
+    /// Their Postgres URL or SQLite file (the backend's own database, except on Valkey).
     #[arg(long)]
     at: String,
     #[arg(long)]
@@ -79,6 +82,7 @@ impl EffectDb {
             _ => {
                 let options = sqlx::sqlite::SqliteConnectOptions::new()
                     .filename(at)
+                    .create_if_missing(true)
                     .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
                     .busy_timeout(Duration::from_secs(30));
                 Self::Sqlite(sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await?)
@@ -148,13 +152,13 @@ pub struct Effect {
     pub done: TimestampMs,
 }
 
-/// Writes the effect of `event` and its acknowledgement in one transaction; `false` when the
-/// member was fenced (the transaction rolled back).
+/// Writes the effect of `event`, with its acknowledgement in the same transaction when a
+/// ticket is given; `false` when the member was fenced (the transaction rolled back).
 pub async fn apply(
     db: &EffectDb,
     member: &str,
     event: &ff_completions::CompletionEvent,
-    ticket: &ff_completions::AckTicket,
+    ticket: Option<&ff_completions::AckTicket>,
 ) -> anyhow::Result<bool> {
     const INSERT: &str = "INSERT INTO ff_example_group_effect (execution_id, member, partition, cursor, committed_ms, done_ms) VALUES ($1, $2, \
          $3, $4, $5, $6)";
@@ -175,7 +179,11 @@ pub async fn apply(
                 .bind(done)
                 .execute(&mut *tx)
                 .await?;
-            match ticket.$commit(&mut tx).await {
+            let acked = match ticket {
+                None => Ok(()),
+                Some(ticket) => ticket.$commit(&mut tx).await,
+            };
+            match acked {
                 Ok(()) => tx.commit().await.map(|()| true)?,
                 Err(EngineError::Fenced { .. }) => false,
                 Err(err) => return Err(err.into()),
@@ -190,10 +198,9 @@ pub async fn apply(
 }
 
 pub async fn member(args: MemberArgs) -> anyhow::Result<()> {
-    let config = match args.kind.as_str() {
-        "postgres" => BackendConfig::postgres(&args.at),
-        _ => BackendConfig::sqlite(&args.at),
-    };
+    let config = BackendConfig::from_url(&args.backend)?;
+    // On Valkey the ack is a call of its own, after the effect's transaction (at least once).
+    let in_transaction = !config.kind().starts_with("valkey");
     let db = EffectDb::connect(&args.kind, &args.at).await?;
     let (tree, _join) = CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(config)).await?;
     let ttl = Duration::from_millis(args.ttl_ms);
@@ -214,7 +221,17 @@ pub async fn member(args: MemberArgs) -> anyhow::Result<()> {
             }
         };
         tokio::time::sleep(Duration::from_millis(args.work_ms)).await;
-        if !apply(&db, &name, &event, &ticket).await? {
+        let acked = if in_transaction {
+            apply(&db, &name, &event, Some(&ticket)).await?
+        } else {
+            apply(&db, &name, &event, None).await?;
+            match events.ack(&event.cursor).await {
+                Ok(()) => true,
+                Err(EngineError::Fenced { .. } | EngineError::Validation { .. }) => false,
+                Err(err) => return Err(err.into()),
+            }
+        };
+        if !acked {
             println!("fenced {}", event.execution_id);
         }
     }
@@ -235,7 +252,7 @@ impl MemberProcess {
         let mut command = Command::new(exe);
         command
             .arg("member")
-            .args(["--kind", run.kind, "--at", &run.at, "--group", group])
+            .args(["--backend", &run.backend.to_string(), "--kind", run.kind, "--at", &run.at, "--group", group])
             .args(["--ttl-ms", &ttl.as_millis().to_string(), "--work-ms", &work.as_millis().to_string()])
             .stdout(Stdio::piped())
             .kill_on_drop(true);
@@ -263,10 +280,16 @@ impl MemberProcess {
         Ok(())
     }
 
-    pub async fn kill9(mut self) -> anyhow::Result<()> {
+    pub async fn kill9(&mut self) -> anyhow::Result<()> {
         self.signal("-KILL")?;
         self.child.wait().await?;
         Ok(())
+    }
+
+    /// The completions whose ack it reported fenced.
+    pub fn fenced_ids(&self) -> Vec<String> {
+        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        lines.iter().filter_map(|l| l.strip_prefix("fenced ")).map(str::to_owned).collect()
     }
 
     pub fn fenced(&self) -> usize {
@@ -346,6 +369,12 @@ pub struct Verdict {
     pub duplicated: usize,
     pub unexpected: usize,
     pub out_of_order: usize,
+    /// Repeats allowed by [`judge_allowing_repeats`].
+    pub repeated: usize,
+    /// A few of the lost completions, to look them up.
+    pub lost_examples: Vec<String>,
+    /// The effects written in the first lost completion's partition, in commit order.
+    pub lost_context: Vec<String>,
     pub by_member: BTreeMap<String, usize>,
 }
 
@@ -356,41 +385,108 @@ impl Verdict {
 }
 
 pub fn judge(expected: &[ExecutionId], effects: &[Effect]) -> Verdict {
+    judge_allowing_repeats(expected, effects, &Repeats::default())
+}
+
+/// Which completions' effects may be written twice, for acks that are not in the effect's
+/// transaction (Valkey): those whose first effect was written by a member killed before it
+/// could ack, and those whose ack the member reported fenced (the partition had moved on).
+#[derive(Clone, Debug, Default)]
+pub struct Repeats {
+    pub killed: Vec<String>,
+    pub fenced: std::collections::HashSet<String>,
+}
+
+impl Repeats {
+    fn allows(&self, execution: &str, first_member: &str) -> bool {
+        self.killed.iter().any(|k| k == first_member) || self.fenced.contains(execution)
+    }
+}
+
+/// Where an effect's completion stands in its partition's order: its cursor, or on Valkey
+/// (a cursor names every partition's stream) the stream id of its own partition.
+fn order_key(effect: &Effect) -> Vec<u8> {
+    let cursor = StreamCursor::new(effect.cursor.clone());
+    match ff_completions::testing::decode_valkey_frontier(&cursor) {
+        Ok(Some(lanes)) => lanes
+            .iter()
+            .find(|(lane, _, _)| i64::from(*lane) == effect.partition)
+            .map(|(_, ms, seq)| [ms.to_be_bytes(), seq.to_be_bytes()].concat())
+            .unwrap_or_default(),
+        _ => effect.cursor.clone(),
+    }
+}
+
+/// As [`judge`], allowing the repeats `repeats` allows (counted apart); order is judged on
+/// first copies.
+pub fn judge_allowing_repeats(expected: &[ExecutionId], effects: &[Effect], repeats: &Repeats) -> Verdict {
     let mut verdict = Verdict { expected: expected.len(), effects: effects.len(), ..Verdict::default() };
-    let mut seen: HashMap<&str, usize> = HashMap::new();
-    let mut last_in_partition: HashMap<i64, &[u8]> = HashMap::new();
+    let mut first_by: HashMap<&str, &str> = HashMap::new();
+    let mut last_in_partition: HashMap<i64, Vec<u8>> = HashMap::new();
     for effect in effects {
-        *seen.entry(effect.execution_id.as_str()).or_default() += 1;
         *verdict.by_member.entry(effect.member.clone()).or_default() += 1;
-        if let Some(last) = last_in_partition.insert(effect.partition, effect.cursor.as_slice())
-            && last >= effect.cursor.as_slice()
+        if let Some(first) = first_by.get(effect.execution_id.as_str()) {
+            if repeats.allows(&effect.execution_id, first) {
+                verdict.repeated += 1;
+            } else {
+                verdict.duplicated += 1;
+            }
+            continue;
+        }
+        first_by.insert(effect.execution_id.as_str(), effect.member.as_str());
+        let key = order_key(effect);
+        if let Some(last) = last_in_partition.insert(effect.partition, key.clone())
+            && last >= key
         {
             verdict.out_of_order += 1;
         }
     }
     let wanted: std::collections::HashSet<String> = expected.iter().map(ToString::to_string).collect();
-    for id in &wanted {
-        match seen.get(id.as_str()) {
-            None => verdict.lost += 1,
-            Some(n) if *n > 1 => verdict.duplicated += n - 1,
-            Some(_) => {}
-        }
+    let lost: Vec<&String> = wanted.iter().filter(|id| !first_by.contains_key(id.as_str())).collect();
+    verdict.lost = lost.len();
+    verdict.lost_examples = lost.iter().take(5).map(|id| id.to_string()).collect();
+    if let Some(partition) = lost.first().and_then(|id| ExecutionId::parse(id).ok()).map(|id| i64::from(id.partition()))
+    {
+        verdict.lost_context = effects
+            .iter()
+            .filter(|e| e.partition == partition)
+            .map(|e| {
+                format!(
+                    "{} by {} committed {} done {} key {}",
+                    e.execution_id,
+                    e.member,
+                    e.committed.0,
+                    e.done.0,
+                    hex::encode(order_key(e))
+                )
+            })
+            .collect();
     }
-    verdict.unexpected = seen.keys().filter(|id| !wanted.contains(**id)).count();
+    verdict.unexpected = first_by.keys().filter(|id| !wanted.contains(**id)).count();
     verdict
 }
 
 /// Waits until the effect rows cover every completion (or `timeout`), then judges them.
 pub async fn settle(db: &EffectDb, produced: &Produced, timeout: Duration) -> anyhow::Result<Verdict> {
+    settle_allowing_repeats(db, produced, timeout, &Repeats::default()).await
+}
+
+/// As [`settle`], judged by [`judge_allowing_repeats`].
+pub async fn settle_allowing_repeats(
+    db: &EffectDb,
+    produced: &Produced,
+    timeout: Duration,
+    repeats: &Repeats,
+) -> anyhow::Result<Verdict> {
     let expected = produced.completed.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let deadline = Instant::now() + timeout;
     loop {
         let effects = db.effects().await?;
-        let verdict = judge(&expected, &effects);
+        let verdict = judge_allowing_repeats(&expected, &effects, repeats);
         if verdict.lost == 0 || Instant::now() > deadline {
             // A little longer: a duplicate would arrive after the last first delivery.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            return Ok(judge(&expected, &db.effects().await?));
+            return Ok(judge_allowing_repeats(&expected, &db.effects().await?, repeats));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -398,9 +494,11 @@ pub async fn settle(db: &EffectDb, produced: &Produced, timeout: Duration) -> an
 
 /// One backend with its producers, its effect rows and a view of the group.
 pub struct Run {
-    /// `postgres` or `sqlite`.
+    /// The backend.
+    pub backend: BackendConfig,
+    /// Where effect rows go: `postgres` or `sqlite`.
     pub kind: &'static str,
-    /// Postgres URL or SQLite file.
+    /// Their Postgres URL or SQLite file.
     pub at: String,
     pub engine: Arc<dyn Engine>,
     pub db: EffectDb,
@@ -410,17 +508,22 @@ pub struct Run {
 }
 
 impl Run {
-    /// Connects to a Postgres URL or an SQLite file and creates the effect table.
+    /// Connects to a Postgres URL or an SQLite file and creates the effect table there.
     pub async fn start(kind: &'static str, at: String) -> anyhow::Result<Self> {
-        let config = match kind {
+        let backend = match kind {
             "postgres" => BackendConfig::postgres(&at),
             _ => BackendConfig::sqlite(&at),
         };
-        let engine = connect_engine(&config).await?;
+        Self::start_with(backend, kind, at).await
+    }
+
+    /// Connects to `backend`, with effect rows in a Postgres URL or an SQLite file of their own.
+    pub async fn start_with(backend: BackendConfig, kind: &'static str, at: String) -> anyhow::Result<Self> {
+        let engine = connect_engine(&backend).await?;
         let db = EffectDb::connect(kind, &at).await?;
         db.create_table().await?;
-        let store = GroupStore::open(&config).await?;
-        Ok(Self { kind, at, engine, db, store, produced: Arc::default(), producers: Vec::new() })
+        let store = GroupStore::open(&backend).await?;
+        Ok(Self { backend, kind, at, engine, db, store, produced: Arc::default(), producers: Vec::new() })
     }
 
     /// Starts `producers` producers, each completing one execution every `pace`.

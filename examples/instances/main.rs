@@ -91,7 +91,7 @@ async fn kill_one(
     members: &mut Vec<(String, MemberProcess)>,
 ) -> anyhow::Result<(String, Vec<i64>, TimestampMs, TimestampMs)> {
     let victim = rand::rng().random_range(0..members.len());
-    let (id, process) = members.remove(victim);
+    let (id, mut process) = members.remove(victim);
     let view = run.store.view(group).await?.unwrap_or_default();
     let held: Vec<_> = view.partitions.iter().filter(|p| p.owner.as_ref().is_some_and(|(o, _)| *o == id)).collect();
     let expires = held.iter().filter_map(|p| p.owner.as_ref().map(|(_, at)| *at)).max().unwrap_or_default();

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::store::{Ack, Lease};
-use crate::cursor::{Frontier, Position, StreamCursor, decode_event_frontier};
+use crate::cursor::{Frontier, Position, StreamCursor, decode_event_frontier, encode_valkey_frontier};
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
 use crate::types::{PARTITION_COUNT, TimestampMs};
@@ -170,9 +170,14 @@ impl Ledger {
     /// Whether to deliver `event`, read by a read of `generation`: its partition is held and
     /// readable in that read, and it is after what was delivered there. Records it as pending.
     ///
+    /// On Valkey the event's cursor becomes the event's own place, its partition's stream id
+    /// (a frontier naming that lane only): a read's cursor names every lane it has read, and
+    /// two reads that interleave the lanes differently can give two different events the same
+    /// cursor, which could then not tell them apart when acknowledged.
+    ///
     /// # Errors
     /// A cursor that names no position (a bug of the reader, not of the subscriber).
-    pub(crate) fn admit(&mut self, event: &CompletionEvent, generation: u64) -> Result<bool, EngineError> {
+    pub(crate) fn admit(&mut self, event: &mut CompletionEvent, generation: u64) -> Result<bool, EngineError> {
         let partition = event.execution_id.partition();
         let position = self.position_of(event)?;
         if !self.lanes_are_partitions && self.read_through.is_none_or(|(g, p)| g < generation || p < position) {
@@ -183,6 +188,9 @@ impl Ledger {
             return Ok(false);
         }
         held.delivered = position;
+        if self.lanes_are_partitions {
+            event.cursor = encode_valkey_frontier(&[(partition, position.hi, position.lo)]);
+        }
         held.pending.push_back((position, event.cursor.clone(), event.at));
         self.by_cursor.insert(event.cursor.clone(), Delivered { partition, position });
         Ok(true)
@@ -301,11 +309,11 @@ mod tests {
         let mut ledger = Ledger::new(false);
         assert_eq!(ledger.apply(&[lease(1, 1, 10), lease(2, 1, 5)]), Change { gained: 2, lost: 0, retokened: 0 });
         let generation = ledger.generation();
-        assert!(!ledger.admit(&event(1, 9), generation).unwrap(), "at or below the acknowledged position");
-        assert!(ledger.admit(&event(1, 11), generation).unwrap());
-        assert!(!ledger.admit(&event(1, 11), generation).unwrap(), "a replay of a delivered event");
-        assert!(!ledger.admit(&event(3, 12), generation).unwrap(), "a partition held by another member");
-        assert!(ledger.admit(&event(2, 6), generation).unwrap());
+        assert!(!ledger.admit(&mut event(1, 9), generation).unwrap(), "at or below the acknowledged position");
+        assert!(ledger.admit(&mut event(1, 11), generation).unwrap());
+        assert!(!ledger.admit(&mut event(1, 11), generation).unwrap(), "a replay of a delivered event");
+        assert!(!ledger.admit(&mut event(3, 12), generation).unwrap(), "a partition held by another member");
+        assert!(ledger.admit(&mut event(2, 6), generation).unwrap());
         assert_eq!(ledger.read_from(&Frontier::default()), Some(Frontier::at(Position::new(0, 6))));
     }
 
@@ -314,14 +322,14 @@ mod tests {
         let mut ledger = Ledger::new(false);
         ledger.apply(&[lease(1, 1, 10)]);
         let first = ledger.generation();
-        assert!(ledger.admit(&event(1, 20), first).unwrap());
+        assert!(ledger.admit(&mut event(1, 20), first).unwrap());
         ledger.apply(&[lease(1, 1, 10), lease(2, 4, 3)]);
-        assert!(!ledger.admit(&event(2, 21), first).unwrap(), "the old read skipped partition 2's earlier events");
+        assert!(!ledger.admit(&mut event(2, 21), first).unwrap(), "the old read skipped partition 2's earlier events");
         assert_eq!(ledger.read_from(&Frontier::default()), Some(Frontier::at(Position::new(0, 3))));
         let second = ledger.generation();
         assert!(second > first);
-        assert!(!ledger.admit(&event(1, 15), second).unwrap(), "partition 1 continues after what it delivered");
-        assert!(ledger.admit(&event(2, 4), second).unwrap());
+        assert!(!ledger.admit(&mut event(1, 15), second).unwrap(), "partition 1 continues after what it delivered");
+        assert!(ledger.admit(&mut event(2, 4), second).unwrap());
     }
 
     #[test]
@@ -329,9 +337,9 @@ mod tests {
         let mut ledger = Ledger::new(false);
         ledger.apply(&[lease(7, 3, 0)]);
         let g = ledger.generation();
-        let (a, b) = (event(7, 1), event(7, 2));
-        ledger.admit(&a, g).unwrap();
-        ledger.admit(&b, g).unwrap();
+        let (mut a, mut b) = (event(7, 1), event(7, 2));
+        ledger.admit(&mut a, g).unwrap();
+        ledger.admit(&mut b, g).unwrap();
         assert!(matches!(ledger.ack_for(&encode_sqlite_cursor(99)), Err(EngineError::Validation { .. })));
         let ack = ledger.ack_for(&b.cursor).unwrap();
         assert_eq!(ack, Ack { partition: 7, token: 3, position: Position::new(0, 2) });
@@ -346,13 +354,14 @@ mod tests {
         let mut ledger = Ledger::new(false);
         ledger.apply(&[lease(1, 1, 0), lease(2, 1, 0)]);
         let g = ledger.generation();
-        let (a, b) = (event(1, 1), event(2, 2));
-        ledger.admit(&a, g).unwrap();
-        ledger.admit(&b, g).unwrap();
+        let (mut a, mut b) = (event(1, 1), event(2, 2));
+        ledger.admit(&mut a, g).unwrap();
+        ledger.admit(&mut b, g).unwrap();
         assert_eq!(ledger.apply(&[lease(2, 2, 0)]), Change { gained: 1, lost: 1, retokened: 1 });
         assert!(ledger.ack_for(&a.cursor).is_err());
         assert!(ledger.ack_for(&b.cursor).is_err(), "delivered under token 1, which is fenced now");
-        assert!(ledger.admit(&b, ledger.generation()).unwrap(), "redelivered from the acknowledged position");
+        let generation = ledger.generation();
+        assert!(ledger.admit(&mut b, generation).unwrap(), "redelivered from the acknowledged position");
     }
 
     #[test]
@@ -360,16 +369,16 @@ mod tests {
         let mut ledger = Ledger::new(false);
         ledger.apply(&[lease(1, 1, 0), lease(2, 1, 0), lease(3, 1, 0)]);
         let g = ledger.generation();
-        let busy = event(1, 10);
-        assert!(ledger.admit(&busy, g).unwrap());
-        assert!(!ledger.admit(&event(9, 12), g).unwrap(), "another member's partition still moves the read");
+        let mut busy = event(1, 10);
+        assert!(ledger.admit(&mut busy, g).unwrap());
+        assert!(!ledger.admit(&mut event(9, 12), g).unwrap(), "another member's partition still moves the read");
         let acks = ledger.watermark_acks();
         assert_eq!(
             acks.iter().map(|a| (a.partition, a.position)).collect::<Vec<_>>(),
             [(2, Position::new(0, 12)), (3, Position::new(0, 12))]
         );
         ledger.acked(&acks);
-        assert!(!ledger.admit(&event(2, 11), g).unwrap(), "below its new position");
+        assert!(!ledger.admit(&mut event(2, 11), g).unwrap(), "below its new position");
         // A partition gained later waits for a read of its own generation.
         ledger.apply(&[lease(1, 1, 0), lease(2, 1, 12), lease(3, 1, 12), lease(4, 7, 0)]);
         assert!(ledger.watermark_acks().iter().all(|a| a.partition != 4));
@@ -386,8 +395,31 @@ mod tests {
         assert_eq!(from.get(9), Position::new(700, 1).in_lane(9));
         let cursor = crate::cursor::encode_valkey_frontier(&[(4, 100, 3), (9, 700, 1)]);
         let execution = ExecutionId::from_parts(4, uuid::Uuid::new_v4());
-        let event = CompletionEvent::new(cursor, execution, CompletionOutcome::Success, TimestampMs(1));
-        assert!(ledger.admit(&event, ledger.generation()).unwrap());
+        let mut event = CompletionEvent::new(cursor, execution, CompletionOutcome::Success, TimestampMs(1));
+        let generation = ledger.generation();
+        assert!(ledger.admit(&mut event, generation).unwrap());
         assert_eq!(ledger.ack_for(&event.cursor).unwrap().position, Position::new(100, 3));
+        assert_eq!(event.cursor, crate::cursor::encode_valkey_frontier(&[(4, 100, 3)]), "the event's own place");
+    }
+
+    #[test]
+    fn on_valkey_two_events_that_two_reads_gave_one_cursor_stay_apart() {
+        // Read 1 passed x (lane 2) then e (lane 7); read 2 passed e then x: after both, each
+        // read's frontier is the same, so e's cursor in read 1 is x's cursor in read 2.
+        let mut ledger = Ledger::new(true);
+        ledger.apply(&[lease(2, 1, 0), lease(7, 1, 0)]);
+        let generation = ledger.generation();
+        let same = crate::cursor::encode_valkey_frontier(&[(2, 50, 0), (7, 60, 0)]);
+        let at = |partition: u16| {
+            let execution = ExecutionId::from_parts(partition, uuid::Uuid::new_v4());
+            CompletionEvent::new(same.clone(), execution, CompletionOutcome::Success, TimestampMs(1))
+        };
+        let (mut e, mut x) = (at(7), at(2));
+        assert!(ledger.admit(&mut e, generation).unwrap());
+        assert!(ledger.admit(&mut x, generation).unwrap());
+        assert_ne!(e.cursor, x.cursor);
+        let ack = ledger.ack_for(&x.cursor).unwrap();
+        ledger.acked(&[ack]);
+        assert_eq!(ledger.ack_for(&e.cursor).unwrap().partition, 7, "acknowledging x left e acknowledgeable");
     }
 }

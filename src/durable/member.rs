@@ -214,6 +214,7 @@ async fn beat(
     if change.gained + change.lost > 0 {
         crate::metrics::group_rebalanced(&shared.group);
         tracing::info!(group = %shared.group, member = %shared.member, held = leases.len(), gained = change.gained, lost = change.lost, "partitions moved");
+        tracing::debug!(group = %shared.group, member = %shared.member, partitions = ?leases.iter().map(|l| (l.partition, l.token, l.acked.hi, l.acked.lo)).collect::<Vec<_>>(), "partitions held");
     }
     Ok((change.gained > 0).then(|| shared.ledger().generation()))
 }
@@ -252,10 +253,11 @@ async fn delivery(
                 }
             }
             item = next(&mut reading) => match item {
-                Some(Ok((event, generation))) => {
-                    let admitted = shared.ledger().admit(&event, generation);
+                Some(Ok((mut event, generation))) => {
+                    let admitted = shared.ledger().admit(&mut event, generation);
                     match admitted {
                         Ok(true) => {
+                            tracing::trace!(group = %shared.group, member = %shared.member, generation, execution = %event.execution_id, "admitted");
                             if first_of.take_if(|g| *g == generation).is_some() {
                                 tracing::debug!(group = %shared.group, member = %shared.member, generation, "first event of the new read");
                             }
@@ -263,7 +265,9 @@ async fn delivery(
                                 break;
                             }
                         }
-                        Ok(false) => {}
+                        Ok(false) => {
+                            tracing::trace!(group = %shared.group, member = %shared.member, generation, execution = %event.execution_id, "not admitted");
+                        }
                         Err(err) => tracing::warn!(group = %shared.group, %err, "event skipped: its cursor names no position"),
                     }
                 }

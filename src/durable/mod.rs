@@ -178,6 +178,11 @@ impl Shared {
 /// A live durable subscription: a `Stream` of the completions of the partitions this member
 /// holds, in order per partition, each once while the member holds its partition. Dropping
 /// it leaves the group (its partitions move at once).
+///
+/// An event's cursor is what acknowledges it. On Valkey it names the event's own place, its
+/// partition's stream id, rather than every partition stream the member has read: resuming a
+/// plain subscription from it would read the other partitions from their start (a durable
+/// subscription resumes from the positions the backend stores).
 pub struct DurableSubscription {
     pub(crate) shared: Arc<Shared>,
     pub(crate) events: mpsc::Receiver<Result<CompletionEvent, EngineError>>,
