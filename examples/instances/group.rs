@@ -216,7 +216,8 @@ pub async fn member(args: MemberArgs) -> anyhow::Result<()> {
         let ticket = match events.ticket(&event.cursor) {
             Ok(ticket) => ticket,
             Err(err) => {
-                println!("fenced before work: {err}");
+                // Its partition moved on before the work began: another member handles it.
+                println!("skipped {}: {err}", event.execution_id);
                 continue;
             }
         };
@@ -292,8 +293,13 @@ impl MemberProcess {
         lines.iter().filter_map(|l| l.strip_prefix("fenced ")).map(str::to_owned).collect()
     }
 
+    /// Events it dropped because their partition had moved on before it began them.
+    pub fn skipped(&self) -> usize {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|l| l.starts_with("skipped ")).count()
+    }
+
     pub fn fenced(&self) -> usize {
-        self.lines.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|l| l.starts_with("fenced")).count()
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|l| l.starts_with("fenced ")).count()
     }
 }
 

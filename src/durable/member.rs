@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::store::{Heartbeat, Sharing, check_name};
+use super::store::{Heartbeat, Sharing, check_heartbeat};
 use super::{ACK_FLUSH_INTERVAL, DurableRequest, DurableSubscription, Shared};
 use crate::actors::handle::{CompletionSupervisorHandle, Subscription};
 use crate::actors::supervisor::SubscribeRequest;
@@ -40,13 +40,22 @@ pub(crate) fn start(
     source: Arc<dyn CompletionSource>,
     buffer: usize,
 ) -> Result<DurableSubscription, EngineError> {
-    check_name("durable subscription name", &request.name)?;
     let member = match (&request.member, request.sharing) {
         (Some(member), _) => member.clone(),
         (None, Sharing::Exclusive) => EXCLUSIVE_MEMBER.to_owned(),
         (None, Sharing::Shared) => uuid::Uuid::new_v4().to_string(),
     };
-    check_name("member id", &member)?;
+    // Every heartbeat's checks (names, lease ttl), before anything runs: bad input is refused
+    // here rather than ending the stream at the first heartbeat.
+    let no_start = Frontier::default();
+    check_heartbeat(&Heartbeat {
+        group: &request.name,
+        member: &member,
+        ttl: request.lease_ttl,
+        sharing: request.sharing,
+        rejoin: true,
+        start: &no_start,
+    })?;
     let shared = Arc::new(Shared::new(request.name.clone(), member, source));
     let (tx, rx) = mpsc::channel(buffer);
     let stop = CancellationToken::new();

@@ -104,8 +104,8 @@ impl DurableRequest {
         self
     }
 
-    /// How long the member's partitions stay its own without a heartbeat (at least 300 ms;
-    /// default [`DEFAULT_LEASE_TTL`]): a dead member's partitions move after this.
+    /// How long the member's partitions stay its own without a heartbeat (at least 300 ms, at
+    /// most a day; default [`DEFAULT_LEASE_TTL`]): a dead member's partitions move after this.
     #[must_use]
     pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
         self.lease_ttl = ttl.max(MIN_LEASE_TTL);

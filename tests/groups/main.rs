@@ -150,9 +150,10 @@ async fn pause_scenario(kind: &str) -> anyhow::Result<Verdict> {
     let all: Vec<&MemberProcess> = members.iter().collect();
     let verdict =
         settle_allowing_repeats(&run.db, &run.produced, Duration::from_secs(60), &backend.repeats(&[], &all)).await?;
-    let fenced = members[0].fenced();
+    let (fenced, skipped) = (members[0].fenced(), members[0].skipped());
     println!(
-        "   paused m0 for {:?}: {fenced} of its acknowledgements fenced; effects by member {:?}",
+        "   paused m0 for {:?}: {fenced} of its acknowledgements fenced, {skipped} buffered events dropped unbegun; \
+         effects by member {:?}",
         TTL * 3,
         verdict.by_member
     );

@@ -180,6 +180,7 @@ pub async fn bad_names_and_acks_of_cursors_never_delivered_are_validation_errors
         (SubscribeRequest::durable(&too_long), too_long.clone()),
         (SubscribeRequest::durable("a\0b"), "a\0b".to_owned()),
         (DurableRequest::group("ok-name").with_member("m\0"), "ok-name".to_owned()),
+        (DurableRequest::group("ok-name").with_lease_ttl(Duration::from_secs(2 * 24 * 60 * 60)), "ok-name".to_owned()),
     ] {
         let err = f.tree.subscribe_durable(request).await.expect_err("refused");
         assert!(matches!(err, EngineError::Validation { .. }), "{err:?}");

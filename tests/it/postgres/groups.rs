@@ -91,3 +91,40 @@ async fn on_one_connection_a_heartbeat_takes_exactly_its_share_of_free_and_lapse
     tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
     assert_eq!(beat("a", 30_000, false).await, 86, "a took more than its share of the free and lapsed partitions");
 }
+
+/// A partition whose row an engine's open transaction holds (an ack inside it, the engine then
+/// paused) is skipped by a takeover rather than waited for with the group's lock held: the
+/// other members' heartbeats go on, and the partition is taken once the transaction ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_skips_a_partition_an_open_transaction_holds_and_takes_it_once_released() {
+    use std::time::Duration;
+
+    use ff_completions::testing::postgres::ack_in;
+    use ff_completions::testing::{Ack, Sharing};
+    use sqlx::Connection;
+    use sqlx::postgres::PgConnection;
+
+    crate::support::init_tracing();
+    let url = crate::support::postgres::fresh_database().await;
+    let store = crate::groups::open(&ff_completions::BackendConfig::postgres(&url)).await;
+    let (group, short, long) = ("held", Duration::from_millis(300), Duration::from_secs(30));
+    let leases = store.heartbeat(group, "a", short, Sharing::Shared, true).await.expect("a joins");
+    assert_eq!(leases.len(), 256);
+    let mut conn = PgConnection::connect(&url).await.expect("connect");
+    let mut tx = conn.begin().await.expect("begin");
+    let ack = Ack { partition: 0, token: leases[0].token, position: crate::groups::above(leases[0].acked, 1) };
+    ack_in(&mut tx, group, "a", &[ack]).await.expect("a acks partition 0 and leaves its transaction open");
+    tokio::time::sleep(short * 2).await;
+
+    // a's leases lapsed; b takes every partition but the one the open transaction holds.
+    let taken =
+        tokio::time::timeout(Duration::from_secs(10), store.heartbeat(group, "b", long, Sharing::Shared, false))
+            .await
+            .expect("the takeover waited for the open transaction")
+            .expect("b's heartbeat");
+    assert_eq!(taken.len(), 255);
+    assert!(taken.iter().all(|l| l.partition != 0));
+    tx.rollback().await.expect("rollback");
+    let taken = store.heartbeat(group, "b", long, Sharing::Shared, false).await.expect("b's heartbeat");
+    assert_eq!(taken.len(), 256, "partition 0 is taken once the transaction ended");
+}
