@@ -197,6 +197,12 @@ async fn demo(args: &Args, kind: &'static str, at: String) -> anyhow::Result<()>
             None => println!("  takeover of {victim}'s partitions: no later completion in them"),
         }
     }
+    if !verdict.ok() {
+        println!("  lost, e.g. {:?}", verdict.lost_examples);
+        for line in &verdict.lost_context {
+            println!("    {line}");
+        }
+    }
     anyhow::ensure!(verdict.ok(), "the group did not handle every completion exactly once, in order");
     println!("every completion was handled exactly once, in order within its partition");
     Ok(())
