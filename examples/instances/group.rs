@@ -436,6 +436,12 @@ pub fn judge_allowing_repeats(expected: &[ExecutionId], effects: &[Effect], repe
                 verdict.repeated += 1;
             } else {
                 verdict.duplicated += 1;
+                if verdict.duplicated <= 5 {
+                    verdict.lost_context.push(format!(
+                        "duplicate {} first by {first}, again by {} (committed {}, done {})",
+                        effect.execution_id, effect.member, effect.committed.0, effect.done.0
+                    ));
+                }
             }
             continue;
         }
