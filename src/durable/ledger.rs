@@ -26,11 +26,12 @@ struct Held {
     pending: VecDeque<(Position, StreamCursor, TimestampMs)>,
 }
 
-/// A delivered event's place, for acknowledging it.
+/// A delivered event's place and the token of the lease it was delivered under.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Delivered {
     partition: u16,
     position: Position,
+    token: u64,
 }
 
 /// What a heartbeat changed.
@@ -168,7 +169,8 @@ impl Ledger {
     }
 
     /// Whether to deliver `event`, read by a read of `generation`: its partition is held and
-    /// readable in that read, and it is after what was delivered there. Records it as pending.
+    /// readable in that read, and it is after what was delivered there. Records it as pending
+    /// and returns the token of the lease it is delivered under (see [`Self::is_current`]).
     ///
     /// On Valkey the event's cursor becomes the event's own place, its partition's stream id
     /// (a frontier naming that lane only): a read's cursor names every lane it has read, and
@@ -177,23 +179,34 @@ impl Ledger {
     ///
     /// # Errors
     /// A cursor that names no position (a bug of the reader, not of the subscriber).
-    pub(crate) fn admit(&mut self, event: &mut CompletionEvent, generation: u64) -> Result<bool, EngineError> {
+    pub(crate) fn admit(&mut self, event: &mut CompletionEvent, generation: u64) -> Result<Option<u64>, EngineError> {
         let partition = event.execution_id.partition();
         let position = self.position_of(event)?;
         if !self.lanes_are_partitions && self.read_through.is_none_or(|(g, p)| g < generation || p < position) {
             self.read_through = Some((generation, position));
         }
-        let Some(held) = self.held.get_mut(&partition) else { return Ok(false) };
+        let Some(held) = self.held.get_mut(&partition) else { return Ok(None) };
         if generation < held.readable_from || position <= held.delivered {
-            return Ok(false);
+            return Ok(None);
         }
         held.delivered = position;
         if self.lanes_are_partitions {
             event.cursor = encode_valkey_frontier(&[(partition, position.hi, position.lo)]);
         }
         held.pending.push_back((position, event.cursor.clone(), event.at));
-        self.by_cursor.insert(event.cursor.clone(), Delivered { partition, position });
-        Ok(true)
+        let token = held.token;
+        self.by_cursor.insert(event.cursor.clone(), Delivered { partition, position, token });
+        Ok(Some(token))
+    }
+
+    /// Whether an event delivered under `token` is still this member's to handle: its
+    /// partition is held under that token and the event is not acknowledged. An event read
+    /// before its partition moved away and came back (a new token) is not: the read from the
+    /// stored position delivers it again.
+    pub(crate) fn is_current(&self, cursor: &StreamCursor, token: u64) -> bool {
+        self.by_cursor.get(cursor).is_some_and(|d| {
+            d.token == token && self.held.get(&d.partition).is_some_and(|held| held.token == token)
+        })
     }
 
     /// The ack for a delivered, not yet acknowledged event's cursor (acknowledging it
@@ -209,11 +222,10 @@ impl Ledger {
                  moved to another member"
             ))
         })?;
-        let held = self
-            .held
-            .get(&delivered.partition)
-            .ok_or_else(|| EngineError::validation(format!("partition {} is no longer held", delivered.partition)))?;
-        Ok(Ack { partition: delivered.partition, token: held.token, position: delivered.position })
+        self.held.get(&delivered.partition).filter(|held| held.token == delivered.token).ok_or_else(|| {
+            EngineError::validation(format!("partition {} is no longer held", delivered.partition))
+        })?;
+        Ok(Ack { partition: delivered.partition, token: delivered.token, position: delivered.position })
     }
 
     /// One ack per partition for the highest of `cursors` (unknown ones skipped).
@@ -309,11 +321,11 @@ mod tests {
         let mut ledger = Ledger::new(false);
         assert_eq!(ledger.apply(&[lease(1, 1, 10), lease(2, 1, 5)]), Change { gained: 2, lost: 0, retokened: 0 });
         let generation = ledger.generation();
-        assert!(!ledger.admit(&mut event(1, 9), generation).unwrap(), "at or below the acknowledged position");
-        assert!(ledger.admit(&mut event(1, 11), generation).unwrap());
-        assert!(!ledger.admit(&mut event(1, 11), generation).unwrap(), "a replay of a delivered event");
-        assert!(!ledger.admit(&mut event(3, 12), generation).unwrap(), "a partition held by another member");
-        assert!(ledger.admit(&mut event(2, 6), generation).unwrap());
+        assert!(ledger.admit(&mut event(1, 9), generation).unwrap().is_none(), "at or below the acknowledged position");
+        assert!(ledger.admit(&mut event(1, 11), generation).unwrap().is_some());
+        assert!(ledger.admit(&mut event(1, 11), generation).unwrap().is_none(), "a replay of a delivered event");
+        assert!(ledger.admit(&mut event(3, 12), generation).unwrap().is_none(), "a partition held by another member");
+        assert!(ledger.admit(&mut event(2, 6), generation).unwrap().is_some());
         assert_eq!(ledger.read_from(&Frontier::default()), Some(Frontier::at(Position::new(0, 6))));
     }
 
@@ -322,14 +334,14 @@ mod tests {
         let mut ledger = Ledger::new(false);
         ledger.apply(&[lease(1, 1, 10)]);
         let first = ledger.generation();
-        assert!(ledger.admit(&mut event(1, 20), first).unwrap());
+        assert!(ledger.admit(&mut event(1, 20), first).unwrap().is_some());
         ledger.apply(&[lease(1, 1, 10), lease(2, 4, 3)]);
-        assert!(!ledger.admit(&mut event(2, 21), first).unwrap(), "the old read skipped partition 2's earlier events");
+        assert!(ledger.admit(&mut event(2, 21), first).unwrap().is_none(), "the old read skipped partition 2's earlier events");
         assert_eq!(ledger.read_from(&Frontier::default()), Some(Frontier::at(Position::new(0, 3))));
         let second = ledger.generation();
         assert!(second > first);
-        assert!(!ledger.admit(&mut event(1, 15), second).unwrap(), "partition 1 continues after what it delivered");
-        assert!(ledger.admit(&mut event(2, 4), second).unwrap());
+        assert!(ledger.admit(&mut event(1, 15), second).unwrap().is_none(), "partition 1 continues after what it delivered");
+        assert!(ledger.admit(&mut event(2, 4), second).unwrap().is_some());
     }
 
     #[test]
@@ -355,13 +367,22 @@ mod tests {
         ledger.apply(&[lease(1, 1, 0), lease(2, 1, 0)]);
         let g = ledger.generation();
         let (mut a, mut b) = (event(1, 1), event(2, 2));
-        ledger.admit(&mut a, g).unwrap();
-        ledger.admit(&mut b, g).unwrap();
+        assert_eq!(ledger.admit(&mut a, g).unwrap(), Some(1));
+        assert_eq!(ledger.admit(&mut b, g).unwrap(), Some(1));
+        assert!(ledger.is_current(&b.cursor, 1));
         assert_eq!(ledger.apply(&[lease(2, 2, 0)]), Change { gained: 1, lost: 1, retokened: 1 });
         assert!(ledger.ack_for(&a.cursor).is_err());
         assert!(ledger.ack_for(&b.cursor).is_err(), "delivered under token 1, which is fenced now");
+        assert!(!ledger.is_current(&a.cursor, 1) && !ledger.is_current(&b.cursor, 1));
         let generation = ledger.generation();
-        assert!(ledger.admit(&mut b, generation).unwrap(), "redelivered from the acknowledged position");
+        assert_eq!(ledger.admit(&mut b, generation).unwrap(), Some(2), "redelivered from the acknowledged position");
+        // The copy read under token 1 and still waiting to be handed out is not current; the
+        // one read again under token 2 is, and acknowledges with token 2.
+        assert!(!ledger.is_current(&b.cursor, 1), "a copy read before the partition came back");
+        assert!(ledger.is_current(&b.cursor, 2));
+        assert_eq!(ledger.ack_for(&b.cursor).unwrap().token, 2);
+        ledger.acked(&[ledger.ack_for(&b.cursor).unwrap()]);
+        assert!(!ledger.is_current(&b.cursor, 2), "acknowledged");
     }
 
     #[test]
@@ -370,15 +391,15 @@ mod tests {
         ledger.apply(&[lease(1, 1, 0), lease(2, 1, 0), lease(3, 1, 0)]);
         let g = ledger.generation();
         let mut busy = event(1, 10);
-        assert!(ledger.admit(&mut busy, g).unwrap());
-        assert!(!ledger.admit(&mut event(9, 12), g).unwrap(), "another member's partition still moves the read");
+        assert!(ledger.admit(&mut busy, g).unwrap().is_some());
+        assert!(ledger.admit(&mut event(9, 12), g).unwrap().is_none(), "another member's partition still moves the read");
         let acks = ledger.watermark_acks();
         assert_eq!(
             acks.iter().map(|a| (a.partition, a.position)).collect::<Vec<_>>(),
             [(2, Position::new(0, 12)), (3, Position::new(0, 12))]
         );
         ledger.acked(&acks);
-        assert!(!ledger.admit(&mut event(2, 11), g).unwrap(), "below its new position");
+        assert!(ledger.admit(&mut event(2, 11), g).unwrap().is_none(), "below its new position");
         // A partition gained later waits for a read of its own generation.
         ledger.apply(&[lease(1, 1, 0), lease(2, 1, 12), lease(3, 1, 12), lease(4, 7, 0)]);
         assert!(ledger.watermark_acks().iter().all(|a| a.partition != 4));
@@ -397,7 +418,7 @@ mod tests {
         let execution = ExecutionId::from_parts(4, uuid::Uuid::new_v4());
         let mut event = CompletionEvent::new(cursor, execution, CompletionOutcome::Success, TimestampMs(1));
         let generation = ledger.generation();
-        assert!(ledger.admit(&mut event, generation).unwrap());
+        assert!(ledger.admit(&mut event, generation).unwrap().is_some());
         assert_eq!(ledger.ack_for(&event.cursor).unwrap().position, Position::new(100, 3));
         assert_eq!(event.cursor, crate::cursor::encode_valkey_frontier(&[(4, 100, 3)]), "the event's own place");
     }
@@ -415,8 +436,8 @@ mod tests {
             CompletionEvent::new(same.clone(), execution, CompletionOutcome::Success, TimestampMs(1))
         };
         let (mut e, mut x) = (at(7), at(2));
-        assert!(ledger.admit(&mut e, generation).unwrap());
-        assert!(ledger.admit(&mut x, generation).unwrap());
+        assert!(ledger.admit(&mut e, generation).unwrap().is_some());
+        assert!(ledger.admit(&mut x, generation).unwrap().is_some());
         assert_ne!(e.cursor, x.cursor);
         let ack = ledger.ack_for(&x.cursor).unwrap();
         ledger.acked(&[ack]);

@@ -21,7 +21,8 @@ use crate::cursor::Frontier;
 use crate::error::EngineError;
 use crate::event::CompletionEvent;
 
-type Out = mpsc::Sender<Result<CompletionEvent, EngineError>>;
+/// Admitted events, each with the token of the lease it was admitted under.
+type Out = mpsc::Sender<Result<(CompletionEvent, u64), EngineError>>;
 
 /// The member id of an exclusive subscription that names none: every process subscribing
 /// under the name is the same member, so a new one takes over at once.
@@ -265,16 +266,16 @@ async fn delivery(
                 Some(Ok((mut event, generation))) => {
                     let admitted = shared.ledger().admit(&mut event, generation);
                     match admitted {
-                        Ok(true) => {
+                        Ok(Some(token)) => {
                             tracing::trace!(group = %shared.group, member = %shared.member, generation, execution = %event.execution_id, "admitted");
                             if first_of.take_if(|g| *g == generation).is_some() {
                                 tracing::debug!(group = %shared.group, member = %shared.member, generation, "first event of the new read");
                             }
-                            if out.send(Ok(event)).await.is_err() {
+                            if out.send(Ok((event, token))).await.is_err() {
                                 break;
                             }
                         }
-                        Ok(false) => {
+                        Ok(None) => {
                             tracing::trace!(group = %shared.group, member = %shared.member, generation, execution = %event.execution_id, "not admitted");
                         }
                         Err(err) => tracing::warn!(group = %shared.group, %err, "event skipped: its cursor names no position"),

@@ -185,7 +185,8 @@ impl Shared {
 /// subscription resumes from the positions the backend stores).
 pub struct DurableSubscription {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) events: mpsc::Receiver<Result<CompletionEvent, EngineError>>,
+    /// Admitted events with the token of the lease each was admitted under.
+    pub(crate) events: mpsc::Receiver<Result<(CompletionEvent, u64), EngineError>>,
     pub(crate) ack_after_delivery: bool,
     /// The last event handed out, acknowledged when the next one is asked for.
     pub(crate) handed_out: Option<StreamCursor>,
@@ -287,13 +288,25 @@ impl Stream for DurableSubscription {
         {
             self.shared.auto_acks.lock().unwrap_or_else(|p| p.into_inner()).push(done);
         }
-        let polled = self.events.poll_recv(cx);
-        if let Poll::Ready(Some(Ok(event))) = &polled
-            && self.ack_after_delivery
-        {
-            self.handed_out = Some(event.cursor.clone());
+        loop {
+            let (event, token) = match self.events.poll_recv(cx) {
+                Poll::Ready(Some(Ok(admitted))) => admitted,
+                Poll::Ready(Some(Err(err))) => return Poll::Ready(Some(Err(err))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            };
+            // Read before its partition moved away (and perhaps came back under a new token):
+            // not this member's to hand out any more; a read from the stored position delivers
+            // it again if it comes back.
+            if !self.shared.ledger().is_current(&event.cursor, token) {
+                tracing::trace!(group = %self.shared.group, member = %self.shared.member, execution = %event.execution_id, "dropped: its partition moved");
+                continue;
+            }
+            if self.ack_after_delivery {
+                self.handed_out = Some(event.cursor.clone());
+            }
+            return Poll::Ready(Some(Ok(event)));
         }
-        polled
     }
 }
 

@@ -28,6 +28,7 @@ macro_rules! durable_tests {
             ack_after_delivery_acknowledges_what_the_consumer_moved_past;
             stats_show_the_members_their_partitions_and_what_is_unacknowledged;
             bad_names_and_acks_of_cursors_never_delivered_are_validation_errors_and_write_nothing;
+            events_read_before_their_partition_moved_away_and_back_are_handed_out_once;
         }
     };
     (@each $($name:ident;)*) => {
@@ -206,4 +207,45 @@ pub async fn bad_names_and_acks_of_cursors_never_delivered_are_validation_errors
     assert_eq!(store.view(&name).await.expect("view"), before, "nothing was written");
     sub.ack(&got[0].cursor).await.expect("the delivered one acknowledges");
     assert!(matches!(sub.ack(&got[0].cursor).await, Err(EngineError::Validation { .. })), "already acknowledged");
+}
+
+/// A member's partitions move away and come back with new tokens (a second process under its
+/// member id joins, which raises every token, and leaves, which frees every partition) while
+/// events it had read wait in its buffer: it reads them again from the stored position and
+/// hands each out once, and each one acknowledges.
+pub async fn events_read_before_their_partition_moved_away_and_back_are_handed_out_once(backend: BackendConfig) {
+    let f = fixture(backend.clone(), |c| c).await;
+    let store = GroupStore::open(&backend).await.expect("store");
+    let group = unique("back");
+    let request = || DurableRequest::group(&group).with_member("a").with_lease_ttl(TTL);
+    let mut first = f.tree.subscribe_durable(request()).await.expect("first");
+    holding(&first, 256).await;
+    let ids = complete_n(f.engine.as_ref(), 5).await;
+    let partition = usize::from(ids[0].partition());
+    wait_until(WAIT, "the first has read the five", || async {
+        first.stats().await.is_ok_and(|s| s.partitions[partition].unacked == Some(5))
+    })
+    .await;
+    let token = |view: &ff_completions::testing::GroupView| view.partitions[partition].token;
+    let before = token(&store.view(&group).await.expect("view").expect("group"));
+
+    let second = f.tree.subscribe_durable(request()).await.expect("second");
+    holding(&second, 256).await;
+    drop(second);
+    wait_until(WAIT, "the first holds the partition again with a newer token", || async {
+        store.view(&group).await.ok().flatten().is_some_and(|v| {
+            token(&v) >= before + 2 && v.partitions[partition].owner.as_ref().is_some_and(|(o, _)| o == "a")
+        })
+    })
+    .await;
+    holding(&first, 256).await;
+    tokio::time::sleep(QUIET).await;
+
+    let mut got = Vec::new();
+    while let Ok(Some(item)) = tokio::time::timeout(QUIET, first.next()).await {
+        let event = item.expect("event");
+        first.ack(&event.cursor).await.unwrap_or_else(|e| panic!("ack {}: {e}", event.execution_id));
+        got.push(event);
+    }
+    assert_exactly_once(&got, &ids, true);
 }
