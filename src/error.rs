@@ -75,6 +75,15 @@ pub enum EngineError {
         /// Which group, member and partition.
         detail: String,
     },
+    /// An acknowledgement inside the engine's transaction (an [`crate::AckTicket`]) of an
+    /// event whose position the group has already acknowledged: its effect committed before
+    /// (the transaction was retried after an unknown commit outcome, or the event was handed
+    /// out twice). Nothing was written, and the transaction must roll back.
+    #[error("already acknowledged: {detail}")]
+    AlreadyAcknowledged {
+        /// Which group and partition.
+        detail: String,
+    },
     /// The actor tree is gone or did not answer.
     #[error("the actor tree failed: {detail}")]
     Actor {
@@ -148,6 +157,13 @@ impl EngineError {
     /// An [`EngineError::Fenced`] for `member` of `group` on `partition`.
     pub(crate) fn fenced(group: &str, member: &str, partition: u16) -> Self {
         Self::Fenced { detail: format!("member {member:?} of group {group:?} no longer holds partition {partition}") }
+    }
+
+    /// An [`EngineError::AlreadyAcknowledged`] for `partition` of `group`.
+    pub(crate) fn already_acknowledged(group: &str, partition: u16) -> Self {
+        Self::AlreadyAcknowledged {
+            detail: format!("group {group:?} has acknowledged partition {partition} at or past this position"),
+        }
     }
 
     /// A [`EngineError::Validation`] with the given text.

@@ -88,8 +88,9 @@ pub mod postgres {
         MIGRATOR, MIN_WAKE_INTERVAL,
     };
 
-    /// Applies durable-group acks inside the caller's transaction on `conn`: all, or none and
-    /// [`crate::EngineError::Fenced`] with the transaction aborted.
+    /// Applies durable-group acks inside the caller's transaction on `conn`, as an
+    /// [`crate::AckTicket`] does: all, or none and [`crate::EngineError::Fenced`] or
+    /// [`crate::EngineError::AlreadyAcknowledged`] with the transaction aborted.
     ///
     /// # Errors
     /// As the backend's group ack.
@@ -99,7 +100,7 @@ pub mod postgres {
         member: &str,
         acks: &[super::Ack],
     ) -> Result<(), crate::EngineError> {
-        crate::backends::postgres::groups::ack_in(conn, group, member, acks).await
+        crate::backends::postgres::groups::ack_in(conn, group, member, acks, true).await
     }
 }
 
@@ -108,8 +109,9 @@ pub mod postgres {
 pub mod sqlite {
     pub use crate::backends::sqlite::MIGRATOR;
 
-    /// Applies durable-group acks inside the caller's write transaction on `conn`: all, or none
-    /// and [`crate::EngineError::Fenced`] (the caller rolls back).
+    /// Applies durable-group acks inside the caller's write transaction on `conn`, as an
+    /// [`crate::AckTicket`] does: all, or none and [`crate::EngineError::Fenced`] or
+    /// [`crate::EngineError::AlreadyAcknowledged`] (the caller rolls back).
     ///
     /// # Errors
     /// As the backend's group ack.
@@ -119,7 +121,7 @@ pub mod sqlite {
         member: &str,
         acks: &[super::Ack],
     ) -> Result<(), crate::EngineError> {
-        crate::backends::sqlite::groups::ack_in(conn, group, member, acks).await
+        crate::backends::sqlite::groups::ack_in(conn, group, member, acks, true).await
     }
 }
 

@@ -153,7 +153,8 @@ pub struct Effect {
 }
 
 /// Writes the effect of `event`, with its acknowledgement in the same transaction when a
-/// ticket is given; `false` when the member was fenced (the transaction rolled back).
+/// ticket is given; `false` when the member was fenced or the event was already acknowledged
+/// (the transaction rolled back).
 pub async fn apply(
     db: &EffectDb,
     member: &str,
@@ -185,7 +186,9 @@ pub async fn apply(
             };
             match acked {
                 Ok(()) => tx.commit().await.map(|()| true)?,
-                Err(EngineError::Fenced { .. }) => false,
+                // Dropping `tx` rolls the effect back: another member (or an earlier commit)
+                // handles the event.
+                Err(EngineError::Fenced { .. } | EngineError::AlreadyAcknowledged { .. }) => false,
                 Err(err) => return Err(err.into()),
             }
         }};

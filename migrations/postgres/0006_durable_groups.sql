@@ -115,15 +115,19 @@ $$;
 -- (inside its transaction when it has one, so that a fenced ack aborts it). Raises FFG02 for an
 -- unknown group, FFG03 for arrays of different lengths, FFG01 (DETAIL: the partition) when the
 -- member does not hold one of the partitions with the ack's token and an unexpired lease.
--- Positions only move up; the highest of several acks of one partition wins.
+-- Positions only move up; the highest of several acks of one partition wins. With p_once (an
+-- ack in the transaction of the engine's effect) every ack must move its position up: one at
+-- or below the stored position raises FFG04 (DETAIL: the partition), so that an effect whose
+-- event was already acknowledged rolls back.
 CREATE OR REPLACE FUNCTION ff_completion_group_ack(
     p_group text, p_member text, p_partitions integer[], p_tokens bigint[],
-    p_majors bigint[], p_his bigint[], p_los bigint[])
+    p_majors bigint[], p_his bigint[], p_los bigint[], p_once boolean DEFAULT false)
 RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     v_now     timestamptz;
     v_fenced  integer;
+    v_repeat  integer;
     v_n       integer := coalesce(cardinality(p_partitions), 0);
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM ff_completion_group WHERE group_name = p_group) THEN
@@ -145,6 +149,17 @@ BEGIN
     IF FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'FFG01', DETAIL = v_fenced::text,
             MESSAGE = format('member %L of group %L no longer holds partition %s', p_member, p_group, v_fenced);
+    END IF;
+    IF p_once THEN
+        SELECT a.partition INTO v_repeat
+          FROM unnest(p_partitions, p_majors, p_his, p_los) AS a(partition, major, hi, lo)
+          JOIN ff_completion_group_partition p ON p.group_name = p_group AND p.partition = a.partition
+         WHERE (a.major, a.hi, a.lo) <= (p.acked_major, p.acked_hi, p.acked_lo)
+         ORDER BY a.partition LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION USING ERRCODE = 'FFG04', DETAIL = v_repeat::text,
+                MESSAGE = format('group %L has acknowledged partition %s at or past this position', p_group, v_repeat);
+        END IF;
     END IF;
     UPDATE ff_completion_group_partition p
        SET acked_major = a.major, acked_hi = a.hi, acked_lo = a.lo

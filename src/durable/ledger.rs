@@ -204,9 +204,9 @@ impl Ledger {
     /// before its partition moved away and came back (a new token) is not: the read from the
     /// stored position delivers it again.
     pub(crate) fn is_current(&self, cursor: &StreamCursor, token: u64) -> bool {
-        self.by_cursor.get(cursor).is_some_and(|d| {
-            d.token == token && self.held.get(&d.partition).is_some_and(|held| held.token == token)
-        })
+        self.by_cursor
+            .get(cursor)
+            .is_some_and(|d| d.token == token && self.held.get(&d.partition).is_some_and(|held| held.token == token))
     }
 
     /// The ack for a delivered, not yet acknowledged event's cursor (acknowledging it
@@ -222,9 +222,10 @@ impl Ledger {
                  moved to another member"
             ))
         })?;
-        self.held.get(&delivered.partition).filter(|held| held.token == delivered.token).ok_or_else(|| {
-            EngineError::validation(format!("partition {} is no longer held", delivered.partition))
-        })?;
+        self.held
+            .get(&delivered.partition)
+            .filter(|held| held.token == delivered.token)
+            .ok_or_else(|| EngineError::validation(format!("partition {} is no longer held", delivered.partition)))?;
         Ok(Ack { partition: delivered.partition, token: delivered.token, position: delivered.position })
     }
 
@@ -336,11 +337,17 @@ mod tests {
         let first = ledger.generation();
         assert!(ledger.admit(&mut event(1, 20), first).unwrap().is_some());
         ledger.apply(&[lease(1, 1, 10), lease(2, 4, 3)]);
-        assert!(ledger.admit(&mut event(2, 21), first).unwrap().is_none(), "the old read skipped partition 2's earlier events");
+        assert!(
+            ledger.admit(&mut event(2, 21), first).unwrap().is_none(),
+            "the old read skipped partition 2's earlier events"
+        );
         assert_eq!(ledger.read_from(&Frontier::default()), Some(Frontier::at(Position::new(0, 3))));
         let second = ledger.generation();
         assert!(second > first);
-        assert!(ledger.admit(&mut event(1, 15), second).unwrap().is_none(), "partition 1 continues after what it delivered");
+        assert!(
+            ledger.admit(&mut event(1, 15), second).unwrap().is_none(),
+            "partition 1 continues after what it delivered"
+        );
         assert!(ledger.admit(&mut event(2, 4), second).unwrap().is_some());
     }
 
@@ -392,7 +399,10 @@ mod tests {
         let g = ledger.generation();
         let mut busy = event(1, 10);
         assert!(ledger.admit(&mut busy, g).unwrap().is_some());
-        assert!(ledger.admit(&mut event(9, 12), g).unwrap().is_none(), "another member's partition still moves the read");
+        assert!(
+            ledger.admit(&mut event(9, 12), g).unwrap().is_none(),
+            "another member's partition still moves the read"
+        );
         let acks = ledger.watermark_acks();
         assert_eq!(
             acks.iter().map(|a| (a.partition, a.position)).collect::<Vec<_>>(),

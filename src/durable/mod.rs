@@ -349,24 +349,38 @@ impl AckTicket {
     /// Writes the acknowledgement on `conn`, inside the caller's transaction.
     ///
     /// # Errors
-    /// [`EngineError::Fenced`] (roll the transaction back), or the database's error.
+    /// [`EngineError::Fenced`] or [`EngineError::AlreadyAcknowledged`] (roll the transaction
+    /// back: another member or an earlier commit handles the event), or the database's error.
     #[cfg(feature = "postgres")]
     pub async fn commit_in_postgres(&self, conn: &mut sqlx::PgConnection) -> Result<(), EngineError> {
         self.counted(
-            crate::backends::postgres::groups::ack_in(conn, &self.group, &self.member, std::slice::from_ref(&self.ack))
-                .await,
+            crate::backends::postgres::groups::ack_in(
+                conn,
+                &self.group,
+                &self.member,
+                std::slice::from_ref(&self.ack),
+                true,
+            )
+            .await,
         )
     }
 
     /// Writes the acknowledgement on `conn`, inside the caller's transaction.
     ///
     /// # Errors
-    /// [`EngineError::Fenced`] (roll the transaction back), or the database's error.
+    /// [`EngineError::Fenced`] or [`EngineError::AlreadyAcknowledged`] (roll the transaction
+    /// back: another member or an earlier commit handles the event), or the database's error.
     #[cfg(feature = "sqlite")]
     pub async fn commit_in_sqlite(&self, conn: &mut sqlx::SqliteConnection) -> Result<(), EngineError> {
         self.counted(
-            crate::backends::sqlite::groups::ack_in(conn, &self.group, &self.member, std::slice::from_ref(&self.ack))
-                .await,
+            crate::backends::sqlite::groups::ack_in(
+                conn,
+                &self.group,
+                &self.member,
+                std::slice::from_ref(&self.ack),
+                true,
+            )
+            .await,
         )
     }
 

@@ -28,7 +28,11 @@
 //! - **Ack** (atomic, all or nothing): an unknown group is a validation error; each ack's
 //!   partition must be held by the member with the ack's token and an unexpired lease, or the
 //!   whole call is [`crate::EngineError::Fenced`] and nothing is written; the acknowledged
-//!   position becomes the higher of the stored one and the ack's.
+//!   position becomes the higher of the stored one and the ack's. An ack inside the engine's
+//!   transaction (Postgres and SQLite, an [`crate::AckTicket`]) must move its position up:
+//!   one at or below the stored position is [`crate::EngineError::AlreadyAcknowledged`],
+//!   nothing is written, and the engine's transaction rolls back, so that an event's effect
+//!   commits once even if the event was handed out twice.
 //! - **Leave**: the member is removed and its partitions freed (tokens unchanged); an unknown
 //!   group or member changes nothing.
 
@@ -82,7 +86,8 @@ pub struct Lease {
 }
 
 /// One acknowledgement: move `partition`'s acknowledged position up to `position`, if the
-/// member still holds it with `token`. A position at or below the stored one is a no-op.
+/// member still holds it with `token`. A position at or below the stored one is a no-op
+/// (refused inside the engine's transaction: see the module's rules).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ack {
     /// The flow partition.

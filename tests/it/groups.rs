@@ -452,8 +452,8 @@ pub struct InTransaction {
 }
 
 /// The promise both SQL backends keep for an ack in the caller's transaction: not fenced, the
-/// effect and the position commit together; fenced, the transaction rolls back and neither is
-/// written. `in_tx(group, acks, effect id)` runs an effect insert and `ack_in` in one
+/// effect and the position commit together; fenced, or at or below the acknowledged position
+/// (the event's effect committed before), the transaction rolls back and neither is written. `in_tx(group, acks, effect id)` runs an effect insert and `ack_in` in one
 /// transaction, committing on success and rolling back on an error.
 pub async fn assert_ack_in_transaction_commits_or_rolls_back_with_the_effect<F, Fut>(store: &GroupStore, mut in_tx: F)
 where
@@ -483,4 +483,18 @@ where
     done.acked.expect("an ack with the new token");
     assert!(done.effect_kept);
     assert_eq!(tokens_and_acks(&view(store, &group).await)[&lease.partition], (second[0].token, fresh.position));
+
+    // The same event's effect again (an event handed out twice, a transaction retried after an
+    // unknown commit outcome), or an earlier one's: refused, the effect rolls back.
+    let acked = view(store, &group).await;
+    for (again, id) in [(fresh, 4), (Ack { position: above(lease.acked, 7), ..fresh }, 5)] {
+        let done = in_tx(group.clone(), vec![again], id).await;
+        assert!(
+            matches!(done.acked, Err(EngineError::AlreadyAcknowledged { .. })),
+            "an ack at or below the acknowledged position: {:?}",
+            done.acked
+        );
+        assert!(!done.effect_kept, "the effect rolled back with the refused ack");
+        assert_eq!(view(store, &group).await.partitions, acked.partitions, "nothing of the ack was written");
+    }
 }

@@ -18,8 +18,8 @@ const HEARTBEAT: &str = "\
 SELECT o_partition, o_token, o_acked_major, o_acked_hi, o_acked_lo \
   FROM ff_completion_group_heartbeat($1, $2, $3, $4, $5, $6, $7, $8)";
 
-/// One atomic ack: `(group, member, partitions, tokens, majors, his, los)`.
-const ACK: &str = "SELECT ff_completion_group_ack($1, $2, $3, $4, $5, $6, $7)";
+/// One atomic ack: `(group, member, partitions, tokens, majors, his, los, once)`.
+const ACK: &str = "SELECT ff_completion_group_ack($1, $2, $3, $4, $5, $6, $7, $8)";
 
 /// Removes a member.
 const LEAVE: &str = "SELECT ff_completion_group_leave($1, $2)";
@@ -41,6 +41,7 @@ SELECT partition, owner, floor(extract(epoch FROM expires_at) * 1000)::int8, tok
 const FENCED: &str = "FFG01";
 const UNKNOWN_GROUP: &str = "FFG02";
 const MALFORMED: &str = "FFG03";
+const ALREADY_ACKNOWLEDGED: &str = "FFG04";
 
 type LeaseRow = (i16, i64, i64, i64, i64);
 type PartitionRow = (i16, Option<String>, Option<i64>, i64, i64, i64, i64);
@@ -61,6 +62,14 @@ fn group_error(op: &'static str, group: &str, member: &str, err: sqlx::Error) ->
                     .and_then(|d| d.parse::<u16>().ok())
                     .unwrap_or_default();
                 return EngineError::fenced(group, member, partition);
+            }
+            Some(ALREADY_ACKNOWLEDGED) => {
+                let partition = db
+                    .try_downcast_ref::<PgDatabaseError>()
+                    .and_then(PgDatabaseError::detail)
+                    .and_then(|d| d.parse::<u16>().ok())
+                    .unwrap_or_default();
+                return EngineError::already_acknowledged(group, partition);
             }
             Some(UNKNOWN_GROUP) => return EngineError::validation(format!("unknown durable group {group:?}")),
             Some(MALFORMED) => return EngineError::validation(db.message().to_owned()),
@@ -90,16 +99,19 @@ pub(crate) async fn heartbeat(pool: &PgPool, beat: &Heartbeat<'_>) -> Result<Vec
 
 /// Applies `acks` for `member` of `group` on `conn`, inside whatever transaction it has open:
 /// all of them, or none and [`EngineError::Fenced`] (the transaction is then aborted and must
-/// roll back, with anything else written in it).
+/// roll back, with anything else written in it). With `once` (an ack beside the engine's
+/// effect), each ack must move its partition's position up.
 ///
 /// # Errors
 /// [`EngineError::Validation`] for a bad name, a position above `i64::MAX` or an unknown group;
-/// [`EngineError::Fenced`]; connection errors as usual.
+/// [`EngineError::Fenced`]; with `once`, [`EngineError::AlreadyAcknowledged`] for a position at
+/// or below the stored one; connection errors as usual.
 pub(crate) async fn ack_in(
     conn: &mut PgConnection,
     group: &str,
     member: &str,
     acks: &[Ack],
+    once: bool,
 ) -> Result<(), EngineError> {
     check_member(group, member)?;
     let n = acks.len();
@@ -122,6 +134,7 @@ pub(crate) async fn ack_in(
         .bind(majors)
         .bind(his)
         .bind(los)
+        .bind(once)
         .execute(conn)
         .await
         .map_err(|e| group_error("postgres group ack", group, member, e))?;
@@ -131,7 +144,7 @@ pub(crate) async fn ack_in(
 pub(crate) async fn ack(pool: &PgPool, group: &str, member: &str, acks: &[Ack]) -> Result<(), EngineError> {
     check_member(group, member)?;
     let mut conn = pool.acquire().await.map_err(|e| EngineError::from_sqlx("postgres group ack", e))?;
-    ack_in(&mut conn, group, member, acks).await
+    ack_in(&mut conn, group, member, acks, false).await
 }
 
 pub(crate) async fn leave(pool: &PgPool, group: &str, member: &str) -> Result<(), EngineError> {

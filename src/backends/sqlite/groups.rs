@@ -66,9 +66,10 @@ SELECT partition, token, acked_major, acked_hi, acked_lo FROM ff_completion_grou
 /// Whether the group exists.
 const GROUP_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM ff_completion_group WHERE group_name = ?1)";
 
-/// A partition's holder, token and lease expiry.
+/// A partition's holder, token, lease expiry and acknowledged position.
 const HOLDER: &str = "\
-SELECT owner, token, expires_at_ms FROM ff_completion_group_partition WHERE group_name = ?1 AND partition = ?2";
+SELECT owner, token, expires_at_ms, acked_major, acked_hi, acked_lo FROM ff_completion_group_partition \
+ WHERE group_name = ?1 AND partition = ?2";
 
 /// Moves a partition's acknowledged position up to `(?3, ?4, ?5)`, never down.
 const ACK: &str = "\
@@ -93,6 +94,8 @@ SELECT partition, owner, expires_at_ms, token, acked_major, acked_hi, acked_lo F
  WHERE group_name = ?1 ORDER BY partition";
 
 type LeaseRow = (i64, i64, i64, i64, i64);
+/// A partition's owner, token, lease expiry and acknowledged position words.
+type HolderRow = (Option<String>, i64, Option<i64>, i64, i64, i64);
 type PartitionRow = (i64, Option<String>, Option<i64>, i64, i64, i64, i64);
 
 fn sql_err(op: &'static str) -> impl Fn(sqlx::Error) -> EngineError {
@@ -182,17 +185,20 @@ pub(crate) async fn heartbeat(pool: &SqlitePool, key: &str, beat: &Heartbeat<'_>
 
 /// Applies `acks` for `member` of `group` inside the caller's write transaction on `conn`:
 /// every ack is checked before any is written, so a fenced call writes nothing (the caller rolls
-/// back whatever else it wrote).
+/// back whatever else it wrote). With `once` (an ack beside the engine's effect), each ack
+/// must move its partition's position up.
 ///
 /// # Errors
 /// [`EngineError::Validation`] for a bad name, a position above `i64::MAX` or an unknown group;
 /// [`EngineError::Fenced`] when `member` does not hold one of the partitions with the ack's
-/// token and an unexpired lease.
+/// token and an unexpired lease; with `once`, [`EngineError::AlreadyAcknowledged`] for a
+/// position at or below the stored one.
 pub(crate) async fn ack_in(
     conn: &mut SqliteConnection,
     group: &str,
     member: &str,
     acks: &[Ack],
+    once: bool,
 ) -> Result<(), EngineError> {
     let op = "sqlite group ack";
     check_member(group, member)?;
@@ -203,19 +209,23 @@ pub(crate) async fn ack_in(
     }
     let now = now_ms(conn, op).await?;
     for ack in acks {
-        let holder: Option<(Option<String>, i64, Option<i64>)> = sqlx::query_as(HOLDER)
+        let holder: Option<HolderRow> = sqlx::query_as(HOLDER)
             .bind(group)
             .bind(i64::from(ack.partition))
             .fetch_optional(&mut *conn)
             .await
             .map_err(sql_err(op))?;
-        let holds = holder.is_some_and(|(owner, token, expires)| {
-            owner.as_deref() == Some(member)
-                && u64::try_from(token).is_ok_and(|t| t == ack.token)
-                && expires.is_some_and(|e| e > now)
-        });
+        let Some((owner, token, expires, major, hi, lo)) = holder else {
+            return Err(EngineError::fenced(group, member, ack.partition));
+        };
+        let holds = owner.as_deref() == Some(member)
+            && u64::try_from(token).is_ok_and(|t| t == ack.token)
+            && expires.is_some_and(|e| e > now);
         if !holds {
             return Err(EngineError::fenced(group, member, ack.partition));
+        }
+        if once && ack.position <= from_sql_words(major, hi, lo) {
+            return Err(EngineError::already_acknowledged(group, ack.partition));
         }
     }
     for (ack, [major, hi, lo]) in acks.iter().zip(words) {
@@ -241,7 +251,7 @@ pub(crate) async fn ack(
 ) -> Result<(), EngineError> {
     check_member(group, member)?;
     let (mut tx, _turn) = write(pool, key, "sqlite group ack").await?;
-    ack_in(&mut tx, group, member, acks).await?;
+    ack_in(&mut tx, group, member, acks, false).await?;
     tx.commit().await.map_err(sql_err("sqlite group ack"))
 }
 

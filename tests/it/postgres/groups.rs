@@ -9,7 +9,7 @@ crate::durable::durable_tests!();
 crate::groups::group_store_tests! { @each a_position_above_i64_max_is_a_validation_error_and_changes_nothing; }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_ack_in_the_callers_transaction_commits_with_its_effect_and_a_fenced_one_rolls_it_back() {
+async fn an_ack_in_the_callers_transaction_commits_with_its_effect_and_a_fenced_or_repeated_one_rolls_it_back() {
     use ff_completions::testing::postgres::ack_in;
     use sqlx::Connection;
     use sqlx::postgres::PgConnection;
