@@ -104,7 +104,9 @@ impl Backend {
 
 const TTL: Duration = Duration::from_millis(1500);
 
-/// Three members share a group; one is SIGKILLed mid-stream and a new one joins later.
+/// Three members share a group; one is SIGKILLed mid-stream and restarted under its member id
+/// before its lease ran out (its rejoin raises its tokens, fencing whatever the killed process
+/// had begun, and it goes on from the acknowledged positions); a fourth joins later.
 async fn kill_scenario(kind: &str) -> anyhow::Result<Verdict> {
     let (backend, mut run) = Backend::start(kind).await?;
     let group = "promoter";
@@ -117,6 +119,9 @@ async fn kill_scenario(kind: &str) -> anyhow::Result<Verdict> {
     let mut victim = members.remove(1);
     victim.kill9().await?;
     let killed_at = run.produced.count.load(Ordering::Relaxed);
+    tokio::time::sleep(TTL / 3).await;
+    let restarted_at = ff_completions::TimestampMs::now();
+    members.push(MemberProcess::spawn(&run, group, Some("m1"), TTL, Duration::ZERO)?);
     tokio::time::sleep(Duration::from_secs(3)).await;
     members.push(MemberProcess::spawn(&run, group, Some("m3"), TTL, Duration::ZERO)?);
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -125,7 +130,14 @@ async fn kill_scenario(kind: &str) -> anyhow::Result<Verdict> {
     let verdict =
         settle_allowing_repeats(&run.db, &run.produced, Duration::from_secs(60), &backend.repeats(&["m1"], &all))
             .await?;
-    println!("   killed m1 after {killed_at} completions; effects by member {:?}", verdict.by_member);
+    let by_restarted = run.db.effects().await?.iter().filter(|e| e.member == "m1" && e.done >= restarted_at).count();
+    println!(
+        "   killed m1 after {killed_at} completions, restarted it {:?} later (it wrote {by_restarted} effects); \
+         effects by member {:?}",
+        TTL / 3,
+        verdict.by_member
+    );
+    anyhow::ensure!(by_restarted > 0, "the restarted member wrote no effect");
     anyhow::ensure!(verdict.by_member.contains_key("m3"), "the member that joined later took no partition");
     Ok(verdict)
 }
