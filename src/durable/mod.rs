@@ -353,16 +353,8 @@ impl AckTicket {
     /// back: another member or an earlier commit handles the event), or the database's error.
     #[cfg(feature = "postgres")]
     pub async fn commit_in_postgres(&self, conn: &mut sqlx::PgConnection) -> Result<(), EngineError> {
-        self.counted(
-            crate::backends::postgres::groups::ack_in(
-                conn,
-                &self.group,
-                &self.member,
-                std::slice::from_ref(&self.ack),
-                true,
-            )
-            .await,
-        )
+        let acks = std::slice::from_ref(&self.ack);
+        self.counted(crate::backends::postgres::groups::ack_in(conn, &self.group, &self.member, acks, true).await)
     }
 
     /// Writes the acknowledgement on `conn`, inside the caller's transaction.
@@ -372,16 +364,8 @@ impl AckTicket {
     /// back: another member or an earlier commit handles the event), or the database's error.
     #[cfg(feature = "sqlite")]
     pub async fn commit_in_sqlite(&self, conn: &mut sqlx::SqliteConnection) -> Result<(), EngineError> {
-        self.counted(
-            crate::backends::sqlite::groups::ack_in(
-                conn,
-                &self.group,
-                &self.member,
-                std::slice::from_ref(&self.ack),
-                true,
-            )
-            .await,
-        )
+        let acks = std::slice::from_ref(&self.ack);
+        self.counted(crate::backends::sqlite::groups::ack_in(conn, &self.group, &self.member, acks, true).await)
     }
 
     /// Counts a fenced commit (a written one counts once its transaction is known to commit,

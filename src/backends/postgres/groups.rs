@@ -50,27 +50,20 @@ fn lease((partition, token, major, hi, lo): LeaseRow) -> Lease {
     Lease { partition: partition.max(0) as u16, token: token.max(0) as u64, acked: from_sql_words(major, hi, lo) }
 }
 
-/// Maps what the group functions raise to the crate's errors: fenced and unknown-group codes
-/// first ([`EngineError::from_sqlx`] would call them transport errors), the rest as usual.
+/// Maps what the group functions raise to the crate's errors: fenced, already-acknowledged
+/// and unknown-group codes first ([`EngineError::from_sqlx`] would call them transport errors), the rest as usual.
 fn group_error(op: &'static str, group: &str, member: &str, err: sqlx::Error) -> EngineError {
     if let sqlx::Error::Database(db) = &err {
+        // FFG01 and FFG04 name the partition in their DETAIL.
+        let partition = || {
+            db.try_downcast_ref::<PgDatabaseError>()
+                .and_then(PgDatabaseError::detail)
+                .and_then(|d| d.parse::<u16>().ok())
+                .unwrap_or_default()
+        };
         match db.code().as_deref() {
-            Some(FENCED) => {
-                let partition = db
-                    .try_downcast_ref::<PgDatabaseError>()
-                    .and_then(PgDatabaseError::detail)
-                    .and_then(|d| d.parse::<u16>().ok())
-                    .unwrap_or_default();
-                return EngineError::fenced(group, member, partition);
-            }
-            Some(ALREADY_ACKNOWLEDGED) => {
-                let partition = db
-                    .try_downcast_ref::<PgDatabaseError>()
-                    .and_then(PgDatabaseError::detail)
-                    .and_then(|d| d.parse::<u16>().ok())
-                    .unwrap_or_default();
-                return EngineError::already_acknowledged(group, partition);
-            }
+            Some(FENCED) => return EngineError::fenced(group, member, partition()),
+            Some(ALREADY_ACKNOWLEDGED) => return EngineError::already_acknowledged(group, partition()),
             Some(UNKNOWN_GROUP) => return EngineError::validation(format!("unknown durable group {group:?}")),
             Some(MALFORMED) => return EngineError::validation(db.message().to_owned()),
             _ => {}
