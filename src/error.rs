@@ -159,7 +159,8 @@ impl EngineError {
         Self::Fenced { detail: format!("member {member:?} of group {group:?} no longer holds partition {partition}") }
     }
 
-    /// An [`EngineError::AlreadyAcknowledged`] for `partition` of `group`.
+    /// An [`EngineError::AlreadyAcknowledged`] for `partition` of `group` (the SQL stores').
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
     pub(crate) fn already_acknowledged(group: &str, partition: u16) -> Self {
         Self::AlreadyAcknowledged {
             detail: format!("group {group:?} has acknowledged partition {partition} at or past this position"),
