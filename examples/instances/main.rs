@@ -4,11 +4,15 @@
 //! transaction as its acknowledgement. The parent produces completions, checks that every one
 //! was handled exactly once and in order within its partition, and with `--chaos` SIGKILLs a
 //! random member now and then and starts a new one, reporting how long each takeover took.
+//! On Valkey the effect rows go to an SQLite file and the ack is its own call after the
+//! effect's transaction: each completion at least once, a repeat only of an effect a killed
+//! member wrote before it could ack, or whose ack was fenced.
 //!
 //! ```text
 //! cargo run --release --example instances                          # 3 members, an SQLite file
 //! cargo run --release --example instances -- --chaos               # kill and replace members
 //! cargo run --release --example instances -- --backend postgres://postgres@127.0.0.1:5432/app
+//! cargo run --release --example instances -- --backend valkey://127.0.0.1:6379 --chaos
 //! cargo run --release --example instances -- --bench               # takeover and throughput figures
 //! ```
 
@@ -18,15 +22,16 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use ff_completions::testing::{Ack, Position, Sharing};
-use ff_completions::{PARTITION_COUNT, TimestampMs};
+use ff_completions::{BackendConfig, PARTITION_COUNT, TimestampMs};
 use rand::Rng;
 
-use group::{MemberProcess, Run, converged, settle};
+use group::{MemberProcess, Repeats, Run, converged, settle, settle_allowing_repeats};
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Three OS processes share one durable promoter group; --chaos kills and replaces them")]
 struct Args {
-    /// `sqlite` (a file in a temporary directory) or a `postgres://` URL.
+    /// `sqlite` (a file in a temporary directory), a `postgres://` URL, or a `valkey://` (or
+    /// `valkey+cluster://`) URL, whose effect rows go to an SQLite file.
     #[arg(long, default_value = "sqlite")]
     backend: String,
     /// Member processes.
@@ -57,21 +62,53 @@ fn main() -> anyhow::Result<()> {
     }
     let args = Args::parse();
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(async {
-        let (_dir, kind, at) = backend(&args.backend)?;
-        if args.bench { bench(&args, kind, at).await } else { demo(&args, kind, at).await }
+        let target = Target::from_arg(&args.backend)?;
+        if args.bench { bench(&args, &target).await } else { demo(&args, &target).await }
     })
 }
 
-/// The backend: a temporary SQLite file, or the Postgres URL given.
-fn backend(arg: &str) -> anyhow::Result<(Option<tempfile::TempDir>, &'static str, String)> {
-    if arg == "sqlite" {
-        let dir = tempfile::tempdir()?;
-        let at = dir.path().join("instances.db").display().to_string();
-        Ok((Some(dir), "sqlite", at))
-    } else if arg.starts_with("postgres://") || arg.starts_with("postgresql://") {
-        Ok((None, "postgres", arg.to_owned()))
-    } else {
-        anyhow::bail!("--backend takes sqlite or a postgres:// URL")
+/// Where the group lives and where the effect rows go.
+struct Target {
+    backend: BackendConfig,
+    /// The effect rows' database: `sqlite` or `postgres`.
+    kind: &'static str,
+    /// Its file or URL.
+    at: String,
+    /// Keeps a temporary SQLite file.
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Target {
+    /// `sqlite` (a temporary file), a Postgres URL, or a Valkey URL (effects in a temporary
+    /// SQLite file).
+    fn from_arg(arg: &str) -> anyhow::Result<Self> {
+        let file = |name: &str| -> anyhow::Result<(tempfile::TempDir, String)> {
+            let dir = tempfile::tempdir()?;
+            let at = dir.path().join(name).display().to_string();
+            Ok((dir, at))
+        };
+        if arg == "sqlite" {
+            let (dir, at) = file("instances.db")?;
+            return Ok(Self { backend: BackendConfig::sqlite(&at), kind: "sqlite", at, _dir: Some(dir) });
+        }
+        let backend = BackendConfig::from_url(arg)?;
+        match backend.kind() {
+            "postgres" => Ok(Self { backend, kind: "postgres", at: arg.to_owned(), _dir: None }),
+            kind if kind.starts_with("valkey") => {
+                let (dir, at) = file("effects.db")?;
+                Ok(Self { backend, kind: "sqlite", at, _dir: Some(dir) })
+            }
+            other => anyhow::bail!("--backend takes sqlite, a postgres:// or a valkey:// URL, not {other}"),
+        }
+    }
+
+    /// Whether the ack is its own call after the effect's transaction (at least once).
+    fn ack_after_effect(&self) -> bool {
+        self.backend.kind().starts_with("valkey")
+    }
+
+    async fn start(&self) -> anyhow::Result<Run> {
+        Run::start_with(self.backend.clone(), self.kind, self.at.clone()).await
     }
 }
 
@@ -83,22 +120,27 @@ struct Takeover {
     after_expiry: Duration,
 }
 
-/// Kills a random member; returns its id, partitions, when it was killed and when its
-/// leases ran out.
-async fn kill_one(
-    run: &Run,
-    group: &str,
-    members: &mut Vec<(String, MemberProcess)>,
-) -> anyhow::Result<(String, Vec<i64>, TimestampMs, TimestampMs)> {
+/// A killed member: its id and process (what it printed), its partitions, when it was
+/// killed and when its leases ran out.
+struct Killed {
+    id: String,
+    process: MemberProcess,
+    partitions: Vec<i64>,
+    at: TimestampMs,
+    expires: TimestampMs,
+}
+
+/// Kills a random member.
+async fn kill_one(run: &Run, group: &str, members: &mut Vec<(String, MemberProcess)>) -> anyhow::Result<Killed> {
     let victim = rand::rng().random_range(0..members.len());
     let (id, mut process) = members.remove(victim);
     let view = run.store.view(group).await?.unwrap_or_default();
     let held: Vec<_> = view.partitions.iter().filter(|p| p.owner.as_ref().is_some_and(|(o, _)| *o == id)).collect();
     let expires = held.iter().filter_map(|p| p.owner.as_ref().map(|(_, at)| *at)).max().unwrap_or_default();
     let partitions = held.iter().map(|p| i64::from(p.partition)).collect();
-    let killed = TimestampMs::now();
+    let at = TimestampMs::now();
     process.kill9().await?;
-    Ok((id, partitions, killed, expires))
+    Ok(Killed { id, process, partitions, at, expires })
 }
 
 /// Polls the group until none of `partitions` is held by `victim` any more and every one of
@@ -151,10 +193,10 @@ fn spawn_members(
         .collect()
 }
 
-async fn demo(args: &Args, kind: &'static str, at: String) -> anyhow::Result<()> {
-    let mut run = Run::start(kind, at).await?;
+async fn demo(args: &Args, target: &Target) -> anyhow::Result<()> {
+    let mut run = target.start().await?;
     let group = format!("promoter-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    println!("{} member processes share group {group} on {kind}", args.members);
+    println!("{} member processes share group {group} on {}", args.members, target.backend.kind());
     let mut members = spawn_members(&run, &group, (0..args.members).map(|i| format!("m{i}")), args.ttl)?;
     converged(&run.store, &group, args.members, Duration::from_secs(60)).await?;
     let started = Instant::now();
@@ -166,30 +208,44 @@ async fn demo(args: &Args, kind: &'static str, at: String) -> anyhow::Result<()>
         if !args.chaos || started.elapsed() >= args.duration || members.len() < 2 {
             continue;
         }
-        let (victim, partitions, killed, expires) = kill_one(&run, &group, &mut members).await?;
-        println!("  SIGKILL {victim} (held {} partitions)", partitions.len());
+        let killed = kill_one(&run, &group, &mut members).await?;
+        println!("  SIGKILL {} (held {} partitions)", killed.id, killed.partitions.len());
         tokio::time::sleep(Duration::from_secs(1)).await;
         let id = format!("m{next_id}");
         next_id += 1;
         members.extend(spawn_members(&run, &group, [id.clone()], args.ttl)?);
         println!("  started {id}");
-        takeovers.push((victim, partitions, killed, expires));
+        takeovers.push(killed);
     }
     run.stop_producing().await;
     let produced_for = started.elapsed();
-    let verdict = settle(&run.db, &run.produced, Duration::from_secs(60)).await?;
+    // Where the ack follows the effect's transaction, an effect may repeat: only one a killed
+    // member wrote before it could ack, or one whose ack its member reported fenced.
+    let repeats = if target.ack_after_effect() {
+        let all = members.iter().map(|(_, p)| p).chain(takeovers.iter().map(|k| &k.process));
+        Repeats {
+            killed: takeovers.iter().map(|k| k.id.clone()).collect(),
+            fenced: all.flat_map(MemberProcess::fenced_ids).collect(),
+        }
+    } else {
+        Repeats::default()
+    };
+    let verdict = settle_allowing_repeats(&run.db, &run.produced, Duration::from_secs(60), &repeats).await?;
     println!(
-        "{} completions in {produced_for:.1?}: effects {} (lost {}, duplicated {}, out of order {}, unexpected {}); by member {:?}",
+        "{} completions in {produced_for:.1?}: effects {} (lost {}, duplicated {}, out of order {}, unexpected {}, \
+         repeated after an interruption {}); by member {:?}",
         verdict.expected,
         verdict.effects,
         verdict.lost,
         verdict.duplicated,
         verdict.out_of_order,
         verdict.unexpected,
+        verdict.repeated,
         verdict.by_member
     );
-    for (victim, partitions, killed, expires) in &takeovers {
-        match takeover_of(&run, victim, partitions, *killed, *expires).await? {
+    for killed in &takeovers {
+        let victim = &killed.id;
+        match takeover_of(&run, victim, &killed.partitions, killed.at, killed.expires).await? {
             Some(t) => println!(
                 "  takeover of {victim}'s partitions: {:?} after the kill, {:?} after its leases ran out",
                 t.after_kill, t.after_expiry
@@ -210,8 +266,16 @@ async fn demo(args: &Args, kind: &'static str, at: String) -> anyhow::Result<()>
             println!("    {line}");
         }
     }
-    anyhow::ensure!(verdict.ok(), "the group did not handle every completion exactly once, in order");
-    println!("every completion was handled exactly once, in order within its partition");
+    if target.ack_after_effect() {
+        anyhow::ensure!(verdict.ok(), "the group did not handle every completion at least once, in order");
+        println!(
+            "every completion was handled, in order within its partition; {} repeated after an interruption",
+            verdict.repeated
+        );
+    } else {
+        anyhow::ensure!(verdict.ok(), "the group did not handle every completion exactly once, in order");
+        println!("every completion was handled exactly once, in order within its partition");
+    }
     Ok(())
 }
 
@@ -220,14 +284,19 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted.get(i).copied().unwrap_or_default()
 }
 
-async fn bench(args: &Args, kind: &'static str, at: String) -> anyhow::Result<()> {
+async fn bench(args: &Args, target: &Target) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !target.ack_after_effect(),
+        "--bench measures effect and ack in one transaction: sqlite or a postgres:// URL"
+    );
+    let kind = target.kind;
     let backlog = 3000;
     println!(
         "throughput on {kind}: members drain a backlog of {backlog} completions, effect and ack in one transaction each"
     );
     let mut base = None;
     for members in [1usize, 2, 4] {
-        let mut run = Run::start(kind, at.clone()).await?;
+        let mut run = target.start().await?;
         let group = format!("bench-{members}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         // The group starts at the tail: create it before the backlog, then leave it.
         run.store.heartbeat(&group, "creator", args.ttl, Sharing::Shared, true).await?;
@@ -251,7 +320,7 @@ async fn bench(args: &Args, kind: &'static str, at: String) -> anyhow::Result<()
     }
 
     println!("takeover after SIGKILL: 3 members, lease {:?}, 2 producers pausing {:?}", args.ttl, args.pace);
-    let mut run = Run::start(kind, at.clone()).await?;
+    let mut run = target.start().await?;
     let group = format!("takeover-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let mut members = spawn_members(&run, &group, (0..3).map(|i| format!("t{i}")), args.ttl)?;
     converged(&run.store, &group, 3, Duration::from_secs(60)).await?;
@@ -259,11 +328,11 @@ async fn bench(args: &Args, kind: &'static str, at: String) -> anyhow::Result<()
     let (mut after_kill, mut after_expiry, mut leases_moved) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..6 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let (victim, partitions, killed, expires) = kill_one(&run, &group, &mut members).await?;
-        let moved_at = moved(&run, &group, &victim, &partitions).await?;
-        leases_moved.push(Duration::from_millis(moved_at.millis_since(expires)));
+        let killed = kill_one(&run, &group, &mut members).await?;
+        let moved_at = moved(&run, &group, &killed.id, &killed.partitions).await?;
+        leases_moved.push(Duration::from_millis(moved_at.millis_since(killed.expires)));
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if let Some(t) = takeover_of(&run, &victim, &partitions, killed, expires).await? {
+        if let Some(t) = takeover_of(&run, &killed.id, &killed.partitions, killed.at, killed.expires).await? {
             after_kill.push(t.after_kill);
             after_expiry.push(t.after_expiry);
         }
