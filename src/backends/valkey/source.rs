@@ -226,12 +226,36 @@ impl CompletionSource for ValkeySource {
     }
 
     async fn open_waker(&self, from: &Frontier) -> Result<Box<dyn Waker>, EngineError> {
+        let subscription = Subscription::open(&self.config).await?;
+        Ok(Box::new(ValkeyWaker {
+            subscription,
+            config: self.config.clone(),
+            reader: self.client.clone(),
+            reads: self.reads.clone(),
+            position: from.clone(),
+        }))
+    }
+}
+
+fn subscriber_lost() -> EngineError {
+    EngineError::transport("valkey SUBSCRIBE", "the subscriber connection closed")
+}
+
+/// A connection of its own subscribed to [`PUBSUB_CHANNEL`] and [`FAMILY_CHANNEL`], and the
+/// push frames it receives.
+struct Subscription {
+    _client: Client,
+    pushes: UnboundedReceiver<PushInfo>,
+}
+
+impl Subscription {
+    /// Connects and subscribes; returns once the server confirmed both channels, so a read
+    /// after this returns misses nothing.
+    async fn open(config: &BackendConfig) -> Result<Self, EngineError> {
         let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel();
-        let subscriber = connect_subscriber(&self.config, LISTENER_CLIENT_NAME, tx).await?;
-        let subscribe = subscriber.cmd("SUBSCRIBE").arg(PUBSUB_CHANNEL).arg(FAMILY_CHANNEL);
+        let client = connect_subscriber(config, LISTENER_CLIENT_NAME, tx).await?;
+        let subscribe = client.cmd("SUBSCRIBE").arg(PUBSUB_CHANNEL).arg(FAMILY_CHANNEL);
         subscribe.execute::<()>().await.map_err(map_err("valkey SUBSCRIBE"))?;
-        // Registered only once the server confirms both channels: a read after this returns
-        // misses nothing.
         let confirmed = tokio::time::timeout(SUBSCRIBE_WAIT, async {
             let mut confirmations = 0;
             while let Some(push) = pushes.recv().await {
@@ -245,32 +269,23 @@ impl CompletionSource for ValkeySource {
             false
         });
         match confirmed.await {
-            Ok(true) => {}
-            Ok(false) => return Err(subscriber_lost()),
-            Err(_) => return Err(EngineError::Timeout { op: "valkey SUBSCRIBE" }),
+            Ok(true) => Ok(Self { _client: client, pushes }),
+            Ok(false) => Err(subscriber_lost()),
+            Err(_) => Err(EngineError::Timeout { op: "valkey SUBSCRIBE" }),
         }
-        Ok(Box::new(ValkeyWaker {
-            _subscriber: subscriber,
-            pushes,
-            reader: self.client.clone(),
-            reads: self.reads.clone(),
-            position: from.clone(),
-        }))
     }
 }
 
-fn subscriber_lost() -> EngineError {
-    EngineError::transport("valkey SUBSCRIBE", "the subscriber connection closed")
-}
-
 /// Subscribed to [`PUBSUB_CHANNEL`] and [`FAMILY_CHANNEL`] on its own connection (RESP3 push
-/// frames); each message
-/// names a partition, which it reads from its own position: the wake-up and the read at once.
-/// A re-subscription (ferriskey re-makes a lost connection silently) is reported as
-/// [`Wake::Reconnected`]: the listener then reads every lane.
+/// frames); each message names a partition, which it reads from its own position: the wake-up
+/// and the read at once. When that connection drops, ferriskey re-makes it, but its own
+/// re-subscription can fail while the connection is still being re-made, and then no message
+/// arrives any more: the waker subscribes again on a new connection of its own and reports
+/// [`Wake::Reconnected`] (the listener then reads every lane). A re-subscription ferriskey
+/// reports is a [`Wake::Reconnected`] too.
 struct ValkeyWaker {
-    _subscriber: Client,
-    pushes: UnboundedReceiver<PushInfo>,
+    subscription: Subscription,
+    config: BackendConfig,
     reader: Client,
     reads: Arc<Semaphore>,
     position: Frontier,
@@ -281,6 +296,8 @@ struct ValkeyWaker {
 struct Pending {
     partitions: BTreeSet<u16>,
     reconnected: bool,
+    /// The subscriber connection dropped: subscribe again.
+    disconnected: bool,
 }
 
 impl Pending {
@@ -293,7 +310,8 @@ impl Pending {
                 // Someone else's message on our channel: read everything rather than guess.
                 None => self.reconnected = true,
             },
-            PushKind::Disconnection | PushKind::Subscribe => self.reconnected = true,
+            PushKind::Disconnection => self.disconnected = true,
+            PushKind::Subscribe => self.reconnected = true,
             _ => {}
         }
     }
@@ -327,9 +345,14 @@ impl Waker for ValkeyWaker {
     async fn wait(&mut self) -> Result<Wake, EngineError> {
         loop {
             let mut pending = Pending::default();
-            pending.note(self.pushes.recv().await.ok_or_else(subscriber_lost)?);
-            while let Ok(push) = self.pushes.try_recv() {
+            pending.note(self.subscription.pushes.recv().await.ok_or_else(subscriber_lost)?);
+            while let Ok(push) = self.subscription.pushes.try_recv() {
                 pending.note(push);
+            }
+            if pending.disconnected {
+                // Confirmed before the listener reads every lane: nothing falls in between.
+                self.subscription = Subscription::open(&self.config).await?;
+                return Ok(Wake::Reconnected);
             }
             if pending.reconnected {
                 return Ok(Wake::Reconnected);

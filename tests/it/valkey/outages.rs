@@ -202,3 +202,30 @@ async fn heterogeneous_tree_keeps_each_backend_to_itself_through_the_other_liste
         assert_eq!(restarts(&after, bystander), restarts(&before, bystander), "the {bystander} listener never died");
     }
 }
+
+/// After a `CLIENT KILL` of the listener's subscriber connection, completions are delivered by
+/// their pub/sub wake-ups again, not by the safety tick (an hour here): the subscription is
+/// back, whoever re-made the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_subscriber_connection_is_killed_wake_ups_deliver_again() {
+    init_tracing();
+    let server = ValkeyServer::start().await;
+    let f = fixture(impatient(server.config()), |c| c.with_tick(Duration::from_secs(3600))).await;
+    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let first = complete_n(&*f.engine, 1).await;
+    assert_exactly_once(&take_events(&mut sub, 1, WAIT).await, &first, true);
+    for kill in 0..3 {
+        wait_until(WAIT, "the listener's subscriber connection", || async {
+            server.kill_listener_connections().await > 0
+        })
+        .await;
+        // Completions right after the kill and a while later: each one needs a wake-up.
+        for pause in [Duration::ZERO, Duration::from_millis(300)] {
+            tokio::time::sleep(pause).await;
+            let ids = complete_n(&*f.engine, 1).await;
+            let got = take_events(&mut sub, 1, Duration::from_secs(20)).await;
+            assert_eq!(got[0].execution_id, ids[0], "kill {kill}, {pause:?} after it");
+        }
+    }
+    assert_no_more(&mut sub, QUIET).await;
+}
