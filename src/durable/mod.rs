@@ -318,19 +318,28 @@ impl Drop for DurableSubscription {
 
 /// An acknowledgement to commit inside the engine's own transaction, with the event's effect:
 /// if the member lost the partition meanwhile, the ack fails with [`EngineError::Fenced`]
-/// and the transaction must roll back (the new holder delivers the event again).
+/// (the new holder delivers the event again), and if the event's position is already
+/// acknowledged (its effect committed before), with [`EngineError::AlreadyAcknowledged`];
+/// either way the transaction must roll back.
 ///
 /// ```no_run
 /// # #[cfg(feature = "postgres")]
 /// # async fn demo(sub: &ff_completions::DurableSubscription, event: &ff_completions::CompletionEvent, pool: &sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// use ff_completions::EngineError;
+///
 /// let ticket = sub.ticket(&event.cursor)?;
 /// let mut tx = pool.begin().await?;
 /// sqlx::query("UPDATE app_child SET eligible = true WHERE parent = $1")
 ///     .bind(event.execution_id.to_string())
 ///     .execute(&mut *tx)
 ///     .await?;
-/// ticket.commit_in_postgres(&mut tx).await?; // fenced: `?` drops `tx`, which rolls back
-/// tx.commit().await?;
+/// match ticket.commit_in_postgres(&mut tx).await {
+///     Ok(()) => tx.commit().await?, // the effect and its ack commit together
+///     // Another member handles the event, or its effect committed before: dropping `tx`
+///     // rolls this one back.
+///     Err(EngineError::Fenced { .. } | EngineError::AlreadyAcknowledged { .. }) => {}
+///     Err(err) => return Err(err.into()),
+/// }
 /// # Ok(()) }
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
