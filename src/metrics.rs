@@ -21,6 +21,7 @@
 //! | `ff_completions_group_oldest_unacked_seconds` | gauge | group | age of the oldest of them |
 //! | `ff_completions_group_acks_total` | counter | group | partition acknowledgements written by `ack` or after delivery (not those committed in the engine's transaction) |
 //! | `ff_completions_group_fenced_total` | counter | group | acknowledgements refused because the member lost the partition (`ack`, after delivery, or an `AckTicket`) |
+//! | `ff_completions_group_already_acknowledged_total` | counter | group | `AckTicket`s refused because their event's position was already acknowledged (an effect attempted again) |
 //! | `ff_completions_group_rebalances_total` | counter | group | heartbeats that gained or lost partitions |
 
 use metrics::{Counter, Gauge, counter, gauge};
@@ -40,6 +41,10 @@ pub(crate) fn group_acked(group: &str, n: u64) {
 
 pub(crate) fn group_fenced(group: &str) {
     counter!("ff_completions_group_fenced_total", "group" => group.to_owned()).increment(1);
+}
+
+pub(crate) fn group_already_acknowledged(group: &str) {
+    counter!("ff_completions_group_already_acknowledged_total", "group" => group.to_owned()).increment(1);
 }
 
 pub(crate) fn group_rebalanced(group: &str) {

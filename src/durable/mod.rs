@@ -377,12 +377,14 @@ impl AckTicket {
         self.counted(crate::backends::sqlite::groups::ack_in(conn, &self.group, &self.member, acks, true).await)
     }
 
-    /// Counts a fenced commit (a written one counts once its transaction is known to commit,
-    /// which only the caller knows: it is not counted).
+    /// Counts a fenced or already acknowledged commit (a written one counts once its
+    /// transaction is known to commit, which only the caller knows: it is not counted).
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     fn counted(&self, result: Result<(), EngineError>) -> Result<(), EngineError> {
-        if matches!(result, Err(EngineError::Fenced { .. })) {
-            crate::metrics::group_fenced(&self.group);
+        match &result {
+            Err(EngineError::Fenced { .. }) => crate::metrics::group_fenced(&self.group),
+            Err(EngineError::AlreadyAcknowledged { .. }) => crate::metrics::group_already_acknowledged(&self.group),
+            _ => {}
         }
         result
     }

@@ -302,7 +302,7 @@ async fn the_valkey_stream_length_gauge_counts_the_completion_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn group_metrics_count_held_partitions_unacknowledged_events_acks_fences_and_rebalances() {
+async fn group_metrics_count_held_partitions_unacknowledged_events_acks_fences_repeats_and_rebalances() {
     use ff_completions::{DurableRequest, EngineError};
 
     let (url, engine, tree) = postgres_tree("pg-metrics-groups", |c| c).await;
@@ -329,4 +329,20 @@ async fn group_metrics_count_held_partitions_unacknowledged_events_acks_fences_a
     let mut tx = conn.begin().await.expect("begin");
     assert!(matches!(ticket.commit_in_postgres(&mut tx).await, Err(EngineError::Fenced { .. })));
     assert_eq!(value("ff_completions_group_fenced_total", &labels), Some(1.0));
+    drop(tx);
+
+    // The same event's ticket committed twice: the second is refused and counted.
+    let mut second = second;
+    let more = complete_n(&engine, 1).await;
+    // The rejoined member delivers again what "a" left unacknowledged, then the new one.
+    let got = take_events(&mut second, 2, WAIT).await;
+    assert_exactly_once(&got, &[ids[2], more[0]], true);
+    let ticket = second.ticket(&got[1].cursor).expect("ticket");
+    let mut tx = conn.begin().await.expect("begin");
+    ticket.commit_in_postgres(&mut tx).await.expect("the first commit of the ticket");
+    tx.commit().await.expect("commit");
+    let mut tx = conn.begin().await.expect("begin");
+    assert!(matches!(ticket.commit_in_postgres(&mut tx).await, Err(EngineError::AlreadyAcknowledged { .. })));
+    assert_eq!(value("ff_completions_group_already_acknowledged_total", &labels), Some(1.0));
+    assert_eq!(value("ff_completions_group_fenced_total", &labels), Some(1.0), "not counted as fenced");
 }
