@@ -204,9 +204,12 @@ impl Ledger {
     /// before its partition moved away and came back (a new token) is not: the read from the
     /// stored position delivers it again.
     pub(crate) fn is_current(&self, cursor: &StreamCursor, token: u64) -> bool {
-        self.by_cursor
-            .get(cursor)
-            .is_some_and(|d| d.token == token && self.held.get(&d.partition).is_some_and(|held| held.token == token))
+        self.by_cursor.get(cursor).is_some_and(|d| d.token == token && self.still_held(d))
+    }
+
+    /// Whether `delivered`'s partition is still held under the token it was delivered under.
+    fn still_held(&self, delivered: &Delivered) -> bool {
+        self.held.get(&delivered.partition).is_some_and(|held| held.token == delivered.token)
     }
 
     /// The ack for a delivered, not yet acknowledged event's cursor (acknowledging it
@@ -222,10 +225,9 @@ impl Ledger {
                  moved to another member"
             ))
         })?;
-        self.held
-            .get(&delivered.partition)
-            .filter(|held| held.token == delivered.token)
-            .ok_or_else(|| EngineError::validation(format!("partition {} is no longer held", delivered.partition)))?;
+        if !self.still_held(delivered) {
+            return Err(EngineError::validation(format!("partition {} is no longer held", delivered.partition)));
+        }
         Ok(Ack { partition: delivered.partition, token: delivered.token, position: delivered.position })
     }
 

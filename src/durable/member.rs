@@ -238,8 +238,6 @@ async fn delivery(
     stop: CancellationToken,
 ) {
     let mut reading: Option<(Subscription, u64)> = None;
-    // The read generation whose first delivered event is still to be logged.
-    let mut first_of: Option<u64> = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
@@ -253,7 +251,6 @@ async fn delivery(
                     Ok(Some(subscription)) => {
                         tracing::debug!(group = %shared.group, member = %shared.member, generation, "reading the tree again");
                         reading = Some((subscription, generation));
-                        first_of = Some(generation);
                     }
                     Ok(None) => {}
                     Err(err) => {
@@ -268,9 +265,6 @@ async fn delivery(
                     match admitted {
                         Ok(Some(token)) => {
                             tracing::trace!(group = %shared.group, member = %shared.member, generation, execution = %event.execution_id, "admitted");
-                            if first_of.take_if(|g| *g == generation).is_some() {
-                                tracing::debug!(group = %shared.group, member = %shared.member, generation, "first event of the new read");
-                            }
                             if out.send(Ok((event, token))).await.is_err() {
                                 break;
                             }
