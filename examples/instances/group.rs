@@ -290,19 +290,24 @@ impl MemberProcess {
         Ok(())
     }
 
+    /// What follows `prefix` in each line it printed that starts with it.
+    fn lines_after(&self, prefix: &str) -> Vec<String> {
+        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        lines.iter().filter_map(|l| l.strip_prefix(prefix)).map(str::to_owned).collect()
+    }
+
     /// The completions whose ack it reported fenced.
     pub fn fenced_ids(&self) -> Vec<String> {
-        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
-        lines.iter().filter_map(|l| l.strip_prefix("fenced ")).map(str::to_owned).collect()
+        self.lines_after("fenced ")
+    }
+
+    pub fn fenced(&self) -> usize {
+        self.fenced_ids().len()
     }
 
     /// Events it dropped because their partition had moved on before it began them.
     pub fn skipped(&self) -> usize {
-        self.lines.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|l| l.starts_with("skipped ")).count()
-    }
-
-    pub fn fenced(&self) -> usize {
-        self.lines.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|l| l.starts_with("fenced ")).count()
+        self.lines_after("skipped ").len()
     }
 }
 
@@ -382,6 +387,8 @@ pub struct Verdict {
     pub repeated: usize,
     /// A few of the lost completions, to look them up.
     pub lost_examples: Vec<String>,
+    /// The first few duplicated completions, each with the member that wrote it first and again.
+    pub duplicate_examples: Vec<String>,
     /// The effects written in the first lost completion's partition, in commit order.
     pub lost_context: Vec<String>,
     pub by_member: BTreeMap<String, usize>,
@@ -391,10 +398,16 @@ impl Verdict {
     pub fn ok(&self) -> bool {
         self.lost + self.duplicated + self.unexpected + self.out_of_order == 0 && self.expected > 0
     }
-}
 
-pub fn judge(expected: &[ExecutionId], effects: &[Effect]) -> Verdict {
-    judge_allowing_repeats(expected, effects, &Repeats::default())
+    /// What to print when the check failed: some lost and duplicated completions, and the
+    /// effects of the first lost one's partition.
+    pub fn explain(&self) -> Vec<String> {
+        let lost = (!self.lost_examples.is_empty()).then(|| format!("lost, e.g. {:?}", self.lost_examples));
+        lost.into_iter()
+            .chain(self.duplicate_examples.iter().cloned())
+            .chain(self.lost_context.iter().cloned())
+            .collect()
+    }
 }
 
 /// Which completions' effects may be written twice, for acks that are not in the effect's
@@ -426,8 +439,9 @@ fn order_key(effect: &Effect) -> Vec<u8> {
     }
 }
 
-/// As [`judge`], allowing the repeats `repeats` allows (counted apart); order is judged on
-/// first copies.
+/// Judges the effect rows against the completions `expected`: each once, in order within its
+/// partition, allowing the repeats `repeats` allows (counted apart; order is judged on first
+/// copies).
 pub fn judge_allowing_repeats(expected: &[ExecutionId], effects: &[Effect], repeats: &Repeats) -> Verdict {
     let mut verdict = Verdict { expected: expected.len(), effects: effects.len(), ..Verdict::default() };
     let mut first_by: HashMap<&str, &str> = HashMap::new();
@@ -440,7 +454,7 @@ pub fn judge_allowing_repeats(expected: &[ExecutionId], effects: &[Effect], repe
             } else {
                 verdict.duplicated += 1;
                 if verdict.duplicated <= 5 {
-                    verdict.lost_context.push(format!(
+                    verdict.duplicate_examples.push(format!(
                         "duplicate {} first by {first}, again by {} (committed {}, done {})",
                         effect.execution_id, effect.member, effect.committed.0, effect.done.0
                     ));

@@ -254,15 +254,7 @@ async fn demo(args: &Args, target: &Target) -> anyhow::Result<()> {
         }
     }
     if !verdict.ok() {
-        println!("  lost, e.g. {:?}", verdict.lost_examples);
-        let done: Vec<(String, String, i64)> =
-            run.db.effects().await?.into_iter().map(|e| (e.execution_id, e.member, e.done.0)).collect();
-        for line in verdict.lost_context.iter().filter(|l| l.starts_with("duplicate")) {
-            if let Some(id) = line.split_whitespace().nth(1) {
-                println!("    {line}: {:?}", done.iter().filter(|(e, _, _)| e == id).collect::<Vec<_>>());
-            }
-        }
-        for line in &verdict.lost_context {
+        for line in verdict.explain() {
             println!("    {line}");
         }
     }

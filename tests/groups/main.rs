@@ -256,8 +256,11 @@ async fn run_all(args: Args) -> i32 {
                 }
                 Ok(v) => {
                     failed += 1;
-                    println!("   FAILED: {v:?}");
-                    for line in &v.lost_context {
+                    println!(
+                        "   FAILED: {} completions, {} effects: {} lost, {} duplicated, {} out of order, {} unexpected",
+                        v.expected, v.effects, v.lost, v.duplicated, v.out_of_order, v.unexpected
+                    );
+                    for line in v.explain() {
                         println!("     {line}");
                     }
                 }
