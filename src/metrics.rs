@@ -43,6 +43,7 @@ pub(crate) fn group_fenced(group: &str) {
     counter!("ff_completions_group_fenced_total", "group" => group.to_owned()).increment(1);
 }
 
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub(crate) fn group_already_acknowledged(group: &str) {
     counter!("ff_completions_group_already_acknowledged_total", "group" => group.to_owned()).increment(1);
 }
