@@ -88,13 +88,19 @@ async fn cluster_streams(cluster: &ValkeyCluster) -> Vec<ExecutionId> {
     all
 }
 
-/// Producers that complete executions of fresh flows until told to stop; a call that failed
-/// (its primary was down or moving) may or may not have written, and is left out of nothing:
-/// the streams are the ledger.
-fn producers(engine: &Arc<dyn Engine>, n: usize, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<()>> {
+/// Producers that complete executions of fresh flows until told to stop, counting in
+/// `committed` the completions the engine acknowledged; a call that failed (its primary was down
+/// or moving) may or may not have written, and is left out of nothing: the streams are the
+/// ledger.
+fn producers(
+    engine: &Arc<dyn Engine>,
+    n: usize,
+    stop: &Arc<AtomicBool>,
+    committed: &Arc<AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     (0..n)
         .map(|_| {
-            let (engine, stop) = (engine.clone(), stop.clone());
+            let (engine, stop, committed) = (engine.clone(), stop.clone(), committed.clone());
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     let flow = FlowId::new();
@@ -108,7 +114,9 @@ fn producers(engine: &Arc<dyn Engine>, n: usize, stop: &Arc<AtomicBool>) -> Vec<
                         }
                         if let Ok(claimed) = engine.claim("producer", 5).await {
                             for id in claimed {
-                                let _ = engine.complete(&id).await;
+                                if let Ok(true) = engine.complete(&id).await {
+                                    committed.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
                         }
                     }
@@ -142,11 +150,11 @@ async fn client_kills_on_each_primary_and_listener_kills_lose_nothing_under_conc
         subs.push(f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub"));
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let workers = producers(&f.engine, 3, &stop);
+    let committed = Arc::new(AtomicUsize::new(0));
+    let workers = producers(&f.engine, 3, &stop, &committed);
     let (mut kills, mut client_kills) = (0, 0);
     for round in 0..6 {
-        let seen = listener_events_read(&f).await;
-        wait_until(WAIT, "delivery to move on", || async { listener_events_read(&f).await > seen + 20 }).await;
+        until_delivery_moves_on(&f, &committed, "delivery to move on").await;
         if round % 2 == 0 {
             // Each primary in turn loses every connection of the tree.
             let node = &cluster.nodes[(round / 2) % cluster.nodes.len()];
@@ -157,8 +165,7 @@ async fn client_kills_on_each_primary_and_listener_kills_lose_nothing_under_conc
             kills += 1;
         }
     }
-    let seen = listener_events_read(&f).await;
-    wait_until(WAIT, "delivery after the last fault", || async { listener_events_read(&f).await > seen + 20 }).await;
+    until_delivery_moves_on(&f, &committed, "delivery after the last fault").await;
     stop.store(true, Ordering::Relaxed);
     for p in workers {
         p.await.expect("producer");
@@ -207,7 +214,7 @@ async fn a_slot_migrated_to_another_primary_under_producers_loses_nothing_and_cu
     }
     let early = take_events(&mut sub, 3, WAIT).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let workers = producers(&f.engine, 2, &stop);
+    let workers = producers(&f.engine, 2, &stop, &Arc::new(AtomicUsize::new(0)));
     let moved = cluster.migrate_slot(slot, from, (from + 1) % 3).await;
     assert!(moved >= 3, "the partition's keys moved ({moved})");
     for id in &history[3..] {

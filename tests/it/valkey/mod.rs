@@ -2,7 +2,7 @@
 //! against real `valkey-server`s the harness starts, including ones it SIGKILLs and restarts.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ferriskey::Value;
@@ -145,6 +145,18 @@ async fn stream_len(server: &ValkeyServer) -> i64 {
 
 async fn listener_events_read(f: &Fixture) -> u64 {
     f.tree.stats().await.map(|s| s.listeners[0].events_read).unwrap_or(0)
+}
+
+/// Waits until, since the call, the listener read more than 20 events and producers counted
+/// more than 20 completions in `committed`: a fault injected next lands in live delivery, with
+/// new completions on both sides of it. (Events read include the claims' lease entries, so
+/// they alone say little of how many completions were made.)
+async fn until_delivery_moves_on(f: &Fixture, committed: &AtomicUsize, what: &str) {
+    let (read, made) = (listener_events_read(f).await, committed.load(Ordering::Relaxed));
+    wait_until(WAIT, what, || async {
+        listener_events_read(f).await > read + 20 && committed.load(Ordering::Relaxed) > made + 20
+    })
+    .await;
 }
 
 /// `XADD`s one entry with the given id (`*` for the next) and fields to the stream of its
