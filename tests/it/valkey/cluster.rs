@@ -88,17 +88,16 @@ async fn cluster_streams(cluster: &ValkeyCluster) -> Vec<ExecutionId> {
     all
 }
 
-/// Producers that complete executions of fresh flows until told to stop, counting in
-/// `committed` the completions the engine acknowledged; a call that failed (its primary was down
-/// or moving) may or may not have written, and is left out of nothing: the streams are the
-/// ledger.
+/// Producers that complete executions of fresh flows until told to stop, and the count of the
+/// completions the engine acknowledged; a call that failed (its primary was down or moving) may
+/// or may not have written, and is left out of nothing: the streams are the ledger.
 fn producers(
     engine: &Arc<dyn Engine>,
     n: usize,
     stop: &Arc<AtomicBool>,
-    committed: &Arc<AtomicUsize>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..n)
+) -> (Vec<tokio::task::JoinHandle<()>>, Arc<AtomicUsize>) {
+    let committed = Arc::new(AtomicUsize::new(0));
+    let workers = (0..n)
         .map(|_| {
             let (engine, stop, committed) = (engine.clone(), stop.clone(), committed.clone());
             tokio::spawn(async move {
@@ -123,7 +122,8 @@ fn producers(
                 }
             })
         })
-        .collect()
+        .collect();
+    (workers, committed)
 }
 
 /// Waits until every subscriber received what the streams hold, then checks each one got it
@@ -150,8 +150,7 @@ async fn client_kills_on_each_primary_and_listener_kills_lose_nothing_under_conc
         subs.push(f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub"));
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let committed = Arc::new(AtomicUsize::new(0));
-    let workers = producers(&f.engine, 3, &stop, &committed);
+    let (workers, committed) = producers(&f.engine, 3, &stop);
     let (mut kills, mut client_kills) = (0, 0);
     for round in 0..6 {
         until_delivery_moves_on(&f, &committed, "delivery to move on").await;
@@ -214,7 +213,7 @@ async fn a_slot_migrated_to_another_primary_under_producers_loses_nothing_and_cu
     }
     let early = take_events(&mut sub, 3, WAIT).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let workers = producers(&f.engine, 2, &stop, &Arc::new(AtomicUsize::new(0)));
+    let (workers, _) = producers(&f.engine, 2, &stop);
     let moved = cluster.migrate_slot(slot, from, (from + 1) % 3).await;
     assert!(moved >= 3, "the partition's keys moved ({moved})");
     for id in &history[3..] {
