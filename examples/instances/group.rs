@@ -297,7 +297,7 @@ impl MemberProcess {
     }
 
     /// The completions whose ack it reported fenced.
-    pub fn fenced_ids(&self) -> Vec<String> {
+    fn fenced_ids(&self) -> Vec<String> {
         self.lines_after("fenced ")
     }
 
@@ -420,6 +420,18 @@ pub struct Repeats {
 }
 
 impl Repeats {
+    /// The repeats of members `killed` (by id) and those whose ack one of `members` reported
+    /// fenced.
+    pub fn after_interruptions<'a>(
+        killed: impl IntoIterator<Item = String>,
+        members: impl IntoIterator<Item = &'a MemberProcess>,
+    ) -> Self {
+        Self {
+            killed: killed.into_iter().collect(),
+            fenced: members.into_iter().flat_map(MemberProcess::fenced_ids).collect(),
+        }
+    }
+
     fn allows(&self, execution: &str, first_member: &str) -> bool {
         self.killed.iter().any(|k| k == first_member) || self.fenced.contains(execution)
     }

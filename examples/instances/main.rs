@@ -143,9 +143,9 @@ async fn kill_one(run: &Run, group: &str, members: &mut Vec<(String, MemberProce
     Ok(Killed { id, process, partitions, at, expires })
 }
 
-/// Polls the group until none of `partitions` is held by `victim` any more and every one of
-/// them has a holder; returns when.
-async fn moved(run: &Run, group: &str, victim: &str, partitions: &[i64]) -> anyhow::Result<TimestampMs> {
+/// Polls the group until none of the killed member's partitions is held by it any more and
+/// every one of them has a holder; returns when.
+async fn moved(run: &Run, group: &str, killed: &Killed) -> anyhow::Result<TimestampMs> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let view = run.store.view(group).await?.unwrap_or_default();
@@ -153,8 +153,8 @@ async fn moved(run: &Run, group: &str, victim: &str, partitions: &[i64]) -> anyh
         let done = view
             .partitions
             .iter()
-            .filter(|p| partitions.contains(&i64::from(p.partition)))
-            .all(|p| p.owner.as_ref().is_some_and(|(owner, expires)| owner != victim && *expires > now));
+            .filter(|p| killed.partitions.contains(&i64::from(p.partition)))
+            .all(|p| p.owner.as_ref().is_some_and(|(owner, expires)| *owner != killed.id && *expires > now));
         if done || Instant::now() > deadline {
             return Ok(now);
         }
@@ -162,23 +162,17 @@ async fn moved(run: &Run, group: &str, victim: &str, partitions: &[i64]) -> anyh
     }
 }
 
-/// When another member first wrote an effect in `partitions` after `killed`.
-async fn takeover_of(
-    run: &Run,
-    victim: &str,
-    partitions: &[i64],
-    killed: TimestampMs,
-    expires: TimestampMs,
-) -> anyhow::Result<Option<Takeover>> {
+/// When another member first wrote an effect in the killed member's partitions after the kill.
+async fn takeover_of(run: &Run, killed: &Killed) -> anyhow::Result<Option<Takeover>> {
     let effects = run.db.effects().await?;
     let first = effects
         .iter()
-        .filter(|e| e.member != victim && e.done > killed && partitions.contains(&e.partition))
+        .filter(|e| e.member != killed.id && e.done > killed.at && killed.partitions.contains(&e.partition))
         .map(|e| e.done)
         .min();
     Ok(first.map(|done| Takeover {
-        after_kill: Duration::from_millis(done.millis_since(killed)),
-        after_expiry: Duration::from_millis(done.millis_since(expires)),
+        after_kill: Duration::from_millis(done.millis_since(killed.at)),
+        after_expiry: Duration::from_millis(done.millis_since(killed.expires)),
     }))
 }
 
@@ -223,29 +217,25 @@ async fn demo(args: &Args, target: &Target) -> anyhow::Result<()> {
     // member wrote before it could ack, or one whose ack its member reported fenced.
     let repeats = if target.ack_after_effect() {
         let all = members.iter().map(|(_, p)| p).chain(takeovers.iter().map(|k| &k.process));
-        Repeats {
-            killed: takeovers.iter().map(|k| k.id.clone()).collect(),
-            fenced: all.flat_map(MemberProcess::fenced_ids).collect(),
-        }
+        Repeats::after_interruptions(takeovers.iter().map(|k| k.id.clone()), all)
     } else {
         Repeats::default()
     };
     let verdict = settle_allowing_repeats(&run.db, &run.produced, Duration::from_secs(60), &repeats).await?;
     println!(
-        "{} completions in {produced_for:.1?}: effects {} (lost {}, duplicated {}, out of order {}, unexpected {}, \
-         repeated after an interruption {}); by member {:?}",
+        "{} completions in {produced_for:.1?}: effects {} (lost {}, duplicated {}, out of order {}, unexpected {}); \
+         by member {:?}",
         verdict.expected,
         verdict.effects,
         verdict.lost,
         verdict.duplicated,
         verdict.out_of_order,
         verdict.unexpected,
-        verdict.repeated,
         verdict.by_member
     );
     for killed in &takeovers {
         let victim = &killed.id;
-        match takeover_of(&run, victim, &killed.partitions, killed.at, killed.expires).await? {
+        match takeover_of(&run, killed).await? {
             Some(t) => println!(
                 "  takeover of {victim}'s partitions: {:?} after the kill, {:?} after its leases ran out",
                 t.after_kill, t.after_expiry
@@ -321,10 +311,10 @@ async fn bench(args: &Args, target: &Target) -> anyhow::Result<()> {
     for round in 0..6 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let killed = kill_one(&run, &group, &mut members).await?;
-        let moved_at = moved(&run, &group, &killed.id, &killed.partitions).await?;
+        let moved_at = moved(&run, &group, &killed).await?;
         leases_moved.push(Duration::from_millis(moved_at.millis_since(killed.expires)));
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if let Some(t) = takeover_of(&run, &killed.id, &killed.partitions, killed.at, killed.expires).await? {
+        if let Some(t) = takeover_of(&run, &killed).await? {
             after_kill.push(t.after_kill);
             after_expiry.push(t.after_expiry);
         }

@@ -93,10 +93,9 @@ impl Backend {
     /// whose ack a member reported fenced.
     fn repeats(&self, killed: &[&str], members: &[&MemberProcess]) -> Repeats {
         match self {
-            Self::Valkey(..) => Repeats {
-                killed: killed.iter().map(ToString::to_string).collect(),
-                fenced: members.iter().flat_map(|m| m.fenced_ids()).collect(),
-            },
+            Self::Valkey(..) => {
+                Repeats::after_interruptions(killed.iter().map(ToString::to_string), members.iter().copied())
+            }
             _ => Repeats::default(),
         }
     }
