@@ -752,8 +752,9 @@ end
 
 -- FCALL ff_group_ack 5 <group keys> <member> [<partition> <token> <position id>]..
 -- -> {'ok'} with every acknowledged position raised (never lowered), or {'fenced', partition}
--- with nothing written when the member does not hold one of the partitions with that token
--- and an unexpired lease. An unknown group is invalid.
+-- with nothing written when the member does not hold one of the partitions with that token (a
+-- lease that ran out and that nobody took yet still counts: only a takeover, which raises the
+-- token, moves events to another member). An unknown group is invalid.
 local function ff_group_ack(keys, args)
   local g, err = group_of(keys)
   if not g then return err end
@@ -769,11 +770,9 @@ local function ff_group_ack(keys, args)
     acks[#acks + 1] = { p = p, token = token, pos = pos, text = args[i + 2] }
   end
   if redis.call('EXISTS', g.acked) == 0 then return invalid('unknown group') end
-  local now = now_ms()
   for _, a in ipairs(acks) do
     local owner = redis.call('HGET', g.owner, a.p)
-    local expiry = tonumber(redis.call('HGET', g.expiry, a.p)) or 0
-    if owner ~= member or redis.call('HGET', g.token, a.p) ~= a.token or expiry <= now then
+    if owner ~= member or redis.call('HGET', g.token, a.p) ~= a.token then
       return { 'fenced', a.p }
     end
   end

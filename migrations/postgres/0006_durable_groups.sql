@@ -114,7 +114,9 @@ $$;
 -- Acknowledges positions for p_member of p_group, all or nothing, on the caller's connection
 -- (inside its transaction when it has one, so that a fenced ack aborts it). Raises FFG02 for an
 -- unknown group, FFG03 for arrays of different lengths, FFG01 (DETAIL: the partition) when the
--- member does not hold one of the partitions with the ack's token and an unexpired lease.
+-- member does not hold one of the partitions with the ack's token. A lease that ran out but
+-- that nobody took yet still counts: only a takeover (which raises the token) moves events to
+-- another member, and a refused ack is redelivered only by the next holder of a new token.
 -- Positions only move up; the highest of several acks of one partition wins. With p_once (an
 -- ack in the transaction of the engine's effect) every ack must move its position up: one at
 -- or below the stored position raises FFG04 (DETAIL: the partition), so that an effect whose
@@ -125,7 +127,6 @@ CREATE OR REPLACE FUNCTION ff_completion_group_ack(
 RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_now     timestamptz;
     v_fenced  integer;
     v_repeat  integer;
     v_n       integer := coalesce(cardinality(p_partitions), 0);
@@ -139,12 +140,10 @@ BEGIN
     END IF;
     PERFORM 1 FROM ff_completion_group_partition
       WHERE group_name = p_group AND partition = ANY (p_partitions) ORDER BY partition FOR UPDATE;
-    v_now := clock_timestamp();
     SELECT a.partition INTO v_fenced
       FROM unnest(p_partitions, p_tokens) AS a(partition, token)
       LEFT JOIN ff_completion_group_partition p ON p.group_name = p_group AND p.partition = a.partition
      WHERE p.owner IS DISTINCT FROM p_member OR p.token IS DISTINCT FROM a.token
-        OR p.expires_at IS NULL OR p.expires_at <= v_now
      ORDER BY a.partition LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'FFG01', DETAIL = v_fenced::text,

@@ -26,8 +26,12 @@
 //!      ascending order, each with token + 1.
 //!   7. It returns the partitions it holds, ascending, with token and acknowledged position.
 //! - **Ack** (atomic, all or nothing): an unknown group is a validation error; each ack's
-//!   partition must be held by the member with the ack's token and an unexpired lease, or the
-//!   whole call is [`crate::EngineError::Fenced`] and nothing is written; the acknowledged
+//!   partition must be held by the member with the ack's token, or the whole call is
+//!   [`crate::EngineError::Fenced`] and nothing is written. A lease that ran out and that
+//!   nobody took yet still counts: only a takeover (token + 1) moves a partition's events to
+//!   another member, and it is the next holder of a new token that delivers a refused ack's
+//!   event again (refused for a lapse alone, the event would be lost once the member renewed
+//!   its lease with the same token and acknowledged a later one). The acknowledged
 //!   position becomes the higher of the stored one and the ack's. An ack inside the engine's
 //!   transaction (Postgres and SQLite, an [`crate::AckTicket`]) must move its position up:
 //!   one at or below the stored position is [`crate::EngineError::AlreadyAcknowledged`],

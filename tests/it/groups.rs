@@ -26,6 +26,7 @@ macro_rules! group_store_tests {
             a_silent_members_partitions_are_taken_over_after_its_ttl_with_the_next_token_and_its_acks;
             acks_move_up_never_down_and_a_batch_with_one_fenced_entry_writes_nothing;
             a_member_whose_lease_was_taken_over_is_fenced_and_changes_nothing;
+            an_ack_on_a_lease_that_ran_out_is_accepted_until_another_member_takes_the_partition;
             a_rejoin_bumps_the_tokens_and_fences_the_earlier_incarnation;
             an_exclusive_member_holds_every_partition_and_its_rejoin_fences_the_old_tokens_at_once;
             a_member_that_leaves_frees_its_partitions_at_once;
@@ -327,6 +328,33 @@ pub async fn a_member_whose_lease_was_taken_over_is_fenced_and_changes_nothing(b
     assert_eq!(view(&store, &group).await.partitions, before.partitions, "a fenced ack changes nothing");
     // Its new heartbeat takes nothing from a live holder.
     assert!(beat(&store, &group, "a").await.len() < usize::from(PARTITIONS));
+}
+
+/// A lease that ran out and that nobody took yet still takes its holder's ack: only a takeover
+/// (token + 1) moves the partition's events to another member. Were the ack refused, the
+/// member would renew the lease with the same token, acknowledge later events, and the refused
+/// one would never be delivered again.
+pub async fn an_ack_on_a_lease_that_ran_out_is_accepted_until_another_member_takes_the_partition(
+    backend: BackendConfig,
+) {
+    let store = open(&backend).await;
+    let group = group_name("ran-out");
+    let short = Duration::from_millis(200);
+    let leases = store.heartbeat(&group, "a", short, Sharing::Shared, false).await.expect("a's heartbeat");
+    let lease = leases[0];
+    tokio::time::sleep(short * 2).await;
+    let lapsed = view(&store, &group).await;
+    let (owner, expires) = lapsed.partitions[usize::from(lease.partition)].owner.clone().expect("still a's");
+    assert!(owner == "a" && expires <= ff_completions::TimestampMs::now(), "a's lease ran out, untaken");
+    let ack = Ack { partition: lease.partition, token: lease.token, position: above(lease.acked, 3) };
+    store.ack(&group, "a", &[ack]).await.expect("an ack on a lease that ran out, untaken");
+    assert_eq!(tokens_and_acks(&view(&store, &group).await)[&lease.partition], (lease.token, ack.position));
+
+    beat_until_all(&store, &group, "b").await;
+    let before = view(&store, &group).await;
+    let later = Ack { position: above(lease.acked, 4), ..ack };
+    assert_fenced(store.ack(&group, "a", &[later]).await, "an ack after another member took the partition");
+    assert_eq!(view(&store, &group).await.partitions, before.partitions, "a fenced ack changes nothing");
 }
 
 pub async fn a_rejoin_bumps_the_tokens_and_fences_the_earlier_incarnation(backend: BackendConfig) {

@@ -66,9 +66,9 @@ SELECT partition, token, acked_major, acked_hi, acked_lo FROM ff_completion_grou
 /// Whether the group exists.
 const GROUP_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM ff_completion_group WHERE group_name = ?1)";
 
-/// A partition's holder, token, lease expiry and acknowledged position.
+/// A partition's holder, token and acknowledged position.
 const HOLDER: &str = "\
-SELECT owner, token, expires_at_ms, acked_major, acked_hi, acked_lo FROM ff_completion_group_partition \
+SELECT owner, token, acked_major, acked_hi, acked_lo FROM ff_completion_group_partition \
  WHERE group_name = ?1 AND partition = ?2";
 
 /// Moves a partition's acknowledged position up to `(?3, ?4, ?5)`, never down.
@@ -94,8 +94,8 @@ SELECT partition, owner, expires_at_ms, token, acked_major, acked_hi, acked_lo F
  WHERE group_name = ?1 ORDER BY partition";
 
 type LeaseRow = (i64, i64, i64, i64, i64);
-/// A partition's owner, token, lease expiry and acknowledged position words.
-type HolderRow = (Option<String>, i64, Option<i64>, i64, i64, i64);
+/// A partition's owner, token and acknowledged position words.
+type HolderRow = (Option<String>, i64, i64, i64, i64);
 type PartitionRow = (i64, Option<String>, Option<i64>, i64, i64, i64, i64);
 
 fn sql_err(op: &'static str) -> impl Fn(sqlx::Error) -> EngineError {
@@ -191,7 +191,7 @@ pub(crate) async fn heartbeat(pool: &SqlitePool, key: &str, beat: &Heartbeat<'_>
 /// # Errors
 /// [`EngineError::Validation`] for a bad name, a position above `i64::MAX` or an unknown group;
 /// [`EngineError::Fenced`] when `member` does not hold one of the partitions with the ack's
-/// token and an unexpired lease; with `once`, [`EngineError::AlreadyAcknowledged`] for a
+/// token (a lapsed lease nobody took yet still counts); with `once`, [`EngineError::AlreadyAcknowledged`] for a
 /// position at or below the stored one.
 pub(crate) async fn ack_in(
     conn: &mut SqliteConnection,
@@ -207,7 +207,6 @@ pub(crate) async fn ack_in(
     if !exists {
         return Err(EngineError::validation(format!("unknown durable group {group:?}")));
     }
-    let now = now_ms(conn, op).await?;
     for ack in acks {
         let holder: Option<HolderRow> = sqlx::query_as(HOLDER)
             .bind(group)
@@ -215,12 +214,10 @@ pub(crate) async fn ack_in(
             .fetch_optional(&mut *conn)
             .await
             .map_err(sql_err(op))?;
-        let Some((owner, token, expires, major, hi, lo)) = holder else {
+        let Some((owner, token, major, hi, lo)) = holder else {
             return Err(EngineError::fenced(group, member, ack.partition));
         };
-        let holds = owner.as_deref() == Some(member)
-            && u64::try_from(token).is_ok_and(|t| t == ack.token)
-            && expires.is_some_and(|e| e > now);
+        let holds = owner.as_deref() == Some(member) && u64::try_from(token).is_ok_and(|t| t == ack.token);
         if !holds {
             return Err(EngineError::fenced(group, member, ack.partition));
         }
