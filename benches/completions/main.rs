@@ -11,9 +11,6 @@
 //! `cargo bench` passes `--bench`; without it (under `cargo test`) each scenario runs at a
 //! tiny size and the run checks its own results, so the bench cannot rot unnoticed.
 
-#[path = "../../tests/it/support/mod.rs"]
-mod support;
-
 mod bed;
 mod designs;
 mod heartbeats;
@@ -26,6 +23,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
+use ff_completions_lab::harness as support;
 
 use bed::{Bed, Kind};
 use designs::Design;

@@ -28,13 +28,11 @@
 //! Prints a summary and exits non-zero unless every execution reached the state the DAG implies,
 //! every completion arrived exactly once, and so did every lease and signal event it caused.
 
-mod faults;
-mod scenario;
-
 use std::time::Duration;
 
 use clap::Parser;
 use ff_completions::BackendConfig;
+use ff_completions_lab::dag as scenario;
 
 #[derive(Parser, Debug)]
 #[command(about = "DAG promotion driven by ff-completions")]

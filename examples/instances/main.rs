@@ -16,8 +16,6 @@
 //! cargo run --release --example instances -- --bench               # takeover and throughput figures
 //! ```
 
-mod group;
-
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -25,6 +23,7 @@ use ff_completions::testing::{Ack, Position, Sharing};
 use ff_completions::{BackendConfig, PARTITION_COUNT, TimestampMs};
 use rand::Rng;
 
+use ff_completions_lab::instances as group;
 use group::{MemberProcess, Repeats, Run, converged, settle, settle_allowing_repeats};
 
 #[derive(Parser, Debug, Clone)]

@@ -11,17 +11,13 @@
 //! cargo test --test groups -- --backend sqlite --scenario kill
 //! ```
 
-#[path = "../it/support/mod.rs"]
-mod support;
-
-#[path = "../../examples/instances/group.rs"]
-mod group;
-
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 
+use ff_completions_lab::harness as support;
+use ff_completions_lab::instances as group;
 use group::{MemberProcess, Repeats, Run, Verdict, converged, settle_allowing_repeats};
 
 #[derive(Parser, Debug, Clone)]

@@ -6,12 +6,9 @@ use std::time::Duration;
 
 use ff_completions::BackendConfig;
 
-// The example's summary printing is not used here.
-#[allow(dead_code)]
-#[path = "../../examples/dag_promotion/scenario.rs"]
-mod scenario;
+use ff_completions_lab::dag as scenario;
 
-use crate::support::{faults, init_tracing};
+use crate::support::init_tracing;
 
 fn small(backend: BackendConfig, chaos: bool) -> scenario::Scenario {
     // Under chaos on a server, enough work to span several faults (one every 50 to 300 ms,

@@ -1,6 +1,6 @@
 //! Integration tests against real servers the harness starts itself.
 
-mod support;
+use ff_completions_lab::harness as support;
 
 #[allow(dead_code)]
 mod contract;

@@ -18,9 +18,9 @@ use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
 use crate::contract::complete_n;
-use crate::support::{
-    assert_exactly_once, faults::ConnectionKiller, init_tracing, postgres::fresh_database, take_events, wait_until,
-};
+use ff_completions_lab::faults::ConnectionKiller;
+
+use crate::support::{assert_exactly_once, init_tracing, postgres::fresh_database, take_events, wait_until};
 
 const WAIT: Duration = Duration::from_secs(30);
 

@@ -16,10 +16,10 @@ use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
 use crate::contract::{self, QUIET, WAIT, assert_nothing_restarted, complete_n, running};
+use ff_completions_lab::faults::ConnectionKiller;
+
 use crate::support::{
-    assert_exactly_once, assert_no_more,
-    faults::ConnectionKiller,
-    init_tracing,
+    assert_exactly_once, assert_no_more, init_tracing,
     postgres::{complete_by_sql, fresh_database, reader_order},
     take_events, wait_until,
 };

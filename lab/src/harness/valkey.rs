@@ -194,7 +194,7 @@ impl ValkeyServer {
 
     /// `CLIENT KILL` of every connection named like the listener's blocking one; returns how many.
     pub async fn kill_listener_connections(&self) -> usize {
-        let killed = super::faults::ConnectionKiller::new(&self.config()).kill().await;
+        let killed = crate::faults::ConnectionKiller::new(&self.config()).kill().await;
         killed.unwrap_or_else(|e| panic!("{e}")) as usize
     }
 

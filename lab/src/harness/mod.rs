@@ -3,11 +3,7 @@
 
 #![allow(dead_code)]
 
-#[path = "../../../examples/dag_promotion/faults.rs"]
-pub mod faults;
-#[cfg(feature = "postgres")]
 pub mod postgres;
-#[cfg(feature = "valkey")]
 pub mod valkey;
 
 use std::collections::HashSet;

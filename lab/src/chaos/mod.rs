@@ -10,9 +10,6 @@
 //! cargo test --release --test chaos -- --backend postgres --duration 30m --seed 42
 //! ```
 
-#[path = "../it/support/mod.rs"]
-mod support;
-
 mod ledger;
 mod targets;
 
@@ -60,18 +57,30 @@ struct Tally {
     at: Vec<(&'static str, i64)>,
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+/// The runner's entry point: the `chaos` test binary's `main`. Parses its flags (`cargo test`'s
+/// own are ignored), runs every asked-for target and exits non-zero when one fails.
+pub fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(run_all()),
+        Err(err) => {
+            eprintln!("no tokio runtime: {err}");
+            std::process::exit(2);
+        }
+    }
+}
+
+async fn run_all() {
     // `cargo test` passes harness flags such as `--nocapture`; keep only ours.
     let raw: Vec<String> = std::env::args().collect();
     let ours: Vec<String> = raw
         .iter()
         .take(1)
         .cloned()
-        .chain(support::known_args(&raw[1..], &["--backend", "--duration", "--seed", "--producers"], &[]))
+        .chain(crate::harness::known_args(&raw[1..], &["--backend", "--duration", "--seed", "--producers"], &[]))
         .collect();
     let args = Args::parse_from(ours);
-    support::init_tracing();
+    crate::harness::init_tracing();
     let seed = args.seed.unwrap_or_else(rand::random);
     let backends: Vec<&str> = match args.backend.as_str() {
         "all" => targets::ALL.to_vec(),

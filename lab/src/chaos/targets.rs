@@ -14,27 +14,25 @@ use ff_completions::{
 use rand::Rng;
 use rand::rngs::StdRng;
 
-use crate::support;
-
 /// Every backend this runner knows (`valkey-cluster`: three primaries with append-only files).
 pub const ALL: [&str; 4] = ["postgres", "valkey", "valkey-cluster", "sqlite"];
 
 /// A backend under test, with its server when it has one.
 pub enum Target {
     Postgres {
-        server: support::postgres::PrivatePg,
+        server: crate::harness::postgres::PrivatePg,
         pool: sqlx::PgPool,
-        killer: Box<support::faults::ConnectionKiller>,
+        killer: Box<crate::faults::ConnectionKiller>,
     },
     Sqlite {
         _dir: tempfile::TempDir,
         path: std::path::PathBuf,
     },
     Valkey {
-        server: support::valkey::ValkeyServer,
+        server: crate::harness::valkey::ValkeyServer,
     },
     ValkeyCluster {
-        cluster: support::valkey::ValkeyCluster,
+        cluster: crate::harness::valkey::ValkeyCluster,
     },
 }
 
@@ -42,7 +40,7 @@ impl Target {
     pub async fn start(kind: &str) -> Self {
         match kind {
             "postgres" => {
-                let server = support::postgres::PrivatePg::start().await;
+                let server = crate::harness::postgres::PrivatePg::start().await;
                 let pool = sqlx::postgres::PgPoolOptions::new()
                     .max_connections(8)
                     .acquire_timeout(Duration::from_secs(2))
@@ -50,7 +48,7 @@ impl Target {
                     .await
                     .expect("pool");
                 sqlx::query("CREATE DATABASE chaos_bystander").execute(&pool).await.expect("a second database");
-                let killer = Box::new(support::faults::ConnectionKiller::new(&BackendConfig::postgres(server.url())));
+                let killer = Box::new(crate::faults::ConnectionKiller::new(&BackendConfig::postgres(server.url())));
                 Self::Postgres { server, pool, killer }
             }
             "sqlite" => {
@@ -58,9 +56,9 @@ impl Target {
                 let path = dir.path().join("chaos.db");
                 Self::Sqlite { _dir: dir, path }
             }
-            "valkey" => Self::Valkey { server: support::valkey::ValkeyServer::start_persistent().await },
+            "valkey" => Self::Valkey { server: crate::harness::valkey::ValkeyServer::start_persistent().await },
             "valkey-cluster" => {
-                Self::ValkeyCluster { cluster: support::valkey::ValkeyCluster::start_persistent(3).await }
+                Self::ValkeyCluster { cluster: crate::harness::valkey::ValkeyCluster::start_persistent(3).await }
             }
             other => panic!("unknown backend {other:?} (use postgres, valkey, valkey-cluster, sqlite or all)"),
         }

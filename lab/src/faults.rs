@@ -3,9 +3,8 @@
 //! `CLIENT KILL` on Valkey; SQLite has none), and the example's `--chaos` task that takes turns
 //! killing that connection and the listener actor.
 //!
-//! One copy for the example, the integration tests, the chaos test and the bench: they reach it
-//! through `#[path]` (tests/it/support/mod.rs includes this file), so what the example does
-//! under `--chaos` is exactly what the tests check the tree survives.
+//! One copy for the example, the integration tests, the chaos runner and the bench, so what the
+//! example does under `--chaos` is exactly what the tests check the tree survives.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,9 +22,7 @@ pub struct ConnectionKiller {
 }
 
 enum Admin {
-    #[cfg(feature = "postgres")]
     Postgres(sqlx::PgPool),
-    #[cfg(feature = "valkey")]
     Valkey(ferriskey::Client),
 }
 
@@ -36,14 +33,10 @@ impl ConnectionKiller {
 
     /// The backend has a notification connection to kill (servers do, SQLite does not).
     pub fn has_connection(&self) -> bool {
-        match self.backend.connection {
-            #[cfg(feature = "postgres")]
-            ff_completions::BackendConnection::Postgres(_) => true,
-            #[cfg(feature = "valkey")]
-            ff_completions::BackendConnection::Valkey(_) => true,
-            #[allow(unreachable_patterns)]
-            _ => false,
-        }
+        matches!(
+            self.backend.connection,
+            ff_completions::BackendConnection::Postgres(_) | ff_completions::BackendConnection::Valkey(_)
+        )
     }
 
     /// Kills every listener connection of the backend (on Postgres, of its database); returns
@@ -55,9 +48,7 @@ impl ConnectionKiller {
         }
         let result = match admin.as_ref() {
             None => Ok(0),
-            #[cfg(feature = "postgres")]
             Some(Admin::Postgres(pool)) => terminate_postgres_listeners(pool).await,
-            #[cfg(feature = "valkey")]
             Some(Admin::Valkey(client)) => kill_valkey_listeners(&self.backend, client).await,
         };
         if result.is_err() {
@@ -68,7 +59,6 @@ impl ConnectionKiller {
 
     async fn connect(&self) -> Result<Option<Admin>, String> {
         match &self.backend.connection {
-            #[cfg(feature = "postgres")]
             ff_completions::BackendConnection::Postgres(pg) => Ok(Some(Admin::Postgres(
                 sqlx::postgres::PgPoolOptions::new()
                     .max_connections(1)
@@ -77,7 +67,6 @@ impl ConnectionKiller {
                     .await
                     .map_err(|e| format!("connect to postgres: {e}"))?,
             ))),
-            #[cfg(feature = "valkey")]
             ff_completions::BackendConnection::Valkey(_) => Ok(Some(Admin::Valkey(
                 ff_completions::testing::valkey::connect_client(&self.backend, "ff-completions-faults")
                     .await
@@ -91,7 +80,6 @@ impl ConnectionKiller {
 
 /// `pg_terminate_backend` of every session of this database named like the listener's LISTEN
 /// connection.
-#[cfg(feature = "postgres")]
 async fn terminate_postgres_listeners(pool: &sqlx::PgPool) -> Result<u64, String> {
     // Materialized first, so the filter on the name runs before any backend is terminated.
     let killed: i64 = sqlx::query_scalar(
@@ -111,7 +99,6 @@ async fn terminate_postgres_listeners(pool: &sqlx::PgPool) -> Result<u64, String
 /// with `CLIENT LIST`; on a cluster, on every primary `CLUSTER NODES` names (`CLIENT` commands
 /// are not routed to a chosen node by ferriskey's cluster client, so each gets a client of
 /// its own).
-#[cfg(feature = "valkey")]
 async fn kill_valkey_listeners(backend: &BackendConfig, client: &ferriskey::Client) -> Result<u64, String> {
     let ff_completions::BackendConnection::Valkey(v) = &backend.connection else { return Ok(0) };
     if !v.cluster {
@@ -144,7 +131,6 @@ async fn kill_valkey_listeners(backend: &BackendConfig, client: &ferriskey::Clie
 }
 
 /// [`kill_valkey_listeners`] on the one server `client` talks to.
-#[cfg(feature = "valkey")]
 async fn kill_valkey_listeners_on(client: &ferriskey::Client) -> Result<u64, String> {
     let list: String = client.cmd("CLIENT").arg("LIST").execute().await.map_err(|e| format!("CLIENT LIST: {e}"))?;
     let name = format!("name={}", ff_completions::testing::valkey::LISTENER_CLIENT_NAME);

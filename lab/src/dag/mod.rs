@@ -31,13 +31,10 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::sync::{Mutex, Notify};
 
-use super::faults::{ChaosCount, chaos};
+use crate::faults::{ChaosCount, chaos};
 
-#[path = "families.rs"]
 pub mod families;
-#[path = "flows.rs"]
 mod flows;
-#[path = "report.rs"]
 pub mod report;
 
 use families::FamilyRun;
