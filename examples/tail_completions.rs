@@ -11,7 +11,7 @@
 
 use clap::Parser;
 use ff_completions::{
-    CompletionSupervisorHandle, EngineError, Namespace, ScannerFilter, StreamCursor, SubscribeRequest, SupervisorConfig,
+    CompletionSupervisorHandle, Completions, Error, Namespace, ScannerFilter, StreamCursor, SupervisorConfig,
 };
 use futures::StreamExt;
 
@@ -41,30 +41,30 @@ struct Args {
     stats: bool,
 }
 
-fn request(args: &Args) -> Result<SubscribeRequest, EngineError> {
+fn request(args: &Args) -> Result<Completions, Error> {
     let mut filter = ScannerFilter::new();
     if let Some(ns) = &args.namespace {
         filter = filter.with_namespace(Namespace::new(ns.clone()));
     }
     if let Some(tag) = &args.tag {
-        let (k, v) = tag.split_once('=').ok_or_else(|| EngineError::validation("--tag must be key=value"))?;
+        let (k, v) = tag.split_once('=').ok_or_else(|| Error::validation("--tag must be key=value"))?;
         filter = filter.with_instance_tag(k, v);
     }
     let from = match &args.cursor {
         Some(hex) => StreamCursor::from_hex(hex)?,
         None => StreamCursor::empty(),
     };
-    Ok(SubscribeRequest::from_cursor(from).with_filter(filter))
+    Ok(Completions::from_cursor(from).with_filter(filter))
 }
 
-fn config(args: &Args) -> Result<SupervisorConfig, EngineError> {
+fn config(args: &Args) -> Result<SupervisorConfig, Error> {
     match &args.url {
         Some(url) => Ok(SupervisorConfig::new().with_backend(ff_completions::BackendConfig::from_url(url)?)),
         None => SupervisorConfig::from_env(),
     }
 }
 
-async fn tail(args: &Args, tree: &CompletionSupervisorHandle) -> Result<(), EngineError> {
+async fn tail(args: &Args, tree: &CompletionSupervisorHandle) -> Result<(), Error> {
     let mut events = tree.subscribe(request(args)?).await?;
     let result = print_events(args, &mut events).await;
     if args.stats {
@@ -78,7 +78,7 @@ async fn tail(args: &Args, tree: &CompletionSupervisorHandle) -> Result<(), Engi
     result
 }
 
-async fn print_events(args: &Args, events: &mut ff_completions::Subscription) -> Result<(), EngineError> {
+async fn print_events(args: &Args, events: &mut ff_completions::Subscription) -> Result<(), Error> {
     let mut seen = 0;
     loop {
         let event = tokio::select! {

@@ -3,21 +3,14 @@
 
 use async_trait::async_trait;
 
-use crate::cursor::StreamCursor;
 use crate::error::EngineError;
 use crate::event::CompletionStream;
-use crate::instance_tags::InstanceTagSubscription;
-use crate::lease_history::{LeaseHistoryFilter, LeaseHistorySubscription};
 use crate::scanner_filter::ScannerFilter;
-use crate::signal_delivery::{SignalDeliveryFilter, SignalDeliverySubscription};
-
-fn not_provided(op: &'static str) -> EngineError {
-    EngineError::unavailable(op, "this backend does not provide this event family")
-}
 
 /// Subscribe to completions. Object-safe: hold it as `Arc<dyn CompletionBackend>`.
-/// Each call returns an independent stream; the supervisor handle implements it (on a tree with
-/// one backend: with several, name one through [`crate::SubscribeRequest::on_backend`]).
+/// Each call returns an independent stream of payloads until the tree shuts down (or the
+/// subscription fails). The supervisor handle implements it, on a tree with one backend; the
+/// typed, resumable, filtered way in is [`crate::CompletionSupervisorHandle::subscribe`].
 ///
 /// ```no_run
 /// use std::sync::Arc;
@@ -45,44 +38,6 @@ pub trait CompletionBackend: Send + Sync {
     /// # Errors
     /// The backend or the tree is unavailable.
     async fn subscribe_completions_filtered(&self, filter: &ScannerFilter) -> Result<CompletionStream, EngineError>;
-
-    /// Lease-history events matching `filter`, after `from` (a lease-history cursor; empty:
-    /// from now on). The default answers [`EngineError::Unavailable`].
-    ///
-    /// # Errors
-    /// A cursor of another family ([`EngineError::Validation`]), an expired one, or the backend
-    /// or the tree unavailable.
-    async fn subscribe_lease_history(
-        &self,
-        from: StreamCursor,
-        filter: &LeaseHistoryFilter,
-    ) -> Result<LeaseHistorySubscription, EngineError> {
-        let _ = (from, filter);
-        Err(not_provided("subscribe lease history"))
-    }
-
-    /// Signal-delivery events matching `filter`, after `from` (a signal-delivery cursor;
-    /// empty: from now on). The default answers [`EngineError::Unavailable`].
-    ///
-    /// # Errors
-    /// As [`Self::subscribe_lease_history`].
-    async fn subscribe_signal_delivery(
-        &self,
-        from: StreamCursor,
-        filter: &SignalDeliveryFilter,
-    ) -> Result<SignalDeliverySubscription, EngineError> {
-        let _ = (from, filter);
-        Err(not_provided("subscribe signal delivery"))
-    }
-
-    /// Instance-tag events: no backend produces them yet.
-    ///
-    /// # Errors
-    /// [`EngineError::Unavailable`], always.
-    async fn subscribe_instance_tags(&self, from: StreamCursor) -> Result<InstanceTagSubscription, EngineError> {
-        let _ = from;
-        Err(not_provided("subscribe instance tags"))
-    }
 }
 
 #[allow(dead_code)]

@@ -5,7 +5,19 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::error::{EngineError, redact};
+use crate::error::{Error, redact};
+
+/// Shortest safety tick and held-back re-poll: a zero interval would make `tokio::time`
+/// panic (the tick) or spin (the re-poll).
+pub(crate) const MIN_INTERVAL: Duration = Duration::from_millis(1);
+/// Longest safety tick, re-poll or gauge interval: longer ones overflow a clock deadline.
+pub(crate) const MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// Shortest interval of the periodic backend queries: gauges and the trim job.
+pub(crate) const MIN_QUERY_INTERVAL: Duration = Duration::from_millis(10);
+/// Largest read: rows per read are clamped to `1..=MAX_BATCH_SIZE`.
+pub(crate) const MAX_BATCH_SIZE: usize = 100_000;
+/// Largest subscriber buffer: events buffered are clamped to `1..=MAX_SUBSCRIBER_BUFFER`.
+pub(crate) const MAX_SUBSCRIBER_BUFFER: usize = 1_000_000;
 
 /// Request and connect timeouts.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -74,7 +86,7 @@ impl BackendRetry {
 
 /// How much completion history a backend keeps. A trim job removes what is older than
 /// `max_age` or beyond the newest `max_events`, every `interval`; a subscriber whose cursor falls
-/// below what is kept gets [`EngineError::CursorExpired`].
+/// below what is kept gets [`Error::CursorExpired`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Retention {
@@ -101,7 +113,7 @@ impl Retention {
     /// [`MIN_QUERY_INTERVAL`](crate::SupervisorConfig::MIN_QUERY_INTERVAL) on.
     #[must_use]
     pub fn every(mut self, interval: Duration) -> Self {
-        self.interval = interval.max(crate::actors::supervisor::MIN_QUERY_INTERVAL);
+        self.interval = interval.max(MIN_QUERY_INTERVAL);
         self
     }
 }
@@ -130,16 +142,18 @@ impl fmt::Debug for PostgresConnection {
 pub const POLL_MS_PARAM: &str = "ff_poll_ms";
 
 /// Splits our own `ff_poll_ms` parameter off a Postgres URL (the driver would reject it).
-fn take_poll_param(text: &str) -> Result<(String, Option<Duration>), EngineError> {
+fn take_poll_param(text: &str) -> Result<(String, Option<Duration>), Error> {
     let Some((base, query)) = text.split_once('?') else { return Ok((text.to_owned(), None)) };
     let mut poll = None;
     let mut kept = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some((POLL_MS_PARAM, v)) => {
-                let ms: u64 = v.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| {
-                    EngineError::validation(format!("{POLL_MS_PARAM}={v:?} is not a positive number"))
-                })?;
+                let ms: u64 = v
+                    .parse()
+                    .ok()
+                    .filter(|ms| *ms > 0)
+                    .ok_or_else(|| Error::validation(format!("{POLL_MS_PARAM}={v:?} is not a positive number")))?;
                 poll = Some(Duration::from_millis(ms));
             }
             _ => kept.push(pair),
@@ -236,20 +250,20 @@ impl ValkeyConnection {
     /// let v = ValkeyConnection::new("unused", 1).with_seed_nodes([("a", 7000), ("b", 7001)])?;
     /// assert_eq!(v.to_string(), "valkey+cluster://a:7000,b:7001/0");
     /// assert!(ValkeyConnection::new("a", 1).with_seed_nodes([("b", 0)]).is_err());
-    /// # Ok::<(), ff_completions::EngineError>(())
+    /// # Ok::<(), ff_completions::Error>(())
     /// ```
     ///
     /// # Errors
-    /// [`EngineError::Validation`] for an empty list, an empty host, port 0 or a node named twice.
+    /// [`Error::Validation`] for an empty list, an empty host, port 0 or a node named twice.
     pub fn with_seed_nodes<H: Into<String>>(
         mut self,
         nodes: impl IntoIterator<Item = (H, u16)>,
-    ) -> Result<Self, EngineError> {
+    ) -> Result<Self, Error> {
         let nodes: Vec<(String, u16)> = nodes.into_iter().map(|(h, p)| (h.into(), p)).collect();
         check_seed_nodes(&nodes)?;
         let mut nodes = nodes.into_iter();
         let Some((host, port)) = nodes.next() else {
-            return Err(EngineError::validation("a valkey cluster needs at least one seed node"));
+            return Err(Error::validation("a valkey cluster needs at least one seed node"));
         };
         self.host = host;
         self.port = port;
@@ -320,19 +334,19 @@ impl fmt::Display for ValkeyConnection {
 }
 
 /// A seed list is not empty and names each node once, with a host and a port other than 0.
-fn check_seed_nodes(nodes: &[(String, u16)]) -> Result<(), EngineError> {
+fn check_seed_nodes(nodes: &[(String, u16)]) -> Result<(), Error> {
     if nodes.is_empty() {
-        return Err(EngineError::validation("a valkey cluster needs at least one seed node"));
+        return Err(Error::validation("a valkey cluster needs at least one seed node"));
     }
     for (i, (host, port)) in nodes.iter().enumerate() {
         if host.trim().is_empty() {
-            return Err(EngineError::validation(format!("valkey seed node {} has no host", i + 1)));
+            return Err(Error::validation(format!("valkey seed node {} has no host", i + 1)));
         }
         if *port == 0 {
-            return Err(EngineError::validation(format!("valkey seed node {host}:0 has no port")));
+            return Err(Error::validation(format!("valkey seed node {host}:0 has no port")));
         }
         if nodes[..i].contains(&(host.clone(), *port)) {
-            return Err(EngineError::validation(format!("valkey seed node {host}:{port} is named twice")));
+            return Err(Error::validation(format!("valkey seed node {host}:{port} is named twice")));
         }
     }
     Ok(())
@@ -340,7 +354,7 @@ fn check_seed_nodes(nodes: &[(String, u16)]) -> Result<(), EngineError> {
 
 /// Splits `scheme://[userinfo@]h1:p1,h2:p2/rest` into the URL with the first node only and the
 /// further nodes (host, port; port 6379 when not given).
-fn split_seed_nodes(text: &str) -> Result<(String, Vec<(String, u16)>), EngineError> {
+fn split_seed_nodes(text: &str) -> Result<(String, Vec<(String, u16)>), Error> {
     let Some((scheme, rest)) = text.split_once("://") else { return Ok((text.to_owned(), Vec::new())) };
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(end);
@@ -354,8 +368,8 @@ fn split_seed_nodes(text: &str) -> Result<(String, Vec<(String, u16)>), EngineEr
 }
 
 /// `host[:port]` or `[v6]:port` of a seed list.
-fn parse_node(scheme: &str, node: &str) -> Result<(String, u16), EngineError> {
-    let bad = || EngineError::validation(format!("{scheme} URL: malformed seed node {node:?} (expected host:port)"));
+fn parse_node(scheme: &str, node: &str) -> Result<(String, u16), Error> {
+    let bad = || Error::validation(format!("{scheme} URL: malformed seed node {node:?} (expected host:port)"));
     let node = node.trim();
     let (host, port) = match node.strip_prefix('[') {
         Some(v6) => {
@@ -462,10 +476,10 @@ impl BackendConfig {
     /// connection poolers in transaction mode (PgBouncer) where LISTEN does not work.
     ///
     /// # Errors
-    /// [`EngineError::Validation`] on a Valkey or SQLite config, where it would do nothing.
-    pub fn with_poll_only(mut self, interval: Duration) -> Result<Self, EngineError> {
+    /// [`Error::Validation`] on a Valkey or SQLite config, where it would do nothing.
+    pub fn with_poll_only(mut self, interval: Duration) -> Result<Self, Error> {
         let BackendConnection::Postgres(pg) = &mut self.connection else {
-            return Err(EngineError::validation(format!(
+            return Err(Error::validation(format!(
                 "poll-only mode is a Postgres setting; a {} listener has no notification connection to replace",
                 self.kind()
             )));
@@ -504,28 +518,28 @@ impl BackendConfig {
     /// assert_eq!(BackendConfig::from_url("rediss://cache:6380/2")?.kind(), "valkey");
     /// assert_eq!(BackendConfig::from_url("valkey+cluster://node-1:7000")?.to_string(), "valkey+cluster://node-1:7000/0");
     /// assert!(BackendConfig::from_url("ftp://nowhere").is_err());
-    /// # Ok::<(), ff_completions::EngineError>(())
+    /// # Ok::<(), ff_completions::Error>(())
     /// ```
     ///
     /// # Errors
-    /// [`EngineError::Validation`] naming what is wrong; the message never shows the password.
-    pub fn from_url(text: &str) -> Result<Self, EngineError> {
+    /// [`Error::Validation`] naming what is wrong; the message never shows the password.
+    pub fn from_url(text: &str) -> Result<Self, Error> {
         let text = text.trim();
         if text == "sqlite::memory:" || text == "sqlite://:memory:" {
             return Ok(Self::sqlite_in_memory());
         }
         if let Some(path) = text.strip_prefix("sqlite://").or_else(|| text.strip_prefix("sqlite:")) {
             if path.is_empty() {
-                return Err(EngineError::validation("sqlite URL names no file"));
+                return Err(Error::validation("sqlite URL names no file"));
             }
             return Ok(Self::sqlite(path));
         }
         let valkey = ["valkey", "redis"].iter().any(|s| text.starts_with(s));
         let (first_node, seed_nodes) = if valkey { split_seed_nodes(text)? } else { (text.to_owned(), Vec::new()) };
         let url = url::Url::parse(&first_node)
-            .map_err(|e| EngineError::validation(format!("bad backend URL {:?}: {e}", redact(text))))?;
+            .map_err(|e| Error::validation(format!("bad backend URL {:?}: {e}", redact(text))))?;
         if !seed_nodes.is_empty() && !url.scheme().ends_with("+cluster") {
-            return Err(EngineError::validation(format!(
+            return Err(Error::validation(format!(
                 "{} URL names several nodes; only a cluster URL (valkey+cluster://) may",
                 url.scheme()
             )));
@@ -533,7 +547,7 @@ impl BackendConfig {
         match url.scheme() {
             "postgres" | "postgresql" => {
                 if url.host_str().is_none_or(str::is_empty) && !text.contains("host=") {
-                    return Err(EngineError::validation(format!("postgres URL {:?} has no host", redact(text))));
+                    return Err(Error::validation(format!("postgres URL {:?} has no host", redact(text))));
                 }
                 let (plain, poll) = take_poll_param(text)?;
                 let config = Self::postgres(plain);
@@ -551,15 +565,16 @@ impl BackendConfig {
                 let host = url
                     .host_str()
                     .filter(|h| !h.is_empty())
-                    .ok_or_else(|| EngineError::validation(format!("{scheme} URL has no host")))?;
+                    .ok_or_else(|| Error::validation(format!("{scheme} URL has no host")))?;
                 let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
                 let port = url.port().unwrap_or(6379);
-                let database = match url.path().trim_start_matches('/') {
-                    "" => 0,
-                    db => db.parse::<i64>().ok().filter(|d| *d >= 0).ok_or_else(|| {
-                        EngineError::validation(format!("{scheme} URL database {db:?} is not a number"))
-                    })?,
-                };
+                let database =
+                    match url.path().trim_start_matches('/') {
+                        "" => 0,
+                        db => db.parse::<i64>().ok().filter(|d| *d >= 0).ok_or_else(|| {
+                            Error::validation(format!("{scheme} URL database {db:?} is not a number"))
+                        })?,
+                    };
                 let decode = |s: &str| {
                     url::form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned())
                 };
@@ -567,7 +582,7 @@ impl BackendConfig {
                 let password = url.password().and_then(decode);
                 let tls = matches!(scheme, "valkeys" | "rediss");
                 if cluster && database != 0 {
-                    return Err(EngineError::validation(format!("{full} URL: a cluster has database 0 only")));
+                    return Err(Error::validation(format!("{full} URL: a cluster has database 0 only")));
                 }
                 let mut connection = ValkeyConnection::new(host.clone(), port)
                     .with_credentials(username, password)
@@ -579,7 +594,7 @@ impl BackendConfig {
                 }
                 Ok(Self::valkey_with(connection))
             }
-            other => Err(EngineError::validation(format!(
+            other => Err(Error::validation(format!(
                 "unsupported backend URL scheme {other:?} (use postgres://, valkey://, valkey+cluster://, redis:// or sqlite://)"
             ))),
         }
@@ -617,7 +632,7 @@ mod tests {
             let Some(BackendConnection::Valkey(v)) = c.map(|c| c.connection) else { panic!("{url}: not valkey") };
             assert!(v.cluster && v.database == 0 && v.port == 7000, "{v:?}");
         }
-        assert!(matches!(BackendConfig::from_url("valkey+cluster://n1:7000/2"), Err(EngineError::Validation { .. })));
+        assert!(matches!(BackendConfig::from_url("valkey+cluster://n1:7000/2"), Err(Error::Validation { .. })));
         let plain = BackendConfig::from_url("valkey://n1:7000").ok();
         assert!(matches!(plain.map(|c| c.connection), Some(BackendConnection::Valkey(v)) if !v.cluster));
     }
@@ -661,7 +676,7 @@ mod tests {
             "redis://u:topsecret@a:7000,b:7001",
         ] {
             match BackendConfig::from_url(url) {
-                Err(EngineError::Validation { detail }) => assert!(!detail.contains("topsecret"), "{detail}"),
+                Err(Error::Validation { detail }) => assert!(!detail.contains("topsecret"), "{detail}"),
                 other => panic!("{url:?} gave {other:?}"),
             }
         }
@@ -670,7 +685,7 @@ mod tests {
             [empty.to_vec(), vec![("", 7000)], vec![("a", 0)], vec![("a", 7000), ("b", 7001), ("a", 7000)]];
         for list in lists {
             let refused = ValkeyConnection::new("h", 1).with_seed_nodes(list.clone());
-            assert!(matches!(refused, Err(EngineError::Validation { .. })), "{list:?} gave {refused:?}");
+            assert!(matches!(refused, Err(Error::Validation { .. })), "{list:?} gave {refused:?}");
         }
     }
 
@@ -695,7 +710,7 @@ mod tests {
             "postgres://",
         ] {
             match BackendConfig::from_url(url) {
-                Err(EngineError::Validation { detail }) => assert!(!detail.contains("topsecret"), "{detail}"),
+                Err(Error::Validation { detail }) => assert!(!detail.contains("topsecret"), "{detail}"),
                 other => panic!("{url:?} gave {other:?}"),
             }
         }

@@ -25,7 +25,7 @@
 
 use std::fmt;
 
-use crate::error::EngineError;
+use crate::error::Error;
 
 /// Valkey family prefix byte.
 pub const VALKEY_CURSOR_PREFIX: u8 = 0x01;
@@ -34,94 +34,10 @@ pub const POSTGRES_CURSOR_PREFIX: u8 = 0x02;
 /// SQLite family prefix byte.
 pub const SQLITE_CURSOR_PREFIX: u8 = 0x03;
 
-/// The event family a cursor (and a subscription) belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum Family {
-    /// Completions: cursors without a family tag.
-    Completion,
-    /// Lease history: tag `0xF1`.
-    LeaseHistory,
-    /// Signal delivery: tag `0xF2`.
-    SignalDelivery,
-}
-
 /// The family tag byte of lease-history cursors.
 pub const LEASE_HISTORY_CURSOR_TAG: u8 = 0xF1;
 /// The family tag byte of signal-delivery cursors.
 pub const SIGNAL_DELIVERY_CURSOR_TAG: u8 = 0xF2;
-/// Second bytes at or above this are family tags (`0xF0..=0xFF`); completion cursors never
-/// have one.
-const FAMILY_TAG_FLOOR: u8 = 0xF0;
-
-impl Family {
-    /// Its name, for errors and logs.
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Self::Completion => "completion",
-            Self::LeaseHistory => "lease history",
-            Self::SignalDelivery => "signal delivery",
-        }
-    }
-
-    fn tag(self) -> Option<u8> {
-        match self {
-            Self::Completion => None,
-            Self::LeaseHistory => Some(LEASE_HISTORY_CURSOR_TAG),
-            Self::SignalDelivery => Some(SIGNAL_DELIVERY_CURSOR_TAG),
-        }
-    }
-
-    /// The cursor of this family at the backend position `cursor` (a completion-form cursor,
-    /// as a source encodes it). The empty cursor stays empty.
-    pub(crate) fn tag_cursor(self, cursor: StreamCursor) -> StreamCursor {
-        match (self.tag(), cursor.0.split_first()) {
-            (Some(tag), Some((&backend, rest))) => {
-                let mut bytes = Vec::with_capacity(cursor.0.len() + 1);
-                bytes.push(backend);
-                bytes.push(tag);
-                bytes.extend_from_slice(rest);
-                StreamCursor(bytes)
-            }
-            _ => cursor,
-        }
-    }
-
-    /// The backend position of `cursor`, a cursor of this family (empty: the tail).
-    ///
-    /// # Errors
-    /// [`EngineError::Validation`] for a cursor of another family or an unknown tag.
-    pub(crate) fn untag_cursor(self, cursor: &StreamCursor) -> Result<StreamCursor, EngineError> {
-        let bytes = cursor.as_bytes();
-        if bytes.is_empty() {
-            return Ok(StreamCursor::empty());
-        }
-        let found = match bytes {
-            [_, tag, ..] if *tag >= FAMILY_TAG_FLOOR => match *tag {
-                LEASE_HISTORY_CURSOR_TAG => Self::LeaseHistory,
-                SIGNAL_DELIVERY_CURSOR_TAG => Self::SignalDelivery,
-                other => return Err(EngineError::validation(format!("cursor family tag 0x{other:02x} is unknown"))),
-            },
-            _ => Self::Completion,
-        };
-        if found != self {
-            return Err(EngineError::validation(format!(
-                "a {} cursor cannot resume a {} subscription",
-                found.name(),
-                self.name()
-            )));
-        }
-        Ok(match (self.tag(), bytes) {
-            (Some(_), [backend, _, rest @ ..]) => {
-                let mut body = Vec::with_capacity(bytes.len() - 1);
-                body.push(*backend);
-                body.extend_from_slice(rest);
-                StreamCursor(body)
-            }
-            _ => cursor.clone(),
-        })
-    }
-}
-
 /// Opaque, backend-versioned cursor: the first byte names the backend family, the rest is that
 /// backend's position. Persist its bytes (or hex); hand them back to resume.
 ///
@@ -134,7 +50,7 @@ impl Family {
 /// assert_eq!(saved, "030000000000000005");
 /// assert_eq!(StreamCursor::from_hex(&saved)?, cursor);
 /// assert!(StreamCursor::from_hex("01zz").is_err()); // malformed: a typed error, never a panic
-/// # Ok::<(), ff_completions::EngineError>(())
+/// # Ok::<(), ff_completions::Error>(())
 /// ```
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct StreamCursor(Vec<u8>);
@@ -184,13 +100,13 @@ impl StreamCursor {
     /// Parses the output of [`StreamCursor::to_hex`].
     ///
     /// # Errors
-    /// [`EngineError::Validation`] for odd lengths or non-hex characters.
-    pub fn from_hex(text: &str) -> Result<Self, EngineError> {
+    /// [`Error::Validation`] for odd lengths or non-hex characters.
+    pub fn from_hex(text: &str) -> Result<Self, Error> {
         let text = text.trim();
         if !text.len().is_multiple_of(2) || !text.is_ascii() {
-            return Err(EngineError::validation("cursor hex must have an even number of ASCII digits"));
+            return Err(Error::validation("cursor hex must have an even number of ASCII digits"));
         }
-        hex::decode(text).map(Self).map_err(|_| EngineError::validation("cursor hex has a non-hex character"))
+        hex::decode(text).map(Self).map_err(|_| Error::validation("cursor hex has a non-hex character"))
     }
 }
 
@@ -344,15 +260,16 @@ pub struct PostgresCursor {
     pub event_id: i64,
 }
 
-fn body<const N: usize>(cursor: &StreamCursor, prefix: u8, family: &str) -> Result<Option<[u8; N]>, EngineError> {
+fn body<const N: usize>(cursor: &StreamCursor, prefix: u8, family: &str) -> Result<Option<[u8; N]>, Error> {
     let bytes = cursor.as_bytes();
     match bytes.split_first() {
         None => Ok(None),
-        Some((&p, rest)) if p == prefix => rest.try_into().map(Some).map_err(|_| {
-            EngineError::validation(format!("{family} cursor must be {} bytes, got {}", N + 1, bytes.len()))
-        }),
+        Some((&p, rest)) if p == prefix => rest
+            .try_into()
+            .map(Some)
+            .map_err(|_| Error::validation(format!("{family} cursor must be {} bytes, got {}", N + 1, bytes.len()))),
         Some((&p, _)) => {
-            Err(EngineError::validation(format!("cursor prefix 0x{p:02x} is not the {family} family (0x{prefix:02x})")))
+            Err(Error::validation(format!("cursor prefix 0x{p:02x} is not the {family} family (0x{prefix:02x})")))
         }
     }
 }
@@ -379,8 +296,8 @@ pub fn encode_valkey_cursor(ms: u64, seq: u64) -> StreamCursor {
 /// Decodes a Valkey cursor; `Ok(None)` for the empty (tail) cursor.
 ///
 /// # Errors
-/// [`EngineError::Validation`] for a wrong prefix or length.
-pub fn decode_valkey_cursor(cursor: &StreamCursor) -> Result<Option<(u64, u64)>, EngineError> {
+/// [`Error::Validation`] for a wrong prefix or length.
+pub fn decode_valkey_cursor(cursor: &StreamCursor) -> Result<Option<(u64, u64)>, Error> {
     Ok(body::<16>(cursor, VALKEY_CURSOR_PREFIX, "Valkey")?.map(|b| (be_u64(&b[..8]), be_u64(&b[8..]))))
 }
 
@@ -443,9 +360,9 @@ pub fn encode_valkey_frontier(lanes: &[ValkeyLane]) -> StreamCursor {
 /// [`VALKEY_LEGACY_LANE`].
 ///
 /// # Errors
-/// [`EngineError::Validation`] for a wrong prefix, a truncated or overlong body, lanes out of
+/// [`Error::Validation`] for a wrong prefix, a truncated or overlong body, lanes out of
 /// range or out of order.
-pub fn decode_valkey_frontier(cursor: &StreamCursor) -> Result<Option<Vec<ValkeyLane>>, EngineError> {
+pub fn decode_valkey_frontier(cursor: &StreamCursor) -> Result<Option<Vec<ValkeyLane>>, Error> {
     let bytes = cursor.as_bytes();
     match bytes {
         [] => return Ok(None),
@@ -453,14 +370,14 @@ pub fn decode_valkey_frontier(cursor: &StreamCursor) -> Result<Option<Vec<Valkey
             return Ok(decode_valkey_cursor(cursor)?.map(|(ms, seq)| vec![(VALKEY_LEGACY_LANE, ms, seq)]));
         }
         [VALKEY_CURSOR_PREFIX, VALKEY_FRONTIER_FORM, ..] => {}
-        [VALKEY_CURSOR_PREFIX, ..] => return Err(EngineError::validation("Valkey cursor of an unknown form")),
+        [VALKEY_CURSOR_PREFIX, ..] => return Err(Error::validation("Valkey cursor of an unknown form")),
         [p, ..] => {
-            return Err(EngineError::validation(format!(
+            return Err(Error::validation(format!(
                 "cursor prefix 0x{p:02x} is not the Valkey family (0x{VALKEY_CURSOR_PREFIX:02x})"
             )));
         }
     }
-    let bad = |what: &str| EngineError::validation(format!("Valkey cursor: {what}"));
+    let bad = |what: &str| Error::validation(format!("Valkey cursor: {what}"));
     let mut rest = &bytes[2..];
     let base = take_varint(&mut rest).ok_or_else(|| bad("truncated"))?;
     let mut lanes: Vec<ValkeyLane> = Vec::new();
@@ -507,8 +424,8 @@ pub fn encode_postgres_event_cursor(event_id: i64) -> StreamCursor {
 /// Decodes any Postgres form; `Ok(None)` for the empty (tail) cursor.
 ///
 /// # Errors
-/// [`EngineError::Validation`] for a wrong prefix, a wrong length or a negative id.
-pub fn decode_postgres_cursor(cursor: &StreamCursor) -> Result<Option<PostgresCursor>, EngineError> {
+/// [`Error::Validation`] for a wrong prefix, a wrong length or a negative id.
+pub fn decode_postgres_cursor(cursor: &StreamCursor) -> Result<Option<PostgresCursor>, Error> {
     let decoded = match cursor.as_bytes().len() {
         9 => body::<8>(cursor, POSTGRES_CURSOR_PREFIX, "Postgres")?.map(|b| PostgresCursor {
             batch: None,
@@ -532,7 +449,7 @@ pub fn decode_postgres_cursor(cursor: &StreamCursor) -> Result<Option<PostgresCu
                 || c.txid.is_some_and(|t| t > i64::MAX as u64)
                 || c.batch.is_some_and(|b| b > i64::MAX as u64) =>
         {
-            Err(EngineError::validation("Postgres cursor holds a negative position"))
+            Err(Error::validation("Postgres cursor holds a negative position"))
         }
         other => Ok(other),
     }
@@ -548,10 +465,10 @@ pub fn encode_sqlite_cursor(event_id: i64) -> StreamCursor {
 /// Decodes an SQLite cursor; `Ok(None)` for the empty (tail) cursor.
 ///
 /// # Errors
-/// [`EngineError::Validation`] for a wrong prefix, a wrong length or a negative id.
-pub fn decode_sqlite_cursor(cursor: &StreamCursor) -> Result<Option<i64>, EngineError> {
+/// [`Error::Validation`] for a wrong prefix, a wrong length or a negative id.
+pub fn decode_sqlite_cursor(cursor: &StreamCursor) -> Result<Option<i64>, Error> {
     match body::<8>(cursor, SQLITE_CURSOR_PREFIX, "SQLite")?.map(|b| be_u64(&b) as i64) {
-        Some(id) if id < 0 => Err(EngineError::validation("SQLite cursor holds a negative event id")),
+        Some(id) if id < 0 => Err(Error::validation("SQLite cursor holds a negative event id")),
         other => Ok(other),
     }
 }
@@ -560,9 +477,9 @@ pub fn decode_sqlite_cursor(cursor: &StreamCursor) -> Result<Option<i64>, Engine
 /// a Postgres batch cursor, an SQLite cursor); `Ok(None)` for the empty cursor.
 ///
 /// # Errors
-/// [`EngineError::Validation`] for a malformed cursor, an unknown backend byte, a family tag
+/// [`Error::Validation`] for a malformed cursor, an unknown backend byte, a family tag
 /// or an earlier Postgres form (no event carries one).
-pub(crate) fn decode_event_frontier(cursor: &StreamCursor) -> Result<Option<Frontier>, EngineError> {
+pub(crate) fn decode_event_frontier(cursor: &StreamCursor) -> Result<Option<Frontier>, Error> {
     match cursor.as_bytes().first() {
         None => Ok(None),
         Some(&VALKEY_CURSOR_PREFIX) => Ok(decode_valkey_frontier(cursor)?.map(|lanes| {
@@ -573,91 +490,12 @@ pub(crate) fn decode_event_frontier(cursor: &StreamCursor) -> Result<Option<Fron
             Some(PostgresCursor { batch: Some(batch), txid: Some(txid), event_id }) => {
                 Ok(Some(Frontier::at(Position::with_major(batch, txid, event_id as u64))))
             }
-            Some(_) => Err(EngineError::validation("a Postgres cursor of an earlier form names no event")),
+            Some(_) => Err(Error::validation("a Postgres cursor of an earlier form names no event")),
         },
         Some(&SQLITE_CURSOR_PREFIX) => {
             Ok(decode_sqlite_cursor(cursor)?.map(|id| Frontier::at(Position::new(0, id as u64))))
         }
-        Some(other) => Err(EngineError::validation(format!("cursor prefix 0x{other:02x} names no backend"))),
-    }
-}
-
-#[cfg(test)]
-mod family_tests {
-    use super::*;
-
-    const FAMILIES: [Family; 3] = [Family::Completion, Family::LeaseHistory, Family::SignalDelivery];
-
-    fn backend_cursors() -> Vec<StreamCursor> {
-        vec![
-            encode_sqlite_cursor(5),
-            encode_sqlite_cursor(i64::MAX),
-            encode_postgres_batch_cursor(31, 900, 42),
-            encode_postgres_cursor(900, 42),
-            encode_postgres_event_cursor(42),
-            encode_valkey_cursor(1_700_000_000_000, 7),
-            encode_valkey_frontier(&[(0, 1_700_000_000_000, 1), (255, 1_700_000_000_001, 0)]),
-        ]
-    }
-
-    #[test]
-    fn completion_cursors_keep_their_bytes_and_every_family_round_trips() {
-        for cursor in backend_cursors() {
-            assert_eq!(Family::Completion.tag_cursor(cursor.clone()), cursor, "completion bytes unchanged");
-            for family in FAMILIES {
-                let tagged = family.tag_cursor(cursor.clone());
-                assert_eq!(tagged.as_bytes()[0], cursor.as_bytes()[0], "the backend byte stays first");
-                assert_eq!(family.untag_cursor(&tagged).ok(), Some(cursor.clone()), "{family:?} {cursor}");
-            }
-        }
-        assert_eq!(Family::LeaseHistory.tag_cursor(encode_sqlite_cursor(9)).to_hex(), "03f10000000000000009");
-        assert_eq!(Family::SignalDelivery.tag_cursor(encode_sqlite_cursor(9)).to_hex(), "03f20000000000000009");
-        assert_eq!(Family::LeaseHistory.tag_cursor(StreamCursor::empty()), StreamCursor::empty());
-        assert_eq!(Family::SignalDelivery.untag_cursor(&StreamCursor::empty()).ok(), Some(StreamCursor::empty()));
-    }
-
-    #[test]
-    fn a_cursor_of_one_family_is_refused_by_every_other() {
-        for cursor in backend_cursors() {
-            for from in FAMILIES {
-                let tagged = from.tag_cursor(cursor.clone());
-                for to in FAMILIES.into_iter().filter(|f| *f != from) {
-                    match to.untag_cursor(&tagged) {
-                        Err(EngineError::Validation { detail }) => {
-                            assert!(detail.contains(from.name()) && detail.contains(to.name()), "{detail}")
-                        }
-                        other => panic!("{from:?} cursor given to {to:?}: {other:?}"),
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn malformed_family_bytes_are_validation_errors() {
-        for bad in [vec![0x03, 0xf0, 0, 0], vec![0x03, 0xff], vec![0x02, 0xf3, 1, 2, 3]] {
-            for family in FAMILIES {
-                assert!(
-                    matches!(family.untag_cursor(&StreamCursor::new(bad.clone())), Err(EngineError::Validation { .. })),
-                    "{bad:?} {family:?}"
-                );
-            }
-        }
-        // A tag on a truncated body passes the family check; the backend's codec refuses it.
-        let short = Family::LeaseHistory.untag_cursor(&StreamCursor::new(vec![0x03, 0xf1, 0])).unwrap_or_default();
-        assert!(matches!(decode_sqlite_cursor(&short), Err(EngineError::Validation { .. })));
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn arbitrary_bytes_never_panic_and_tagging_round_trips(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)) {
-            let cursor = StreamCursor::new(bytes);
-            for family in FAMILIES {
-                if let Ok(body) = family.untag_cursor(&cursor) {
-                    proptest::prop_assert_eq!(family.tag_cursor(body), cursor.clone());
-                }
-            }
-        }
+        Some(other) => Err(Error::validation(format!("cursor prefix 0x{other:02x} names no backend"))),
     }
 }
 
@@ -736,7 +574,7 @@ mod tests {
             "02010100",
         ] {
             let cursor = StreamCursor::from_hex(hex).unwrap_or_default();
-            assert!(matches!(decode_valkey_frontier(&cursor), Err(EngineError::Validation { .. })), "{hex}");
+            assert!(matches!(decode_valkey_frontier(&cursor), Err(Error::Validation { .. })), "{hex}");
         }
     }
 
@@ -769,10 +607,10 @@ mod tests {
     #[test]
     fn foreign_and_truncated_cursors_are_validation_errors() {
         let valkey = encode_valkey_cursor(1, 2);
-        assert!(matches!(decode_postgres_cursor(&valkey), Err(EngineError::Validation { .. })));
-        assert!(matches!(decode_sqlite_cursor(&valkey), Err(EngineError::Validation { .. })));
+        assert!(matches!(decode_postgres_cursor(&valkey), Err(Error::Validation { .. })));
+        assert!(matches!(decode_sqlite_cursor(&valkey), Err(Error::Validation { .. })));
         let truncated = StreamCursor::new(valkey.as_bytes()[..10].to_vec());
-        assert!(matches!(decode_valkey_cursor(&truncated), Err(EngineError::Validation { .. })));
+        assert!(matches!(decode_valkey_cursor(&truncated), Err(Error::Validation { .. })));
         assert!(decode_postgres_cursor(&StreamCursor::new(vec![0x02, 0xff, 0, 0, 0, 0, 0, 0, 0])).is_err());
     }
 

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use futures::future::try_join_all;
 
 use crate::config::{BackendConfig, BackendConnection};
-use crate::error::EngineError;
+use crate::error::Error;
 use crate::signal_delivery::SignalDeliveryEffect;
 use crate::types::{ExecutionId, FlowId, Namespace, SignalId, TimestampMs, WaitpointId};
 
@@ -17,8 +17,8 @@ use crate::types::{ExecutionId, FlowId, Namespace, SignalId, TimestampMs, Waitpo
 /// as much); [`Engine::expire_leases`] takes the leases older than that away.
 pub const LEASE_DURATION: std::time::Duration = std::time::Duration::from_secs(30);
 
-fn family_not_done(op: &'static str) -> EngineError {
-    EngineError::unavailable(op, "this backend's engine does not produce lease or signal events yet")
+fn family_not_done(op: &'static str) -> Error {
+    Error::unavailable(op, "this backend's engine does not produce lease or signal events yet")
 }
 
 /// What to create.
@@ -81,7 +81,7 @@ impl ExecutionSpec {
     }
 
     /// Refuses what no backend can store as given, before anything is written.
-    pub(crate) fn validate(&self) -> Result<(), EngineError> {
+    pub(crate) fn validate(&self) -> Result<(), Error> {
         check_namespace(self.namespace.as_ref())?;
         for (key, value) in &self.tags {
             check_text("tag key", key)?;
@@ -92,14 +92,14 @@ impl ExecutionSpec {
 }
 
 /// Refuses a namespace no backend can store as given.
-pub(crate) fn check_namespace(namespace: Option<&Namespace>) -> Result<(), EngineError> {
+pub(crate) fn check_namespace(namespace: Option<&Namespace>) -> Result<(), Error> {
     namespace.map_or(Ok(()), |ns| check_text("namespace", ns.as_str()))
 }
 
 /// Postgres `text` cannot hold NUL; the other backends could, but every backend refuses it alike.
-fn check_text(what: &str, value: &str) -> Result<(), EngineError> {
+fn check_text(what: &str, value: &str) -> Result<(), Error> {
     if value.contains('\0') {
-        return Err(EngineError::validation(format!("{what} {:?} contains a NUL character", value.escape_debug())));
+        return Err(Error::validation(format!("{what} {:?} contains a NUL character", value.escape_debug())));
     }
     Ok(())
 }
@@ -158,14 +158,14 @@ pub enum DependencyResolution {
 
 impl DependencyResolution {
     #[cfg_attr(not(any(feature = "postgres", feature = "valkey")), allow(dead_code))]
-    pub(crate) fn from_wire(s: &str) -> Result<Self, EngineError> {
+    pub(crate) fn from_wire(s: &str) -> Result<Self, Error> {
         Ok(match s {
             "promoted" => Self::Promoted,
             "skipped" => Self::Skipped,
             "waiting" => Self::Waiting,
             "already_resolved" => Self::AlreadyResolved,
             "parent_not_terminal" => Self::ParentNotTerminal,
-            other => return Err(EngineError::validation(format!("unknown dependency resolution {other:?}"))),
+            other => return Err(Error::validation(format!("unknown dependency resolution {other:?}"))),
         })
     }
 }
@@ -187,29 +187,29 @@ pub type ResolvedEdge = (ExecutionId, ExecutionId, DependencyResolution);
 #[async_trait]
 pub trait Engine: Send + Sync {
     /// Creates a flow (idempotent).
-    async fn create_flow(&self, flow: &FlowId, namespace: Option<&Namespace>) -> Result<(), EngineError>;
+    async fn create_flow(&self, flow: &FlowId, namespace: Option<&Namespace>) -> Result<(), Error>;
     /// Creates an execution, blocked on its parents or eligible.
-    async fn create_execution(&self, spec: &ExecutionSpec) -> Result<(), EngineError>;
+    async fn create_execution(&self, spec: &ExecutionSpec) -> Result<(), Error>;
     /// Claims up to `limit` eligible executions for `worker`.
-    async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, EngineError>;
+    async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, Error>;
     /// Completes a running execution with success; `false` if it was not running.
-    async fn complete(&self, id: &ExecutionId) -> Result<bool, EngineError>;
+    async fn complete(&self, id: &ExecutionId) -> Result<bool, Error>;
     /// Fails a running execution, retrying while attempts remain and `retryable`.
-    async fn fail(&self, id: &ExecutionId, retryable: bool) -> Result<FailOutcome, EngineError>;
+    async fn fail(&self, id: &ExecutionId, retryable: bool) -> Result<FailOutcome, Error>;
     /// Cancels a non-terminal execution; `false` if it was terminal.
-    async fn cancel(&self, id: &ExecutionId) -> Result<bool, EngineError>;
+    async fn cancel(&self, id: &ExecutionId) -> Result<bool, Error>;
     /// Expires a non-terminal execution; `false` if it was terminal.
-    async fn expire(&self, id: &ExecutionId) -> Result<bool, EngineError>;
+    async fn expire(&self, id: &ExecutionId) -> Result<bool, Error>;
     /// Cancels a flow's members by policy; returns how many were cancelled.
-    async fn cancel_flow(&self, flow: &FlowId, policy: CancelFlowPolicy) -> Result<u64, EngineError>;
+    async fn cancel_flow(&self, flow: &FlowId, policy: CancelFlowPolicy) -> Result<u64, Error>;
     /// Resolves the edge `parent -> child` after the parent reached a terminal state.
     async fn resolve_dependency(
         &self,
         parent: &ExecutionId,
         child: &ExecutionId,
-    ) -> Result<DependencyResolution, EngineError>;
+    ) -> Result<DependencyResolution, Error>;
     /// The children of an execution.
-    async fn children(&self, parent: &ExecutionId) -> Result<Vec<ExecutionId>, EngineError>;
+    async fn children(&self, parent: &ExecutionId) -> Result<Vec<ExecutionId>, Error>;
     /// Resolves every edge out of `parents` (executions that reached a terminal state) and
     /// returns each edge `(parent, child)` with what resolving it did. Backends that can do it
     /// in one transaction or function call do (Postgres, SQLite); the default resolves the
@@ -218,17 +218,16 @@ pub trait Engine: Send + Sync {
     /// # Errors
     /// As [`Self::children`] and [`Self::resolve_dependency`]; on Postgres and SQLite nothing
     /// is resolved then.
-    async fn resolve_children(&self, parents: &[ExecutionId]) -> Result<Vec<ResolvedEdge>, EngineError> {
+    async fn resolve_children(&self, parents: &[ExecutionId]) -> Result<Vec<ResolvedEdge>, Error> {
         let children =
-            try_join_all(parents.iter().map(|p| async move { Ok::<_, EngineError>((*p, self.children(p).await?)) }))
-                .await?;
+            try_join_all(parents.iter().map(|p| async move { Ok::<_, Error>((*p, self.children(p).await?)) })).await?;
         let edges = children.into_iter().flat_map(|(p, cs)| cs.into_iter().map(move |c| (p, c)));
         try_join_all(edges.map(|(p, c)| async move { Ok((p, c, self.resolve_dependency(&p, &c).await?)) })).await
     }
     /// Edges whose parent is terminal but which were never resolved (the reconciler's list).
-    async fn unresolved_dependencies(&self, limit: usize) -> Result<Vec<(ExecutionId, ExecutionId)>, EngineError>;
+    async fn unresolved_dependencies(&self, limit: usize) -> Result<Vec<(ExecutionId, ExecutionId)>, Error>;
     /// An execution's stored state.
-    async fn execution(&self, id: &ExecutionId) -> Result<Option<ExecutionInfo>, EngineError>;
+    async fn execution(&self, id: &ExecutionId) -> Result<Option<ExecutionInfo>, Error>;
 
     /// The heartbeat of `worker`, holder of `id`'s lease: extends it by [`LEASE_DURATION`]
     /// and writes a lease-history `renewed` event. Every claim writes `acquired` (or
@@ -237,8 +236,8 @@ pub trait Engine: Send + Sync {
     /// Returns `false` when `worker` does not hold an active lease on `id`.
     ///
     /// # Errors
-    /// The backend's; [`EngineError::Unavailable`] on backends without lease history yet.
-    async fn renew_lease(&self, id: &ExecutionId, worker: &str) -> Result<bool, EngineError> {
+    /// The backend's; [`Error::Unavailable`] on backends without lease history yet.
+    async fn renew_lease(&self, id: &ExecutionId, worker: &str) -> Result<bool, Error> {
         let _ = (id, worker);
         Err(family_not_done("renew lease"))
     }
@@ -249,7 +248,7 @@ pub trait Engine: Send + Sync {
     ///
     /// # Errors
     /// As [`Self::renew_lease`].
-    async fn expire_leases(&self, now: TimestampMs) -> Result<Vec<ExecutionId>, EngineError> {
+    async fn expire_leases(&self, now: TimestampMs) -> Result<Vec<ExecutionId>, Error> {
         let _ = now;
         Err(family_not_done("expire leases"))
     }
@@ -259,7 +258,7 @@ pub trait Engine: Send + Sync {
     ///
     /// # Errors
     /// As [`Self::renew_lease`].
-    async fn revoke_lease(&self, id: &ExecutionId, revoked_by: &str) -> Result<bool, EngineError> {
+    async fn revoke_lease(&self, id: &ExecutionId, revoked_by: &str) -> Result<bool, Error> {
         let _ = (id, revoked_by);
         Err(family_not_done("revoke lease"))
     }
@@ -269,8 +268,8 @@ pub trait Engine: Send + Sync {
     /// eligible again (returns `true`); otherwise the waitpoint stays open (`false`).
     ///
     /// # Errors
-    /// [`EngineError::State`] when the execution is not running; as [`Self::renew_lease`].
-    async fn suspend(&self, id: &ExecutionId, waitpoint: &WaitpointId) -> Result<bool, EngineError> {
+    /// [`Error::State`] when the execution is not running; as [`Self::renew_lease`].
+    async fn suspend(&self, id: &ExecutionId, waitpoint: &WaitpointId) -> Result<bool, Error> {
         let _ = (id, waitpoint);
         Err(family_not_done("suspend"))
     }
@@ -282,7 +281,7 @@ pub trait Engine: Send + Sync {
     /// satisfied, the execution eligible again), else `Buffered` (consumed when it opens).
     ///
     /// # Errors
-    /// [`EngineError::State`] for an unknown execution; as [`Self::renew_lease`].
+    /// [`Error::State`] for an unknown execution; as [`Self::renew_lease`].
     async fn deliver_signal(
         &self,
         id: &ExecutionId,
@@ -290,7 +289,7 @@ pub trait Engine: Send + Sync {
         signal_id: &SignalId,
         idempotency_key: Option<&str>,
         source_identity: Option<&str>,
-    ) -> Result<SignalDeliveryEffect, EngineError> {
+    ) -> Result<SignalDeliveryEffect, Error> {
         let _ = (id, waitpoint, signal_id, idempotency_key, source_identity);
         Err(family_not_done("deliver signal"))
     }
@@ -300,7 +299,7 @@ pub trait Engine: Send + Sync {
 ///
 /// # Errors
 /// As the backend's connect.
-pub async fn connect_engine(config: &BackendConfig) -> Result<Arc<dyn Engine>, EngineError> {
+pub async fn connect_engine(config: &BackendConfig) -> Result<Arc<dyn Engine>, Error> {
     match &config.connection {
         #[cfg(feature = "postgres")]
         BackendConnection::Postgres(_) => {
@@ -311,6 +310,6 @@ pub async fn connect_engine(config: &BackendConfig) -> Result<Arc<dyn Engine>, E
         #[cfg(feature = "valkey")]
         BackendConnection::Valkey(_) => Ok(Arc::new(crate::backends::valkey::ValkeyEngine::connect(config).await?)),
         #[allow(unreachable_patterns)]
-        _ => Err(EngineError::validation(format!("backend {config} is not compiled in"))),
+        _ => Err(Error::validation(format!("backend {config} is not compiled in"))),
     }
 }

@@ -1,13 +1,14 @@
 //! Configuration from `FF_COMPLETIONS_*` environment variables, one place for every name.
-//! A bad value is a [`EngineError::Validation`] naming the variable; it never panics. Every
+//! A bad value is a [`Error::Validation`] naming the variable; it never panics. Every
 //! number must be a positive whole number within its variable's range (zero is refused: a
 //! zero tick, batch or buffer would stall or panic the tree).
 
 use std::time::Duration;
 
-use crate::actors::supervisor::{MAX_BATCH_SIZE, MAX_INTERVAL, MAX_SUBSCRIBER_BUFFER, SupervisorConfig};
+use crate::actors::supervisor_config::SupervisorConfig;
 use crate::config::{BackendConfig, BackendConnection, Retention};
-use crate::error::EngineError;
+use crate::config::{MAX_BATCH_SIZE, MAX_INTERVAL, MAX_SUBSCRIBER_BUFFER};
+use crate::error::Error;
 
 /// Backend URLs, comma-separated (`postgres://…`, `valkey://…`, `sqlite://…`). Required.
 pub const URL: &str = "FF_COMPLETIONS_URL";
@@ -57,17 +58,17 @@ const MAX_MILLIS: u64 = i32::MAX as u64;
 const MAX_AGE_S: u64 = 100 * 365 * 24 * 3600;
 
 /// `true`/`1` or `false`/`0`, or `None` when the variable is unset or empty.
-fn flag(lookup: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<bool>, EngineError> {
+fn flag(lookup: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<bool>, Error> {
     match lookup(name).as_deref().map(str::trim) {
         None | Some("") => Ok(None),
         Some("true" | "1") => Ok(Some(true)),
         Some("false" | "0") => Ok(Some(false)),
-        Some(other) => Err(EngineError::validation(format!("{name}={other:?}: expected true or false"))),
+        Some(other) => Err(Error::validation(format!("{name}={other:?}: expected true or false"))),
     }
 }
 
 /// A whole number in `1..=max`, or `None` when the variable is unset or empty.
-fn number(lookup: &dyn Fn(&str) -> Option<String>, name: &str, max: u64) -> Result<Option<u64>, EngineError> {
+fn number(lookup: &dyn Fn(&str) -> Option<String>, name: &str, max: u64) -> Result<Option<u64>, Error> {
     match lookup(name) {
         None => Ok(None),
         Some(v) if v.trim().is_empty() => Ok(None),
@@ -77,17 +78,17 @@ fn number(lookup: &dyn Fn(&str) -> Option<String>, name: &str, max: u64) -> Resu
             .ok()
             .filter(|n| (1..=max).contains(n))
             .map(Some)
-            .ok_or_else(|| EngineError::validation(format!("{name}={v:?} is not a whole number from 1 to {max}"))),
+            .ok_or_else(|| Error::validation(format!("{name}={v:?} is not a whole number from 1 to {max}"))),
     }
 }
 
-fn millis(lookup: &dyn Fn(&str) -> Option<String>, name: &str, max: u64) -> Result<Option<Duration>, EngineError> {
+fn millis(lookup: &dyn Fn(&str) -> Option<String>, name: &str, max: u64) -> Result<Option<Duration>, Error> {
     Ok(number(lookup, name, max)?.map(Duration::from_millis))
 }
 
-fn intensity(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Option<(u32, Duration)>, EngineError> {
+fn intensity(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Option<(u32, Duration)>, Error> {
     let Some(v) = lookup(RESTART_INTENSITY).filter(|v| !v.trim().is_empty()) else { return Ok(None) };
-    let bad = || EngineError::validation(format!("{RESTART_INTENSITY}={v:?} must look like 5/60 (crashes/seconds)"));
+    let bad = || Error::validation(format!("{RESTART_INTENSITY}={v:?} must look like 5/60 (crashes/seconds)"));
     let (n, secs) = v.trim().split_once('/').ok_or_else(bad)?;
     let n: u32 = n.trim().parse().map_err(|_| bad())?;
     let secs: u64 = secs.trim().parse().ok().filter(|s| *s > 0).ok_or_else(bad)?;
@@ -113,11 +114,10 @@ fn backend_urls(list: &str) -> Vec<String> {
 /// Builds a tree configuration from `lookup` (the environment, or a map in tests).
 ///
 /// # Errors
-/// [`EngineError::Validation`] naming the variable that is missing or malformed.
-pub fn supervisor_config_from(lookup: &dyn Fn(&str) -> Option<String>) -> Result<SupervisorConfig, EngineError> {
-    let urls = lookup(URL)
-        .filter(|u| !u.trim().is_empty())
-        .ok_or_else(|| EngineError::validation(format!("{URL} is not set")))?;
+/// [`Error::Validation`] naming the variable that is missing or malformed.
+pub fn supervisor_config_from(lookup: &dyn Fn(&str) -> Option<String>) -> Result<SupervisorConfig, Error> {
+    let urls =
+        lookup(URL).filter(|u| !u.trim().is_empty()).ok_or_else(|| Error::validation(format!("{URL} is not set")))?;
     let mut config = SupervisorConfig::new();
     let request = millis(lookup, REQUEST_TIMEOUT_MS, MAX_MILLIS)?;
     let connect = millis(lookup, CONNECT_TIMEOUT_MS, MAX_MILLIS)?;
@@ -149,9 +149,7 @@ pub fn supervisor_config_from(lookup: &dyn Fn(&str) -> Option<String>) -> Result
     }
     let any_postgres = config.backends.iter().any(|(_, b)| matches!(b.connection, BackendConnection::Postgres(_)));
     if poll.is_some() && !any_postgres {
-        return Err(EngineError::validation(format!(
-            "{POLL_MS} is a Postgres setting and {URL} names no Postgres URL"
-        )));
+        return Err(Error::validation(format!("{POLL_MS} is a Postgres setting and {URL} names no Postgres URL")));
     }
     if let Some(tick) = millis(lookup, TICK_MS, MAX_INTERVAL.as_millis() as u64)? {
         config = config.with_tick(tick);
@@ -176,8 +174,8 @@ impl SupervisorConfig {
     /// [`crate::env_config`]).
     ///
     /// # Errors
-    /// [`EngineError::Validation`] naming the variable that is missing or malformed.
-    pub fn from_env() -> Result<Self, EngineError> {
+    /// [`Error::Validation`] naming the variable that is missing or malformed.
+    pub fn from_env() -> Result<Self, Error> {
         supervisor_config_from(&|name| std::env::var(name).ok())
     }
 }
@@ -188,7 +186,7 @@ mod tests {
 
     use super::*;
 
-    fn from(vars: &[(&str, &str)]) -> Result<SupervisorConfig, EngineError> {
+    fn from(vars: &[(&str, &str)]) -> Result<SupervisorConfig, Error> {
         let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         supervisor_config_from(&|name| map.get(name).cloned())
     }
@@ -261,13 +259,13 @@ mod tests {
             let mut vars = vec![(URL, "sqlite::memory:")];
             vars.push((name, value));
             match from(&vars) {
-                Err(EngineError::Validation { detail }) => {
+                Err(Error::Validation { detail }) => {
                     assert!(detail.contains(name) || name == URL, "{detail}")
                 }
                 other => panic!("{name}={value} gave {other:?}"),
             }
         }
-        assert!(matches!(from(&[]), Err(EngineError::Validation { .. })));
+        assert!(matches!(from(&[]), Err(Error::Validation { .. })));
     }
 
     #[test]

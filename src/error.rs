@@ -8,7 +8,7 @@ use crate::cursor::StreamCursor;
 /// Errors returned by subscriptions, backends and the engine surface.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
-pub enum EngineError {
+pub enum Error {
     /// The backend cannot be reached or is not set up (connection refused, schema missing).
     #[error("the backend is unavailable ({op}): {detail}")]
     Unavailable {
@@ -92,8 +92,12 @@ pub enum EngineError {
     },
 }
 
+/// The seed's name for [`Error`]: the seed's [`crate::CompletionBackend`] signatures name it, so
+/// code written against the seed compiles unchanged.
+pub type EngineError = Error;
+
 /// The error a driver or server reported, kept as the [`std::error::Error::source`] of an
-/// [`EngineError`]. It prints with secrets removed, like the error's own text; [`Self::get_ref`]
+/// [`Error`]. It prints with secrets removed, like the error's own text; [`Self::get_ref`]
 /// gives the original (an `sqlx::Error`, a `ferriskey::Error`) to downcast.
 #[derive(Clone)]
 pub struct ErrorSource(Arc<dyn std::error::Error + Send + Sync>);
@@ -127,18 +131,18 @@ impl std::error::Error for ErrorSource {
     }
 }
 
-impl EngineError {
-    /// An [`EngineError::Unavailable`] without a source.
+impl Error {
+    /// An [`Error::Unavailable`] without a source.
     pub(crate) fn unavailable(op: &'static str, detail: impl Into<String>) -> Self {
         Self::Unavailable { op, detail: detail.into(), source: None }
     }
 
-    /// An [`EngineError::Transport`] without a source.
+    /// An [`Error::Transport`] without a source.
     pub(crate) fn transport(op: &'static str, detail: impl Into<String>) -> Self {
         Self::Transport { op, detail: detail.into(), source: None }
     }
 
-    /// An [`EngineError::Schema`] without a source.
+    /// An [`Error::Schema`] without a source.
     pub(crate) fn schema(op: &'static str, detail: impl Into<String>) -> Self {
         Self::Schema { op, detail: detail.into(), source: None }
     }
@@ -154,12 +158,12 @@ impl EngineError {
         self
     }
 
-    /// An [`EngineError::Fenced`] for `member` of `group` on `partition`.
+    /// An [`Error::Fenced`] for `member` of `group` on `partition`.
     pub(crate) fn fenced(group: &str, member: &str, partition: u16) -> Self {
         Self::Fenced { detail: format!("member {member:?} of group {group:?} no longer holds partition {partition}") }
     }
 
-    /// An [`EngineError::AlreadyAcknowledged`] for `partition` of `group` (the SQL stores').
+    /// An [`Error::AlreadyAcknowledged`] for `partition` of `group` (the SQL stores').
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     pub(crate) fn already_acknowledged(group: &str, partition: u16) -> Self {
         Self::AlreadyAcknowledged {
@@ -167,7 +171,7 @@ impl EngineError {
         }
     }
 
-    /// A [`EngineError::Validation`] with the given text.
+    /// A [`Error::Validation`] with the given text.
     pub fn validation(detail: impl Into<String>) -> Self {
         Self::Validation { detail: detail.into() }
     }
@@ -176,10 +180,10 @@ impl EngineError {
     /// the supervisor counts only the others towards its restart intensity.
     ///
     /// ```
-    /// use ff_completions::{BackendConfig, EngineError};
+    /// use ff_completions::{BackendConfig, Error};
     ///
     /// // A malformed URL will not get better by retrying.
-    /// let err: EngineError = BackendConfig::from_url("postgres://[::1").err().expect("malformed");
+    /// let err: Error = BackendConfig::from_url("postgres://[::1").err().expect("malformed");
     /// assert!(!err.is_transient());
     /// ```
     pub fn is_transient(&self) -> bool {
@@ -217,7 +221,7 @@ pub(crate) fn redact(text: &str) -> String {
 }
 
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
-impl EngineError {
+impl Error {
     /// Maps an sqlx error, classifying connection problems as transient.
     pub(crate) fn from_sqlx(op: &'static str, err: sqlx::Error) -> Self {
         let detail = redact(&err.to_string());
@@ -261,9 +265,9 @@ mod tests {
 
     #[test]
     fn an_expired_cursor_names_the_oldest_position_in_hex() {
-        let err = EngineError::CursorExpired { oldest: Some(StreamCursor::new(vec![0x03, 0x00, 0x2a])) };
+        let err = Error::CursorExpired { oldest: Some(StreamCursor::new(vec![0x03, 0x00, 0x2a])) };
         assert_eq!(err.to_string(), "the cursor has expired: the oldest position still kept is 03002a");
-        let none = EngineError::CursorExpired { oldest: None };
+        let none = Error::CursorExpired { oldest: None };
         assert_eq!(none.to_string(), "the cursor has expired: nothing is kept");
     }
 
@@ -271,12 +275,12 @@ mod tests {
     fn a_source_is_kept_for_downcasting_and_prints_without_secrets() {
         use std::error::Error as _;
         let io = std::io::Error::other("refused by postgres://alice:s3cret@db/x");
-        let err = EngineError::unavailable("connect", "refused").with_source(io);
+        let err = Error::unavailable("connect", "refused").with_source(io);
         let source = err.source().map(ToString::to_string).unwrap_or_default();
         assert!(source.contains("alice:<redacted>@db") && !source.contains("s3cret"), "{source}");
-        let EngineError::Unavailable { source: Some(kept), .. } = &err else { panic!("{err:?}") };
+        let Error::Unavailable { source: Some(kept), .. } = &err else { panic!("{err:?}") };
         assert!(kept.get_ref().downcast_ref::<std::io::Error>().is_some());
-        assert!(EngineError::validation("x").with_source(std::io::Error::other("y")).source().is_none());
+        assert!(Error::validation("x").with_source(std::io::Error::other("y")).source().is_none());
     }
 
     #[test]

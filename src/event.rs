@@ -1,5 +1,5 @@
-//! What subscribers receive: typed completion events, the seed's `CompletionPayload`, and the
-//! stream types that carry them.
+//! What subscribers receive: typed completion events, and the seed's `CompletionPayload` and
+//! its stream.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -8,7 +8,7 @@ use std::pin::Pin;
 use futures::Stream;
 
 use crate::cursor::StreamCursor;
-use crate::error::EngineError;
+
 use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
 
 /// The terminal state an execution reached.
@@ -159,10 +159,6 @@ impl CompletionPayload {
         self
     }
 }
-
-/// A stream of typed completion events with cursors; ends after an error it cannot recover
-/// from (such as [`EngineError::CursorExpired`]) or when the tree shuts down.
-pub type CompletionSubscription = Pin<Box<dyn Stream<Item = Result<CompletionEvent, EngineError>> + Send>>;
 
 /// The seed's untyped stream of payloads.
 pub type CompletionStream = Pin<Box<dyn Stream<Item = CompletionPayload> + Send>>;

@@ -1,12 +1,7 @@
-//! The instance-tag family: types only. No backend produces it yet, and
-//! `subscribe_instance_tags` answers [`EngineError::Unavailable`].
-
-use std::pin::Pin;
-
-use futures::Stream;
+//! The instance-tag family: types only. No backend produces it yet, and subscribing to
+//! [`crate::InstanceTags`] answers [`crate::Error::Unavailable`].
 
 use crate::cursor::StreamCursor;
-use crate::error::EngineError;
 use crate::types::{ExecutionId, TimestampMs};
 
 /// A tag attached to or cleared from an execution.
@@ -37,6 +32,3 @@ pub enum InstanceTagEvent {
         at: TimestampMs,
     },
 }
-
-/// A stream of instance-tag events.
-pub type InstanceTagSubscription = Pin<Box<dyn Stream<Item = Result<InstanceTagEvent, EngineError>> + Send>>;

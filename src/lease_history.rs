@@ -1,12 +1,8 @@
 //! The lease-history family: what happened to an execution's lease (acquired, renewed,
 //! expired, reclaimed, revoked), the filter a subscriber gives, and the stream it reads.
 
-use std::pin::Pin;
-
-use futures::Stream;
-
 use crate::cursor::StreamCursor;
-use crate::error::EngineError;
+use crate::error::Error;
 use crate::types::{ExecutionId, LeaseId, Namespace, TimestampMs, WorkerInstanceId};
 
 /// One change of an execution's lease, as a subscriber receives it. Producers write it
@@ -92,7 +88,7 @@ impl LeaseHistoryEvent {
     /// (`Reclaimed`); `revoked_by` is used by `Revoked` only (empty when `None`).
     ///
     /// # Errors
-    /// [`EngineError::Validation`] for an unknown kind: the reader skips that row.
+    /// [`Error::Validation`] for an unknown kind: the reader skips that row.
     pub fn from_wire(
         kind: &str,
         cursor: StreamCursor,
@@ -101,7 +97,7 @@ impl LeaseHistoryEvent {
         worker: Option<WorkerInstanceId>,
         revoked_by: Option<String>,
         at: TimestampMs,
-    ) -> Result<Self, EngineError> {
+    ) -> Result<Self, Error> {
         Ok(match kind {
             "acquired" => Self::Acquired { cursor, execution_id, lease_id, worker_instance_id: worker, at },
             "renewed" => Self::Renewed { cursor, execution_id, lease_id, worker_instance_id: worker, at },
@@ -112,7 +108,7 @@ impl LeaseHistoryEvent {
             }
             other => {
                 let shown: String = other.chars().take(80).collect();
-                return Err(EngineError::validation(format!("unknown lease history kind {shown:?}")));
+                return Err(Error::validation(format!("unknown lease history kind {shown:?}")));
             }
         })
     }
@@ -183,10 +179,6 @@ impl LeaseHistoryEvent {
     }
 }
 
-/// A stream of lease-history events with cursors; ends after an error it cannot recover from
-/// (such as [`EngineError::CursorExpired`]) or when the tree shuts down.
-pub type LeaseHistorySubscription = Pin<Box<dyn Stream<Item = Result<LeaseHistoryEvent, EngineError>> + Send>>;
-
 /// Which lease-history events a subscriber wants: an execution, a namespace, a worker (the
 /// lease's holder, previous owner or new owner), any of them or none. Values match exactly.
 ///
@@ -252,10 +244,10 @@ impl LeaseHistoryFilter {
 /// A lease-history event as the tree carries it: with the row's namespace and worker, which
 /// filters match on but the event does not carry.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct LeaseEntry {
-    pub event: LeaseHistoryEvent,
-    pub namespace: Option<Namespace>,
-    pub worker: Option<WorkerInstanceId>,
+pub struct LeaseEntry {
+    pub(crate) event: LeaseHistoryEvent,
+    pub(crate) namespace: Option<Namespace>,
+    pub(crate) worker: Option<WorkerInstanceId>,
 }
 
 #[cfg(test)]
@@ -333,7 +325,7 @@ mod tests {
         let exec = ExecutionId::new_in(&FlowId::new());
         for bad in ["", "ACQUIRED", "stolen", "\0"] {
             let got = LeaseHistoryEvent::from_wire(bad, cursor(), exec, None, None, None, TimestampMs(0));
-            assert!(matches!(got, Err(EngineError::Validation { .. })), "{bad:?}");
+            assert!(matches!(got, Err(Error::Validation { .. })), "{bad:?}");
         }
     }
 

@@ -34,7 +34,7 @@
 //! ```
 //! # #[cfg(not(all(feature = "demo-engine", feature = "sqlite")))] fn main() {}
 //! # #[cfg(all(feature = "demo-engine", feature = "sqlite"))]
-//! # #[tokio::main] async fn main() -> Result<(), ff_completions::EngineError> {
+//! # #[tokio::main] async fn main() -> Result<(), ff_completions::Error> {
 //! use futures::StreamExt;
 //! use ff_completions::{
 //!     BackendConfig, CompletionOutcome, CompletionSupervisorHandle, ExecutionSpec, FlowId, ScannerFilter,
@@ -67,13 +67,14 @@ mod backends;
 mod backoff;
 mod completion_backend;
 mod config;
-mod cursor;
+pub mod cursor;
 mod durable;
 #[cfg(feature = "demo-engine")]
 mod engine;
 pub mod env_config;
 mod error;
 mod event;
+mod family;
 mod instance_tags;
 mod lease_history;
 pub mod metrics;
@@ -83,12 +84,14 @@ mod signal_delivery;
 pub mod testing;
 mod types;
 
-pub use actors::handle::{CompletionSupervisorHandle, Subscription};
-pub use actors::supervisor::{
-    CompletionSupervisor, ListenerStats, RestartIntensity, SubscribeRequest, SubscriberStats, SupervisorConfig,
-    SupervisorMsg, SupervisorStats,
-};
-pub use actors::{BackendId, FamilySink, FilterMode, ListenerState, SubscriberId};
+pub use actors::handle::{CompletionSubscription, CompletionSupervisorHandle, Subscribe, Subscription};
+pub use actors::ids::{BackendId, SubscriberId};
+pub use actors::request::{Completions, Event, InstanceTags, LeaseHistory, SignalDelivery, SubscribeRequest};
+pub use actors::shared::FilterMode;
+pub use actors::stats::{ListenerState, ListenerStats, SubscriberStats, SupervisorStats};
+pub use actors::supervisor::{CompletionSupervisor, SupervisorMsg};
+pub use actors::supervisor_config::{RestartIntensity, SupervisorConfig};
+pub use backends::groups::AckConnection;
 #[cfg(feature = "postgres")]
 pub use backends::postgres::CommitWake;
 #[cfg(all(feature = "demo-engine", feature = "postgres"))]
@@ -112,14 +115,12 @@ pub use engine::{
     CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, LEASE_DURATION,
     ResolvedEdge, connect_engine,
 };
-pub use error::{EngineError, ErrorSource};
-pub use event::{CompletionEvent, CompletionOutcome, CompletionPayload, CompletionStream, CompletionSubscription};
-pub use instance_tags::{InstanceTagEvent, InstanceTagSubscription};
-pub use lease_history::{LeaseHistoryEvent, LeaseHistoryFilter, LeaseHistorySubscription};
+pub use error::{EngineError, Error, ErrorSource};
+pub use event::{CompletionEvent, CompletionOutcome, CompletionPayload, CompletionStream};
+pub use instance_tags::InstanceTagEvent;
+pub use lease_history::{LeaseHistoryEvent, LeaseHistoryFilter};
 pub use scanner_filter::ScannerFilter;
-pub use signal_delivery::{
-    SignalDeliveryEffect, SignalDeliveryEvent, SignalDeliveryFilter, SignalDeliverySubscription,
-};
+pub use signal_delivery::{SignalDeliveryEffect, SignalDeliveryEvent, SignalDeliveryFilter};
 pub use types::{
     ExecutionId, FlowId, LeaseId, Namespace, PARTITION_COUNT, SignalId, TimestampMs, WaitpointId, WorkerInstanceId,
 };

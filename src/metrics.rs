@@ -7,14 +7,14 @@
 //! | `ff_completions_rows_skipped_total` | counter | backend | malformed rows or entries skipped |
 //! | `ff_completions_listener_restarts_total` | counter | backend | listener restarts by the supervisor |
 //! | `ff_completions_listener_reconnects_total` | counter | backend | notification connections re-made in place |
-//! | `ff_completions_held_back` | gauge | backend | 1 while an open transaction holds rows back (Postgres) |
+//! | `ff_completions_held_back` | gauge | backend | 1 while a backend holds rows back that it cannot read yet (no backend does today: Postgres batches between snapshots wait for no transaction) |
 //! | `ff_completions_held_back_seconds` | gauge | backend | how long rows have been held back |
 //! | `ff_completions_events_delivered_total` | counter | backend, subscriber (named subscribers only) | events handed to a subscriber |
 //! | `ff_completions_live_batches_dropped_total` | counter | backend, subscriber (named subscribers only) | live batches a blocked or catching-up filter dropped (it reads them back later) |
 //! | `ff_completions_catch_up_reads_total` | counter | backend, subscriber (named subscribers only) | reads a filter made from its own cursor |
 //! | `ff_completions_subscriber_lag_ms` | gauge | backend, subscriber (named subscribers only) | commit time of the oldest event not yet delivered to now (0 when nothing is pending) |
 //! | `ff_completions_subscriber_lag_events` | gauge | backend, subscriber (named subscribers only) | events the listener has read past the subscriber's cursor (from the first live batch that spans the cursor on) |
-//! | `ff_completions_backend_gauge` | gauge | backend, name | backend health: `notification_queue_usage` and `held_back_rows` (Postgres), `stream_length` (Valkey, entries of every family) |
+//! | `ff_completions_backend_gauge` | gauge | backend, name | backend health: `notification_queue_usage` and `transactions_in_progress` (Postgres, as the newest tick saw them), `stream_length` (Valkey, entries of every family) |
 
 //! | `ff_completions_group_partitions_held` | gauge | group | partitions this process's member holds |
 //! | `ff_completions_group_unacked` | gauge | group | events this member delivered and has not acknowledged (as of its last heartbeat) |
@@ -26,11 +26,13 @@
 
 use metrics::{Counter, Gauge, counter, gauge};
 
-pub(crate) fn group_held(group: &str, held: &[crate::durable::ledger::HeldStats]) {
-    let now = crate::types::TimestampMs::now();
-    let unacked: usize = held.iter().map(|h| h.unacked).sum();
-    let oldest = held.iter().filter_map(|h| h.oldest_unacked).min().map_or(0, |at| now.millis_since(at));
-    gauge!("ff_completions_group_partitions_held", "group" => group.to_owned()).set(held.len() as f64);
+use crate::types::TimestampMs;
+
+/// A member's partitions after a heartbeat: how many it holds, how many events it delivered and
+/// has not acknowledged, and the commit time of the oldest of them.
+pub(crate) fn group_held(group: &str, held: usize, unacked: usize, oldest_unacked: Option<TimestampMs>) {
+    let oldest = oldest_unacked.map_or(0, |at| TimestampMs::now().millis_since(at));
+    gauge!("ff_completions_group_partitions_held", "group" => group.to_owned()).set(held as f64);
     gauge!("ff_completions_group_unacked", "group" => group.to_owned()).set(unacked as f64);
     gauge!("ff_completions_group_oldest_unacked_seconds", "group" => group.to_owned()).set(oldest as f64 / 1000.0);
 }
@@ -43,7 +45,6 @@ pub(crate) fn group_fenced(group: &str) {
     counter!("ff_completions_group_fenced_total", "group" => group.to_owned()).increment(1);
 }
 
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub(crate) fn group_already_acknowledged(group: &str) {
     counter!("ff_completions_group_already_acknowledged_total", "group" => group.to_owned()).increment(1);
 }

@@ -1,12 +1,7 @@
 //! The signal-delivery family: what delivering a signal to a waitpoint did (satisfied it, was
 //! buffered for it, was a duplicate), the filter a subscriber gives, and the stream it reads.
 
-use std::pin::Pin;
-
-use futures::Stream;
-
 use crate::cursor::StreamCursor;
-use crate::error::EngineError;
 use crate::types::{ExecutionId, Namespace, SignalId, TimestampMs, WaitpointId};
 
 /// What a signal delivery did to its waitpoint.
@@ -90,10 +85,6 @@ impl SignalDeliveryEvent {
     }
 }
 
-/// A stream of signal-delivery events with cursors; ends after an error it cannot recover from
-/// (such as [`EngineError::CursorExpired`]) or when the tree shuts down.
-pub type SignalDeliverySubscription = Pin<Box<dyn Stream<Item = Result<SignalDeliveryEvent, EngineError>> + Send>>;
-
 /// Which signal deliveries a subscriber wants: an execution, a namespace, a waitpoint, any of
 /// them or none. Values match exactly.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -145,9 +136,9 @@ impl SignalDeliveryFilter {
 /// A signal-delivery event as the tree carries it: with the row's namespace, which filters
 /// match on but the event does not carry.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct SignalEntry {
-    pub event: SignalDeliveryEvent,
-    pub namespace: Option<Namespace>,
+pub struct SignalEntry {
+    pub(crate) event: SignalDeliveryEvent,
+    pub(crate) namespace: Option<Namespace>,
 }
 
 #[cfg(test)]

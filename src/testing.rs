@@ -3,7 +3,7 @@
 //! each backend, the embedded migrations and the raw client constructors. Nothing here is
 //! needed to run the tree; none of it is covered by semver.
 
-pub use crate::actors::Sink;
+pub use crate::backends::groups::{Ack, GroupView, Lease, PartitionView, Sharing};
 pub use crate::backoff::Backoff;
 pub use crate::cursor::Position;
 pub use crate::cursor::{
@@ -12,21 +12,24 @@ pub use crate::cursor::{
     decode_valkey_frontier, encode_postgres_batch_cursor, encode_postgres_cursor, encode_postgres_event_cursor,
     encode_sqlite_cursor, encode_valkey_cursor, encode_valkey_frontier,
 };
-pub use crate::durable::store::{Ack, GroupView, Lease, PartitionView, Sharing};
 
 /// A backend's durable-group store, driven directly: the operations the member task uses,
 /// for contract tests of each backend.
 pub struct GroupStore {
-    source: std::sync::Arc<dyn crate::backends::CompletionSource>,
+    backend: crate::backends::Connected,
 }
 
 impl GroupStore {
+    fn groups(&self) -> Result<&dyn crate::backends::groups::GroupStore, crate::Error> {
+        self.backend.groups.as_deref().ok_or_else(|| crate::Error::validation("no group store"))
+    }
+
     /// Connects to `config`'s backend (installing its schema or library).
     ///
     /// # Errors
     /// As connecting the tree's listener.
-    pub async fn open(config: &crate::BackendConfig) -> Result<Self, crate::EngineError> {
-        Ok(Self { source: crate::backends::open_source(config).await? })
+    pub async fn open(config: &crate::BackendConfig) -> Result<Self, crate::Error> {
+        Ok(Self { backend: crate::backends::open_source(config).await? })
     }
 
     /// The backend's tail, where a new group starts: one position per lane it names (Postgres
@@ -34,8 +37,8 @@ impl GroupStore {
     ///
     /// # Errors
     /// As the backend's `tail`.
-    pub async fn tail(&self) -> Result<Vec<Position>, crate::EngineError> {
-        Ok(self.source.tail().await?.positions().to_vec())
+    pub async fn tail(&self) -> Result<Vec<Position>, crate::Error> {
+        Ok(self.backend.source.tail().await?.positions().to_vec())
     }
 
     /// One heartbeat of `member` (a new group starts at the backend's tail).
@@ -49,34 +52,34 @@ impl GroupStore {
         ttl: std::time::Duration,
         sharing: Sharing,
         rejoin: bool,
-    ) -> Result<Vec<Lease>, crate::EngineError> {
-        let start = self.source.tail().await?;
-        let beat = crate::durable::store::Heartbeat { group, member, ttl, sharing, rejoin, start: &start };
-        self.source.group_heartbeat(&beat).await
+    ) -> Result<Vec<Lease>, crate::Error> {
+        let start = self.backend.source.tail().await?;
+        let beat = crate::backends::groups::Heartbeat { group, member, ttl, sharing, rejoin, start: &start };
+        self.groups()?.heartbeat(&beat).await
     }
 
     /// Applies acks as one step.
     ///
     /// # Errors
     /// As the backend's `group_ack`.
-    pub async fn ack(&self, group: &str, member: &str, acks: &[Ack]) -> Result<(), crate::EngineError> {
-        self.source.group_ack(group, member, acks).await
+    pub async fn ack(&self, group: &str, member: &str, acks: &[Ack]) -> Result<(), crate::Error> {
+        self.groups()?.ack(group, member, acks).await
     }
 
     /// Removes a member.
     ///
     /// # Errors
     /// As the backend's `group_leave`.
-    pub async fn leave(&self, group: &str, member: &str) -> Result<(), crate::EngineError> {
-        self.source.group_leave(group, member).await
+    pub async fn leave(&self, group: &str, member: &str) -> Result<(), crate::Error> {
+        self.groups()?.leave(group, member).await
     }
 
     /// The stored group.
     ///
     /// # Errors
     /// As the backend's `group_view`.
-    pub async fn view(&self, group: &str) -> Result<Option<GroupView>, crate::EngineError> {
-        self.source.group_view(group).await
+    pub async fn view(&self, group: &str) -> Result<Option<GroupView>, crate::Error> {
+        self.groups()?.view(group).await
     }
 }
 
@@ -89,8 +92,8 @@ pub mod postgres {
     };
 
     /// Applies durable-group acks inside the caller's transaction on `conn`, as an
-    /// [`crate::AckTicket`] does: all, or none and [`crate::EngineError::Fenced`] or
-    /// [`crate::EngineError::AlreadyAcknowledged`] with the transaction aborted.
+    /// [`crate::AckTicket`] does: all, or none and [`crate::Error::Fenced`] or
+    /// [`crate::Error::AlreadyAcknowledged`] with the transaction aborted.
     ///
     /// # Errors
     /// As the backend's group ack.
@@ -99,7 +102,7 @@ pub mod postgres {
         group: &str,
         member: &str,
         acks: &[super::Ack],
-    ) -> Result<(), crate::EngineError> {
+    ) -> Result<(), crate::Error> {
         crate::backends::postgres::groups::ack_in(conn, group, member, acks, true).await
     }
 }
@@ -110,8 +113,8 @@ pub mod sqlite {
     pub use crate::backends::sqlite::MIGRATOR;
 
     /// Applies durable-group acks inside the caller's write transaction on `conn`, as an
-    /// [`crate::AckTicket`] does: all, or none and [`crate::EngineError::Fenced`] or
-    /// [`crate::EngineError::AlreadyAcknowledged`] (the caller rolls back).
+    /// [`crate::AckTicket`] does: all, or none and [`crate::Error::Fenced`] or
+    /// [`crate::Error::AlreadyAcknowledged`] (the caller rolls back).
     ///
     /// # Errors
     /// As the backend's group ack.
@@ -120,7 +123,7 @@ pub mod sqlite {
         group: &str,
         member: &str,
         acks: &[super::Ack],
-    ) -> Result<(), crate::EngineError> {
+    ) -> Result<(), crate::Error> {
         crate::backends::sqlite::groups::ack_in(conn, group, member, acks, true).await
     }
 }

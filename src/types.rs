@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use uuid::Uuid;
 
-use crate::error::EngineError;
+use crate::error::Error;
 
 /// Number of hash partitions a flow's keys are spread over.
 pub const PARTITION_COUNT: u16 = 256;
@@ -127,9 +127,9 @@ impl ExecutionId {
     /// Parses `{fp:N}:<uuid>`.
     ///
     /// # Errors
-    /// [`EngineError::Validation`] when the text is not of that shape or N is out of range.
-    pub fn parse(text: &str) -> Result<Self, EngineError> {
-        let invalid = || EngineError::validation(format!("malformed execution id {text:?}: expected {{fp:N}}:<uuid>"));
+    /// [`Error::Validation`] when the text is not of that shape or N is out of range.
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        let invalid = || Error::validation(format!("malformed execution id {text:?}: expected {{fp:N}}:<uuid>"));
         let rest = text.strip_prefix("{fp:").ok_or_else(invalid)?;
         let (partition, uuid) = rest.split_once("}:").ok_or_else(invalid)?;
         let partition: u16 = partition.parse().map_err(|_| invalid())?;
@@ -163,7 +163,7 @@ impl fmt::Display for ExecutionId {
 }
 
 impl FromStr for ExecutionId {
-    type Err = EngineError;
+    type Err = Error;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Self::parse(s)
     }
@@ -241,6 +241,20 @@ text_id!(
     WaitpointId
 );
 
+/// The longest group name, member id or subscriber name, in characters.
+pub(crate) const MAX_NAME_CHARS: usize = 64;
+
+/// Checks a name the backend stores or a metrics label carries (a group name, a member id, a
+/// subscriber name): 1 to 64 characters, no control characters (NUL included).
+pub(crate) fn check_name(what: &str, name: &str) -> Result<(), Error> {
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+        return Err(Error::validation(format!(
+            "{what} {name:?} must be 1 to {MAX_NAME_CHARS} characters without control characters"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -275,7 +289,7 @@ mod tests {
     #[test]
     fn malformed_execution_ids_are_validation_errors() {
         for bad in ["", "fp:1:x", "{fp:999}:00000000-0000-0000-0000-000000000000", "{fp:1}:nope", "{fp:-1}:x"] {
-            assert!(matches!(ExecutionId::parse(bad), Err(EngineError::Validation { .. })), "{bad}");
+            assert!(matches!(ExecutionId::parse(bad), Err(Error::Validation { .. })), "{bad}");
         }
     }
 

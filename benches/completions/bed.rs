@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ff_completions::{
-    BackendConfig, BackendConnection, CancelFlowPolicy, Engine, EngineError, ExecutionId, ExecutionSpec, FlowId,
+    BackendConfig, BackendConnection, CancelFlowPolicy, Engine, Error, ExecutionId, ExecutionSpec, FlowId,
     connect_engine,
 };
 use futures::StreamExt;
@@ -201,7 +201,7 @@ impl Unit {
     /// Commits this unit's completions with the backend's terminal operations (a cancel of
     /// one execution, or the cancel of a flow: one transaction / one FCALL for all its
     /// members); returns how many completions it wrote.
-    pub async fn commit(&self, engine: &dyn Engine) -> Result<u64, EngineError> {
+    pub async fn commit(&self, engine: &dyn Engine) -> Result<u64, Error> {
         match self {
             Self::One(id) => Ok(u64::from(engine.cancel(id).await?)),
             Self::Flow(flow, _) => engine.cancel_flow(flow, CancelFlowPolicy::CancelAll).await,

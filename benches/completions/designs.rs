@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ff_completions::{CompletionSupervisorHandle, ExecutionId, StreamCursor, SubscribeRequest, SupervisorConfig};
+use ff_completions::{CompletionSupervisorHandle, Completions, ExecutionId, StreamCursor, SupervisorConfig};
 use futures::StreamExt;
 use sqlx::Connection;
 use sqlx::postgres::{PgConnection, PgListener, PgPool};
@@ -75,7 +75,7 @@ impl Subscribers {
                 let config = SupervisorConfig::new().with_backend(run.config.clone());
                 let (tree, _join) = CompletionSupervisorHandle::spawn(config).await.expect("tree spawns");
                 for tally in tallies {
-                    let request = SubscribeRequest::from_cursor(cursor.clone());
+                    let request = Completions::from_cursor(cursor.clone());
                     let mut events = tree.subscribe(request).await.expect("subscribe");
                     this.tasks.push(tokio::spawn(async move {
                         while let Some(Ok(event)) = events.next().await {

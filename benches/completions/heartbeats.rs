@@ -13,8 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ff_completions::{
-    CompletionSupervisorHandle, Engine, ExecutionId, ExecutionSpec, FlowId, LeaseHistoryFilter, SubscribeRequest,
-    SupervisorConfig, TimestampMs,
+    CompletionSupervisorHandle, Engine, ExecutionId, ExecutionSpec, FlowId, LeaseHistory, SupervisorConfig, TimestampMs,
 };
 use futures::StreamExt;
 
@@ -117,8 +116,7 @@ pub async fn run(bed: &Bed, kind: Kind, sizes: &Sizes) -> HeartbeatRow {
     let (tree, _) = CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(run.config.clone()))
         .await
         .expect("tree");
-    let mut leases =
-        tree.subscribe_lease_history(SubscribeRequest::tail(), LeaseHistoryFilter::new()).await.expect("sub");
+    let mut leases = tree.subscribe(LeaseHistory::tail()).await.expect("sub");
     let received = Arc::new(AtomicU64::new(0));
     let counting = received.clone();
     let drain = tokio::spawn(async move {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use ff_completions::testing::{encode_postgres_cursor, encode_sqlite_cursor, encode_valkey_cursor};
 use ff_completions::{
-    CompletionSupervisorHandle, DependencyResolution, ExecutionId, ExecutionSpec, FlowId, StreamCursor,
-    SubscribeRequest, SupervisorConfig,
+    CompletionSupervisorHandle, Completions, DependencyResolution, ExecutionId, ExecutionSpec, FlowId, StreamCursor,
+    SupervisorConfig,
 };
 use futures::StreamExt;
 use sqlx::Connection;
@@ -441,7 +441,7 @@ pub async fn dag_chain(bed: &Bed, kind: Kind, sizes: &Sizes) -> DagRow {
     let (tree, _join) = CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(run.config.clone()))
         .await
         .expect("tree");
-    let mut events = tree.subscribe(SubscribeRequest::tail()).await.expect("subscribe");
+    let mut events = tree.subscribe(Completions::tail()).await.expect("subscribe");
     let (promoted_tx, mut promoted_rx) = tokio::sync::mpsc::unbounded_channel();
     let promoter_engine = engine.clone();
     let promoter = tokio::spawn(async move {

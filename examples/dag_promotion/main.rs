@@ -114,9 +114,9 @@ async fn main() {
         (_, Some(url)) => BackendConfig::from_url(url),
         ("sqlite", None) => match &temp {
             Ok(dir) => Ok(BackendConfig::sqlite(dir.path().join("dag.db"))),
-            Err(e) => Err(ff_completions::EngineError::validation(format!("no temp dir: {e}"))),
+            Err(e) => Err(ff_completions::Error::validation(format!("no temp dir: {e}"))),
         },
-        (other, None) => Err(ff_completions::EngineError::validation(format!("--backend {other} needs --url"))),
+        (other, None) => Err(ff_completions::Error::validation(format!("--backend {other} needs --url"))),
     };
     let backend = match backend {
         Ok(b) => b,

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use ff_completions::testing::GroupStore;
 use ff_completions::{
-    BackendConfig, CompletionSupervisorHandle, DurableRequest, Engine, EngineError, ExecutionId, ExecutionSpec, FlowId,
-    PARTITION_COUNT, StreamCursor, SubscribeRequest, SupervisorConfig, TimestampMs, connect_engine,
+    BackendConfig, CompletionSupervisorHandle, DurableRequest, Engine, Error, ExecutionId, ExecutionSpec, FlowId,
+    PARTITION_COUNT, StreamCursor, SupervisorConfig, TimestampMs, connect_engine,
 };
 use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -169,7 +169,7 @@ pub async fn apply(
     let cursor = event.cursor.as_bytes().to_vec();
     // The same steps on either database (their pools and transactions are different types).
     macro_rules! effect_and_ack {
-        ($pool:expr, $commit:ident) => {{
+        ($pool:expr) => {{
             let mut tx = $pool.begin().await?;
             sqlx::query(INSERT)
                 .bind(&id)
@@ -182,20 +182,20 @@ pub async fn apply(
                 .await?;
             let acked = match ticket {
                 None => Ok(()),
-                Some(ticket) => ticket.$commit(&mut tx).await,
+                Some(ticket) => ticket.commit_in(&mut *tx).await,
             };
             match acked {
                 Ok(()) => tx.commit().await.map(|()| true)?,
                 // Dropping `tx` rolls the effect back: another member (or an earlier commit)
                 // handles the event.
-                Err(EngineError::Fenced { .. } | EngineError::AlreadyAcknowledged { .. }) => false,
+                Err(Error::Fenced { .. } | Error::AlreadyAcknowledged { .. }) => false,
                 Err(err) => return Err(err.into()),
             }
         }};
     }
     let acked = match db {
-        EffectDb::Postgres(pool) => effect_and_ack!(pool, commit_in_postgres),
-        EffectDb::Sqlite(pool) => effect_and_ack!(pool, commit_in_sqlite),
+        EffectDb::Postgres(pool) => effect_and_ack!(pool),
+        EffectDb::Sqlite(pool) => effect_and_ack!(pool),
     };
     Ok(acked)
 }
@@ -209,9 +209,9 @@ pub async fn member(args: MemberArgs) -> anyhow::Result<()> {
     let ttl = Duration::from_millis(args.ttl_ms);
     let request = match &args.member {
         Some(member) => DurableRequest::group(&args.group).with_member(member),
-        None => SubscribeRequest::durable(&args.group),
+        None => DurableRequest::exclusive(&args.group),
     };
-    let mut events = tree.subscribe_durable(request.with_lease_ttl(ttl)).await?;
+    let mut events = tree.subscribe(request.with_lease_ttl(ttl)).await?;
     let name = events.member().to_owned();
     println!("joined {name}");
     while let Some(event) = events.next().await {
@@ -231,7 +231,7 @@ pub async fn member(args: MemberArgs) -> anyhow::Result<()> {
             apply(&db, &name, &event, None).await?;
             match events.ack(&event.cursor).await {
                 Ok(()) => true,
-                Err(EngineError::Fenced { .. } | EngineError::Validation { .. }) => false,
+                Err(Error::Fenced { .. } | Error::Validation { .. }) => false,
                 Err(err) => return Err(err.into()),
             }
         };

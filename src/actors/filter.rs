@@ -19,22 +19,31 @@
 //! (batched, through the shared pool) until it meets the live batches again. Whatever it
 //! receives twice (live and read, or replayed after a restart) is dropped by position.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 use tokio_util::task::AbortOnDropHandle;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::Instrument;
 
-use super::supervisor::subscriptions::SubscribeReply;
-use super::{BackendId, FilterMode, ListenerShared, LiveBatch, Sent, Sink, SubscriberId, SubscriberShared};
-use crate::backends::{CompletionSource, FamilyEvent, Positioned, StartAt};
+use super::ids::{BackendId, SubscriberId};
+use super::shared::{FilterMode, ListenerShared, LiveBatch, SubscriberShared};
+use super::sink::{Sent, Sink};
+use crate::backends::{CompletionSource, Positioned, StartAt};
 use crate::backoff::Backoff;
 use crate::config::BackendRetry;
 use crate::cursor::{Frontier, StreamCursor};
-use crate::error::EngineError;
+use crate::error::Error;
 use crate::metrics::SubscriberMetrics;
-use crate::scanner_filter::ScannerFilter;
+
+/// Stop reason a filter gives when its subscriber dropped the stream.
+pub(crate) const SUBSCRIBER_GONE: &str = "subscriber gone";
+/// Stop reason a filter gives after handing its subscriber a final error.
+pub(crate) const SUBSCRIPTION_FAILED: &str = "subscription failed";
+
+/// Where the new subscriber's id (or why it was refused) goes.
+pub(crate) type SubscribeReply = RpcReplyPort<Result<SubscriberId, Error>>;
 
 /// Messages of the filter.
 pub enum FilterMsg {
@@ -55,10 +64,8 @@ pub struct FilterArguments {
     /// The subscriber's name, for its metrics series (none without one).
     pub name: Option<String>,
     pub(crate) source: Arc<dyn CompletionSource>,
-    /// Which completions the subscriber wants (the other families' filters are in their sinks).
-    pub filter: ScannerFilter,
-    /// Where to deliver, and which family.
-    pub sink: Sink,
+    /// Which family, which of its events, and where to deliver them.
+    pub(crate) sink: Arc<dyn Sink>,
     pub(crate) shared: Arc<SubscriberShared>,
     /// The listener's shared state (its read count gives this subscriber's lag).
     pub(crate) listener: Arc<ListenerShared>,
@@ -182,7 +189,7 @@ impl FilterState {
         let family = self.args.sink.family();
         match result {
             Ok(_) if !source.produces(family) => {
-                let err = EngineError::unavailable(
+                let err = Error::unavailable(
                     "subscribe",
                     format!("the {} backend does not produce {} events", source.kind(), family.name()),
                 );
@@ -215,7 +222,7 @@ impl FilterState {
     }
 
     /// Tries the resolution again after the backend's backoff delay.
-    fn retry_resolve(&mut self, myself: &ActorRef<FilterMsg>, err: Option<&EngineError>) {
+    fn retry_resolve(&mut self, myself: &ActorRef<FilterMsg>, err: Option<&Error>) {
         let delay = Backoff::from_retry(&self.args.retry).delay(self.failed_reads);
         if self.failed_reads == 0 {
             let error = err.map(ToString::to_string);
@@ -313,7 +320,7 @@ impl FilterState {
             Ok(batch) if batch.expired.as_ref().is_some_and(|b| !self.delivered.covers_all(b)) => {
                 let oldest = batch.expired.map(|b| self.cursor_at(&self.delivered.joined(&b)));
                 tracing::warn!(subscriber = %self.args.subscriber_id, ?oldest, "subscriber cursor expired");
-                self.end_with_error(myself, EngineError::CursorExpired { oldest });
+                self.end_with_error(myself, Error::CursorExpired { oldest });
             }
             Ok(batch) => {
                 if self.failed_reads > 0 {
@@ -355,14 +362,14 @@ impl FilterState {
     }
 
     /// Hands the subscriber an error it cannot recover from, then ends the subscription.
-    fn end_with_error(&mut self, myself: &ActorRef<FilterMsg>, err: EngineError) {
+    fn end_with_error(&mut self, myself: &ActorRef<FilterMsg>, err: Error) {
         if let Some(reply) = self.reply.take() {
             // Not subscribed yet: the error is the answer to the call.
             let _ = reply.send(Err(err));
         } else {
             self.args.sink.send_error(err);
         }
-        myself.stop(Some(super::supervisor::SUBSCRIPTION_FAILED.into()));
+        myself.stop(Some(SUBSCRIPTION_FAILED.into()));
     }
 
     fn on_sink_ready(&mut self, myself: &ActorRef<FilterMsg>) {
@@ -413,43 +420,17 @@ impl FilterState {
     /// `None` when it is not wanted. A completion costs what it cost before families existed:
     /// one more tag compared.
     fn offer(&self, item: &Positioned) -> Option<Sent> {
-        match (&item.event, &self.args.sink) {
-            (FamilyEvent::Completion(event), Sink::Channel(tx)) if self.args.filter.matches_event(event) => {
-                Some(self.counted(|| super::try_channel(tx, self.stamped(item, event.clone(), |e| &mut e.cursor))))
-            }
-            (FamilyEvent::Completion(event), Sink::Actor(send)) if self.args.filter.matches_event(event) => Some(
-                self.counted(|| super::to_actor(send.as_ref(), self.stamped(item, event.clone(), |e| &mut e.cursor))),
-            ),
-            (FamilyEvent::LeaseHistory(entry), Sink::LeaseHistory(filter, sink)) if filter.matches(entry) => {
-                Some(self.counted(|| sink.send(self.stamped(item, entry.event.clone(), |e| e.cursor_mut()))))
-            }
-            (FamilyEvent::SignalDelivery(entry), Sink::SignalDelivery(filter, sink)) if filter.matches(entry) => {
-                Some(self.counted(|| sink.send(self.stamped(item, entry.event.clone(), |e| &mut e.cursor))))
-            }
-            _ => None,
-        }
+        self.args.sink.offer(&item.event, &|cursor| self.stamp(item, cursor), &self.args.shared.delivered_count)
     }
 
-    /// Counts a delivery before the send (whoever receives the event finds it counted), and
-    /// takes it back when the sink did not take it.
-    fn counted(&self, send: impl FnOnce() -> Sent) -> Sent {
-        self.args.shared.delivered_count.fetch_add(1, Ordering::Relaxed);
-        let sent = send();
-        if sent != Sent::Done {
-            self.args.shared.delivered_count.fetch_sub(1, Ordering::Relaxed);
-        }
-        sent
-    }
-
-    /// The event to hand over: with a backend of several lanes its cursor must name every lane
-    /// (the delivered frontier with this event in it), not only the event's own.
-    fn stamped<E>(&self, item: &Positioned, mut event: E, cursor: impl FnOnce(&mut E) -> &mut StreamCursor) -> E {
+    /// The cursor of the event to hand over: with a backend of several lanes it must name every
+    /// lane (the delivered frontier with this event in it), not only the event's own.
+    fn stamp(&self, item: &Positioned, cursor: &mut StreamCursor) {
         if item.pos.lane != 0 || self.delivered.positions().len() > 1 {
             let mut after = self.delivered.clone();
             after.advance(item.pos);
-            *cursor(&mut event) = self.cursor_at(&after);
+            *cursor = self.cursor_at(&after);
         }
-        event
     }
 
     /// The public cursor of the subscriber's family at `at`.
@@ -459,10 +440,10 @@ impl FilterState {
 
     /// A source's error as this subscription's family must see it: the oldest cursor of a
     /// `CursorExpired` tagged with the family.
-    fn in_family(&self, err: EngineError) -> EngineError {
+    fn in_family(&self, err: Error) -> Error {
         match err {
-            EngineError::CursorExpired { oldest } => {
-                EngineError::CursorExpired { oldest: oldest.map(|c| self.args.sink.family().tag_cursor(c)) }
+            Error::CursorExpired { oldest } => {
+                Error::CursorExpired { oldest: oldest.map(|c| self.args.sink.family().tag_cursor(c)) }
             }
             other => other,
         }
@@ -482,7 +463,7 @@ impl FilterState {
             }
             Delivery::Closed => {
                 tracing::debug!(subscriber = %self.args.subscriber_id, "subscriber dropped its stream");
-                myself.stop(Some(super::supervisor::SUBSCRIBER_GONE.into()));
+                myself.stop(Some(SUBSCRIBER_GONE.into()));
             }
         }
     }
@@ -516,6 +497,28 @@ impl FilterState {
         }
         self.args.shared.live_batches_dropped.fetch_add(1, Ordering::Relaxed);
         self.metrics.batch_dropped();
+    }
+}
+
+/// The filters a listener fans its batches out to, one registry per backend: the supervisor
+/// adds and removes filters, the listener casts each batch to every one.
+#[derive(Default)]
+pub(crate) struct Fanout(RwLock<HashMap<SubscriberId, ActorRef<FilterMsg>>>);
+
+impl Fanout {
+    pub(crate) fn insert(&self, id: SubscriberId, filter: ActorRef<FilterMsg>) {
+        self.0.write().unwrap_or_else(|p| p.into_inner()).insert(id, filter);
+    }
+
+    pub(crate) fn remove(&self, id: SubscriberId) {
+        self.0.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+
+    /// Casts `batch` to every filter (shared, never copied).
+    pub(crate) fn send(&self, batch: &Arc<LiveBatch>) {
+        for filter in self.0.read().unwrap_or_else(|p| p.into_inner()).values() {
+            let _ = filter.cast(FilterMsg::Live(batch.clone()));
+        }
     }
 }
 

@@ -1,7 +1,13 @@
-//! The handle engines hold: spawn the tree, subscribe, read stats, shut down. It also
-//! implements the seed's [`CompletionBackend`] so code written against it works unchanged.
+//! The handle engines hold: spawn the tree, subscribe, read stats, shut down. One way to
+//! subscribe, whatever the family: [`CompletionSupervisorHandle::subscribe`] takes any
+//! [`Subscribe`] request (a [`SubscribeRequest`] of a family, or a durable request) and returns
+//! its typed subscription; [`CompletionSupervisorHandle::subscribe_actor`] delivers a family to
+//! an actor instead. The handle also implements the seed's [`CompletionBackend`] so code written
+//! against it works unchanged.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -12,21 +18,52 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::supervisor::{CompletionSupervisor, SubscribeRequest, SupervisorConfig, SupervisorMsg, SupervisorStats};
-#[cfg(any(test, feature = "testing"))]
-use super::{BackendId, supervisor::ChildKey};
-use super::{FamilySink, Sink, SubscriberId};
+use super::ids::{BackendId, SubscriberId};
+use super::request::{Completions, Event, SubscribeRequest};
+use super::sink::{FamilySink, Out};
+use super::stats::SupervisorStats;
+use super::supervisor::{ChildKey, Command, CompletionSupervisor, NewSubscriber, SupervisorMsg};
+use super::supervisor_config::SupervisorConfig;
+use crate::backends::lazy::LazySource;
 use crate::completion_backend::CompletionBackend;
-use crate::cursor::StreamCursor;
-use crate::durable::{DurableRequest, DurableSubscription};
-use crate::error::EngineError;
+use crate::error::Error;
 use crate::event::{CompletionEvent, CompletionStream};
-use crate::instance_tags::InstanceTagSubscription;
-use crate::lease_history::{LeaseHistoryEvent, LeaseHistoryFilter, LeaseHistorySubscription};
 use crate::scanner_filter::ScannerFilter;
-use crate::signal_delivery::{SignalDeliveryEvent, SignalDeliveryFilter, SignalDeliverySubscription};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub(crate) mod sealed {
+    /// Keeps [`super::Subscribe`] to the crate's own requests.
+    pub trait Sealed {}
+}
+
+/// A request [`CompletionSupervisorHandle::subscribe`] takes, and the subscription it gives:
+/// a [`SubscribeRequest`] of any family ([`crate::Completions`], [`crate::LeaseHistory`],
+/// [`crate::SignalDelivery`], [`crate::InstanceTags`]) gives a [`Subscription`] of that
+/// family's events; a [`crate::DurableRequest`] gives a [`crate::DurableSubscription`].
+pub trait Subscribe: sealed::Sealed + Send + Sized {
+    /// What subscribing gives.
+    type Subscription;
+
+    /// Subscribes on `tree` (through [`CompletionSupervisorHandle::subscribe`]).
+    #[doc(hidden)]
+    fn subscribe_on(
+        self,
+        tree: &CompletionSupervisorHandle,
+    ) -> impl Future<Output = Result<Self::Subscription, Error>> + Send;
+}
+
+impl<E: Event> sealed::Sealed for SubscribeRequest<E> {}
+
+impl<E: Event> Subscribe for SubscribeRequest<E> {
+    type Subscription = Subscription<E>;
+
+    async fn subscribe_on(self, tree: &CompletionSupervisorHandle) -> Result<Subscription<E>, Error> {
+        let (tx, rx) = mpsc::channel(tree.subscriber_buffer);
+        let id = tree.add_subscriber(self, Out::Channel(tx)).await?;
+        Ok(Subscription { id, inner: ReceiverStream::new(rx), supervisor: tree.actor.clone() })
+    }
+}
 
 /// A cloneable handle on a running completion tree.
 #[derive(Clone, Debug)]
@@ -35,15 +72,15 @@ pub struct CompletionSupervisorHandle {
     subscriber_buffer: usize,
 }
 
-fn actor_error(what: &str, err: impl std::fmt::Display) -> EngineError {
-    EngineError::Actor { detail: format!("{what}: {err}") }
+fn actor_error(what: &str, err: impl std::fmt::Display) -> Error {
+    Error::Actor { detail: format!("{what}: {err}") }
 }
 
 /// A failed spawn, keeping the type of the supervisor's own error (a backend that cannot be
 /// reached stays transient).
-fn spawn_error(err: SpawnErr) -> EngineError {
+fn spawn_error(err: SpawnErr) -> Error {
     match err {
-        SpawnErr::StartupFailed(inner) => match inner.downcast::<EngineError>() {
+        SpawnErr::StartupFailed(inner) => match inner.downcast::<Error>() {
             Ok(err) => *err,
             Err(other) => actor_error("completion supervisor failed to start", other),
         },
@@ -58,10 +95,10 @@ impl CompletionSupervisorHandle {
     /// backend before it returns instead.
     ///
     /// # Errors
-    /// A bad config ([`EngineError::Validation`]); with `connect_at_start`, a backend that
-    /// cannot be reached, with the backend's own typed error (transient for a refused
-    /// connection: [`EngineError::is_transient`]).
-    pub async fn spawn(config: SupervisorConfig) -> Result<(Self, JoinHandle<()>), EngineError> {
+    /// A bad config ([`Error::Validation`]); with `connect_at_start`, a backend that cannot be
+    /// reached, with the backend's own typed error (transient for a refused connection:
+    /// [`Error::is_transient`]).
+    pub async fn spawn(config: SupervisorConfig) -> Result<(Self, JoinHandle<()>), Error> {
         let config = config.clamped();
         let buffer = config.subscriber_buffer;
         let (actor, join) = Actor::spawn(None, CompletionSupervisor, config).await.map_err(spawn_error)?;
@@ -71,7 +108,7 @@ impl CompletionSupervisorHandle {
     /// Spawns the tree under an engine's actor, which then receives its supervision events.
     ///
     /// ```no_run
-    /// # async fn demo(engine_actor: ractor::ActorCell) -> Result<(), ff_completions::EngineError> {
+    /// # async fn demo(engine_actor: ractor::ActorCell) -> Result<(), ff_completions::Error> {
     /// use ff_completions::{BackendConfig, CompletionSupervisorHandle, SupervisorConfig};
     /// use std::time::Duration;
     ///
@@ -84,10 +121,7 @@ impl CompletionSupervisorHandle {
     ///
     /// # Errors
     /// As [`Self::spawn`].
-    pub async fn spawn_linked(
-        parent: ActorCell,
-        config: SupervisorConfig,
-    ) -> Result<(Self, JoinHandle<()>), EngineError> {
+    pub async fn spawn_linked(parent: ActorCell, config: SupervisorConfig) -> Result<(Self, JoinHandle<()>), Error> {
         let config = config.clamped();
         let buffer = config.subscriber_buffer;
         let (actor, join) =
@@ -98,7 +132,7 @@ impl CompletionSupervisorHandle {
     /// Wraps a supervisor spawned by other means (`subscriber_buffer` is clamped as
     /// [`SupervisorConfig::with_subscriber_buffer`] does).
     pub fn from_actor(actor: ActorRef<SupervisorMsg>, subscriber_buffer: usize) -> Self {
-        Self { actor, subscriber_buffer: subscriber_buffer.clamp(1, super::supervisor::MAX_SUBSCRIBER_BUFFER) }
+        Self { actor, subscriber_buffer: subscriber_buffer.clamp(1, crate::config::MAX_SUBSCRIBER_BUFFER) }
     }
 
     /// The supervisor's actor.
@@ -106,73 +140,72 @@ impl CompletionSupervisorHandle {
         &self.actor
     }
 
-    async fn add_subscriber(&self, request: SubscribeRequest, sink: Sink) -> Result<SubscriberId, EngineError> {
+    /// Events buffered per channel subscriber.
+    pub(crate) fn subscriber_buffer(&self) -> usize {
+        self.subscriber_buffer
+    }
+
+    /// Asks the supervisor something and waits for its answer.
+    async fn ask<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        command: impl FnOnce(ractor::RpcReplyPort<T>) -> Command,
+    ) -> Result<T, Error> {
         self.actor
-            .call(|reply| SupervisorMsg::Subscribe { request, sink, reply }, Some(CALL_TIMEOUT))
+            .call(|reply| command(reply).into(), Some(CALL_TIMEOUT))
             .await
-            .map_err(|e| actor_error("subscribe", e))?
-            .success_or(actor_error("subscribe", "no reply"))
-            .and_then(|r| r)
+            .map_err(|e| actor_error(what, e))?
+            .success_or(actor_error(what, "no reply"))
     }
 
-    /// Subscribes with a filter and a start position; events arrive in order, once each.
-    ///
-    /// # Errors
-    /// A malformed or foreign cursor ([`EngineError::Validation`]), an expired one
-    /// ([`EngineError::CursorExpired`]), an unknown backend name, or a dead tree. While the
-    /// backend is down the subscription is accepted and starts once the backend answers: a
-    /// cursor is then checked (an expired one ends the stream with `CursorExpired`), and a
-    /// tail subscription starts at the last position the tree read, or, if it has read none
-    /// yet, at the tail the tree first reads once the backend is reachable.
-    pub async fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription, EngineError> {
-        let (tx, rx) = mpsc::channel(self.subscriber_buffer);
-        let id = self.add_subscriber(request, Sink::Channel(tx)).await?;
-        Ok(Subscription { id, inner: ReceiverStream::new(rx), supervisor: self.actor.clone() })
+    async fn add_subscriber<E: Event>(&self, request: SubscribeRequest<E>, out: Out<E>) -> Result<SubscriberId, Error> {
+        let Some(family) = E::FAMILY else {
+            return Err(Error::unavailable("subscribe", "no backend produces this event family yet"));
+        };
+        let SubscribeRequest { backend, filter, from, name } = request;
+        let sink = Arc::new(FamilySink { family, filter, out });
+        let subscriber = NewSubscriber { backend, from, name, sink };
+        self.ask("subscribe", |reply| Command::Subscribe(subscriber, reply)).await?
     }
 
-    /// Subscribes durably: completions of the partitions this member holds, from the
-    /// positions the backend stores under the request's name, in order per partition; the
-    /// consumer acknowledges them ([`DurableSubscription::ack`], an [`crate::AckTicket`] in
-    /// its own transaction, or after delivery). A group's members share the partitions.
+    /// Subscribes: events arrive in order, once each, from the request's start (the tail, or
+    /// after a cursor), matching its filter. The request names the family and the subscription
+    /// is typed by it.
     ///
     /// ```no_run
-    /// # async fn demo(tree: ff_completions::CompletionSupervisorHandle) -> Result<(), ff_completions::EngineError> {
+    /// # async fn demo(tree: ff_completions::CompletionSupervisorHandle, saved: ff_completions::StreamCursor) -> Result<(), ff_completions::Error> {
     /// use futures::StreamExt;
-    /// use ff_completions::{DurableRequest, SubscribeRequest};
+    /// use ff_completions::{Completions, DurableRequest, LeaseHistory, Namespace, ScannerFilter};
     ///
-    /// // One consumer; a restarted process resumes where the last one acknowledged.
-    /// let mut promoter = tree.subscribe_durable(SubscribeRequest::durable("promoter")).await?;
-    /// // Or: every instance of the engine joins the group and gets a share of the partitions.
-    /// let _shared = tree.subscribe_durable(DurableRequest::group("promoter-group")).await?;
-    /// while let Some(event) = promoter.next().await {
-    ///     let event = event?;
-    ///     // ... promote the children of event.execution_id ...
-    ///     promoter.ack(&event.cursor).await?;
+    /// let filter = ScannerFilter::new().with_namespace(Namespace::new("tenant-a"));
+    /// let mut completions = tree.subscribe(Completions::from_cursor(saved).with_filter(filter)).await?;
+    /// let mut leases = tree.subscribe(LeaseHistory::tail()).await?;
+    /// // Durable: the backend keeps the position; the engine's instances share the partitions.
+    /// let mut promoter = tree.subscribe(DurableRequest::group("promoter")).await?;
+    /// while let Some(event) = completions.next().await {
+    ///     let event = event?; // a CompletionEvent, with its cursor
+    /// #   drop(event);
     /// }
-    /// # Ok(()) }
+    /// # drop((leases, promoter)); Ok(()) }
     /// ```
     ///
     /// # Errors
-    /// A name or member id of more than 64 characters or with a control character, or an
-    /// unknown backend ([`EngineError::Validation`]); a dead tree. While the backend is down
-    /// the subscription is accepted and starts once the backend answers; errors the member
-    /// cannot retry (a backend without durable groups) end the stream.
-    pub async fn subscribe_durable(&self, request: DurableRequest) -> Result<DurableSubscription, EngineError> {
-        let backend = request.backend.clone();
-        let source = self
-            .actor
-            .call(|reply| SupervisorMsg::Source(backend, reply), Some(CALL_TIMEOUT))
-            .await
-            .map_err(|e| actor_error("subscribe durably", e))?
-            .success_or(actor_error("subscribe durably", "no reply"))??;
-        crate::durable::member::start(self.clone(), request, source.0, self.subscriber_buffer)
+    /// A malformed cursor or one of another family ([`Error::Validation`]), an expired one
+    /// ([`Error::CursorExpired`]), an unknown backend name, a family no backend produces
+    /// ([`Error::Unavailable`]), or a dead tree. While the backend is down the subscription is
+    /// accepted and starts once the backend answers: a cursor is then checked (an expired one
+    /// ends the stream with `CursorExpired`), and a tail subscription starts at the last
+    /// position the tree read, or, if it has read none yet, at the tail the tree first reads
+    /// once the backend is reachable. A durable request: see [`crate::DurableRequest`].
+    pub async fn subscribe<R: Subscribe>(&self, request: R) -> Result<R::Subscription, Error> {
+        request.subscribe_on(self).await
     }
 
-    /// Subscribes an actor: each event is cast to it as `M::from(event)`. Its mailbox is
-    /// unbounded, so a slow actor holds its backlog in memory.
+    /// Subscribes an actor: each event of the request's family is cast to it as
+    /// `M::from(event)`. Its mailbox is unbounded, so a slow actor holds its backlog in memory.
     ///
     /// ```no_run
-    /// use ff_completions::{CompletionEvent, CompletionSupervisorHandle, SubscribeRequest};
+    /// use ff_completions::{CompletionEvent, CompletionSupervisorHandle, Completions};
     /// use ractor::{Actor, ActorProcessingErr, ActorRef};
     ///
     /// struct Promoter;
@@ -197,141 +230,57 @@ impl CompletionSupervisorHandle {
     ///
     /// # async fn demo(tree: CompletionSupervisorHandle) -> Result<(), Box<dyn std::error::Error>> {
     /// let (promoter, _) = Actor::spawn(None, Promoter, ()).await?;
-    /// let id = tree.subscribe_actor(SubscribeRequest::tail().with_name("promoter"), promoter).await?;
+    /// let id = tree.subscribe_actor(Completions::tail().with_name("promoter"), promoter).await?;
     /// # drop(id); Ok(()) }
     /// ```
     ///
     /// # Errors
     /// As [`Self::subscribe`].
-    pub async fn subscribe_actor<M>(
+    pub async fn subscribe_actor<E, M>(
         &self,
-        request: SubscribeRequest,
+        request: SubscribeRequest<E>,
         actor: ActorRef<M>,
-    ) -> Result<SubscriberId, EngineError>
+    ) -> Result<SubscriberId, Error>
     where
-        M: ractor::Message + From<CompletionEvent>,
+        E: Event,
+        M: ractor::Message + From<E>,
     {
-        self.add_subscriber(request, Sink::actor(actor)).await
-    }
-
-    /// Subscribes to lease history: each lease change matching `filter`, in order, once each,
-    /// from the request's start (tail, or after a lease-history cursor). The request's
-    /// backend and name apply; its completion filter must be empty. The events come through
-    /// the same listener as completions (one notification connection per backend).
-    ///
-    /// # Errors
-    /// As [`Self::subscribe`]; a cursor of another family, or a completion filter, is
-    /// [`EngineError::Validation`].
-    pub async fn subscribe_lease_history(
-        &self,
-        request: SubscribeRequest,
-        filter: LeaseHistoryFilter,
-    ) -> Result<Subscription<LeaseHistoryEvent>, EngineError> {
-        let (tx, rx) = mpsc::channel(self.subscriber_buffer);
-        let id = self.add_subscriber(request, Sink::LeaseHistory(Box::new(filter), FamilySink::Channel(tx))).await?;
-        Ok(Subscription { id, inner: ReceiverStream::new(rx), supervisor: self.actor.clone() })
-    }
-
-    /// Subscribes an actor to lease history: each event is cast to it as `M::from(event)`.
-    ///
-    /// # Errors
-    /// As [`Self::subscribe_lease_history`].
-    pub async fn subscribe_lease_history_actor<M>(
-        &self,
-        request: SubscribeRequest,
-        filter: LeaseHistoryFilter,
-        actor: ActorRef<M>,
-    ) -> Result<SubscriberId, EngineError>
-    where
-        M: ractor::Message + From<LeaseHistoryEvent>,
-    {
-        self.add_subscriber(request, Sink::LeaseHistory(Box::new(filter), FamilySink::actor(actor))).await
-    }
-
-    /// Subscribes to signal deliveries: each delivery matching `filter`, in order, once each,
-    /// from the request's start (tail, or after a signal-delivery cursor), through the same
-    /// listener as completions.
-    ///
-    /// # Errors
-    /// As [`Self::subscribe_lease_history`].
-    pub async fn subscribe_signal_delivery(
-        &self,
-        request: SubscribeRequest,
-        filter: SignalDeliveryFilter,
-    ) -> Result<Subscription<SignalDeliveryEvent>, EngineError> {
-        let (tx, rx) = mpsc::channel(self.subscriber_buffer);
-        let id = self.add_subscriber(request, Sink::SignalDelivery(Box::new(filter), FamilySink::Channel(tx))).await?;
-        Ok(Subscription { id, inner: ReceiverStream::new(rx), supervisor: self.actor.clone() })
-    }
-
-    /// Subscribes an actor to signal deliveries: each event is cast to it as `M::from(event)`.
-    ///
-    /// # Errors
-    /// As [`Self::subscribe_lease_history`].
-    pub async fn subscribe_signal_delivery_actor<M>(
-        &self,
-        request: SubscribeRequest,
-        filter: SignalDeliveryFilter,
-        actor: ActorRef<M>,
-    ) -> Result<SubscriberId, EngineError>
-    where
-        M: ractor::Message + From<SignalDeliveryEvent>,
-    {
-        self.add_subscriber(request, Sink::SignalDelivery(Box::new(filter), FamilySink::actor(actor))).await
-    }
-
-    /// Instance tags have no producer on any backend yet.
-    ///
-    /// # Errors
-    /// Always [`EngineError::Unavailable`].
-    pub async fn subscribe_instance_tags(
-        &self,
-        _request: SubscribeRequest,
-    ) -> Result<InstanceTagSubscription, EngineError> {
-        Err(instance_tags_unavailable())
-    }
-
-    /// Subscribes any [`Sink`], a closure included (feature `testing`).
-    ///
-    /// # Errors
-    /// As [`Self::subscribe`].
-    #[cfg(feature = "testing")]
-    pub async fn subscribe_sink(&self, request: SubscribeRequest, sink: Sink) -> Result<SubscriberId, EngineError> {
-        self.add_subscriber(request, sink).await
+        self.add_subscriber(request, Out::actor(actor)).await
     }
 
     /// Ends a subscription.
     pub fn unsubscribe(&self, id: SubscriberId) {
-        let _ = self.actor.cast(SupervisorMsg::Unsubscribe(id));
+        let _ = self.actor.cast(Command::Unsubscribe(id).into());
     }
 
     /// A snapshot of every listener and subscriber.
     ///
     /// # Errors
     /// A dead tree.
-    pub async fn stats(&self) -> Result<SupervisorStats, EngineError> {
-        self.actor
-            .call(SupervisorMsg::Stats, Some(CALL_TIMEOUT))
-            .await
-            .map_err(|e| actor_error("stats", e))?
-            .success_or(actor_error("stats", "no reply"))
+    pub async fn stats(&self) -> Result<SupervisorStats, Error> {
+        self.ask("stats", Command::Stats).await
     }
 
-    /// The listener actor of a backend, if running, for fault injection (feature `testing`).
-    #[cfg(any(test, feature = "testing"))]
+    /// The backend named `name` (or the only one), as its listener holds it: the group store
+    /// of durable subscriptions.
+    pub(crate) async fn backend(&self, name: Option<BackendId>) -> Result<Arc<LazySource>, Error> {
+        self.ask("subscribe durably", |reply| Command::Backend(name, reply)).await?
+    }
+
+    /// The listener actor of a backend, if running: to watch it, or to kill it in a
+    /// fault-injection test (the supervisor restarts it from its cursor).
     pub async fn listener_cell(&self, backend: &str) -> Option<ActorCell> {
         self.child_cell(ChildKey::Listener(BackendId::from(backend))).await
     }
 
-    /// The filter actor of a subscriber, if running, for fault injection (feature `testing`).
-    #[cfg(any(test, feature = "testing"))]
+    /// The filter actor of a subscriber, if running: to watch it, or to kill it in a
+    /// fault-injection test (the supervisor restarts it from the subscriber's cursor).
     pub async fn filter_cell(&self, id: SubscriberId) -> Option<ActorCell> {
         self.child_cell(ChildKey::Filter(id)).await
     }
 
-    #[cfg(any(test, feature = "testing"))]
     async fn child_cell(&self, key: ChildKey) -> Option<ActorCell> {
-        self.actor.call(|r| SupervisorMsg::ChildCell(key, r), Some(CALL_TIMEOUT)).await.ok()?.success_or(()).ok()?
+        self.ask("child cell", |reply| Command::ChildCell(key, reply)).await.ok().flatten()
     }
 
     /// Stops the tree and waits for every actor to exit. Subscriptions end.
@@ -340,34 +289,28 @@ impl CompletionSupervisorHandle {
     }
 }
 
-fn instance_tags_unavailable() -> EngineError {
-    EngineError::unavailable("subscribe instance tags", "no backend produces instance tag events yet")
-}
+/// The seed's name for a subscription to completions: a `Stream` of
+/// `Result<CompletionEvent, Error>`.
+pub type CompletionSubscription = Subscription<CompletionEvent>;
 
-/// A live subscription: a `Stream` of events of one family (completions by default) that
+/// A live subscription: a `Stream` of the events of one family (completions by default) that
 /// unsubscribes when dropped.
 #[derive(Debug)]
 pub struct Subscription<E = CompletionEvent> {
     id: SubscriberId,
-    inner: ReceiverStream<Result<E, EngineError>>,
+    inner: ReceiverStream<Result<E, Error>>,
     supervisor: ActorRef<SupervisorMsg>,
 }
 
-impl<E: Send + 'static> Subscription<E> {
+impl<E> Subscription<E> {
     /// This subscription's id in its supervisor.
     pub fn id(&self) -> SubscriberId {
         self.id
     }
-
-    /// Boxes it as the seed's subscription type of its family ([`crate::CompletionSubscription`],
-    /// [`LeaseHistorySubscription`], [`SignalDeliverySubscription`]).
-    pub fn boxed(self) -> Pin<Box<dyn Stream<Item = Result<E, EngineError>> + Send>> {
-        Box::pin(self)
-    }
 }
 
 impl<E> Stream for Subscription<E> {
-    type Item = Result<E, EngineError>;
+    type Item = Result<E, Error>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         Pin::new(&mut self.inner).poll_next(cx)
     }
@@ -375,53 +318,21 @@ impl<E> Stream for Subscription<E> {
 
 impl<E> Drop for Subscription<E> {
     fn drop(&mut self) {
-        let _ = self.supervisor.cast(SupervisorMsg::Unsubscribe(self.id));
+        let _ = self.supervisor.cast(Command::Unsubscribe(self.id).into());
     }
 }
 
 #[async_trait]
 impl CompletionBackend for CompletionSupervisorHandle {
-    async fn subscribe_completions(&self) -> Result<CompletionStream, EngineError> {
+    async fn subscribe_completions(&self) -> Result<CompletionStream, Error> {
         self.subscribe_completions_filtered(&ScannerFilter::NOOP).await
     }
 
-    async fn subscribe_completions_filtered(&self, filter: &ScannerFilter) -> Result<CompletionStream, EngineError> {
-        let sub = self.subscribe(SubscribeRequest::tail().with_filter(filter.clone())).await?;
+    async fn subscribe_completions_filtered(&self, filter: &ScannerFilter) -> Result<CompletionStream, Error> {
+        let sub = self.subscribe(Completions::tail().with_filter(filter.clone())).await?;
         let payloads = sub
             .take_while(|item| futures::future::ready(item.is_ok()))
             .filter_map(|item| async move { item.ok().map(|event| event.to_payload()) });
         Ok(Box::pin(payloads))
-    }
-
-    async fn subscribe_lease_history(
-        &self,
-        from: StreamCursor,
-        filter: &LeaseHistoryFilter,
-    ) -> Result<LeaseHistorySubscription, EngineError> {
-        Ok(CompletionSupervisorHandle::subscribe_lease_history(
-            self,
-            SubscribeRequest::from_cursor(from),
-            filter.clone(),
-        )
-        .await?
-        .boxed())
-    }
-
-    async fn subscribe_signal_delivery(
-        &self,
-        from: StreamCursor,
-        filter: &SignalDeliveryFilter,
-    ) -> Result<SignalDeliverySubscription, EngineError> {
-        Ok(CompletionSupervisorHandle::subscribe_signal_delivery(
-            self,
-            SubscribeRequest::from_cursor(from),
-            filter.clone(),
-        )
-        .await?
-        .boxed())
-    }
-
-    async fn subscribe_instance_tags(&self, _from: StreamCursor) -> Result<InstanceTagSubscription, EngineError> {
-        Err(instance_tags_unavailable())
     }
 }

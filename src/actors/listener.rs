@@ -3,7 +3,7 @@
 //! Parent: the supervisor. Children: none (a waker task it owns).
 //! In: [`ListenerMsg`] from its waker task (`Woken`, `Fetched`, `WakerFailed`), from its own
 //! timers (`Woken(Tick)`, `Woken(HeldBack)`). The supervisor's stats read its shared state.
-//! Out: [`FilterMsg::Live`] batches, shared as `Arc`, to every filter of its backend.
+//! Out: `FilterMsg::Live` batches, shared as `Arc`, to every filter of its backend.
 //!
 //! On start it opens the notification connection first (registered before it returns), then
 //! reads from its cursor, then lives on wake-ups. A lost connection it cannot re-make ends the
@@ -18,11 +18,12 @@ use tokio_util::task::AbortOnDropHandle;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::Instrument;
 
-use super::filter::FilterMsg;
-use super::{BackendId, ListenerShared, LiveBatch};
+use super::filter::Fanout;
+use super::ids::BackendId;
+use super::shared::{ListenerShared, LiveBatch};
 use crate::backends::{Batch, CompletionSource, Wake, Waker};
 use crate::cursor::Frontier;
-use crate::error::EngineError;
+use crate::error::Error;
 use crate::metrics;
 
 /// Why a listener reads now.
@@ -50,7 +51,7 @@ pub enum ListenerMsg {
     /// the waker task.
     Fetched(Batch),
     /// The waker's connection is gone. Sent by the waker task; the listener fails and is restarted.
-    WakerFailed(EngineError),
+    WakerFailed(Error),
 }
 
 /// How a listener is configured.
@@ -59,8 +60,10 @@ pub struct ListenerArguments {
     pub backend_id: BackendId,
     /// The backend.
     pub(crate) source: Arc<dyn CompletionSource>,
-    /// Cursor, filters and counters kept across restarts.
+    /// Cursor and counters kept across restarts.
     pub(crate) shared: Arc<ListenerShared>,
+    /// The filters of this backend's subscribers.
+    pub(crate) fanout: Arc<Fanout>,
     /// Safety tick: read even without a wake-up this often (at least 1 ms: the supervisor
     /// clamps it).
     pub tick: Duration,
@@ -142,7 +145,7 @@ impl Actor for Listener {
 
 impl Listening {
     /// Opens the waker (registered before it returns), then starts reading from the cursor.
-    async fn connect(&mut self, myself: ActorRef<ListenerMsg>) -> Result<(), EngineError> {
+    async fn connect(&mut self, myself: ActorRef<ListenerMsg>) -> Result<(), Error> {
         let shared = &self.args.shared;
         self.cursor = match shared.cursor() {
             Some(pos) => pos,
@@ -165,11 +168,11 @@ impl Listening {
         }
         myself
             .cast(ListenerMsg::Woken(WakeReason::Startup))
-            .map_err(|_| EngineError::Actor { detail: "listener mailbox closed during start".into() })
+            .map_err(|_| Error::Actor { detail: "listener mailbox closed during start".into() })
     }
 
     /// Reads above the cursor, a few batches per message so the mailbox stays responsive.
-    async fn on_woken(&mut self, myself: &ActorRef<ListenerMsg>, reason: WakeReason) -> Result<(), EngineError> {
+    async fn on_woken(&mut self, myself: &ActorRef<ListenerMsg>, reason: WakeReason) -> Result<(), Error> {
         match reason {
             WakeReason::HeldBack => self.repoll_scheduled = false,
             WakeReason::Tick => self.tick_pending.store(false, Ordering::Relaxed),
@@ -206,7 +209,7 @@ impl Listening {
     }
 
     /// Accepts a batch a reading waker fetched, first filling any gap below it.
-    async fn on_fetched(&mut self, myself: &ActorRef<ListenerMsg>, batch: Batch) -> Result<(), EngineError> {
+    async fn on_fetched(&mut self, myself: &ActorRef<ListenerMsg>, batch: Batch) -> Result<(), Error> {
         if !self.cursor.covers_all(&batch.start) {
             self.on_woken(myself, WakeReason::Continue).await?;
         }
@@ -224,9 +227,7 @@ impl Listening {
             end: self.cursor.clone(),
             events: Vec::new(),
         });
-        for filter in self.args.shared.filters() {
-            let _ = filter.cast(FilterMsg::Live(live.clone()));
-        }
+        self.args.fanout.send(&live);
     }
 
     fn note_held_back(&mut self, held_back: bool) {
@@ -238,7 +239,7 @@ impl Listening {
         metrics::held_back(self.args.backend_id.as_str(), self.held_back_since.map(|t| t.elapsed().as_secs_f64()));
     }
 
-    fn on_waker_failed(&mut self, err: EngineError) -> EngineError {
+    fn on_waker_failed(&mut self, err: Error) -> Error {
         self.args.shared.mark_down();
         self.args.shared.set_error(Some(err.to_string()));
         // The supervisor logs the failure (once per outage) when this listener exits with it.
@@ -275,9 +276,7 @@ impl Listening {
             Arc::new(LiveBatch { first_index, start: self.cursor.joined(&batch.start), end, events: batch.events });
         self.cursor = live.end.clone();
         metrics::events_read(self.args.backend_id.as_str(), count);
-        for filter in shared.filters() {
-            let _ = filter.cast(FilterMsg::Live(live.clone()));
-        }
+        self.args.fanout.send(&live);
     }
 }
 

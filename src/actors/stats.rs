@@ -3,8 +3,21 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::{BackendId, FilterMode, ListenerState, SubscriberId};
+use super::ids::{BackendId, SubscriberId};
+use super::shared::FilterMode;
 use crate::cursor::StreamCursor;
+
+/// A listener's lifecycle state, as the stats report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ListenerState {
+    /// Connecting or waiting for a restart.
+    Starting,
+    /// Connected, and its reads work.
+    Live,
+    /// Dead; a restart is scheduled.
+    Restarting,
+}
 
 /// One listener, as the stats report it.
 #[derive(Clone, Debug)]

@@ -25,7 +25,7 @@
 mod jobs;
 mod report;
 pub(crate) mod restart;
-pub(crate) mod subscriptions;
+mod subscriptions;
 mod supervision;
 #[cfg(test)]
 mod tests;
@@ -39,135 +39,58 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPo
 use tracing::Instrument;
 
 use self::restart::RestartPolicy;
-use super::filter::FilterMsg;
+use super::filter::{Fanout, FilterMsg, SubscribeReply};
+use super::ids::{BackendId, SubscriberId};
 use super::listener::ListenerMsg;
-use super::{BackendId, ListenerShared, Sink, SubscriberId, SubscriberShared};
+use super::shared::{ListenerShared, SubscriberShared};
+use super::sink::Sink;
+use super::stats::SupervisorStats;
+use super::supervisor_config::SupervisorConfig;
 use crate::backends::lazy::LazySource;
 use crate::backends::{CompletionSource, lazy_source};
 use crate::backoff::Backoff;
 use crate::config::BackendConfig;
 use crate::config::BackendRetry;
 use crate::cursor::StreamCursor;
-use crate::error::EngineError;
-use crate::scanner_filter::ScannerFilter;
+use crate::error::Error;
 
-pub use super::stats::{ListenerStats, SubscriberStats, SupervisorStats};
-pub use super::supervisor_config::{
-    MAX_BATCH_SIZE, MAX_INTERVAL, MAX_SUBSCRIBER_BUFFER, MIN_QUERY_INTERVAL, RestartIntensity, SupervisorConfig,
-};
-
-/// Stop reason a filter gives when its subscriber dropped the stream.
-pub(crate) const SUBSCRIBER_GONE: &str = "subscriber gone";
-/// Stop reason a filter gives after handing its subscriber a final error.
-pub(crate) const SUBSCRIPTION_FAILED: &str = "subscription failed";
-
-/// Where a subscription starts and what it wants.
-///
-/// ```
-/// use ff_completions::{Namespace, ScannerFilter, StreamCursor, SubscribeRequest};
-///
-/// # let saved_hex = "";
-/// // Resume after the cursor the subscriber persisted (empty: the tail), one tenant only,
-/// // with metrics under the name "promoter".
-/// let request = SubscribeRequest::from_cursor(StreamCursor::from_hex(saved_hex)?)
-///     .with_filter(ScannerFilter::new().with_namespace(Namespace::new("tenant-a")))
-///     .with_name("promoter");
-/// assert_eq!(request.name.as_deref(), Some("promoter"));
-/// # Ok::<(), ff_completions::EngineError>(())
-/// ```
-#[non_exhaustive]
-#[derive(Clone, Debug, Default)]
-pub struct SubscribeRequest {
-    /// Backend name; `None` picks the first configured backend.
+/// A new subscriber: what it wants and where its events go.
+pub(crate) struct NewSubscriber {
+    /// The backend's name; `None` picks the only one.
     pub backend: Option<BackendId>,
-    /// The subscriber's filter.
-    pub filter: ScannerFilter,
-    /// Resume after this cursor; empty means from the tail.
+    /// Resume after this cursor (of the sink's family); empty: the tail.
     pub from: StreamCursor,
-    /// A name for the subscriber's metrics series and stats; unnamed subscribers record no
-    /// per-subscriber series (their ids are never reused, so such series would grow without
-    /// bound).
+    /// The name of its metrics series.
     pub name: Option<String>,
-}
-
-impl SubscribeRequest {
-    /// New events only.
-    pub fn tail() -> Self {
-        Self::default()
-    }
-
-    /// Events after `cursor` (an empty cursor means the tail).
-    pub fn from_cursor(cursor: StreamCursor) -> Self {
-        Self { from: cursor, ..Self::default() }
-    }
-
-    /// Sets the filter.
-    #[must_use]
-    pub fn with_filter(mut self, filter: ScannerFilter) -> Self {
-        self.filter = filter;
-        self
-    }
-
-    /// Names the subscriber: its metrics carry `subscriber="<name>"`. Give each long-lived
-    /// subscriber its own name (at most 64 characters, no control characters); subscribers
-    /// sharing a name share their series.
-    #[must_use]
-    pub fn with_name(mut self, name: impl Into<String>) -> Self {
-        self.name = Some(name.into());
-        self
-    }
-
-    /// Picks a backend by name.
-    #[must_use]
-    pub fn on_backend(mut self, backend: impl Into<BackendId>) -> Self {
-        self.backend = Some(backend.into());
-        self
-    }
-
-    /// A durable subscription named `name`, with one consumer at a time: the backend keeps
-    /// its acknowledged position (see [`crate::DurableRequest`]; subscribe it with
-    /// [`crate::CompletionSupervisorHandle::subscribe_durable`]). For several processes
-    /// sharing the work, [`crate::DurableRequest::group`].
-    pub fn durable(name: impl Into<String>) -> crate::durable::DurableRequest {
-        crate::durable::DurableRequest::exclusive(name)
-    }
-}
-
-/// A backend's connection, as the supervisor's listener holds it (opaque).
-#[doc(hidden)]
-#[derive(Clone)]
-pub struct BackendSource(pub(crate) Arc<dyn CompletionSource>);
-
-impl std::fmt::Debug for BackendSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BackendSource({})", self.0.kind())
-    }
+    /// Which family, which of its events, and where they go.
+    pub sink: Arc<dyn Sink>,
 }
 
 /// Which child a cell request names.
-#[doc(hidden)]
 #[derive(Clone, Debug)]
-pub enum ChildKey {
+pub(crate) enum ChildKey {
     /// The listener of a backend.
     Listener(BackendId),
     /// The filter of a subscriber.
     Filter(SubscriberId),
 }
 
-/// Messages of the supervisor. Engines normally go through [`crate::CompletionSupervisorHandle`];
-/// the variants are public so that an engine's own actors can address the tree directly.
-#[non_exhaustive]
-pub enum SupervisorMsg {
-    /// Adds a subscriber. Sent by the handle.
-    Subscribe {
-        /// What and where from.
-        request: SubscribeRequest,
-        /// Where to deliver.
-        sink: Sink,
-        /// The new subscriber's id, or why it was refused. The new filter answers it once it
-        /// knows where the subscription starts, or that the backend cannot tell yet.
-        reply: RpcReplyPort<Result<SubscriberId, EngineError>>,
-    },
+/// A message to the supervisor. Build none yourself: address the tree through
+/// [`crate::CompletionSupervisorHandle`] (made from the supervisor's `ActorRef` with
+/// [`crate::CompletionSupervisorHandle::from_actor`] when you spawned the actor yourself).
+pub struct SupervisorMsg(pub(crate) Command);
+
+impl From<Command> for SupervisorMsg {
+    fn from(command: Command) -> Self {
+        Self(command)
+    }
+}
+
+/// What a [`SupervisorMsg`] asks.
+pub(crate) enum Command {
+    /// Adds a subscriber; the new filter answers once it knows where the subscription starts,
+    /// or that the backend cannot tell yet. Sent by the handle.
+    Subscribe(NewSubscriber, SubscribeReply),
     /// Removes a subscriber. Sent by the handle or a dropped subscription.
     Unsubscribe(SubscriberId),
     /// Starts a listener again after its backoff. Sent by the supervisor itself.
@@ -178,17 +101,17 @@ pub enum SupervisorMsg {
     Stats(RpcReplyPort<SupervisorStats>),
     /// The backend a durable subscription keeps its group on (the listener's connection).
     /// Sent by the handle.
-    #[doc(hidden)]
-    Source(Option<BackendId>, RpcReplyPort<Result<BackendSource, EngineError>>),
-    /// The cell of a child, for fault injection. Sent by the handle (feature `testing`).
-    #[doc(hidden)]
+    Backend(Option<BackendId>, RpcReplyPort<Result<Arc<LazySource>, Error>>),
+    /// The cell of a child. Sent by the handle.
     ChildCell(ChildKey, RpcReplyPort<Option<ActorCell>>),
 }
 
 struct ListenerSlot {
-    source: Arc<dyn CompletionSource>,
+    source: Arc<LazySource>,
     _jobs: [Option<AbortOnDropHandle<()>>; 2],
     shared: Arc<ListenerShared>,
+    /// The filters of this backend's subscribers.
+    fanout: Arc<Fanout>,
     /// The backend's retry policy: the listener's and its filters' restart backoff, and the
     /// filters' catch-up retries.
     retry: BackendRetry,
@@ -201,8 +124,7 @@ struct ListenerSlot {
 struct SubscriberSlot {
     backend: BackendId,
     name: Option<String>,
-    filter: ScannerFilter,
-    sink: Sink,
+    sink: Arc<dyn Sink>,
     shared: Arc<SubscriberShared>,
     policy: RestartPolicy,
     actor: Option<ActorRef<FilterMsg>>,
@@ -261,32 +183,23 @@ impl Actor for CompletionSupervisor {
     async fn handle(
         &self,
         myself: ActorRef<Self::Msg>,
-        message: Self::Msg,
+        SupervisorMsg(command): Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let span = state.span.clone();
         async move {
-            match message {
-                SupervisorMsg::Subscribe { request, sink, reply } => {
-                    state.subscribe(&myself, request, sink, reply).await
-                }
-                SupervisorMsg::Unsubscribe(id) => state.unsubscribe(id),
-                SupervisorMsg::RestartListener(id) => state.start_listener(&myself, &id).await,
-                SupervisorMsg::RestartFilter(id) => state.start_filter(&myself, id, None).await,
-                SupervisorMsg::Stats(reply) => {
+            match command {
+                Command::Subscribe(subscriber, reply) => state.subscribe(&myself, subscriber, reply).await,
+                Command::Unsubscribe(id) => state.unsubscribe(id),
+                Command::RestartListener(id) => state.start_listener(&myself, &id).await,
+                Command::RestartFilter(id) => state.start_filter(&myself, id, None).await,
+                Command::Stats(reply) => {
                     let _ = reply.send(state.stats());
                 }
-                SupervisorMsg::Source(backend, reply) => {
-                    let source = state.backend_named(backend).and_then(|id| {
-                        state
-                            .listeners
-                            .get(&id)
-                            .map(|slot| BackendSource(slot.source.clone()))
-                            .ok_or_else(|| EngineError::validation(format!("no backend named {id}")))
-                    });
-                    let _ = reply.send(source);
+                Command::Backend(backend, reply) => {
+                    let _ = reply.send(state.backend(backend));
                 }
-                SupervisorMsg::ChildCell(key, reply) => {
+                Command::ChildCell(key, reply) => {
                     let _ = reply.send(state.child_cell(&key));
                 }
             }
@@ -309,7 +222,7 @@ impl Actor for CompletionSupervisor {
                     state.on_child_exit(&myself, &cell, reason, false)
                 }
                 SupervisionEvent::ActorFailed(cell, err) => {
-                    let crash = err.downcast_ref::<EngineError>().is_none_or(|e| !e.is_transient());
+                    let crash = err.downcast_ref::<Error>().is_none_or(|e| !e.is_transient());
                     state.on_child_exit(&myself, &cell, Some(err.to_string()), crash)
                 }
                 _ => Ok(()),
@@ -341,15 +254,15 @@ impl SupervisorState {
     /// Prepares every backend's slot. Connects (and fixes each listener's first cursor) only
     /// when the config says `connect_at_start`; otherwise the listeners connect in the
     /// background and nothing here waits for a backend.
-    async fn start(config: SupervisorConfig, span: tracing::Span) -> Result<Self, EngineError> {
+    async fn start(config: SupervisorConfig, span: tracing::Span) -> Result<Self, Error> {
         if config.backends.is_empty() {
-            return Err(EngineError::validation("a completion supervisor needs at least one backend"));
+            return Err(Error::validation("a completion supervisor needs at least one backend"));
         }
         let mut listeners = HashMap::new();
         let mut order = Vec::new();
         for (id, backend) in &config.backends {
             if listeners.contains_key(id) {
-                return Err(EngineError::validation(format!("backend name {id:?} is used twice")));
+                return Err(Error::validation(format!("backend name {id:?} is used twice")));
             }
             let lazy = Arc::new(source_for(&config, id, backend));
             let shared = Arc::new(ListenerShared::default());
@@ -359,14 +272,15 @@ impl SupervisorState {
                 lazy.connect().await?;
                 shared.set_cursor(lazy.tail().await?);
             }
-            let source: Arc<dyn CompletionSource> = lazy;
+            let source: Arc<dyn CompletionSource> = lazy.clone();
             let trim_job = backend.retention.clone().map(|r| jobs::spawn_trim_job(id.clone(), source.clone(), r));
-            let gauge_job = jobs::spawn_gauge_job(id.clone(), source.clone(), config.gauge_interval);
+            let gauge_job = jobs::spawn_gauge_job(id.clone(), source, config.gauge_interval);
             let policy = RestartPolicy::new(Backoff::from_retry(&backend.retry), config.restart_intensity);
             let slot = ListenerSlot {
-                source,
+                source: lazy,
                 _jobs: [trim_job, Some(gauge_job)],
                 shared,
+                fanout: Arc::default(),
                 retry: backend.retry.clone(),
                 policy,
                 actor: None,

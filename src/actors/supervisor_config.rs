@@ -2,20 +2,10 @@
 
 use std::time::Duration;
 
-use super::BackendId;
-use crate::config::BackendConfig;
-
-/// Shortest safety tick and held-back re-poll: a zero interval would make `tokio::time`
-/// panic (the tick) or spin (the re-poll).
-pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
-/// Longest safety tick, re-poll or gauge interval: longer ones overflow a clock deadline.
-pub const MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
-/// Shortest interval of the periodic backend queries: gauges and the trim job.
-pub const MIN_QUERY_INTERVAL: Duration = Duration::from_millis(10);
-/// Largest read: rows per read are clamped to `1..=MAX_BATCH_SIZE`.
-pub const MAX_BATCH_SIZE: usize = 100_000;
-/// Largest subscriber buffer: events buffered are clamped to `1..=MAX_SUBSCRIBER_BUFFER`.
-pub const MAX_SUBSCRIBER_BUFFER: usize = 1_000_000;
+use super::ids::BackendId;
+use crate::config::{
+    BackendConfig, MAX_BATCH_SIZE, MAX_INTERVAL, MAX_SUBSCRIBER_BUFFER, MIN_INTERVAL, MIN_QUERY_INTERVAL,
+};
 
 /// Crash loops beyond `max_restarts` within `within` escalate to the parent.
 #[non_exhaustive]
@@ -46,7 +36,7 @@ pub struct RestartIntensity {
 ///     .with_subscriber_buffer(4096)
 ///     .with_restart_intensity(5, Duration::from_secs(60));
 /// assert_eq!(config.backends.len(), 2);
-/// # Ok::<(), ff_completions::EngineError>(())
+/// # Ok::<(), ff_completions::Error>(())
 /// ```
 #[non_exhaustive]
 #[derive(Clone, Debug)]
@@ -66,7 +56,7 @@ pub struct SupervisorConfig {
     /// How often backend health gauges are recorded.
     pub gauge_interval: Duration,
     /// Connect to every backend while spawning, and fail the spawn with the backend's own
-    /// typed error (e.g. a transient [`crate::EngineError::Transport`]) when one cannot be
+    /// typed error (e.g. a transient [`crate::Error::Transport`]) when one cannot be
     /// reached. Default `false`: the tree starts at once, subscribers can subscribe, and each
     /// listener connects in the background (retrying with its backoff) until its backend is up.
     pub connect_at_start: bool,

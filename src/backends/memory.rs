@@ -11,9 +11,10 @@ use tokio::sync::mpsc;
 
 use super::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
 use crate::config::Retention;
-use crate::cursor::{Family, Frontier, Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
-use crate::error::EngineError;
+use crate::cursor::{Frontier, Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
+use crate::error::Error;
 use crate::event::{CompletionEvent, CompletionOutcome};
+use crate::family::Family;
 use crate::types::{ExecutionId, FlowId, TimestampMs};
 
 #[derive(Default)]
@@ -38,7 +39,7 @@ struct Inner {
     completions_only: bool,
     /// What `resolve_start` says of where the listener's path begins (see `StartAt`).
     read_alone_until: Option<Position>,
-    wakers: Vec<mpsc::UnboundedSender<Result<Wake, EngineError>>>,
+    wakers: Vec<mpsc::UnboundedSender<Result<Wake, Error>>>,
 }
 
 /// The in-memory backend. Cursors use the SQLite family's encoding.
@@ -47,8 +48,8 @@ pub(crate) struct MemorySource {
     inner: Mutex<Inner>,
 }
 
-fn lost(op: &'static str) -> EngineError {
-    EngineError::transport(op, "connection reset by the test")
+fn lost(op: &'static str) -> Error {
+    Error::transport(op, "connection reset by the test")
 }
 
 impl MemorySource {
@@ -68,7 +69,7 @@ impl MemorySource {
             "memory",
             Box::new(move || {
                 let source: Arc<dyn CompletionSource> = me.clone();
-                Box::pin(async move { Ok(source) })
+                Box::pin(async move { Ok(super::Connected { source, groups: None }) })
             }),
         )
     }
@@ -107,7 +108,7 @@ impl MemorySource {
         for id in &ids {
             let pos = Position::new(0, inner.events.len() as u64 + 1);
             let event = LeaseHistoryEvent::Acquired {
-                cursor: crate::cursor::Family::LeaseHistory.tag_cursor(encode_sqlite_cursor(pos.lo as i64)),
+                cursor: Family::LeaseHistory.tag_cursor(encode_sqlite_cursor(pos.lo as i64)),
                 execution_id: *id,
                 lease_id: None,
                 worker_instance_id: Some(worker.into()),
@@ -173,9 +174,9 @@ impl MemorySource {
     }
 
     /// Fails the call if the backend is down or a failure is pending.
-    fn check(inner: &mut Inner, op: &'static str) -> Result<(), EngineError> {
+    fn check(inner: &mut Inner, op: &'static str) -> Result<(), Error> {
         if inner.down {
-            return Err(EngineError::unavailable(op, "connection refused by the test"));
+            return Err(Error::unavailable(op, "connection refused by the test"));
         }
         if inner.failing_calls > 0 {
             inner.failing_calls -= 1;
@@ -203,12 +204,12 @@ impl CompletionSource for MemorySource {
         family == Family::Completion || !self.inner().completions_only
     }
 
-    async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError> {
+    async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, Error> {
         let mut inner = self.inner();
         Self::check(&mut inner, "resolve a cursor")?;
         let after = decode_sqlite_cursor(cursor)?.map_or(Position::ZERO, |id| Self::position(id as u64));
         if after < inner.trimmed_to {
-            return Err(EngineError::CursorExpired { oldest: Some(self.cursor_of(&Frontier::at(inner.trimmed_to))) });
+            return Err(Error::CursorExpired { oldest: Some(self.cursor_of(&Frontier::at(inner.trimmed_to))) });
         }
         Ok(StartAt {
             read_alone_until: inner.read_alone_until.map(Frontier::at),
@@ -216,13 +217,13 @@ impl CompletionSource for MemorySource {
         })
     }
 
-    async fn tail(&self) -> Result<Frontier, EngineError> {
+    async fn tail(&self) -> Result<Frontier, Error> {
         let mut inner = self.inner();
         Self::check(&mut inner, "read the tail")?;
         Ok(Frontier::at(Self::readable(&inner).last().map_or(Position::ZERO, |e| e.pos)))
     }
 
-    async fn read_after(&self, after: &Frontier, limit: usize) -> Result<Batch, EngineError> {
+    async fn read_after(&self, after: &Frontier, limit: usize) -> Result<Batch, Error> {
         let after = after.single();
         let delay = self.inner().read_delay;
         if !delay.is_zero() {
@@ -232,7 +233,7 @@ impl CompletionSource for MemorySource {
         inner.reads += 1;
         Self::check(&mut inner, "read completions")?;
         if inner.broken_reads {
-            return Err(EngineError::schema("read completions", "no outbox table"));
+            return Err(Error::schema("read completions", "no outbox table"));
         }
         if after < inner.trimmed_to {
             let at = Frontier::at(after);
@@ -257,11 +258,11 @@ impl CompletionSource for MemorySource {
         })
     }
 
-    async fn trim(&self, _retention: &Retention) -> Result<u64, EngineError> {
+    async fn trim(&self, _retention: &Retention) -> Result<u64, Error> {
         Ok(0)
     }
 
-    async fn open_waker(&self, _from: &Frontier) -> Result<Box<dyn Waker>, EngineError> {
+    async fn open_waker(&self, _from: &Frontier) -> Result<Box<dyn Waker>, Error> {
         let mut inner = self.inner();
         Self::check(&mut inner, "open the notification connection")?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -271,27 +272,18 @@ impl CompletionSource for MemorySource {
 }
 
 /// A notification connection of the in-memory backend.
-struct MemoryWaker(mpsc::UnboundedReceiver<Result<Wake, EngineError>>);
+struct MemoryWaker(mpsc::UnboundedReceiver<Result<Wake, Error>>);
 
 #[async_trait]
 impl Waker for MemoryWaker {
-    async fn wait(&mut self) -> Result<Wake, EngineError> {
+    async fn wait(&mut self) -> Result<Wake, Error> {
         self.0.recv().await.unwrap_or_else(|| Err(lost("wait for a notification")))
     }
 }
 
 impl MemorySource {
-    /// The batch a listener would fan out after reading events `after + 1 ..= upto`, the first
-    /// of them being the `after + 1`-th event it read.
-    pub(crate) fn live_batch(&self, after: u64, upto: u64) -> Arc<crate::actors::LiveBatch> {
-        let inner = self.inner();
-        let events: Vec<Positioned> =
-            inner.events.iter().filter(|e| e.pos.lo > after && e.pos.lo <= upto).cloned().collect();
-        Arc::new(crate::actors::LiveBatch {
-            first_index: after,
-            start: Frontier::at(Self::position(after)),
-            end: Frontier::at(Self::position(upto)),
-            events,
-        })
+    /// The events a listener would fan out after reading events `after + 1 ..= upto`.
+    pub(crate) fn events_between(&self, after: u64, upto: u64) -> Vec<Positioned> {
+        self.inner().events.iter().filter(|e| e.pos.lo > after && e.pos.lo <= upto).cloned().collect()
     }
 }

@@ -6,8 +6,9 @@ use std::fmt::{self, Debug, Write as _};
 use std::time::Duration;
 
 use super::FamilyEvent;
-use crate::cursor::{Family, StreamCursor};
+use crate::cursor::StreamCursor;
 use crate::event::{CompletionEvent, CompletionOutcome};
+use crate::family::Family;
 use crate::lease_history::{LeaseEntry, LeaseHistoryEvent};
 use crate::signal_delivery::{SignalDeliveryEffect, SignalDeliveryEvent, SignalEntry};
 use crate::types::{

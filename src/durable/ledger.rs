@@ -5,9 +5,9 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use super::store::{Ack, Lease};
+use crate::backends::groups::{Ack, Lease};
 use crate::cursor::{Frontier, Position, StreamCursor, decode_event_frontier, encode_valkey_frontier};
-use crate::error::EngineError;
+use crate::error::Error;
 use crate::event::CompletionEvent;
 use crate::types::{PARTITION_COUNT, TimestampMs};
 
@@ -161,9 +161,9 @@ impl Ledger {
     }
 
     /// The event's position in its partition.
-    fn position_of(&self, event: &CompletionEvent) -> Result<Position, EngineError> {
+    fn position_of(&self, event: &CompletionEvent) -> Result<Position, Error> {
         let frontier = decode_event_frontier(&event.cursor)?
-            .ok_or_else(|| EngineError::validation("a delivered event has an empty cursor"))?;
+            .ok_or_else(|| Error::validation("a delivered event has an empty cursor"))?;
         let lane = if self.lanes_are_partitions { event.execution_id.partition() } else { 0 };
         Ok(Position { lane: 0, ..frontier.get(lane) })
     }
@@ -179,7 +179,7 @@ impl Ledger {
     ///
     /// # Errors
     /// A cursor that names no position (a bug of the reader, not of the subscriber).
-    pub(crate) fn admit(&mut self, event: &mut CompletionEvent, generation: u64) -> Result<Option<u64>, EngineError> {
+    pub(crate) fn admit(&mut self, event: &mut CompletionEvent, generation: u64) -> Result<Option<u64>, Error> {
         let partition = event.execution_id.partition();
         let position = self.position_of(event)?;
         if !self.lanes_are_partitions && self.read_through.is_none_or(|(g, p)| g < generation || p < position) {
@@ -216,17 +216,17 @@ impl Ledger {
     /// acknowledges every earlier event of its partition).
     ///
     /// # Errors
-    /// [`EngineError::Validation`] for a cursor this member did not deliver or already
+    /// [`Error::Validation`] for a cursor this member did not deliver or already
     /// acknowledged, or of a partition it no longer holds.
-    pub(crate) fn ack_for(&self, cursor: &StreamCursor) -> Result<Ack, EngineError> {
+    pub(crate) fn ack_for(&self, cursor: &StreamCursor) -> Result<Ack, Error> {
         let delivered = self.by_cursor.get(cursor).ok_or_else(|| {
-            EngineError::validation(format!(
+            Error::validation(format!(
                 "cursor {cursor} was not delivered to this subscription, was already acknowledged, or its partition \
                  moved to another member"
             ))
         })?;
         if !self.still_held(delivered) {
-            return Err(EngineError::validation(format!("partition {} is no longer held", delivered.partition)));
+            return Err(Error::validation(format!("partition {} is no longer held", delivered.partition)));
         }
         Ok(Ack { partition: delivered.partition, token: delivered.token, position: delivered.position })
     }
@@ -361,7 +361,7 @@ mod tests {
         let (mut a, mut b) = (event(7, 1), event(7, 2));
         ledger.admit(&mut a, g).unwrap();
         ledger.admit(&mut b, g).unwrap();
-        assert!(matches!(ledger.ack_for(&encode_sqlite_cursor(99)), Err(EngineError::Validation { .. })));
+        assert!(matches!(ledger.ack_for(&encode_sqlite_cursor(99)), Err(Error::Validation { .. })));
         let ack = ledger.ack_for(&b.cursor).unwrap();
         assert_eq!(ack, Ack { partition: 7, token: 3, position: Position::new(0, 2) });
         assert_eq!(ledger.acks_for(&[a.cursor.clone(), b.cursor.clone()]), vec![ack]);

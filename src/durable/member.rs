@@ -12,17 +12,19 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::store::{Heartbeat, Sharing, check_heartbeat};
-use super::{ACK_FLUSH_INTERVAL, DurableRequest, DurableSubscription, Shared};
-use crate::actors::handle::{CompletionSupervisorHandle, Subscription};
-use crate::actors::supervisor::SubscribeRequest;
+use super::request::{ACK_FLUSH_INTERVAL, DurableRequest};
+use super::subscription::{DurableSubscription, Shared};
+use crate::actors::handle::{CompletionSupervisorHandle, Subscribe, Subscription, sealed};
+use crate::actors::request::Completions;
 use crate::backends::CompletionSource;
+use crate::backends::groups::{Heartbeat, Sharing, check_heartbeat};
+use crate::backends::lazy::LazySource;
 use crate::cursor::Frontier;
-use crate::error::EngineError;
+use crate::error::Error;
 use crate::event::CompletionEvent;
 
 /// Admitted events, each with the token of the lease it was admitted under.
-type Out = mpsc::Sender<Result<(CompletionEvent, u64), EngineError>>;
+type Out = mpsc::Sender<Result<(CompletionEvent, u64), Error>>;
 
 /// The member id of an exclusive subscription that names none: every process subscribing
 /// under the name is the same member, so a new one takes over at once.
@@ -34,13 +36,29 @@ const LAPSED_RETRY: Duration = Duration::from_millis(100);
 /// How long a task waits before trying the backend again.
 const RETRY: Duration = Duration::from_millis(200);
 
-/// Starts a member of `request`'s group on `source`, reading through `tree`.
-pub(crate) fn start(
+impl sealed::Sealed for DurableRequest {}
+
+/// Subscribes durably: completions of the partitions this member holds, from the positions
+/// the backend stores under the request's name, in order per partition; the consumer
+/// acknowledges them ([`DurableSubscription::ack`], a [`crate::AckTicket`] in its own
+/// transaction, or after delivery). While the backend is down the subscription is accepted
+/// and starts once the backend answers; errors the member cannot retry (a backend without
+/// durable groups, a newer process under an exclusive name) end the stream.
+impl Subscribe for DurableRequest {
+    type Subscription = DurableSubscription;
+
+    async fn subscribe_on(self, tree: &CompletionSupervisorHandle) -> Result<DurableSubscription, Error> {
+        let backend = tree.backend(self.backend.clone()).await?;
+        start(tree.clone(), self, backend)
+    }
+}
+
+/// Starts a member of `request`'s group on `backend`, reading through `tree`.
+fn start(
     tree: CompletionSupervisorHandle,
     request: DurableRequest,
-    source: Arc<dyn CompletionSource>,
-    buffer: usize,
-) -> Result<DurableSubscription, EngineError> {
+    backend: Arc<LazySource>,
+) -> Result<DurableSubscription, Error> {
     let member = match (&request.member, request.sharing) {
         (Some(member), _) => member.clone(),
         (None, Sharing::Exclusive) => EXCLUSIVE_MEMBER.to_owned(),
@@ -57,8 +75,9 @@ pub(crate) fn start(
         rejoin: true,
         start: &no_start,
     })?;
-    let shared = Arc::new(Shared::new(request.name.clone(), member, source));
-    let (tx, rx) = mpsc::channel(buffer);
+    let source: Arc<dyn CompletionSource> = backend.clone();
+    let shared = Arc::new(Shared::new(request.name.clone(), member, source, backend));
+    let (tx, rx) = mpsc::channel(tree.subscriber_buffer());
     let stop = CancellationToken::new();
     let (plan_tx, plan_rx) = watch::channel(0u64);
     tokio::spawn(heartbeats(shared.clone(), request.clone(), plan_tx, tx.clone(), stop.clone()));
@@ -79,7 +98,7 @@ async fn write_watermarks(shared: &Shared) {
         return;
     }
     // Not counted as acknowledgements of events: no event is acknowledged by them.
-    match shared.source.group_ack(&shared.group, &shared.member, &acks).await {
+    match shared.groups.ack(&shared.group, &shared.member, &acks).await {
         Ok(()) => shared.ledger().acked(&acks),
         Err(err) => {
             tracing::debug!(group = %shared.group, member = %shared.member, %err, "idle partitions not moved up")
@@ -138,7 +157,7 @@ async fn heartbeats(
                     }
                     Err(err) => {
                         // Superseded: the partitions are the newer incarnation's now.
-                        superseded = matches!(err, EngineError::Fenced { .. });
+                        superseded = matches!(err, Error::Fenced { .. });
                         let _ = out.send(Err(err)).await;
                         break;
                     }
@@ -152,7 +171,7 @@ async fn heartbeats(
         return;
     }
     flush_acks(&shared).await;
-    if let Err(err) = shared.source.group_leave(&shared.group, &shared.member).await {
+    if let Err(err) = shared.groups.leave(&shared.group, &shared.member).await {
         tracing::debug!(group = %shared.group, member = %shared.member, %err, "leaving the group failed; its leases expire");
     }
 }
@@ -163,7 +182,7 @@ async fn heartbeats(
 async fn next_lapse(shared: &Shared) -> Option<Instant> {
     /// After the lease's expiry: the backend's clock decides, ours may run a little ahead.
     const MARGIN: Duration = Duration::from_millis(20);
-    let view = match shared.source.group_view(&shared.group).await {
+    let view = match shared.groups.view(&shared.group).await {
         Ok(view) => view?,
         Err(err) => {
             tracing::debug!(group = %shared.group, %err, "reading the group failed");
@@ -193,7 +212,7 @@ async fn beat(
     request: &DurableRequest,
     rejoin: bool,
     start: &mut Option<Frontier>,
-) -> Result<Option<u64>, EngineError> {
+) -> Result<Option<u64>, Error> {
     let start = match start {
         Some(start) => start,
         None => start.insert(shared.source.tail().await?),
@@ -206,7 +225,7 @@ async fn beat(
         rejoin,
         start,
     };
-    let leases = shared.source.group_heartbeat(&heartbeat).await?;
+    let leases = shared.groups.heartbeat(&heartbeat).await?;
     let lanes_are_partitions = shared.source.lanes_are_partitions();
     let mut ledger = shared.ledger();
     ledger.set_lanes_are_partitions(lanes_are_partitions);
@@ -214,13 +233,15 @@ async fn beat(
     // Nobody else takes an exclusive subscription's partitions: new tokens on partitions it
     // kept mean a newer process subscribed under the name (its rejoin raised them).
     if !rejoin && request.sharing == Sharing::Exclusive && change.retokened > 0 {
-        return Err(EngineError::Fenced {
+        return Err(Error::Fenced {
             detail: format!("another process took the durable subscription {:?} over", shared.group),
         });
     }
     let stats = ledger.stats();
     drop(ledger);
-    crate::metrics::group_held(&shared.group, &stats);
+    let unacked = stats.iter().map(|h| h.unacked).sum();
+    let oldest = stats.iter().filter_map(|h| h.oldest_unacked).min();
+    crate::metrics::group_held(&shared.group, stats.len(), unacked, oldest);
     if change.gained + change.lost > 0 {
         crate::metrics::group_rebalanced(&shared.group);
         tracing::info!(group = %shared.group, member = %shared.member, held = leases.len(), gained = change.gained, lost = change.lost, "partitions moved");
@@ -287,7 +308,7 @@ async fn delivery(
 }
 
 /// The next event of the current read (pending forever without one).
-async fn next(reading: &mut Option<(Subscription, u64)>) -> Option<Result<(CompletionEvent, u64), EngineError>> {
+async fn next(reading: &mut Option<(Subscription, u64)>) -> Option<Result<(CompletionEvent, u64), Error>> {
     match reading {
         Some((subscription, generation)) => {
             let generation = *generation;
@@ -303,7 +324,7 @@ async fn read_again(
     tree: &CompletionSupervisorHandle,
     request: &DurableRequest,
     stop: &CancellationToken,
-) -> Result<Option<Subscription>, EngineError> {
+) -> Result<Option<Subscription>, Error> {
     loop {
         // Lanes of partitions not held start at the tail (their events are not wanted).
         let tail = if shared.source.lanes_are_partitions() {
@@ -320,7 +341,7 @@ async fn read_again(
         };
         let Some(from) = shared.ledger().read_from(&tail) else { return Ok(None) };
         let mut subscribe =
-            SubscribeRequest::from_cursor(shared.source.cursor_of(&from)).with_filter(request.filter.clone());
+            Completions::from_cursor(shared.source.cursor_of(&from)).with_filter(request.filter.clone());
         if let Some(backend) = &request.backend {
             subscribe = subscribe.on_backend(backend.clone());
         }

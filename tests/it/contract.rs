@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ff_completions::{
-    BackendConfig, CompletionOutcome, CompletionSupervisorHandle, DependencyResolution, Engine, EngineError,
+    BackendConfig, CompletionOutcome, CompletionSupervisorHandle, Completions, DependencyResolution, Engine, Error,
     ExecutionId, ExecutionSpec, FailOutcome, FilterMode, FlowId, Namespace, Retention, ScannerFilter, StreamCursor,
-    SubscribeRequest, SupervisorConfig, SupervisorStats, TimestampMs, connect_engine,
+    SupervisorConfig, SupervisorStats, TimestampMs, connect_engine,
 };
 
 use crate::support::{assert_exactly_once, assert_no_more, take_events, wait_until};
@@ -118,7 +118,7 @@ pub async fn complete_claimed(engine: &dyn Engine, n: usize) -> Vec<ExecutionId>
 
 pub async fn every_outcome_round_trips_with_all_fields(backend: BackendConfig) {
     let f = fixture(backend, |c| c).await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("subscribe");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("subscribe");
     let flow = FlowId::new();
     f.engine.create_flow(&flow, Some(&Namespace::new("tenant-a"))).await.expect("flow");
     let spec = |f: &FlowId| ExecutionSpec::new(f).with_namespace("tenant-a").with_tag("inst", "i-1").with_tag("k", "v");
@@ -162,7 +162,7 @@ pub async fn filters_by_namespace_tag_and_both_on_one_listener(backend: BackendC
     let kind = backend.kind();
     let f = fixture(backend, |c| c).await;
     let ns = |n: &str| ScannerFilter::new().with_namespace(Namespace::new(n));
-    let tail = SubscribeRequest::tail;
+    let tail = Completions::tail;
     let mut by_ns = f.tree.subscribe(tail().with_filter(ns("a"))).await.expect("sub");
     let mut by_tag =
         f.tree.subscribe(tail().with_filter(ScannerFilter::new().with_instance_tag("inst", "1"))).await.expect("sub");
@@ -210,9 +210,9 @@ pub async fn hostile_filter_values_round_trip_and_match_exactly(backend: Backend
     let mut subs = Vec::new();
     for value in &hostile {
         let filter = ScannerFilter::new().with_namespace(Namespace::new(value.clone())).with_instance_tag(value, value);
-        subs.push(f.tree.subscribe(SubscribeRequest::tail().with_filter(filter)).await.expect("sub"));
+        subs.push(f.tree.subscribe(Completions::tail().with_filter(filter)).await.expect("sub"));
     }
-    let mut everything = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut everything = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let mut made = Vec::new();
     for value in &hostile {
         let ids =
@@ -237,24 +237,21 @@ pub async fn hostile_filter_values_round_trip_and_match_exactly(backend: Backend
         ExecutionSpec::new(&flow).with_tag("k\0", "v"),
         ExecutionSpec::new(&flow).with_tag("k", "\0"),
     ] {
-        assert!(matches!(f.engine.create_execution(&spec).await, Err(EngineError::Validation { .. })), "{spec:?}");
+        assert!(matches!(f.engine.create_execution(&spec).await, Err(Error::Validation { .. })), "{spec:?}");
     }
-    assert!(matches!(
-        f.engine.create_flow(&flow, Some(&Namespace::new("\0"))).await,
-        Err(EngineError::Validation { .. })
-    ));
+    assert!(matches!(f.engine.create_flow(&flow, Some(&Namespace::new("\0"))).await, Err(Error::Validation { .. })));
     assert_no_more(&mut everything, QUIET).await;
 }
 
 pub async fn resume_from_a_mid_stream_cursor_gets_exactly_the_rest_in_order(backend: BackendConfig) {
     let f = fixture(backend, |c| c).await;
-    let mut first = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut first = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let ids = complete_n(&*f.engine, 40).await;
     let seen = take_events(&mut first, 40, WAIT).await;
     let cursor = seen[14].cursor.clone();
     drop(first);
 
-    let mut resumed = f.tree.subscribe(SubscribeRequest::from_cursor(cursor)).await.expect("resume");
+    let mut resumed = f.tree.subscribe(Completions::from_cursor(cursor)).await.expect("resume");
     assert_exactly_once(&take_events(&mut resumed, 25, WAIT).await, &ids[15..], true);
     // Live events continue after the replay with no gap and no duplicate.
     let more = complete_n(&*f.engine, 10).await;
@@ -265,7 +262,7 @@ pub async fn resume_from_a_mid_stream_cursor_gets_exactly_the_rest_in_order(back
 pub async fn tail_gets_only_new_events(backend: BackendConfig) {
     let f = fixture(backend, |c| c).await;
     complete_n(&*f.engine, 10).await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let fresh = complete_n(&*f.engine, 5).await;
     assert_exactly_once(&take_events(&mut sub, 5, WAIT).await, &fresh, true);
     assert_no_more(&mut sub, QUIET).await;
@@ -278,21 +275,21 @@ pub async fn malformed_and_foreign_cursors_are_validation_errors(backend: Backen
         vec![StreamCursor::new(vec![0x02, 1, 2]), StreamCursor::new(vec![0x7f; 17]), StreamCursor::new(vec![0x03])];
     bad.extend(foreign);
     for cursor in bad {
-        match f.tree.subscribe(SubscribeRequest::from_cursor(cursor.clone())).await {
-            Err(EngineError::Validation { .. }) => {}
+        match f.tree.subscribe(Completions::from_cursor(cursor.clone())).await {
+            Err(Error::Validation { .. }) => {}
             other => panic!("{cursor:?} gave {:?}", other.map(|s| s.id())),
         }
     }
-    match f.tree.subscribe(SubscribeRequest::tail().on_backend("nope")).await {
-        Err(EngineError::Validation { .. }) => {}
+    match f.tree.subscribe(Completions::tail().on_backend("nope")).await {
+        Err(Error::Validation { .. }) => {}
         other => panic!("unknown backend gave {:?}", other.map(|s| s.id())),
     }
 }
 
 pub async fn slow_subscriber_does_not_delay_a_fast_one_and_later_gets_everything(backend: BackendConfig) {
     let f = fixture(backend, |c| c.with_subscriber_buffer(16).with_batch_size(64)).await;
-    let mut slow = f.tree.subscribe(SubscribeRequest::tail()).await.expect("slow");
-    let mut fast = f.tree.subscribe(SubscribeRequest::tail()).await.expect("fast");
+    let mut slow = f.tree.subscribe(Completions::tail()).await.expect("slow");
+    let mut fast = f.tree.subscribe(Completions::tail()).await.expect("fast");
     let (slow_id, fast_id) = (slow.id(), fast.id());
     let ids = complete_n(&*f.engine, 1500).await;
     // The fast one gets everything while the slow one has not read a single event.
@@ -324,8 +321,8 @@ pub async fn slow_subscriber_does_not_delay_a_fast_one_and_later_gets_everything
 /// the newest 5), and no subscriber of the first tree races it.
 pub async fn trimmed_cursors_expire_with_the_oldest_cursor_and_slow_subscribers_are_told(backend: BackendConfig) {
     let f = fixture(backend.clone(), |c| c.with_subscriber_buffer(4)).await;
-    let mut fast = f.tree.subscribe(SubscribeRequest::tail()).await.expect("fast");
-    let mut slow = f.tree.subscribe(SubscribeRequest::tail()).await.expect("slow");
+    let mut fast = f.tree.subscribe(Completions::tail()).await.expect("fast");
+    let mut slow = f.tree.subscribe(Completions::tail()).await.expect("slow");
     let ids = complete_n(&*f.engine, 20).await;
     let seen = take_events(&mut fast, 20, WAIT).await;
     let retention = Retention::max_events(5).every(Duration::from_millis(50));
@@ -333,24 +330,23 @@ pub async fn trimmed_cursors_expire_with_the_oldest_cursor_and_slow_subscribers_
         CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(backend.with_retention(retention)))
             .await
             .expect("spawn the trimming tree");
-    let expired =
-        |r: &Result<ff_completions::Subscription, EngineError>| matches!(r, Err(EngineError::CursorExpired { .. }));
+    let expired = |r: &Result<ff_completions::Subscription, Error>| matches!(r, Err(Error::CursorExpired { .. }));
     wait_until(WAIT, "the trim job", || async {
-        expired(&f.tree.subscribe(SubscribeRequest::from_cursor(seen[12].cursor.clone())).await)
+        expired(&f.tree.subscribe(Completions::from_cursor(seen[12].cursor.clone())).await)
     })
     .await;
 
-    let oldest = match f.tree.subscribe(SubscribeRequest::from_cursor(seen[2].cursor.clone())).await {
-        Err(EngineError::CursorExpired { oldest: Some(oldest) }) => oldest,
+    let oldest = match f.tree.subscribe(Completions::from_cursor(seen[2].cursor.clone())).await {
+        Err(Error::CursorExpired { oldest: Some(oldest) }) => oldest,
         other => panic!("expected CursorExpired, got {:?}", other.map(|s| s.id())),
     };
-    let mut resumed = f.tree.subscribe(SubscribeRequest::from_cursor(oldest)).await.expect("resume at oldest");
+    let mut resumed = f.tree.subscribe(Completions::from_cursor(oldest)).await.expect("resume at oldest");
     assert_exactly_once(&take_events(&mut resumed, 5, WAIT).await, &ids[15..], true);
 
     // The slow subscriber read nothing; its buffer holds 4 events, the rest was trimmed away.
     assert_exactly_once(&take_events(&mut slow, 4, WAIT).await, &ids[..4], true);
     match tokio::time::timeout(WAIT, futures::StreamExt::next(&mut slow)).await {
-        Ok(Some(Err(EngineError::CursorExpired { oldest: Some(_) }))) => {}
+        Ok(Some(Err(Error::CursorExpired { oldest: Some(_) }))) => {}
         other => panic!("expected CursorExpired on the stream, got {other:?}"),
     }
     assert!(tokio::time::timeout(WAIT, futures::StreamExt::next(&mut slow)).await.expect("ends").is_none());
@@ -389,7 +385,7 @@ pub async fn assert_extreme_times_arrive<S>(
     [before, odd, after]: [Vec<ExecutionId>; 3],
     single_order: bool,
 ) where
-    S: futures::Stream<Item = Result<ff_completions::CompletionEvent, EngineError>> + Unpin,
+    S: futures::Stream<Item = Result<ff_completions::CompletionEvent, Error>> + Unpin,
 {
     let expected = [before, odd.clone(), after].concat();
     let events = take_events(sub, expected.len(), WAIT).await;

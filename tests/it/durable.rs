@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use ff_completions::testing::GroupStore;
 use ff_completions::{
-    BackendConfig, CompletionEvent, DurableRequest, DurableSubscription, EngineError, ExecutionId, PARTITION_COUNT,
-    StreamCursor, SubscribeRequest,
+    BackendConfig, CompletionEvent, DurableRequest, DurableSubscription, Error, ExecutionId, PARTITION_COUNT,
+    StreamCursor,
 };
 use futures::StreamExt;
 
@@ -60,8 +60,7 @@ async fn holding(sub: &DurableSubscription, n: usize) {
 pub async fn a_durable_subscription_resumes_after_its_last_ack_with_nothing_kept_by_the_engine(backend: BackendConfig) {
     let f = fixture(backend, |c| c).await;
     let name = unique("resume");
-    let mut first =
-        f.tree.subscribe_durable(SubscribeRequest::durable(&name).with_lease_ttl(TTL)).await.expect("subscribe");
+    let mut first = f.tree.subscribe(DurableRequest::exclusive(&name).with_lease_ttl(TTL)).await.expect("subscribe");
     holding(&first, usize::from(PARTITION_COUNT)).await;
     let ids = complete_n(f.engine.as_ref(), 6).await;
     let got = take_events(&mut first, 6, WAIT).await;
@@ -71,7 +70,7 @@ pub async fn a_durable_subscription_resumes_after_its_last_ack_with_nothing_kept
 
     // A new subscriber under the name: nothing but the name is carried over.
     let mut second =
-        f.tree.subscribe_durable(SubscribeRequest::durable(&name).with_lease_ttl(TTL)).await.expect("subscribe again");
+        f.tree.subscribe(DurableRequest::exclusive(&name).with_lease_ttl(TTL)).await.expect("subscribe again");
     let rest = take_events(&mut second, 3, WAIT).await;
     assert_exactly_once(&rest, &ids[3..], true);
     assert_no_more(&mut second, QUIET).await;
@@ -80,18 +79,18 @@ pub async fn a_durable_subscription_resumes_after_its_last_ack_with_nothing_kept
 pub async fn a_second_subscriber_under_a_durable_name_takes_it_over_and_ends_the_first(backend: BackendConfig) {
     let f = fixture(backend, |c| c).await;
     let name = unique("takeover");
-    let request = || SubscribeRequest::durable(&name).with_lease_ttl(TTL);
-    let mut first = f.tree.subscribe_durable(request()).await.expect("first");
+    let request = || DurableRequest::exclusive(&name).with_lease_ttl(TTL);
+    let mut first = f.tree.subscribe(request()).await.expect("first");
     holding(&first, 256).await;
     let ids = complete_n(f.engine.as_ref(), 2).await;
     let got = take_events(&mut first, 2, WAIT).await;
     first.ack(&got[0].cursor).await.expect("ack the first event");
 
-    let mut second = f.tree.subscribe_durable(request()).await.expect("second");
+    let mut second = f.tree.subscribe(request()).await.expect("second");
     let rest = take_events(&mut second, 1, WAIT).await;
     assert_exactly_once(&rest, &ids[1..], true);
     match tokio::time::timeout(WAIT, first.next()).await {
-        Ok(Some(Err(EngineError::Fenced { .. }))) => {}
+        Ok(Some(Err(Error::Fenced { .. }))) => {}
         other => panic!("the first subscriber's stream should end fenced: {other:?}"),
     }
     assert!(first.ack(&got[1].cursor).await.is_err(), "the superseded subscriber acknowledges nothing");
@@ -108,9 +107,9 @@ pub async fn two_members_of_a_group_split_the_partitions_and_each_completion_rea
     let f = fixture(backend, |c| c).await;
     let group = unique("split");
     let request = |member: &str| DurableRequest::group(&group).with_member(member).with_lease_ttl(TTL);
-    let mut a = f.tree.subscribe_durable(request("a")).await.expect("a");
+    let mut a = f.tree.subscribe(request("a")).await.expect("a");
     holding(&a, 256).await;
-    let mut b = f.tree.subscribe_durable(request("b")).await.expect("b");
+    let mut b = f.tree.subscribe(request("b")).await.expect("b");
     wait_until(WAIT, "a and b hold 128 each", || async { a.partitions().len() == 128 && b.partitions().len() == 128 })
         .await;
     let (held_a, held_b): (HashSet<u16>, HashSet<u16>) =
@@ -131,8 +130,8 @@ pub async fn two_members_of_a_group_split_the_partitions_and_each_completion_rea
 pub async fn ack_after_delivery_acknowledges_what_the_consumer_moved_past(backend: BackendConfig) {
     let f = fixture(backend, |c| c).await;
     let name = unique("auto");
-    let request = || SubscribeRequest::durable(&name).with_lease_ttl(TTL).with_ack_after_delivery();
-    let mut first = f.tree.subscribe_durable(request()).await.expect("subscribe");
+    let request = || DurableRequest::exclusive(&name).with_lease_ttl(TTL).with_ack_after_delivery();
+    let mut first = f.tree.subscribe(request()).await.expect("subscribe");
     holding(&first, 256).await;
     let ids = complete_n(f.engine.as_ref(), 4).await;
     take_events(&mut first, 4, WAIT).await;
@@ -142,7 +141,7 @@ pub async fn ack_after_delivery_acknowledges_what_the_consumer_moved_past(backen
     assert_eq!(stats.partitions.iter().filter_map(|p| p.unacked).sum::<usize>(), 0, "{stats:?}");
     drop(first);
 
-    let mut second = f.tree.subscribe_durable(request()).await.expect("subscribe again");
+    let mut second = f.tree.subscribe(request()).await.expect("subscribe again");
     holding(&second, 256).await;
     assert_no_more(&mut second, QUIET).await;
     let more = complete_n(f.engine.as_ref(), 2).await;
@@ -154,8 +153,7 @@ pub async fn ack_after_delivery_acknowledges_what_the_consumer_moved_past(backen
 pub async fn stats_show_the_members_their_partitions_and_what_is_unacknowledged(backend: BackendConfig) {
     let f = fixture(backend, |c| c).await;
     let group = unique("stats");
-    let mut a =
-        f.tree.subscribe_durable(DurableRequest::group(&group).with_member("a").with_lease_ttl(TTL)).await.expect("a");
+    let mut a = f.tree.subscribe(DurableRequest::group(&group).with_member("a").with_lease_ttl(TTL)).await.expect("a");
     holding(&a, 256).await;
     let ids = complete_n(f.engine.as_ref(), 3).await;
     let got: Vec<CompletionEvent> = take_events(&mut a, 3, WAIT).await;
@@ -178,21 +176,20 @@ pub async fn bad_names_and_acks_of_cursors_never_delivered_are_validation_errors
     let store = GroupStore::open(&backend).await.expect("store");
     let too_long = "g".repeat(65);
     for (request, name) in [
-        (SubscribeRequest::durable(&too_long), too_long.clone()),
-        (SubscribeRequest::durable("a\0b"), "a\0b".to_owned()),
+        (DurableRequest::exclusive(&too_long), too_long.clone()),
+        (DurableRequest::exclusive("a\0b"), "a\0b".to_owned()),
         (DurableRequest::group("ok-name").with_member("m\0"), "ok-name".to_owned()),
         (DurableRequest::group("ok-name").with_lease_ttl(Duration::from_secs(2 * 24 * 60 * 60)), "ok-name".to_owned()),
     ] {
-        let err = f.tree.subscribe_durable(request).await.expect_err("refused");
-        assert!(matches!(err, EngineError::Validation { .. }), "{err:?}");
+        let err = f.tree.subscribe(request).await.expect_err("refused");
+        assert!(matches!(err, Error::Validation { .. }), "{err:?}");
         if name.chars().count() <= 64 && !name.contains('\0') {
             assert_eq!(store.view(&name).await.expect("view"), None, "nothing was created for {name:?}");
         }
     }
 
     let name = unique("never");
-    let mut sub =
-        f.tree.subscribe_durable(SubscribeRequest::durable(&name).with_lease_ttl(TTL)).await.expect("subscribe");
+    let mut sub = f.tree.subscribe(DurableRequest::exclusive(&name).with_lease_ttl(TTL)).await.expect("subscribe");
     holding(&sub, 256).await;
     let ids = complete_n(f.engine.as_ref(), 1).await;
     let got = take_events(&mut sub, 1, WAIT).await;
@@ -201,12 +198,12 @@ pub async fn bad_names_and_acks_of_cursors_never_delivered_are_validation_errors
     let never =
         [StreamCursor::new(vec![0x03, 0, 0, 0, 0, 0, 0, 0x7f, 0xff]), StreamCursor::from_hex("01ff").expect("hex")];
     for cursor in &never {
-        assert!(matches!(sub.ack(cursor).await, Err(EngineError::Validation { .. })), "{cursor}");
-        assert!(matches!(sub.ticket(cursor), Err(EngineError::Validation { .. })), "{cursor}");
+        assert!(matches!(sub.ack(cursor).await, Err(Error::Validation { .. })), "{cursor}");
+        assert!(matches!(sub.ticket(cursor), Err(Error::Validation { .. })), "{cursor}");
     }
     assert_eq!(store.view(&name).await.expect("view"), before, "nothing was written");
     sub.ack(&got[0].cursor).await.expect("the delivered one acknowledges");
-    assert!(matches!(sub.ack(&got[0].cursor).await, Err(EngineError::Validation { .. })), "already acknowledged");
+    assert!(matches!(sub.ack(&got[0].cursor).await, Err(Error::Validation { .. })), "already acknowledged");
 }
 
 /// A member's partitions move away and come back with new tokens (a second process under its
@@ -218,7 +215,7 @@ pub async fn events_read_before_their_partition_moved_away_and_back_are_handed_o
     let store = GroupStore::open(&backend).await.expect("store");
     let group = unique("back");
     let request = || DurableRequest::group(&group).with_member("a").with_lease_ttl(TTL);
-    let mut first = f.tree.subscribe_durable(request()).await.expect("first");
+    let mut first = f.tree.subscribe(request()).await.expect("first");
     holding(&first, 256).await;
     let ids = complete_n(f.engine.as_ref(), 5).await;
     let partition = usize::from(ids[0].partition());
@@ -229,7 +226,7 @@ pub async fn events_read_before_their_partition_moved_away_and_back_are_handed_o
     let token = |view: &ff_completions::testing::GroupView| view.partitions[partition].token;
     let before = token(&store.view(&group).await.expect("view").expect("group"));
 
-    let second = f.tree.subscribe_durable(request()).await.expect("second");
+    let second = f.tree.subscribe(request()).await.expect("second");
     holding(&second, 256).await;
     drop(second);
     wait_until(WAIT, "the first holds the partition again with a newer token", || async {

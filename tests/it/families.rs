@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use ff_completions::testing::{LEASE_HISTORY_CURSOR_TAG, SIGNAL_DELIVERY_CURSOR_TAG};
 use ff_completions::{
-    BackendConfig, CompletionBackend, CompletionSupervisorHandle, Engine, EngineError, ExecutionId, ExecutionSpec,
-    FilterMode, FlowId, LeaseHistoryEvent, LeaseHistoryFilter, LeaseId, Namespace, Retention, ScannerFilter,
-    SignalDeliveryEffect, SignalDeliveryEvent, SignalDeliveryFilter, SignalId, StreamCursor, SubscribeRequest,
+    BackendConfig, CompletionSupervisorHandle, Completions, Engine, Error, ExecutionId, ExecutionSpec, FilterMode,
+    FlowId, InstanceTags, LeaseHistory, LeaseHistoryEvent, LeaseHistoryFilter, LeaseId, Namespace, Retention,
+    SignalDelivery, SignalDeliveryEffect, SignalDeliveryEvent, SignalDeliveryFilter, SignalId, StreamCursor,
     SupervisorConfig, TimestampMs, WaitpointId, WorkerInstanceId,
 };
 use futures::{Stream, StreamExt};
@@ -46,7 +46,7 @@ pub(crate) use family_tests;
 /// Takes `n` events of any family, failing the test on an error, an end, or `timeout`.
 pub async fn take<E: Debug, S>(stream: &mut S, n: usize, timeout: Duration) -> Vec<E>
 where
-    S: Stream<Item = Result<E, EngineError>> + Unpin,
+    S: Stream<Item = Result<E, Error>> + Unpin,
 {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut out = Vec::with_capacity(n);
@@ -64,7 +64,7 @@ where
 /// Nothing more arrives within `quiet`.
 pub async fn no_more<E: Debug, S>(stream: &mut S, quiet: Duration)
 where
-    S: Stream<Item = Result<E, EngineError>> + Unpin,
+    S: Stream<Item = Result<E, Error>> + Unpin,
 {
     if let Ok(Some(item)) = tokio::time::timeout(quiet, stream.next()).await {
         panic!("expected no more events, got {item:?}");
@@ -108,13 +108,13 @@ pub async fn claim(engine: &dyn Engine, worker: &str, n: usize) -> Vec<Execution
     claimed
 }
 
-fn tail() -> SubscribeRequest {
-    SubscribeRequest::tail()
+fn tail() -> Completions {
+    Completions::tail()
 }
 
 pub async fn lease_lifecycle_arrives_as_acquired_renewed_expired_reclaimed_in_order(backend: BackendConfig) {
     let f = fixture(backend, |c| c).await;
-    let mut sub = f.tree.subscribe_lease_history(tail(), LeaseHistoryFilter::new()).await.expect("subscribe");
+    let mut sub = f.tree.subscribe(LeaseHistory::tail()).await.expect("subscribe");
     let [id] = create(&*f.engine, None, 1).await[..] else { panic!("one execution") };
     assert_eq!(claim(&*f.engine, "worker-a", 1).await, [id]);
     for _ in 0..3 {
@@ -160,7 +160,7 @@ pub async fn lease_lifecycle_arrives_as_acquired_renewed_expired_reclaimed_in_or
 
 pub async fn a_revoke_arrives_with_who_revoked_and_a_later_claim_is_acquired(backend: BackendConfig) {
     let f = fixture(backend, |c| c).await;
-    let mut sub = f.tree.subscribe_lease_history(tail(), LeaseHistoryFilter::new()).await.expect("subscribe");
+    let mut sub = f.tree.subscribe(LeaseHistory::tail()).await.expect("subscribe");
     let [id] = create(&*f.engine, None, 1).await[..] else { panic!("one execution") };
     claim(&*f.engine, "worker-a", 1).await;
     assert!(f.engine.revoke_lease(&id, "operator").await.expect("revoke"));
@@ -180,7 +180,7 @@ pub async fn a_revoke_arrives_with_who_revoked_and_a_later_claim_is_acquired(bac
 
 pub async fn signals_are_satisfied_buffered_then_consumed_and_deduped(backend: BackendConfig) {
     let f = fixture(backend, |c| c).await;
-    let mut sub = f.tree.subscribe_signal_delivery(tail(), SignalDeliveryFilter::new()).await.expect("subscribe");
+    let mut sub = f.tree.subscribe(SignalDelivery::tail()).await.expect("subscribe");
     let (wp1, wp2) = (WaitpointId::new("approval"), WaitpointId::new("payment"));
     let e = &*f.engine;
     let [a] = create(e, None, 1).await[..] else { panic!() };
@@ -225,7 +225,7 @@ pub async fn signals_are_satisfied_buffered_then_consumed_and_deduped(backend: B
 pub async fn concurrent_deliveries_of_one_key_give_one_effect_and_the_rest_deduped(backend: BackendConfig) {
     const SENDERS: usize = 8;
     let f = fixture(backend, |c| c).await;
-    let mut sub = f.tree.subscribe_signal_delivery(tail(), SignalDeliveryFilter::new()).await.expect("subscribe");
+    let mut sub = f.tree.subscribe(SignalDelivery::tail()).await.expect("subscribe");
     let ids = create(&*f.engine, None, 2).await;
     claim(&*f.engine, "w", 2).await;
     let wp = WaitpointId::new("wp");
@@ -269,8 +269,8 @@ async fn interleaved(engine: &dyn Engine) -> Vec<ExecutionId> {
 
 pub async fn resume_from_a_mid_stream_cursor_of_each_family_gets_exactly_the_rest(backend: BackendConfig) {
     let f = fixture(backend, |c| c).await;
-    let mut leases = f.tree.subscribe_lease_history(tail(), LeaseHistoryFilter::new()).await.expect("leases");
-    let mut signals = f.tree.subscribe_signal_delivery(tail(), SignalDeliveryFilter::new()).await.expect("signals");
+    let mut leases = f.tree.subscribe(LeaseHistory::tail()).await.expect("leases");
+    let mut signals = f.tree.subscribe(SignalDelivery::tail()).await.expect("signals");
     let mut completions = f.tree.subscribe(tail()).await.expect("completions");
     let ids = interleaved(&*f.engine).await;
     let lease_events = take(&mut leases, 4, WAIT).await;
@@ -278,25 +278,13 @@ pub async fn resume_from_a_mid_stream_cursor_of_each_family_gets_exactly_the_res
     let completion_events = take_events(&mut completions, 4, WAIT).await;
     assert_exactly_once(&completion_events, &ids, true);
 
-    let mut lease_rest = f
-        .tree
-        .subscribe_lease_history(
-            SubscribeRequest::from_cursor(lease_events[1].cursor().clone()),
-            LeaseHistoryFilter::new(),
-        )
-        .await
-        .expect("resume leases");
-    let mut signal_rest = f
-        .tree
-        .subscribe_signal_delivery(
-            SubscribeRequest::from_cursor(signal_events[4].cursor.clone()),
-            SignalDeliveryFilter::new(),
-        )
-        .await
-        .expect("resume signals");
+    let mut lease_rest =
+        f.tree.subscribe(LeaseHistory::from_cursor(lease_events[1].cursor().clone())).await.expect("resume leases");
+    let mut signal_rest =
+        f.tree.subscribe(SignalDelivery::from_cursor(signal_events[4].cursor.clone())).await.expect("resume signals");
     let mut completion_rest = f
         .tree
-        .subscribe(SubscribeRequest::from_cursor(completion_events[2].cursor.clone()))
+        .subscribe(Completions::from_cursor(completion_events[2].cursor.clone()))
         .await
         .expect("resume completions");
     assert_eq!(lease_kinds(&take(&mut lease_rest, 2, WAIT).await), lease_kinds(&lease_events[2..]));
@@ -316,25 +304,21 @@ pub async fn resume_from_a_mid_stream_cursor_of_each_family_gets_exactly_the_res
 
 pub async fn a_cursor_of_one_family_is_refused_by_the_others(backend: BackendConfig) {
     let f = fixture(backend, |c| c).await;
-    let mut leases = f.tree.subscribe_lease_history(tail(), LeaseHistoryFilter::new()).await.expect("leases");
-    let mut signals = f.tree.subscribe_signal_delivery(tail(), SignalDeliveryFilter::new()).await.expect("signals");
+    let mut leases = f.tree.subscribe(LeaseHistory::tail()).await.expect("leases");
+    let mut signals = f.tree.subscribe(SignalDelivery::tail()).await.expect("signals");
     let mut completions = f.tree.subscribe(tail()).await.expect("completions");
     interleaved(&*f.engine).await;
     let lease = take(&mut leases, 1, WAIT).await[0].cursor().clone();
     let signal = take(&mut signals, 1, WAIT).await[0].cursor.clone();
     let completion = take_events(&mut completions, 1, WAIT).await[0].cursor.clone();
-    let refused = |what: &str, r: Result<(), EngineError>| match r {
-        Err(EngineError::Validation { .. }) => {}
+    let refused = |what: &str, r: Result<(), Error>| match r {
+        Err(Error::Validation { .. }) => {}
         other => panic!("{what}: expected a validation error, got {other:?}"),
     };
     let t = &f.tree;
-    let lease_sub = |c: &StreamCursor| {
-        t.subscribe_lease_history(SubscribeRequest::from_cursor(c.clone()), LeaseHistoryFilter::new())
-    };
-    let signal_sub = |c: &StreamCursor| {
-        t.subscribe_signal_delivery(SubscribeRequest::from_cursor(c.clone()), SignalDeliveryFilter::new())
-    };
-    let completion_sub = |c: &StreamCursor| t.subscribe(SubscribeRequest::from_cursor(c.clone()));
+    let lease_sub = |c: &StreamCursor| t.subscribe(LeaseHistory::from_cursor(c.clone()));
+    let signal_sub = |c: &StreamCursor| t.subscribe(SignalDelivery::from_cursor(c.clone()));
+    let completion_sub = |c: &StreamCursor| t.subscribe(Completions::from_cursor(c.clone()));
     refused("lease cursor, completion subscription", completion_sub(&lease).await.map(drop));
     refused("lease cursor, signal subscription", signal_sub(&lease).await.map(drop));
     refused("signal cursor, completion subscription", completion_sub(&signal).await.map(drop));
@@ -343,11 +327,6 @@ pub async fn a_cursor_of_one_family_is_refused_by_the_others(backend: BackendCon
     refused("completion cursor, signal subscription", signal_sub(&completion).await.map(drop));
     let unknown_tag = StreamCursor::new([&lease.as_bytes()[..1], &[0xf7], &lease.as_bytes()[2..]].concat());
     refused("an unknown family tag", lease_sub(&unknown_tag).await.map(drop));
-    let completion_filter = tail().with_filter(ScannerFilter::new().with_namespace(Namespace::new("a")));
-    refused(
-        "a completion filter on a lease subscription",
-        t.subscribe_lease_history(completion_filter, LeaseHistoryFilter::new()).await.map(drop),
-    );
     // Each family's own cursor is accepted.
     lease_sub(&lease).await.expect("lease cursor");
     signal_sub(&signal).await.expect("signal cursor");
@@ -361,11 +340,9 @@ pub async fn a_family_tail_gets_only_new_events(backend: BackendConfig) {
     for id in &old {
         f.engine.deliver_signal(id, &WaitpointId::new("wp"), &SignalId::new("old"), None, None).await.expect("signal");
     }
-    // Through the seed-shaped trait, as code written against it holds the tree.
-    let seed: &dyn CompletionBackend = &f.tree;
-    let mut leases = seed.subscribe_lease_history(StreamCursor::empty(), &LeaseHistoryFilter::new()).await.expect("l");
-    let mut signals =
-        seed.subscribe_signal_delivery(StreamCursor::empty(), &SignalDeliveryFilter::new()).await.expect("s");
+    // Subscribed from the empty cursor, which means the tail.
+    let mut leases = f.tree.subscribe(LeaseHistory::from_cursor(StreamCursor::empty())).await.expect("l");
+    let mut signals = f.tree.subscribe(SignalDelivery::from_cursor(StreamCursor::empty())).await.expect("s");
     for id in &old {
         assert!(f.engine.renew_lease(id, "w").await.expect("renew"));
         f.engine.deliver_signal(id, &WaitpointId::new("wp"), &SignalId::new("new"), None, None).await.expect("signal");
@@ -387,14 +364,18 @@ pub async fn family_filters_select_execution_namespace_worker_and_waitpoint(back
     let by_worker = LeaseHistoryFilter::new().with_worker(WorkerInstanceId::new("w2"));
     let mut subs = Vec::new();
     for filter in [by_exec, by_ns, by_worker] {
-        subs.push(t.subscribe_lease_history(tail(), filter).await.expect("lease sub"));
+        subs.push(t.subscribe(LeaseHistory::tail().with_filter(filter)).await.expect("lease sub"));
     }
     let mut by_wp = t
-        .subscribe_signal_delivery(tail(), SignalDeliveryFilter::new().with_waitpoint(WaitpointId::new("x")))
+        .subscribe(
+            SignalDelivery::tail().with_filter(SignalDeliveryFilter::new().with_waitpoint(WaitpointId::new("x"))),
+        )
         .await
         .expect("wp");
     let mut by_signal_ns = t
-        .subscribe_signal_delivery(tail(), SignalDeliveryFilter::new().with_namespace(Namespace::new("tenant-b")))
+        .subscribe(
+            SignalDelivery::tail().with_filter(SignalDeliveryFilter::new().with_namespace(Namespace::new("tenant-b"))),
+        )
         .await
         .expect("ns");
     let mut first = claim(&*f.engine, "w1", 2).await;
@@ -434,7 +415,7 @@ pub async fn fifty_subscribers_of_three_families_share_one_listener_and_a_slow_l
     const N: usize = 100;
     let f = fixture(backend, |c| c.with_subscriber_buffer(16).with_batch_size(32)).await;
     let t = &f.tree;
-    let mut slow = t.subscribe_lease_history(tail(), LeaseHistoryFilter::new()).await.expect("slow");
+    let mut slow = t.subscribe(LeaseHistory::tail()).await.expect("slow");
     let slow_id = slow.id();
     let mut completion_subs = Vec::new();
     for _ in 0..20 {
@@ -442,11 +423,11 @@ pub async fn fifty_subscribers_of_three_families_share_one_listener_and_a_slow_l
     }
     let mut lease_subs = Vec::new();
     for _ in 0..14 {
-        lease_subs.push(t.subscribe_lease_history(tail(), LeaseHistoryFilter::new()).await.expect("lease sub"));
+        lease_subs.push(t.subscribe(LeaseHistory::tail()).await.expect("lease sub"));
     }
     let mut signal_subs = Vec::new();
     for _ in 0..15 {
-        signal_subs.push(t.subscribe_signal_delivery(tail(), SignalDeliveryFilter::new()).await.expect("signal sub"));
+        signal_subs.push(t.subscribe(SignalDelivery::tail()).await.expect("signal sub"));
     }
     let ids = create(&*f.engine, None, N).await;
     claim(&*f.engine, "w", N).await;
@@ -495,9 +476,7 @@ pub async fn fifty_subscribers_of_three_families_share_one_listener_and_a_slow_l
 
 pub async fn instance_tags_are_unavailable(backend: BackendConfig) {
     let f = fixture(backend, |c| c).await;
-    assert!(matches!(f.tree.subscribe_instance_tags(tail()).await, Err(EngineError::Unavailable { .. })));
-    let seed: &dyn CompletionBackend = &f.tree;
-    assert!(matches!(seed.subscribe_instance_tags(StreamCursor::empty()).await, Err(EngineError::Unavailable { .. })));
+    assert!(matches!(f.tree.subscribe(InstanceTags::tail()).await, Err(Error::Unavailable { .. })));
 }
 
 /// As the completion contract's trim test: a second tree keeps the newest 3 rows of every
@@ -505,8 +484,8 @@ pub async fn instance_tags_are_unavailable(backend: BackendConfig) {
 /// which resumes.
 pub async fn trimmed_family_cursors_expire_with_an_oldest_cursor_of_their_own_family(backend: BackendConfig) {
     let f = fixture(backend.clone(), |c| c).await;
-    let mut leases = f.tree.subscribe_lease_history(tail(), LeaseHistoryFilter::new()).await.expect("leases");
-    let mut signals = f.tree.subscribe_signal_delivery(tail(), SignalDeliveryFilter::new()).await.expect("signals");
+    let mut leases = f.tree.subscribe(LeaseHistory::tail()).await.expect("leases");
+    let mut signals = f.tree.subscribe(SignalDelivery::tail()).await.expect("signals");
     let ids = create(&*f.engine, None, 6).await;
     claim(&*f.engine, "w", 6).await;
     for id in &ids {
@@ -522,37 +501,25 @@ pub async fn trimmed_family_cursors_expire_with_an_oldest_cursor_of_their_own_fa
         CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(backend.with_retention(retention)))
             .await
             .expect("spawn the trimming tree");
-    let resume_leases = |c: &StreamCursor| {
-        f.tree.subscribe_lease_history(SubscribeRequest::from_cursor(c.clone()), LeaseHistoryFilter::new())
-    };
+    let resume_leases = |c: &StreamCursor| f.tree.subscribe(LeaseHistory::from_cursor(c.clone()));
     wait_until(WAIT, "the trim job", || async {
-        matches!(resume_leases(lease_events[7].cursor()).await, Err(EngineError::CursorExpired { .. }))
+        matches!(resume_leases(lease_events[7].cursor()).await, Err(Error::CursorExpired { .. }))
     })
     .await;
     let oldest = match resume_leases(lease_events[0].cursor()).await {
-        Err(EngineError::CursorExpired { oldest: Some(oldest) }) => oldest,
+        Err(Error::CursorExpired { oldest: Some(oldest) }) => oldest,
         other => panic!("expected CursorExpired, got {:?}", other.map(|s| s.id())),
     };
     assert_eq!(oldest.as_bytes().get(1), Some(&LEASE_HISTORY_CURSOR_TAG), "{oldest}");
     let mut rest = resume_leases(&oldest).await.expect("resume at the oldest");
     assert_eq!(lease_kinds(&take(&mut rest, 3, WAIT).await), lease_kinds(&lease_events[9..]));
-    let signal_oldest = match f
-        .tree
-        .subscribe_signal_delivery(
-            SubscribeRequest::from_cursor(signal_events[0].cursor.clone()),
-            SignalDeliveryFilter::new(),
-        )
-        .await
-    {
-        Err(EngineError::CursorExpired { oldest: Some(oldest) }) => oldest,
+    let signal_oldest = match f.tree.subscribe(SignalDelivery::from_cursor(signal_events[0].cursor.clone())).await {
+        Err(Error::CursorExpired { oldest: Some(oldest) }) => oldest,
         other => panic!("expected CursorExpired, got {:?}", other.map(|s| s.id())),
     };
     assert_eq!(signal_oldest.as_bytes().get(1), Some(&SIGNAL_DELIVERY_CURSOR_TAG), "{signal_oldest}");
-    let mut none_left = f
-        .tree
-        .subscribe_signal_delivery(SubscribeRequest::from_cursor(signal_oldest), SignalDeliveryFilter::new())
-        .await
-        .expect("resume signals at the oldest");
+    let mut none_left =
+        f.tree.subscribe(SignalDelivery::from_cursor(signal_oldest)).await.expect("resume signals at the oldest");
     no_more(&mut none_left, QUIET).await;
 }
 
@@ -566,11 +533,9 @@ where
     Fut: std::future::Future<Output = u64>,
 {
     let f = fixture(backend, |c| c).await;
-    let mut leases =
-        f.tree.subscribe_lease_history(SubscribeRequest::tail(), LeaseHistoryFilter::new()).await.expect("l");
-    let mut signals =
-        f.tree.subscribe_signal_delivery(SubscribeRequest::tail(), SignalDeliveryFilter::new()).await.expect("s");
-    let mut completions = f.tree.subscribe(SubscribeRequest::tail()).await.expect("c");
+    let mut leases = f.tree.subscribe(LeaseHistory::tail()).await.expect("l");
+    let mut signals = f.tree.subscribe(SignalDelivery::tail()).await.expect("s");
+    let mut completions = f.tree.subscribe(Completions::tail()).await.expect("c");
     let ids = create(&*f.engine, None, 2).await;
     let [before] = claim(&*f.engine, "w", 1).await[..] else { panic!("one claim") };
     let bad_rows = write_rows().await;

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use ff_completions::testing::{Ack, GroupStore, GroupView, Lease, Position, Sharing};
-use ff_completions::{BackendConfig, EngineError};
+use ff_completions::{BackendConfig, Error};
 
 use crate::contract::WAIT;
 
@@ -130,20 +130,20 @@ pub fn assert_disjoint_and_covering(leases: &[Vec<Lease>]) {
     assert_eq!(seen, (0..PARTITIONS).collect(), "every partition has a holder");
 }
 
-/// Asserts the error is [`EngineError::Fenced`].
+/// Asserts the error is [`Error::Fenced`].
 #[track_caller]
-pub fn assert_fenced(result: Result<(), EngineError>, what: &str) {
+pub fn assert_fenced(result: Result<(), Error>, what: &str) {
     match result {
-        Err(EngineError::Fenced { .. }) => {}
+        Err(Error::Fenced { .. }) => {}
         other => panic!("{what}: expected Fenced, got {other:?}"),
     }
 }
 
-/// Asserts the error is [`EngineError::Validation`].
+/// Asserts the error is [`Error::Validation`].
 #[track_caller]
-pub fn assert_validation<T: std::fmt::Debug>(result: Result<T, EngineError>, what: &str) {
+pub fn assert_validation<T: std::fmt::Debug>(result: Result<T, Error>, what: &str) {
     match result {
-        Err(EngineError::Validation { .. }) => {}
+        Err(Error::Validation { .. }) => {}
         other => panic!("{what}: expected a validation error, got {other:?}"),
     }
 }
@@ -469,7 +469,7 @@ pub async fn a_position_above_i64_max_is_a_validation_error_and_changes_nothing(
 /// it: what a test needs to say about the transaction.
 pub struct InTransaction {
     /// The ack went through.
-    pub acked: Result<(), EngineError>,
+    pub acked: Result<(), Error>,
     /// The effect row is there after the transaction committed (or rolled back on an error).
     pub effect_kept: bool,
 }
@@ -513,7 +513,7 @@ where
     for (again, id) in [(fresh, 4), (Ack { position: above(lease.acked, 7), ..fresh }, 5)] {
         let done = in_tx(group.clone(), vec![again], id).await;
         assert!(
-            matches!(done.acked, Err(EngineError::AlreadyAcknowledged { .. })),
+            matches!(done.acked, Err(Error::AlreadyAcknowledged { .. })),
             "an ack at or below the acknowledged position: {:?}",
             done.acked
         );

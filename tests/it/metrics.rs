@@ -6,8 +6,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use ff_completions::{
-    BackendConfig, CompletionSupervisorHandle, Engine, ExecutionSpec, FlowId, ListenerState, PostgresEngine,
-    SubscribeRequest, SubscriberStats, SupervisorConfig,
+    BackendConfig, CompletionSupervisorHandle, Completions, Engine, ExecutionSpec, FlowId, ListenerState,
+    PostgresEngine, SubscriberStats, SupervisorConfig,
 };
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 use std::collections::HashMap;
@@ -116,10 +116,10 @@ async fn subscriber_stats(tree: &CompletionSupervisorHandle, id: ff_completions:
 async fn delivery_lag_and_catch_up_metrics_follow_a_fast_and_a_stalled_subscriber() {
     let backend = "pg-metrics-lag";
     let (_url, engine, tree) = postgres_tree(backend, |c| c.with_subscriber_buffer(4)).await;
-    let mut fast = tree.subscribe(SubscribeRequest::tail().with_name("fast")).await.expect("fast");
-    let mut slow = tree.subscribe(SubscribeRequest::tail().with_name("slow")).await.expect("slow");
+    let mut fast = tree.subscribe(Completions::tail().with_name("fast")).await.expect("fast");
+    let mut slow = tree.subscribe(Completions::tail().with_name("slow")).await.expect("slow");
     // Unnamed subscribers record no per-subscriber series: ids are never reused.
-    let mut unnamed = tree.subscribe(SubscribeRequest::tail()).await.expect("unnamed");
+    let mut unnamed = tree.subscribe(Completions::tail()).await.expect("unnamed");
     let fast_labels = [("backend", backend), ("subscriber", "fast")];
     let slow_labels = [("backend", backend), ("subscriber", "slow")];
 
@@ -173,7 +173,7 @@ async fn delivery_lag_and_catch_up_metrics_follow_a_fast_and_a_stalled_subscribe
 async fn an_open_transaction_holds_nothing_back_and_is_counted_in_progress() {
     let backend = "pg-metrics-in-progress";
     let (_url, engine, tree) = postgres_tree(backend, |c| c).await;
-    let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = tree.subscribe(Completions::tail()).await.expect("sub");
     let labels = [("backend", backend)];
     let flow = FlowId::new();
     engine.create_flow(&flow, None).await.expect("flow");
@@ -246,7 +246,7 @@ async fn the_notification_queue_gauge_follows_what_a_listener_in_a_transaction_h
 async fn skipped_rows_reconnects_and_restarts_are_counted_as_the_stats_count_them() {
     let backend = "pg-metrics-faults";
     let (url, engine, tree) = postgres_tree(backend, |c| c).await;
-    let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = tree.subscribe(Completions::tail()).await.expect("sub");
     let labels = [("backend", backend)];
     let listener_stats = || async { tree.stats().await.expect("stats").listeners.remove(0) };
 
@@ -291,7 +291,7 @@ async fn the_valkey_stream_length_gauge_counts_the_completion_stream() {
         .with_named_backend(backend, server.config())
         .with_gauge_interval(Duration::from_millis(50));
     let (tree, _) = CompletionSupervisorHandle::spawn(config).await.expect("spawn");
-    let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = tree.subscribe(Completions::tail()).await.expect("sub");
     let length = [("backend", backend), ("name", "stream_length")];
     wait_for("ff_completions_backend_gauge", &length, "an empty stream", |v| v == 0.0).await;
     let ids = complete_n(&*engine, 7).await;
@@ -303,13 +303,13 @@ async fn the_valkey_stream_length_gauge_counts_the_completion_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_metrics_count_held_partitions_unacknowledged_events_acks_fences_repeats_and_rebalances() {
-    use ff_completions::{DurableRequest, EngineError};
+    use ff_completions::{DurableRequest, Error};
 
     let (url, engine, tree) = postgres_tree("pg-metrics-groups", |c| c).await;
     let group = "metrics-group";
     let labels = [("group", group)];
     let request = || DurableRequest::group(group).with_member("a").with_lease_ttl(Duration::from_millis(900));
-    let mut member = tree.subscribe_durable(request()).await.expect("join");
+    let mut member = tree.subscribe(request()).await.expect("join");
     wait_for("ff_completions_group_partitions_held", &labels, "every partition held", |v| v == 256.0).await;
     wait_for("ff_completions_group_rebalances_total", &labels, "the join", |v| v >= 1.0).await;
 
@@ -323,11 +323,11 @@ async fn group_metrics_count_held_partitions_unacknowledged_events_acks_fences_r
 
     // Another incarnation of member "a" rejoins: a ticket taken before is fenced.
     let ticket = member.ticket(&got[2].cursor).expect("ticket");
-    let second = tree.subscribe_durable(request()).await.expect("rejoin");
+    let second = tree.subscribe(request()).await.expect("rejoin");
     wait_until(WAIT, "the rejoin", || async { second.partitions().len() == 256 }).await;
     let mut conn = PgConnection::connect(&url).await.expect("connect");
     let mut tx = conn.begin().await.expect("begin");
-    assert!(matches!(ticket.commit_in_postgres(&mut tx).await, Err(EngineError::Fenced { .. })));
+    assert!(matches!(ticket.commit_in(&mut tx).await, Err(Error::Fenced { .. })));
     assert_eq!(value("ff_completions_group_fenced_total", &labels), Some(1.0));
     drop(tx);
 
@@ -339,10 +339,10 @@ async fn group_metrics_count_held_partitions_unacknowledged_events_acks_fences_r
     assert_exactly_once(&got, &[ids[2], more[0]], true);
     let ticket = second.ticket(&got[1].cursor).expect("ticket");
     let mut tx = conn.begin().await.expect("begin");
-    ticket.commit_in_postgres(&mut tx).await.expect("the first commit of the ticket");
+    ticket.commit_in(&mut tx).await.expect("the first commit of the ticket");
     tx.commit().await.expect("commit");
     let mut tx = conn.begin().await.expect("begin");
-    assert!(matches!(ticket.commit_in_postgres(&mut tx).await, Err(EngineError::AlreadyAcknowledged { .. })));
+    assert!(matches!(ticket.commit_in(&mut tx).await, Err(Error::AlreadyAcknowledged { .. })));
     assert_eq!(value("ff_completions_group_already_acknowledged_total", &labels), Some(1.0));
     assert_eq!(value("ff_completions_group_fenced_total", &labels), Some(1.0), "not counted as fenced");
 }

@@ -11,8 +11,7 @@ use ff_completions::testing::{
     postgres::MIGRATION_LEDGER, postgres::MIGRATOR,
 };
 use ff_completions::{
-    BackendConfig, CompletionSupervisorHandle, ExecutionId, PostgresEngine, StreamCursor, SubscribeRequest,
-    SupervisorConfig,
+    BackendConfig, CompletionSupervisorHandle, Completions, ExecutionId, PostgresEngine, StreamCursor, SupervisorConfig,
 };
 use sqlx::Connection;
 use sqlx::postgres::{PgConnection, PgListener};
@@ -154,7 +153,7 @@ async fn installs_beside_a_host_schema_and_adopts_its_million_row_outbox_without
     assert_eq!(host_flow_columns, 2, "the host's ff_flow keeps its shape");
 
     // New completions from the host's plain SQL arrive, and its trigger still fires with its payload.
-    let mut live = tree.subscribe(SubscribeRequest::tail()).await.expect("tail");
+    let mut live = tree.subscribe(Completions::tail()).await.expect("tail");
     let new = host_completes(&mut conn, 20).await;
     assert_exactly_once(&take_events(&mut live, 20, WAIT).await, &new, true);
     assert_no_more(&mut live, QUIET).await;
@@ -173,7 +172,7 @@ async fn installs_beside_a_host_schema_and_adopts_its_million_row_outbox_without
     // The seed's cursor over the adopted history: the last 10 rows from before adoption, then
     // the new ones.
     let mut resumed = tree
-        .subscribe(SubscribeRequest::from_cursor(encode_postgres_event_cursor(HOST_ROWS - 10)))
+        .subscribe(Completions::from_cursor(encode_postgres_event_cursor(HOST_ROWS - 10)))
         .await
         .expect("resume in the adopted history");
     let events = take_events(&mut resumed, 30, WAIT).await;
@@ -284,7 +283,7 @@ async fn a_database_of_the_previous_version_loses_its_in_commit_trigger_and_keep
         CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(BackendConfig::postgres(&url)))
             .await
             .expect("spawn");
-    let mut resumed = tree.subscribe(SubscribeRequest::from_cursor(saved)).await.expect("a saved cursor resumes");
+    let mut resumed = tree.subscribe(Completions::from_cursor(saved)).await.expect("a saved cursor resumes");
     assert_exactly_once(&take_events(&mut resumed, 3, WAIT).await, &ids[3..], true);
     let more = complete_n(&engine, 2).await;
     assert_exactly_once(&take_events(&mut resumed, 2, WAIT).await, &more, true);

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ff_completions::{
-    BackendConfig, CompletionEvent, CompletionSupervisorHandle, Engine, ExecutionId, ExecutionSpec, LeaseHistoryFilter,
-    PostgresEngine, SubscribeRequest, SupervisorConfig,
+    BackendConfig, CompletionEvent, CompletionSupervisorHandle, Completions, Engine, ExecutionId, ExecutionSpec,
+    LeaseHistory, PostgresEngine, SupervisorConfig,
 };
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
@@ -72,7 +72,7 @@ async fn completions_arrive_while_unrelated_transactions_stay_open_here_and_in_a
     let (mut elsewhere, elsewhere_pid) = open_writer(&other_db, "INSERT INTO busy VALUES (1)").await;
     let (mut here, here_pid) = open_writer(&f.url, "SELECT pg_current_xact_id()").await;
 
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let ids = running(&*f.engine, ExecutionSpec::new, 20).await;
     let mut waits = Vec::new();
     let mut events = Vec::new();
@@ -104,9 +104,8 @@ async fn complete_in_open_transaction(url: &str, id: ExecutionId) -> PgConnectio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_open_across_reads_arrives_once_a_rollback_never_and_every_cursor_resumes_the_rest() {
     let f = fixture().await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
-    let mut leases =
-        f.tree.subscribe_lease_history(SubscribeRequest::tail(), LeaseHistoryFilter::new()).await.expect("leases");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
+    let mut leases = f.tree.subscribe(LeaseHistory::tail()).await.expect("leases");
     let pending = running(&*f.engine, ExecutionSpec::new, 2).await;
     // The listener has read the two claims' `acquired` events before the count is taken.
     take(&mut leases, 2, WAIT).await;
@@ -137,7 +136,7 @@ async fn a_transaction_open_across_reads_arrives_once_a_rollback_never_and_every
 
     // Every cursor handed out resumes exactly the rest, in the same order.
     for (i, event) in events.iter().enumerate() {
-        let mut resumed = f.tree.subscribe(SubscribeRequest::from_cursor(event.cursor.clone())).await.expect("resume");
+        let mut resumed = f.tree.subscribe(Completions::from_cursor(event.cursor.clone())).await.expect("resume");
         let rest = take_events(&mut resumed, events.len() - i - 1, WAIT).await;
         let want: Vec<ExecutionId> = events[i + 1..].iter().map(|e| e.execution_id).collect();
         assert_exactly_once(&rest, &want, true);
@@ -150,7 +149,7 @@ async fn each_flow_is_delivered_in_its_commit_order_under_concurrent_producers()
     const PRODUCERS: usize = 4;
     const PER_PRODUCER: usize = 40;
     let f = fixture().await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     // All executions are claimed first; then each producer completes its own flow's executions
     // one after the other, all producers at once.
     let mut flows = Vec::new();

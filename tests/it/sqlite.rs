@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ff_completions::testing::{encode_postgres_cursor, encode_valkey_cursor};
-use ff_completions::{BackendConfig, CompletionSupervisorHandle, SqliteEngine, SubscribeRequest, SupervisorConfig};
+use ff_completions::{BackendConfig, CompletionSupervisorHandle, Completions, SqliteEngine, SupervisorConfig};
 use sqlx::Connection;
 
 use crate::contract::{self, QUIET, WAIT, complete_n, fixture};
@@ -91,7 +91,7 @@ async fn commits_from_another_connection_wake_the_listener() {
     )
     .await
     .expect("spawn");
-    let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = tree.subscribe(Completions::tail()).await.expect("sub");
     // A second engine in this process shares the database's in-process commit signal (keyed by
     // the file's path), so its commits wake the listener directly.
     let other = SqliteEngine::connect(&backend).await.expect("other engine");
@@ -121,7 +121,7 @@ async fn commits_from_another_connection_wake_the_listener() {
 async fn bad_rows_are_skipped_once_and_the_events_around_them_arrive() {
     let (_dir, backend) = backend_file();
     let f = fixture(backend.clone(), |c| c).await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let before = complete_n(&*f.engine, 3).await;
     let engine = SqliteEngine::connect(&backend).await.expect("engine");
     let bad_rows = [
@@ -177,7 +177,7 @@ async fn completions_committed_by_another_process_reach_the_subscriber_in_order_
     .expect("spawn");
     let engine = SqliteEngine::connect(&backend).await.expect("engine");
     let ids = contract::running(&engine, ff_completions::ExecutionSpec::new, 3).await;
-    let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = tree.subscribe(Completions::tail()).await.expect("sub");
 
     let outcomes = ["success", "failed", "cancelled"];
     let args: Vec<String> = ids.iter().zip(outcomes).map(|(id, state)| format!("{}={state}", id.uuid())).collect();

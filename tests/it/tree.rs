@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ff_completions::{
     BackendConfig, BackendRetry, BackendTimeouts, CompletionBackend, CompletionEvent, CompletionSupervisorHandle,
-    ExecutionId, ExecutionSpec, ListenerState, PostgresEngine, ScannerFilter, SubscribeRequest, SubscriberStats,
+    Completions, ExecutionId, ExecutionSpec, ListenerState, PostgresEngine, ScannerFilter, SubscriberStats,
     SupervisorConfig,
 };
 use futures::StreamExt;
@@ -77,7 +77,7 @@ async fn tree_linked_under_an_engine_actor_delivers_and_escalates_a_crash_loop()
     let (url, engine, tree, parent, mut escalations) = linked_tree(Duration::from_secs(30)).await;
     assert!(parent.get_children().iter().any(|c| c.get_id() == tree.actor().get_id()));
 
-    let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = tree.subscribe(Completions::tail()).await.expect("sub");
     let ids = complete_n(&engine, 5).await;
     assert_exactly_once(&take_events(&mut sub, 5, WAIT).await, &ids, true);
 
@@ -100,7 +100,7 @@ async fn killed_filters_resume_from_their_cursor_and_never_escalate() {
     let (tree, _) = CompletionSupervisorHandle::spawn(config).await.expect("spawn");
     let mut subs = Vec::new();
     for _ in 0..3 {
-        subs.push(tree.subscribe(SubscribeRequest::tail()).await.expect("sub"));
+        subs.push(tree.subscribe(Completions::tail()).await.expect("sub"));
     }
     let producer = {
         let engine = engine.clone();
@@ -142,7 +142,7 @@ async fn a_listener_killed_after_a_healthy_life_restarts_at_once_every_time() {
     let backend = BackendConfig::postgres(&url).with_retry(BackendRetry::new(4, 200, 6, 0));
     let (tree, _) =
         CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(backend)).await.expect("spawn");
-    let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = tree.subscribe(Completions::tail()).await.expect("sub");
     let mut expected = Vec::new();
     for kill in 1..=6u64 {
         wait_until(WAIT, "the listener to be live", || async {
@@ -188,7 +188,7 @@ impl Actor for ExplosiveSink {
 async fn a_filter_that_panics_on_every_start_escalates_instead_of_looping() {
     let (_url, engine, tree, parent, mut escalations) = linked_tree(Duration::from_secs(60)).await;
     let (sink, _) = Actor::spawn(None, ExplosiveSink, ()).await.expect("sink");
-    let id = tree.subscribe_actor(SubscribeRequest::tail(), sink.clone()).await.expect("subscribe actor");
+    let id = tree.subscribe_actor(Completions::tail(), sink.clone()).await.expect("subscribe actor");
     complete_n(&engine, 1).await;
     let escalation = tokio::time::timeout(WAIT, escalations.recv()).await.expect("escalated in time").expect("event");
     assert!(escalation.contains(&format!("filter of {id}")) && escalation.contains("crashed"), "{escalation}");
@@ -209,7 +209,7 @@ async fn a_tree_started_while_its_server_is_down_answers_at_once_and_delivers_on
 
     // A cursor from a first tree, to resume from while the server is down.
     let (first, _) = CompletionSupervisorHandle::spawn(config.clone()).await.expect("spawn while up");
-    let mut sub = first.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = first.subscribe(Completions::tail()).await.expect("sub");
     let history = complete_n(&engine, 3).await;
     let seen = take_events(&mut sub, 3, WAIT).await;
     first.shutdown().await;
@@ -220,7 +220,7 @@ async fn a_tree_started_while_its_server_is_down_answers_at_once_and_delivers_on
         .await
         .expect_err("the server is down");
     assert!(
-        matches!(err, ff_completions::EngineError::Transport { .. } | ff_completions::EngineError::Unavailable { .. }),
+        matches!(err, ff_completions::Error::Transport { .. } | ff_completions::Error::Unavailable { .. }),
         "{err:?}"
     );
     assert!(err.is_transient(), "{err:?}");
@@ -229,8 +229,8 @@ async fn a_tree_started_while_its_server_is_down_answers_at_once_and_delivers_on
     let stats = tree.stats().await.expect("stats during the outage");
     assert_ne!(stats.listeners[0].state, ListenerState::Live, "{stats}");
     let mut from_cursor =
-        tree.subscribe(SubscribeRequest::from_cursor(seen[0].cursor.clone())).await.expect("cursor sub while down");
-    let mut tail = tree.subscribe(SubscribeRequest::tail()).await.expect("tail sub while down");
+        tree.subscribe(Completions::from_cursor(seen[0].cursor.clone())).await.expect("cursor sub while down");
+    let mut tail = tree.subscribe(Completions::tail()).await.expect("tail sub while down");
     let stats = tree.stats().await.expect("stats during the outage");
     assert!(stats.subscribers.iter().all(|s| s.mode == ff_completions::FilterMode::Starting), "{stats}");
 
@@ -248,7 +248,7 @@ async fn a_tree_started_while_its_server_is_down_answers_at_once_and_delivers_on
     // Down again: a tail subscription starts at the tree's last read, so whatever is committed
     // once the server is back reaches it, without waiting for the listener first.
     pg.kill9().await;
-    let mut during = tree.subscribe(SubscribeRequest::tail()).await.expect("tail sub during an outage");
+    let mut during = tree.subscribe(Completions::tail()).await.expect("tail sub during an outage");
     pg.restart().await;
     let later = complete_n(&engine, 3).await;
     assert_exactly_once(&take_events(&mut during, 3, WAIT).await, &later, true);
@@ -303,7 +303,7 @@ async fn actor_sinks_receive_every_event_in_order() {
             .expect("spawn");
     let (tx, rx) = mpsc::unbounded_channel();
     let (collector, _) = Actor::spawn(None, Collector, tx).await.expect("collector");
-    tree.subscribe_actor(SubscribeRequest::tail(), collector.clone()).await.expect("subscribe actor");
+    tree.subscribe_actor(Completions::tail(), collector.clone()).await.expect("subscribe actor");
     let ids = complete_n(&engine, 30).await;
     let mut stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok);
     assert_exactly_once(&take_events(&mut stream, 30, WAIT).await, &ids, true);
@@ -377,8 +377,8 @@ async fn a_zero_safety_tick_is_clamped_and_still_finds_what_no_notification_anno
     let (built, _) = CompletionSupervisorHandle::spawn(built).await.expect("spawn with a zero tick");
     let (direct, _) = CompletionSupervisorHandle::spawn(direct).await.expect("spawn with zero fields");
     let mut subs = [
-        built.subscribe(SubscribeRequest::tail()).await.expect("sub"),
-        direct.subscribe(SubscribeRequest::tail()).await.expect("sub"),
+        built.subscribe(Completions::tail()).await.expect("sub"),
+        direct.subscribe(Completions::tail()).await.expect("sub"),
     ];
     let ids = complete_without_wake_ups(&url, &engine, 5).await;
     for sub in &mut subs {
@@ -404,8 +404,8 @@ async fn a_stalled_subscriber_shows_lag_in_events_and_time_until_it_reads_everyt
         .with_subscriber_buffer(4)
         .with_tick(Duration::from_millis(100));
     let (tree, _) = CompletionSupervisorHandle::spawn(config).await.expect("spawn");
-    let mut fast = tree.subscribe(SubscribeRequest::tail()).await.expect("fast");
-    let mut slow = tree.subscribe(SubscribeRequest::tail()).await.expect("slow");
+    let mut fast = tree.subscribe(Completions::tail()).await.expect("fast");
+    let mut slow = tree.subscribe(Completions::tail()).await.expect("slow");
     let (fast_id, slow_id) = (fast.id(), slow.id());
 
     let ids = complete_n(&engine, 30).await;
@@ -519,7 +519,7 @@ async fn a_server_outage_keeps_the_tree_alive_with_capped_backoff_logs_once_and_
     // Outages are not crash loops: even a strict intensity never escalates them.
     let config = SupervisorConfig::new().with_backend(backend).with_restart_intensity(1, Duration::from_secs(60));
     let (tree, _) = CompletionSupervisorHandle::spawn(config).await.expect("spawn");
-    let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = tree.subscribe(Completions::tail()).await.expect("sub");
     let before = complete_n(&engine, 10).await;
     assert_exactly_once(&take_events(&mut sub, 10, WAIT).await, &before, true);
 

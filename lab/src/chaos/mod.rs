@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use ff_completions::{
-    CompletionSupervisorHandle, Engine, EngineError, ExecutionId, ExecutionSpec, FlowId, LEASE_DURATION,
-    LeaseHistoryFilter, Namespace, ScannerFilter, SignalDeliveryFilter, SignalId, StreamCursor, SubscribeRequest,
-    SupervisorConfig, TimestampMs, WaitpointId,
+    CompletionSupervisorHandle, Completions, Engine, Error, ExecutionId, ExecutionSpec, FlowId, LEASE_DURATION,
+    LeaseHistory, Namespace, ScannerFilter, SignalDelivery, SignalId, StreamCursor, SupervisorConfig, TimestampMs,
+    WaitpointId,
 };
 use futures::StreamExt;
 use rand::rngs::StdRng;
@@ -155,7 +155,7 @@ async fn resubscribing_reader(tree: CompletionSupervisorHandle, inbox: Inbox, se
     let mut cursor = StreamCursor::empty();
     let mut first = true;
     while !until.load(Ordering::Relaxed) {
-        let request = if first { SubscribeRequest::tail() } else { SubscribeRequest::from_cursor(cursor.clone()) };
+        let request = if first { Completions::tail() } else { Completions::from_cursor(cursor.clone()) };
         first = false;
         let mut sub = match tree.subscribe(request).await {
             Ok(sub) => sub,
@@ -198,7 +198,7 @@ type Families = Option<Arc<Mutex<FamilyCommitted>>>;
 async fn produces_families(engine: &dyn Engine) -> bool {
     match engine.renew_lease(&ExecutionId::new_in(&FlowId::new()), "probe").await {
         Ok(_) => true,
-        Err(EngineError::Unavailable { .. }) => false,
+        Err(Error::Unavailable { .. }) => false,
         Err(err) => panic!("probing lease history: {err}"),
     }
 }
@@ -282,7 +282,7 @@ async fn read_family<E, S>(
     describe: impl Fn(&E) -> (ExecutionId, String, StreamCursor, TimestampMs),
     until: Arc<AtomicBool>,
 ) where
-    S: futures::Stream<Item = Result<E, EngineError>> + Unpin,
+    S: futures::Stream<Item = Result<E, Error>> + Unpin,
 {
     while !until.load(Ordering::Relaxed) {
         match tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
@@ -390,7 +390,7 @@ async fn run(backend: &str, args: &Args, seed: u64) -> Vec<Verdict> {
             .into_iter()
             .enumerate()
     {
-        let sub = tree.subscribe(SubscribeRequest::tail().with_filter(filter)).await.expect("subscribe");
+        let sub = tree.subscribe(Completions::tail().with_filter(filter)).await.expect("subscribe");
         subscriber_ids.push(sub.id());
         let pause = (i == 2).then(|| slow_pause.clone());
         readers.push(tokio::spawn(read_into(sub, inboxes[i].clone(), pause, until.clone())));
@@ -406,7 +406,7 @@ async fn run(backend: &str, args: &Args, seed: u64) -> Vec<Verdict> {
     };
     let family_inboxes: [Arc<Mutex<Vec<FamilyReceived>>>; 2] = Default::default();
     if families.is_some() {
-        let leases = tree.subscribe_lease_history(SubscribeRequest::tail(), LeaseHistoryFilter::new()).await;
+        let leases = tree.subscribe(LeaseHistory::tail()).await;
         let describe_lease = |e: &ff_completions::LeaseHistoryEvent| {
             let key = if matches!(e.wire_kind(), "acquired" | "reclaimed") { "claimed" } else { e.wire_kind() };
             (*e.execution_id(), key.to_owned(), e.cursor().clone(), e.at())
@@ -414,7 +414,7 @@ async fn run(backend: &str, args: &Args, seed: u64) -> Vec<Verdict> {
         let inbox = family_inboxes[0].clone();
         let leases = leases.expect("subscribe to lease history");
         readers.push(tokio::spawn(read_family(leases, inbox, target.clone(), describe_lease, until.clone())));
-        let signals = tree.subscribe_signal_delivery(SubscribeRequest::tail(), SignalDeliveryFilter::new()).await;
+        let signals = tree.subscribe(SignalDelivery::tail()).await;
         let describe_signal = |e: &ff_completions::SignalDeliveryEvent| {
             (e.execution_id, e.effect.as_wire().to_owned(), e.cursor.clone(), e.at)
         };

@@ -8,8 +8,8 @@ use ff_completions::testing::{
     decode_valkey_frontier,
 };
 use ff_completions::{
-    BackendConfig, CompletionEvent, CompletionSupervisorHandle, Engine, EngineError, ExecutionId, StreamCursor,
-    SubscriberId, connect_engine,
+    BackendConfig, CompletionEvent, CompletionSupervisorHandle, Engine, Error, ExecutionId, StreamCursor, SubscriberId,
+    connect_engine,
 };
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -115,9 +115,9 @@ impl Target {
         engine: &Arc<dyn Engine>,
         id: &ExecutionId,
         hold: Duration,
-    ) -> Result<bool, EngineError> {
+    ) -> Result<bool, Error> {
         let Self::Postgres { pool, .. } = self else { return engine.complete(id).await };
-        let err = |e| EngineError::from(TransportError(e));
+        let err = |e| Error::from(TransportError(e));
         let mut tx = pool.begin().await.map_err(err)?;
         let done: bool = sqlx::query_scalar("SELECT ff_complete_execution($1)")
             .bind(id.uuid())
@@ -134,9 +134,9 @@ impl Target {
         &self,
         engine: &Arc<dyn Engine>,
         id: &ExecutionId,
-    ) -> Result<bool, EngineError> {
+    ) -> Result<bool, Error> {
         if let Self::Postgres { pool, .. } = self {
-            let err = |e| EngineError::from(TransportError(e));
+            let err = |e| Error::from(TransportError(e));
             let mut tx = pool.begin().await.map_err(err)?;
             let _: bool = sqlx::query_scalar("SELECT ff_complete_execution($1)")
                 .bind(id.uuid())
@@ -251,8 +251,8 @@ impl Target {
 /// Wraps a raw sqlx error from the runner's own transactions.
 struct TransportError(sqlx::Error);
 
-impl From<TransportError> for EngineError {
+impl From<TransportError> for Error {
     fn from(e: TransportError) -> Self {
-        EngineError::Transport { op: "chaos transaction", detail: e.0.to_string(), source: None }
+        Error::Transport { op: "chaos transaction", detail: e.0.to_string(), source: None }
     }
 }

@@ -26,8 +26,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ff_completions::{
-    Engine, EngineError, ExecutionId, FlowId, LEASE_DURATION, LeaseHistoryEvent, SignalDeliveryEffect,
-    SignalDeliveryEvent, SignalId, TimestampMs, WaitpointId,
+    Engine, Error, ExecutionId, FlowId, LEASE_DURATION, LeaseHistoryEvent, SignalDeliveryEffect, SignalDeliveryEvent,
+    SignalId, TimestampMs, WaitpointId,
 };
 use futures::{Stream, StreamExt};
 use rand::rngs::StdRng;
@@ -66,10 +66,10 @@ enum Waiter {
 ///
 /// # Errors
 /// Any other error of the probe.
-pub async fn available(engine: &dyn Engine) -> Result<bool, EngineError> {
+pub async fn available(engine: &dyn Engine) -> Result<bool, Error> {
     match engine.renew_lease(&ExecutionId::new_in(&FlowId::new()), "probe").await {
         Ok(_) => Ok(true),
-        Err(EngineError::Unavailable { .. }) => Ok(false),
+        Err(Error::Unavailable { .. }) => Ok(false),
         Err(err) => Err(err),
     }
 }
@@ -295,7 +295,7 @@ impl FamilyRun {
     /// Reads lease history into the ledger until `until`.
     pub async fn read_leases<S>(self: Arc<Self>, sub: S, until: Arc<AtomicBool>)
     where
-        S: Stream<Item = Result<LeaseHistoryEvent, EngineError>> + Unpin,
+        S: Stream<Item = Result<LeaseHistoryEvent, Error>> + Unpin,
     {
         read(sub, until, |event| self.ledger().received_lease.push(event)).await;
     }
@@ -303,7 +303,7 @@ impl FamilyRun {
     /// Reads signal deliveries into the ledger until `until`.
     pub async fn read_signals<S>(self: Arc<Self>, sub: S, until: Arc<AtomicBool>)
     where
-        S: Stream<Item = Result<SignalDeliveryEvent, EngineError>> + Unpin,
+        S: Stream<Item = Result<SignalDeliveryEvent, Error>> + Unpin,
     {
         read(sub, until, |event| self.ledger().received_signal.push(event)).await;
     }
@@ -370,7 +370,7 @@ impl FamilyRun {
 /// Reads `sub` into `push` until `until` (or its end, logged when an error ends it).
 async fn read<E, S>(mut sub: S, until: Arc<AtomicBool>, mut push: impl FnMut(E))
 where
-    S: Stream<Item = Result<E, EngineError>> + Unpin,
+    S: Stream<Item = Result<E, Error>> + Unpin,
 {
     while !until.load(Ordering::Relaxed) {
         match tokio::time::timeout(Duration::from_millis(100), sub.next()).await {

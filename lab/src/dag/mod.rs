@@ -22,9 +22,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ff_completions::{
-    BackendConfig, CompletionEvent, CompletionSupervisorHandle, DependencyResolution, Engine, ExecutionId, FlowId,
-    LeaseHistoryFilter, PARTITION_COUNT, ScannerFilter, SignalDeliveryFilter, SubscribeRequest, SupervisorConfig,
-    TimestampMs, connect_engine,
+    BackendConfig, CompletionEvent, CompletionSupervisorHandle, Completions, DependencyResolution, Engine, ExecutionId,
+    FlowId, LeaseHistory, PARTITION_COUNT, ScannerFilter, SignalDelivery, SupervisorConfig, TimestampMs,
+    connect_engine,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use rand::SeedableRng;
@@ -315,7 +315,7 @@ async fn reconcile(
 ///
 /// # Errors
 /// Setup failures (backend unreachable); wrong final states are reported in `mismatches`.
-pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
+pub async fn run(s: &Scenario) -> Result<Report, ff_completions::Error> {
     let engine = connect_engine(&s.backend).await?;
     // Asked once: an engine without lease history and signal delivery runs the completions only.
     let families_on = families::available(&*engine).await?;
@@ -354,7 +354,7 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
             Actor::spawn_linked(None, Promoter, state, engine_actor.get_cell()).await.map_err(actor_err)?;
         let partitions = partition_share(i, promoters);
         let filter = ScannerFilter::new().with_partitions(partitions);
-        let request = SubscribeRequest::tail().with_filter(filter).with_name(format!("promoter-{i}"));
+        let request = Completions::tail().with_filter(filter).with_name(format!("promoter-{i}"));
         tree.subscribe_actor(request, promoter).await?;
     }
     // The families' subscribers, on the same tree: one lease-history and one signal-delivery
@@ -364,12 +364,8 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
     let reading = Arc::new(AtomicBool::new(false));
     let mut readers = Vec::new();
     if let Some((run, _)) = &families {
-        let leases = tree
-            .subscribe_lease_history(SubscribeRequest::tail().with_name("lease-ledger"), LeaseHistoryFilter::new())
-            .await?;
-        let signals = tree
-            .subscribe_signal_delivery(SubscribeRequest::tail().with_name("signal-ledger"), SignalDeliveryFilter::new())
-            .await?;
+        let leases = tree.subscribe(LeaseHistory::tail().with_name("lease-ledger")).await?;
+        let signals = tree.subscribe(SignalDelivery::tail().with_name("signal-ledger")).await?;
         readers.push(tokio::spawn(run.clone().read_leases(leases, reading.clone())));
         readers.push(tokio::spawn(run.clone().read_signals(signals, reading.clone())));
     }
@@ -479,6 +475,6 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::EngineError> {
     Ok(report)
 }
 
-fn actor_err(e: ractor::SpawnErr) -> ff_completions::EngineError {
-    ff_completions::EngineError::Actor { detail: e.to_string() }
+fn actor_err(e: ractor::SpawnErr) -> ff_completions::Error {
+    ff_completions::Error::Actor { detail: e.to_string() }
 }

@@ -7,20 +7,23 @@ use std::time::Duration;
 use ractor::{Actor, ActorRef};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Filter, FilterArguments, FilterMsg};
-use crate::actors::{FilterMode, ListenerShared, Sink, SubscriberId, SubscriberShared};
+use super::{Filter, FilterArguments, FilterMsg, SubscribeReply};
+use crate::actors::ids::SubscriberId;
+use crate::actors::request::Event;
+use crate::actors::shared::{FilterMode, ListenerShared, LiveBatch, SubscriberShared};
+use crate::actors::sink::{FamilySink, Out};
 use crate::backends::StartAt;
 use crate::backends::memory::MemorySource;
 use crate::config::BackendRetry;
 use crate::cursor::{Frontier, StreamCursor, encode_sqlite_cursor};
-use crate::error::EngineError;
+use crate::error::Error;
 use crate::event::CompletionEvent;
-use crate::scanner_filter::ScannerFilter;
+use crate::lease_history::{LeaseHistoryEvent, LeaseHistoryFilter};
 use crate::types::ExecutionId;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-type Events = mpsc::Receiver<Result<CompletionEvent, EngineError>>;
+type Events = mpsc::Receiver<Result<CompletionEvent, Error>>;
 
 struct Bed {
     source: Arc<MemorySource>,
@@ -28,7 +31,7 @@ struct Bed {
     shared: Arc<SubscriberShared>,
     filter: ActorRef<FilterMsg>,
     events: Events,
-    answer: oneshot::Receiver<Result<SubscriberId, EngineError>>,
+    answer: oneshot::Receiver<Result<SubscriberId, Error>>,
 }
 
 /// A new subscriber's filter with a `buffer`-event channel, over `source`.
@@ -41,33 +44,58 @@ async fn restarted(source: Arc<MemorySource>, shared: SubscriberShared, buffer: 
     spawn(source, shared, buffer, false).await
 }
 
-async fn spawn(source: Arc<MemorySource>, shared: SubscriberShared, buffer: usize, new: bool) -> Bed {
-    let (tx, events) = mpsc::channel(buffer);
-    let (reply, answer) = oneshot::channel();
-    let listener = Arc::new(ListenerShared::default());
-    let shared = Arc::new(shared);
-    let args = FilterArguments {
-        subscriber_id: SubscriberId(1),
+/// A filter of subscriber `id` delivering the events of `E` that match `filter` into `tx`,
+/// from the subscription in `shared`, over `source`; `reply` is the pending subscribe call.
+fn arguments<E: Event>(
+    id: u64,
+    source: &Arc<MemorySource>,
+    filter: E::Filter,
+    tx: mpsc::Sender<Result<E, Error>>,
+    shared: Arc<SubscriberShared>,
+    reply: Option<SubscribeReply>,
+) -> FilterArguments {
+    let family = E::FAMILY.expect("a family the backends produce");
+    FilterArguments {
+        subscriber_id: SubscriberId(id),
         name: None,
         source: source.clone(),
-        filter: ScannerFilter::NOOP,
-        sink: Sink::Channel(tx),
-        shared: shared.clone(),
-        listener: listener.clone(),
+        sink: Arc::new(FamilySink { family, filter, out: Out::Channel(tx) }),
+        shared,
+        listener: Arc::new(ListenerShared::default()),
         backend_id: "memory".into(),
         batch_size: 4,
         retry: BackendRetry::new(2, 1, 3, 0),
-        reply: new.then(|| reply.into()),
-    };
+        reply,
+    }
+}
+
+async fn spawn(source: Arc<MemorySource>, shared: SubscriberShared, buffer: usize, new: bool) -> Bed {
+    let (tx, events) = mpsc::channel(buffer);
+    let (reply, answer) = oneshot::channel();
+    let shared = Arc::new(shared);
+    let args =
+        arguments::<CompletionEvent>(1, &source, Default::default(), tx, shared.clone(), new.then(|| reply.into()));
+    let listener = args.listener.clone();
     let (filter, _) = Actor::spawn(None, Filter, args).await.expect("spawn the filter");
     Bed { source, listener, shared, filter, events, answer }
+}
+
+/// The batch a listener would fan out after reading events `after + 1 ..= upto`, the first of
+/// them being the `after + 1`-th event it read.
+fn live(source: &MemorySource, after: u64, upto: u64) -> Arc<LiveBatch> {
+    Arc::new(LiveBatch {
+        first_index: after,
+        start: Frontier::at(MemorySource::position(after)),
+        end: Frontier::at(MemorySource::position(upto)),
+        events: source.events_between(after, upto),
+    })
 }
 
 fn from_start() -> SubscriberShared {
     SubscriberShared::new(encode_sqlite_cursor(0), None)
 }
 
-async fn answered(bed: &mut Bed) -> Result<SubscriberId, EngineError> {
+async fn answered(bed: &mut Bed) -> Result<SubscriberId, Error> {
     tokio::time::timeout(WAIT, &mut bed.answer).await.expect("answered in time").expect("an answer")
 }
 
@@ -103,7 +131,7 @@ async fn live_batches_delivered_twice_or_overlapping_reach_the_subscriber_once_i
     wait_for_mode(&bed.shared, FilterMode::Live).await;
     let ids = bed.source.commit(5);
     for (after, upto) in [(0, 3), (0, 3), (1, 5), (4, 5)] {
-        bed.filter.cast(FilterMsg::Live(bed.source.live_batch(after, upto))).expect("cast");
+        bed.filter.cast(FilterMsg::Live(live(&bed.source, after, upto))).expect("cast");
     }
     assert_eq!(take(&mut bed.events, 5).await, ids);
     nothing_more(&mut bed.events).await;
@@ -116,8 +144,8 @@ async fn a_gap_between_live_batches_is_read_from_the_backend() {
     answered(&mut bed).await.expect("subscribed");
     wait_for_mode(&bed.shared, FilterMode::Live).await;
     let ids = bed.source.commit(6);
-    bed.filter.cast(FilterMsg::Live(bed.source.live_batch(0, 2))).expect("cast");
-    bed.filter.cast(FilterMsg::Live(bed.source.live_batch(4, 6))).expect("cast");
+    bed.filter.cast(FilterMsg::Live(live(&bed.source, 0, 2))).expect("cast");
+    bed.filter.cast(FilterMsg::Live(live(&bed.source, 4, 6))).expect("cast");
     assert_eq!(take(&mut bed.events, 6).await, ids);
     nothing_more(&mut bed.events).await;
     assert!(bed.shared.catch_up_reads.load(std::sync::atomic::Ordering::Relaxed) >= 2);
@@ -129,10 +157,10 @@ async fn a_full_sink_blocks_drops_live_batches_then_catches_up_everything_in_ord
     answered(&mut bed).await.expect("subscribed");
     wait_for_mode(&bed.shared, FilterMode::Live).await;
     let mut ids = bed.source.commit(6);
-    bed.filter.cast(FilterMsg::Live(bed.source.live_batch(0, 6))).expect("cast");
+    bed.filter.cast(FilterMsg::Live(live(&bed.source, 0, 6))).expect("cast");
     wait_for_mode(&bed.shared, FilterMode::Blocked).await;
     ids.extend(bed.source.commit(5));
-    bed.filter.cast(FilterMsg::Live(bed.source.live_batch(6, 11))).expect("cast");
+    bed.filter.cast(FilterMsg::Live(live(&bed.source, 6, 11))).expect("cast");
     let deadline = tokio::time::Instant::now() + WAIT;
     while bed.shared.live_batches_dropped.load(std::sync::atomic::Ordering::Relaxed) == 0 {
         assert!(tokio::time::Instant::now() < deadline, "the blocked filter never dropped the live batch");
@@ -171,7 +199,7 @@ async fn a_trimmed_cursor_is_refused_at_subscribe_and_ends_a_restarted_filter_wi
     source.trim_to(5);
     let mut refused = bed(source.clone(), SubscriberShared::new(encode_sqlite_cursor(2), None), 8).await;
     match answered(&mut refused).await {
-        Err(EngineError::CursorExpired { oldest: Some(oldest) }) => assert_eq!(oldest, encode_sqlite_cursor(5)),
+        Err(Error::CursorExpired { oldest: Some(oldest) }) => assert_eq!(oldest, encode_sqlite_cursor(5)),
         other => panic!("expected CursorExpired, got {other:?}"),
     }
     // A filter restarted from a delivered cursor that was trimmed meanwhile.
@@ -180,7 +208,7 @@ async fn a_trimmed_cursor_is_refused_at_subscribe_and_ends_a_restarted_filter_wi
     source.trim_to(8);
     let mut again = restarted(source, shared, 8).await;
     match tokio::time::timeout(WAIT, again.events.recv()).await {
-        Ok(Some(Err(EngineError::CursorExpired { oldest: Some(_) }))) => {}
+        Ok(Some(Err(Error::CursorExpired { oldest: Some(_) }))) => {}
         other => panic!("expected CursorExpired on the stream, got {other:?}"),
     }
 }
@@ -197,7 +225,7 @@ async fn a_tail_subscription_made_while_the_backend_is_down_starts_at_the_listen
     bed.source.set_down(false);
     bed.listener.set_cursor(Frontier::at(MemorySource::position(3)));
     let later = bed.source.commit(2);
-    bed.filter.cast(FilterMsg::Live(bed.source.live_batch(3, 5))).expect("cast");
+    bed.filter.cast(FilterMsg::Live(live(&bed.source, 3, 5))).expect("cast");
     assert_eq!(take(&mut bed.events, 2).await, later, "from the listener's first cursor, nothing before");
     nothing_more(&mut bed.events).await;
 }
@@ -213,8 +241,7 @@ async fn a_tail_subscription_made_during_an_outage_starts_at_the_listeners_last_
     bed.source.set_down(false);
     let ids = bed
         .source
-        .live_batch(2, 4)
-        .events
+        .events_between(2, 4)
         .iter()
         .filter_map(|e| e.event.completion().map(|c| c.execution_id))
         .collect::<Vec<_>>();
@@ -231,7 +258,7 @@ async fn lag_in_events_counts_what_the_listener_read_past_the_subscriber() {
     bed.source.commit(7);
     bed.listener.advance(&Frontier::at(MemorySource::position(7)), 7);
     assert_eq!(bed.shared.lag_events(&bed.listener), Some(7), "read by the listener, not delivered yet");
-    bed.filter.cast(FilterMsg::Live(bed.source.live_batch(0, 7))).expect("cast");
+    bed.filter.cast(FilterMsg::Live(live(&bed.source, 0, 7))).expect("cast");
     take(&mut bed.events, 7).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     while bed.shared.lag_events(&bed.listener) != Some(0) {
@@ -251,7 +278,7 @@ async fn a_start_off_the_listeners_path_takes_no_live_batch_until_its_reads_reac
     source.set_read_delay(Duration::from_millis(20));
     let mut bed = bed(source, from_start(), 64).await;
     answered(&mut bed).await.expect("subscribed");
-    bed.filter.cast(FilterMsg::Live(bed.source.live_batch(0, 10))).expect("cast a live batch");
+    bed.filter.cast(FilterMsg::Live(live(&bed.source, 0, 10))).expect("cast a live batch");
     assert_eq!(take(&mut bed.events, 10).await, ids);
     let dropped = bed.shared.live_batches_dropped.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(dropped, 1, "the live batch was not taken as a continuation");
@@ -263,24 +290,10 @@ async fn lease_bed(
     source: Arc<MemorySource>,
     worker: Option<&str>,
     buffer: usize,
-) -> (ActorRef<FilterMsg>, mpsc::Receiver<Result<crate::lease_history::LeaseHistoryEvent, EngineError>>) {
-    use crate::actors::FamilySink;
-    use crate::lease_history::LeaseHistoryFilter;
+) -> (ActorRef<FilterMsg>, mpsc::Receiver<Result<LeaseHistoryEvent, Error>>) {
     let (tx, rx) = mpsc::channel(buffer);
     let filter = worker.map_or_else(LeaseHistoryFilter::new, |w| LeaseHistoryFilter::new().with_worker(w.into()));
-    let args = FilterArguments {
-        subscriber_id: SubscriberId(2),
-        name: None,
-        source: source.clone(),
-        filter: ScannerFilter::NOOP,
-        sink: Sink::LeaseHistory(Box::new(filter), FamilySink::Channel(tx)),
-        shared: Arc::new(from_start()),
-        listener: Arc::new(ListenerShared::default()),
-        backend_id: "memory".into(),
-        batch_size: 4,
-        retry: BackendRetry::new(2, 1, 3, 0),
-        reply: None,
-    };
+    let args = arguments::<LeaseHistoryEvent>(2, &source, filter, tx, Arc::new(from_start()), None);
     let (filter, _) = Actor::spawn(None, Filter, args).await.expect("spawn the filter");
     (filter, rx)
 }
@@ -297,7 +310,7 @@ async fn a_lease_filter_delivers_its_family_only_once_each_in_order_through_live
     // A buffer of 2: the filter blocks, drops live batches and catches up from the backend.
     let (filter, mut rx) = lease_bed(source.clone(), Some("w1"), 2).await;
     for (after, upto) in [(0, 5), (3, 10), (5, 15)] {
-        filter.cast(FilterMsg::Live(source.live_batch(after, upto))).expect("cast");
+        filter.cast(FilterMsg::Live(live(&source, after, upto))).expect("cast");
     }
     let mut got = Vec::new();
     while got.len() < expected.len() {
@@ -330,24 +343,12 @@ async fn a_completion_filter_passes_over_other_families() {
 async fn a_family_its_backend_does_not_produce_is_refused_as_unavailable_once_the_backend_answers() {
     let source = MemorySource::new();
     source.set_completions_only(true);
-    let (tx, rx) = mpsc::channel::<Result<crate::lease_history::LeaseHistoryEvent, EngineError>>(4);
+    let (tx, rx) = mpsc::channel::<Result<LeaseHistoryEvent, Error>>(4);
     let (reply, answer) = oneshot::channel();
-    let args = FilterArguments {
-        subscriber_id: SubscriberId(3),
-        name: None,
-        source: source.clone(),
-        filter: ScannerFilter::NOOP,
-        sink: Sink::LeaseHistory(Box::default(), crate::actors::FamilySink::Channel(tx)),
-        shared: Arc::new(from_start()),
-        listener: Arc::new(ListenerShared::default()),
-        backend_id: "memory".into(),
-        batch_size: 4,
-        retry: BackendRetry::new(2, 1, 3, 0),
-        reply: Some(reply.into()),
-    };
+    let args = arguments(3, &source, LeaseHistoryFilter::new(), tx, Arc::new(from_start()), Some(reply.into()));
     let _filter = Actor::spawn(None, Filter, args).await.expect("spawn the filter");
     match tokio::time::timeout(WAIT, answer).await {
-        Ok(Ok(Err(EngineError::Unavailable { detail, .. }))) => assert!(detail.contains("lease history"), "{detail}"),
+        Ok(Ok(Err(Error::Unavailable { detail, .. }))) => assert!(detail.contains("lease history"), "{detail}"),
         other => panic!("expected Unavailable, got {other:?}"),
     }
     drop(rx);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use ractor::Actor;
 
 use super::{Listener, ListenerArguments};
-use crate::actors::ListenerShared;
+use crate::actors::shared::ListenerShared;
 use crate::backends::memory::MemorySource;
 use crate::cursor::{Frontier, Position};
 
@@ -20,6 +20,7 @@ async fn spawn(source: Arc<MemorySource>) -> (Arc<ListenerShared>, tokio::task::
         backend_id: "memory".into(),
         source,
         shared: shared.clone(),
+        fanout: Arc::default(),
         // Long enough that only wake-ups and held-back re-polls read in these tests.
         tick: Duration::from_secs(3600),
         held_back_repoll: Duration::from_millis(2),

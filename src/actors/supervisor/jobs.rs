@@ -8,10 +8,9 @@ use tokio_util::task::AbortOnDropHandle;
 
 use tracing::Instrument;
 
-use super::{MAX_INTERVAL, MIN_QUERY_INTERVAL};
-use crate::actors::BackendId;
+use crate::actors::ids::BackendId;
 use crate::backends::CompletionSource;
-use crate::config::Retention;
+use crate::config::{MAX_INTERVAL, MIN_QUERY_INTERVAL, Retention};
 
 /// Runs a backend's trim job every `retention.interval` until the supervisor goes away.
 pub(super) fn spawn_trim_job(

@@ -5,8 +5,9 @@ use std::sync::atomic::Ordering;
 
 use ractor::ActorCell;
 
-use super::{ChildKey, ListenerStats, SubscriberStats, SupervisorState, SupervisorStats};
-use crate::actors::ListenerState;
+use super::{ChildKey, SupervisorState};
+use crate::actors::stats::{ListenerState, ListenerStats, SubscriberStats, SupervisorStats};
+use crate::backends::CompletionSource;
 use crate::cursor::StreamCursor;
 
 impl SupervisorState {

@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::RestartIntensity;
+use crate::actors::supervisor_config::RestartIntensity;
 use crate::backoff::Backoff;
 
 /// What to do with a child that exited.

@@ -4,17 +4,16 @@
 
 use std::sync::Arc;
 
-use ractor::{Actor, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorRef};
 
 use super::restart::RestartPolicy;
-use super::{Child, SUBSCRIBER_GONE, SubscribeRequest, SubscriberSlot, SupervisorMsg, SupervisorState};
-use crate::actors::filter::{Filter, FilterArguments};
-use crate::actors::{BackendId, Sink, SubscriberId, SubscriberShared};
+use super::{Child, NewSubscriber, SubscriberSlot, SupervisorMsg, SupervisorState};
+use crate::actors::filter::{Filter, FilterArguments, SUBSCRIBER_GONE, SubscribeReply};
+use crate::actors::ids::{BackendId, SubscriberId};
+use crate::actors::shared::SubscriberShared;
+use crate::backends::lazy::LazySource;
 use crate::backoff::Backoff;
-use crate::error::EngineError;
-
-/// Where the new subscriber's id (or why it was refused) goes.
-pub(crate) type SubscribeReply = RpcReplyPort<Result<SubscriberId, EngineError>>;
+use crate::error::Error;
 
 impl SupervisorState {
     /// Adds a subscriber and starts its filter, which replies once it knows where the
@@ -22,11 +21,11 @@ impl SupervisorState {
     pub(super) async fn subscribe(
         &mut self,
         myself: &ActorRef<SupervisorMsg>,
-        request: SubscribeRequest,
-        sink: Sink,
+        subscriber: NewSubscriber,
         reply: SubscribeReply,
     ) {
-        let backend = match check_name(request.name.as_deref()).and_then(|()| self.backend_named(request.backend)) {
+        let NewSubscriber { backend, from, name, sink } = subscriber;
+        let backend = match check_name(name.as_deref()).and_then(|()| self.backend_named(backend)) {
             Ok(backend) => backend,
             Err(err) => {
                 let _ = reply.send(Err(err));
@@ -34,21 +33,13 @@ impl SupervisorState {
             }
         };
         // A cursor of another family is refused here, before any backend is asked.
-        let family = sink.family();
-        let from = match family.untag_cursor(&request.from) {
+        let from = match sink.family().untag_cursor(&from) {
             Ok(from) => from,
             Err(err) => {
                 let _ = reply.send(Err(err));
                 return;
             }
         };
-        if family != crate::cursor::Family::Completion && !request.filter.is_noop() {
-            let _ = reply.send(Err(EngineError::validation(format!(
-                "a {} subscription takes its own filter, not a completion ScannerFilter",
-                family.name()
-            ))));
-            return;
-        }
         let Some(slot) = self.listeners.get(&backend) else { return };
         // A tail subscription falls back to the listener's cursor while the backend is down.
         let fallback = if from.is_empty() { slot.shared.cursor() } else { None };
@@ -59,8 +50,7 @@ impl SupervisorState {
             id,
             SubscriberSlot {
                 backend,
-                name: request.name,
-                filter: request.filter,
+                name,
                 sink,
                 shared: Arc::new(SubscriberShared::new(from, fallback)),
                 policy,
@@ -71,18 +61,28 @@ impl SupervisorState {
         self.start_filter(myself, id, Some(reply)).await;
     }
 
+    /// The backend named `name` (or the only one), connected on first use, for a durable
+    /// subscription's group store.
+    pub(super) fn backend(&self, name: Option<BackendId>) -> Result<Arc<LazySource>, Error> {
+        let id = self.backend_named(name)?;
+        self.listeners
+            .get(&id)
+            .map(|slot| slot.source.clone())
+            .ok_or_else(|| Error::validation(format!("no backend named {id}")))
+    }
+
     /// The named backend, or the only one configured. A tree with several backends refuses a
     /// request that names none (it would otherwise pick one silently).
-    pub(super) fn backend_named(&self, name: Option<BackendId>) -> Result<BackendId, EngineError> {
+    pub(super) fn backend_named(&self, name: Option<BackendId>) -> Result<BackendId, Error> {
         let backend = match name {
             Some(name) => name,
             None => match self.order.as_slice() {
                 [only] => only.clone(),
-                [] => return Err(EngineError::validation("no backend configured")),
+                [] => return Err(Error::validation("no backend configured")),
                 several => {
                     let names: Vec<&str> = several.iter().map(BackendId::as_str).collect();
-                    return Err(EngineError::validation(format!(
-                        "this tree has {} backends ({}); name one with SubscribeRequest::on_backend",
+                    return Err(Error::validation(format!(
+                        "this tree has {} backends ({}); name one with the request's on_backend",
                         names.len(),
                         names.join(", ")
                     )));
@@ -90,7 +90,7 @@ impl SupervisorState {
             },
         };
         if !self.listeners.contains_key(&backend) {
-            return Err(EngineError::validation(format!("no backend named {backend:?}")));
+            return Err(Error::validation(format!("no backend named {backend:?}")));
         }
         Ok(backend)
     }
@@ -110,7 +110,6 @@ impl SupervisorState {
         let args = FilterArguments {
             subscriber_id: id,
             source: listener.source.clone(),
-            filter: sub.filter.clone(),
             sink: sub.sink.clone(),
             shared: sub.shared.clone(),
             listener: listener.shared.clone(),
@@ -123,7 +122,7 @@ impl SupervisorState {
         match Actor::spawn_linked(None, Filter, args, myself.get_cell()).await {
             Ok((actor, _)) => {
                 self.children.insert(actor.get_id(), Child::Filter(id));
-                listener.shared.filters.write().unwrap_or_else(|p| p.into_inner()).insert(id, actor.clone());
+                listener.fanout.insert(id, actor.clone());
                 sub.actor = Some(actor);
             }
             Err(err) => {
@@ -137,7 +136,7 @@ impl SupervisorState {
     pub(super) fn unsubscribe(&mut self, id: SubscriberId) {
         let Some(sub) = self.subscribers.remove(&id) else { return };
         if let Some(listener) = self.listeners.get(&sub.backend) {
-            listener.shared.filters.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            listener.fanout.remove(id);
         }
         if let Some(actor) = sub.actor {
             self.children.remove(&actor.get_id());
@@ -148,6 +147,6 @@ impl SupervisorState {
 
 /// A subscriber name is a metrics label value: short, not empty, no control characters (the
 /// rule of group names).
-fn check_name(name: Option<&str>) -> Result<(), EngineError> {
-    name.map_or(Ok(()), |name| crate::durable::store::check_name("subscriber name", name))
+fn check_name(name: Option<&str>) -> Result<(), Error> {
+    name.map_or(Ok(()), |name| crate::types::check_name("subscriber name", name))
 }

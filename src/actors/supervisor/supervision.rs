@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
 
 use super::restart::{Exit, Verdict};
-use super::{Child, SUBSCRIBER_GONE, SUBSCRIPTION_FAILED, SupervisorMsg, SupervisorState};
-use crate::actors::BackendId;
-use crate::actors::SubscriberId;
+use super::{Child, Command, SupervisorMsg, SupervisorState};
+use crate::actors::filter::{SUBSCRIBER_GONE, SUBSCRIPTION_FAILED};
+use crate::actors::ids::{BackendId, SubscriberId};
 use crate::actors::listener::{Listener, ListenerArguments};
-use crate::error::EngineError;
+use crate::error::Error;
 
 impl SupervisorState {
     pub(super) async fn start_listener(&mut self, myself: &ActorRef<SupervisorMsg>, id: &BackendId) {
@@ -23,6 +23,7 @@ impl SupervisorState {
             backend_id: id.clone(),
             source: slot.source.clone(),
             shared: slot.shared.clone(),
+            fanout: slot.fanout.clone(),
             tick: self.config.tick,
             held_back_repoll: self.config.held_back_repoll,
             batch_size: self.config.batch_size,
@@ -56,14 +57,14 @@ impl SupervisorState {
         id: &BackendId,
         reason: &str,
         crash: bool,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), Error> {
         let Some(slot) = self.listeners.get_mut(id) else { return Ok(()) };
         let was_live = slot.shared.became_live.swap(false, Ordering::Relaxed);
         let delay = match slot.policy.on_exit(Exit { was_live, crash }, Instant::now()) {
             Verdict::Restart(delay) => delay,
             Verdict::Escalate(why) => {
                 tracing::error!(backend = %id, %why, "listener crash loop; escalating");
-                return Err(EngineError::Actor { detail: format!("listener {id} {why}") });
+                return Err(Error::Actor { detail: format!("listener {id} {why}") });
             }
         };
         slot.last_delay = Some(delay);
@@ -76,7 +77,7 @@ impl SupervisorState {
         } else {
             tracing::debug!(backend = %id, reason, attempt, ?delay, "listener exited again; restarting");
         }
-        schedule(myself, delay, SupervisorMsg::RestartListener(id.clone()));
+        schedule(myself, delay, Command::RestartListener(id.clone()));
         Ok(())
     }
 
@@ -90,7 +91,7 @@ impl SupervisorState {
         id: SubscriberId,
         reason: &str,
         crash: bool,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), Error> {
         let Some(sub) = self.subscribers.get_mut(&id) else { return Ok(()) };
         sub.actor = None;
         let was_live = sub.shared.healthy.swap(false, Ordering::Relaxed);
@@ -98,12 +99,12 @@ impl SupervisorState {
             Verdict::Restart(delay) => {
                 sub.restarts += 1;
                 tracing::warn!(subscriber = %id, reason, ?delay, "filter exited; restarting from its cursor");
-                schedule(myself, delay, SupervisorMsg::RestartFilter(id));
+                schedule(myself, delay, Command::RestartFilter(id));
                 Ok(())
             }
             Verdict::Escalate(why) => {
                 tracing::error!(subscriber = %id, %why, "filter crash loop; escalating");
-                Err(EngineError::Actor { detail: format!("filter of {id} {why}") })
+                Err(Error::Actor { detail: format!("filter of {id} {why}") })
             }
         }
     }
@@ -140,11 +141,11 @@ impl SupervisorState {
     }
 }
 
-/// Sends `msg` to the supervisor itself, at once or after `delay`.
-fn schedule(myself: &ActorRef<SupervisorMsg>, delay: Duration, msg: SupervisorMsg) {
+/// Sends `command` to the supervisor itself, at once or after `delay`.
+fn schedule(myself: &ActorRef<SupervisorMsg>, delay: Duration, command: Command) {
     if delay.is_zero() {
-        let _ = myself.cast(msg);
+        let _ = myself.cast(command.into());
     } else {
-        myself.send_after(delay, move || msg);
+        myself.send_after(delay, move || command.into());
     }
 }

@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::super::supervisor_config::TestSources;
-use super::{SubscribeRequest, SupervisorConfig};
 use crate::actors::handle::{CompletionSupervisorHandle, Subscription};
-use crate::actors::{FilterMode, ListenerState};
+use crate::actors::request::Completions;
+use crate::actors::shared::FilterMode;
+use crate::actors::stats::{ListenerState, SupervisorStats};
+use crate::actors::supervisor_config::{SupervisorConfig, TestSources};
 use crate::backends::memory::MemorySource;
 use crate::config::{BackendConfig, BackendRetry};
 use crate::types::ExecutionId;
@@ -25,7 +26,7 @@ async fn tree(source: &Arc<MemorySource>) -> CompletionSupervisorHandle {
     CompletionSupervisorHandle::spawn(config).await.expect("spawn").0
 }
 
-async fn wait_for<F: Fn(&super::SupervisorStats) -> bool>(tree: &CompletionSupervisorHandle, what: &str, check: F) {
+async fn wait_for<F: Fn(&SupervisorStats) -> bool>(tree: &CompletionSupervisorHandle, what: &str, check: F) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let stats = tree.stats().await.expect("stats");
@@ -48,7 +49,7 @@ async fn take(sub: &mut Subscription, n: usize) -> Vec<ExecutionId> {
     out
 }
 
-fn live(stats: &super::SupervisorStats) -> bool {
+fn live(stats: &SupervisorStats) -> bool {
     stats.listeners[0].state == ListenerState::Live
 }
 
@@ -56,7 +57,7 @@ fn live(stats: &super::SupervisorStats) -> bool {
 async fn a_listener_killed_after_a_healthy_life_restarts_at_once_and_loses_nothing() {
     let source = MemorySource::new();
     let tree = tree(&source).await;
-    let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("subscribe");
+    let mut sub = tree.subscribe(Completions::tail()).await.expect("subscribe");
     let mut expected = Vec::new();
     for kill in 1..=5u64 {
         wait_for(&tree, "the listener to be live", live).await;
@@ -109,7 +110,7 @@ async fn a_tree_started_while_its_backend_is_down_answers_at_once_and_delivers_o
     let tree = tree(&source).await;
     let stats = tree.stats().await.expect("stats while down");
     assert!(!live(&stats), "{stats}");
-    let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("subscribe while down");
+    let mut sub = tree.subscribe(Completions::tail()).await.expect("subscribe while down");
     assert_eq!(tree.stats().await.expect("stats").subscribers[0].mode, FilterMode::Starting);
     source.set_down(false);
     wait_for(&tree, "the listener to be live", live).await;
@@ -139,12 +140,12 @@ async fn a_tree_with_two_backends_refuses_a_request_that_names_none() {
     config.test_sources = TestSources(vec![("one".into(), first.clone()), ("two".into(), second.clone())]);
     let tree = CompletionSupervisorHandle::spawn(config).await.expect("spawn").0;
 
-    let refused = tree.subscribe(SubscribeRequest::tail()).await.err().map(|e| e.to_string()).unwrap_or_default();
+    let refused = tree.subscribe(Completions::tail()).await.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(refused.contains("this tree has 2 backends (one, two); name one"), "{refused}");
     let seed = tree.subscribe_completions().await.err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(seed.contains("name one with SubscribeRequest::on_backend"), "{seed}");
+    assert!(seed.contains("on_backend"), "{seed}");
 
-    let mut on_two = tree.subscribe(SubscribeRequest::tail().on_backend("two")).await.expect("a named backend");
+    let mut on_two = tree.subscribe(Completions::tail().on_backend("two")).await.expect("a named backend");
     let id = second.commit(1)[0];
     assert_eq!(take(&mut on_two, 1).await, vec![id]);
     tree.shutdown().await;
@@ -155,14 +156,14 @@ async fn a_subscriber_name_that_cannot_be_a_metrics_label_is_refused() {
     let source = MemorySource::new();
     let tree = tree(&source).await;
     for bad in [String::new(), "x".repeat(65), "with\0nul".to_owned(), "line\nbreak".to_owned()] {
-        let refused = tree.subscribe(SubscribeRequest::tail().with_name(bad.clone())).await;
+        let refused = tree.subscribe(Completions::tail().with_name(bad.clone())).await;
         assert!(
-            matches!(&refused, Err(crate::EngineError::Validation { detail }) if detail.contains("subscriber name")),
+            matches!(&refused, Err(crate::Error::Validation { detail }) if detail.contains("subscriber name")),
             "{bad:?}: {:?}",
             refused.err()
         );
     }
-    let sub = tree.subscribe(SubscribeRequest::tail().with_name("promoter-0")).await.expect("a good name");
+    let sub = tree.subscribe(Completions::tail().with_name("promoter-0")).await.expect("a good name");
     let stats = tree.stats().await.expect("stats");
     assert_eq!(stats.subscribers.iter().find(|s| s.id == sub.id()).and_then(|s| s.name.as_deref()), Some("promoter-0"));
     assert_eq!(stats.subscribers.len(), 1, "refused requests leave no subscriber behind");

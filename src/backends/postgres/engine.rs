@@ -13,7 +13,7 @@ use crate::engine::{
     CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, LEASE_DURATION,
     ResolvedEdge,
 };
-use crate::error::EngineError;
+use crate::error::Error;
 use crate::signal_delivery::SignalDeliveryEffect;
 use crate::types::{ExecutionId, FlowId, Namespace, SignalId, TimestampMs, WaitpointId};
 
@@ -27,13 +27,12 @@ pub struct PostgresEngine {
     wake: CommitWake,
 }
 
-fn sql_err(op: &'static str) -> impl FnOnce(sqlx::Error) -> EngineError {
-    move |e| EngineError::from_sqlx(op, e)
+fn sql_err(op: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |e| Error::from_sqlx(op, e)
 }
 
-fn exec_id(uuid: Uuid, partition: i16) -> Result<ExecutionId, EngineError> {
-    let p =
-        u16::try_from(partition).map_err(|_| EngineError::validation(format!("partition {partition} out of range")))?;
+fn exec_id(uuid: Uuid, partition: i16) -> Result<ExecutionId, Error> {
+    let p = u16::try_from(partition).map_err(|_| Error::validation(format!("partition {partition} out of range")))?;
     Ok(ExecutionId::from_parts(p, uuid))
 }
 
@@ -42,7 +41,7 @@ impl PostgresEngine {
     ///
     /// # Errors
     /// Connection or migration failures.
-    pub async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
+    pub async fn connect(config: &BackendConfig) -> Result<Self, Error> {
         let pool = connect_pool(config, 16).await?;
         migrate(&DEMO_MIGRATOR, &pool).await?;
         Ok(Self { wake: CommitWake::spawn(pool.clone()), pool })
@@ -58,7 +57,7 @@ impl PostgresEngine {
         &self.pool
     }
 
-    async fn call_bool(&self, sql: &'static str, op: &'static str, id: &ExecutionId) -> Result<bool, EngineError> {
+    async fn call_bool(&self, sql: &'static str, op: &'static str, id: &ExecutionId) -> Result<bool, Error> {
         let changed = sqlx::query_scalar(sql).bind(id.uuid()).fetch_one(&self.pool).await.map_err(sql_err(op))?;
         if changed {
             self.wake.wake();
@@ -69,7 +68,7 @@ impl PostgresEngine {
 
 #[async_trait]
 impl Engine for PostgresEngine {
-    async fn create_flow(&self, flow: &FlowId, namespace: Option<&Namespace>) -> Result<(), EngineError> {
+    async fn create_flow(&self, flow: &FlowId, namespace: Option<&Namespace>) -> Result<(), Error> {
         crate::engine::check_namespace(namespace)?;
         sqlx::query("SELECT ff_create_flow($1, $2)")
             .bind(flow.uuid())
@@ -80,9 +79,9 @@ impl Engine for PostgresEngine {
         Ok(())
     }
 
-    async fn create_execution(&self, spec: &ExecutionSpec) -> Result<(), EngineError> {
+    async fn create_execution(&self, spec: &ExecutionSpec) -> Result<(), Error> {
         spec.validate()?;
-        let tags = serde_json::to_value(&spec.tags).map_err(|e| EngineError::validation(e.to_string()))?;
+        let tags = serde_json::to_value(&spec.tags).map_err(|e| Error::validation(e.to_string()))?;
         let parents: Vec<Uuid> = spec.parents.iter().map(|p| p.uuid()).collect();
         sqlx::query("SELECT ff_create_execution($1, $2, $3, $4, $5, $6, $7)")
             .bind(spec.id.uuid())
@@ -98,7 +97,7 @@ impl Engine for PostgresEngine {
         Ok(())
     }
 
-    async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, EngineError> {
+    async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, Error> {
         let rows: Vec<(Uuid, i16)> =
             sqlx::query_as("SELECT execution_id, partition_key FROM ff_claim_executions($1, $2, $3)")
                 .bind(worker)
@@ -114,11 +113,11 @@ impl Engine for PostgresEngine {
         rows.into_iter().map(|(u, p)| exec_id(u, p)).collect()
     }
 
-    async fn complete(&self, id: &ExecutionId) -> Result<bool, EngineError> {
+    async fn complete(&self, id: &ExecutionId) -> Result<bool, Error> {
         self.call_bool("SELECT ff_complete_execution($1)", "ff_complete_execution", id).await
     }
 
-    async fn fail(&self, id: &ExecutionId, retryable: bool) -> Result<FailOutcome, EngineError> {
+    async fn fail(&self, id: &ExecutionId, retryable: bool) -> Result<FailOutcome, Error> {
         let outcome: String = sqlx::query_scalar("SELECT ff_fail_execution($1, $2)")
             .bind(id.uuid())
             .bind(retryable)
@@ -131,19 +130,19 @@ impl Engine for PostgresEngine {
                 self.wake.wake();
                 Ok(FailOutcome::TerminalFailed)
             }
-            other => Err(EngineError::State { detail: format!("fail {id}: {other}") }),
+            other => Err(Error::State { detail: format!("fail {id}: {other}") }),
         }
     }
 
-    async fn cancel(&self, id: &ExecutionId) -> Result<bool, EngineError> {
+    async fn cancel(&self, id: &ExecutionId) -> Result<bool, Error> {
         self.call_bool("SELECT ff_cancel_execution($1)", "ff_cancel_execution", id).await
     }
 
-    async fn expire(&self, id: &ExecutionId) -> Result<bool, EngineError> {
+    async fn expire(&self, id: &ExecutionId) -> Result<bool, Error> {
         self.call_bool("SELECT ff_expire_execution($1)", "ff_expire_execution", id).await
     }
 
-    async fn cancel_flow(&self, flow: &FlowId, policy: CancelFlowPolicy) -> Result<u64, EngineError> {
+    async fn cancel_flow(&self, flow: &FlowId, policy: CancelFlowPolicy) -> Result<u64, Error> {
         let n: i32 = sqlx::query_scalar("SELECT ff_cancel_flow($1, $2)")
             .bind(flow.uuid())
             .bind(policy.as_wire())
@@ -160,7 +159,7 @@ impl Engine for PostgresEngine {
         &self,
         parent: &ExecutionId,
         child: &ExecutionId,
-    ) -> Result<DependencyResolution, EngineError> {
+    ) -> Result<DependencyResolution, Error> {
         let result: String = sqlx::query_scalar("SELECT ff_resolve_dependency($1, $2)")
             .bind(parent.uuid())
             .bind(child.uuid())
@@ -174,7 +173,7 @@ impl Engine for PostgresEngine {
         Ok(resolution)
     }
 
-    async fn children(&self, parent: &ExecutionId) -> Result<Vec<ExecutionId>, EngineError> {
+    async fn children(&self, parent: &ExecutionId) -> Result<Vec<ExecutionId>, Error> {
         let rows: Vec<(Uuid, i16)> = sqlx::query_as(
             "SELECT d.child_id, e.partition_key FROM ff_dependency d JOIN ff_execution e ON e.execution_id = d.child_id \
              WHERE d.parent_id = $1",
@@ -186,7 +185,7 @@ impl Engine for PostgresEngine {
         rows.into_iter().map(|(u, p)| exec_id(u, p)).collect()
     }
 
-    async fn resolve_children(&self, parents: &[ExecutionId]) -> Result<Vec<ResolvedEdge>, EngineError> {
+    async fn resolve_children(&self, parents: &[ExecutionId]) -> Result<Vec<ResolvedEdge>, Error> {
         let ids: Vec<Uuid> = parents.iter().map(ExecutionId::uuid).collect();
         let rows: Vec<(Uuid, i16, Uuid, i16, String)> = sqlx::query_as("SELECT * FROM ff_resolve_children($1)")
             .bind(&ids)
@@ -198,7 +197,7 @@ impl Engine for PostgresEngine {
             .map(|(p, pp, c, cp, resolution)| {
                 Ok((exec_id(*p, *pp)?, exec_id(*c, *cp)?, DependencyResolution::from_wire(resolution)?))
             })
-            .collect::<Result<Vec<ResolvedEdge>, EngineError>>()?;
+            .collect::<Result<Vec<ResolvedEdge>, Error>>()?;
         // A skipped child is a completion.
         if edges.iter().any(|(_, _, r)| *r == DependencyResolution::Skipped) {
             self.wake.wake();
@@ -206,7 +205,7 @@ impl Engine for PostgresEngine {
         Ok(edges)
     }
 
-    async fn unresolved_dependencies(&self, limit: usize) -> Result<Vec<(ExecutionId, ExecutionId)>, EngineError> {
+    async fn unresolved_dependencies(&self, limit: usize) -> Result<Vec<(ExecutionId, ExecutionId)>, Error> {
         let rows: Vec<(Uuid, i16, Uuid, i16)> = sqlx::query_as("SELECT * FROM ff_unresolved_dependencies($1)")
             .bind(limit as i32)
             .fetch_all(&self.pool)
@@ -215,7 +214,7 @@ impl Engine for PostgresEngine {
         rows.into_iter().map(|(p, pp, c, cp)| Ok((exec_id(p, pp)?, exec_id(c, cp)?))).collect()
     }
 
-    async fn execution(&self, id: &ExecutionId) -> Result<Option<ExecutionInfo>, EngineError> {
+    async fn execution(&self, id: &ExecutionId) -> Result<Option<ExecutionInfo>, Error> {
         let row: Option<(String, i32)> =
             sqlx::query_as("SELECT state, attempt FROM ff_execution WHERE execution_id = $1")
                 .bind(id.uuid())
@@ -225,7 +224,7 @@ impl Engine for PostgresEngine {
         Ok(row.map(|(state, attempt)| ExecutionInfo { state, attempt: attempt.max(0) as u32 }))
     }
 
-    async fn renew_lease(&self, id: &ExecutionId, worker: &str) -> Result<bool, EngineError> {
+    async fn renew_lease(&self, id: &ExecutionId, worker: &str) -> Result<bool, Error> {
         let renewed: bool = sqlx::query_scalar("SELECT ff_renew_lease($1, $2, $3)")
             .bind(id.uuid())
             .bind(worker)
@@ -239,7 +238,7 @@ impl Engine for PostgresEngine {
         Ok(renewed)
     }
 
-    async fn expire_leases(&self, now: TimestampMs) -> Result<Vec<ExecutionId>, EngineError> {
+    async fn expire_leases(&self, now: TimestampMs) -> Result<Vec<ExecutionId>, Error> {
         let rows: Vec<(Uuid, i16)> = sqlx::query_as("SELECT execution_id, partition_key FROM ff_expire_leases($1)")
             .bind(now.0)
             .fetch_all(&self.pool)
@@ -251,7 +250,7 @@ impl Engine for PostgresEngine {
         rows.into_iter().map(|(u, p)| exec_id(u, p)).collect()
     }
 
-    async fn revoke_lease(&self, id: &ExecutionId, revoked_by: &str) -> Result<bool, EngineError> {
+    async fn revoke_lease(&self, id: &ExecutionId, revoked_by: &str) -> Result<bool, Error> {
         let revoked: bool = sqlx::query_scalar("SELECT ff_revoke_lease($1, $2)")
             .bind(id.uuid())
             .bind(revoked_by)
@@ -264,7 +263,7 @@ impl Engine for PostgresEngine {
         Ok(revoked)
     }
 
-    async fn suspend(&self, id: &ExecutionId, waitpoint: &WaitpointId) -> Result<bool, EngineError> {
+    async fn suspend(&self, id: &ExecutionId, waitpoint: &WaitpointId) -> Result<bool, Error> {
         let result: String = sqlx::query_scalar("SELECT ff_suspend_execution($1, $2)")
             .bind(id.uuid())
             .bind(waitpoint.as_str())
@@ -274,7 +273,7 @@ impl Engine for PostgresEngine {
         match result.as_str() {
             "satisfied" => Ok(true),
             "open" => Ok(false),
-            other => Err(EngineError::State { detail: format!("suspend {id}: {other}") }),
+            other => Err(Error::State { detail: format!("suspend {id}: {other}") }),
         }
     }
 
@@ -285,7 +284,7 @@ impl Engine for PostgresEngine {
         signal_id: &SignalId,
         idempotency_key: Option<&str>,
         source_identity: Option<&str>,
-    ) -> Result<SignalDeliveryEffect, EngineError> {
+    ) -> Result<SignalDeliveryEffect, Error> {
         let effect: Option<String> = sqlx::query_scalar("SELECT ff_deliver_signal($1, $2, $3, $4, $5)")
             .bind(id.uuid())
             .bind(waitpoint.as_str())
@@ -296,7 +295,7 @@ impl Engine for PostgresEngine {
             .await
             .map_err(sql_err("ff_deliver_signal"))?;
         let Some(effect) = effect else {
-            return Err(EngineError::State { detail: format!("deliver signal to {id}: no such execution") });
+            return Err(Error::State { detail: format!("deliver signal to {id}: no such execution") });
         };
         self.wake.wake();
         Ok(SignalDeliveryEffect::from_wire(&effect))

@@ -3,15 +3,18 @@
 //! view read with plain SELECTs in one snapshot. [`ack_in`] runs an ack inside the caller's own
 //! transaction: a fenced ack raises, which aborts that transaction and the effect written in it.
 
+use async_trait::async_trait;
+use futures::future::BoxFuture;
 use sqlx::PgConnection;
 use sqlx::postgres::{PgDatabaseError, PgPool};
 
-use crate::durable::store::{
-    Ack, GroupView, Heartbeat, Lease, PartitionView, check_heartbeat, check_member, check_name, from_sql_words,
-    sql_words,
+use crate::backends::groups::{
+    Ack, AckConnection, GroupStore, GroupView, Heartbeat, Lease, PartitionView, Sharing, check_heartbeat, check_member,
+    from_sql_words, sealed, sql_words,
 };
-use crate::error::EngineError;
+use crate::error::Error;
 use crate::types::TimestampMs;
+use crate::types::check_name;
 
 /// One heartbeat: `(group, member, ttl_ms, exclusive, rejoin, start major, hi, lo)`.
 const HEARTBEAT: &str = "\
@@ -51,8 +54,8 @@ fn lease((partition, token, major, hi, lo): LeaseRow) -> Lease {
 }
 
 /// Maps what the group functions raise to the crate's errors: fenced, already-acknowledged
-/// and unknown-group codes first ([`EngineError::from_sqlx`] would call them transport errors), the rest as usual.
-fn group_error(op: &'static str, group: &str, member: &str, err: sqlx::Error) -> EngineError {
+/// and unknown-group codes first ([`Error::from_sqlx`] would call them transport errors), the rest as usual.
+fn group_error(op: &'static str, group: &str, member: &str, err: sqlx::Error) -> Error {
     if let sqlx::Error::Database(db) = &err {
         // FFG01 and FFG04 name the partition in their DETAIL.
         let partition = || {
@@ -62,24 +65,24 @@ fn group_error(op: &'static str, group: &str, member: &str, err: sqlx::Error) ->
                 .unwrap_or_default()
         };
         match db.code().as_deref() {
-            Some(FENCED) => return EngineError::fenced(group, member, partition()),
-            Some(ALREADY_ACKNOWLEDGED) => return EngineError::already_acknowledged(group, partition()),
-            Some(UNKNOWN_GROUP) => return EngineError::validation(format!("unknown durable group {group:?}")),
-            Some(MALFORMED) => return EngineError::validation(db.message().to_owned()),
+            Some(FENCED) => return Error::fenced(group, member, partition()),
+            Some(ALREADY_ACKNOWLEDGED) => return Error::already_acknowledged(group, partition()),
+            Some(UNKNOWN_GROUP) => return Error::validation(format!("unknown durable group {group:?}")),
+            Some(MALFORMED) => return Error::validation(db.message().to_owned()),
             _ => {}
         }
     }
-    EngineError::from_sqlx(op, err)
+    Error::from_sqlx(op, err)
 }
 
-pub(crate) async fn heartbeat(pool: &PgPool, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, EngineError> {
+pub(crate) async fn heartbeat(pool: &PgPool, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, Error> {
     let ttl_ms = check_heartbeat(beat)?;
     let [major, hi, lo] = sql_words(beat.start.single())?;
     let rows: Vec<LeaseRow> = sqlx::query_as(HEARTBEAT)
         .bind(beat.group)
         .bind(beat.member)
         .bind(ttl_ms as i64)
-        .bind(beat.sharing == crate::durable::store::Sharing::Exclusive)
+        .bind(beat.sharing == Sharing::Exclusive)
         .bind(beat.rejoin)
         .bind(major)
         .bind(hi)
@@ -91,13 +94,13 @@ pub(crate) async fn heartbeat(pool: &PgPool, beat: &Heartbeat<'_>) -> Result<Vec
 }
 
 /// Applies `acks` for `member` of `group` on `conn`, inside whatever transaction it has open:
-/// all of them, or none and [`EngineError::Fenced`] (the transaction is then aborted and must
+/// all of them, or none and [`Error::Fenced`] (the transaction is then aborted and must
 /// roll back, with anything else written in it). With `once` (an ack beside the engine's
 /// effect), each ack must move its partition's position up.
 ///
 /// # Errors
-/// [`EngineError::Validation`] for a bad name, a position above `i64::MAX` or an unknown group;
-/// [`EngineError::Fenced`]; with `once`, [`EngineError::AlreadyAcknowledged`] for a position at
+/// [`Error::Validation`] for a bad name, a position above `i64::MAX` or an unknown group;
+/// [`Error::Fenced`]; with `once`, [`Error::AlreadyAcknowledged`] for a position at
 /// or below the stored one; connection errors as usual.
 pub(crate) async fn ack_in(
     conn: &mut PgConnection,
@@ -105,14 +108,14 @@ pub(crate) async fn ack_in(
     member: &str,
     acks: &[Ack],
     once: bool,
-) -> Result<(), EngineError> {
+) -> Result<(), Error> {
     check_member(group, member)?;
     let n = acks.len();
     let (mut partitions, mut tokens) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let (mut majors, mut his, mut los) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     for ack in acks {
         let [major, hi, lo] = sql_words(ack.position)?;
-        let token = i64::try_from(ack.token).map_err(|_| EngineError::fenced(group, member, ack.partition))?;
+        let token = i64::try_from(ack.token).map_err(|_| Error::fenced(group, member, ack.partition))?;
         partitions.push(i32::from(ack.partition));
         tokens.push(token);
         majors.push(major);
@@ -134,13 +137,13 @@ pub(crate) async fn ack_in(
     Ok(())
 }
 
-pub(crate) async fn ack(pool: &PgPool, group: &str, member: &str, acks: &[Ack]) -> Result<(), EngineError> {
+pub(crate) async fn ack(pool: &PgPool, group: &str, member: &str, acks: &[Ack]) -> Result<(), Error> {
     check_member(group, member)?;
-    let mut conn = pool.acquire().await.map_err(|e| EngineError::from_sqlx("postgres group ack", e))?;
+    let mut conn = pool.acquire().await.map_err(|e| Error::from_sqlx("postgres group ack", e))?;
     ack_in(&mut conn, group, member, acks, false).await
 }
 
-pub(crate) async fn leave(pool: &PgPool, group: &str, member: &str) -> Result<(), EngineError> {
+pub(crate) async fn leave(pool: &PgPool, group: &str, member: &str) -> Result<(), Error> {
     check_member(group, member)?;
     sqlx::query(LEAVE)
         .bind(group)
@@ -151,10 +154,10 @@ pub(crate) async fn leave(pool: &PgPool, group: &str, member: &str) -> Result<()
     Ok(())
 }
 
-pub(crate) async fn view(pool: &PgPool, group: &str) -> Result<Option<GroupView>, EngineError> {
+pub(crate) async fn view(pool: &PgPool, group: &str) -> Result<Option<GroupView>, Error> {
     check_name("group name", group)?;
     let op = "postgres group view";
-    let err = |e: sqlx::Error| EngineError::from_sqlx(op, e);
+    let err = |e: sqlx::Error| Error::from_sqlx(op, e);
     // One snapshot for the three reads.
     let mut tx = pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(err)?;
     let exists: bool = sqlx::query_scalar(VIEW_GROUP).bind(group).fetch_one(&mut *tx).await.map_err(err)?;
@@ -178,4 +181,51 @@ pub(crate) async fn view(pool: &PgPool, group: &str) -> Result<Option<GroupView>
             })
             .collect(),
     }))
+}
+
+#[async_trait]
+impl GroupStore for super::source::PostgresSource {
+    async fn heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, Error> {
+        heartbeat(&self.pool, beat).await
+    }
+
+    async fn ack(&self, group: &str, member: &str, acks: &[Ack]) -> Result<(), Error> {
+        ack(&self.pool, group, member, acks).await
+    }
+
+    async fn leave(&self, group: &str, member: &str) -> Result<(), Error> {
+        leave(&self.pool, group, member).await
+    }
+
+    async fn view(&self, group: &str) -> Result<Option<GroupView>, Error> {
+        view(&self.pool, group).await
+    }
+}
+
+impl sealed::Sealed for PgConnection {}
+impl sealed::Sealed for sqlx::Transaction<'_, sqlx::Postgres> {}
+
+impl AckConnection for PgConnection {
+    fn ack_in<'a>(
+        &'a mut self,
+        group: &'a str,
+        member: &'a str,
+        acks: &'a [Ack],
+        once: bool,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(ack_in(self, group, member, acks, once))
+    }
+}
+
+/// A transaction as sqlx hands it out: the ack is written on its connection.
+impl AckConnection for sqlx::Transaction<'_, sqlx::Postgres> {
+    fn ack_in<'a>(
+        &'a mut self,
+        group: &'a str,
+        member: &'a str,
+        acks: &'a [Ack],
+        once: bool,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(ack_in(self, group, member, acks, once))
+    }
 }

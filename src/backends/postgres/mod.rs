@@ -33,7 +33,7 @@ pub use wake::CommitWake;
 pub use wake::MIN_WAKE_INTERVAL;
 
 use crate::config::{BackendConfig, BackendConnection};
-use crate::error::{EngineError, redact};
+use crate::error::{Error, redact};
 
 /// The NOTIFY channel the outbox trigger wakes listeners on.
 pub const COMPLETION_CHANNEL: &str = "ff_completion";
@@ -63,17 +63,16 @@ pub static DEMO_MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
     migrator
 });
 
-pub(crate) fn connect_options(config: &BackendConfig) -> Result<PgConnectOptions, EngineError> {
+pub(crate) fn connect_options(config: &BackendConfig) -> Result<PgConnectOptions, Error> {
     let BackendConnection::Postgres(pg) = &config.connection else {
-        return Err(EngineError::validation("not a postgres config"));
+        return Err(Error::validation("not a postgres config"));
     };
-    PgConnectOptions::from_str(&pg.url).map_err(|e| {
-        EngineError::validation(format!("bad postgres URL {:?}: {}", redact(&pg.url), redact(&e.to_string())))
-    })
+    PgConnectOptions::from_str(&pg.url)
+        .map_err(|e| Error::validation(format!("bad postgres URL {:?}: {}", redact(&pg.url), redact(&e.to_string()))))
 }
 
 /// A pool of `max` connections, with the subsystem's schema migrated.
-pub(crate) async fn connect_pool(config: &BackendConfig, max: u32) -> Result<PgPool, EngineError> {
+pub(crate) async fn connect_pool(config: &BackendConfig, max: u32) -> Result<PgPool, Error> {
     // Ticks rely on each statement taking its own snapshot, whatever the database's default.
     let mut options = connect_options(config)?
         .application_name("ff-completions")
@@ -87,15 +86,15 @@ pub(crate) async fn connect_pool(config: &BackendConfig, max: u32) -> Result<PgP
         .acquire_timeout(config.timeouts.connect_or_default())
         .connect_with(options)
         .await
-        .map_err(|e| EngineError::from_sqlx("postgres connect", e))?;
+        .map_err(|e| Error::from_sqlx("postgres connect", e))?;
     migrate(&MIGRATOR, &pool).await?;
     Ok(pool)
 }
 
 /// Applies one set of migrations; concurrent callers wait on sqlx's advisory lock.
-pub(crate) async fn migrate(migrator: &Migrator, pool: &PgPool) -> Result<(), EngineError> {
+pub(crate) async fn migrate(migrator: &Migrator, pool: &PgPool) -> Result<(), Error> {
     migrator.run(pool).await.map_err(|e| match e {
-        sqlx::migrate::MigrateError::Execute(e) => EngineError::from_sqlx("postgres migrate", e),
-        other => EngineError::schema("postgres migrate", redact(&other.to_string())).with_source(other),
+        sqlx::migrate::MigrateError::Execute(e) => Error::from_sqlx("postgres migrate", e),
+        other => Error::schema("postgres migrate", redact(&other.to_string())).with_source(other),
     })
 }

@@ -15,10 +15,10 @@ use crate::backends::outbox::{FamilyColumns, OutboxRow, age_cutoff_ms};
 use crate::backends::{Batch, CompletionSource, FamilyEvent, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, BackendConnection, PostgresConnection, Retention};
 use crate::cursor::{
-    Family, Frontier, Position, PostgresCursor, StreamCursor, decode_postgres_cursor, encode_postgres_batch_cursor,
+    Frontier, Position, PostgresCursor, StreamCursor, decode_postgres_cursor, encode_postgres_batch_cursor,
 };
-use crate::durable::store::{Ack, GroupView, Heartbeat, Lease};
 use crate::error::EngineError;
+use crate::family::Family;
 use crate::types::TimestampMs;
 use tokio_util::task::AbortOnDropHandle;
 
@@ -78,7 +78,7 @@ struct Row {
 
 /// Reads the outbox; opens LISTEN connections.
 pub(crate) struct PostgresSource {
-    pool: PgPool,
+    pub(super) pool: PgPool,
     config: BackendConfig,
     /// Counts reads that found rows: the listening waker polls sooner while it moves.
     activity: Arc<AtomicU64>,
@@ -280,22 +280,6 @@ impl CompletionSource for PostgresSource {
             .await
             .map_err(|e| EngineError::from_sqlx("postgres trim", e))?;
         Ok(removed.max(0) as u64)
-    }
-
-    async fn group_heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, EngineError> {
-        super::groups::heartbeat(&self.pool, beat).await
-    }
-
-    async fn group_ack(&self, group: &str, member: &str, acks: &[Ack]) -> Result<(), EngineError> {
-        super::groups::ack(&self.pool, group, member, acks).await
-    }
-
-    async fn group_leave(&self, group: &str, member: &str) -> Result<(), EngineError> {
-        super::groups::leave(&self.pool, group, member).await
-    }
-
-    async fn group_view(&self, group: &str) -> Result<Option<GroupView>, EngineError> {
-        super::groups::view(&self.pool, group).await
     }
 
     async fn open_waker(&self, _from: &Frontier) -> Result<Box<dyn Waker>, EngineError> {

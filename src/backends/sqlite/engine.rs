@@ -17,7 +17,7 @@ use crate::engine::{
     CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, LEASE_DURATION,
     ResolvedEdge,
 };
-use crate::error::EngineError;
+use crate::error::Error;
 use crate::signal_delivery::SignalDeliveryEffect;
 use crate::types::{ExecutionId, FlowId, Namespace, SignalId, TimestampMs, WaitpointId};
 
@@ -54,15 +54,13 @@ impl DerefMut for WriteTx {
     }
 }
 
-fn sql_err(op: &'static str) -> impl FnOnce(sqlx::Error) -> EngineError {
-    move |e| EngineError::from_sqlx(op, e)
+fn sql_err(op: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |e| Error::from_sqlx(op, e)
 }
 
-fn exec_id(text: &str, partition: i64) -> Result<ExecutionId, EngineError> {
-    let uuid =
-        Uuid::parse_str(text).map_err(|e| EngineError::validation(format!("stored execution id {text:?}: {e}")))?;
-    let p =
-        u16::try_from(partition).map_err(|_| EngineError::validation(format!("partition {partition} out of range")))?;
+fn exec_id(text: &str, partition: i64) -> Result<ExecutionId, Error> {
+    let uuid = Uuid::parse_str(text).map_err(|e| Error::validation(format!("stored execution id {text:?}: {e}")))?;
+    let p = u16::try_from(partition).map_err(|_| Error::validation(format!("partition {partition} out of range")))?;
     Ok(ExecutionId::from_parts(p, uuid))
 }
 
@@ -71,7 +69,7 @@ impl SqliteEngine {
     ///
     /// # Errors
     /// Open or migration failures.
-    pub async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
+    pub async fn connect(config: &BackendConfig) -> Result<Self, Error> {
         let key = database_key(config)?;
         Ok(Self { pool: connect_pool(config, 4).await?, signal: commit_signal(&key), writers: write_queue(&key) })
     }
@@ -82,23 +80,23 @@ impl SqliteEngine {
     }
 
     /// Begins a write transaction once this process's earlier writers are done.
-    async fn write(&self, op: &'static str) -> Result<WriteTx, EngineError> {
+    async fn write(&self, op: &'static str) -> Result<WriteTx, Error> {
         self.begin(op, false).await
     }
 
     /// Begins a write transaction on a flow's critical path (dependency resolution): it passes
     /// the ordinary writers queued in this process.
-    async fn write_urgent(&self, op: &'static str) -> Result<WriteTx, EngineError> {
+    async fn write_urgent(&self, op: &'static str) -> Result<WriteTx, Error> {
         self.begin(op, true).await
     }
 
-    async fn begin(&self, op: &'static str, urgent: bool) -> Result<WriteTx, EngineError> {
+    async fn begin(&self, op: &'static str, urgent: bool) -> Result<WriteTx, Error> {
         let lock = self.writers.turn(urgent).await;
         let tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(sql_err(op))?;
         Ok(WriteTx { tx, _lock: lock })
     }
 
-    async fn commit(&self, tx: WriteTx, op: &'static str) -> Result<(), EngineError> {
+    async fn commit(&self, tx: WriteTx, op: &'static str) -> Result<(), Error> {
         tx.tx.commit().await.map_err(sql_err(op))?;
         self.signal.send_modify(|v| *v = v.wrapping_add(1));
         Ok(())
@@ -109,7 +107,7 @@ impl SqliteEngine {
         tx: &mut SqliteConnection,
         parent_id: &str,
         child_id: &str,
-    ) -> Result<DependencyResolution, EngineError> {
+    ) -> Result<DependencyResolution, Error> {
         let op = "resolve dependency";
         let parent_state: Option<String> = sqlx::query_scalar("SELECT state FROM ff_execution WHERE execution_id = ?")
             .bind(parent_id)
@@ -128,7 +126,7 @@ impl SqliteEngine {
         succeeded: bool,
         parent_id: &str,
         child_id: &str,
-    ) -> Result<DependencyResolution, EngineError> {
+    ) -> Result<DependencyResolution, Error> {
         let op = "resolve dependency";
         let edge = sqlx::query(
             "UPDATE ff_dependency SET state = ? WHERE parent_id = ? AND child_id = ? AND state = 'pending'",
@@ -181,7 +179,7 @@ impl SqliteEngine {
         to: &str,
         from: &'static str,
         op: &'static str,
-    ) -> Result<bool, EngineError> {
+    ) -> Result<bool, Error> {
         let mut tx = self.write(op).await?;
         let changed = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE ff_execution SET state = ?, worker = NULL, updated_at_ms = ? WHERE execution_id = ? AND state IN {from}"
@@ -200,7 +198,7 @@ impl SqliteEngine {
 
 #[async_trait]
 impl Engine for SqliteEngine {
-    async fn create_flow(&self, flow: &FlowId, namespace: Option<&Namespace>) -> Result<(), EngineError> {
+    async fn create_flow(&self, flow: &FlowId, namespace: Option<&Namespace>) -> Result<(), Error> {
         crate::engine::check_namespace(namespace)?;
         let mut tx = self.write("create flow").await?;
         sqlx::query("INSERT OR IGNORE INTO ff_flow (flow_id, namespace, created_at_ms) VALUES (?, ?, ?)")
@@ -213,9 +211,9 @@ impl Engine for SqliteEngine {
         self.commit(tx, "create flow").await
     }
 
-    async fn create_execution(&self, spec: &ExecutionSpec) -> Result<(), EngineError> {
+    async fn create_execution(&self, spec: &ExecutionSpec) -> Result<(), Error> {
         spec.validate()?;
-        let tags = serde_json::to_string(&spec.tags).map_err(|e| EngineError::validation(e.to_string()))?;
+        let tags = serde_json::to_string(&spec.tags).map_err(|e| Error::validation(e.to_string()))?;
         let parents: std::collections::BTreeSet<Uuid> = spec.parents.iter().map(|p| p.uuid()).collect();
         let state = if parents.is_empty() { "eligible" } else { "blocked" };
         let now = TimestampMs::now().0;
@@ -248,7 +246,7 @@ impl Engine for SqliteEngine {
         self.commit(tx, "create execution").await
     }
 
-    async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, EngineError> {
+    async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, Error> {
         // A read first (WAL readers never wait for the writer): an idle worker polling for work
         // takes no write lock, so it never delays the writers that have something to write.
         let eligible: Option<i64> = sqlx::query_scalar("SELECT 1 FROM ff_execution WHERE state = 'eligible' LIMIT 1")
@@ -279,11 +277,11 @@ impl Engine for SqliteEngine {
         rows.iter().map(|(id, p)| exec_id(id, *p)).collect()
     }
 
-    async fn complete(&self, id: &ExecutionId) -> Result<bool, EngineError> {
+    async fn complete(&self, id: &ExecutionId) -> Result<bool, Error> {
         self.transition(id, "success", "('running')", "complete").await
     }
 
-    async fn fail(&self, id: &ExecutionId, retryable: bool) -> Result<FailOutcome, EngineError> {
+    async fn fail(&self, id: &ExecutionId, retryable: bool) -> Result<FailOutcome, Error> {
         let mut tx = self.write("fail").await?;
         let row: Option<(String, i64, i64)> =
             sqlx::query_as("SELECT state, attempt, max_attempts FROM ff_execution WHERE execution_id = ?")
@@ -292,7 +290,7 @@ impl Engine for SqliteEngine {
                 .await
                 .map_err(sql_err("fail"))?;
         let Some((state, attempt, max_attempts)) = row.filter(|(s, _, _)| s == "running") else {
-            return Err(EngineError::State { detail: format!("fail {id}: not_running") });
+            return Err(Error::State { detail: format!("fail {id}: not_running") });
         };
         let retry = retryable && attempt < max_attempts;
         let to = if retry { "eligible" } else { "failed" };
@@ -314,15 +312,15 @@ impl Engine for SqliteEngine {
         })
     }
 
-    async fn cancel(&self, id: &ExecutionId) -> Result<bool, EngineError> {
+    async fn cancel(&self, id: &ExecutionId) -> Result<bool, Error> {
         self.transition(id, "cancelled", "('blocked', 'eligible', 'running')", "cancel").await
     }
 
-    async fn expire(&self, id: &ExecutionId) -> Result<bool, EngineError> {
+    async fn expire(&self, id: &ExecutionId) -> Result<bool, Error> {
         self.transition(id, "expired", "('blocked', 'eligible', 'running')", "expire").await
     }
 
-    async fn cancel_flow(&self, flow: &FlowId, policy: CancelFlowPolicy) -> Result<u64, EngineError> {
+    async fn cancel_flow(&self, flow: &FlowId, policy: CancelFlowPolicy) -> Result<u64, Error> {
         let states = match policy {
             CancelFlowPolicy::FlowOnly => "()",
             CancelFlowPolicy::CancelAll => "('blocked', 'eligible', 'running')",
@@ -351,7 +349,7 @@ impl Engine for SqliteEngine {
         &self,
         parent: &ExecutionId,
         child: &ExecutionId,
-    ) -> Result<DependencyResolution, EngineError> {
+    ) -> Result<DependencyResolution, Error> {
         let op = "resolve dependency";
         let mut tx = self.write_urgent(op).await?;
         let resolution = Self::resolve_in(&mut tx, &parent.uuid().to_string(), &child.uuid().to_string()).await?;
@@ -361,7 +359,7 @@ impl Engine for SqliteEngine {
 
     /// One transaction, one query for the pending edges of the whole batch (with each
     /// parent's state), then two statements per edge. Already resolved edges are left out.
-    async fn resolve_children(&self, parents: &[ExecutionId]) -> Result<Vec<ResolvedEdge>, EngineError> {
+    async fn resolve_children(&self, parents: &[ExecutionId]) -> Result<Vec<ResolvedEdge>, Error> {
         let op = "resolve children";
         let mut tx = self.write_urgent(op).await?;
         let mut resolved = Vec::new();
@@ -396,7 +394,7 @@ impl Engine for SqliteEngine {
         Ok(resolved)
     }
 
-    async fn children(&self, parent: &ExecutionId) -> Result<Vec<ExecutionId>, EngineError> {
+    async fn children(&self, parent: &ExecutionId) -> Result<Vec<ExecutionId>, Error> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT d.child_id, e.partition_key FROM ff_dependency d JOIN ff_execution e ON e.execution_id = d.child_id \
              WHERE d.parent_id = ?",
@@ -408,7 +406,7 @@ impl Engine for SqliteEngine {
         rows.iter().map(|(id, p)| exec_id(id, *p)).collect()
     }
 
-    async fn unresolved_dependencies(&self, limit: usize) -> Result<Vec<(ExecutionId, ExecutionId)>, EngineError> {
+    async fn unresolved_dependencies(&self, limit: usize) -> Result<Vec<(ExecutionId, ExecutionId)>, Error> {
         let rows: Vec<(String, i64, String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT d.parent_id, p.partition_key, d.child_id, c.partition_key FROM ff_dependency d \
              JOIN ff_execution p ON p.execution_id = d.parent_id JOIN ff_execution c ON c.execution_id = d.child_id \
@@ -421,7 +419,7 @@ impl Engine for SqliteEngine {
         rows.iter().map(|(p, pp, c, cp)| Ok((exec_id(p, *pp)?, exec_id(c, *cp)?))).collect()
     }
 
-    async fn execution(&self, id: &ExecutionId) -> Result<Option<ExecutionInfo>, EngineError> {
+    async fn execution(&self, id: &ExecutionId) -> Result<Option<ExecutionInfo>, Error> {
         let row: Option<(String, i64)> =
             sqlx::query_as("SELECT state, attempt FROM ff_execution WHERE execution_id = ?")
                 .bind(id.uuid().to_string())
@@ -431,7 +429,7 @@ impl Engine for SqliteEngine {
         Ok(row.map(|(state, attempt)| ExecutionInfo { state, attempt: attempt.max(0) as u32 }))
     }
 
-    async fn renew_lease(&self, id: &ExecutionId, worker: &str) -> Result<bool, EngineError> {
+    async fn renew_lease(&self, id: &ExecutionId, worker: &str) -> Result<bool, Error> {
         let op = "renew lease";
         let mut tx = self.write(op).await?;
         let renewed = sqlx::query(
@@ -449,7 +447,7 @@ impl Engine for SqliteEngine {
         Ok(renewed == 1)
     }
 
-    async fn expire_leases(&self, now: TimestampMs) -> Result<Vec<ExecutionId>, EngineError> {
+    async fn expire_leases(&self, now: TimestampMs) -> Result<Vec<ExecutionId>, Error> {
         let op = "expire leases";
         let mut tx = self.write(op).await?;
         let rows: Vec<(String, i64)> = sqlx::query_as(
@@ -466,7 +464,7 @@ impl Engine for SqliteEngine {
         rows.iter().map(|(id, p)| exec_id(id, *p)).collect()
     }
 
-    async fn revoke_lease(&self, id: &ExecutionId, revoked_by: &str) -> Result<bool, EngineError> {
+    async fn revoke_lease(&self, id: &ExecutionId, revoked_by: &str) -> Result<bool, Error> {
         let op = "revoke lease";
         let mut tx = self.write(op).await?;
         let revoked = sqlx::query(
@@ -484,7 +482,7 @@ impl Engine for SqliteEngine {
         Ok(revoked == 1)
     }
 
-    async fn suspend(&self, id: &ExecutionId, waitpoint: &WaitpointId) -> Result<bool, EngineError> {
+    async fn suspend(&self, id: &ExecutionId, waitpoint: &WaitpointId) -> Result<bool, Error> {
         let op = "suspend";
         let (execution, now) = (id.uuid().to_string(), TimestampMs::now().0);
         let mut tx = self.write(op).await?;
@@ -499,7 +497,7 @@ impl Engine for SqliteEngine {
         .map_err(sql_err(op))?
         .rows_affected();
         if suspended != 1 {
-            return Err(EngineError::State { detail: format!("suspend {id}: not_running") });
+            return Err(Error::State { detail: format!("suspend {id}: not_running") });
         }
         // The oldest signal buffered for this waitpoint, consumed now.
         let consumed: Option<i64> = sqlx::query_scalar(
@@ -539,7 +537,7 @@ impl Engine for SqliteEngine {
         signal_id: &SignalId,
         idempotency_key: Option<&str>,
         source_identity: Option<&str>,
-    ) -> Result<SignalDeliveryEffect, EngineError> {
+    ) -> Result<SignalDeliveryEffect, Error> {
         let op = "deliver signal";
         let mut tx = self.write(op).await?;
         // One statement decides the effect and records it; the trigger writes the event and,
@@ -566,7 +564,7 @@ impl Engine for SqliteEngine {
         .await
         .map_err(sql_err(op))?;
         let Some(effect) = effect else {
-            return Err(EngineError::State { detail: format!("deliver signal to {id}: no such execution") });
+            return Err(Error::State { detail: format!("deliver signal to {id}: no such execution") });
         };
         self.commit(tx, op).await?;
         Ok(SignalDeliveryEffect::from_wire(&effect))

@@ -4,15 +4,18 @@
 //! SQLite's clock read once after the transaction began, in epoch milliseconds. [`ack_in`] runs
 //! an ack inside the caller's own write transaction.
 
+use async_trait::async_trait;
+use futures::future::BoxFuture;
 use sqlx::SqliteConnection;
 use sqlx::sqlite::SqlitePool;
 
 use super::write_queue;
-use crate::durable::store::{
-    Ack, GroupView, Heartbeat, Lease, PartitionView, Sharing, check_heartbeat, check_member, check_name, fair_share,
-    from_sql_words, sql_words,
+use crate::backends::groups::{
+    Ack, AckConnection, GroupStore, GroupView, Heartbeat, Lease, PartitionView, Sharing, check_heartbeat, check_member,
+    fair_share, from_sql_words, sealed, sql_words,
 };
-use crate::error::EngineError;
+use crate::error::Error;
+use crate::types::check_name;
 use crate::types::{PARTITION_COUNT, TimestampMs};
 
 /// SQLite's clock in epoch milliseconds (the form the outbox's triggers use).
@@ -98,11 +101,11 @@ type LeaseRow = (i64, i64, i64, i64, i64);
 type HolderRow = (Option<String>, i64, i64, i64, i64);
 type PartitionRow = (i64, Option<String>, Option<i64>, i64, i64, i64, i64);
 
-fn sql_err(op: &'static str) -> impl Fn(sqlx::Error) -> EngineError {
-    move |e| EngineError::from_sqlx(op, e)
+fn sql_err(op: &'static str) -> impl Fn(sqlx::Error) -> Error {
+    move |e| Error::from_sqlx(op, e)
 }
 
-async fn now_ms(conn: &mut SqliteConnection, op: &'static str) -> Result<i64, EngineError> {
+async fn now_ms(conn: &mut SqliteConnection, op: &'static str) -> Result<i64, Error> {
     sqlx::query_scalar(NOW_MS).fetch_one(conn).await.map_err(sql_err(op))
 }
 
@@ -111,13 +114,13 @@ async fn write(
     pool: &SqlitePool,
     key: &str,
     op: &'static str,
-) -> Result<(sqlx::Transaction<'static, sqlx::Sqlite>, tokio::sync::OwnedMutexGuard<()>), EngineError> {
+) -> Result<(sqlx::Transaction<'static, sqlx::Sqlite>, tokio::sync::OwnedMutexGuard<()>), Error> {
     let turn = write_queue(key).turn(false).await;
     let tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(sql_err(op))?;
     Ok((tx, turn))
 }
 
-pub(crate) async fn heartbeat(pool: &SqlitePool, key: &str, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, EngineError> {
+pub(crate) async fn heartbeat(pool: &SqlitePool, key: &str, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, Error> {
     let op = "sqlite group heartbeat";
     let ttl_ms = check_heartbeat(beat)? as i64;
     let [major, hi, lo] = sql_words(beat.start.single())?;
@@ -189,9 +192,9 @@ pub(crate) async fn heartbeat(pool: &SqlitePool, key: &str, beat: &Heartbeat<'_>
 /// must move its partition's position up.
 ///
 /// # Errors
-/// [`EngineError::Validation`] for a bad name, a position above `i64::MAX` or an unknown group;
-/// [`EngineError::Fenced`] when `member` does not hold one of the partitions with the ack's
-/// token (a lapsed lease nobody took yet still counts); with `once`, [`EngineError::AlreadyAcknowledged`] for a
+/// [`Error::Validation`] for a bad name, a position above `i64::MAX` or an unknown group;
+/// [`Error::Fenced`] when `member` does not hold one of the partitions with the ack's
+/// token (a lapsed lease nobody took yet still counts); with `once`, [`Error::AlreadyAcknowledged`] for a
 /// position at or below the stored one.
 pub(crate) async fn ack_in(
     conn: &mut SqliteConnection,
@@ -199,13 +202,13 @@ pub(crate) async fn ack_in(
     member: &str,
     acks: &[Ack],
     once: bool,
-) -> Result<(), EngineError> {
+) -> Result<(), Error> {
     let op = "sqlite group ack";
     check_member(group, member)?;
     let words = acks.iter().map(|a| sql_words(a.position)).collect::<Result<Vec<_>, _>>()?;
     let exists: bool = sqlx::query_scalar(GROUP_EXISTS).bind(group).fetch_one(&mut *conn).await.map_err(sql_err(op))?;
     if !exists {
-        return Err(EngineError::validation(format!("unknown durable group {group:?}")));
+        return Err(Error::validation(format!("unknown durable group {group:?}")));
     }
     for ack in acks {
         let holder: Option<HolderRow> = sqlx::query_as(HOLDER)
@@ -215,14 +218,14 @@ pub(crate) async fn ack_in(
             .await
             .map_err(sql_err(op))?;
         let Some((owner, token, major, hi, lo)) = holder else {
-            return Err(EngineError::fenced(group, member, ack.partition));
+            return Err(Error::fenced(group, member, ack.partition));
         };
         let holds = owner.as_deref() == Some(member) && u64::try_from(token).is_ok_and(|t| t == ack.token);
         if !holds {
-            return Err(EngineError::fenced(group, member, ack.partition));
+            return Err(Error::fenced(group, member, ack.partition));
         }
         if once && ack.position <= from_sql_words(major, hi, lo) {
-            return Err(EngineError::already_acknowledged(group, ack.partition));
+            return Err(Error::already_acknowledged(group, ack.partition));
         }
     }
     for (ack, [major, hi, lo]) in acks.iter().zip(words) {
@@ -239,20 +242,14 @@ pub(crate) async fn ack_in(
     Ok(())
 }
 
-pub(crate) async fn ack(
-    pool: &SqlitePool,
-    key: &str,
-    group: &str,
-    member: &str,
-    acks: &[Ack],
-) -> Result<(), EngineError> {
+pub(crate) async fn ack(pool: &SqlitePool, key: &str, group: &str, member: &str, acks: &[Ack]) -> Result<(), Error> {
     check_member(group, member)?;
     let (mut tx, _turn) = write(pool, key, "sqlite group ack").await?;
     ack_in(&mut tx, group, member, acks, false).await?;
     tx.commit().await.map_err(sql_err("sqlite group ack"))
 }
 
-pub(crate) async fn leave(pool: &SqlitePool, key: &str, group: &str, member: &str) -> Result<(), EngineError> {
+pub(crate) async fn leave(pool: &SqlitePool, key: &str, group: &str, member: &str) -> Result<(), Error> {
     let op = "sqlite group leave";
     check_member(group, member)?;
     let (mut tx, _turn) = write(pool, key, op).await?;
@@ -261,7 +258,7 @@ pub(crate) async fn leave(pool: &SqlitePool, key: &str, group: &str, member: &st
     tx.commit().await.map_err(sql_err(op))
 }
 
-pub(crate) async fn view(pool: &SqlitePool, group: &str) -> Result<Option<GroupView>, EngineError> {
+pub(crate) async fn view(pool: &SqlitePool, group: &str) -> Result<Option<GroupView>, Error> {
     let op = "sqlite group view";
     check_name("group name", group)?;
     // One read transaction: one snapshot for the reads.
@@ -288,4 +285,51 @@ pub(crate) async fn view(pool: &SqlitePool, group: &str) -> Result<Option<GroupV
             })
             .collect(),
     }))
+}
+
+#[async_trait]
+impl GroupStore for super::source::SqliteSource {
+    async fn heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, Error> {
+        heartbeat(&self.pool, &self.key, beat).await
+    }
+
+    async fn ack(&self, group: &str, member: &str, acks: &[Ack]) -> Result<(), Error> {
+        ack(&self.pool, &self.key, group, member, acks).await
+    }
+
+    async fn leave(&self, group: &str, member: &str) -> Result<(), Error> {
+        leave(&self.pool, &self.key, group, member).await
+    }
+
+    async fn view(&self, group: &str) -> Result<Option<GroupView>, Error> {
+        view(&self.pool, group).await
+    }
+}
+
+impl sealed::Sealed for SqliteConnection {}
+impl sealed::Sealed for sqlx::Transaction<'_, sqlx::Sqlite> {}
+
+impl AckConnection for SqliteConnection {
+    fn ack_in<'a>(
+        &'a mut self,
+        group: &'a str,
+        member: &'a str,
+        acks: &'a [Ack],
+        once: bool,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(ack_in(self, group, member, acks, once))
+    }
+}
+
+/// A transaction as sqlx hands it out: the ack is written on its connection.
+impl AckConnection for sqlx::Transaction<'_, sqlx::Sqlite> {
+    fn ack_in<'a>(
+        &'a mut self,
+        group: &'a str,
+        member: &'a str,
+        acks: &'a [Ack],
+        once: bool,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(ack_in(self, group, member, acks, once))
+    }
 }

@@ -22,23 +22,23 @@ pub use engine::SqliteEngine;
 pub(crate) use source::SqliteSource;
 
 use crate::config::{BackendConfig, BackendConnection, SqliteConnection};
-use crate::error::EngineError;
+use crate::error::Error;
 
 /// The embedded migrations (`migrations/sqlite/`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
 /// A database's identity inside this process: its canonical path, or its memory name.
-pub(crate) fn database_key(config: &BackendConfig) -> Result<String, EngineError> {
+pub(crate) fn database_key(config: &BackendConfig) -> Result<String, Error> {
     match &config.connection {
         BackendConnection::Sqlite(SqliteConnection::File(path)) => {
             let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
             let dir = std::fs::canonicalize(parent)
-                .map_err(|e| EngineError::validation(format!("sqlite directory {}: {e}", parent.display())))?;
-            let name = path.file_name().ok_or_else(|| EngineError::validation("sqlite path names no file"))?;
+                .map_err(|e| Error::validation(format!("sqlite directory {}: {e}", parent.display())))?;
+            let name = path.file_name().ok_or_else(|| Error::validation("sqlite path names no file"))?;
             Ok(dir.join(name).display().to_string())
         }
         BackendConnection::Sqlite(SqliteConnection::Memory(name)) => Ok(format!("memory:{name}")),
-        _ => Err(EngineError::validation("not a sqlite config")),
+        _ => Err(Error::validation("not a sqlite config")),
     }
 }
 
@@ -93,7 +93,7 @@ impl WriteQueue {
     }
 }
 
-fn options(config: &BackendConfig) -> Result<SqliteConnectOptions, EngineError> {
+fn options(config: &BackendConfig) -> Result<SqliteConnectOptions, Error> {
     let options = match &config.connection {
         BackendConnection::Sqlite(SqliteConnection::File(path)) => SqliteConnectOptions::new()
             .filename(path)
@@ -102,29 +102,29 @@ fn options(config: &BackendConfig) -> Result<SqliteConnectOptions, EngineError> 
             .synchronous(SqliteSynchronous::Normal),
         BackendConnection::Sqlite(SqliteConnection::Memory(name)) => {
             SqliteConnectOptions::from_str(&format!("sqlite:file:{name}?mode=memory&cache=shared"))
-                .map_err(|e| EngineError::validation(format!("sqlite memory database {name:?}: {e}")))?
+                .map_err(|e| Error::validation(format!("sqlite memory database {name:?}: {e}")))?
         }
-        _ => return Err(EngineError::validation("not a sqlite config")),
+        _ => return Err(Error::validation("not a sqlite config")),
     };
     Ok(options.busy_timeout(Duration::from_secs(10)).foreign_keys(true))
 }
 
 /// Why the database `key` could not be opened. A file SQLite cannot open (a directory, a path
-/// under a plain file, no permission) is [`EngineError::Unavailable`] naming the file: retrying
+/// under a plain file, no permission) is [`Error::Unavailable`] naming the file: retrying
 /// will not help until an operator acts, and the path is what they need to know.
-fn open_error(key: &str, err: sqlx::Error) -> EngineError {
+fn open_error(key: &str, err: sqlx::Error) -> Error {
     match err {
         sqlx::Error::Database(_) | sqlx::Error::Io(_) => {
-            EngineError::unavailable("sqlite open", crate::error::redact(&format!("{key}: {err}"))).with_source(err)
+            Error::unavailable("sqlite open", crate::error::redact(&format!("{key}: {err}"))).with_source(err)
         }
-        other => EngineError::from_sqlx("sqlite open", other),
+        other => Error::from_sqlx("sqlite open", other),
     }
 }
 
 /// A pool on the database with the schema migrated. An in-memory database gets one shared
 /// single-connection pool per process, so its connections never fight over shared-cache locks
 /// and the database lives as long as the process uses it.
-pub(crate) async fn connect_pool(config: &BackendConfig, max: u32) -> Result<SqlitePool, EngineError> {
+pub(crate) async fn connect_pool(config: &BackendConfig, max: u32) -> Result<SqlitePool, Error> {
     static MEMORY_POOLS: OnceLock<tokio::sync::Mutex<HashMap<String, SqlitePool>>> = OnceLock::new();
     let key = database_key(config)?;
     let is_memory = key.starts_with("memory:");
@@ -142,8 +142,8 @@ pub(crate) async fn connect_pool(config: &BackendConfig, max: u32) -> Result<Sql
         .await
         .map_err(|e| open_error(&key, e))?;
     MIGRATOR.run(&pool).await.map_err(|e| match e {
-        sqlx::migrate::MigrateError::Execute(e) => EngineError::from_sqlx("sqlite migrate", e),
-        other => EngineError::schema("sqlite migrate", other.to_string()).with_source(other),
+        sqlx::migrate::MigrateError::Execute(e) => Error::from_sqlx("sqlite migrate", e),
+        other => Error::schema("sqlite migrate", other.to_string()).with_source(other),
     })?;
     if is_memory {
         memory_pools.insert(key, pool.clone());
@@ -159,7 +159,7 @@ mod tests {
 
     /// Opens `config` as the tree and the engine do, failing the test if it takes more than a
     /// few seconds.
-    async fn open(config: &BackendConfig) -> Result<SqlitePool, EngineError> {
+    async fn open(config: &BackendConfig) -> Result<SqlitePool, Error> {
         let started = Instant::now();
         let opened = tokio::time::timeout(Duration::from_secs(20), connect_pool(config, 2))
             .await
@@ -173,7 +173,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let missing = dir.path().join("no-such-dir");
         match open(&BackendConfig::sqlite(missing.join("completions.db"))).await {
-            Err(EngineError::Validation { detail }) => assert!(detail.contains("no-such-dir"), "{detail}"),
+            Err(Error::Validation { detail }) => assert!(detail.contains("no-such-dir"), "{detail}"),
             other => panic!("expected a validation error, got {:?}", other.map(|_| "a pool")),
         }
         assert!(!missing.exists(), "nothing was created");
@@ -185,7 +185,7 @@ mod tests {
         let path = dir.path().join("a-directory");
         std::fs::create_dir(&path).expect("create dir");
         match open(&BackendConfig::sqlite(&path)).await {
-            Err(err @ EngineError::Unavailable { .. }) => {
+            Err(err @ Error::Unavailable { .. }) => {
                 assert!(err.to_string().contains("sqlite open") && err.to_string().contains("a-directory"), "{err}")
             }
             other => panic!("expected an unavailable error, got {:?}", other.map(|_| "a pool")),
@@ -198,7 +198,7 @@ mod tests {
         let file = dir.path().join("plain-file");
         std::fs::write(&file, b"not a directory").expect("write file");
         match open(&BackendConfig::sqlite(file.join("completions.db"))).await {
-            Err(EngineError::Unavailable { .. } | EngineError::Validation { .. }) => {}
+            Err(Error::Unavailable { .. } | Error::Validation { .. }) => {}
             other => panic!("expected a typed open error, got {:?}", other.map(|_| "a pool")),
         }
         assert_eq!(std::fs::read(&file).ok().as_deref(), Some(&b"not a directory"[..]), "the file is untouched");
@@ -209,8 +209,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = BackendConfig::sqlite(dir.path().to_path_buf());
         let started = Instant::now();
-        assert!(matches!(SqliteSource::connect(&config).await, Err(EngineError::Unavailable { .. })));
-        assert!(matches!(SqliteEngine::connect(&config).await, Err(EngineError::Unavailable { .. })));
+        assert!(matches!(SqliteSource::connect(&config).await, Err(Error::Unavailable { .. })));
+        assert!(matches!(SqliteEngine::connect(&config).await, Err(Error::Unavailable { .. })));
         assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     }
 

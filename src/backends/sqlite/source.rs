@@ -12,9 +12,9 @@ use super::{commit_signal, connect_pool, database_key, options};
 use crate::backends::outbox::{FamilyColumns, OutboxRow, age_cutoff_ms};
 use crate::backends::{Batch, CompletionSource, FamilyEvent, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, Retention};
-use crate::cursor::{Family, Frontier, Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
-use crate::durable::store::{Ack, GroupView, Heartbeat, Lease};
-use crate::error::EngineError;
+use crate::cursor::{Frontier, Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
+use crate::error::Error;
+use crate::family::Family;
 use crate::types::TimestampMs;
 
 /// How often the waker looks at `PRAGMA data_version` for commits from other processes.
@@ -50,21 +50,21 @@ struct Row {
 
 /// Reads the outbox of one SQLite database.
 pub(crate) struct SqliteSource {
-    pool: SqlitePool,
+    pub(super) pool: SqlitePool,
     config: BackendConfig,
-    key: String,
+    pub(super) key: String,
 }
 
 impl SqliteSource {
-    pub(crate) async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
+    pub(crate) async fn connect(config: &BackendConfig) -> Result<Self, Error> {
         Ok(Self { pool: connect_pool(config, 2).await?, config: config.clone(), key: database_key(config)? })
     }
 
-    async fn trimmed(&self) -> Result<Option<i64>, EngineError> {
+    async fn trimmed(&self) -> Result<Option<i64>, Error> {
         sqlx::query_scalar("SELECT trimmed_event_id FROM ff_completion_retention WHERE id = 1")
             .fetch_optional(&self.pool)
             .await
-            .map_err(|e| EngineError::from_sqlx("sqlite retention", e))
+            .map_err(|e| Error::from_sqlx("sqlite retention", e))
     }
 }
 
@@ -96,27 +96,27 @@ impl CompletionSource for SqliteSource {
         true
     }
 
-    async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError> {
+    async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, Error> {
         match decode_sqlite_cursor(cursor)? {
             None => Ok(StartAt::after(self.tail().await?)),
             Some(event_id) => match self.trimmed().await? {
                 Some(trimmed) if event_id < trimmed => {
-                    Err(EngineError::CursorExpired { oldest: Some(encode_sqlite_cursor(trimmed)) })
+                    Err(Error::CursorExpired { oldest: Some(encode_sqlite_cursor(trimmed)) })
                 }
                 _ => Ok(StartAt::after(Frontier::at(pos(event_id)))),
             },
         }
     }
 
-    async fn tail(&self) -> Result<Frontier, EngineError> {
+    async fn tail(&self) -> Result<Frontier, Error> {
         let max: Option<i64> = sqlx::query_scalar("SELECT max(event_id) FROM ff_completion_event")
             .fetch_one(&self.pool)
             .await
-            .map_err(|e| EngineError::from_sqlx("sqlite tail", e))?;
+            .map_err(|e| Error::from_sqlx("sqlite tail", e))?;
         Ok(Frontier::at(pos(max.unwrap_or(0))))
     }
 
-    async fn read_after(&self, after: &Frontier, limit: usize) -> Result<Batch, EngineError> {
+    async fn read_after(&self, after: &Frontier, limit: usize) -> Result<Batch, Error> {
         let after = after.single();
         let mut batch = Batch { start: Frontier::at(after), end: Frontier::at(after), ..Batch::default() };
         if let Some(trimmed) = self.trimmed().await?
@@ -130,7 +130,7 @@ impl CompletionSource for SqliteSource {
             .bind(limit as i64)
             .fetch_all(&self.pool)
             .await
-            .map_err(|e| EngineError::from_sqlx("sqlite read", e))?;
+            .map_err(|e| Error::from_sqlx("sqlite read", e))?;
         batch.full = rows.len() == limit;
         for row in &rows {
             let p = pos(row.event_id);
@@ -143,16 +143,16 @@ impl CompletionSource for SqliteSource {
         Ok(batch)
     }
 
-    async fn trim(&self, retention: &Retention) -> Result<u64, EngineError> {
+    async fn trim(&self, retention: &Retention) -> Result<u64, Error> {
         let before_ms = retention.max_age.map(|age| age_cutoff_ms(TimestampMs::now(), age));
         let keep = retention.max_events.map(|n| n.min(i64::MAX as u64) as i64);
-        let mut tx = self.pool.begin().await.map_err(|e| EngineError::from_sqlx("sqlite trim", e))?;
+        let mut tx = self.pool.begin().await.map_err(|e| Error::from_sqlx("sqlite trim", e))?;
         let by_age: Option<i64> = match before_ms {
             Some(ms) => sqlx::query_scalar("SELECT max(event_id) FROM ff_completion_event WHERE occurred_at_ms < ?")
                 .bind(ms)
                 .fetch_one(&mut *tx)
                 .await
-                .map_err(|e| EngineError::from_sqlx("sqlite trim", e))?,
+                .map_err(|e| Error::from_sqlx("sqlite trim", e))?,
             None => None,
         };
         let by_count: Option<i64> = match keep {
@@ -161,7 +161,7 @@ impl CompletionSource for SqliteSource {
                     .bind(n)
                     .fetch_optional(&mut *tx)
                     .await
-                    .map_err(|e| EngineError::from_sqlx("sqlite trim", e))?
+                    .map_err(|e| Error::from_sqlx("sqlite trim", e))?
             }
             None => None,
         };
@@ -170,7 +170,7 @@ impl CompletionSource for SqliteSource {
             .bind(cut)
             .execute(&mut *tx)
             .await
-            .map_err(|e| EngineError::from_sqlx("sqlite trim", e))?
+            .map_err(|e| Error::from_sqlx("sqlite trim", e))?
             .rows_affected();
         sqlx::query(
             "INSERT INTO ff_completion_retention (id, trimmed_event_id) VALUES (1, ?) \
@@ -179,28 +179,12 @@ impl CompletionSource for SqliteSource {
         .bind(cut)
         .execute(&mut *tx)
         .await
-        .map_err(|e| EngineError::from_sqlx("sqlite trim", e))?;
-        tx.commit().await.map_err(|e| EngineError::from_sqlx("sqlite trim", e))?;
+        .map_err(|e| Error::from_sqlx("sqlite trim", e))?;
+        tx.commit().await.map_err(|e| Error::from_sqlx("sqlite trim", e))?;
         Ok(removed)
     }
 
-    async fn group_heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, EngineError> {
-        super::groups::heartbeat(&self.pool, &self.key, beat).await
-    }
-
-    async fn group_ack(&self, group: &str, member: &str, acks: &[Ack]) -> Result<(), EngineError> {
-        super::groups::ack(&self.pool, &self.key, group, member, acks).await
-    }
-
-    async fn group_leave(&self, group: &str, member: &str) -> Result<(), EngineError> {
-        super::groups::leave(&self.pool, &self.key, group, member).await
-    }
-
-    async fn group_view(&self, group: &str) -> Result<Option<GroupView>, EngineError> {
-        super::groups::view(&self.pool, group).await
-    }
-
-    async fn open_waker(&self, _from: &Frontier) -> Result<Box<dyn Waker>, EngineError> {
+    async fn open_waker(&self, _from: &Frontier) -> Result<Box<dyn Waker>, Error> {
         let signal = commit_signal(&self.key).subscribe();
         // Other processes only reach a file; an in-memory database is this process's alone.
         let watcher = if self.key.starts_with("memory:") {
@@ -208,7 +192,7 @@ impl CompletionSource for SqliteSource {
         } else {
             let mut conn = SqliteConnection::connect_with(&options(&self.config)?)
                 .await
-                .map_err(|e| EngineError::from_sqlx("sqlite watch connect", e))?;
+                .map_err(|e| Error::from_sqlx("sqlite watch connect", e))?;
             let version = data_version(&mut conn).await?;
             Some((conn, version))
         };
@@ -216,11 +200,11 @@ impl CompletionSource for SqliteSource {
     }
 }
 
-async fn data_version(conn: &mut SqliteConnection) -> Result<i64, EngineError> {
+async fn data_version(conn: &mut SqliteConnection) -> Result<i64, Error> {
     sqlx::query_scalar("PRAGMA data_version")
         .fetch_one(conn)
         .await
-        .map_err(|e| EngineError::from_sqlx("sqlite data_version", e))
+        .map_err(|e| Error::from_sqlx("sqlite data_version", e))
 }
 
 /// Wakes on this process's commit signal, or when another connection changed the file.
@@ -231,13 +215,13 @@ struct SqliteWaker {
 
 #[async_trait]
 impl Waker for SqliteWaker {
-    async fn wait(&mut self) -> Result<Wake, EngineError> {
+    async fn wait(&mut self) -> Result<Wake, Error> {
         loop {
             tokio::select! {
                 changed = self.signal.changed() => {
                     return match changed {
                         Ok(()) => Ok(Wake::Notified),
-                        Err(_) => Err(EngineError::Actor { detail: "sqlite commit signal closed".into() }),
+                        Err(_) => Err(Error::Actor { detail: "sqlite commit signal closed".into() }),
                     };
                 }
                 _ = tokio::time::sleep(DATA_VERSION_POLL) => {
@@ -290,7 +274,7 @@ mod tests {
         assert_eq!(kept(&source).await, [now, i64::MAX]);
         for below in [1, 2] {
             match source.resolve_start(&encode_sqlite_cursor(below)).await {
-                Err(EngineError::CursorExpired { oldest }) => assert_eq!(oldest, Some(encode_sqlite_cursor(3))),
+                Err(Error::CursorExpired { oldest }) => assert_eq!(oldest, Some(encode_sqlite_cursor(3))),
                 other => panic!("cursor {below} is below the trimmed rows, got {other:?}"),
             }
         }

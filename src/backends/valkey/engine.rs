@@ -11,7 +11,7 @@ use crate::config::BackendConfig;
 use crate::engine::{
     CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, LEASE_DURATION,
 };
-use crate::error::EngineError;
+use crate::error::Error;
 use crate::signal_delivery::SignalDeliveryEffect;
 use crate::types::{ExecutionId, FlowId, Namespace, SignalId, TimestampMs, WaitpointId};
 
@@ -39,7 +39,7 @@ impl std::fmt::Debug for ValkeyEngine {
     }
 }
 
-fn parse_ids(ids: &[String]) -> Result<Vec<ExecutionId>, EngineError> {
+fn parse_ids(ids: &[String]) -> Result<Vec<ExecutionId>, Error> {
     ids.iter().map(|id| ExecutionId::parse(id)).collect()
 }
 
@@ -48,12 +48,12 @@ impl ValkeyEngine {
     /// Completions are trimmed to `MAXLEN ~` [`ValkeyConnection::stream_maxlen`](crate::ValkeyConnection).
     ///
     /// # Errors
-    /// [`EngineError::Validation`] for a config of another backend, or of a cluster with a database
+    /// [`Error::Validation`] for a config of another backend, or of a cluster with a database
     /// other than 0;
-    /// [`EngineError::Unavailable`] when the server refuses the connection or the credentials or
-    /// is too old for functions; [`EngineError::Timeout`] and [`EngineError::Transport`] for
+    /// [`Error::Unavailable`] when the server refuses the connection or the credentials or
+    /// is too old for functions; [`Error::Timeout`] and [`Error::Transport`] for
     /// connection trouble.
-    pub async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
+    pub async fn connect(config: &BackendConfig) -> Result<Self, Error> {
         let v = valkey_connection(config)?;
         let (maxlen, wait_replicas) = (v.stream_maxlen.max(1).to_string(), v.wait_replicas);
         let client = connect_client(config, "ff-completions-engine").await?;
@@ -74,7 +74,7 @@ impl ValkeyEngine {
         function: &'static str,
         keys: &[impl ferriskey::ToArgs],
         args: &[impl ferriskey::ToArgs],
-    ) -> Result<T, EngineError> {
+    ) -> Result<T, Error> {
         let reply = fcall(&self.client, function, keys, args).await?;
         self.replicated().await?;
         Ok(reply)
@@ -82,7 +82,7 @@ impl ValkeyEngine {
 
     /// Waits until the configured number of replicas acknowledged this client's writes. In a
     /// cluster, ferriskey sends `WAIT` to every primary and answers the smallest count.
-    async fn replicated(&self) -> Result<(), EngineError> {
+    async fn replicated(&self) -> Result<(), Error> {
         if self.wait_replicas == 0 {
             return Ok(());
         }
@@ -94,13 +94,13 @@ impl ValkeyEngine {
                 "{acked} of {} replicas acknowledged the write within {timeout_ms} ms: done on the primary, but a failover may lose it",
                 self.wait_replicas
             );
-            return Err(EngineError::unavailable("valkey WAIT", detail));
+            return Err(Error::unavailable("valkey WAIT", detail));
         }
         Ok(())
     }
 
     /// A terminal call on one execution returning 0 or 1.
-    async fn flag(&self, function: &'static str, id: &ExecutionId) -> Result<bool, EngineError> {
+    async fn flag(&self, function: &'static str, id: &ExecutionId) -> Result<bool, Error> {
         let n: i64 = self.write(function, &keys::terminal(id), &[id.to_string(), self.maxlen.clone()]).await?;
         Ok(n == 1)
     }
@@ -108,17 +108,17 @@ impl ValkeyEngine {
 
 #[async_trait]
 impl Engine for ValkeyEngine {
-    async fn create_flow(&self, flow: &FlowId, namespace: Option<&Namespace>) -> Result<(), EngineError> {
+    async fn create_flow(&self, flow: &FlowId, namespace: Option<&Namespace>) -> Result<(), Error> {
         crate::engine::check_namespace(namespace)?;
         let ns = namespace.map(|n| n.as_str().to_owned()).unwrap_or_default();
         let _: i64 = self.write("ff_create_flow", &[keys::flow(flow, "core")], &[flow.to_string(), ns]).await?;
         Ok(())
     }
 
-    async fn create_execution(&self, spec: &ExecutionSpec) -> Result<(), EngineError> {
+    async fn create_execution(&self, spec: &ExecutionSpec) -> Result<(), Error> {
         spec.validate()?;
         let id = &spec.id;
-        let tags = serde_json::to_string(&spec.tags).map_err(|e| EngineError::validation(e.to_string()))?;
+        let tags = serde_json::to_string(&spec.tags).map_err(|e| Error::validation(e.to_string()))?;
         let mut keys = vec![
             keys::exec(id, "core"),
             keys::exec(id, "deps"),
@@ -143,12 +143,12 @@ impl Engine for ValkeyEngine {
     /// Claims from the partitions' eligible indexes (each claim writes its lease's `acquired`
     /// or `reclaimed` in the same call) that hold executions, starting at a
     /// partition that moves on every call (so no partition starves), up to `limit` in all.
-    async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, EngineError> {
+    async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, Error> {
         let limit = limit.max(1);
         let sizes = futures::future::try_join_all(keys::partitions().map(|p| async move {
             let n: i64 =
                 self.client.cmd("ZCARD").arg(keys::eligible(p)).execute().await.map_err(map_err("valkey ZCARD"))?;
-            Ok::<_, EngineError>((p, n))
+            Ok::<_, Error>((p, n))
         }))
         .await?;
         let first = self.next_claim.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as usize;
@@ -166,29 +166,29 @@ impl Engine for ValkeyEngine {
         Ok(claimed)
     }
 
-    async fn complete(&self, id: &ExecutionId) -> Result<bool, EngineError> {
+    async fn complete(&self, id: &ExecutionId) -> Result<bool, Error> {
         self.flag("ff_complete", id).await
     }
 
-    async fn fail(&self, id: &ExecutionId, retryable: bool) -> Result<FailOutcome, EngineError> {
+    async fn fail(&self, id: &ExecutionId, retryable: bool) -> Result<FailOutcome, Error> {
         let args = [id.to_string(), if retryable { "1" } else { "0" }.to_owned(), self.maxlen.clone()];
         let outcome: String = self.write("ff_fail", &keys::terminal(id), &args).await?;
         match outcome.as_str() {
             "retry_scheduled" => Ok(FailOutcome::RetryScheduled { delay_until: TimestampMs::now() }),
             "terminal_failed" => Ok(FailOutcome::TerminalFailed),
-            other => Err(EngineError::State { detail: format!("fail {id}: {other}") }),
+            other => Err(Error::State { detail: format!("fail {id}: {other}") }),
         }
     }
 
-    async fn cancel(&self, id: &ExecutionId) -> Result<bool, EngineError> {
+    async fn cancel(&self, id: &ExecutionId) -> Result<bool, Error> {
         self.flag("ff_cancel", id).await
     }
 
-    async fn expire(&self, id: &ExecutionId) -> Result<bool, EngineError> {
+    async fn expire(&self, id: &ExecutionId) -> Result<bool, Error> {
         self.flag("ff_expire", id).await
     }
 
-    async fn cancel_flow(&self, flow: &FlowId, policy: CancelFlowPolicy) -> Result<u64, EngineError> {
+    async fn cancel_flow(&self, flow: &FlowId, policy: CancelFlowPolicy) -> Result<u64, Error> {
         let mut keys = vec![keys::flow(flow, "core"), keys::flow(flow, "members")];
         keys.extend(keys::terminal_shared(flow.partition()));
         let args = [policy.as_wire().to_owned(), self.maxlen.clone()];
@@ -200,7 +200,7 @@ impl Engine for ValkeyEngine {
         &self,
         parent: &ExecutionId,
         child: &ExecutionId,
-    ) -> Result<DependencyResolution, EngineError> {
+    ) -> Result<DependencyResolution, Error> {
         let mut keys = vec![
             keys::exec(parent, "core"),
             keys::exec(child, "core"),
@@ -215,13 +215,13 @@ impl Engine for ValkeyEngine {
         DependencyResolution::from_wire(&result)
     }
 
-    async fn children(&self, parent: &ExecutionId) -> Result<Vec<ExecutionId>, EngineError> {
+    async fn children(&self, parent: &ExecutionId) -> Result<Vec<ExecutionId>, Error> {
         let no_args: &[&str] = &[];
         let ids: Vec<String> = fcall(&self.client, "ff_children", &[keys::exec(parent, "children")], no_args).await?;
         parse_ids(&ids)
     }
 
-    async fn unresolved_dependencies(&self, limit: usize) -> Result<Vec<(ExecutionId, ExecutionId)>, EngineError> {
+    async fn unresolved_dependencies(&self, limit: usize) -> Result<Vec<(ExecutionId, ExecutionId)>, Error> {
         let limit = limit.max(1);
         let per_partition = futures::future::try_join_all(keys::partitions().map(|p| async move {
             fcall::<Vec<String>>(&self.client, "ff_unresolved", &[keys::pending_edges(p)], &[limit.to_string()]).await
@@ -232,14 +232,13 @@ impl Engine for ValkeyEngine {
             .flatten()
             .take(limit)
             .map(|edge| {
-                let (p, c) =
-                    edge.split_once('|').ok_or_else(|| EngineError::validation(format!("bad edge {edge:?}")))?;
+                let (p, c) = edge.split_once('|').ok_or_else(|| Error::validation(format!("bad edge {edge:?}")))?;
                 Ok((ExecutionId::parse(p)?, ExecutionId::parse(c)?))
             })
             .collect()
     }
 
-    async fn execution(&self, id: &ExecutionId) -> Result<Option<ExecutionInfo>, EngineError> {
+    async fn execution(&self, id: &ExecutionId) -> Result<Option<ExecutionInfo>, Error> {
         let no_args: &[&str] = &[];
         let reply: Value = fcall(&self.client, "ff_execution", &[keys::exec(id, "core")], no_args).await?;
         let Value::Array(items) = reply else { return Ok(None) };
@@ -248,11 +247,11 @@ impl Engine for ValkeyEngine {
         let attempt = items.next().flatten().as_ref().and_then(text).and_then(|a| a.parse::<u32>().ok());
         match state {
             Some(state) => Ok(Some(ExecutionInfo { state, attempt: attempt.unwrap_or(0) })),
-            None => Err(EngineError::schema("ff_execution", format!("{id}: no state in the reply"))),
+            None => Err(Error::schema("ff_execution", format!("{id}: no state in the reply"))),
         }
     }
 
-    async fn renew_lease(&self, id: &ExecutionId, worker: &str) -> Result<bool, EngineError> {
+    async fn renew_lease(&self, id: &ExecutionId, worker: &str) -> Result<bool, Error> {
         let p = id.partition();
         let keys = [keys::exec(id, "core"), keys::stream(p), keys::lease_expiry(p)];
         let args = [id.to_string(), worker.to_owned(), lease_ms(), self.maxlen.clone()];
@@ -261,7 +260,7 @@ impl Engine for ValkeyEngine {
     }
 
     /// One call per partition (each in its own slot), all at once.
-    async fn expire_leases(&self, now: TimestampMs) -> Result<Vec<ExecutionId>, EngineError> {
+    async fn expire_leases(&self, now: TimestampMs) -> Result<Vec<ExecutionId>, Error> {
         let swept = futures::future::try_join_all(keys::partitions().map(|p| async move {
             let keys = [keys::lease_expiry(p), keys::stream(p), keys::eligible(p)];
             let ids: Vec<String> =
@@ -272,7 +271,7 @@ impl Engine for ValkeyEngine {
         Ok(swept.into_iter().flatten().collect())
     }
 
-    async fn revoke_lease(&self, id: &ExecutionId, revoked_by: &str) -> Result<bool, EngineError> {
+    async fn revoke_lease(&self, id: &ExecutionId, revoked_by: &str) -> Result<bool, Error> {
         let p = id.partition();
         let keys = [keys::exec(id, "core"), keys::stream(p), keys::eligible(p), keys::lease_expiry(p)];
         let args = [id.to_string(), revoked_by.to_owned(), self.maxlen.clone()];
@@ -280,7 +279,7 @@ impl Engine for ValkeyEngine {
         Ok(n == 1)
     }
 
-    async fn suspend(&self, id: &ExecutionId, waitpoint: &WaitpointId) -> Result<bool, EngineError> {
+    async fn suspend(&self, id: &ExecutionId, waitpoint: &WaitpointId) -> Result<bool, Error> {
         let p = id.partition();
         let keys = [
             keys::exec(id, "core"),
@@ -292,7 +291,7 @@ impl Engine for ValkeyEngine {
         let reply: Value = self.write("ff_suspend", &keys, &[id.to_string(), waitpoint.as_str().to_owned()]).await?;
         match reply {
             Value::Int(n) => Ok(n == 1),
-            other => Err(EngineError::State { detail: format!("suspend {id}: {}", text(&other).unwrap_or_default()) }),
+            other => Err(Error::State { detail: format!("suspend {id}: {}", text(&other).unwrap_or_default()) }),
         }
     }
 
@@ -303,7 +302,7 @@ impl Engine for ValkeyEngine {
         signal_id: &SignalId,
         idempotency_key: Option<&str>,
         source_identity: Option<&str>,
-    ) -> Result<SignalDeliveryEffect, EngineError> {
+    ) -> Result<SignalDeliveryEffect, Error> {
         let p = id.partition();
         let keys = [
             keys::exec(id, "core"),
@@ -323,7 +322,7 @@ impl Engine for ValkeyEngine {
         ];
         let effect: String = self.write("ff_deliver_signal", &keys, &args).await?;
         if effect == "no_such_execution" {
-            return Err(EngineError::State { detail: format!("deliver signal to {id}: no such execution") });
+            return Err(Error::State { detail: format!("deliver signal to {id}: no such execution") });
         }
         Ok(SignalDeliveryEffect::from_wire(&effect))
     }

@@ -22,7 +22,7 @@ use super::library::{fcall, map_err};
 use super::stream::{ReadView, format_id, read_view, text};
 use crate::backends::outbox::shown;
 use crate::cursor::{Frontier, Position, VALKEY_LEGACY_LANE};
-use crate::error::EngineError;
+use crate::error::Error;
 
 /// Slots of a Valkey Cluster.
 const SLOTS: u16 = 16384;
@@ -68,10 +68,10 @@ pub(super) struct Looked {
 
 /// One atomic look at a lane's stream: up to `count` entries after `after`, and what was
 /// trimmed (positions in that lane).
-pub(super) async fn look(client: &Client, lane: u16, after: Position, count: usize) -> Result<ReadView, EngineError> {
+pub(super) async fn look(client: &Client, lane: u16, after: Position, count: usize) -> Result<ReadView, Error> {
     let args = [format_id(after), count.to_string()];
     let reply: Value = fcall(client, "ff_read_after", &[lane_key(lane)], &args).await?;
-    let view = read_view(&reply).map_err(|detail| EngineError::schema("ff_read_after", detail))?;
+    let view = read_view(&reply).map_err(|detail| Error::schema("ff_read_after", detail))?;
     Ok(in_lane(view, lane))
 }
 
@@ -83,8 +83,8 @@ fn in_lane(view: ReadView, lane: u16) -> ReadView {
     }
 }
 
-fn closed() -> EngineError {
-    EngineError::Actor { detail: "the read permits were closed".into() }
+fn closed() -> Error {
+    Error::Actor { detail: "the read permits were closed".into() }
 }
 
 /// Looks at `lanes` one call each (as many at a time as `reads` allows), each from `after`'s
@@ -95,7 +95,7 @@ pub(super) async fn look_each(
     after: &Frontier,
     lanes: impl IntoIterator<Item = u16>,
     count: usize,
-) -> Result<Vec<(u16, ReadView)>, EngineError> {
+) -> Result<Vec<(u16, ReadView)>, Error> {
     futures::future::try_join_all(lanes.into_iter().map(|lane| async move {
         let _permit = reads.acquire().await.map_err(|_| closed())?;
         Ok((lane, look(client, lane, after.get(lane), count).await?))
@@ -232,7 +232,7 @@ async fn look_group(
     after: &Frontier,
     lanes: &[u16],
     budget: usize,
-) -> Result<GroupReply, EngineError> {
+) -> Result<GroupReply, Error> {
     let Some(first) = lanes.first() else { return Ok(GroupReply::default()) };
     let mut args = Vec::with_capacity(1 + 2 * lanes.len());
     args.push(budget.to_string());
@@ -242,14 +242,14 @@ async fn look_group(
     }
     let _permit = calls.acquire().await.map_err(|_| closed())?;
     let reply: Value = fcall(client, "ff_read_streams", &[lane_key(*first)], &args).await?;
-    group_reply(&reply, lanes).map_err(|detail| EngineError::schema("ff_read_streams", detail))
+    group_reply(&reply, lanes).map_err(|detail| Error::schema("ff_read_streams", detail))
 }
 
 /// A call refused by the server (a redirect it could not follow, a cross-slot refusal, an
 /// unexpected reply), as opposed to one the network or the server's absence failed: the first
 /// kind is retried lane by lane, the second is the read's error.
-fn refused(error: &EngineError) -> bool {
-    matches!(error, EngineError::Schema { .. } | EngineError::Validation { .. } | EngineError::State { .. })
+fn refused(error: &Error) -> bool {
+    matches!(error, Error::Schema { .. } | Error::Validation { .. } | Error::State { .. })
 }
 
 /// Looks at every lane of `lanes` from `after`'s position in it and returns those with entries
@@ -264,7 +264,7 @@ pub(super) async fn look_many(
     after: &Frontier,
     lanes: impl IntoIterator<Item = u16>,
     budget: usize,
-) -> Result<Vec<Looked>, EngineError> {
+) -> Result<Vec<Looked>, Error> {
     let wanted: Vec<u16> = lanes.into_iter().collect();
     let (grouped, mut alone): (Vec<Vec<u16>>, Vec<u16>) = match shards.groups(client).await {
         Some(groups) => {
@@ -306,7 +306,7 @@ async fn look_alone(
     after: &Frontier,
     lanes: Vec<u16>,
     budget: usize,
-) -> Result<Vec<Looked>, EngineError> {
+) -> Result<Vec<Looked>, Error> {
     let with_news = |views: Vec<(u16, ReadView)>| -> Vec<(u16, ReadView)> {
         views
             .into_iter()

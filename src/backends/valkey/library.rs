@@ -1,5 +1,5 @@
 //! The connection side of the Valkey backend: building clients from [`ValkeyConnection`] (auth,
-//! TLS, database, explicit timeouts), mapping ferriskey errors to [`EngineError`], loading the
+//! TLS, database, explicit timeouts), mapping ferriskey errors to [`Error`], loading the
 //! function library when it is missing or of another version, and `FCALL` that reloads it once
 //! when a restarted server lost it.
 
@@ -7,7 +7,7 @@ use ferriskey::{Client, ClientBuilder, ErrorKind, FromValue, ToArgs};
 
 use super::{LIBRARY, LIBRARY_VERSION};
 use crate::config::{BackendConfig, BackendConnection, ValkeyConnection};
-use crate::error::{EngineError, redact};
+use crate::error::{Error, redact};
 
 /// What the library's argument checks start their error replies with.
 const INVALID: &str = "ff_completions invalid:";
@@ -15,49 +15,49 @@ const INVALID: &str = "ff_completions invalid:";
 const CONFLICT: &str = "ff_completions conflict:";
 
 /// The Valkey part of a backend config.
-pub(super) fn valkey_connection(config: &BackendConfig) -> Result<&ValkeyConnection, EngineError> {
+pub(super) fn valkey_connection(config: &BackendConfig) -> Result<&ValkeyConnection, Error> {
     match &config.connection {
         BackendConnection::Valkey(v) => Ok(v),
-        _ => Err(EngineError::validation("not a valkey config")),
+        _ => Err(Error::validation("not a valkey config")),
     }
 }
 
 /// Maps a ferriskey error of operation `op`; the text never carries a password.
-pub(super) fn map_err(op: &'static str) -> impl Fn(ferriskey::Error) -> EngineError {
+pub(super) fn map_err(op: &'static str) -> impl Fn(ferriskey::Error) -> Error {
     move |e| {
         let detail = redact(&e.to_string());
         classify(op, &e, detail).with_source(e)
     }
 }
 
-fn classify(op: &'static str, e: &ferriskey::Error, detail: String) -> EngineError {
+fn classify(op: &'static str, e: &ferriskey::Error, detail: String) -> Error {
     if e.is_timeout() {
-        return EngineError::Timeout { op };
+        return Error::Timeout { op };
     }
     if e.is_connection_refusal() {
-        return EngineError::unavailable(op, detail);
+        return Error::unavailable(op, detail);
     }
     if e.is_connection_dropped() || e.is_io_error() {
-        return EngineError::transport(op, detail);
+        return Error::transport(op, detail);
     }
     if detail.contains(INVALID) {
-        return EngineError::Validation { detail };
+        return Error::Validation { detail };
     }
     if detail.contains(CONFLICT) {
-        return EngineError::State { detail };
+        return Error::State { detail };
     }
     if detail.contains("unknown command") {
         let detail = format!("server too old for functions (needs Valkey 7.2+ or Redis 7+): {detail}");
-        return EngineError::unavailable(op, detail);
+        return Error::unavailable(op, detail);
     }
     if matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM")) {
-        return EngineError::unavailable(op, detail);
+        return Error::unavailable(op, detail);
     }
     match e.kind() {
-        ErrorKind::AuthenticationFailed | ErrorKind::PermissionDenied => EngineError::unavailable(op, detail),
-        ErrorKind::InvalidClientConfig => EngineError::Validation { detail },
-        ErrorKind::ResponseError | ErrorKind::TypeError | ErrorKind::NoScriptError => EngineError::schema(op, detail),
-        _ => EngineError::transport(op, detail),
+        ErrorKind::AuthenticationFailed | ErrorKind::PermissionDenied => Error::unavailable(op, detail),
+        ErrorKind::InvalidClientConfig => Error::Validation { detail },
+        ErrorKind::ResponseError | ErrorKind::TypeError | ErrorKind::NoScriptError => Error::schema(op, detail),
+        _ => Error::transport(op, detail),
     }
 }
 
@@ -70,11 +70,11 @@ fn classify(op: &'static str, e: &ferriskey::Error, detail: String) -> EngineErr
 /// to every primary.
 ///
 /// # Errors
-/// [`EngineError::Validation`] for a database other than 0 in cluster mode, or several seed
+/// [`Error::Validation`] for a database other than 0 in cluster mode, or several seed
 /// nodes outside it; refused or failed connections as
-/// [`EngineError::Unavailable`] or [`EngineError::Transport`];
-/// [`EngineError::Timeout`] when connecting takes longer than twice the connect timeout.
-pub async fn connect_client(config: &BackendConfig, name: &str) -> Result<Client, EngineError> {
+/// [`Error::Unavailable`] or [`Error::Transport`];
+/// [`Error::Timeout`] when connecting takes longer than twice the connect timeout.
+pub async fn connect_client(config: &BackendConfig, name: &str) -> Result<Client, Error> {
     build(config, builder(config, name)?).await
 }
 
@@ -87,18 +87,18 @@ pub(super) async fn connect_subscriber(
     config: &BackendConfig,
     name: &str,
     pushes: tokio::sync::mpsc::UnboundedSender<ferriskey::PushInfo>,
-) -> Result<Client, EngineError> {
+) -> Result<Client, Error> {
     let builder = builder(config, name)?.protocol(ferriskey::value::ProtocolVersion::RESP3).push_sender(pushes);
     build(config, builder).await
 }
 
-fn builder(config: &BackendConfig, name: &str) -> Result<ClientBuilder, EngineError> {
+fn builder(config: &BackendConfig, name: &str) -> Result<ClientBuilder, Error> {
     let v = valkey_connection(config)?;
     if v.cluster && v.database != 0 {
-        return Err(EngineError::validation("a valkey cluster has database 0 only"));
+        return Err(Error::validation("a valkey cluster has database 0 only"));
     }
     if !v.cluster && !v.seed_nodes.is_empty() {
-        return Err(EngineError::validation("several valkey seed nodes need cluster mode"));
+        return Err(Error::validation("several valkey seed nodes need cluster mode"));
     }
     let request_timeout = config.timeouts.request_or_default();
     let mut builder = ClientBuilder::new();
@@ -129,18 +129,18 @@ fn builder(config: &BackendConfig, name: &str) -> Result<ClientBuilder, EngineEr
     Ok(builder)
 }
 
-async fn build(config: &BackendConfig, builder: ClientBuilder) -> Result<Client, EngineError> {
+async fn build(config: &BackendConfig, builder: ClientBuilder) -> Result<Client, Error> {
     match tokio::time::timeout(config.timeouts.connect_or_default() * 2, builder.build()).await {
         Ok(client) => client.map_err(map_err("valkey connect")),
-        Err(_) => Err(EngineError::Timeout { op: "valkey connect" }),
+        Err(_) => Err(Error::Timeout { op: "valkey connect" }),
     }
 }
 
 /// Loads the function library unless `ff_version` already answers [`LIBRARY_VERSION`].
 ///
 /// # Errors
-/// [`EngineError::Unavailable`] for a server without functions; others as [`map_err`].
-pub(super) async fn ensure_library(client: &Client) -> Result<(), EngineError> {
+/// [`Error::Unavailable`] for a server without functions; others as [`map_err`].
+pub(super) async fn ensure_library(client: &Client) -> Result<(), Error> {
     let no_args: &[&str] = &[];
     match client.fcall::<String>("ff_version", no_args, no_args).await {
         Ok(v) if v == LIBRARY_VERSION => Ok(()),
@@ -153,7 +153,7 @@ pub(super) async fn ensure_library(client: &Client) -> Result<(), EngineError> {
     }
 }
 
-async fn load_library(client: &Client) -> Result<(), EngineError> {
+async fn load_library(client: &Client) -> Result<(), Error> {
     client.function_load_replace(LIBRARY).await.map(|_| ()).map_err(map_err("valkey FUNCTION LOAD"))
 }
 
@@ -166,14 +166,14 @@ fn is_function_missing(e: &ferriskey::Error) -> bool {
 /// repeated here: it may have run.
 ///
 /// # Errors
-/// As [`map_err`]: the library's argument checks are [`EngineError::Validation`], its refused
-/// state changes [`EngineError::State`].
+/// As [`map_err`]: the library's argument checks are [`Error::Validation`], its refused
+/// state changes [`Error::State`].
 pub(super) async fn fcall<T: FromValue>(
     client: &Client,
     function: &'static str,
     keys: &[impl ToArgs],
     args: &[impl ToArgs],
-) -> Result<T, EngineError> {
+) -> Result<T, Error> {
     match client.fcall(function, keys, args).await {
         Err(e) if is_function_missing(&e) => {
             tracing::warn!(function, "function library missing (server restarted without persistence?); reloading");
@@ -195,16 +195,16 @@ mod tests {
     #[test]
     fn library_errors_map_to_validation_and_state() {
         let invalid = map_err("ff_complete")(server_error("ff_completions invalid: bad execution id"));
-        assert!(matches!(invalid, EngineError::Validation { .. }), "{invalid:?}");
+        assert!(matches!(invalid, Error::Validation { .. }), "{invalid:?}");
         let conflict = map_err("ff_create_execution")(server_error("ff_completions conflict: execution exists"));
-        assert!(matches!(conflict, EngineError::State { .. }), "{conflict:?}");
+        assert!(matches!(conflict, Error::State { .. }), "{conflict:?}");
     }
 
     #[test]
     fn a_server_without_functions_is_unavailable_and_says_why() {
         let old = map_err("valkey library check")(server_error("unknown command 'FCALL', with args beginning with:"));
         match old {
-            EngineError::Unavailable { detail, .. } => assert!(detail.contains("too old"), "{detail}"),
+            Error::Unavailable { detail, .. } => assert!(detail.contains("too old"), "{detail}"),
             other => panic!("{other:?}"),
         }
     }
@@ -212,14 +212,14 @@ mod tests {
     #[test]
     fn refused_credentials_are_unavailable() {
         let err = ferriskey::Error::from((ErrorKind::AuthenticationFailed, "auth failed"));
-        assert!(matches!(map_err("valkey connect")(err), EngineError::Unavailable { .. }));
+        assert!(matches!(map_err("valkey connect")(err), Error::Unavailable { .. }));
     }
 
     #[test]
     fn dropped_connections_are_transport_errors() {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
-        assert!(matches!(map_err("valkey XREAD")(io.into()), EngineError::Transport { .. }));
+        assert!(matches!(map_err("valkey XREAD")(io.into()), Error::Transport { .. }));
         let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        assert!(matches!(map_err("valkey connect")(refused.into()), EngineError::Unavailable { .. }));
+        assert!(matches!(map_err("valkey connect")(refused.into()), Error::Unavailable { .. }));
     }
 }

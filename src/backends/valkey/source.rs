@@ -15,7 +15,7 @@
 //!
 //! Trimming (`MAXLEN ~` in the producers, `XTRIM` by the retention job) removes entries from the
 //! head, so a reader whose position in a lane is below that stream's first kept entry, once
-//! anything was removed, may have lost entries: it gets [`EngineError::CursorExpired`] (on
+//! anything was removed, may have lost entries: it gets [`Error::CursorExpired`] (on
 //! subscribe) or an `expired` batch (while reading), never a silent skip. Two consequences: a
 //! position at exactly the last trimmed entry is reported expired too (the stream keeps no
 //! record that nothing after it was lost), and entries removed on purpose with `XDEL` are not
@@ -38,10 +38,10 @@ use crate::backends::outbox::{age_cutoff_ms, shown};
 use crate::backends::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, Retention};
 use crate::cursor::{
-    Family, Frontier, Position, StreamCursor, VALKEY_LEGACY_LANE, decode_valkey_frontier, encode_valkey_frontier,
+    Frontier, Position, StreamCursor, VALKEY_LEGACY_LANE, decode_valkey_frontier, encode_valkey_frontier,
 };
-use crate::durable::store::{Ack, GroupView, Heartbeat, Lease};
-use crate::error::EngineError;
+use crate::error::Error;
+use crate::family::Family;
 use crate::types::{ExecutionId, TimestampMs};
 
 /// Entries one wake-up reads at most per partition.
@@ -57,7 +57,7 @@ const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 
 /// Reads the completion streams of one server or cluster.
 pub(crate) struct ValkeySource {
-    client: Client,
+    pub(super) client: Client,
     config: BackendConfig,
     reads: Arc<Semaphore>,
     shards: Shards,
@@ -65,12 +65,12 @@ pub(crate) struct ValkeySource {
 
 impl ValkeySource {
     /// The lanes with entries after `after`, read with `budget` when it is not 0.
-    async fn look(&self, after: &Frontier, budget: usize) -> Result<Vec<Looked>, EngineError> {
+    async fn look(&self, after: &Frontier, budget: usize) -> Result<Vec<Looked>, Error> {
         look_many(&self.client, &self.reads, &self.shards, after, all_lanes(), budget).await
     }
 
     /// Connects the shared reader client and loads the function library if needed.
-    pub(crate) async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
+    pub(crate) async fn connect(config: &BackendConfig) -> Result<Self, Error> {
         let client = connect_client(config, "ff-completions-reader").await?;
         ensure_library(&client).await?;
         let cluster = valkey_connection(config)?.cluster;
@@ -145,19 +145,19 @@ impl CompletionSource for ValkeySource {
         encode_valkey_frontier(&lanes)
     }
 
-    async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError> {
+    async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, Error> {
         let Some(lanes) = decode_valkey_frontier(cursor)? else {
             return Ok(StartAt::after(self.tail().await?));
         };
         let after = frontier_of(&lanes);
         let looked = self.look(&after, 0).await?;
         match expired_lanes(&after, looked.iter().map(|l| (l.lane, &l.view))) {
-            Some(floors) => Err(EngineError::CursorExpired { oldest: Some(self.cursor_of(&after.joined(&floors))) }),
+            Some(floors) => Err(Error::CursorExpired { oldest: Some(self.cursor_of(&after.joined(&floors))) }),
             None => Ok(StartAt::after(after)),
         }
     }
 
-    async fn tail(&self) -> Result<Frontier, EngineError> {
+    async fn tail(&self) -> Result<Frontier, Error> {
         let looked = self.look(&Frontier::default(), 0).await?;
         Ok(Frontier::from_positions(looked.into_iter().filter_map(|l| l.view.last_generated)))
     }
@@ -165,7 +165,7 @@ impl CompletionSource for ValkeySource {
     /// One look at every lane that also reads the lanes with entries after `after` (one call
     /// per primary, each splitting `limit` over its lanes with news); the single stream of
     /// earlier versions alone while it has entries after `after`.
-    async fn read_after(&self, after: &Frontier, limit: usize) -> Result<Batch, EngineError> {
+    async fn read_after(&self, after: &Frontier, limit: usize) -> Result<Batch, Error> {
         let looked = self.look(after, limit.max(1)).await?;
         if let Some(floors) = expired_lanes(after, looked.iter().map(|l| (l.lane, &l.view))) {
             return Ok(expired(after, floors));
@@ -179,7 +179,7 @@ impl CompletionSource for ValkeySource {
         Ok(batch_of(after, lanes))
     }
 
-    async fn trim(&self, retention: &Retention) -> Result<u64, EngineError> {
+    async fn trim(&self, retention: &Retention) -> Result<u64, Error> {
         let min_id = retention.max_age.map(|age| format!("{}-0", age_cutoff_ms(TimestampMs::now(), age).max(0)));
         let removed = futures::future::try_join_all(all_lanes().map(|lane| {
             let min_id = min_id.clone();
@@ -194,14 +194,14 @@ impl CompletionSource for ValkeySource {
                     let xtrim = self.client.cmd("XTRIM").arg(&key).arg("MINID").arg(min_id);
                     removed += xtrim.execute::<i64>().await.map_err(map_err("valkey XTRIM"))?.max(0) as u64;
                 }
-                Ok::<u64, EngineError>(removed)
+                Ok::<u64, Error>(removed)
             }
         }))
         .await?;
         Ok(removed.into_iter().fold(0u64, u64::saturating_add))
     }
 
-    async fn gauges(&self) -> Result<Vec<(&'static str, f64)>, EngineError> {
+    async fn gauges(&self) -> Result<Vec<(&'static str, f64)>, Error> {
         let lengths = futures::future::try_join_all(all_lanes().map(|lane| async move {
             self.client.cmd("XLEN").arg(lane_key(lane)).execute::<i64>().await.map_err(map_err("valkey XLEN"))
         }))
@@ -209,23 +209,7 @@ impl CompletionSource for ValkeySource {
         Ok(vec![("stream_length", lengths.into_iter().map(|n| n.max(0) as f64).sum())])
     }
 
-    async fn group_heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, EngineError> {
-        super::groups::heartbeat(&self.client, beat).await
-    }
-
-    async fn group_ack(&self, group: &str, member: &str, acks: &[Ack]) -> Result<(), EngineError> {
-        super::groups::ack(&self.client, group, member, acks).await
-    }
-
-    async fn group_leave(&self, group: &str, member: &str) -> Result<(), EngineError> {
-        super::groups::leave(&self.client, group, member).await
-    }
-
-    async fn group_view(&self, group: &str) -> Result<Option<GroupView>, EngineError> {
-        super::groups::view(&self.client, group).await
-    }
-
-    async fn open_waker(&self, from: &Frontier) -> Result<Box<dyn Waker>, EngineError> {
+    async fn open_waker(&self, from: &Frontier) -> Result<Box<dyn Waker>, Error> {
         let subscription = Subscription::open(&self.config).await?;
         Ok(Box::new(ValkeyWaker {
             subscription,
@@ -237,8 +221,8 @@ impl CompletionSource for ValkeySource {
     }
 }
 
-fn subscriber_lost() -> EngineError {
-    EngineError::transport("valkey SUBSCRIBE", "the subscriber connection closed")
+fn subscriber_lost() -> Error {
+    Error::transport("valkey SUBSCRIBE", "the subscriber connection closed")
 }
 
 /// A connection of its own subscribed to [`PUBSUB_CHANNEL`] and [`FAMILY_CHANNEL`], and the
@@ -251,7 +235,7 @@ struct Subscription {
 impl Subscription {
     /// Connects and subscribes; returns once the server confirmed both channels, so a read
     /// after this returns misses nothing.
-    async fn open(config: &BackendConfig) -> Result<Self, EngineError> {
+    async fn open(config: &BackendConfig) -> Result<Self, Error> {
         let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel();
         let client = connect_subscriber(config, LISTENER_CLIENT_NAME, tx).await?;
         let subscribe = client.cmd("SUBSCRIBE").arg(PUBSUB_CHANNEL).arg(FAMILY_CHANNEL);
@@ -271,7 +255,7 @@ impl Subscription {
         match confirmed.await {
             Ok(true) => Ok(Self { _client: client, pushes }),
             Ok(false) => Err(subscriber_lost()),
-            Err(_) => Err(EngineError::Timeout { op: "valkey SUBSCRIBE" }),
+            Err(_) => Err(Error::Timeout { op: "valkey SUBSCRIBE" }),
         }
     }
 }
@@ -326,7 +310,7 @@ fn partition_of_message(payload: &str) -> Option<u16> {
 impl ValkeyWaker {
     /// The batch of `partitions` after the position, unless entries after it were trimmed
     /// before it read them (then an expired batch, and the position moves to the boundary).
-    async fn read(&mut self, partitions: BTreeSet<u16>) -> Result<Batch, EngineError> {
+    async fn read(&mut self, partitions: BTreeSet<u16>) -> Result<Batch, Error> {
         let start = self.position.clone();
         let views = look_each(&self.reader, &self.reads, &start, partitions, WAKE_COUNT).await?;
         if let Some(floors) = expired_lanes(&start, views.iter().map(|(lane, view)| (*lane, view))) {
@@ -342,7 +326,7 @@ impl ValkeyWaker {
 
 #[async_trait]
 impl Waker for ValkeyWaker {
-    async fn wait(&mut self) -> Result<Wake, EngineError> {
+    async fn wait(&mut self) -> Result<Wake, Error> {
         loop {
             let mut pending = Pending::default();
             pending.note(self.subscription.pushes.recv().await.ok_or_else(subscriber_lost)?);

@@ -2,6 +2,7 @@
 //! exactly when a row it had not seen was trimmed.
 
 use super::*;
+use ff_completions::{Completions, Error};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_original_event_id_cursor_still_resumes() {
@@ -9,15 +10,14 @@ async fn the_original_event_id_cursor_still_resumes() {
     let ids = complete_n(&*f.engine, 12).await;
     let mut conn = PgConnection::connect(&f.url).await.expect("connect");
     let eid = event_id_of(&mut conn, ids[4]).await;
-    let mut sub =
-        f.tree.subscribe(SubscribeRequest::from_cursor(encode_postgres_event_cursor(eid))).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::from_cursor(encode_postgres_event_cursor(eid))).await.expect("sub");
     assert_exactly_once(&take_events(&mut sub, 7, WAIT).await, &ids[5..], true);
     assert_no_more(&mut sub, QUIET).await;
 }
 
 async fn assert_expired_at_subscribe(f: &Fixture, event_id: i64, oldest: &StreamCursor) {
-    match f.tree.subscribe(SubscribeRequest::from_cursor(encode_postgres_event_cursor(event_id))).await {
-        Err(EngineError::CursorExpired { oldest: Some(got) }) => assert_eq!(&got, oldest, "the trimmed boundary"),
+    match f.tree.subscribe(Completions::from_cursor(encode_postgres_event_cursor(event_id))).await {
+        Err(Error::CursorExpired { oldest: Some(got) }) => assert_eq!(&got, oldest, "the trimmed boundary"),
         other => {
             panic!("event id {event_id}: a trimmed row it had not seen must expire it, got {:?}", other.map(|s| s.id()))
         }
@@ -53,7 +53,7 @@ async fn an_event_id_cursor_expires_exactly_when_a_row_it_had_not_seen_was_trimm
         assert_expired_at_subscribe(&f, lost_after, &at_d).await;
     }
     let mut resumed =
-        f.tree.subscribe(SubscribeRequest::from_cursor(encode_postgres_event_cursor(ed))).await.expect("resume at d");
+        f.tree.subscribe(Completions::from_cursor(encode_postgres_event_cursor(ed))).await.expect("resume at d");
     assert_exactly_once(&take_events(&mut resumed, 2, WAIT).await, &[e, g], true);
     let more = complete_n(&*f.engine, 2).await;
     assert_exactly_once(&take_events(&mut resumed, 2, WAIT).await, &more, true);

@@ -2,13 +2,14 @@
 //! polling without LISTEN, bad rows, odd outcomes, extreme times and very large rows.
 
 use super::*;
+use ff_completions::Completions;
 
 /// A transaction that took a lower event_id and commits late is delivered once, after the
 /// completions committed while it was open, which it never held back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_commit_with_lower_event_id_is_delivered() {
     let f = fixture().await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let (tx_a, a) = open_transaction_with_a_completion(&f).await;
     let b = complete_n(&*f.engine, 1).await;
     // B committed: it arrives while A is still open.
@@ -22,7 +23,7 @@ async fn late_commit_with_lower_event_id_is_delivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolled_back_insert_leaves_a_hole_that_never_stalls_delivery() {
     let f = fixture().await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let (tx_a, _) = open_transaction_with_a_completion(&f).await;
     let b = complete_n(&*f.engine, 2).await;
     tx_a.rollback().await.expect("rollback A");
@@ -39,7 +40,7 @@ async fn fifty_subscribers_share_one_listen_connection() {
     for i in 0..50 {
         let filter =
             if i % 2 == 0 { ScannerFilter::new() } else { ScannerFilter::new().with_namespace(Namespace::new("x")) };
-        subs.push(f.tree.subscribe(SubscribeRequest::tail().with_filter(filter)).await.expect("sub"));
+        subs.push(f.tree.subscribe(Completions::tail().with_filter(filter)).await.expect("sub"));
     }
     let ids = complete_n(&*f.engine, 20).await;
     for (i, sub) in subs.iter_mut().enumerate() {
@@ -62,7 +63,7 @@ async fn fifty_subscribers_share_one_listen_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_rows_are_skipped_once_and_the_events_around_them_arrive() {
     let f = fixture().await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let before = complete_n(&*f.engine, 3).await;
     let mut conn = PgConnection::connect(&f.url).await.expect("connect");
     let bad_rows = [
@@ -87,7 +88,7 @@ async fn bad_rows_are_skipped_once_and_the_events_around_them_arrive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_outcome_strings_arrive_as_other() {
     let f = fixture().await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let mut conn = PgConnection::connect(&f.url).await.expect("connect");
     sqlx::query("INSERT INTO ff_completion_event (execution_id, outcome, occurred_at_ms, partition_key) VALUES (gen_random_uuid(), 'timed_out', 1, 7)")
         .execute(&mut conn)
@@ -105,7 +106,7 @@ async fn poll_only_mode_delivers_without_any_listen_connection() {
     let backend = BackendConfig::from_url(&format!("{url}?ff_poll_ms=50")).expect("poll-only url");
     let (tree, _) =
         CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(backend)).await.expect("spawn");
-    let mut sub = tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = tree.subscribe(Completions::tail()).await.expect("sub");
     let ids = complete_n(&*engine, 30).await;
     assert_exactly_once(&take_events(&mut sub, 30, WAIT).await, &ids, true);
     let mut conn = PgConnection::connect(&url).await.expect("connect");
@@ -126,7 +127,7 @@ async fn rows_with_the_earliest_and_latest_commit_times_are_delivered_without_an
     // A subscriber that reads nothing until the end fills its buffer of 2 and falls behind at
     // one of the earliest rows: its lag is then measured from that row's commit time.
     let f = fixture_with(|c| c.with_subscriber_buffer(2)).await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let before = complete_n(&*f.engine, 2).await;
     let mut conn = PgConnection::connect(&f.url).await.expect("connect");
     let mut odd = Vec::new();
@@ -141,11 +142,11 @@ async fn rows_with_the_earliest_and_latest_commit_times_are_delivered_without_an
 async fn rows_with_megabyte_namespace_tags_and_outcome_are_delivered_whole_and_the_events_around_them_arrive() {
     const MIB: i32 = 1 << 20;
     let f = fixture().await;
-    let mut all = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut all = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let huge_ns = Namespace::new("n".repeat(MIB as usize));
     let mut only_huge_ns = f
         .tree
-        .subscribe(SubscribeRequest::tail().with_filter(ScannerFilter::new().with_namespace(huge_ns)))
+        .subscribe(Completions::tail().with_filter(ScannerFilter::new().with_namespace(huge_ns)))
         .await
         .expect("sub");
     let before = complete_n(&*f.engine, 2).await;

@@ -2,7 +2,7 @@
 //! ([`crate::families::family_tests`]), bad rows of each family, and the separate table that
 //! keeps the adopted outbox's own readers to completions.
 
-use ff_completions::{LeaseHistoryFilter, PostgresEngine, SignalId, SubscribeRequest, WaitpointId};
+use ff_completions::{Completions, LeaseHistory, PostgresEngine, SignalId, WaitpointId};
 
 use super::contract_backend;
 use crate::contract::{QUIET, WAIT, fixture};
@@ -42,8 +42,7 @@ async fn malformed_rows_of_each_family_are_skipped_once_and_the_events_around_th
 async fn a_hosts_reader_of_the_outbox_sees_only_completions_after_lease_and_signal_activity() {
     let ((), backend) = contract_backend().await;
     let f = fixture(backend.clone(), |c| c).await;
-    let mut leases =
-        f.tree.subscribe_lease_history(SubscribeRequest::tail(), LeaseHistoryFilter::new()).await.expect("l");
+    let mut leases = f.tree.subscribe(LeaseHistory::tail()).await.expect("l");
     let ids = create(&*f.engine, None, 4).await;
     let claimed = claim(&*f.engine, "w", 4).await;
     for id in &claimed {
@@ -81,9 +80,8 @@ async fn a_hosts_reader_of_the_outbox_sees_only_completions_after_lease_and_sign
 async fn a_lease_event_of_a_transaction_open_across_batches_arrives_once_it_commits() {
     let ((), backend) = contract_backend().await;
     let f = fixture(backend.clone(), |c| c).await;
-    let mut leases =
-        f.tree.subscribe_lease_history(SubscribeRequest::tail(), LeaseHistoryFilter::new()).await.expect("l");
-    let mut completions = f.tree.subscribe(SubscribeRequest::tail()).await.expect("c");
+    let mut leases = f.tree.subscribe(LeaseHistory::tail()).await.expect("l");
+    let mut completions = f.tree.subscribe(Completions::tail()).await.expect("c");
     let engine = PostgresEngine::connect(&backend).await.expect("engine");
     create(&*f.engine, None, 3).await;
     let [early] = claim(&*f.engine, "w", 1).await[..] else { panic!() };

@@ -9,8 +9,8 @@ use ff_completions::testing::{
     encode_valkey_cursor, postgres::LISTENER_APPLICATION_NAME,
 };
 use ff_completions::{
-    BackendConfig, CompletionOutcome, CompletionSupervisorHandle, EngineError, ExecutionId, ExecutionSpec, Namespace,
-    PostgresEngine, Retention, ScannerFilter, StreamCursor, SubscribeRequest, SupervisorConfig, TimestampMs,
+    BackendConfig, CompletionOutcome, CompletionSupervisorHandle, ExecutionId, ExecutionSpec, Namespace,
+    PostgresEngine, Retention, ScannerFilter, StreamCursor, SupervisorConfig, TimestampMs,
 };
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;

@@ -1,6 +1,7 @@
 //! Postgres outages: killed listeners, terminated LISTEN connections, a refusing server.
 
 use super::*;
+use ff_completions::{Completions, Error};
 
 async fn terminate_listen_connections(url: &str) -> u64 {
     ConnectionKiller::new(&BackendConfig::postgres(url)).kill().await.expect("terminate")
@@ -9,7 +10,7 @@ async fn terminate_listen_connections(url: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_commit_is_delivered_even_when_the_listener_dies_meanwhile() {
     let f = fixture().await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let (tx_a, a) = open_transaction_with_a_completion(&f).await;
     let b = complete_n(&*f.engine, 3).await;
     for _ in 0..3 {
@@ -33,7 +34,7 @@ async fn killed_listener_and_terminated_connection_lose_nothing_under_concurrent
     let f = fixture().await;
     let mut subs = Vec::new();
     for _ in 0..3 {
-        subs.push(f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub"));
+        subs.push(f.tree.subscribe(Completions::tail()).await.expect("sub"));
     }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let producers: Vec<_> = (0..4)
@@ -89,7 +90,7 @@ async fn a_server_that_refuses_the_connection_is_a_prompt_typed_error() {
     assert!(err.is_transient(), "a refused connection is worth retrying: {err}");
     assert!(!err.to_string().contains("secret-pw"), "{err}");
     match ff_completions::connect_engine(&backend).await {
-        Err(e @ (EngineError::Transport { .. } | EngineError::Unavailable { .. })) => {
+        Err(e @ (Error::Transport { .. } | Error::Unavailable { .. })) => {
             assert!(!e.to_string().contains("secret-pw"))
         }
         other => panic!("expected a transport error, got {:?}", other.err()),

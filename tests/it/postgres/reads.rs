@@ -2,6 +2,7 @@
 //! follow the indexes (scans and pages touched).
 
 use super::*;
+use ff_completions::Completions;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outbox_of_the_original_shape_is_adopted_and_its_rows_delivered() {
@@ -40,7 +41,7 @@ async fn an_outbox_of_the_original_shape_is_adopted_and_its_rows_delivered() {
         Fixture { url: url.clone(), tree, engine }
     };
     let mut sub =
-        f.tree.subscribe(SubscribeRequest::from_cursor(encode_postgres_event_cursor(first_id))).await.expect("sub");
+        f.tree.subscribe(Completions::from_cursor(encode_postgres_event_cursor(first_id))).await.expect("sub");
     let events = take_events(&mut sub, 2, WAIT).await;
     let got: Vec<_> = events.iter().map(|e| e.execution_id.uuid()).collect();
     assert_eq!(got, old[1..].to_vec());
@@ -85,8 +86,7 @@ async fn reads_follow_the_txid_index_and_never_scan_the_whole_outbox() {
     let (tree, _) = CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(config.clone()))
         .await
         .expect("spawn tree");
-    let mut events =
-        tree.subscribe(SubscribeRequest::from_cursor(encode_postgres_cursor(0, 0))).await.expect("subscribe");
+    let mut events = tree.subscribe(Completions::from_cursor(encode_postgres_cursor(0, 0))).await.expect("subscribe");
     let replayed = take_events(&mut events, ROWS, Duration::from_secs(120)).await;
     assert_eq!(replayed.len(), ROWS);
     drop(events);

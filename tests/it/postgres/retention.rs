@@ -2,6 +2,7 @@
 //! beyond the representable past removes nothing.
 
 use super::*;
+use ff_completions::{Completions, Error};
 
 /// A database with rows committed long ago (by their `occurred_at_ms`), each with its cursor,
 /// new ones from the engine, and a tree trimming it by age every 50 ms.
@@ -40,14 +41,14 @@ async fn retention_by_age_removes_old_rows_keeps_new_ones_and_expires_cursors_be
 
     let boundary = old[2].1.clone();
     for (_, below) in &old[..2] {
-        match f.tree.subscribe(SubscribeRequest::from_cursor(below.clone())).await {
-            Err(EngineError::CursorExpired { oldest: Some(oldest) }) => {
+        match f.tree.subscribe(Completions::from_cursor(below.clone())).await {
+            Err(Error::CursorExpired { oldest: Some(oldest) }) => {
                 assert_eq!(oldest, boundary, "the oldest cursor is the last trimmed row's")
             }
             other => panic!("a cursor below the trimmed rows must expire, got {:?}", other.map(|s| s.id())),
         }
     }
-    let mut resumed = f.tree.subscribe(SubscribeRequest::from_cursor(boundary)).await.expect("resume at the boundary");
+    let mut resumed = f.tree.subscribe(Completions::from_cursor(boundary)).await.expect("resume at the boundary");
     assert_exactly_once(&take_events(&mut resumed, new.len(), WAIT).await, &new, true);
     let more = complete_n(&*f.engine, 2).await;
     assert_exactly_once(&take_events(&mut resumed, 2, WAIT).await, &more, true);
@@ -95,7 +96,7 @@ async fn a_retention_age_beyond_the_representable_past_removes_nothing() {
         .await
         .expect("retention");
     assert_eq!(boundaries, 0, "no trim boundary was recorded");
-    let mut sub = f.tree.subscribe(SubscribeRequest::from_cursor(old[0].1.clone())).await.expect("still retained");
+    let mut sub = f.tree.subscribe(Completions::from_cursor(old[0].1.clone())).await.expect("still retained");
     assert_exactly_once(&take_events(&mut sub, 5, WAIT).await, &[&old_ids[1..], &new[..]].concat(), true);
     assert_no_more(&mut sub, QUIET).await;
 }

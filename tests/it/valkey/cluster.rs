@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::support::valkey::ValkeyCluster;
+use ff_completions::Completions;
 
 async fn contract_backend() -> (ValkeyCluster, BackendConfig) {
     init_tracing();
@@ -25,7 +26,7 @@ async fn completions_land_in_their_flow_s_slot_on_its_primary_and_arrive_in_orde
     init_tracing();
     let cluster = ValkeyCluster::start(3).await;
     let f = fixture(cluster.config(), |c| c).await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let mut raw = cluster.nodes[2].subscribe_raw(PUBSUB_CHANNEL).await;
     let ids = interleaved(&*f.engine, 9, 4).await;
     assert_exactly_once_per_partition(&take_events(&mut sub, ids.len(), WAIT).await, &ids);
@@ -55,7 +56,7 @@ async fn one_subscriber_connection_serves_the_whole_cluster() {
     let f = fixture(cluster.config(), |c| c).await;
     let mut subs = Vec::new();
     for _ in 0..8 {
-        subs.push(f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub"));
+        subs.push(f.tree.subscribe(Completions::tail()).await.expect("sub"));
     }
     let ids = interleaved(&*f.engine, 6, 2).await;
     for sub in &mut subs {
@@ -147,7 +148,7 @@ async fn client_kills_on_each_primary_and_listener_kills_lose_nothing_under_conc
     let f = fixture(impatient(cluster.config()), |c| c).await;
     let mut subs = Vec::new();
     for _ in 0..3 {
-        subs.push(f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub"));
+        subs.push(f.tree.subscribe(Completions::tail()).await.expect("sub"));
     }
     let stop = Arc::new(AtomicBool::new(false));
     let (workers, committed) = producers(&f.engine, 3, &stop);
@@ -179,7 +180,7 @@ async fn a_primary_sigkilled_and_restarted_from_its_append_only_file_loses_nothi
     init_tracing();
     let cluster = ValkeyCluster::start_persistent(3).await;
     let f = fixture(impatient(cluster.config()), |c| c).await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let before = interleaved(&*f.engine, 9, 3).await;
     let cursor = take_events(&mut sub, before.len(), WAIT).await.pop().expect("events").cursor;
     // Kill the primary of the first flow's partition, and bring it back on its data dir.
@@ -191,7 +192,7 @@ async fn a_primary_sigkilled_and_restarted_from_its_append_only_file_loses_nothi
     assert_eq!(cluster_streams(&cluster).await.len(), all.len(), "the append-only files kept every completion");
     assert_exactly_once_per_partition(&take_events(&mut sub, after.len(), WAIT).await, &after);
     assert_no_more(&mut sub, QUIET).await;
-    let mut resumed = f.tree.subscribe(SubscribeRequest::from_cursor(cursor)).await.expect("resume");
+    let mut resumed = f.tree.subscribe(Completions::from_cursor(cursor)).await.expect("resume");
     assert_exactly_once_per_partition(&take_events(&mut resumed, after.len(), WAIT).await, &after);
 }
 
@@ -200,7 +201,7 @@ async fn a_slot_migrated_to_another_primary_under_producers_loses_nothing_and_cu
     init_tracing();
     let cluster = ValkeyCluster::start(3).await;
     let f = fixture(impatient(cluster.config()), |c| c).await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     // A partition with history, on node 0, moves to node 1 while producers write everywhere.
     let flow = FlowId::new();
     f.engine.create_flow(&flow, None).await.expect("flow");
@@ -231,7 +232,7 @@ async fn a_slot_migrated_to_another_primary_under_producers_loses_nothing_and_cu
     assert_exactly_once_per_partition(&all, &expected);
     assert_no_more(&mut sub, QUIET).await;
     // A cursor from before the move resumes on the new primary.
-    let mut resumed = f.tree.subscribe(SubscribeRequest::from_cursor(early[0].cursor.clone())).await.expect("resume");
+    let mut resumed = f.tree.subscribe(Completions::from_cursor(early[0].cursor.clone())).await.expect("resume");
     let rest: Vec<ExecutionId> = all[1..].iter().map(|e| e.execution_id).collect();
     assert_exactly_once_per_partition(&take_events(&mut resumed, rest.len(), WAIT).await, &rest);
 }
@@ -268,7 +269,7 @@ async fn a_failover_is_followed_and_producers_that_wait_for_a_replica_lose_nothi
     let f = fixture(impatient(cluster.config_via(1)), |c| c).await;
     let waiting = BackendConfig::valkey_with(cluster.nodes[1].connection().with_cluster(true).with_wait_replicas(1));
     let durable: Arc<dyn Engine> = Arc::new(ValkeyEngine::connect(&impatient(waiting)).await.expect("engine"));
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let stop = Arc::new(AtomicBool::new(false));
     let fast = [
         acknowledging_producer(f.engine.clone(), stop.clone()),
@@ -324,12 +325,11 @@ async fn a_tree_seeded_with_several_nodes_starts_while_the_first_is_down_and_del
     let connection = cluster.nodes[1].connection().with_seed_nodes(seeds).expect("seed nodes");
     assert_eq!(connection.nodes().count(), 2);
     let f = fixture(BackendConfig::valkey_with(connection), |c| c).await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let ids = interleaved(&*f.engine, 6, 3).await;
     assert_exactly_once_per_partition(&take_events(&mut sub, ids.len(), WAIT).await, &ids);
     // A subscriber from the start reads every partition stream through the same clients.
-    let mut replay =
-        f.tree.subscribe(SubscribeRequest::from_cursor(encode_valkey_frontier(&[]))).await.expect("replay");
+    let mut replay = f.tree.subscribe(Completions::from_cursor(encode_valkey_frontier(&[]))).await.expect("replay");
     assert_exactly_once_per_partition(&take_events(&mut replay, ids.len(), WAIT).await, &ids);
     assert_nothing_restarted(&f.tree.stats().await.expect("stats"));
 }
@@ -351,7 +351,7 @@ async fn a_subscriber_catching_up_reads_every_partition_with_a_few_calls_per_pri
     let f = fixture(cluster.config(), |c| c.with_tick(Duration::from_secs(3600))).await;
     let ids = interleaved(&*f.engine, 9, 3).await;
     let before = fcalls(&cluster).await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::from_cursor(encode_valkey_frontier(&[]))).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::from_cursor(encode_valkey_frontier(&[]))).await.expect("sub");
     assert_exactly_once_per_partition(&take_events(&mut sub, ids.len(), WAIT).await, &ids);
     let after = fcalls(&cluster).await;
     let spent: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();

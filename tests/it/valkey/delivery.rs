@@ -2,6 +2,7 @@
 //! malformed and odd entries, extreme times, very large fields, the configured database.
 
 use super::*;
+use ff_completions::Completions;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_outcome_also_reaches_a_plain_pubsub_subscriber_as_json() {
@@ -9,7 +10,7 @@ async fn every_outcome_also_reaches_a_plain_pubsub_subscriber_as_json() {
     let server = ValkeyServer::start().await;
     let f = fixture(server.config(), |c| c).await;
     let mut raw = server.subscribe_raw(PUBSUB_CHANNEL).await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let flow = FlowId::new();
     f.engine.create_flow(&flow, None).await.expect("flow");
     let ids = running(&*f.engine, |_| ExecutionSpec::new(&flow), 4).await;
@@ -40,7 +41,7 @@ async fn twenty_subscribers_share_one_subscriber_connection() {
     let f = fixture(server.config(), |c| c).await;
     let mut subs = Vec::new();
     for _ in 0..20 {
-        subs.push(f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub"));
+        subs.push(f.tree.subscribe(Completions::tail()).await.expect("sub"));
     }
     let ids = complete_n(&*f.engine, 5).await;
     for sub in &mut subs {
@@ -56,7 +57,7 @@ async fn malformed_stream_entries_are_skipped_once_and_the_events_around_them_ar
     init_tracing();
     let server = ValkeyServer::start().await;
     let f = fixture(server.config(), |c| c).await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let before = complete_n(&*f.engine, 2).await;
     let id = ExecutionId::new_in(&FlowId::new()).to_string();
     let partition = id.trim_start_matches("{fp:").split('}').next().expect("partition").to_owned();
@@ -89,7 +90,7 @@ async fn unknown_outcome_strings_arrive_as_other() {
     init_tracing();
     let server = ValkeyServer::start().await;
     let f = fixture(server.config(), |c| c).await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let id = ExecutionId::new_in(&FlowId::new());
     let (text, partition) = (id.to_string(), id.partition().to_string());
     let fields = ["execution_id", &text, "outcome", "timed_out", "occurred_at_ms", "7", "partition", &partition];
@@ -103,7 +104,7 @@ async fn the_configured_database_holds_the_stream() {
     init_tracing();
     let server = ValkeyServer::start().await;
     let f = fixture(BackendConfig::valkey_with(server.connection().with_database(3)), |c| c).await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let ids = complete_n(&*f.engine, 2).await;
     assert_exactly_once(&take_events(&mut sub, 2, WAIT).await, &ids, true);
     assert_eq!(stream_len(&server).await, 0, "database 0 holds nothing");
@@ -128,7 +129,7 @@ async fn entries_with_the_earliest_and_latest_commit_times_are_delivered_without
     // A subscriber that reads nothing until the end fills its buffer of 2 and falls behind at
     // one of the earliest entries: its lag is then measured from that entry's commit time.
     let f = fixture(server.config(), |c| c.with_subscriber_buffer(2)).await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let before = complete_n(&*f.engine, 2).await;
     let mut odd = Vec::new();
     for at in contract::EXTREME_TIMES {
@@ -147,10 +148,10 @@ async fn megabyte_stream_fields_are_delivered_whole_or_skipped_and_the_events_ar
     init_tracing();
     let server = ValkeyServer::start().await;
     let f = fixture(server.config(), |c| c).await;
-    let mut all = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut all = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let huge_ns = "n".repeat(MIB);
     let filter = ScannerFilter::new().with_namespace(Namespace::new(huge_ns.clone()));
-    let mut only_huge_ns = f.tree.subscribe(SubscribeRequest::tail().with_filter(filter)).await.expect("sub");
+    let mut only_huge_ns = f.tree.subscribe(Completions::tail().with_filter(filter)).await.expect("sub");
     let before = complete_n(&*f.engine, 2).await;
     let huge_tags = serde_json::json!({ "big": "t".repeat(MIB) }).to_string();
     let (huge_outcome, huge_name, huge_junk) = ("o".repeat(MIB), "f".repeat(MIB), "9".repeat(MIB));

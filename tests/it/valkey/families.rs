@@ -2,7 +2,7 @@
 //! of each family, and the plain pub/sub channel that keeps carrying completions only.
 
 use ff_completions::testing::valkey::FAMILY_CHANNEL;
-use ff_completions::{LeaseHistoryFilter, SignalDeliveryEffect, SignalDeliveryFilter, SignalId, WaitpointId};
+use ff_completions::{Completions, LeaseHistory, SignalDelivery, SignalDeliveryEffect, SignalId, WaitpointId};
 
 use super::*;
 use crate::families::{claim, create, lease_kinds, no_more, take};
@@ -12,11 +12,9 @@ async fn malformed_entries_of_each_family_are_skipped_once_and_the_events_around
     init_tracing();
     let server = ValkeyServer::start().await;
     let f = fixture(server.config(), |c| c).await;
-    let mut leases =
-        f.tree.subscribe_lease_history(SubscribeRequest::tail(), LeaseHistoryFilter::new()).await.expect("l");
-    let mut signals =
-        f.tree.subscribe_signal_delivery(SubscribeRequest::tail(), SignalDeliveryFilter::new()).await.expect("s");
-    let mut completions = f.tree.subscribe(SubscribeRequest::tail()).await.expect("c");
+    let mut leases = f.tree.subscribe(LeaseHistory::tail()).await.expect("l");
+    let mut signals = f.tree.subscribe(SignalDelivery::tail()).await.expect("s");
+    let mut completions = f.tree.subscribe(Completions::tail()).await.expect("c");
     // One flow: every entry below is in its partition's stream, in this order.
     let ids = create(&*f.engine, None, 2).await;
     let [before] = claim(&*f.engine, "w", 1).await[..] else { panic!("one claim") };

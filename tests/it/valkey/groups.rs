@@ -2,6 +2,7 @@
 //! functions after a restart without persistence, their argument checks, and a group whose
 //! name holds braces on the cluster (its keys still share one slot).
 
+use ff_completions::Error;
 use ff_completions::testing::valkey::group_keys;
 use ff_completions::testing::{Ack, GroupStore, Position, Sharing};
 
@@ -80,7 +81,7 @@ async fn the_group_functions_refuse_bad_arguments_before_writing_anything() {
     let far = Position { lane: 0, major: 0, hi: (1 << 53) + 1, lo: 0 };
     let leases = store.heartbeat("raw", "a", TTL, Sharing::Shared, true).await.expect("heartbeat");
     let ack = Ack { partition: 0, token: leases[0].token, position: far };
-    assert!(matches!(store.ack("raw", "a", &[ack]).await, Err(EngineError::Validation { .. })));
+    assert!(matches!(store.ack("raw", "a", &[ack]).await, Err(Error::Validation { .. })));
     let view = store.view("raw").await.expect("view").expect("exists");
     assert_eq!(view.partitions[0].acked, Position::default(), "nothing was written");
 }

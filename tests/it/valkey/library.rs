@@ -2,6 +2,7 @@
 //! refused, the library is replaced or reloaded when it is of another version or missing.
 
 use super::*;
+use ff_completions::Error;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_semantics_match_the_sql_producers() {
@@ -32,7 +33,7 @@ async fn engine_semantics_match_the_sql_producers() {
     assert!(matches!(engine.fail(&b.id, true).await, Ok(FailOutcome::TerminalFailed)), "b has one attempt");
     assert!(engine.complete(&a.id).await.expect("complete"));
     assert!(!engine.complete(&a.id).await.expect("complete twice"), "only a running execution completes");
-    assert!(matches!(engine.fail(&a.id, true).await, Err(EngineError::State { .. })));
+    assert!(matches!(engine.fail(&a.id, true).await, Err(Error::State { .. })));
 
     // Both edges now wait for the reconciler; the first success only decrements.
     let mut unresolved = engine.unresolved_dependencies(10).await.expect("unresolved");
@@ -71,13 +72,13 @@ async fn bad_arguments_are_refused_before_anything_is_written() {
     let engine = ValkeyEngine::connect(&server.config()).await.expect("engine");
     let flow = FlowId::new();
     let orphan = ExecutionSpec::new(&flow);
-    assert!(matches!(engine.create_execution(&orphan).await, Err(EngineError::State { .. })), "no such flow");
+    assert!(matches!(engine.create_execution(&orphan).await, Err(Error::State { .. })), "no such flow");
     engine.create_flow(&flow, None).await.expect("flow");
     let with_ghost_parent = ExecutionSpec::new(&flow).with_parents(vec![ExecutionId::new_in(&flow)]);
-    assert!(matches!(engine.create_execution(&with_ghost_parent).await, Err(EngineError::State { .. })));
+    assert!(matches!(engine.create_execution(&with_ghost_parent).await, Err(Error::State { .. })));
     assert_eq!(engine.execution(&with_ghost_parent.id).await.expect("lookup"), None, "nothing was written");
     engine.create_execution(&orphan).await.expect("create");
-    assert!(matches!(engine.create_execution(&orphan).await, Err(EngineError::State { .. })), "exists");
+    assert!(matches!(engine.create_execution(&orphan).await, Err(Error::State { .. })), "exists");
 
     // Raw calls with bad arguments: a clear error, and nothing was written (no entry of any
     // family, no claim).

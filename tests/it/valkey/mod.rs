@@ -14,8 +14,8 @@ use ff_completions::testing::{
 };
 use ff_completions::{
     BackendConfig, BackendRetry, BackendTimeouts, CancelFlowPolicy, CompletionOutcome, CompletionSupervisorHandle,
-    DependencyResolution, Engine, EngineError, ExecutionId, ExecutionSpec, FailOutcome, FlowId, Namespace, Retention,
-    ScannerFilter, SubscribeRequest, SupervisorConfig, TimestampMs, ValkeyConnection, connect_engine,
+    DependencyResolution, Engine, ExecutionId, ExecutionSpec, FailOutcome, FlowId, Namespace, Retention, ScannerFilter,
+    SupervisorConfig, TimestampMs, ValkeyConnection, connect_engine,
 };
 
 use crate::contract::{self, Fixture, QUIET, WAIT, assert_nothing_restarted, complete_n, fixture, running};

@@ -2,6 +2,7 @@
 //! credentials, and a tree of several backends whose listeners die.
 
 use super::*;
+use ff_completions::{Completions, Error};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_listeners_and_client_killed_connections_lose_nothing_under_concurrent_producers() {
@@ -10,7 +11,7 @@ async fn killed_listeners_and_client_killed_connections_lose_nothing_under_concu
     let f = fixture(impatient(server.config()), |c| c).await;
     let mut subs = Vec::new();
     for _ in 0..3 {
-        subs.push(f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub"));
+        subs.push(f.tree.subscribe(Completions::tail()).await.expect("sub"));
     }
     let stop = Arc::new(AtomicBool::new(false));
     let committed = Arc::new(AtomicUsize::new(0));
@@ -64,7 +65,7 @@ async fn a_sigkilled_server_with_an_append_only_file_comes_back_and_delivery_res
     init_tracing();
     let server = ValkeyServer::start_persistent().await;
     let f = fixture(impatient(server.config()), |c| c).await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let before = complete_n(&*f.engine, 10).await;
     assert_exactly_once(&take_events(&mut sub, 10, WAIT).await, &before, true);
     server.kill9().await;
@@ -87,7 +88,7 @@ async fn a_user_and_password_are_used_and_a_wrong_password_is_a_typed_error_that
     init_tracing();
     let server = ValkeyServer::start_with_user("s3cret-pass").await;
     let f = fixture(server.config(), |c| c).await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let ids = complete_n(&*f.engine, 2).await;
     assert_exactly_once(&take_events(&mut sub, 2, WAIT).await, &ids, true);
 
@@ -96,13 +97,13 @@ async fn a_user_and_password_are_used_and_a_wrong_password_is_a_typed_error_that
         ValkeyConnection::new("127.0.0.1", server.port).with_credentials(user, Some("wrong-pass".into())),
     );
     match connect_engine(&wrong).await {
-        Err(err @ EngineError::Unavailable { .. }) => assert!(!err.to_string().contains("wrong-pass"), "{err}"),
+        Err(err @ Error::Unavailable { .. }) => assert!(!err.to_string().contains("wrong-pass"), "{err}"),
         other => panic!("a wrong password must be Unavailable, got {:?}", other.err()),
     }
     let config = SupervisorConfig::new().with_backend(wrong.clone()).with_connect_at_start(true);
     let spawned = CompletionSupervisorHandle::spawn(config).await;
     let err = spawned.expect_err("a tree asked to connect at start with a wrong password does not start");
-    assert!(matches!(err, EngineError::Unavailable { .. }), "the backend's own error type: {err:?}");
+    assert!(matches!(err, Error::Unavailable { .. }), "the backend's own error type: {err:?}");
     assert!(!err.to_string().contains("wrong-pass") && !format!("{err:?}").contains("wrong-pass"), "{err:?}");
     assert!(!format!("{wrong:?} {wrong}").contains("wrong-pass"));
 }
@@ -131,7 +132,7 @@ async fn a_server_that_refuses_the_connection_is_a_prompt_typed_error() {
     assert!(!stats.to_string().contains("secret-pw"), "{stats}");
     tree.shutdown().await;
     match connect_engine(&backend).await {
-        Err(e @ (EngineError::Unavailable { .. } | EngineError::Transport { .. } | EngineError::Timeout { .. })) => {
+        Err(e @ (Error::Unavailable { .. } | Error::Transport { .. } | Error::Timeout { .. })) => {
             assert!(!e.to_string().contains("secret-pw"), "{e}")
         }
         other => panic!("expected a connection error, got {:?}", other.err()),
@@ -160,7 +161,7 @@ async fn heterogeneous_tree_keeps_each_backend_to_itself_through_the_other_liste
     for (victim, bystander) in [("pg", "vk"), ("vk", "pg")] {
         let mut subs = Vec::new();
         for (name, _) in &engines {
-            subs.push(tree.subscribe(SubscribeRequest::tail().on_backend(*name)).await.expect("sub"));
+            subs.push(tree.subscribe(Completions::tail().on_backend(*name)).await.expect("sub"));
         }
         let before = tree.stats().await.expect("stats");
         let producers: Vec<_> = engines
@@ -210,7 +211,7 @@ async fn after_the_subscriber_connection_is_killed_wake_ups_deliver_again() {
     init_tracing();
     let server = ValkeyServer::start().await;
     let f = fixture(impatient(server.config()), |c| c.with_tick(Duration::from_secs(3600))).await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let first = complete_n(&*f.engine, 1).await;
     assert_exactly_once(&take_events(&mut sub, 1, WAIT).await, &first, true);
     for kill in 0..3 {

@@ -2,6 +2,7 @@
 //! behind what was trimmed expire instead of skipping.
 
 use super::*;
+use ff_completions::{Completions, Error};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producers_trim_the_stream_and_a_cursor_behind_it_expires_instead_of_skipping() {
@@ -9,7 +10,7 @@ async fn producers_trim_the_stream_and_a_cursor_behind_it_expires_instead_of_ski
     let server = ValkeyServer::start_with_small_stream_nodes().await;
     let config = BackendConfig::valkey_with(server.connection().with_stream_maxlen(10));
     let f = fixture(config, |c| c).await;
-    let mut sub = f.tree.subscribe(SubscribeRequest::tail()).await.expect("sub");
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("sub");
     let first = complete_n(&*f.engine, 3).await;
     let early = take_events(&mut sub, 3, WAIT).await;
     assert_exactly_once(&early, &first, true);
@@ -21,11 +22,11 @@ async fn producers_trim_the_stream_and_a_cursor_behind_it_expires_instead_of_ski
     let kept = stream_len(&server).await;
     assert!((10..30).contains(&kept), "MAXLEN ~ 10 keeps about 10 entries, kept {kept}");
 
-    let oldest = match f.tree.subscribe(SubscribeRequest::from_cursor(early[0].cursor.clone())).await {
-        Err(EngineError::CursorExpired { oldest: Some(oldest) }) => oldest,
+    let oldest = match f.tree.subscribe(Completions::from_cursor(early[0].cursor.clone())).await {
+        Err(Error::CursorExpired { oldest: Some(oldest) }) => oldest,
         other => panic!("expected CursorExpired, got {:?}", other.map(|s| s.id())),
     };
-    let mut resumed = f.tree.subscribe(SubscribeRequest::from_cursor(oldest)).await.expect("resume at the oldest");
+    let mut resumed = f.tree.subscribe(Completions::from_cursor(oldest)).await.expect("resume at the oldest");
     // Each partition's stream is trimmed on its own: `rest` is one flow's, one partition's.
     let retained: Vec<_> =
         stream_order(&server).await.into_iter().filter(|id| id.partition() == rest[0].partition()).collect();
@@ -71,22 +72,22 @@ async fn retention_by_age_trims_old_stream_entries_keeps_new_ones_and_expires_cu
     // The old entries are in the single stream of earlier versions: cursors of that form below
     // its last entry lost entries; one at its last entry lost none (the rest is in partitions).
     for (ms, seq) in [(0, 0), (1, 0), (1_000, 0)] {
-        match f.tree.subscribe(SubscribeRequest::from_cursor(encode_valkey_cursor(ms, seq))).await {
-            Err(EngineError::CursorExpired { oldest: Some(_) }) => {}
+        match f.tree.subscribe(Completions::from_cursor(encode_valkey_cursor(ms, seq))).await {
+            Err(Error::CursorExpired { oldest: Some(_) }) => {}
             other => panic!("cursor {ms}-{seq} is below the trimmed entries, got {:?}", other.map(|s| s.id())),
         }
     }
     let mut at_last = f
         .tree
-        .subscribe(SubscribeRequest::from_cursor(encode_valkey_cursor(two_hours_ago, 0)))
+        .subscribe(Completions::from_cursor(encode_valkey_cursor(two_hours_ago, 0)))
         .await
         .expect("nothing after the last old entry was lost");
     assert_exactly_once(&take_events(&mut at_last, new.len(), WAIT).await, &new, true);
-    let oldest = match f.tree.subscribe(SubscribeRequest::from_cursor(encode_valkey_cursor(1, 0))).await {
-        Err(EngineError::CursorExpired { oldest: Some(oldest) }) => oldest,
+    let oldest = match f.tree.subscribe(Completions::from_cursor(encode_valkey_cursor(1, 0))).await {
+        Err(Error::CursorExpired { oldest: Some(oldest) }) => oldest,
         other => panic!("expected CursorExpired, got {:?}", other.map(|s| s.id())),
     };
-    let mut resumed = f.tree.subscribe(SubscribeRequest::from_cursor(oldest)).await.expect("resume at the oldest");
+    let mut resumed = f.tree.subscribe(Completions::from_cursor(oldest)).await.expect("resume at the oldest");
     assert_exactly_once(&take_events(&mut resumed, new.len(), WAIT).await, &new, true);
     let more = complete_n(&*f.engine, 2).await;
     assert_exactly_once(&take_events(&mut resumed, 2, WAIT).await, &more, true);
@@ -106,7 +107,7 @@ async fn a_retention_age_beyond_the_representable_past_trims_nothing_from_the_st
     let (f, old, new) = aged_stream(&server, Duration::from_secs(u64::MAX / 2), &[1, 1_000]).await;
     wait_until(WAIT, "three trim runs", || async { xtrim_calls(&server).await >= 3 }).await;
     assert_eq!(completion_len(&server).await, 5, "nothing was trimmed");
-    let mut sub = f.tree.subscribe(SubscribeRequest::from_cursor(encode_valkey_cursor(1, 0))).await.expect("retained");
+    let mut sub = f.tree.subscribe(Completions::from_cursor(encode_valkey_cursor(1, 0))).await.expect("retained");
     assert_exactly_once(&take_events(&mut sub, 4, WAIT).await, &[&old[1..], &new[..]].concat(), true);
     assert_no_more(&mut sub, QUIET).await;
 }

@@ -1,9 +1,10 @@
-//! The contract between durable subscriptions and a backend: what a backend stores for a
-//! named group (members, one lease per flow partition, the acknowledged position of each
-//! partition) and the three atomic operations on it. Each backend implements it beside its
-//! data (a SQL function, a Lua function, one SQLite transaction), through
-//! [`crate::backends::CompletionSource`]; the member task in [`super::member`] never names a
-//! database.
+//! The seam between durable subscriptions and a backend's group store, beside
+//! [`super::CompletionSource`]: what a backend stores for a named group (members, one lease per
+//! flow partition, the acknowledged position of each partition) and the three atomic operations
+//! on it ([`GroupStore`]), plus the ack inside a caller's own transaction ([`AckConnection`],
+//! what an [`crate::AckTicket`] commits through). Each backend implements them beside its data
+//! (a SQL function, a Lua function, one SQLite transaction); the durable member task never
+//! names a database.
 //!
 //! Positions are lane-free: `(major, hi, lo)` of the backend's order ([`Position`] without its
 //! lane). On Postgres and SQLite every partition's position is a position in the one global
@@ -27,14 +28,14 @@
 //!   7. It returns the partitions it holds, ascending, with token and acknowledged position.
 //! - **Ack** (atomic, all or nothing): an unknown group is a validation error; each ack's
 //!   partition must be held by the member with the ack's token, or the whole call is
-//!   [`crate::EngineError::Fenced`] and nothing is written. A lease that ran out and that
+//!   [`crate::Error::Fenced`] and nothing is written. A lease that ran out and that
 //!   nobody took yet still counts: only a takeover (token + 1) moves a partition's events to
 //!   another member, and it is the next holder of a new token that delivers a refused ack's
 //!   event again (refused for a lapse alone, the event would be lost once the member renewed
 //!   its lease with the same token and acknowledged a later one). The acknowledged
 //!   position becomes the higher of the stored one and the ack's. An ack inside the engine's
 //!   transaction (Postgres and SQLite, an [`crate::AckTicket`]) must move its position up:
-//!   one at or below the stored position is [`crate::EngineError::AlreadyAcknowledged`],
+//!   one at or below the stored position is [`crate::Error::AlreadyAcknowledged`],
 //!   nothing is written, and the engine's transaction rolls back, so that an event's effect
 //!   commits once even if the event was handed out twice.
 //! - **Leave**: the member is removed and its partitions freed (tokens unchanged); an unknown
@@ -42,13 +43,58 @@
 
 use std::time::Duration;
 
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+
 use crate::cursor::{Frontier, Position};
-use crate::error::EngineError;
-use crate::types::{PARTITION_COUNT, TimestampMs};
+use crate::error::Error;
+use crate::types::{PARTITION_COUNT, TimestampMs, check_name};
+
+/// A backend's durable-group store: the operations of the module's rules, each atomic on the
+/// backend.
+#[async_trait]
+pub(crate) trait GroupStore: Send + Sync + 'static {
+    /// Joins or renews a member, rebalances the group's partition leases and returns the
+    /// leases the member holds now, with their tokens and acknowledged positions.
+    async fn heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, Error>;
+
+    /// Applies `acks` atomically: all of them, or none when the member no longer holds one of
+    /// the partitions with the ack's token ([`Error::Fenced`]). A position at or below the
+    /// stored one changes nothing. An unknown group is [`Error::Validation`].
+    async fn ack(&self, group: &str, member: &str, acks: &[Ack]) -> Result<(), Error>;
+
+    /// Removes a member: its leases are freed at once for the others to take.
+    async fn leave(&self, group: &str, member: &str) -> Result<(), Error>;
+
+    /// The stored state of a group; `None` for a group never created.
+    async fn view(&self, group: &str) -> Result<Option<GroupView>, Error>;
+}
+
+pub(crate) mod sealed {
+    /// Keeps [`super::AckConnection`] to the crate's own stores.
+    pub trait Sealed {}
+}
+
+/// A database connection on which an [`crate::AckTicket`] is written inside the caller's own
+/// transaction: a `sqlx::Transaction` of Postgres or SQLite, or the `sqlx::PgConnection` or
+/// `sqlx::SqliteConnection` it runs on (features `postgres`, `sqlite`). Valkey has no
+/// transaction to join: its acks are their own calls.
+pub trait AckConnection: sealed::Sealed + Send {
+    /// Applies `acks` for `member` of `group` inside the transaction open on this connection:
+    /// all of them, or none (and the transaction must roll back). With `once`, each ack must
+    /// move its partition's position up.
+    #[doc(hidden)]
+    fn ack_in<'a>(
+        &'a mut self,
+        group: &'a str,
+        member: &'a str,
+        acks: &'a [Ack],
+        once: bool,
+    ) -> BoxFuture<'a, Result<(), Error>>;
+}
 
 /// How a member shares its group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-// Chosen by `testing::GroupStore`'s callers until the durable member task chooses it.
 pub enum Sharing {
     /// One consumer holds every partition; a new incarnation of the member takes them over
     /// at once, fencing the previous one.
@@ -134,27 +180,13 @@ pub(crate) fn fair_share(live: usize) -> usize {
     partitions.div_ceil(live.max(1))
 }
 
-/// The longest group name or member id, in characters.
-pub(crate) const MAX_NAME_CHARS: usize = 64;
-
-/// Checks a group name or member id: 1 to 64 characters, no control characters (NUL
-/// included). It is stored by the backend and used as a metrics label.
-pub(crate) fn check_name(what: &str, name: &str) -> Result<(), EngineError> {
-    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
-        return Err(EngineError::validation(format!(
-            "{what} {name:?} must be 1 to {MAX_NAME_CHARS} characters without control characters"
-        )));
-    }
-    Ok(())
-}
-
 /// The longest lease a heartbeat may ask for.
 pub(crate) const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Checks the group name and member id every operation names: each backend's operations call
 /// it first, before they touch anything.
 #[cfg_attr(not(any(feature = "postgres", feature = "sqlite", feature = "valkey")), allow(dead_code))]
-pub(crate) fn check_member(group: &str, member: &str) -> Result<(), EngineError> {
+pub(crate) fn check_member(group: &str, member: &str) -> Result<(), Error> {
     check_name("group name", group)?;
     check_name("member id", member)
 }
@@ -162,10 +194,10 @@ pub(crate) fn check_member(group: &str, member: &str) -> Result<(), EngineError>
 /// Checks a heartbeat ([`check_member`], and a ttl from 1 ms to [`MAX_TTL`]); returns its ttl
 /// in whole milliseconds.
 #[cfg_attr(not(any(feature = "postgres", feature = "sqlite", feature = "valkey")), allow(dead_code))]
-pub(crate) fn check_heartbeat(beat: &Heartbeat<'_>) -> Result<u64, EngineError> {
+pub(crate) fn check_heartbeat(beat: &Heartbeat<'_>) -> Result<u64, Error> {
     check_member(beat.group, beat.member)?;
     if beat.ttl < Duration::from_millis(1) || beat.ttl > MAX_TTL {
-        return Err(EngineError::validation(format!("a lease ttl of {:?} is outside 1 ms to {MAX_TTL:?}", beat.ttl)));
+        return Err(Error::validation(format!("a lease ttl of {:?} is outside 1 ms to {MAX_TTL:?}", beat.ttl)));
     }
     Ok(beat.ttl.as_millis() as u64)
 }
@@ -173,10 +205,9 @@ pub(crate) fn check_heartbeat(beat: &Heartbeat<'_>) -> Result<u64, EngineError> 
 /// A position's `(major, hi, lo)` as SQL bigints; a word above `i64::MAX` is a validation error
 /// (never wrapped into a negative, which would compare below every stored position).
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
-pub(crate) fn sql_words(p: Position) -> Result<[i64; 3], EngineError> {
-    let word = |w: u64| {
-        i64::try_from(w).map_err(|_| EngineError::validation(format!("position {p:?} does not fit the SQL store")))
-    };
+pub(crate) fn sql_words(p: Position) -> Result<[i64; 3], Error> {
+    let word =
+        |w: u64| i64::try_from(w).map_err(|_| Error::validation(format!("position {p:?} does not fit the SQL store")));
     Ok([word(p.major)?, word(p.hi)?, word(p.lo)?])
 }
 
@@ -200,7 +231,7 @@ mod tests {
     fn names_of_1_to_64_characters_without_control_characters_pass() {
         assert!(check_name("group", &"é".repeat(64)).is_ok());
         for bad in [String::new(), "x".repeat(65), "a\0b".into(), "a\nb".into()] {
-            assert!(matches!(check_name("group", &bad), Err(EngineError::Validation { .. })), "{bad:?}");
+            assert!(matches!(check_name("group", &bad), Err(Error::Validation { .. })), "{bad:?}");
         }
     }
 
@@ -211,6 +242,6 @@ mod tests {
         let [major, hi, lo] = sql_words(p).expect("fits");
         assert_eq!(from_sql_words(major, hi, lo), p);
         let over = Position::with_major(0, 0, i64::MAX as u64 + 1);
-        assert!(matches!(sql_words(over), Err(EngineError::Validation { .. })));
+        assert!(matches!(sql_words(over), Err(Error::Validation { .. })));
     }
 }
