@@ -38,65 +38,9 @@ pub const SQLITE_CURSOR_PREFIX: u8 = 0x03;
 pub const LEASE_HISTORY_CURSOR_TAG: u8 = 0xF1;
 /// The family tag byte of signal-delivery cursors.
 pub const SIGNAL_DELIVERY_CURSOR_TAG: u8 = 0xF2;
-/// Opaque, backend-versioned cursor: the first byte names the backend family, the rest is that
-/// backend's position. Persist its bytes (or hex); hand them back to resume.
-///
-/// ```
-/// use ff_completions::StreamCursor;
-///
-/// // A cursor as an event carries it (here: SQLite, `0x03` + event id 5).
-/// let cursor = StreamCursor::new(vec![0x03, 0, 0, 0, 0, 0, 0, 0, 5]);
-/// let saved = cursor.to_hex(); // the family byte first
-/// assert_eq!(saved, "030000000000000005");
-/// assert_eq!(StreamCursor::from_hex(&saved)?, cursor);
-/// assert!(StreamCursor::from_hex("01zz").is_err()); // malformed: a typed error, never a panic
-/// # Ok::<(), ff_completions::Error>(())
-/// ```
-#[derive(Clone, Default, PartialEq, Eq, Hash)]
-pub struct StreamCursor(Vec<u8>);
-
-/// A cursor serializes as its hex text (as [`StreamCursor::to_hex`] writes it).
-#[cfg(feature = "serde")]
-impl serde::Serialize for StreamCursor {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_hex())
-    }
-}
-
-#[cfg(feature = "serde")]
-impl<'de> serde::Deserialize<'de> for StreamCursor {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Self::from_hex(&text).map_err(serde::de::Error::custom)
-    }
-}
+pub use crate::stream_cursor::StreamCursor;
 
 impl StreamCursor {
-    /// Wraps raw bytes (validated only when decoded).
-    pub fn new(bytes: Vec<u8>) -> Self {
-        Self(bytes)
-    }
-
-    /// The empty cursor: start from the tail.
-    pub fn empty() -> Self {
-        Self(Vec::new())
-    }
-
-    /// True for the empty (tail) cursor.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// The raw bytes.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-
-    /// Lower-case hex, convenient for logs and command lines.
-    pub fn to_hex(&self) -> String {
-        hex::encode(&self.0)
-    }
-
     /// Parses the output of [`StreamCursor::to_hex`].
     ///
     /// # Errors
@@ -106,19 +50,16 @@ impl StreamCursor {
         if !text.len().is_multiple_of(2) || !text.is_ascii() {
             return Err(Error::validation("cursor hex must have an even number of ASCII digits"));
         }
-        hex::decode(text).map(Self).map_err(|_| Error::validation("cursor hex has a non-hex character"))
+        hex::decode(text).map(Self::new).map_err(|_| Error::validation("cursor hex has a non-hex character"))
     }
 }
 
-impl fmt::Debug for StreamCursor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "StreamCursor({})", self.to_hex())
-    }
-}
-
-impl fmt::Display for StreamCursor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
+#[cfg(feature = "serde")]
+/// A cursor deserializes from its hex text, as [`StreamCursor::from_hex`] parses it.
+impl<'de> serde::Deserialize<'de> for StreamCursor {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Self::from_hex(&text).map_err(serde::de::Error::custom)
     }
 }
 
@@ -285,7 +226,7 @@ fn two_words(prefix: u8, hi: u64, lo: u64) -> StreamCursor {
     bytes.push(prefix);
     bytes.extend_from_slice(&hi.to_be_bytes());
     bytes.extend_from_slice(&lo.to_be_bytes());
-    StreamCursor(bytes)
+    StreamCursor::new(bytes)
 }
 
 /// Encodes a Valkey stream id `(ms, seq)`.
@@ -352,7 +293,7 @@ pub fn encode_valkey_frontier(lanes: &[ValkeyLane]) -> StreamCursor {
         put_varint(&mut bytes, ms - base);
         put_varint(&mut bytes, seq);
     }
-    StreamCursor(bytes)
+    StreamCursor::new(bytes)
 }
 
 /// Decodes either Valkey form into `(lane, ms, seq)` per lane; `Ok(None)` for the empty (tail)
@@ -403,7 +344,7 @@ pub fn encode_postgres_batch_cursor(batch: u64, txid: u64, event_id: i64) -> Str
     bytes.extend_from_slice(&batch.to_be_bytes());
     bytes.extend_from_slice(&txid.to_be_bytes());
     bytes.extend_from_slice(&event_id.to_be_bytes());
-    StreamCursor(bytes)
+    StreamCursor::new(bytes)
 }
 
 /// Encodes the earlier 17-byte Postgres form `(txid, event_id)`: every row after it in that
@@ -418,7 +359,7 @@ pub fn encode_postgres_cursor(txid: u64, event_id: i64) -> StreamCursor {
 pub fn encode_postgres_event_cursor(event_id: i64) -> StreamCursor {
     let mut bytes = vec![POSTGRES_CURSOR_PREFIX];
     bytes.extend_from_slice(&event_id.to_be_bytes());
-    StreamCursor(bytes)
+    StreamCursor::new(bytes)
 }
 
 /// Decodes any Postgres form; `Ok(None)` for the empty (tail) cursor.
@@ -459,7 +400,7 @@ pub fn decode_postgres_cursor(cursor: &StreamCursor) -> Result<Option<PostgresCu
 pub fn encode_sqlite_cursor(event_id: i64) -> StreamCursor {
     let mut bytes = vec![SQLITE_CURSOR_PREFIX];
     bytes.extend_from_slice(&event_id.to_be_bytes());
-    StreamCursor(bytes)
+    StreamCursor::new(bytes)
 }
 
 /// Decodes an SQLite cursor; `Ok(None)` for the empty (tail) cursor.

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::cursor::StreamCursor;
+use crate::stream_cursor::StreamCursor;
 
 /// Errors returned by subscriptions, backends and the engine surface.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -80,6 +80,7 @@ mod lease_history;
 pub mod metrics;
 mod scanner_filter;
 mod signal_delivery;
+mod stream_cursor;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod types;
