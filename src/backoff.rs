@@ -34,7 +34,6 @@ impl Backoff {
     }
 
     /// The longest delay this policy ever waits, without jitter.
-    #[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
     pub fn cap(&self) -> Duration {
         self.nominal(self.steps)
     }
@@ -48,6 +47,14 @@ impl Backoff {
         }
         let jittered = rand::rng().random_range(nominal - spread..=nominal + spread);
         Duration::from_millis(jittered)
+    }
+}
+
+impl BackendRetry {
+    /// The longest delay its backoff ever waits between two attempts (before jitter): the cap
+    /// of a listener's restarts and of a filter's catch-up retries.
+    pub fn max_delay(&self) -> Duration {
+        Backoff::from_retry(self).cap()
     }
 }
 

@@ -46,12 +46,14 @@ impl BackendTimeouts {
         self
     }
 
-    #[cfg_attr(not(feature = "valkey"), allow(dead_code))]
-    pub(crate) fn request_or_default(&self) -> Duration {
+    /// The request timeout, or its default (5 s) when unset: what Valkey clients of the tree
+    /// wait for an answer.
+    pub fn request_or_default(&self) -> Duration {
         self.request.unwrap_or(Duration::from_secs(5))
     }
 
-    pub(crate) fn connect_or_default(&self) -> Duration {
+    /// The connect timeout, or its default (5 s) when unset.
+    pub fn connect_or_default(&self) -> Duration {
         self.connect.unwrap_or(Duration::from_secs(5))
     }
 }

@@ -349,13 +349,11 @@ pub fn encode_postgres_batch_cursor(batch: u64, txid: u64, event_id: i64) -> Str
 
 /// Encodes the earlier 17-byte Postgres form `(txid, event_id)`: every row after it in that
 /// order is unseen. `encode_postgres_cursor(0, 0)` replays the whole outbox.
-#[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
 pub fn encode_postgres_cursor(txid: u64, event_id: i64) -> StreamCursor {
     two_words(POSTGRES_CURSOR_PREFIX, txid, event_id as u64)
 }
 
 /// Encodes the original 9-byte Postgres form (`event_id` only).
-#[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
 pub fn encode_postgres_event_cursor(event_id: i64) -> StreamCursor {
     let mut bytes = vec![POSTGRES_CURSOR_PREFIX];
     bytes.extend_from_slice(&event_id.to_be_bytes());

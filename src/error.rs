@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::stream_cursor::StreamCursor;
 
-/// Errors returned by subscriptions, backends and the engine surface.
+/// The crate's errors: of subscriptions, the tree, the backends and durable groups.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -43,7 +43,8 @@ pub enum Error {
         #[source]
         source: Option<ErrorSource>,
     },
-    /// Input was rejected: a malformed cursor, id, URL, config or row.
+    /// Input was rejected: a malformed cursor, id, URL, config or row, or a statement's data
+    /// the database refused.
     #[error("invalid input: {detail}")]
     Validation {
         /// What was wrong.
@@ -60,12 +61,6 @@ pub enum Error {
     Timeout {
         /// What was being attempted.
         op: &'static str,
-    },
-    /// An engine operation was refused because of the execution's state.
-    #[error("the execution's state refused it: {detail}")]
-    State {
-        /// What the conflict was.
-        detail: String,
     },
     /// A durable group member no longer holds the partition it acknowledges (its lease expired
     /// and another member took it, or a newer incarnation of the member rejoined): nothing was
@@ -222,8 +217,13 @@ pub(crate) fn redact(text: &str) -> String {
 
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 impl Error {
-    /// Maps an sqlx error, classifying connection problems as transient.
-    pub(crate) fn from_sqlx(op: &'static str, err: sqlx::Error) -> Self {
+    /// The crate's error for an sqlx error of operation `op`, classified as the tree classifies
+    /// its own: connection trouble is transient ([`Error::Transport`], [`Error::Unavailable`]),
+    /// an undefined table, column or function, or an exception raised by a function, is
+    /// [`Error::Schema`]; data the database refused (a data or constraint error) is
+    /// [`Error::Validation`]. The original
+    /// is kept as the source (except for validation errors); the text never carries a password.
+    pub fn from_sqlx(op: &'static str, err: sqlx::Error) -> Self {
         let detail = redact(&err.to_string());
         let mapped = match &err {
             sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => {
@@ -239,8 +239,12 @@ impl Error {
                 } else if code.starts_with("42") {
                     // Undefined table, column or function: the schema is missing or of another version.
                     Self::schema(op, detail)
-                } else if code == "P0001" || code.starts_with("22") || code.starts_with("23") {
-                    return Self::State { detail };
+                } else if code == "P0001" {
+                    // The subsystem's functions raise only for what an operator must fix (an
+                    // adopted outbox without a sequence, a reader outside READ COMMITTED).
+                    Self::schema(op, detail)
+                } else if code.starts_with("22") || code.starts_with("23") {
+                    return Self::Validation { detail };
                 } else {
                     Self::transport(op, detail)
                 }

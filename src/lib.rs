@@ -2,16 +2,12 @@
 //!
 //! Exactly-once, in-order, resumable completion streams for durable execution engines.
 //! When an execution reaches a terminal state (success, failed, cancelled, expired, skipped),
-//! its producer (a SQL function, a Lua function) writes the completion atomically with the
-//! state change; this crate turns those durable records into live, filtered streams, one per
-//! subscriber, each event with a cursor to persist and resume from.
-//!
-//! Two more event families come through the same tree, with the same guarantees: lease
-//! history ([`LeaseHistoryEvent`], [`CompletionSupervisorHandle::subscribe_lease_history`])
-//! and signal delivery ([`SignalDeliveryEvent`],
-//! [`CompletionSupervisorHandle::subscribe_signal_delivery`]); one listener per backend reads
-//! them all, and each subscriber's filter selects its family. Their cursors carry a family tag
-//! (a cursor of one family is refused by another); completion cursors are unchanged.
+//! its producer (a SQL function, a Lua function, a trigger) writes the completion atomically
+//! with the state change; this crate turns those durable records into live, filtered streams,
+//! one per subscriber, each event with a cursor to persist and resume from. Lease history and
+//! signal delivery come through the same tree, with the same guarantees; durable
+//! subscriptions keep their position in the backend and share the work among an engine's
+//! instances.
 //!
 //! ```text
 //! engine actor (optional parent: spawn_linked)
@@ -22,44 +18,17 @@
 //!     └── Filter(subscriber n)
 //! ```
 //!
-//! Backends (cargo features): `postgres`, `valkey`, `sqlite` (all on by default). Other
-//! features, off by default: `serde` (`Serialize`/`Deserialize` for events, cursors and ids),
-//! `demo-engine` (a small execution engine on each backend whose producers write completions,
-//! used by the examples and below) and `testing` (hooks for fault injection and the wire
-//! names, used by the crate's own tests and benches).
+//! Spawn the tree with [`CompletionSupervisorHandle::spawn`] (or `spawn_linked` under your
+//! engine's actor) and subscribe with [`CompletionSupervisorHandle::subscribe`], naming the
+//! family: [`Completions`], [`LeaseHistory`], [`SignalDelivery`], or a [`DurableRequest`]. The
+//! guide is the README and the pages of `docs/` in the repository: guarantees and the tests
+//! that prove them, backends and installing into an existing database, durable groups,
+//! operating the tree, benchmarks.
 //!
-//! A producer completes an execution; a subscriber learns it, with its cursor (this runs as is,
-//! on an in-memory SQLite database, with the `demo-engine` feature):
-//!
-//! ```
-//! # #[cfg(not(all(feature = "demo-engine", feature = "sqlite")))] fn main() {}
-//! # #[cfg(all(feature = "demo-engine", feature = "sqlite"))]
-//! # #[tokio::main] async fn main() -> Result<(), ff_completions::Error> {
-//! use futures::StreamExt;
-//! use ff_completions::{
-//!     BackendConfig, CompletionOutcome, CompletionSupervisorHandle, ExecutionSpec, FlowId, ScannerFilter,
-//!     SubscribeRequest, SupervisorConfig, connect_engine,
-//! };
-//!
-//! let backend = BackendConfig::sqlite_in_memory(); // or BackendConfig::from_url("postgres://…")?
-//! let engine = connect_engine(&backend).await?;
-//! let (tree, _join) = CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(backend)).await?;
-//! let filter = ScannerFilter::new().with_instance_tag("tenant", "a");
-//! let mut events = tree.subscribe(SubscribeRequest::tail().with_filter(filter)).await?;
-//!
-//! let flow = FlowId::new();
-//! engine.create_flow(&flow, None).await?;
-//! let spec = ExecutionSpec::new(&flow).with_tag("tenant", "a");
-//! engine.create_execution(&spec).await?;
-//! engine.claim("worker-1", 1).await?;
-//! engine.complete(&spec.id).await?;
-//!
-//! let event = events.next().await.expect("the tree is running")?;
-//! assert_eq!((event.execution_id, event.outcome), (spec.id, CompletionOutcome::Success));
-//! // Persist `event.cursor`; `SubscribeRequest::from_cursor(cursor)` resumes right after it.
-//! tree.shutdown().await;
-//! # Ok(()) }
-//! ```
+//! Backends (cargo features): `postgres`, `valkey`, `sqlite`, all on by default; `serde`
+//! (off by default) derives `Serialize`/`Deserialize` for events, cursors and ids. Each
+//! backend has a module of what a host's producers and operators need beside the tree:
+//! [`postgres`], [`sqlite`], [`valkey`]; cursors' wire forms are in [`cursor`].
 #![deny(missing_docs)]
 
 mod actors;
@@ -69,8 +38,6 @@ mod completion_backend;
 mod config;
 pub mod cursor;
 mod durable;
-#[cfg(feature = "demo-engine")]
-mod engine;
 pub mod env_config;
 mod error;
 mod event;
@@ -81,8 +48,6 @@ pub mod metrics;
 mod scanner_filter;
 mod signal_delivery;
 mod stream_cursor;
-#[cfg(feature = "testing")]
-pub mod testing;
 mod types;
 
 pub use actors::handle::{CompletionSubscription, CompletionSupervisorHandle, Subscribe, Subscription};
@@ -93,14 +58,6 @@ pub use actors::stats::{ListenerState, ListenerStats, SubscriberStats, Superviso
 pub use actors::supervisor::{CompletionSupervisor, SupervisorMsg};
 pub use actors::supervisor_config::{RestartIntensity, SupervisorConfig};
 pub use backends::groups::AckConnection;
-#[cfg(feature = "postgres")]
-pub use backends::postgres::CommitWake;
-#[cfg(all(feature = "demo-engine", feature = "postgres"))]
-pub use backends::postgres::PostgresEngine;
-#[cfg(all(feature = "demo-engine", feature = "sqlite"))]
-pub use backends::sqlite::SqliteEngine;
-#[cfg(all(feature = "demo-engine", feature = "valkey"))]
-pub use backends::valkey::ValkeyEngine;
 pub use completion_backend::CompletionBackend;
 pub use config::{
     BackendConfig, BackendConnection, BackendRetry, BackendTimeouts, PostgresConnection, Retention, SqliteConnection,
@@ -111,11 +68,6 @@ pub use durable::{
     ACK_FLUSH_INTERVAL, AckTicket, DEFAULT_LEASE_TTL, DurableRequest, DurableSubscription, GroupMemberStats,
     GroupPartitionStats, GroupStats, MIN_LEASE_TTL,
 };
-#[cfg(feature = "demo-engine")]
-pub use engine::{
-    CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, LEASE_DURATION,
-    ResolvedEdge, connect_engine,
-};
 pub use error::{EngineError, Error, ErrorSource};
 pub use event::{CompletionEvent, CompletionOutcome, CompletionPayload, CompletionStream};
 pub use instance_tags::InstanceTagEvent;
@@ -125,3 +77,41 @@ pub use signal_delivery::{SignalDeliveryEffect, SignalDeliveryEvent, SignalDeliv
 pub use types::{
     ExecutionId, FlowId, LeaseId, Namespace, PARTITION_COUNT, SignalId, TimestampMs, WaitpointId, WorkerInstanceId,
 };
+
+/// Postgres: what a host's producers and operators need beside the tree. Producers insert into
+/// the outbox `ff_completion_event` (and lease and signal events into
+/// `ff_completion_family_event`) in their own transaction and may wake the listeners after the
+/// commit ([`postgres::CommitWake`]); [`postgres::MIGRATOR`] installs the schema (the tree
+/// does on connect).
+#[cfg(feature = "postgres")]
+pub mod postgres {
+    pub use crate::backends::postgres::{
+        COMPLETION_CHANNEL, CommitWake, LISTENER_APPLICATION_NAME, MIGRATION_LEDGER, MIGRATOR, MIN_WAKE_INTERVAL,
+        connect_pool,
+    };
+}
+
+/// SQLite: the database as a process shares it between its trees and its own producers
+/// ([`sqlite::Database`]: one pool, this process's writer queue, the wake-up after a commit).
+#[cfg(feature = "sqlite")]
+pub mod sqlite {
+    pub use crate::backends::sqlite::{Database, MIGRATION_LEDGER, WriteTransaction};
+}
+
+/// Valkey: what a host's producers (Lua functions of their own) and operators need: the
+/// streams, channels and names the tree reads, clients with the tree's settings, and the
+/// subsystem's function library.
+#[cfg(feature = "valkey")]
+pub mod valkey {
+    pub use crate::backends::valkey::{
+        DEFAULT_STREAM_MAXLEN, FAMILY_CHANNEL, LEGACY_STREAM_KEY, LIBRARY_VERSION, LISTENER_CLIENT_NAME,
+        PUBSUB_CHANNEL, connect_client, group_keys, load_library, stream_key,
+    };
+}
+
+/// Not public API: the durable-group store of a backend, driven directly by the crate's own
+/// contract tests (in the lab), which check each backend's store against the rules of the
+/// group store seam with tokens and positions no member would send. Hidden from the docs; no
+/// semver promise.
+#[doc(hidden)]
+pub mod __store;

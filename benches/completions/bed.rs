@@ -7,10 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use ff_completions::{
-    BackendConfig, BackendConnection, CancelFlowPolicy, Engine, Error, ExecutionId, ExecutionSpec, FlowId,
-    connect_engine,
-};
+use ff_completions::{BackendConfig, BackendConnection, ExecutionId, FlowId};
+use ff_completions_lab::{CancelFlowPolicy, Engine, ExecutionSpec, connect_engine};
 use futures::StreamExt;
 use uuid::Uuid;
 
@@ -125,7 +123,7 @@ impl Run {
             .config
             .clone()
             .with_timeouts(ff_completions::BackendTimeouts::default().with_request(Duration::from_secs(30)));
-        ff_completions::testing::valkey::connect_client(&config, name).await.expect("valkey client")
+        ff_completions::valkey::connect_client(&config, name).await.expect("valkey client")
     }
 
     /// Server connections held now: (notification connections, all connections), the
@@ -147,7 +145,7 @@ impl Run {
             Kind::Valkey => {
                 let client = self.valkey_client().await;
                 let list: String = client.cmd("CLIENT").arg("LIST").execute().await.expect("CLIENT LIST");
-                let listener = format!(" name={} ", ff_completions::testing::valkey::LISTENER_CLIENT_NAME);
+                let listener = format!(" name={} ", ff_completions::valkey::LISTENER_CLIENT_NAME);
                 let blocking = list
                     .lines()
                     .filter(|l| l.contains(&listener) || l.contains(&format!(" name={FLOOR_CLIENT} ")))
@@ -164,10 +162,9 @@ impl Run {
                     l.split_whitespace().nth(1)?.split('@').next()?.rsplit_once(':')?.1.parse::<u16>().ok()
                 }) {
                     let node = BackendConfig::valkey_with(ff_completions::ValkeyConnection::new(v.host.clone(), port));
-                    let client =
-                        ff_completions::testing::valkey::connect_client(&node, "bench").await.expect("node client");
+                    let client = ff_completions::valkey::connect_client(&node, "bench").await.expect("node client");
                     let list: String = client.cmd("CLIENT").arg("LIST").execute().await.expect("CLIENT LIST");
-                    let listener = format!(" name={} ", ff_completions::testing::valkey::LISTENER_CLIENT_NAME);
+                    let listener = format!(" name={} ", ff_completions::valkey::LISTENER_CLIENT_NAME);
                     listener_conns += list.lines().filter(|l| l.contains(&listener)).count() as u64;
                     all += list
                         .lines()
@@ -201,7 +198,7 @@ impl Unit {
     /// Commits this unit's completions with the backend's terminal operations (a cancel of
     /// one execution, or the cancel of a flow: one transaction / one FCALL for all its
     /// members); returns how many completions it wrote.
-    pub async fn commit(&self, engine: &dyn Engine) -> Result<u64, Error> {
+    pub async fn commit(&self, engine: &dyn Engine) -> Result<u64, ff_completions_lab::Error> {
         match self {
             Self::One(id) => Ok(u64::from(engine.cancel(id).await?)),
             Self::Flow(flow, _) => engine.cancel_flow(flow, CancelFlowPolicy::CancelAll).await,

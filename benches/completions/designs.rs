@@ -201,7 +201,7 @@ async fn pg_floor(url: &str, tally: Arc<Tally>) -> JoinHandle<()> {
 /// The Valkey floor: `XREAD BLOCK` over every partition stream (one command: a single node
 /// takes keys of any slots) on a connection of its own, from each stream's current last id.
 async fn xread_floor(client: ferriskey::Client, tally: Arc<Tally>) -> JoinHandle<()> {
-    let streams: Vec<String> = (0..256).map(ff_completions::testing::valkey::stream_key).collect();
+    let streams: Vec<String> = (0..256).map(ff_completions::valkey::stream_key).collect();
     let mut last = Vec::with_capacity(streams.len());
     for stream in &streams {
         let newest: ferriskey::Value = client

@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ff_completions::{
-    CompletionSupervisorHandle, Engine, ExecutionId, ExecutionSpec, FlowId, LeaseHistory, SupervisorConfig, TimestampMs,
-};
+use ff_completions::{CompletionSupervisorHandle, ExecutionId, FlowId, LeaseHistory, SupervisorConfig, TimestampMs};
+use ff_completions_lab::{Engine, ExecutionSpec};
 use futures::StreamExt;
 
 use crate::bed::{Bed, Kind, Run};
@@ -68,7 +67,7 @@ impl Baseline {
         match run.kind {
             Kind::Postgres => Self::Postgres(run.pg_pool(producers as u32).await),
             Kind::Sqlite => {
-                let engine = ff_completions::SqliteEngine::connect(&run.config).await.expect("sqlite engine");
+                let engine = ff_completions_lab::SqliteEngine::connect(&run.config).await.expect("sqlite engine");
                 Self::Sqlite(engine.pool().clone())
             }
             other => panic!("no history-off heartbeat on {}", other.name()),
@@ -76,7 +75,7 @@ impl Baseline {
     }
 
     async fn renew(&self, id: &ExecutionId) -> bool {
-        let until = TimestampMs::now().0 + ff_completions::LEASE_DURATION.as_millis() as i64;
+        let until = TimestampMs::now().0 + ff_completions_lab::LEASE_DURATION.as_millis() as i64;
         let sql = "UPDATE ff_execution SET lease_expires_at_ms = $1 \
                    WHERE execution_id = $2 AND worker = $3 AND state = 'running' AND lease_state = 'active'";
         let rows = match self {

@@ -5,11 +5,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ff_completions::testing::{encode_postgres_cursor, encode_sqlite_cursor, encode_valkey_cursor};
-use ff_completions::{
-    CompletionSupervisorHandle, Completions, DependencyResolution, ExecutionId, ExecutionSpec, FlowId, StreamCursor,
-    SupervisorConfig,
-};
+use ff_completions::cursor::{encode_postgres_cursor, encode_sqlite_cursor, encode_valkey_cursor};
+use ff_completions::{CompletionSupervisorHandle, Completions, ExecutionId, FlowId, StreamCursor, SupervisorConfig};
+use ff_completions_lab::{DependencyResolution, ExecutionSpec};
 use futures::StreamExt;
 use sqlx::Connection;
 
@@ -271,7 +269,7 @@ async fn fill_history(run: &Run, events: u64) {
                     .arg(HISTORY_LUA)
                     .arg(1)
                     // History in one partition: the tree reads every partition stream.
-                    .arg(ff_completions::testing::valkey::stream_key(0))
+                    .arg(ff_completions::valkey::stream_key(0))
                     .arg(n)
                     .arg(written as i64)
                     .execute()
@@ -355,7 +353,7 @@ async fn floor_replay(run: &Run, events: u64) -> u64 {
             while read < events {
                 let reply: ferriskey::Value = client
                     .cmd("XRANGE")
-                    .arg(ff_completions::testing::valkey::stream_key(0))
+                    .arg(ff_completions::valkey::stream_key(0))
                     .arg(from.as_str())
                     .arg("+")
                     .arg("COUNT")

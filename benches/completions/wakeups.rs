@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ff_completions::CommitWake;
+use ff_completions::postgres::CommitWake;
 use ff_completions::{BackendConfig, CompletionSupervisorHandle, SupervisorConfig};
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;

@@ -19,7 +19,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use ff_completions::testing::{Ack, Position, Sharing};
+use ff_completions::__store::{Ack, Position, Sharing};
 use ff_completions::{BackendConfig, PARTITION_COUNT, TimestampMs};
 use rand::Rng;
 

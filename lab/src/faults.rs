@@ -68,7 +68,7 @@ impl ConnectionKiller {
                     .map_err(|e| format!("connect to postgres: {e}"))?,
             ))),
             ff_completions::BackendConnection::Valkey(_) => Ok(Some(Admin::Valkey(
-                ff_completions::testing::valkey::connect_client(&self.backend, "ff-completions-faults")
+                ff_completions::valkey::connect_client(&self.backend, "ff-completions-faults")
                     .await
                     .map_err(|e| format!("connect to valkey: {e}"))?,
             ))),
@@ -87,7 +87,7 @@ async fn terminate_postgres_listeners(pool: &sqlx::PgPool) -> Result<u64, String
                                           WHERE application_name = $1 AND datname = current_database()) \
          SELECT count(*) FROM listeners WHERE pg_terminate_backend(pid)",
     )
-    .bind(ff_completions::testing::postgres::LISTENER_APPLICATION_NAME)
+    .bind(ff_completions::postgres::LISTENER_APPLICATION_NAME)
     .fetch_one(pool)
     .await
     .map_err(|e| format!("pg_terminate_backend: {e}"))?;
@@ -95,7 +95,7 @@ async fn terminate_postgres_listeners(pool: &sqlx::PgPool) -> Result<u64, String
 }
 
 /// `CLIENT KILL ID` of every connection named like the listener's subscriber connection
-/// ([`LISTENER_CLIENT_NAME`](ff_completions::testing::valkey::LISTENER_CLIENT_NAME)), found
+/// ([`LISTENER_CLIENT_NAME`](ff_completions::valkey::LISTENER_CLIENT_NAME)), found
 /// with `CLIENT LIST`; on a cluster, on every primary `CLUSTER NODES` names (`CLIENT` commands
 /// are not routed to a chosen node by ferriskey's cluster client, so each gets a client of
 /// its own).
@@ -122,7 +122,7 @@ async fn kill_valkey_listeners(backend: &BackendConfig, client: &ferriskey::Clie
                 .with_credentials(v.username.clone(), v.password.clone())
                 .with_tls(v.tls),
         );
-        let node_client = ff_completions::testing::valkey::connect_client(&node, "ff-completions-faults")
+        let node_client = ff_completions::valkey::connect_client(&node, "ff-completions-faults")
             .await
             .map_err(|e| format!("connect to a cluster node: {e}"))?;
         killed += kill_valkey_listeners_on(&node_client).await?;
@@ -133,7 +133,7 @@ async fn kill_valkey_listeners(backend: &BackendConfig, client: &ferriskey::Clie
 /// [`kill_valkey_listeners`] on the one server `client` talks to.
 async fn kill_valkey_listeners_on(client: &ferriskey::Client) -> Result<u64, String> {
     let list: String = client.cmd("CLIENT").arg("LIST").execute().await.map_err(|e| format!("CLIENT LIST: {e}"))?;
-    let name = format!("name={}", ff_completions::testing::valkey::LISTENER_CLIENT_NAME);
+    let name = format!("name={}", ff_completions::valkey::LISTENER_CLIENT_NAME);
     let ids: Vec<&str> = list
         .lines()
         .filter(|line| line.split_whitespace().any(|kv| kv == name))

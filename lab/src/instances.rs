@@ -12,12 +12,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::{Engine, ExecutionSpec, connect_engine};
 use clap::Parser;
-use ff_completions::testing::GroupStore;
+use ff_completions::__store::Store;
 use ff_completions::{
-    BackendConfig, CompletionSupervisorHandle, DurableRequest, Engine, Error, ExecutionId, ExecutionSpec, FlowId,
-    PARTITION_COUNT, StreamCursor, SupervisorConfig, TimestampMs, connect_engine,
+    BackendConfig, CompletionSupervisorHandle, DurableRequest, ExecutionId, FlowId, PARTITION_COUNT, StreamCursor,
+    SupervisorConfig, TimestampMs,
 };
+
+use ff_completions::Error;
 use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -342,7 +345,7 @@ pub async fn produce(engine: Arc<dyn Engine>, produced: Arc<Produced>, worker: S
 }
 
 /// Waits until the group has `members` live members holding all partitions between them.
-pub async fn converged(store: &GroupStore, group: &str, members: usize, timeout: Duration) -> anyhow::Result<()> {
+pub async fn converged(store: &Store, group: &str, members: usize, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(view) = store.view(group).await? {
@@ -441,7 +444,7 @@ impl Repeats {
 /// (a cursor names every partition's stream) the stream id of its own partition.
 fn order_key(effect: &Effect) -> Vec<u8> {
     let cursor = StreamCursor::new(effect.cursor.clone());
-    match ff_completions::testing::decode_valkey_frontier(&cursor) {
+    match ff_completions::cursor::decode_valkey_frontier(&cursor) {
         Ok(Some(lanes)) => lanes
             .iter()
             .find(|(lane, _, _)| i64::from(*lane) == effect.partition)
@@ -543,7 +546,7 @@ pub struct Run {
     pub at: String,
     pub engine: Arc<dyn Engine>,
     pub db: EffectDb,
-    pub store: GroupStore,
+    pub store: Store,
     pub produced: Arc<Produced>,
     producers: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -563,7 +566,7 @@ impl Run {
         let engine = connect_engine(&backend).await?;
         let db = EffectDb::connect(kind, &at).await?;
         db.create_table().await?;
-        let store = GroupStore::open(&backend).await?;
+        let store = Store::open(&backend).await?;
         Ok(Self { backend, kind, at, engine, db, store, produced: Arc::default(), producers: Vec::new() })
     }
 

@@ -3,6 +3,9 @@
 //! The lab of [`ff_completions`]: everything the crate's examples, tests and benches share, and
 //! nothing the library needs. Not published.
 //!
+//! - [`engine`]: the demo execution engine on each backend ([`Engine`], [`connect_engine`]),
+//!   with its own schema (`migrations/`) and Lua library (`lua/ff_demo.lua`), and its
+//!   [`Error`].
 //! - [`harness`]: throwaway servers (Postgres clusters, `valkey-server` processes, a Valkey
 //!   Cluster) started on free loopback ports, and the checks every test makes of a stream.
 //! - [`faults`]: faults injected from outside the tree (killed connections, killed actors).
@@ -13,6 +16,14 @@
 
 pub mod chaos;
 pub mod dag;
+pub mod engine;
+mod error;
 pub mod faults;
 pub mod harness;
 pub mod instances;
+
+pub use engine::{
+    CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, LEASE_DURATION,
+    PostgresEngine, ResolvedEdge, SqliteEngine, ValkeyEngine, connect_engine,
+};
+pub use error::Error;

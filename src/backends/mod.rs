@@ -23,7 +23,6 @@ pub mod valkey;
 mod open;
 mod seam;
 
-#[cfg_attr(not(feature = "testing"), allow(unused_imports))]
 pub(crate) use lazy::Connected;
 pub(crate) use open::{lazy_source, open_source};
 pub(crate) use seam::{Batch, CompletionSource, FamilyEvent, Positioned, StartAt, Wake, Waker};

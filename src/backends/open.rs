@@ -1,11 +1,16 @@
 //! Connecting to the configured backend: the one place that matches on the backend kind.
 
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "valkey"))]
 use std::sync::Arc;
 
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "valkey"))]
 use super::groups::GroupStore;
 use super::lazy::{Connected, LazySource};
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "valkey"))]
 use super::seam::CompletionSource;
-use crate::config::{BackendConfig, BackendConnection};
+use crate::config::BackendConfig;
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "valkey"))]
+use crate::config::BackendConnection;
 use crate::error::Error;
 
 /// The configured backend, connected on first use (see [`super::lazy`]).

@@ -185,7 +185,7 @@ async fn pause_scenario(kind: &str) -> anyhow::Result<Verdict> {
 
 /// The partitions `member` holds in `group` now, with their tokens.
 async fn held_by(
-    store: &ff_completions::testing::GroupStore,
+    store: &ff_completions::__store::Store,
     group: &str,
     member: &str,
 ) -> anyhow::Result<std::collections::BTreeMap<u16, u64>> {

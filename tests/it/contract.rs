@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ff_completions::{
-    BackendConfig, CompletionOutcome, CompletionSupervisorHandle, Completions, DependencyResolution, Engine, Error,
-    ExecutionId, ExecutionSpec, FailOutcome, FilterMode, FlowId, Namespace, Retention, ScannerFilter, StreamCursor,
-    SupervisorConfig, SupervisorStats, TimestampMs, connect_engine,
+    BackendConfig, CompletionOutcome, CompletionSupervisorHandle, Completions, Error, ExecutionId, FilterMode, FlowId,
+    Namespace, Retention, ScannerFilter, StreamCursor, SupervisorConfig, SupervisorStats, TimestampMs,
 };
+use ff_completions_lab::Error as DemoError;
+use ff_completions_lab::{DependencyResolution, Engine, ExecutionSpec, FailOutcome, connect_engine};
 
 use crate::support::{assert_exactly_once, assert_no_more, take_events, wait_until};
 
@@ -237,9 +238,15 @@ pub async fn hostile_filter_values_round_trip_and_match_exactly(backend: Backend
         ExecutionSpec::new(&flow).with_tag("k\0", "v"),
         ExecutionSpec::new(&flow).with_tag("k", "\0"),
     ] {
-        assert!(matches!(f.engine.create_execution(&spec).await, Err(Error::Validation { .. })), "{spec:?}");
+        assert!(
+            matches!(f.engine.create_execution(&spec).await, Err(DemoError::Subsystem(Error::Validation { .. }))),
+            "{spec:?}"
+        );
     }
-    assert!(matches!(f.engine.create_flow(&flow, Some(&Namespace::new("\0"))).await, Err(Error::Validation { .. })));
+    assert!(matches!(
+        f.engine.create_flow(&flow, Some(&Namespace::new("\0"))).await,
+        Err(DemoError::Subsystem(Error::Validation { .. }))
+    ));
     assert_no_more(&mut everything, QUIET).await;
 }
 

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use ff_completions::testing::GroupStore;
+use ff_completions::__store::Store;
 use ff_completions::{
     BackendConfig, CompletionEvent, DurableRequest, DurableSubscription, Error, ExecutionId, PARTITION_COUNT,
     StreamCursor,
@@ -44,7 +44,7 @@ fn unique(prefix: &str) -> String {
 }
 
 /// Completes `n` executions, each of its own flow (so they spread over the partitions).
-async fn complete_spread(engine: &dyn ff_completions::Engine, n: usize) -> Vec<ExecutionId> {
+async fn complete_spread(engine: &dyn ff_completions_lab::Engine, n: usize) -> Vec<ExecutionId> {
     let mut ids = Vec::with_capacity(n);
     for _ in 0..n {
         ids.extend(complete_n(engine, 1).await);
@@ -173,7 +173,7 @@ pub async fn bad_names_and_acks_of_cursors_never_delivered_are_validation_errors
     backend: BackendConfig,
 ) {
     let f = fixture(backend.clone(), |c| c).await;
-    let store = GroupStore::open(&backend).await.expect("store");
+    let store = Store::open(&backend).await.expect("store");
     let too_long = "g".repeat(65);
     for (request, name) in [
         (DurableRequest::exclusive(&too_long), too_long.clone()),
@@ -212,7 +212,7 @@ pub async fn bad_names_and_acks_of_cursors_never_delivered_are_validation_errors
 /// hands each out once, and each one acknowledges.
 pub async fn events_read_before_their_partition_moved_away_and_back_are_handed_out_once(backend: BackendConfig) {
     let f = fixture(backend.clone(), |c| c).await;
-    let store = GroupStore::open(&backend).await.expect("store");
+    let store = Store::open(&backend).await.expect("store");
     let group = unique("back");
     let request = || DurableRequest::group(&group).with_member("a").with_lease_ttl(TTL);
     let mut first = f.tree.subscribe(request()).await.expect("first");
@@ -223,7 +223,7 @@ pub async fn events_read_before_their_partition_moved_away_and_back_are_handed_o
         first.stats().await.is_ok_and(|s| s.partitions[partition].unacked == Some(5))
     })
     .await;
-    let token = |view: &ff_completions::testing::GroupView| view.partitions[partition].token;
+    let token = |view: &ff_completions::__store::GroupView| view.partitions[partition].token;
     let before = token(&store.view(&group).await.expect("view").expect("group"));
 
     let second = f.tree.subscribe(request()).await.expect("second");

@@ -6,13 +6,14 @@
 use std::fmt::Debug;
 use std::time::Duration;
 
-use ff_completions::testing::{LEASE_HISTORY_CURSOR_TAG, SIGNAL_DELIVERY_CURSOR_TAG};
+use ff_completions::cursor::{LEASE_HISTORY_CURSOR_TAG, SIGNAL_DELIVERY_CURSOR_TAG};
 use ff_completions::{
-    BackendConfig, CompletionSupervisorHandle, Completions, Engine, Error, ExecutionId, ExecutionSpec, FilterMode,
-    FlowId, InstanceTags, LeaseHistory, LeaseHistoryEvent, LeaseHistoryFilter, LeaseId, Namespace, Retention,
-    SignalDelivery, SignalDeliveryEffect, SignalDeliveryEvent, SignalDeliveryFilter, SignalId, StreamCursor,
-    SupervisorConfig, TimestampMs, WaitpointId, WorkerInstanceId,
+    BackendConfig, CompletionSupervisorHandle, Completions, Error, ExecutionId, FilterMode, FlowId, InstanceTags,
+    LeaseHistory, LeaseHistoryEvent, LeaseHistoryFilter, LeaseId, Namespace, Retention, SignalDelivery,
+    SignalDeliveryEffect, SignalDeliveryEvent, SignalDeliveryFilter, SignalId, StreamCursor, SupervisorConfig,
+    TimestampMs, WaitpointId, WorkerInstanceId,
 };
+use ff_completions_lab::{Engine, ExecutionSpec};
 use futures::{Stream, StreamExt};
 
 use crate::contract::{QUIET, WAIT, fixture};

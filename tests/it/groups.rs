@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use ff_completions::testing::{Ack, GroupStore, GroupView, Lease, Position, Sharing};
+use ff_completions::__store::{Ack, GroupView, Lease, Position, Sharing, Store};
 use ff_completions::{BackendConfig, Error};
 
 use crate::contract::WAIT;
@@ -51,16 +51,16 @@ pub fn group_name(tag: &str) -> String {
     format!("{tag}-{}", uuid::Uuid::new_v4().simple())
 }
 
-pub async fn open(backend: &BackendConfig) -> GroupStore {
-    GroupStore::open(backend).await.unwrap_or_else(|e| panic!("open the group store: {e}"))
+pub async fn open(backend: &BackendConfig) -> Store {
+    Store::open(backend).await.unwrap_or_else(|e| panic!("open the group store: {e}"))
 }
 
 /// One shared heartbeat that must succeed.
-pub async fn beat(store: &GroupStore, group: &str, member: &str) -> Vec<Lease> {
+pub async fn beat(store: &Store, group: &str, member: &str) -> Vec<Lease> {
     beat_as(store, group, member, Sharing::Shared, false).await
 }
 
-pub async fn beat_as(store: &GroupStore, group: &str, member: &str, sharing: Sharing, rejoin: bool) -> Vec<Lease> {
+pub async fn beat_as(store: &Store, group: &str, member: &str, sharing: Sharing, rejoin: bool) -> Vec<Lease> {
     store
         .heartbeat(group, member, TTL, sharing, rejoin)
         .await
@@ -73,7 +73,7 @@ pub fn held(leases: &[Lease]) -> BTreeSet<u16> {
 }
 
 /// The stored group, which must exist.
-pub async fn view(store: &GroupStore, group: &str) -> GroupView {
+pub async fn view(store: &Store, group: &str) -> GroupView {
     store.view(group).await.unwrap_or_else(|e| panic!("view {group}: {e}")).unwrap_or_else(|| panic!("{group} exists"))
 }
 
@@ -94,7 +94,7 @@ pub fn tail_of(tail: &[Position], partition: u16) -> Position {
 }
 
 /// Heartbeats `member` until it holds every partition (the others' leases lapsed).
-pub async fn beat_until_all(store: &GroupStore, group: &str, member: &str) -> Vec<Lease> {
+pub async fn beat_until_all(store: &Store, group: &str, member: &str) -> Vec<Lease> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let leases = beat(store, group, member).await;
@@ -107,7 +107,7 @@ pub async fn beat_until_all(store: &GroupStore, group: &str, member: &str) -> Ve
 }
 
 /// Heartbeats every member in turn for `rounds` rounds; returns each one's leases from the last.
-pub async fn rounds(store: &GroupStore, group: &str, members: &[&str], rounds: usize) -> Vec<Vec<Lease>> {
+pub async fn rounds(store: &Store, group: &str, members: &[&str], rounds: usize) -> Vec<Vec<Lease>> {
     let mut last = Vec::new();
     for _ in 0..rounds {
         last.clear();
@@ -478,7 +478,7 @@ pub struct InTransaction {
 /// effect and the position commit together; fenced, or at or below the acknowledged position
 /// (the event's effect committed before), the transaction rolls back and neither is written. `in_tx(group, acks, effect id)` runs an effect insert and `ack_in` in one
 /// transaction, committing on success and rolling back on an error.
-pub async fn assert_ack_in_transaction_commits_or_rolls_back_with_the_effect<F, Fut>(store: &GroupStore, mut in_tx: F)
+pub async fn assert_ack_in_transaction_commits_or_rolls_back_with_the_effect<F, Fut>(store: &Store, mut in_tx: F)
 where
     F: FnMut(String, Vec<Ack>, i64) -> Fut,
     Fut: std::future::Future<Output = InTransaction>,

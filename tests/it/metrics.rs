@@ -6,9 +6,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use ff_completions::{
-    BackendConfig, CompletionSupervisorHandle, Completions, Engine, ExecutionSpec, FlowId, ListenerState,
-    PostgresEngine, SubscriberStats, SupervisorConfig,
+    BackendConfig, CompletionSupervisorHandle, Completions, FlowId, ListenerState, SubscriberStats, SupervisorConfig,
 };
+use ff_completions_lab::{Engine, ExecutionSpec, PostgresEngine};
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -286,7 +286,7 @@ async fn the_valkey_stream_length_gauge_counts_the_completion_stream() {
     recorder();
     let server = crate::support::valkey::ValkeyServer::start().await;
     let backend = "valkey-metrics";
-    let engine = ff_completions::connect_engine(&server.config()).await.expect("engine");
+    let engine = ff_completions_lab::connect_engine(&server.config()).await.expect("engine");
     let config = SupervisorConfig::new()
         .with_named_backend(backend, server.config())
         .with_gauge_interval(Duration::from_millis(50));

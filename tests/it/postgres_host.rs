@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ff_completions::testing::{
-    encode_postgres_cursor, encode_postgres_event_cursor, postgres::DEMO_MIGRATION_LEDGER, postgres::DEMO_MIGRATOR,
-    postgres::MIGRATION_LEDGER, postgres::MIGRATOR,
-};
+use ff_completions::cursor::{encode_postgres_cursor, encode_postgres_event_cursor};
+use ff_completions::postgres::{MIGRATION_LEDGER, MIGRATOR};
 use ff_completions::{
-    BackendConfig, CompletionSupervisorHandle, Completions, ExecutionId, PostgresEngine, StreamCursor, SupervisorConfig,
+    BackendConfig, CompletionSupervisorHandle, Completions, ExecutionId, StreamCursor, SupervisorConfig,
 };
+use ff_completions_lab::PostgresEngine;
+use ff_completions_lab::engine::postgres::{DEMO_MIGRATION_LEDGER, DEMO_MIGRATOR};
 use sqlx::Connection;
 use sqlx::postgres::{PgConnection, PgListener};
 

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ff_completions::{
-    BackendConfig, CompletionEvent, CompletionSupervisorHandle, Completions, Engine, ExecutionId, ExecutionSpec,
-    LeaseHistory, PostgresEngine, SupervisorConfig,
+    BackendConfig, CompletionEvent, CompletionSupervisorHandle, Completions, ExecutionId, LeaseHistory,
+    SupervisorConfig,
 };
+use ff_completions_lab::{Engine, ExecutionSpec, PostgresEngine};
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 

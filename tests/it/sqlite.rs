@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
-use ff_completions::testing::{encode_postgres_cursor, encode_valkey_cursor};
-use ff_completions::{BackendConfig, CompletionSupervisorHandle, Completions, SqliteEngine, SupervisorConfig};
+use ff_completions::cursor::{encode_postgres_cursor, encode_valkey_cursor};
+use ff_completions::{BackendConfig, CompletionSupervisorHandle, Completions, SupervisorConfig};
+use ff_completions_lab::SqliteEngine;
 use sqlx::Connection;
 
 use crate::contract::{self, QUIET, WAIT, complete_n, fixture};
@@ -37,7 +38,7 @@ mod groups {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_ack_in_the_callers_transaction_commits_with_its_effect_and_a_fenced_or_repeated_one_rolls_it_back() {
-        use ff_completions::testing::sqlite::ack_in;
+        use ff_completions::__store::ack_in;
         use sqlx::Connection;
         use sqlx::sqlite::SqliteConnection;
 
@@ -108,7 +109,7 @@ async fn commits_from_another_connection_wake_the_listener() {
     // `PRAGMA data_version` polling can see this commit. (Another process is the test below.)
     let mut plain =
         sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display())).await.expect("plain connection");
-    let fresh = contract::running(&other, ff_completions::ExecutionSpec::new, 1).await;
+    let fresh = contract::running(&other, ff_completions_lab::ExecutionSpec::new, 1).await;
     sqlx::query("UPDATE ff_execution SET state = 'success' WHERE execution_id = ?")
         .bind(fresh[0].uuid().to_string())
         .execute(&mut plain)
@@ -176,7 +177,7 @@ async fn completions_committed_by_another_process_reach_the_subscriber_in_order_
     .await
     .expect("spawn");
     let engine = SqliteEngine::connect(&backend).await.expect("engine");
-    let ids = contract::running(&engine, ff_completions::ExecutionSpec::new, 3).await;
+    let ids = contract::running(&engine, ff_completions_lab::ExecutionSpec::new, 3).await;
     let mut sub = tree.subscribe(Completions::tail()).await.expect("sub");
 
     let outcomes = ["success", "failed", "cancelled"];
@@ -225,4 +226,47 @@ async fn malformed_rows_of_each_family_are_skipped_once_and_the_events_around_th
         bad_rows.len() as u64 - 1
     })
     .await;
+}
+
+/// A database migrated by the earlier version (its migrations, demo tables included, recorded
+/// in sqlx's default ledger `_sqlx_migrations`) starts as it is: the subsystem records them in
+/// its own ledger without running them again, the demo engine takes its tables as they are, the
+/// completions written before resume from their cursor, and new ones arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_migrated_by_the_earlier_version_starts_and_keeps_its_completions() {
+    use ff_completions::cursor::encode_sqlite_cursor;
+
+    let (dir, backend) = backend_file();
+    let url = format!("sqlite:{}?mode=rwc", dir.path().join("completions.db").display());
+    let earlier = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sqlite_earlier");
+    {
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.expect("connect");
+        sqlx::migrate::Migrator::new(earlier).await.expect("the earlier migrations").run(&mut conn).await.expect("run");
+        sqlx::query(
+            "INSERT INTO ff_completion_event (execution_id, outcome, occurred_at_ms, partition_key) \
+             VALUES ('6f9619ff-8b86-4011-b42d-00c04fc964ff', 'success', 1, 5)",
+        )
+        .execute(&mut conn)
+        .await
+        .expect("a completion of the earlier version");
+    }
+    let (tree, _) =
+        CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(backend.clone())).await.expect("spawn");
+    let mut sub = tree.subscribe(Completions::from_cursor(encode_sqlite_cursor(0))).await.expect("subscribe");
+    let old = take_events(&mut sub, 1, WAIT).await;
+    assert_eq!(old[0].execution_id.to_string(), "{fp:5}:6f9619ff-8b86-4011-b42d-00c04fc964ff");
+    let engine = SqliteEngine::connect(&backend).await.expect("the demo engine on the earlier schema");
+    let new = complete_n(&engine, 2).await;
+    assert_exactly_once(&take_events(&mut sub, 2, WAIT).await, &new, true);
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.expect("connect");
+    let ours: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM ff_completions_migrations WHERE success ORDER BY version")
+            .fetch_all(&mut conn)
+            .await
+            .expect("our ledger");
+    assert_eq!(ours, [1, 2, 3]);
+    let before: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations").fetch_one(&mut conn).await.expect("their ledger");
+    assert_eq!(before, 3, "the earlier ledger is left as it was");
+    tree.shutdown().await;
 }

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use ff_completions::{
     BackendConfig, BackendRetry, BackendTimeouts, CompletionBackend, CompletionEvent, CompletionSupervisorHandle,
-    Completions, ExecutionId, ExecutionSpec, ListenerState, PostgresEngine, ScannerFilter, SubscriberStats,
-    SupervisorConfig,
+    Completions, ExecutionId, ListenerState, ScannerFilter, SubscriberStats, SupervisorConfig,
 };
+use ff_completions_lab::{ExecutionSpec, PostgresEngine};
 use futures::StreamExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use sqlx::Connection;
@@ -511,7 +511,7 @@ async fn a_server_outage_keeps_the_tree_alive_with_capped_backoff_logs_once_and_
     let url = format!("postgres://postgres:{OUTAGE_PASSWORD}@127.0.0.1:{}/postgres", pg.port);
     let engine = PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("engine");
     let retry = BackendRetry::new(2, 20, 4, 0);
-    let cap = ff_completions::testing::Backoff::from_retry(&retry).cap();
+    let cap = retry.max_delay();
     assert_eq!(cap, Duration::from_millis(320));
     let backend = BackendConfig::postgres(&url)
         .with_retry(retry)

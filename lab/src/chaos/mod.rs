@@ -18,12 +18,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::{Engine, ExecutionSpec, LEASE_DURATION};
 use clap::Parser;
 use ff_completions::{
-    CompletionSupervisorHandle, Completions, Engine, Error, ExecutionId, ExecutionSpec, FlowId, LEASE_DURATION,
-    LeaseHistory, Namespace, ScannerFilter, SignalDelivery, SignalId, StreamCursor, SupervisorConfig, TimestampMs,
-    WaitpointId,
+    CompletionSupervisorHandle, Completions, ExecutionId, FlowId, LeaseHistory, Namespace, ScannerFilter,
+    SignalDelivery, SignalId, StreamCursor, SupervisorConfig, TimestampMs, WaitpointId,
 };
+
+use crate::Error;
 use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -198,7 +200,7 @@ type Families = Option<Arc<Mutex<FamilyCommitted>>>;
 async fn produces_families(engine: &dyn Engine) -> bool {
     match engine.renew_lease(&ExecutionId::new_in(&FlowId::new()), "probe").await {
         Ok(_) => true,
-        Err(Error::Unavailable { .. }) => false,
+        Err(Error::Subsystem(ff_completions::Error::Unavailable { .. })) => false,
         Err(err) => panic!("probing lease history: {err}"),
     }
 }
@@ -282,7 +284,7 @@ async fn read_family<E, S>(
     describe: impl Fn(&E) -> (ExecutionId, String, StreamCursor, TimestampMs),
     until: Arc<AtomicBool>,
 ) where
-    S: futures::Stream<Item = Result<E, Error>> + Unpin,
+    S: futures::Stream<Item = Result<E, ff_completions::Error>> + Unpin,
 {
     while !until.load(Ordering::Relaxed) {
         match tokio::time::timeout(Duration::from_millis(200), sub.next()).await {

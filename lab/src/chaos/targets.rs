@@ -3,14 +3,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ff_completions::testing::{
+use crate::{Engine, connect_engine};
+use ff_completions::cursor::{
     LEASE_HISTORY_CURSOR_TAG, SIGNAL_DELIVERY_CURSOR_TAG, decode_postgres_cursor, decode_sqlite_cursor,
     decode_valkey_frontier,
 };
 use ff_completions::{
-    BackendConfig, CompletionEvent, CompletionSupervisorHandle, Engine, Error, ExecutionId, StreamCursor, SubscriberId,
-    connect_engine,
+    BackendConfig, CompletionEvent, CompletionSupervisorHandle, ExecutionId, StreamCursor, SubscriberId,
 };
+
+use crate::Error;
 use rand::Rng;
 use rand::rngs::StdRng;
 
@@ -253,6 +255,6 @@ struct TransportError(sqlx::Error);
 
 impl From<TransportError> for Error {
     fn from(e: TransportError) -> Self {
-        Error::Transport { op: "chaos transaction", detail: e.0.to_string(), source: None }
+        ff_completions::Error::Transport { op: "chaos transaction", detail: e.0.to_string(), source: None }.into()
     }
 }

@@ -25,10 +25,13 @@ use std::sync::Mutex as SyncMutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::{Engine, LEASE_DURATION};
 use ff_completions::{
-    Engine, Error, ExecutionId, FlowId, LEASE_DURATION, LeaseHistoryEvent, SignalDeliveryEffect, SignalDeliveryEvent,
-    SignalId, TimestampMs, WaitpointId,
+    ExecutionId, FlowId, LeaseHistoryEvent, SignalDeliveryEffect, SignalDeliveryEvent, SignalId, TimestampMs,
+    WaitpointId,
 };
+
+use crate::Error;
 use futures::{Stream, StreamExt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -69,7 +72,7 @@ enum Waiter {
 pub async fn available(engine: &dyn Engine) -> Result<bool, Error> {
     match engine.renew_lease(&ExecutionId::new_in(&FlowId::new()), "probe").await {
         Ok(_) => Ok(true),
-        Err(Error::Unavailable { .. }) => Ok(false),
+        Err(Error::Subsystem(ff_completions::Error::Unavailable { .. })) => Ok(false),
         Err(err) => Err(err),
     }
 }
@@ -255,7 +258,7 @@ impl FamilyRun {
 
     /// The stalled worker (under `--chaos`): claims one execution at a time and stops
     /// heartbeating until its lease has lapsed well past the sweep; then heartbeats, is
-    /// refused, and drops the work. [`STALLS`] times, or until `stop`.
+    /// refused, and drops the work. `STALLS` times, or until `stop`.
     pub async fn stall(
         self: Arc<Self>,
         engine: Arc<dyn Engine>,
@@ -295,7 +298,7 @@ impl FamilyRun {
     /// Reads lease history into the ledger until `until`.
     pub async fn read_leases<S>(self: Arc<Self>, sub: S, until: Arc<AtomicBool>)
     where
-        S: Stream<Item = Result<LeaseHistoryEvent, Error>> + Unpin,
+        S: Stream<Item = Result<LeaseHistoryEvent, ff_completions::Error>> + Unpin,
     {
         read(sub, until, |event| self.ledger().received_lease.push(event)).await;
     }
@@ -303,7 +306,7 @@ impl FamilyRun {
     /// Reads signal deliveries into the ledger until `until`.
     pub async fn read_signals<S>(self: Arc<Self>, sub: S, until: Arc<AtomicBool>)
     where
-        S: Stream<Item = Result<SignalDeliveryEvent, Error>> + Unpin,
+        S: Stream<Item = Result<SignalDeliveryEvent, ff_completions::Error>> + Unpin,
     {
         read(sub, until, |event| self.ledger().received_signal.push(event)).await;
     }
@@ -370,7 +373,7 @@ impl FamilyRun {
 /// Reads `sub` into `push` until `until` (or its end, logged when an error ends it).
 async fn read<E, S>(mut sub: S, until: Arc<AtomicBool>, mut push: impl FnMut(E))
 where
-    S: Stream<Item = Result<E, Error>> + Unpin,
+    S: Stream<Item = Result<E, ff_completions::Error>> + Unpin,
 {
     while !until.load(Ordering::Relaxed) {
         match tokio::time::timeout(Duration::from_millis(100), sub.next()).await {

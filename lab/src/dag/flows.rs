@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ff_completions::{Engine, ExecutionId, ExecutionSpec, FlowId};
+use crate::{Engine, ExecutionSpec};
+use ff_completions::{ExecutionId, FlowId};
 use rand::Rng;
 use rand::rngs::StdRng;
 

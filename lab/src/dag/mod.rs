@@ -21,10 +21,10 @@ use std::sync::Mutex as SyncMutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::{DependencyResolution, Engine, connect_engine};
 use ff_completions::{
-    BackendConfig, CompletionEvent, CompletionSupervisorHandle, Completions, DependencyResolution, Engine, ExecutionId,
-    FlowId, LeaseHistory, PARTITION_COUNT, ScannerFilter, SignalDelivery, SupervisorConfig, TimestampMs,
-    connect_engine,
+    BackendConfig, CompletionEvent, CompletionSupervisorHandle, Completions, ExecutionId, FlowId, LeaseHistory,
+    PARTITION_COUNT, ScannerFilter, SignalDelivery, SupervisorConfig, TimestampMs,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use rand::SeedableRng;
@@ -201,7 +201,7 @@ impl PromoterState {
     }
 
     /// Counts promotions (with their latency from the parent's commit) and skips.
-    fn count_resolved(&self, edges: &[ff_completions::ResolvedEdge]) {
+    fn count_resolved(&self, edges: &[crate::ResolvedEdge]) {
         let committed: HashMap<ExecutionId, TimestampMs> =
             self.pending.iter().map(|e| (e.execution_id, e.at)).collect();
         let mut latencies = self.progress.latencies();
@@ -315,7 +315,7 @@ async fn reconcile(
 ///
 /// # Errors
 /// Setup failures (backend unreachable); wrong final states are reported in `mismatches`.
-pub async fn run(s: &Scenario) -> Result<Report, ff_completions::Error> {
+pub async fn run(s: &Scenario) -> Result<Report, crate::Error> {
     let engine = connect_engine(&s.backend).await?;
     // Asked once: an engine without lease history and signal delivery runs the completions only.
     let families_on = families::available(&*engine).await?;
@@ -475,6 +475,6 @@ pub async fn run(s: &Scenario) -> Result<Report, ff_completions::Error> {
     Ok(report)
 }
 
-fn actor_err(e: ractor::SpawnErr) -> ff_completions::Error {
-    ff_completions::Error::Actor { detail: e.to_string() }
+fn actor_err(e: ractor::SpawnErr) -> crate::Error {
+    ff_completions::Error::Actor { detail: e.to_string() }.into()
 }

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use ff_completions::{CompletionEvent, Error, ExecutionId};
+use ff_completions::{CompletionEvent, ExecutionId};
 use futures::{Stream, StreamExt};
 
 /// Installs a tracing subscriber once (RUST_LOG controls it; warnings by default).
@@ -64,7 +64,7 @@ pub fn known_args(args: &[String], valued: &[&str], switches: &[&str]) -> Vec<St
 /// Takes exactly `n` events, failing the test if they do not arrive within `timeout`.
 pub async fn take_events<S>(stream: &mut S, n: usize, timeout: Duration) -> Vec<CompletionEvent>
 where
-    S: Stream<Item = Result<CompletionEvent, Error>> + Unpin,
+    S: Stream<Item = Result<CompletionEvent, ff_completions::Error>> + Unpin,
 {
     let deadline = Instant::now() + timeout;
     let mut out = Vec::with_capacity(n);
@@ -83,7 +83,7 @@ where
 /// Asserts that nothing more arrives for `quiet`.
 pub async fn assert_no_more<S>(stream: &mut S, quiet: Duration)
 where
-    S: Stream<Item = Result<CompletionEvent, Error>> + Unpin,
+    S: Stream<Item = Result<CompletionEvent, ff_completions::Error>> + Unpin,
 {
     if let Ok(Some(item)) = tokio::time::timeout(quiet, stream.next()).await {
         panic!("expected no more events, got {item:?}");

@@ -3,9 +3,9 @@
 //! events, kept out of an outbox a host may read; the snapshot ticks, the reader of both tables,
 //! retention and wake-up functions) live in
 //! `migrations/postgres/`, applied on connect with the ledger `ff_completions_migrations`. The
-//! durable groups' tables and functions (`0006_durable_groups.sql`) serve [`groups`]. The
-//! demo engine's tables and functions live in `migrations/postgres_demo/`, applied only by
-//! [`PostgresEngine::connect`] with the ledger `ff_completions_demo_migrations`.
+//! durable groups' tables and functions (`0006_durable_groups.sql`) serve [`groups`]. Nothing
+//! else is created: an engine's own tables and producers are its own (the lab's demo engine
+//! keeps its migrations, with a ledger of their own).
 //!
 //! Reads are gap-safe and wait for no unrelated transaction: identity values are taken before
 //! commit, so a reader that trusts `event_id > last_seen` skips a lower id whose transaction
@@ -13,8 +13,6 @@
 //! batch k is the rows visible in tick k's snapshot and not in tick k-1's, in `(txid, event_id)`
 //! order. A transaction open anywhere in the cluster only delays its own rows.
 
-#[cfg(feature = "demo-engine")]
-mod engine;
 pub(crate) mod groups;
 mod source;
 mod wake;
@@ -25,12 +23,8 @@ use std::sync::LazyLock;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-#[cfg(feature = "demo-engine")]
-pub use engine::PostgresEngine;
 pub(crate) use source::PostgresSource;
-pub use wake::CommitWake;
-#[cfg(feature = "testing")]
-pub use wake::MIN_WAKE_INTERVAL;
+pub use wake::{CommitWake, MIN_WAKE_INTERVAL};
 
 use crate::config::{BackendConfig, BackendConnection};
 use crate::error::{Error, redact};
@@ -44,22 +38,10 @@ pub const LISTENER_APPLICATION_NAME: &str = "ff-completions-listener";
 /// The ledger of the subsystem's migrations (never the host's `_sqlx_migrations`).
 pub const MIGRATION_LEDGER: &str = "ff_completions_migrations";
 
-/// The ledger of the demo engine's migrations.
-#[cfg(feature = "demo-engine")]
-pub const DEMO_MIGRATION_LEDGER: &str = "ff_completions_demo_migrations";
-
 /// The subsystem's embedded migrations (`migrations/postgres/`), with their own ledger.
 pub static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
     let mut migrator = sqlx::migrate!("migrations/postgres");
     migrator.dangerous_set_table_name(MIGRATION_LEDGER);
-    migrator
-});
-
-/// The demo engine's embedded migrations (`migrations/postgres_demo/`), with their own ledger.
-#[cfg(feature = "demo-engine")]
-pub static DEMO_MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
-    let mut migrator = sqlx::migrate!("migrations/postgres_demo");
-    migrator.dangerous_set_table_name(DEMO_MIGRATION_LEDGER);
     migrator
 });
 
@@ -71,8 +53,14 @@ pub(crate) fn connect_options(config: &BackendConfig) -> Result<PgConnectOptions
         .map_err(|e| Error::validation(format!("bad postgres URL {:?}: {}", redact(&pg.url), redact(&e.to_string()))))
 }
 
-/// A pool of `max` connections, with the subsystem's schema migrated.
-pub(crate) async fn connect_pool(config: &BackendConfig, max: u32) -> Result<PgPool, Error> {
+/// A pool of up to `max` connections to the configured database, with the settings the tree's
+/// own pools have (application name `ff-completions`, read committed, the request timeout as
+/// `statement_timeout`) and the subsystem's schema installed or upgraded ([`MIGRATOR`]).
+///
+/// # Errors
+/// [`Error::Validation`] for a config of another backend or a malformed URL; connection and
+/// migration errors as [`Error::from_sqlx`] maps them.
+pub async fn connect_pool(config: &BackendConfig, max: u32) -> Result<PgPool, Error> {
     // Ticks rely on each statement taking its own snapshot, whatever the database's default.
     let mut options = connect_options(config)?
         .application_name("ff-completions")
@@ -92,7 +80,7 @@ pub(crate) async fn connect_pool(config: &BackendConfig, max: u32) -> Result<PgP
 }
 
 /// Applies one set of migrations; concurrent callers wait on sqlx's advisory lock.
-pub(crate) async fn migrate(migrator: &Migrator, pool: &PgPool) -> Result<(), Error> {
+async fn migrate(migrator: &Migrator, pool: &PgPool) -> Result<(), Error> {
     migrator.run(pool).await.map_err(|e| match e {
         sqlx::migrate::MigrateError::Execute(e) => Error::from_sqlx("postgres migrate", e),
         other => Error::schema("postgres migrate", redact(&other.to_string())).with_source(other),

@@ -1,11 +1,11 @@
-//! Embedded SQLite backend: the same outbox and engine surface as Postgres, with the producer
-//! as a trigger in `migrations/sqlite/` (SQLite has no stored functions). Listeners wake on an
-//! in-process signal raised by [`SqliteEngine`] after each commit, and on `PRAGMA data_version`
-//! changes made by other processes. Durable groups are kept by [`groups`].
+//! Embedded SQLite backend: the same outbox as Postgres (`migrations/sqlite/`, with its own
+//! ledger: see `migrate`). Producers write it in their own transactions; listeners wake on an
+//! in-process signal raised after each commit made through a [`Database`], and on
+//! `PRAGMA data_version` changes made by other processes. Durable groups are kept by [`groups`].
 
-#[cfg(feature = "demo-engine")]
-mod engine;
+mod database;
 pub(crate) mod groups;
+mod migrate;
 mod source;
 
 use std::collections::HashMap;
@@ -17,15 +17,12 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use tokio::sync::{OwnedMutexGuard, watch};
 
-#[cfg(feature = "demo-engine")]
-pub use engine::SqliteEngine;
+pub use database::{Database, WriteTransaction};
+pub use migrate::MIGRATION_LEDGER;
 pub(crate) use source::SqliteSource;
 
 use crate::config::{BackendConfig, BackendConnection, SqliteConnection};
 use crate::error::Error;
-
-/// The embedded migrations (`migrations/sqlite/`).
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
 /// A database's identity inside this process: its canonical path, or its memory name.
 pub(crate) fn database_key(config: &BackendConfig) -> Result<String, Error> {
@@ -141,10 +138,7 @@ pub(crate) async fn connect_pool(config: &BackendConfig, max: u32) -> Result<Sql
         .connect_with(options(config)?)
         .await
         .map_err(|e| open_error(&key, e))?;
-    MIGRATOR.run(&pool).await.map_err(|e| match e {
-        sqlx::migrate::MigrateError::Execute(e) => Error::from_sqlx("sqlite migrate", e),
-        other => Error::schema("sqlite migrate", other.to_string()).with_source(other),
-    })?;
+    migrate::migrate(&pool).await?;
     if is_memory {
         memory_pools.insert(key, pool.clone());
     }
@@ -205,12 +199,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_source_and_the_engine_report_an_unopenable_database_as_a_typed_error() {
+    async fn the_source_and_a_database_handle_report_an_unopenable_database_as_a_typed_error() {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = BackendConfig::sqlite(dir.path().to_path_buf());
         let started = Instant::now();
         assert!(matches!(SqliteSource::connect(&config).await, Err(Error::Unavailable { .. })));
-        assert!(matches!(SqliteEngine::connect(&config).await, Err(Error::Unavailable { .. })));
+        assert!(matches!(Database::open(&config).await, Err(Error::Unavailable { .. })));
         assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     }
 

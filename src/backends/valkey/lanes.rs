@@ -249,7 +249,7 @@ async fn look_group(
 /// unexpected reply), as opposed to one the network or the server's absence failed: the first
 /// kind is retried lane by lane, the second is the read's error.
 fn refused(error: &Error) -> bool {
-    matches!(error, Error::Schema { .. } | Error::Validation { .. } | Error::State { .. })
+    matches!(error, Error::Schema { .. } | Error::Validation { .. })
 }
 
 /// Looks at every lane of `lanes` from `after`'s position in it and returns those with entries

@@ -11,8 +11,6 @@ use crate::error::{Error, redact};
 
 /// What the library's argument checks start their error replies with.
 const INVALID: &str = "ff_completions invalid:";
-/// What the library's refused state changes start their error replies with.
-const CONFLICT: &str = "ff_completions conflict:";
 
 /// The Valkey part of a backend config.
 pub(super) fn valkey_connection(config: &BackendConfig) -> Result<&ValkeyConnection, Error> {
@@ -24,9 +22,18 @@ pub(super) fn valkey_connection(config: &BackendConfig) -> Result<&ValkeyConnect
 
 /// Maps a ferriskey error of operation `op`; the text never carries a password.
 pub(super) fn map_err(op: &'static str) -> impl Fn(ferriskey::Error) -> Error {
-    move |e| {
-        let detail = redact(&e.to_string());
-        classify(op, &e, detail).with_source(e)
+    move |e| Error::from_valkey(op, e)
+}
+
+impl Error {
+    /// The crate's error for a ferriskey error of operation `op`, classified as the tree
+    /// classifies its own (a refused connection or wrong credentials [`Error::Unavailable`], a
+    /// dropped one [`Error::Transport`], a timeout [`Error::Timeout`], a library's argument
+    /// check [`Error::Validation`], a missing function [`Error::Schema`]), with the original
+    /// kept as its source. The text never carries a password.
+    pub fn from_valkey(op: &'static str, err: ferriskey::Error) -> Self {
+        let detail = redact(&err.to_string());
+        classify(op, &err, detail).with_source(err)
     }
 }
 
@@ -42,9 +49,6 @@ fn classify(op: &'static str, e: &ferriskey::Error, detail: String) -> Error {
     }
     if detail.contains(INVALID) {
         return Error::Validation { detail };
-    }
-    if detail.contains(CONFLICT) {
-        return Error::State { detail };
     }
     if detail.contains("unknown command") {
         let detail = format!("server too old for functions (needs Valkey 7.2+ or Redis 7+): {detail}");
@@ -136,24 +140,27 @@ async fn build(config: &BackendConfig, builder: ClientBuilder) -> Result<Client,
     }
 }
 
-/// Loads the function library unless `ff_version` already answers [`LIBRARY_VERSION`].
+/// Loads the subsystem's function library (`FUNCTION LOAD REPLACE`, on every primary of a
+/// cluster) unless `ff_version` already answers [`LIBRARY_VERSION`]. The tree does it on
+/// connect; a host loading function libraries of its own loads this one first (a library of
+/// version 6 or older also held the demo engine's producers, whose names a host's may reuse).
 ///
 /// # Errors
-/// [`Error::Unavailable`] for a server without functions; others as [`map_err`].
-pub(super) async fn ensure_library(client: &Client) -> Result<(), Error> {
+/// [`Error::Unavailable`] for a server without functions; others as [`Error::from_valkey`].
+pub async fn load_library(client: &Client) -> Result<(), Error> {
     let no_args: &[&str] = &[];
     match client.fcall::<String>("ff_version", no_args, no_args).await {
         Ok(v) if v == LIBRARY_VERSION => Ok(()),
         Ok(other) => {
             tracing::info!(found = %other, want = LIBRARY_VERSION, "replacing the ff_completions function library");
-            load_library(client).await
+            replace_library(client).await
         }
-        Err(e) if is_function_missing(&e) => load_library(client).await,
+        Err(e) if is_function_missing(&e) => replace_library(client).await,
         Err(e) => Err(map_err("valkey library check")(e)),
     }
 }
 
-async fn load_library(client: &Client) -> Result<(), Error> {
+async fn replace_library(client: &Client) -> Result<(), Error> {
     client.function_load_replace(LIBRARY).await.map(|_| ()).map_err(map_err("valkey FUNCTION LOAD"))
 }
 
@@ -166,8 +173,7 @@ fn is_function_missing(e: &ferriskey::Error) -> bool {
 /// repeated here: it may have run.
 ///
 /// # Errors
-/// As [`map_err`]: the library's argument checks are [`Error::Validation`], its refused
-/// state changes [`Error::State`].
+/// As [`Error::from_valkey`]: the library's argument checks are [`Error::Validation`].
 pub(super) async fn fcall<T: FromValue>(
     client: &Client,
     function: &'static str,
@@ -177,7 +183,7 @@ pub(super) async fn fcall<T: FromValue>(
     match client.fcall(function, keys, args).await {
         Err(e) if is_function_missing(&e) => {
             tracing::warn!(function, "function library missing (server restarted without persistence?); reloading");
-            load_library(client).await?;
+            replace_library(client).await?;
             client.fcall(function, keys, args).await.map_err(map_err(function))
         }
         other => other.map_err(map_err(function)),
@@ -193,11 +199,9 @@ mod tests {
     }
 
     #[test]
-    fn library_errors_map_to_validation_and_state() {
-        let invalid = map_err("ff_complete")(server_error("ff_completions invalid: bad execution id"));
+    fn library_argument_checks_map_to_validation() {
+        let invalid = map_err("ff_group_ack")(server_error("ff_completions invalid: bad member id"));
         assert!(matches!(invalid, Error::Validation { .. }), "{invalid:?}");
-        let conflict = map_err("ff_create_execution")(server_error("ff_completions conflict: execution exists"));
-        assert!(matches!(conflict, Error::State { .. }), "{conflict:?}");
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! Valkey backend. The producers are the Lua function library `lua/ff_completions.lua`,
-//! embedded here and loaded on connect (and again when a restarted server lost it); every
-//! terminal transition writes state, `XADD`s its completion to its partition's stream
-//! (`ff:completions:{fp:N}`, in the flow's slot) and `PUBLISH`es it, in one atomic call.
-//! Readers take content from the streams only: `XRANGE`-style reads from a frontier (one stream
+//! Valkey backend. Producers (the host's Lua functions; the lab's demo library) write each
+//! terminal transition's state, `XADD` its completion to its partition's stream
+//! (`ff:completions:{fp:N}`, in the flow's slot) and `PUBLISH` it, in one atomic call. The
+//! subsystem's own function library, `lua/ff_completions.lua`, embedded here and loaded on
+//! connect (and again when a restarted server lost it), holds the readers and the durable
+//! groups' store. Readers take content from the streams only: `XRANGE`-style reads from a frontier (one stream
 //! id per partition) through the read-only library function `ff_read_after`. Pub/sub on
 //! [`PUBSUB_CHANNEL`] only wakes the listener: it names the partition to read, and a lost
 //! subscription (ferriskey re-subscribes silently) makes the listener read every stream.
@@ -12,19 +13,16 @@
 //! subscribes to: plain subscribers of [`PUBSUB_CHANNEL`] see completions only.
 //!
 //! - `library`: client construction, error mapping, loading the library, `FCALL`.
-//! - `keys`: the key names, each with its partition's `{fp:N}` hash tag.
+//! - `keys`: the stream and group key names, each with its slot's hash tag.
 //! - `lanes`: reading the streams, one lane per call or one call per primary for many.
 //! - `stream`: parsing stream replies and decoding entries (bad ones are skipped, not fatal).
 //! - `source`: the listener's reads (a completion source) and its pub/sub waker.
-//! - `engine`: [`ValkeyEngine`], the engine surface over the library.
 //! - `groups`: durable groups' store (heartbeat, fenced ack, leave, view) over the library's
 //!   `ff_group_*` functions, one slot per group.
 //!
 //! The same layout and code serve a cluster: each call names keys of one slot, so ferriskey's
 //! cluster client (`ValkeyConnection::cluster`) routes it to the primary that owns it.
 
-#[cfg(feature = "demo-engine")]
-mod engine;
 mod groups;
 mod keys;
 mod lanes;
@@ -32,32 +30,27 @@ mod library;
 mod source;
 mod stream;
 
-#[cfg(feature = "demo-engine")]
-pub use engine::ValkeyEngine;
-#[cfg(feature = "testing")]
-pub use library::connect_client;
+pub use library::{connect_client, load_library};
 pub(crate) use source::ValkeySource;
 
 /// The single completion stream of library versions 1 and 2, still read (never written) after
 /// an upgrade until it holds nothing newer than a reader's position.
 pub const LEGACY_STREAM_KEY: &str = "ff:completions";
 
-/// Partition `partition`'s completion stream, `ff:completions:{fp:N}`.
-#[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
+/// Partition `partition`'s completion stream, `ff:completions:{fp:N}`: a producer `XADD`s a
+/// completion of a flow of that partition here.
 pub fn stream_key(partition: u16) -> String {
     keys::stream(partition)
 }
 
 /// A durable group's keys, `ff:group:{g:<name>}:<part>` (members, owner, expiry, token,
 /// acked): one hash tag, so one cluster slot, whatever braces the name holds.
-#[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
 pub fn group_keys(name: &str) -> [String; 5] {
     keys::group(name)
 }
 
 /// The pub/sub channel every terminal transition is also published on, with the JSON payload
 /// `{"execution_id", "flow_id", "outcome"}`.
-#[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
 pub const PUBSUB_CHANNEL: &str = "ff:dag:completions";
 
 /// The pub/sub channel lease-history and signal-delivery entries wake listeners on, with the
@@ -67,18 +60,17 @@ pub const PUBSUB_CHANNEL: &str = "ff:dag:completions";
 pub const FAMILY_CHANNEL: &str = "{ff:dag:completions}:families";
 
 /// The function library's source (`lua/ff_completions.lua`).
-pub const LIBRARY: &str = include_str!("../../../lua/ff_completions.lua");
+pub(crate) const LIBRARY: &str = include_str!("../../../lua/ff_completions.lua");
 
 /// The library version this crate expects `FCALL ff_version 0` to answer; bumped together with
-/// `VERSION` in the Lua source.
-pub const LIBRARY_VERSION: &str = "6";
+/// `VERSION` in the Lua source. Version 7 no longer holds the demo engine's producers.
+pub const LIBRARY_VERSION: &str = "7";
 
 /// Client name of the listener's dedicated subscriber connection (find it in `CLIENT LIST`).
 pub const LISTENER_CLIENT_NAME: &str = "ff-completions-listener";
 
 /// Default `MAXLEN ~` producers trim the completion stream to (the default of
 /// [`ValkeyConnection::stream_maxlen`](crate::ValkeyConnection)).
-#[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
 pub const DEFAULT_STREAM_MAXLEN: u64 = 1_000_000;
 
 #[cfg(test)]
@@ -95,11 +87,5 @@ mod tests {
     #[test]
     fn the_default_maxlen_is_the_connection_default() {
         assert_eq!(crate::ValkeyConnection::new("h", 1).stream_maxlen, DEFAULT_STREAM_MAXLEN);
-    }
-
-    #[test]
-    fn the_lua_names_the_same_channel() {
-        assert!(LIBRARY.contains(&format!("local CHANNEL = '{PUBSUB_CHANNEL}'")));
-        assert!(LIBRARY.contains(&format!("local FAMILY_CHANNEL = '{FAMILY_CHANNEL}'")));
     }
 }

@@ -31,7 +31,7 @@ use tokio::sync::Semaphore;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::lanes::{Looked, Shards, all_lanes, lane_key, look_each, look_many};
-use super::library::{connect_client, connect_subscriber, ensure_library, map_err, valkey_connection};
+use super::library::{connect_client, connect_subscriber, load_library, map_err, valkey_connection};
 use super::stream::{RawEntry, ReadView, decode_entry, parse_id, text};
 use super::{FAMILY_CHANNEL, LISTENER_CLIENT_NAME, PUBSUB_CHANNEL};
 use crate::backends::outbox::{age_cutoff_ms, shown};
@@ -72,7 +72,7 @@ impl ValkeySource {
     /// Connects the shared reader client and loads the function library if needed.
     pub(crate) async fn connect(config: &BackendConfig) -> Result<Self, Error> {
         let client = connect_client(config, "ff-completions-reader").await?;
-        ensure_library(&client).await?;
+        load_library(&client).await?;
         let cluster = valkey_connection(config)?.cluster;
         let reads = Arc::new(Semaphore::new(READS_IN_FLIGHT));
         Ok(Self { client, config: config.clone(), reads, shards: Shards::new(cluster) })

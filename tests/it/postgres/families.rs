@@ -2,7 +2,8 @@
 //! ([`crate::families::family_tests`]), bad rows of each family, and the separate table that
 //! keeps the adopted outbox's own readers to completions.
 
-use ff_completions::{Completions, LeaseHistory, PostgresEngine, SignalId, WaitpointId};
+use ff_completions::{Completions, LeaseHistory, SignalId, WaitpointId};
+use ff_completions_lab::PostgresEngine;
 
 use super::contract_backend;
 use crate::contract::{QUIET, WAIT, fixture};

@@ -10,7 +10,7 @@ crate::groups::group_store_tests! { @each a_position_above_i64_max_is_a_validati
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_in_the_callers_transaction_commits_with_its_effect_and_a_fenced_or_repeated_one_rolls_it_back() {
-    use ff_completions::testing::postgres::ack_in;
+    use ff_completions::__store::ack_in;
     use sqlx::Connection;
     use sqlx::postgres::PgConnection;
 
@@ -99,8 +99,8 @@ async fn on_one_connection_a_heartbeat_takes_exactly_its_share_of_free_and_lapse
 async fn a_takeover_skips_a_partition_an_open_transaction_holds_and_takes_it_once_released() {
     use std::time::Duration;
 
-    use ff_completions::testing::postgres::ack_in;
-    use ff_completions::testing::{Ack, Sharing};
+    use ff_completions::__store::ack_in;
+    use ff_completions::__store::{Ack, Sharing};
     use sqlx::Connection;
     use sqlx::postgres::PgConnection;
 

@@ -4,14 +4,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ff_completions::testing::{
+use ff_completions::cursor::{
     encode_postgres_batch_cursor, encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor,
-    encode_valkey_cursor, postgres::LISTENER_APPLICATION_NAME,
+    encode_valkey_cursor,
 };
+use ff_completions::postgres::LISTENER_APPLICATION_NAME;
 use ff_completions::{
-    BackendConfig, CompletionOutcome, CompletionSupervisorHandle, ExecutionId, ExecutionSpec, Namespace,
-    PostgresEngine, Retention, ScannerFilter, StreamCursor, SupervisorConfig, TimestampMs,
+    BackendConfig, CompletionOutcome, CompletionSupervisorHandle, ExecutionId, Namespace, Retention, ScannerFilter,
+    StreamCursor, SupervisorConfig, TimestampMs,
 };
+use ff_completions_lab::{ExecutionSpec, PostgresEngine};
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 

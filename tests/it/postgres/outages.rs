@@ -2,6 +2,7 @@
 
 use super::*;
 use ff_completions::{Completions, Error};
+use ff_completions_lab::Error as DemoError;
 
 async fn terminate_listen_connections(url: &str) -> u64 {
     ConnectionKiller::new(&BackendConfig::postgres(url)).kill().await.expect("terminate")
@@ -89,8 +90,8 @@ async fn a_server_that_refuses_the_connection_is_a_prompt_typed_error() {
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     assert!(err.is_transient(), "a refused connection is worth retrying: {err}");
     assert!(!err.to_string().contains("secret-pw"), "{err}");
-    match ff_completions::connect_engine(&backend).await {
-        Err(e @ (Error::Transport { .. } | Error::Unavailable { .. })) => {
+    match ff_completions_lab::connect_engine(&backend).await {
+        Err(DemoError::Subsystem(e @ (Error::Transport { .. } | Error::Unavailable { .. }))) => {
             assert!(!e.to_string().contains("secret-pw"))
         }
         other => panic!("expected a transport error, got {:?}", other.err()),

@@ -1,7 +1,7 @@
 //! Valkey's lease-history and signal-delivery entries beside the completions: malformed entries
 //! of each family, and the plain pub/sub channel that keeps carrying completions only.
 
-use ff_completions::testing::valkey::FAMILY_CHANNEL;
+use ff_completions::valkey::FAMILY_CHANNEL;
 use ff_completions::{Completions, LeaseHistory, SignalDelivery, SignalDeliveryEffect, SignalId, WaitpointId};
 
 use super::*;

@@ -2,9 +2,9 @@
 //! functions after a restart without persistence, their argument checks, and a group whose
 //! name holds braces on the cluster (its keys still share one slot).
 
+use ff_completions::__store::{Ack, Position, Sharing, Store};
 use ff_completions::Error;
-use ff_completions::testing::valkey::group_keys;
-use ff_completions::testing::{Ack, GroupStore, Position, Sharing};
+use ff_completions::valkey::group_keys;
 
 use super::*;
 use crate::support::valkey::ValkeyCluster;
@@ -15,7 +15,7 @@ const TTL: Duration = Duration::from_secs(60);
 async fn a_group_heartbeat_after_a_restart_without_persistence_reloads_the_library_and_recreates_the_group() {
     init_tracing();
     let server = ValkeyServer::start().await;
-    let store = GroupStore::open(&impatient(server.config())).await.expect("store");
+    let store = Store::open(&impatient(server.config())).await.expect("store");
     let first = store.heartbeat("restarted", "a", TTL, Sharing::Shared, true).await.expect("heartbeat");
     let acked = Position { lane: 0, major: 0, hi: 42, lo: 1 };
     store.ack("restarted", "a", &[Ack { partition: 7, token: first[7].token, position: acked }]).await.expect("ack");
@@ -44,7 +44,7 @@ async fn a_group_heartbeat_after_a_restart_without_persistence_reloads_the_libra
 async fn the_group_functions_refuse_bad_arguments_before_writing_anything() {
     init_tracing();
     let server = ValkeyServer::start().await;
-    let store = GroupStore::open(&server.config()).await.expect("store");
+    let store = Store::open(&server.config()).await.expect("store");
     let admin = server.admin().await;
     let keys = group_keys("raw").to_vec();
     let starts: Vec<String> = (0..256).map(|_| "0-0".to_owned()).collect();
@@ -90,7 +90,7 @@ async fn the_group_functions_refuse_bad_arguments_before_writing_anything() {
 async fn a_group_whose_name_holds_braces_keeps_all_its_keys_in_one_slot_of_the_cluster() {
     init_tracing();
     let cluster = ValkeyCluster::start(3).await;
-    let store = GroupStore::open(&cluster.config()).await.expect("store");
+    let store = Store::open(&cluster.config()).await.expect("store");
     for name in ["}{", "{orders}", "a}b{c", "}", "{}"] {
         let keys = group_keys(name);
         let slot = cluster.slot_of(&keys[0]).await;

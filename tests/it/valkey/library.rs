@@ -2,7 +2,7 @@
 //! refused, the library is replaced or reloaded when it is of another version or missing.
 
 use super::*;
-use ff_completions::Error;
+use ff_completions_lab::Error as DemoError;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_semantics_match_the_sql_producers() {
@@ -33,7 +33,7 @@ async fn engine_semantics_match_the_sql_producers() {
     assert!(matches!(engine.fail(&b.id, true).await, Ok(FailOutcome::TerminalFailed)), "b has one attempt");
     assert!(engine.complete(&a.id).await.expect("complete"));
     assert!(!engine.complete(&a.id).await.expect("complete twice"), "only a running execution completes");
-    assert!(matches!(engine.fail(&a.id, true).await, Err(Error::State { .. })));
+    assert!(matches!(engine.fail(&a.id, true).await, Err(DemoError::State { .. })));
 
     // Both edges now wait for the reconciler; the first success only decrements.
     let mut unresolved = engine.unresolved_dependencies(10).await.expect("unresolved");
@@ -72,13 +72,13 @@ async fn bad_arguments_are_refused_before_anything_is_written() {
     let engine = ValkeyEngine::connect(&server.config()).await.expect("engine");
     let flow = FlowId::new();
     let orphan = ExecutionSpec::new(&flow);
-    assert!(matches!(engine.create_execution(&orphan).await, Err(Error::State { .. })), "no such flow");
+    assert!(matches!(engine.create_execution(&orphan).await, Err(DemoError::State { .. })), "no such flow");
     engine.create_flow(&flow, None).await.expect("flow");
     let with_ghost_parent = ExecutionSpec::new(&flow).with_parents(vec![ExecutionId::new_in(&flow)]);
-    assert!(matches!(engine.create_execution(&with_ghost_parent).await, Err(Error::State { .. })));
+    assert!(matches!(engine.create_execution(&with_ghost_parent).await, Err(DemoError::State { .. })));
     assert_eq!(engine.execution(&with_ghost_parent.id).await.expect("lookup"), None, "nothing was written");
     engine.create_execution(&orphan).await.expect("create");
-    assert!(matches!(engine.create_execution(&orphan).await, Err(Error::State { .. })), "exists");
+    assert!(matches!(engine.create_execution(&orphan).await, Err(DemoError::State { .. })), "exists");
 
     // Raw calls with bad arguments: a clear error, and nothing was written (no entry of any
     // family, no claim).
@@ -106,7 +106,7 @@ async fn bad_arguments_are_refused_before_anything_is_written() {
     ];
     for (function, keys, args) in calls {
         let err = admin.fcall::<Value>(function, &keys, &args).await.expect_err("bad arguments");
-        assert!(err.to_string().contains("ff_completions invalid:"), "{function}: {err}");
+        assert!(err.to_string().contains("ff_demo invalid:"), "{function}: {err}");
     }
     assert_eq!(stream_len(&server).await, before);
     assert_eq!(engine.execution(&orphan.id).await.expect("lookup").map(|i| i.state), Some("eligible".into()));
@@ -148,7 +148,7 @@ async fn a_library_of_another_version_is_replaced_on_connect() {
     };
     assert_eq!(version().await, "0");
     let engine = ValkeyEngine::connect(&server.config()).await.expect("engine replaces the old library");
-    assert_eq!(version().await, ff_completions::testing::valkey::LIBRARY_VERSION);
+    assert_eq!(version().await, ff_completions::valkey::LIBRARY_VERSION);
     let ids = complete_n(&engine, 2).await;
     assert_eq!(stream_order(&server).await, ids);
 }

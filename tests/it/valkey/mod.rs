@@ -6,17 +6,17 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ferriskey::Value;
-use ff_completions::ValkeyEngine;
-use ff_completions::testing::valkey::{LEGACY_STREAM_KEY, LISTENER_CLIENT_NAME, PUBSUB_CHANNEL, stream_key};
-use ff_completions::testing::{
+use ff_completions::cursor::{
     encode_postgres_cursor, encode_postgres_event_cursor, encode_sqlite_cursor, encode_valkey_cursor,
     encode_valkey_frontier,
 };
+use ff_completions::valkey::{LEGACY_STREAM_KEY, LISTENER_CLIENT_NAME, PUBSUB_CHANNEL, stream_key};
 use ff_completions::{
-    BackendConfig, BackendRetry, BackendTimeouts, CancelFlowPolicy, CompletionOutcome, CompletionSupervisorHandle,
-    DependencyResolution, Engine, ExecutionId, ExecutionSpec, FailOutcome, FlowId, Namespace, Retention, ScannerFilter,
-    SupervisorConfig, TimestampMs, ValkeyConnection, connect_engine,
+    BackendConfig, BackendRetry, BackendTimeouts, CompletionOutcome, CompletionSupervisorHandle, ExecutionId, FlowId,
+    Namespace, Retention, ScannerFilter, SupervisorConfig, TimestampMs, ValkeyConnection,
 };
+use ff_completions_lab::ValkeyEngine;
+use ff_completions_lab::{CancelFlowPolicy, DependencyResolution, Engine, ExecutionSpec, FailOutcome, connect_engine};
 
 use crate::contract::{self, Fixture, QUIET, WAIT, assert_nothing_restarted, complete_n, fixture, running};
 use crate::support::valkey::ValkeyServer;

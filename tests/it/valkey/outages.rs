@@ -3,6 +3,7 @@
 
 use super::*;
 use ff_completions::{Completions, Error};
+use ff_completions_lab::Error as DemoError;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_listeners_and_client_killed_connections_lose_nothing_under_concurrent_producers() {
@@ -97,7 +98,9 @@ async fn a_user_and_password_are_used_and_a_wrong_password_is_a_typed_error_that
         ValkeyConnection::new("127.0.0.1", server.port).with_credentials(user, Some("wrong-pass".into())),
     );
     match connect_engine(&wrong).await {
-        Err(err @ Error::Unavailable { .. }) => assert!(!err.to_string().contains("wrong-pass"), "{err}"),
+        Err(DemoError::Subsystem(err @ Error::Unavailable { .. })) => {
+            assert!(!err.to_string().contains("wrong-pass"), "{err}")
+        }
         other => panic!("a wrong password must be Unavailable, got {:?}", other.err()),
     }
     let config = SupervisorConfig::new().with_backend(wrong.clone()).with_connect_at_start(true);
@@ -132,7 +135,9 @@ async fn a_server_that_refuses_the_connection_is_a_prompt_typed_error() {
     assert!(!stats.to_string().contains("secret-pw"), "{stats}");
     tree.shutdown().await;
     match connect_engine(&backend).await {
-        Err(e @ (Error::Unavailable { .. } | Error::Transport { .. } | Error::Timeout { .. })) => {
+        Err(DemoError::Subsystem(
+            e @ (Error::Unavailable { .. } | Error::Transport { .. } | Error::Timeout { .. }),
+        )) => {
             assert!(!e.to_string().contains("secret-pw"), "{e}")
         }
         other => panic!("expected a connection error, got {:?}", other.err()),

@@ -1,24 +1,36 @@
-//! The small engine surface each backend exposes so examples, tests and benchmarks drive real
-//! flows. Every terminal operation runs beside the data (a SQL function, a Lua function) and
-//! writes its completion atomically with the state change; Rust never publishes one itself.
+//! The demo execution engine: the small engine surface each backend exposes so examples, tests
+//! and benchmarks drive real flows. Every terminal operation runs beside the data (a SQL
+//! function, a Lua function, an SQLite trigger) and writes its completion atomically with the
+//! state change, into the subsystem's outbox or streams; Rust never publishes one itself. Its
+//! schema and producers are the lab's own: `lab/migrations/` (with a ledger of their own) and
+//! the `ff_demo` Lua library (`lab/lua/ff_demo.lua`).
+
+pub mod postgres;
+pub mod sqlite;
+pub mod valkey;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use ff_completions::{
+    BackendConfig, BackendConnection, ExecutionId, FlowId, Namespace, SignalDeliveryEffect, SignalId, TimestampMs,
+    WaitpointId,
+};
 use futures::future::try_join_all;
 
-use crate::config::{BackendConfig, BackendConnection};
+pub use self::postgres::PostgresEngine;
+pub use self::sqlite::SqliteEngine;
+pub use self::valkey::ValkeyEngine;
 use crate::error::Error;
-use crate::signal_delivery::SignalDeliveryEffect;
-use crate::types::{ExecutionId, FlowId, Namespace, SignalId, TimestampMs, WaitpointId};
 
 /// How long a claim's lease lasts without a heartbeat ([`Engine::renew_lease`] extends it by
 /// as much); [`Engine::expire_leases`] takes the leases older than that away.
 pub const LEASE_DURATION: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn family_not_done(op: &'static str) -> Error {
-    Error::unavailable(op, "this backend's engine does not produce lease or signal events yet")
+    let detail = "this backend's engine does not produce lease or signal events yet".to_owned();
+    Error::Subsystem(ff_completions::Error::Unavailable { op, detail, source: None })
 }
 
 /// What to create.
@@ -157,7 +169,6 @@ pub enum DependencyResolution {
 }
 
 impl DependencyResolution {
-    #[cfg_attr(not(any(feature = "postgres", feature = "valkey")), allow(dead_code))]
     pub(crate) fn from_wire(s: &str) -> Result<Self, Error> {
         Ok(match s {
             "promoted" => Self::Promoted,
@@ -236,7 +247,7 @@ pub trait Engine: Send + Sync {
     /// Returns `false` when `worker` does not hold an active lease on `id`.
     ///
     /// # Errors
-    /// The backend's; [`Error::Unavailable`] on backends without lease history yet.
+    /// The backend's; [`ff_completions::Error::Unavailable`] on backends without lease history yet.
     async fn renew_lease(&self, id: &ExecutionId, worker: &str) -> Result<bool, Error> {
         let _ = (id, worker);
         Err(family_not_done("renew lease"))
@@ -295,21 +306,16 @@ pub trait Engine: Send + Sync {
     }
 }
 
-/// Connects the engine surface of the configured backend (installing its schema or library).
+/// Connects the engine surface of the configured backend (installing the subsystem's schema or
+/// library, then the demo's).
 ///
 /// # Errors
 /// As the backend's connect.
 pub async fn connect_engine(config: &BackendConfig) -> Result<Arc<dyn Engine>, Error> {
     match &config.connection {
-        #[cfg(feature = "postgres")]
-        BackendConnection::Postgres(_) => {
-            Ok(Arc::new(crate::backends::postgres::PostgresEngine::connect(config).await?))
-        }
-        #[cfg(feature = "sqlite")]
-        BackendConnection::Sqlite(_) => Ok(Arc::new(crate::backends::sqlite::SqliteEngine::connect(config).await?)),
-        #[cfg(feature = "valkey")]
-        BackendConnection::Valkey(_) => Ok(Arc::new(crate::backends::valkey::ValkeyEngine::connect(config).await?)),
-        #[allow(unreachable_patterns)]
-        _ => Err(Error::validation(format!("backend {config} is not compiled in"))),
+        BackendConnection::Postgres(_) => Ok(Arc::new(PostgresEngine::connect(config).await?)),
+        BackendConnection::Sqlite(_) => Ok(Arc::new(SqliteEngine::connect(config).await?)),
+        BackendConnection::Valkey(_) => Ok(Arc::new(ValkeyEngine::connect(config).await?)),
+        _ => Err(Error::validation(format!("backend {config} has no demo engine"))),
     }
 }

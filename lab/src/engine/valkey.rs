@@ -1,26 +1,101 @@
-//! The Valkey engine surface: one `FCALL` per operation into the `ff_completions` library, which
-//! writes state, the stream entry and the pub/sub message in one atomic call.
+//! The Valkey demo engine: one `FCALL` per operation into the demo's own function library
+//! (`lab/lua/ff_demo.lua`, loaded after the subsystem's), which writes state, the stream entry
+//! of the subsystem's partition stream and the pub/sub wake-up in one atomic call.
 
 use async_trait::async_trait;
-use ferriskey::{Client, Value};
+use ferriskey::{Client, FromValue, ToArgs, Value};
+use ff_completions::valkey::{connect_client, load_library};
+use ff_completions::{
+    BackendConfig, BackendConnection, ExecutionId, FlowId, Namespace, SignalDeliveryEffect, SignalId, TimestampMs,
+    WaitpointId,
+};
 
-use super::keys;
-use super::library::{connect_client, ensure_library, fcall, map_err, valkey_connection};
-use super::stream::text;
-use crate::config::BackendConfig;
-use crate::engine::{
+use super::{
     CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, LEASE_DURATION,
 };
 use crate::error::Error;
-use crate::signal_delivery::SignalDeliveryEffect;
-use crate::types::{ExecutionId, FlowId, Namespace, SignalId, TimestampMs, WaitpointId};
+
+/// The demo's function library (`lab/lua/ff_demo.lua`).
+pub const LIBRARY: &str = include_str!("../../lua/ff_demo.lua");
+
+/// The version `FCALL ff_demo_version 0` answers; bumped together with `VERSION` in the Lua.
+pub const LIBRARY_VERSION: &str = "1";
+
+/// What the demo library's refused state changes start their error replies with.
+const CONFLICT: &str = "ff_demo conflict:";
+/// What the demo library's argument checks start their error replies with.
+const INVALID: &str = "ff_demo invalid:";
+
+/// A ferriskey error of operation `op`: a refused state change is [`Error::State`], a refused
+/// argument a validation error; the rest as the subsystem maps it.
+fn map_err(op: &'static str) -> impl Fn(ferriskey::Error) -> Error {
+    move |e| {
+        let text = e.to_string();
+        if text.contains(CONFLICT) {
+            return Error::State { detail: text };
+        }
+        if text.contains(INVALID) {
+            return Error::validation(text);
+        }
+        Error::Subsystem(ff_completions::Error::from_valkey(op, e))
+    }
+}
+
+fn is_function_missing(e: &ferriskey::Error) -> bool {
+    e.to_string().contains("Function not found")
+}
+
+/// Loads the subsystem's library, then the demo's unless `ff_demo_version` answers
+/// [`LIBRARY_VERSION`].
+async fn load_libraries(client: &Client) -> Result<(), Error> {
+    load_library(client).await?;
+    let no_args: &[&str] = &[];
+    match client.fcall::<String>("ff_demo_version", no_args, no_args).await {
+        Ok(version) if version == LIBRARY_VERSION => Ok(()),
+        Err(e) if !is_function_missing(&e) => Err(map_err("valkey demo library check")(e)),
+        _ => client.function_load_replace(LIBRARY).await.map(drop).map_err(map_err("valkey FUNCTION LOAD")),
+    }
+}
+
+/// `FCALL function keys args`; when the server answers "Function not found" (restarted without
+/// persistence) it loads the libraries once and calls again. A call that timed out is never
+/// repeated here: it may have run.
+async fn fcall<T: FromValue>(
+    client: &Client,
+    function: &'static str,
+    keys: &[impl ToArgs],
+    args: &[impl ToArgs],
+) -> Result<T, Error> {
+    match client.fcall(function, keys, args).await {
+        Err(e) if is_function_missing(&e) => {
+            tracing::warn!(
+                function,
+                "demo function library missing (server restarted without persistence?); reloading"
+            );
+            load_libraries(client).await?;
+            client.fcall(function, keys, args).await.map_err(map_err(function))
+        }
+        other => other.map_err(map_err(function)),
+    }
+}
+
+/// A reply's text.
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.to_vec()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
 
 /// [`LEASE_DURATION`] as the library's argument.
 fn lease_ms() -> String {
     LEASE_DURATION.as_millis().to_string()
 }
 
-/// Drives executions through the `ff_completions` function library.
+/// Drives executions through the `ff_demo` function library.
 #[derive(Clone)]
 pub struct ValkeyEngine {
     client: Client,
@@ -40,24 +115,26 @@ impl std::fmt::Debug for ValkeyEngine {
 }
 
 fn parse_ids(ids: &[String]) -> Result<Vec<ExecutionId>, Error> {
-    ids.iter().map(|id| ExecutionId::parse(id)).collect()
+    ids.iter().map(|id| ExecutionId::parse(id).map_err(Error::from)).collect()
 }
 
 impl ValkeyEngine {
-    /// Connects and loads the function library when it is missing or of another version.
-    /// Completions are trimmed to `MAXLEN ~` [`ValkeyConnection::stream_maxlen`](crate::ValkeyConnection).
+    /// Connects and loads the subsystem's function library, then the demo's, when missing or
+    /// of another version. Completions are trimmed to `MAXLEN ~`
+    /// [`ValkeyConnection::stream_maxlen`](ff_completions::ValkeyConnection).
     ///
     /// # Errors
-    /// [`Error::Validation`] for a config of another backend, or of a cluster with a database
-    /// other than 0;
-    /// [`Error::Unavailable`] when the server refuses the connection or the credentials or
-    /// is too old for functions; [`Error::Timeout`] and [`Error::Transport`] for
-    /// connection trouble.
+    /// A validation error for a config of another backend, or of a cluster with a database
+    /// other than 0; the subsystem's unavailable, timeout or transport errors when the server
+    /// refuses the connection or the credentials, is too old for functions, or the connection
+    /// fails.
     pub async fn connect(config: &BackendConfig) -> Result<Self, Error> {
-        let v = valkey_connection(config)?;
+        let BackendConnection::Valkey(v) = &config.connection else {
+            return Err(Error::validation("not a valkey config"));
+        };
         let (maxlen, wait_replicas) = (v.stream_maxlen.max(1).to_string(), v.wait_replicas);
         let client = connect_client(config, "ff-completions-engine").await?;
-        ensure_library(&client).await?;
+        load_libraries(&client).await?;
         let wait_timeout = (config.timeouts.request_or_default() / 2).max(std::time::Duration::from_millis(100));
         Ok(Self { client, maxlen, next_claim: Default::default(), wait_replicas, wait_timeout })
     }
@@ -67,7 +144,7 @@ impl ValkeyEngine {
         &self.client
     }
 
-    /// `FCALL` of a function that writes; with [`ValkeyConnection::wait_replicas`](crate::ValkeyConnection)
+    /// `FCALL` of a function that writes; with [`ValkeyConnection::wait_replicas`](ff_completions::ValkeyConnection)
     /// set, followed by `WAIT` on the same connection.
     async fn write<T: ferriskey::FromValue>(
         &self,
@@ -94,7 +171,7 @@ impl ValkeyEngine {
                 "{acked} of {} replicas acknowledged the write within {timeout_ms} ms: done on the primary, but a failover may lose it",
                 self.wait_replicas
             );
-            return Err(Error::unavailable("valkey WAIT", detail));
+            return Err(ff_completions::Error::Unavailable { op: "valkey WAIT", detail, source: None }.into());
         }
         Ok(())
     }
@@ -109,7 +186,7 @@ impl ValkeyEngine {
 #[async_trait]
 impl Engine for ValkeyEngine {
     async fn create_flow(&self, flow: &FlowId, namespace: Option<&Namespace>) -> Result<(), Error> {
-        crate::engine::check_namespace(namespace)?;
+        super::check_namespace(namespace)?;
         let ns = namespace.map(|n| n.as_str().to_owned()).unwrap_or_default();
         let _: i64 = self.write("ff_create_flow", &[keys::flow(flow, "core")], &[flow.to_string(), ns]).await?;
         Ok(())
@@ -159,7 +236,7 @@ impl Engine for ValkeyEngine {
                 continue;
             }
             let args = [worker.to_owned(), (limit - claimed.len()).to_string(), lease_ms(), self.maxlen.clone()];
-            let keys = [keys::eligible(p), keys::stream(p), keys::lease_expiry(p)];
+            let keys = [keys::eligible(p), ff_completions::valkey::stream_key(p), keys::lease_expiry(p)];
             let ids: Vec<String> = self.write("ff_claim", &keys, &args).await?;
             claimed.extend(parse_ids(&ids)?);
         }
@@ -206,7 +283,7 @@ impl Engine for ValkeyEngine {
             keys::exec(child, "core"),
             keys::exec(child, "deps"),
             keys::exec(child, "children"),
-            keys::stream(child.partition()),
+            ff_completions::valkey::stream_key(child.partition()),
             keys::eligible(child.partition()),
         ];
         keys.push(keys::pending_edges(parent.partition()));
@@ -247,13 +324,18 @@ impl Engine for ValkeyEngine {
         let attempt = items.next().flatten().as_ref().and_then(text).and_then(|a| a.parse::<u32>().ok());
         match state {
             Some(state) => Ok(Some(ExecutionInfo { state, attempt: attempt.unwrap_or(0) })),
-            None => Err(Error::schema("ff_execution", format!("{id}: no state in the reply"))),
+            None => Err(ff_completions::Error::Schema {
+                op: "ff_execution",
+                detail: format!("{id}: no state in the reply"),
+                source: None,
+            }
+            .into()),
         }
     }
 
     async fn renew_lease(&self, id: &ExecutionId, worker: &str) -> Result<bool, Error> {
         let p = id.partition();
-        let keys = [keys::exec(id, "core"), keys::stream(p), keys::lease_expiry(p)];
+        let keys = [keys::exec(id, "core"), ff_completions::valkey::stream_key(p), keys::lease_expiry(p)];
         let args = [id.to_string(), worker.to_owned(), lease_ms(), self.maxlen.clone()];
         let n: i64 = self.write("ff_renew_lease", &keys, &args).await?;
         Ok(n == 1)
@@ -262,7 +344,7 @@ impl Engine for ValkeyEngine {
     /// One call per partition (each in its own slot), all at once.
     async fn expire_leases(&self, now: TimestampMs) -> Result<Vec<ExecutionId>, Error> {
         let swept = futures::future::try_join_all(keys::partitions().map(|p| async move {
-            let keys = [keys::lease_expiry(p), keys::stream(p), keys::eligible(p)];
+            let keys = [keys::lease_expiry(p), ff_completions::valkey::stream_key(p), keys::eligible(p)];
             let ids: Vec<String> =
                 self.write("ff_expire_leases", &keys, &[now.0.to_string(), self.maxlen.clone()]).await?;
             parse_ids(&ids)
@@ -273,7 +355,8 @@ impl Engine for ValkeyEngine {
 
     async fn revoke_lease(&self, id: &ExecutionId, revoked_by: &str) -> Result<bool, Error> {
         let p = id.partition();
-        let keys = [keys::exec(id, "core"), keys::stream(p), keys::eligible(p), keys::lease_expiry(p)];
+        let keys =
+            [keys::exec(id, "core"), ff_completions::valkey::stream_key(p), keys::eligible(p), keys::lease_expiry(p)];
         let args = [id.to_string(), revoked_by.to_owned(), self.maxlen.clone()];
         let n: i64 = self.write("ff_revoke_lease", &keys, &args).await?;
         Ok(n == 1)
@@ -306,7 +389,7 @@ impl Engine for ValkeyEngine {
         let p = id.partition();
         let keys = [
             keys::exec(id, "core"),
-            keys::stream(p),
+            ff_completions::valkey::stream_key(p),
             keys::eligible(p),
             keys::exec(id, "waitpoints"),
             keys::exec(id, "buffered"),
@@ -325,5 +408,108 @@ impl Engine for ValkeyEngine {
             return Err(Error::State { detail: format!("deliver signal to {id}: no such execution") });
         }
         Ok(SignalDeliveryEffect::from_wire(&effect))
+    }
+}
+
+/// Key names of the demo's state, as documented at the top of `lab/lua/ff_demo.lua`. Every key
+/// carries the `{fp:N}` hash tag of the partition it belongs to, so a terminal call's keys (its
+/// completion stream included) share one cluster slot.
+mod keys {
+    use ff_completions::valkey::stream_key;
+    use ff_completions::{ExecutionId, FlowId, PARTITION_COUNT};
+
+    /// `ff:exec:{fp:N}:<uuid>:<part>`.
+    pub(super) fn exec(id: &ExecutionId, part: &str) -> String {
+        format!("ff:exec:{}:{}:{part}", id.hash_tag(), id.uuid())
+    }
+
+    /// `ff:flow:{fp:N}:<uuid>:<part>`, N being the flow's partition.
+    pub(super) fn flow(flow: &FlowId, part: &str) -> String {
+        format!("ff:flow:{{fp:{}}}:{}:{part}", flow.partition(), flow.uuid())
+    }
+
+    /// `ff:eligible:{fp:N}`: partition N's eligible executions, scored by creation time.
+    pub(super) fn eligible(partition: u16) -> String {
+        format!("ff:eligible:{{fp:{partition}}}")
+    }
+
+    /// `ff:pending_edges:{fp:N}`: `parent|child` edges whose parent (in partition N) is terminal
+    /// and which are not resolved yet.
+    pub(super) fn pending_edges(partition: u16) -> String {
+        format!("ff:pending_edges:{{fp:{partition}}}")
+    }
+
+    /// `ff:lease_expiry:{fp:N}`: partition N's leased executions, scored by lease end (ms).
+    pub(super) fn lease_expiry(partition: u16) -> String {
+        format!("ff:lease_expiry:{{fp:{partition}}}")
+    }
+
+    /// Every partition.
+    pub(super) fn partitions() -> impl Iterator<Item = u16> {
+        0..PARTITION_COUNT
+    }
+
+    /// The partition keys every terminal call in partition N writes: stream, eligible index,
+    /// pending edges.
+    pub(super) fn terminal_shared(partition: u16) -> [String; 3] {
+        [stream_key(partition), eligible(partition), pending_edges(partition)]
+    }
+
+    /// The keys of a terminal call on one execution: its core and children, then its partition's.
+    pub(super) fn terminal(id: &ExecutionId) -> Vec<String> {
+        let mut keys = vec![exec(id, "core"), exec(id, "children")];
+        keys.extend(terminal_shared(id.partition()));
+        keys
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn execution_keys_carry_the_hash_tag_and_match_the_library() {
+            let flow = FlowId::new();
+            let id = ExecutionId::new_in(&flow);
+            // The library derives related keys as 'ff:exec:' .. id .. ':' .. part.
+            assert_eq!(exec(&id, "core"), format!("ff:exec:{id}:core"));
+            assert!(self::flow(&flow, "members").starts_with(&format!("ff:flow:{}:", id.hash_tag())));
+        }
+
+        #[test]
+        fn every_key_of_a_terminal_call_shares_the_execution_s_hash_tag() {
+            let id = ExecutionId::new_in(&FlowId::new());
+            for key in terminal(&id) {
+                assert!(key.contains(&id.hash_tag()), "{key}");
+            }
+            assert_eq!(partitions().count(), 256);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_library_declares_its_version_and_the_subsystem_s_channels() {
+        assert!(LIBRARY.starts_with("#!lua name=ff_demo\n"));
+        assert!(LIBRARY.contains(&format!("local VERSION = '{LIBRARY_VERSION}'")));
+        assert!(LIBRARY.contains(&format!("local CHANNEL = '{}'", ff_completions::valkey::PUBSUB_CHANNEL)));
+        assert!(LIBRARY.contains(&format!("local FAMILY_CHANNEL = '{}'", ff_completions::valkey::FAMILY_CHANNEL)));
+    }
+
+    #[test]
+    fn the_demo_library_s_refusals_map_to_state_and_validation() {
+        let reply = |text: &str| {
+            ferriskey::Error::from((
+                ferriskey::ErrorKind::ResponseError,
+                "An error was signalled by the server",
+                text.to_owned(),
+            ))
+        };
+        let conflict = map_err("ff_create_execution")(reply("ff_demo conflict: execution exists"));
+        assert!(matches!(conflict, Error::State { .. }), "{conflict:?}");
+        let invalid = map_err("ff_complete")(reply("ff_demo invalid: bad execution id"));
+        assert!(matches!(invalid, Error::Subsystem(ff_completions::Error::Validation { .. })), "{invalid:?}");
     }
 }

@@ -1,21 +1,34 @@
-//! The Postgres demo engine: thin calls of the SQL functions in `migrations/postgres_demo/`.
-//! Every operation that may write a completion, a lease-history or a signal-delivery event asks
-//! for an after-commit wake-up.
+//! The Postgres demo engine: thin calls of the SQL functions in `lab/migrations/postgres/`
+//! (ledger [`DEMO_MIGRATION_LEDGER`]), applied after the subsystem's own. Every operation that
+//! may write a completion, a lease-history or a signal-delivery event asks for an after-commit
+//! wake-up ([`CommitWake`]), as a host's producers may.
+
+use std::sync::LazyLock;
 
 use async_trait::async_trait;
+use ff_completions::postgres::{CommitWake, connect_pool};
+use ff_completions::{
+    BackendConfig, ExecutionId, FlowId, Namespace, SignalDeliveryEffect, SignalId, TimestampMs, WaitpointId,
+};
+use sqlx::migrate::Migrator;
 use sqlx::postgres::PgPool;
 use uuid::Uuid;
 
-use super::wake::CommitWake;
-use super::{DEMO_MIGRATOR, connect_pool, migrate};
-use crate::config::BackendConfig;
-use crate::engine::{
+use super::{
     CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, LEASE_DURATION,
     ResolvedEdge,
 };
 use crate::error::Error;
-use crate::signal_delivery::SignalDeliveryEffect;
-use crate::types::{ExecutionId, FlowId, Namespace, SignalId, TimestampMs, WaitpointId};
+
+/// The ledger of the demo engine's migrations.
+pub const DEMO_MIGRATION_LEDGER: &str = "ff_completions_demo_migrations";
+
+/// The demo engine's embedded migrations (`lab/migrations/postgres/`), with their own ledger.
+pub static DEMO_MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
+    let mut migrator = sqlx::migrate!("migrations/postgres");
+    migrator.dangerous_set_table_name(DEMO_MIGRATION_LEDGER);
+    migrator
+});
 
 /// The lease a claim or a heartbeat grants, in the producer functions' milliseconds.
 const LEASE_MS: i64 = LEASE_DURATION.as_millis() as i64;
@@ -43,7 +56,13 @@ impl PostgresEngine {
     /// Connection or migration failures.
     pub async fn connect(config: &BackendConfig) -> Result<Self, Error> {
         let pool = connect_pool(config, 16).await?;
-        migrate(&DEMO_MIGRATOR, &pool).await?;
+        DEMO_MIGRATOR.run(&pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(e) => Error::from_sqlx("postgres demo migrate", e),
+            other => {
+                ff_completions::Error::Schema { op: "postgres demo migrate", detail: other.to_string(), source: None }
+                    .into()
+            }
+        })?;
         Ok(Self { wake: CommitWake::spawn(pool.clone()), pool })
     }
 
@@ -69,7 +88,7 @@ impl PostgresEngine {
 #[async_trait]
 impl Engine for PostgresEngine {
     async fn create_flow(&self, flow: &FlowId, namespace: Option<&Namespace>) -> Result<(), Error> {
-        crate::engine::check_namespace(namespace)?;
+        super::check_namespace(namespace)?;
         sqlx::query("SELECT ff_create_flow($1, $2)")
             .bind(flow.uuid())
             .bind(namespace.map(Namespace::as_str))

@@ -1,25 +1,36 @@
-//! The SQLite engine surface: each operation is one write transaction (`BEGIN IMMEDIATE`) that
-//! changes state; the trigger in `migrations/sqlite/` writes the completion in that same
-//! transaction. After each commit the in-process signal wakes this process's listeners.
+//! The SQLite demo engine: each operation is one write transaction (`BEGIN IMMEDIATE`, through
+//! the subsystem's [`Database`]: this process's writers queue for their turn) that changes
+//! state; the triggers of `lab/migrations/sqlite/` write the completion, lease or signal event
+//! into the subsystem's outbox in that same transaction, and the commit wakes this process's
+//! listeners.
+
+use std::sync::LazyLock;
 
 use async_trait::async_trait;
+use ff_completions::sqlite::{Database, WriteTransaction};
+use ff_completions::{
+    BackendConfig, ExecutionId, FlowId, Namespace, SignalDeliveryEffect, SignalId, TimestampMs, WaitpointId,
+};
+use sqlx::SqliteConnection;
+use sqlx::migrate::Migrator;
 use sqlx::sqlite::SqlitePool;
-use sqlx::{Sqlite, SqliteConnection, Transaction};
-use std::ops::{Deref, DerefMut};
-use std::sync::Arc;
-use tokio::sync::OwnedMutexGuard;
-use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::{WriteQueue, commit_signal, connect_pool, database_key, write_queue};
-use crate::config::BackendConfig;
-use crate::engine::{
+use super::{
     CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, LEASE_DURATION,
     ResolvedEdge,
 };
 use crate::error::Error;
-use crate::signal_delivery::SignalDeliveryEffect;
-use crate::types::{ExecutionId, FlowId, Namespace, SignalId, TimestampMs, WaitpointId};
+
+/// The ledger of the demo engine's SQLite migrations.
+pub const DEMO_MIGRATION_LEDGER: &str = "ff_completions_demo_migrations";
+
+/// The demo engine's embedded migrations (`lab/migrations/sqlite/`), with their own ledger.
+static DEMO_MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
+    let mut migrator = sqlx::migrate!("migrations/sqlite");
+    migrator.dangerous_set_table_name(DEMO_MIGRATION_LEDGER);
+    migrator
+});
 
 fn lease_end(now: TimestampMs) -> i64 {
     now.0.saturating_add(LEASE_DURATION.as_millis() as i64)
@@ -30,28 +41,7 @@ const TERMINAL: &str = "('success', 'failed', 'cancelled', 'expired', 'skipped')
 /// Drives executions in an SQLite database.
 #[derive(Clone, Debug)]
 pub struct SqliteEngine {
-    pool: SqlitePool,
-    signal: watch::Sender<u64>,
-    writers: Arc<WriteQueue>,
-}
-
-/// A write transaction holding this process's write lock of the database.
-struct WriteTx {
-    tx: Transaction<'static, Sqlite>,
-    _lock: OwnedMutexGuard<()>,
-}
-
-impl Deref for WriteTx {
-    type Target = SqliteConnection;
-    fn deref(&self) -> &SqliteConnection {
-        &self.tx
-    }
-}
-
-impl DerefMut for WriteTx {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
-        &mut self.tx
-    }
+    db: Database,
 }
 
 fn sql_err(op: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
@@ -65,41 +55,42 @@ fn exec_id(text: &str, partition: i64) -> Result<ExecutionId, Error> {
 }
 
 impl SqliteEngine {
-    /// Opens (creating when missing) the database and applies the migrations.
+    /// Opens (creating when missing) the database and applies the subsystem's migrations and
+    /// the demo's.
     ///
     /// # Errors
     /// Open or migration failures.
     pub async fn connect(config: &BackendConfig) -> Result<Self, Error> {
-        let key = database_key(config)?;
-        Ok(Self { pool: connect_pool(config, 4).await?, signal: commit_signal(&key), writers: write_queue(&key) })
+        let db = Database::open(config).await?;
+        DEMO_MIGRATOR.run(db.pool()).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(e) => Error::from_sqlx("sqlite demo migrate", e),
+            other => {
+                ff_completions::Error::Schema { op: "sqlite demo migrate", detail: other.to_string(), source: None }
+                    .into()
+            }
+        })?;
+        Ok(Self { db })
     }
 
     /// The underlying pool.
     pub fn pool(&self) -> &SqlitePool {
-        &self.pool
+        self.db.pool()
+    }
+
+    /// The database as the subsystem shares it in this process.
+    pub fn database(&self) -> &Database {
+        &self.db
     }
 
     /// Begins a write transaction once this process's earlier writers are done.
-    async fn write(&self, op: &'static str) -> Result<WriteTx, Error> {
-        self.begin(op, false).await
+    async fn write(&self) -> Result<WriteTransaction, Error> {
+        Ok(self.db.begin_write(false).await?)
     }
 
     /// Begins a write transaction on a flow's critical path (dependency resolution): it passes
     /// the ordinary writers queued in this process.
-    async fn write_urgent(&self, op: &'static str) -> Result<WriteTx, Error> {
-        self.begin(op, true).await
-    }
-
-    async fn begin(&self, op: &'static str, urgent: bool) -> Result<WriteTx, Error> {
-        let lock = self.writers.turn(urgent).await;
-        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(sql_err(op))?;
-        Ok(WriteTx { tx, _lock: lock })
-    }
-
-    async fn commit(&self, tx: WriteTx, op: &'static str) -> Result<(), Error> {
-        tx.tx.commit().await.map_err(sql_err(op))?;
-        self.signal.send_modify(|v| *v = v.wrapping_add(1));
-        Ok(())
+    async fn write_urgent(&self) -> Result<WriteTransaction, Error> {
+        Ok(self.db.begin_write(true).await?)
     }
 
     /// Resolves one edge inside the caller's write transaction.
@@ -180,7 +171,7 @@ impl SqliteEngine {
         from: &'static str,
         op: &'static str,
     ) -> Result<bool, Error> {
-        let mut tx = self.write(op).await?;
+        let mut tx = self.write().await?;
         let changed = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE ff_execution SET state = ?, worker = NULL, updated_at_ms = ? WHERE execution_id = ? AND state IN {from}"
         )))
@@ -191,7 +182,7 @@ impl SqliteEngine {
         .await
         .map_err(sql_err(op))?
         .rows_affected();
-        self.commit(tx, op).await?;
+        tx.commit().await.map_err(Error::from)?;
         Ok(changed == 1)
     }
 }
@@ -199,8 +190,8 @@ impl SqliteEngine {
 #[async_trait]
 impl Engine for SqliteEngine {
     async fn create_flow(&self, flow: &FlowId, namespace: Option<&Namespace>) -> Result<(), Error> {
-        crate::engine::check_namespace(namespace)?;
-        let mut tx = self.write("create flow").await?;
+        super::check_namespace(namespace)?;
+        let mut tx = self.write().await?;
         sqlx::query("INSERT OR IGNORE INTO ff_flow (flow_id, namespace, created_at_ms) VALUES (?, ?, ?)")
             .bind(flow.uuid().to_string())
             .bind(namespace.map(Namespace::as_str))
@@ -208,7 +199,7 @@ impl Engine for SqliteEngine {
             .execute(&mut *tx)
             .await
             .map_err(sql_err("create flow"))?;
-        self.commit(tx, "create flow").await
+        tx.commit().await.map_err(Error::from)
     }
 
     async fn create_execution(&self, spec: &ExecutionSpec) -> Result<(), Error> {
@@ -217,7 +208,7 @@ impl Engine for SqliteEngine {
         let parents: std::collections::BTreeSet<Uuid> = spec.parents.iter().map(|p| p.uuid()).collect();
         let state = if parents.is_empty() { "eligible" } else { "blocked" };
         let now = TimestampMs::now().0;
-        let mut tx = self.write("create execution").await?;
+        let mut tx = self.write().await?;
         sqlx::query(
             "INSERT INTO ff_execution (execution_id, partition_key, flow_id, namespace, tags, state, max_attempts, \
              pending_parents, created_at_ms, updated_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -243,20 +234,20 @@ impl Engine for SqliteEngine {
                 .await
                 .map_err(sql_err("create execution"))?;
         }
-        self.commit(tx, "create execution").await
+        tx.commit().await.map_err(Error::from)
     }
 
     async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, Error> {
         // A read first (WAL readers never wait for the writer): an idle worker polling for work
         // takes no write lock, so it never delays the writers that have something to write.
         let eligible: Option<i64> = sqlx::query_scalar("SELECT 1 FROM ff_execution WHERE state = 'eligible' LIMIT 1")
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.db.pool())
             .await
             .map_err(sql_err("claim"))?;
         if eligible.is_none() {
             return Ok(Vec::new());
         }
-        let mut tx = self.write("claim").await?;
+        let mut tx = self.write().await?;
         // A new lease id per claim: the lease triggers write `acquired` or `reclaimed`.
         let now = TimestampMs::now();
         let rows: Vec<(String, i64)> = sqlx::query_as(
@@ -273,7 +264,7 @@ impl Engine for SqliteEngine {
         .fetch_all(&mut *tx)
         .await
         .map_err(sql_err("claim"))?;
-        self.commit(tx, "claim").await?;
+        tx.commit().await.map_err(Error::from)?;
         rows.iter().map(|(id, p)| exec_id(id, *p)).collect()
     }
 
@@ -282,7 +273,7 @@ impl Engine for SqliteEngine {
     }
 
     async fn fail(&self, id: &ExecutionId, retryable: bool) -> Result<FailOutcome, Error> {
-        let mut tx = self.write("fail").await?;
+        let mut tx = self.write().await?;
         let row: Option<(String, i64, i64)> =
             sqlx::query_as("SELECT state, attempt, max_attempts FROM ff_execution WHERE execution_id = ?")
                 .bind(id.uuid().to_string())
@@ -304,7 +295,7 @@ impl Engine for SqliteEngine {
         .execute(&mut *tx)
         .await
         .map_err(sql_err("fail"))?;
-        self.commit(tx, "fail").await?;
+        tx.commit().await.map_err(Error::from)?;
         Ok(if retry {
             FailOutcome::RetryScheduled { delay_until: TimestampMs::now() }
         } else {
@@ -326,7 +317,7 @@ impl Engine for SqliteEngine {
             CancelFlowPolicy::CancelAll => "('blocked', 'eligible', 'running')",
             CancelFlowPolicy::CancelPending => "('blocked', 'eligible')",
         };
-        let mut tx = self.write("cancel flow").await?;
+        let mut tx = self.write().await?;
         sqlx::query("UPDATE ff_flow SET state = 'cancelled' WHERE flow_id = ?")
             .bind(flow.uuid().to_string())
             .execute(&mut *tx)
@@ -341,7 +332,7 @@ impl Engine for SqliteEngine {
         .await
         .map_err(sql_err("cancel flow"))?
         .rows_affected();
-        self.commit(tx, "cancel flow").await?;
+        tx.commit().await.map_err(Error::from)?;
         Ok(n)
     }
 
@@ -350,10 +341,9 @@ impl Engine for SqliteEngine {
         parent: &ExecutionId,
         child: &ExecutionId,
     ) -> Result<DependencyResolution, Error> {
-        let op = "resolve dependency";
-        let mut tx = self.write_urgent(op).await?;
+        let mut tx = self.write_urgent().await?;
         let resolution = Self::resolve_in(&mut tx, &parent.uuid().to_string(), &child.uuid().to_string()).await?;
-        self.commit(tx, op).await?;
+        tx.commit().await.map_err(Error::from)?;
         Ok(resolution)
     }
 
@@ -361,7 +351,7 @@ impl Engine for SqliteEngine {
     /// parent's state), then two statements per edge. Already resolved edges are left out.
     async fn resolve_children(&self, parents: &[ExecutionId]) -> Result<Vec<ResolvedEdge>, Error> {
         let op = "resolve children";
-        let mut tx = self.write_urgent(op).await?;
+        let mut tx = self.write_urgent().await?;
         let mut resolved = Vec::new();
         // Well below SQLite's limit on bound parameters.
         for chunk in parents.chunks(500) {
@@ -390,7 +380,7 @@ impl Engine for SqliteEngine {
                 ));
             }
         }
-        self.commit(tx, op).await?;
+        tx.commit().await.map_err(Error::from)?;
         Ok(resolved)
     }
 
@@ -400,7 +390,7 @@ impl Engine for SqliteEngine {
              WHERE d.parent_id = ?",
         )
         .bind(parent.uuid().to_string())
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.pool())
         .await
         .map_err(sql_err("children"))?;
         rows.iter().map(|(id, p)| exec_id(id, *p)).collect()
@@ -413,7 +403,7 @@ impl Engine for SqliteEngine {
              WHERE d.state = 'pending' AND p.state IN {TERMINAL} LIMIT ?"
         )))
         .bind(limit as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.pool())
         .await
         .map_err(sql_err("unresolved dependencies"))?;
         rows.iter().map(|(p, pp, c, cp)| Ok((exec_id(p, *pp)?, exec_id(c, *cp)?))).collect()
@@ -423,7 +413,7 @@ impl Engine for SqliteEngine {
         let row: Option<(String, i64)> =
             sqlx::query_as("SELECT state, attempt FROM ff_execution WHERE execution_id = ?")
                 .bind(id.uuid().to_string())
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.db.pool())
                 .await
                 .map_err(sql_err("execution"))?;
         Ok(row.map(|(state, attempt)| ExecutionInfo { state, attempt: attempt.max(0) as u32 }))
@@ -431,7 +421,7 @@ impl Engine for SqliteEngine {
 
     async fn renew_lease(&self, id: &ExecutionId, worker: &str) -> Result<bool, Error> {
         let op = "renew lease";
-        let mut tx = self.write(op).await?;
+        let mut tx = self.write().await?;
         let renewed = sqlx::query(
             "UPDATE ff_execution SET lease_renewals = lease_renewals + 1, lease_expires_at_ms = ? \
              WHERE execution_id = ? AND worker = ? AND state = 'running' AND lease_state = 'active'",
@@ -443,13 +433,13 @@ impl Engine for SqliteEngine {
         .await
         .map_err(sql_err(op))?
         .rows_affected();
-        self.commit(tx, op).await?;
+        tx.commit().await.map_err(Error::from)?;
         Ok(renewed == 1)
     }
 
     async fn expire_leases(&self, now: TimestampMs) -> Result<Vec<ExecutionId>, Error> {
         let op = "expire leases";
-        let mut tx = self.write(op).await?;
+        let mut tx = self.write().await?;
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "UPDATE ff_execution SET state = 'eligible', lease_state = 'expired', worker = NULL, updated_at_ms = ? \
              WHERE state = 'running' AND lease_state = 'active' AND lease_expires_at_ms < ? \
@@ -460,13 +450,13 @@ impl Engine for SqliteEngine {
         .fetch_all(&mut *tx)
         .await
         .map_err(sql_err(op))?;
-        self.commit(tx, op).await?;
+        tx.commit().await.map_err(Error::from)?;
         rows.iter().map(|(id, p)| exec_id(id, *p)).collect()
     }
 
     async fn revoke_lease(&self, id: &ExecutionId, revoked_by: &str) -> Result<bool, Error> {
         let op = "revoke lease";
-        let mut tx = self.write(op).await?;
+        let mut tx = self.write().await?;
         let revoked = sqlx::query(
             "UPDATE ff_execution SET state = 'eligible', lease_state = 'revoked', lease_revoked_by = ?, \
              worker = NULL, updated_at_ms = ? WHERE execution_id = ? AND state = 'running' AND lease_state = 'active'",
@@ -478,14 +468,14 @@ impl Engine for SqliteEngine {
         .await
         .map_err(sql_err(op))?
         .rows_affected();
-        self.commit(tx, op).await?;
+        tx.commit().await.map_err(Error::from)?;
         Ok(revoked == 1)
     }
 
     async fn suspend(&self, id: &ExecutionId, waitpoint: &WaitpointId) -> Result<bool, Error> {
         let op = "suspend";
         let (execution, now) = (id.uuid().to_string(), TimestampMs::now().0);
-        let mut tx = self.write(op).await?;
+        let mut tx = self.write().await?;
         let suspended = sqlx::query(
             "UPDATE ff_execution SET state = 'suspended', worker = NULL, lease_state = 'released', updated_at_ms = ? \
              WHERE execution_id = ? AND state = 'running'",
@@ -526,7 +516,7 @@ impl Engine for SqliteEngine {
                 .await
                 .map_err(sql_err(op))?;
         }
-        self.commit(tx, op).await?;
+        tx.commit().await.map_err(Error::from)?;
         Ok(consumed.is_some())
     }
 
@@ -539,7 +529,7 @@ impl Engine for SqliteEngine {
         source_identity: Option<&str>,
     ) -> Result<SignalDeliveryEffect, Error> {
         let op = "deliver signal";
-        let mut tx = self.write(op).await?;
+        let mut tx = self.write().await?;
         // One statement decides the effect and records it; the trigger writes the event and,
         // when satisfied, releases the waitpoint and the execution. One writer at a time:
         // of concurrent deliveries of one key, the first is not deduped, the rest are.
@@ -566,7 +556,7 @@ impl Engine for SqliteEngine {
         let Some(effect) = effect else {
             return Err(Error::State { detail: format!("deliver signal to {id}: no such execution") });
         };
-        self.commit(tx, op).await?;
+        tx.commit().await.map_err(Error::from)?;
         Ok(SignalDeliveryEffect::from_wire(&effect))
     }
 }
