@@ -1,10 +1,7 @@
 //! The workload: the flows' shape (fan-out, fan-in, a chain, a diamond), what each execution's
-//! worker does with it, the final states the DAG implies, and the workers themselves.
+//! worker does with it, and the final states the DAG implies.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use crate::{Engine, ExecutionSpec};
 use ff_completions::{ExecutionId, FlowId};
@@ -12,7 +9,6 @@ use rand::Rng;
 use rand::rngs::StdRng;
 
 use super::Scenario;
-use super::families::FamilyRun;
 
 /// What a worker does with an execution, fixed up front from the seed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,45 +74,6 @@ pub(super) fn expected_states(dags: &[Dag]) -> HashMap<ExecutionId, &'static str
         }
     }
     states
-}
-
-/// Claims executions and does with each what its decision says, until `stop`. With the
-/// families on, the claims go to their ledger, and waiters and long executions are handed to
-/// them first.
-pub(super) async fn work(
-    engine: Arc<dyn Engine>,
-    decisions: Arc<HashMap<ExecutionId, Decision>>,
-    name: String,
-    families: Option<Arc<FamilyRun>>,
-    stop: Arc<AtomicBool>,
-) {
-    let mut long_running = tokio::task::JoinSet::new();
-    while !stop.load(Ordering::Relaxed) {
-        let claimed = match engine.claim(&name, 16).await {
-            Ok(ids) => ids,
-            Err(err) => {
-                tracing::warn!(error = %err, "claim failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        if claimed.is_empty() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        if let Some(families) = &families {
-            families.claimed(&claimed);
-        }
-        for id in claimed {
-            if let Some(families) = &families
-                && families.take_over(&engine, &decisions, &name, id, &mut long_running).await
-            {
-                continue;
-            }
-            finish(&*engine, &decisions, id).await;
-        }
-        while long_running.try_join_next().is_some() {}
-    }
-    long_running.join_all().await;
 }
 
 /// Does with a running execution what its decision says.

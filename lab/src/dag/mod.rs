@@ -11,7 +11,7 @@
 //! beside completions by a lease and a signal subscriber on the same tree (`families.rs`).
 //!
 //! This file holds what a reader of the example wants: the promoters subscribed to the tree and
-//! the run's wiring. The workload (flows, decisions, workers) is in `flows.rs`, the measures and
+//! the run's wiring. The workload (flows, decisions) is in `flows.rs`, the workers in `workers.rs`, the measures and
 //! the summary in `report.rs`, the faults of `--chaos` in `faults.rs` (which the tests reach too),
 //! heartbeats, the expiry sweep, signals and their ledger in `families.rs`.
 
@@ -36,9 +36,10 @@ use crate::faults::{ChaosCount, chaos};
 pub mod families;
 mod flows;
 pub mod report;
+mod workers;
 
 use families::FamilyRun;
-use flows::{build_flow, expected_states, work};
+use flows::{build_flow, expected_states};
 pub use report::Report;
 use report::{Latencies, micros_since};
 
@@ -394,7 +395,7 @@ pub async fn run(s: &Scenario) -> Result<Report, crate::Error> {
     let workers: Vec<_> = (0..s.workers.max(1))
         .map(|i| {
             let name = format!("worker-{i}");
-            tokio::spawn(work(engine.clone(), decisions.clone(), name, family_run.clone(), stop.clone()))
+            tokio::spawn(workers::work(engine.clone(), decisions.clone(), name, family_run.clone(), stop.clone()))
         })
         .collect();
     let chaos_task = s

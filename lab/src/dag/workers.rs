@@ -1,0 +1,52 @@
+//! The workers: claim executions and do with each what its decision says, handing waiters and
+//! long executions to the lease and signal families when they run.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ff_completions::ExecutionId;
+
+use super::families::FamilyRun;
+use super::flows::{Decision, finish};
+use crate::Engine;
+
+/// Claims executions and does with each what its decision says, until `stop`. With the
+/// families on, the claims go to their ledger, and waiters and long executions are handed to
+/// them first.
+pub(super) async fn work(
+    engine: Arc<dyn Engine>,
+    decisions: Arc<HashMap<ExecutionId, Decision>>,
+    name: String,
+    families: Option<Arc<FamilyRun>>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut long_running = tokio::task::JoinSet::new();
+    while !stop.load(Ordering::Relaxed) {
+        let claimed = match engine.claim(&name, 16).await {
+            Ok(ids) => ids,
+            Err(err) => {
+                tracing::warn!(error = %err, "claim failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if claimed.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if let Some(families) = &families {
+            families.claimed(&claimed);
+        }
+        for id in claimed {
+            if let Some(families) = &families
+                && families.take_over(&engine, &decisions, &name, id, &mut long_running).await
+            {
+                continue;
+            }
+            finish(&*engine, &decisions, id).await;
+        }
+        while long_running.try_join_next().is_some() {}
+    }
+    long_running.join_all().await;
+}
