@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use super::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
+use super::seam::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
 use crate::config::Retention;
 use crate::cursor::{Frontier, Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
 use crate::error::Error;
@@ -69,7 +69,7 @@ impl MemorySource {
             "memory",
             Box::new(move || {
                 let source: Arc<dyn CompletionSource> = me.clone();
-                Box::pin(async move { Ok(super::Connected { source, groups: None }) })
+                Box::pin(async move { Ok(super::lazy::Connected { source, groups: None }) })
             }),
         )
     }
@@ -115,7 +115,7 @@ impl MemorySource {
                 at: TimestampMs::now(),
             };
             let entry = LeaseEntry { event, namespace: None, worker: Some(worker.into()) };
-            inner.events.push(Positioned { pos, event: super::FamilyEvent::LeaseHistory(entry) });
+            inner.events.push(Positioned { pos, event: super::seam::FamilyEvent::LeaseHistory(entry) });
         }
         inner.wakers.retain(|w| w.send(Ok(Wake::Notified)).is_ok());
         ids

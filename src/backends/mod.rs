@@ -21,7 +21,7 @@ pub mod sqlite;
 pub mod valkey;
 
 mod open;
-mod seam;
+pub(crate) mod seam;
 
 pub(crate) use lazy::Connected;
 pub(crate) use open::{lazy_source, open_source};

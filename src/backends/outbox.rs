@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::{self, Debug, Write as _};
 use std::time::Duration;
 
-use super::FamilyEvent;
+use super::seam::FamilyEvent;
 use crate::cursor::StreamCursor;
 use crate::event::{CompletionEvent, CompletionOutcome};
 use crate::family::Family;

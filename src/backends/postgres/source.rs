@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::{COMPLETION_CHANNEL, LISTENER_APPLICATION_NAME, connect_options, connect_pool};
 use crate::backends::outbox::{FamilyColumns, OutboxRow, age_cutoff_ms};
-use crate::backends::{Batch, CompletionSource, FamilyEvent, Positioned, StartAt, Wake, Waker};
+use crate::backends::seam::{Batch, CompletionSource, FamilyEvent, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, BackendConnection, PostgresConnection, Retention};
 use crate::cursor::{
     Frontier, Position, PostgresCursor, StreamCursor, decode_postgres_cursor, encode_postgres_batch_cursor,

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use super::{commit_signal, connect_pool, database_key, options};
 use crate::backends::outbox::{FamilyColumns, OutboxRow, age_cutoff_ms};
-use crate::backends::{Batch, CompletionSource, FamilyEvent, Positioned, StartAt, Wake, Waker};
+use crate::backends::seam::{Batch, CompletionSource, FamilyEvent, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, Retention};
 use crate::cursor::{Frontier, Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
 use crate::error::Error;

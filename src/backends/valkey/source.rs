@@ -35,7 +35,7 @@ use super::library::{connect_client, connect_subscriber, load_library, map_err, 
 use super::stream::{RawEntry, ReadView, decode_entry, parse_id, text};
 use super::{FAMILY_CHANNEL, LISTENER_CLIENT_NAME, PUBSUB_CHANNEL};
 use crate::backends::outbox::{age_cutoff_ms, shown};
-use crate::backends::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
+use crate::backends::seam::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, Retention};
 use crate::cursor::{
     Frontier, Position, StreamCursor, VALKEY_LEGACY_LANE, decode_valkey_frontier, encode_valkey_frontier,

@@ -15,7 +15,7 @@
 
 use ferriskey::Value;
 
-use crate::backends::FamilyEvent;
+use crate::backends::seam::FamilyEvent;
 use crate::backends::outbox::{FamilyColumns, OutboxRow, shown};
 use crate::cursor::{Position, encode_valkey_frontier};
 use crate::types::ExecutionId;
