@@ -93,6 +93,26 @@ pub trait AckConnection: sealed::Sealed + Send {
     ) -> BoxFuture<'a, Result<(), Error>>;
 }
 
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+impl<DB: sqlx::Database> sealed::Sealed for sqlx::Transaction<'_, DB> where DB::Connection: AckConnection {}
+
+/// A transaction as sqlx hands it out: the ack is written on its connection.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+impl<DB: sqlx::Database> AckConnection for sqlx::Transaction<'_, DB>
+where
+    DB::Connection: AckConnection,
+{
+    fn ack_in<'a>(
+        &'a mut self,
+        group: &'a str,
+        member: &'a str,
+        acks: &'a [Ack],
+        once: bool,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        (**self).ack_in(group, member, acks, once)
+    }
+}
+
 /// How a member shares its group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Sharing {

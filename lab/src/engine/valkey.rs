@@ -45,6 +45,11 @@ fn is_function_missing(e: &ferriskey::Error) -> bool {
     e.to_string().contains("Function not found")
 }
 
+/// A reply's text (a string or a number), if it is one.
+fn text(v: &Value) -> Option<String> {
+    String::from_value(v).ok()
+}
+
 /// Loads the subsystem's library, then the demo's unless `ff_demo_version` answers
 /// [`LIBRARY_VERSION`].
 async fn load_libraries(client: &Client) -> Result<(), Error> {
@@ -76,17 +81,6 @@ async fn fcall<T: FromValue>(
             client.fcall(function, keys, args).await.map_err(map_err(function))
         }
         other => other.map_err(map_err(function)),
-    }
-}
-
-/// A reply's text.
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.to_vec()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::VerbatimString { text, .. } => Some(text.clone()),
-        Value::Int(i) => Some(i.to_string()),
-        _ => None,
     }
 }
 

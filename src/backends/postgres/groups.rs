@@ -203,22 +203,8 @@ impl GroupStore for super::source::PostgresSource {
 }
 
 impl sealed::Sealed for PgConnection {}
-impl sealed::Sealed for sqlx::Transaction<'_, sqlx::Postgres> {}
 
 impl AckConnection for PgConnection {
-    fn ack_in<'a>(
-        &'a mut self,
-        group: &'a str,
-        member: &'a str,
-        acks: &'a [Ack],
-        once: bool,
-    ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(ack_in(self, group, member, acks, once))
-    }
-}
-
-/// A transaction as sqlx hands it out: the ack is written on its connection.
-impl AckConnection for sqlx::Transaction<'_, sqlx::Postgres> {
     fn ack_in<'a>(
         &'a mut self,
         group: &'a str,

@@ -307,22 +307,8 @@ impl GroupStore for super::source::SqliteSource {
 }
 
 impl sealed::Sealed for SqliteConnection {}
-impl sealed::Sealed for sqlx::Transaction<'_, sqlx::Sqlite> {}
 
 impl AckConnection for SqliteConnection {
-    fn ack_in<'a>(
-        &'a mut self,
-        group: &'a str,
-        member: &'a str,
-        acks: &'a [Ack],
-        once: bool,
-    ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(ack_in(self, group, member, acks, once))
-    }
-}
-
-/// A transaction as sqlx hands it out: the ack is written on its connection.
-impl AckConnection for sqlx::Transaction<'_, sqlx::Sqlite> {
     fn ack_in<'a>(
         &'a mut self,
         group: &'a str,

@@ -15,8 +15,8 @@
 
 use ferriskey::Value;
 
-use crate::backends::seam::FamilyEvent;
 use crate::backends::outbox::{FamilyColumns, OutboxRow, shown};
+use crate::backends::seam::FamilyEvent;
 use crate::cursor::{Position, encode_valkey_frontier};
 use crate::types::ExecutionId;
 
