@@ -115,3 +115,22 @@ pub mod valkey {
 /// semver promise.
 #[doc(hidden)]
 pub mod __store;
+
+// Every Rust block of the README and of the guide's pages is compiled as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+mod readme {}
+
+#[cfg(doctest)]
+mod guide {
+    #[doc = include_str!("../docs/backends.md")]
+    mod backends {}
+    #[doc = include_str!("../docs/benchmarks.md")]
+    mod benchmarks {}
+    #[doc = include_str!("../docs/durable-groups.md")]
+    mod durable_groups {}
+    #[doc = include_str!("../docs/guarantees.md")]
+    mod guarantees {}
+    #[doc = include_str!("../docs/operating.md")]
+    mod operating {}
+}

@@ -27,6 +27,10 @@
 //! produce these families yet, that part is skipped with one line.
 //! Prints a summary and exits non-zero unless every execution reached the state the DAG implies,
 //! every completion arrived exactly once, and so did every lease and signal event it caused.
+//!
+//! The scenario itself (the promoters subscribed to the tree, the workers, the ledgers) is the
+//! lab's `dag` module (`lab/src/dag/`), shared with the `dag` tests; the engine it drives is the
+//! lab's demo engine. This file reads the command line and prints the summary.
 
 use std::time::Duration;
 
