@@ -64,10 +64,7 @@ pub use config::{
     ValkeyConnection,
 };
 pub use cursor::StreamCursor;
-pub use durable::{
-    ACK_FLUSH_INTERVAL, AckTicket, DEFAULT_LEASE_TTL, DurableRequest, DurableSubscription, GroupMemberStats,
-    GroupPartitionStats, GroupStats, MIN_LEASE_TTL,
-};
+pub use durable::{AckTicket, DurableRequest, DurableSubscription, GroupMemberStats, GroupPartitionStats, GroupStats};
 pub use error::{EngineError, Error, ErrorSource};
 pub use event::{CompletionEvent, CompletionOutcome, CompletionPayload, CompletionStream};
 pub use instance_tags::InstanceTagEvent;

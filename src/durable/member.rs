@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::request::{ACK_FLUSH_INTERVAL, DurableRequest};
+use super::request::DurableRequest;
 use super::subscription::{DurableSubscription, Shared};
 use crate::actors::handle::{CompletionSupervisorHandle, Subscribe, Subscription, sealed};
 use crate::actors::request::Completions;
@@ -130,7 +130,7 @@ async fn heartbeats(
     let mut superseded = false;
     let mut start: Option<Frontier> = None;
     let mut next_beat = Instant::now();
-    let mut flush = tokio::time::interval(ACK_FLUSH_INTERVAL);
+    let mut flush = tokio::time::interval(DurableRequest::ACK_FLUSH_INTERVAL);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -25,5 +25,5 @@ mod member;
 mod request;
 mod subscription;
 
-pub use request::{ACK_FLUSH_INTERVAL, DEFAULT_LEASE_TTL, DurableRequest, MIN_LEASE_TTL};
+pub use request::DurableRequest;
 pub use subscription::{AckTicket, DurableSubscription, GroupMemberStats, GroupPartitionStats, GroupStats};

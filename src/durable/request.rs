@@ -7,10 +7,6 @@ use crate::actors::ids::BackendId;
 use crate::backends::groups::Sharing;
 use crate::scanner_filter::ScannerFilter;
 
-/// The default lease of a member's partitions: a member that dies loses them this long after
-/// its last heartbeat (heartbeats come every third of it).
-pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
-
 /// A durable subscription to completions: [`DurableRequest::exclusive`] (one consumer at a
 /// time) or [`DurableRequest::group`] (members share the partitions), subscribed with
 /// [`crate::CompletionSupervisorHandle::subscribe`] like any other request.
@@ -26,6 +22,16 @@ pub struct DurableRequest {
 }
 
 impl DurableRequest {
+    /// The default lease of a member's partitions: a member that dies loses them this long
+    /// after its last heartbeat (heartbeats come every third of it).
+    pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
+
+    /// The shortest lease a member may ask for.
+    pub const MIN_LEASE_TTL: Duration = Duration::from_millis(300);
+
+    /// How often acknowledgements made after delivery are written.
+    pub const ACK_FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+
     /// A durable subscription with one consumer: the backend stores its position under
     /// `name`; a process that subscribes again under the name takes every partition over at
     /// once and fences the previous consumer: its acks fail with [`crate::Error::Fenced`], and
@@ -37,7 +43,7 @@ impl DurableRequest {
             member: None,
             filter: ScannerFilter::default(),
             backend: None,
-            lease_ttl: DEFAULT_LEASE_TTL,
+            lease_ttl: Self::DEFAULT_LEASE_TTL,
             ack_after_delivery: false,
         }
     }
@@ -74,15 +80,15 @@ impl DurableRequest {
     }
 
     /// How long the member's partitions stay its own without a heartbeat (at least 300 ms, at
-    /// most a day; default [`DEFAULT_LEASE_TTL`]): a dead member's partitions move after this.
+    /// most a day; default [`Self::DEFAULT_LEASE_TTL`]): a dead member's partitions move after this.
     #[must_use]
     pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
-        self.lease_ttl = ttl.max(MIN_LEASE_TTL);
+        self.lease_ttl = ttl.max(Self::MIN_LEASE_TTL);
         self
     }
 
     /// Acknowledges each event once the consumer asks for the next one (and within
-    /// [`ACK_FLUSH_INTERVAL`]): delivery at least once, with no ack calls. Without it the
+    /// [`Self::ACK_FLUSH_INTERVAL`]): delivery at least once, with no ack calls. Without it the
     /// consumer acknowledges with [`crate::DurableSubscription::ack`] or a [`crate::AckTicket`].
     #[must_use]
     pub fn with_ack_after_delivery(mut self) -> Self {
@@ -95,9 +101,3 @@ impl DurableRequest {
         &self.name
     }
 }
-
-/// The shortest lease a member may ask for.
-pub const MIN_LEASE_TTL: Duration = Duration::from_millis(300);
-
-/// How often acknowledgements made after delivery are written.
-pub const ACK_FLUSH_INTERVAL: Duration = Duration::from_millis(50);
