@@ -208,7 +208,7 @@ end
 -- FCALL ff_group_heartbeat 5 <group keys> <member> <ttl ms> <exclusive|shared> <rejoin 0|1>
 --   <start id of partition 0> .. <start id of partition 255>
 -- -> {partition, token, acked id} for each partition the member holds, ascending. One atomic
--- heartbeat as src/durable/store.rs describes: creates the group (every partition free, token
+-- heartbeat as src/backends/groups.rs describes: creates the group (every partition free, token
 -- 0, acknowledged at its start id), renews the member and drops expired ones, on rejoin raises
 -- the tokens of what it holds, renews its leases, then frees its highest partitions above its
 -- share or takes free and lapsed ones in ascending order (token + 1) below it.

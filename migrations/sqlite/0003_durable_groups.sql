@@ -1,6 +1,6 @@
 -- Durable groups: processes subscribing under one group name share the completions of the flow
 -- partitions through fenced leases, and the group's acknowledged position per partition lives
--- here (see src/durable/store.rs for the rules; src/backends/sqlite/groups.rs keeps them, each
+-- here (see src/backends/groups.rs for the rules; src/backends/sqlite/groups.rs keeps them, each
 -- operation in one BEGIN IMMEDIATE transaction, with SQLite's clock in epoch milliseconds).
 -- Positions are (major, hi, lo) compared as a row: (0, 0, event_id) on SQLite.
 

@@ -1,5 +1,5 @@
 //! The durable-group store: the promises every backend's store keeps (heartbeat with rebalance,
-//! fenced all-or-nothing acks, leave, view; see `src/durable/store.rs`), written once and run by
+//! fenced all-or-nothing acks, leave, view; see `src/backends/groups.rs`), written once and run by
 //! each backend's module under the same test names (see [`group_store_tests`]). Leases are short
 //! (a few hundred milliseconds) so that lapses happen within a test; every test uses its own
 //! group names.
