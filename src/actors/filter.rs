@@ -28,7 +28,7 @@ use tracing::Instrument;
 
 use super::supervisor::subscriptions::SubscribeReply;
 use super::{BackendId, FilterMode, ListenerShared, LiveBatch, Sent, Sink, SubscriberId, SubscriberShared};
-use crate::backends::{CompletionSource, FamilyEvent, Positioned, StartAt};
+use crate::backends::{Batch, CompletionSource, FamilyEvent, Positioned, StartAt};
 use crate::backoff::Backoff;
 use crate::config::BackendRetry;
 use crate::cursor::{Frontier, StreamCursor};
@@ -46,6 +46,10 @@ pub enum FilterMsg {
     CatchUp,
     /// The sink has room again. Sent by the filter's waiting task.
     SinkReady,
+    /// The backend's history is not the one the listener's cursor was read in (a restore, a
+    /// lossy failover): read from the delivered position, which ends the subscriber with
+    /// [`EngineError::CursorHistoryLost`] if it belongs to the old one. Sent by the listener.
+    HistoryLost,
 }
 
 /// How a filter is configured.
@@ -149,6 +153,7 @@ impl Actor for Filter {
                 FilterMsg::Live(batch) => state.on_live(&myself, &batch),
                 FilterMsg::CatchUp => state.on_catch_up(&myself).await,
                 FilterMsg::SinkReady => state.on_sink_ready(&myself),
+                FilterMsg::HistoryLost => state.on_history_lost(&myself),
             }
             state.record_metrics();
             state.args.shared.healthy.store(true, Ordering::Relaxed);
@@ -310,6 +315,11 @@ impl FilterState {
         self.args.shared.catch_up_reads.fetch_add(1, Ordering::Relaxed);
         self.metrics.catch_up_read();
         match self.args.source.read_after(&self.delivered, self.args.batch_size).await {
+            Ok(Batch { lost: Some((resume, reason)), .. }) => {
+                tracing::warn!(subscriber = %self.args.subscriber_id, %reason, "subscriber cursor's history is lost");
+                let tail = Some(self.cursor_at(&resume));
+                self.end_with_error(myself, EngineError::CursorHistoryLost { reason, tail });
+            }
             Ok(batch) if batch.expired.as_ref().is_some_and(|b| !self.delivered.covers_all(b)) => {
                 let oldest = batch.expired.map(|b| self.cursor_at(&self.delivered.joined(&b)));
                 tracing::warn!(subscriber = %self.args.subscriber_id, ?oldest, "subscriber cursor expired");
@@ -363,6 +373,16 @@ impl FilterState {
             self.args.sink.send_error(err);
         }
         myself.stop(Some(super::supervisor::SUBSCRIPTION_FAILED.into()));
+    }
+
+    /// A live subscriber reads from its own position now: a position of the lost history ends
+    /// it with the typed error, one of the backend's current history goes on (a catching-up or
+    /// blocked subscriber reads from its position anyway, a starting one resolves its own).
+    fn on_history_lost(&mut self, myself: &ActorRef<FilterMsg>) {
+        if self.mode == FilterMode::Live {
+            self.set_mode(FilterMode::CatchingUp);
+            let _ = myself.cast(FilterMsg::CatchUp);
+        }
     }
 
     fn on_sink_ready(&mut self, myself: &ActorRef<FilterMsg>) {

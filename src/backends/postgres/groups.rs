@@ -6,9 +6,9 @@
 use sqlx::PgConnection;
 use sqlx::postgres::{PgDatabaseError, PgPool};
 
+use crate::cursor::Position;
 use crate::durable::store::{
-    Ack, GroupView, Heartbeat, Lease, PartitionView, check_heartbeat, check_member, check_name, from_sql_words,
-    sql_words,
+    Ack, GroupView, Heartbeat, Lease, PartitionView, check_heartbeat, check_member, check_name,
 };
 use crate::error::EngineError;
 use crate::types::TimestampMs;
@@ -45,6 +45,21 @@ const ALREADY_ACKNOWLEDGED: &str = "FFG04";
 
 type LeaseRow = (i16, i64, i64, i64, i64);
 type PartitionRow = (i16, Option<String>, Option<i64>, i64, i64, i64, i64);
+
+/// A reader position as the group tables keep it: `(batch, txid, event_id)` bigints, compared
+/// as the reader orders them.
+fn sql_words(p: Position) -> Result<[i64; 3], EngineError> {
+    let word = |w: u64| {
+        i64::try_from(w).map_err(|_| EngineError::validation(format!("position {p:?} does not fit the group store")))
+    };
+    Ok([word(p.major)?, word(p.hi)?, p.postgres_event_id()])
+}
+
+/// The reader position of stored `(batch, txid, event_id)` bigints: past every row of that
+/// event id (rows that share one in a transaction are acknowledged together).
+fn from_sql_words(major: i64, hi: i64, event_id: i64) -> Position {
+    Position::postgres_without_key(major.max(0) as u64, hi.max(0) as u64, event_id)
+}
 
 fn lease((partition, token, major, hi, lo): LeaseRow) -> Lease {
     Lease { partition: partition.max(0) as u16, token: token.max(0) as u64, acked: from_sql_words(major, hi, lo) }

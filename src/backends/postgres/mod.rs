@@ -75,9 +75,11 @@ pub(crate) fn connect_options(config: &BackendConfig) -> Result<PgConnectOptions
 /// A pool of `max` connections, with the subsystem's schema migrated.
 pub(crate) async fn connect_pool(config: &BackendConfig, max: u32) -> Result<PgPool, EngineError> {
     // Ticks rely on each statement taking its own snapshot, whatever the database's default.
+    // No JIT: a misestimated plan over a large outbox would compile for tens of milliseconds
+    // to answer a read of a few rows.
     let mut options = connect_options(config)?
         .application_name("ff-completions")
-        .options([("default_transaction_isolation", "read committed")]);
+        .options([("default_transaction_isolation", "read committed"), ("jit", "off")]);
     if let Some(request) = config.timeouts.request {
         // Engine calls and catch-up reads run under it; the LISTEN connection does not.
         options = options.options([("statement_timeout", request.as_millis().to_string())]);
@@ -89,6 +91,10 @@ pub(crate) async fn connect_pool(config: &BackendConfig, max: u32) -> Result<PgP
         .await
         .map_err(|e| EngineError::from_sqlx("postgres connect", e))?;
     migrate(&MIGRATOR, &pool).await?;
+    sqlx::query("SELECT ff_completions_verify()")
+        .execute(&pool)
+        .await
+        .map_err(|e| EngineError::from_sqlx("postgres verify", e))?;
     Ok(pool)
 }
 

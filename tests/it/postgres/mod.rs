@@ -28,7 +28,9 @@ mod cursors;
 mod delivery;
 mod families;
 mod groups;
+mod operations;
 mod outages;
+mod partitioned;
 mod reads;
 mod retention;
 
