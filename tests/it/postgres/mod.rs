@@ -30,6 +30,7 @@ mod families;
 mod groups;
 mod operations;
 mod outages;
+mod paging;
 mod partitioned;
 mod reads;
 mod retention;
