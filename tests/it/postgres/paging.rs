@@ -197,3 +197,25 @@ async fn reads_in_pages_of_any_size_give_the_order_of_the_ticks_on_a_partitioned
     sqlx::raw_sql(FIXTURE).execute(&mut conn).await.expect("the partitioned outbox");
     assert_every_page_size_reads_the_order(&url, true).await;
 }
+
+/// A subscriber resuming 300 one-row batches behind: a read stops after 64 batches and says
+/// more is waiting, and the subscriber reads on at once. (Taken for the live head, it waited
+/// for the safety tick: an hour here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catching_up_over_many_small_batches_reads_on_without_waiting_for_a_tick() {
+    let f = fixture_with(|c| c.with_tick(Duration::from_secs(3_600))).await;
+    let mut live = f.tree.subscribe(SubscribeRequest::tail()).await.expect("tail");
+    let mut conn = PgConnection::connect(&f.url).await.expect("connect");
+    let first = complete_n(&*f.engine, 1).await;
+    let start = take_events(&mut live, 1, WAIT).await;
+    assert_exactly_once(&start, &first, true);
+    let mut rows = Vec::with_capacity(300);
+    for _ in 0..300 {
+        rows.push(insert_row(&mut conn, 1).await);
+        tick(&mut conn).await;
+    }
+    assert_exactly_once(&take_events(&mut live, 300, WAIT).await, &rows, true);
+    let mut behind = f.tree.subscribe(SubscribeRequest::from_cursor(start[0].cursor.clone())).await.expect("resume");
+    assert_exactly_once(&take_events(&mut behind, 300, Duration::from_secs(10)).await, &rows, true);
+    assert_no_more(&mut behind, QUIET).await;
+}
