@@ -77,12 +77,16 @@ END
 $$;
 
 -- Whether the outbox is partitioned on partition_key alone (reads are then pruned).
+-- (The functions on the reader's path are PL/pgSQL, whose plans a session keeps: an SQL
+-- function called from PL/pgSQL is planned again at every call.)
 CREATE OR REPLACE FUNCTION ff_completions_outbox_partitioned() RETURNS boolean
-LANGUAGE sql STABLE AS $$
-    SELECT EXISTS (SELECT 1 FROM pg_partitioned_table p
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM pg_partitioned_table p
                      JOIN pg_attribute a ON a.attrelid = p.partrelid AND a.attnum = p.partattrs[0]
                     WHERE p.partrelid = 'ff_completion_event'::regclass AND p.partnatts = 1
-                      AND a.attname = 'partition_key')
+                      AND a.attname = 'partition_key');
+END
 $$;
 
 ALTER TABLE ff_completion_tick ADD COLUMN IF NOT EXISTS fingerprint bigint;
@@ -367,11 +371,13 @@ ON CONFLICT (txid) DO UPDATE SET families = true;
 -- that table: a range from s's xmax (rows of transactions still open are invisible, one entry
 -- each), and a lookup per transaction s saw in progress that has finished since.
 CREATE OR REPLACE FUNCTION ff_completions_committed_since(s pg_snapshot) RETURNS boolean
-LANGUAGE sql STABLE AS $$
-    SELECT EXISTS (SELECT 1 FROM ff_completion_txn t WHERE t.txid >= pg_snapshot_xmax(s))
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM ff_completion_txn t WHERE t.txid >= pg_snapshot_xmax(s))
         OR EXISTS (SELECT 1 FROM pg_snapshot_xip(s) AS x(txid)
                     CROSS JOIN LATERAL (SELECT 1 FROM ff_completion_txn t WHERE t.txid = x.txid LIMIT 1) t
-                    WHERE pg_visible_in_snapshot(x.txid, pg_current_snapshot()))
+                    WHERE pg_visible_in_snapshot(x.txid, pg_current_snapshot()));
+END
 $$;
 
 -- Retires the ticks of another cluster (a restored dump, a logical copy): their snapshots name
@@ -400,16 +406,21 @@ $$;
 
 -- Why the newest tick cannot be trusted on this cluster, or NULL when it can.
 CREATE OR REPLACE FUNCTION ff_completions_foreign_ticks() RETURNS text
-LANGUAGE sql VOLATILE AS $$
-    SELECT CASE
-        WHEN t.system_identifier <> ff_completions_system_identifier()
-            THEN format('ticks were recorded by database system %s, this is %s (a restored dump or a logical copy)',
-                        t.system_identifier, ff_completions_system_identifier())
-        WHEN pg_snapshot_xmax(t.snapshot) > pg_snapshot_xmax(pg_current_snapshot())
-            THEN format('the newest tick names transaction %s, beyond this cluster''s next (%s)',
-                        pg_snapshot_xmax(t.snapshot), pg_snapshot_xmax(pg_current_snapshot()))
-        END
-      FROM (SELECT * FROM ff_completion_tick ORDER BY tick_id DESC LIMIT 1) t
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    t ff_completion_tick;
+    here bigint := ff_completions_system_identifier();
+BEGIN
+    SELECT * INTO t FROM ff_completion_tick ORDER BY tick_id DESC LIMIT 1;
+    IF t.system_identifier <> here THEN
+        RETURN format('ticks were recorded by database system %s, this is %s (a restored dump or a logical copy)',
+                      t.system_identifier, here);
+    ELSIF pg_snapshot_xmax(t.snapshot) > pg_snapshot_xmax(pg_current_snapshot()) THEN
+        RETURN format('the newest tick names transaction %s, beyond this cluster''s next (%s)',
+                      pg_snapshot_xmax(t.snapshot), pg_snapshot_xmax(pg_current_snapshot()));
+    END IF;
+    RETURN NULL;
+END
 $$;
 
 -- The newest tick, after recording a new one when a transaction committed since it (or when
@@ -663,9 +674,11 @@ $$;
 -- The retention cut as a position, or no row when nothing was cut.
 DROP FUNCTION IF EXISTS ff_completions_cut();
 CREATE FUNCTION ff_completions_cut(OUT o_major bigint, OUT o_txid bigint, OUT o_event_id bigint, OUT o_key integer)
-LANGUAGE sql STABLE AS $$
-    SELECT r.cut_major, r.cut_txid, r.cut_event_id, r.cut_key FROM ff_completion_retention r
-     WHERE r.cut_major IS NOT NULL
+RETURNS SETOF record LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY SELECT r.cut_major, r.cut_txid, r.cut_event_id, r.cut_key FROM ff_completion_retention r
+                  WHERE r.cut_major IS NOT NULL;
+END
 $$;
 
 -- The retention cut, when a reader at (p_major, p_txid, p_event_id, p_key) may have lost rows:
@@ -674,11 +687,14 @@ $$;
 CREATE OR REPLACE FUNCTION ff_completions_expiry(p_major bigint, p_txid bigint, p_event_id bigint, p_key integer,
                                                  OUT o_major bigint, OUT o_txid bigint, OUT o_event_id bigint,
                                                  OUT o_key integer)
-LANGUAGE sql STABLE AS $$
+RETURNS SETOF record LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY
     SELECT r.cut_major, r.cut_txid, r.cut_event_id, r.cut_key FROM ff_completion_retention r
      WHERE r.cut_major IS NOT NULL
        AND ((p_major, p_txid, p_event_id, p_key) < (r.cut_major, r.cut_txid, r.cut_event_id, r.cut_key)
-            OR (p_major % 3 = 1 AND (p_txid, p_event_id) < (r.trimmed_txid::text::int8, r.trimmed_event_id)))
+            OR (p_major % 3 = 1 AND (p_txid, p_event_id) < (r.trimmed_txid::text::int8, r.trimmed_event_id)));
+END
 $$;
 
 -- Up to p_limit rows after position (p_major, p_txid, p_event_id, p_key), in reader order, going
@@ -712,6 +728,7 @@ DECLARE
     cut record;
     verdict text;
 BEGIN
+    PERFORM ff_completions_verify();
     IF k = 0 THEN
         phase := 2;
     ELSE
@@ -1039,16 +1056,20 @@ BEGIN
 END
 $$;
 
--- Refuses to run a reader on a database whose outbox lost its capture trigger (a host that
--- recreated the table, or disabled the trigger): its rows would never be read.
+-- Refuses to read a database whose outbox is gone or lost its capture trigger (a host that
+-- recreated the table, or disabled the trigger): its new rows would never be read. Class 42,
+-- as for a missing table: an operator must act.
 CREATE OR REPLACE FUNCTION ff_completions_verify() RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
+    IF to_regclass('ff_completion_event') IS NULL THEN
+        RAISE EXCEPTION 'the outbox ff_completion_event does not exist' USING ERRCODE = '42P01';
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = 'ff_completion_event'::regclass
                                                AND t.tgname = 'ff_completions_capture' AND t.tgenabled = 'A') THEN
         RAISE EXCEPTION 'ff_completion_event has no trigger ff_completions_capture enabled ALWAYS, so its new rows '
-                        'would never be read; the outbox was recreated or the trigger disabled'
-            USING ERRCODE = '55000',
+                        'would never be read: the outbox was recreated or the trigger disabled'
+            USING ERRCODE = '42704',
                   HINT = 'ALTER TABLE ff_completion_event ENABLE ALWAYS TRIGGER ff_completions_capture, or reinstall';
     END IF;
 END

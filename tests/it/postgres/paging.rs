@@ -177,7 +177,13 @@ async fn assert_every_page_size_reads_the_order(url: &str, partitioned: bool) {
     assert!(expected.len() > 300, "a history of {} rows", expected.len());
     for page in [1, 2, 3, 7, 64, 100_000] {
         let read = read_all(&mut conn, page).await;
-        assert_eq!(read.len(), expected.len(), "pages of {page}: {} rows read, {} in the order", read.len(), expected.len());
+        assert_eq!(
+            read.len(),
+            expected.len(),
+            "pages of {page}: {} rows read, {} in the order",
+            read.len(),
+            expected.len()
+        );
         let first_wrong = read.iter().zip(&expected).position(|(r, e)| r != e);
         assert_eq!(first_wrong, None, "pages of {page}: the reader left the order");
     }
