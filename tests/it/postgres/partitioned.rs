@@ -98,7 +98,8 @@ async fn reads_touch_nothing_per_partition_for_what_did_not_change() {
         bystanders.push(bystander);
     }
     let read = read_at_head(&mut conn).await;
-    drop(outbox_pages(&mut conn, &read).await);
+    // A first read plans the reader's statements and records a tick; the next one is idle.
+    outbox_pages(&mut conn, &read).await;
     let read = read_at_head(&mut conn).await;
     let idle = outbox_pages(&mut conn, &read).await;
     insert_one(&mut conn, 17).await;
@@ -133,7 +134,8 @@ async fn an_open_transaction_of_many_rows_costs_an_idle_read_nothing() {
     .await
     .expect("an open transaction's rows");
     let read = read_at_head(&mut conn).await;
-    drop(outbox_pages(&mut conn, &read).await);
+    // A first read plans the reader's statements and records a tick; the next one is idle.
+    outbox_pages(&mut conn, &read).await;
     let read = read_at_head(&mut conn).await;
     let idle = outbox_pages(&mut conn, &read).await;
     insert_one(&mut conn, 4).await;

@@ -164,7 +164,7 @@ async fn rows_from_before_adoption_age_like_the_rest() {
     .execute(&mut conn)
     .await
     .expect("a host's outbox");
-    let before = vec![insert_row(&mut conn, 1).await, insert_row(&mut conn, 1).await];
+    let before = [insert_row(&mut conn, 1).await, insert_row(&mut conn, 1).await];
     let engine = PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("adopt");
     let first = tick(&mut conn).await;
     let after = complete_n(&engine, 2).await;
