@@ -373,7 +373,10 @@ ON CONFLICT (txid) DO UPDATE SET families = true;
 CREATE OR REPLACE FUNCTION ff_completions_committed_since(s pg_snapshot) RETURNS boolean
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    RETURN EXISTS (SELECT 1 FROM ff_completion_txn t WHERE t.txid >= pg_snapshot_xmax(s))
+    -- An ordered probe, which only the index serves (a cached plan of a bare EXISTS, estimating
+    -- a third of the table above any bound, may walk the whole table for none).
+    RETURN (SELECT t.txid FROM ff_completion_txn t WHERE t.txid >= pg_snapshot_xmax(s) ORDER BY t.txid LIMIT 1)
+               IS NOT NULL
         OR EXISTS (SELECT 1 FROM pg_snapshot_xip(s) AS x(txid)
                     CROSS JOIN LATERAL (SELECT 1 FROM ff_completion_txn t WHERE t.txid = x.txid LIMIT 1) t
                     WHERE pg_visible_in_snapshot(x.txid, pg_current_snapshot()));
@@ -431,59 +434,72 @@ $$;
 CREATE OR REPLACE FUNCTION ff_completions_tick() RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
-    last_id bigint;
-    last_snapshot pg_snapshot;
+    newest ff_completion_tick;
     foreign_cause text;
+    pending_any boolean;
     s pg_snapshot;
     pending record;
     k bigint;
+    tick bigint;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'ff_completions_tick needs READ COMMITTED, not %', current_setting('transaction_isolation')
             USING ERRCODE = '25000';
     END IF;
-    SELECT t.tick_id, t.snapshot INTO last_id, last_snapshot FROM ff_completion_tick t ORDER BY t.tick_id DESC LIMIT 1;
-    foreign_cause := ff_completions_foreign_ticks();
-    IF foreign_cause IS NULL AND last_id IS NOT NULL AND NOT ff_completions_committed_since(last_snapshot)
-       AND NOT EXISTS (SELECT 1 FROM ff_completion_pending_cut) THEN
-        RETURN last_id;
+    SELECT * INTO newest FROM ff_completion_tick t ORDER BY t.tick_id DESC LIMIT 1;
+    IF newest.tick_id IS NOT NULL AND (newest.system_identifier <> ff_completions_system_identifier()
+                                       OR pg_snapshot_xmax(newest.snapshot) > pg_snapshot_xmax(pg_current_snapshot())) THEN
+        foreign_cause := ff_completions_foreign_ticks();
+    END IF;
+    pending_any := EXISTS (SELECT 1 FROM ff_completion_pending_cut);
+    IF foreign_cause IS NULL AND newest.tick_id IS NOT NULL AND NOT pending_any
+       AND NOT ff_completions_committed_since(newest.snapshot) THEN
+        -- Nothing new: the time to check the outbox still records what is written to it.
+        PERFORM ff_completions_verify();
+        RETURN newest.tick_id;
     END IF;
     -- An advisory lock, not a table lock: a table lock would queue behind autovacuum of the tick
     -- table (which Postgres cancels only after deadlock_timeout, a second of stalled reads).
     PERFORM pg_advisory_xact_lock(hashtext('ff_completion_tick'), 0);
-    foreign_cause := ff_completions_foreign_ticks();
     IF foreign_cause IS NOT NULL THEN
-        RAISE WARNING 'ff-completions: retiring foreign ticks: %', foreign_cause;
-        PERFORM ff_completions_retire_foreign_ticks(foreign_cause);
+        -- Another reader may have retired them while this one waited for the lock.
+        foreign_cause := ff_completions_foreign_ticks();
+        IF foreign_cause IS NOT NULL THEN
+            RAISE WARNING 'ff-completions: retiring foreign ticks: %', foreign_cause;
+            PERFORM ff_completions_retire_foreign_ticks(foreign_cause);
+        END IF;
     END IF;
-    SELECT t.tick_id, t.snapshot INTO last_id, last_snapshot FROM ff_completion_tick t ORDER BY t.tick_id DESC LIMIT 1;
-    IF last_id IS NOT NULL AND NOT ff_completions_committed_since(last_snapshot)
-       AND NOT EXISTS (SELECT 1 FROM ff_completion_pending_cut p WHERE pg_visible_in_snapshot(p.deleter, pg_current_snapshot())) THEN
-        RETURN last_id;
+    SELECT * INTO newest FROM ff_completion_tick t ORDER BY t.tick_id DESC LIMIT 1;
+    IF newest.tick_id IS NOT NULL AND NOT ff_completions_committed_since(newest.snapshot)
+       AND NOT (pending_any AND EXISTS (SELECT 1 FROM ff_completion_pending_cut p
+                                         WHERE pg_visible_in_snapshot(p.deleter, pg_current_snapshot()))) THEN
+        RETURN newest.tick_id;
     END IF;
     IF current_setting('synchronous_commit') IN ('off', 'local') THEN
         PERFORM set_config('synchronous_commit', 'on', true);
     END IF;
     s := pg_current_snapshot();
     INSERT INTO ff_completion_tick (snapshot, created_at_ms) VALUES (s, ff_completions_now_ms())
-    RETURNING tick_id INTO last_id;
-    FOR pending IN SELECT p.deleter, p.txids FROM ff_completion_pending_cut p
-                    WHERE pg_visible_in_snapshot(p.deleter, s) LOOP
-        k := ff_completions_first_tick_seeing(pending.txids);
-        IF k IS NOT NULL THEN
-            -- Past every row of the newest such transaction in reader order (which of its rows
-            -- went is not known any more).
-            PERFORM ff_completions_raise_cut(
-                3 * k,
-                (SELECT max(x)::text::int8 FROM unnest(pending.txids) x
-                  WHERE NOT pg_visible_in_snapshot(x, (SELECT t.snapshot FROM ff_completion_tick t WHERE t.tick_id < k
-                                                        ORDER BY t.tick_id DESC LIMIT 1))
-                     OR k = (SELECT min(t.tick_id) FROM ff_completion_tick t)),
-                9223372036854775807, 32768, NULL, NULL, NULL);
-            DELETE FROM ff_completion_pending_cut p WHERE p.deleter = pending.deleter;
-        END IF;
-    END LOOP;
-    RETURN last_id;
+    RETURNING tick_id INTO tick;
+    IF pending_any THEN
+        FOR pending IN SELECT p.deleter, p.txids FROM ff_completion_pending_cut p
+                        WHERE pg_visible_in_snapshot(p.deleter, s) LOOP
+            k := ff_completions_first_tick_seeing(pending.txids);
+            IF k IS NOT NULL THEN
+                -- Past every row of the newest such transaction in reader order (which of its rows
+                -- went is not known any more).
+                PERFORM ff_completions_raise_cut(
+                    3 * k,
+                    (SELECT max(x)::text::int8 FROM unnest(pending.txids) x
+                      WHERE NOT pg_visible_in_snapshot(x, (SELECT t.snapshot FROM ff_completion_tick t
+                                                            WHERE t.tick_id < k ORDER BY t.tick_id DESC LIMIT 1))
+                         OR k = (SELECT min(t.tick_id) FROM ff_completion_tick t)),
+                    9223372036854775807, 32768, NULL, NULL, NULL);
+                DELETE FROM ff_completion_pending_cut p WHERE p.deleter = pending.deleter;
+            END IF;
+        END LOOP;
+    END IF;
+    RETURN tick;
 END
 $$;
 
@@ -515,6 +531,41 @@ LANGUAGE sql STABLE AS $$
      ORDER BY t.txid LIMIT p_limit
 $$;
 
+-- The outbox and family rows of transactions txids (outbox rows only in partitions keys) after
+-- (pos, pos_e, pos_k), in reader order, up to lim. Planned at every call with the values given,
+-- so the planner prunes an outbox partitioned on partition_key to the partitions in keys
+-- before it opens any (the plan's text is kept: no parsing).
+CREATE OR REPLACE FUNCTION ff_completions_partition_rows(
+    keys smallint[], outbox_txids xid8[], family_txids xid8[], pos xid8, pos_e bigint, pos_k integer, lim integer)
+RETURNS TABLE (o_txid xid8, o_event_id bigint, o_execution_id text, o_flow_id text, o_outcome text,
+               o_namespace text, o_instance_tag text, o_tags text, o_occurred_at_ms bigint, o_partition_key integer,
+               o_family text, o_fields text)
+LANGUAGE plpgsql STABLE SET plan_cache_mode = force_custom_plan AS $$
+BEGIN
+    RETURN QUERY
+    SELECT r.txid, r.event_id, r.execution_id, r.flow_id, r.outcome, r.namespace, r.instance_tag, r.tags,
+           r.occurred_at_ms, r.partition_key, r.family, r.fields
+      FROM ((SELECT e.txid, e.event_id, e.execution_id::text, e.flow_id::text, e.outcome, e.namespace,
+                    e.instance_tag, e.tags::text AS tags, e.occurred_at_ms, e.partition_key::int4,
+                    NULL::text AS family, NULL::text AS fields
+               FROM ff_completion_event e
+              WHERE e.partition_key = ANY (keys) AND e.txid = ANY (outbox_txids)
+                AND (e.txid, e.event_id) >= (pos, pos_e)
+                AND ((e.txid, e.event_id) > (pos, pos_e) OR coalesce(e.partition_key::int4, -32769) > pos_k)
+              ORDER BY e.txid, e.event_id, coalesce(e.partition_key::int4, -32769) LIMIT lim)
+            UNION ALL
+            (SELECT f.txid, f.event_id, f.execution_id::text, NULL, f.kind, f.namespace, NULL, NULL,
+                    f.occurred_at_ms, f.partition_key::int4, f.family,
+                    json_build_array(f.lease_id, f.worker, f.revoked_by, f.signal_id, f.waitpoint_id,
+                                     f.source_identity)::text
+               FROM ff_completion_family_event f
+              WHERE f.txid = ANY (family_txids) AND (f.txid, f.event_id) >= (pos, pos_e)
+                AND ((f.txid, f.event_id) > (pos, pos_e) OR coalesce(f.partition_key::int4, -32769) > pos_k)
+              ORDER BY f.txid, f.event_id LIMIT lim)) r
+     ORDER BY r.txid, r.event_id, coalesce(r.partition_key, -32769) LIMIT lim;
+END
+$$;
+
 -- The row shape every read returns. o_kind: 0 a row; 1 history after the position was trimmed
 -- (its position: the oldest kept); 2 the end of a batch; 3 the read stopped with more to read;
 -- 4 the position's tick is not this database's (o_outcome: the verdict of
@@ -538,7 +589,9 @@ LANGUAGE plpgsql STABLE
 -- more than running it.
 SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
-    members ff_completion_txn[];
+    members integer;
+    last_member xid8;
+    unknown_partitions boolean;
     outbox_txids xid8[];
     family_txids xid8[];
     keys smallint[];
@@ -550,6 +603,7 @@ DECLARE
     got integer;
     remaining integer := p_limit;
     requested integer;
+    partitioned boolean := ff_completions_outbox_partitioned();
 BEGIN
     IF p_txid >= 2 THEN
         pos := p_txid::text::xid8;
@@ -600,42 +654,37 @@ BEGIN
     END IF;
     LOOP
         requested := remaining;
-        members := ARRAY(SELECT t FROM ff_completions_batch_txns(s1, s2, pos, requested) t);
-        EXIT WHEN cardinality(members) = 0;
-        outbox_txids := ARRAY(SELECT m.txid FROM unnest(members) m WHERE m.outbox);
-        family_txids := ARRAY(SELECT m.txid FROM unnest(members) m WHERE m.families);
-        IF cardinality(outbox_txids) > 0 AND ff_completions_outbox_partitioned()
-           AND NOT EXISTS (SELECT 1 FROM unnest(members) m WHERE m.outbox AND m.partitions IS NULL) THEN
-            keys := ARRAY(SELECT DISTINCT k FROM unnest(members) m, unnest(m.partitions) k WHERE m.outbox ORDER BY k);
-        ELSE
-            keys := NULL;
+        -- The next transactions of the batch: which wrote outbox rows (and in which partitions,
+        -- when the outbox is partitioned on partition_key), which wrote family rows.
+        SELECT count(*), max(t.txid), coalesce(array_agg(t.txid) FILTER (WHERE t.outbox), '{}'),
+               coalesce(array_agg(t.txid) FILTER (WHERE t.families), '{}'),
+               coalesce(bool_or(t.outbox AND t.partitions IS NULL), false)
+          INTO members, last_member, outbox_txids, family_txids, unknown_partitions
+          FROM ff_completions_batch_txns(s1, s2, pos, requested) t;
+        EXIT WHEN members = 0;
+        keys := NULL;
+        IF partitioned AND NOT unknown_partitions AND cardinality(outbox_txids) > 0 THEN
+            keys := ARRAY(SELECT DISTINCT k FROM ff_completions_batch_txns(s1, s2, pos, requested) t,
+                                                 unnest(t.partitions) AS k WHERE t.outbox);
         END IF;
         IF cardinality(keys) <= 16 THEN
-            -- Only the few partitions these transactions wrote, named as constants so the planner
-            -- prunes the others before it opens them. (Planned each time: a page that spans many
-            -- partitions takes the cached plan below instead.)
-            RETURN QUERY EXECUTE format($q$
-                SELECT 0, $1, r.txid::text::int8, r.event_id, $2, r.execution_id, r.flow_id, r.outcome, r.namespace,
-                       r.instance_tag, r.tags, r.occurred_at_ms, r.partition_key, r.family, r.fields
-                  FROM ((SELECT e.txid, e.event_id, e.execution_id::text, e.flow_id::text, e.outcome, e.namespace,
-                                e.instance_tag, e.tags::text AS tags, e.occurred_at_ms, e.partition_key::int4,
-                                NULL::text AS family, NULL::text AS fields
-                           FROM ff_completion_event e
-                          WHERE e.partition_key = ANY (%L::smallint[]) AND e.txid = ANY ($3)
-                            AND (e.txid, e.event_id) >= ($5, $6)
-                            AND ((e.txid, e.event_id) > ($5, $6) OR coalesce(e.partition_key::int4, -32769) > $7)
-                          ORDER BY e.txid, e.event_id, coalesce(e.partition_key::int4, -32769) LIMIT $8)
-                        UNION ALL
-                        (SELECT f.txid, f.event_id, f.execution_id::text, NULL, f.kind, f.namespace, NULL, NULL,
-                                f.occurred_at_ms, f.partition_key::int4, f.family,
-                                json_build_array(f.lease_id, f.worker, f.revoked_by, f.signal_id, f.waitpoint_id,
-                                                 f.source_identity)::text
-                           FROM ff_completion_family_event f
-                          WHERE f.txid = ANY ($4) AND (f.txid, f.event_id) >= ($5, $6)
-                            AND ((f.txid, f.event_id) > ($5, $6) OR coalesce(f.partition_key::int4, -32769) > $7)
-                          ORDER BY f.txid, f.event_id LIMIT $8)) r
-                 ORDER BY r.txid, r.event_id, coalesce(r.partition_key, -32769) LIMIT $8$q$, keys)
-            USING p_major, p_fingerprint, outbox_txids, family_txids, pos, pos_e, pos_k, remaining;
+            -- Only the few partitions these transactions wrote (a page that spans many takes the
+            -- cached plan below: planning for every partition would cost more than reading).
+            RETURN QUERY
+            SELECT 0, p_major, r.o_txid::text::int8, r.o_event_id, p_fingerprint, r.o_execution_id, r.o_flow_id,
+                   r.o_outcome, r.o_namespace, r.o_instance_tag, r.o_tags, r.o_occurred_at_ms, r.o_partition_key,
+                   r.o_family, r.o_fields
+              FROM ff_completions_partition_rows(keys, outbox_txids, family_txids, pos, pos_e, pos_k, remaining) r;
+        ELSIF cardinality(family_txids) = 0 THEN
+            -- Completions alone (the common batch): the outbox's probe only.
+            RETURN QUERY
+            SELECT 0, p_major, e.txid::text::int8, e.event_id, p_fingerprint, e.execution_id::text, e.flow_id::text,
+                   e.outcome, e.namespace, e.instance_tag, e.tags::text, e.occurred_at_ms, e.partition_key::int4,
+                   NULL::text, NULL::text
+              FROM ff_completion_event e
+             WHERE e.txid = ANY (outbox_txids) AND (e.txid, e.event_id) >= (pos, pos_e)
+               AND ((e.txid, e.event_id) > (pos, pos_e) OR coalesce(e.partition_key::int4, -32769) > pos_k)
+             ORDER BY e.txid, e.event_id, coalesce(e.partition_key::int4, -32769) LIMIT remaining;
         ELSE
             RETURN QUERY
             SELECT 0, p_major, r.txid::text::int8, r.event_id, p_fingerprint, r.execution_id, r.flow_id, r.outcome,
@@ -663,8 +712,8 @@ BEGIN
         EXIT WHEN remaining <= 0;
         -- Fewer rows than asked for: every row of these transactions was returned. Go on with
         -- the transactions after the last of them, if there may be more.
-        EXIT WHEN cardinality(members) < requested;
-        pos := (members[cardinality(members)].txid::text::int8 + 1)::text::xid8;
+        EXIT WHEN members < requested;
+        pos := (last_member::text::int8 + 1)::text::xid8;
         pos_e := -9223372036854775808;
         pos_k := -32770;
     END LOOP;
@@ -725,22 +774,22 @@ DECLARE
     next_tick bigint;
     batches integer := 0;
     ticked boolean := false;
-    cut record;
+    cut ff_completion_retention;
+    expired record;
     verdict text;
 BEGIN
-    PERFORM ff_completions_verify();
     IF k = 0 THEN
         phase := 2;
     ELSE
         SELECT t.snapshot, t.fingerprint INTO s2, fp FROM ff_completion_tick t WHERE t.tick_id = k;
         IF s2 IS NULL OR fp IS DISTINCT FROM coalesce(p_fingerprint, fp) THEN
             verdict := (SELECT c.o_verdict FROM ff_completions_check_tick(k, p_fingerprint) c);
-            SELECT * INTO cut FROM ff_completions_expiry(p_major, p_txid, p_event_id, p_key);
-            IF cut.o_major IS NOT NULL AND verdict NOT IN ('retired', 'different') THEN
-                RETURN QUERY SELECT 1, cut.o_major, cut.o_txid, cut.o_event_id, t.fingerprint, NULL::text, NULL::text,
-                                    NULL::text, NULL::text, NULL::text, NULL::text, NULL::bigint, cut.o_key,
-                                    NULL::text, NULL::text
-                               FROM (SELECT 1) one LEFT JOIN ff_completion_tick t ON t.tick_id = cut.o_major / 3;
+            SELECT * INTO expired FROM ff_completions_expiry(p_major, p_txid, p_event_id, p_key);
+            IF expired.o_major IS NOT NULL AND verdict NOT IN ('retired', 'different') THEN
+                RETURN QUERY SELECT 1, expired.o_major, expired.o_txid, expired.o_event_id, t.fingerprint, NULL::text,
+                                    NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bigint,
+                                    expired.o_key, NULL::text, NULL::text
+                               FROM (SELECT 1) one LEFT JOIN ff_completion_tick t ON t.tick_id = expired.o_major / 3;
                 RETURN;
             END IF;
             -- Where a reader that gives up on the lost history resumes: the end of the newest tick.
@@ -751,12 +800,14 @@ BEGIN
                            FROM ff_completion_tick t WHERE t.tick_id = next_tick;
             RETURN;
         END IF;
+        IF phase = 0 THEN
+            s1 := (SELECT t.snapshot FROM ff_completion_tick t WHERE t.tick_id < k ORDER BY t.tick_id DESC LIMIT 1);
+        END IF;
     END IF;
     LOOP
         IF phase < 2 THEN
-            s1 := NULL;
-            IF phase = 0 THEN
-                s1 := (SELECT t.snapshot FROM ff_completion_tick t WHERE t.tick_id < k ORDER BY t.tick_id DESC LIMIT 1);
+            IF phase = 1 THEN
+                s1 := NULL;
             END IF;
             RETURN QUERY SELECT * FROM ff_completions_page(3 * k + phase, fp, s1, s2, pos_t, pos_e, pos_k, remaining);
             GET DIAGNOSTICS got = ROW_COUNT;
@@ -775,27 +826,39 @@ BEGIN
             RETURN NEXT;
             EXIT;
         END IF;
-        next_tick := (SELECT min(t.tick_id) FROM ff_completion_tick t WHERE t.tick_id > k);
+        -- The next tick, and its predecessor's snapshot: the batch between them.
+        s1 := s2;
+        SELECT t.tick_id, t.snapshot, t.fingerprint INTO next_tick, s2, fp FROM ff_completion_tick t
+         WHERE t.tick_id > k ORDER BY t.tick_id LIMIT 1;
         IF next_tick IS NULL THEN
             -- At the head: one new tick per call, so a call ends while producers keep committing.
             EXIT WHEN ticked;
             ticked := true;
             EXIT WHEN ff_completions_tick() <= k;
-            next_tick := (SELECT min(t.tick_id) FROM ff_completion_tick t WHERE t.tick_id > k);
+            SELECT t.tick_id, t.snapshot, t.fingerprint INTO next_tick, s2, fp FROM ff_completion_tick t
+             WHERE t.tick_id > k ORDER BY t.tick_id LIMIT 1;
+        END IF;
+        IF k = 0 THEN
+            -- The first batch a reader from the start reads is every row its tick sees, as if
+            -- read after a tick before all history.
+            s1 := (SELECT t.snapshot FROM ff_completion_tick t WHERE t.tick_id < next_tick
+                    ORDER BY t.tick_id DESC LIMIT 1);
         END IF;
         k := next_tick;
-        SELECT t.snapshot, t.fingerprint INTO s2, fp FROM ff_completion_tick t WHERE t.tick_id = k;
         phase := 0;
         pos_t := 0;
         pos_e := 0;
         pos_k := -32769;
     END LOOP;
-    SELECT * INTO cut FROM ff_completions_expiry(p_major, p_txid, p_event_id, p_key);
-    IF cut.o_major IS NOT NULL THEN
-        RETURN QUERY SELECT 1, cut.o_major, cut.o_txid, cut.o_event_id, t.fingerprint, NULL::text, NULL::text,
-                            NULL::text, NULL::text, NULL::text, NULL::text, NULL::bigint, cut.o_key, NULL::text,
+    -- Checked last, so a cut committed during the read is seen.
+    SELECT * INTO cut FROM ff_completion_retention r;
+    IF cut.cut_major IS NOT NULL
+       AND ((p_major, p_txid, p_event_id, p_key) < (cut.cut_major, cut.cut_txid, cut.cut_event_id, cut.cut_key)
+            OR (p_major % 3 = 1 AND (p_txid, p_event_id) < (cut.trimmed_txid::text::int8, cut.trimmed_event_id))) THEN
+        RETURN QUERY SELECT 1, cut.cut_major, cut.cut_txid, cut.cut_event_id, t.fingerprint, NULL::text, NULL::text,
+                            NULL::text, NULL::text, NULL::text, NULL::text, NULL::bigint, cut.cut_key, NULL::text,
                             NULL::text
-                       FROM (SELECT 1) one LEFT JOIN ff_completion_tick t ON t.tick_id = cut.o_major / 3;
+                       FROM (SELECT 1) one LEFT JOIN ff_completion_tick t ON t.tick_id = cut.cut_major / 3;
     END IF;
 END
 $$;
