@@ -67,10 +67,10 @@ async fn with_asynchronous_commit_a_crash_keeps_the_ticks_cursors_name_and_a_liv
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restored_base_backup_older_than_a_cursor_refuses_it_and_delivers_new_rows_to_a_tail() {
+async fn a_restored_base_backup_older_than_a_cursor_refuses_it_and_the_tree_goes_on_for_tails() {
     init_tracing();
     let pg = PrivatePg::start_with(BACKUP_READY).await;
-    let url = pg.url();
+    let (url, port) = (pg.url(), pg.port);
     let engine = engine_on(&url).await;
     let tree = tree_on(&url).await;
     let mut live = tree.subscribe(SubscribeRequest::tail()).await.expect("tail");
@@ -81,23 +81,28 @@ async fn a_restored_base_backup_older_than_a_cursor_refuses_it_and_delivers_new_
     let seen = take_events(&mut live, 20, WAIT).await;
     assert_exactly_once(&seen, &later, true);
     let saved = seen[19].cursor.clone();
-    tree.shutdown().await;
     drop(engine);
+    // The server is replaced by the backup, on the same address: the tree reconnects to it.
+    pg.stop_immediate().await;
     drop(pg);
-
-    let restored = PrivatePg::start_from(backup, BACKUP_READY).await;
-    let url = restored.url();
-    let tree = tree_on(&url).await;
+    let restored = PrivatePg::start_from(backup, BACKUP_READY, Some(port)).await;
     let engine = engine_on(&url).await;
+    // The live subscriber's history is gone: it ends with the cause, never skips or stalls.
+    match tokio::time::timeout(WAIT, futures::StreamExt::next(&mut live)).await {
+        Ok(Some(Err(EngineError::CursorHistoryLost { reason, .. }))) => assert!(reason.contains("tick"), "{reason}"),
+        other => panic!("the live subscriber's history was lost: expected CursorHistoryLost, got {other:?}"),
+    }
     // Resumed before and after the restored database recorded more ticks than the cursor's.
     assert_history_lost(&tree, &saved).await;
-    let mut tail = tree.subscribe(SubscribeRequest::tail()).await.expect("a tail");
+    let mut tail = tree.subscribe(SubscribeRequest::tail()).await.expect("a tail on the same tree");
     let fresh = complete_n(&*engine, 100).await;
     assert_exactly_once(&take_events(&mut tail, 100, WAIT).await, &fresh, true);
     let tail_cursor = assert_history_lost(&tree, &saved).await;
     let mut from_tail = tree.subscribe(SubscribeRequest::from_cursor(tail_cursor)).await.expect("from the tail");
     let more = complete_n(&*engine, 3).await;
     assert_exactly_once(&take_events(&mut from_tail, 3, WAIT).await, &more, true);
+    assert_exactly_once(&take_events(&mut tail, 3, WAIT).await, &more, true);
+    drop(restored);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

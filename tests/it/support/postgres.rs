@@ -260,11 +260,12 @@ impl PrivatePg {
         dir
     }
 
-    /// A server started as a primary on `data_dir` (a base backup), on a new port.
-    pub async fn start_from(data_dir: PathBuf, settings: Settings) -> Self {
+    /// A server started as a primary on `data_dir` (a base backup), on `port` (a new one when
+    /// `None`: the same one lets clients reconnect to it as to the server it replaces).
+    pub async fn start_from(data_dir: PathBuf, settings: Settings, port: Option<u16>) -> Self {
         let server = tokio::task::spawn_blocking(move || {
             let bin = bin_dir();
-            let port = free_port();
+            let port = port.unwrap_or_else(free_port);
             launch(&bin, &data_dir, port, settings);
             Self { port, bin, data_dir, settings }
         })
