@@ -5,12 +5,16 @@
 //! |----------|--------|----------------------------------------|--------|
 //! | Valkey   | `0x01` | `0x01`, then per partition stream: see [`encode_valkey_frontier`] | varies |
 //! | Valkey   | `0x01` | stream id `ms`, `seq` (u64 BE each) of the single stream, an earlier form | 17 |
-//! | Postgres | `0x02` | `batch`, `txid`, `event_id` (u64 BE)   | 25     |
+//! | Postgres | `0x02` | `batch`, `txid` (u64 BE), `event_id` (i64 BE), `key` (u32 BE), the tick's `fingerprint` (u64 BE) | 37 |
+//! | Postgres | `0x02` | `batch`, `txid`, `event_id` (u64 BE), an earlier form | 25 |
 //! | Postgres | `0x02` | `txid`, `event_id`, an earlier form    | 17     |
 //! | Postgres | `0x02` | `event_id` (i64 BE), the original form | 9      |
 //!
-//! Postgres cursors of the two earlier forms still resume: the reader delivers every row after
-//! them that the newest snapshot shows, then goes on batch by batch.
+//! A Postgres cursor names its tick's fingerprint, so a database that lost the tick (a crash
+//! before it was durable, a restored backup, a lossy failover) or another database refuses it
+//! by name rather than reading it against another snapshot. Cursors of the earlier forms still
+//! resume (they carry no fingerprint, so nothing checks them): a 25-byte one as it was, the two
+//! oldest by delivering every row after them that the newest snapshot shows, then batch by batch.
 //! | SQLite   | `0x03` | `event_id` (i64 BE)                    | 9      |
 //!
 //! Event families: a completion cursor is exactly the form above. A cursor of another family
@@ -63,12 +67,14 @@ impl<'de> serde::Deserialize<'de> for StreamCursor {
     }
 }
 
-/// A position in one lane of a backend's order: Valkey `(partition, 0, ms, seq)`, Postgres
-/// `(0, batch, txid, event_id)`, SQLite `(0, 0, 0, event_id)`. Positions of one lane are
-/// ordered lexicographically; positions of different lanes are not comparable in a meaningful
-/// way (a backend with several lanes promises order within each lane only). Crate-internal;
-/// the tests reach it through `ff_completions::testing`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A position in one lane of a backend's order: Valkey `(partition, 0, ms, seq, 0)`, Postgres
+/// `(0, batch, txid, event_id, partition_key)` (see [`Position::postgres`]), SQLite
+/// `(0, 0, 0, event_id, 0)`.
+/// Positions of one lane are ordered lexicographically; positions of different lanes are not
+/// comparable in a meaningful way (a backend with several lanes promises order within each lane
+/// only). `check` travels with the position and takes no part in its order or equality.
+/// Crate-internal; the tests reach it through `ff_completions::testing`.
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Position {
     /// The lane (Valkey: the partition stream; 0 elsewhere).
     pub lane: u16,
@@ -76,21 +82,110 @@ pub struct Position {
     pub major: u64,
     /// Postgres: the txid; Valkey: the stream id's milliseconds; 0 on SQLite.
     pub hi: u64,
-    /// Postgres and SQLite: the `event_id`; Valkey: the stream id's sequence.
+    /// Postgres: the `event_id` with its sign bit flipped (so negative ids order first);
+    /// SQLite: the `event_id`; Valkey: the stream id's sequence.
     pub lo: u64,
+    /// Postgres: the row's `partition_key`, which orders rows of one transaction that share an
+    /// `event_id` (an outbox keyed on `(partition_key, event_id)` allows them); 0 elsewhere.
+    pub minor: u32,
+    /// Postgres: the fingerprint of the batch's tick (0: unknown, nothing to check); 0 elsewhere.
+    pub check: u64,
 }
 
+impl PartialEq for Position {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for Position {}
+
+impl PartialOrd for Position {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Position {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+impl std::hash::Hash for Position {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key().hash(state);
+    }
+}
+
+/// The sign bit of a Postgres `event_id` in [`Position::lo`].
+const EVENT_ID_SIGN: u64 = 1 << 63;
+
+/// A Postgres `partition_key` in [`Position::minor`]: `NULL` is 0, below every key, and keys
+/// keep their order above it.
+const PARTITION_KEY_OFFSET: i64 = i16::MIN as i64 - 1;
+
 impl Position {
-    pub(crate) const ZERO: Position = Position { lane: 0, major: 0, hi: 0, lo: 0 };
+    pub(crate) const ZERO: Position = Position { lane: 0, major: 0, hi: 0, lo: 0, minor: 0, check: 0 };
+
+    /// What orders positions: everything but `check`.
+    fn key(&self) -> (u16, u64, u64, u64, u32) {
+        (self.lane, self.major, self.hi, self.lo, self.minor)
+    }
 
     /// A position of a backend whose order has two words.
     pub(crate) const fn new(hi: u64, lo: u64) -> Self {
-        Self { lane: 0, major: 0, hi, lo }
+        Self { lane: 0, major: 0, hi, lo, minor: 0, check: 0 }
     }
 
     /// A position of a backend whose order has three words (Postgres: batch first).
     pub(crate) const fn with_major(major: u64, hi: u64, lo: u64) -> Self {
-        Self { lane: 0, major, hi, lo }
+        Self { lane: 0, major, hi, lo, minor: 0, check: 0 }
+    }
+
+    /// The Postgres reader's position `(batch, txid, event_id, partition key)` in a batch whose
+    /// tick has `fingerprint` (0: unknown). Any `event_id`, negative included, keeps its order;
+    /// `key` is the SQL word of the partition key ([`Position::postgres_key_word`]).
+    pub(crate) const fn postgres(batch: u64, txid: u64, event_id: i64, key: i64, fingerprint: u64) -> Self {
+        let minor = key - PARTITION_KEY_OFFSET;
+        let minor = if minor < 0 {
+            0
+        } else if minor > u32::MAX as i64 {
+            u32::MAX
+        } else {
+            minor as u32
+        };
+        Self { lane: 0, major: batch, hi: txid, lo: (event_id as u64) ^ EVENT_ID_SIGN, minor, check: fingerprint }
+    }
+
+    /// The SQL word the reader orders a row's partition key by: the key, or, for `NULL`, one
+    /// below every key.
+    pub(crate) const fn postgres_key_word(key: Option<i16>) -> i64 {
+        match key {
+            Some(k) => k as i64,
+            None => PARTITION_KEY_OFFSET,
+        }
+    }
+
+    /// The partition-key word after every row: a position of a form that names no partition
+    /// key (stored group positions, the 25-byte cursor) is past every row of its event id.
+    pub(crate) const AFTER_EVERY_KEY: i64 = i16::MAX as i64 + 1;
+
+    /// The Postgres position of words that name no partition key: a row's (txid 1 or more) is
+    /// past every row of its event id; a batch's start or end (txid 0) stays where it is.
+    pub(crate) const fn postgres_without_key(batch: u64, txid: u64, event_id: i64) -> Self {
+        let key = if txid == 0 { Self::postgres_key_word(None) } else { Self::AFTER_EVERY_KEY };
+        Self::postgres(batch, txid, event_id, key, 0)
+    }
+
+    /// The `event_id` of a position made by [`Position::postgres`].
+    pub(crate) const fn postgres_event_id(&self) -> i64 {
+        (self.lo ^ EVENT_ID_SIGN) as i64
+    }
+
+    /// The partition-key word of a position made by [`Position::postgres`].
+    pub(crate) const fn postgres_key(&self) -> i64 {
+        self.minor as i64 + PARTITION_KEY_OFFSET
     }
 
     /// The same position in `lane`.
@@ -100,7 +195,7 @@ impl Position {
 
     /// The start of `lane`: below every position in it.
     pub(crate) const fn lane_start(lane: u16) -> Self {
-        Self { lane, major: 0, hi: 0, lo: 0 }
+        Self { lane, major: 0, hi: 0, lo: 0, minor: 0, check: 0 }
     }
 }
 
@@ -194,11 +289,30 @@ pub struct PostgresCursor {
     /// The reader's batch position (3 × tick, plus the phase within it); `None` for the two
     /// earlier forms.
     pub batch: Option<u64>,
-    /// Inserting transaction id (0 for rows from before the outbox was adopted); `None` for the
-    /// original 9-byte form.
+    /// Inserting transaction id (0 before every row of the batch, 1 for rows from before the
+    /// outbox was adopted; 0 for those in the 25-byte form); `None` for the original 9-byte form.
     pub txid: Option<u64>,
     /// Outbox `event_id`.
     pub event_id: i64,
+    /// The row's partition key word (see [`Position::postgres_key_word`]); `None` for the
+    /// earlier forms (a position past every row of its event id).
+    pub key: Option<i64>,
+    /// The fingerprint of the batch's tick; `None` for the earlier forms.
+    pub fingerprint: Option<u64>,
+}
+
+impl PostgresCursor {
+    /// The reader position it names: a cursor of the current form or the 25-byte one (`None`
+    /// for the two oldest forms, which name no batch).
+    pub(crate) fn position(&self) -> Option<Position> {
+        let (batch, txid) = (self.batch?, self.txid?);
+        Some(match (self.fingerprint, self.key) {
+            (Some(fingerprint), Some(key)) => Position::postgres(batch, txid, self.event_id, key, fingerprint),
+            // The 25-byte form put rows from before adoption at txid 0 (the start, now).
+            _ if txid == 0 && self.event_id > 0 => Position::postgres_without_key(batch, 1, self.event_id),
+            _ => Position::postgres_without_key(batch, txid, self.event_id),
+        })
+    }
 }
 
 fn body<const N: usize>(cursor: &StreamCursor, prefix: u8, family: &str) -> Result<Option<[u8; N]>, Error> {
@@ -337,7 +451,20 @@ pub fn decode_valkey_frontier(cursor: &StreamCursor) -> Result<Option<Vec<Valkey
     Ok(Some(lanes))
 }
 
-/// Encodes a Postgres position `(batch, txid, event_id)`: the form the reader hands out.
+/// Encodes a Postgres position `(batch, txid, event_id, partition key word)` in a batch whose
+/// tick has `fingerprint`: the form the reader hands out.
+pub fn encode_postgres_tick_cursor(batch: u64, txid: u64, event_id: i64, key: i64, fingerprint: u64) -> StreamCursor {
+    let mut bytes = Vec::with_capacity(37);
+    bytes.push(POSTGRES_CURSOR_PREFIX);
+    bytes.extend_from_slice(&batch.to_be_bytes());
+    bytes.extend_from_slice(&txid.to_be_bytes());
+    bytes.extend_from_slice(&event_id.to_be_bytes());
+    bytes.extend_from_slice(&Position::postgres(0, 0, 0, key, 0).minor.to_be_bytes());
+    bytes.extend_from_slice(&fingerprint.to_be_bytes());
+    StreamCursor::new(bytes)
+}
+
+/// Encodes the earlier 25-byte Postgres form `(batch, txid, event_id)`, without a fingerprint.
 pub fn encode_postgres_batch_cursor(batch: u64, txid: u64, event_id: i64) -> StreamCursor {
     let mut bytes = Vec::with_capacity(25);
     bytes.push(POSTGRES_CURSOR_PREFIX);
@@ -363,28 +490,46 @@ pub fn encode_postgres_event_cursor(event_id: i64) -> StreamCursor {
 /// Decodes any Postgres form; `Ok(None)` for the empty (tail) cursor.
 ///
 /// # Errors
-/// [`Error::Validation`] for a wrong prefix, a wrong length or a negative id.
+/// [`Error::Validation`] for a wrong prefix, a wrong length, a batch or transaction
+/// beyond `i64::MAX`, or a negative id in an earlier form (only the current one carries any id).
 pub fn decode_postgres_cursor(cursor: &StreamCursor) -> Result<Option<PostgresCursor>, Error> {
     let decoded = match cursor.as_bytes().len() {
         9 => body::<8>(cursor, POSTGRES_CURSOR_PREFIX, "Postgres")?.map(|b| PostgresCursor {
             batch: None,
             txid: None,
             event_id: be_u64(&b) as i64,
+            key: None,
+            fingerprint: None,
         }),
         25 => body::<24>(cursor, POSTGRES_CURSOR_PREFIX, "Postgres")?.map(|b| PostgresCursor {
             batch: Some(be_u64(&b[..8])),
             txid: Some(be_u64(&b[8..16])),
             event_id: be_u64(&b[16..]) as i64,
+            key: None,
+            fingerprint: None,
+        }),
+        37 => body::<36>(cursor, POSTGRES_CURSOR_PREFIX, "Postgres")?.map(|b| {
+            let mut minor = [0u8; 4];
+            minor.copy_from_slice(&b[24..28]);
+            PostgresCursor {
+                batch: Some(be_u64(&b[..8])),
+                txid: Some(be_u64(&b[8..16])),
+                event_id: be_u64(&b[16..24]) as i64,
+                key: Some(u32::from_be_bytes(minor) as i64 + PARTITION_KEY_OFFSET),
+                fingerprint: Some(be_u64(&b[28..])),
+            }
         }),
         _ => body::<16>(cursor, POSTGRES_CURSOR_PREFIX, "Postgres")?.map(|b| PostgresCursor {
             batch: None,
             txid: Some(be_u64(&b[..8])),
             event_id: be_u64(&b[8..]) as i64,
+            key: None,
+            fingerprint: None,
         }),
     };
     match decoded {
         Some(c)
-            if c.event_id < 0
+            if (c.event_id < 0 && c.fingerprint.is_none())
                 || c.txid.is_some_and(|t| t > i64::MAX as u64)
                 || c.batch.is_some_and(|b| b > i64::MAX as u64) =>
         {
@@ -426,10 +571,10 @@ pub(crate) fn decode_event_frontier(cursor: &StreamCursor) -> Result<Option<Fron
         })),
         Some(&POSTGRES_CURSOR_PREFIX) => match decode_postgres_cursor(cursor)? {
             None => Ok(None),
-            Some(PostgresCursor { batch: Some(batch), txid: Some(txid), event_id }) => {
-                Ok(Some(Frontier::at(Position::with_major(batch, txid, event_id as u64))))
-            }
-            Some(_) => Err(Error::validation("a Postgres cursor of an earlier form names no event")),
+            Some(c) => match c.position() {
+                Some(pos) => Ok(Some(Frontier::at(pos))),
+                None => Err(Error::validation("a Postgres cursor of an earlier form names no event")),
+            },
         },
         Some(&SQLITE_CURSOR_PREFIX) => {
             Ok(decode_sqlite_cursor(cursor)?.map(|id| Frontier::at(Position::new(0, id as u64))))
@@ -450,15 +595,15 @@ mod tests {
         );
         assert_eq!(
             decode_postgres_cursor(&encode_postgres_cursor(900, 42)).ok(),
-            Some(Some(PostgresCursor { batch: None, txid: Some(900), event_id: 42 }))
+            Some(Some(PostgresCursor { batch: None, txid: Some(900), event_id: 42, key: None, fingerprint: None }))
         );
         assert_eq!(
             decode_postgres_cursor(&encode_postgres_event_cursor(42)).ok(),
-            Some(Some(PostgresCursor { batch: None, txid: None, event_id: 42 }))
+            Some(Some(PostgresCursor { batch: None, txid: None, event_id: 42, key: None, fingerprint: None }))
         );
         assert_eq!(
             decode_postgres_cursor(&encode_postgres_batch_cursor(31, 900, 42)).ok(),
-            Some(Some(PostgresCursor { batch: Some(31), txid: Some(900), event_id: 42 }))
+            Some(Some(PostgresCursor { batch: Some(31), txid: Some(900), event_id: 42, key: None, fingerprint: None }))
         );
         assert_eq!(decode_sqlite_cursor(&encode_sqlite_cursor(5)).ok(), Some(Some(5)));
     }
@@ -469,6 +614,10 @@ mod tests {
         assert_eq!(encode_valkey_cursor(0x0102, 7).to_hex(), "0100000000000001020000000000000007");
         assert_eq!(encode_postgres_event_cursor(42).to_hex(), "02000000000000002a");
         assert_eq!(encode_postgres_cursor(900, 42).to_hex(), "020000000000000384000000000000002a");
+        assert_eq!(
+            encode_postgres_tick_cursor(31, 900, -2, 5, 0xabcd).to_hex(),
+            "02000000000000001f0000000000000384fffffffffffffffe00008006000000000000abcd"
+        );
         assert_eq!(
             encode_postgres_batch_cursor(31, 900, 42).to_hex(),
             "02000000000000001f0000000000000384000000000000002a"
@@ -561,12 +710,32 @@ mod tests {
             let txid = hi >> 1;
             proptest::prop_assert_eq!(
                 decode_postgres_cursor(&encode_postgres_cursor(txid, lo)).ok(),
-                Some(Some(PostgresCursor { batch: None, txid: Some(txid), event_id: lo }))
+                Some(Some(PostgresCursor { batch: None, txid: Some(txid), event_id: lo, key: None, fingerprint: None }))
             );
             proptest::prop_assert_eq!(
                 decode_postgres_cursor(&encode_postgres_batch_cursor(txid, txid, lo)).ok(),
-                Some(Some(PostgresCursor { batch: Some(txid), txid: Some(txid), event_id: lo }))
+                Some(Some(PostgresCursor { batch: Some(txid), txid: Some(txid), event_id: lo, key: None, fingerprint: None }))
             );
+        }
+
+        /// The current Postgres form keeps any event id (negative ones too), any partition key
+        /// (or none) and the fingerprint, and the positions it names order as `(event_id, key)`.
+        #[test]
+        fn postgres_tick_cursors_round_trip_any_event_id_and_key_in_order(
+            batch in 0u64..(i64::MAX as u64), txid in 0u64..(i64::MAX as u64), a in proptest::num::i64::ANY,
+            b in proptest::num::i64::ANY, ka in proptest::option::of(proptest::num::i16::ANY),
+            kb in proptest::option::of(proptest::num::i16::ANY), fingerprint in proptest::num::u64::ANY,
+        ) {
+            let (wa, wb) = (Position::postgres_key_word(ka), Position::postgres_key_word(kb));
+            let decoded = decode_postgres_cursor(&encode_postgres_tick_cursor(batch, txid, a, wa, fingerprint)).ok().flatten();
+            proptest::prop_assert_eq!(
+                decoded,
+                Some(PostgresCursor { batch: Some(batch), txid: Some(txid), event_id: a, key: Some(wa), fingerprint: Some(fingerprint) })
+            );
+            let pa = decoded.and_then(|c| c.position());
+            proptest::prop_assert_eq!(pa.map(|p| (p.postgres_event_id(), p.postgres_key(), p.check)), Some((a, wa, fingerprint)));
+            let pb = Position::postgres(batch, txid, b, wb, 0);
+            proptest::prop_assert_eq!(pa.map(|p| p.cmp(&pb)), Some((a, wa).cmp(&(b, wb))), "the fingerprint takes no part in the order");
         }
 
         #[test]
@@ -574,7 +743,7 @@ mod tests {
             let cursor = StreamCursor::new(bytes.clone());
             for ok in [decode_valkey_cursor(&cursor).is_ok(), decode_postgres_cursor(&cursor).is_ok(), decode_sqlite_cursor(&cursor).is_ok()] {
                 // Only the empty cursor or a well-formed one of its family decodes.
-                proptest::prop_assert!(!ok || bytes.is_empty() || [9, 17, 25].contains(&bytes.len()));
+                proptest::prop_assert!(!ok || bytes.is_empty() || [9, 17, 25, 37].contains(&bytes.len()));
             }
             let hex = cursor.to_hex();
             proptest::prop_assert_eq!(StreamCursor::from_hex(&hex).ok(), Some(cursor));

@@ -56,6 +56,18 @@ pub enum Error {
         /// The oldest cursor a subscriber can still resume from (`None` when nothing is kept).
         oldest: Option<StreamCursor>,
     },
+    /// The cursor names history this database does not have: the tick its position was read
+    /// in is missing here, or is another one. The database was restored from a backup or a dump
+    /// older than the cursor, failed over to a replica that had not received it, or is another
+    /// database. Nothing after the cursor can be delivered exactly once; a subscriber that
+    /// accepts the gap subscribes again from `tail`.
+    #[error("the cursor's history is not in this database: {reason}")]
+    CursorHistoryLost {
+        /// What was found instead, for the operator.
+        reason: String,
+        /// The tail of the history the database has now, when known.
+        tail: Option<StreamCursor>,
+    },
     /// An operation did not finish in time.
     #[error("{op} timed out")]
     Timeout {

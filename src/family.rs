@@ -95,7 +95,7 @@ mod tests {
     use super::*;
     use crate::cursor::{
         decode_sqlite_cursor, encode_postgres_batch_cursor, encode_postgres_cursor, encode_postgres_event_cursor,
-        encode_sqlite_cursor, encode_valkey_cursor, encode_valkey_frontier,
+        encode_postgres_tick_cursor, encode_sqlite_cursor, encode_valkey_cursor, encode_valkey_frontier,
     };
 
     const FAMILIES: [Family; 3] = [Family::Completion, Family::LeaseHistory, Family::SignalDelivery];
@@ -104,6 +104,7 @@ mod tests {
         vec![
             encode_sqlite_cursor(5),
             encode_sqlite_cursor(i64::MAX),
+            encode_postgres_tick_cursor(31, 900, -7, -3, u64::MAX),
             encode_postgres_batch_cursor(31, 900, 42),
             encode_postgres_cursor(900, 42),
             encode_postgres_event_cursor(42),

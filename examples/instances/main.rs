@@ -354,7 +354,7 @@ async fn bench(args: &Args, target: &Target) -> anyhow::Result<()> {
     let started = Instant::now();
     for i in 0..n {
         let partition = (i % usize::from(PARTITION_COUNT)) as u16;
-        let position = Position { lane: 0, major: u64::MAX >> 2, hi: 1, lo: i as u64 };
+        let position = Position { lane: 0, major: u64::MAX >> 2, hi: 1, lo: i as u64, minor: 0, check: 0 };
         run.store.ack(&group, "a", &[Ack { partition, token, position }]).await?;
     }
     let per_ack = started.elapsed() / n as u32;

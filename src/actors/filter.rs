@@ -30,7 +30,7 @@ use tracing::Instrument;
 use super::ids::{BackendId, SubscriberId};
 use super::shared::{FilterMode, ListenerShared, LiveBatch, SubscriberShared};
 use super::sink::{Sent, Sink};
-use crate::backends::{CompletionSource, Positioned, StartAt};
+use crate::backends::{Batch, CompletionSource, Positioned, StartAt};
 use crate::backoff::Backoff;
 use crate::config::BackendRetry;
 use crate::cursor::{Frontier, StreamCursor};
@@ -55,6 +55,10 @@ pub enum FilterMsg {
     CatchUp,
     /// The sink has room again. Sent by the filter's waiting task.
     SinkReady,
+    /// The backend's history is not the one the listener's cursor was read in (a restore, a
+    /// lossy failover): read from the delivered position, which ends the subscriber with
+    /// [`Error::CursorHistoryLost`] if it belongs to the old one. Sent by the listener.
+    HistoryLost,
 }
 
 /// How a filter is configured.
@@ -156,6 +160,7 @@ impl Actor for Filter {
                 FilterMsg::Live(batch) => state.on_live(&myself, &batch),
                 FilterMsg::CatchUp => state.on_catch_up(&myself).await,
                 FilterMsg::SinkReady => state.on_sink_ready(&myself),
+                FilterMsg::HistoryLost => state.on_history_lost(&myself),
             }
             state.record_metrics();
             state.args.shared.healthy.store(true, Ordering::Relaxed);
@@ -317,6 +322,11 @@ impl FilterState {
         self.args.shared.catch_up_reads.fetch_add(1, Ordering::Relaxed);
         self.metrics.catch_up_read();
         match self.args.source.read_after(&self.delivered, self.args.batch_size).await {
+            Ok(Batch { lost: Some((resume, reason)), .. }) => {
+                tracing::warn!(subscriber = %self.args.subscriber_id, %reason, "subscriber cursor's history is lost");
+                let tail = Some(self.cursor_at(&resume));
+                self.end_with_error(myself, Error::CursorHistoryLost { reason, tail });
+            }
             Ok(batch) if batch.expired.as_ref().is_some_and(|b| !self.delivered.covers_all(b)) => {
                 let oldest = batch.expired.map(|b| self.cursor_at(&self.delivered.joined(&b)));
                 tracing::warn!(subscriber = %self.args.subscriber_id, ?oldest, "subscriber cursor expired");
@@ -370,6 +380,16 @@ impl FilterState {
             self.args.sink.send_error(err);
         }
         myself.stop(Some(SUBSCRIPTION_FAILED.into()));
+    }
+
+    /// A live subscriber reads from its own position now: a position of the lost history ends
+    /// it with the typed error, one of the backend's current history goes on (a catching-up or
+    /// blocked subscriber reads from its position anyway, a starting one resolves its own).
+    fn on_history_lost(&mut self, myself: &ActorRef<FilterMsg>) {
+        if self.mode == FilterMode::Live {
+            self.set_mode(FilterMode::CatchingUp);
+            let _ = myself.cast(FilterMsg::CatchUp);
+        }
     }
 
     fn on_sink_ready(&mut self, myself: &ActorRef<FilterMsg>) {
@@ -518,6 +538,13 @@ impl Fanout {
     pub(crate) fn send(&self, batch: &Arc<LiveBatch>) {
         for filter in self.0.read().unwrap_or_else(|p| p.into_inner()).values() {
             let _ = filter.cast(FilterMsg::Live(batch.clone()));
+        }
+    }
+
+    /// Tells every filter that the backend's history is not the one the listener read before.
+    pub(crate) fn send_history_lost(&self) {
+        for filter in self.0.read().unwrap_or_else(|p| p.into_inner()).values() {
+            let _ = filter.cast(FilterMsg::HistoryLost);
         }
     }
 }

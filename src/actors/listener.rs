@@ -249,6 +249,17 @@ impl Listening {
 
     /// Advances the cursor over a batch and fans it out to every filter.
     fn publish(&mut self, mut batch: Batch) {
+        if let Some((resume, reason)) = batch.lost.take() {
+            // The backend's history is not the one the cursor was read in (a restore, a lossy
+            // failover): the filters' positions may belong to it too. Each reads from its own
+            // position, which ends its subscriber with the typed error if it does; the listener
+            // goes on in the backend's history.
+            tracing::error!(backend = %self.args.backend_id, cursor = ?self.cursor, ?resume, %reason, "the backend's history changed under the listener; subscriptions in the old one end");
+            self.cursor = resume;
+            self.args.shared.set_cursor(self.cursor.clone());
+            self.args.fanout.send_history_lost();
+            return;
+        }
         if let Some(boundary) = batch.expired.filter(|b| !self.cursor.covers_all(b)) {
             // History after the cursor was trimmed while this listener was behind. Filters find
             // out for their own subscribers; the listener itself moves on to what is kept.

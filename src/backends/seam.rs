@@ -83,6 +83,11 @@ pub(crate) struct Batch {
     /// Events after `start` were trimmed away up to these positions (the lanes that lost
     /// some): a reader at `start` has lost them (the batch is otherwise empty).
     pub expired: Option<Frontier>,
+    /// The history `start` was read in is not the backend's any more (Postgres: its tick is
+    /// missing or another one, after a restore or a lossy failover): no position of it can be
+    /// read exactly. The backend's history goes on from this frontier; the text says what was
+    /// found (the batch is otherwise empty).
+    pub lost: Option<(Frontier, String)>,
 }
 
 /// Where a subscription starts.

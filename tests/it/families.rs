@@ -489,14 +489,17 @@ pub async fn trimmed_family_cursors_expire_with_an_oldest_cursor_of_their_own_fa
     let mut signals = f.tree.subscribe(SignalDelivery::tail()).await.expect("signals");
     let ids = create(&*f.engine, None, 6).await;
     claim(&*f.engine, "w", 6).await;
+    let mut lease_events = take(&mut leases, 6, WAIT).await;
+    // Each event is read before the next commits: on Postgres each is a batch of its own.
+    let mut signal_events = Vec::new();
     for id in &ids {
         f.engine.deliver_signal(id, &WaitpointId::new("wp"), &SignalId::new("s"), None, None).await.expect("signal");
+        signal_events.extend(take(&mut signals, 1, WAIT).await);
     }
     for id in &ids {
         assert!(f.engine.renew_lease(id, "w").await.expect("renew"));
+        lease_events.extend(take(&mut leases, 1, WAIT).await);
     }
-    let lease_events = take(&mut leases, 12, WAIT).await;
-    let signal_events = take(&mut signals, 6, WAIT).await;
     let retention = Retention::max_events(3).every(Duration::from_millis(50));
     let (_trimmer, _) =
         CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(backend.with_retention(retention)))

@@ -452,14 +452,15 @@ pub async fn bad_group_names_and_member_ids_are_validation_errors_before_any_wri
     assert_validation(store.view(&too_long).await, "the name one character longer");
 }
 
-/// SQL stores keep positions as bigints: a word above `i64::MAX` is refused, never wrapped.
+/// SQL stores keep positions as bigints: a word above `i64::MAX` (here the transaction or
+/// stream word) is refused, never wrapped.
 pub async fn a_position_above_i64_max_is_a_validation_error_and_changes_nothing(backend: BackendConfig) {
     let store = open(&backend).await;
     let group = group_name("huge");
     let leases = beat(&store, &group, "a").await;
     let before = view(&store, &group).await;
     let fits = Ack { partition: leases[0].partition, token: leases[0].token, position: above(leases[0].acked, 1) };
-    let huge = Ack { position: Position { lo: i64::MAX as u64 + 1, ..leases[1].acked }, ..fits };
+    let huge = Ack { position: Position { hi: i64::MAX as u64 + 1, ..leases[1].acked }, ..fits };
     let huge = Ack { partition: leases[1].partition, token: leases[1].token, ..huge };
     assert_validation(store.ack(&group, "a", &[fits, huge]).await, "an ack above i64::MAX");
     assert_eq!(view(&store, &group).await.partitions, before.partitions, "nothing was written");

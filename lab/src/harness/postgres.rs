@@ -207,6 +207,99 @@ impl PrivatePg {
         }
     }
 
+    /// Stops the server as `pg_ctl stop -m immediate` does: no checkpoint, no flush of what is
+    /// still in WAL buffers (a crash, as far as the data is concerned).
+    pub async fn stop_immediate(&self) {
+        let (bin, dir) = (self.bin.clone(), self.data_dir.clone());
+        let stopped = tokio::task::spawn_blocking(move || {
+            as_server_user(bin.join("pg_ctl").to_str().expect("utf-8 path"))
+                .args(["stop", "-m", "immediate", "-D"])
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .status()
+                .map(|s| s.success())
+        })
+        .await
+        .expect("pg_ctl");
+        assert_eq!(stopped.ok(), Some(true), "pg_ctl stop -m immediate");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(Instant::now() < deadline, "postgres did not stop");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A base backup of the running server (`pg_basebackup`, WAL streamed with it), in a new
+    /// directory owned by the server user.
+    pub async fn base_backup(&self) -> PathBuf {
+        let (bin, port) = (self.bin.clone(), self.port);
+        let dir = std::env::temp_dir().join(format!("ff-completions-pg-backup-{}-{}", std::process::id(), free_port()));
+        let target = dir.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            as_server_user(bin.join("pg_basebackup").to_str().expect("utf-8 path"))
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                    "-D",
+                ])
+                .arg(&target)
+                .output()
+        })
+        .await
+        .expect("pg_basebackup")
+        .expect("run pg_basebackup");
+        assert!(out.status.success(), "pg_basebackup failed: {}", String::from_utf8_lossy(&out.stderr));
+        dir
+    }
+
+    /// A server started as a primary on `data_dir` (a base backup), on `port` (a new one when
+    /// `None`: the same one lets clients reconnect to it as to the server it replaces).
+    pub async fn start_from(data_dir: PathBuf, settings: Settings, port: Option<u16>) -> Self {
+        let server = tokio::task::spawn_blocking(move || {
+            let bin = bin_dir();
+            let port = port.unwrap_or_else(free_port);
+            launch(&bin, &data_dir, port, settings);
+            Self { port, bin, data_dir, settings }
+        })
+        .await
+        .expect("start postgres from a backup");
+        drop(connect_when_up(&server.url()).await);
+        server
+    }
+
+    /// Copies database `database` to database `into` of `other` with `pg_dump -Fc` and
+    /// `pg_restore`, as an operator moving a database to a new cluster does.
+    pub async fn dump_into(&self, database: &str, other: &PrivatePg, into: &str) {
+        let mut admin = connect_when_up(&other.url()).await;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {into}")))
+            .execute(&mut admin)
+            .await
+            .expect("createdb");
+        let (bin, from, to) = (self.bin.clone(), self.url_of(database), other.url_of(into));
+        let file = std::env::temp_dir().join(format!("ff-completions-dump-{}-{}", std::process::id(), free_port()));
+        let out = tokio::task::spawn_blocking(move || {
+            let dump = Command::new(bin.join("pg_dump")).args(["-Fc", "-f"]).arg(&file).arg(&from).output()?;
+            if !dump.status.success() {
+                return Ok::<_, std::io::Error>(dump);
+            }
+            let restore = Command::new(bin.join("pg_restore")).args(["--exit-on-error", "-d", &to]).arg(&file).output();
+            let _ = std::fs::remove_file(&file);
+            restore
+        })
+        .await
+        .expect("pg_dump")
+        .expect("run pg_dump and pg_restore");
+        assert!(out.status.success(), "pg_dump/pg_restore failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// Starts the server again on the same data directory and port.
     pub async fn restart(&self) {
         let (bin, dir, port, settings) = (self.bin.clone(), self.data_dir.clone(), self.port, self.settings);

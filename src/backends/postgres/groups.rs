@@ -10,8 +10,9 @@ use sqlx::postgres::{PgDatabaseError, PgPool};
 
 use crate::backends::groups::{
     Ack, AckConnection, GroupStore, GroupView, Heartbeat, Lease, PartitionView, Sharing, check_heartbeat, check_member,
-    from_sql_words, sealed, sql_words,
+    sealed,
 };
+use crate::cursor::Position;
 use crate::error::Error;
 use crate::types::TimestampMs;
 use crate::types::check_name;
@@ -48,6 +49,21 @@ const ALREADY_ACKNOWLEDGED: &str = "FFG04";
 
 type LeaseRow = (i16, i64, i64, i64, i64);
 type PartitionRow = (i16, Option<String>, Option<i64>, i64, i64, i64, i64);
+
+/// A reader position as the group tables keep it: `(batch, txid, event_id)` bigints, compared
+/// as the reader orders them.
+fn sql_words(p: Position) -> Result<[i64; 3], Error> {
+    let word = |w: u64| {
+        i64::try_from(w).map_err(|_| Error::validation(format!("position {p:?} does not fit the group store")))
+    };
+    Ok([word(p.major)?, word(p.hi)?, p.postgres_event_id()])
+}
+
+/// The reader position of stored `(batch, txid, event_id)` bigints: past every row of that
+/// event id (rows that share one in a transaction are acknowledged together).
+fn from_sql_words(major: i64, hi: i64, event_id: i64) -> Position {
+    Position::postgres_without_key(major.max(0) as u64, hi.max(0) as u64, event_id)
+}
 
 fn lease((partition, token, major, hi, lo): LeaseRow) -> Lease {
     Lease { partition: partition.max(0) as u16, token: token.max(0) as u64, acked: from_sql_words(major, hi, lo) }

@@ -62,9 +62,11 @@ pub(crate) fn connect_options(config: &BackendConfig) -> Result<PgConnectOptions
 /// migration errors as [`Error::from_sqlx`] maps them.
 pub async fn connect_pool(config: &BackendConfig, max: u32) -> Result<PgPool, Error> {
     // Ticks rely on each statement taking its own snapshot, whatever the database's default.
+    // No JIT: a misestimated plan over a large outbox would compile for tens of milliseconds
+    // to answer a read of a few rows.
     let mut options = connect_options(config)?
         .application_name("ff-completions")
-        .options([("default_transaction_isolation", "read committed")]);
+        .options([("default_transaction_isolation", "read committed"), ("jit", "off")]);
     if let Some(request) = config.timeouts.request {
         // Engine calls and catch-up reads run under it; the LISTEN connection does not.
         options = options.options([("statement_timeout", request.as_millis().to_string())]);
@@ -76,6 +78,10 @@ pub async fn connect_pool(config: &BackendConfig, max: u32) -> Result<PgPool, Er
         .await
         .map_err(|e| Error::from_sqlx("postgres connect", e))?;
     migrate(&MIGRATOR, &pool).await?;
+    sqlx::query("SELECT ff_completions_verify()")
+        .execute(&pool)
+        .await
+        .map_err(|e| Error::from_sqlx("postgres verify", e))?;
     Ok(pool)
 }
 

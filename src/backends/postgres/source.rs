@@ -11,38 +11,57 @@ use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use tokio::sync::{mpsc, watch};
 
 use super::{COMPLETION_CHANNEL, LISTENER_APPLICATION_NAME, connect_options, connect_pool};
-use crate::backends::outbox::{FamilyColumns, OutboxRow, age_cutoff_ms};
+use crate::backends::outbox::{FamilyColumns, OutboxRow};
 use crate::backends::seam::{Batch, CompletionSource, FamilyEvent, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, BackendConnection, PostgresConnection, Retention};
 use crate::cursor::{
-    Frontier, Position, PostgresCursor, StreamCursor, decode_postgres_cursor, encode_postgres_batch_cursor,
+    Frontier, Position, PostgresCursor, StreamCursor, decode_postgres_cursor, encode_postgres_tick_cursor,
 };
-use crate::error::EngineError;
+use crate::error::Error;
 use crate::family::Family;
-use crate::types::TimestampMs;
 use tokio_util::task::AbortOnDropHandle;
 
-/// Up to `$4` rows after position `($1, $2, $3)` in reader order, crossing into later batches
-/// (`ff_completions_read` in `migrations/postgres/0003_reader.sql`). Kind 0: a row; 2: the end
-/// of a batch; 1: history after the position was trimmed, up to the marker's position.
+/// Up to `$6` rows after position `($1, $2, $3, $4)` (batch, txid, event_id, partition key word)
+/// in reader order, crossing into later batches; `$5`, when not NULL, is the fingerprint of the
+/// position's tick (`ff_completions_read` in
+/// `migrations/postgres/0007_operations.sql`). Kinds: 0 a row; 1 history after the position was
+/// trimmed, up to the marker's position; 2 the end of a batch; 3 more is waiting; 4 the
+/// position's tick is not this database's (the marker: where its history goes on).
 const READ_AFTER: &str = "\
-SELECT o_kind AS kind, o_txid AS txid, o_event_id AS event_id, o_execution_id AS execution_id, \
-       o_flow_id AS flow_id, o_outcome AS outcome, o_namespace AS namespace, o_instance_tag AS instance_tag, \
-       o_tags AS tags, o_occurred_at_ms AS occurred_at_ms, o_partition_key AS partition_key, o_major AS major, \
-       o_family AS family, o_fields AS fields \
-  FROM ff_completions_read($1, $2, $3, $4)";
+SELECT o_kind AS kind, o_txid AS txid, o_event_id AS event_id, o_fingerprint AS fingerprint, \
+       o_execution_id AS execution_id, o_flow_id AS flow_id, o_outcome AS outcome, o_namespace AS namespace, \
+       o_instance_tag AS instance_tag, o_tags AS tags, o_occurred_at_ms AS occurred_at_ms, \
+       o_partition_key AS partition_key, o_major AS major, o_family AS family, o_fields AS fields \
+  FROM ff_completions_read($1, $2, $3, $4, $5, $6)";
 
-/// The newest tick, recording one when rows committed since the previous.
-const TICK: &str = "SELECT ff_completions_tick()";
+/// The newest tick, recording one when a transaction committed since the previous, and its
+/// fingerprint.
+const HEAD: &str = "SELECT o_tick, o_fingerprint FROM ff_completions_head()";
 
-/// What retention removed: the boundary in reader order (its batch; NULL before any batch
-/// was trimmed), the highest `(txid, event_id)` and `event_id` removed (for cursors of the
-/// earlier forms; NULL: unknown).
+/// Whether a position in the batch of tick `$1`, read under fingerprint `$2`, can be read here:
+/// `ok`, `retired`, `missing`, `gone` (removed by retention) or `different`, and why.
+const CHECK_TICK: &str = "SELECT o_verdict, o_reason FROM ff_completions_check_tick($1, $2)";
+
+/// The retention cut in reader order (NULL: nothing cut since positions had batches), the
+/// highest `(txid, event_id)` and `event_id` removed (for cursors of the earlier forms; NULL:
+/// unknown).
 const TRIMMED: &str = "\
-SELECT trimmed_batch, trimmed_txid::text::int8, trimmed_event_id, trimmed_max_event_id FROM ff_completion_retention";
+SELECT cut_major, cut_txid, cut_event_id, cut_key, trimmed_txid::text::int8, trimmed_event_id, trimmed_max_event_id \
+  FROM ff_completion_retention";
 
 /// Where a cursor of an earlier form resumes.
-const RESUME_EARLIER_FORM: &str = "SELECT o_major, o_txid, o_event_id FROM ff_completions_resume_earlier_form($1, $2)";
+const RESUME_EARLIER_FORM: &str =
+    "SELECT o_major, o_txid, o_event_id, o_fingerprint FROM ff_completions_resume_earlier_form($1, $2)";
+
+/// Plans retention: records the cut first (`ff_completions_trim_plan`).
+const TRIM_PLAN: &str = "SELECT ff_completions_trim_plan($1, $2)";
+
+/// Deletes one small transaction's worth of rows below the cut; 0 when nothing is left.
+const TRIM_STEP: &str = "SELECT o_rows, o_done FROM ff_completions_trim_step($1)";
+
+/// Rows per retention step: each is its own short transaction, so readers and producers never
+/// wait long behind it.
+const TRIM_STEP_ROWS: i32 = 5_000;
 
 /// Notification queue usage, and how many transactions the newest tick saw in progress.
 const GAUGES: &str = "\
@@ -53,16 +72,19 @@ SELECT pg_notification_queue_usage(), \
 /// Batch positions: `3k` is batch k, `3k + 1` batch k read whole, `3k + 2` the end of batch k.
 const BATCH_END_PHASE: u64 = 2;
 
-/// One row of [`READ_AFTER`]: an outbox row with its reader position, or (`kind = 1`) the
-/// marker of history trimmed after the read's start.
+/// One row of [`READ_AFTER`]: an outbox row with its reader position, or a marker.
 #[derive(Clone, Debug, sqlx::FromRow)]
 struct Row {
-    /// 0: an outbox row; 1: the trimmed marker; other kinds only move the position.
+    /// 0: an outbox row; 1: the trimmed marker; 3: more to read; 4: history lost; 2 only moves
+    /// the position.
     kind: i32,
     txid: i64,
     event_id: i64,
+    /// The fingerprint of the tick of the row's batch (NULL: the tick is gone).
+    fingerprint: Option<i64>,
     execution_id: Option<String>,
     flow_id: Option<String>,
+    /// A row's outcome or kind; a lost-history marker's reason (`missing` or `different`).
     outcome: Option<String>,
     namespace: Option<String>,
     instance_tag: Option<String>,
@@ -74,6 +96,12 @@ struct Row {
     family: Option<String>,
     /// That row's other columns as one JSON array (see [`FamilyColumns::from_json_fields`]).
     fields: Option<String>,
+}
+
+impl Row {
+    fn position(&self) -> Position {
+        pos(self.major, self.txid, self.event_id, self.partition_key, self.fingerprint)
+    }
 }
 
 /// Reads the outbox; opens LISTEN connections.
@@ -88,7 +116,7 @@ pub(crate) struct PostgresSource {
 }
 
 impl PostgresSource {
-    pub(crate) async fn connect(config: &BackendConfig) -> Result<Self, EngineError> {
+    pub(crate) async fn connect(config: &BackendConfig) -> Result<Self, Error> {
         Ok(Self {
             pool: connect_pool(config, 4).await?,
             config: config.clone(),
@@ -97,56 +125,113 @@ impl PostgresSource {
         })
     }
 
-    async fn trimmed(&self) -> Result<Option<Trimmed>, EngineError> {
-        let row: Option<(Option<i64>, i64, i64, Option<i64>)> = sqlx::query_as(TRIMMED)
+    async fn trimmed(&self) -> Result<Option<Trimmed>, Error> {
+        type Words = (Option<i64>, Option<i64>, Option<i64>, Option<i32>, i64, i64, Option<i64>);
+        let row: Option<Words> = sqlx::query_as(TRIMMED)
             .fetch_optional(&self.pool)
             .await
-            .map_err(|e| EngineError::from_sqlx("postgres retention", e))?;
-        Ok(row.map(|(batch, txid, event_id, max_event_id)| Trimmed {
-            boundary: batch.map(|b| pos(b, txid, event_id)),
-            earlier_form: Position::new(txid.max(0) as u64, event_id.max(0) as u64),
+            .map_err(|e| Error::from_sqlx("postgres retention", e))?;
+        Ok(row.map(|(major, txid, event_id, cut_key, earlier_txid, earlier_event_id, max_event_id)| Trimmed {
+            cut: major.map(|m| pos(m, txid.unwrap_or(0), event_id.unwrap_or(0), cut_key, None)),
+            earlier_form: (earlier_txid.max(0) as u64, earlier_event_id),
             max_event_id,
         }))
     }
+
+    /// The head of the history: the newest tick (recorded now if anything committed since).
+    async fn head(&self) -> Result<Position, Error> {
+        let (tick, fingerprint): (i64, Option<i64>) =
+            sqlx::query_as(HEAD).fetch_one(&self.pool).await.map_err(|e| Error::from_sqlx("postgres tail", e))?;
+        Ok(batch_end(tick.max(0) as u64, fingerprint))
+    }
+
+    /// Whether `position`'s tick is this database's: `Ok(None)` when it is, `Ok(Some(err))`
+    /// (a [`Error::CursorHistoryLost`]) when the history it was read in is not (missing,
+    /// another tick, or a retired lineage's), `Ok(Some(verdict))` left to the retention check
+    /// when retention removed the tick.
+    async fn check_tick(&self, position: Position) -> Result<TickCheck, Error> {
+        let tick = position.major / 3;
+        let (verdict, reason): (String, Option<String>) = sqlx::query_as(CHECK_TICK)
+            .bind(as_i64(tick))
+            .bind((position.check != 0).then_some(position.check as i64))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| Error::from_sqlx("postgres resolve cursor", e))?;
+        Ok(match verdict.as_str() {
+            "ok" => TickCheck::Readable,
+            "gone" => TickCheck::Trimmed,
+            _ => TickCheck::Lost(Error::CursorHistoryLost {
+                reason: reason.unwrap_or_else(|| format!("tick {tick} is not this database's")),
+                tail: Some(cursor_at(self.head().await?)),
+            }),
+        })
+    }
+}
+
+/// What a cursor's tick is in this database.
+enum TickCheck {
+    /// Its tick is here: the position reads as it did.
+    Readable,
+    /// Retention removed its tick: the cut says whether the position expired.
+    Trimmed,
+    /// The history it was read in is not this database's.
+    Lost(Error),
 }
 
 /// What the trim job removed.
 struct Trimmed {
-    /// Positions below it may have lost rows (`None`: nothing trimmed since batches exist).
-    boundary: Option<Position>,
-    /// The highest `(txid, event_id)` removed.
-    earlier_form: Position,
+    /// Positions below it may have lost rows (`None`: nothing cut since positions had batches).
+    cut: Option<Position>,
+    /// The highest `(txid, event_id)` removed (txid 1: history from before adoption): 17-byte
+    /// cursors and positions in a batch read whole below it may have lost rows.
+    earlier_form: (u64, i64),
     /// The highest event_id removed; `None` when trimming ran before it was recorded.
     max_event_id: Option<i64>,
 }
 
 impl Trimmed {
-    /// Whether a subscriber at `cursor` may have missed a trimmed row: a batch cursor below the
-    /// boundary; a `(txid, event_id)` cursor below the highest such pair removed; an
-    /// event_id-only one (which knows no transaction) below the highest event_id removed.
+    /// Whether a subscriber at `cursor` may have missed a removed row: a batch cursor below the
+    /// cut (or, reading a batch whole, below the highest `(txid, event_id)` removed); a
+    /// `(txid, event_id)` cursor below the highest such pair removed; an event_id-only one
+    /// (which knows no transaction) below the highest event_id removed.
     fn expires(&self, cursor: &PostgresCursor) -> bool {
-        match (cursor.batch, cursor.txid) {
-            (Some(batch), Some(txid)) => {
-                self.boundary.is_some_and(|b| Position::with_major(batch, txid, cursor.event_id as u64) < b)
+        match (cursor.position(), cursor.txid) {
+            (Some(position), _) => {
+                self.cut.is_some_and(|cut| position < cut)
+                    || (position.major % 3 == 1
+                        && self.cut.is_some()
+                        && (position.hi, position.postgres_event_id()) < self.earlier_form)
             }
-            (None, Some(txid)) => Position::new(txid, cursor.event_id as u64) < self.earlier_form,
-            _ => self.max_event_id.is_none_or(|max| max > cursor.event_id),
+            (None, Some(txid)) => (txid, cursor.event_id) < self.earlier_form,
+            (None, None) => self.max_event_id.is_none_or(|max| max > cursor.event_id),
         }
     }
 
     /// The oldest position still held, for `CursorExpired`.
     fn oldest(&self) -> Position {
-        self.boundary.unwrap_or(Position::ZERO)
+        self.cut.unwrap_or(Position::ZERO)
     }
 }
 
 /// The position after every row of batch `tick`.
-fn batch_end(tick: u64) -> Position {
-    Position::with_major(tick.saturating_mul(3).saturating_add(BATCH_END_PHASE), 0, 0)
+fn batch_end(tick: u64, fingerprint: Option<i64>) -> Position {
+    Position::postgres(
+        tick.saturating_mul(3).saturating_add(BATCH_END_PHASE),
+        0,
+        0,
+        Position::postgres_key_word(None),
+        fingerprint.map_or(0, |f| f as u64),
+    )
 }
 
-fn pos(major: i64, txid: i64, event_id: i64) -> Position {
-    Position::with_major(major.max(0) as u64, txid.max(0) as u64, event_id.max(0) as u64)
+/// The position of SQL words `(major, txid, event_id, partition_key)` in a batch whose tick has
+/// `fingerprint`.
+fn pos(major: i64, txid: i64, event_id: i64, key: Option<i32>, fingerprint: Option<i64>) -> Position {
+    let key = match key {
+        Some(k) => i64::from(k),
+        None => Position::postgres_key_word(None),
+    };
+    Position::postgres(major.max(0) as u64, txid.max(0) as u64, event_id, key, fingerprint.map_or(0, |f| f as u64))
 }
 
 fn as_i64(word: u64) -> i64 {
@@ -165,7 +250,7 @@ fn decode_row(row: &Row) -> Result<FamilyEvent, String> {
         occurred_at_ms: row.occurred_at_ms,
         partition_key: row.partition_key.map(i64::from),
     };
-    let cursor = cursor_at(pos(row.major, row.txid, row.event_id));
+    let cursor = cursor_at(row.position());
     match &row.family {
         None => outbox.decode(cursor).map(FamilyEvent::Completion),
         Some(family) => FamilyColumns::from_json_fields(family, row.fields.as_deref())?.decode(&outbox, cursor),
@@ -174,7 +259,23 @@ fn decode_row(row: &Row) -> Result<FamilyEvent, String> {
 
 /// The public cursor of a reader position.
 fn cursor_at(p: Position) -> StreamCursor {
-    encode_postgres_batch_cursor(p.major, p.hi, as_i64(p.lo))
+    encode_postgres_tick_cursor(p.major, p.hi, p.postgres_event_id(), p.postgres_key(), p.check)
+}
+
+/// What a lost-history marker's reason code means, for the operator.
+fn lost_reason(code: Option<&str>, at: Position) -> String {
+    let tick = at.major / 3;
+    match code {
+        Some("different") => format!(
+            "tick {tick} is another tick in this database (restored from a backup older than the position, or failed over to a replica that missed it)"
+        ),
+        Some("retired") => format!(
+            "tick {tick} belongs to a history of this database retired when it was found to be a copy (a restored dump or a logical copy)"
+        ),
+        _ => format!(
+            "this database has no tick {tick} (restored from a backup or a dump older than the position, failed over to a replica that missed it, or another database)"
+        ),
+    }
 }
 
 #[async_trait]
@@ -193,59 +294,82 @@ impl CompletionSource for PostgresSource {
         true
     }
 
-    async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, EngineError> {
+    async fn resolve_start(&self, cursor: &StreamCursor) -> Result<StartAt, Error> {
         let Some(c) = decode_postgres_cursor(cursor)? else {
             return Ok(StartAt::after(self.tail().await?));
         };
+        let checked = match c.position() {
+            Some(position) => Some((position, self.check_tick(position).await?)),
+            None => None,
+        };
+        if let Some((_, TickCheck::Lost(err))) = checked {
+            return Err(err);
+        }
         let trimmed = self.trimmed().await?;
         if let Some(trimmed) = trimmed.as_ref().filter(|t| t.expires(&c)) {
-            return Err(EngineError::CursorExpired { oldest: Some(cursor_at(trimmed.oldest())) });
+            return Err(Error::CursorExpired { oldest: Some(cursor_at(trimmed.oldest())) });
         }
-        if let (Some(batch), Some(txid)) = (c.batch, c.txid) {
-            return Ok(StartAt::after(Frontier::at(Position::with_major(batch, txid, c.event_id as u64))));
+        if let Some((position, check)) = checked {
+            if matches!(check, TickCheck::Trimmed) {
+                // Retention removed the tick without moving the cut past the position: only a
+                // tick older than every kept batch, which no reader can still be in.
+                return Err(Error::CursorExpired { oldest: trimmed.map(|t| cursor_at(t.oldest())) });
+            }
+            return Ok(StartAt::after(Frontier::at(position)));
         }
         // An earlier form: the whole batch of the newest tick, from the first row it had not seen.
-        let (major, txid, event_id): (i64, i64, i64) = sqlx::query_as(RESUME_EARLIER_FORM)
+        let (major, txid, event_id, fingerprint): (i64, i64, i64, Option<i64>) = sqlx::query_as(RESUME_EARLIER_FORM)
             .bind(c.txid.map(as_i64))
             .bind(c.event_id)
             .fetch_one(&self.pool)
             .await
-            .map_err(|e| EngineError::from_sqlx("postgres resolve cursor", e))?;
-        let lo_floor = c.txid.is_none().then_some(c.event_id as u64);
-        let after = pos(major, txid, event_id);
-        let read_alone_until = Some(Frontier::at(batch_end(after.major / 3)));
+            .map_err(|e| Error::from_sqlx("postgres resolve cursor", e))?;
+        let lo_floor = c.txid.is_none().then(|| Position::postgres(0, 0, c.event_id, 0, 0).lo);
+        // Past every row of its event id (the earlier forms name no partition key).
+        let after = Position {
+            check: fingerprint.map_or(0, |f| f as u64),
+            ..Position::postgres_without_key(major.max(0) as u64, txid.max(0) as u64, event_id)
+        };
+        let read_alone_until = Some(Frontier::at(batch_end(after.major / 3, fingerprint)));
         Ok(StartAt { after: Frontier::at(after), lo_floor, read_alone_until })
     }
 
-    async fn tail(&self) -> Result<Frontier, EngineError> {
-        let tick: i64 = sqlx::query_scalar(TICK)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| EngineError::from_sqlx("postgres tail", e))?;
-        Ok(Frontier::at(batch_end(tick.max(0) as u64)))
+    async fn tail(&self) -> Result<Frontier, Error> {
+        Ok(Frontier::at(self.head().await?))
     }
 
-    async fn read_after(&self, after: &Frontier, limit: usize) -> Result<Batch, EngineError> {
+    async fn read_after(&self, after: &Frontier, limit: usize) -> Result<Batch, Error> {
         let after = after.single();
         let limit = limit.clamp(1, i32::MAX as usize);
         self.reads_started.send_modify(|n| *n = n.wrapping_add(1));
         let rows: Vec<Row> = sqlx::query_as(READ_AFTER)
             .bind(as_i64(after.major))
             .bind(as_i64(after.hi))
-            .bind(as_i64(after.lo))
+            .bind(after.postgres_event_id())
+            .bind(after.postgres_key() as i32)
+            .bind((after.check != 0).then_some(after.check as i64))
             .bind(limit as i32)
             .fetch_all(&self.pool)
             .await
-            .map_err(|e| EngineError::from_sqlx("postgres read", e))?;
+            .map_err(|e| Error::from_sqlx("postgres read", e))?;
         let mut batch = Batch { start: Frontier::at(after), end: Frontier::at(after), ..Batch::default() };
+        if let Some(marker) = rows.iter().find(|row| row.kind == 4) {
+            batch.lost = Some((Frontier::at(marker.position()), lost_reason(marker.outcome.as_deref(), after)));
+            return Ok(batch);
+        }
         if let Some(marker) = rows.iter().find(|row| row.kind == 1) {
-            batch.expired = Some(Frontier::at(pos(marker.major, marker.txid, marker.event_id)));
+            batch.expired = Some(Frontier::at(marker.position()));
             return Ok(batch);
         }
         let mut read = 0;
         for row in &rows {
-            let p = pos(row.major, row.txid, row.event_id);
+            let p = row.position();
             batch.end.advance(p);
+            match row.kind {
+                0 => {}
+                3 => batch.full = true,
+                _ => continue,
+            }
             if row.kind != 0 {
                 continue;
             }
@@ -258,31 +382,45 @@ impl CompletionSource for PostgresSource {
         if read > 0 {
             self.activity.fetch_add(1, Ordering::Relaxed);
         }
-        batch.full = read == limit;
+        batch.full |= read == limit;
         Ok(batch)
     }
 
-    async fn gauges(&self) -> Result<Vec<(&'static str, f64)>, EngineError> {
-        let (queue, in_progress): (f64, i64) = sqlx::query_as(GAUGES)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| EngineError::from_sqlx("postgres gauges", e))?;
+    async fn gauges(&self) -> Result<Vec<(&'static str, f64)>, Error> {
+        let (queue, in_progress): (f64, i64) =
+            sqlx::query_as(GAUGES).fetch_one(&self.pool).await.map_err(|e| Error::from_sqlx("postgres gauges", e))?;
         Ok(vec![("notification_queue_usage", queue), ("transactions_in_progress", in_progress as f64)])
     }
 
-    async fn trim(&self, retention: &Retention) -> Result<u64, EngineError> {
-        let before_ms = retention.max_age.map(|age| age_cutoff_ms(TimestampMs::now(), age));
+    /// Records the cut first (readers below it expire from then on), then deletes in small
+    /// transactions of [`TRIM_STEP_ROWS`] rows, none under the tick lock: delivery goes on.
+    async fn trim(&self, retention: &Retention) -> Result<u64, Error> {
+        let max_age_ms = retention.max_age.map(|age| age.as_millis().min(i64::MAX as u128) as i64);
         let keep = retention.max_events.map(|n| n.min(i64::MAX as u64) as i64);
-        let removed: i64 = sqlx::query_scalar("SELECT ff_completions_trim($1, $2)")
-            .bind(before_ms)
+        let cut: Option<i64> = sqlx::query_scalar(TRIM_PLAN)
+            .bind(max_age_ms)
             .bind(keep)
             .fetch_one(&self.pool)
             .await
-            .map_err(|e| EngineError::from_sqlx("postgres trim", e))?;
-        Ok(removed.max(0) as u64)
+            .map_err(|e| Error::from_sqlx("postgres trim", e))?;
+        if cut.is_none() {
+            return Ok(0);
+        }
+        let mut removed = 0u64;
+        loop {
+            let (rows, done): (i64, bool) = sqlx::query_as(TRIM_STEP)
+                .bind(TRIM_STEP_ROWS)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| Error::from_sqlx("postgres trim", e))?;
+            removed += rows.max(0) as u64;
+            if done {
+                return Ok(removed);
+            }
+        }
     }
 
-    async fn open_waker(&self, _from: &Frontier) -> Result<Box<dyn Waker>, EngineError> {
+    async fn open_waker(&self, _from: &Frontier) -> Result<Box<dyn Waker>, Error> {
         let poll = AdaptivePoll::new(self.activity.clone(), self.reads_started.subscribe());
         if let BackendConnection::Postgres(PostgresConnection { poll_interval: Some(every), .. }) =
             &self.config.connection
@@ -299,10 +437,10 @@ impl CompletionSource for PostgresSource {
             .acquire_timeout(self.config.timeouts.connect_or_default())
             .connect_with(options)
             .await
-            .map_err(|e| EngineError::from_sqlx("postgres listen connect", e))?;
+            .map_err(|e| Error::from_sqlx("postgres listen connect", e))?;
         let mut listener =
-            PgListener::connect_with(&pool).await.map_err(|e| EngineError::from_sqlx("postgres listen connect", e))?;
-        listener.listen(COMPLETION_CHANNEL).await.map_err(|e| EngineError::from_sqlx("postgres LISTEN", e))?;
+            PgListener::connect_with(&pool).await.map_err(|e| Error::from_sqlx("postgres listen connect", e))?;
+        listener.listen(COMPLETION_CHANNEL).await.map_err(|e| Error::from_sqlx("postgres LISTEN", e))?;
         Ok(Box::new(PostgresWaker::spawn(listener, pool, poll)))
     }
 }
@@ -354,7 +492,7 @@ impl AdaptivePoll {
 /// `Ok(None)` once after it re-made a lost connection (notifications sent meanwhile are gone):
 /// that is a wake to catch up.
 struct PostgresWaker {
-    notifications: mpsc::Receiver<Result<Wake, EngineError>>,
+    notifications: mpsc::Receiver<Result<Wake, Error>>,
     poll: AdaptivePoll,
     _receiver: AbortOnDropHandle<()>,
 }
@@ -371,7 +509,7 @@ impl PostgresWaker {
                         Ok(Wake::Notified)
                     }
                     Ok(None) => Ok(Wake::Reconnected),
-                    Err(e) => Err(EngineError::from_sqlx("postgres LISTEN", e)),
+                    Err(e) => Err(Error::from_sqlx("postgres LISTEN", e)),
                 };
                 let failed = wake.is_err();
                 if tx.send(wake).await.is_err() || failed {
@@ -385,12 +523,12 @@ impl PostgresWaker {
 
 #[async_trait]
 impl Waker for PostgresWaker {
-    async fn wait(&mut self) -> Result<Wake, EngineError> {
+    async fn wait(&mut self) -> Result<Wake, Error> {
         self.poll.read_since_last_wake().await;
         let pause = self.poll.next_pause();
         tokio::select! {
             wake = self.notifications.recv() => {
-                wake.unwrap_or_else(|| Err(EngineError::Actor { detail: "postgres LISTEN task ended".into() }))
+                wake.unwrap_or_else(|| Err(Error::Actor { detail: "postgres LISTEN task ended".into() }))
             }
             () = tokio::time::sleep(pause) => Ok(Wake::Notified),
         }
@@ -404,7 +542,7 @@ struct PollWaker {
 
 #[async_trait]
 impl Waker for PollWaker {
-    async fn wait(&mut self) -> Result<Wake, EngineError> {
+    async fn wait(&mut self) -> Result<Wake, Error> {
         tokio::time::sleep(self.every).await;
         Ok(Wake::Notified)
     }
@@ -418,12 +556,14 @@ mod tests {
     use crate::backends::outbox::wild;
     use crate::event::{CompletionEvent, CompletionOutcome};
     use crate::types::ExecutionId;
+    use crate::types::TimestampMs;
 
     fn good_row() -> Row {
         Row {
             kind: 0,
             txid: 900,
             event_id: 7,
+            fingerprint: Some(77),
             execution_id: Some("6f1f4a52-9d8e-4c3f-a1b2-3c4d5e6f7a8b".into()),
             flow_id: None,
             outcome: Some("success".into()),

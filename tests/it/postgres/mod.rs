@@ -30,7 +30,11 @@ mod cursors;
 mod delivery;
 mod families;
 mod groups;
+mod operations;
 mod outages;
+mod paging;
+mod partitioned;
+mod producers;
 mod reads;
 mod retention;
 
@@ -92,17 +96,6 @@ async fn insert_row(conn: &mut PgConnection, occurred_at_ms: i64) -> ExecutionId
     .await
     .expect("insert row");
     id
-}
-
-/// The earlier-form `(txid, event_id)` cursor of the outbox row of `id`.
-async fn cursor_of(conn: &mut PgConnection, id: ExecutionId) -> StreamCursor {
-    let (txid, event_id): (i64, i64) =
-        sqlx::query_as("SELECT txid::text::int8, event_id FROM ff_completion_event WHERE execution_id = $1")
-            .bind(id.uuid())
-            .fetch_one(conn)
-            .await
-            .expect("row position");
-    encode_postgres_cursor(txid as u64, event_id)
 }
 
 /// The reader's cursor of the outbox row of `id`, computed from the ticks (one is recorded first):

@@ -187,7 +187,7 @@ async fn head_probes_touch_a_few_pages(table: &str, insert: &'static str) {
             .await
             .expect("ticks");
     let (newest, previous) = (&ticks[0], &ticks[1]);
-    let batch = "SELECT * FROM ff_completions_batch_rows(6, $1::pg_snapshot, $2::pg_snapshot, 0, 0, 512)";
+    let batch = "SELECT * FROM ff_completions_page(6, NULL, $1::pg_snapshot, $2::pg_snapshot, 0, 0, -32769, 512)";
     let since = "SELECT ff_completions_committed_since($1::pg_snapshot), $2::text";
     let batch = pages_touched(&mut conn, table, batch, previous, newest).await;
     let (since, idle) = (

@@ -17,7 +17,7 @@ async fn a_group_heartbeat_after_a_restart_without_persistence_reloads_the_libra
     let server = ValkeyServer::start().await;
     let store = Store::open(&impatient(server.config())).await.expect("store");
     let first = store.heartbeat("restarted", "a", TTL, Sharing::Shared, true).await.expect("heartbeat");
-    let acked = Position { lane: 0, major: 0, hi: 42, lo: 1 };
+    let acked = Position { lane: 0, major: 0, hi: 42, lo: 1, minor: 0, check: 0 };
     store.ack("restarted", "a", &[Ack { partition: 7, token: first[7].token, position: acked }]).await.expect("ack");
     server.kill9_and_restart().await;
     let libraries = |v: Value| format!("{v:?}").contains("ff_completions");
@@ -78,7 +78,7 @@ async fn the_group_functions_refuse_bad_arguments_before_writing_anything() {
     }
     assert_eq!(server.command(&["KEYS", "ff:group:*"]).await, Value::Array(Vec::new()), "nothing was written");
     // Through the store: bad names, a position the library cannot compare exactly.
-    let far = Position { lane: 0, major: 0, hi: (1 << 53) + 1, lo: 0 };
+    let far = Position { lane: 0, major: 0, hi: (1 << 53) + 1, lo: 0, minor: 0, check: 0 };
     let leases = store.heartbeat("raw", "a", TTL, Sharing::Shared, true).await.expect("heartbeat");
     let ack = Ack { partition: 0, token: leases[0].token, position: far };
     assert!(matches!(store.ack("raw", "a", &[ack]).await, Err(Error::Validation { .. })));
@@ -101,7 +101,7 @@ async fn a_group_whose_name_holds_braces_keeps_all_its_keys_in_one_slot_of_the_c
         store.heartbeat(name, "b", TTL, Sharing::Shared, true).await.expect("heartbeat b");
         let a = store.heartbeat(name, "a", TTL, Sharing::Shared, false).await.map(|again| (a, again)).expect("again");
         assert_eq!((a.0.len(), a.1.len()), (256, 128), "{name:?}");
-        let position = Position { lane: 0, major: 0, hi: 9, lo: 3 };
+        let position = Position { lane: 0, major: 0, hi: 9, lo: 3, minor: 0, check: 0 };
         store.ack(name, "a", &[Ack { partition: 1, token: a.1[1].token, position }]).await.expect("ack");
         let view = store.view(name).await.expect("view").expect("exists");
         assert_eq!(view.partitions[1].acked, position, "{name:?}");
