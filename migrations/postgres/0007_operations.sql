@@ -159,7 +159,7 @@ $$;
 -- remembers what is recorded, so a transaction of many statements writes its row once (and
 -- once more per partition it adds), never a new version per statement.
 CREATE OR REPLACE FUNCTION ff_completions_capture_outbox() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     me xid8 := pg_current_xact_id();
     recorded text := current_setting('ff_completions.captured_outbox', true);
@@ -195,7 +195,7 @@ $$;
 
 -- Records the inserting transaction of a family-event statement.
 CREATE OR REPLACE FUNCTION ff_completions_capture_families() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     me xid8 := pg_current_xact_id();
 BEGIN
@@ -250,7 +250,7 @@ $$;
 -- are left for the first tick that sees them (ff_completion_pending_cut). Retention's own
 -- deletes set ff_completions.trimming and are not counted here.
 CREATE OR REPLACE FUNCTION ff_completions_note_delete() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     me xid8 := pg_current_xact_id();
     newest bigint := (SELECT max(t.tick_id) FROM ff_completion_tick t);
@@ -306,7 +306,7 @@ $$;
 
 -- A host's TRUNCATE: every row is gone, so every reader that has not read all of them expires.
 CREATE OR REPLACE FUNCTION ff_completions_note_truncate() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     newest bigint := (SELECT max(t.tick_id) FROM ff_completion_tick t);
     newest_snapshot pg_snapshot := (SELECT t.snapshot FROM ff_completion_tick t WHERE t.tick_id = newest);
@@ -332,6 +332,9 @@ BEGIN
 END
 $$;
 
+-- The trigger functions run as the subsystem's owner (SECURITY DEFINER, with the search path of
+-- the install): a host's producer role needs its privileges on the outbox only, none on the
+-- subsystem's tables.
 -- The triggers, installed while holding the outbox's SHARE ROW EXCLUSIVE lock: producers still
 -- in progress are waited for, later ones are recorded, and every transaction already committed
 -- is recorded below. ENABLE ALWAYS: they fire for logical replication's apply workers too.

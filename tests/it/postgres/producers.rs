@@ -128,3 +128,34 @@ async fn a_prepared_transaction_committed_after_a_restart_is_delivered_once() {
     assert_exactly_once(&take_events(&mut live, 2, WAIT).await, &after, true);
     assert_no_more(&mut live, QUIET).await;
 }
+
+/// A host's producer role that may only insert into (and delete from) the outbox: the capture
+/// and delete triggers run as the subsystem's owner, so its inserts and deletes work, and its
+/// rows are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_role_with_privileges_on_the_outbox_alone_still_inserts_and_deletes() {
+    let f = fixture().await;
+    let mut live = f.tree.subscribe(Completions::tail()).await.expect("tail");
+    let mut admin = PgConnection::connect(&f.url).await.expect("connect");
+    let role = format!("producer_{}", uuid::Uuid::new_v4().simple());
+    for statement in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT INSERT, SELECT, DELETE ON ff_completion_event TO {role}"),
+        format!("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut admin).await.expect("role");
+    }
+    let producer_url = f.url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let mut producer = PgConnection::connect(&producer_url).await.expect("connect as the producer");
+    let mut tx = producer.begin().await.expect("begin");
+    let rows = vec![insert_at(&mut tx, 3).await, insert_at(&mut tx, 4).await];
+    tx.commit().await.expect("the producer commits without privileges on the subsystem's tables");
+    assert_exactly_once(&take_events(&mut live, 2, WAIT).await, &rows, true);
+    sqlx::query("DELETE FROM ff_completion_event WHERE execution_id = $1")
+        .bind(rows[0].uuid())
+        .execute(&mut producer)
+        .await
+        .expect("the producer deletes");
+    let more = complete_n(&*f.engine, 1).await;
+    assert_exactly_once(&take_events(&mut live, 1, WAIT).await, &more, true);
+}
