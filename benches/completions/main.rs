@@ -15,6 +15,7 @@ mod bed;
 mod designs;
 mod heartbeats;
 mod measure;
+mod operations;
 mod report;
 mod scenarios;
 mod wakeups;
@@ -43,6 +44,9 @@ enum Scenario {
     Wakeups,
     /// Postgres and SQLite: lease heartbeats/s with lease history on and off, alternated.
     Heartbeats,
+    /// Postgres only, a one-table and a 256-partition outbox: delivery latency against a bare
+    /// floor, idle cost, pages per read, catch-up over small batches, delivery during a trim.
+    Operations,
 }
 
 #[derive(Parser, Debug)]
@@ -83,6 +87,7 @@ async fn main() {
             Scenario::Dag,
             Scenario::Wakeups,
             Scenario::Heartbeats,
+            Scenario::Operations,
         ]
     } else {
         args.scenario.clone()
@@ -96,11 +101,13 @@ async fn main() {
 
     let started = Instant::now();
     let bed = Bed::start(&kinds).await;
-    let results = run(&bed, &scenarios, &kinds, &sizes).await;
+    let operations_sizes =
+        if args.bench { operations::OperationsSizes::full() } else { operations::OperationsSizes::smoke() };
+    let results = run(&bed, &scenarios, &kinds, &sizes, &operations_sizes).await;
     let elapsed = started.elapsed();
 
     let command = if args.bench { "cargo bench --bench completions" } else { "cargo test --bench completions" };
-    let markdown = report::markdown(&results, &sizes, command, elapsed);
+    let markdown = report::markdown(&results, &sizes, &operations_sizes, command, elapsed);
     let temp = tempfile::tempdir().expect("temp dir");
     let out = match (&args.out, args.bench && everything) {
         (Some(dir), _) => dir.clone(),
@@ -132,7 +139,13 @@ async fn main() {
     }
 }
 
-async fn run(bed: &Bed, scenarios: &[Scenario], kinds: &[Kind], sizes: &Sizes) -> Results {
+async fn run(
+    bed: &Bed,
+    scenarios: &[Scenario],
+    kinds: &[Kind],
+    sizes: &Sizes,
+    operations_sizes: &operations::OperationsSizes,
+) -> Results {
     let mut results = Results::default();
     for &kind in kinds {
         let designs: Vec<Design> =
@@ -170,6 +183,10 @@ async fn run(bed: &Bed, scenarios: &[Scenario], kinds: &[Kind], sizes: &Sizes) -
                     results.heartbeats.push(heartbeats::run(bed, kind, sizes).await);
                 }
                 Scenario::Heartbeats => {}
+                Scenario::Operations if kind == Kind::Postgres => {
+                    results.operations = Some(operations::run(operations_sizes).await);
+                }
+                Scenario::Operations => {}
             }
         }
     }
@@ -184,7 +201,7 @@ fn smoke_checks(scenarios: &[Scenario], kinds: &[Kind]) -> usize {
 
 fn applies(scenario: Scenario, kind: Kind) -> bool {
     match scenario {
-        Scenario::Wakeups => kind == Kind::Postgres,
+        Scenario::Wakeups | Scenario::Operations => kind == Kind::Postgres,
         Scenario::Heartbeats => heartbeats::applies(kind),
         _ => true,
     }
@@ -234,6 +251,14 @@ fn smoke_problems(
                     r.backend == kind
                         && r.with_history.iter().chain(&r.without_history).all(|v| *v > 0.0)
                         && r.events_received >= r.renewals_with_history
+                }),
+                Scenario::Operations => results.operations.as_ref().is_some_and(|o| {
+                    !o.latency.is_empty()
+                        && o.latency.iter().all(|r| r.spread.samples > 0 && r.spread.p50 > 0.0)
+                        && o.latency.iter().filter(|r| r.reader == operations::Reader::Ours).all(|r| r.lost == 0)
+                        && o.pages.iter().all(|r| r.ours_one_row > 0 && r.floor_one_row > 0)
+                        && o.catch_up.iter().all(|r| r.took.is_some())
+                        && o.trim.as_ref().is_some_and(|t| t.removed > 0 && t.during.samples > 0)
                 }),
             };
             if !ok {

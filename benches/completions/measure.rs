@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use uuid::Uuid;
 
@@ -44,11 +44,39 @@ impl Commits {
     }
 }
 
+/// When each completion committed by the server's own clock (Postgres with
+/// `track_commit_timestamp`): a producer's call can return well after its commit is visible
+/// (its task waits for a core), so only the server tells when the commit happened.
+pub struct CommitTimes(HashMap<Uuid, SystemTime>);
+
+impl CommitTimes {
+    /// The commit time of every row of the outbox at `url`, by execution.
+    pub async fn of_postgres(url: &str) -> Self {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url).await.expect("connect");
+        let rows: Vec<(Uuid, Option<f64>)> = sqlx::query_as(
+            "SELECT execution_id, extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8 FROM ff_completion_event",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .expect("commit timestamps (track_commit_timestamp = on)");
+        Self(
+            rows.into_iter()
+                .filter_map(|(id, at)| Some((id, SystemTime::UNIX_EPOCH + Duration::from_secs_f64(at?))))
+                .collect(),
+        )
+    }
+
+    /// Commit-to-receipt delays of `received` (by the wall clock the server shares).
+    pub fn delays(&self, received: &[(Uuid, SystemTime)]) -> Vec<Duration> {
+        received.iter().filter_map(|(id, at)| Some(at.duration_since(*self.0.get(id)?).unwrap_or_default())).collect()
+    }
+}
+
 /// One subscriber's receipts.
 pub struct Tally {
     count: AtomicU64,
     keep: bool,
-    received: Mutex<Vec<(Uuid, Instant)>>,
+    received: Mutex<Vec<(Uuid, Instant, SystemTime)>>,
 }
 
 impl Tally {
@@ -59,8 +87,8 @@ impl Tally {
 
     pub fn record(&self, id: Uuid) {
         if self.keep {
-            let now = Instant::now();
-            self.received.lock().unwrap_or_else(|e| e.into_inner()).push((id, now));
+            let (now, wall) = (Instant::now(), SystemTime::now());
+            self.received.lock().unwrap_or_else(|e| e.into_inner()).push((id, now, wall));
         }
         self.count.fetch_add(1, Ordering::Relaxed);
     }
@@ -70,7 +98,12 @@ impl Tally {
     }
 
     pub fn received(&self) -> Vec<(Uuid, Instant)> {
-        self.received.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.received.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(id, at, _)| (*id, *at)).collect()
+    }
+
+    /// Receipts by the wall clock, to compare with the server's commit times.
+    pub fn received_wall(&self) -> Vec<(Uuid, SystemTime)> {
+        self.received.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(id, _, wall)| (*id, *wall)).collect()
     }
 }
 
@@ -130,7 +163,7 @@ impl Spread {
             return Self::default();
         }
         // Microseconds, 3 significant figures.
-        let mut histogram = hdrhistogram::Histogram::<u64>::new(3).expect("3 significant figures is valid");
+        let mut histogram = ff_completions_lab::micros_histogram();
         for delay in &delays {
             histogram.saturating_record(delay.as_micros().min(u128::from(u64::MAX)) as u64);
         }

@@ -101,12 +101,21 @@ pub async fn latency(bed: &Bed, kind: Kind, design: Design, subscribers: usize, 
     let commits = Arc::new(Commits::default());
     let produced = paced(&run, units, sizes.latency_pace, commits.clone()).await;
     wait_for_all(&subs.tallies, produced.events, sizes.drain).await;
+    // Postgres tells when each commit happened; elsewhere the producer's call returning is the
+    // nearest the client sees.
+    let committed = match &run.pg_url {
+        Some(url) => Some(crate::measure::CommitTimes::of_postgres(url).await),
+        None => None,
+    };
     let (mut returned, mut issued) = (Vec::new(), Vec::new());
     let mut missing = 0;
     for tally in &subs.tallies {
         let received = tally.received();
         missing += produced.events.saturating_sub(received.len() as u64);
-        returned.extend(commits.delays(&received, From::Returned));
+        match &committed {
+            Some(committed) => returned.extend(committed.delays(&tally.received_wall())),
+            None => returned.extend(commits.delays(&received, From::Returned)),
+        }
         issued.extend(commits.delays(&received, From::Issued));
     }
     subs.stop().await;

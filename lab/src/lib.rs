@@ -22,6 +22,7 @@ pub mod faults;
 pub mod harness;
 pub mod instances;
 
+pub use dag::report::micros_histogram;
 pub use engine::{
     CancelFlowPolicy, DependencyResolution, Engine, ExecutionInfo, ExecutionSpec, FailOutcome, LEASE_DURATION,
     PostgresEngine, ResolvedEdge, SqliteEngine, ValkeyEngine, connect_engine,

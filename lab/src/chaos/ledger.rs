@@ -99,7 +99,8 @@ pub fn delay_after_faults(
     window_ms: i64,
     settle_ms: i64,
 ) -> (u64, Vec<FaultDelay>) {
-    let histogram = || hdrhistogram::Histogram::<u64>::new(3).expect("3 significant figures is valid");
+    // Milliseconds, in a histogram that tracks up to an hour of microseconds.
+    let histogram = crate::micros_histogram;
     let mut baseline = histogram();
     let mut by_fault: Vec<(&'static str, hdrhistogram::Histogram<u64>)> = Vec::new();
     for r in received {

@@ -59,8 +59,9 @@ impl Report {
     }
 }
 
-/// A histogram of microseconds from 1 µs to an hour, 3 significant figures.
-pub(super) fn micros_histogram() -> Histogram<u64> {
+/// A histogram of microseconds from 1 µs to an hour, 3 significant figures. (`Histogram::new`
+/// tracks values up to 2 only, and `saturating_record` clamps everything above to 2.)
+pub fn micros_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant bounds are valid")
 }
 

@@ -139,7 +139,8 @@ fn start() -> PgServer {
     let bin = bin_dir();
     let data_dir = init_data_dir(&bin);
     let port = free_port();
-    launch(&bin, &data_dir, port, &[]);
+    // Commit timestamps: benchmarks measure delivery from the server's own commit time.
+    launch(&bin, &data_dir, port, &[("track_commit_timestamp", "on")]);
     PgServer { port, data_dir }
 }
 
