@@ -224,7 +224,7 @@ pub(crate) fn check_heartbeat(beat: &Heartbeat<'_>) -> Result<u64, Error> {
 
 /// A position's `(major, hi, lo)` as SQL bigints; a word above `i64::MAX` is a validation error
 /// (never wrapped into a negative, which would compare below every stored position).
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg(feature = "sqlite")]
 pub(crate) fn sql_words(p: Position) -> Result<[i64; 3], Error> {
     let word =
         |w: u64| i64::try_from(w).map_err(|_| Error::validation(format!("position {p:?} does not fit the SQL store")));
@@ -232,7 +232,7 @@ pub(crate) fn sql_words(p: Position) -> Result<[i64; 3], Error> {
 }
 
 /// The position of stored `(major, hi, lo)` bigints (lane 0).
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg(feature = "sqlite")]
 pub(crate) fn from_sql_words(major: i64, hi: i64, lo: i64) -> Position {
     Position::with_major(major.max(0) as u64, hi.max(0) as u64, lo.max(0) as u64)
 }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Debug, Write as _};
+#[cfg(any(feature = "sqlite", feature = "valkey"))]
 use std::time::Duration;
 
 use super::seam::FamilyEvent;
@@ -54,6 +55,7 @@ pub(crate) fn shown(value: &dyn Debug) -> String {
 
 /// The commit time (ms since the epoch) before which a completion is older than `age` at
 /// `now`. Saturates: an age beyond the representable past gives `i64::MIN` (nothing is older).
+#[cfg(any(feature = "sqlite", feature = "valkey"))]
 pub(crate) fn age_cutoff_ms(now: TimestampMs, age: Duration) -> i64 {
     let age_ms = i128::try_from(age.as_millis()).unwrap_or(i128::MAX);
     i64::try_from(i128::from(now.0).saturating_sub(age_ms)).unwrap_or(i64::MIN)
@@ -269,6 +271,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(any(feature = "sqlite", feature = "valkey"))]
     fn the_age_cutoff_is_now_minus_the_age() {
         assert_eq!(age_cutoff_ms(TimestampMs(10_000), Duration::from_secs(3)), 7_000);
         assert_eq!(age_cutoff_ms(TimestampMs(10_000), Duration::ZERO), 10_000);
@@ -276,6 +279,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(any(feature = "sqlite", feature = "valkey"))]
     fn a_huge_age_saturates_at_the_earliest_time_instead_of_overflowing() {
         let now = TimestampMs::now();
         assert_eq!(age_cutoff_ms(now, Duration::from_secs(u64::MAX / 2)), i64::MIN);
