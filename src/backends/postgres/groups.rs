@@ -98,8 +98,8 @@ pub(crate) async fn heartbeat(db: &Db, beat: &Heartbeat<'_>) -> Result<Vec<Lease
     let [major, hi, lo] = sql_words(beat.start.single())?;
     let query = db
         .query_as::<LeaseRow>(HEARTBEAT)
-        .bind(beat.group)
-        .bind(beat.member)
+        .bind(beat.group.to_owned())
+        .bind(beat.member.to_owned())
         .bind(ttl_ms as i64)
         .bind(beat.sharing == Sharing::Exclusive)
         .bind(beat.rejoin)
@@ -159,8 +159,8 @@ fn ack_query(
     }
     Ok(sqlx::query(ACK)
         .persistent(named)
-        .bind(group)
-        .bind(member)
+        .bind(group.to_owned())
+        .bind(member.to_owned())
         .bind(partitions)
         .bind(tokens)
         .bind(majors)
@@ -179,7 +179,7 @@ pub(crate) async fn ack(db: &Db, group: &str, member: &str, acks: &[Ack]) -> Res
 
 pub(crate) async fn leave(db: &Db, group: &str, member: &str) -> Result<(), Error> {
     check_member(group, member)?;
-    let query = db.query(LEAVE).bind(group).bind(member);
+    let query = db.query(LEAVE).bind(group.to_owned()).bind(member.to_owned());
     db.run_raw(|conn| Box::pin(query.execute(conn)))
         .await
         .map_err(|e| group_error("postgres group leave", group, member, e))?;
@@ -188,9 +188,9 @@ pub(crate) async fn leave(db: &Db, group: &str, member: &str) -> Result<(), Erro
 
 pub(crate) async fn view(db: &Db, group: &str) -> Result<Option<GroupView>, Error> {
     check_name("group name", group)?;
-    let exists = db.query_scalar::<bool>(VIEW_GROUP).bind(group);
-    let members = db.query_as::<(String, i64)>(VIEW_MEMBERS).bind(group);
-    let partitions = db.query_as::<PartitionRow>(VIEW_PARTITIONS).bind(group);
+    let exists = db.query_scalar::<bool>(VIEW_GROUP).bind(group.to_owned());
+    let members = db.query_as::<(String, i64)>(VIEW_MEMBERS).bind(group.to_owned());
+    let partitions = db.query_as::<PartitionRow>(VIEW_PARTITIONS).bind(group.to_owned());
     // One snapshot for the three reads.
     let read = db
         .transaction("postgres group view", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", |conn| {
