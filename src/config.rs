@@ -499,7 +499,9 @@ impl BackendConfig {
             )));
         };
         if pg.listen_url.is_some() {
-            return Err(Error::validation("poll-only mode and split mode (a LISTEN session of its own) exclude each other"));
+            return Err(Error::validation(
+                "poll-only mode and split mode (a LISTEN session of its own) exclude each other",
+            ));
         }
         pg.poll_interval = Some(interval.max(Duration::from_millis(1)));
         Ok(self)

@@ -329,6 +329,15 @@ impl Error {
                         return Self::Timeout { op };
                     }
                     "42501" => Self::permission(op, format!("{detail}; {GRANT_HINT}")),
+                    // invalid_authorization_specification, invalid_password: the login itself
+                    // was refused (no pg_hba.conf entry, a wrong password, a missing or refused
+                    // client certificate).
+                    "28000" | "28P01" => Self::permission(
+                        op,
+                        format!(
+                            "{detail}; the server refused the login: check the user, its password or client certificate, and pg_hba.conf"
+                        ),
+                    ),
                     // A named prepared statement that is not on this server connection, or is
                     // there twice: a transaction pooler hands each transaction another one.
                     "26000" | "42P05" => Self::pooler(op, format!("{detail}; {POOLER_HINT}")),

@@ -69,9 +69,10 @@ impl PostgresConnection {
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
                 Some((POLL_MS_PARAM, v)) => {
-                    let ms: u64 = v.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| {
-                        Error::validation(format!("{POLL_MS_PARAM}={v:?} is not a positive number"))
-                    })?;
+                    let ms: u64 =
+                        v.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| {
+                            Error::validation(format!("{POLL_MS_PARAM}={v:?} is not a positive number"))
+                        })?;
                     connection.poll_interval = Some(Duration::from_millis(ms));
                 }
                 Some((LISTEN_PARAM, v)) => connection.listen_url = Some(v.to_owned()),

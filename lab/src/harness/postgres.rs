@@ -208,7 +208,9 @@ impl PrivatePg {
         let server = tokio::task::spawn_blocking(move || {
             let bin = bin_dir();
             let data_dir = init_data_dir(&bin);
-            for (from, to) in [(&server_files.cert, "server.crt"), (&server_files.key, "server.key"), (&root, "root.crt")] {
+            for (from, to) in
+                [(&server_files.cert, "server.crt"), (&server_files.key, "server.key"), (&root, "root.crt")]
+            {
                 std::fs::copy(from, data_dir.join(to)).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
             }
             std::fs::write(data_dir.join("pg_hba.conf"), TLS_HBA).expect("write pg_hba.conf");
@@ -216,7 +218,12 @@ impl PrivatePg {
             let ok = Command::new("chmod").arg("600").arg(&key).status().map(|s| s.success());
             assert_eq!(ok.ok(), Some(true), "chmod 600 server.key");
             if is_root() {
-                let ok = Command::new("chown").arg("-R").arg("postgres:postgres").arg(&data_dir).status().map(|s| s.success());
+                let ok = Command::new("chown")
+                    .arg("-R")
+                    .arg("postgres:postgres")
+                    .arg(&data_dir)
+                    .status()
+                    .map(|s| s.success());
                 assert_eq!(ok.ok(), Some(true), "chown the data dir");
             }
             let port = free_port();
@@ -231,7 +238,10 @@ impl PrivatePg {
             format!("CREATE ROLE {TLS_CERT_USER} LOGIN IN ROLE {TLS_PASSWORD_USER}"),
             format!("CREATE DATABASE {TLS_DATABASE} OWNER {TLS_PASSWORD_USER}"),
         ] {
-            sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut admin).await.expect("set up the TLS server's roles");
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&mut admin)
+                .await
+                .expect("set up the TLS server's roles");
         }
         server
     }

@@ -121,9 +121,23 @@ impl ValkeyServer {
         let root = ca.cert.display().to_string();
         let acl = [USER, "on", &format!(">{password}"), "~*", "&*", "+@all"].map(str::to_owned);
         let mut args: Vec<String> = [
-            "--appendonly", "no", "--port", "0", "--tls-port", &port.to_string(), "--tls-cert-file", &cert,
-            "--tls-key-file", &key, "--tls-ca-cert-file", &root, "--tls-auth-clients", "yes", "--requirepass",
-            "not-the-user-password", "--user",
+            "--appendonly",
+            "no",
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &root,
+            "--tls-auth-clients",
+            "yes",
+            "--requirepass",
+            "not-the-user-password",
+            "--user",
         ]
         .map(str::to_owned)
         .to_vec();
@@ -238,9 +252,9 @@ impl ValkeyServer {
     async fn try_admin(&self, database: i64) -> ferriskey::Result<Client> {
         if self.tls.is_some() {
             let config = BackendConfig::valkey_with(self.connection().with_database(database));
-            return ff_completions::valkey::connect_client(&config, "test-admin")
-                .await
-                .map_err(|e| ferriskey::Error::from((ferriskey::ErrorKind::IoError, "TLS admin client", e.to_string())));
+            return ff_completions::valkey::connect_client(&config, "test-admin").await.map_err(|e| {
+                ferriskey::Error::from((ferriskey::ErrorKind::IoError, "TLS admin client", e.to_string()))
+            });
         }
         let mut builder = ClientBuilder::new()
             .host("127.0.0.1", self.port)

@@ -52,7 +52,14 @@ pub(super) async fn install_or_check(config: &BackendConfig, pg: &PostgresConnec
             other => other,
         }),
         (false, ..) => {
-            check_version(db).await?;
+            if let Err(err) = check_version(db).await {
+                // A role that may not read the ledger: name every privilege it lacks, if the
+                // schema can still tell.
+                if matches!(err, Error::Permission { .. }) {
+                    check_privileges(db).await?;
+                }
+                return Err(err);
+            }
             check_privileges(db).await
         }
     }
@@ -165,8 +172,7 @@ pub(super) fn missing_migrations(installed: &[(i64, Vec<u8>)]) -> Option<String>
 /// Checks that the connecting role holds every privilege the tree needs.
 async fn check_privileges(db: &Db) -> Result<(), Error> {
     let missing = db.query_scalar::<String>(MISSING_PRIVILEGES);
-    let missing: Vec<String> =
-        db.run("postgres check privileges", |conn| Box::pin(missing.fetch_all(conn))).await?;
+    let missing: Vec<String> = db.run("postgres check privileges", |conn| Box::pin(missing.fetch_all(conn))).await?;
     if missing.is_empty() {
         return Ok(());
     }
@@ -195,7 +201,10 @@ mod tests {
         let short = missing_migrations(&ledger(newest - 1)).unwrap_or_default();
         assert!(short.contains(&format!("migration {newest:04}_")) && short.contains("not installed"), "{short}");
         let empty = missing_migrations(&[]).unwrap_or_default();
-        assert!(empty.contains("migration 0001_outbox is not installed") && empty.contains("holds up to nothing"), "{empty}");
+        assert!(
+            empty.contains("migration 0001_outbox is not installed") && empty.contains("holds up to nothing"),
+            "{empty}"
+        );
     }
 
     #[test]

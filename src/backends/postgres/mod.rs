@@ -102,7 +102,9 @@ async fn open(config: &BackendConfig, max: u32, purpose: Purpose) -> Result<Db, 
     let options = session_options(connect_options(config)?.application_name("ff-completions"), config, pooled, purpose);
     let db = Db::connect(config, options, max, pooled).await?;
     install::install_or_check(config, pg, &db).await?;
-    db.run("postgres verify", |conn| Box::pin(async move { sqlx::query("SELECT ff_completions_verify()").execute(conn).await.map(drop) }))
-        .await?;
+    db.run("postgres verify", |conn| {
+        Box::pin(async move { sqlx::query("SELECT ff_completions_verify()").execute(conn).await.map(drop) })
+    })
+    .await?;
     Ok(db)
 }

@@ -43,7 +43,12 @@ impl Db {
     ///
     /// # Errors
     /// Connection errors as [`Error::from_sqlx`] maps them.
-    pub(crate) async fn connect(config: &BackendConfig, options: PgConnectOptions, max: u32, pooled: bool) -> Result<Self, Error> {
+    pub(crate) async fn connect(
+        config: &BackendConfig,
+        options: PgConnectOptions,
+        max: u32,
+        pooled: bool,
+    ) -> Result<Self, Error> {
         let pool = PgPoolOptions::new()
             .max_connections(max)
             .acquire_timeout(config.timeouts.connect_or_default())
@@ -79,7 +84,10 @@ impl Db {
     }
 
     /// [`Self::query`] returning one column of `O`.
-    pub(crate) fn query_scalar<O>(&self, sql: &'static str) -> sqlx::query::QueryScalar<'static, Postgres, O, PgArguments>
+    pub(crate) fn query_scalar<O>(
+        &self,
+        sql: &'static str,
+    ) -> sqlx::query::QueryScalar<'static, Postgres, O, PgArguments>
     where
         (O,): for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
     {
@@ -185,7 +193,9 @@ pub(crate) fn session_options(
     // to answer a read of a few rows.
     let mut options = options.options([("default_transaction_isolation", "read committed"), ("jit", "off")]);
     let (statement, lock) = match purpose {
-        Purpose::Tree => (Some(config.timeouts.postgres_statement_or_default()), Some(config.timeouts.lock_or_default())),
+        Purpose::Tree => {
+            (Some(config.timeouts.postgres_statement_or_default()), Some(config.timeouts.lock_or_default()))
+        }
         Purpose::Host => (config.timeouts.request, config.timeouts.lock),
         Purpose::Install => (None, None),
     };

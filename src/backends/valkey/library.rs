@@ -3,7 +3,7 @@
 //! function library when it is missing or of another version, and `FCALL` that reloads it once
 //! when a restarted server lost it.
 
-use ferriskey::client::{AuthenticationInfo, ConnectionRequest, NodeAddress, TlsMode};
+use ferriskey::client::{AuthenticationInfo, ConnectionRequest, ConnectionRetryStrategy, NodeAddress, TlsMode};
 use ferriskey::{Client, ErrorKind, FromValue, LazyClient, ToArgs};
 
 use super::{LIBRARY, LIBRARY_VERSION};
@@ -133,11 +133,24 @@ fn request(config: &BackendConfig, name: &str) -> Result<ConnectionRequest, Erro
         tcp_nodelay: true,
         client_name: Some(name.to_owned()),
         cluster_mode_enabled: v.cluster,
+        // Two quick tries (200 ms, 400 ms) before a first connection fails, then every 400 ms
+        // while reconnecting: ferriskey's default, five tries up to 3.2 s, outlasts the
+        // connect timeout, so a refused TLS handshake came back as a bare time-out. The tree's
+        // own backoff spaces its restarts.
+        connection_retry_strategy: Some(ConnectionRetryStrategy {
+            exponent_base: 2,
+            factor: 100,
+            number_of_retries: 2,
+            jitter_percent: Some(20),
+        }),
         ..ConnectionRequest::default()
     };
     if v.username.is_some() || v.password.is_some() {
-        request.authentication_info =
-            Some(AuthenticationInfo { username: v.username.clone(), password: v.password.clone(), ..Default::default() });
+        request.authentication_info = Some(AuthenticationInfo {
+            username: v.username.clone(),
+            password: v.password.clone(),
+            ..Default::default()
+        });
     }
     if v.tls {
         request.tls_mode = Some(TlsMode::SecureTls);

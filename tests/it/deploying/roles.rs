@@ -48,8 +48,11 @@ impl Owned {
         let admin = fresh_database().await;
         let owner_role = format!("owner_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let database = admin.rsplit('/').next().unwrap_or_default().to_owned();
-        run(&admin, &[&format!("CREATE ROLE {owner_role} LOGIN"), &format!("ALTER DATABASE {database} OWNER TO {owner_role}")])
-            .await;
+        run(
+            &admin,
+            &[&format!("CREATE ROLE {owner_role} LOGIN"), &format!("ALTER DATABASE {database} OWNER TO {owner_role}")],
+        )
+        .await;
         let owner = Self::url_as(&admin, &owner_role);
         let engine = Arc::new(
             PostgresEngine::connect(&BackendConfig::postgres(&owner)).await.expect("the owner installs the subsystem"),
@@ -89,12 +92,15 @@ async fn connect_error(url: &str) -> Error {
 async fn a_schema_owner_who_is_not_a_superuser_installs_and_delivers() {
     let db = Owned::new().await;
     let mut conn = PgConnection::connect(&db.owner).await.expect("as the owner");
-    let superuser: bool =
-        sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetch_one(&mut conn).await.expect("role");
-    assert!(!superuser);
-    let (tree, _) = CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(BackendConfig::postgres(&db.owner)))
+    let superuser: bool = sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        .fetch_one(&mut conn)
         .await
-        .expect("spawn");
+        .expect("role");
+    assert!(!superuser);
+    let (tree, _) =
+        CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(BackendConfig::postgres(&db.owner)))
+            .await
+            .expect("spawn");
     let mut live = tree.subscribe(Completions::tail()).await.expect("tail");
     let done = complete_n(&*db.engine, 3).await;
     assert_exactly_once(&take_events(&mut live, 3, WAIT).await, &done, true);
@@ -124,7 +130,8 @@ async fn a_runtime_role_with_exactly_the_granted_privileges_runs_the_tree_famili
     let config = BackendConfig::from_url(&url)
         .expect("config")
         .with_retention(Retention::max_events(1_000_000).every(Duration::from_millis(50)));
-    let (tree, _) = CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(config)).await.expect("spawn");
+    let (tree, _) =
+        CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(config)).await.expect("spawn");
     let mut completions = tree.subscribe(Completions::tail()).await.expect("completions");
     let mut leases = tree.subscribe(LeaseHistory::tail()).await.expect("lease history");
     let mut member = tree

@@ -61,9 +61,10 @@ async fn a_lock_held_for_30_seconds_stops_neither_delivery_nor_heartbeats() {
     init_tracing();
     let url = fresh_database().await;
     let engine = Arc::new(PostgresEngine::connect(&BackendConfig::postgres(&url)).await.expect("engine"));
-    let (tree, _) = CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(BackendConfig::postgres(&url)))
-        .await
-        .expect("spawn tree");
+    let (tree, _) =
+        CompletionSupervisorHandle::spawn(SupervisorConfig::new().with_backend(BackendConfig::postgres(&url)))
+            .await
+            .expect("spawn tree");
     let mut tail = tree.subscribe(Completions::tail()).await.expect("tail");
     let group = unique("locked");
     let request = |member: &str| DurableRequest::group(&group).with_member(member).with_ack_after_delivery();
@@ -81,12 +82,14 @@ async fn a_lock_held_for_30_seconds_stops_neither_delivery_nor_heartbeats() {
         async move {
             let mut conn = PgConnection::connect(&url).await.expect("holder");
             sqlx::query("BEGIN").execute(&mut conn).await.expect("begin");
-            sqlx::query("SELECT 1 FROM ff_completion_group_partition WHERE group_name = $1 AND partition = $2 FOR UPDATE")
-                .bind(&group)
-                .bind(locked_partition as i16)
-                .execute(&mut conn)
-                .await
-                .expect("lock the partition's row");
+            sqlx::query(
+                "SELECT 1 FROM ff_completion_group_partition WHERE group_name = $1 AND partition = $2 FOR UPDATE",
+            )
+            .bind(&group)
+            .bind(locked_partition as i16)
+            .execute(&mut conn)
+            .await
+            .expect("lock the partition's row");
             let _ = locked_tx.send(());
             tokio::time::sleep(HOLD).await;
             held.store(false, Ordering::SeqCst);
