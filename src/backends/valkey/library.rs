@@ -146,11 +146,10 @@ fn request(config: &BackendConfig, name: &str) -> Result<ConnectionRequest, Erro
         ..ConnectionRequest::default()
     };
     if v.username.is_some() || v.password.is_some() {
-        request.authentication_info = Some(AuthenticationInfo {
-            username: v.username.clone(),
-            password: v.password.clone(),
-            ..Default::default()
-        });
+        let mut auth = AuthenticationInfo::default();
+        auth.username.clone_from(&v.username);
+        auth.password.clone_from(&v.password);
+        request.authentication_info = Some(auth);
     }
     if v.tls {
         request.tls_mode = Some(TlsMode::SecureTls);

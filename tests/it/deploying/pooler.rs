@@ -107,7 +107,7 @@ async fn installing_through_pgbouncer_in_poll_only_mode_stops_with_a_message_to_
     init_tracing();
     let pooled = bouncer().await.pooled(&fresh_database().await);
     let config = BackendConfig::from_url(&format!("{pooled}?ff_poll_ms=50")).expect("config");
-    let err = ff_completions::postgres::connect_pool(&config, 1).await.err().expect("refused");
+    let err = ff_completions::postgres::connect_pool(&config, 1).await.expect_err("refused");
     assert!(matches!(err, Error::Pooler { .. }) && !err.is_transient(), "{err:?}");
     assert!(err.to_string().contains("install it once through a direct connection"), "{err}");
     let tree = tree(&format!("{pooled}?ff_poll_ms=50")).await;
@@ -124,8 +124,7 @@ async fn installing_through_pgbouncer_in_poll_only_mode_stops_with_a_message_to_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooler_url_that_does_not_say_so_is_refused_with_a_pooler_error() {
     let (_direct, pooled, _engine) = installed().await;
-    let err =
-        ff_completions::postgres::connect_pool(&BackendConfig::postgres(&pooled), 1).await.err().expect("refused");
+    let err = ff_completions::postgres::connect_pool(&BackendConfig::postgres(&pooled), 1).await.expect_err("refused");
     assert!(matches!(err, Error::Pooler { .. }) && !err.is_transient(), "{err:?}");
     assert!(err.to_string().contains("ff_poll_ms") && err.to_string().contains("ff_listen"), "{err}");
 }

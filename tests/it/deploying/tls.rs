@@ -4,9 +4,7 @@
 use std::sync::Arc;
 
 use ff_completions::cursor::{encode_sqlite_cursor, encode_valkey_cursor};
-use ff_completions::{
-    BackendConfig, CompletionSupervisorHandle, Completions, Error, ScannerFilter, SupervisorConfig, ValkeyConnection,
-};
+use ff_completions::{BackendConfig, CompletionSupervisorHandle, Completions, Error, ScannerFilter, SupervisorConfig};
 use ff_completions_lab::{PostgresEngine, ValkeyEngine};
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
