@@ -38,7 +38,7 @@ impl PgBouncer {
         std::fs::write(dir.join("users.txt"), users_file).expect("users.txt");
         let ini = format!(
             "[databases]\n* = host=127.0.0.1 port={pg_port}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
-             unix_socket_dir =\nauth_type = trust\nauth_file = {dir}/users.txt\npool_mode = transaction\n\
+             unix_socket_dir =\nserver_tls_sslmode = disable\nauth_type = trust\nauth_file = {dir}/users.txt\npool_mode = transaction\n\
              default_pool_size = {pool_size}\nmax_client_conn = 500\nserver_reset_query =\n\
              logfile = {dir}/pgbouncer.log\npidfile = {dir}/pgbouncer.pid\n",
             dir = dir.display()

@@ -30,6 +30,8 @@ pub struct ServerTls {
     pub ca: PathBuf,
     /// A client certificate the server accepts.
     pub client: CertFiles,
+    /// The port it also listens on without TLS ([`ValkeyServer::start_tls_beside_plain`]).
+    pub plain_port: Option<u16>,
 }
 
 /// The ACL user of servers started with [`ValkeyServer::start_with_user`].
@@ -110,6 +112,16 @@ impl ValkeyServer {
     /// `localhost`, clients must present a certificate of `ca` (`tls-auth-clients yes`), the
     /// ACL user [`USER`] with `password`. [`Self::connection`] connects over TLS as that user.
     pub async fn start_tls(ca: &TestCa, password: &str) -> Self {
+        Self::start_tls_with(ca, password, None).await
+    }
+
+    /// [`Self::start_tls`] that also listens without TLS on a port of its own (clients of that
+    /// port need no certificate): one server, both ways in, for figures of TLS against plain TCP.
+    pub async fn start_tls_beside_plain(ca: &TestCa, password: &str) -> Self {
+        Self::start_tls_with(ca, password, Some(free_port())).await
+    }
+
+    async fn start_tls_with(ca: &TestCa, password: &str, plain_port: Option<u16>) -> Self {
         assert!(
             std::path::Path::new(TLS_SERVER_BINARY).exists(),
             "{TLS_SERVER_BINARY} not found: run scripts/test.sh, which installs Debian's redis-server"
@@ -124,7 +136,7 @@ impl ValkeyServer {
             "--appendonly",
             "no",
             "--port",
-            "0",
+            &plain_port.unwrap_or(0).to_string(),
             "--tls-port",
             &port.to_string(),
             "--tls-cert-file",
@@ -149,10 +161,19 @@ impl ValkeyServer {
             child: Mutex::new(None),
             credentials: (Some(USER.to_owned()), Some(password.to_owned())),
             binary: PathBuf::from(TLS_SERVER_BINARY),
-            tls: Some(ServerTls { ca: ca.cert.clone(), client: ca.client(USER) }),
+            tls: Some(ServerTls { ca: ca.cert.clone(), client: ca.client(USER), plain_port }),
         };
         server.launch().await;
         server
+    }
+
+    /// The plain-TCP connection of a server started with [`Self::start_tls_beside_plain`].
+    pub fn plain_connection(&self) -> Option<ValkeyConnection> {
+        let port = self.tls.as_ref()?.plain_port?;
+        Some(
+            ValkeyConnection::new("127.0.0.1", port)
+                .with_credentials(self.credentials.0.clone(), self.credentials.1.clone()),
+        )
     }
 
     /// The TLS files of a server started with [`Self::start_tls`].
