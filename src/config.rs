@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use crate::error::{Error, redact};
 
+mod postgres;
+
+pub use postgres::PostgresConnection;
+
 /// Shortest safety tick and held-back re-poll: a zero interval would make `tokio::time`
 /// panic (the tick) or spin (the re-poll).
 pub(crate) const MIN_INTERVAL: Duration = Duration::from_millis(1);
@@ -24,11 +28,17 @@ pub(crate) const MAX_SUBSCRIBER_BUFFER: usize = 1_000_000;
 #[non_exhaustive]
 pub struct BackendTimeouts {
     /// Per-request timeout; `None` means the backend's default (Valkey: 5 s here, not ferriskey's
-    /// 250 ms; Postgres: no `statement_timeout`). Postgres applies it as `statement_timeout`;
-    /// SQLite ignores it.
+    /// 250 ms; Postgres: [`Self::POSTGRES_STATEMENT`]). Postgres applies it as
+    /// `statement_timeout` to every statement the tree and its group members send; SQLite
+    /// ignores it.
     pub request: Option<Duration>,
     /// Connect timeout; `None` means 5 s.
     pub connect: Option<Duration>,
+    /// Postgres: the longest a statement of the tree or of a group member waits for a lock
+    /// (`lock_timeout`); `None` means [`Self::POSTGRES_LOCK`]. A statement that times out is
+    /// an [`Error::Timeout`], transient: the tree retries it. Valkey has no lock waits (each
+    /// command is bounded by `request`); SQLite waits up to its busy timeout (5 s).
+    pub lock: Option<Duration>,
 }
 
 impl BackendTimeouts {
@@ -39,11 +49,37 @@ impl BackendTimeouts {
         self
     }
 
+    /// The default `statement_timeout` of the tree's Postgres statements: 30 s.
+    pub const POSTGRES_STATEMENT: Duration = Duration::from_secs(30);
+
+    /// The default `lock_timeout` of the tree's Postgres statements: 1 s, below a third of the
+    /// shortest lease a durable group member renews at its default ttl (5 s), so a heartbeat
+    /// that waits for a lock fails and is tried again before its leases run out.
+    pub const POSTGRES_LOCK: Duration = Duration::from_secs(1);
+
     /// Sets the connect timeout.
     #[must_use]
     pub fn with_connect(mut self, d: Duration) -> Self {
         self.connect = Some(d);
         self
+    }
+
+    /// Sets the lock timeout (Postgres).
+    #[must_use]
+    pub fn with_lock(mut self, d: Duration) -> Self {
+        self.lock = Some(d);
+        self
+    }
+
+    /// The `statement_timeout` of the tree's Postgres statements: the request timeout, or
+    /// [`Self::POSTGRES_STATEMENT`].
+    pub fn postgres_statement_or_default(&self) -> Duration {
+        self.request.unwrap_or(Self::POSTGRES_STATEMENT)
+    }
+
+    /// The `lock_timeout` of the tree's Postgres statements, or [`Self::POSTGRES_LOCK`].
+    pub fn lock_or_default(&self) -> Duration {
+        self.lock.unwrap_or(Self::POSTGRES_LOCK)
     }
 
     /// The request timeout, or its default (5 s) when unset: what Valkey clients of the tree
@@ -120,51 +156,6 @@ impl Retention {
     }
 }
 
-/// Postgres connection: a `postgres://` URL, and how the listener wakes.
-#[derive(Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct PostgresConnection {
-    /// The URL, credentials included (never printed).
-    pub url: String,
-    /// `None`: LISTEN/NOTIFY wakes the listener (needs a session; not through PgBouncer in
-    /// transaction mode). `Some(interval)`: no LISTEN; the listener polls the outbox this often.
-    pub poll_interval: Option<Duration>,
-}
-
-impl fmt::Debug for PostgresConnection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PostgresConnection")
-            .field("url", &redact(&self.url))
-            .field("poll_interval", &self.poll_interval)
-            .finish()
-    }
-}
-
-/// The URL query parameter that selects poll-only mode: `?ff_poll_ms=200`.
-pub const POLL_MS_PARAM: &str = "ff_poll_ms";
-
-/// Splits our own `ff_poll_ms` parameter off a Postgres URL (the driver would reject it).
-fn take_poll_param(text: &str) -> Result<(String, Option<Duration>), Error> {
-    let Some((base, query)) = text.split_once('?') else { return Ok((text.to_owned(), None)) };
-    let mut poll = None;
-    let mut kept = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some((POLL_MS_PARAM, v)) => {
-                let ms: u64 = v
-                    .parse()
-                    .ok()
-                    .filter(|ms| *ms > 0)
-                    .ok_or_else(|| Error::validation(format!("{POLL_MS_PARAM}={v:?} is not a positive number")))?;
-                poll = Some(Duration::from_millis(ms));
-            }
-            _ => kept.push(pair),
-        }
-    }
-    let url = if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) };
-    Ok((url, poll))
-}
-
 /// Valkey connection parameters.
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -177,8 +168,15 @@ pub struct ValkeyConnection {
     pub username: Option<String>,
     /// Password (never printed).
     pub password: Option<String>,
-    /// Use TLS.
+    /// Use TLS (`valkeys://`): the server's certificate is verified against
+    /// [`Self::tls_ca`], or the system's roots when unset.
     pub tls: bool,
+    /// A PEM file of the authority the server's certificate must be signed by (`?cacert=` in
+    /// the URL).
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate and its key, PEM files, for servers that ask for one
+    /// (`tls-auth-clients yes`; `?cert=…&key=…` in the URL).
+    pub tls_client: Option<(PathBuf, PathBuf)>,
     /// Cluster mode: `host:port` (and [`ValkeyConnection::seed_nodes`]) are nodes to discover
     /// the cluster from; ferriskey's cluster client routes each call to the primary owning its
     /// keys' slot (database 0 only).
@@ -206,6 +204,8 @@ impl ValkeyConnection {
             username: None,
             password: None,
             tls: false,
+            tls_ca: None,
+            tls_client: None,
             cluster: false,
             seed_nodes: Vec::new(),
             database: 0,
@@ -226,6 +226,16 @@ impl ValkeyConnection {
     #[must_use]
     pub fn with_tls(mut self, tls: bool) -> Self {
         self.tls = tls;
+        self
+    }
+
+    /// TLS with `ca` as the authority of the server's certificate, and a client certificate
+    /// and key when the server asks for one (implies [`Self::with_tls`]).
+    #[must_use]
+    pub fn with_tls_files(mut self, ca: Option<PathBuf>, client: Option<(PathBuf, PathBuf)>) -> Self {
+        self.tls = true;
+        self.tls_ca = ca;
+        self.tls_client = client;
         self
     }
 
@@ -303,6 +313,8 @@ impl fmt::Debug for ValkeyConnection {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("tls", &self.tls)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_client", &self.tls_client)
             .field("cluster", &self.cluster)
             .field("seed_nodes", &self.seed_nodes)
             .field("database", &self.database)
@@ -436,7 +448,7 @@ impl BackendConfig {
 
     /// Postgres at `url`.
     pub fn postgres(url: impl Into<String>) -> Self {
-        Self::with_connection(BackendConnection::Postgres(PostgresConnection { url: url.into(), poll_interval: None }))
+        Self::with_connection(BackendConnection::Postgres(PostgresConnection::new(url)))
     }
 
     /// Valkey at `host:port`.
@@ -486,8 +498,54 @@ impl BackendConfig {
                 self.kind()
             )));
         };
+        if pg.listen_url.is_some() {
+            return Err(Error::validation(
+                "poll-only mode and split mode (a LISTEN session of its own) exclude each other",
+            ));
+        }
         pg.poll_interval = Some(interval.max(Duration::from_millis(1)));
         Ok(self)
+    }
+
+    /// Postgres only: split mode. Every statement goes through the connection's URL (a
+    /// transaction pooler such as PgBouncer), unnamed and in a transaction of its own, while the
+    /// listener's LISTEN session, and installing the schema, use `direct_url` (the server
+    /// itself): a pooled deployment keeps the wake-ups of a direct session. The URL parameter
+    /// `?ff_listen=host:port` does the same with the pooler URL's credentials.
+    ///
+    /// # Errors
+    /// [`Error::Validation`] on a Valkey or SQLite config, or one in poll-only mode.
+    pub fn with_listen_url(mut self, direct_url: impl Into<String>) -> Result<Self, Error> {
+        let kind = self.kind();
+        match &mut self.connection {
+            BackendConnection::Postgres(pg) if pg.poll_interval.is_none() => {
+                pg.listen_url = Some(direct_url.into());
+                Ok(self)
+            }
+            BackendConnection::Postgres(_) => {
+                Err(Error::validation("split mode (a LISTEN session of its own) and poll-only mode exclude each other"))
+            }
+            _ => Err(Error::validation(format!("split mode is a Postgres setting, not a {kind} one"))),
+        }
+    }
+
+    /// Postgres only: start without installing or upgrading the schema, for a runtime role
+    /// without `CREATE`: the tree checks that the installed schema is the version this crate
+    /// needs ([`Error::SchemaVersion`] names the missing migration) and that the role holds
+    /// every privilege it needs ([`Error::Permission`] names the first missing ones). The URL
+    /// parameter `?ff_migrate=false` does the same.
+    ///
+    /// # Errors
+    /// [`Error::Validation`] on a Valkey or SQLite config.
+    pub fn without_migrating(mut self) -> Result<Self, Error> {
+        let kind = self.kind();
+        match &mut self.connection {
+            BackendConnection::Postgres(pg) => {
+                pg.migrate = false;
+                Ok(self)
+            }
+            _ => Err(Error::validation(format!("starting without migrating is a Postgres setting, not a {kind} one"))),
+        }
     }
 
     /// Sets the retention policy (a trim job run by the supervisor).
@@ -551,12 +609,7 @@ impl BackendConfig {
                 if url.host_str().is_none_or(str::is_empty) && !text.contains("host=") {
                     return Err(Error::validation(format!("postgres URL {:?} has no host", redact(text))));
                 }
-                let (plain, poll) = take_poll_param(text)?;
-                let config = Self::postgres(plain);
-                match poll {
-                    Some(interval) => config.with_poll_only(interval),
-                    None => Ok(config),
-                }
+                Ok(Self::with_connection(BackendConnection::Postgres(PostgresConnection::from_url(text)?)))
             }
             full @ ("valkey" | "valkeys" | "redis" | "rediss" | "valkey+cluster" | "valkeys+cluster"
             | "redis+cluster" | "rediss+cluster") => {
@@ -591,6 +644,30 @@ impl BackendConfig {
                     .with_tls(tls)
                     .with_database(database)
                     .with_cluster(cluster);
+                let mut cert = None;
+                let mut key = None;
+                for (name, value) in url.query_pairs() {
+                    match name.as_ref() {
+                        "cacert" => connection.tls_ca = Some(PathBuf::from(value.as_ref())),
+                        "cert" => cert = Some(PathBuf::from(value.as_ref())),
+                        "key" => key = Some(PathBuf::from(value.as_ref())),
+                        other => {
+                            return Err(Error::validation(format!(
+                                "{scheme} URL: unknown parameter {other:?} (known: cacert, cert, key)"
+                            )));
+                        }
+                    }
+                }
+                match (cert, key) {
+                    (Some(cert), Some(key)) => connection.tls_client = Some((cert, key)),
+                    (None, None) => {}
+                    _ => return Err(Error::validation(format!("{scheme} URL: cert and key go together"))),
+                }
+                if !tls && (connection.tls_ca.is_some() || connection.tls_client.is_some()) {
+                    return Err(Error::validation(format!(
+                        "{scheme} URL names TLS files without TLS: use {scheme}s://"
+                    )));
+                }
                 if !seed_nodes.is_empty() {
                     connection = connection.with_seed_nodes(std::iter::once((host, port)).chain(seed_nodes))?;
                 }
@@ -716,15 +793,6 @@ mod tests {
                 other => panic!("{url:?} gave {other:?}"),
             }
         }
-    }
-
-    #[test]
-    fn postgres_poll_only_mode_comes_from_the_url() {
-        let c = BackendConfig::from_url("postgres://u:pw@h/db?sslmode=disable&ff_poll_ms=250").ok();
-        let Some(BackendConnection::Postgres(pg)) = c.map(|c| c.connection) else { panic!("not postgres") };
-        assert_eq!(pg.url, "postgres://u:pw@h/db?sslmode=disable");
-        assert_eq!(pg.poll_interval, Some(Duration::from_millis(250)));
-        assert!(BackendConfig::from_url("postgres://h/db?ff_poll_ms=0").is_err());
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub const SUBSCRIBER_BUFFER: &str = "FF_COMPLETIONS_SUBSCRIBER_BUFFER";
 pub const REQUEST_TIMEOUT_MS: &str = "FF_COMPLETIONS_REQUEST_TIMEOUT_MS";
 /// Connect timeout, in milliseconds.
 pub const CONNECT_TIMEOUT_MS: &str = "FF_COMPLETIONS_CONNECT_TIMEOUT_MS";
+/// Postgres `lock_timeout` of the tree's statements, in milliseconds.
+pub const LOCK_TIMEOUT_MS: &str = "FF_COMPLETIONS_LOCK_TIMEOUT_MS";
 /// Postgres poll-only mode (no LISTEN, e.g. behind PgBouncer): poll interval in milliseconds.
 pub const POLL_MS: &str = "FF_COMPLETIONS_POLL_MS";
 /// Retention: remove completions older than this many seconds.
@@ -37,13 +39,14 @@ pub const VALKEY_STREAM_MAXLEN: &str = "FF_COMPLETIONS_VALKEY_STREAM_MAXLEN";
 pub const CONNECT_AT_START: &str = "FF_COMPLETIONS_CONNECT_AT_START";
 
 /// Every variable this module reads, for documentation and diagnostics.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 13] = [
     URL,
     TICK_MS,
     BATCH_SIZE,
     SUBSCRIBER_BUFFER,
     REQUEST_TIMEOUT_MS,
     CONNECT_TIMEOUT_MS,
+    LOCK_TIMEOUT_MS,
     POLL_MS,
     RETENTION_MAX_AGE_S,
     RETENTION_MAX_EVENTS,
@@ -121,6 +124,7 @@ pub fn supervisor_config_from(lookup: &dyn Fn(&str) -> Option<String>) -> Result
     let mut config = SupervisorConfig::new();
     let request = millis(lookup, REQUEST_TIMEOUT_MS, MAX_MILLIS)?;
     let connect = millis(lookup, CONNECT_TIMEOUT_MS, MAX_MILLIS)?;
+    let lock = millis(lookup, LOCK_TIMEOUT_MS, MAX_MILLIS)?;
     let poll = millis(lookup, POLL_MS, MAX_MILLIS)?;
     let max_age = number(lookup, RETENTION_MAX_AGE_S, MAX_AGE_S)?.map(Duration::from_secs);
     let max_events = number(lookup, RETENTION_MAX_EVENTS, u64::MAX)?;
@@ -132,6 +136,9 @@ pub fn supervisor_config_from(lookup: &dyn Fn(&str) -> Option<String>) -> Result
         }
         if let Some(d) = connect {
             backend.timeouts = backend.timeouts.with_connect(d);
+        }
+        if let Some(d) = lock {
+            backend.timeouts = backend.timeouts.with_lock(d);
         }
         if let Some(d) = poll.filter(|_| matches!(backend.connection, BackendConnection::Postgres(_))) {
             backend = backend.with_poll_only(d)?;
@@ -200,6 +207,7 @@ mod tests {
             (SUBSCRIBER_BUFFER, "64"),
             (REQUEST_TIMEOUT_MS, "900"),
             (CONNECT_TIMEOUT_MS, "800"),
+            (LOCK_TIMEOUT_MS, "700"),
             (POLL_MS, "100"),
             (RETENTION_MAX_AGE_S, "3600"),
             (RETENTION_MAX_EVENTS, "1000"),
@@ -215,6 +223,7 @@ mod tests {
         let pg = &c.backends[0].1;
         assert_eq!(pg.timeouts.request, Some(Duration::from_millis(900)));
         assert_eq!(pg.timeouts.connect, Some(Duration::from_millis(800)));
+        assert_eq!(pg.timeouts.lock, Some(Duration::from_millis(700)));
         let BackendConnection::Postgres(conn) = &pg.connection else { panic!("not postgres") };
         assert_eq!(conn.poll_interval, Some(Duration::from_millis(100)));
         let retention = pg.retention.clone().unwrap_or_else(|| panic!("no retention"));

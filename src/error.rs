@@ -31,13 +31,67 @@ pub enum Error {
         #[source]
         source: Option<ErrorSource>,
     },
-    /// The backend's schema or function library is missing or of another version: retrying
-    /// will not help until an operator acts.
-    #[error("the backend's schema is missing or of another version ({op}): {detail}")]
+    /// The backend's schema or function library is missing or damaged (a table, function or
+    /// trigger the tree reads is not there): retrying will not help until an operator
+    /// installs it. A schema of another version is [`Error::SchemaVersion`].
+    #[error("the backend's schema is missing or damaged ({op}): {detail}")]
     Schema {
         /// What was being attempted.
         op: &'static str,
         /// What is missing or wrong.
+        detail: String,
+        /// The driver's or server's own error, when there is one.
+        #[source]
+        source: Option<ErrorSource>,
+    },
+    /// The schema installed in the database is not the version this crate needs (a migration
+    /// is missing, or the database holds one this crate does not know): the text names the
+    /// migration. Install as the schema's owner (the tree does on connect unless told not to
+    /// migrate), or run the crate's version the database was installed by.
+    #[error("the installed schema is not the version this crate needs ({op}): {detail}")]
+    SchemaVersion {
+        /// What was being attempted.
+        op: &'static str,
+        /// Which migration is missing or unknown, and what to do.
+        detail: String,
+    },
+    /// The server refused a privilege the tree needs (Postgres SQLSTATE 42501, Valkey `NOPERM`):
+    /// the role it connects as lacks a grant. The text names the privilege and the object;
+    /// `ff_completions_grant_runtime(role)` grants every one the tree needs (see the guide's
+    /// "Deploying" page). Retrying will not help until an operator grants it.
+    #[error("permission denied ({op}): {detail}")]
+    Permission {
+        /// What was being attempted.
+        op: &'static str,
+        /// Which privilege on which object, and how to grant it.
+        detail: String,
+        /// The driver's or server's own error, when there is one.
+        #[source]
+        source: Option<ErrorSource>,
+    },
+    /// TLS could not be set up: the server offers none although the config requires it, its
+    /// certificate is not signed by the configured authority or names another host, a
+    /// certificate or key file cannot be read, or the server refused the client certificate.
+    /// Retrying will not help until the config or the certificates change.
+    #[error("TLS failed ({op}): {detail}")]
+    Tls {
+        /// What was being attempted.
+        op: &'static str,
+        /// What TLS refused, with secrets already removed.
+        detail: String,
+        /// The driver's or server's own error, when there is one.
+        #[source]
+        source: Option<ErrorSource>,
+    },
+    /// A connection pooler between the tree and Postgres refused what it was sent (a startup
+    /// parameter, a named prepared statement across transactions, the installer's session
+    /// lock): the URL goes through a transaction pooler without saying so (`ff_poll_ms` or
+    /// `ff_listen`), or the schema must be installed through a direct connection.
+    #[error("the connection pooler refused the tree's session ({op}): {detail}")]
+    Pooler {
+        /// What was being attempted.
+        op: &'static str,
+        /// What the pooler refused, and what to change.
         detail: String,
         /// The driver's or server's own error, when there is one.
         #[source]
@@ -154,11 +208,30 @@ impl Error {
         Self::Schema { op, detail: detail.into(), source: None }
     }
 
-    /// Keeps `err` as the source of an `Unavailable`, `Transport` or `Schema` error; the other
-    /// kinds carry their whole story in their text.
+    /// An [`Error::Permission`] without a source.
+    pub(crate) fn permission(op: &'static str, detail: impl Into<String>) -> Self {
+        Self::Permission { op, detail: detail.into(), source: None }
+    }
+
+    /// An [`Error::Tls`] without a source.
+    pub(crate) fn tls(op: &'static str, detail: impl Into<String>) -> Self {
+        Self::Tls { op, detail: detail.into(), source: None }
+    }
+
+    /// An [`Error::Pooler`] without a source.
+    pub(crate) fn pooler(op: &'static str, detail: impl Into<String>) -> Self {
+        Self::Pooler { op, detail: detail.into(), source: None }
+    }
+
+    /// Keeps `err` as the source of an `Unavailable`, `Transport`, `Schema`, `Permission`,
+    /// `Tls` or `Pooler` error; the other kinds carry their whole story in their text.
     pub(crate) fn with_source(mut self, err: impl std::error::Error + Send + Sync + 'static) -> Self {
-        if let Self::Unavailable { source, .. } | Self::Transport { source, .. } | Self::Schema { source, .. } =
-            &mut self
+        if let Self::Unavailable { source, .. }
+        | Self::Transport { source, .. }
+        | Self::Schema { source, .. }
+        | Self::Permission { source, .. }
+        | Self::Tls { source, .. }
+        | Self::Pooler { source, .. } = &mut self
         {
             *source = Some(ErrorSource::new(err));
         }
@@ -231,40 +304,85 @@ pub(crate) fn redact(text: &str) -> String {
 impl Error {
     /// The crate's error for an sqlx error of operation `op`, classified as the tree classifies
     /// its own: connection trouble is transient ([`Error::Transport`], [`Error::Unavailable`]),
-    /// an undefined table, column or function, or an exception raised by a function, is
-    /// [`Error::Schema`]; data the database refused (a data or constraint error) is
-    /// [`Error::Validation`]. The original
-    /// is kept as the source (except for validation errors); the text never carries a password.
+    /// and so is a lock or statement timeout ([`Error::Timeout`]); a refused privilege is
+    /// [`Error::Permission`], a TLS failure [`Error::Tls`], a pooler's refusal (an unsupported
+    /// startup parameter, a prepared statement that does not survive a transaction pooler)
+    /// [`Error::Pooler`]; an undefined table, column or function, or an exception raised by a
+    /// function, is [`Error::Schema`]; data the database refused (a data or constraint error)
+    /// is [`Error::Validation`]. The original is kept as the source (except for validation
+    /// errors); the text never carries a password.
     pub fn from_sqlx(op: &'static str, err: sqlx::Error) -> Self {
         let detail = redact(&err.to_string());
         let mapped = match &err {
-            sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => {
-                Self::transport(op, detail)
-            }
+            sqlx::Error::Tls(_) => Self::tls(op, detail),
+            sqlx::Error::Io(io) if tls_alert(io) => Self::tls(op, detail),
+            sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => Self::transport(op, detail),
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => Self::unavailable(op, detail),
             sqlx::Error::Configuration(_) => return Self::Validation { detail },
             sqlx::Error::Database(db) => {
                 let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-                // Class 08 (connection), 57 (operator intervention: shutdown, terminated), 53 (resources).
-                if code.starts_with("08") || code.starts_with("57") || code.starts_with("53") {
-                    Self::transport(op, detail)
-                } else if code.starts_with("42") {
-                    // Undefined table, column or function: the schema is missing or of another version.
-                    Self::schema(op, detail)
-                } else if code == "P0001" {
+                match code.as_str() {
+                    // lock_not_available (lock_timeout), query_canceled (statement_timeout, or
+                    // an operator's pg_cancel_backend): the next try may well get through.
+                    "55P03" | "57014" => {
+                        tracing::debug!(op, %detail, "postgres statement timed out");
+                        return Self::Timeout { op };
+                    }
+                    "42501" => Self::permission(op, format!("{detail}; {GRANT_HINT}")),
+                    // invalid_authorization_specification, invalid_password: the login itself
+                    // was refused (no pg_hba.conf entry, a wrong password, a missing or refused
+                    // client certificate).
+                    "28000" | "28P01" => Self::permission(
+                        op,
+                        format!(
+                            "{detail}; the server refused the login: check the user, its password or client certificate, and pg_hba.conf"
+                        ),
+                    ),
+                    // A named prepared statement that is not on this server connection, or is
+                    // there twice: a transaction pooler hands each transaction another one.
+                    "26000" | "42P05" => Self::pooler(op, format!("{detail}; {POOLER_HINT}")),
+                    // PgBouncer refuses startup parameters it does not know (sent as options).
+                    "08P01" if detail.contains("unsupported startup parameter") => {
+                        Self::pooler(op, format!("{detail}; {POOLER_HINT}"))
+                    }
+                    // Class 08 (connection), 57 (operator intervention: shutdown, terminated), 53 (resources).
+                    c if c.starts_with("08") || c.starts_with("57") || c.starts_with("53") => {
+                        Self::transport(op, detail)
+                    }
+                    // Undefined table, column or function: the schema is missing.
+                    c if c.starts_with("42") => Self::schema(op, detail),
                     // The subsystem's functions raise only for what an operator must fix (an
                     // adopted outbox without a sequence, a reader outside READ COMMITTED).
-                    Self::schema(op, detail)
-                } else if code.starts_with("22") || code.starts_with("23") {
-                    return Self::Validation { detail };
-                } else {
-                    Self::transport(op, detail)
+                    "P0001" => Self::schema(op, detail),
+                    c if c.starts_with("22") || c.starts_with("23") => return Self::Validation { detail },
+                    _ => Self::transport(op, detail),
                 }
             }
             _ => Self::transport(op, detail),
         };
         mapped.with_source(err)
     }
+}
+
+/// What a refused privilege's error adds for the operator.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+const GRANT_HINT: &str = "the role lacks a privilege the tree needs: as the schema's owner, run \
+     SELECT ff_completions_grant_runtime('<role>') (SELECT * FROM ff_completions_missing_privileges('<role>') lists what is missing)";
+
+/// What a pooler's refusal adds for the operator.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+const POOLER_HINT: &str = "this URL goes through a transaction pooler (PgBouncer): add ff_poll_ms=<ms> (poll only) \
+     or ff_listen=<host:port of the server itself> (wake-ups on a direct session) to the URL, so that every \
+     statement is unnamed and runs in a transaction of its own";
+
+/// Whether an I/O error is a TLS alert (the peer refused the handshake, e.g. a client
+/// certificate it does not trust) rather than a dropped connection.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+fn tls_alert(io: &std::io::Error) -> bool {
+    io.get_ref().is_some_and(|inner| {
+        let text = inner.to_string();
+        text.contains("received fatal alert") || text.contains("invalid peer certificate") || text.contains("TLS")
+    })
 }
 
 #[cfg(test)]

@@ -124,6 +124,8 @@ mod guide {
     mod backends {}
     #[doc = include_str!("../docs/benchmarks.md")]
     mod benchmarks {}
+    #[doc = include_str!("../docs/deploying.md")]
+    mod deploying {}
     #[doc = include_str!("../docs/durable-groups.md")]
     mod durable_groups {}
     #[doc = include_str!("../docs/guarantees.md")]

@@ -37,14 +37,14 @@ macro_rules! durable_tests {
 }
 pub(crate) use durable_tests;
 
-const TTL: Duration = Duration::from_millis(1500);
+pub(crate) const TTL: Duration = Duration::from_millis(1500);
 
-fn unique(prefix: &str) -> String {
+pub(crate) fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
 /// Completes `n` executions, each of its own flow (so they spread over the partitions).
-async fn complete_spread(engine: &dyn ff_completions_lab::Engine, n: usize) -> Vec<ExecutionId> {
+pub(crate) async fn complete_spread(engine: &dyn ff_completions_lab::Engine, n: usize) -> Vec<ExecutionId> {
     let mut ids = Vec::with_capacity(n);
     for _ in 0..n {
         ids.extend(complete_n(engine, 1).await);
@@ -53,7 +53,7 @@ async fn complete_spread(engine: &dyn ff_completions_lab::Engine, n: usize) -> V
 }
 
 /// Waits until the subscription holds `n` partitions.
-async fn holding(sub: &DurableSubscription, n: usize) {
+pub(crate) async fn holding(sub: &DurableSubscription, n: usize) {
     wait_until(WAIT, &format!("{} holds {n} partitions", sub.member()), || async { sub.partitions().len() == n }).await;
 }
 

@@ -14,6 +14,9 @@ mod groups;
 #[allow(dead_code)]
 mod durable;
 
+#[cfg(all(feature = "postgres", feature = "valkey"))]
+mod deploying;
+
 #[cfg(feature = "postgres")]
 mod postgres;
 

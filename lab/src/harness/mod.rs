@@ -3,7 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod pgbouncer;
 pub mod postgres;
+pub mod tls;
 pub mod valkey;
 
 use std::collections::HashSet;

@@ -14,6 +14,30 @@ use tokio::sync::OnceCell;
 use ff_completions::ExecutionId;
 
 use super::free_port;
+use super::tls::TestCa;
+
+/// The role of a TLS server ([`PrivatePg::start_tls`]) that logs in with a password (scram,
+/// over TLS only) and owns its database [`TLS_DATABASE`].
+pub const TLS_PASSWORD_USER: &str = "ff_app";
+/// The role of a TLS server that logs in with a client certificate of the server's CA (its
+/// common name), over TLS only; a member of [`TLS_PASSWORD_USER`].
+pub const TLS_CERT_USER: &str = "ff_cert";
+/// The database of a TLS server that [`TLS_PASSWORD_USER`] owns (a schema owner who is not a
+/// superuser installs the subsystem there).
+pub const TLS_DATABASE: &str = "app";
+
+/// `pg_hba.conf` of a TLS server: the harness's `postgres` from loopback without a password
+/// (TLS or not), every other role over TLS only, by client certificate or by password.
+const TLS_HBA: &str = "\
+local all all trust
+host all postgres 127.0.0.1/32 trust
+hostssl all ff_cert 127.0.0.1/32 cert
+hostssl all all 127.0.0.1/32 scram-sha-256
+hostnossl all all 127.0.0.1/32 reject
+";
+
+/// TLS on, with the files [`PrivatePg::start_tls`] puts in the data directory.
+const TLS_SETTINGS: Settings = &[("ssl", "on"), ("ssl_ca_file", "root.crt"), ("password_encryption", "scram-sha-256")];
 
 /// The running server.
 pub struct PgServer {
@@ -48,12 +72,12 @@ fn bin_dir() -> PathBuf {
     versions.pop().expect("no /usr/lib/postgresql/<v>/bin/postgres found: run scripts/test.sh")
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
 }
 
 /// Runs a command as the `postgres` OS user when we are root.
-fn as_server_user(program: &str) -> Command {
+pub(crate) fn as_server_user(program: &str) -> Command {
     if is_root() {
         let mut cmd = Command::new("runuser");
         cmd.args(["-u", "postgres", "--", program]);
@@ -64,7 +88,7 @@ fn as_server_user(program: &str) -> Command {
 }
 
 /// Waits for a background process on a thread of its own, so it never lingers as a zombie.
-fn reap(mut child: std::process::Child) {
+pub(crate) fn reap(mut child: std::process::Child) {
     std::thread::spawn(move || {
         let _ = child.wait();
     });
@@ -171,6 +195,55 @@ impl PrivatePg {
         .await
         .expect("start private postgres");
         drop(connect_when_up(&server.url()).await);
+        server
+    }
+
+    /// A server with `ssl = on`, a certificate of `ca` for the name `localhost` only (not for
+    /// `127.0.0.1`), and `ca` as the authority of client certificates. Roles other than the
+    /// harness's `postgres` connect over TLS only: [`TLS_PASSWORD_USER`] with `password`,
+    /// [`TLS_CERT_USER`] with a client certificate of `ca`; both may install the subsystem in
+    /// [`TLS_DATABASE`], which the first owns.
+    pub async fn start_tls(ca: &TestCa, password: &str) -> Self {
+        let server_files = ca.server(&["localhost"]);
+        let root = ca.cert.clone();
+        let server = tokio::task::spawn_blocking(move || {
+            let bin = bin_dir();
+            let data_dir = init_data_dir(&bin);
+            for (from, to) in
+                [(&server_files.cert, "server.crt"), (&server_files.key, "server.key"), (&root, "root.crt")]
+            {
+                std::fs::copy(from, data_dir.join(to)).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+            }
+            std::fs::write(data_dir.join("pg_hba.conf"), TLS_HBA).expect("write pg_hba.conf");
+            let key = data_dir.join("server.key");
+            let ok = Command::new("chmod").arg("600").arg(&key).status().map(|s| s.success());
+            assert_eq!(ok.ok(), Some(true), "chmod 600 server.key");
+            if is_root() {
+                let ok = Command::new("chown")
+                    .arg("-R")
+                    .arg("postgres:postgres")
+                    .arg(&data_dir)
+                    .status()
+                    .map(|s| s.success());
+                assert_eq!(ok.ok(), Some(true), "chown the data dir");
+            }
+            let port = free_port();
+            launch(&bin, &data_dir, port, TLS_SETTINGS);
+            Self { port, bin, data_dir, settings: TLS_SETTINGS }
+        })
+        .await
+        .expect("start postgres with TLS");
+        let mut admin = connect_when_up(&server.url()).await;
+        for statement in [
+            format!("CREATE ROLE {TLS_PASSWORD_USER} LOGIN PASSWORD '{password}'"),
+            format!("CREATE ROLE {TLS_CERT_USER} LOGIN IN ROLE {TLS_PASSWORD_USER}"),
+            format!("CREATE DATABASE {TLS_DATABASE} OWNER {TLS_PASSWORD_USER}"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&mut admin)
+                .await
+                .expect("set up the TLS server's roles");
+        }
         server
     }
 

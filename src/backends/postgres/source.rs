@@ -8,9 +8,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+
+use super::statements::{Purpose, session_options};
+use super::{Db, connect_db, direct_options};
 use tokio::sync::{mpsc, watch};
 
-use super::{COMPLETION_CHANNEL, LISTENER_APPLICATION_NAME, connect_options, connect_pool};
+use super::{COMPLETION_CHANNEL, LISTENER_APPLICATION_NAME};
 use crate::backends::outbox::{FamilyColumns, OutboxRow};
 use crate::backends::seam::{Batch, CompletionSource, FamilyEvent, Positioned, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, BackendConnection, PostgresConnection, Retention};
@@ -106,7 +109,7 @@ impl Row {
 
 /// Reads the outbox; opens LISTEN connections.
 pub(crate) struct PostgresSource {
-    pub(super) pool: PgPool,
+    pub(super) db: Db,
     config: BackendConfig,
     /// Counts reads that found rows: the listening waker polls sooner while it moves.
     activity: Arc<AtomicU64>,
@@ -118,7 +121,7 @@ pub(crate) struct PostgresSource {
 impl PostgresSource {
     pub(crate) async fn connect(config: &BackendConfig) -> Result<Self, Error> {
         Ok(Self {
-            pool: connect_pool(config, 4).await?,
+            db: connect_db(config, 4).await?,
             config: config.clone(),
             activity: Arc::default(),
             reads_started: watch::Sender::new(0),
@@ -127,10 +130,8 @@ impl PostgresSource {
 
     async fn trimmed(&self) -> Result<Option<Trimmed>, Error> {
         type Words = (Option<i64>, Option<i64>, Option<i64>, Option<i32>, i64, i64, Option<i64>);
-        let row: Option<Words> = sqlx::query_as(TRIMMED)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| Error::from_sqlx("postgres retention", e))?;
+        let query = self.db.query_as::<Words>(TRIMMED);
+        let row = self.db.run("postgres retention", |conn| Box::pin(query.fetch_optional(conn))).await?;
         Ok(row.map(|(major, txid, event_id, cut_key, earlier_txid, earlier_event_id, max_event_id)| Trimmed {
             cut: major.map(|m| pos(m, txid.unwrap_or(0), event_id.unwrap_or(0), cut_key, None)),
             earlier_form: (earlier_txid.max(0) as u64, earlier_event_id),
@@ -140,8 +141,8 @@ impl PostgresSource {
 
     /// The head of the history: the newest tick (recorded now if anything committed since).
     async fn head(&self) -> Result<Position, Error> {
-        let (tick, fingerprint): (i64, Option<i64>) =
-            sqlx::query_as(HEAD).fetch_one(&self.pool).await.map_err(|e| Error::from_sqlx("postgres tail", e))?;
+        let query = self.db.query_as::<(i64, Option<i64>)>(HEAD);
+        let (tick, fingerprint) = self.db.run("postgres tail", |conn| Box::pin(query.fetch_one(conn))).await?;
         Ok(batch_end(tick.max(0) as u64, fingerprint))
     }
 
@@ -151,12 +152,12 @@ impl PostgresSource {
     /// when retention removed the tick.
     async fn check_tick(&self, position: Position) -> Result<TickCheck, Error> {
         let tick = position.major / 3;
-        let (verdict, reason): (String, Option<String>) = sqlx::query_as(CHECK_TICK)
+        let query = self
+            .db
+            .query_as::<(String, Option<String>)>(CHECK_TICK)
             .bind(as_i64(tick))
-            .bind((position.check != 0).then_some(position.check as i64))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| Error::from_sqlx("postgres resolve cursor", e))?;
+            .bind((position.check != 0).then_some(position.check as i64));
+        let (verdict, reason) = self.db.run("postgres resolve cursor", |conn| Box::pin(query.fetch_one(conn))).await?;
         Ok(match verdict.as_str() {
             "ok" => TickCheck::Readable,
             "gone" => TickCheck::Trimmed,
@@ -318,12 +319,13 @@ impl CompletionSource for PostgresSource {
             return Ok(StartAt::after(Frontier::at(position)));
         }
         // An earlier form: the whole batch of the newest tick, from the first row it had not seen.
-        let (major, txid, event_id, fingerprint): (i64, i64, i64, Option<i64>) = sqlx::query_as(RESUME_EARLIER_FORM)
+        let query = self
+            .db
+            .query_as::<(i64, i64, i64, Option<i64>)>(RESUME_EARLIER_FORM)
             .bind(c.txid.map(as_i64))
-            .bind(c.event_id)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| Error::from_sqlx("postgres resolve cursor", e))?;
+            .bind(c.event_id);
+        let (major, txid, event_id, fingerprint) =
+            self.db.run("postgres resolve cursor", |conn| Box::pin(query.fetch_one(conn))).await?;
         let lo_floor = c.txid.is_none().then(|| Position::postgres(0, 0, c.event_id, 0, 0).lo);
         // Past every row of its event id (the earlier forms name no partition key).
         let after = Position {
@@ -342,16 +344,16 @@ impl CompletionSource for PostgresSource {
         let after = after.single();
         let limit = limit.clamp(1, i32::MAX as usize);
         self.reads_started.send_modify(|n| *n = n.wrapping_add(1));
-        let rows: Vec<Row> = sqlx::query_as(READ_AFTER)
+        let query = self
+            .db
+            .query_as::<Row>(READ_AFTER)
             .bind(as_i64(after.major))
             .bind(as_i64(after.hi))
             .bind(after.postgres_event_id())
             .bind(after.postgres_key() as i32)
             .bind((after.check != 0).then_some(after.check as i64))
-            .bind(limit as i32)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| Error::from_sqlx("postgres read", e))?;
+            .bind(limit as i32);
+        let rows = self.db.run("postgres read", |conn| Box::pin(query.fetch_all(conn))).await?;
         let mut batch = Batch { start: Frontier::at(after), end: Frontier::at(after), ..Batch::default() };
         if let Some(marker) = rows.iter().find(|row| row.kind == 4) {
             batch.lost = Some((Frontier::at(marker.position()), lost_reason(marker.outcome.as_deref(), after)));
@@ -387,8 +389,8 @@ impl CompletionSource for PostgresSource {
     }
 
     async fn gauges(&self) -> Result<Vec<(&'static str, f64)>, Error> {
-        let (queue, in_progress): (f64, i64) =
-            sqlx::query_as(GAUGES).fetch_one(&self.pool).await.map_err(|e| Error::from_sqlx("postgres gauges", e))?;
+        let query = self.db.query_as::<(f64, i64)>(GAUGES);
+        let (queue, in_progress) = self.db.run("postgres gauges", |conn| Box::pin(query.fetch_one(conn))).await?;
         Ok(vec![("notification_queue_usage", queue), ("transactions_in_progress", in_progress as f64)])
     }
 
@@ -397,22 +399,15 @@ impl CompletionSource for PostgresSource {
     async fn trim(&self, retention: &Retention) -> Result<u64, Error> {
         let max_age_ms = retention.max_age.map(|age| age.as_millis().min(i64::MAX as u128) as i64);
         let keep = retention.max_events.map(|n| n.min(i64::MAX as u64) as i64);
-        let cut: Option<i64> = sqlx::query_scalar(TRIM_PLAN)
-            .bind(max_age_ms)
-            .bind(keep)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| Error::from_sqlx("postgres trim", e))?;
+        let query = self.db.query_scalar::<Option<i64>>(TRIM_PLAN).bind(max_age_ms).bind(keep);
+        let cut = self.db.run("postgres trim", |conn| Box::pin(query.fetch_one(conn))).await?;
         if cut.is_none() {
             return Ok(0);
         }
         let mut removed = 0u64;
         loop {
-            let (rows, done): (i64, bool) = sqlx::query_as(TRIM_STEP)
-                .bind(TRIM_STEP_ROWS)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(|e| Error::from_sqlx("postgres trim", e))?;
+            let query = self.db.query_as::<(i64, bool)>(TRIM_STEP).bind(TRIM_STEP_ROWS);
+            let (rows, done) = self.db.run("postgres trim", |conn| Box::pin(query.fetch_one(conn))).await?;
             removed += rows.max(0) as u64;
             if done {
                 return Ok(removed);
@@ -428,7 +423,13 @@ impl CompletionSource for PostgresSource {
             tracing::info!(?every, "postgres listener in poll-only mode (no LISTEN)");
             return Ok(Box::new(PollWaker { every: *every }));
         }
-        let options = connect_options(&self.config)?.application_name(LISTENER_APPLICATION_NAME);
+        // On the server itself: the split mode's direct URL, or the URL (never a pooler here).
+        let options = session_options(
+            direct_options(&self.config)?.application_name(LISTENER_APPLICATION_NAME),
+            &self.config,
+            false,
+            Purpose::Tree,
+        );
         let pool = PgPoolOptions::new()
             .max_connections(1)
             .min_connections(0)

@@ -3,7 +3,8 @@
 //! function library when it is missing or of another version, and `FCALL` that reloads it once
 //! when a restarted server lost it.
 
-use ferriskey::{Client, ClientBuilder, ErrorKind, FromValue, ToArgs};
+use ferriskey::client::{AuthenticationInfo, ConnectionRequest, ConnectionRetryStrategy, NodeAddress, TlsMode};
+use ferriskey::{Client, ErrorKind, FromValue, LazyClient, ToArgs};
 
 use super::{LIBRARY, LIBRARY_VERSION};
 use crate::config::{BackendConfig, BackendConnection, ValkeyConnection};
@@ -38,6 +39,14 @@ impl Error {
 }
 
 fn classify(op: &'static str, e: &ferriskey::Error, detail: String) -> Error {
+    // A certificate the handshake refused (rustls' words), or a server that speaks no TLS
+    // (what rustls reads is not a TLS record): no retry will get through.
+    if ["invalid peer certificate", "received fatal alert", "InvalidContentType", "CorruptMessage", "TLS"]
+        .iter()
+        .any(|word| detail.contains(word))
+    {
+        return Error::tls(op, detail);
+    }
     if e.is_timeout() {
         return Error::Timeout { op };
     }
@@ -54,11 +63,15 @@ fn classify(op: &'static str, e: &ferriskey::Error, detail: String) -> Error {
         let detail = format!("server too old for functions (needs Valkey 7.2+ or Redis 7+): {detail}");
         return Error::unavailable(op, detail);
     }
-    if matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM")) {
+    if e.code() == Some("NOPERM") {
+        return Error::permission(op, format!("{detail}; the ACL user lacks a command or key pattern the tree needs"));
+    }
+    if matches!(e.code(), Some("WRONGPASS" | "NOAUTH")) {
         return Error::unavailable(op, detail);
     }
     match e.kind() {
-        ErrorKind::AuthenticationFailed | ErrorKind::PermissionDenied => Error::unavailable(op, detail),
+        ErrorKind::AuthenticationFailed => Error::unavailable(op, detail),
+        ErrorKind::PermissionDenied => Error::permission(op, detail),
         ErrorKind::InvalidClientConfig => Error::Validation { detail },
         ErrorKind::ResponseError | ErrorKind::TypeError | ErrorKind::NoScriptError => Error::schema(op, detail),
         _ => Error::transport(op, detail),
@@ -79,7 +92,7 @@ fn classify(op: &'static str, e: &ferriskey::Error, detail: String) -> Error {
 /// [`Error::Unavailable`] or [`Error::Transport`];
 /// [`Error::Timeout`] when connecting takes longer than twice the connect timeout.
 pub async fn connect_client(config: &BackendConfig, name: &str) -> Result<Client, Error> {
-    build(config, builder(config, name)?).await
+    build(config, request(config, name)?, None).await
 }
 
 /// A client like [`connect_client`]'s that speaks RESP3 and forwards every push frame
@@ -92,11 +105,14 @@ pub(super) async fn connect_subscriber(
     name: &str,
     pushes: tokio::sync::mpsc::UnboundedSender<ferriskey::PushInfo>,
 ) -> Result<Client, Error> {
-    let builder = builder(config, name)?.protocol(ferriskey::value::ProtocolVersion::RESP3).push_sender(pushes);
-    build(config, builder).await
+    let mut request = request(config, name)?;
+    request.protocol = Some(ferriskey::value::ProtocolVersion::RESP3);
+    build(config, request, Some(pushes)).await
 }
 
-fn builder(config: &BackendConfig, name: &str) -> Result<ClientBuilder, Error> {
+/// What ferriskey connects with: the nodes, credentials, TLS (its files read now), database,
+/// timeouts and name. (Its `ClientBuilder` has no setting for a CA or client certificate.)
+fn request(config: &BackendConfig, name: &str) -> Result<ConnectionRequest, Error> {
     let v = valkey_connection(config)?;
     if v.cluster && v.database != 0 {
         return Err(Error::validation("a valkey cluster has database 0 only"));
@@ -104,38 +120,66 @@ fn builder(config: &BackendConfig, name: &str) -> Result<ClientBuilder, Error> {
     if !v.cluster && !v.seed_nodes.is_empty() {
         return Err(Error::validation("several valkey seed nodes need cluster mode"));
     }
+    let millis = |d: std::time::Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
     let request_timeout = config.timeouts.request_or_default();
-    let mut builder = ClientBuilder::new();
-    for (host, port) in v.nodes() {
-        builder = builder.host(host, port);
-    }
-    let mut builder = builder
-        .database(v.database)
-        .request_timeout(request_timeout)
-        .blocking_cmd_timeout_extension(request_timeout)
-        .connect_timeout(config.timeouts.connect_or_default())
+    let mut request = ConnectionRequest {
+        addresses: v.nodes().map(|(host, port)| NodeAddress { host: host.to_owned(), port }).collect(),
+        database_id: v.database,
+        request_timeout: Some(millis(request_timeout)),
+        blocking_cmd_timeout_extension: Some(request_timeout),
+        connection_timeout: Some(millis(config.timeouts.connect_or_default())),
         // ferriskey leaves Nagle's algorithm on: a small write waiting for the ACK of the one
         // before, delayed by the peer, can stall a request for ~40 ms.
-        .tcp_nodelay()
-        .client_name(name);
-    if v.cluster {
-        builder = builder.cluster();
+        tcp_nodelay: true,
+        client_name: Some(name.to_owned()),
+        cluster_mode_enabled: v.cluster,
+        // Two quick tries (200 ms, 400 ms) before a first connection fails, then every 400 ms
+        // while reconnecting: ferriskey's default, five tries up to 3.2 s, outlasts the
+        // connect timeout, so a refused TLS handshake came back as a bare time-out. The tree's
+        // own backoff spaces its restarts.
+        connection_retry_strategy: Some(ConnectionRetryStrategy {
+            exponent_base: 2,
+            factor: 100,
+            number_of_retries: 2,
+            jitter_percent: Some(20),
+        }),
+        ..ConnectionRequest::default()
+    };
+    if v.username.is_some() || v.password.is_some() {
+        let mut auth = AuthenticationInfo::default();
+        auth.username.clone_from(&v.username);
+        auth.password.clone_from(&v.password);
+        request.authentication_info = Some(auth);
     }
     if v.tls {
-        builder = builder.tls();
+        request.tls_mode = Some(TlsMode::SecureTls);
+        let read = |what: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| {
+                Error::tls("valkey connect", format!("cannot read the {what} file {}: {e}", path.display()))
+            })
+        };
+        if let Some(ca) = &v.tls_ca {
+            request.root_certs = vec![read("CA certificate", ca)?];
+        }
+        if let Some((cert, key)) = &v.tls_client {
+            request.client_cert = read("client certificate", cert)?;
+            request.client_key = read("client key", key)?;
+        }
     }
-    if let Some(user) = &v.username {
-        builder = builder.username(user.clone());
-    }
-    if let Some(password) = &v.password {
-        builder = builder.password(password.clone());
-    }
-    Ok(builder)
+    Ok(request)
 }
 
-async fn build(config: &BackendConfig, builder: ClientBuilder) -> Result<Client, Error> {
-    match tokio::time::timeout(config.timeouts.connect_or_default() * 2, builder.build()).await {
-        Ok(client) => client.map_err(map_err("valkey connect")),
+async fn build(
+    config: &BackendConfig,
+    request: ConnectionRequest,
+    pushes: Option<tokio::sync::mpsc::UnboundedSender<ferriskey::PushInfo>>,
+) -> Result<Client, Error> {
+    let mut lazy = LazyClient::from_config(request).map_err(map_err("valkey connect"))?;
+    if let Some(pushes) = pushes {
+        lazy = lazy.with_push_sender(pushes);
+    }
+    match tokio::time::timeout(config.timeouts.connect_or_default() * 2, lazy.connect()).await {
+        Ok(client) => client.cloned().map_err(map_err("valkey connect")),
         Err(_) => Err(Error::Timeout { op: "valkey connect" }),
     }
 }
