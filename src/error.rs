@@ -219,6 +219,7 @@ impl Error {
     }
 
     /// An [`Error::Pooler`] without a source.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
     pub(crate) fn pooler(op: &'static str, detail: impl Into<String>) -> Self {
         Self::Pooler { op, detail: detail.into(), source: None }
     }
