@@ -14,6 +14,9 @@ mod groups;
 #[allow(dead_code)]
 mod durable;
 
+#[allow(dead_code)]
+mod tail_await;
+
 #[cfg(feature = "postgres")]
 mod postgres;
 
