@@ -205,7 +205,9 @@ mod otel {
     }
 
     /// The tree's delivery span of an event that carries a producer's trace context: a child of
-    /// the producer's span, linked to it, entered while the event is handed over.
+    /// the producer's span, linked to it, open while the event is handed over. It is not
+    /// entered: an actor sink would carry it into the consumer's handling (ractor propagates
+    /// the current span with a message) and keep it open that long.
     pub(crate) fn delivery_span(event: &FamilyEvent) -> Option<tracing::Span> {
         let FamilyEvent::Completion(event) = event else { return None };
         let tp = event.traceparent?;

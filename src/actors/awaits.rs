@@ -277,7 +277,7 @@ impl AwaitHub {
         let waiters = state.waiters.remove(&event.execution_id)?;
         drop(state);
         #[cfg(feature = "opentelemetry")]
-        let _delivery = crate::trace_context::delivery_span(&item.event).map(tracing::Span::entered);
+        let _delivery = crate::trace_context::delivery_span(&item.event);
         let mut event = event.clone();
         stamp(&mut event.cursor);
         waiters.send(&Ok(event));

@@ -100,9 +100,9 @@ impl<E: Event> Sink for FamilySink<E> {
     fn offer(&self, item: &Positioned, stamp: &dyn Fn(&mut StreamCursor), delivered: &AtomicU64) -> Option<Sent> {
         let mut event = E::pick(&self.filter, &item.event)?;
         // With `opentelemetry`, an event carrying its producer's trace context is handed over
-        // inside a span of that trace, linked to the producer's span.
+        // while a span of that trace, linked to the producer's span, is open.
         #[cfg(feature = "opentelemetry")]
-        let _delivery = crate::trace_context::delivery_span(&item.event).map(tracing::Span::entered);
+        let _delivery = crate::trace_context::delivery_span(&item.event);
         stamp(event.cursor_mut());
         delivered.fetch_add(1, Ordering::Relaxed);
         let sent = self.out.send(event);

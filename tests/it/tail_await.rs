@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ff_completions::{
     BackendConfig, CompletionBackend, CompletionOutcome, CompletionSupervisorHandle, Completions, ExecutionId,
-    StreamCursor, SupervisorConfig,
+    StreamCursor, SupervisorConfig, TraceParent,
 };
 use ff_completions_lab::{ExecutionSpec, FailOutcome, connect_engine};
 
@@ -21,6 +21,7 @@ macro_rules! tail_await_tests {
             a_tail_subscription_gets_the_completion_committed_right_after_it_returned_a_thousand_times_over;
             an_awaited_completion_is_found_whether_it_landed_before_or_after_the_await_began;
             an_await_pending_across_a_listener_restart_gets_its_completion;
+            a_completion_carries_its_producers_trace_context_and_one_recorded_without_decodes_as_before;
         }
     };
 }
@@ -152,4 +153,24 @@ pub async fn an_await_pending_across_a_listener_restart_gets_its_completion(back
     assert!(f.engine.complete(&ids[2]).await.expect("complete"));
     let event = tokio::time::timeout(Duration::from_secs(30), watch).await.expect("in time").expect("event");
     assert_eq!(event.execution_id, ids[2]);
+}
+
+/// A producer that records its span's `traceparent` with the completion hands it to every
+/// subscriber as a typed field; a completion recorded without one (as every row or entry from
+/// before the column or field) decodes as it did, with none.
+pub async fn a_completion_carries_its_producers_trace_context_and_one_recorded_without_decodes_as_before(
+    backend: BackendConfig,
+) {
+    let f = fixture(backend, |c| c).await;
+    let mut sub = f.tree.subscribe(Completions::tail()).await.expect("subscribe");
+    let ids = running(&*f.engine, ExecutionSpec::new, 2).await;
+    let traceparent = TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").expect("valid");
+    let watch = f.tree.watch_completion(ids[0]).await.expect("watch");
+    assert!(f.engine.complete_traced(&ids[0], &traceparent).await.expect("complete traced"));
+    assert!(f.engine.complete(&ids[1]).await.expect("complete"));
+    let events = take_events(&mut sub, 2, WAIT).await;
+    assert_eq!((events[0].execution_id, events[0].traceparent), (ids[0], Some(traceparent)));
+    assert_eq!((events[1].execution_id, events[1].traceparent), (ids[1], None));
+    let awaited = tokio::time::timeout(WAIT, watch).await.expect("in time").expect("event");
+    assert_eq!(awaited.traceparent, Some(traceparent), "an await gets it too");
 }
