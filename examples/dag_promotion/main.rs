@@ -171,6 +171,8 @@ async fn main() {
         progress: !args.trace,
         timeout: Duration::from_secs(args.timeout_secs),
         trace: args.trace,
+        pace: Duration::ZERO,
+        on_planned: None,
     };
     println!(
         "DAG promotion on {backend} ({} flows, seed {}{}{})",

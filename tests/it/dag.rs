@@ -31,6 +31,8 @@ fn small(backend: BackendConfig, chaos: bool) -> scenario::Scenario {
         progress: false,
         timeout: Duration::from_secs(120),
         trace: false,
+        pace: Duration::ZERO,
+        on_planned: None,
     }
 }
 

@@ -58,6 +58,14 @@ pub(super) fn build_flow(flow: &FlowId, s: &Scenario, rng: &mut StdRng) -> Dag {
     Dag { nodes }
 }
 
+/// The shape of a flow, as a live view draws it.
+pub(super) fn shape(dag: &Dag) -> super::FlowShape {
+    let flow_id = dag.nodes.first().and_then(|(spec, _)| spec.flow_id).unwrap_or_else(FlowId::new);
+    let nodes =
+        dag.nodes.iter().map(|(spec, _)| super::NodeShape { id: spec.id, parents: spec.parents.clone() }).collect();
+    super::FlowShape { flow_id, nodes }
+}
+
 /// The state the DAG implies: skipped under any parent that did not succeed, else the decision.
 pub(super) fn expected_states(dags: &[Dag]) -> HashMap<ExecutionId, &'static str> {
     let mut states = HashMap::new();

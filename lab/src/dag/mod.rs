@@ -74,6 +74,35 @@ pub struct Scenario {
     /// Trace the first flow: its completions carry their producer's trace context and its
     /// promotions continue that trace (`trace.rs`; export the spans with [`trace::layer`]).
     pub trace: bool,
+    /// How long a worker spends on each execution it finishes (zero: no time at all); a live
+    /// view shows a paced run unfold.
+    pub pace: Duration,
+    /// Told the flows' shape once they are built, before any execution exists.
+    pub on_planned: Option<OnPlanned>,
+}
+
+/// One flow's shape: its executions, each with its parents, parents first.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FlowShape {
+    pub flow_id: FlowId,
+    pub nodes: Vec<NodeShape>,
+}
+
+/// One execution of a flow and its parents.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NodeShape {
+    pub id: ExecutionId,
+    pub parents: Vec<ExecutionId>,
+}
+
+/// What a run tells the flows' shape to (see [`Scenario::on_planned`]).
+#[derive(Clone)]
+pub struct OnPlanned(pub Arc<dyn Fn(Vec<FlowShape>) + Send + Sync>);
+
+impl std::fmt::Debug for OnPlanned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnPlanned")
+    }
 }
 
 /// The `i`th of `n` contiguous shares of the flow partitions.
@@ -353,6 +382,9 @@ pub async fn run(s: &Scenario) -> Result<Report, crate::Error> {
         engine.create_flow(&flow, None).await?;
         dags.push(build_flow(&flow, s, &mut rng));
     }
+    if let Some(OnPlanned(tell)) = &s.on_planned {
+        tell(dags.iter().map(flows::shape).collect());
+    }
     let total: usize = dags.iter().map(|d| d.nodes.len()).sum();
     let edges: u64 = dags.iter().flat_map(|d| &d.nodes).map(|(spec, _)| spec.parents.len() as u64).sum();
     let bar = s.progress.then(|| {
@@ -422,7 +454,12 @@ pub async fn run(s: &Scenario) -> Result<Report, crate::Error> {
     let workers: Vec<_> = (0..s.workers.max(1))
         .map(|i| {
             let name = format!("worker-{i}");
-            let work = workers::Work { engine: engine.clone(), decisions: decisions.clone(), traced: traced.clone() };
+            let work = workers::Work {
+                engine: engine.clone(),
+                decisions: decisions.clone(),
+                traced: traced.clone(),
+                pace: s.pace,
+            };
             tokio::spawn(workers::work(work, name, family_run.clone(), stop.clone()))
         })
         .collect();

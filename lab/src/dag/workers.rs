@@ -18,13 +18,15 @@ pub(super) struct Work {
     pub(super) engine: Arc<dyn Engine>,
     pub(super) decisions: Arc<HashMap<ExecutionId, Decision>>,
     pub(super) traced: Arc<HashSet<ExecutionId>>,
+    /// Time spent on each execution before finishing it.
+    pub(super) pace: Duration,
 }
 
 /// Claims executions and does with each what its decision says, until `stop`. With the
 /// families on, the claims go to their ledger, and waiters and long executions are handed to
 /// them first.
 pub(super) async fn work(work: Work, name: String, families: Option<Arc<FamilyRun>>, stop: Arc<AtomicBool>) {
-    let Work { engine, decisions, traced } = work;
+    let Work { engine, decisions, traced, pace } = work;
     let mut long_running = tokio::task::JoinSet::new();
     while !stop.load(Ordering::Relaxed) {
         let claimed = match engine.claim(&name, 16).await {
@@ -46,6 +48,9 @@ pub(super) async fn work(work: Work, name: String, families: Option<Arc<FamilyRu
                 && families.take_over(&engine, &decisions, &name, id, &mut long_running).await
             {
                 continue;
+            }
+            if !pace.is_zero() {
+                tokio::time::sleep(pace).await;
             }
             finish(&*engine, &decisions, id, traced.contains(&id)).await;
         }
