@@ -37,5 +37,8 @@ mod sqlite;
 
 mod dag;
 
+#[cfg(feature = "sqlite")]
+mod live_view;
+
 #[cfg(feature = "valkey")]
 mod valkey;
