@@ -122,7 +122,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 /// Opens the page in headless Chromium, waits until it shows every execution final, and saves
 /// a PNG of it.
 async fn screenshot(addr: std::net::SocketAddr, path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
-    let chromium = Chromium::start(1280, 900).await?;
+    let chromium = Chromium::start(1200, 360).await?;
     let page = chromium.open(&format!("http://{addr}/")).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
