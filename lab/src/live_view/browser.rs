@@ -1,17 +1,25 @@
 //! Headless Chromium for the live view's test and figures: Debian's `chromium` (installed by
 //! `scripts/test.sh` when missing), started by us in a process group of its own with a fresh
-//! profile, driven over the DevTools protocol (`chromiumoxide`), and killed, group and all,
-//! whenever the [`Chromium`] is dropped: on every exit path, panics included. Every wait is
-//! bounded.
+//! profile, driven over its DevTools protocol, and killed, group and all, whenever the
+//! [`Chromium`] is dropped: on every exit path, panics included. Every wait is bounded.
+//!
+//! The protocol is spoken directly over its websocket (`async-tungstenite`): the five calls
+//! used here are a few lines each, where a typed client (`chromiumoxide`) would add about six
+//! minutes of compilation on CI's two cores for its generated protocol types.
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
-use chromiumoxide::{Browser, Page};
-use futures::StreamExt;
+use async_tungstenite::WebSocketStream;
+use async_tungstenite::tokio::{ConnectStream, connect_async};
+use async_tungstenite::tungstenite::Message;
+use base64::Engine as _;
+use futures::StreamExt as _;
+use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio_util::task::AbortOnDropHandle;
+use tokio::sync::Mutex;
 
 /// Where Debian's package puts the browser.
 pub const CHROMIUM: &str = "/usr/bin/chromium";
@@ -35,11 +43,52 @@ const FLAGS: [&str; 9] = [
 
 /// A running headless Chromium and the DevTools connection to it.
 pub struct Chromium {
-    pub browser: Browser,
+    devtools: Arc<DevTools>,
     pid: i32,
     _child: tokio::process::Child,
-    _handler: AbortOnDropHandle<()>,
     _profile: tempfile::TempDir,
+}
+
+/// One tab, attached over the browser's DevTools connection (a flat session).
+pub struct Page {
+    devtools: Arc<DevTools>,
+    session: String,
+}
+
+/// The browser's DevTools connection: one call at a time, each answered by its id (the
+/// protocol's events, which nothing here asks for, are skipped).
+struct DevTools {
+    socket: Mutex<(WebSocketStream<ConnectStream>, u64)>,
+}
+
+impl DevTools {
+    /// Calls `method` (in `session`, or on the browser) and returns its result.
+    async fn call(&self, method: &str, params: Value, session: Option<&str>) -> Result<Value, BrowserError> {
+        let mut guard = self.socket.lock().await;
+        let (socket, next) = &mut *guard;
+        *next += 1;
+        let id = *next;
+        let mut request = json!({ "id": id, "method": method, "params": params });
+        if let Some(session) = session {
+            request["sessionId"] = json!(session);
+        }
+        let exchange = async {
+            socket.send(Message::text(request.to_string())).await?;
+            while let Some(message) = socket.next().await {
+                let Message::Text(text) = message? else { continue };
+                let mut reply: Value = serde_json::from_str(text.as_str())?;
+                if reply["id"].as_u64() != Some(id) {
+                    continue;
+                }
+                if let Some(error) = reply.get("error") {
+                    return Err(BrowserError::DevTools(format!("{method}: {error}")));
+                }
+                return Ok(reply["result"].take());
+            }
+            Err(BrowserError::DevTools(format!("{method}: the connection closed")))
+        };
+        tokio::time::timeout(STEP, exchange).await.map_err(|_| BrowserError::Timeout("answer"))?
+    }
 }
 
 /// Why the browser could not be used.
@@ -52,7 +101,13 @@ pub enum BrowserError {
     #[error("chromium did not {0} within {STEP:?}")]
     Timeout(&'static str),
     #[error("chromium's DevTools: {0}")]
-    DevTools(#[from] chromiumoxide::error::CdpError),
+    DevTools(String),
+    #[error("chromium's DevTools connection: {0}")]
+    WebSocket(#[from] async_tungstenite::tungstenite::Error),
+    #[error("chromium's DevTools reply: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("chromium's screenshot: {0}")]
+    Base64(#[from] base64::DecodeError),
     #[error("chromium exited before it listened: {0}")]
     Exited(String),
 }
@@ -85,45 +140,62 @@ impl Chromium {
         let stderr = child.stderr.take().ok_or(BrowserError::Exited("no stderr".into()))?;
         let url =
             tokio::time::timeout(STEP, devtools_url(stderr)).await.map_err(|_| BrowserError::Timeout("listen"))??;
-        let (browser, mut handler) =
-            tokio::time::timeout(STEP, Browser::connect(url)).await.map_err(|_| BrowserError::Timeout("connect"))??;
-        let handler = tokio::spawn(async move { while handler.next().await.is_some() {} });
+        let (socket, _) =
+            tokio::time::timeout(STEP, connect_async(url)).await.map_err(|_| BrowserError::Timeout("connect"))??;
         chromium.0 = 0;
-        Ok(Self { browser, pid, _child: child, _handler: AbortOnDropHandle::new(handler), _profile: profile })
+        let devtools = Arc::new(DevTools { socket: Mutex::new((socket, 0)) });
+        Ok(Self { devtools, pid, _child: child, _profile: profile })
     }
 
-    /// Opens `url` in a new page.
+    /// Opens `url` in a new page and waits until it has loaded.
     ///
     /// # Errors
-    /// When the page does not open within [`STEP`].
+    /// When the page does not open and load within [`STEP`].
     pub async fn open(&self, url: &str) -> Result<Page, BrowserError> {
-        Ok(tokio::time::timeout(STEP, self.browser.new_page(url))
-            .await
-            .map_err(|_| BrowserError::Timeout("open"))??)
+        let target = self.devtools.call("Target.createTarget", json!({ "url": url }), None).await?;
+        let attached = self
+            .devtools
+            .call("Target.attachToTarget", json!({ "targetId": target["targetId"], "flatten": true }), None)
+            .await?;
+        let session = attached["sessionId"].as_str().ok_or(BrowserError::DevTools("no session id".into()))?;
+        let page = Page { devtools: self.devtools.clone(), session: session.to_owned() };
+        let deadline = tokio::time::Instant::now() + STEP;
+        // The tab starts on about:blank, complete at once: wait for the page asked for.
+        let loaded = "location.href !== 'about:blank' && document.readyState === 'complete'";
+        while Self::eval(&page, loaded).await?.as_bool() != Some(true) {
+            if tokio::time::Instant::now() > deadline {
+                return Err(BrowserError::Timeout("load"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(page)
     }
 
     /// Evaluates `expression` in `page` and returns its JSON value.
     ///
     /// # Errors
     /// When the page does not answer within [`STEP`] or the expression throws.
-    pub async fn eval(page: &Page, expression: &str) -> Result<serde_json::Value, BrowserError> {
-        let result = tokio::time::timeout(STEP, page.evaluate(expression))
-            .await
-            .map_err(|_| BrowserError::Timeout("evaluate"))??;
-        Ok(result.value().cloned().unwrap_or(serde_json::Value::Null))
+    pub async fn eval(page: &Page, expression: &str) -> Result<Value, BrowserError> {
+        let params = json!({ "expression": expression, "returnByValue": true });
+        let mut result = page.devtools.call("Runtime.evaluate", params, Some(&page.session)).await?;
+        if let Some(thrown) = result.get("exceptionDetails") {
+            return Err(BrowserError::DevTools(format!("{expression} threw {thrown}")));
+        }
+        Ok(result["result"]["value"].take())
     }
-}
 
-impl Chromium {
     /// A PNG of the whole page.
     ///
     /// # Errors
     /// When the page does not answer within [`STEP`].
     pub async fn screenshot(page: &Page) -> Result<Vec<u8>, BrowserError> {
-        let params = chromiumoxide::page::ScreenshotParams::builder().full_page(true).build();
-        Ok(tokio::time::timeout(STEP, page.screenshot(params))
-            .await
-            .map_err(|_| BrowserError::Timeout("screenshot"))??)
+        let metrics = page.devtools.call("Page.getLayoutMetrics", json!({}), Some(&page.session)).await?;
+        let size = &metrics["cssContentSize"];
+        let clip = json!({ "x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1 });
+        let params = json!({ "format": "png", "clip": clip, "captureBeyondViewport": true });
+        let shot = page.devtools.call("Page.captureScreenshot", params, Some(&page.session)).await?;
+        let data = shot["data"].as_str().ok_or(BrowserError::DevTools("no screenshot data".into()))?;
+        Ok(base64::engine::general_purpose::STANDARD.decode(data)?)
     }
 }
 
