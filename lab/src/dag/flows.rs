@@ -60,7 +60,7 @@ pub(super) fn build_flow(flow: &FlowId, s: &Scenario, rng: &mut StdRng) -> Dag {
 
 /// The shape of a flow, as a live view draws it.
 pub(super) fn shape(dag: &Dag) -> super::FlowShape {
-    let flow_id = dag.nodes.first().and_then(|(spec, _)| spec.flow_id).unwrap_or_else(FlowId::new);
+    let flow_id = dag.nodes.first().and_then(|(spec, _)| spec.flow_id).unwrap_or_default();
     let nodes =
         dag.nodes.iter().map(|(spec, _)| super::NodeShape { id: spec.id, parents: spec.parents.clone() }).collect();
     super::FlowShape { flow_id, nodes }

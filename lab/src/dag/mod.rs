@@ -84,14 +84,18 @@ pub struct Scenario {
 /// One flow's shape: its executions, each with its parents, parents first.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct FlowShape {
+    /// The flow.
     pub flow_id: FlowId,
+    /// Its executions, parents first.
     pub nodes: Vec<NodeShape>,
 }
 
 /// One execution of a flow and its parents.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct NodeShape {
+    /// The execution.
     pub id: ExecutionId,
+    /// Executions that must succeed before it is eligible.
     pub parents: Vec<ExecutionId>,
 }
 
