@@ -135,4 +135,6 @@ mod guide {
     mod guarantees {}
     #[doc = include_str!("../docs/operating.md")]
     mod operating {}
+    #[doc = include_str!("../docs/watching-a-run.md")]
+    mod watching_a_run {}
 }
