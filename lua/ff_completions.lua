@@ -11,7 +11,10 @@
 --   ff:completions:{fp:N}   stream  partition N's events, in the slot of the flow's `{fp:N}`
 --                           hash tag. A completion's fields: execution_id, flow_id, outcome
 --                           (success | failed | cancelled | expired | skipped), namespace, tags
---                           (JSON object), occurred_at_ms (server TIME), partition. A lease-history
+--                           (JSON object), occurred_at_ms (server TIME), partition, and, when
+--                           the producer records its span, traceparent (W3C trace context,
+--                           `00-<32 hex>-<16 hex>-<2 hex>`; a malformed one is dropped by the
+--                           readers with a logged note, the entry kept). A lease-history
 --                           or signal-delivery entry adds `family` (lease_history |
 --                           signal_delivery), its kind in `outcome`, and lease_id, worker,
 --                           revoked_by, signal_id, waitpoint_id, source_identity where they apply.
@@ -35,7 +38,7 @@
 -- Positions are compared as numbers (ms, then seq), exact below 2^53: the Rust side refuses
 -- larger words before calling, and the library refuses them too.
 
-local VERSION = '7'
+local VERSION = '9'
 
 -- Validation ---------------------------------------------------------------------------------
 

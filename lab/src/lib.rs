@@ -13,6 +13,8 @@
 //! - [`instances`]: one durable promoter group across OS processes (the `instances` example
 //!   and the `groups` test).
 //! - [`chaos`]: the chaos runner (the `chaos` test).
+//! - [`live_view`]: a subscription as Server-Sent Events and the page that draws a DAG run from
+//!   it (the `live_view` example and its browser test), and headless Chromium to drive it.
 
 pub mod chaos;
 pub mod dag;
@@ -21,6 +23,7 @@ mod error;
 pub mod faults;
 pub mod harness;
 pub mod instances;
+pub mod live_view;
 
 pub use dag::report::micros_histogram;
 pub use engine::{

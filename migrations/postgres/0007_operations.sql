@@ -54,6 +54,12 @@ CREATE TABLE IF NOT EXISTS ff_completion_lineage (
     cause              text NOT NULL
 );
 
+-- The producer's W3C trace context, when it records one (NULL otherwise, as in every row from
+-- before): the readers return it last in each row shape (o_traceparent). No default, so adding
+-- it to an adopted outbox is a catalogue change only, never a rewrite.
+ALTER TABLE ff_completion_event ADD COLUMN IF NOT EXISTS traceparent text;
+ALTER TABLE ff_completion_family_event ADD COLUMN IF NOT EXISTS traceparent text;
+
 -- A random 64-bit value.
 CREATE OR REPLACE FUNCTION ff_completions_random_id() RETURNS bigint
 LANGUAGE sql VOLATILE AS $$
@@ -538,19 +544,20 @@ $$;
 -- (pos, pos_e, pos_k), in reader order, up to lim. Planned at every call with the values given,
 -- so the planner prunes an outbox partitioned on partition_key to the partitions in keys
 -- before it opens any (the plan's text is kept: no parsing).
-CREATE OR REPLACE FUNCTION ff_completions_partition_rows(
+DROP FUNCTION IF EXISTS ff_completions_partition_rows(smallint[], xid8[], xid8[], xid8, bigint, integer, integer);
+CREATE FUNCTION ff_completions_partition_rows(
     keys smallint[], outbox_txids xid8[], family_txids xid8[], pos xid8, pos_e bigint, pos_k integer, lim integer)
 RETURNS TABLE (o_txid xid8, o_event_id bigint, o_execution_id text, o_flow_id text, o_outcome text,
                o_namespace text, o_instance_tag text, o_tags text, o_occurred_at_ms bigint, o_partition_key integer,
-               o_family text, o_fields text)
+               o_family text, o_fields text, o_traceparent text)
 LANGUAGE plpgsql STABLE SET plan_cache_mode = force_custom_plan AS $$
 BEGIN
     RETURN QUERY
     SELECT r.txid, r.event_id, r.execution_id, r.flow_id, r.outcome, r.namespace, r.instance_tag, r.tags,
-           r.occurred_at_ms, r.partition_key, r.family, r.fields
+           r.occurred_at_ms, r.partition_key, r.family, r.fields, r.traceparent
       FROM ((SELECT e.txid, e.event_id, e.execution_id::text, e.flow_id::text, e.outcome, e.namespace,
                     e.instance_tag, e.tags::text AS tags, e.occurred_at_ms, e.partition_key::int4,
-                    NULL::text AS family, NULL::text AS fields
+                    NULL::text AS family, NULL::text AS fields, e.traceparent
                FROM ff_completion_event e
               WHERE e.partition_key = ANY (keys) AND e.txid = ANY (outbox_txids)
                 AND (e.txid, e.event_id) >= (pos, pos_e)
@@ -560,7 +567,7 @@ BEGIN
             (SELECT f.txid, f.event_id, f.execution_id::text, NULL, f.kind, f.namespace, NULL, NULL,
                     f.occurred_at_ms, f.partition_key::int4, f.family,
                     json_build_array(f.lease_id, f.worker, f.revoked_by, f.signal_id, f.waitpoint_id,
-                                     f.source_identity)::text
+                                     f.source_identity)::text, f.traceparent
                FROM ff_completion_family_event f
               WHERE f.txid = ANY (family_txids) AND (f.txid, f.event_id) >= (pos, pos_e)
                 AND ((f.txid, f.event_id) > (pos, pos_e) OR coalesce(f.partition_key::int4, -32769) > pos_k)
@@ -586,7 +593,7 @@ CREATE FUNCTION ff_completions_page(
     p_key integer, p_limit integer)
 RETURNS TABLE (o_kind integer, o_major bigint, o_txid bigint, o_event_id bigint, o_fingerprint bigint,
                o_execution_id text, o_flow_id text, o_outcome text, o_namespace text, o_instance_tag text,
-               o_tags text, o_occurred_at_ms bigint, o_partition_key integer, o_family text, o_fields text)
+               o_tags text, o_occurred_at_ms bigint, o_partition_key integer, o_family text, o_fields text, o_traceparent text)
 LANGUAGE plpgsql STABLE
 -- The cached plans are kept: planning a query over every partition of a partitioned outbox costs
 -- more than running it.
@@ -621,17 +628,17 @@ BEGIN
         END IF;
         RETURN QUERY
         SELECT 0, p_major, 1::bigint, h.event_id, p_fingerprint, h.execution_id, h.flow_id, h.outcome, h.namespace,
-               h.instance_tag, h.tags, h.occurred_at_ms, h.partition_key, h.family, h.fields
+               h.instance_tag, h.tags, h.occurred_at_ms, h.partition_key, h.family, h.fields, h.traceparent
           FROM ((SELECT e.event_id, e.execution_id::text, e.flow_id::text, e.outcome, e.namespace, e.instance_tag,
                         e.tags::text AS tags, e.occurred_at_ms, e.partition_key::int4, NULL::text AS family,
-                        NULL::text AS fields
+                        NULL::text AS fields, e.traceparent
                    FROM ff_completion_event e
                   WHERE e.txid IS NULL AND e.event_id >= pos_e
                     AND (e.event_id > pos_e OR coalesce(e.partition_key::int4, -32769) > pos_k)
                   ORDER BY e.txid, e.event_id LIMIT p_limit)
                 UNION ALL
                 (SELECT e.event_id, e.execution_id::text, e.flow_id::text, e.outcome, e.namespace, e.instance_tag,
-                        e.tags::text, e.occurred_at_ms, e.partition_key::int4, NULL::text, NULL::text
+                        e.tags::text, e.occurred_at_ms, e.partition_key::int4, NULL::text, NULL::text, e.traceparent
                    FROM ff_completion_event e
                   WHERE e.txid = '2'::xid8 AND e.event_id >= pos_e
                     AND (e.event_id > pos_e OR coalesce(e.partition_key::int4, -32769) > pos_k)
@@ -640,7 +647,7 @@ BEGIN
                 (SELECT f.event_id, f.execution_id::text, NULL, f.kind, f.namespace, NULL, NULL, f.occurred_at_ms,
                         f.partition_key::int4, f.family,
                         json_build_array(f.lease_id, f.worker, f.revoked_by, f.signal_id, f.waitpoint_id,
-                                         f.source_identity)::text
+                                         f.source_identity)::text, f.traceparent
                    FROM ff_completion_family_event f
                   WHERE f.txid = '2'::xid8 AND f.event_id >= pos_e
                     AND (f.event_id > pos_e OR coalesce(f.partition_key::int4, -32769) > pos_k)
@@ -676,14 +683,14 @@ BEGIN
             RETURN QUERY
             SELECT 0, p_major, r.o_txid::text::int8, r.o_event_id, p_fingerprint, r.o_execution_id, r.o_flow_id,
                    r.o_outcome, r.o_namespace, r.o_instance_tag, r.o_tags, r.o_occurred_at_ms, r.o_partition_key,
-                   r.o_family, r.o_fields
+                   r.o_family, r.o_fields, r.o_traceparent
               FROM ff_completions_partition_rows(keys, outbox_txids, family_txids, pos, pos_e, pos_k, remaining) r;
         ELSIF cardinality(family_txids) = 0 THEN
             -- Completions alone (the common batch): the outbox's probe only.
             RETURN QUERY
             SELECT 0, p_major, e.txid::text::int8, e.event_id, p_fingerprint, e.execution_id::text, e.flow_id::text,
                    e.outcome, e.namespace, e.instance_tag, e.tags::text, e.occurred_at_ms, e.partition_key::int4,
-                   NULL::text, NULL::text
+                   NULL::text, NULL::text, e.traceparent
               FROM ff_completion_event e
              WHERE e.txid = ANY (outbox_txids) AND (e.txid, e.event_id) >= (pos, pos_e)
                AND ((e.txid, e.event_id) > (pos, pos_e) OR coalesce(e.partition_key::int4, -32769) > pos_k)
@@ -691,10 +698,10 @@ BEGIN
         ELSE
             RETURN QUERY
             SELECT 0, p_major, r.txid::text::int8, r.event_id, p_fingerprint, r.execution_id, r.flow_id, r.outcome,
-                   r.namespace, r.instance_tag, r.tags, r.occurred_at_ms, r.partition_key, r.family, r.fields
+                   r.namespace, r.instance_tag, r.tags, r.occurred_at_ms, r.partition_key, r.family, r.fields, r.traceparent
               FROM ((SELECT e.txid, e.event_id, e.execution_id::text, e.flow_id::text, e.outcome, e.namespace,
                             e.instance_tag, e.tags::text AS tags, e.occurred_at_ms, e.partition_key::int4,
-                            NULL::text AS family, NULL::text AS fields
+                            NULL::text AS family, NULL::text AS fields, e.traceparent
                        FROM ff_completion_event e
                       WHERE e.txid = ANY (outbox_txids) AND (e.txid, e.event_id) >= (pos, pos_e)
                         AND ((e.txid, e.event_id) > (pos, pos_e) OR coalesce(e.partition_key::int4, -32769) > pos_k)
@@ -703,7 +710,7 @@ BEGIN
                     (SELECT f.txid, f.event_id, f.execution_id::text, NULL, f.kind, f.namespace, NULL, NULL,
                             f.occurred_at_ms, f.partition_key::int4, f.family,
                             json_build_array(f.lease_id, f.worker, f.revoked_by, f.signal_id, f.waitpoint_id,
-                                             f.source_identity)::text
+                                             f.source_identity)::text, f.traceparent
                        FROM ff_completion_family_event f
                       WHERE f.txid = ANY (family_txids) AND (f.txid, f.event_id) >= (pos, pos_e)
                         AND ((f.txid, f.event_id) > (pos, pos_e) OR coalesce(f.partition_key::int4, -32769) > pos_k)
@@ -761,7 +768,7 @@ CREATE FUNCTION ff_completions_read(p_major bigint, p_txid bigint, p_event_id bi
                                     p_fingerprint bigint, p_limit integer)
 RETURNS TABLE (o_kind integer, o_major bigint, o_txid bigint, o_event_id bigint, o_fingerprint bigint,
                o_execution_id text, o_flow_id text, o_outcome text, o_namespace text, o_instance_tag text,
-               o_tags text, o_occurred_at_ms bigint, o_partition_key integer, o_family text, o_fields text)
+               o_tags text, o_occurred_at_ms bigint, o_partition_key integer, o_family text, o_fields text, o_traceparent text)
 LANGUAGE plpgsql AS $$
 DECLARE
     k bigint := p_major / 3;
@@ -791,7 +798,7 @@ BEGIN
             IF expired.o_major IS NOT NULL AND verdict NOT IN ('retired', 'different') THEN
                 RETURN QUERY SELECT 1, expired.o_major, expired.o_txid, expired.o_event_id, t.fingerprint, NULL::text,
                                     NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bigint,
-                                    expired.o_key, NULL::text, NULL::text
+                                    expired.o_key, NULL::text, NULL::text, NULL::text
                                FROM (SELECT 1) one LEFT JOIN ff_completion_tick t ON t.tick_id = expired.o_major / 3;
                 RETURN;
             END IF;
@@ -799,7 +806,7 @@ BEGIN
             next_tick := ff_completions_tick();
             RETURN QUERY SELECT 4, 3 * next_tick + 2, 0::bigint, 0::bigint, t.fingerprint, NULL::text, NULL::text,
                                 verdict, NULL::text, NULL::text,
-                                NULL::text, NULL::bigint, NULL::integer, NULL::text, NULL::text
+                                NULL::text, NULL::bigint, NULL::integer, NULL::text, NULL::text, NULL::text
                            FROM ff_completion_tick t WHERE t.tick_id = next_tick;
             RETURN;
         END IF;
@@ -819,7 +826,7 @@ BEGIN
             o_kind := 2; o_major := 3 * k + 2; o_txid := 0; o_event_id := 0; o_fingerprint := fp;
             o_execution_id := NULL; o_flow_id := NULL; o_outcome := NULL; o_namespace := NULL;
             o_instance_tag := NULL; o_tags := NULL; o_occurred_at_ms := NULL; o_partition_key := NULL;
-            o_family := NULL; o_fields := NULL;
+            o_family := NULL; o_fields := NULL; o_traceparent := NULL;
             RETURN NEXT;
         END IF;
         batches := batches + 1;
@@ -860,7 +867,7 @@ BEGIN
             OR (p_major % 3 = 1 AND (p_txid, p_event_id) < (cut.trimmed_txid::text::int8, cut.trimmed_event_id))) THEN
         RETURN QUERY SELECT 1, cut.cut_major, cut.cut_txid, cut.cut_event_id, t.fingerprint, NULL::text, NULL::text,
                             NULL::text, NULL::text, NULL::text, NULL::text, NULL::bigint, cut.cut_key, NULL::text,
-                            NULL::text
+                            NULL::text, NULL::text
                        FROM (SELECT 1) one LEFT JOIN ff_completion_tick t ON t.tick_id = cut.cut_major / 3;
     END IF;
 END
@@ -872,11 +879,11 @@ DROP FUNCTION IF EXISTS ff_completions_read(bigint, bigint, bigint, integer);
 CREATE FUNCTION ff_completions_read(p_major bigint, p_txid bigint, p_event_id bigint, p_limit integer)
 RETURNS TABLE (o_kind integer, o_major bigint, o_txid bigint, o_event_id bigint, o_execution_id text,
                o_flow_id text, o_outcome text, o_namespace text, o_instance_tag text, o_tags text,
-               o_occurred_at_ms bigint, o_partition_key integer, o_family text, o_fields text)
+               o_occurred_at_ms bigint, o_partition_key integer, o_family text, o_fields text, o_traceparent text)
 LANGUAGE sql AS $$
     SELECT r.o_kind, r.o_major, CASE WHEN r.o_txid = 1 THEN 0 ELSE r.o_txid END, r.o_event_id, r.o_execution_id,
            r.o_flow_id, r.o_outcome, r.o_namespace, r.o_instance_tag, r.o_tags, r.o_occurred_at_ms,
-           r.o_partition_key, r.o_family, r.o_fields
+           r.o_partition_key, r.o_family, r.o_fields, r.o_traceparent
       FROM ff_completions_read(p_major, CASE WHEN p_txid = 0 AND p_event_id > 0 THEN 1 ELSE p_txid END, p_event_id,
                                32768, NULL::bigint, p_limit) r
      WHERE r.o_kind IN (0, 1, 2)

@@ -7,12 +7,14 @@
 //! once each, into the subscriber's [`Sink`].
 //!
 //! First it resolves where the subscription starts (the tail, or after a cursor) and answers
-//! the subscriber: with its id, or with a typed error (an expired or malformed cursor). When
-//! the backend cannot be reached it answers with the id at once and starts later: a cursor
-//! subscription once the backend can check the cursor; a tail subscription at the listener's
-//! cursor when the subscriber subscribed, or, if the tree has not read the backend yet, at the
-//! tail the listener first reads once it can. It never asks the backend for the tail after
-//! answering, since that tail would skip what was committed in between.
+//! the subscriber: with its id, or with a typed error (an expired or malformed cursor). A tail
+//! subscription is answered only once its start is fixed at or before anything committed after
+//! the answer: the backend's tail, or, when the backend cannot be reached, the listener's
+//! cursor when the subscriber subscribed, or else the first position the listener reads since
+//! (the call waits for it, or fails at once with `Unavailable` when the request said
+//! `without_waiting`). It never asks the backend for the tail after answering, since that tail
+//! would skip what was committed in between. A cursor subscription is answered at once while
+//! the backend cannot be reached, and starts once the backend can check the cursor.
 //!
 //! The filter never waits on its subscriber. When the sink is full it stops where it is,
 //! drops live batches while it waits for room, then reads the backend from its own cursor
@@ -28,6 +30,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::Instrument;
 
 use super::ids::{BackendId, SubscriberId};
+use super::request::TailWait;
 use super::shared::{FilterMode, ListenerShared, LiveBatch, SubscriberShared};
 use super::sink::{Sent, Sink};
 use crate::backends::{Batch, CompletionSource, Positioned, StartAt};
@@ -202,20 +205,42 @@ impl FilterState {
                 self.end_with_error(myself, err);
             }
             Ok(start) => self.begin(myself, start),
+            Err(err) if err.is_transient() && tail => self.on_tail_unknown(myself, err),
             Err(err) if err.is_transient() => {
-                self.answer();
-                let fallback = self.args.shared.tail_fallback.clone();
-                match fallback {
-                    Some(pos) if tail => self.begin(myself, StartAt::after(pos)),
-                    _ if tail && self.start_at_listeners_first_cursor(myself) => {}
-                    _ => self.retry_resolve(myself, Some(&err)),
-                }
+                self.answer(myself);
+                self.retry_resolve(myself, Some(&err));
             }
             Err(err) => {
                 tracing::warn!(subscriber = %self.args.subscriber_id, error = %err, "subscription refused");
                 let err = self.in_family(err);
                 self.end_with_error(myself, err);
             }
+        }
+    }
+
+    /// The backend cannot tell its tail now. A position the tree has read is a start at or
+    /// before anything committed after the subscriber's call returns: the listener's cursor
+    /// when the subscriber subscribed, or else its first read since. Without one the call
+    /// waits for the backend (answered once it or the listener tells a position), or fails at
+    /// once when the subscriber said not to wait.
+    fn on_tail_unknown(&mut self, myself: &ActorRef<FilterMsg>, err: Error) {
+        if let Some(pos) = self.args.shared.tail_fallback.clone() {
+            self.begin(myself, StartAt::after(pos));
+            return;
+        }
+        if self.start_at_listeners_first_cursor(myself) {
+            return;
+        }
+        match self.args.shared.tail_wait {
+            TailWait::FailFast if self.reply.is_some() => {
+                let detail = format!(
+                    "the {} backend cannot tell its tail yet (unreachable, and the tree has read nothing from it)",
+                    self.args.source.kind()
+                );
+                tracing::debug!(subscriber = %self.args.subscriber_id, error = %err, "tail subscription refused: not waiting");
+                self.end_with_error(myself, Error::unavailable("subscribe", detail).with_source(err));
+            }
+            _ => self.retry_resolve(myself, Some(&err)),
         }
     }
 
@@ -243,24 +268,31 @@ impl FilterState {
         let (head, read) = self.args.listener.head();
         let read_at_start = (head.as_ref() == Some(&start.after) && start.lo_floor.is_none()).then_some(read);
         self.delivered = self.args.shared.resolve(start, read_at_start).after;
+        self.args.sink.started(&self.delivered);
         self.failed_reads = 0;
-        self.answer();
+        self.answer(myself);
         self.set_mode(FilterMode::CatchingUp);
         let _ = myself.cast(FilterMsg::CatchUp);
     }
 
-    /// Answers the subscriber's call with its id, if not answered yet.
-    fn answer(&mut self) {
-        if let Some(reply) = self.reply.take() {
-            let _ = reply.send(Ok(self.args.subscriber_id));
+    /// Answers the subscriber's call with its id, if not answered yet. A caller that gave up
+    /// waiting (its future was dropped) gets no subscription: this filter ends.
+    fn answer(&mut self, myself: &ActorRef<FilterMsg>) {
+        if let Some(reply) = self.reply.take()
+            && reply.send(Ok(self.args.subscriber_id)).is_err()
+        {
+            tracing::debug!(subscriber = %self.args.subscriber_id, "the subscriber stopped waiting for its answer");
+            myself.stop(Some(SUBSCRIBER_GONE.into()));
         }
     }
 
     fn on_live(&mut self, myself: &ActorRef<FilterMsg>, batch: &LiveBatch) {
         if self.mode == FilterMode::Starting {
             // A live batch means the listener has a cursor: a tail subscription waiting for its
-            // first one can start (the batch itself is read again by the catch-up).
-            if self.args.shared.from.is_empty() && self.reply.is_none() {
+            // first one can start (the batch itself is read again by the catch-up). That cursor
+            // was read after the subscriber subscribed (it had none then, or the subscription
+            // would have started at it), so it misses nothing committed after the call returns.
+            if self.args.shared.from.is_empty() {
                 self.start_at_listeners_first_cursor(myself);
             }
             return;
@@ -440,7 +472,7 @@ impl FilterState {
     /// `None` when it is not wanted. A completion costs what it cost before families existed:
     /// one more tag compared.
     fn offer(&self, item: &Positioned) -> Option<Sent> {
-        self.args.sink.offer(&item.event, &|cursor| self.stamp(item, cursor), &self.args.shared.delivered_count)
+        self.args.sink.offer(item, &|cursor| self.stamp(item, cursor), &self.args.shared.delivered_count)
     }
 
     /// The cursor of the event to hand over: with a backend of several lanes it must name every

@@ -18,17 +18,20 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::awaits::{AwaitHub, AwaitSink, CompletionWatch};
 use super::ids::{BackendId, SubscriberId};
-use super::request::{Completions, Event, SubscribeRequest};
+use super::request::{Completions, Event, SubscribeRequest, TailWait};
 use super::sink::{FamilySink, Out};
 use super::stats::SupervisorStats;
 use super::supervisor::{ChildKey, Command, CompletionSupervisor, NewSubscriber, SupervisorMsg};
 use super::supervisor_config::SupervisorConfig;
 use crate::backends::lazy::LazySource;
 use crate::completion_backend::CompletionBackend;
+use crate::cursor::StreamCursor;
 use crate::error::Error;
-use crate::event::{CompletionEvent, CompletionStream};
+use crate::event::{CompletionEvent, CompletionPayload, CompletionStream};
 use crate::scanner_filter::ScannerFilter;
+use crate::types::ExecutionId;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -162,10 +165,15 @@ impl CompletionSupervisorHandle {
         let Some(family) = E::FAMILY else {
             return Err(Error::unavailable("subscribe", "no backend produces this event family yet"));
         };
-        let SubscribeRequest { backend, filter, from, name } = request;
+        let SubscribeRequest { backend, filter, from, name, tail_wait } = request;
         let sink = Arc::new(FamilySink { family, filter, out });
-        let subscriber = NewSubscriber { backend, from, name, sink };
-        self.ask("subscribe", |reply| Command::Subscribe(subscriber, reply)).await?
+        let subscriber = NewSubscriber { backend, from, name, sink, tail_wait };
+        // No timeout: a tail subscription may wait for its backend (the caller bounds it).
+        self.actor
+            .call(|reply| Command::Subscribe(subscriber, reply).into(), None)
+            .await
+            .map_err(|e| actor_error("subscribe", e))?
+            .success_or(actor_error("subscribe", "no reply"))?
     }
 
     /// Subscribes: events arrive in order, once each, from the request's start (the tail, or
@@ -248,6 +256,98 @@ impl CompletionSupervisorHandle {
         self.add_subscriber(request, Out::actor(actor)).await
     }
 
+    /// Watches one execution's completion: the returned [`CompletionWatch`] resolves to the
+    /// execution's completion event, committed after this call returned, however late it is
+    /// awaited. Create it before submitting the work, then submit, then await it.
+    ///
+    /// ```no_run
+    /// # async fn demo(tree: ff_completions::CompletionSupervisorHandle, id: ff_completions::ExecutionId) -> Result<(), ff_completions::Error> {
+    /// let done = tree.watch_completion(id).await?; // before the work is submitted
+    /// // ... enqueue the execution `id` ...
+    /// let event = tokio::time::timeout(std::time::Duration::from_secs(30), done)
+    ///     .await
+    ///     .map_err(|_| ff_completions::Error::Timeout { op: "await completion" })??;
+    /// println!("{} reached {}", event.execution_id, event.outcome);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// Every await of the tree's backend shares one subscription, started by the first; a
+    /// pending await costs a map entry and a oneshot channel. Dropping the watch gives it up
+    /// (timeouts and cancellation are the caller's: `tokio::time::timeout`, `select!`).
+    ///
+    /// # Errors
+    /// A tree with several backends ([`Error::Validation`]: this call uses the only one), or a
+    /// dead tree. While the backend cannot be reached and the tree has read nothing from it,
+    /// the first await's call waits for it (as a tail subscription does). The watch itself
+    /// resolves to an error when the shared subscription ends with one (its history lost, say).
+    pub async fn watch_completion(&self, execution_id: ExecutionId) -> Result<CompletionWatch, Error> {
+        self.await_hub().await?.watch(execution_id)
+    }
+
+    /// The execution's completion after `after`: a completion cursor read before the work was
+    /// submitted (from [`Self::completion_position`], [`CompletionWatch::cursor`], or an event
+    /// the engine had received), so a completion that landed before this call is still found.
+    /// The empty cursor means "committed after this call returned".
+    ///
+    /// ```no_run
+    /// # async fn demo(tree: ff_completions::CompletionSupervisorHandle, id: ff_completions::ExecutionId) -> Result<(), ff_completions::Error> {
+    /// let before = tree.completion_position().await?; // stored with the job, say
+    /// // ... enqueue the execution `id`; it may well complete before the await below ...
+    /// let event = tree.await_completion(id, &before).await?;
+    /// # drop(event); Ok(()) }
+    /// ```
+    ///
+    /// Completions that reached the shared subscription before the await began are read back
+    /// from the backend, from `after` up to where the subscription stood (batched, through the
+    /// shared pool); the later ones arrive through the subscription.
+    ///
+    /// # Errors
+    /// As [`Self::watch_completion`]; a malformed cursor or one of another family
+    /// ([`Error::Validation`]), an expired one ([`Error::CursorExpired`]) or one of another
+    /// history ([`Error::CursorHistoryLost`]).
+    pub async fn await_completion(
+        &self,
+        execution_id: ExecutionId,
+        after: &StreamCursor,
+    ) -> Result<CompletionEvent, Error> {
+        self.await_hub().await?.completion_after(execution_id, after).await
+    }
+
+    /// A completion cursor at or before everything committed after this call returns, for a
+    /// later [`Self::await_completion`]: where the awaits' shared subscription stands (no
+    /// read of the backend once it runs).
+    ///
+    /// # Errors
+    /// As [`Self::watch_completion`].
+    pub async fn completion_position(&self) -> Result<StreamCursor, Error> {
+        self.await_hub().await?.position()
+    }
+
+    /// The awaits' hub of the only backend, its shared subscription started.
+    async fn await_hub(&self) -> Result<Arc<AwaitHub>, Error> {
+        let (backend, hub) = self.ask("await completion", |reply| Command::Awaits(None, reply)).await??;
+        if hub.is_running() {
+            return Ok(hub);
+        }
+        let starting = hub.starting().lock().await;
+        if !hub.is_running() {
+            let subscriber = NewSubscriber {
+                backend: Some(backend),
+                from: StreamCursor::empty(),
+                name: Some("awaits".to_owned()),
+                sink: Arc::new(AwaitSink(hub.clone())),
+                tail_wait: TailWait::Wait,
+            };
+            self.actor
+                .call(|reply| Command::Subscribe(subscriber, reply).into(), None)
+                .await
+                .map_err(|e| actor_error("await completion", e))?
+                .success_or(actor_error("await completion", "no reply"))??;
+        }
+        drop(starting);
+        Ok(hub)
+    }
+
     /// Ends a subscription.
     pub fn unsubscribe(&self, id: SubscriberId) {
         let _ = self.actor.cast(Command::Unsubscribe(id).into());
@@ -324,6 +424,18 @@ impl<E> Drop for Subscription<E> {
 
 #[async_trait]
 impl CompletionBackend for CompletionSupervisorHandle {
+    async fn completion_position(&self) -> Result<StreamCursor, Error> {
+        CompletionSupervisorHandle::completion_position(self).await
+    }
+
+    async fn await_completion(
+        &self,
+        execution_id: &ExecutionId,
+        after: &StreamCursor,
+    ) -> Result<CompletionPayload, Error> {
+        CompletionSupervisorHandle::await_completion(self, *execution_id, after).await.map(|event| event.to_payload())
+    }
+
     async fn subscribe_completions(&self) -> Result<CompletionStream, Error> {
         self.subscribe_completions_filtered(&ScannerFilter::NOOP).await
     }

@@ -19,6 +19,7 @@
 //! (where a filter delivers), the actors `filter`, `listener` and `supervisor`, then `stats`,
 //! `supervisor_config` and `handle`, which engines hold.
 
+pub(crate) mod awaits;
 pub(crate) mod filter;
 pub mod handle;
 pub(crate) mod ids;

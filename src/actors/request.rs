@@ -141,6 +141,27 @@ pub struct SubscribeRequest<E: Event> {
     /// per-subscriber series (their ids are never reused, so such series would grow without
     /// bound).
     pub name: Option<String>,
+    /// What a tail subscription does when the backend cannot tell its tail yet (it cannot be
+    /// reached and the tree has read nothing from it): wait for it (the default), or fail at
+    /// once ([`TailWait::FailFast`]). A cursor subscription ignores it.
+    pub tail_wait: TailWait,
+}
+
+/// What [`crate::CompletionSupervisorHandle::subscribe`] does with a tail subscription when
+/// the backend cannot tell its tail: it cannot be reached, and the tree has read no position
+/// from it yet (once the tree has read one, a tail subscription starts at the tree's last read
+/// without waiting: everything committed after the call returned comes after that position).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TailWait {
+    /// The call waits until the backend answers (or the tree reads its first position), then
+    /// returns: every matching event committed after it returned is delivered. Bound the wait
+    /// with `tokio::time::timeout` if needed.
+    #[default]
+    Wait,
+    /// The call fails at once with [`crate::Error::Unavailable`] (transient: retry later)
+    /// instead of waiting.
+    FailFast,
 }
 
 /// A subscription to completions (the default family): [`SubscribeRequest`] of
@@ -158,12 +179,20 @@ pub type InstanceTags = SubscribeRequest<InstanceTagEvent>;
 
 impl<E: Event> Default for SubscribeRequest<E> {
     fn default() -> Self {
-        Self { backend: None, filter: E::Filter::default(), from: StreamCursor::empty(), name: None }
+        Self {
+            backend: None,
+            filter: E::Filter::default(),
+            from: StreamCursor::empty(),
+            name: None,
+            tail_wait: TailWait::Wait,
+        }
     }
 }
 
 impl<E: Event> SubscribeRequest<E> {
-    /// New events only.
+    /// New events only: every matching event committed after
+    /// [`crate::CompletionSupervisorHandle::subscribe`] returned, none before (while the
+    /// backend cannot be reached, see [`TailWait`]).
     pub fn tail() -> Self {
         Self::default()
     }
@@ -186,6 +215,14 @@ impl<E: Event> SubscribeRequest<E> {
     #[must_use]
     pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
+        self
+    }
+
+    /// A tail subscription fails at once with [`crate::Error::Unavailable`] rather than wait
+    /// while the backend cannot tell its tail ([`TailWait::FailFast`]).
+    #[must_use]
+    pub fn without_waiting(mut self) -> Self {
+        self.tail_wait = TailWait::FailFast;
         self
     }
 

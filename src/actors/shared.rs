@@ -5,6 +5,7 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
+use super::request::TailWait;
 use crate::backends::{Positioned, StartAt};
 use crate::cursor::{Frontier, Position, StreamCursor};
 use crate::types::TimestampMs;
@@ -137,6 +138,9 @@ pub(crate) struct SubscriberShared {
     /// For a tail subscription: the listener's cursor when the subscriber subscribed, the start
     /// to use if the backend cannot tell its tail then.
     pub tail_fallback: Option<Frontier>,
+    /// For a tail subscription: whether the subscriber's call waits while the backend cannot
+    /// tell its tail (or fails at once).
+    pub tail_wait: TailWait,
     /// Where delivery starts, once resolved (the filter resolves it, then keeps it).
     start: std::sync::OnceLock<StartAt>,
     delivered: Mutex<Frontier>,
@@ -159,6 +163,7 @@ impl SubscriberShared {
         Self {
             from,
             tail_fallback,
+            tail_wait: TailWait::Wait,
             start: std::sync::OnceLock::new(),
             delivered: Mutex::new(Frontier::default()),
             processed: AtomicU64::new(0),
@@ -169,6 +174,13 @@ impl SubscriberShared {
             healthy: std::sync::atomic::AtomicBool::new(false),
             lag: Mutex::new(LagMarks::default()),
         }
+    }
+
+    /// Sets what a tail subscription does while the backend cannot tell its tail.
+    #[must_use]
+    pub(crate) fn with_tail_wait(mut self, tail_wait: TailWait) -> Self {
+        self.tail_wait = tail_wait;
+        self
     }
 
     /// Where delivery starts; `None` until resolved.

@@ -14,8 +14,8 @@ use ractor::ActorRef;
 use tokio::sync::mpsc;
 
 use super::request::Event;
-use crate::backends::FamilyEvent;
-use crate::cursor::StreamCursor;
+use crate::backends::Positioned;
+use crate::cursor::{Frontier, StreamCursor};
 use crate::error::Error;
 use crate::family::Family;
 
@@ -71,7 +71,10 @@ pub(crate) trait Sink: Send + Sync + 'static {
     /// (`None` otherwise), with its cursor set by `stamp` first. `delivered` counts it before
     /// the send (whoever receives the event finds it counted), and takes it back when the sink
     /// did not take it.
-    fn offer(&self, event: &FamilyEvent, stamp: &dyn Fn(&mut StreamCursor), delivered: &AtomicU64) -> Option<Sent>;
+    fn offer(&self, item: &Positioned, stamp: &dyn Fn(&mut StreamCursor), delivered: &AtomicU64) -> Option<Sent>;
+
+    /// The subscription starts after `at` (called once its start is fixed).
+    fn started(&self, _at: &Frontier) {}
 
     /// Hands a channel subscriber an error, waiting for room off the caller (it must not be
     /// lost to a full buffer). Actor sinks get none: their subscription just ends.
@@ -94,8 +97,12 @@ impl<E: Event> Sink for FamilySink<E> {
         self.family
     }
 
-    fn offer(&self, event: &FamilyEvent, stamp: &dyn Fn(&mut StreamCursor), delivered: &AtomicU64) -> Option<Sent> {
-        let mut event = E::pick(&self.filter, event)?;
+    fn offer(&self, item: &Positioned, stamp: &dyn Fn(&mut StreamCursor), delivered: &AtomicU64) -> Option<Sent> {
+        let mut event = E::pick(&self.filter, &item.event)?;
+        // With `opentelemetry`, an event carrying its producer's trace context is handed over
+        // while a span of that trace, linked to the producer's span, is open.
+        #[cfg(feature = "opentelemetry")]
+        let _delivery = crate::trace_context::delivery_span(&item.event);
         stamp(event.cursor_mut());
         delivered.fetch_add(1, Ordering::Relaxed);
         let sent = self.out.send(event);

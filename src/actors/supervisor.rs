@@ -39,9 +39,11 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPo
 use tracing::Instrument;
 
 use self::restart::RestartPolicy;
+use super::awaits::AwaitHub;
 use super::filter::{Fanout, FilterMsg, SubscribeReply};
 use super::ids::{BackendId, SubscriberId};
 use super::listener::ListenerMsg;
+use super::request::TailWait;
 use super::shared::{ListenerShared, SubscriberShared};
 use super::sink::Sink;
 use super::stats::SupervisorStats;
@@ -64,6 +66,8 @@ pub(crate) struct NewSubscriber {
     pub name: Option<String>,
     /// Which family, which of its events, and where they go.
     pub sink: Arc<dyn Sink>,
+    /// Whether a tail subscription waits for a backend that cannot tell its tail yet.
+    pub tail_wait: TailWait,
 }
 
 /// Which child a cell request names.
@@ -104,10 +108,15 @@ pub(crate) enum Command {
     Backend(Option<BackendId>, RpcReplyPort<Result<Arc<LazySource>, Error>>),
     /// The cell of a child. Sent by the handle.
     ChildCell(ChildKey, RpcReplyPort<Option<ActorCell>>),
+    /// The hub of the awaits of one execution's completion on a backend, and its name. Sent by
+    /// the handle.
+    Awaits(Option<BackendId>, RpcReplyPort<Result<(BackendId, Arc<AwaitHub>), Error>>),
 }
 
 struct ListenerSlot {
     source: Arc<LazySource>,
+    /// The awaits of one execution's completion, served by one shared subscription.
+    awaits: Arc<AwaitHub>,
     _jobs: [Option<AbortOnDropHandle<()>>; 2],
     shared: Arc<ListenerShared>,
     /// The filters of this backend's subscribers.
@@ -202,6 +211,9 @@ impl Actor for CompletionSupervisor {
                 Command::ChildCell(key, reply) => {
                     let _ = reply.send(state.child_cell(&key));
                 }
+                Command::Awaits(backend, reply) => {
+                    let _ = reply.send(state.awaits(backend));
+                }
             }
         }
         .instrument(span)
@@ -277,6 +289,7 @@ impl SupervisorState {
             let gauge_job = jobs::spawn_gauge_job(id.clone(), source, config.gauge_interval);
             let policy = RestartPolicy::new(Backoff::from_retry(&backend.retry), config.restart_intensity);
             let slot = ListenerSlot {
+                awaits: AwaitHub::new(lazy.clone(), config.batch_size),
                 source: lazy,
                 _jobs: [trim_job, Some(gauge_job)],
                 shared,

@@ -12,6 +12,7 @@ use crate::event::{CompletionEvent, CompletionOutcome};
 use crate::family::Family;
 use crate::lease_history::{LeaseEntry, LeaseHistoryEvent};
 use crate::signal_delivery::{SignalDeliveryEffect, SignalDeliveryEvent, SignalEntry};
+use crate::trace_context::TraceParent;
 use crate::types::{
     ExecutionId, FlowId, LeaseId, Namespace, PARTITION_COUNT, SignalId, TimestampMs, WaitpointId, WorkerInstanceId,
 };
@@ -72,6 +73,9 @@ pub(crate) struct OutboxRow {
     pub tags: Option<String>,
     pub occurred_at_ms: Option<i64>,
     pub partition_key: Option<i64>,
+    /// The producer's W3C `traceparent` (absent in outboxes and rows from before it).
+    #[sqlx(default)]
+    pub traceparent: Option<String>,
 }
 
 fn tags(text: Option<&str>, instance_tag: Option<&str>) -> Result<BTreeMap<String, String>, String> {
@@ -222,10 +226,12 @@ impl OutboxRow {
             }
             None => None,
         };
+        let traceparent = TraceParent::lenient(self.traceparent.as_deref(), &execution_id);
         Ok(CompletionEvent::new(cursor, execution_id, CompletionOutcome::from_wire(outcome), at)
             .with_flow_id(flow_id)
             .with_namespace(self.namespace.as_deref().map(Namespace::from))
-            .with_tags(tags(self.tags.as_deref(), self.instance_tag.as_deref())?))
+            .with_tags(tags(self.tags.as_deref(), self.instance_tag.as_deref())?)
+            .with_traceparent(traceparent))
     }
 }
 
@@ -314,6 +320,24 @@ mod tests {
             assert_eq!(event.at, TimestampMs(at));
             assert_eq!(event.namespace.as_ref().map(|n| n.as_str().len()), Some(1 << 20));
         }
+    }
+
+    #[test]
+    fn a_row_carries_its_valid_traceparent_and_drops_a_malformed_one_without_failing() {
+        let row = |traceparent: Option<&str>| OutboxRow {
+            execution_id: Some("6f1f4a52-9d8e-4c3f-a1b2-3c4d5e6f7a8b".into()),
+            outcome: Some("success".into()),
+            occurred_at_ms: Some(1),
+            partition_key: Some(3),
+            traceparent: traceparent.map(str::to_owned),
+            ..OutboxRow::default()
+        };
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let decoded = |tp| row(tp).decode(StreamCursor::empty()).unwrap_or_else(|e| panic!("{e}")).traceparent;
+        assert_eq!(decoded(Some(good)).map(|t| t.to_string()).as_deref(), Some(good));
+        assert_eq!(decoded(Some("00-nope")), None, "a malformed one is dropped, the event kept");
+        assert_eq!(decoded(Some("")), None);
+        assert_eq!(decoded(None), None, "rows from before the column decode as they did");
     }
 
     #[test]

@@ -30,6 +30,9 @@ fn small(backend: BackendConfig, chaos: bool) -> scenario::Scenario {
         reconcile_every: Duration::from_secs(1),
         progress: false,
         timeout: Duration::from_secs(120),
+        trace: false,
+        pace: Duration::ZERO,
+        on_planned: None,
     }
 }
 
@@ -150,4 +153,64 @@ async fn dag_scenario_verifies_on_a_valkey_cluster_under_chaos() {
 async fn dag_scenario_verifies_on_valkey_under_chaos() {
     let server = crate::support::valkey::ValkeyServer::start().await;
     check(server.config(), true).await;
+}
+
+/// The first flow's trace, kept in memory: each traced completion's producer span (`execute`),
+/// the tree's delivery span (a child of it, linked to it) and the promoter's `promote` span of
+/// its children (a child of it) share one trace. Current-thread runtime: every task and actor
+/// of the run sees the test's own subscriber.
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn one_trace_runs_from_a_parents_completion_through_its_delivery_to_the_childs_promotion() {
+    use opentelemetry::trace::SpanKind;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let (provider, exporter) = scenario::trace::memory_provider();
+    let subscriber = tracing_subscriber::registry().with(scenario::trace::layer(&provider));
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let s = scenario::Scenario {
+        flows: 2,
+        fan_out: 2,
+        chain_len: 1,
+        fail_percent: 0,
+        retry_percent: 0,
+        cancel_percent: 0,
+        trace: true,
+        ..small(BackendConfig::sqlite(dir.path().join("dag.db")), false)
+    };
+    let report = scenario::run(&s).await.expect("scenario runs");
+    assert!(report.mismatches.is_empty() && report.exactly_once(), "{report:?}");
+    provider.force_flush().expect("flush");
+    let spans = exporter.get_finished_spans().expect("spans");
+    let named = |name: &str| spans.iter().filter(|s| s.name == name).collect::<Vec<_>>();
+    let (executes, deliveries, promotes) = (named("execute"), named("ff_completions.deliver"), named("promote"));
+    // The first flow: root, two fanned out, the fan-in, one chained, two of the diamond and its
+    // join, 8 executions (those the lease and signal part takes over complete untraced).
+    assert!(!executes.is_empty() && executes.len() <= 8, "one producer span per traced completion");
+    assert_eq!(promotes.len(), executes.len(), "each traced parent's children promoted in a span of its trace");
+    let root = executes.iter().find(|e| e.parent_span_id == opentelemetry::trace::SpanId::INVALID).expect("a root");
+    for promote in &promotes {
+        let producer = executes
+            .iter()
+            .find(|e| e.span_context.span_id() == promote.parent_span_id)
+            .expect("a promote span's parent is a producer's execute span");
+        assert_eq!(promote.span_context.trace_id(), producer.span_context.trace_id(), "one trace");
+    }
+    for delivery in &deliveries {
+        assert_eq!(delivery.span_kind, SpanKind::Consumer);
+        let producer = executes
+            .iter()
+            .find(|e| e.span_context.span_id() == delivery.parent_span_id)
+            .expect("a delivery span's parent is the producer's span");
+        assert_eq!(delivery.span_context.trace_id(), producer.span_context.trace_id());
+        let linked: Vec<_> = delivery.links.iter().map(|l| l.span_context.span_id()).collect();
+        assert_eq!(linked, vec![producer.span_context.span_id()], "linked to the producer's span");
+    }
+    assert!(deliveries.len() >= executes.len(), "each traced completion delivered in a span: {}", deliveries.len());
+    let root_trace = root.span_context.trace_id();
+    assert!(
+        promotes.iter().any(|p| p.span_context.trace_id() == root_trace),
+        "the root's completion leads to its children's promotion in its own trace"
+    );
 }

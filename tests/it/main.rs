@@ -16,6 +16,8 @@ mod durable;
 
 #[cfg(all(feature = "postgres", feature = "valkey"))]
 mod deploying;
+#[allow(dead_code)]
+mod tail_await;
 
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -36,6 +38,9 @@ mod metrics;
 mod sqlite;
 
 mod dag;
+
+#[cfg(feature = "sqlite")]
+mod live_view;
 
 #[cfg(feature = "valkey")]
 mod valkey;

@@ -26,6 +26,7 @@ async fn contract_backend() -> (tempfile::TempDir, BackendConfig) {
 contract::contract_tests!(foreign cursors: vec![encode_valkey_cursor(1, 2), encode_postgres_cursor(3, 4)]);
 
 crate::families::family_tests!();
+crate::tail_await::tail_await_tests!();
 
 /// The durable-group store's promises ([`crate::groups::group_store_tests`]).
 mod groups {

@@ -197,7 +197,8 @@ async fn a_filter_that_panics_on_every_start_escalates_instead_of_looping() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tree_started_while_its_server_is_down_answers_at_once_and_delivers_once_it_is_up() {
+async fn a_tree_started_while_its_server_is_down_takes_cursor_subscribers_at_once_and_tail_ones_once_it_can_tell_the_tail()
+ {
     init_tracing();
     let pg = crate::support::postgres::PrivatePg::start().await;
     let url = pg.url();
@@ -230,16 +231,24 @@ async fn a_tree_started_while_its_server_is_down_answers_at_once_and_delivers_on
     assert_ne!(stats.listeners[0].state, ListenerState::Live, "{stats}");
     let mut from_cursor =
         tree.subscribe(Completions::from_cursor(seen[0].cursor.clone())).await.expect("cursor sub while down");
-    let mut tail = tree.subscribe(Completions::tail()).await.expect("tail sub while down");
-    let stats = tree.stats().await.expect("stats during the outage");
-    assert!(stats.subscribers.iter().all(|s| s.mode == ff_completions::FilterMode::Starting), "{stats}");
-
-    pg.restart().await;
-    // A tail subscription that never saw the backend starts at the tree's first read.
-    wait_until(WAIT, "the listener to be live", || async {
-        tree.stats().await.map(|s| s.listeners[0].state == ListenerState::Live).unwrap_or(false)
+    // Nobody can tell the tail: asked not to wait, a tail subscription is refused at once (a
+    // transient error); by default the call waits until the backend or the listener tells it.
+    let refused = tree.subscribe(Completions::tail().without_waiting()).await.map(|s| s.id());
+    assert!(matches!(&refused, Err(e @ ff_completions::Error::Unavailable { .. }) if e.is_transient()), "{refused:?}");
+    let waiting = tokio::spawn({
+        let tree = tree.clone();
+        async move { tree.subscribe(Completions::tail()).await }
+    });
+    wait_until(WAIT, "both subscribers to wait for the backend", || async {
+        tree.stats().await.map(|s| s.subscribers.len() == 2).unwrap_or(false)
     })
     .await;
+    let stats = tree.stats().await.expect("stats during the outage");
+    assert!(stats.subscribers.iter().all(|s| s.mode == ff_completions::FilterMode::Starting), "{stats}");
+    assert!(!waiting.is_finished(), "a tail subscription is not answered while nobody can tell the tail");
+
+    pg.restart().await;
+    let mut tail = waiting.await.expect("the task").expect("tail sub answered once the server is up");
     let after = complete_n(&engine, 3).await;
     assert_exactly_once(&take_events(&mut tail, 3, WAIT).await, &after, true);
     let rest: Vec<_> = history[1..].iter().chain(&after).copied().collect();

@@ -194,7 +194,7 @@ impl FamilyRun {
                     Err(err) => tracing::warn!(%id, error = %err, "heartbeat failed"),
                 }
             }
-            finish(&*engine, &decisions, id).await;
+            finish(&*engine, &decisions, id, false).await;
         });
         true
     }
@@ -287,7 +287,7 @@ impl FamilyRun {
                     }
                     Ok(true) => {
                         self.caused_lease(id, "renewed");
-                        finish(&*engine, &decisions, id).await;
+                        finish(&*engine, &decisions, id, false).await;
                     }
                     Err(err) => tracing::warn!(%id, error = %err, "stalled worker's heartbeat failed"),
                 }

@@ -58,6 +58,14 @@ pub(super) fn build_flow(flow: &FlowId, s: &Scenario, rng: &mut StdRng) -> Dag {
     Dag { nodes }
 }
 
+/// The shape of a flow, as a live view draws it.
+pub(super) fn shape(dag: &Dag) -> super::FlowShape {
+    let flow_id = dag.nodes.first().and_then(|(spec, _)| spec.flow_id).unwrap_or_default();
+    let nodes =
+        dag.nodes.iter().map(|(spec, _)| super::NodeShape { id: spec.id, parents: spec.parents.clone() }).collect();
+    super::FlowShape { flow_id, nodes }
+}
+
 /// The state the DAG implies: skipped under any parent that did not succeed, else the decision.
 pub(super) fn expected_states(dags: &[Dag]) -> HashMap<ExecutionId, &'static str> {
     let mut states = HashMap::new();
@@ -76,18 +84,43 @@ pub(super) fn expected_states(dags: &[Dag]) -> HashMap<ExecutionId, &'static str
     states
 }
 
-/// Does with a running execution what its decision says.
-pub(super) async fn finish(engine: &dyn Engine, decisions: &HashMap<ExecutionId, Decision>, id: ExecutionId) {
+/// Does with a running execution what its decision says; a `traced` one completes inside an
+/// `execute` span whose trace context it records with its completion.
+pub(super) async fn finish(
+    engine: &dyn Engine,
+    decisions: &HashMap<ExecutionId, Decision>,
+    id: ExecutionId,
+    traced: bool,
+) {
     let result = match decisions.get(&id).copied().unwrap_or(Decision::Succeed) {
-        Decision::Succeed => engine.complete(&id).await.map(|_| ()),
+        Decision::Succeed => complete(engine, id, traced).await,
         Decision::Fail => engine.fail(&id, false).await.map(|_| ()),
         Decision::Cancel => engine.cancel(&id).await.map(|_| ()),
         Decision::RetryThenSucceed => match engine.execution(&id).await {
             Ok(Some(info)) if info.attempt <= 1 => engine.fail(&id, true).await.map(|_| ()),
-            _ => engine.complete(&id).await.map(|_| ()),
+            _ => complete(engine, id, traced).await,
         },
     };
     if let Err(err) = result {
         tracing::warn!(%id, error = %err, "worker operation failed");
     }
+}
+
+/// Completes `id`; traced, inside an `execute` span whose trace context goes with the
+/// completion (when the span is exported: otherwise there is none to record).
+async fn complete(engine: &dyn Engine, id: ExecutionId, traced: bool) -> Result<(), crate::Error> {
+    use tracing::Instrument;
+
+    if !traced {
+        return engine.complete(&id).await.map(|_| ());
+    }
+    let span = tracing::info_span!(target: super::trace::TARGET, "execute", execution_id = %id);
+    async {
+        match ff_completions::TraceParent::current() {
+            Some(traceparent) => engine.complete_traced(&id, &traceparent).await.map(|_| ()),
+            None => engine.complete(&id).await.map(|_| ()),
+        }
+    }
+    .instrument(span)
+    .await
 }

@@ -36,6 +36,7 @@ use crate::faults::{ChaosCount, chaos};
 pub mod families;
 mod flows;
 pub mod report;
+pub mod trace;
 mod workers;
 
 use families::FamilyRun;
@@ -70,6 +71,42 @@ pub struct Scenario {
     pub reconcile_every: Duration,
     pub progress: bool,
     pub timeout: Duration,
+    /// Trace the first flow: its completions carry their producer's trace context and its
+    /// promotions continue that trace (`trace.rs`; export the spans with [`trace::layer`]).
+    pub trace: bool,
+    /// How long a worker spends on each execution it finishes (zero: no time at all); a live
+    /// view shows a paced run unfold.
+    pub pace: Duration,
+    /// Told the flows' shape once they are built, before any execution exists.
+    pub on_planned: Option<OnPlanned>,
+}
+
+/// One flow's shape: its executions, each with its parents, parents first.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FlowShape {
+    /// The flow.
+    pub flow_id: FlowId,
+    /// Its executions, parents first.
+    pub nodes: Vec<NodeShape>,
+}
+
+/// One execution of a flow and its parents.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NodeShape {
+    /// The execution.
+    pub id: ExecutionId,
+    /// Executions that must succeed before it is eligible.
+    pub parents: Vec<ExecutionId>,
+}
+
+/// What a run tells the flows' shape to (see [`Scenario::on_planned`]).
+#[derive(Clone)]
+pub struct OnPlanned(pub Arc<dyn Fn(Vec<FlowShape>) + Send + Sync>);
+
+impl std::fmt::Debug for OnPlanned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnPlanned")
+    }
 }
 
 /// The `i`th of `n` contiguous shares of the flow partitions.
@@ -165,7 +202,7 @@ impl PromoterState {
         if self.resolve {
             let parents: Vec<ExecutionId> = self.pending.iter().map(|e| e.execution_id).collect();
             let called = Instant::now();
-            match self.engine.resolve_children(&parents).await {
+            match self.resolve_pending().await {
                 Ok(edges) => {
                     self.progress.latencies().call_us.saturating_record(called.elapsed().as_micros() as u64);
                     self.count_resolved(&edges);
@@ -199,6 +236,25 @@ impl PromoterState {
         if n >= p.total.load(Ordering::Relaxed) {
             p.done.notify_one();
         }
+    }
+
+    /// Resolves the children of every pending completion: in one engine call, except those
+    /// that carry their producer's trace context, each resolved in a `promote` span of that
+    /// trace.
+    async fn resolve_pending(&self) -> Result<Vec<crate::ResolvedEdge>, crate::Error> {
+        use tracing::Instrument;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+        let (traced, plain): (Vec<&CompletionEvent>, Vec<&CompletionEvent>) =
+            self.pending.iter().partition(|e| e.traceparent.is_some());
+        let parents: Vec<ExecutionId> = plain.iter().map(|e| e.execution_id).collect();
+        let mut edges = if parents.is_empty() { Vec::new() } else { self.engine.resolve_children(&parents).await? };
+        for event in traced {
+            let span = tracing::info_span!(target: trace::TARGET, "promote", parent_execution = %event.execution_id);
+            let _ = span.set_parent(event.trace_context());
+            edges.extend(self.engine.resolve_children(&[event.execution_id]).instrument(span).await?);
+        }
+        Ok(edges)
     }
 
     /// Counts promotions (with their latency from the parent's commit) and skips.
@@ -330,6 +386,9 @@ pub async fn run(s: &Scenario) -> Result<Report, crate::Error> {
         engine.create_flow(&flow, None).await?;
         dags.push(build_flow(&flow, s, &mut rng));
     }
+    if let Some(OnPlanned(tell)) = &s.on_planned {
+        tell(dags.iter().map(flows::shape).collect());
+    }
     let total: usize = dags.iter().map(|d| d.nodes.len()).sum();
     let edges: u64 = dags.iter().flat_map(|d| &d.nodes).map(|(spec, _)| spec.parents.len() as u64).sum();
     let bar = s.progress.then(|| {
@@ -381,6 +440,10 @@ pub async fn run(s: &Scenario) -> Result<Report, crate::Error> {
         }
     }
     let decisions = Arc::new(decisions);
+    let traced: Arc<std::collections::HashSet<ExecutionId>> = Arc::new(match dags.first() {
+        Some(dag) if s.trace => dag.nodes.iter().map(|(spec, _)| spec.id).collect(),
+        _ => std::collections::HashSet::new(),
+    });
     let stop = Arc::new(AtomicBool::new(false));
     let (family_run, waiting) = families.map_or((None, None), |(run, inbox)| (Some(run), Some(inbox)));
     let mut family_tasks = Vec::new();
@@ -395,7 +458,13 @@ pub async fn run(s: &Scenario) -> Result<Report, crate::Error> {
     let workers: Vec<_> = (0..s.workers.max(1))
         .map(|i| {
             let name = format!("worker-{i}");
-            tokio::spawn(workers::work(engine.clone(), decisions.clone(), name, family_run.clone(), stop.clone()))
+            let work = workers::Work {
+                engine: engine.clone(),
+                decisions: decisions.clone(),
+                traced: traced.clone(),
+                pace: s.pace,
+            };
+            tokio::spawn(workers::work(work, name, family_run.clone(), stop.clone()))
         })
         .collect();
     let chaos_task = s

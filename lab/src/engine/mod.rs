@@ -15,7 +15,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use ff_completions::{
     BackendConfig, BackendConnection, ExecutionId, FlowId, Namespace, SignalDeliveryEffect, SignalId, TimestampMs,
-    WaitpointId,
+    TraceParent, WaitpointId,
 };
 use futures::future::try_join_all;
 
@@ -205,6 +205,10 @@ pub trait Engine: Send + Sync {
     async fn claim(&self, worker: &str, limit: usize) -> Result<Vec<ExecutionId>, Error>;
     /// Completes a running execution with success; `false` if it was not running.
     async fn complete(&self, id: &ExecutionId) -> Result<bool, Error>;
+    /// Completes a running execution with success, recording the producer's W3C trace context
+    /// with the completion (the `traceparent` column or stream field); `false` if it was not
+    /// running.
+    async fn complete_traced(&self, id: &ExecutionId, traceparent: &TraceParent) -> Result<bool, Error>;
     /// Fails a running execution, retrying while attempts remain and `retryable`.
     async fn fail(&self, id: &ExecutionId, retryable: bool) -> Result<FailOutcome, Error>;
     /// Cancels a non-terminal execution; `false` if it was terminal.

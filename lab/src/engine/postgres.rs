@@ -8,7 +8,8 @@ use std::sync::LazyLock;
 use async_trait::async_trait;
 use ff_completions::postgres::{CommitWake, connect_pool};
 use ff_completions::{
-    BackendConfig, ExecutionId, FlowId, Namespace, SignalDeliveryEffect, SignalId, TimestampMs, WaitpointId,
+    BackendConfig, ExecutionId, FlowId, Namespace, SignalDeliveryEffect, SignalId, TimestampMs, TraceParent,
+    WaitpointId,
 };
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgPool;
@@ -134,6 +135,25 @@ impl Engine for PostgresEngine {
 
     async fn complete(&self, id: &ExecutionId) -> Result<bool, Error> {
         self.call_bool("SELECT ff_complete_execution($1)", "ff_complete_execution", id).await
+    }
+
+    async fn complete_traced(&self, id: &ExecutionId, traceparent: &TraceParent) -> Result<bool, Error> {
+        let mut tx = self.pool.begin().await.map_err(sql_err("ff_complete_execution"))?;
+        sqlx::query("SELECT set_config('ff_demo.traceparent', $1, true)")
+            .bind(traceparent.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_err("ff_complete_execution"))?;
+        let changed: bool = sqlx::query_scalar("SELECT ff_complete_execution($1)")
+            .bind(id.uuid())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(sql_err("ff_complete_execution"))?;
+        tx.commit().await.map_err(sql_err("ff_complete_execution"))?;
+        if changed {
+            self.wake.wake();
+        }
+        Ok(changed)
     }
 
     async fn fail(&self, id: &ExecutionId, retryable: bool) -> Result<FailOutcome, Error> {

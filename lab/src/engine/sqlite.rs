@@ -9,7 +9,8 @@ use std::sync::LazyLock;
 use async_trait::async_trait;
 use ff_completions::sqlite::{Database, WriteTransaction};
 use ff_completions::{
-    BackendConfig, ExecutionId, FlowId, Namespace, SignalDeliveryEffect, SignalId, TimestampMs, WaitpointId,
+    BackendConfig, ExecutionId, FlowId, Namespace, SignalDeliveryEffect, SignalId, TimestampMs, TraceParent,
+    WaitpointId,
 };
 use sqlx::SqliteConnection;
 use sqlx::migrate::Migrator;
@@ -270,6 +271,34 @@ impl Engine for SqliteEngine {
 
     async fn complete(&self, id: &ExecutionId) -> Result<bool, Error> {
         self.transition(id, "success", "('running')", "complete").await
+    }
+
+    /// The trigger writes the completion; the same transaction then records the producer's
+    /// trace context on it (the newest completion of the execution: one writer at a time).
+    async fn complete_traced(&self, id: &ExecutionId, traceparent: &TraceParent) -> Result<bool, Error> {
+        let mut tx = self.write().await?;
+        let changed = sqlx::query(
+            "UPDATE ff_execution SET state = 'success', worker = NULL, updated_at_ms = ? WHERE execution_id = ? AND state = 'running'",
+        )
+        .bind(TimestampMs::now().0)
+        .bind(id.uuid().to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(sql_err("complete"))?
+        .rows_affected();
+        if changed == 1 {
+            sqlx::query(
+                "UPDATE ff_completion_event SET traceparent = ? WHERE event_id = \
+                 (SELECT max(event_id) FROM ff_completion_event WHERE execution_id = ? AND family IS NULL)",
+            )
+            .bind(traceparent.to_string())
+            .bind(id.uuid().to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_err("complete"))?;
+        }
+        tx.commit().await.map_err(Error::from)?;
+        Ok(changed == 1)
     }
 
     async fn fail(&self, id: &ExecutionId, retryable: bool) -> Result<FailOutcome, Error> {

@@ -7,7 +7,7 @@ use ferriskey::{Client, FromValue, ToArgs, Value};
 use ff_completions::valkey::{connect_client, load_library};
 use ff_completions::{
     BackendConfig, BackendConnection, ExecutionId, FlowId, Namespace, SignalDeliveryEffect, SignalId, TimestampMs,
-    WaitpointId,
+    TraceParent, WaitpointId,
 };
 
 use super::{
@@ -19,7 +19,7 @@ use crate::error::Error;
 pub const LIBRARY: &str = include_str!("../../lua/ff_demo.lua");
 
 /// The version `FCALL ff_demo_version 0` answers; bumped together with `VERSION` in the Lua.
-pub const LIBRARY_VERSION: &str = "1";
+pub const LIBRARY_VERSION: &str = "2";
 
 /// What the demo library's refused state changes start their error replies with.
 const CONFLICT: &str = "ff_demo conflict:";
@@ -239,6 +239,12 @@ impl Engine for ValkeyEngine {
 
     async fn complete(&self, id: &ExecutionId) -> Result<bool, Error> {
         self.flag("ff_complete", id).await
+    }
+
+    async fn complete_traced(&self, id: &ExecutionId, traceparent: &TraceParent) -> Result<bool, Error> {
+        let args = [id.to_string(), traceparent.to_string(), self.maxlen.clone()];
+        let n: i64 = self.write("ff_complete_traced", &keys::terminal(id), &args).await?;
+        Ok(n == 1)
     }
 
     async fn fail(&self, id: &ExecutionId, retryable: bool) -> Result<FailOutcome, Error> {

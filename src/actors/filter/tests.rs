@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Filter, FilterArguments, FilterMsg, SubscribeReply};
 use crate::actors::ids::SubscriberId;
-use crate::actors::request::Event;
+use crate::actors::request::{Event, TailWait};
 use crate::actors::shared::{FilterMode, ListenerShared, LiveBatch, SubscriberShared};
 use crate::actors::sink::{FamilySink, Out};
 use crate::backends::StartAt;
@@ -214,20 +214,41 @@ async fn a_trimmed_cursor_is_refused_at_subscribe_and_ends_a_restarted_filter_wi
 }
 
 #[tokio::test]
-async fn a_tail_subscription_made_while_the_backend_is_down_starts_at_the_listeners_first_cursor() {
+async fn a_tail_subscription_made_while_the_backend_is_down_waits_and_starts_at_the_listeners_first_cursor() {
     let source = MemorySource::new();
     source.set_down(true);
     let mut bed = bed(source, SubscriberShared::new(StreamCursor::empty(), None), 64).await;
-    answered(&mut bed).await.expect("answered while the backend is down");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), &mut bed.answer).await.is_err(),
+        "no answer while nobody can tell the tail"
+    );
     assert_eq!(bed.shared.mode(), FilterMode::Starting);
     // The backend comes back with history; the listener reads its tail first.
     bed.source.commit(3);
-    bed.source.set_down(false);
     bed.listener.set_cursor(Frontier::at(MemorySource::position(3)));
     let later = bed.source.commit(2);
     bed.filter.cast(FilterMsg::Live(live(&bed.source, 3, 5))).expect("cast");
+    answered(&mut bed).await.expect("answered once the listener has a position");
+    bed.source.set_down(false);
     assert_eq!(take(&mut bed.events, 2).await, later, "from the listener's first cursor, nothing before");
     nothing_more(&mut bed.events).await;
+}
+
+#[tokio::test]
+async fn a_tail_subscription_that_says_not_to_wait_is_refused_at_once_while_the_backend_is_down() {
+    let source = MemorySource::new();
+    source.set_down(true);
+    let shared = SubscriberShared::new(StreamCursor::empty(), None).with_tail_wait(TailWait::FailFast);
+    let mut refused = bed(source.clone(), shared, 64).await;
+    match answered(&mut refused).await {
+        Err(err @ Error::Unavailable { .. }) => assert!(err.is_transient(), "{err:?}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    // With a position the tree read, it need not wait: it starts there.
+    let fallback = Some(Frontier::at(MemorySource::position(0)));
+    let shared = SubscriberShared::new(StreamCursor::empty(), fallback).with_tail_wait(TailWait::FailFast);
+    let mut started = bed(source, shared, 64).await;
+    answered(&mut started).await.expect("started at the tree's last read");
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@ use ractor::{Actor, ActorRef};
 
 use super::restart::RestartPolicy;
 use super::{Child, NewSubscriber, SubscriberSlot, SupervisorMsg, SupervisorState};
+use crate::actors::awaits::AwaitHub;
 use crate::actors::filter::{Filter, FilterArguments, SUBSCRIBER_GONE, SubscribeReply};
 use crate::actors::ids::{BackendId, SubscriberId};
 use crate::actors::shared::SubscriberShared;
@@ -24,7 +25,7 @@ impl SupervisorState {
         subscriber: NewSubscriber,
         reply: SubscribeReply,
     ) {
-        let NewSubscriber { backend, from, name, sink } = subscriber;
+        let NewSubscriber { backend, from, name, sink, tail_wait } = subscriber;
         let backend = match check_name(name.as_deref()).and_then(|()| self.backend_named(backend)) {
             Ok(backend) => backend,
             Err(err) => {
@@ -52,7 +53,7 @@ impl SupervisorState {
                 backend,
                 name,
                 sink,
-                shared: Arc::new(SubscriberShared::new(from, fallback)),
+                shared: Arc::new(SubscriberShared::new(from, fallback).with_tail_wait(tail_wait)),
                 policy,
                 actor: None,
                 restarts: 0,
@@ -68,6 +69,15 @@ impl SupervisorState {
         self.listeners
             .get(&id)
             .map(|slot| slot.source.clone())
+            .ok_or_else(|| Error::validation(format!("no backend named {id}")))
+    }
+
+    /// The hub of the awaits on the backend named `name` (or the only one), and its name.
+    pub(super) fn awaits(&self, name: Option<BackendId>) -> Result<(BackendId, Arc<AwaitHub>), Error> {
+        let id = self.backend_named(name)?;
+        self.listeners
+            .get(&id)
+            .map(|slot| (id.clone(), slot.awaits.clone()))
             .ok_or_else(|| Error::validation(format!("no backend named {id}")))
     }
 

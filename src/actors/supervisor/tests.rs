@@ -13,6 +13,7 @@ use crate::actors::stats::{ListenerState, SupervisorStats};
 use crate::actors::supervisor_config::{SupervisorConfig, TestSources};
 use crate::backends::memory::MemorySource;
 use crate::config::{BackendConfig, BackendRetry};
+use crate::error::Error;
 use crate::types::ExecutionId;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -103,19 +104,28 @@ async fn a_listener_that_cannot_become_live_backs_off_up_to_the_cap_and_resets_o
 }
 
 #[tokio::test]
-async fn a_tree_started_while_its_backend_is_down_answers_at_once_and_delivers_once_it_is_up() {
+async fn a_tree_started_while_its_backend_is_down_answers_a_tail_subscription_once_it_can_tell_the_tail() {
     let source = MemorySource::new();
     source.commit(3);
     source.set_down(true);
     let tree = tree(&source).await;
     let stats = tree.stats().await.expect("stats while down");
     assert!(!live(&stats), "{stats}");
-    let mut sub = tree.subscribe(Completions::tail()).await.expect("subscribe while down");
-    assert_eq!(tree.stats().await.expect("stats").subscribers[0].mode, FilterMode::Starting);
+    // Asked not to wait, the call fails at once; by default it waits.
+    match tree.subscribe(Completions::tail().without_waiting()).await {
+        Err(err @ Error::Unavailable { .. }) => assert!(err.is_transient(), "{err:?}"),
+        other => panic!("expected Unavailable, got {:?}", other.map(|s| s.id())),
+    }
+    let waiting = tokio::spawn({
+        let tree = tree.clone();
+        async move { tree.subscribe(Completions::tail()).await }
+    });
+    wait_for(&tree, "the waiting subscriber", |s| s.subscribers.iter().any(|s| s.mode == FilterMode::Starting)).await;
+    assert!(!waiting.is_finished(), "no answer while nobody can tell the tail");
     source.set_down(false);
-    wait_for(&tree, "the listener to be live", live).await;
+    let mut sub = waiting.await.expect("the task").expect("subscribed once the backend answers");
     let ids = source.commit(4);
-    assert_eq!(take(&mut sub, 4).await, ids, "from the tree's first read, nothing before it");
+    assert_eq!(take(&mut sub, 4).await, ids, "everything committed after the call returned, nothing before");
     tree.shutdown().await;
 }
 

@@ -34,7 +34,8 @@ const READ_AFTER: &str = "\
 SELECT o_kind AS kind, o_txid AS txid, o_event_id AS event_id, o_fingerprint AS fingerprint, \
        o_execution_id AS execution_id, o_flow_id AS flow_id, o_outcome AS outcome, o_namespace AS namespace, \
        o_instance_tag AS instance_tag, o_tags AS tags, o_occurred_at_ms AS occurred_at_ms, \
-       o_partition_key AS partition_key, o_major AS major, o_family AS family, o_fields AS fields \
+       o_partition_key AS partition_key, o_major AS major, o_family AS family, o_fields AS fields, \
+       o_traceparent AS traceparent \
   FROM ff_completions_read($1, $2, $3, $4, $5, $6)";
 
 /// The newest tick, recording one when a transaction committed since the previous, and its
@@ -99,6 +100,8 @@ struct Row {
     family: Option<String>,
     /// That row's other columns as one JSON array (see [`FamilyColumns::from_json_fields`]).
     fields: Option<String>,
+    /// The producer's W3C trace context (`NULL` when it recorded none).
+    traceparent: Option<String>,
 }
 
 impl Row {
@@ -250,6 +253,7 @@ fn decode_row(row: &Row) -> Result<FamilyEvent, String> {
         tags: row.tags.clone(),
         occurred_at_ms: row.occurred_at_ms,
         partition_key: row.partition_key.map(i64::from),
+        traceparent: row.traceparent.clone(),
     };
     let cursor = cursor_at(row.position());
     match &row.family {
@@ -576,6 +580,7 @@ mod tests {
             major: 30,
             family: None,
             fields: None,
+            traceparent: None,
         }
     }
 

@@ -33,7 +33,8 @@ SELECT event_id, CAST(execution_id AS TEXT) AS execution_id, CAST(flow_id AS TEX
        CAST(family AS TEXT) AS family, \
        CASE WHEN family IS NOT NULL THEN json_array(CAST(lease_id AS TEXT), CAST(worker AS TEXT), \
             CAST(revoked_by AS TEXT), CAST(signal_id AS TEXT), CAST(waitpoint_id AS TEXT), \
-            CAST(source_identity AS TEXT)) END AS family_fields \
+            CAST(source_identity AS TEXT)) END AS family_fields, \
+       CAST(traceparent AS TEXT) AS traceparent \
   FROM ff_completion_event WHERE event_id > ? ORDER BY event_id LIMIT ?";
 
 /// One row of [`READ_AFTER`].

@@ -63,8 +63,9 @@ pub const FAMILY_CHANNEL: &str = "{ff:dag:completions}:families";
 pub(crate) const LIBRARY: &str = include_str!("../../../lua/ff_completions.lua");
 
 /// The library version this crate expects `FCALL ff_version 0` to answer; bumped together with
-/// `VERSION` in the Lua source. Version 7 no longer holds the demo engine's producers.
-pub const LIBRARY_VERSION: &str = "7";
+/// `VERSION` in the Lua source. Version 7 no longer holds the demo engine's producers; version
+/// 9 documents the completion's `traceparent` field.
+pub const LIBRARY_VERSION: &str = "9";
 
 /// Client name of the listener's dedicated subscriber connection (find it in `CLIENT LIST`).
 pub const LISTENER_CLIENT_NAME: &str = "ff-completions-listener";

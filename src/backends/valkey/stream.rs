@@ -10,7 +10,9 @@
 //! entries carry their kind in `outcome` and their own fields (`lease_id`, `worker`,
 //! `revoked_by`; `signal_id`, `waitpoint_id`, `source_identity`), decoded as the outbox rows of
 //! the SQL backends are ([`FamilyColumns`]): an unknown family or lease kind, or a signal
-//! without its id, is skipped; an unknown signal effect decodes as `Other`. Fields this version does not know are ignored, so a newer producer adding
+//! without its id, is skipped; an unknown signal effect decodes as `Other`. A completion may
+//! carry `traceparent` (the producer's W3C trace context; a malformed one is dropped with a
+//! logged note, the entry kept). Fields this version does not know are ignored, so a newer producer adding
 //! one does not make older readers skip its entries.
 
 use ferriskey::Value;
@@ -183,6 +185,7 @@ pub(super) fn decode_entry(pos: Position, fields: &[(String, String)]) -> Result
         tags: present("tags"),
         occurred_at_ms: Some(at),
         partition_key: Some(i64::from(id.partition())),
+        traceparent: present("traceparent"),
     };
     let columns = FamilyColumns {
         family: present("family"),

@@ -60,6 +60,7 @@ async fn contract_backend() -> ((), BackendConfig) {
 }
 
 contract::contract_tests!(foreign cursors: vec![encode_valkey_cursor(1, 2), encode_sqlite_cursor(3)]);
+crate::tail_await::tail_await_tests!();
 
 async fn fixture() -> Fixture {
     fixture_with(|c| c).await

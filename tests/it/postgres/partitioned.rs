@@ -23,6 +23,7 @@ async fn contract_backend() -> ((), BackendConfig) {
 
 contract::contract_tests!(foreign cursors: vec![encode_valkey_cursor(1, 2), encode_sqlite_cursor(3)]);
 crate::families::family_tests!();
+crate::tail_await::tail_await_tests!();
 crate::durable::durable_tests!();
 
 /// Pages of the outbox, its partitions and their indexes (hit or read) that `statement` touched,

@@ -45,6 +45,7 @@ contract::contract_tests!(
 );
 
 crate::families::family_tests!();
+crate::tail_await::tail_await_tests!();
 
 crate::groups::group_store_tests!();
 crate::durable::durable_tests!();
