@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use tokio::sync::OnceCell;
 
 use super::groups::{Ack, GroupStore, GroupView, Heartbeat, Lease};
-use super::seam::{Batch, CompletionSource, StartAt, Waker};
+use super::seam::{Batch, CompletionSource, ReadPosition, StartAt, Waker};
 use crate::config::Retention;
 use crate::cursor::{Frontier, StreamCursor};
 use crate::error::Error;
@@ -102,8 +102,8 @@ impl CompletionSource for LazySource {
         self.source().await?.gauges().await
     }
 
-    async fn open_waker(&self, from: &Frontier) -> Result<Box<dyn Waker>, Error> {
-        self.source().await?.open_waker(from).await
+    async fn open_waker(&self, read: ReadPosition) -> Result<Box<dyn Waker>, Error> {
+        self.source().await?.open_waker(read).await
     }
 }
 

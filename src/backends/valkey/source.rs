@@ -35,7 +35,7 @@ use super::library::{connect_client, connect_subscriber, load_library, map_err, 
 use super::stream::{RawEntry, ReadView, decode_entry, parse_id, text};
 use super::{FAMILY_CHANNEL, LISTENER_CLIENT_NAME, PUBSUB_CHANNEL};
 use crate::backends::outbox::{age_cutoff_ms, shown};
-use crate::backends::seam::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
+use crate::backends::seam::{Batch, CompletionSource, Positioned, ReadPosition, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, Retention};
 use crate::cursor::{
     Frontier, Position, StreamCursor, VALKEY_LEGACY_LANE, decode_valkey_frontier, encode_valkey_frontier,
@@ -209,14 +209,15 @@ impl CompletionSource for ValkeySource {
         Ok(vec![("stream_length", lengths.into_iter().map(|n| n.max(0) as f64).sum())])
     }
 
-    async fn open_waker(&self, from: &Frontier) -> Result<Box<dyn Waker>, Error> {
+    async fn open_waker(&self, read: ReadPosition) -> Result<Box<dyn Waker>, Error> {
         let subscription = Subscription::open(&self.config).await?;
         Ok(Box::new(ValkeyWaker {
             subscription,
             config: self.config.clone(),
             reader: self.client.clone(),
             reads: self.reads.clone(),
-            position: from.clone(),
+            position: read.now(),
+            listener: read,
         }))
     }
 }
@@ -261,8 +262,9 @@ impl Subscription {
 }
 
 /// Subscribed to [`PUBSUB_CHANNEL`] and [`FAMILY_CHANNEL`] on its own connection (RESP3 push
-/// frames); each message names a partition, which it reads from its own position: the wake-up
-/// and the read at once. When that connection drops, ferriskey re-makes it, but its own
+/// frames); each message names a partition, which it reads from its own position or the
+/// listener's, whichever is further: the wake-up and the read at once (what the listener read
+/// by itself, on a catch-up, a tick or after a reconnect, is never read again here). When that connection drops, ferriskey re-makes it, but its own
 /// re-subscription can fail while the connection is still being re-made, and then no message
 /// arrives any more: the waker subscribes again on a new connection of its own and reports
 /// [`Wake::Reconnected`] (the listener then reads every lane). A re-subscription ferriskey
@@ -272,7 +274,10 @@ struct ValkeyWaker {
     config: BackendConfig,
     reader: Client,
     reads: Arc<Semaphore>,
+    /// What it read itself.
     position: Frontier,
+    /// What the listener has read.
+    listener: ReadPosition,
 }
 
 /// What a run of push frames asks for.
@@ -308,9 +313,11 @@ fn partition_of_message(payload: &str) -> Option<u16> {
 }
 
 impl ValkeyWaker {
-    /// The batch of `partitions` after the position, unless entries after it were trimmed
-    /// before it read them (then an expired batch, and the position moves to the boundary).
+    /// The batch of `partitions` after the position (its own or the listener's, whichever is
+    /// further), unless entries after it were trimmed before it read them (then an expired
+    /// batch, and the position moves to the boundary).
     async fn read(&mut self, partitions: BTreeSet<u16>) -> Result<Batch, Error> {
+        self.position.join(&self.listener.now());
         let start = self.position.clone();
         let views = look_each(&self.reader, &self.reads, &start, partitions, WAKE_COUNT).await?;
         if let Some(floors) = expired_lanes(&start, views.iter().map(|(lane, view)| (*lane, view))) {
