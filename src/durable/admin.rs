@@ -12,7 +12,7 @@ use super::subscription::{GroupMemberStats, Stalled};
 use crate::backends::groups::{ParkedMark, event_of};
 use crate::backends::{CompletionSource, Connected, FamilyEvent, open_source};
 use crate::config::BackendConfig;
-use crate::cursor::{Frontier, Position, StreamCursor, VALKEY_LEGACY_LANE, decode_event_frontier};
+use crate::cursor::{Frontier, Position, StreamCursor, decode_event_frontier};
 use crate::error::Error;
 use crate::event::CompletionEvent;
 use crate::types::{PARTITION_COUNT, TimestampMs};
@@ -368,9 +368,11 @@ impl GroupAdmin {
         let tail = if lanes_are_partitions { source.tail().await? } else { Frontier::default() };
         let start = loop {
             let start = if lanes_are_partitions {
-                let legacy = tail.positions().iter().copied().filter(|p| p.lane == VALKEY_LEGACY_LANE);
+                // Lanes not counted (the old single stream, partitions found stalled) from the
+                // tail: at 0-0, a trimmed one would refuse the read again.
+                let others = tail.positions().iter().copied().filter(|p| !reading.contains_key(&p.lane));
                 let mine = reading.iter().map(|(p, pos)| pos.in_lane(*p));
-                Frontier::from_positions(mine.chain(legacy))
+                Frontier::from_positions(mine.chain(others))
             } else {
                 match reading.values().min() {
                     Some(min) => Frontier::at(*min),
