@@ -68,7 +68,7 @@ impl<'de> serde::Deserialize<'de> for StreamCursor {
 }
 
 /// A position in one lane of a backend's order: Valkey `(partition, 0, ms, seq, 0)`, Postgres
-/// `(0, batch, txid, event_id, partition_key)` (see [`Position::postgres`]), SQLite
+/// `(0, batch, txid, event_id, partition_key)` (see `Position::postgres`), SQLite
 /// `(0, 0, 0, event_id, 0)`.
 /// Positions of one lane are ordered lexicographically; positions of different lanes are not
 /// comparable in a meaningful way (a backend with several lanes promises order within each lane
@@ -294,7 +294,7 @@ pub struct PostgresCursor {
     pub txid: Option<u64>,
     /// Outbox `event_id`.
     pub event_id: i64,
-    /// The row's partition key word (see [`Position::postgres_key_word`]); `None` for the
+    /// The row's partition key word (see `Position::postgres_key_word`); `None` for the
     /// earlier forms (a position past every row of its event id).
     pub key: Option<i64>,
     /// The fingerprint of the batch's tick; `None` for the earlier forms.

@@ -283,7 +283,7 @@ pub struct Nack<'a> {
     pub reason: &'a str,
     /// Attempts after which it is parked (at least 1).
     pub park_after: u32,
-    /// The event as parked ([`stored_event`]).
+    /// The event as parked (its stored form, JSON).
     pub event: &'a str,
     /// A replayed parked event rather than one read from the partition.
     pub replayed: bool,
@@ -311,7 +311,7 @@ pub struct Parked {
     pub partition: u16,
     /// Its position there (lane 0).
     pub position: Position,
-    /// The event as delivered ([`stored_event`]).
+    /// The event as delivered (its stored form, JSON).
     pub event: String,
     /// The reason of its last refusal.
     pub reason: String,
@@ -323,7 +323,7 @@ pub struct Parked {
     pub replay: bool,
 }
 
-/// What [`GroupStore::mark_parked`] does to parked events.
+/// What the group store's `mark_parked` does to parked events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ParkedMark {
     /// Hand them out again.
