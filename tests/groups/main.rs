@@ -200,8 +200,9 @@ async fn held_by(
 
 /// Retention trims aggressively under a running group, every 300 ms (SQL: every event older
 /// than 4 s; Valkey: all but the last 200 entries of each partition's stream, about 4 s of
-/// the lease-only partition's, and nothing of the others: by age, a quiet stream whose last entry was read and trimmed
-/// reads as expired once a newer one comes, see `src/backends/valkey/source.rs`) while one
+/// the lease-only partition's, and nothing of the others: by age, a stream's newest entry is
+/// kept, but a re-read from a stored position at an older entry trimmed after a newer one came
+/// reads as expired, see `src/backends/valkey/source.rs`) while one
 /// partition receives lease entries only (an execution whose lease is renewed
 /// again and again) and the others completions; members join, and one is SIGKILLed (each move
 /// reads the tree again from the stored positions, the lease-only partition's long trimmed

@@ -26,13 +26,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ferriskey::{Client, PushInfo, PushKind};
+use ferriskey::{Client, PushInfo, PushKind, Value};
 use tokio::sync::Semaphore;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::lanes::{Looked, Shards, all_lanes, lane_key, look_each, look_many};
 use super::library::{connect_client, connect_subscriber, load_library, map_err, valkey_connection};
-use super::stream::{RawEntry, ReadView, decode_entry, parse_id, text};
+use super::stream::{RawEntry, ReadView, decode_entry, parse_id, range_entries, text};
 use super::{FAMILY_CHANNEL, LISTENER_CLIENT_NAME, PUBSUB_CHANNEL};
 use crate::backends::outbox::{age_cutoff_ms, shown};
 use crate::backends::seam::{Batch, CompletionSource, Positioned, ReadPosition, StartAt, Wake, Waker};
@@ -179,23 +179,35 @@ impl CompletionSource for ValkeySource {
         Ok(batch_of(after, lanes))
     }
 
+    /// By age, a stream's newest entry is always kept: a reader at it (or at the stream's last
+    /// id, where an emptied stream would leave it) would otherwise be told it may have lost
+    /// entries as soon as a newer one comes (the stream keeps no record of what was trimmed,
+    /// only its first entry), and a durable group would stall the partition.
     async fn trim(&self, retention: &Retention) -> Result<u64, Error> {
-        let min_id = retention.max_age.map(|age| format!("{}-0", age_cutoff_ms(TimestampMs::now(), age).max(0)));
-        let removed = futures::future::try_join_all(all_lanes().map(|lane| {
-            let min_id = min_id.clone();
-            async move {
-                let key = lane_key(lane);
-                let mut removed = 0u64;
-                if let Some(n) = retention.max_events {
-                    let xtrim = self.client.cmd("XTRIM").arg(&key).arg("MAXLEN").arg(n);
-                    removed += xtrim.execute::<i64>().await.map_err(map_err("valkey XTRIM"))?.max(0) as u64;
+        let cutoff =
+            retention.max_age.map(|age| Position::new(age_cutoff_ms(TimestampMs::now(), age).max(0) as u64, 0));
+        let removed = futures::future::try_join_all(all_lanes().map(|lane| async move {
+            let min_id = match cutoff {
+                Some(cutoff) => {
+                    let key = lane_key(lane);
+                    let newest = self.client.cmd("XREVRANGE").arg(&key).arg("+").arg("-").arg("COUNT").arg(1);
+                    let newest = newest.execute::<Value>().await.map_err(map_err("valkey XREVRANGE"))?;
+                    let newest = range_entries(&newest).last().and_then(|e| parse_id(&e.id));
+                    newest.map(|newest| newest.min(cutoff)).map(|p| format!("{}-{}", p.hi, p.lo))
                 }
-                if let Some(min_id) = min_id {
-                    let xtrim = self.client.cmd("XTRIM").arg(&key).arg("MINID").arg(min_id);
-                    removed += xtrim.execute::<i64>().await.map_err(map_err("valkey XTRIM"))?.max(0) as u64;
-                }
-                Ok::<u64, Error>(removed)
+                None => None,
+            };
+            let key = lane_key(lane);
+            let mut removed = 0u64;
+            if let Some(n) = retention.max_events {
+                let xtrim = self.client.cmd("XTRIM").arg(&key).arg("MAXLEN").arg(n);
+                removed += xtrim.execute::<i64>().await.map_err(map_err("valkey XTRIM"))?.max(0) as u64;
             }
+            if let Some(min_id) = min_id {
+                let xtrim = self.client.cmd("XTRIM").arg(&key).arg("MINID").arg(min_id);
+                removed += xtrim.execute::<i64>().await.map_err(map_err("valkey XTRIM"))?.max(0) as u64;
+            }
+            Ok::<u64, Error>(removed)
         }))
         .await?;
         Ok(removed.into_iter().fold(0u64, u64::saturating_add))

@@ -211,3 +211,35 @@ async fn after_a_full_read_a_wake_up_reads_on_from_the_listeners_position_on_the
     let cluster = ValkeyCluster::start(3).await;
     after_a_full_read_a_wake_up_reads_on_from_the_listeners_position(cluster.config()).await;
 }
+
+/// Retention by age empties no stream (each keeps its newest entry): a durable group created
+/// after everything older than a millisecond was trimmed starts at each stream's newest entry,
+/// and completions written then are delivered, rather than their partitions stalled as if the
+/// entries before them had been lost (a stream keeps no record of what was trimmed: a reader
+/// at the last id of an emptied stream reads as expired once a newer entry comes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_age_keeps_each_streams_newest_entry_so_a_group_started_after_it_reads_on() {
+    init_tracing();
+    let server = ValkeyServer::start().await;
+    let f = fixture(server.config(), |c| c).await;
+    let store = ff_completions::__store::Store::open(&server.config()).await.expect("store");
+    let first = complete_n(&*f.engine, 5).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    store.trim(&ff_completions::Retention::max_age(Duration::from_millis(1))).await.expect("trim");
+    let name = format!("aged-{}", uuid::Uuid::new_v4().simple());
+    let mut sub = f.tree.subscribe(ff_completions::DurableRequest::exclusive(&name)).await.expect("subscribe");
+    wait_until(WAIT, "the subscription holds every partition", || async { sub.partitions().len() == 256 }).await;
+    // In the partitions of the first ones, whose streams were trimmed.
+    let mut ids = Vec::new();
+    for partition in first.iter().map(ExecutionId::partition).collect::<std::collections::BTreeSet<_>>() {
+        let flow = flow_in(partition);
+        f.engine.create_flow(&flow, None).await.expect("flow");
+        let spec = ff_completions_lab::ExecutionSpec::new(&flow);
+        f.engine.create_execution(&spec).await.expect("create");
+        assert_eq!(f.engine.claim("test-worker", 1).await.expect("claim"), [spec.id]);
+        assert!(f.engine.complete(&spec.id).await.expect("complete"));
+        ids.push(spec.id);
+    }
+    assert_exactly_once(&take_events(&mut sub, ids.len(), WAIT).await, &ids, true);
+    assert_no_more(&mut sub, QUIET).await;
+}
