@@ -179,10 +179,12 @@ impl CompletionSource for ValkeySource {
         Ok(batch_of(after, lanes))
     }
 
-    /// By age, a stream's newest entry is always kept: a reader at it (or at the stream's last
-    /// id, where an emptied stream would leave it) would otherwise be told it may have lost
-    /// entries as soon as a newer one comes (the stream keeps no record of what was trimmed,
-    /// only its first entry), and a durable group would stall the partition.
+    /// By age, the newest entry older than the cutoff is kept: an entry goes only once the entry
+    /// after it is older than the cutoff too. A stream keeps no record of what was trimmed, only
+    /// its first entry, so a reader at a trimmed entry (or at the last id of an emptied stream)
+    /// is told it may have lost entries as soon as a newer one is kept, and a durable group
+    /// stalls the partition: with this rule, only a reader that stayed at an entry for longer
+    /// than the retention after the next one came.
     async fn trim(&self, retention: &Retention) -> Result<u64, Error> {
         let cutoff =
             retention.max_age.map(|age| Position::new(age_cutoff_ms(TimestampMs::now(), age).max(0) as u64, 0));
@@ -190,10 +192,14 @@ impl CompletionSource for ValkeySource {
             let min_id = match cutoff {
                 Some(cutoff) => {
                     let key = lane_key(lane);
-                    let newest = self.client.cmd("XREVRANGE").arg(&key).arg("+").arg("-").arg("COUNT").arg(1);
-                    let newest = newest.execute::<Value>().await.map_err(map_err("valkey XREVRANGE"))?;
-                    let newest = range_entries(&newest).last().and_then(|e| parse_id(&e.id));
-                    newest.map(|newest| newest.min(cutoff)).map(|p| format!("{}-{}", p.hi, p.lo))
+                    let below = format!("({}-{}", cutoff.hi, cutoff.lo);
+                    let newest_old = self.client.cmd("XREVRANGE").arg(&key).arg(below).arg("-").arg("COUNT").arg(1);
+                    let newest_old = newest_old.execute::<Value>().await.map_err(map_err("valkey XREVRANGE"))?;
+                    // Nothing older than the cutoff: nothing to trim.
+                    range_entries(&newest_old)
+                        .last()
+                        .and_then(|e| parse_id(&e.id))
+                        .map(|p| format!("{}-{}", p.hi, p.lo))
                 }
                 None => None,
             };

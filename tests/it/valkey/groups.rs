@@ -212,8 +212,9 @@ async fn after_a_full_read_a_wake_up_reads_on_from_the_listeners_position_on_the
     after_a_full_read_a_wake_up_reads_on_from_the_listeners_position(cluster.config()).await;
 }
 
-/// Retention by age empties no stream (each keeps its newest entry): a durable group created
-/// after everything older than a millisecond was trimmed starts at each stream's newest entry,
+/// Retention by age empties no stream (each keeps its newest entry older than the cutoff): a
+/// durable group created after everything older than a millisecond was trimmed starts at each
+/// stream's newest entry,
 /// and completions written then are delivered, rather than their partitions stalled as if the
 /// entries before them had been lost (a stream keeps no record of what was trimmed: a reader
 /// at the last id of an emptied stream reads as expired once a newer entry comes).
