@@ -179,7 +179,8 @@ impl CompletionSource for ValkeySource {
         Ok(batch_of(after, lanes))
     }
 
-    /// By age, the newest entry older than the cutoff is kept: an entry goes only once the entry
+    /// By age, the newest entry older than the cutoff is kept (but for the single stream of
+    /// earlier versions, which gets no new entries): an entry goes only once the entry
     /// after it is older than the cutoff too. A stream keeps no record of what was trimmed, only
     /// its first entry, so a reader at a trimmed entry (or at the last id of an emptied stream)
     /// is told it may have lost entries as soon as a newer one is kept, and a durable group
@@ -190,16 +191,17 @@ impl CompletionSource for ValkeySource {
             retention.max_age.map(|age| Position::new(age_cutoff_ms(TimestampMs::now(), age).max(0) as u64, 0));
         let removed = futures::future::try_join_all(all_lanes().map(|lane| async move {
             let min_id = match cutoff {
+                // Nothing is written to the single stream of earlier versions any more: it may
+                // be emptied (a reader at its last id stays right).
+                Some(cutoff) if lane == VALKEY_LEGACY_LANE => Some(format!("{}-{}", cutoff.hi, cutoff.lo)),
                 Some(cutoff) => {
                     let key = lane_key(lane);
                     let below = format!("({}-{}", cutoff.hi, cutoff.lo);
                     let newest_old = self.client.cmd("XREVRANGE").arg(&key).arg(below).arg("-").arg("COUNT").arg(1);
                     let newest_old = newest_old.execute::<Value>().await.map_err(map_err("valkey XREVRANGE"))?;
-                    // Nothing older than the cutoff: nothing to trim.
-                    range_entries(&newest_old)
-                        .last()
-                        .and_then(|e| parse_id(&e.id))
-                        .map(|p| format!("{}-{}", p.hi, p.lo))
+                    // Nothing older than the cutoff: the cutoff itself, which removes nothing.
+                    let keep = range_entries(&newest_old).last().and_then(|e| parse_id(&e.id)).unwrap_or(cutoff);
+                    Some(format!("{}-{}", keep.hi, keep.lo))
                 }
                 None => None,
             };
