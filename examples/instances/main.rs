@@ -58,8 +58,8 @@ struct Args {
     #[arg(long)]
     retention_events: Option<u64>,
     /// Measure instead (Postgres): heartbeat latency of a member holding every partition, for
-    /// this long without and then with a consumer's transaction open on one of its partitions
-    /// (an ack inside it, neither committed nor rolled back).
+    /// this long without, then with a consumer's transaction open on one of its partitions (an
+    /// ack inside it, neither committed nor rolled back), then without again.
     #[arg(long, value_parser = humantime::parse_duration)]
     heartbeat_open_tx: Option<Duration>,
     /// Measure instead: throughput with 1, 2 and 4 members, takeover after repeated kills, and
@@ -252,6 +252,8 @@ async fn heartbeats_beside_an_open_transaction(args: &Args, open_for: Duration) 
     ff_completions::__store::ack_in(&mut *tx, &group, "a", &[ack]).await?;
     measure(&format!("with a transaction open on partition {} for {open_for:?}", first.partition)).await?;
     tx.rollback().await?;
+    // Again without, for the drift of a shared machine between the two.
+    measure("after the transaction ended").await?;
     Ok(())
 }
 
