@@ -244,6 +244,16 @@ impl Error {
         Self::Fenced { detail: format!("member {member:?} of group {group:?} no longer holds partition {partition}") }
     }
 
+    /// An [`Error::Fenced`] for an incarnation of `member` of `group` that a newer process
+    /// subscribing under the member id superseded.
+    pub(crate) fn superseded(group: &str, member: &str) -> Self {
+        Self::Fenced {
+            detail: format!(
+                "another process took member {member:?} of group {group:?} over (it subscribed under the id)"
+            ),
+        }
+    }
+
     /// An [`Error::AlreadyAcknowledged`] for `partition` of `group` (the SQL stores').
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     pub(crate) fn already_acknowledged(group: &str, partition: u16) -> Self {

@@ -68,7 +68,10 @@ pub use config::{
     ValkeyConnection,
 };
 pub use cursor::StreamCursor;
-pub use durable::{AckTicket, DurableRequest, DurableSubscription, GroupMemberStats, GroupPartitionStats, GroupStats};
+pub use durable::{
+    AckTicket, Backlog, DurableRequest, DurableSubscription, GroupAdmin, GroupMemberStats, GroupPartitionStats,
+    GroupReport, GroupStats, MoveTo, Nacked, ParkedEvent, ParkedId, PartitionReport, Stalled,
+};
 pub use error::{EngineError, Error, ErrorSource};
 pub use event::{CompletionEvent, CompletionOutcome, CompletionPayload, CompletionStream};
 pub use instance_tags::InstanceTagEvent;

@@ -19,10 +19,16 @@
 //! | `ff_completions_group_partitions_held` | gauge | group | partitions this process's member holds |
 //! | `ff_completions_group_unacked` | gauge | group | events this member delivered and has not acknowledged (as of its last heartbeat) |
 //! | `ff_completions_group_oldest_unacked_seconds` | gauge | group | age of the oldest of them |
-//! | `ff_completions_group_acks_total` | counter | group | partition acknowledgements written by `ack` or after delivery (not those committed in the engine's transaction) |
+//! | `ff_completions_group_acks_total` | counter | group | partition acknowledgements written by `ack` or after delivery (not those committed in the engine's transaction, nor a member's moves of positions past what it did not receive) |
 //! | `ff_completions_group_fenced_total` | counter | group | acknowledgements refused because the member lost the partition (`ack`, after delivery, or an `AckTicket`) |
 //! | `ff_completions_group_already_acknowledged_total` | counter | group | `AckTicket`s refused because their event's position was already acknowledged (an effect attempted again) |
 //! | `ff_completions_group_rebalances_total` | counter | group | heartbeats that gained or lost partitions |
+//! | `ff_completions_group_partitions_stalled` | gauge | group | partitions this member holds and cannot read: their positions name events the backend no longer has (an operator moves them) |
+//! | `ff_completions_group_stalls_total` | counter | group | partitions this member found it cannot read |
+//! | `ff_completions_group_parked` | gauge | group | parked events of the partitions this member holds (as of its last heartbeat) |
+//! | `ff_completions_group_nacks_total` | counter | group | events this member's consumer refused (`nack`) |
+//! | `ff_completions_group_parked_total` | counter | group | events parked by this member's refusals |
+//! | `ff_completions_group_replayed_total` | counter | group | replayed parked events acknowledged by `ack` or after delivery (not those committed in the engine's transaction) |
 
 use metrics::{Counter, Gauge, counter, gauge};
 
@@ -30,11 +36,38 @@ use crate::types::TimestampMs;
 
 /// A member's partitions after a heartbeat: how many it holds, how many events it delivered and
 /// has not acknowledged, and the commit time of the oldest of them.
-pub(crate) fn group_held(group: &str, held: usize, unacked: usize, oldest_unacked: Option<TimestampMs>) {
+/// A member's partitions after a heartbeat, also how many of them it cannot read and the parked
+/// events they have.
+pub(crate) fn group_held(
+    group: &str,
+    held: usize,
+    unacked: usize,
+    oldest_unacked: Option<TimestampMs>,
+    stalled: usize,
+    parked: u64,
+) {
     let oldest = oldest_unacked.map_or(0, |at| TimestampMs::now().millis_since(at));
     gauge!("ff_completions_group_partitions_held", "group" => group.to_owned()).set(held as f64);
     gauge!("ff_completions_group_unacked", "group" => group.to_owned()).set(unacked as f64);
     gauge!("ff_completions_group_oldest_unacked_seconds", "group" => group.to_owned()).set(oldest as f64 / 1000.0);
+    gauge!("ff_completions_group_partitions_stalled", "group" => group.to_owned()).set(stalled as f64);
+    gauge!("ff_completions_group_parked", "group" => group.to_owned()).set(parked as f64);
+}
+
+pub(crate) fn group_stalled(group: &str, partitions: usize) {
+    counter!("ff_completions_group_stalls_total", "group" => group.to_owned()).increment(partitions as u64);
+}
+
+/// A refusal; `parked` when it parked the event.
+pub(crate) fn group_nacked(group: &str, parked: bool) {
+    counter!("ff_completions_group_nacks_total", "group" => group.to_owned()).increment(1);
+    if parked {
+        counter!("ff_completions_group_parked_total", "group" => group.to_owned()).increment(1);
+    }
+}
+
+pub(crate) fn group_replayed(group: &str, n: u64) {
+    counter!("ff_completions_group_replayed_total", "group" => group.to_owned()).increment(n);
 }
 
 pub(crate) fn group_acked(group: &str, n: u64) {

@@ -14,8 +14,11 @@
 //! cargo run --release --example instances -- --backend postgres://postgres@127.0.0.1:5432/app
 //! cargo run --release --example instances -- --backend valkey://127.0.0.1:6379 --chaos
 //! cargo run --release --example instances -- --bench               # takeover and throughput figures
+//! cargo run --release --example instances -- --chaos --duration 60s --retention-age 4s   # aggressive retention
 //! ```
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -48,6 +51,17 @@ struct Args {
     /// Each producer's pause between completions in the takeover measure.
     #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration)]
     pace: Duration,
+    /// Trim, every 300 ms, every event older than this (as an aggressive retention job would).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    retention_age: Option<Duration>,
+    /// Trim, every 300 ms, all but this many events (on Valkey: of each partition's stream).
+    #[arg(long)]
+    retention_events: Option<u64>,
+    /// Measure instead (Postgres): heartbeat latency of a member holding every partition, for
+    /// this long without, then with a consumer's transaction open on one of its partitions (an
+    /// ack inside it, neither committed nor rolled back), then without again.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    heartbeat_open_tx: Option<Duration>,
     /// Measure instead: throughput with 1, 2 and 4 members, takeover after repeated kills, and
     /// the cost of an acknowledgement.
     #[arg(long)]
@@ -62,7 +76,11 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(async {
         let target = Target::from_arg(&args.backend)?;
-        if args.bench { bench(&args, &target).await } else { demo(&args, &target).await }
+        match args.heartbeat_open_tx {
+            Some(open_for) => heartbeats_beside_an_open_transaction(&args, open_for).await,
+            None if args.bench => bench(&args, &target).await,
+            None => demo(&args, &target).await,
+        }
     })
 }
 
@@ -186,6 +204,88 @@ fn spawn_members(
         .collect()
 }
 
+/// Heartbeats of a member holding every partition, every 100 ms for `open_for`, first alone and
+/// then while another connection keeps a transaction open that acknowledged one of its
+/// partitions: p50 / p99 / max of each, and whether every lease stayed ahead of the clock.
+async fn heartbeats_beside_an_open_transaction(args: &Args, open_for: Duration) -> anyhow::Result<()> {
+    use sqlx::Connection;
+
+    anyhow::ensure!(args.backend.starts_with("postgres"), "--heartbeat-open-tx needs a postgres:// --backend");
+    let backend = BackendConfig::from_url(&args.backend)?;
+    let store = ff_completions::__store::Store::open(&backend).await?;
+    let group = format!("heartbeat-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let leases = store.heartbeat(&group, "a", args.ttl, Sharing::Shared, true).await?;
+    anyhow::ensure!(leases.len() == usize::from(PARTITION_COUNT), "the member holds every partition");
+    let measure = async |label: &str| -> anyhow::Result<()> {
+        let (mut took, mut behind) = (Vec::new(), 0usize);
+        let started = Instant::now();
+        while started.elapsed() < open_for {
+            let at = Instant::now();
+            let held = store.heartbeat(&group, "a", args.ttl, Sharing::Shared, false).await?;
+            took.push(at.elapsed());
+            let now = TimestampMs::now();
+            let view = store.view(&group).await?.ok_or_else(|| anyhow::anyhow!("no group"))?;
+            behind +=
+                view.partitions.iter().filter(|p| p.owner.as_ref().is_none_or(|(_, until)| *until <= now)).count();
+            anyhow::ensure!(held.len() == usize::from(PARTITION_COUNT), "{label}: the member lost partitions");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        took.sort();
+        println!(
+            "{label}: {} heartbeats, p50 {:?}, p99 {:?}, max {:?}; leases found not ahead of the clock: {behind}",
+            took.len(),
+            percentile(&took, 0.5),
+            percentile(&took, 0.99),
+            took.last().copied().unwrap_or_default()
+        );
+        Ok(())
+    };
+    measure("without an open transaction").await?;
+    let mut conn = sqlx::postgres::PgConnection::connect(&args.backend).await?;
+    let mut tx = conn.begin().await?;
+    let first = &leases[0];
+    let ack = Ack {
+        partition: first.partition,
+        token: first.token,
+        position: Position { lo: first.acked.lo + 1, ..first.acked },
+    };
+    ff_completions::__store::ack_in(&mut *tx, &group, "a", &[ack]).await?;
+    measure(&format!("with a transaction open on partition {} for {open_for:?}", first.partition)).await?;
+    tx.rollback().await?;
+    // Again without, for the drift of a shared machine between the two.
+    measure("after the transaction ended").await?;
+    Ok(())
+}
+
+/// A trimming task while `--retention-*` asks for one: its stop, what it removed, its handle.
+type Trimmer = (tokio_util::sync::CancellationToken, Arc<AtomicU64>, tokio::task::JoinHandle<()>);
+
+async fn trim_meanwhile(args: &Args, run: &Run) -> anyhow::Result<Option<Trimmer>> {
+    if args.retention_age.is_none() && args.retention_events.is_none() {
+        return Ok(None);
+    }
+    let mut retention = match args.retention_age {
+        Some(age) => ff_completions::Retention::max_age(age),
+        None => ff_completions::Retention::max_events(0),
+    };
+    retention.max_events = args.retention_events;
+    let store = ff_completions::__store::Store::open(&run.backend).await?;
+    let (stop, removed) = (tokio_util::sync::CancellationToken::new(), Arc::new(AtomicU64::new(0)));
+    let task = {
+        let (stop, removed) = (stop.clone(), removed.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                // A busy backend (SQLite's write lock) is tried again at the next round.
+                if let Ok(n) = store.trim(&retention).await {
+                    removed.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    Ok(Some((stop, removed, task)))
+}
+
 async fn demo(args: &Args, target: &Target) -> anyhow::Result<()> {
     let mut run = target.start().await?;
     let group = format!("promoter-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
@@ -194,6 +294,7 @@ async fn demo(args: &Args, target: &Target) -> anyhow::Result<()> {
     converged(&run.store, &group, args.members, Duration::from_secs(60)).await?;
     let started = Instant::now();
     run.produce(2, Duration::ZERO);
+    let trimmer = trim_meanwhile(args, &run).await?;
     let mut next_id = args.members;
     let mut takeovers = Vec::new();
     while started.elapsed() < args.duration {
@@ -212,6 +313,11 @@ async fn demo(args: &Args, target: &Target) -> anyhow::Result<()> {
     }
     run.stop_producing().await;
     let produced_for = started.elapsed();
+    if let Some((stop, removed, task)) = trimmer {
+        stop.cancel();
+        let _ = task.await;
+        println!("retention removed {} events meanwhile", removed.load(std::sync::atomic::Ordering::Relaxed));
+    }
     // Where the ack follows the effect's transaction, an effect may repeat: only one a killed
     // member wrote before it could ack, or one whose ack its member reported fenced.
     let repeats = if target.ack_after_effect() {
@@ -247,6 +353,9 @@ async fn demo(args: &Args, target: &Target) -> anyhow::Result<()> {
             println!("    {line}");
         }
     }
+    let ended: Vec<&str> = members.iter_mut().filter_map(|(id, p)| p.exited().then_some(id.as_str())).collect();
+    println!("members that ended by themselves: {ended:?}");
+    anyhow::ensure!(ended.is_empty(), "members ended: {ended:?}");
     if target.ack_after_effect() {
         anyhow::ensure!(verdict.ok(), "the group did not handle every completion at least once, in order");
         println!(

@@ -287,6 +287,11 @@ impl MemberProcess {
         Ok(())
     }
 
+    /// Whether it has exited (by itself: its stream ended, or it failed).
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().is_ok_and(|status| status.is_some())
+    }
+
     pub async fn kill9(&mut self) -> anyhow::Result<()> {
         self.signal("-KILL")?;
         self.child.wait().await?;
@@ -324,8 +329,22 @@ pub struct Produced {
 
 /// Creates flows of five executions and completes them, one after the other, `pace` apart.
 pub async fn produce(engine: Arc<dyn Engine>, produced: Arc<Produced>, worker: String, pace: Duration) {
+    produce_outside(engine, produced, worker, pace, None).await;
+}
+
+/// As [`produce`], never in partition `avoid`.
+pub async fn produce_outside(
+    engine: Arc<dyn Engine>,
+    produced: Arc<Produced>,
+    worker: String,
+    pace: Duration,
+    avoid: Option<u16>,
+) {
     while !produced.stop.load(Ordering::Relaxed) {
         let flow = FlowId::new();
+        if avoid.is_some_and(|p| ExecutionId::new_in(&flow).partition() == p) {
+            continue;
+        }
         if engine.create_flow(&flow, None).await.is_err() {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
@@ -572,9 +591,15 @@ impl Run {
 
     /// Starts `producers` producers, each completing one execution every `pace`.
     pub fn produce(&mut self, producers: usize, pace: Duration) {
+        self.produce_outside(producers, pace, None);
+    }
+
+    /// As [`Self::produce`], never in partition `avoid`.
+    pub fn produce_outside(&mut self, producers: usize, pace: Duration, avoid: Option<u16>) {
         for i in 0..producers {
             let (engine, produced) = (self.engine.clone(), self.produced.clone());
-            self.producers.push(tokio::spawn(produce(engine, produced, format!("producer-{i}"), pace)));
+            let worker = format!("producer-{i}");
+            self.producers.push(tokio::spawn(produce_outside(engine, produced, worker, pace, avoid)));
         }
     }
 

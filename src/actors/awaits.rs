@@ -312,6 +312,9 @@ impl Sink for AwaitSink {
     fn room(&self) -> Option<futures::future::BoxFuture<'static, bool>> {
         None
     }
+
+    /// Awaits need no account of what was passed over.
+    fn passed(&self, _through: &Frontier) {}
 }
 
 impl std::fmt::Debug for AwaitSink {

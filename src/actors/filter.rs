@@ -508,6 +508,7 @@ impl FilterState {
                     self.delivered.join(end);
                     self.args.shared.join_delivered(end);
                 }
+                self.args.sink.passed(&self.delivered);
             }
             Delivery::Full => {
                 self.set_mode(FilterMode::Blocked);

@@ -21,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::awaits::{AwaitHub, AwaitSink, CompletionWatch};
 use super::ids::{BackendId, SubscriberId};
 use super::request::{Completions, Event, SubscribeRequest, TailWait};
-use super::sink::{FamilySink, Out};
+use super::sink::{FamilySink, Out, Passed};
 use super::stats::SupervisorStats;
 use super::supervisor::{ChildKey, Command, CompletionSupervisor, NewSubscriber, SupervisorMsg};
 use super::supervisor_config::SupervisorConfig;
@@ -162,11 +162,32 @@ impl CompletionSupervisorHandle {
     }
 
     async fn add_subscriber<E: Event>(&self, request: SubscribeRequest<E>, out: Out<E>) -> Result<SubscriberId, Error> {
+        self.add_subscriber_passed(request, out, None).await
+    }
+
+    /// Subscribes to completions, learning how far the subscription's filter has got (what a
+    /// durable member needs to move the positions of partitions whose events it never sees).
+    pub(crate) async fn subscribe_passed(
+        &self,
+        request: Completions,
+    ) -> Result<(Subscription<CompletionEvent>, Arc<Passed>), Error> {
+        let (tx, rx) = mpsc::channel(self.subscriber_buffer);
+        let passed = Arc::new(Passed::default());
+        let id = self.add_subscriber_passed(request, Out::Channel(tx), Some(passed.clone())).await?;
+        Ok((Subscription { id, inner: ReceiverStream::new(rx), supervisor: self.actor.clone() }, passed))
+    }
+
+    async fn add_subscriber_passed<E: Event>(
+        &self,
+        request: SubscribeRequest<E>,
+        out: Out<E>,
+        passed: Option<Arc<Passed>>,
+    ) -> Result<SubscriberId, Error> {
         let Some(family) = E::FAMILY else {
             return Err(Error::unavailable("subscribe", "no backend produces this event family yet"));
         };
         let SubscribeRequest { backend, filter, from, name, tail_wait } = request;
-        let sink = Arc::new(FamilySink { family, filter, out });
+        let sink = Arc::new(FamilySink { family, filter, out, passed });
         let subscriber = NewSubscriber { backend, from, name, sink, tail_wait };
         // No timeout: a tail subscription may wait for its backend (the caller bounds it).
         self.actor

@@ -21,7 +21,7 @@ use tracing::Instrument;
 use super::filter::Fanout;
 use super::ids::BackendId;
 use super::shared::{ListenerShared, LiveBatch};
-use crate::backends::{Batch, CompletionSource, Wake, Waker};
+use crate::backends::{Batch, CompletionSource, ReadPosition, Wake, Waker};
 use crate::cursor::Frontier;
 use crate::error::Error;
 use crate::metrics;
@@ -155,7 +155,11 @@ impl Listening {
                 tail
             }
         };
-        let waker = self.args.source.open_waker(&self.cursor).await?;
+        let read = {
+            let shared = shared.clone();
+            ReadPosition::new(move || shared.cursor().unwrap_or_default())
+        };
+        let waker = self.args.source.open_waker(read).await?;
         self._waker_task = Some(AbortOnDropHandle::new(tokio::spawn(run_waker(waker, myself.clone()))));
         self._tick_task = Some(spawn_ticker(myself.clone(), self.args.tick, self.tick_pending.clone()));
         shared.set_error(None);

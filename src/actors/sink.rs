@@ -5,9 +5,10 @@
 //! family: the family's own code ([`FamilySink`], generic over [`Event`]) picks its events out
 //! of what the listener read, matches them against the subscriber's filter and hands them over.
 
+use std::collections::VecDeque;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use ractor::ActorRef;
@@ -83,6 +84,72 @@ pub(crate) trait Sink: Send + Sync + 'static {
     /// Resolves once a channel sink has room (`true`), or is closed (`false`); `None` for actor
     /// sinks, which never fill.
     fn room(&self) -> Option<BoxFuture<'static, bool>>;
+
+    /// The filter has handled every event up to `through` (handed over or not wanted).
+    fn passed(&self, through: &Frontier);
+}
+
+/// How far a reading subscriber's filter has got, for a consumer that must know when every
+/// event up to a position has reached it (a durable member moves the positions of partitions
+/// whose events it does not receive: lease entries, completions its filter leaves out). The
+/// filter records, after each run of events, how many it had sent and the frontier it had
+/// handled; the consumer counts what it took from the channel, in order. A mark whose count the
+/// consumer has taken names a frontier every event of which it has received.
+#[derive(Debug, Default)]
+pub(crate) struct Passed(Mutex<PassedState>);
+
+#[derive(Debug, Default)]
+struct PassedState {
+    /// Events sent into the channel.
+    sent: u64,
+    /// Events the consumer took out of it.
+    taken: u64,
+    /// (events sent then, frontier handled then), oldest first; at most one per count.
+    marks: VecDeque<(u64, Frontier)>,
+}
+
+impl Passed {
+    fn state(&self) -> std::sync::MutexGuard<'_, PassedState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The filter sent one more event.
+    fn sent(&self) {
+        self.state().sent += 1;
+    }
+
+    /// The filter has handled everything up to `through`.
+    fn mark(&self, through: &Frontier) {
+        let mut state = self.state();
+        let sent = state.sent;
+        match state.marks.back_mut() {
+            Some((n, last)) if *n == sent => {
+                if last != through {
+                    *last = through.clone();
+                }
+            }
+            _ => state.marks.push_back((sent, through.clone())),
+        }
+    }
+
+    /// The consumer took one more event out of the channel (and is done with it).
+    pub(crate) fn took(&self) {
+        self.state().taken += 1;
+    }
+
+    /// The furthest frontier every event of which the consumer has taken, if any yet.
+    pub(crate) fn through(&self) -> Option<Frontier> {
+        let mut state = self.state();
+        let taken = state.taken;
+        let mut latest = None;
+        while state.marks.front().is_some_and(|(n, _)| *n <= taken) {
+            latest = state.marks.pop_front();
+        }
+        let (n, through) = latest?;
+        // Kept for the next call: it stays true.
+        state.marks.push_front((n, through.clone()));
+        Some(through)
+    }
 }
 
 /// The sink of one family: its filter and where its events go.
@@ -90,6 +157,8 @@ pub(crate) struct FamilySink<E: Event> {
     pub(crate) family: Family,
     pub(crate) filter: E::Filter,
     pub(crate) out: Out<E>,
+    /// Where a consumer that asked for it learns how far the filter has got.
+    pub(crate) passed: Option<Arc<Passed>>,
 }
 
 impl<E: Event> Sink for FamilySink<E> {
@@ -108,6 +177,8 @@ impl<E: Event> Sink for FamilySink<E> {
         let sent = self.out.send(event);
         if sent != Sent::Done {
             delivered.fetch_sub(1, Ordering::Relaxed);
+        } else if let Some(passed) = &self.passed {
+            passed.sent();
         }
         Some(sent)
     }
@@ -130,6 +201,12 @@ impl<E: Event> Sink for FamilySink<E> {
             Out::Actor(_) => None,
         }
     }
+
+    fn passed(&self, through: &Frontier) {
+        if let Some(passed) = &self.passed {
+            passed.mark(through);
+        }
+    }
 }
 
 impl<E: Event> fmt::Debug for FamilySink<E> {
@@ -139,5 +216,37 @@ impl<E: Event> fmt::Debug for FamilySink<E> {
             Out::Actor(_) => "actor".to_owned(),
         };
         write!(f, "Sink({}, {:?}, {out})", self.family.name(), self.filter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cursor::Position;
+
+    fn at(lo: u64) -> Frontier {
+        Frontier::at(Position::new(0, lo))
+    }
+
+    #[test]
+    fn a_mark_counts_once_the_consumer_took_every_event_sent_before_it() {
+        let passed = Passed::default();
+        assert_eq!(passed.through(), None, "nothing handled yet");
+        passed.mark(&at(5));
+        assert_eq!(passed.through(), Some(at(5)), "nothing was sent before it");
+        passed.sent();
+        passed.sent();
+        passed.mark(&at(9));
+        passed.mark(&at(12));
+        assert_eq!(passed.through(), Some(at(5)), "two events sent before 12 are still in the channel");
+        passed.took();
+        assert_eq!(passed.through(), Some(at(5)));
+        passed.took();
+        assert_eq!(passed.through(), Some(at(12)), "the later mark of the same count replaced the earlier");
+        assert_eq!(passed.through(), Some(at(12)), "it stays true");
+        passed.sent();
+        passed.mark(&at(20));
+        assert_eq!(passed.through(), Some(at(12)));
+        assert_eq!(passed.0.lock().map(|s| s.marks.len()).unwrap_or_default(), 2, "marks stay few");
     }
 }

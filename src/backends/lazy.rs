@@ -11,10 +11,10 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use tokio::sync::OnceCell;
 
-use super::groups::{Ack, GroupStore, GroupView, Heartbeat, Lease};
-use super::seam::{Batch, CompletionSource, StartAt, Waker};
+use super::groups::{Ack, GroupStore, GroupView, Heartbeat, Lease, Nack, Nacked, Parked, ParkedMark};
+use super::seam::{Batch, CompletionSource, ReadPosition, StartAt, Waker};
 use crate::config::Retention;
-use crate::cursor::{Frontier, StreamCursor};
+use crate::cursor::{Frontier, Position, StreamCursor};
 use crate::error::Error;
 use crate::family::Family;
 
@@ -102,8 +102,8 @@ impl CompletionSource for LazySource {
         self.source().await?.gauges().await
     }
 
-    async fn open_waker(&self, from: &Frontier) -> Result<Box<dyn Waker>, Error> {
-        self.source().await?.open_waker(from).await
+    async fn open_waker(&self, read: ReadPosition) -> Result<Box<dyn Waker>, Error> {
+        self.source().await?.open_waker(read).await
     }
 }
 
@@ -117,11 +117,36 @@ impl GroupStore for LazySource {
         self.groups().await?.ack(group, member, acks).await
     }
 
-    async fn leave(&self, group: &str, member: &str) -> Result<(), Error> {
-        self.groups().await?.leave(group, member).await
+    async fn leave(&self, group: &str, member: &str, incarnation: &str) -> Result<(), Error> {
+        self.groups().await?.leave(group, member, incarnation).await
     }
 
     async fn view(&self, group: &str) -> Result<Option<GroupView>, Error> {
         self.groups().await?.view(group).await
+    }
+
+    async fn nack(&self, group: &str, member: &str, nack: &Nack<'_>) -> Result<Nacked, Error> {
+        self.groups().await?.nack(group, member, nack).await
+    }
+
+    async fn settle(&self, group: &str, member: &str, acks: &[Ack]) -> Result<(), Error> {
+        self.groups().await?.settle(group, member, acks).await
+    }
+
+    async fn move_positions(&self, group: &str, moves: &[(u16, Position)], force: bool) -> Result<(), Error> {
+        self.groups().await?.move_positions(group, moves, force).await
+    }
+
+    async fn parked(&self, group: &str) -> Result<Vec<Parked>, Error> {
+        self.groups().await?.parked(group).await
+    }
+
+    async fn mark_parked(
+        &self,
+        group: &str,
+        which: Option<&[(u16, Position)]>,
+        mark: ParkedMark,
+    ) -> Result<u64, Error> {
+        self.groups().await?.mark_parked(group, which, mark).await
     }
 }

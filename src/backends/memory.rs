@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use super::seam::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
+use super::seam::{Batch, CompletionSource, Positioned, ReadPosition, StartAt, Wake, Waker};
 use crate::config::Retention;
 use crate::cursor::{Frontier, Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
 use crate::error::Error;
@@ -262,7 +262,7 @@ impl CompletionSource for MemorySource {
         Ok(0)
     }
 
-    async fn open_waker(&self, _from: &Frontier) -> Result<Box<dyn Waker>, Error> {
+    async fn open_waker(&self, _read: ReadPosition) -> Result<Box<dyn Waker>, Error> {
         let mut inner = self.inner();
         Self::check(&mut inner, "open the notification connection")?;
         let (tx, rx) = mpsc::unbounded_channel();

@@ -25,4 +25,4 @@ pub(crate) mod seam;
 
 pub(crate) use lazy::Connected;
 pub(crate) use open::{lazy_source, open_source};
-pub(crate) use seam::{Batch, CompletionSource, FamilyEvent, Positioned, StartAt, Wake, Waker};
+pub(crate) use seam::{Batch, CompletionSource, FamilyEvent, Positioned, ReadPosition, StartAt, Wake, Waker};

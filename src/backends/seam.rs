@@ -110,6 +110,25 @@ impl StartAt {
     }
 }
 
+/// Where the listener a waker serves has read up to, now: a waker that reads (Valkey) starts
+/// each read there or after it, never behind what the listener read without it (a catch-up,
+/// a safety tick, a read after a reconnect).
+#[derive(Clone)]
+pub(crate) struct ReadPosition(std::sync::Arc<dyn Fn() -> Frontier + Send + Sync>);
+
+impl ReadPosition {
+    pub(crate) fn new(now: impl Fn() -> Frontier + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(now))
+    }
+
+    /// The listener's position now.
+    // Only a reading waker asks.
+    #[cfg_attr(not(feature = "valkey"), allow(dead_code))]
+    pub(crate) fn now(&self) -> Frontier {
+        (self.0)()
+    }
+}
+
 /// Why a listener should read.
 #[derive(Debug)]
 // Which variants a build constructs depends on the backends compiled in.
@@ -183,6 +202,7 @@ pub(crate) trait CompletionSource: Send + Sync + 'static {
     }
 
     /// Opens the dedicated notification connection, registered before it returns, so a read
-    /// made after this call misses nothing. `from` is where a reading waker starts.
-    async fn open_waker(&self, from: &Frontier) -> Result<Box<dyn Waker>, Error>;
+    /// made after this call misses nothing. A reading waker reads from the listener's position
+    /// (`read`) as it is at each wake-up.
+    async fn open_waker(&self, read: ReadPosition) -> Result<Box<dyn Waker>, Error>;
 }

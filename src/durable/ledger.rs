@@ -1,15 +1,23 @@
 //! What a member knows between heartbeats, with no I/O: the partitions it holds (token,
-//! acknowledged position, how far it has delivered), the events it delivered and has not yet
-//! acknowledged, and where a new read of the tree must start. The member task and the
+//! acknowledged position, how far it has read, whether it cannot read them), the events it
+//! handed out and has not acknowledged, the replayed parked events it handed out, how far its
+//! read of the tree has got, and where a new read must start. The member's tasks and the
 //! subscription share it behind a mutex; its rules are unit-tested without a server.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use super::subscription::Stalled;
 use crate::backends::groups::{Ack, Lease};
-use crate::cursor::{Frontier, Position, StreamCursor, decode_event_frontier, encode_valkey_frontier};
+use crate::cursor::{
+    Frontier, Position, StreamCursor, VALKEY_LEGACY_LANE, decode_event_frontier, encode_valkey_frontier,
+};
 use crate::error::Error;
 use crate::event::CompletionEvent;
-use crate::types::{PARTITION_COUNT, TimestampMs};
+use crate::types::TimestampMs;
+
+/// Cursors of events whose partition moved away, remembered so that their `ack` answers
+/// `Fenced` rather than "never delivered" (the oldest are forgotten beyond this many).
+const MOVED_KEPT: usize = 16_384;
 
 /// One partition the member holds.
 #[derive(Debug)]
@@ -17,21 +25,27 @@ struct Held {
     token: u64,
     /// The stored acknowledged position (lane 0).
     acked: Position,
-    /// The last position delivered (or acknowledged): later events only.
+    /// How far the member has read it (delivered, passed over, or acknowledged): later events
+    /// only.
     delivered: Position,
     /// The read generation from which this partition's events may be delivered: a partition
-    /// gained mid-read waits for a read that starts at its acknowledged position.
+    /// gained (or rewound) mid-read waits for a read that starts at its position.
     readable_from: u64,
     /// Delivered and not acknowledged, in order: position, cursor, commit time.
     pending: VecDeque<(Position, StreamCursor, TimestampMs)>,
+    /// Why it cannot be read: its position names events the backend no longer has. It is held
+    /// and left unread until an operator moves its position (a new token).
+    stalled: Option<Stalled>,
 }
 
-/// A delivered event's place and the token of the lease it was delivered under.
+/// A handed-out event's place, the token of the lease it was handed out under, and which
+/// admission it was (a copy read before a rewind or a move is another admission).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Delivered {
     partition: u16,
     position: Position,
     token: u64,
+    admission: u64,
 }
 
 /// What a heartbeat changed.
@@ -41,24 +55,35 @@ pub(crate) struct Change {
     pub gained: usize,
     /// Partitions lost.
     pub lost: usize,
-    /// Partitions held before and after whose token changed: another incarnation of this
-    /// member id rejoined in between.
-    pub retokened: usize,
 }
 
-/// The member's book of partitions and pending acknowledgements.
+/// What acknowledging a handed-out event writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AckOf {
+    /// An event read from its partition: its partition's position moves past it.
+    Position(Ack),
+    /// A replayed parked event: it is no longer parked.
+    Parked(Ack),
+}
+
+/// The member's book of partitions and handed-out events.
 #[derive(Debug)]
 pub(crate) struct Ledger {
     /// Valkey: each partition is its own lane; elsewhere one lane holds every partition.
     lanes_are_partitions: bool,
     held: BTreeMap<u16, Held>,
     by_cursor: HashMap<StreamCursor, Delivered>,
-    /// The generation of the newest read plan (raised when partitions are gained).
+    /// Replayed parked events handed out and not settled.
+    replays: HashMap<StreamCursor, Delivered>,
+    /// Cursors handed out whose partition moved away, oldest first.
+    moved: HashMap<StreamCursor, u16>,
+    moved_order: VecDeque<StreamCursor>,
+    /// The generation of the newest read plan (raised when partitions are gained or rewound).
     generation: u64,
-    /// On a one-lane backend, the position of the last event a read of this generation
-    /// passed on (any partition's): every held partition readable in it has seen all of its
-    /// events up to there.
-    read_through: Option<(u64, Position)>,
+    admissions: u64,
+    /// The newest frontier a read of the tree has passed entirely (every event up to it was
+    /// taken by the member), with that read's generation.
+    progress: Option<(u64, Frontier)>,
 }
 
 /// One partition's local numbers, for stats.
@@ -69,6 +94,18 @@ pub(crate) struct HeldStats {
     pub acked: Position,
     pub unacked: usize,
     pub oldest_unacked: Option<TimestampMs>,
+    pub stalled: Option<Stalled>,
+}
+
+/// The highest position at or below `p` that a group store keeps exactly. A Postgres row's
+/// position names the row's partition key, which the stores do not keep (a stored position is
+/// past every row of its event id): a watermark there is lowered to past the previous event id,
+/// so that a row of another partition with the same event id is never passed over.
+fn storable_floor(p: Position) -> Position {
+    if p.minor == 0 || p.postgres_key() == Position::AFTER_EVERY_KEY {
+        return p;
+    }
+    Position::postgres_without_key(p.major, p.hi, p.postgres_event_id().saturating_sub(1))
 }
 
 impl Ledger {
@@ -77,8 +114,12 @@ impl Ledger {
             lanes_are_partitions,
             held: BTreeMap::new(),
             by_cursor: HashMap::new(),
+            replays: HashMap::new(),
+            moved: HashMap::new(),
+            moved_order: VecDeque::new(),
             generation: 0,
-            read_through: None,
+            admissions: 0,
+            progress: None,
         }
     }
 
@@ -98,8 +139,8 @@ impl Ledger {
     }
 
     /// Takes a heartbeat's answer: keeps what is still held with the same token (its
-    /// acknowledged position moved up), forgets what was lost (its pending events can no
-    /// longer be acknowledged), and starts gained partitions at their acknowledged position
+    /// acknowledged position moved up), forgets what was lost (its handed-out events now answer
+    /// `Fenced`), and starts gained or re-tokened partitions at their acknowledged position
     /// from the next read generation.
     pub(crate) fn apply(&mut self, leases: &[Lease]) -> Change {
         let mut change = Change::default();
@@ -117,10 +158,7 @@ impl Ledger {
                     held.delivered = held.delivered.max(held.acked);
                     self.prune(partition);
                 }
-                held => {
-                    if held.is_some() {
-                        change.retokened += 1;
-                    }
+                _ => {
                     self.forget(partition);
                     self.held.insert(
                         partition,
@@ -130,6 +168,7 @@ impl Ledger {
                             delivered: lease.acked,
                             readable_from: next_generation,
                             pending: VecDeque::new(),
+                            stalled: None,
                         },
                     );
                     change.gained += 1;
@@ -142,10 +181,28 @@ impl Ledger {
         change
     }
 
+    /// Drops a partition: what it handed out is remembered as moved.
     fn forget(&mut self, partition: u16) {
-        if let Some(held) = self.held.remove(&partition) {
-            for (_, cursor, _) in held.pending {
-                self.by_cursor.remove(&cursor);
+        let Some(held) = self.held.remove(&partition) else { return };
+        for (_, cursor, _) in held.pending {
+            self.by_cursor.remove(&cursor);
+            self.remember_moved(cursor, partition);
+        }
+        let replays: Vec<StreamCursor> =
+            self.replays.iter().filter(|(_, d)| d.partition == partition).map(|(c, _)| c.clone()).collect();
+        for cursor in replays {
+            self.replays.remove(&cursor);
+            self.remember_moved(cursor, partition);
+        }
+    }
+
+    fn remember_moved(&mut self, cursor: StreamCursor, partition: u16) {
+        if self.moved.insert(cursor.clone(), partition).is_none() {
+            self.moved_order.push_back(cursor);
+        }
+        while self.moved_order.len() > MOVED_KEPT {
+            if let Some(old) = self.moved_order.pop_front() {
+                self.moved.remove(&old);
             }
         }
     }
@@ -160,17 +217,22 @@ impl Ledger {
         }
     }
 
+    /// `partition`'s position in `frontier` (lane 0).
+    fn lane_position(&self, frontier: &Frontier, partition: u16) -> Position {
+        let lane = if self.lanes_are_partitions { partition } else { 0 };
+        Position { lane: 0, ..frontier.get(lane) }
+    }
+
     /// The event's position in its partition.
     fn position_of(&self, event: &CompletionEvent) -> Result<Position, Error> {
         let frontier = decode_event_frontier(&event.cursor)?
             .ok_or_else(|| Error::validation("a delivered event has an empty cursor"))?;
-        let lane = if self.lanes_are_partitions { event.execution_id.partition() } else { 0 };
-        Ok(Position { lane: 0, ..frontier.get(lane) })
+        Ok(self.lane_position(&frontier, event.execution_id.partition()))
     }
 
-    /// Whether to deliver `event`, read by a read of `generation`: its partition is held and
-    /// readable in that read, and it is after what was delivered there. Records it as pending
-    /// and returns the token of the lease it is delivered under (see [`Self::is_current`]).
+    /// Whether to hand out `event`, read by a read of `generation`: its partition is held,
+    /// readable and readable in that read, and it is after what was read there. Records it as
+    /// pending and returns its admission (see [`Self::is_current`]).
     ///
     /// On Valkey the event's cursor becomes the event's own place, its partition's stream id
     /// (a frontier naming that lane only): a read's cursor names every lane it has read, and
@@ -182,11 +244,8 @@ impl Ledger {
     pub(crate) fn admit(&mut self, event: &mut CompletionEvent, generation: u64) -> Result<Option<u64>, Error> {
         let partition = event.execution_id.partition();
         let position = self.position_of(event)?;
-        if !self.lanes_are_partitions && self.read_through.is_none_or(|(g, p)| g < generation || p < position) {
-            self.read_through = Some((generation, position));
-        }
         let Some(held) = self.held.get_mut(&partition) else { return Ok(None) };
-        if generation < held.readable_from || position <= held.delivered {
+        if generation < held.readable_from || held.stalled.is_some() || position <= held.delivered {
             return Ok(None);
         }
         held.delivered = position;
@@ -194,17 +253,33 @@ impl Ledger {
             event.cursor = encode_valkey_frontier(&[(partition, position.hi, position.lo)]);
         }
         held.pending.push_back((position, event.cursor.clone(), event.at));
-        let token = held.token;
-        self.by_cursor.insert(event.cursor.clone(), Delivered { partition, position, token });
-        Ok(Some(token))
+        self.admissions += 1;
+        let delivered = Delivered { partition, position, token: held.token, admission: self.admissions };
+        self.moved.remove(&event.cursor);
+        self.by_cursor.insert(event.cursor.clone(), delivered);
+        Ok(Some(self.admissions))
     }
 
-    /// Whether an event delivered under `token` is still this member's to handle: its
-    /// partition is held under that token and the event is not acknowledged. An event read
-    /// before its partition moved away and came back (a new token) is not: the read from the
-    /// stored position delivers it again.
-    pub(crate) fn is_current(&self, cursor: &StreamCursor, token: u64) -> bool {
-        self.by_cursor.get(cursor).is_some_and(|d| d.token == token && self.still_held(d))
+    /// Records a replayed parked event of `partition` at `position` to hand out, unless its
+    /// partition is not held or it is out already; returns its admission.
+    pub(crate) fn admit_replay(&mut self, event: &CompletionEvent, partition: u16, position: Position) -> Option<u64> {
+        let held = self.held.get(&partition)?;
+        if self.replays.contains_key(&event.cursor) {
+            return None;
+        }
+        self.admissions += 1;
+        let delivered = Delivered { partition, position, token: held.token, admission: self.admissions };
+        self.moved.remove(&event.cursor);
+        self.replays.insert(event.cursor.clone(), delivered);
+        Some(self.admissions)
+    }
+
+    /// Whether the event handed out as `admission` is still this member's to hand out: its
+    /// partition is held under the token it was admitted under, it is not acknowledged, and it
+    /// was not read again since (after its partition moved away and back, or was rewound).
+    pub(crate) fn is_current(&self, cursor: &StreamCursor, admission: u64) -> bool {
+        let current = |d: &Delivered| d.admission == admission && self.still_held(d);
+        self.by_cursor.get(cursor).is_some_and(current) || self.replays.get(cursor).is_some_and(current)
     }
 
     /// Whether `delivered`'s partition is still held under the token it was delivered under.
@@ -212,51 +287,64 @@ impl Ledger {
         self.held.get(&delivered.partition).is_some_and(|held| held.token == delivered.token)
     }
 
-    /// The ack for a delivered, not yet acknowledged event's cursor (acknowledging it
-    /// acknowledges every earlier event of its partition).
+    /// The handed-out event of `cursor`: whether a replay, and where.
+    fn handed_out(&self, cursor: &StreamCursor) -> Result<(bool, Delivered), Error> {
+        let found = match (self.replays.get(cursor), self.by_cursor.get(cursor)) {
+            (Some(d), _) => (true, *d),
+            (None, Some(d)) => (false, *d),
+            (None, None) => {
+                return Err(match self.moved.get(cursor) {
+                    Some(partition) => Error::Fenced {
+                        detail: format!(
+                            "partition {partition} moved to another member, which delivers its events again"
+                        ),
+                    },
+                    None => Error::validation(format!(
+                        "cursor {cursor} was not delivered to this subscription or was already acknowledged"
+                    )),
+                });
+            }
+        };
+        if !self.still_held(&found.1) {
+            return Err(Error::Fenced {
+                detail: format!(
+                    "partition {} moved to another member, which delivers its events again",
+                    found.1.partition
+                ),
+            });
+        }
+        Ok(found)
+    }
+
+    /// The ack for a handed-out, not yet acknowledged event's cursor (acknowledging an event
+    /// read from its partition acknowledges every earlier one of its partition).
     ///
     /// # Errors
-    /// [`Error::Validation`] for a cursor this member did not deliver or already
-    /// acknowledged, or of a partition it no longer holds.
-    pub(crate) fn ack_for(&self, cursor: &StreamCursor) -> Result<Ack, Error> {
-        let delivered = self.by_cursor.get(cursor).ok_or_else(|| {
-            Error::validation(format!(
-                "cursor {cursor} was not delivered to this subscription, was already acknowledged, or its partition \
-                 moved to another member"
-            ))
-        })?;
-        if !self.still_held(delivered) {
-            return Err(Error::validation(format!("partition {} is no longer held", delivered.partition)));
-        }
-        Ok(Ack { partition: delivered.partition, token: delivered.token, position: delivered.position })
+    /// [`Error::Fenced`] when its partition moved away; [`Error::Validation`] for a cursor this
+    /// member did not hand out or already acknowledged.
+    pub(crate) fn ack_for(&self, cursor: &StreamCursor) -> Result<AckOf, Error> {
+        let (replayed, d) = self.handed_out(cursor)?;
+        let ack = Ack { partition: d.partition, token: d.token, position: d.position };
+        Ok(if replayed { AckOf::Parked(ack) } else { AckOf::Position(ack) })
     }
 
-    /// One ack per partition for the highest of `cursors` (unknown ones skipped).
-    pub(crate) fn acks_for(&self, cursors: &[StreamCursor]) -> Vec<Ack> {
+    /// The acks of `cursors` (unknown ones skipped): one per partition for the highest of the
+    /// events read from partitions, and one per replayed parked event.
+    pub(crate) fn acks_for(&self, cursors: &[StreamCursor]) -> (Vec<Ack>, Vec<Ack>) {
         let mut best: BTreeMap<u16, Ack> = BTreeMap::new();
+        let mut parked = Vec::new();
         for ack in cursors.iter().filter_map(|c| self.ack_for(c).ok()) {
-            let slot = best.entry(ack.partition).or_insert(ack);
-            if ack.position > slot.position {
-                *slot = ack;
+            match ack {
+                AckOf::Position(ack) => {
+                    let slot = best.entry(ack.partition).or_insert(ack);
+                    if ack.position > slot.position {
+                        *slot = ack;
+                    }
+                }
+                AckOf::Parked(ack) => parked.push(ack),
             }
         }
-        best.into_values().collect()
-    }
-
-    /// Acks that move idle partitions up to where the read has got: a held partition with
-    /// nothing unacknowledged has no event left up to the last position the current read
-    /// passed on (one-lane backends order every partition in one sequence). Without them a
-    /// partition with rare events keeps an old position, and every new read would start there.
-    pub(crate) fn watermark_acks(&self) -> Vec<Ack> {
-        let Some((generation, through)) = self.read_through else { return Vec::new() };
-        if self.lanes_are_partitions {
-            return Vec::new();
-        }
-        self.held
-            .iter()
-            .filter(|(_, h)| h.readable_from <= generation && h.pending.is_empty() && h.acked < through)
-            .map(|(partition, h)| Ack { partition: *partition, token: h.token, position: through })
-            .collect()
+        (best.into_values().collect(), parked)
     }
 
     /// Records acks the store accepted.
@@ -270,22 +358,113 @@ impl Ledger {
         }
     }
 
-    /// Where a read of the tree starts so that every held partition continues after what it
-    /// delivered: the lowest such position on a one-lane backend; per lane on Valkey (lanes
-    /// not held start at `tail`, their events are not wanted). `None` when nothing is held.
+    /// Records replayed parked events the store settled.
+    pub(crate) fn settled(&mut self, acks: &[Ack]) {
+        self.replays.retain(|_, d| !acks.iter().any(|a| a.partition == d.partition && a.position == d.position));
+    }
+
+    /// After a refused event was delivered again (a retry): its partition is read again from
+    /// it, with every later event handed out (earlier ones stay handed out).
+    pub(crate) fn rewind(&mut self, partition: u16, position: Position) {
+        let next_generation = self.generation + 1;
+        let Some(held) = self.held.get_mut(&partition) else { return };
+        let mut again = Vec::new();
+        while held.pending.back().is_some_and(|(pos, _, _)| *pos >= position) {
+            if let Some((_, cursor, _)) = held.pending.pop_back() {
+                again.push(cursor);
+            }
+        }
+        held.delivered = held.pending.back().map_or(held.acked, |(pos, _, _)| *pos).max(held.acked);
+        held.readable_from = next_generation;
+        self.generation = next_generation;
+        for cursor in again {
+            self.by_cursor.remove(&cursor);
+        }
+    }
+
+    /// Notes how far the read of `generation` has got: every event up to `through` was taken.
+    /// Partitions readable in that read have read that far.
+    pub(crate) fn set_progress(&mut self, generation: u64, through: Frontier) {
+        let lanes_are_partitions = self.lanes_are_partitions;
+        for (partition, held) in &mut self.held {
+            if held.readable_from <= generation && held.stalled.is_none() {
+                let lane = if lanes_are_partitions { *partition } else { 0 };
+                held.delivered = held.delivered.max(Position { lane: 0, ..through.get(lane) });
+            }
+        }
+        self.progress = Some((generation, through));
+    }
+
+    /// Acks that move held partitions with nothing handed out and unacknowledged up to where
+    /// the read has got: nothing of theirs is left up to there (lease and signal entries,
+    /// completions the filter leaves out, or nothing at all). Without them such a partition
+    /// would keep an old position, which retention removes from under it.
+    pub(crate) fn watermark_acks(&self) -> Vec<Ack> {
+        let Some((generation, through)) = &self.progress else { return Vec::new() };
+        self.held
+            .iter()
+            .filter(|(_, h)| h.readable_from <= *generation && h.stalled.is_none() && h.pending.is_empty())
+            .map(|(partition, h)| Ack {
+                partition: *partition,
+                token: h.token,
+                position: storable_floor(self.lane_position(through, *partition)),
+            })
+            .filter(|ack| self.held.get(&ack.partition).is_some_and(|h| h.acked < ack.position))
+            .collect()
+    }
+
+    /// Where a read of the tree starts so that every held partition that can be read
+    /// continues after what it read: the lowest such position on a one-lane backend; per lane
+    /// on Valkey (lanes not read, the single stream of earlier versions among them, start at
+    /// `tail`: their events are not wanted). `None` when nothing is to be read.
     pub(crate) fn read_from(&self, tail: &Frontier) -> Option<Frontier> {
-        if self.held.is_empty() {
+        let readable: Vec<(u16, &Held)> =
+            self.held.iter().filter(|(_, h)| h.stalled.is_none()).map(|(p, h)| (*p, h)).collect();
+        if readable.is_empty() {
             return None;
         }
         if self.lanes_are_partitions {
-            let positions = (0..PARTITION_COUNT).map(|lane| match self.held.get(&lane) {
-                Some(held) => held.delivered.in_lane(lane),
-                None => tail.get(lane),
+            let mine = readable.iter().map(|(p, h)| h.delivered.in_lane(*p));
+            let others = tail.positions().iter().copied().filter(|p| {
+                p.lane == VALKEY_LEGACY_LANE || !readable.iter().any(|(partition, _)| *partition == p.lane)
             });
-            Some(Frontier::from_positions(positions))
+            Some(Frontier::from_positions(mine.chain(others)))
         } else {
-            self.held.values().map(|h| h.delivered).min().map(Frontier::at)
+            readable.iter().map(|(_, h)| h.delivered).min().map(Frontier::at)
         }
+    }
+
+    /// A read from `asked` ([`Self::read_from`]) was refused (its cursor expired, with `oldest`
+    /// the oldest position kept, or its history is lost): stalls the partitions whose read
+    /// cannot go on, for `why`, and returns them. On Valkey those of the lanes
+    /// `oldest` names above `asked`; on one lane those below `oldest`, or, when no oldest
+    /// position is known, those at the lowest position (the next read tells about the rest).
+    pub(crate) fn stall(&mut self, asked: &Frontier, oldest: Option<&Frontier>, why: &Stalled) -> Vec<u16> {
+        let lanes_are_partitions = self.lanes_are_partitions;
+        let lowest = asked.single();
+        let stalled: Vec<u16> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.stalled.is_none())
+            .filter(|(partition, h)| match (oldest, lanes_are_partitions) {
+                (Some(oldest), true) => oldest.get(**partition) > asked.get(**partition),
+                (Some(oldest), false) => h.delivered < Position { lane: 0, ..oldest.single() },
+                (None, true) => true,
+                (None, false) => h.delivered <= Position { lane: 0, ..lowest },
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for partition in &stalled {
+            if let Some(held) = self.held.get_mut(partition) {
+                held.stalled = Some(why.clone());
+            }
+        }
+        stalled
+    }
+
+    /// Events handed out and not acknowledged, per held partition (for the heartbeat).
+    pub(crate) fn unacked(&self) -> Vec<(u16, u32)> {
+        self.held.iter().map(|(p, h)| (*p, u32::try_from(h.pending.len()).unwrap_or(u32::MAX))).collect()
     }
 
     /// Local numbers of every held partition.
@@ -298,161 +477,11 @@ impl Ledger {
                 acked: held.acked,
                 unacked: held.pending.len(),
                 oldest_unacked: held.pending.front().map(|(_, _, at)| *at),
+                stalled: held.stalled.clone(),
             })
             .collect()
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cursor::encode_sqlite_cursor;
-    use crate::event::CompletionOutcome;
-    use crate::types::ExecutionId;
-
-    fn event(partition: u16, id: i64) -> CompletionEvent {
-        let execution = ExecutionId::from_parts(partition, uuid::Uuid::new_v4());
-        CompletionEvent::new(encode_sqlite_cursor(id), execution, CompletionOutcome::Success, TimestampMs(id))
-    }
-
-    fn lease(partition: u16, token: u64, acked: u64) -> Lease {
-        Lease { partition, token, acked: Position::new(0, acked) }
-    }
-
-    #[test]
-    fn only_held_partitions_after_their_position_are_admitted_once() {
-        let mut ledger = Ledger::new(false);
-        assert_eq!(ledger.apply(&[lease(1, 1, 10), lease(2, 1, 5)]), Change { gained: 2, lost: 0, retokened: 0 });
-        let generation = ledger.generation();
-        assert!(ledger.admit(&mut event(1, 9), generation).unwrap().is_none(), "at or below the acknowledged position");
-        assert!(ledger.admit(&mut event(1, 11), generation).unwrap().is_some());
-        assert!(ledger.admit(&mut event(1, 11), generation).unwrap().is_none(), "a replay of a delivered event");
-        assert!(ledger.admit(&mut event(3, 12), generation).unwrap().is_none(), "a partition held by another member");
-        assert!(ledger.admit(&mut event(2, 6), generation).unwrap().is_some());
-        assert_eq!(ledger.read_from(&Frontier::default()), Some(Frontier::at(Position::new(0, 6))));
-    }
-
-    #[test]
-    fn a_gained_partition_waits_for_a_read_from_its_position() {
-        let mut ledger = Ledger::new(false);
-        ledger.apply(&[lease(1, 1, 10)]);
-        let first = ledger.generation();
-        assert!(ledger.admit(&mut event(1, 20), first).unwrap().is_some());
-        ledger.apply(&[lease(1, 1, 10), lease(2, 4, 3)]);
-        assert!(
-            ledger.admit(&mut event(2, 21), first).unwrap().is_none(),
-            "the old read skipped partition 2's earlier events"
-        );
-        assert_eq!(ledger.read_from(&Frontier::default()), Some(Frontier::at(Position::new(0, 3))));
-        let second = ledger.generation();
-        assert!(second > first);
-        assert!(
-            ledger.admit(&mut event(1, 15), second).unwrap().is_none(),
-            "partition 1 continues after what it delivered"
-        );
-        assert!(ledger.admit(&mut event(2, 4), second).unwrap().is_some());
-    }
-
-    #[test]
-    fn acks_need_a_delivered_cursor_carry_the_token_and_prune() {
-        let mut ledger = Ledger::new(false);
-        ledger.apply(&[lease(7, 3, 0)]);
-        let g = ledger.generation();
-        let (mut a, mut b) = (event(7, 1), event(7, 2));
-        ledger.admit(&mut a, g).unwrap();
-        ledger.admit(&mut b, g).unwrap();
-        assert!(matches!(ledger.ack_for(&encode_sqlite_cursor(99)), Err(Error::Validation { .. })));
-        let ack = ledger.ack_for(&b.cursor).unwrap();
-        assert_eq!(ack, Ack { partition: 7, token: 3, position: Position::new(0, 2) });
-        assert_eq!(ledger.acks_for(&[a.cursor.clone(), b.cursor.clone()]), vec![ack]);
-        ledger.acked(&[ack]);
-        assert!(ledger.ack_for(&a.cursor).is_err(), "acknowledging b acknowledged a");
-        assert_eq!(ledger.stats()[0].unacked, 0);
-    }
-
-    #[test]
-    fn a_lost_or_re_tokened_partition_forgets_its_pending_events() {
-        let mut ledger = Ledger::new(false);
-        ledger.apply(&[lease(1, 1, 0), lease(2, 1, 0)]);
-        let g = ledger.generation();
-        let (mut a, mut b) = (event(1, 1), event(2, 2));
-        assert_eq!(ledger.admit(&mut a, g).unwrap(), Some(1));
-        assert_eq!(ledger.admit(&mut b, g).unwrap(), Some(1));
-        assert!(ledger.is_current(&b.cursor, 1));
-        assert_eq!(ledger.apply(&[lease(2, 2, 0)]), Change { gained: 1, lost: 1, retokened: 1 });
-        assert!(ledger.ack_for(&a.cursor).is_err());
-        assert!(ledger.ack_for(&b.cursor).is_err(), "delivered under token 1, which is fenced now");
-        assert!(!ledger.is_current(&a.cursor, 1) && !ledger.is_current(&b.cursor, 1));
-        let generation = ledger.generation();
-        assert_eq!(ledger.admit(&mut b, generation).unwrap(), Some(2), "redelivered from the acknowledged position");
-        // The copy read under token 1 and still waiting to be handed out is not current; the
-        // one read again under token 2 is, and acknowledges with token 2.
-        assert!(!ledger.is_current(&b.cursor, 1), "a copy read before the partition came back");
-        assert!(ledger.is_current(&b.cursor, 2));
-        assert_eq!(ledger.ack_for(&b.cursor).unwrap().token, 2);
-        ledger.acked(&[ledger.ack_for(&b.cursor).unwrap()]);
-        assert!(!ledger.is_current(&b.cursor, 2), "acknowledged");
-    }
-
-    #[test]
-    fn idle_partitions_move_up_to_where_the_read_has_got() {
-        let mut ledger = Ledger::new(false);
-        ledger.apply(&[lease(1, 1, 0), lease(2, 1, 0), lease(3, 1, 0)]);
-        let g = ledger.generation();
-        let mut busy = event(1, 10);
-        assert!(ledger.admit(&mut busy, g).unwrap().is_some());
-        assert!(
-            ledger.admit(&mut event(9, 12), g).unwrap().is_none(),
-            "another member's partition still moves the read"
-        );
-        let acks = ledger.watermark_acks();
-        assert_eq!(
-            acks.iter().map(|a| (a.partition, a.position)).collect::<Vec<_>>(),
-            [(2, Position::new(0, 12)), (3, Position::new(0, 12))]
-        );
-        ledger.acked(&acks);
-        assert!(ledger.admit(&mut event(2, 11), g).unwrap().is_none(), "below its new position");
-        // A partition gained later waits for a read of its own generation.
-        ledger.apply(&[lease(1, 1, 0), lease(2, 1, 12), lease(3, 1, 12), lease(4, 7, 0)]);
-        assert!(ledger.watermark_acks().iter().all(|a| a.partition != 4));
-        assert!(Ledger::new(true).watermark_acks().is_empty());
-    }
-
-    #[test]
-    fn on_valkey_each_partition_reads_from_its_own_lane() {
-        let mut ledger = Ledger::new(true);
-        ledger.apply(&[Lease { partition: 4, token: 1, acked: Position::new(100, 2) }]);
-        let tail = Frontier::from_positions([Position::new(500, 0).in_lane(4), Position::new(700, 1).in_lane(9)]);
-        let from = ledger.read_from(&tail).unwrap();
-        assert_eq!(from.get(4), Position::new(100, 2).in_lane(4));
-        assert_eq!(from.get(9), Position::new(700, 1).in_lane(9));
-        let cursor = crate::cursor::encode_valkey_frontier(&[(4, 100, 3), (9, 700, 1)]);
-        let execution = ExecutionId::from_parts(4, uuid::Uuid::new_v4());
-        let mut event = CompletionEvent::new(cursor, execution, CompletionOutcome::Success, TimestampMs(1));
-        let generation = ledger.generation();
-        assert!(ledger.admit(&mut event, generation).unwrap().is_some());
-        assert_eq!(ledger.ack_for(&event.cursor).unwrap().position, Position::new(100, 3));
-        assert_eq!(event.cursor, crate::cursor::encode_valkey_frontier(&[(4, 100, 3)]), "the event's own place");
-    }
-
-    #[test]
-    fn on_valkey_two_events_that_two_reads_gave_one_cursor_stay_apart() {
-        // Read 1 passed x (lane 2) then e (lane 7); read 2 passed e then x: after both, each
-        // read's frontier is the same, so e's cursor in read 1 is x's cursor in read 2.
-        let mut ledger = Ledger::new(true);
-        ledger.apply(&[lease(2, 1, 0), lease(7, 1, 0)]);
-        let generation = ledger.generation();
-        let same = crate::cursor::encode_valkey_frontier(&[(2, 50, 0), (7, 60, 0)]);
-        let at = |partition: u16| {
-            let execution = ExecutionId::from_parts(partition, uuid::Uuid::new_v4());
-            CompletionEvent::new(same.clone(), execution, CompletionOutcome::Success, TimestampMs(1))
-        };
-        let (mut e, mut x) = (at(7), at(2));
-        assert!(ledger.admit(&mut e, generation).unwrap().is_some());
-        assert!(ledger.admit(&mut x, generation).unwrap().is_some());
-        assert_ne!(e.cursor, x.cursor);
-        let ack = ledger.ack_for(&x.cursor).unwrap();
-        ledger.acked(&[ack]);
-        assert_eq!(ledger.ack_for(&e.cursor).unwrap().partition, 7, "acknowledging x left e acknowledgeable");
-    }
-}
+mod tests;

@@ -1,8 +1,13 @@
 //! A member's two tasks. The heartbeat task renews the member's leases every third of their
-//! ttl, learns which partitions it holds, and writes the acknowledgements made after
-//! delivery; it never waits on the consumer, so a slow consumer does not lose its leases. The
-//! delivery task reads the tree from the held partitions' positions and hands over the
-//! events the ledger admits; when partitions are gained it reads again from theirs.
+//! ttl, learns which partitions it holds, moves the positions of partitions whose events it
+//! does not receive up to where its read has got, writes the acknowledgements made after
+//! delivery, and hands out parked events an operator asked to replay; it never waits on the
+//! consumer, so a slow consumer does not lose its leases. The delivery task reads the tree from
+//! the held partitions' positions and hands over the events the ledger admits; when partitions
+//! are gained (or a refused event is to be read again) it reads again from theirs. A read the
+//! backend refuses (history trimmed away, or lost) stalls the partitions it concerns and goes on
+//! with the others: nothing ends the member but the consumer, a newer process under its member
+//! id, or an error it cannot retry.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,18 +18,19 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::request::DurableRequest;
-use super::subscription::{DurableSubscription, Shared};
+use super::subscription::{DurableSubscription, Shared, Stalled};
 use crate::actors::handle::{CompletionSupervisorHandle, Subscribe, Subscription, sealed};
 use crate::actors::request::Completions;
+use crate::actors::sink::Passed;
 use crate::backends::CompletionSource;
-use crate::backends::groups::{Heartbeat, Sharing, check_heartbeat};
+use crate::backends::groups::{Heartbeat, Lease, Sharing, check_heartbeat, event_of};
 use crate::backends::lazy::LazySource;
-use crate::cursor::Frontier;
+use crate::cursor::{Frontier, decode_event_frontier};
 use crate::error::Error;
 use crate::event::CompletionEvent;
 
-/// Admitted events, each with the token of the lease it was admitted under.
-type Out = mpsc::Sender<Result<(CompletionEvent, u64), Error>>;
+/// Admitted events, each with its admission (see [`super::ledger::Ledger::is_current`]).
+pub(crate) type Out = mpsc::Sender<Result<(CompletionEvent, u64), Error>>;
 
 /// The member id of an exclusive subscription that names none: every process subscribing
 /// under the name is the same member, so a new one takes over at once.
@@ -41,9 +47,10 @@ impl sealed::Sealed for DurableRequest {}
 /// Subscribes durably: completions of the partitions this member holds, from the positions
 /// the backend stores under the request's name, in order per partition; the consumer
 /// acknowledges them ([`DurableSubscription::ack`], a [`crate::AckTicket`] in its own
-/// transaction, or after delivery). While the backend is down the subscription is accepted
-/// and starts once the backend answers; errors the member cannot retry (a backend without
-/// durable groups, a newer process under an exclusive name) end the stream.
+/// transaction, or after delivery), or refuses them ([`DurableSubscription::nack`]). While the
+/// backend is down the subscription is accepted and starts once the backend answers; errors
+/// the member cannot retry (a backend without durable groups, a newer process under its
+/// member id) end the stream.
 impl Subscribe for DurableRequest {
     type Subscription = DurableSubscription;
 
@@ -64,23 +71,26 @@ fn start(
         (None, Sharing::Exclusive) => EXCLUSIVE_MEMBER.to_owned(),
         (None, Sharing::Shared) => uuid::Uuid::new_v4().to_string(),
     };
+    let incarnation = uuid::Uuid::new_v4().simple().to_string();
     // Every heartbeat's checks (names, lease ttl), before anything runs: bad input is refused
     // here rather than ending the stream at the first heartbeat.
     let no_start = Frontier::default();
     check_heartbeat(&Heartbeat {
         group: &request.name,
         member: &member,
+        incarnation: &incarnation,
         ttl: request.lease_ttl,
         sharing: request.sharing,
         rejoin: true,
         start: &no_start,
+        unacked: &[],
     })?;
     let source: Arc<dyn CompletionSource> = backend.clone();
-    let shared = Arc::new(Shared::new(request.name.clone(), member, source, backend));
+    let (plan_tx, plan_rx) = watch::channel(0u64);
+    let shared = Arc::new(Shared::new(&request, member, incarnation, source, backend, plan_tx));
     let (tx, rx) = mpsc::channel(tree.subscriber_buffer());
     let stop = CancellationToken::new();
-    let (plan_tx, plan_rx) = watch::channel(0u64);
-    tokio::spawn(heartbeats(shared.clone(), request.clone(), plan_tx, tx.clone(), stop.clone()));
+    tokio::spawn(heartbeats(shared.clone(), request.clone(), tx.clone(), stop.clone()));
     tokio::spawn(delivery(shared.clone(), tree, request.clone(), plan_rx, tx, stop.clone()));
     Ok(DurableSubscription {
         shared,
@@ -91,8 +101,19 @@ fn start(
     })
 }
 
-/// Moves idle partitions up to where the read has got (see [`super::ledger::Ledger::watermark_acks`]).
+/// Notes how far the current read has got (every event up to there was taken).
+fn catch_up_progress(shared: &Shared) {
+    if let Some((generation, passed)) = shared.reading()
+        && let Some(through) = passed.through()
+    {
+        shared.ledger().set_progress(generation, through);
+    }
+}
+
+/// Moves held partitions with nothing unacknowledged up to where the read has got (see
+/// [`super::ledger::Ledger::watermark_acks`]).
 async fn write_watermarks(shared: &Shared) {
+    catch_up_progress(shared);
     let acks = shared.ledger().watermark_acks();
     if acks.is_empty() {
         return;
@@ -106,25 +127,31 @@ async fn write_watermarks(shared: &Shared) {
     }
 }
 
-/// Writes the acknowledgements made after delivery.
+/// Writes the acknowledgements made after delivery; those that failed for a reason that
+/// passes are tried again at the next flush.
 async fn flush_acks(shared: &Shared) {
     let cursors = shared.take_auto_acks();
     if cursors.is_empty() {
         return;
     }
-    let acks = shared.ledger().acks_for(&cursors);
-    if let Err(err) = shared.write_acks(acks).await {
-        tracing::warn!(group = %shared.group, member = %shared.member, %err, "acknowledgements after delivery not written");
+    let (acks, parked) = shared.ledger().acks_for(&cursors);
+    let written = match shared.write_acks(acks).await {
+        Ok(()) => shared.write_settles(parked).await,
+        Err(err) => Err(err),
+    };
+    match written {
+        Ok(()) => {}
+        Err(err) if err.is_transient() => {
+            tracing::debug!(group = %shared.group, member = %shared.member, %err, "acknowledgements after delivery not written yet; retrying");
+            shared.requeue_auto_acks(cursors);
+        }
+        Err(err) => {
+            tracing::warn!(group = %shared.group, member = %shared.member, %err, "acknowledgements after delivery not written")
+        }
     }
 }
 
-async fn heartbeats(
-    shared: Arc<Shared>,
-    request: DurableRequest,
-    plan: watch::Sender<u64>,
-    out: Out,
-    stop: CancellationToken,
-) {
+async fn heartbeats(shared: Arc<Shared>, request: DurableRequest, out: Out, stop: CancellationToken) {
     let interval = request.lease_ttl / 3;
     let mut rejoin = true;
     let mut superseded = false;
@@ -137,14 +164,17 @@ async fn heartbeats(
             () = stop.cancelled() => break,
             () = tokio::time::sleep_until(next_beat) => {
                 flush_acks(&shared).await;
+                // Before the heartbeat: a partition it frees leaves with a fresh position.
+                if !rejoin {
+                    write_watermarks(&shared).await;
+                }
                 next_beat = Instant::now() + interval;
-                match beat(&shared, &request, rejoin, &mut start).await {
-                    Ok(gained) => {
+                // Bounded: a heartbeat that hangs is a retry, not a lost lease.
+                let beaten = tokio::time::timeout(interval, beat(&shared, &request, rejoin, &mut start)).await;
+                match beaten.unwrap_or(Err(Error::Timeout { op: "durable group heartbeat" })) {
+                    Ok(leases) => {
                         rejoin = false;
-                        write_watermarks(&shared).await;
-                        if let Some(generation) = gained {
-                            plan.send_replace(generation);
-                        }
+                        hand_out_replays(&shared, &leases, &out).await;
                         if request.sharing == Sharing::Shared
                             && let Some(at) = next_lapse(&shared).await
                         {
@@ -171,7 +201,8 @@ async fn heartbeats(
         return;
     }
     flush_acks(&shared).await;
-    if let Err(err) = shared.groups.leave(&shared.group, &shared.member).await {
+    write_watermarks(&shared).await;
+    if let Err(err) = shared.groups.leave(&shared.group, &shared.member, &shared.incarnation).await {
         tracing::debug!(group = %shared.group, member = %shared.member, %err, "leaving the group failed; its leases expire");
     }
 }
@@ -206,48 +237,79 @@ async fn next_lapse(shared: &Shared) -> Option<Instant> {
     Some(Instant::now() + wait)
 }
 
-/// One heartbeat; `Some(generation)` when partitions were gained (the tree must be read again).
+/// One heartbeat: the leases held afterwards. When partitions were gained, the delivery task
+/// is told to read the tree again.
 async fn beat(
     shared: &Shared,
     request: &DurableRequest,
     rejoin: bool,
     start: &mut Option<Frontier>,
-) -> Result<Option<u64>, Error> {
+) -> Result<Vec<Lease>, Error> {
     let start = match start {
         Some(start) => start,
         None => start.insert(shared.source.tail().await?),
     };
+    let unacked = shared.ledger().unacked();
     let heartbeat = Heartbeat {
         group: &shared.group,
         member: &shared.member,
+        incarnation: &shared.incarnation,
         ttl: request.lease_ttl,
         sharing: request.sharing,
         rejoin,
         start,
+        unacked: &unacked,
     };
     let leases = shared.groups.heartbeat(&heartbeat).await?;
     let lanes_are_partitions = shared.source.lanes_are_partitions();
     let mut ledger = shared.ledger();
     ledger.set_lanes_are_partitions(lanes_are_partitions);
     let change = ledger.apply(&leases);
-    // Nobody else takes an exclusive subscription's partitions: new tokens on partitions it
-    // kept mean a newer process subscribed under the name (its rejoin raised them).
-    if !rejoin && request.sharing == Sharing::Exclusive && change.retokened > 0 {
-        return Err(Error::Fenced {
-            detail: format!("another process took the durable subscription {:?} over", shared.group),
-        });
-    }
     let stats = ledger.stats();
+    let generation = ledger.generation();
     drop(ledger);
     let unacked = stats.iter().map(|h| h.unacked).sum();
     let oldest = stats.iter().filter_map(|h| h.oldest_unacked).min();
-    crate::metrics::group_held(&shared.group, stats.len(), unacked, oldest);
+    let stalled = stats.iter().filter(|h| h.stalled.is_some()).count();
+    let parked = leases.iter().map(|l| u64::from(l.parked)).sum();
+    crate::metrics::group_held(&shared.group, stats.len(), unacked, oldest, stalled, parked);
     if change.gained + change.lost > 0 {
         crate::metrics::group_rebalanced(&shared.group);
         tracing::info!(group = %shared.group, member = %shared.member, held = leases.len(), gained = change.gained, lost = change.lost, "partitions moved");
         tracing::debug!(group = %shared.group, member = %shared.member, partitions = ?leases.iter().map(|l| (l.partition, l.token, l.acked.hi, l.acked.lo)).collect::<Vec<_>>(), "partitions held");
     }
-    Ok((change.gained > 0).then(|| shared.ledger().generation()))
+    if change.gained > 0 {
+        shared.plan.send_replace(generation);
+    }
+    Ok(leases)
+}
+
+/// Hands out the parked events an operator asked to replay, of the partitions held, as room
+/// in the subscriber's buffer allows (never waiting for it: the rest at the next heartbeat).
+async fn hand_out_replays(shared: &Shared, leases: &[Lease], out: &Out) {
+    if leases.iter().all(|l| l.replays == 0) {
+        return;
+    }
+    let parked = match shared.groups.parked(&shared.group).await {
+        Ok(parked) => parked,
+        Err(err) => {
+            tracing::debug!(group = %shared.group, %err, "reading the parked events failed");
+            return;
+        }
+    };
+    for p in parked.into_iter().filter(|p| p.replay && leases.iter().any(|l| l.partition == p.partition)) {
+        let event = match event_of(&p.event) {
+            Ok(event) => event,
+            Err(err) => {
+                tracing::warn!(group = %shared.group, partition = p.partition, %err, "a parked event cannot be replayed");
+                continue;
+            }
+        };
+        let Ok(permit) = out.try_reserve() else { return };
+        if let Some(admission) = shared.ledger().admit_replay(&event, p.partition, p.position) {
+            permit.send(Ok((event, admission)));
+        }
+    }
 }
 
 async fn delivery(
@@ -258,35 +320,25 @@ async fn delivery(
     out: Out,
     stop: CancellationToken,
 ) {
-    let mut reading: Option<(Subscription, u64)> = None;
+    let mut reading: Option<(Subscription, u64, Arc<Passed>)> = None;
     loop {
-        tokio::select! {
+        let read_again_now = tokio::select! {
             () = stop.cancelled() => break,
             changed = plan.changed() => {
                 if changed.is_err() {
                     break;
                 }
-                let generation = *plan.borrow_and_update();
-                reading = None;
-                match read_again(&shared, &tree, &request, &stop).await {
-                    Ok(Some(subscription)) => {
-                        tracing::debug!(group = %shared.group, member = %shared.member, generation, "reading the tree again");
-                        reading = Some((subscription, generation));
-                    }
-                    Ok(None) => {}
-                    Err(err) => {
-                        let _ = out.send(Err(err)).await;
-                        break;
-                    }
-                }
+                plan.borrow_and_update();
+                true
             }
             item = next(&mut reading) => match item {
-                Some(Ok((mut event, generation))) => {
+                Some((Ok(mut event), generation, passed)) => {
                     let admitted = shared.ledger().admit(&mut event, generation);
+                    passed.took();
                     match admitted {
-                        Ok(Some(token)) => {
+                        Ok(Some(admission)) => {
                             tracing::trace!(group = %shared.group, member = %shared.member, generation, execution = %event.execution_id, "admitted");
-                            if out.send(Ok((event, token))).await.is_err() {
+                            if out.send(Ok((event, admission))).await.is_err() {
                                 break;
                             }
                         }
@@ -295,38 +347,66 @@ async fn delivery(
                         }
                         Err(err) => tracing::warn!(group = %shared.group, %err, "event skipped: its cursor names no position"),
                     }
+                    false
                 }
-                Some(Err(err)) => {
+                // History the read needs is gone: read again, which stalls what cannot go on.
+                Some((Err(Error::CursorExpired { .. } | Error::CursorHistoryLost { .. }), _, _)) => {
+                    catch_up_progress(&shared);
+                    true
+                }
+                Some((Err(err), _, _)) => {
                     let _ = out.send(Err(err)).await;
                     break;
                 }
                 None => break,
             },
+        };
+        if read_again_now {
+            catch_up_progress(&shared);
+            reading = None;
+            shared.set_reading(None);
+            match read_again(&shared, &tree, &request, &stop).await {
+                Ok(Some((subscription, generation, passed))) => {
+                    tracing::debug!(group = %shared.group, member = %shared.member, generation, "reading the tree again");
+                    shared.set_reading(Some((generation, passed.clone())));
+                    reading = Some((subscription, generation, passed));
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    let _ = out.send(Err(err)).await;
+                    break;
+                }
+            }
         }
     }
     stop.cancel();
 }
 
-/// The next event of the current read (pending forever without one).
-async fn next(reading: &mut Option<(Subscription, u64)>) -> Option<Result<(CompletionEvent, u64), Error>> {
+/// The next item of the current read, with its generation and progress (pending forever
+/// without a read).
+async fn next(
+    reading: &mut Option<(Subscription, u64, Arc<Passed>)>,
+) -> Option<(Result<CompletionEvent, Error>, u64, Arc<Passed>)> {
     match reading {
-        Some((subscription, generation)) => {
-            let generation = *generation;
-            subscription.next().await.map(|item| item.map(|event| (event, generation)))
+        Some((subscription, generation, passed)) => {
+            let (generation, passed) = (*generation, passed.clone());
+            subscription.next().await.map(|item| (item, generation, passed))
         }
         None => std::future::pending().await,
     }
 }
 
-/// Subscribes to the tree from the held partitions' positions (`None` when none is held).
+/// Subscribes to the tree from the held partitions' positions (`None` when none is to be
+/// read). A start the backend refuses (expired, or of a lost history) stalls the partitions
+/// it concerns, and the read starts from the others'.
 async fn read_again(
     shared: &Shared,
     tree: &CompletionSupervisorHandle,
     request: &DurableRequest,
     stop: &CancellationToken,
-) -> Result<Option<Subscription>, Error> {
+) -> Result<Option<(Subscription, u64, Arc<Passed>)>, Error> {
     loop {
-        // Lanes of partitions not held start at the tail (their events are not wanted).
+        // Lanes of partitions not read start at the tail (their events are not wanted).
         let tail = if shared.source.lanes_are_partitions() {
             match shared.source.tail().await {
                 Ok(tail) => tail,
@@ -339,12 +419,37 @@ async fn read_again(
         } else {
             Frontier::default()
         };
-        let Some(from) = shared.ledger().read_from(&tail) else { return Ok(None) };
+        let (from, generation) = {
+            let ledger = shared.ledger();
+            (ledger.read_from(&tail), ledger.generation())
+        };
+        let Some(from) = from else { return Ok(None) };
         let mut subscribe =
             Completions::from_cursor(shared.source.cursor_of(&from)).with_filter(request.filter.clone());
         if let Some(backend) = &request.backend {
             subscribe = subscribe.on_backend(backend.clone());
         }
-        return tree.subscribe(subscribe).await.map(Some);
+        let why = match tree.subscribe_passed(subscribe).await {
+            Ok((subscription, passed)) => return Ok(Some((subscription, generation, passed))),
+            Err(Error::CursorExpired { oldest }) => {
+                let floor = oldest.as_ref().and_then(|c| decode_event_frontier(c).ok().flatten());
+                (Stalled::Expired { oldest }, floor)
+            }
+            Err(Error::CursorHistoryLost { reason, .. }) => (Stalled::HistoryLost { reason }, None),
+            Err(err) if err.is_transient() && !stop.is_cancelled() => {
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+            Err(err) => return Err(err),
+        };
+        let (why, floor) = why;
+        let stalled = shared.ledger().stall(&from, floor.as_ref(), &why);
+        if stalled.is_empty() {
+            // Refused, yet no held partition is below what the backend keeps: look again soon.
+            tokio::time::sleep(RETRY).await;
+        } else {
+            crate::metrics::group_stalled(&shared.group, stalled.len());
+            tracing::error!(group = %shared.group, member = %shared.member, partitions = ?stalled, reason = %why, "partitions stalled: their positions name events the backend no longer has; move their positions (see GroupAdmin::move_positions) to go on");
+        }
     }
 }

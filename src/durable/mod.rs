@@ -9,6 +9,8 @@
 //! - `ledger`: what a member knows between heartbeats, without I/O.
 //! - `member`: the member's two tasks (heartbeats and acks; reading the tree through its
 //!   handle), started by [`crate::CompletionSupervisorHandle::subscribe`].
+//! - `admin`: what operators do from outside the members ([`GroupAdmin`]): show a group, move
+//!   its positions, list, replay and discard parked events.
 //!
 //! The contract with the backends (heartbeat, fenced ack, leave, view) is the backends' group
 //! store seam, beside the completion source.
@@ -20,10 +22,13 @@
 //!      Ledger ◄──── heartbeat task ───► backend: members, leases, acknowledged positions
 //! ```
 
+mod admin;
 mod ledger;
 mod member;
 mod request;
 mod subscription;
 
+pub use crate::backends::groups::Nacked;
+pub use admin::{Backlog, GroupAdmin, GroupReport, MoveTo, ParkedEvent, ParkedId, PartitionReport};
 pub use request::DurableRequest;
-pub use subscription::{AckTicket, DurableSubscription, GroupMemberStats, GroupPartitionStats, GroupStats};
+pub use subscription::{AckTicket, DurableSubscription, GroupMemberStats, GroupPartitionStats, GroupStats, Stalled};

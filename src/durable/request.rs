@@ -19,6 +19,7 @@ pub struct DurableRequest {
     pub(crate) backend: Option<BackendId>,
     pub(crate) lease_ttl: Duration,
     pub(crate) ack_after_delivery: bool,
+    pub(crate) park_after: u32,
 }
 
 impl DurableRequest {
@@ -31,6 +32,10 @@ impl DurableRequest {
 
     /// How often acknowledgements made after delivery are written.
     pub const ACK_FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+
+    /// The default number of refusals ([`crate::DurableSubscription::nack`]) after which an
+    /// event is parked.
+    pub const DEFAULT_PARK_AFTER: u32 = 5;
 
     /// A durable subscription with one consumer: the backend stores its position under
     /// `name`; a process that subscribes again under the name takes every partition over at
@@ -45,6 +50,7 @@ impl DurableRequest {
             backend: None,
             lease_ttl: Self::DEFAULT_LEASE_TTL,
             ack_after_delivery: false,
+            park_after: Self::DEFAULT_PARK_AFTER,
         }
     }
 
@@ -93,6 +99,15 @@ impl DurableRequest {
     #[must_use]
     pub fn with_ack_after_delivery(mut self) -> Self {
         self.ack_after_delivery = true;
+        self
+    }
+
+    /// Parks an event once its consumers refused it `attempts` times (at least 1; default
+    /// [`Self::DEFAULT_PARK_AFTER`]): see [`crate::DurableSubscription::nack`]. Members of one
+    /// group should agree on it: the member that refuses an event decides.
+    #[must_use]
+    pub fn with_park_after(mut self, attempts: u32) -> Self {
+        self.park_after = attempts.max(1);
         self
     }
 

@@ -1,17 +1,20 @@
 //! What a durable subscriber gets: the [`DurableSubscription`] stream, [`AckTicket`]s to
-//! acknowledge inside its own transaction, and [`GroupStats`].
+//! acknowledge inside its own transaction, refusals ([`DurableSubscription::nack`]), and
+//! [`GroupStats`].
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use futures::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::ledger::Ledger;
+use super::ledger::{AckOf, Ledger};
+use super::request::DurableRequest;
+use crate::actors::sink::Passed;
 use crate::backends::CompletionSource;
-use crate::backends::groups::{Ack, AckConnection, GroupStore};
+use crate::backends::groups::{Ack, AckConnection, GroupStore, Nack, Nacked, stored_event};
 use crate::cursor::StreamCursor;
 use crate::error::Error;
 use crate::event::CompletionEvent;
@@ -21,24 +24,76 @@ use crate::types::TimestampMs;
 pub(crate) struct Shared {
     pub(crate) group: String,
     pub(crate) member: String,
+    /// This process's incarnation of the member id.
+    pub(crate) incarnation: String,
+    /// Refusals after which an event is parked.
+    park_after: u32,
     /// The backend's completion source (its tail, lanes and cursors).
     pub(crate) source: Arc<dyn CompletionSource>,
     /// The backend's group store.
     pub(crate) groups: Arc<dyn GroupStore>,
+    /// Tells the delivery task to read the tree again (the ledger's new generation).
+    pub(crate) plan: watch::Sender<u64>,
     ledger: Mutex<Ledger>,
+    /// The current read of the tree: its generation and how far it has got.
+    reading: Mutex<Option<(u64, Arc<Passed>)>>,
     /// Cursors delivered and to acknowledge (after delivery).
     auto_acks: Mutex<Vec<StreamCursor>>,
 }
 
 impl Shared {
     pub(crate) fn new(
-        group: String,
+        request: &DurableRequest,
         member: String,
+        incarnation: String,
         source: Arc<dyn CompletionSource>,
         groups: Arc<dyn GroupStore>,
+        plan: watch::Sender<u64>,
     ) -> Self {
-        let (ledger, auto_acks) = (Mutex::new(Ledger::new(false)), Mutex::new(Vec::new()));
-        Self { group, member, source, groups, ledger, auto_acks }
+        Self {
+            group: request.name.clone(),
+            member,
+            incarnation,
+            park_after: request.park_after,
+            source,
+            groups,
+            plan,
+            ledger: Mutex::new(Ledger::new(false)),
+            reading: Mutex::new(None),
+            auto_acks: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn reading(&self) -> Option<(u64, Arc<Passed>)> {
+        self.reading.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn set_reading(&self, reading: Option<(u64, Arc<Passed>)>) {
+        *self.reading.lock().unwrap_or_else(|p| p.into_inner()) = reading;
+    }
+
+    /// Puts back acknowledgements after delivery that could not be written yet.
+    pub(crate) fn requeue_auto_acks(&self, mut cursors: Vec<StreamCursor>) {
+        let mut queued = self.auto_acks.lock().unwrap_or_else(|p| p.into_inner());
+        cursors.append(&mut queued);
+        *queued = cursors;
+    }
+
+    /// Settles replayed parked events and records them; a fenced write records nothing.
+    pub(crate) async fn write_settles(&self, acks: Vec<Ack>) -> Result<(), Error> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let result = self.groups.settle(&self.group, &self.member, &acks).await;
+        match &result {
+            Ok(()) => {
+                crate::metrics::group_replayed(&self.group, acks.len() as u64);
+                self.ledger().settled(&acks);
+            }
+            Err(Error::Fenced { .. }) => crate::metrics::group_fenced(&self.group),
+            Err(_) => {}
+        }
+        result
     }
 
     /// Records a cursor delivered, to acknowledge after delivery.
@@ -74,8 +129,15 @@ impl Shared {
 }
 
 /// A live durable subscription: a `Stream` of the completions of the partitions this member
-/// holds, in order per partition, each once while the member holds its partition. Dropping
-/// it leaves the group (its partitions move at once).
+/// holds, in order per partition, each once while the member holds its partition (and, out of
+/// that order, parked events an operator asked to replay). Dropping it leaves the group (its
+/// partitions move at once).
+///
+/// The stream ends only when another process subscribes under the same member id (or the same
+/// exclusive name: `Fenced`), or on an error it cannot retry. History the backend no longer has
+/// (a position trimmed away while no member ran, a restored database) does not end it: those
+/// partitions stall, [`GroupStats`] says which and why, and an operator moves their positions
+/// ([`crate::GroupAdmin::move_positions`]).
 ///
 /// An event's cursor is what acknowledges it. On Valkey it names the event's own place, its
 /// partition's stream id, rather than every partition stream the member has read: resuming a
@@ -117,15 +179,19 @@ impl DurableSubscription {
     }
 
     /// Acknowledges the event with `cursor` and every earlier event of its partition: the
-    /// stored position moves past it, so no member receives them again.
+    /// stored position moves past it, so no member receives them again. A replayed parked
+    /// event is no longer parked once acknowledged.
     ///
     /// # Errors
-    /// [`Error::Validation`] for a cursor this subscription did not deliver (or already
-    /// acknowledged); [`Error::Fenced`] when the member no longer holds the event's
-    /// partition (another member will deliver it again); backend errors.
+    /// [`Error::Fenced`] when the member no longer holds the event's partition (a rebalance,
+    /// a lapsed lease taken over: another member delivers it again); [`Error::Validation`] for a
+    /// cursor this subscription did not deliver, or already acknowledged; backend errors.
     pub async fn ack(&self, cursor: &StreamCursor) -> Result<(), Error> {
         let ack = self.shared.ledger().ack_for(cursor)?;
-        self.shared.write_acks(vec![ack]).await
+        match ack {
+            AckOf::Position(ack) => self.shared.write_acks(vec![ack]).await,
+            AckOf::Parked(ack) => self.shared.write_settles(vec![ack]).await,
+        }
     }
 
     /// A ticket to acknowledge the event with `cursor` inside the engine's own transaction,
@@ -136,6 +202,60 @@ impl DurableSubscription {
     pub fn ticket(&self, cursor: &StreamCursor) -> Result<AckTicket, Error> {
         let ack = self.shared.ledger().ack_for(cursor)?;
         Ok(AckTicket { group: self.shared.group.clone(), member: self.shared.member.clone(), ack })
+    }
+
+    /// Refuses `event`, for `reason` (kept with the event when it is parked): the event is
+    /// delivered again, with every later event of its partition this member had delivered, and
+    /// after [`DurableRequest::with_park_after`] refusals (counted by the backend, whichever
+    /// member refused it) it is *parked* beside the group's positions instead, with the reason
+    /// and the count: its partition goes on past it (as after an ack of it, which also counts
+    /// for the partition's earlier events), and an operator lists it and replays or discards it
+    /// ([`crate::GroupAdmin`]). A replayed parked event refused again stays parked.
+    ///
+    /// # Errors
+    /// As [`Self::ack`].
+    pub async fn nack(&self, event: &CompletionEvent, reason: impl Into<String>) -> Result<Nacked, Error> {
+        let reason = reason.into();
+        let ack = self.shared.ledger().ack_for(&event.cursor)?;
+        let (ack, replayed) = match ack {
+            AckOf::Position(ack) => (ack, false),
+            AckOf::Parked(ack) => (ack, true),
+        };
+        let stored = stored_event(event);
+        let nack = Nack {
+            partition: ack.partition,
+            token: ack.token,
+            position: ack.position,
+            reason: &reason,
+            park_after: self.shared.park_after,
+            event: &stored,
+            replayed,
+        };
+        let shared = &self.shared;
+        let outcome = shared.groups.nack(&shared.group, &shared.member, &nack).await;
+        match &outcome {
+            Ok(Nacked::Retry { .. }) => {
+                crate::metrics::group_nacked(&shared.group, false);
+                let generation = {
+                    let mut ledger = shared.ledger();
+                    ledger.rewind(ack.partition, ack.position);
+                    ledger.generation()
+                };
+                shared.plan.send_replace(generation);
+            }
+            Ok(Nacked::Parked { .. }) => {
+                crate::metrics::group_nacked(&shared.group, !replayed);
+                if replayed {
+                    shared.ledger().settled(&[ack]);
+                } else {
+                    shared.ledger().acked(&[ack]);
+                }
+                tracing::warn!(group = %shared.group, member = %shared.member, partition = ack.partition, execution = %event.execution_id, %reason, "event parked");
+            }
+            Err(Error::Fenced { .. }) => crate::metrics::group_fenced(&shared.group),
+            Err(_) => {}
+        }
+        outcome
     }
 
     /// The group as the backend stores it, with this member's own unacknowledged counts.
@@ -170,6 +290,9 @@ impl DurableSubscription {
                     token: p.token,
                     unacked: mine.map(|l| l.unacked),
                     oldest_unacked_ms: mine.and_then(|l| l.oldest_unacked).map(|at| now.millis_since(at)),
+                    stalled: mine.and_then(|l| l.stalled.clone()),
+                    attempts: p.attempts,
+                    parked: p.parked,
                 }
             })
             .collect();
@@ -187,16 +310,16 @@ impl Stream for DurableSubscription {
             self.shared.push_auto_ack(done);
         }
         loop {
-            let (event, token) = match self.events.poll_recv(cx) {
+            let (event, admission) = match self.events.poll_recv(cx) {
                 Poll::Ready(Some(Ok(admitted))) => admitted,
                 Poll::Ready(Some(Err(err))) => return Poll::Ready(Some(Err(err))),
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             };
-            // Read before its partition moved away (and perhaps came back under a new token):
-            // not this member's to hand out any more; a read from the stored position delivers
-            // it again if it comes back.
-            if !self.shared.ledger().is_current(&event.cursor, token) {
+            // Read before its partition moved away (and perhaps came back under a new token),
+            // or before it was read again after a refusal: not this member's to hand out any
+            // more; a read from the stored position delivers it again.
+            if !self.shared.ledger().is_current(&event.cursor, admission) {
                 tracing::trace!(group = %self.shared.group, member = %self.shared.member, execution = %event.execution_id, "dropped: its partition moved");
                 continue;
             }
@@ -244,24 +367,30 @@ impl Drop for DurableSubscription {
 pub struct AckTicket {
     group: String,
     member: String,
-    ack: Ack,
+    ack: AckOf,
 }
 
 impl AckTicket {
     /// The flow partition of the acknowledged event.
     pub fn partition(&self) -> u16 {
-        self.ack.partition
+        match self.ack {
+            AckOf::Position(ack) | AckOf::Parked(ack) => ack.partition,
+        }
     }
 
     /// Writes the acknowledgement on `conn` (a `sqlx::PgConnection` or
-    /// `sqlx::SqliteConnection`), inside the transaction the caller has open on it.
+    /// `sqlx::SqliteConnection`), inside the transaction the caller has open on it. A
+    /// replayed parked event's ticket removes it from the parked events.
     ///
     /// # Errors
     /// [`Error::Fenced`] or [`Error::AlreadyAcknowledged`] (roll the transaction back: another
     /// member or an earlier commit handles the event), or the database's error.
     pub async fn commit_in<C: AckConnection + ?Sized>(&self, conn: &mut C) -> Result<(), Error> {
-        let acks = std::slice::from_ref(&self.ack);
-        self.counted(conn.ack_in(&self.group, &self.member, acks, true).await)
+        let written = match &self.ack {
+            AckOf::Position(ack) => conn.ack_in(&self.group, &self.member, std::slice::from_ref(ack), true).await,
+            AckOf::Parked(ack) => conn.settle_in(&self.group, &self.member, std::slice::from_ref(ack), true).await,
+        };
+        self.counted(written)
     }
 
     /// Counts a fenced or already acknowledged commit (a written one counts once its
@@ -317,4 +446,43 @@ pub struct GroupPartitionStats {
     pub unacked: Option<usize>,
     /// Age of the oldest of them, by commit time.
     pub oldest_unacked_ms: Option<u64>,
+    /// Why the asking member cannot read it, if it holds it and cannot (`None` otherwise).
+    pub stalled: Option<Stalled>,
+    /// Refusals of the event its consumers refuse now (0: none).
+    pub attempts: u32,
+    /// Its parked events.
+    pub parked: u32,
+}
+
+/// Why a member holds a partition it cannot read: its position names events the backend no
+/// longer has. The member holds it unread (its other partitions go on) until an operator moves
+/// its position ([`crate::GroupAdmin::move_positions`]): to the oldest position kept (accepting
+/// the loss), to the tail, or to a cursor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Stalled {
+    /// Retention removed events after its position (`CursorExpired`): every member of the group
+    /// was gone, or its partitions were free, for longer than the backend keeps history.
+    Expired {
+        /// The oldest position the backend still keeps, when known.
+        oldest: Option<StreamCursor>,
+    },
+    /// Its position was read in a history the database no longer has (`CursorHistoryLost`: a
+    /// restored backup or dump, a lossy failover).
+    HistoryLost {
+        /// What the backend found instead.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Expired { oldest: Some(oldest) } => {
+                write!(f, "events after its position were trimmed away; the oldest position kept is {oldest}")
+            }
+            Self::Expired { oldest: None } => f.write_str("events after its position were trimmed away"),
+            Self::HistoryLost { reason } => write!(f, "its position's history is not in the database: {reason}"),
+        }
+    }
 }

@@ -26,7 +26,7 @@ struct Args {
     /// sqlite, postgres, valkey or all.
     #[arg(long, default_value = "all")]
     backend: String,
-    /// kill, pause, exclusive or all.
+    /// kill, pause, exclusive, retention or all.
     #[arg(long, default_value = "all")]
     scenario: String,
 }
@@ -198,6 +198,98 @@ async fn held_by(
         .collect())
 }
 
+/// Retention trims aggressively under a running group, every 300 ms (SQL: every event older
+/// than 4 s; Valkey: all but the last 200 entries of each partition's stream, about 4 s of
+/// the lease-only partition's, and nothing of the others: by age, a stream's newest entry is
+/// kept, but a re-read from a stored position at an older entry trimmed after a newer one came
+/// reads as expired, see `src/backends/valkey/source.rs`) while one
+/// partition receives lease entries only (an execution whose lease is renewed
+/// again and again) and the others completions; members join, and one is SIGKILLed (each move
+/// reads the tree again from the stored positions, the lease-only partition's long trimmed
+/// past its group's start). Nothing ends: every member not killed still runs at the end, every
+/// stored position can still be read from, and each completion has its effect once.
+async fn retention_scenario(kind: &str) -> anyhow::Result<Verdict> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+
+    let (backend, mut run) = Backend::start(kind).await?;
+    let group = "promoter";
+    // The lease-only partition: its one execution is claimed before anything else exists.
+    let flow = ff_completions::FlowId::new();
+    let spec = ff_completions_lab::ExecutionSpec::new(&flow);
+    let quiet = spec.id.partition();
+    run.engine.create_flow(&flow, None).await?;
+    run.engine.create_execution(&spec).await?;
+    anyhow::ensure!(run.engine.claim("lease-holder", 1).await? == [spec.id], "the lease-only execution is not claimed");
+    let mut members: Vec<MemberProcess> = (0..2)
+        .map(|i| MemberProcess::spawn(&run, group, Some(&format!("m{i}")), TTL, Duration::ZERO))
+        .collect::<anyhow::Result<_>>()?;
+    converged(&run.store, group, 2, Duration::from_secs(60)).await?;
+
+    let (stop, removed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let renewer = {
+        let (engine, stop, id) = (run.engine.clone(), stop.clone(), spec.id);
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = engine.renew_lease(&id, "lease-holder").await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let trimmer = {
+        let (store, stop, removed) =
+            (ff_completions::__store::Store::open(&run.backend).await?, stop.clone(), removed.clone());
+        let kind = kind.to_owned();
+        tokio::spawn(async move {
+            let retention = match kind.as_str() {
+                "valkey" => ff_completions::Retention::max_events(200),
+                _ => ff_completions::Retention::max_age(Duration::from_secs(4)),
+            };
+            while !stop.load(Ordering::Relaxed) {
+                // A busy backend (SQLite's write lock) is tried again at the next round.
+                if let Ok(n) = store.trim(&retention).await {
+                    removed.fetch_add(n, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    run.produce_outside(2, Duration::from_millis(5), Some(quiet));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    members.push(MemberProcess::spawn(&run, group, Some("m2"), TTL, Duration::ZERO)?);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut victim = members.remove(0);
+    victim.kill9().await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    members.push(MemberProcess::spawn(&run, group, Some("m3"), TTL, Duration::ZERO)?);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    run.stop_producing().await;
+    let all: Vec<&MemberProcess> = members.iter().chain([&victim]).collect();
+    let verdict =
+        settle_allowing_repeats(&run.db, &run.produced, Duration::from_secs(60), &backend.repeats(&["m0"], &all))
+            .await?;
+    stop.store(true, Ordering::Relaxed);
+    let _ = tokio::join!(renewer, trimmer);
+    let ended: Vec<usize> = members.iter_mut().enumerate().filter_map(|(i, m)| m.exited().then_some(i)).collect();
+    println!(
+        "   retention removed {} events; lease-only partition {quiet}; effects by member {:?}",
+        removed.load(Ordering::Relaxed),
+        verdict.by_member
+    );
+    anyhow::ensure!(ended.is_empty(), "members ended: {ended:?} (of m1, m2, m3)");
+    // Every stored position is still one the backend can read from.
+    let report = ff_completions::GroupAdmin::open(&run.backend).await?.show(group).await?;
+    let stalled: Vec<u16> = report
+        .iter()
+        .flat_map(|r| &r.partitions)
+        .filter(|p| p.backlog.stalled().is_some())
+        .map(|p| p.partition)
+        .collect();
+    anyhow::ensure!(stalled.is_empty(), "partitions whose positions were trimmed away: {stalled:?}");
+    anyhow::ensure!(removed.load(Ordering::Relaxed) > 0, "retention removed nothing");
+    Ok(verdict)
+}
+
 /// A durable subscription without a group: its process is SIGKILLed and started again.
 async fn exclusive_scenario(kind: &str) -> anyhow::Result<Verdict> {
     let (backend, mut run) = Backend::start(kind).await?;
@@ -223,7 +315,7 @@ async fn run_all(args: Args) -> i32 {
         one => vec![one],
     };
     let scenarios: Vec<&str> = match args.scenario.as_str() {
-        "all" => vec!["kill", "pause", "exclusive"],
+        "all" => vec!["kill", "pause", "exclusive", "retention"],
         one => vec![one],
     };
     let (mut passed, mut failed) = (0, 0);
@@ -235,7 +327,8 @@ async fn run_all(args: Args) -> i32 {
                 "kill" => kill_scenario(backend).await,
                 "pause" => pause_scenario(backend).await,
                 "exclusive" => exclusive_scenario(backend).await,
-                other => Err(anyhow::anyhow!("unknown scenario {other:?} (kill, pause, exclusive or all)")),
+                "retention" => retention_scenario(backend).await,
+                other => Err(anyhow::anyhow!("unknown scenario {other:?} (kill, pause, exclusive, retention or all)")),
             };
             match result {
                 Ok(v) if v.ok() => {

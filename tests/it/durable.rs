@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use ff_completions::__store::Store;
 use ff_completions::{
-    BackendConfig, CompletionEvent, DurableRequest, DurableSubscription, Error, ExecutionId, PARTITION_COUNT,
-    StreamCursor,
+    BackendConfig, CompletionEvent, DurableRequest, DurableSubscription, Error, ExecutionId, FlowId, Namespace,
+    PARTITION_COUNT, Retention, ScannerFilter, StreamCursor,
 };
+use ff_completions_lab::{Engine, ExecutionSpec};
 use futures::StreamExt;
 
-use crate::contract::{QUIET, WAIT, complete_n, fixture};
+use crate::contract::{QUIET, WAIT, complete_n, fixture, running};
 use crate::support::{assert_exactly_once, assert_no_more, take_events, wait_until};
 
 /// Declares, in the calling module, one test per durable-subscription promise, each run
@@ -29,6 +30,12 @@ macro_rules! durable_tests {
             stats_show_the_members_their_partitions_and_what_is_unacknowledged;
             bad_names_and_acks_of_cursors_never_delivered_are_validation_errors_and_write_nothing;
             events_read_before_their_partition_moved_away_and_back_are_handed_out_once;
+            positions_move_over_lease_entries_and_left_out_completions_so_trimming_what_was_read_ends_nothing;
+            a_group_whose_positions_were_trimmed_away_while_no_member_ran_goes_on_and_names_what_it_cannot_read;
+            a_second_process_under_a_member_id_fences_the_first_in_a_shared_group_and_the_firsts_end_frees_nothing;
+            ack_and_ticket_of_an_event_whose_partition_moved_to_another_member_are_fenced;
+            an_event_refused_as_often_as_allowed_is_parked_its_partition_goes_on_and_a_replay_hands_it_out_once;
+            an_operator_moves_positions_of_held_partitions_only_when_forced_and_their_holder_reads_on_from_there;
         }
     };
     (@each $($name:ident;)*) => {
@@ -50,6 +57,50 @@ pub(crate) async fn complete_spread(engine: &dyn ff_completions_lab::Engine, n: 
         ids.extend(complete_n(engine, 1).await);
     }
     ids
+}
+
+/// Completes `n` executions of one fresh flow whose partition `wanted` accepts; returns them in
+/// commit order.
+async fn complete_where(engine: &dyn Engine, n: usize, wanted: impl Fn(u16) -> bool) -> Vec<ExecutionId> {
+    let flow = loop {
+        let flow = FlowId::new();
+        if wanted(ExecutionId::new_in(&flow).partition()) {
+            break flow;
+        }
+    };
+    engine.create_flow(&flow, None).await.expect("flow");
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        let spec = ExecutionSpec::new(&flow);
+        engine.create_execution(&spec).await.expect("create");
+        ids.push(spec.id);
+    }
+    let mut claimed = 0;
+    while claimed < n {
+        claimed += engine.claim("test-worker", n).await.expect("claim").len();
+    }
+    for id in &ids {
+        assert!(engine.complete(id).await.expect("complete"));
+    }
+    ids
+}
+
+/// A member joins the group: the partitions a holder of all 256 frees for it are its highest
+/// (128 and up).
+fn upper_half(partition: u16) -> bool {
+    partition >= PARTITION_COUNT / 2
+}
+
+/// Removes every event retention may remove, as the tree's trim job would, trying again while
+/// the backend is busy (SQLite: the tree's own writes hold its lock); returns how many.
+async fn trim_everything(store: &Store) -> u64 {
+    loop {
+        match store.trim(&Retention::max_events(0)).await {
+            Ok(removed) => return removed,
+            Err(err) if err.is_transient() => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(err) => panic!("trim: {err}"),
+        }
+    }
 }
 
 /// Waits until the subscription holds `n` partitions.
@@ -210,18 +261,18 @@ pub async fn bad_names_and_acks_of_cursors_never_delivered_are_validation_errors
     assert!(matches!(sub.ack(&got[0].cursor).await, Err(Error::Validation { .. })), "already acknowledged");
 }
 
-/// A member's partitions move away and come back with new tokens (a second process under its
-/// member id joins, which raises every token, and leaves, which frees every partition) while
-/// events it had read wait in its buffer: it reads them again from the stored position and
-/// hands each out once, and each one acknowledges.
+/// A member's partitions move away and come back with new tokens (another member joins, which
+/// takes the upper half, and leaves, which frees it) while events it had read wait in its
+/// buffer: it reads them again from the stored position and hands each out once, and each one
+/// acknowledges.
 pub async fn events_read_before_their_partition_moved_away_and_back_are_handed_out_once(backend: BackendConfig) {
     let f = fixture(backend.clone(), |c| c).await;
     let store = Store::open(&backend).await.expect("store");
     let group = unique("back");
-    let request = || DurableRequest::group(&group).with_member("a").with_lease_ttl(TTL);
-    let mut first = f.tree.subscribe(request()).await.expect("first");
+    let request = |member: &str| DurableRequest::group(&group).with_member(member).with_lease_ttl(TTL);
+    let mut first = f.tree.subscribe(request("a")).await.expect("first");
     holding(&first, 256).await;
-    let ids = complete_n(f.engine.as_ref(), 5).await;
+    let ids = complete_where(f.engine.as_ref(), 5, upper_half).await;
     let partition = usize::from(ids[0].partition());
     wait_until(WAIT, "the first has read the five", || async {
         first.stats().await.is_ok_and(|s| s.partitions[partition].unacked == Some(5))
@@ -230,8 +281,8 @@ pub async fn events_read_before_their_partition_moved_away_and_back_are_handed_o
     let token = |view: &ff_completions::__store::GroupView| view.partitions[partition].token;
     let before = token(&store.view(&group).await.expect("view").expect("group"));
 
-    let second = f.tree.subscribe(request()).await.expect("second");
-    holding(&second, 256).await;
+    let second = f.tree.subscribe(request("b")).await.expect("second");
+    holding(&second, 128).await;
     drop(second);
     wait_until(WAIT, "the first holds the partition again with a newer token", || async {
         store.view(&group).await.ok().flatten().is_some_and(|v| {
@@ -250,4 +301,208 @@ pub async fn events_read_before_their_partition_moved_away_and_back_are_handed_o
     }
     assert_no_more(&mut first, QUIET).await;
     assert_exactly_once(&got, &ids, true);
+}
+
+/// A group's stored positions follow its read where nothing is delivered: a partition that only
+/// receives lease entries, and completions its filter leaves out. Retention then removes all
+/// the group has read; a member joins and leaves (each move reads the tree again from the
+/// stored positions) and nothing ends; a completion the filter wants is delivered.
+pub async fn positions_move_over_lease_entries_and_left_out_completions_so_trimming_what_was_read_ends_nothing(
+    backend: BackendConfig,
+) {
+    let f = fixture(backend.clone(), |c| c).await;
+    let store = Store::open(&backend).await.expect("store");
+    let group = unique("moving");
+    let wanted = ScannerFilter::new().with_namespace(Namespace::new("wanted"));
+    let request = |member: &str| {
+        DurableRequest::group(&group).with_member(member).with_lease_ttl(TTL).with_filter(wanted.clone())
+    };
+    let mut a = f.tree.subscribe(request("a")).await.expect("a");
+    holding(&a, 256).await;
+    // An execution whose lease is renewed again and again: its partition receives lease entries
+    // only. Then completions the filter leaves out.
+    let leased = running(&*f.engine, ExecutionSpec::new, 1).await[0];
+    for _ in 0..20 {
+        assert!(f.engine.renew_lease(&leased, "test-worker").await.expect("renew"));
+    }
+    complete_spread(f.engine.as_ref(), 10).await;
+    let tail = store.tail().await.expect("tail");
+    wait_until(WAIT, "every stored position at or past what was written", || async {
+        store
+            .view(&group)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|view| view.partitions.iter().all(|p| p.acked >= crate::groups::tail_of(&tail, p.partition)))
+    })
+    .await;
+    assert!(trim_everything(&store).await > 0, "retention removed what was read");
+
+    let mut b = f.tree.subscribe(request("b")).await.expect("b");
+    wait_until(WAIT, "a and b hold 128 each", || async { a.partitions().len() == 128 && b.partitions().len() == 128 })
+        .await;
+    assert_no_more(&mut b, QUIET).await;
+    drop(b);
+    holding(&a, 256).await;
+    let ids = running(&*f.engine, |flow| ExecutionSpec::new(flow).with_namespace("wanted"), 1).await;
+    assert!(f.engine.complete(&ids[0]).await.expect("complete"));
+    assert_exactly_once(&take_events(&mut a, 1, WAIT).await, &ids, true);
+    assert_no_more(&mut a, QUIET).await;
+}
+
+/// Every member of a group is gone while events of some partitions are written and then
+/// trimmed away: their stored positions have lost events. A member that starts then does not
+/// end: it goes on with what it can read.
+pub async fn a_group_whose_positions_were_trimmed_away_while_no_member_ran_goes_on_and_names_what_it_cannot_read(
+    backend: BackendConfig,
+) {
+    let f = fixture(backend.clone(), |c| c).await;
+    let store = Store::open(&backend).await.expect("store");
+    let group = unique("gap");
+    let request = |member: &str| DurableRequest::group(&group).with_member(member).with_lease_ttl(TTL);
+    let first = f.tree.subscribe(request("a")).await.expect("a");
+    holding(&first, 256).await;
+    drop(first);
+    wait_until(WAIT, "the group has no member", || async {
+        store.view(&group).await.ok().flatten().is_some_and(|v| v.members.is_empty())
+    })
+    .await;
+    complete_where(f.engine.as_ref(), 3, |p| !upper_half(p)).await;
+    assert!(trim_everything(&store).await > 0);
+
+    let mut b = f.tree.subscribe(request("b")).await.expect("b");
+    holding(&b, 256).await;
+    let more = complete_where(f.engine.as_ref(), 2, upper_half).await;
+    if store.tail().await.expect("tail").iter().any(|p| p.lane != 0) {
+        // A stream per partition: those of the upper half lost nothing.
+        assert_exactly_once(&take_events(&mut b, 2, WAIT).await, &more, true);
+    }
+    assert_no_more(&mut b, QUIET).await;
+}
+
+/// A process subscribing under a member id another live process of the group uses is the
+/// member from then on: the earlier one's stream ends with `Fenced`, and its end (which leaves
+/// the group) frees none of the partitions the new one holds.
+pub async fn a_second_process_under_a_member_id_fences_the_first_in_a_shared_group_and_the_firsts_end_frees_nothing(
+    backend: BackendConfig,
+) {
+    let f = fixture(backend.clone(), |c| c).await;
+    let store = Store::open(&backend).await.expect("store");
+    let group = unique("again");
+    let request = || DurableRequest::group(&group).with_member("a").with_lease_ttl(TTL);
+    let mut first = f.tree.subscribe(request()).await.expect("first");
+    holding(&first, 256).await;
+    let mut second = f.tree.subscribe(request()).await.expect("second");
+    holding(&second, 256).await;
+    match tokio::time::timeout(WAIT, first.next()).await {
+        Ok(Some(Err(Error::Fenced { .. }))) => {}
+        other => panic!("the earlier process's stream should end fenced: {other:?}"),
+    }
+    drop(first);
+    let ids = complete_n(f.engine.as_ref(), 3).await;
+    assert_exactly_once(&take_events(&mut second, 3, WAIT).await, &ids, true);
+    let view = store.view(&group).await.expect("view").expect("group");
+    assert!(
+        view.partitions.iter().all(|p| p.owner.as_ref().is_some_and(|(owner, _)| owner == "a")),
+        "the earlier process freed partitions of the newer one"
+    );
+    assert_eq!(second.partitions().len(), 256);
+}
+
+/// An event whose partition moved to another member (a rebalance) answers `ack` and `ticket`
+/// with `Fenced`, as for any partition the member lost: the new holder delivers it again.
+pub async fn ack_and_ticket_of_an_event_whose_partition_moved_to_another_member_are_fenced(backend: BackendConfig) {
+    let f = fixture(backend.clone(), |c| c).await;
+    let group = unique("moved");
+    let request = |member: &str| DurableRequest::group(&group).with_member(member).with_lease_ttl(TTL);
+    let mut a = f.tree.subscribe(request("a")).await.expect("a");
+    holding(&a, 256).await;
+    let ids = complete_where(f.engine.as_ref(), 1, upper_half).await;
+    let got = take_events(&mut a, 1, WAIT).await;
+    assert_exactly_once(&got, &ids, true);
+    let mut b = f.tree.subscribe(request("b")).await.expect("b");
+    wait_until(WAIT, "a and b hold 128 each", || async { a.partitions().len() == 128 && b.partitions().len() == 128 })
+        .await;
+    match a.ack(&got[0].cursor).await {
+        Err(Error::Fenced { .. }) => {}
+        other => panic!("ack of an event whose partition moved: {other:?}"),
+    }
+    match a.ticket(&got[0].cursor) {
+        Err(Error::Fenced { .. }) => {}
+        other => panic!("ticket of an event whose partition moved: {other:?}"),
+    }
+    assert_exactly_once(&take_events(&mut b, 1, WAIT).await, &ids, true);
+}
+
+/// An event refused (`nack`) is delivered again until the group's limit; then it is parked with
+/// its reason and attempts, and its partition goes on with the next event. An operator lists it
+/// and asks for a replay: the partition's holder hands it out once more, and its ack removes it.
+pub async fn an_event_refused_as_often_as_allowed_is_parked_its_partition_goes_on_and_a_replay_hands_it_out_once(
+    backend: BackendConfig,
+) {
+    let f = fixture(backend.clone(), |c| c).await;
+    let admin = ff_completions::GroupAdmin::open(&backend).await.expect("admin");
+    let group = unique("parks");
+    let request = DurableRequest::group(&group).with_member("a").with_lease_ttl(TTL).with_park_after(2);
+    let mut sub = f.tree.subscribe(request).await.expect("subscribe");
+    holding(&sub, 256).await;
+    let ids = complete_where(f.engine.as_ref(), 2, |_| true).await;
+    let first = take_events(&mut sub, 1, WAIT).await.remove(0);
+    assert_eq!(first.execution_id, ids[0]);
+    assert_eq!(sub.nack(&first, "bad input").await.expect("nack"), ff_completions::Nacked::Retry { attempts: 1 });
+    let again = take_events(&mut sub, 1, WAIT).await.remove(0);
+    assert_eq!(again.execution_id, ids[0], "delivered again");
+    assert_eq!(sub.nack(&again, "bad input").await.expect("nack"), ff_completions::Nacked::Parked { attempts: 2 });
+    let next = take_events(&mut sub, 1, WAIT).await.remove(0);
+    assert_eq!(next.execution_id, ids[1], "the partition goes on");
+    sub.ack(&next.cursor).await.expect("ack");
+
+    let parked = admin.parked(&group).await.expect("parked");
+    assert_eq!(parked.len(), 1);
+    assert_eq!((parked[0].event.execution_id, parked[0].attempts, parked[0].reason.as_str()), (ids[0], 2, "bad input"));
+    assert_eq!(admin.replay(&group, Some(&[parked[0].id])).await.expect("replay"), 1);
+    let replayed = take_events(&mut sub, 1, WAIT).await.remove(0);
+    assert_eq!(replayed.execution_id, ids[0], "handed out again");
+    sub.ack(&replayed.cursor).await.expect("the replay's ack");
+    assert!(admin.parked(&group).await.expect("parked").is_empty(), "its ack removed it");
+    assert_no_more(&mut sub, QUIET).await;
+}
+
+/// Moving a group's positions is refused while a member holds them, and done when forced: the
+/// holder then reads on from the new position (here the tail: what was written before is
+/// skipped, what comes after is delivered).
+pub async fn an_operator_moves_positions_of_held_partitions_only_when_forced_and_their_holder_reads_on_from_there(
+    backend: BackendConfig,
+) {
+    let f = fixture(backend.clone(), |c| c).await;
+    let admin = ff_completions::GroupAdmin::open(&backend).await.expect("admin");
+    let group = unique("moves");
+    let request = DurableRequest::group(&group).with_member("a").with_lease_ttl(TTL);
+    let mut sub = f.tree.subscribe(request).await.expect("subscribe");
+    holding(&sub, 256).await;
+    let skipped = complete_n(f.engine.as_ref(), 2).await;
+    assert_exactly_once(&take_events(&mut sub, 2, WAIT).await, &skipped, true);
+    wait_until(WAIT, "the report shows the member and its two unacknowledged events", || async {
+        admin.show(&group).await.ok().flatten().is_some_and(|report| {
+            report.members.len() == 1 && report.partitions.iter().map(|p| p.unacked).sum::<u32>() == 2
+        })
+    })
+    .await;
+    match admin.move_positions(&group, &ff_completions::MoveTo::Tail, None, false).await {
+        Err(Error::Validation { .. }) => {}
+        other => panic!("a move of held partitions without force: {other:?}"),
+    }
+    assert_eq!(admin.move_positions(&group, &ff_completions::MoveTo::Tail, None, true).await.expect("move").len(), 256);
+    // The member learns the new tokens at a heartbeat (events it reads before then are read
+    // again from the new position): it forgets its two unacknowledged events, and the heartbeat
+    // after records none.
+    wait_until(WAIT, "the member holds the moved partitions", || async {
+        admin.show(&group).await.ok().flatten().is_some_and(|report| {
+            report.partitions.iter().all(|p| p.owner.is_some()) && report.partitions.iter().all(|p| p.unacked == 0)
+        })
+    })
+    .await;
+    let later = complete_n(f.engine.as_ref(), 2).await;
+    assert_exactly_once(&take_events(&mut sub, 2, WAIT).await, &later, true);
+    assert_no_more(&mut sub, QUIET).await;
 }

@@ -59,7 +59,7 @@ fn arguments<E: Event>(
         subscriber_id: SubscriberId(id),
         name: None,
         source: source.clone(),
-        sink: Arc::new(FamilySink { family, filter, out: Out::Channel(tx) }),
+        sink: Arc::new(FamilySink { family, filter, out: Out::Channel(tx), passed: None }),
         shared,
         listener: Arc::new(ListenerShared::default()),
         backend_id: "memory".into(),

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::{COMPLETION_CHANNEL, LISTENER_APPLICATION_NAME};
 use crate::backends::outbox::{FamilyColumns, OutboxRow};
-use crate::backends::seam::{Batch, CompletionSource, FamilyEvent, Positioned, StartAt, Wake, Waker};
+use crate::backends::seam::{Batch, CompletionSource, FamilyEvent, Positioned, ReadPosition, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, BackendConnection, PostgresConnection, Retention};
 use crate::cursor::{
     Frontier, Position, PostgresCursor, StreamCursor, decode_postgres_cursor, encode_postgres_tick_cursor,
@@ -419,7 +419,7 @@ impl CompletionSource for PostgresSource {
         }
     }
 
-    async fn open_waker(&self, _from: &Frontier) -> Result<Box<dyn Waker>, Error> {
+    async fn open_waker(&self, _read: ReadPosition) -> Result<Box<dyn Waker>, Error> {
         let poll = AdaptivePoll::new(self.activity.clone(), self.reads_started.subscribe());
         if let BackendConnection::Postgres(PostgresConnection { poll_interval: Some(every), .. }) =
             &self.config.connection

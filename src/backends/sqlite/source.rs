@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use super::{commit_signal, connect_pool, database_key, options};
 use crate::backends::outbox::{FamilyColumns, OutboxRow, age_cutoff_ms};
-use crate::backends::seam::{Batch, CompletionSource, FamilyEvent, Positioned, StartAt, Wake, Waker};
+use crate::backends::seam::{Batch, CompletionSource, FamilyEvent, Positioned, ReadPosition, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, Retention};
 use crate::cursor::{Frontier, Position, StreamCursor, decode_sqlite_cursor, encode_sqlite_cursor};
 use crate::error::Error;
@@ -185,7 +185,7 @@ impl CompletionSource for SqliteSource {
         Ok(removed)
     }
 
-    async fn open_waker(&self, _from: &Frontier) -> Result<Box<dyn Waker>, Error> {
+    async fn open_waker(&self, _read: ReadPosition) -> Result<Box<dyn Waker>, Error> {
         let signal = commit_signal(&self.key).subscribe();
         // Other processes only reach a file; an in-memory database is this process's alone.
         let watcher = if self.key.starts_with("memory:") {

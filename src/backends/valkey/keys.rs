@@ -9,15 +9,21 @@ pub(super) fn stream(partition: u16) -> String {
     format!("ff:completions:{{fp:{partition}}}")
 }
 
+/// How many keys a durable group has.
+pub(super) const GROUP_KEYS: usize = 10;
+
 /// The parts of a durable group's keys, in the order the library's `ff_group_*` functions take
-/// them: members (zset), then per partition owner, expiry, token, acknowledged id (hashes).
-const GROUP_PARTS: [&str; 5] = ["members", "owner", "expiry", "token", "acked"];
+/// them: members (zset); per partition owner, expiry, token, acknowledged id (hashes); per
+/// member its incarnation; per partition its holder's incarnation, its unacknowledged count,
+/// its refused event; the parked events (hashes).
+const GROUP_PARTS: [&str; GROUP_KEYS] =
+    ["members", "owner", "expiry", "token", "acked", "incarnation", "holder", "pending", "retry", "parked"];
 
 /// `ff:group:{g:<name>}:<part>` for each of [`GROUP_PARTS`]: one group's keys. The hash tag
 /// starts with `g:`, so it is never empty: a name holding `}` cuts the tag short, but at the
 /// same place in every key of the group (their slot is still one), and no part's name ends
 /// another's, so two groups never share a key.
-pub(super) fn group(name: &str) -> [String; 5] {
+pub(super) fn group(name: &str) -> [String; GROUP_KEYS] {
     GROUP_PARTS.map(|part| format!("ff:group:{{g:{name}}}:{part}"))
 }
 
@@ -59,6 +65,9 @@ mod tests {
         // No part's name ends another's: two groups' keys never meet.
         let all: std::collections::BTreeSet<String> =
             ["a", "a}:members", "a}:owner", "a}:token}:acked"].iter().flat_map(|n| group(n)).collect();
-        assert_eq!(all.len(), 4 * 5);
+        assert_eq!(all.len(), 4 * GROUP_KEYS);
+        for (i, part) in GROUP_PARTS.iter().enumerate() {
+            assert!(GROUP_PARTS.iter().enumerate().all(|(j, other)| i == j || !part.ends_with(other)), "{part}");
+        }
     }
 }

@@ -44,8 +44,9 @@ pub fn stream_key(partition: u16) -> String {
 }
 
 /// A durable group's keys, `ff:group:{g:<name>}:<part>` (members, owner, expiry, token,
-/// acked): one hash tag, so one cluster slot, whatever braces the name holds.
-pub fn group_keys(name: &str) -> [String; 5] {
+/// acked, incarnation, holder, pending, retry, parked): one hash tag, so one cluster slot,
+/// whatever braces the name holds.
+pub fn group_keys(name: &str) -> [String; 10] {
     keys::group(name)
 }
 
@@ -64,7 +65,8 @@ pub(crate) const LIBRARY: &str = include_str!("../../../lua/ff_completions.lua")
 
 /// The library version this crate expects `FCALL ff_version 0` to answer; bumped together with
 /// `VERSION` in the Lua source. Version 7 no longer holds the demo engine's producers; version
-/// 9 documents the completion's `traceparent` field.
+/// 8 fences a member's earlier incarnations, parks refused events and lets operators move
+/// positions; 9 documents the completion's `traceparent` field.
 pub const LIBRARY_VERSION: &str = "9";
 
 /// Client name of the listener's dedicated subscriber connection (find it in `CLIENT LIST`).

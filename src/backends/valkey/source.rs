@@ -26,16 +26,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ferriskey::{Client, PushInfo, PushKind};
+use ferriskey::{Client, PushInfo, PushKind, Value};
 use tokio::sync::Semaphore;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::lanes::{Looked, Shards, all_lanes, lane_key, look_each, look_many};
 use super::library::{connect_client, connect_subscriber, load_library, map_err, valkey_connection};
-use super::stream::{RawEntry, ReadView, decode_entry, parse_id, text};
+use super::stream::{RawEntry, ReadView, decode_entry, parse_id, range_entries, text};
 use super::{FAMILY_CHANNEL, LISTENER_CLIENT_NAME, PUBSUB_CHANNEL};
 use crate::backends::outbox::{age_cutoff_ms, shown};
-use crate::backends::seam::{Batch, CompletionSource, Positioned, StartAt, Wake, Waker};
+use crate::backends::seam::{Batch, CompletionSource, Positioned, ReadPosition, StartAt, Wake, Waker};
 use crate::config::{BackendConfig, Retention};
 use crate::cursor::{
     Frontier, Position, StreamCursor, VALKEY_LEGACY_LANE, decode_valkey_frontier, encode_valkey_frontier,
@@ -179,23 +179,43 @@ impl CompletionSource for ValkeySource {
         Ok(batch_of(after, lanes))
     }
 
+    /// By age, the newest entry older than the cutoff is kept (but for the single stream of
+    /// earlier versions, which gets no new entries): an entry goes only once the entry
+    /// after it is older than the cutoff too. A stream keeps no record of what was trimmed, only
+    /// its first entry, so a reader at a trimmed entry (or at the last id of an emptied stream)
+    /// is told it may have lost entries as soon as a newer one is kept, and a durable group
+    /// stalls the partition: with this rule, only a reader that stayed at an entry for longer
+    /// than the retention after the next one came.
     async fn trim(&self, retention: &Retention) -> Result<u64, Error> {
-        let min_id = retention.max_age.map(|age| format!("{}-0", age_cutoff_ms(TimestampMs::now(), age).max(0)));
-        let removed = futures::future::try_join_all(all_lanes().map(|lane| {
-            let min_id = min_id.clone();
-            async move {
-                let key = lane_key(lane);
-                let mut removed = 0u64;
-                if let Some(n) = retention.max_events {
-                    let xtrim = self.client.cmd("XTRIM").arg(&key).arg("MAXLEN").arg(n);
-                    removed += xtrim.execute::<i64>().await.map_err(map_err("valkey XTRIM"))?.max(0) as u64;
+        let cutoff =
+            retention.max_age.map(|age| Position::new(age_cutoff_ms(TimestampMs::now(), age).max(0) as u64, 0));
+        let removed = futures::future::try_join_all(all_lanes().map(|lane| async move {
+            let min_id = match cutoff {
+                // Nothing is written to the single stream of earlier versions any more: it may
+                // be emptied (a reader at its last id stays right).
+                Some(cutoff) if lane == VALKEY_LEGACY_LANE => Some(format!("{}-{}", cutoff.hi, cutoff.lo)),
+                Some(cutoff) => {
+                    let key = lane_key(lane);
+                    let below = format!("({}-{}", cutoff.hi, cutoff.lo);
+                    let newest_old = self.client.cmd("XREVRANGE").arg(&key).arg(below).arg("-").arg("COUNT").arg(1);
+                    let newest_old = newest_old.execute::<Value>().await.map_err(map_err("valkey XREVRANGE"))?;
+                    // Nothing older than the cutoff: the cutoff itself, which removes nothing.
+                    let keep = range_entries(&newest_old).last().and_then(|e| parse_id(&e.id)).unwrap_or(cutoff);
+                    Some(format!("{}-{}", keep.hi, keep.lo))
                 }
-                if let Some(min_id) = min_id {
-                    let xtrim = self.client.cmd("XTRIM").arg(&key).arg("MINID").arg(min_id);
-                    removed += xtrim.execute::<i64>().await.map_err(map_err("valkey XTRIM"))?.max(0) as u64;
-                }
-                Ok::<u64, Error>(removed)
+                None => None,
+            };
+            let key = lane_key(lane);
+            let mut removed = 0u64;
+            if let Some(n) = retention.max_events {
+                let xtrim = self.client.cmd("XTRIM").arg(&key).arg("MAXLEN").arg(n);
+                removed += xtrim.execute::<i64>().await.map_err(map_err("valkey XTRIM"))?.max(0) as u64;
             }
+            if let Some(min_id) = min_id {
+                let xtrim = self.client.cmd("XTRIM").arg(&key).arg("MINID").arg(min_id);
+                removed += xtrim.execute::<i64>().await.map_err(map_err("valkey XTRIM"))?.max(0) as u64;
+            }
+            Ok::<u64, Error>(removed)
         }))
         .await?;
         Ok(removed.into_iter().fold(0u64, u64::saturating_add))
@@ -209,14 +229,15 @@ impl CompletionSource for ValkeySource {
         Ok(vec![("stream_length", lengths.into_iter().map(|n| n.max(0) as f64).sum())])
     }
 
-    async fn open_waker(&self, from: &Frontier) -> Result<Box<dyn Waker>, Error> {
+    async fn open_waker(&self, read: ReadPosition) -> Result<Box<dyn Waker>, Error> {
         let subscription = Subscription::open(&self.config).await?;
         Ok(Box::new(ValkeyWaker {
             subscription,
             config: self.config.clone(),
             reader: self.client.clone(),
             reads: self.reads.clone(),
-            position: from.clone(),
+            position: read.now(),
+            listener: read,
         }))
     }
 }
@@ -261,8 +282,9 @@ impl Subscription {
 }
 
 /// Subscribed to [`PUBSUB_CHANNEL`] and [`FAMILY_CHANNEL`] on its own connection (RESP3 push
-/// frames); each message names a partition, which it reads from its own position: the wake-up
-/// and the read at once. When that connection drops, ferriskey re-makes it, but its own
+/// frames); each message names a partition, which it reads from its own position or the
+/// listener's, whichever is further: the wake-up and the read at once (what the listener read
+/// by itself, on a catch-up, a tick or after a reconnect, is never read again here). When that connection drops, ferriskey re-makes it, but its own
 /// re-subscription can fail while the connection is still being re-made, and then no message
 /// arrives any more: the waker subscribes again on a new connection of its own and reports
 /// [`Wake::Reconnected`] (the listener then reads every lane). A re-subscription ferriskey
@@ -272,7 +294,10 @@ struct ValkeyWaker {
     config: BackendConfig,
     reader: Client,
     reads: Arc<Semaphore>,
+    /// What it read itself.
     position: Frontier,
+    /// What the listener has read.
+    listener: ReadPosition,
 }
 
 /// What a run of push frames asks for.
@@ -308,9 +333,11 @@ fn partition_of_message(payload: &str) -> Option<u16> {
 }
 
 impl ValkeyWaker {
-    /// The batch of `partitions` after the position, unless entries after it were trimmed
-    /// before it read them (then an expired batch, and the position moves to the boundary).
+    /// The batch of `partitions` after the position (its own or the listener's, whichever is
+    /// further), unless entries after it were trimmed before it read them (then an expired
+    /// batch, and the position moves to the boundary).
     async fn read(&mut self, partitions: BTreeSet<u16>) -> Result<Batch, Error> {
+        self.position.join(&self.listener.now());
         let start = self.position.clone();
         let views = look_each(&self.reader, &self.reads, &start, partitions, WAKE_COUNT).await?;
         if let Some(floors) = expired_lanes(&start, views.iter().map(|(lane, view)| (*lane, view))) {

@@ -64,7 +64,7 @@ async fn on_one_connection_a_heartbeat_takes_exactly_its_share_of_free_and_lapse
     let mut conn = PgConnection::connect(&url).await.expect("connect");
     // Other groups' rows, analyzed: the planner then picks the plans of a database in use.
     for i in 0..40 {
-        sqlx::query("SELECT count(*) FROM ff_completion_group_heartbeat($1, 'x', 1000, false, true, 0, 0, 0)")
+        sqlx::query("SELECT count(*) FROM ff_completion_group_heartbeat($1, 'x', 'x', 1000, false, true, 0, 0, 0)")
             .bind(format!("other-{i}"))
             .execute(&mut conn)
             .await
@@ -72,7 +72,7 @@ async fn on_one_connection_a_heartbeat_takes_exactly_its_share_of_free_and_lapse
     }
     sqlx::query("ANALYZE ff_completion_group_partition").execute(&mut conn).await.expect("analyze");
     let mut beat = async |member: &str, ttl_ms: i64, rejoin: bool| -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM ff_completion_group_heartbeat('g', $1, $2, false, $3, 0, 0, 0)")
+        sqlx::query_scalar("SELECT count(*) FROM ff_completion_group_heartbeat('g', $1, $1, $2, false, $3, 0, 0, 0)")
             .bind(member)
             .bind(ttl_ms)
             .bind(rejoin)
@@ -127,4 +127,77 @@ async fn a_takeover_skips_a_partition_an_open_transaction_holds_and_takes_it_onc
     tx.rollback().await.expect("rollback");
     let taken = store.heartbeat(group, "b", long, Sharing::Shared, false).await.expect("b's heartbeat");
     assert_eq!(taken.len(), 256, "partition 0 is taken once the transaction ended");
+}
+
+/// An engine's transaction holds a partition row of the member (an ack inside it, the
+/// transaction then left open past the lease): the member's heartbeats go on without waiting
+/// for it, renew every other lease to a time ahead and keep the held one (its lease is renewed
+/// once the transaction ends). A new process under an exclusive name likewise takes every other
+/// partition over at once, and the held one once the transaction ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_never_wait_behind_a_consumers_open_transaction_and_renew_their_leases_ahead() {
+    use std::time::Duration;
+
+    use ff_completions::__store::{Ack, Sharing, ack_in};
+    use ff_completions::TimestampMs;
+    use sqlx::Connection;
+    use sqlx::postgres::PgConnection;
+
+    crate::support::init_tracing();
+    let url = crate::support::postgres::fresh_database().await;
+    let backend = ff_completions::BackendConfig::postgres(&url);
+    let store = crate::groups::open(&backend).await;
+    let (group, ttl) = ("open-tx", Duration::from_millis(600));
+    let leases = store.heartbeat(group, "a", ttl, Sharing::Shared, true).await.expect("a joins");
+    assert_eq!(leases.len(), 256);
+    let mut conn = PgConnection::connect(&url).await.expect("connect");
+    let mut tx = conn.begin().await.expect("begin");
+    let ack = Ack { partition: 0, token: leases[0].token, position: crate::groups::above(leases[0].acked, 1) };
+    ack_in(&mut tx, group, "a", &[ack]).await.expect("the consumer acks partition 0 and keeps its transaction open");
+
+    // Past the lease, heartbeat after heartbeat.
+    for _ in 0..4 {
+        let renewed =
+            tokio::time::timeout(Duration::from_secs(10), store.heartbeat(group, "a", ttl, Sharing::Shared, false))
+                .await
+                .expect("the heartbeat waited for the consumer's transaction")
+                .expect("heartbeat");
+        assert_eq!(renewed.len(), 256, "the member still holds the partition the transaction holds");
+        let view = crate::groups::view(&store, group).await;
+        let now = TimestampMs::now();
+        for p in &view.partitions[1..] {
+            let (_, expires) = p.owner.clone().expect("held");
+            assert!(expires > now, "partition {} renewed to {expires:?}, not ahead of {now:?}", p.partition);
+        }
+        tokio::time::sleep(ttl / 3).await;
+    }
+
+    // A new process under an exclusive name: every partition but the held one at once.
+    let (solo, newer) = ("solo-open-tx", crate::groups::open(&backend).await);
+    let first = store.heartbeat(solo, "exclusive", ttl * 50, Sharing::Exclusive, true).await.expect("first process");
+    let mut other = PgConnection::connect(&url).await.expect("connect");
+    let mut held = other.begin().await.expect("begin");
+    let ack = Ack { partition: 3, token: first[3].token, position: crate::groups::above(first[3].acked, 1) };
+    ack_in(&mut held, solo, "exclusive", &[ack]).await.expect("its consumer's open transaction");
+    let taken = tokio::time::timeout(
+        Duration::from_secs(10),
+        newer.heartbeat(solo, "exclusive", ttl * 50, Sharing::Exclusive, true),
+    )
+    .await
+    .expect("the new process waited for the old one's open transaction")
+    .expect("heartbeat");
+    assert_eq!(taken.len(), 255, "every partition but the held one");
+    assert!(taken.iter().all(|l| l.partition != 3 && l.token == first[usize::from(l.partition)].token + 1));
+    held.commit().await.expect("the old process's transaction commits its ack (its token was still current)");
+    let all = newer.heartbeat(solo, "exclusive", ttl * 50, Sharing::Exclusive, false).await.expect("heartbeat");
+    assert_eq!(all.len(), 256, "the held partition once the transaction ended");
+    assert_eq!(all[3].token, first[3].token + 1);
+    assert_eq!(all[3].acked, ack.position, "from the position the old process's transaction acknowledged");
+
+    tx.commit().await.expect("commit");
+    store.heartbeat(group, "a", ttl, Sharing::Shared, false).await.expect("heartbeat");
+    let view = crate::groups::view(&store, group).await;
+    let (owner, expires) = view.partitions[0].owner.clone().expect("held");
+    assert!(owner == "a" && expires > TimestampMs::now(), "renewed ahead once the transaction ended");
+    assert_eq!(view.partitions[0].acked, crate::groups::above(leases[0].acked, 1));
 }

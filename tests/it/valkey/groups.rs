@@ -106,10 +106,141 @@ async fn a_group_whose_name_holds_braces_keeps_all_its_keys_in_one_slot_of_the_c
         let view = store.view(name).await.expect("view").expect("exists");
         assert_eq!(view.partitions[1].acked, position, "{name:?}");
         assert_eq!(view.members.len(), 2, "{name:?}");
-        // Every key of the group lives on the primary that owns the slot.
+        // Every key of the group lives on the primary that owns the slot (those of
+        // unacknowledged counts, refusals and parked events once there are some).
         let owner = cluster.owner_of(&keys[0]).await;
-        for key in &keys {
+        let later = [":pending", ":retry", ":parked"];
+        for key in keys.iter().filter(|k| !later.iter().any(|part| k.ends_with(part))) {
             assert_eq!(owner.command(&["EXISTS", key]).await, Value::Int(1), "{name:?}: {key}");
         }
     }
+}
+
+/// One command through a client of `backend` (routed by its key on a cluster).
+async fn run(backend: &BackendConfig, args: &[&str]) -> Value {
+    let client = ff_completions::valkey::connect_client(backend, "ff-completions-test").await.expect("client");
+    let mut cmd = client.cmd(args[0]);
+    for arg in &args[1..] {
+        cmd = cmd.arg(*arg);
+    }
+    cmd.execute().await.unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+/// A deployment upgraded from the single stream of library versions 1 and 2, whose old stream
+/// was trimmed (here trimmed empty): a durable subscription reads its partitions from their
+/// streams and never the old one (its group starts after it), rather than ending expired.
+async fn a_durable_subscription_reads_its_partitions_when_the_old_single_stream_was_trimmed(backend: BackendConfig) {
+    let old = ExecutionId::new_in(&ff_completions::FlowId::new());
+    let fields = super::entry_fields(&old, &TimestampMs::now().0.to_string());
+    let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+    run(&backend, &[&["XADD", LEGACY_STREAM_KEY, "*"][..], &fields].concat()).await;
+    run(&backend, &["XTRIM", LEGACY_STREAM_KEY, "MAXLEN", "0"]).await;
+    let f = fixture(backend, |c| c).await;
+    let name = format!("upgraded-{}", uuid::Uuid::new_v4().simple());
+    let mut sub = f.tree.subscribe(ff_completions::DurableRequest::exclusive(&name)).await.expect("subscribe");
+    wait_until(WAIT, "the subscription holds every partition", || async { sub.partitions().len() == 256 }).await;
+    let ids = complete_n(&*f.engine, 2).await;
+    assert_exactly_once(&take_events(&mut sub, 2, WAIT).await, &ids, true);
+    assert_no_more(&mut sub, QUIET).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_subscription_reads_its_partitions_when_the_old_single_stream_was_trimmed_on_one_node() {
+    init_tracing();
+    let server = ValkeyServer::start().await;
+    a_durable_subscription_reads_its_partitions_when_the_old_single_stream_was_trimmed(server.config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_subscription_reads_its_partitions_when_the_old_single_stream_was_trimmed_on_the_cluster() {
+    init_tracing();
+    let cluster = ValkeyCluster::start(3).await;
+    a_durable_subscription_reads_its_partitions_when_the_old_single_stream_was_trimmed(cluster.config()).await;
+}
+
+/// Entries a producer wrote without announcing them (more than a waker reads at once) are read
+/// by the listener itself (here the catch-up of a restarted listener, whose waker opened at the
+/// position before them); the next announced completion of that partition is delivered on its
+/// wake-up, not after old entries read again nor at the next safety tick (an hour away here).
+async fn after_a_full_read_a_wake_up_reads_on_from_the_listeners_position(backend: BackendConfig) {
+    let f = fixture(backend.clone(), |c| c.with_tick(Duration::from_secs(3600))).await;
+    let mut sub = f.tree.subscribe(ff_completions::Completions::tail()).await.expect("subscribe");
+    let first = complete_n(&*f.engine, 1).await;
+    assert_exactly_once(&take_events(&mut sub, 1, WAIT).await, &first, true);
+    let partition = first[0].partition();
+    let key = stream_key(partition);
+    let quiet: Vec<ExecutionId> = (0..600).map(|_| ExecutionId::new_in(&flow_in(partition))).collect();
+    for id in &quiet {
+        let fields = super::entry_fields(id, &TimestampMs::now().0.to_string());
+        let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+        run(&backend, &[&["XADD", key.as_str(), "*"][..], &fields].concat()).await;
+    }
+    f.tree.listener_cell("valkey").await.expect("a running listener").kill();
+    assert_exactly_once(&take_events(&mut sub, quiet.len(), WAIT).await, &quiet, true);
+    // One more, announced as a producer announces it: one wake-up (the demo engine's own calls
+    // would announce more, lease entries of the claim among them).
+    let last = ExecutionId::new_in(&flow_in(partition));
+    let fields = super::entry_fields(&last, &TimestampMs::now().0.to_string());
+    let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+    run(&backend, &[&["XADD", key.as_str(), "*"][..], &fields].concat()).await;
+    let message = format!(r#"{{"execution_id":"{last}","flow_id":null,"outcome":"success"}}"#);
+    run(&backend, &["PUBLISH", PUBSUB_CHANNEL, &message]).await;
+    assert_exactly_once(&take_events(&mut sub, 1, WAIT).await, &[last], true);
+}
+
+/// A fresh flow in `partition`.
+fn flow_in(partition: u16) -> ff_completions::FlowId {
+    loop {
+        let flow = ff_completions::FlowId::new();
+        if ExecutionId::new_in(&flow).partition() == partition {
+            return flow;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_full_read_a_wake_up_reads_on_from_the_listeners_position_on_one_node() {
+    init_tracing();
+    let server = ValkeyServer::start().await;
+    after_a_full_read_a_wake_up_reads_on_from_the_listeners_position(server.config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_full_read_a_wake_up_reads_on_from_the_listeners_position_on_the_cluster() {
+    init_tracing();
+    let cluster = ValkeyCluster::start(3).await;
+    after_a_full_read_a_wake_up_reads_on_from_the_listeners_position(cluster.config()).await;
+}
+
+/// Retention by age empties no stream (each keeps its newest entry older than the cutoff): a
+/// durable group created after everything older than a millisecond was trimmed starts at each
+/// stream's newest entry,
+/// and completions written then are delivered, rather than their partitions stalled as if the
+/// entries before them had been lost (a stream keeps no record of what was trimmed: a reader
+/// at the last id of an emptied stream reads as expired once a newer entry comes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_age_keeps_each_streams_newest_entry_so_a_group_started_after_it_reads_on() {
+    init_tracing();
+    let server = ValkeyServer::start().await;
+    let f = fixture(server.config(), |c| c).await;
+    let store = ff_completions::__store::Store::open(&server.config()).await.expect("store");
+    let first = complete_n(&*f.engine, 5).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    store.trim(&ff_completions::Retention::max_age(Duration::from_millis(1))).await.expect("trim");
+    let name = format!("aged-{}", uuid::Uuid::new_v4().simple());
+    let mut sub = f.tree.subscribe(ff_completions::DurableRequest::exclusive(&name)).await.expect("subscribe");
+    wait_until(WAIT, "the subscription holds every partition", || async { sub.partitions().len() == 256 }).await;
+    // In the partitions of the first ones, whose streams were trimmed.
+    let mut ids = Vec::new();
+    for partition in first.iter().map(ExecutionId::partition).collect::<std::collections::BTreeSet<_>>() {
+        let flow = flow_in(partition);
+        f.engine.create_flow(&flow, None).await.expect("flow");
+        let spec = ff_completions_lab::ExecutionSpec::new(&flow);
+        f.engine.create_execution(&spec).await.expect("create");
+        assert_eq!(f.engine.claim("test-worker", 1).await.expect("claim"), [spec.id]);
+        assert!(f.engine.complete(&spec.id).await.expect("complete"));
+        ids.push(spec.id);
+    }
+    assert_exactly_once(&take_events(&mut sub, ids.len(), WAIT).await, &ids, true);
+    assert_no_more(&mut sub, QUIET).await;
 }
