@@ -470,6 +470,9 @@ BEGIN
     -- An advisory lock, not a table lock: a table lock would queue behind autovacuum of the tick
     -- table (which Postgres cancels only after deadlock_timeout, a second of stalled reads).
     PERFORM pg_advisory_xact_lock(hashtext('ff_completion_tick'), 0);
+    -- Read again now the lock is held: a deletion that committed while this tick waited for it
+    -- (of rows no tick saw yet) must be resolved by this tick, before any reader reads its batch.
+    pending_any := EXISTS (SELECT 1 FROM ff_completion_pending_cut);
     IF foreign_cause IS NOT NULL THEN
         -- Another reader may have retired them while this one waited for the lock.
         foreign_cause := ff_completions_foreign_ticks();

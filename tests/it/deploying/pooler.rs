@@ -10,13 +10,13 @@ use std::sync::Arc;
 use ff_completions::{
     BackendConfig, CompletionSupervisorHandle, Completions, DurableRequest, Error, ExecutionId, SupervisorConfig,
 };
-use ff_completions_lab::PostgresEngine;
+use ff_completions_lab::{Engine, ExecutionSpec, PostgresEngine};
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 use tokio::sync::OnceCell;
 
 use super::first_error;
-use crate::contract::{QUIET, WAIT, complete_n};
+use crate::contract::{QUIET, WAIT, complete_n, running};
 use crate::durable::{TTL, complete_spread, holding, unique};
 use crate::support::pgbouncer::PgBouncer;
 use crate::support::postgres::{fresh_database, reader_order, server};
@@ -53,10 +53,17 @@ async fn poll_only_through_pgbouncer_delivers_everything_in_the_readers_order() 
     let (direct, pooled, engine) = installed().await;
     let tree = tree(&format!("{pooled}?ff_poll_ms=20")).await;
     let mut live = tree.subscribe(Completions::tail()).await.expect("tail");
-    let producers: Vec<_> = (0..4)
-        .map(|_| {
-            let engine = engine.clone();
-            tokio::spawn(async move { complete_n(&*engine, 25).await })
+    // Claimed up front: concurrent claims would take each other's executions.
+    let ids = running(&*engine, ExecutionSpec::new, 100).await;
+    let producers: Vec<_> = ids
+        .chunks(25)
+        .map(|chunk| {
+            let (engine, chunk) = (engine.clone(), chunk.to_vec());
+            tokio::spawn(async move {
+                for id in &chunk {
+                    assert!(engine.complete(id).await.expect("complete"), "{id} was running");
+                }
+            })
         })
         .collect();
     for producer in producers {

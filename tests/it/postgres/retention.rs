@@ -248,7 +248,9 @@ async fn a_hosts_delete_expires_exactly_the_readers_that_would_miss_its_rows() {
 
 /// Rows a host deletes before any tick saw them were never readable by anyone: every reader
 /// that had not read past them, the live tail included, expires once a tick sees their
-/// transaction (the tick lock is held meanwhile, so no reader can see them first).
+/// transaction (the tick lock is held meanwhile, so no reader can see them first). The delete
+/// commits while the listener's tick waits for that lock: the tick that then records the
+/// transaction must account for the delete, not only a later one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_deleted_before_any_tick_saw_them_expire_the_readers_that_missed_them() {
     let f = fixture().await;
@@ -263,6 +265,20 @@ async fn rows_deleted_before_any_tick_saw_them_expire_the_readers_that_missed_th
         .await
         .expect("hold the tick lock");
     let gone = insert_row(&mut conn, 1).await;
+    let watch = sqlx::PgPool::connect(&f.url).await.expect("connect");
+    crate::support::wait_until(WAIT, "the listener's tick waits for the tick lock", || {
+        let watch = watch.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+                   AND wait_event_type = 'Lock' AND wait_event = 'advisory')",
+            )
+            .fetch_one(&watch)
+            .await
+            .unwrap_or(false)
+        }
+    })
+    .await;
     sqlx::query("DELETE FROM ff_completion_event WHERE execution_id = $1")
         .bind(gone.uuid())
         .execute(&mut conn)
