@@ -87,18 +87,18 @@ pub async fn an_awaited_completion_is_found_whether_it_landed_before_or_after_th
 
     // Awaits begun before their completions, many at once, and one through the seed trait.
     let before = f.tree.completion_position().await.expect("position");
-    let waiting: Vec<_> = (0..200)
-        .map(|i| {
-            let (tree, id, before) = (f.tree.clone(), ids[4], before.clone());
-            tokio::spawn(async move {
-                if i % 2 == 0 {
-                    tree.await_completion(id, &before).await
-                } else {
-                    tree.watch_completion(id).await?.await
-                }
-            })
-        })
-        .collect();
+    // Watches are made here, before the completion: a watch made after it never resolves (an
+    // await from `before` does, wherever its task starts).
+    let mut waiting = Vec::with_capacity(200);
+    for i in 0..200 {
+        let (tree, id, before) = (f.tree.clone(), ids[4], before.clone());
+        waiting.push(if i % 2 == 0 {
+            tokio::spawn(async move { tree.await_completion(id, &before).await })
+        } else {
+            let watch = tree.watch_completion(id).await.expect("watch");
+            tokio::spawn(watch)
+        });
+    }
     let seed: std::sync::Arc<dyn CompletionBackend> = std::sync::Arc::new(f.tree.clone());
     let seeded = tokio::spawn({
         let (id, before) = (ids[5], before.clone());
