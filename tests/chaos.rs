@@ -3,7 +3,7 @@
 //! producers committed against what every subscriber received.
 //!
 //! ```text
-//! cargo test --test chaos                                   # CI: a short run per backend
+//! cargo test --test chaos                                   # CI: 30 s per backend
 //! cargo test --release --test chaos -- --backend postgres --duration 30m --seed 42
 //! ```
 

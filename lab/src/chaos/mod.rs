@@ -6,7 +6,7 @@
 //! same way; elsewhere a line says they are skipped.
 //!
 //! ```text
-//! cargo test --test chaos                                   # CI: a short run per backend
+//! cargo test --test chaos                                   # CI: 30 s per backend
 //! cargo test --release --test chaos -- --backend postgres --duration 30m --seed 42
 //! ```
 
@@ -41,7 +41,7 @@ struct Args {
     #[arg(long, default_value = "all")]
     backend: String,
     /// How long producers run under faults, per backend (e.g. 60s, 30m).
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Seed of the fault schedule and workload; random when absent (printed either way).
     #[arg(long)]
