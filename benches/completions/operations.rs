@@ -28,6 +28,7 @@ use uuid::Uuid;
 
 use crate::measure::{CommitTimes, Commits, Spread, Tally, wait_for_all};
 use crate::support;
+use ff_completions_lab::harness::postgres::{outbox_pages, read_at_head};
 
 const PARTITIONED_OUTBOX: &str = include_str!("../../tests/fixtures/partitioned_outbox.sql");
 
@@ -350,31 +351,6 @@ async fn idle(shape: Shape, sizes: &OperationsSizes) -> IdleRow {
     let ticks_per_s = 100.0;
     let cpu_percent = after.saturating_sub(before) as f64 / ticks_per_s / window.as_secs_f64() * 100.0;
     IdleRow { shape, cpu_percent, window }
-}
-
-/// Pages of the outbox, its partitions and their indexes (hit or read) that `statement` touched.
-async fn outbox_pages(conn: &mut PgConnection, statement: &str) -> i64 {
-    async fn so_far(conn: &mut PgConnection) -> i64 {
-        sqlx::query("SELECT pg_stat_force_next_flush()").execute(&mut *conn).await.expect("flush statistics");
-        sqlx::query_scalar(
-            "SELECT coalesce(sum(heap_blks_hit + heap_blks_read + coalesce(idx_blks_hit, 0) + coalesce(idx_blks_read, 0)), 0)::int8 \
-               FROM pg_statio_user_tables s \
-              WHERE s.relid = 'ff_completion_event'::regclass \
-                 OR s.relid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = 'ff_completion_event'::regclass)",
-        )
-        .fetch_one(&mut *conn)
-        .await
-        .expect("outbox I/O statistics")
-    }
-    let before = so_far(conn).await;
-    sqlx::query(sqlx::AssertSqlSafe(statement.to_owned())).execute(&mut *conn).await.expect("read");
-    so_far(conn).await - before
-}
-
-async fn read_at_head(conn: &mut PgConnection) -> String {
-    let (tick, fingerprint): (i64, i64) =
-        sqlx::query_as("SELECT o_tick, o_fingerprint FROM ff_completions_head()").fetch_one(conn).await.expect("head");
-    format!("SELECT * FROM ff_completions_read({}, 0, 0, -32769, {fingerprint}, 512)", 3 * tick + 2)
 }
 
 async fn pages(shape: Shape, open_elsewhere: usize, sizes: &OperationsSizes) -> PagesRow {

@@ -457,3 +457,30 @@ pub async fn complete_by_sql(conn: &mut PgConnection, id: ExecutionId) {
         .expect("ff_complete_execution");
     assert!(done, "{id} was not running");
 }
+
+/// Pages of the outbox, its partitions and their indexes (hit or read) that `statement` touched,
+/// from the server's I/O statistics of those tables alone.
+pub async fn outbox_pages(conn: &mut PgConnection, statement: &str) -> i64 {
+    async fn so_far(conn: &mut PgConnection) -> i64 {
+        sqlx::query("SELECT pg_stat_force_next_flush()").execute(&mut *conn).await.expect("flush statistics");
+        sqlx::query_scalar(
+            "SELECT coalesce(sum(heap_blks_hit + heap_blks_read + coalesce(idx_blks_hit, 0) + coalesce(idx_blks_read, 0)), 0)::int8 \
+               FROM pg_statio_user_tables s \
+              WHERE s.relid = 'ff_completion_event'::regclass \
+                 OR s.relid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = 'ff_completion_event'::regclass)",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .expect("outbox I/O statistics")
+    }
+    let before = so_far(conn).await;
+    sqlx::query(sqlx::AssertSqlSafe(statement.to_owned())).execute(&mut *conn).await.expect("read");
+    so_far(conn).await - before
+}
+
+/// The reader's next read after its newest batch, as the listener calls it.
+pub async fn read_at_head(conn: &mut PgConnection) -> String {
+    let (tick, fingerprint): (i64, i64) =
+        sqlx::query_as("SELECT o_tick, o_fingerprint FROM ff_completions_head()").fetch_one(conn).await.expect("head");
+    format!("SELECT * FROM ff_completions_read({}, 0, 0, -32769, {fingerprint}, 512)", 3 * tick + 2)
+}

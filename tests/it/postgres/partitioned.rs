@@ -5,6 +5,7 @@
 
 use super::*;
 use ff_completions::Completions;
+use ff_completions_lab::harness::postgres::{outbox_pages, read_at_head};
 
 const FIXTURE: &str = include_str!("../../fixtures/partitioned_outbox.sql");
 
@@ -25,33 +26,6 @@ contract::contract_tests!(foreign cursors: vec![encode_valkey_cursor(1, 2), enco
 crate::families::family_tests!();
 crate::tail_await::tail_await_tests!();
 crate::durable::durable_tests!();
-
-/// Pages of the outbox, its partitions and their indexes (hit or read) that `statement` touched,
-/// from the server's I/O statistics of those tables alone.
-async fn outbox_pages(conn: &mut PgConnection, statement: &str) -> i64 {
-    async fn so_far(conn: &mut PgConnection) -> i64 {
-        sqlx::query("SELECT pg_stat_force_next_flush()").execute(&mut *conn).await.expect("flush statistics");
-        sqlx::query_scalar(
-            "SELECT coalesce(sum(heap_blks_hit + heap_blks_read + coalesce(idx_blks_hit, 0) + coalesce(idx_blks_read, 0)), 0)::int8 \
-               FROM pg_statio_user_tables s \
-              WHERE s.relid = 'ff_completion_event'::regclass \
-                 OR s.relid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = 'ff_completion_event'::regclass)",
-        )
-        .fetch_one(&mut *conn)
-        .await
-        .expect("outbox I/O statistics")
-    }
-    let before = so_far(conn).await;
-    sqlx::query(sqlx::AssertSqlSafe(statement.to_owned())).execute(&mut *conn).await.expect("read");
-    so_far(conn).await - before
-}
-
-/// The reader's next read after its newest batch, as the listener calls it.
-async fn read_at_head(conn: &mut PgConnection) -> String {
-    let (tick, fingerprint): (i64, i64) =
-        sqlx::query_as("SELECT o_tick, o_fingerprint FROM ff_completions_head()").fetch_one(conn).await.expect("head");
-    format!("SELECT * FROM ff_completions_read({}, 0, 0, -32769, {fingerprint}, 512)", 3 * tick + 2)
-}
 
 async fn insert_one(conn: &mut PgConnection, partition: i16) {
     sqlx::query(
