@@ -5,6 +5,13 @@
 --   holds name the incarnation. A newer one claims the id (its first heartbeat) and raises the
 --   token of every partition it then holds; the earlier one's heartbeats are refused (FFG05) and
 --   its leave frees only what it still holds itself.
+-- - A partition's lease lives by its holder's member row: it is held while the member row of
+--   its owner under its owner_incarnation has not expired, and lapsed otherwise. A heartbeat
+--   renews that one row; it writes (and locks) a partition row only when one of its values
+--   changes (a newer incarnation's or a rejoin's token, the unacknowledged count), so that a
+--   heartbeat of a member holding every partition leaves no dead row versions behind, which an
+--   open transaction elsewhere would keep from being pruned. The partitions' expires_at column
+--   (part 6) is no longer read: taking or freeing a partition clears it.
 -- - A heartbeat never waits for a partition row another transaction holds (an ack inside an
 --   engine's open transaction): it skips it (SKIP LOCKED) and takes it up at a later heartbeat.
 --   The only lock it waits for is the group row, which heartbeats, leaves and moves hold for
@@ -53,12 +60,14 @@ DROP FUNCTION IF EXISTS ff_completion_group_leave(text, text);
 
 -- Joins or renews incarnation p_incarnation of p_member in p_group and rebalances (see the
 -- header). Raises FFG05 when another live incarnation holds the member id and this is not the
--- incarnation's first heartbeat (p_rejoin). Its own partitions that no other transaction holds
--- are renewed to now + ttl, their unacknowledged counts recorded from p_unacked_*; those it
--- holds under another incarnation, or all of them on p_rejoin, get token + 1. Above its share
--- it frees its highest partitions, below it takes free and lapsed ones (token + 1), each only
--- if no other transaction holds its row. Returns what this incarnation holds, ascending, with
--- the parked events of each and how many of them are to be replayed.
+-- incarnation's first heartbeat (p_rejoin). Its member row is renewed to now + ttl, and with
+-- it the leases of every partition it holds. Of its own partitions that no other transaction
+-- holds, those it holds under another incarnation, or all of them on p_rejoin, get token + 1
+-- (their unacknowledged counts cleared); the others' unacknowledged counts are recorded from
+-- p_unacked_* where they changed. Above its share it frees its highest partitions, below it
+-- takes free and lapsed ones (token + 1), each only if no other transaction holds its row.
+-- Returns what this incarnation holds, ascending, with the parked events of each and how many
+-- of them are to be replayed.
 CREATE FUNCTION ff_completion_group_heartbeat(
     p_group text, p_member text, p_incarnation text, p_ttl_ms bigint, p_exclusive boolean, p_rejoin boolean,
     p_start_major bigint, p_start_hi bigint, p_start_lo bigint,
@@ -96,18 +105,25 @@ BEGIN
         ON CONFLICT (group_name, member) DO UPDATE SET expires_at = excluded.expires_at,
                                                       incarnation = excluded.incarnation;
 
+    -- Its own partitions whose row changes (chosen before they are locked): a newer
+    -- incarnation's or a rejoin's token, or an unacknowledged count that moved. The others are
+    -- neither locked nor written: their leases live by the member row just renewed.
     WITH mine AS MATERIALIZED (
-        SELECT partition FROM ff_completion_group_partition
-         WHERE group_name = p_group AND owner = p_member ORDER BY partition FOR UPDATE SKIP LOCKED)
+        SELECT p.partition, coalesce(u.count, 0) AS unacked
+          FROM ff_completion_group_partition p
+          LEFT JOIN unnest(p_unacked_partitions, p_unacked_counts) AS u(partition, count)
+                 ON u.partition = p.partition
+         WHERE p.group_name = p_group AND p.owner = p_member
+           AND (p_rejoin OR p.owner_incarnation IS DISTINCT FROM p_incarnation
+                OR p.unacked IS DISTINCT FROM coalesce(u.count, 0))
+         ORDER BY p.partition FOR UPDATE OF p SKIP LOCKED)
     UPDATE ff_completion_group_partition p
-       SET expires_at = v_until,
-           token = p.token + CASE WHEN p_rejoin OR p.owner_incarnation IS DISTINCT FROM p_incarnation
+       SET token = p.token + CASE WHEN p_rejoin OR p.owner_incarnation IS DISTINCT FROM p_incarnation
                                   THEN 1 ELSE 0 END,
            unacked = CASE WHEN p_rejoin OR p.owner_incarnation IS DISTINCT FROM p_incarnation THEN 0
-                          ELSE coalesce(u.count, 0) END,
+                          ELSE mine.unacked END,
            owner_incarnation = p_incarnation
-      FROM mine LEFT JOIN unnest(p_unacked_partitions, p_unacked_counts) AS u(partition, count)
-                       ON u.partition = mine.partition
+      FROM mine
      WHERE p.group_name = p_group AND p.partition = mine.partition;
     SELECT count(*) INTO v_held FROM ff_completion_group_partition WHERE group_name = p_group AND owner = p_member;
 
@@ -129,13 +145,19 @@ BEGIN
            SET owner = NULL, expires_at = NULL, owner_incarnation = NULL, unacked = 0
           FROM freed WHERE p.group_name = p_group AND p.partition = freed.partition;
     ELSIF v_held < v_share THEN
+        -- Free partitions, and those whose holder's member row lapsed (or is another
+        -- incarnation's): the partition row's own expires_at is not read.
         WITH taken AS MATERIALIZED (
-            SELECT partition FROM ff_completion_group_partition
-             WHERE group_name = p_group
-               AND (owner IS NULL OR (owner <> p_member AND expires_at <= v_now))
-             ORDER BY partition LIMIT v_share - v_held FOR UPDATE SKIP LOCKED)
+            SELECT c.partition FROM ff_completion_group_partition c
+             WHERE c.group_name = p_group
+               AND (c.owner IS NULL
+                    OR (c.owner <> p_member AND NOT EXISTS (
+                        SELECT 1 FROM ff_completion_group_member m
+                         WHERE m.group_name = p_group AND m.member = c.owner
+                           AND m.incarnation IS NOT DISTINCT FROM c.owner_incarnation AND m.expires_at > v_now)))
+             ORDER BY c.partition LIMIT v_share - v_held FOR UPDATE OF c SKIP LOCKED)
         UPDATE ff_completion_group_partition p
-           SET owner = p_member, owner_incarnation = p_incarnation, expires_at = v_until, token = p.token + 1,
+           SET owner = p_member, owner_incarnation = p_incarnation, expires_at = NULL, token = p.token + 1,
                unacked = 0
           FROM taken WHERE p.group_name = p_group AND p.partition = taken.partition;
     END IF;
@@ -158,7 +180,8 @@ ALTER FUNCTION ff_completion_group_ack(text, text, integer[], bigint[], bigint[]
 
 -- Removes incarnation p_incarnation of p_member from p_group (a newer incarnation's membership
 -- stays) and frees the partitions it holds (tokens unchanged; a partition an open transaction
--- holds is left to lapse). An unknown group or member changes nothing.
+-- holds stays its own, lapsed with its member row, until a heartbeat takes it over). An unknown
+-- group or member changes nothing.
 CREATE FUNCTION ff_completion_group_leave(p_group text, p_member text, p_incarnation text) RETURNS void
 LANGUAGE plpgsql SET lock_timeout = '2s' AS $$
 BEGIN
@@ -282,7 +305,8 @@ $$;
 
 -- Sets the positions of p_partitions to (p_majors, p_his, p_los) (up or down), each with token
 -- + 1 and its attempts cleared. Raises FFG02 for an unknown group, and unless p_force FFG06
--- (DETAIL the partition) when a member holds one of them with an unexpired lease.
+-- (DETAIL the partition) when a member holds one of them with an unexpired lease (its member
+-- row).
 CREATE FUNCTION ff_completion_group_move(
     p_group text, p_partitions integer[], p_majors bigint[], p_his bigint[], p_los bigint[], p_force boolean)
 RETURNS integer
@@ -298,7 +322,10 @@ BEGIN
     IF NOT p_force THEN
         SELECT p.partition, p.owner INTO v_held FROM ff_completion_group_partition p
          WHERE p.group_name = p_group AND p.partition = ANY (p_partitions)
-           AND p.owner IS NOT NULL AND p.expires_at > clock_timestamp()
+           AND EXISTS (SELECT 1 FROM ff_completion_group_member m
+                        WHERE m.group_name = p_group AND m.member = p.owner
+                          AND m.incarnation IS NOT DISTINCT FROM p.owner_incarnation
+                          AND m.expires_at > clock_timestamp())
          ORDER BY p.partition LIMIT 1;
         IF FOUND THEN
             RAISE EXCEPTION USING ERRCODE = 'FFG06', DETAIL = v_held.partition::text,

@@ -23,9 +23,13 @@
 //!   3. Every partition the member id holds is renewed to now + ttl (even if its lease had
 //!      lapsed: nobody took it in between), its unacknowledged count set from the heartbeat's;
 //!      one held under another incarnation (or every one, on `rejoin`) gets token + 1 and
-//!      becomes this incarnation's. A partition row another transaction holds (Postgres: an
-//!      ack inside an engine's open transaction) is never waited for: it is left as it is
-//!      until a later heartbeat, and still returned when it is this incarnation's.
+//!      becomes this incarnation's. On Postgres a partition's lease *is* its holder's member
+//!      row (held while the row of the owner's incarnation has not expired, lapsed otherwise):
+//!      renewing the member renews them all, and a partition row is written only when one of
+//!      its values changes, so that a heartbeat leaves no dead row versions for an open
+//!      transaction to keep. A partition row another transaction holds (Postgres: an ack
+//!      inside an engine's open transaction) is never waited for: it is left as it is until a
+//!      later heartbeat, and still returned when it is this incarnation's.
 //!   4. Its share: all partitions when exclusive; [`fair_share`] of the live members when
 //!      shared.
 //!   5. Above its share, it frees its highest-numbered partitions (owner none; the token is
@@ -244,8 +248,9 @@ pub struct Ack {
 pub struct GroupView {
     /// Live members (lease not expired) and when each expires.
     pub members: Vec<(String, TimestampMs)>,
-    /// Every partition: its holder (if any, expired leases included with their expiry), token
-    /// and acknowledged position, ascending by partition.
+    /// Every partition: its holder (if any, expired leases included with their expiry; on
+    /// Postgres the expiry of the holder's member row, 0 once that row was removed), token and
+    /// acknowledged position, ascending by partition.
     pub partitions: Vec<PartitionView>,
 }
 

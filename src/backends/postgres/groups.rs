@@ -60,12 +60,16 @@ const VIEW_MEMBERS: &str = "\
 SELECT member, floor(extract(epoch FROM expires_at) * 1000)::int8 FROM ff_completion_group_member \
  WHERE group_name = $1 AND expires_at > clock_timestamp() ORDER BY member";
 
-/// Every partition of the group, with its parked events.
+/// Every partition of the group, with its parked events. A held partition's lease expires with
+/// its holder's member row (that incarnation's); one whose member row is gone lapsed (NULL).
 const VIEW_PARTITIONS: &str = "\
-SELECT p.partition, p.owner, floor(extract(epoch FROM p.expires_at) * 1000)::int8, p.token, p.acked_major, \
+SELECT p.partition, p.owner, floor(extract(epoch FROM m.expires_at) * 1000)::int8, p.token, p.acked_major, \
        p.acked_hi, p.acked_lo, p.unacked, p.attempts, p.last_reason, \
        (SELECT count(*) FROM ff_completion_group_parked x WHERE x.group_name = p.group_name AND x.partition = p.partition) \
-  FROM ff_completion_group_partition p WHERE p.group_name = $1 ORDER BY p.partition";
+  FROM ff_completion_group_partition p \
+  LEFT JOIN ff_completion_group_member m ON m.group_name = p.group_name AND m.member = p.owner \
+                                        AND m.incarnation IS NOT DISTINCT FROM p.owner_incarnation \
+ WHERE p.group_name = $1 ORDER BY p.partition";
 
 /// The SQLSTATEs the functions raise: fenced, unknown group, malformed call, already
 /// acknowledged, superseded by a newer incarnation, held by a member.

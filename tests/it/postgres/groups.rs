@@ -201,3 +201,139 @@ async fn heartbeats_never_wait_behind_a_consumers_open_transaction_and_renew_the
     assert!(owner == "a" && expires > TimestampMs::now(), "renewed ahead once the transaction ended");
     assert_eq!(view.partitions[0].acked, crate::groups::above(leases[0].acked, 1));
 }
+
+/// Each partition row's version: the transaction that wrote it (`xmin`) and the last one that
+/// locked it (`xmax`).
+async fn partition_row_versions(conn: &mut sqlx::postgres::PgConnection, group: &str) -> Vec<(i16, String, String)> {
+    sqlx::query_as(
+        "SELECT partition, xmin::text, xmax::text FROM ff_completion_group_partition \
+          WHERE group_name = $1 ORDER BY partition",
+    )
+    .bind(group)
+    .fetch_all(conn)
+    .await
+    .expect("partition row versions")
+}
+
+/// The partitions whose rows were written or locked between two [`partition_row_versions`].
+fn rewritten(before: &[(i16, String, String)], after: &[(i16, String, String)]) -> Vec<i16> {
+    assert_eq!(before.len(), after.len());
+    before.iter().zip(after).filter(|(b, a)| b != a).map(|(b, _)| b.0).collect()
+}
+
+/// A member holding every partition heartbeats: its lease lives in its member row, which each
+/// heartbeat renews; a partition row is written (and locked) only when one of its values
+/// changes (its unacknowledged count, or a newer incarnation's token), so that a heartbeat
+/// leaves no dead row versions for an open transaction to keep from being pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_writes_only_its_member_row_and_the_partition_rows_whose_values_change() {
+    use std::time::Duration;
+
+    use ff_completions::__store::Sharing;
+    use ff_completions::TimestampMs;
+    use sqlx::Connection;
+    use sqlx::postgres::PgConnection;
+
+    crate::support::init_tracing();
+    let url = crate::support::postgres::fresh_database().await;
+    let backend = ff_completions::BackendConfig::postgres(&url);
+    let store = crate::groups::open(&backend).await;
+    let (group, ttl) = ("quiet", Duration::from_secs(30));
+    let mut conn = PgConnection::connect(&url).await.expect("connect");
+    let member_version = async |conn: &mut PgConnection| -> String {
+        sqlx::query_scalar("SELECT xmin::text FROM ff_completion_group_member WHERE group_name = $1 AND member = 'a'")
+            .bind(group)
+            .fetch_one(conn)
+            .await
+            .expect("member row")
+    };
+    let joined = store.heartbeat(group, "a", ttl, Sharing::Shared, true).await.expect("a joins");
+    assert_eq!(joined.len(), 256);
+    let (before, member_before) = (partition_row_versions(&mut conn, group).await, member_version(&mut conn).await);
+
+    for _ in 0..3 {
+        let renewed = store.heartbeat(group, "a", ttl, Sharing::Shared, false).await.expect("heartbeat");
+        assert_eq!(renewed, joined, "the same leases, tokens and positions");
+    }
+    let after = partition_row_versions(&mut conn, group).await;
+    assert_eq!(rewritten(&before, &after), Vec::<i16>::new(), "heartbeats that change nothing wrote or locked them");
+    assert_ne!(member_version(&mut conn).await, member_before, "the member row is renewed");
+    let view = crate::groups::view(&store, group).await;
+    let (_, member_expires) = view.members.iter().find(|(m, _)| m == "a").cloned().expect("a is a member");
+    assert!(member_expires > TimestampMs::now());
+    for p in &view.partitions {
+        assert_eq!(
+            p.owner,
+            Some(("a".to_owned(), member_expires)),
+            "partition {}: a's lease, as its member row",
+            p.partition
+        );
+    }
+
+    // A changed unacknowledged count writes that partition's row alone, once.
+    store.heartbeat_with(group, "a", ttl, Sharing::Shared, false, &[(5, 3)]).await.expect("heartbeat");
+    let counted = partition_row_versions(&mut conn, group).await;
+    assert_eq!(rewritten(&after, &counted), [5]);
+    assert_eq!(crate::groups::view(&store, group).await.partitions[5].unacked, 3);
+    store.heartbeat_with(group, "a", ttl, Sharing::Shared, false, &[(5, 3)]).await.expect("heartbeat");
+    assert_eq!(rewritten(&counted, &partition_row_versions(&mut conn, group).await), Vec::<i16>::new());
+
+    // A newer incarnation of the member id (another process) raises every token: every row.
+    let newer = crate::groups::open(&backend).await;
+    let claimed = newer.heartbeat(group, "a", ttl, Sharing::Shared, true).await.expect("the newer process");
+    assert!(claimed.iter().zip(&joined).all(|(c, j)| c.partition == j.partition && c.token == j.token + 1));
+    assert_eq!(rewritten(&counted, &partition_row_versions(&mut conn, group).await).len(), 256);
+}
+
+/// A partition's lease lives by its holder's member row: once that row lapses (the process
+/// stopped heartbeating), every partition it held is lapsed whatever its own row says. The view
+/// reports it so, an operator moves it without force, and another member's heartbeat takes it
+/// over with the next token; the earlier holder's ack is then fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_lapses_with_its_holders_member_row_and_is_then_movable_and_taken_over() {
+    use std::time::Duration;
+
+    use ff_completions::__store::{Ack, Sharing};
+    use ff_completions::TimestampMs;
+    use sqlx::Connection;
+    use sqlx::postgres::PgConnection;
+
+    use crate::groups::{above, assert_fenced, assert_validation};
+
+    crate::support::init_tracing();
+    let url = crate::support::postgres::fresh_database().await;
+    let store = crate::groups::open(&ff_completions::BackendConfig::postgres(&url)).await;
+    let (group, ttl) = ("lapse", Duration::from_secs(60));
+    let leases = store.heartbeat(group, "a", ttl, Sharing::Shared, true).await.expect("a joins");
+    assert_eq!(leases.len(), 256);
+    let moved = (7u16, above(leases[7].acked, 2));
+    assert_validation(store.move_positions(group, &[moved], false).await, "a move of a held partition");
+
+    // a's process stopped heartbeating: its membership ran out (here set in the past at once).
+    let mut conn = PgConnection::connect(&url).await.expect("connect");
+    sqlx::query(
+        "UPDATE ff_completion_group_member SET expires_at = clock_timestamp() - interval '1 second' \
+          WHERE group_name = $1 AND member = 'a'",
+    )
+    .bind(group)
+    .execute(&mut conn)
+    .await
+    .expect("a's membership runs out");
+    let lapsed = crate::groups::view(&store, group).await;
+    assert!(lapsed.members.is_empty());
+    let now = TimestampMs::now();
+    assert!(lapsed.partitions.iter().all(|p| p.owner.as_ref().is_some_and(|(o, at)| o == "a" && *at <= now)));
+    store.move_positions(group, &[moved], false).await.expect("a lapsed partition moves without force");
+
+    let taken = store.heartbeat(group, "b", ttl, Sharing::Shared, true).await.expect("b joins");
+    assert_eq!(taken.len(), 256, "b takes every lapsed partition");
+    for (t, l) in taken.iter().zip(&leases) {
+        let raised = if t.partition == moved.0 { 2 } else { 1 };
+        assert_eq!((t.partition, t.token), (l.partition, l.token + raised));
+    }
+    assert_eq!(taken[7].acked, moved.1, "from the moved position");
+    let late = Ack { partition: 0, token: leases[0].token, position: above(leases[0].acked, 1) };
+    assert_fenced(store.ack(group, "a", &[late]).await, "the earlier holder's ack");
+    let view = crate::groups::view(&store, group).await;
+    assert_eq!(view.members.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>(), ["b"]);
+}
