@@ -761,44 +761,53 @@ CREATE OR REPLACE FUNCTION ff_completions_small_batches(
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     partitioned boolean := ff_completions_outbox_partitioned();
+    -- The ticks after p_tick, in order: the later batches' ends.
+    later_ticks bigint[];
+    later_snapshots pg_snapshot[];
+    later_fingerprints bigint[];
     k bigint := p_tick;
     fp bigint := p_fp;
+    i integer := 0;
     members integer;
     readable boolean;
     txids xid8[];
     keys smallint[];
-    next_tick record;
 BEGIN
     o_ticks := '{}';
     o_fingerprints := '{}';
     o_txids := '{}';
     o_txid_ticks := '{}';
     o_keys := CASE WHEN partitioned THEN '{}'::smallint[] END;
-    WHILE cardinality(o_ticks) < p_max LOOP
-        SELECT count(*), coalesce(bool_and(t.outbox AND NOT t.families AND (t.partitions IS NOT NULL OR NOT partitioned)),
-                                  true),
-               coalesce(array_agg(t.txid), '{}')
-          INTO members, readable, txids
-          FROM ff_completions_batch_txns(s1, s2, '0'::xid8, 65) t;
+    SELECT array_agg(t.tick_id ORDER BY t.tick_id), array_agg(t.snapshot ORDER BY t.tick_id),
+           array_agg(t.fingerprint ORDER BY t.tick_id)
+      INTO later_ticks, later_snapshots, later_fingerprints
+      FROM (SELECT t.tick_id, t.snapshot, t.fingerprint FROM ff_completion_tick t
+             WHERE t.tick_id > p_tick ORDER BY t.tick_id LIMIT greatest(p_max - 1, 0)) t;
+    LOOP
+        SELECT count(DISTINCT t.txid),
+               coalesce(bool_and(t.outbox AND NOT t.families AND (t.partitions IS NOT NULL OR NOT partitioned)), true),
+               coalesce(array_agg(DISTINCT t.txid), '{}'),
+               coalesce(array_agg(DISTINCT x) FILTER (WHERE x IS NOT NULL), '{}')
+          INTO members, readable, txids, keys
+          FROM ff_completions_batch_txns(s1, s2, '0'::xid8, 65) t
+          LEFT JOIN LATERAL unnest(t.partitions) AS x ON partitioned;
         EXIT WHEN members > 64 OR NOT readable OR cardinality(o_txids) + members > 256;
         IF partitioned THEN
-            keys := ARRAY(SELECT DISTINCT x FROM (SELECT unnest(o_keys) UNION ALL
-                                                  SELECT unnest(t.partitions) FROM ff_completions_batch_txns(s1, s2, '0'::xid8, 65) t) u(x));
-            EXIT WHEN cardinality(keys) > 64;
-            o_keys := keys;
+            -- A partition two batches wrote counts twice here: the bound stays a bound.
+            EXIT WHEN cardinality(o_keys) + cardinality(keys) > 64;
+            o_keys := o_keys || keys;
         END IF;
         o_ticks := o_ticks || k;
         o_fingerprints := o_fingerprints || fp;
         o_txids := o_txids || txids;
         o_txid_ticks := o_txid_ticks || array_fill(k, ARRAY[members]);
         o_last_snapshot := s2;
-        SELECT t.tick_id, t.snapshot, t.fingerprint INTO next_tick FROM ff_completion_tick t
-         WHERE t.tick_id > k ORDER BY t.tick_id LIMIT 1;
-        EXIT WHEN next_tick.tick_id IS NULL;
-        k := next_tick.tick_id;
-        fp := next_tick.fingerprint;
+        i := i + 1;
+        EXIT WHEN i > coalesce(cardinality(later_ticks), 0);
+        k := later_ticks[i];
+        fp := later_fingerprints[i];
         s1 := s2;
-        s2 := next_tick.snapshot;
+        s2 := later_snapshots[i];
     END LOOP;
 END
 $$;
@@ -892,7 +901,8 @@ BEGIN
         END IF;
     END IF;
     LOOP
-        IF phase = 0 AND pos_t = 0 AND s1 IS NOT NULL THEN
+        IF phase = 0 AND pos_t = 0 AND s1 IS NOT NULL AND NOT ticked
+           AND EXISTS (SELECT 1 FROM ff_completion_tick t WHERE t.tick_id > k) THEN
             -- At the start of a batch with more ticks after it (catching up): small batches are
             -- read together, in one probe of the outbox for all of them.
             small := ff_completions_small_batches(k, fp, s1, s2, 64 - batches);
