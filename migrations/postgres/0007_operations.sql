@@ -524,6 +524,21 @@ BEGIN
 END
 $$;
 
+-- Loads what reading each partition of a partitioned outbox needs into the session's caches (by
+-- planning a query over every partition), so that a session's first read of a partition does
+-- not pay for it while delivering. The tree calls it once per session.
+CREATE OR REPLACE FUNCTION ff_completions_warm() RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    line text;
+BEGIN
+    IF ff_completions_outbox_partitioned() THEN
+        FOR line IN EXECUTE 'EXPLAIN SELECT 1 FROM ff_completion_event e WHERE e.txid = ''1''::xid8' LOOP
+        END LOOP;
+    END IF;
+END
+$$;
+
 -- Up to p_limit transactions of the batch from s1 to s2 (s1 NULL: every transaction s2 sees),
 -- from p_from on, in txid order: those started at or after s1's xmax and seen by s2, and those
 -- s1 saw in progress that s2 sees (a transaction still in progress costs no probe).
@@ -733,6 +748,70 @@ BEGIN
 END
 $$;
 
+-- Batches from tick p_tick (fingerprint p_fp, from snapshot s1 to s2) on, up to p_max of them,
+-- while each is small enough to be read together with the others in one probe of the outbox:
+-- at most 64 transactions, each of the outbox alone, in partitions it recorded; at most 256
+-- transactions and 64 partitions in all. Returns their ticks and fingerprints, in order, their
+-- transactions with the tick of each, the partitions (NULL: the outbox is not partitioned), and
+-- the last one's snapshot. Fewer than two batches: read them one at a time (ff_completions_page).
+CREATE OR REPLACE FUNCTION ff_completions_small_batches(
+    p_tick bigint, p_fp bigint, s1 pg_snapshot, s2 pg_snapshot, p_max integer,
+    OUT o_ticks bigint[], OUT o_fingerprints bigint[], OUT o_txids xid8[], OUT o_txid_ticks bigint[],
+    OUT o_keys smallint[], OUT o_last_snapshot pg_snapshot)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    partitioned boolean := ff_completions_outbox_partitioned();
+    -- The ticks after p_tick, in order: the later batches' ends.
+    later_ticks bigint[];
+    later_snapshots pg_snapshot[];
+    later_fingerprints bigint[];
+    k bigint := p_tick;
+    fp bigint := p_fp;
+    i integer := 0;
+    members integer;
+    readable boolean;
+    txids xid8[];
+    keys smallint[];
+BEGIN
+    o_ticks := '{}';
+    o_fingerprints := '{}';
+    o_txids := '{}';
+    o_txid_ticks := '{}';
+    o_keys := CASE WHEN partitioned THEN '{}'::smallint[] END;
+    SELECT array_agg(t.tick_id ORDER BY t.tick_id), array_agg(t.snapshot ORDER BY t.tick_id),
+           array_agg(t.fingerprint ORDER BY t.tick_id)
+      INTO later_ticks, later_snapshots, later_fingerprints
+      FROM (SELECT t.tick_id, t.snapshot, t.fingerprint FROM ff_completion_tick t
+             WHERE t.tick_id > p_tick ORDER BY t.tick_id LIMIT greatest(p_max - 1, 0)) t;
+    LOOP
+        SELECT count(DISTINCT t.txid),
+               coalesce(bool_and(t.outbox AND NOT t.families AND (t.partitions IS NOT NULL OR NOT partitioned)), true),
+               coalesce(array_agg(DISTINCT t.txid), '{}'),
+               coalesce(array_agg(DISTINCT x) FILTER (WHERE x IS NOT NULL), '{}')
+          INTO members, readable, txids, keys
+          FROM ff_completions_batch_txns(s1, s2, '0'::xid8, 65) t
+          LEFT JOIN LATERAL unnest(t.partitions) AS x ON partitioned;
+        EXIT WHEN members > 64 OR NOT readable OR cardinality(o_txids) + members > 256;
+        IF partitioned THEN
+            -- A partition two batches wrote counts twice here: the bound stays a bound.
+            EXIT WHEN cardinality(o_keys) + cardinality(keys) > 64;
+            o_keys := o_keys || keys;
+        END IF;
+        o_ticks := o_ticks || k;
+        o_fingerprints := o_fingerprints || fp;
+        o_txids := o_txids || txids;
+        o_txid_ticks := o_txid_ticks || array_fill(k, ARRAY[members]);
+        o_last_snapshot := s2;
+        i := i + 1;
+        EXIT WHEN i > coalesce(cardinality(later_ticks), 0);
+        k := later_ticks[i];
+        fp := later_fingerprints[i];
+        s1 := s2;
+        s2 := later_snapshots[i];
+    END LOOP;
+END
+$$;
+
 -- The retention cut as a position, or no row when nothing was cut.
 DROP FUNCTION IF EXISTS ff_completions_cut();
 CREATE FUNCTION ff_completions_cut(OUT o_major bigint, OUT o_txid bigint, OUT o_event_id bigint, OUT o_key integer)
@@ -790,6 +869,10 @@ DECLARE
     cut ff_completion_retention;
     expired record;
     verdict text;
+    -- Small batches read together (see ff_completions_small_batches).
+    small record;
+    row record;
+    i integer;
 BEGIN
     IF k = 0 THEN
         phase := 2;
@@ -818,6 +901,60 @@ BEGIN
         END IF;
     END IF;
     LOOP
+        IF phase = 0 AND pos_t = 0 AND s1 IS NOT NULL AND NOT ticked
+           AND EXISTS (SELECT 1 FROM ff_completion_tick t WHERE t.tick_id > k) THEN
+            -- At the start of a batch with more ticks after it (catching up): small batches are
+            -- read together, in one probe of the outbox for all of them.
+            small := ff_completions_small_batches(k, fp, s1, s2, 64 - batches);
+            IF cardinality(small.o_ticks) >= 2 THEN
+                i := 1;
+                FOR row IN EXECUTE
+                    'SELECT b.k, e.txid::text::int8 AS txid, e.event_id, e.execution_id::text AS execution_id,
+                            e.flow_id::text AS flow_id, e.outcome, e.namespace, e.instance_tag, e.tags::text AS tags,
+                            e.occurred_at_ms, e.partition_key::int4 AS partition_key, e.traceparent
+                       FROM ff_completion_event e
+                       JOIN unnest($2::xid8[], $3::bigint[]) AS b(txid, k) ON b.txid = e.txid
+                      WHERE e.txid = ANY ($2)' || CASE WHEN small.o_keys IS NULL THEN '' ELSE ' AND e.partition_key = ANY ($1)' END ||
+                    ' ORDER BY b.k, e.txid, e.event_id, coalesce(e.partition_key::int4, -32769) LIMIT $4'
+                    USING small.o_keys, small.o_txids, small.o_txid_ticks, remaining LOOP
+                    -- The end of every batch before this row's.
+                    WHILE small.o_ticks[i] < row.k LOOP
+                        o_kind := 2; o_major := 3 * small.o_ticks[i] + 2; o_txid := 0; o_event_id := 0;
+                        o_fingerprint := small.o_fingerprints[i]; o_execution_id := NULL; o_flow_id := NULL;
+                        o_outcome := NULL; o_namespace := NULL; o_instance_tag := NULL; o_tags := NULL;
+                        o_occurred_at_ms := NULL; o_partition_key := NULL; o_family := NULL; o_fields := NULL;
+                        o_traceparent := NULL;
+                        RETURN NEXT;
+                        i := i + 1;
+                    END LOOP;
+                    o_kind := 0; o_major := 3 * row.k; o_txid := row.txid; o_event_id := row.event_id;
+                    o_fingerprint := small.o_fingerprints[i]; o_execution_id := row.execution_id;
+                    o_flow_id := row.flow_id; o_outcome := row.outcome; o_namespace := row.namespace;
+                    o_instance_tag := row.instance_tag; o_tags := row.tags; o_occurred_at_ms := row.occurred_at_ms;
+                    o_partition_key := row.partition_key; o_family := NULL; o_fields := NULL;
+                    o_traceparent := row.traceparent;
+                    RETURN NEXT;
+                    remaining := remaining - 1;
+                END LOOP;
+                EXIT WHEN remaining <= 0;
+                -- Every batch read whole: the end of each that no row ended.
+                WHILE i <= cardinality(small.o_ticks) LOOP
+                    o_kind := 2; o_major := 3 * small.o_ticks[i] + 2; o_txid := 0; o_event_id := 0;
+                    o_fingerprint := small.o_fingerprints[i]; o_execution_id := NULL; o_flow_id := NULL;
+                    o_outcome := NULL; o_namespace := NULL; o_instance_tag := NULL; o_tags := NULL;
+                    o_occurred_at_ms := NULL; o_partition_key := NULL; o_family := NULL; o_fields := NULL;
+                    o_traceparent := NULL;
+                    RETURN NEXT;
+                    i := i + 1;
+                END LOOP;
+                -- Go on after the last of them (the loop counts it).
+                batches := batches + cardinality(small.o_ticks) - 1;
+                k := small.o_ticks[cardinality(small.o_ticks)];
+                fp := small.o_fingerprints[cardinality(small.o_ticks)];
+                s2 := small.o_last_snapshot;
+                phase := 2;
+            END IF;
+        END IF;
         IF phase < 2 THEN
             IF phase = 1 THEN
                 s1 := NULL;

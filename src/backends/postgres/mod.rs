@@ -100,11 +100,15 @@ async fn open(config: &BackendConfig, max: u32, purpose: Purpose) -> Result<Db, 
     let pg = postgres_connection(config)?;
     let pooled = pg.through_pooler();
     let options = session_options(connect_options(config)?.application_name("ff-completions"), config, pooled, purpose);
-    let db = Db::connect(config, options, max, pooled).await?;
+    let db = Db::connect(config, options, max, pooled, purpose).await?;
     install::install_or_check(config, pg, &db).await?;
     db.run("postgres verify", |conn| {
         Box::pin(async move { sqlx::query("SELECT ff_completions_verify()").execute(conn).await.map(drop) })
     })
     .await?;
+    if purpose == Purpose::Tree && !pooled {
+        // Sessions made before the schema was installed were not warmed.
+        db.warm_every_session().await?;
+    }
     Ok(db)
 }

@@ -48,15 +48,32 @@ impl Db {
         options: PgConnectOptions,
         max: u32,
         pooled: bool,
+        purpose: Purpose,
     ) -> Result<Self, Error> {
-        let pool = PgPoolOptions::new()
-            .max_connections(max)
-            .acquire_timeout(config.timeouts.connect_or_default())
-            .connect_with(options)
-            .await
-            .map_err(|e| Error::from_sqlx("postgres connect", e))?;
+        let mut pool = PgPoolOptions::new().max_connections(max).acquire_timeout(config.timeouts.connect_or_default());
+        if purpose == Purpose::Tree && !pooled {
+            // Every session made ahead and kept: one made while delivering would hold a read up
+            // while it warms.
+            pool = pool.min_connections(max).after_connect(|conn, _| Box::pin(async move { warm(conn).await }));
+        }
+        let pool = pool.connect_with(options).await.map_err(|e| Error::from_sqlx("postgres connect", e))?;
         let bounds = if pooled { set_local(config) } else { String::new() };
         Ok(Self { pool, pooled, bounds })
+    }
+
+    /// Opens every session of the pool now and warms each ([`warm`]).
+    ///
+    /// # Errors
+    /// Connection errors, and the warm-up's, as [`Error::from_sqlx`] maps them.
+    pub(crate) async fn warm_every_session(&self) -> Result<(), Error> {
+        let mut sessions =
+            futures::future::try_join_all((0..self.pool.options().get_max_connections()).map(|_| self.pool.acquire()))
+                .await
+                .map_err(|e| Error::from_sqlx("postgres connect", e))?;
+        for session in &mut sessions {
+            warm(session).await.map_err(|e| Error::from_sqlx("postgres warm-up", e))?;
+        }
+        Ok(())
     }
 
     /// The pool (for the public `connect_pool`, whose caller sends statements of its own).
@@ -164,6 +181,20 @@ fn set_local(config: &BackendConfig) -> String {
 fn millis(d: Duration) -> u128 {
     // 0 would turn the timeout off.
     d.as_millis().max(1)
+}
+
+/// Loads what reading every partition of a partitioned outbox needs into a new session's caches
+/// (`ff_completions_warm()`), so that its first read of each partition is not paid for while
+/// delivering; nothing before the schema is installed.
+const WARM: &str = "\
+DO $$ BEGIN IF to_regprocedure('ff_completions_warm()') IS NOT NULL THEN PERFORM ff_completions_warm(); END IF; END $$";
+
+/// Runs [`WARM`] on a session of the tree.
+///
+/// # Errors
+/// The statement's error (the connection is then not used).
+pub(crate) async fn warm(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(WARM).execute(conn).await.map(drop)
 }
 
 /// Who a session is for: the tree's own (every statement bounded by the timeouts, defaults

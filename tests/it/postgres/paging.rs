@@ -1,8 +1,9 @@
 //! The reader against an order computed without it: a mixed history (one-row and many-row
 //! transactions, rows in several statements and partitions, explicit, negative and repeated ids,
-//! lease rows, a transaction open across ticks, a rolled-back one) read from the start in pages
-//! of every size gives each row once, in the order the ticks define: batch of the first tick
-//! that sees the row's transaction, then `(txid, event_id, partition key)`.
+//! lease rows, a transaction open across ticks, a rolled-back one, runs of one-row batches) read
+//! from the start in pages of every size gives each row once, in the order the ticks define:
+//! batch of the first tick that sees the row's transaction, then `(txid, event_id, partition
+//! key)`.
 
 use super::*;
 use ff_completions::Completions;
@@ -113,7 +114,24 @@ async fn mixed_history(url: &str, partitioned: bool) {
     if left_open {
         sqlx::query("COMMIT").execute(&mut open).await.expect("commit the open one");
     }
-    tick(&mut conn).await;
+    // A run of one-row batches, as a reader catching up meets them (read together), broken by a
+    // batch of more transactions than are read together and by one with a lease row.
+    for i in 0..150 {
+        match i {
+            60 => {
+                for _ in 0..70 {
+                    insert(&mut conn, rng.below(256) as i16, None).await;
+                }
+            }
+            100 => insert_lease_row(&mut conn, 9).await,
+            _ => insert(&mut conn, rng.below(256) as i16, None).await,
+        }
+        if i % 25 == 7 {
+            next_explicit += 1 + rng.below(1000) as i64;
+            insert(&mut conn, rng.below(256) as i16, Some(-next_explicit)).await;
+        }
+        tick(&mut conn).await;
+    }
 }
 
 /// The order the ticks define, computed here without the reader.
