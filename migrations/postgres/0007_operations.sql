@@ -872,7 +872,6 @@ DECLARE
     -- Small batches read together (see ff_completions_small_batches).
     small record;
     row record;
-    i integer;
 BEGIN
     IF k = 0 THEN
         phase := 2;
@@ -907,46 +906,37 @@ BEGIN
             -- read together, in one probe of the outbox for all of them.
             small := ff_completions_small_batches(k, fp, s1, s2, 64 - batches);
             IF cardinality(small.o_ticks) >= 2 THEN
-                i := 1;
+                -- Their rows up to the limit and the end of each batch, in reader order; after the
+                -- limit's last row, nothing (the next read goes on from that row).
                 FOR row IN EXECUTE
-                    'SELECT b.k, e.txid::text::int8 AS txid, e.event_id, e.execution_id::text AS execution_id,
-                            e.flow_id::text AS flow_id, e.outcome, e.namespace, e.instance_tag, e.tags::text AS tags,
-                            e.occurred_at_ms, e.partition_key::int4 AS partition_key, e.traceparent
-                       FROM ff_completion_event e
-                       JOIN unnest($2::xid8[], $3::bigint[]) AS b(txid, k) ON b.txid = e.txid
-                      WHERE e.txid = ANY ($2)' || CASE WHEN small.o_keys IS NULL THEN '' ELSE ' AND e.partition_key = ANY ($1)' END ||
-                    ' ORDER BY b.k, e.txid, e.event_id, coalesce(e.partition_key::int4, -32769) LIMIT $4'
-                    USING small.o_keys, small.o_txids, small.o_txid_ticks, remaining LOOP
-                    -- The end of every batch before this row's.
-                    WHILE small.o_ticks[i] < row.k LOOP
-                        o_kind := 2; o_major := 3 * small.o_ticks[i] + 2; o_txid := 0; o_event_id := 0;
-                        o_fingerprint := small.o_fingerprints[i]; o_execution_id := NULL; o_flow_id := NULL;
-                        o_outcome := NULL; o_namespace := NULL; o_instance_tag := NULL; o_tags := NULL;
-                        o_occurred_at_ms := NULL; o_partition_key := NULL; o_family := NULL; o_fields := NULL;
-                        o_traceparent := NULL;
-                        RETURN NEXT;
-                        i := i + 1;
-                    END LOOP;
-                    o_kind := 0; o_major := 3 * row.k; o_txid := row.txid; o_event_id := row.event_id;
-                    o_fingerprint := small.o_fingerprints[i]; o_execution_id := row.execution_id;
-                    o_flow_id := row.flow_id; o_outcome := row.outcome; o_namespace := row.namespace;
-                    o_instance_tag := row.instance_tag; o_tags := row.tags; o_occurred_at_ms := row.occurred_at_ms;
-                    o_partition_key := row.partition_key; o_family := NULL; o_fields := NULL;
-                    o_traceparent := row.traceparent;
+                    'SELECT x.* FROM (
+                        (SELECT 0 AS kind, b.k, e.txid::text::int8 AS txid, e.event_id,
+                                e.execution_id::text AS execution_id, e.flow_id::text AS flow_id, e.outcome,
+                                e.namespace, e.instance_tag, e.tags::text AS tags, e.occurred_at_ms,
+                                e.partition_key::int4 AS partition_key, e.traceparent
+                           FROM ff_completion_event e
+                           JOIN unnest($2::xid8[], $3::bigint[]) AS b(txid, k) ON b.txid = e.txid
+                          WHERE e.txid = ANY ($2)' || CASE WHEN small.o_keys IS NULL THEN '' ELSE ' AND e.partition_key = ANY ($1)' END ||
+                        ' ORDER BY b.k, e.txid, e.event_id, coalesce(e.partition_key::int4, -32769) LIMIT $4)
+                        UNION ALL
+                        SELECT 2, t.k, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+                          FROM unnest($5::bigint[]) AS t(k)) x
+                     ORDER BY x.k, x.kind, x.txid, x.event_id, coalesce(x.partition_key, -32769)'
+                    USING small.o_keys, small.o_txids, small.o_txid_ticks, remaining, small.o_ticks LOOP
+                    EXIT WHEN remaining <= 0;
+                    o_kind := row.kind; o_major := 3 * row.k + row.kind; o_txid := row.txid;
+                    o_event_id := row.event_id;
+                    o_fingerprint := small.o_fingerprints[array_position(small.o_ticks, row.k)];
+                    o_execution_id := row.execution_id; o_flow_id := row.flow_id; o_outcome := row.outcome;
+                    o_namespace := row.namespace; o_instance_tag := row.instance_tag; o_tags := row.tags;
+                    o_occurred_at_ms := row.occurred_at_ms; o_partition_key := row.partition_key; o_family := NULL;
+                    o_fields := NULL; o_traceparent := row.traceparent;
                     RETURN NEXT;
-                    remaining := remaining - 1;
+                    IF row.kind = 0 THEN
+                        remaining := remaining - 1;
+                    END IF;
                 END LOOP;
                 EXIT WHEN remaining <= 0;
-                -- Every batch read whole: the end of each that no row ended.
-                WHILE i <= cardinality(small.o_ticks) LOOP
-                    o_kind := 2; o_major := 3 * small.o_ticks[i] + 2; o_txid := 0; o_event_id := 0;
-                    o_fingerprint := small.o_fingerprints[i]; o_execution_id := NULL; o_flow_id := NULL;
-                    o_outcome := NULL; o_namespace := NULL; o_instance_tag := NULL; o_tags := NULL;
-                    o_occurred_at_ms := NULL; o_partition_key := NULL; o_family := NULL; o_fields := NULL;
-                    o_traceparent := NULL;
-                    RETURN NEXT;
-                    i := i + 1;
-                END LOOP;
                 -- Go on after the last of them (the loop counts it).
                 batches := batches + cardinality(small.o_ticks) - 1;
                 k := small.o_ticks[cardinality(small.o_ticks)];
