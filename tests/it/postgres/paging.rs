@@ -174,6 +174,12 @@ async fn read_all(conn: &mut PgConnection, page: i32) -> Vec<Row> {
         let mut read = 0;
         for (kind, m, t, e, k, f, family) in out {
             assert!(kind != 1 && kind != 4, "kind {kind} at ({m}, {t}, {e})");
+            let position = (m, t, e, k.unwrap_or(-32769));
+            assert!(
+                position >= (major, txid, event_id, key),
+                "a position went back: {position:?} after {:?}",
+                (major, txid, event_id, key)
+            );
             if kind == 0 {
                 rows.push((family, e, k));
                 read += 1;
